@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install everything commitfs needs on a fresh Debian machine (run as root):
+# the FUSE 3 system packages, then a virtualenv in .venv with commitfs.
+#   scripts/setup.sh          runtime only
+#   scripts/setup.sh test     plus the test dependencies (pytest, moto, ...)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=0
+for bin in fusermount3 pkg-config; do command -v "$bin" >/dev/null || need_apt=1; done
+pkg-config --exists fuse3 2>/dev/null || need_apt=1
+if [ "$need_apt" = 1 ]; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+extra=""
+[ "${1:-}" = "test" ] && extra="[test]"
+.venv/bin/python -m pip install -q -e ".${extra}"

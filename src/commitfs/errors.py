@@ -1,0 +1,72 @@
+"""One exception hierarchy for commitfs.
+
+Every error a user can cause or meet derives from CommitfsError and carries a
+one-line message; the CLI prints it and exits 1.  Anything else reaching the
+CLI is a bug.  errno values exist only in commitfs.fuse.
+"""
+
+
+class CommitfsError(Exception):
+    """Base of every expected, user-facing error."""
+
+
+# --- storage -------------------------------------------------------------
+class StorageError(CommitfsError):
+    """The storage backend failed (I/O error, network, permissions)."""
+
+
+class ObjectNotFoundError(StorageError):
+    """An object key that should exist does not."""
+
+
+class StorageTimeoutError(StorageError):
+    """Storage did not answer within the retry deadline."""
+
+
+class RefConflictError(CommitfsError):
+    """A compare-and-swap on a reference lost: the reference moved meanwhile."""
+
+
+# --- repository ----------------------------------------------------------
+class RepositoryError(CommitfsError):
+    """The repository is missing, malformed or of an unknown format."""
+
+
+class RepositoryNotFoundError(RepositoryError):
+    pass
+
+
+class CorruptObjectError(RepositoryError):
+    """Stored bytes do not match their id (bit rot, truncation, tampering)."""
+
+
+class RevisionError(CommitfsError):
+    """A revision is unknown, ambiguous or malformed."""
+
+
+class PathNotFoundError(CommitfsError):
+    """A path does not exist in a commit."""
+
+
+class NotADirectoryError_(CommitfsError):
+    """A path names a file where a directory was expected."""
+
+
+class IsADirectoryError_(CommitfsError):
+    """A path names a directory where a file was expected."""
+
+
+class InputError(CommitfsError):
+    """Bad user input: a missing directory, an unreadable file, a bad name."""
+
+
+class NothingToCommitError(CommitfsError):
+    """The tree equals the parent's tree; no commit was created."""
+
+    def __init__(self, message: str, commit_id: str):
+        super().__init__(message)
+        self.commit_id = commit_id
+
+
+class MountError(CommitfsError):
+    """Mounting or unmounting failed."""

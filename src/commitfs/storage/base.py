@@ -1,0 +1,93 @@
+"""The storage protocol: the only thing the repository layer knows of storage.
+
+A store holds two kinds of things, and knows nothing of commits or chunks:
+
+* immutable objects, addressed by a key such as ``packs/ab/abcd...``: written
+  once and whole (a reader never sees a half-written object), read whole or by
+  byte range, listed by prefix, removed by garbage collection;
+* references, small mutable values (``refs/branches/main``) changed only by
+  compare-and-swap, so two writers can never silently overwrite each other.
+
+Keys are '/'-separated ASCII paths without leading slash.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class Store(abc.ABC):
+    """Abstract storage backend."""
+
+    #: The URL this store was opened from (``/path``, ``file:///path``, ``s3://bucket/prefix``).
+    url: str
+
+    # --- immutable objects -------------------------------------------------
+    @abc.abstractmethod
+    def save_object(self, key: str, data: bytes) -> None:
+        """Store ``data`` under ``key`` atomically; rewriting identical data is harmless."""
+
+    @abc.abstractmethod
+    def load_object(self, key: str) -> bytes:
+        """Return the whole object; raise ObjectNotFoundError if absent."""
+
+    @abc.abstractmethod
+    def load_range(self, key: str, offset: int, length: int) -> bytes:
+        """Return ``length`` bytes from ``offset``; fewer only at the object's end."""
+
+    @abc.abstractmethod
+    def lookup_size(self, key: str) -> int | None:
+        """Return the object's size, or None if it does not exist."""
+
+    @abc.abstractmethod
+    def iter_keys(self, prefix: str = "") -> Iterator[str]:
+        """Yield every object key starting with ``prefix`` (order unspecified)."""
+
+    @abc.abstractmethod
+    def remove_object(self, key: str) -> None:
+        """Remove an object; removing an absent one is not an error."""
+
+    # --- references ---------------------------------------------------------
+    @abc.abstractmethod
+    def load_ref(self, name: str) -> bytes | None:
+        """Return the reference's value, or None if it does not exist."""
+
+    @abc.abstractmethod
+    def save_ref_if_equals(self, name: str, new: bytes | None, expected: bytes | None) -> None:
+        """Set ``name`` to ``new`` (None deletes it) only if it currently holds
+        ``expected`` (None: only if it does not exist).  Raise RefConflictError
+        otherwise.  Atomic with respect to every other writer of the store."""
+
+    @abc.abstractmethod
+    def iter_refs(self, prefix: str = "") -> Iterator[tuple[str, bytes]]:
+        """Yield (name, value) of every reference whose name starts with ``prefix``."""
+
+    # --- locality ----------------------------------------------------------
+    def local_path(self, key: str) -> Path | None:
+        """The file holding ``key`` if this store is a local directory, else None.
+
+        Lets readers of a local repository read packs in place instead of
+        copying them into a cache."""
+        return None
+
+    def close(self) -> None:
+        """Release connections and file descriptors."""
+
+
+def open_store(url: str, **options) -> Store:
+    """Open the store a repository URL names: a path, ``file://`` or ``s3://``."""
+    if url.startswith("s3://"):
+        from commitfs.storage.s3 import S3Store
+
+        return S3Store.from_url(url, **options)
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    if "://" in url:
+        from commitfs.errors import RepositoryError
+
+        raise RepositoryError(f"unsupported repository URL scheme: {url!r} (use a path or s3://BUCKET/PREFIX)")
+    from commitfs.storage.local import LocalStore
+
+    return LocalStore(url)

@@ -1,0 +1,220 @@
+"""A store on a local directory.
+
+Objects are files written to a temporary name, fsync'd and renamed into place,
+so they appear whole or not at all.  References are files too; their
+compare-and-swap holds an flock on ``refs/.lock`` around read-compare-rename,
+which serialises writers across processes on this machine (and on NFS with
+working locks).  Reads use pread on cached descriptors: packs are read in
+place, never copied.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from cachetools import LRUCache
+
+from commitfs.errors import ObjectNotFoundError, RefConflictError, StorageError
+from commitfs.storage.base import Store
+
+_REFS = "refs"
+# Open descriptors kept for pread; packs are large, so a few hundred cover a
+# working set while staying far below the usual 1024-descriptor limit.
+_FD_CACHE_SIZE = 256
+
+
+class _FdCache(LRUCache):
+    def popitem(self):
+        key, fd = super().popitem()
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        return key, fd
+
+
+def _storage_error(exc: OSError, what: str) -> StorageError:
+    if exc.errno == errno.ENOSPC:
+        return StorageError(f"no space left on device while writing {what}")
+    return StorageError(f"{what}: {exc.strerror or exc}")
+
+
+class LocalStore(Store):
+    def __init__(self, path: str | os.PathLike):
+        self.root = Path(path).expanduser().absolute()
+        self.url = str(self.root)
+        self._fds: _FdCache = _FdCache(maxsize=_FD_CACHE_SIZE)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"LocalStore({self.url!r})"
+
+    def _path(self, key: str) -> Path:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise ValueError(f"bad key {key!r}")
+        return self.root / key
+
+    # --- objects -------------------------------------------------------------
+    def save_object(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        self._write_atomic(path, data, what=key)
+
+    def _write_atomic(self, path: Path, data: bytes, what: str) -> None:
+        tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+        except OSError as exc:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            raise _storage_error(exc, what) from exc
+
+    def _fd(self, key: str) -> int:
+        with self._lock:
+            fd = self._fds.get(key)
+            if fd is not None:
+                return fd
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ObjectNotFoundError(f"object {key} is missing from the repository") from None
+        except OSError as exc:
+            raise _storage_error(exc, key) from exc
+        with self._lock:
+            old = self._fds.get(key)
+            if old is not None:
+                os.close(fd)
+                return old
+            self._fds[key] = fd
+        return fd
+
+    def load_object(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFoundError(f"object {key} is missing from the repository") from None
+        except OSError as exc:
+            raise _storage_error(exc, key) from exc
+
+    def load_range(self, key: str, offset: int, length: int) -> bytes:
+        fd = self._fd(key)
+        try:
+            return os.pread(fd, length, offset)
+        except OSError as exc:
+            if exc.errno == errno.EBADF:  # evicted and closed by another thread
+                with self._lock:
+                    self._fds.pop(key, None)
+                return os.pread(self._fd(key), length, offset)
+            raise _storage_error(exc, key) from exc
+
+    def lookup_size(self, key: str) -> int | None:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _storage_error(exc, key) from exc
+
+    def iter_keys(self, prefix: str = "") -> Iterator[str]:
+        # Walk only the directory the prefix lies in.
+        head, _, _ = prefix.rpartition("/")
+        base = self._path(head) if head else self.root
+        if not base.is_dir():
+            return
+        for dirpath, dirnames, filenames in os.walk(base):
+            rel = os.path.relpath(dirpath, self.root)
+            rel = "" if rel == "." else rel + "/"
+            if rel == "" and _REFS in dirnames:
+                dirnames.remove(_REFS)
+            for name in filenames:
+                if name.startswith(".tmp-") or name.startswith("."):
+                    continue
+                key = rel + name
+                if key.startswith(prefix):
+                    yield key
+
+    def remove_object(self, key: str) -> None:
+        with self._lock:
+            fd = self._fds.pop(key, None)
+        if fd is not None:
+            os.close(fd)
+        try:
+            self._path(key).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise _storage_error(exc, key) from exc
+
+    def local_path(self, key: str) -> Path | None:
+        return self._path(key)
+
+    # --- references ----------------------------------------------------------
+    def _ref_path(self, name: str) -> Path:
+        return self._path(f"{_REFS}/{name}")
+
+    def load_ref(self, name: str) -> bytes | None:
+        try:
+            return self._ref_path(name).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _storage_error(exc, f"reference {name}") from exc
+
+    def save_ref_if_equals(self, name: str, new: bytes | None, expected: bytes | None) -> None:
+        path = self._ref_path(name)
+        lock_path = self.root / _REFS / ".lock"
+        try:
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise _storage_error(exc, f"reference {name}") from exc
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            current = self.load_ref(name)
+            if current != expected:
+                raise RefConflictError(f"reference {name} changed meanwhile")
+            if new is None:
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
+            else:
+                self._write_atomic(path, new, what=f"reference {name}")
+        finally:
+            os.close(lock_fd)  # releases the flock
+
+    def iter_refs(self, prefix: str = "") -> Iterator[tuple[str, bytes]]:
+        base = self.root / _REFS
+        if not base.is_dir():
+            return
+        for dirpath, _dirnames, filenames in os.walk(base):
+            for fname in filenames:
+                if fname.startswith("."):
+                    continue
+                name = os.path.relpath(os.path.join(dirpath, fname), base)
+                if name.startswith(prefix):
+                    value = self.load_ref(name)
+                    if value is not None:
+                        yield name, value
+
+    def close(self) -> None:
+        with self._lock:
+            while self._fds:
+                self._fds.popitem()
