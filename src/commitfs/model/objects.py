@@ -1,0 +1,316 @@
+"""The repository's objects and their canonical encodings (pure, no I/O).
+
+Three kinds of metadata object exist besides raw chunks:
+
+* FileManifest: the ordered chunk ids and sizes of one file's content.  A
+  file's id is the BLAKE3 of its manifest's encoding, so it depends only on the
+  content (and the format's fixed chunking parameters), never on where chunks
+  are stored.
+* Tree: one directory, entries sorted by the UTF-8 bytes of their names.
+* Commit: tree, parents, author, time, message, metadata map.
+
+docs/FORMAT.md is the normative description of these encodings.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+
+from commitfs.model.ids import ID_SIZE, hash_bytes
+
+MANIFEST_MAGIC = b"CFFILE1\n"
+TREE_MAGIC = b"CFTREE1\n"
+COMMIT_TYPE = "commitfs-commit-1"
+
+
+class DecodeError(ValueError):
+    """Bytes that are not a canonical encoding of the expected object."""
+
+
+# --- varints -----------------------------------------------------------------
+def _put_uvarint(out: bytearray, n: int) -> None:
+    if n < 0:
+        raise ValueError("negative varint")
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+
+
+def _get_uvarint(buf: bytes, pos: int) -> tuple[int, int]:
+    n = shift = 0
+    start = pos
+    while True:
+        if pos >= len(buf):
+            raise DecodeError("truncated varint")
+        b = buf[pos]
+        pos += 1
+        n |= (b & 0x7F) << shift
+        if not b & 0x80:
+            # Canonical: no superfluous trailing zero groups.
+            if b == 0 and pos - start > 1:
+                raise DecodeError("non-canonical varint")
+            return n, pos
+        shift += 7
+        if shift > 63:
+            raise DecodeError("varint too long")
+
+
+# --- file manifests ------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class FileManifest:
+    chunk_ids: tuple[bytes, ...]
+    chunk_sizes: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(self.chunk_sizes)
+
+    def encode(self) -> bytes:
+        out = bytearray(MANIFEST_MAGIC)
+        _put_uvarint(out, len(self.chunk_ids))
+        for cid, size in zip(self.chunk_ids, self.chunk_sizes):
+            out += cid
+            _put_uvarint(out, size)
+        return bytes(out)
+
+    @property
+    def id(self) -> bytes:
+        return hash_bytes(self.encode())
+
+    @classmethod
+    def decode(cls, data: bytes) -> FileManifest:
+        if not data.startswith(MANIFEST_MAGIC):
+            raise DecodeError("not a file manifest")
+        n, pos = _get_uvarint(data, len(MANIFEST_MAGIC))
+        ids, sizes = [], []
+        for _ in range(n):
+            cid = data[pos:pos + ID_SIZE]
+            if len(cid) != ID_SIZE:
+                raise DecodeError("truncated manifest")
+            size, pos = _get_uvarint(data, pos + ID_SIZE)
+            if size == 0:
+                raise DecodeError("empty chunk in manifest")
+            ids.append(cid)
+            sizes.append(size)
+        if pos != len(data):
+            raise DecodeError("trailing bytes in manifest")
+        return cls(tuple(ids), tuple(sizes))
+
+
+EMPTY_MANIFEST = FileManifest((), ())
+
+
+# --- trees ---------------------------------------------------------------------
+class Kind(Enum):
+    FILE = b"f"
+    EXEC = b"x"  # regular file with the executable bit
+    DIR = b"d"
+    SYMLINK = b"l"
+
+    @property
+    def is_file(self) -> bool:
+        return self in (Kind.FILE, Kind.EXEC)
+
+
+_KIND_BY_BYTE = {k.value[0]: k for k in Kind}
+
+
+@dataclass(frozen=True, slots=True)
+class TreeEntry:
+    """One directory entry.
+
+    ``size``: a file's byte size; a directory's total file bytes beneath it; a
+    symlink's target length.  ``id``: file id (manifest hash), tree id, or the
+    BLAKE3 of a symlink's target.  ``target``: a symlink's target bytes.
+    """
+
+    name: str
+    kind: Kind
+    size: int
+    id: bytes
+    target: bytes = b""
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind is Kind.DIR
+
+    @property
+    def executable(self) -> bool:
+        return self.kind is Kind.EXEC
+
+
+def symlink_entry(name: str, target: bytes) -> TreeEntry:
+    return TreeEntry(name, Kind.SYMLINK, len(target), hash_bytes(target), target)
+
+
+@dataclass(frozen=True, slots=True)
+class Tree:
+    entries: tuple[TreeEntry, ...] = ()
+    _by_name: dict = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
+
+    @classmethod
+    def build(cls, entries) -> Tree:
+        """A tree from entries in any order; rejects duplicate and invalid names."""
+        keyed = sorted(entries, key=lambda e: e.name.encode())
+        for prev, cur in zip(keyed, keyed[1:]):
+            if prev.name == cur.name:
+                raise ValueError(f"duplicate name {cur.name!r}")
+        for e in keyed:
+            check_name(e.name)
+        return cls(tuple(keyed))
+
+    def get(self, name: str) -> TreeEntry | None:
+        by_name = self._by_name
+        if by_name is None:
+            by_name = {e.name: e for e in self.entries}
+            object.__setattr__(self, "_by_name", by_name)
+        return by_name.get(name)
+
+    @property
+    def size(self) -> int:
+        return sum(e.size for e in self.entries if e.kind is not Kind.SYMLINK)
+
+    def encode(self) -> bytes:
+        out = bytearray(TREE_MAGIC)
+        _put_uvarint(out, len(self.entries))
+        for e in self.entries:
+            name = e.name.encode()
+            out += e.kind.value
+            _put_uvarint(out, len(name))
+            out += name
+            _put_uvarint(out, e.size)
+            out += e.id
+            if e.kind is Kind.SYMLINK:
+                _put_uvarint(out, len(e.target))
+                out += e.target
+        return bytes(out)
+
+    @property
+    def id(self) -> bytes:
+        return hash_bytes(self.encode())
+
+    @classmethod
+    def decode(cls, data: bytes) -> Tree:
+        if not data.startswith(TREE_MAGIC):
+            raise DecodeError("not a tree")
+        n, pos = _get_uvarint(data, len(TREE_MAGIC))
+        entries = []
+        prev = None
+        for _ in range(n):
+            if pos >= len(data):
+                raise DecodeError("truncated tree")
+            kind = _KIND_BY_BYTE.get(data[pos])
+            if kind is None:
+                raise DecodeError(f"unknown entry kind {data[pos]!r}")
+            nlen, pos = _get_uvarint(data, pos + 1)
+            raw = data[pos:pos + nlen]
+            pos += nlen
+            if prev is not None and raw <= prev:
+                raise DecodeError("tree entries not sorted")
+            prev = raw
+            try:
+                name = raw.decode()
+            except UnicodeDecodeError:
+                raise DecodeError("tree entry name is not UTF-8") from None
+            size, pos = _get_uvarint(data, pos)
+            oid = data[pos:pos + ID_SIZE]
+            if len(oid) != ID_SIZE:
+                raise DecodeError("truncated tree")
+            pos += ID_SIZE
+            target = b""
+            if kind is Kind.SYMLINK:
+                tlen, pos = _get_uvarint(data, pos)
+                target = data[pos:pos + tlen]
+                pos += tlen
+            entries.append(TreeEntry(name, kind, size, oid, target))
+        if pos != len(data):
+            raise DecodeError("trailing bytes in tree")
+        return cls(tuple(entries))
+
+
+EMPTY_TREE = Tree(())
+
+
+def check_name(name: str) -> None:
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise ValueError(f"invalid entry name {name!r}")
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        raise ValueError(f"entry name is not valid UTF-8: {name!r}") from None
+
+
+# --- commits ------------------------------------------------------------------
+def _jcs_key(s: str) -> bytes:
+    # RFC 8785 sorts object members by their names' UTF-16 code units.
+    return s.encode("utf-16-be")
+
+
+def _jcs(value) -> str:
+    """RFC 8785 canonical JSON for strings, integers, lists and objects."""
+    if isinstance(value, bool) or value is None:
+        raise TypeError("only strings, integers, lists and objects")
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_jcs(v) for v in value) + "]"
+    if isinstance(value, dict):
+        keys = sorted(value, key=_jcs_key)
+        return "{" + ",".join(_jcs(k) + ":" + _jcs(value[k]) for k in keys) + "}"
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    tree: bytes
+    parents: tuple[bytes, ...]
+    author: str
+    time: int  # seconds since the Unix epoch, UTC
+    message: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        for k, v in self.metadata.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise TypeError("commit metadata maps strings to strings")
+        doc = {
+            "type": COMMIT_TYPE,
+            "tree": self.tree.hex(),
+            "parents": [p.hex() for p in self.parents],
+            "author": self.author,
+            "time": int(self.time),
+            "message": self.message,
+            "metadata": dict(self.metadata),
+        }
+        return _jcs(doc).encode()
+
+    @property
+    def id(self) -> bytes:
+        return hash_bytes(self.encode())
+
+    @classmethod
+    def decode(cls, data: bytes) -> Commit:
+        try:
+            doc = json.loads(data.decode())
+            if doc.get("type") != COMMIT_TYPE:
+                raise DecodeError("not a commit")
+            commit = cls(
+                tree=bytes.fromhex(doc["tree"]),
+                parents=tuple(bytes.fromhex(p) for p in doc["parents"]),
+                author=doc["author"],
+                time=doc["time"],
+                message=doc["message"],
+                metadata=dict(doc["metadata"]),
+            )
+        except DecodeError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise DecodeError(f"malformed commit: {exc}") from None
+        if commit.encode() != data:
+            raise DecodeError("commit is not canonically encoded")
+        return commit

@@ -1,0 +1,281 @@
+"""The blob index: blob id -> (pack, offset, length), without loading it all.
+
+The index is a set of immutable *segments* (``index/<id>``), each a sorted
+table of the blobs one writer added, with a fan-out table in front::
+
+    header | pack ids | fan-out (2^bits x u32) | entries (sorted by id) | checksum
+
+To find a blob, a reader takes the first ``bits`` bits of its id as a bucket,
+reads two fan-out words to learn the bucket's entry range, then reads and
+binary-searches that range: two small ranged reads per segment, whatever the
+segment's size, so no repository-wide table is ever held in memory.  Small
+segments (the common case: one per commit) are simply loaded whole and kept.
+
+Segments are merged LSM-style: whenever eight segments of the same size class
+(a power of eight in entry count) exist, a writer merges them into one of the
+next class, saves it, and only then removes the inputs.  So a repository of N
+blobs has O(log N) segments, and a lookup costs O(log N) small reads.  Readers
+that find a segment gone re-list and retry.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import struct
+import threading
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+
+from cachetools import LRUCache
+
+from commitfs.errors import CorruptObjectError, ObjectNotFoundError
+from commitfs.model.ids import ID_SIZE, hash_bytes
+from commitfs.repo.pack import BlobKind, Compression, Location
+from commitfs.storage.base import Store
+
+SEG_MAGIC = b"CFIDX1\0\0"
+HEADER = struct.Struct("<8sIIQ")  # magic, pack count, fan-out bits, entry count
+ENTRY = struct.Struct("<32sIIIIBB2x")  # id, pack number, offset, stored, raw, kind, compression
+FANOUT = struct.Struct("<I")
+INDEX_PREFIX = "index/"
+
+# Target about 64 entries (3 KiB) per bucket: one small ranged read.
+_BUCKET_ENTRIES = 64
+_MAX_BITS = 24
+# Segments up to this size are loaded whole (one read) and kept in memory.
+_WHOLE_LOAD_LIMIT = 4 * 1024 * 1024
+_MERGE_FANIN = 8
+
+
+def _fanout_bits(n: int) -> int:
+    if n <= _BUCKET_ENTRIES:
+        return 0
+    return min(_MAX_BITS, math.ceil(math.log2(n / _BUCKET_ENTRIES)))
+
+
+def _bucket(oid: bytes, bits: int) -> int:
+    return int.from_bytes(oid[:4], "big") >> (32 - bits) if bits else 0
+
+
+def encode_segment(entries: Iterable[tuple[bytes, Location]]) -> bytes:
+    """Encode entries (any order; of duplicates the first is kept) as a segment."""
+    by_id: dict[bytes, Location] = {}
+    for oid, loc in entries:
+        by_id.setdefault(oid, loc)
+    ids = sorted(by_id)
+    packs: dict[bytes, int] = {}
+    for oid in ids:
+        packs.setdefault(by_id[oid].pack, len(packs))
+    bits = _fanout_bits(len(ids))
+    counts = [0] * (1 << bits)
+    for oid in ids:
+        counts[_bucket(oid, bits)] += 1
+    out = bytearray(HEADER.pack(SEG_MAGIC, len(packs), bits, len(ids)))
+    for pid in packs:
+        out += pid
+    total = 0
+    for c in counts:
+        total += c
+        out += FANOUT.pack(total)
+    for oid in ids:
+        loc = by_id[oid]
+        out += ENTRY.pack(oid, packs[loc.pack], loc.offset, loc.stored, loc.raw, loc.kind, loc.compression)
+    out += hash_bytes(out)
+    return bytes(out)
+
+
+def segment_key(data: bytes) -> str:
+    return INDEX_PREFIX + hash_bytes(data).hex()
+
+
+class _RecordKeys:
+    """A sequence view of the ids in a run of ENTRY records, for bisect."""
+
+    __slots__ = ("raw", "n")
+
+    def __init__(self, raw: bytes, n: int):
+        self.raw, self.n = raw, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> bytes:
+        off = i * ENTRY.size
+        return self.raw[off:off + ID_SIZE]
+
+
+class Segment:
+    """One index segment, read lazily through the store."""
+
+    def __init__(self, store: Store, key: str, size: int | None = None):
+        self.store = store
+        self.key = key
+        self.size = size
+        self._data: bytes | None = None
+        self._packs: list[bytes] | None = None
+        self.bits = 0
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def _fanout_at(self) -> int:
+        return HEADER.size + len(self._packs) * ID_SIZE
+
+    def _entries_at(self) -> int:
+        return self._fanout_at() + (1 << self.bits) * FANOUT.size
+
+    def load_header(self) -> None:
+        if self._packs is not None:
+            return
+        with self._lock:
+            if self._packs is not None:
+                return
+            if self.size is None:
+                self.size = self.store.lookup_size(self.key)
+                if self.size is None:
+                    raise ObjectNotFoundError(f"index segment {self.key} is gone")
+            if self.size <= _WHOLE_LOAD_LIMIT:
+                data = self.store.load_object(self.key)
+                if len(data) < HEADER.size + ID_SIZE or hash_bytes(data[:-ID_SIZE]) != data[-ID_SIZE:]:
+                    raise CorruptObjectError(f"index segment {self.key} fails its checksum")
+                head = data[:HEADER.size]
+            else:
+                data = None
+                head = self.store.load_range(self.key, 0, HEADER.size)
+            magic, npacks, bits, count = HEADER.unpack(head)
+            if magic != SEG_MAGIC:
+                raise CorruptObjectError(f"index segment {self.key} has a bad magic")
+            if data is not None:
+                table = data[HEADER.size:HEADER.size + npacks * ID_SIZE]
+            else:
+                table = self.store.load_range(self.key, HEADER.size, npacks * ID_SIZE)
+            self.bits, self.count = bits, count
+            self._data = data
+            self._packs = [table[i:i + ID_SIZE] for i in range(0, len(table), ID_SIZE)]
+
+    def _read(self, offset: int, length: int) -> bytes:
+        if self._data is not None:
+            return self._data[offset:offset + length]
+        return self.store.load_range(self.key, offset, length)
+
+    def lookup(self, oid: bytes) -> Location | None:
+        self.load_header()
+        b = _bucket(oid, self.bits)
+        fan = self._fanout_at()
+        if b == 0:
+            lo = 0
+            (hi,) = FANOUT.unpack(self._read(fan, FANOUT.size))
+        else:
+            lo, hi = struct.unpack("<II", self._read(fan + (b - 1) * FANOUT.size, 2 * FANOUT.size))
+        if lo >= hi:
+            return None
+        raw = self._read(self._entries_at() + lo * ENTRY.size, (hi - lo) * ENTRY.size)
+        keys = _RecordKeys(raw, hi - lo)
+        i = bisect.bisect_left(keys, oid)
+        if i < len(keys) and keys[i] == oid:
+            return self._location(ENTRY.unpack_from(raw, i * ENTRY.size))
+        return None
+
+    def _location(self, rec) -> Location:
+        _, packno, off, stored, raw, kind, comp = rec
+        return Location(self._packs[packno], off, stored, raw, BlobKind(kind), Compression(comp))
+
+    def iter_entries(self) -> Iterator[tuple[bytes, Location]]:
+        self.load_header()
+        data = self._data if self._data is not None else self.store.load_object(self.key)
+        base = self._entries_at()
+        for i in range(self.count):
+            rec = ENTRY.unpack_from(data, base + i * ENTRY.size)
+            yield rec[0], self._location(rec)
+
+
+class Index:
+    """All segments of a repository, with a cache of recent answers."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._segments: dict[str, Segment] = {}
+        self._lock = threading.Lock()
+        # Recent answers: 200k locations is ~40 MB at most, and covers the
+        # working set of a mount reading many files at once.
+        self._answers: LRUCache = LRUCache(maxsize=200_000)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-list segments: pick up other writers' commits and merges."""
+        keys = list(self.store.iter_keys(INDEX_PREFIX))
+        with self._lock:
+            self._segments = {k: self._segments.get(k) or Segment(self.store, k) for k in keys}
+
+    def segments(self) -> list[Segment]:
+        with self._lock:
+            return list(self._segments.values())
+
+    def lookup(self, oid: bytes, *, refresh: bool = True) -> Location | None:
+        """The blob's location, or None; on a miss, re-list once (if ``refresh``)."""
+        loc = self._answers.get(oid)
+        if loc is not None:
+            return loc
+        for attempt in range(3):
+            try:
+                for seg in self.segments():
+                    loc = seg.lookup(oid)
+                    if loc is not None:
+                        self._answers[oid] = loc
+                        return loc
+            except ObjectNotFoundError:
+                self.refresh()  # a merge removed a segment under us
+                continue
+            if not refresh or attempt:
+                return None
+            self.refresh()
+        return None
+
+    def add_segment(self, entries: Iterable[tuple[bytes, Location]]) -> str | None:
+        """Save a new segment (call after its packs are stored); merge if due."""
+        entries = list(entries)
+        if not entries:
+            return None
+        data = encode_segment(entries)
+        key = segment_key(data)
+        self.store.save_object(key, data)
+        with self._lock:
+            self._segments[key] = Segment(self.store, key, len(data))
+        for oid, loc in entries:
+            self._answers[oid] = loc
+        self.merge_if_due()
+        return key
+
+    def merge_if_due(self, fanin: int = _MERGE_FANIN) -> bool:
+        classes: dict[int, list[Segment]] = defaultdict(list)
+        for seg in self.segments():
+            try:
+                seg.load_header()
+            except ObjectNotFoundError:
+                continue
+            classes[int(math.log(max(seg.count, 1), fanin))].append(seg)
+        for cls in sorted(classes):
+            if len(classes[cls]) >= fanin:
+                return self.merge(classes[cls])
+        return False
+
+    def merge(self, group: list[Segment] | None = None) -> bool:
+        """Merge segments (all by default) into one; inputs removed after it is saved."""
+        group = self.segments() if group is None else group
+        if len(group) < 2:
+            return False
+        try:
+            entries = [e for seg in group for e in seg.iter_entries()]
+        except ObjectNotFoundError:
+            return False  # another writer merged these first
+        data = encode_segment(entries)
+        key = segment_key(data)
+        self.store.save_object(key, data)
+        with self._lock:
+            self._segments[key] = Segment(self.store, key, len(data))
+        for seg in group:
+            if seg.key != key:
+                self.store.remove_object(seg.key)
+                with self._lock:
+                    self._segments.pop(seg.key, None)
+        return True

@@ -1,0 +1,141 @@
+"""Packs: immutable storage objects of tens of MiB aggregating blobs.
+
+Layout (docs/FORMAT.md is normative)::
+
+    blob bytes ... | entry table | footer
+
+The entry table lists every blob: id, kind, compression, offset, stored and
+raw length (``ENTRY`` below); the footer holds the entry count and a magic.
+The table is at the end (as in restic) so a pack is written in one pass; it
+lets fsck and index rebuilds enumerate a pack, while readers find blobs
+through the index and never read the table.
+
+Blobs are appended in the order the writer produced them: a file's chunks in
+file order, so sequential reads of one file become few ranged reads.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+import zstandard
+
+from commitfs.model.ids import hash_bytes
+
+PACK_MAGIC = b"CFPACK1\0"
+ENTRY = struct.Struct("<32sBB2xIII")  # id, kind, compression, offset, stored, raw
+FOOTER = struct.Struct("<I8s")  # entry count, magic
+
+# Close a pack at this size: large enough that a 10M-image dataset is a few
+# thousand objects (and S3 request costs stay low), small enough that an
+# interrupted upload loses little and a pack fits comfortably in memory.
+TARGET_PACK_SIZE = 32 * 1024 * 1024
+
+# Compression: try zstd on a sample of each chunk and compress only when the
+# sample shrinks below this ratio.  Images, video and float weights fail the
+# probe and are stored raw, so no CPU is wasted on them.
+_PROBE_SIZE = 4096
+_PROBE_RATIO = 0.85
+_ZSTD_LEVEL = 3
+
+
+class BlobKind(IntEnum):
+    CHUNK = 0
+    MANIFEST = 1
+    TREE = 2
+
+
+class Compression(IntEnum):
+    NONE = 0
+    ZSTD = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """Where a blob lies: the index's answer for a blob id."""
+
+    pack: bytes
+    offset: int
+    stored: int
+    raw: int
+    kind: BlobKind
+    compression: Compression
+
+
+def pack_key(pack_id: bytes) -> str:
+    h = pack_id.hex()
+    return f"packs/{h[:2]}/{h}"
+
+
+def pack_id_from_key(key: str) -> bytes:
+    return bytes.fromhex(key.rsplit("/", 1)[1])
+
+
+def maybe_compress(data: bytes, kind: BlobKind) -> tuple[bytes, Compression]:
+    """Return (stored bytes, compression) choosing zstd only where it pays."""
+    if len(data) < 64:
+        return data, Compression.NONE
+    comp = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)  # not thread-safe: one per call
+    if kind is BlobKind.CHUNK and len(data) > _PROBE_SIZE * 2:
+        probe = comp.compress(data[:_PROBE_SIZE])
+        if len(probe) > _PROBE_SIZE * _PROBE_RATIO:
+            return data, Compression.NONE
+    packed = comp.compress(data)
+    if len(packed) < len(data) * _PROBE_RATIO:
+        return packed, Compression.ZSTD
+    return data, Compression.NONE
+
+
+def decompress(stored: bytes, compression: Compression, raw: int) -> bytes:
+    if compression is Compression.NONE:
+        return stored
+    if compression is Compression.ZSTD:
+        return zstandard.ZstdDecompressor().decompress(stored, max_output_size=raw)
+    raise ValueError(f"unknown compression {compression}")
+
+
+class PackBuilder:
+    """Accumulates blobs into one pack in memory."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.entries: list[tuple[bytes, BlobKind, Compression, int, int, int]] = []
+
+    def __len__(self) -> int:
+        return len(self.buf)
+
+    def add(self, oid: bytes, kind: BlobKind, stored: bytes, compression: Compression, raw: int) -> int:
+        offset = len(self.buf)
+        self.buf += stored
+        self.entries.append((oid, kind, compression, offset, len(stored), raw))
+        return offset
+
+    def finish(self) -> tuple[bytes, bytes]:
+        """Return (pack id, pack bytes)."""
+        out = self.buf
+        for oid, kind, comp, off, stored, raw in self.entries:
+            out += ENTRY.pack(oid, kind, comp, off, stored, raw)
+        out += FOOTER.pack(len(self.entries), PACK_MAGIC)
+        data = bytes(out)
+        return hash_bytes(data), data
+
+
+def parse_pack_table(data: bytes) -> list[tuple[bytes, Location]]:
+    """Entries of a whole pack (for fsck and index rebuilds)."""
+    if len(data) < FOOTER.size:
+        raise ValueError("pack too short")
+    count, magic = FOOTER.unpack_from(data, len(data) - FOOTER.size)
+    if magic != PACK_MAGIC:
+        raise ValueError("bad pack magic")
+    table_start = len(data) - FOOTER.size - count * ENTRY.size
+    if table_start < 0:
+        raise ValueError("bad pack entry count")
+    out = []
+    for i in range(count):
+        oid, kind, comp, off, stored, raw = ENTRY.unpack_from(data, table_start + i * ENTRY.size)
+        if off + stored > table_start:
+            raise ValueError("pack entry out of bounds")
+        out.append((oid, Location(b"", off, stored, raw, BlobKind(kind), Compression(comp))))
+    return out

@@ -1,0 +1,406 @@
+"""A repository: config, blobs in packs found through the index, commits, refs.
+
+Write order (docs/FORMAT.md, "Crash safety"): packs, then the index segment
+naming their blobs, then the commit object, then the branch (by
+compare-and-swap).  Readers go the other way: branch -> commit -> trees ->
+manifests -> chunks.  A crash anywhere leaves only unreferenced objects,
+which readers never see and gc removes; so a branch only ever names a
+complete commit.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from cachetools import LRUCache
+
+from commitfs.errors import (
+    CorruptObjectError,
+    ObjectNotFoundError,
+    RepositoryError,
+    RepositoryNotFoundError,
+    RevisionError,
+)
+from commitfs.model import chunker
+from commitfs.model.ids import HEX_SIZE, hash_bytes, is_hex
+from commitfs.model.objects import Commit, DecodeError, FileManifest, Tree
+from commitfs.repo.index import Index
+from commitfs.repo.pack import (
+    TARGET_PACK_SIZE,
+    BlobKind,
+    Location,
+    PackBuilder,
+    decompress,
+    maybe_compress,
+    pack_key,
+)
+from commitfs.repo.refs import Refs
+from commitfs.storage.base import Store, open_store
+
+FORMAT_NAME = "commitfs"
+FORMAT_VERSION = 1
+CONFIG_KEY = "config"
+COMMITS_PREFIX = "commits/"
+MIN_PREFIX = 4
+
+# Neighbouring chunks closer than this in one pack are fetched in one ranged
+# read (the gap is read and dropped): cheaper than a second request on S3.
+_COALESCE_GAP = 256 * 1024
+
+
+class ChunkCache:
+    """What the repository asks of a chunk cache (see commitfs.cache)."""
+
+    def get(self, oid: bytes) -> bytes | None:  # pragma: no cover - protocol
+        raise NotImplementedError
+
+    def put(self, oid: bytes, data: bytes) -> None:  # pragma: no cover - protocol
+        raise NotImplementedError
+
+
+def commit_key(cid: bytes) -> str:
+    return COMMITS_PREFIX + cid.hex()
+
+
+class Repository:
+    """Access to one repository's stored format."""
+
+    def __init__(self, store: Store, config: dict, chunk_cache: ChunkCache | None = None):
+        self.store = store
+        self.url = store.url
+        self.config = config
+        self.id: str = config["id"]
+        self.index = Index(store)
+        self.refs = Refs(store)
+        self.chunk_cache = chunk_cache
+        self._trees: LRUCache = LRUCache(maxsize=4096)
+        self._manifests: LRUCache = LRUCache(maxsize=16384)
+        self._commits: LRUCache = LRUCache(maxsize=4096)
+
+    # --- opening ----------------------------------------------------------------
+    @classmethod
+    def init(cls, url: str, **store_options) -> Repository:
+        store = open_store(url, **store_options)
+        if store.lookup_size(CONFIG_KEY) is not None:
+            raise RepositoryError(f"{url} is already a commitfs repository")
+        config = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "id": uuid.uuid4().hex,
+            "chunker": {"algorithm": "fastcdc", "min": chunker.MIN_SIZE, "avg": chunker.AVG_SIZE,
+                        "max": chunker.MAX_SIZE},
+            "hash": "blake3-256",
+        }
+        store.save_object(CONFIG_KEY, json.dumps(config, sort_keys=True, indent=1).encode() + b"\n")
+        return cls(store, config)
+
+    @classmethod
+    def open(cls, url: str, chunk_cache: ChunkCache | None = None, **store_options) -> Repository:
+        store = open_store(url, **store_options)
+        try:
+            raw = store.load_object(CONFIG_KEY)
+        except ObjectNotFoundError:
+            raise RepositoryNotFoundError(f"no commitfs repository at {url} (create one with: commitfs init)") from None
+        try:
+            config = json.loads(raw)
+            name, version = config["format"], config["version"]
+        except (ValueError, KeyError, TypeError):
+            raise RepositoryError(f"{url}: the repository config is unreadable") from None
+        if name != FORMAT_NAME:
+            raise RepositoryError(f"{url} is not a commitfs repository")
+        if version != FORMAT_VERSION:
+            raise RepositoryError(
+                f"{url} has format version {version}; this commitfs reads version {FORMAT_VERSION} (upgrade commitfs)"
+            )
+        return cls(store, config, chunk_cache)
+
+    @property
+    def is_local(self) -> bool:
+        return self.store.local_path(CONFIG_KEY) is not None
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- blobs ------------------------------------------------------------------
+    def locate(self, oid: bytes) -> Location:
+        loc = self.index.lookup(oid)
+        if loc is None:
+            raise ObjectNotFoundError(f"object {oid.hex()} is not in the repository index")
+        return loc
+
+    def has_blob(self, oid: bytes) -> bool:
+        return self.index.lookup(oid, refresh=False) is not None
+
+    def _verified(self, oid: bytes, loc: Location, stored: bytes) -> bytes:
+        if len(stored) != loc.stored:
+            raise CorruptObjectError(f"object {oid.hex()} is truncated in pack {loc.pack.hex()}")
+        try:
+            data = decompress(stored, loc.compression, loc.raw)
+        except Exception:
+            raise CorruptObjectError(f"object {oid.hex()} does not decompress (pack {loc.pack.hex()})") from None
+        if hash_bytes(data) != oid:
+            raise CorruptObjectError(f"object {oid.hex()} fails its hash check (pack {loc.pack.hex()})")
+        return data
+
+    def load_blob(self, oid: bytes) -> bytes:
+        loc = self.locate(oid)
+        stored = self.store.load_range(pack_key(loc.pack), loc.offset, loc.stored)
+        return self._verified(oid, loc, stored)
+
+    def load_chunks(self, oids: list[bytes]) -> list[bytes]:
+        """Chunks by id, verified; neighbours in one pack share one ranged read."""
+        out: list[bytes | None] = [None] * len(oids)
+        todo: list[tuple[int, bytes, Location]] = []
+        cache = self.chunk_cache
+        for i, oid in enumerate(oids):
+            if cache is not None:
+                hit = cache.get(oid)
+                if hit is not None:
+                    out[i] = hit
+                    continue
+            todo.append((i, oid, self.locate(oid)))
+        for run in _coalesce(todo):
+            first, last = run[0][2], run[-1][2]
+            start, end = first.offset, last.offset + last.stored
+            buf = self.store.load_range(pack_key(first.pack), start, end - start)
+            for i, oid, loc in run:
+                rel = loc.offset - start
+                data = self._verified(oid, loc, buf[rel:rel + loc.stored])
+                if cache is not None:
+                    cache.put(oid, data)
+                out[i] = data
+        return out  # type: ignore[return-value]
+
+    def load_tree(self, tid: bytes) -> Tree:
+        tree = self._trees.get(tid)
+        if tree is None:
+            try:
+                tree = Tree.decode(self.load_blob(tid))
+            except DecodeError as exc:
+                raise CorruptObjectError(f"tree {tid.hex()} is malformed: {exc}") from None
+            self._trees[tid] = tree
+        return tree
+
+    def load_manifest(self, fid: bytes) -> FileManifest:
+        m = self._manifests.get(fid)
+        if m is None:
+            try:
+                m = FileManifest.decode(self.load_blob(fid))
+            except DecodeError as exc:
+                raise CorruptObjectError(f"file manifest {fid.hex()} is malformed: {exc}") from None
+            self._manifests[fid] = m
+        return m
+
+    # --- commits ----------------------------------------------------------------
+    def load_commit(self, cid: bytes) -> Commit:
+        c = self._commits.get(cid)
+        if c is None:
+            try:
+                data = self.store.load_object(commit_key(cid))
+            except ObjectNotFoundError:
+                raise RevisionError(f"commit {cid.hex()} does not exist") from None
+            if hash_bytes(data) != cid:
+                raise CorruptObjectError(f"commit {cid.hex()} fails its hash check")
+            try:
+                c = Commit.decode(data)
+            except DecodeError as exc:
+                raise CorruptObjectError(f"commit {cid.hex()} is malformed: {exc}") from None
+            self._commits[cid] = c
+        return c
+
+    def has_commit(self, cid: bytes) -> bool:
+        return self.store.lookup_size(commit_key(cid)) is not None
+
+    def save_commit(self, commit: Commit) -> bytes:
+        """Store a commit object (after every blob it needs is indexed)."""
+        data = commit.encode()
+        cid = hash_bytes(data)
+        self.store.save_object(commit_key(cid), data)
+        self._commits[cid] = commit
+        return cid
+
+    def iter_commit_ids(self, prefix: str = "") -> Iterator[bytes]:
+        for key in self.store.iter_keys(COMMITS_PREFIX + prefix):
+            name = key[len(COMMITS_PREFIX):]
+            if len(name) == HEX_SIZE and is_hex(name):
+                yield bytes.fromhex(name)
+
+    # --- revisions --------------------------------------------------------------
+    def resolve(self, rev: str) -> bytes:
+        """A commit id from a branch, tag, (prefix of a) commit id, with ``~N`` suffixes."""
+        m = re.fullmatch(r"(.+?)((?:~\d*)*)", rev.strip())
+        if not m or not m.group(1):
+            raise RevisionError(f"invalid revision {rev!r}")
+        base, suffix = m.group(1), m.group(2)
+        cid = self._resolve_base(base)
+        for step in re.findall(r"~(\d*)", suffix):
+            for _ in range(int(step) if step else 1):
+                parents = self.load_commit(cid).parents
+                if not parents:
+                    raise RevisionError(f"{rev}: history of {base} is not that long")
+                cid = parents[0]
+        return cid
+
+    def _resolve_base(self, name: str) -> bytes:
+        cid = self.refs.lookup_branch(name)
+        if cid is not None:
+            return cid
+        cid = self.refs.lookup_tag(name)
+        if cid is not None:
+            return cid
+        lowered = name.lower()
+        if len(lowered) >= MIN_PREFIX and is_hex(lowered):
+            if len(lowered) == HEX_SIZE:
+                cid = bytes.fromhex(lowered)
+                if self.has_commit(cid):
+                    return cid
+            else:
+                found = list(self.iter_commit_ids(lowered))
+                if len(found) == 1:
+                    return found[0]
+                if len(found) > 1:
+                    raise RevisionError(f"commit prefix {name!r} is ambiguous ({len(found)} commits match)")
+        raise RevisionError(f"unknown revision {name!r} (not a branch, tag or commit id)")
+
+    # --- writing ----------------------------------------------------------------
+    def writer(self) -> BlobWriter:
+        return BlobWriter(self)
+
+
+def _coalesce(todo: list[tuple[int, bytes, Location]]) -> Iterator[list[tuple[int, bytes, Location]]]:
+    """Group (index, id, location) into runs readable with one ranged read."""
+    run: list[tuple[int, bytes, Location]] = []
+    for item in sorted(todo, key=lambda t: (t[2].pack, t[2].offset)):
+        if run:
+            prev = run[-1][2]
+            loc = item[2]
+            if loc.pack == prev.pack and 0 <= loc.offset - (prev.offset + prev.stored) <= _COALESCE_GAP:
+                run.append(item)
+                continue
+            yield run
+        run = [item]
+    if run:
+        yield run
+
+
+@dataclass
+class WriteStats:
+    blobs_new: int = 0
+    bytes_new_raw: int = 0
+    bytes_new_stored: int = 0
+    blobs_dedup: int = 0
+    packs: int = 0
+
+
+class BlobWriter:
+    """Adds blobs to a repository: dedups, compresses, packs, uploads, indexes.
+
+    Chunks go to data packs, manifests and trees to metadata packs (so that
+    browsing a tree reads dense metadata).  Full packs are uploaded by a small
+    thread pool while the caller goes on producing blobs.  ``finish`` waits
+    for the uploads, then writes the index segment: only then are the blobs
+    visible to other readers.  Abandoning a writer leaves unreferenced packs.
+    """
+
+    # Packs in flight at once: overlaps hashing with I/O, bounds memory.
+    UPLOAD_THREADS = 4
+
+    def __init__(self, repo: Repository):
+        self.repo = repo
+        self.stats = WriteStats()
+        self._builders = {"data": PackBuilder(), "meta": PackBuilder()}
+        self._session: dict[bytes, Location] = {}
+        self._pool = ThreadPoolExecutor(self.UPLOAD_THREADS, thread_name_prefix="commitfs-upload")
+        self._uploads: list[Future] = []
+        self._lock = threading.Lock()
+        self.on_progress: Callable[[int], None] | None = None
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.finish()
+        else:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def has(self, oid: bytes) -> bool:
+        return oid in self._session or self.repo.has_blob(oid)
+
+    def add(self, oid: bytes, kind: BlobKind, data: bytes) -> bool:
+        """Store a blob unless present; return True if it was new."""
+        if self.has(oid):
+            self.stats.blobs_dedup += 1
+            return False
+        stored, comp = maybe_compress(data, kind)
+        builder = self._builders["data" if kind is BlobKind.CHUNK else "meta"]
+        offset = builder.add(oid, kind, stored, comp, len(data))
+        self._session[oid] = Location(b"", offset, len(stored), len(data), kind, comp)
+        self.stats.blobs_new += 1
+        self.stats.bytes_new_raw += len(data)
+        self.stats.bytes_new_stored += len(stored)
+        if len(builder) >= TARGET_PACK_SIZE:
+            self._flush(builder)
+        return True
+
+    def add_tree(self, tree: Tree) -> bytes:
+        data = tree.encode()
+        tid = hash_bytes(data)
+        self.add(tid, BlobKind.TREE, data)
+        return tid
+
+    def add_manifest(self, manifest: FileManifest) -> bytes:
+        data = manifest.encode()
+        fid = hash_bytes(data)
+        self.add(fid, BlobKind.MANIFEST, data)
+        return fid
+
+    def _flush(self, builder: PackBuilder) -> None:
+        if not builder.entries:
+            return
+        pack_id, data = builder.finish()
+        entries = [
+            (oid, Location(pack_id, off, stored, raw, BlobKind(kind), comp))
+            for oid, kind, comp, off, stored, raw in builder.entries
+        ]
+        for name, b in self._builders.items():
+            if b is builder:
+                self._builders[name] = PackBuilder()
+        # Bound the packs held in memory: wait for the oldest upload first.
+        while len([f for f in self._uploads if not f.done()]) >= self.UPLOAD_THREADS:
+            next(f for f in self._uploads if not f.done()).result()
+        self._uploads.append(self._pool.submit(self._upload, pack_id, data, entries))
+
+    def _upload(self, pack_id: bytes, data: bytes, entries) -> list:
+        self.repo.store.save_object(pack_key(pack_id), data)
+        with self._lock:
+            self.stats.packs += 1
+            for oid, loc in entries:
+                self._session[oid] = loc
+        return entries
+
+    def finish(self) -> int:
+        """Upload what remains, wait, then index the new blobs; return their count."""
+        try:
+            for builder in list(self._builders.values()):
+                self._flush(builder)
+            entries = []
+            for f in self._uploads:
+                entries.extend(f.result())
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._uploads.clear()
+        self.repo.index.add_segment(entries)
+        return len(entries)
