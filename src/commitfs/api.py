@@ -1,0 +1,98 @@
+"""The Python API for training code and notebooks.
+
+    import commitfs
+    repo = commitfs.Repository.open("s3://bucket/datasets")
+    cid = repo.commit("data/", branch="main", message="v2 labels")
+    for item in repo.walk("main"):
+        ...
+    with repo.open("main", "train/labels.csv") as f:
+        header = f.readline()
+
+Files open lazily: only the chunks a read touches are fetched.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+from commitfs.errors import NothingToCommitError
+from commitfs.ops import browse, history
+from commitfs.ops.browse import WalkItem
+from commitfs.ops.checkout import checkout
+from commitfs.ops.diff import Change, diff_trees
+from commitfs.ops.snapshot import commit_directory
+from commitfs.repo.repository import Repository as _Repo
+
+
+class _OpenMethod:
+    """``Repository.open(url)`` opens a repository; ``repo.open(rev, path)`` a file."""
+
+    def __get__(self, obj, cls):
+        if obj is None:
+            return cls._open_repository
+        return obj._open_file
+
+
+class Repository:
+    open = _OpenMethod()
+
+    def __init__(self, repo: _Repo):
+        self._repo = repo
+
+    @classmethod
+    def _open_repository(cls, url: str, **store_options) -> Repository:
+        return cls(_Repo.open(str(url), **store_options))
+
+    @classmethod
+    def init(cls, url: str, **store_options) -> Repository:
+        return cls(_Repo.init(str(url), **store_options))
+
+    @property
+    def url(self) -> str:
+        return self._repo.url
+
+    def close(self) -> None:
+        self._repo.close()
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def resolve(self, rev: str) -> str:
+        """The full commit id (hex) a revision names."""
+        return self._repo.resolve(rev).hex()
+
+    def commit(self, path, *, branch: str = "main", message: str = "", metadata: dict[str, str] | None = None) -> str:
+        """Commit a directory; return the new commit id (or the head's if nothing changed)."""
+        try:
+            return commit_directory(self._repo, path, branch=branch, message=message, metadata=metadata).commit_id.hex()
+        except NothingToCommitError as exc:
+            return exc.commit_id.hex()
+
+    def walk(self, rev: str, path: str = "") -> Iterator[WalkItem]:
+        """Every entry below ``path`` of a revision (items have .path and .entry)."""
+        return browse.walk(self._repo, self._repo.resolve(rev), path)
+
+    def _open_file(self, rev: str, path: str) -> io.BufferedReader:
+        raw = browse.open_file(self._repo, self._repo.resolve(rev), path)
+        return io.BufferedReader(raw, buffer_size=256 * 1024)
+
+    def log(self, rev: str = "main", limit: int | None = None) -> list[dict]:
+        return [history.commit_json(cid, c) for cid, c in history.log(self._repo, self._repo.resolve(rev), limit)]
+
+    def show(self, rev: str) -> dict:
+        cid = self._repo.resolve(rev)
+        return history.commit_json(cid, self._repo.load_commit(cid))
+
+    def diff(self, old: str, new: str) -> list[Change]:
+        r = self._repo
+        return list(diff_trees(r, r.load_commit(r.resolve(old)).tree, r.load_commit(r.resolve(new)).tree))
+
+    def checkout(self, rev: str, dest, path: str = "") -> int:
+        return checkout(self._repo, self._repo.resolve(rev), dest, path)
+
+    def branches(self) -> dict[str, str]:
+        return {n: c.hex() for n, c in self._repo.refs.branches().items()}

@@ -1,0 +1,5 @@
+import sys
+
+from commitfs.cli import main
+
+sys.exit(main())

@@ -1,0 +1,319 @@
+"""Repository verbs: init, commit, log, show, ls, cat, diff, branch, tag, checkout, fsck."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+
+from commitfs.cli.output import ProgressBar, human_size, print_json, warn
+from commitfs.errors import CommitfsError, InputError, NothingToCommitError, RevisionError
+from commitfs.model.objects import Kind
+from commitfs.ops import browse, history
+from commitfs.ops.checkout import checkout
+from commitfs.ops.diff import diff_trees
+from commitfs.ops.fsck import fsck
+from commitfs.ops.snapshot import commit_directory
+from commitfs.repo.repository import Repository
+
+
+def repo_url(args) -> str:
+    if not args.repo:
+        raise CommitfsError("no repository given: use -r/--repo URL or set COMMITFS_REPO")
+    return args.repo
+
+
+def store_options(args) -> dict:
+    return {"endpoint_url": args.endpoint_url} if getattr(args, "endpoint_url", None) else {}
+
+
+def open_repo(args, **kwargs) -> Repository:
+    return Repository.open(repo_url(args), **kwargs, **store_options(args))
+
+
+def parse_meta(items: list[str] | None) -> dict[str, str]:
+    meta = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--meta expects KEY=VALUE, got {item!r}")
+        meta[key] = value
+    return meta
+
+
+def _time(ts: int) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).astimezone().strftime("%Y-%m-%d %H:%M:%S %z")
+
+
+# --- verbs ------------------------------------------------------------------------
+def cmd_init(args) -> int:
+    repo = Repository.init(repo_url(args), **store_options(args))
+    print(f"initialized commitfs repository at {repo.url}")
+    return 0
+
+
+def cmd_commit(args) -> int:
+    repo = open_repo(args)
+    bar = ProgressBar("commit")
+    try:
+        result = commit_directory(
+            repo, args.dir, branch=args.branch, message=args.message, metadata=parse_meta(args.meta),
+            progress=lambda p: bar.update(p.bytes_done, p.bytes_total, p.files_done, p.files_total),
+        )
+    except NothingToCommitError as exc:
+        bar.close()
+        if args.json:
+            print_json({"id": exc.commit_id.hex(), "created": False})
+        else:
+            print(str(exc), file=sys.stderr)
+            print(exc.commit_id.hex())
+        return 0
+    finally:
+        bar.close()
+    for w in result.warnings:
+        warn(w)
+    if args.json:
+        print_json({
+            "id": result.commit_id.hex(), "created": True, "tree": result.tree_id.hex(),
+            "files": result.files, "files_read": result.files_read, "bytes_read": result.bytes_read,
+            "bytes_stored": result.write.bytes_new_stored, "blobs_new": result.write.blobs_new,
+            "warnings": result.warnings,
+        })
+    else:
+        print(result.commit_id.hex())
+    return 0
+
+
+def cmd_log(args) -> int:
+    repo = open_repo(args)
+    start = repo.resolve(args.rev)
+    items = history.log(repo, start, args.limit)
+    if args.json:
+        print_json([history.commit_json(cid, c) for cid, c in items])
+        return 0
+    for cid, c in items:
+        if args.oneline:
+            print(f"{cid.hex()[:12]} {c.message.splitlines()[0] if c.message else ''}")
+            continue
+        print(f"commit {cid.hex()}")
+        print(f"Author: {c.author}")
+        print(f"Date:   {_time(c.time)}")
+        for k, v in sorted(c.metadata.items()):
+            print(f"Meta:   {k}={v}")
+        print()
+        for line in c.message.splitlines() or [""]:
+            print(f"    {line}")
+        print()
+    return 0
+
+
+def cmd_show(args) -> int:
+    repo = open_repo(args)
+    cid = repo.resolve(args.rev)
+    c = repo.load_commit(cid)
+    tree = repo.load_tree(c.tree)
+    if args.json:
+        out = history.commit_json(cid, c)
+        out["size"] = tree.size
+        print_json(out)
+        return 0
+    print(f"commit {cid.hex()}")
+    print(f"tree   {c.tree.hex()}")
+    for p in c.parents:
+        print(f"parent {p.hex()}")
+    print(f"Author: {c.author}")
+    print(f"Date:   {_time(c.time)}")
+    print(f"Size:   {human_size(tree.size)}")
+    for k, v in sorted(c.metadata.items()):
+        print(f"Meta:   {k}={v}")
+    print()
+    for line in c.message.splitlines() or [""]:
+        print(f"    {line}")
+    return 0
+
+
+def _entry_json(path: str, e) -> dict:
+    out = {"path": path, "name": e.name, "kind": "file" if e.kind.is_file else e.kind.name.lower(),
+           "executable": e.executable, "size": e.size, "id": e.id.hex()}
+    if e.kind is Kind.SYMLINK:
+        out["target"] = e.target.decode("utf-8", "surrogateescape")
+    return out
+
+
+def _entry_line(path: str, e) -> str:
+    mode = {Kind.DIR: "drwxr-xr-x", Kind.EXEC: "-rwxr-xr-x", Kind.FILE: "-rw-r--r--",
+            Kind.SYMLINK: "lrwxrwxrwx"}[e.kind]
+    suffix = "/" if e.is_dir else ""
+    if e.kind is Kind.SYMLINK:
+        suffix = " -> " + e.target.decode("utf-8", "backslashreplace")
+    return f"{mode} {e.size:>12} {e.id.hex()[:12]} {path}{suffix}"
+
+
+def cmd_ls(args) -> int:
+    repo = open_repo(args)
+    rev, path = browse.split_rev_path(args.spec)
+    cid = repo.resolve(rev)
+    items = browse.walk(repo, cid, path) if args.recursive else browse.list_dir(repo, cid, path)
+    if args.json:
+        print_json([_entry_json(i.path, i.entry) for i in items])
+    else:
+        for i in items:
+            print(_entry_line(i.path, i.entry))
+    return 0
+
+
+def cmd_cat(args) -> int:
+    repo = open_repo(args)
+    rev, path = browse.split_rev_path(args.spec)
+    if not path:
+        raise InputError("cat needs REV:PATH")
+    f = browse.open_file(repo, repo.resolve(rev), path)
+    out = sys.stdout.buffer
+    for chunk in f._reader.iter_chunks():
+        out.write(chunk)
+    out.flush()
+    return 0
+
+
+def cmd_diff(args) -> int:
+    repo = open_repo(args)
+    a, b = repo.resolve(args.old), repo.resolve(args.new)
+    changes = diff_trees(repo, repo.load_commit(a).tree, repo.load_commit(b).tree)
+    if args.json:
+        print_json([c.to_json() for c in changes])
+        return 0
+    sign = {"added": "A", "removed": "D", "modified": "M"}
+    for c in changes:
+        if c.status == "modified":
+            sizes = f"{c.old.size} -> {c.new.size}"
+        else:
+            sizes = str((c.new or c.old).size)
+        print(f"{sign[c.status]} {c.path} ({sizes})")
+    return 0
+
+
+def cmd_branch(args) -> int:
+    repo = open_repo(args)
+    if args.delete:
+        current = repo.refs.lookup_branch(args.delete)
+        if current is None:
+            raise RevisionError(f"no branch {args.delete!r}")
+        repo.refs.set_branch_if_equals(args.delete, None, current)
+        print(f"deleted branch {args.delete} (was {current.hex()[:12]})")
+        return 0
+    if args.name:
+        cid = repo.resolve(args.rev)
+        repo.refs.set_branch_if_equals(args.name, cid, None)
+        print(f"created branch {args.name} at {cid.hex()[:12]}")
+        return 0
+    branches = repo.refs.branches()
+    if args.json:
+        print_json({n: c.hex() for n, c in sorted(branches.items())})
+    else:
+        for n, c in sorted(branches.items()):
+            print(f"{n} {c.hex()}")
+    return 0
+
+
+def cmd_tag(args) -> int:
+    repo = open_repo(args)
+    if args.name is None:
+        tags = repo.refs.tags()
+        if args.json:
+            print_json({n: c.hex() for n, c in sorted(tags.items())})
+        else:
+            for n, c in sorted(tags.items()):
+                print(f"{n} {c.hex()}")
+        return 0
+    if args.rev is None:
+        raise InputError("tag needs NAME and REV")
+    cid = repo.resolve(args.rev)
+    repo.refs.create_tag(args.name, cid)
+    print(f"tagged {cid.hex()[:12]} as {args.name}")
+    return 0
+
+
+def cmd_checkout(args) -> int:
+    repo = open_repo(args)
+    rev, path = browse.split_rev_path(args.spec)
+    cid = repo.resolve(rev)
+    bar = ProgressBar("checkout")
+    try:
+        n = checkout(repo, cid, args.dest, path, progress=lambda d, t: bar.update(d, t))
+    finally:
+        bar.close()
+    print(f"checked out {n} files of {cid.hex()[:12]} into {args.dest}", file=sys.stderr)
+    return 0
+
+
+def cmd_fsck(args) -> int:
+    repo = open_repo(args)
+    report = fsck(repo, read_data=args.read_data)
+    if args.json:
+        print_json(report.to_json())
+    else:
+        for p in report.problems:
+            print(p)
+        print(f"checked {report.commits} commits, {report.trees} trees, {report.files} files, "
+              f"{report.chunks} chunks in {report.packs} packs"
+              + (f", re-hashed {human_size(report.bytes_checked)}" if args.read_data else "")
+              + (": no problems" if report.ok else f": {len(report.problems)} problems"))
+    return 0 if report.ok else 1
+
+
+def register(sub, common) -> None:
+    def add(name, handler, help_, **kw):
+        p = sub.add_parser(name, parents=[common], help=help_, description=help_, **kw)
+        p.set_defaults(handler=handler)
+        return p
+
+    add("init", cmd_init, "create a repository")
+
+    p = add("commit", cmd_commit, "commit a directory to a branch, print the commit id")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("-b", "--branch", default="main")
+    p.add_argument("-m", "--message", required=True)
+    p.add_argument("--meta", action="append", metavar="KEY=VALUE", help="metadata (repeatable)")
+    p.add_argument("--json", action="store_true")
+
+    p = add("log", cmd_log, "show the history of a revision")
+    p.add_argument("rev", nargs="?", default="main", metavar="REV")
+    p.add_argument("-n", "--limit", type=int)
+    p.add_argument("--oneline", action="store_true")
+    p.add_argument("--json", action="store_true")
+
+    p = add("show", cmd_show, "show one commit")
+    p.add_argument("rev", metavar="REV")
+    p.add_argument("--json", action="store_true")
+
+    p = add("ls", cmd_ls, "list a directory of a commit")
+    p.add_argument("spec", metavar="REV[:PATH]")
+    p.add_argument("-R", "--recursive", action="store_true")
+    p.add_argument("--json", action="store_true")
+
+    p = add("cat", cmd_cat, "write a file of a commit to stdout")
+    p.add_argument("spec", metavar="REV:PATH")
+
+    p = add("diff", cmd_diff, "files added, removed and modified between two revisions")
+    p.add_argument("old", metavar="REV")
+    p.add_argument("new", metavar="REV")
+    p.add_argument("--json", action="store_true")
+
+    p = add("branch", cmd_branch, "list, create or delete branches")
+    p.add_argument("name", nargs="?", metavar="NAME")
+    p.add_argument("rev", nargs="?", default="main", metavar="REV")
+    p.add_argument("-d", "--delete", metavar="NAME")
+    p.add_argument("--json", action="store_true")
+
+    p = add("tag", cmd_tag, "list tags, or tag a revision (tags never move)")
+    p.add_argument("name", nargs="?", metavar="NAME")
+    p.add_argument("rev", nargs="?", metavar="REV")
+    p.add_argument("--json", action="store_true")
+
+    p = add("checkout", cmd_checkout, "materialise a revision (or REV:PATH) into a new directory")
+    p.add_argument("spec", metavar="REV[:PATH]")
+    p.add_argument("dest", metavar="DEST")
+
+    p = add("fsck", cmd_fsck, "check the repository's integrity")
+    p.add_argument("--read-data", action="store_true", help="also re-hash every chunk and pack")
+    p.add_argument("--json", action="store_true")

@@ -1,0 +1,59 @@
+"""Differences between two trees; identical subtrees are skipped by id."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from commitfs.model.objects import TreeEntry
+from commitfs.ops.browse import walk_tree
+from commitfs.repo.repository import Repository
+
+
+@dataclass(frozen=True)
+class Change:
+    status: str  # "added", "removed", "modified"
+    path: str
+    old: TreeEntry | None
+    new: TreeEntry | None
+
+    def to_json(self) -> dict:
+        def side(e):
+            if e is None:
+                return None
+            return {"kind": e.kind.name.lower(), "size": e.size, "id": e.id.hex()}
+
+        return {"status": self.status, "path": self.path, "old": side(self.old), "new": side(self.new)}
+
+
+def diff_trees(repo: Repository, old: bytes | None, new: bytes | None, prefix: str = "") -> Iterator[Change]:
+    """Changed files and symlinks (directories are descended, not reported)."""
+    if old == new:
+        return
+    a = {e.name: e for e in repo.load_tree(old).entries} if old else {}
+    b = {e.name: e for e in repo.load_tree(new).entries} if new else {}
+    for name in sorted(a.keys() | b.keys(), key=lambda n: n.encode()):
+        ea, eb = a.get(name), b.get(name)
+        path = f"{prefix}/{name}" if prefix else name
+        if ea is not None and eb is not None and ea.kind == eb.kind and ea.id == eb.id:
+            continue
+        if ea is not None and eb is not None and ea.is_dir and eb.is_dir:
+            yield from diff_trees(repo, ea.id, eb.id, path)
+            continue
+        if ea is not None:
+            if ea.is_dir:
+                for item in walk_tree(repo, ea.id, path):
+                    if not item.entry.is_dir:
+                        yield Change("removed", item.path, item.entry, None)
+            elif eb is not None and not eb.is_dir:
+                yield Change("modified", path, ea, eb)
+                continue
+            else:
+                yield Change("removed", path, ea, None)
+        if eb is not None:
+            if eb.is_dir:
+                for item in walk_tree(repo, eb.id, path):
+                    if not item.entry.is_dir:
+                        yield Change("added", item.path, None, item.entry)
+            else:
+                yield Change("added", path, None, eb)

@@ -1,0 +1,163 @@
+"""Repository check: every reachable object present and matching its hash.
+
+Checks, each reported as one problem line:
+
+* every index segment parses and passes its checksum;
+* every branch and tag names an existing, well-formed commit;
+* every commit reachable from a reference: its parents, its tree;
+* every tree and file manifest reachable: present in the index, in a pack
+  that exists and is long enough, decodes, and matches its id;
+* every chunk: indexed, and its pack long enough to hold it;
+* with ``read_data``: every reachable chunk is read and re-hashed, and every
+  pack's content hashes to its name.
+
+Unreferenced packs, segments and commits (left by an interrupted commit) are
+not errors: they are counted and left for gc.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from commitfs.errors import CommitfsError
+from commitfs.model.ids import hash_bytes
+from commitfs.model.objects import Kind
+from commitfs.repo.pack import pack_id_from_key, pack_key
+from commitfs.repo.repository import Repository
+
+
+@dataclass
+class FsckReport:
+    problems: list[str] = field(default_factory=list)
+    commits: int = 0
+    trees: int = 0
+    files: int = 0
+    chunks: int = 0
+    packs: int = 0
+    bytes_checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict:
+        return {"ok": self.ok, "problems": self.problems, "commits": self.commits, "trees": self.trees,
+                "files": self.files, "chunks": self.chunks, "packs": self.packs,
+                "bytes_checked": self.bytes_checked}
+
+
+def fsck(repo: Repository, read_data: bool = False, progress: Callable[[str, int], None] | None = None) -> FsckReport:
+    rep = FsckReport()
+    problem = rep.problems.append
+
+    for seg in repo.index.segments():
+        try:
+            seg.load_header()
+        except CommitfsError as exc:
+            problem(f"index: {exc}")
+
+    pack_sizes: dict[bytes, int | None] = {}
+
+    def pack_size(pid: bytes) -> int | None:
+        if pid not in pack_sizes:
+            pack_sizes[pid] = repo.store.lookup_size(pack_key(pid))
+        return pack_sizes[pid]
+
+    def check_located(oid: bytes, what: str) -> bool:
+        try:
+            loc = repo.locate(oid)
+        except CommitfsError as exc:
+            problem(f"{what} {oid.hex()}: {exc}")
+            return False
+        size = pack_size(loc.pack)
+        if size is None:
+            problem(f"{what} {oid.hex()}: pack {loc.pack.hex()} is missing")
+            return False
+        if loc.offset + loc.stored > size:
+            problem(f"{what} {oid.hex()}: pack {loc.pack.hex()} is truncated")
+            return False
+        return True
+
+    # Commits reachable from references.
+    roots: list[tuple[str, bytes]] = [(f"branch {n}", c) for n, c in repo.refs.branches().items()]
+    roots += [(f"tag {n}", c) for n, c in repo.refs.tags().items()]
+    seen_commits: set[bytes] = set()
+    trees: list[bytes] = []
+    stack = list(roots)
+    while stack:
+        where, cid = stack.pop()
+        if cid in seen_commits:
+            continue
+        seen_commits.add(cid)
+        try:
+            commit = repo.load_commit(cid)
+        except CommitfsError as exc:
+            problem(f"{where}: commit {cid.hex()}: {exc}")
+            continue
+        rep.commits += 1
+        trees.append(commit.tree)
+        stack.extend((f"parent of {cid.hex()[:12]}", p) for p in commit.parents)
+
+    seen_trees: set[bytes] = set()
+    seen_files: set[bytes] = set()
+    seen_chunks: set[bytes] = set()
+    while trees:
+        tid = trees.pop()
+        if tid in seen_trees:
+            continue
+        seen_trees.add(tid)
+        if not check_located(tid, "tree"):
+            continue
+        try:
+            tree = repo.load_tree(tid)
+        except CommitfsError as exc:
+            problem(f"tree {tid.hex()}: {exc}")
+            continue
+        rep.trees += 1
+        for e in tree.entries:
+            if e.kind is Kind.DIR:
+                trees.append(e.id)
+            elif e.kind is Kind.SYMLINK:
+                if hash_bytes(e.target) != e.id:
+                    problem(f"tree {tid.hex()}: symlink {e.name!r} does not match its id")
+            elif e.id not in seen_files:
+                seen_files.add(e.id)
+                rep.files += 1
+                if not check_located(e.id, "file"):
+                    continue
+                try:
+                    manifest = repo.load_manifest(e.id)
+                except CommitfsError as exc:
+                    problem(f"file {e.id.hex()} ({e.name}): {exc}")
+                    continue
+                if manifest.size != e.size:
+                    problem(f"file {e.id.hex()} ({e.name}): size {manifest.size} != tree's {e.size}")
+                for cid in manifest.chunk_ids:
+                    if cid in seen_chunks:
+                        continue
+                    seen_chunks.add(cid)
+                    rep.chunks += 1
+                    if not check_located(cid, "chunk"):
+                        continue
+                    if read_data:
+                        try:
+                            rep.bytes_checked += len(repo.load_chunks([cid])[0])
+                        except CommitfsError as exc:
+                            problem(f"chunk {cid.hex()}: {exc}")
+                        if progress:
+                            progress("chunks", rep.chunks)
+
+    if read_data:
+        for key in repo.store.iter_keys("packs/"):
+            rep.packs += 1
+            try:
+                data = repo.store.load_object(key)
+            except CommitfsError as exc:
+                problem(f"pack {key}: {exc}")
+                continue
+            if hash_bytes(data) != pack_id_from_key(key):
+                problem(f"pack {key}: content does not match its name")
+    else:
+        rep.packs = sum(1 for s in pack_sizes.values() if s is not None)
+    return rep

@@ -1,0 +1,293 @@
+"""Commit a directory: scan, chunk what changed, build trees, move the branch.
+
+Three passes:
+
+1. scan the directory (metadata only), asking the stat cache which files are
+   unchanged since the last commit made from this directory;
+2. read and chunk the changed files: small files in a bounded thread pool
+   (hashing and reading overlap; results consumed in file order so a file's
+   chunks lie together in a pack), large files streamed;
+3. build trees bottom-up, then the commit, then move the branch by
+   compare-and-swap.
+
+The cost is a metadata scan plus the changed bytes.  If the branch moved
+meanwhile, the caller gets RefConflictError and every blob stays stored and
+indexed, so a retry uploads nothing again.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+import stat as statmod
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from commitfs.errors import InputError, NothingToCommitError
+from commitfs.model import chunker
+from commitfs.model.ids import hash_bytes
+from commitfs.model.objects import Commit, FileManifest, Kind, Tree, TreeEntry, symlink_entry
+from commitfs.ops.statcache import StatCache
+from commitfs.repo.pack import BlobKind
+from commitfs.repo.repository import BlobWriter, Repository, WriteStats
+
+# Files up to this size are read whole by pool threads; larger ones stream.
+_SMALL_FILE = 32 * 1024 * 1024
+# Bound on file bytes read ahead by the pool and not yet packed.
+_READ_AHEAD_BYTES = 256 * 1024 * 1024
+_READ_THREADS = 4
+
+
+def default_author() -> str:
+    author = os.environ.get("COMMITFS_AUTHOR")
+    if author:
+        return author
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+@dataclass
+class Progress:
+    files_total: int = 0
+    files_done: int = 0
+    bytes_total: int = 0
+    bytes_done: int = 0
+
+
+@dataclass
+class CommitResult:
+    commit_id: bytes
+    tree_id: bytes
+    created: bool
+    files: int = 0
+    files_read: int = 0
+    bytes_read: int = 0
+    write: WriteStats = field(default_factory=WriteStats)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Dir:
+    rel: str
+    path: str
+    entries: list = field(default_factory=list)  # (name, kind, payload)
+
+
+def _display(path: str) -> str:
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _check_utf8(name: str, where: str) -> None:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(
+            f"file name is not valid UTF-8: {_display(os.path.join(where, name))} (commitfs stores UTF-8 names only; rename it)"
+        ) from None
+
+
+def _read_error(path: str, exc: OSError) -> InputError:
+    return InputError(f"cannot read {_display(path)}: {exc.strerror or exc}")
+
+
+def chunk_file(path: str) -> tuple[list[bytes], list[bytes]]:
+    """(chunk ids, chunks) of a whole file; runs in pool threads."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            chunks = list(chunker.iter_chunks(f))
+    except OSError as exc:
+        raise _read_error(path, exc) from None
+    return [hash_bytes(c) for c in chunks], chunks
+
+
+def store_chunks(writer: BlobWriter, ids: list[bytes], chunks: list[bytes]) -> bytes:
+    for cid, chunk in zip(ids, chunks):
+        writer.add(cid, BlobKind.CHUNK, chunk)
+    return writer.add_manifest(FileManifest(tuple(ids), tuple(len(c) for c in chunks)))
+
+
+def store_stream(writer: BlobWriter, stream, on_bytes: Callable[[int], None] | None = None) -> tuple[bytes, int]:
+    """Chunk and store a stream without holding it in memory; (file id, size)."""
+    ids, sizes = [], []
+    for chunk in chunker.iter_chunks(stream):
+        cid = hash_bytes(chunk)
+        writer.add(cid, BlobKind.CHUNK, chunk)
+        ids.append(cid)
+        sizes.append(len(chunk))
+        if on_bytes:
+            on_bytes(len(chunk))
+    return writer.add_manifest(FileManifest(tuple(ids), tuple(sizes))), sum(sizes)
+
+
+def _scan(root: str, cache: StatCache, warnings: list[str]) -> tuple[list[_Dir], list[tuple[_Dir, int, str, os.stat_result]]]:
+    """Walk ``root``; return directories (parents before children) and files to read."""
+    dirs: list[_Dir] = []
+    to_read = []
+    stack = [_Dir("", root)]
+    while stack:
+        d = stack.pop()
+        dirs.append(d)
+        try:
+            with os.scandir(d.path) as it:
+                items = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            raise InputError(f"cannot list {_display(d.path)}: {exc.strerror or exc}") from None
+        for e in items:
+            _check_utf8(e.name, d.path)
+            rel = f"{d.rel}/{e.name}" if d.rel else e.name
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError as exc:
+                raise _read_error(e.path, exc) from None
+            mode = st.st_mode
+            if statmod.S_ISDIR(mode):
+                child = _Dir(rel, e.path)
+                d.entries.append((e.name, Kind.DIR, child))
+                stack.append(child)
+            elif statmod.S_ISLNK(mode):
+                try:
+                    target = os.readlink(os.fsencode(e.path))
+                except OSError as exc:
+                    raise _read_error(e.path, exc) from None
+                d.entries.append((e.name, Kind.SYMLINK, target))
+            elif statmod.S_ISREG(mode):
+                kind = Kind.EXEC if mode & statmod.S_IXUSR else Kind.FILE
+                fid = cache.lookup(rel, st)
+                slot = len(d.entries)
+                d.entries.append((e.name, kind, (fid, st.st_size, st)))
+                if fid is None:
+                    to_read.append((d, slot, rel, st))
+            else:
+                what = ("socket" if statmod.S_ISSOCK(mode) else "FIFO" if statmod.S_ISFIFO(mode)
+                        else "device" if statmod.S_ISCHR(mode) or statmod.S_ISBLK(mode) else "special file")
+                warnings.append(f"skipped {what} {_display(e.path)}")
+    return dirs, to_read
+
+
+def commit_directory(
+    repo: Repository,
+    directory: str | os.PathLike,
+    *,
+    branch: str = "main",
+    message: str,
+    metadata: dict[str, str] | None = None,
+    author: str | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    allow_empty: bool = False,
+) -> CommitResult:
+    """Commit ``directory`` to ``branch``; raise NothingToCommitError if unchanged."""
+    from commitfs.repo.refs import check_ref_name
+
+    check_ref_name(branch)
+    path = Path(directory)
+    try:
+        root = os.path.realpath(path, strict=True)
+    except OSError as exc:
+        raise InputError(f"{directory}: {exc.strerror or 'does not exist'}") from None
+    if not os.path.isdir(root):
+        raise InputError(f"{directory} is not a directory")
+    head = repo.refs.lookup_branch(branch)
+    cache = StatCache(repo.id, Path(root))
+    if cache.commit_id and repo.has_commit(cache.commit_id):
+        cache.load()
+    scan_start = time.time_ns()
+    warnings: list[str] = []
+    dirs, to_read = _scan(root, cache, warnings)
+
+    prog = Progress(files_total=len(to_read), bytes_total=sum(st.st_size for *_, st in to_read))
+    result_files = sum(1 for d in dirs for _, k, _ in d.entries if k.is_file)
+    with repo.writer() as writer:
+        _read_changed(writer, to_read, prog, progress)
+        tree_id = _build_trees(writer, dirs, cache, scan_start)
+    result = CommitResult(b"", tree_id, False, files=result_files, files_read=len(to_read),
+                          bytes_read=prog.bytes_done, write=writer.stats, warnings=warnings)
+
+    if head is not None and repo.load_commit(head).tree == tree_id and not allow_empty:
+        cache.save(head)
+        cache.close()
+        raise NothingToCommitError(f"nothing to commit: {directory} matches {branch} ({head.hex()[:12]})", head)
+    commit = Commit(
+        tree=tree_id,
+        parents=(head,) if head is not None else (),
+        author=author or default_author(),
+        time=int(time.time()),
+        message=message,
+        metadata=dict(metadata or {}),
+    )
+    cid = repo.save_commit(commit)
+    repo.refs.set_branch_if_equals(branch, cid, head)
+    cache.save(cid)
+    cache.close()
+    result.commit_id, result.created = cid, True
+    return result
+
+
+def _read_changed(writer, to_read, prog: Progress, progress) -> None:
+    def done(nbytes: int, files: int = 0) -> None:
+        prog.bytes_done += nbytes
+        prog.files_done += files
+        if progress:
+            progress(prog)
+
+    pending: deque = deque()
+    inflight = 0
+    with ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="commitfs-read") as pool:
+        def drain_one() -> None:
+            nonlocal inflight
+            d, slot, st, fut = pending.popleft()
+            ids, chunks = fut.result()
+            fid = store_chunks(writer, ids, chunks)
+            size = sum(len(c) for c in chunks)
+            inflight -= st.st_size
+            name, kind, _ = d.entries[slot]
+            d.entries[slot] = (name, kind, (fid, size, st))
+            done(size, 1)
+
+        for d, slot, rel, st in to_read:
+            if st.st_size > _SMALL_FILE:
+                while pending:
+                    drain_one()
+                path = os.path.join(d.path, d.entries[slot][0])
+                try:
+                    with open(path, "rb", buffering=0) as f:
+                        fid, size = store_stream(writer, f, done)
+                except OSError as exc:
+                    raise _read_error(path, exc) from None
+                name, kind, _ = d.entries[slot]
+                d.entries[slot] = (name, kind, (fid, size, st))
+                done(0, 1)
+                continue
+            while pending and inflight + st.st_size > _READ_AHEAD_BYTES:
+                drain_one()
+            pending.append((d, slot, st, pool.submit(chunk_file, os.path.join(d.path, d.entries[slot][0]))))
+            inflight += st.st_size
+        while pending:
+            drain_one()
+
+
+def _build_trees(writer: BlobWriter, dirs: list[_Dir], cache: StatCache, scan_start: int) -> bytes:
+    built: dict[int, tuple[bytes, int]] = {}
+    for d in reversed(dirs):  # children before parents
+        entries = []
+        for name, kind, payload in d.entries:
+            if kind is Kind.DIR:
+                tid, size = built.pop(id(payload))
+                entries.append(TreeEntry(name, Kind.DIR, size, tid))
+            elif kind is Kind.SYMLINK:
+                entries.append(symlink_entry(name, payload))
+            else:
+                fid, size, st = payload
+                rel = f"{d.rel}/{name}" if d.rel else name
+                cache.record(rel, st, fid, scan_start)
+                entries.append(TreeEntry(name, kind, size, fid))
+        tree = Tree.build(entries)
+        built[id(d)] = (writer.add_tree(tree), tree.size)
+    return built[id(dirs[0])][0]

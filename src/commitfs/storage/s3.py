@@ -1,0 +1,331 @@
+"""A store in an S3 bucket (or any S3-compatible server).
+
+Layout under ``s3://BUCKET/PREFIX``: objects at ``PREFIX/<key>``, references
+at ``PREFIX/refs/<name>``.  Objects are written with one PUT, which S3 makes
+visible whole or not at all.  References use S3 conditional writes for
+compare-and-swap: creation with ``If-None-Match: *``, update and deletion with
+``If-Match: <ETag of the value read>``; the server rejects a write whose
+condition no longer holds with 412 (or 409 when two conditional writes race),
+and that becomes RefConflictError.
+
+This is the only module of commitfs that imports boto3/botocore: every botocore
+exception is translated here into commitfs.errors, and every request goes
+through commitfs.storage.retry (botocore's own retries are switched off so the
+two do not multiply).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import boto3
+from botocore import exceptions as bx
+from botocore.config import Config
+
+from commitfs.errors import (
+    ObjectNotFoundError,
+    RefConflictError,
+    RepositoryError,
+    RepositoryNotFoundError,
+    StorageError,
+)
+from commitfs.storage.base import Store
+from commitfs.storage.retry import TransientError, retry_call
+
+T = TypeVar("T")
+
+_REFS = "refs/"
+
+# Error codes meaning "your credentials are wrong or insufficient".
+_ACCESS_CODES = frozenset(
+    {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+     "TokenRefreshRequired", "AllAccessDisabled", "403"}
+)
+# 4xx codes that are nevertheless worth retrying (5xx always are).
+_TRANSIENT_CODES = frozenset(
+    {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException",
+     "RequestTimeout"}
+)
+
+
+def _error_code(exc: bx.ClientError) -> tuple[str, int]:
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    return code, status
+
+
+def _check_name(name: str) -> str:
+    if not name or name.startswith("/") or ".." in name.split("/"):
+        raise ValueError(f"bad key {name!r}")
+    return name
+
+
+def _default_endpoint() -> str | None:
+    """COMMITFS_S3_ENDPOINT_URL, unless boto3 already has an endpoint from the
+    environment (AWS_ENDPOINT_URL[_S3], which it reads by itself)."""
+    if os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"):
+        return None
+    return os.environ.get("COMMITFS_S3_ENDPOINT_URL") or None
+
+
+class S3Store(Store):
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 30.0,
+        max_pool_connections: int = 32,
+        attempts: int = 5,
+        deadline_s: float = 60.0,
+    ):
+        self.bucket = bucket
+        prefix = prefix.strip("/")
+        self._root = prefix + "/" if prefix else ""
+        self.url = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+        self._read_timeout = read_timeout
+        self._attempts = attempts
+        self._deadline_s = deadline_s
+        self._bucket_checked = False
+        config = Config(
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_pool_connections=max_pool_connections,
+            retries={"mode": "standard", "total_max_attempts": 1},  # retry.py retries
+        )
+        try:
+            # A private session: boto3's default session is not thread-safe.
+            # The client is, and is shared by every thread using this store.
+            self._client = boto3.session.Session().client(
+                "s3",
+                endpoint_url=endpoint_url or _default_endpoint(),
+                region_name=region,
+                config=config,
+            )
+        except (bx.BotoCoreError, ValueError) as exc:  # ValueError: malformed endpoint URL
+            raise StorageError(f"cannot set up S3 client for {self.url}: {exc}") from exc
+        self.endpoint_url = self._client.meta.endpoint_url
+
+    @classmethod
+    def from_url(cls, url: str, endpoint_url: str | None = None, **opts) -> S3Store:
+        """Open ``s3://BUCKET[/PREFIX]``; ``opts`` are the constructor's keywords."""
+        bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        if not url.startswith("s3://") or not bucket:
+            raise RepositoryError(f"bad S3 URL {url!r}: expected s3://BUCKET/PREFIX")
+        return cls(bucket, prefix, endpoint_url=endpoint_url, **opts)
+
+    def __repr__(self) -> str:
+        return f"S3Store({self.url!r}, endpoint={self.endpoint_url!r})"
+
+    # --- request plumbing ---------------------------------------------------
+    def _call(self, verb: str, s3_key: str, fn: Callable[[], T]) -> T:
+        """Run one request ``fn`` with retries, translating botocore errors."""
+        what = f"{verb} s3://{self.bucket}/{s3_key}"
+
+        def attempt() -> T:
+            try:
+                return fn()
+            except (bx.ClientError, bx.BotoCoreError) as exc:
+                raise self._translate(exc, what, s3_key) from exc
+
+        return retry_call(attempt, what=what, attempts=self._attempts, deadline_s=self._deadline_s)
+
+    def _translate(self, exc: Exception, what: str, s3_key: str) -> Exception:
+        """The commitfs error (or TransientError, to retry) for a botocore error."""
+        endpoint = self.endpoint_url
+        if isinstance(exc, bx.ClientError):
+            code, status = _error_code(exc)
+            if code == "NoSuchBucket":
+                return RepositoryNotFoundError(f"bucket {self.bucket} does not exist")
+            if code in ("NoSuchKey", "404") or status == 404:
+                return ObjectNotFoundError(f"s3://{self.bucket}/{s3_key} does not exist")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412:
+                return RefConflictError(f"s3://{self.bucket}/{s3_key} changed meanwhile")
+            if code in _ACCESS_CODES or status == 403:
+                return StorageError(f"access denied to {self.url} ({code}): check credentials")
+            message = exc.response.get("Error", {}).get("Message") or code
+            if status >= 500 or code in _TRANSIENT_CODES:
+                return TransientError(f"S3 answered {status} {code}: {message}")
+            return StorageError(f"{what}: {code}: {message}")
+        if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError, bx.CredentialRetrievalError)):
+            return StorageError(
+                f"no usable AWS credentials for {self.url} ({exc}): set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run where an instance/task role is available"
+            )
+        if isinstance(exc, bx.SSLError):  # a certificate problem does not go away by retrying
+            return StorageError(f"TLS error talking to S3 endpoint {endpoint}: {exc}")
+        if isinstance(exc, bx.ConnectionError):  # refused, DNS, connect timeout, proxy
+            return TransientError(f"cannot reach S3 endpoint {endpoint}", unreachable=True)
+        if isinstance(exc, bx.ReadTimeoutError):
+            return TransientError(f"S3 endpoint {endpoint} did not answer within {self._read_timeout:g}s",
+                                  unreachable=True)
+        if isinstance(exc, (bx.HTTPClientError, bx.ResponseStreamingError, bx.IncompleteReadError)):
+            return TransientError(f"connection to S3 endpoint {endpoint} broke: {exc}", unreachable=True)
+        return StorageError(f"{what}: {exc}")
+
+    def _s3_key(self, key: str) -> str:
+        return self._root + _check_name(key)
+
+    def _ref_key(self, name: str) -> str:
+        return self._root + _REFS + _check_name(name)
+
+    def _check_bucket(self) -> None:
+        """Raise RepositoryNotFoundError if the bucket is missing.
+
+        Needed after a HEAD answered 404: a HEAD response has no body, so a
+        missing object and a missing bucket look alike."""
+        if self._bucket_checked:
+            return
+        try:
+            self._call("HEAD", "", lambda: self._client.head_bucket(Bucket=self.bucket))
+        except ObjectNotFoundError:
+            raise RepositoryNotFoundError(f"bucket {self.bucket} does not exist") from None
+        self._bucket_checked = True
+
+    def _list(self, s3_prefix: str) -> Iterator[str]:
+        """Every S3 key starting with ``s3_prefix``, one page request at a time."""
+        kwargs = {"Bucket": self.bucket, "Prefix": s3_prefix}
+        while True:
+            page = self._call("LIST", s3_prefix, lambda: self._client.list_objects_v2(**kwargs))
+            for entry in page.get("Contents", ()):
+                yield entry["Key"]
+            if not page.get("IsTruncated"):
+                return
+            kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
+    # --- objects -------------------------------------------------------------
+    def save_object(self, key: str, data: bytes) -> None:
+        # One PUT (up to 5 GiB) is atomic: readers see the old state or all of it.
+        s3_key = self._s3_key(key)
+        self._call("PUT", s3_key, lambda: self._client.put_object(Bucket=self.bucket, Key=s3_key, Body=data))
+
+    def load_object(self, key: str) -> bytes:
+        s3_key = self._s3_key(key)
+        # The body is read inside the retried call: a connection dropping
+        # mid-body is retried like one dropping before the answer.
+        return self._call(
+            "GET", s3_key, lambda: self._client.get_object(Bucket=self.bucket, Key=s3_key)["Body"].read()
+        )
+
+    def load_range(self, key: str, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise ValueError(f"bad range {offset}+{length} of {key!r}")
+        if length == 0:
+            return b""
+        s3_key = self._s3_key(key)
+
+        def get() -> bytes:
+            try:
+                resp = self._client.get_object(
+                    Bucket=self.bucket, Key=s3_key, Range=f"bytes={offset}-{offset + length - 1}"
+                )
+            except bx.ClientError as exc:
+                if _error_code(exc)[0] == "InvalidRange":  # offset at or past the end
+                    return b""
+                raise
+            data = resp["Body"].read()
+            if "ContentRange" not in resp:  # a server ignoring Range sent the whole object
+                data = data[offset:offset + length]
+            return data
+
+        return self._call("GET", s3_key, get)
+
+    def lookup_size(self, key: str) -> int | None:
+        s3_key = self._s3_key(key)
+        try:
+            head = self._call("HEAD", s3_key, lambda: self._client.head_object(Bucket=self.bucket, Key=s3_key))
+        except ObjectNotFoundError:
+            self._check_bucket()
+            return None
+        return int(head["ContentLength"])
+
+    def iter_keys(self, prefix: str = "") -> Iterator[str]:
+        if prefix:
+            _check_name(prefix)
+        for s3_key in self._list(self._root + prefix):
+            key = s3_key[len(self._root):]
+            # References live beside objects but are not objects; keys ending
+            # in '/' are "folder" markers other S3 tools create.
+            if not key.startswith(_REFS) and not key.endswith("/"):
+                yield key
+
+    def remove_object(self, key: str) -> None:
+        # S3 answers 204 for an absent key too: removal is idempotent.
+        s3_key = self._s3_key(key)
+        self._call("DELETE", s3_key, lambda: self._client.delete_object(Bucket=self.bucket, Key=s3_key))
+
+    # --- references ----------------------------------------------------------
+    def _read_ref(self, name: str) -> tuple[bytes, str] | None:
+        """The reference's value and ETag, or None if it does not exist."""
+        s3_key = self._ref_key(name)
+
+        def get() -> tuple[bytes, str]:
+            resp = self._client.get_object(Bucket=self.bucket, Key=s3_key)
+            return resp["Body"].read(), resp["ETag"]
+
+        try:
+            return self._call("GET", s3_key, get)
+        except ObjectNotFoundError:
+            return None
+
+    def load_ref(self, name: str) -> bytes | None:
+        found = self._read_ref(name)
+        return None if found is None else found[0]
+
+    def save_ref_if_equals(self, name: str, new: bytes | None, expected: bytes | None) -> None:
+        s3_key = self._ref_key(name)
+        conflict = RefConflictError(f"reference {name} changed meanwhile")
+        if expected is None:
+            if new is None:  # "delete if absent": nothing to write, only to check
+                if self._read_ref(name) is not None:
+                    raise conflict
+                return
+            verb = "PUT"
+            condition = {"IfNoneMatch": "*"}
+        else:
+            current = self._read_ref(name)
+            if current is None or current[0] != expected:
+                raise conflict
+            # The write only succeeds if the object still is the version we read.
+            verb = "PUT" if new is not None else "DELETE"
+            condition = {"IfMatch": current[1]}
+
+        tries = 0
+
+        def write() -> None:
+            nonlocal tries
+            tries += 1
+            if new is None:
+                # Conditional DELETE is honoured by AWS S3 and moto.  A server
+                # ignoring If-Match here would leave a small window between our
+                # read and the delete in which another writer's update is lost.
+                self._client.delete_object(Bucket=self.bucket, Key=s3_key, **condition)
+            else:
+                self._client.put_object(Bucket=self.bucket, Key=s3_key, Body=new, **condition)
+
+        try:
+            self._call(verb, s3_key, write)
+        except (RefConflictError, ObjectNotFoundError):  # 412/409, or 404: deleted meanwhile
+            # If an earlier attempt failed transiently, it may have succeeded
+            # on the server with only its answer lost; the retry then fails
+            # its own precondition.  The reference holding ``new`` means our
+            # write (or an identical one) took effect: the swap is done.
+            if tries > 1 and self.load_ref(name) == new:
+                return
+            raise conflict from None
+
+    def iter_refs(self, prefix: str = "") -> Iterator[tuple[str, bytes]]:
+        base = self._root + _REFS
+        for s3_key in self._list(base + prefix):
+            name = s3_key[len(base):]
+            value = self.load_ref(name)
+            if value is not None:  # deleted since the listing
+                yield name, value
+
+    def close(self) -> None:
+        self._client.close()
