@@ -1,0 +1,327 @@
+"""The verified on-disk chunk cache, shared by mounts of non-local repositories.
+
+Design
+------
+Chunks are immutable and named by their BLAKE3 id, so the cache needs no
+index: one file per chunk, ``<root>/v1/<first 2 hex digits>/<64 hex digits>``,
+holding the chunk's raw (decompressed) bytes.  Everything else follows from
+three properties of that layout:
+
+* **Atomic appearance.**  A chunk is written to a unique temporary name under
+  ``<root>/v1/tmp/`` and renamed into place.  rename(2) is atomic on one file
+  system, so a reader opens a complete file or none.  Two processes (two
+  mounts, two users of the Python API) caching the same chunk write identical
+  bytes; the second rename simply replaces the first.  No lock is needed for
+  reads or writes.
+* **Verification, not trust.**  Every chunk read back is hashed and compared
+  with its id before it is served (BLAKE3 runs at GB/s, far faster than any
+  backend the cache stands in for).  A torn file (a crash before the page
+  cache reached the disk: we do not fsync, a cache may lose data), a bit flip
+  or a stray edit is detected, deleted and reported as a miss, so the caller
+  fetches the chunk again.  Wrong bytes are never served.
+* **LRU by modification time.**  A hit touches the file's mtime (at most once
+  per ``_TOUCH_INTERVAL_S``, to keep hits cheap); atime is useless under
+  relatime/noatime.  Eviction lists the files, sorts them by mtime and deletes
+  the oldest until the cache is below its low-water mark.  Deleting a file
+  another process is reading is harmless on POSIX: its descriptor stays valid.
+
+A small SQLite (or other) index was considered and rejected: it adds a
+second source of truth that can disagree with the files after a crash, and a
+single-writer lock that two busy mounts would contend for on every hit.  The
+price of the file-per-chunk layout is the eviction scan, which is paid only
+when the cap is exceeded, by one process at a time (an ``flock`` on
+``<root>/v1/evict.lock``, tried without blocking: if another process is
+already evicting, this one need not), and which also removes temporary files
+orphaned by crashed writers.
+
+Each process keeps an estimate of the cache's size: a scan on its first
+write, plus what it adds since.  Writes of other processes are seen at the
+next eviction scan, which recomputes the size from the files; the cap is thus
+approximate (it can be exceeded by what other processes wrote since the last
+scan), never unbounded.
+
+A full disk does not fail reads: on ENOSPC/EDQUOT the cache evicts down to
+half its current size and retries once; if that fails too the chunk is simply
+not cached.  The cache is best-effort throughout: any error in it is logged
+and turned into a miss, never into a failed read.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from commitfs.errors import InputError
+from commitfs.model.ids import HEX_SIZE, hash_bytes
+
+log = logging.getLogger(__name__)
+
+LAYOUT = "v1"
+#: Default cap of the chunk cache (a few epochs' working set of a typical dataset shard).
+DEFAULT_MAX_BYTES = 10 * 1024**3
+#: A hit refreshes a chunk's mtime at most this often: LRU order is coarse by design.
+_TOUCH_INTERVAL_S = 60.0
+#: Eviction goes down to this fraction of the cap, so that it runs rarely.
+_LOW_WATER = 0.9
+#: Temporary files older than this belong to a crashed writer.
+_STALE_TMP_S = 3600.0
+
+_HEX_NAME = re.compile(r"^[0-9a-f]{%d}$" % HEX_SIZE)
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/commitfs`` or ``~/.cache/commitfs``: the root of commitfs's caches."""
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base or not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "commitfs"
+
+
+_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """'512M', '10G', '1.5GiB', '4096' -> bytes (binary units)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    if not m or (m.group(2) == "" and text.strip().lower().endswith("ib")):
+        raise InputError(f"bad size {text!r} (examples: 500M, 10G, 1.5GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    puts: int = 0
+    corrupt: int = 0
+    evicted_files: int = 0
+    evictions: int = 0
+    put_failures: int = 0
+
+
+class DiskChunkCache:
+    """A chunk cache in a directory, capped at ``max_bytes``; thread- and process-safe.
+
+    Implements what Repository asks of a chunk cache: ``get(oid)`` returns the
+    verified bytes or None, ``put(oid, data)`` stores them (best effort).
+    """
+
+    def __init__(self, path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES):
+        if max_bytes <= 0:
+            raise InputError("the cache size must be positive")
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.stats = CacheStats()
+        self._root = self.path / LAYOUT
+        self._tmp = self._root / "tmp"
+        self._lock = threading.Lock()
+        self._evicting = threading.Lock()
+        self._size: int | None = None  # estimate; None until the first scan
+        try:
+            self._tmp.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot create the cache directory {self.path}: {exc.strerror or exc}") from None
+
+    def __repr__(self) -> str:
+        return f"DiskChunkCache({str(self.path)!r}, max_bytes={self.max_bytes})"
+
+    def _file(self, oid: bytes) -> Path:
+        name = oid.hex()
+        return self._root / name[:2] / name
+
+    # --- reading -------------------------------------------------------------
+    def get(self, oid: bytes) -> bytes | None:
+        path = self._file(oid)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self.stats.misses += 1
+            return None
+        except OSError as exc:
+            log.warning("chunk cache: cannot open %s: %s", path, exc)
+            self.stats.misses += 1
+            return None
+        try:
+            st = os.fstat(fd)
+            data = _read_all(fd, st.st_size)
+            if hash_bytes(data) != oid:
+                self.stats.corrupt += 1
+                log.warning("chunk cache: %s fails its hash check; removed", path)
+                self._unlink(path)
+                self.stats.misses += 1
+                return None
+            if time.time() - st.st_mtime > _TOUCH_INTERVAL_S:
+                try:
+                    os.utime(fd)
+                except OSError:
+                    pass  # read-only cache directory: LRU order degrades, hits still work
+        except OSError as exc:
+            log.warning("chunk cache: cannot read %s: %s", path, exc)
+            self.stats.misses += 1
+            return None
+        finally:
+            os.close(fd)
+        self.stats.hits += 1
+        return data
+
+    def __contains__(self, oid: bytes) -> bool:
+        return self._file(oid).exists()
+
+    # --- writing -------------------------------------------------------------
+    def put(self, oid: bytes, data: bytes) -> None:
+        if len(data) > self.max_bytes // 4:
+            return  # a chunk that would crowd out the rest of the cache is not worth it
+        path = self._file(oid)
+        if path.exists():
+            return
+        if self._size is None:
+            self._rescan_size()
+        for attempt in (1, 2):
+            try:
+                self._write(path, data)
+                break
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT) and attempt == 1:
+                    log.warning("chunk cache: %s is full; evicting", self.path)
+                    self.evict(target=(self._size or 0) // 2)
+                    continue
+                self.stats.put_failures += 1
+                log.warning("chunk cache: not caching %s: %s", oid.hex(), exc.strerror or exc)
+                return
+        self.stats.puts += 1
+        with self._lock:
+            self._size = (self._size or 0) + len(data)
+            over = self._size > self.max_bytes
+        if over:
+            self.evict()
+
+    def _write(self, path: Path, data: bytes) -> None:
+        tmp = self._tmp / f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:  # the cache directory was removed under us
+            self._tmp.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+            try:
+                os.rename(tmp, path)
+            except FileNotFoundError:
+                path.parent.mkdir(exist_ok=True)
+                os.rename(tmp, path)
+        except BaseException:
+            self._unlink(tmp)
+            raise
+
+    # --- eviction ------------------------------------------------------------
+    def size(self) -> int:
+        """Bytes in the cache now, counted from the files."""
+        return sum(size for _, size, _ in self._scan())
+
+    def _rescan_size(self) -> None:
+        total = self.size()
+        with self._lock:
+            self._size = total
+
+    def evict(self, target: int | None = None) -> int:
+        """Delete least recently used chunks until at most ``target`` bytes
+        (default: the low-water mark) remain; return the bytes freed.  Returns
+        0 at once if this or another process is already evicting."""
+        if target is None:
+            target = int(self.max_bytes * _LOW_WATER)
+        if not self._evicting.acquire(blocking=False):
+            return 0
+        try:
+            lock_fd = os.open(self._root / "evict.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            self._evicting.release()
+            log.warning("chunk cache: cannot evict: %s", exc)
+            return 0
+        try:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0
+            self.stats.evictions += 1
+            entries = sorted(self._scan())
+            total = sum(size for _, size, _ in entries)
+            freed = 0
+            for _, size, path in entries:
+                if total - freed <= target:
+                    break
+                if self._unlink(path):
+                    freed += size
+                    self.stats.evicted_files += 1
+            self._remove_stale_tmp()
+            with self._lock:
+                self._size = total - freed
+            log.info("chunk cache: evicted %d bytes, %d bytes remain", freed, total - freed)
+            return freed
+        finally:
+            os.close(lock_fd)  # releases the flock
+            self._evicting.release()
+
+    def _scan(self):
+        """(mtime, size, path) of every cached chunk."""
+        try:
+            subdirs = list(os.scandir(self._root))
+        except FileNotFoundError:
+            return
+        for sub in subdirs:
+            if len(sub.name) != 2 or not sub.is_dir(follow_symlinks=False):
+                continue
+            try:
+                files = list(os.scandir(sub.path))
+            except OSError:
+                continue
+            for f in files:
+                if not _HEX_NAME.match(f.name):
+                    continue
+                try:
+                    st = f.stat(follow_symlinks=False)
+                except OSError:
+                    continue  # evicted meanwhile
+                yield st.st_mtime, st.st_size, Path(f.path)
+
+    def _remove_stale_tmp(self) -> None:
+        now = time.time()
+        try:
+            for f in os.scandir(self._tmp):
+                try:
+                    if now - f.stat().st_mtime > _STALE_TMP_S:
+                        os.unlink(f.path)
+                except OSError:
+                    pass
+        except OSError:
+            pass
+
+    @staticmethod
+    def _unlink(path: Path) -> bool:
+        try:
+            os.unlink(path)
+            return True
+        except OSError:
+            return False
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    parts = []
+    while True:
+        part = os.read(fd, max(size, 65536))
+        if not part:
+            break
+        parts.append(part)
+    return b"".join(parts) if len(parts) != 1 else parts[0]

@@ -1,0 +1,183 @@
+"""The on-disk chunk cache: verification, LRU eviction, sharing between processes, full disks."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from commitfs.cache import DiskChunkCache, default_cache_dir, parse_size
+from commitfs.errors import InputError
+from commitfs.model.ids import hash_bytes
+from commitfs.ops.browse import lookup_path
+from commitfs.ops.snapshot import commit_directory
+from commitfs.repo.reader import FileReader
+from commitfs.repo.repository import Repository
+from commitfs.storage.faulty import FaultyStore
+from commitfs.storage.local import LocalStore
+
+
+def chunk(i: int, size: int = 10_000) -> tuple[bytes, bytes]:
+    data = (f"chunk {i} ".encode() * (size // 8 + 1))[:size]
+    return hash_bytes(data), data
+
+
+def test_put_get_roundtrip_and_miss(tmp_path):
+    cache = DiskChunkCache(tmp_path / "c", max_bytes=1 << 20)
+    oid, data = chunk(1)
+    assert cache.get(oid) is None
+    cache.put(oid, data)
+    assert oid in cache
+    assert cache.get(oid) == data
+    assert (cache.stats.hits, cache.stats.misses, cache.stats.puts) == (1, 1, 1)
+    # A second cache object on the same directory (a remount) sees it.
+    assert DiskChunkCache(tmp_path / "c", max_bytes=1 << 20).get(oid) == data
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty"])
+def test_damaged_chunk_is_a_miss_and_removed(tmp_path, damage):
+    cache = DiskChunkCache(tmp_path, max_bytes=1 << 20)
+    oid, data = chunk(2)
+    cache.put(oid, data)
+    path = cache._file(oid)
+    raw = bytearray(path.read_bytes())
+    if damage == "flip":
+        raw[len(raw) // 2] ^= 0x01
+    elif damage == "truncate":
+        raw = raw[:-1]
+    else:
+        raw = bytearray()
+    path.write_bytes(bytes(raw))
+    assert cache.get(oid) is None
+    assert not path.exists()
+    assert cache.stats.corrupt == 1
+    cache.put(oid, data)
+    assert cache.get(oid) == data
+
+
+def test_eviction_keeps_recently_used(tmp_path):
+    cap = 200_000
+    cache = DiskChunkCache(tmp_path, max_bytes=cap)
+    items = [chunk(i) for i in range(15)]  # 150 kB: under the cap
+    now = time.time()
+    for age, (oid, data) in enumerate(items):
+        cache.put(oid, data)
+        # Older items have older mtimes; item 0 is made the most recent "hit".
+        t = now - 1000 + age
+        os.utime(cache._file(oid), (t, t))
+    os.utime(cache._file(items[0][0]), (now, now))
+    assert cache.stats.evictions == 0
+    extra = [chunk(i) for i in range(100, 110)]  # +100 kB: over the cap
+    for oid, data in extra:
+        cache.put(oid, data)
+    assert cache.stats.evictions >= 1
+    assert cache.size() <= cap
+    assert cache.get(items[0][0]) == items[0][1]  # recently used: kept
+    assert cache.get(items[1][0]) is None  # least recently used: gone
+    assert cache.get(extra[-1][0]) == extra[-1][1]  # just written: kept
+
+
+def test_chunk_larger_than_a_quarter_of_the_cap_is_not_cached(tmp_path):
+    cache = DiskChunkCache(tmp_path, max_bytes=30_000)
+    oid, data = chunk(3, 10_000)
+    cache.put(oid, data)
+    assert cache.get(oid) is None
+
+
+def _hammer(path: str, seed: int, rounds: int) -> int:
+    """Put and get overlapping chunks; return the number of wrong bytes served."""
+    cache = DiskChunkCache(path, max_bytes=300_000)
+    wrong = 0
+    for r in range(rounds):
+        oid, data = chunk((r * 7 + seed) % 60)
+        got = cache.get(oid)
+        if got is None:
+            cache.put(oid, data)
+        elif got != data:
+            wrong += 1
+    return wrong
+
+
+def test_two_processes_share_a_small_cache(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(3) as pool:
+        wrong = pool.starmap(_hammer, [(str(tmp_path), s, 400) for s in range(3)])
+    assert wrong == [0, 0, 0]
+    cache = DiskChunkCache(tmp_path, max_bytes=300_000)
+    # Approximate cap: each process may add what it wrote since its last scan.
+    assert cache.size() <= 300_000 + 3 * 10_000
+    assert not list((tmp_path / "v1" / "tmp").iterdir())
+    for i in range(60):
+        oid, data = chunk(i)
+        assert cache.get(oid) in (None, data)
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    where = tmp_path / "tiny"
+    where.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs for the full-disk test: {proc.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_full_disk_evicts_instead_of_failing(tiny_tmpfs):
+    # The cap (10 MB) is far above what the disk holds (256 kB): only ENOSPC stops writes.
+    cache = DiskChunkCache(tiny_tmpfs / "c", max_bytes=10_000_000)
+    items = [chunk(i, 30_000) for i in range(40)]  # 1.2 MB
+    for oid, data in items:
+        cache.put(oid, data)  # never raises
+    assert cache.stats.evictions >= 1
+    served = [cache.get(oid) for oid, _ in items]
+    assert all(got in (None, data) for got, (_, data) in zip(served, items))
+    assert served[-1] == items[-1][1]  # the newest chunk made it after eviction
+
+
+def test_repository_reads_through_the_cache(tmp_path):
+    """A cached chunk is served even when the store fails; a fresh cache object reuses it."""
+    repo = Repository.init(str(tmp_path / "repo"))
+    payload = os.urandom(3 * 1024 * 1024)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big.bin").write_bytes(payload)
+    cid = commit_directory(repo, src, message="one").commit_id
+    fid = lookup_path(repo, cid, "big.bin").id
+
+    def open_cached(cache):
+        store = FaultyStore(LocalStore(tmp_path / "repo"))
+        return store, Repository(store, repo.config, cache)
+
+    cache = DiskChunkCache(tmp_path / "cache", max_bytes=64 << 20)
+    store, r1 = open_cached(cache)
+    reader = FileReader.open(r1, fid)
+    assert reader.read(0, len(payload)) == payload
+    assert cache.stats.puts == len(reader.manifest.chunk_ids)
+    store2, r2 = open_cached(DiskChunkCache(tmp_path / "cache", max_bytes=64 << 20))
+    reader2 = FileReader(r2, reader.manifest)
+    store2.fail_on = {"load_range"}
+    assert reader2.read(0, len(payload)) == payload
+    assert store2.calls["load_range"] == 0
+
+
+def test_parse_size_and_default_dir(monkeypatch, tmp_path):
+    assert parse_size("4096") == 4096
+    assert parse_size("512M") == 512 << 20
+    assert parse_size("10G") == 10 << 30
+    assert parse_size("1.5GiB") == int(1.5 * (1 << 30))
+    assert parse_size("64kb") == 64 << 10
+    for bad in ("", "ten", "5X", "-1G"):
+        with pytest.raises(InputError):
+            parse_size(bad)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "commitfs"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")
+    assert default_cache_dir() == Path(os.path.expanduser("~")) / ".cache" / "commitfs"
