@@ -9,6 +9,11 @@ import pytest
 
 from s3server import MotoServer
 
+# Fixture modules of each test area (one line each).
+pytest_plugins = [
+    "core_fixtures",
+]
+
 
 @pytest.fixture(scope="session")
 def s3_server():

@@ -215,6 +215,10 @@ class Tree:
                 name = raw.decode()
             except UnicodeDecodeError:
                 raise DecodeError("tree entry name is not UTF-8") from None
+            try:
+                check_name(name)  # never '..', 'a/b' or '': readers join names into paths
+            except ValueError as exc:
+                raise DecodeError(str(exc)) from None
             size, pos = _get_uvarint(data, pos)
             oid = data[pos:pos + ID_SIZE]
             if len(oid) != ID_SIZE:
@@ -297,20 +301,41 @@ class Commit:
     def decode(cls, data: bytes) -> Commit:
         try:
             doc = json.loads(data.decode())
-            if doc.get("type") != COMMIT_TYPE:
-                raise DecodeError("not a commit")
-            commit = cls(
-                tree=bytes.fromhex(doc["tree"]),
-                parents=tuple(bytes.fromhex(p) for p in doc["parents"]),
-                author=doc["author"],
-                time=doc["time"],
-                message=doc["message"],
-                metadata=dict(doc["metadata"]),
-            )
-        except DecodeError:
-            raise
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except ValueError as exc:  # not UTF-8, not JSON
             raise DecodeError(f"malformed commit: {exc}") from None
-        if commit.encode() != data:
+        if not isinstance(doc, dict) or doc.get("type") != COMMIT_TYPE:
+            raise DecodeError("not a commit")
+        try:
+            tree, parents = doc["tree"], doc["parents"]
+            author, time, message, metadata = doc["author"], doc["time"], doc["message"], doc["metadata"]
+        except KeyError as exc:
+            raise DecodeError(f"malformed commit: no member {exc}") from None
+        if not isinstance(parents, list):
+            raise DecodeError("malformed commit: parents is not a list")
+        if not isinstance(author, str) or not isinstance(message, str):
+            raise DecodeError("malformed commit: author and message must be strings")
+        if type(time) is not int:
+            raise DecodeError("malformed commit: time is not an integer")
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise DecodeError("malformed commit: metadata must map strings to strings")
+        commit = cls(
+            tree=_decode_id(tree),
+            parents=tuple(_decode_id(p) for p in parents),
+            author=author,
+            time=time,
+            message=message,
+            metadata=dict(metadata),
+        )
+        try:
+            canonical = commit.encode()
+        except UnicodeEncodeError:  # a lone surrogate escaped in the JSON
+            raise DecodeError("malformed commit: a string is not valid Unicode") from None
+        if canonical != data:
             raise DecodeError("commit is not canonically encoded")
         return commit
+
+
+def _decode_id(value) -> bytes:
+    if not isinstance(value, str) or len(value) != 2 * ID_SIZE or not all(c in "0123456789abcdef" for c in value):
+        raise DecodeError(f"malformed commit: {value!r} is not an object id")
+    return bytes.fromhex(value)
