@@ -28,8 +28,9 @@ def warn(message: str) -> None:
 class ProgressBar:
     """A one-line progress display on stderr, only when stderr is a terminal."""
 
-    def __init__(self, label: str, enabled: bool | None = None):
+    def __init__(self, label: str, enabled: bool | None = None, unit: str = "files"):
         self.label = label
+        self.unit = unit
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self.start = time.monotonic()
         self._last = 0.0
@@ -44,9 +45,20 @@ class ProgressBar:
         rate = done_bytes / max(now - self.start, 1e-6)
         frac = done_bytes / total_bytes if total_bytes else 1.0
         bar = "#" * int(frac * 24)
-        items = f" {done_items}/{total_items} files" if total_items else ""
+        items = f" {done_items}/{total_items} {self.unit}" if total_items else ""
         sys.stderr.write(f"\r{self.label} [{bar:<24}] {frac:4.0%} {human_size(done_bytes)}"
                          f"/{human_size(total_bytes)}{items} {human_size(int(rate))}/s\033[K")
+        sys.stderr.flush()
+
+    def count(self, done_items: int) -> None:
+        """Show a running count, while the total is not known yet."""
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self._last < 0.1:
+            return
+        self._last = now
+        sys.stderr.write(f"\r{self.label}: {done_items} {self.unit}\033[K")
         sys.stderr.flush()
 
     def close(self) -> None:

@@ -1,0 +1,552 @@
+"""Sync: send one repository what it lacks from another, then move its refs.
+
+Works between any two Repository objects (a local directory, a bucket, or two
+buckets): it uses only the Store protocol through the repository layer.
+
+**What is sent.**  The walk starts at the commits being sent and stops at
+every commit the destination already has.  That is sound because of the write
+order every commitfs writer follows (packs, then the index segment naming
+their blobs, then the commit object, then the branch): a commit object exists
+only once its tree, and its parents, are complete.  Below each missing commit
+the walk skips any tree or file manifest the destination's index already has,
+for the same reason one level down: *a tree (or manifest) is indexed only in
+the same index segment as, or in a later one than, everything beneath it*.
+BlobWriter keeps that invariant: it puts every blob of one writer into one
+segment at ``finish`` (after the packs are stored), and a blob it skips as
+already present was indexed by an earlier segment; commit_directory adds a
+file's chunks before its manifest and a directory's entries before its tree.
+This module keeps it too: it sends chunks, then manifests, then trees by
+increasing height (a tree after every tree below it), through writers whose
+segments are written one after another.
+
+**How.**  The source's blobs are read in coalesced ranged reads (neighbours in
+one pack, one request) by a bounded thread pool, verified against their ids,
+and re-packed into new packs by the destination's BlobWriter (which uploads
+with its own small pool).  Every ``batch_bytes`` (a few packs) the writer is
+finished, which writes an index segment: received blobs become visible
+progressively, so an interrupted push or pull, re-run, skips them and only
+re-sends the packs of the last unfinished batch.  Nothing references those
+blobs until refs move, so making them visible early is harmless.
+
+**Refs.**  Commit objects are written after every blob (parents before
+children), and the branch last, by compare-and-swap against the value read
+before the transfer.  Push refuses to move a remote branch that is not an
+ancestor of what is pushed, pull refuses to move a local branch that is not
+an ancestor of what is pulled (no merge machinery), both unless ``force``.
+
+Index lookups run on the calling thread (the index's answer cache is not
+thread-safe); worker threads only do store I/O, decompression and hashing.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from commitfs.errors import CorruptObjectError, ObjectNotFoundError, RefConflictError, RevisionError
+from commitfs.model.ids import hash_bytes
+from commitfs.model.objects import Commit, DecodeError, FileManifest, Tree
+from commitfs.repo.pack import TARGET_PACK_SIZE, BlobKind, Location, decompress, pack_key
+from commitfs.repo.repository import BlobWriter, Repository, commit_key
+
+#: Worker threads reading from the source (the destination's BlobWriter adds
+#: its own upload threads).  Enough to hide S3 latency on one connection pool.
+DEFAULT_THREADS = 8
+#: Finish a writer (one index segment) after this many new stored bytes: an
+#: interrupted transfer re-sends at most this much (plus packs in flight).
+BATCH_BYTES = 4 * TARGET_PACK_SIZE
+#: Neighbouring blobs closer than this in a source pack are read together.
+_COALESCE_GAP = 256 * 1024
+#: A ranged read covers at most this much, so large packs still spread over
+#: the pool and one failed request costs little.
+_MAX_RUN = 8 * 1024 * 1024
+#: Source bytes read ahead of the writer, per thread.
+_WINDOW_PER_THREAD = 2 * _MAX_RUN
+
+
+@dataclass
+class SyncProgress:
+    """What a transfer has done so far; ``phase`` is "scan" then "send"."""
+
+    phase: str = "scan"
+    objects_done: int = 0
+    objects_total: int = 0
+    bytes_done: int = 0
+    bytes_total: int = 0
+
+
+@dataclass
+class SyncStats:
+    commits: int = 0
+    trees: int = 0
+    manifests: int = 0
+    chunks: int = 0
+    #: Stored (compressed) bytes read from the source and written to the destination.
+    bytes_read: int = 0
+    bytes_sent: int = 0
+    packs: int = 0
+    segments: int = 0
+
+    @property
+    def objects(self) -> int:
+        return self.commits + self.trees + self.manifests + self.chunks
+
+    def to_json(self) -> dict:
+        return {"commits": self.commits, "trees": self.trees, "manifests": self.manifests,
+                "chunks": self.chunks, "bytes_read": self.bytes_read, "bytes_sent": self.bytes_sent,
+                "packs": self.packs, "segments": self.segments}
+
+
+@dataclass
+class RefUpdate:
+    """One reference a sync moved (or found up to date)."""
+
+    name: str
+    old: bytes | None
+    new: bytes
+    #: "created", "fast-forward", "forced", "up-to-date", or "ahead" (pull:
+    #: the local branch already contains the remote's).
+    status: str
+    kind: str = "branch"
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "old": self.old.hex() if self.old else None,
+                "new": self.new.hex(), "status": self.status}
+
+
+@dataclass
+class SyncResult:
+    updates: list[RefUpdate] = field(default_factory=list)
+    stats: SyncStats = field(default_factory=SyncStats)
+
+    def to_json(self) -> dict:
+        return {"updates": [u.to_json() for u in self.updates], "stats": self.stats.to_json()}
+
+
+ProgressFn = Callable[[SyncProgress], None]
+
+
+# --- reading the source ------------------------------------------------------------
+def _verified(oid: bytes, loc: Location, stored: bytes) -> bytes:
+    if len(stored) != loc.stored:
+        raise CorruptObjectError(f"object {oid.hex()} is truncated in pack {loc.pack.hex()}")
+    try:
+        data = decompress(stored, loc.compression, loc.raw)
+    except Exception:
+        raise CorruptObjectError(f"object {oid.hex()} does not decompress (pack {loc.pack.hex()})") from None
+    if hash_bytes(data) != oid:
+        raise CorruptObjectError(f"object {oid.hex()} fails its hash check (pack {loc.pack.hex()})")
+    return data
+
+
+def _runs(items: list[tuple[bytes, Location]]) -> list[list[tuple[bytes, Location]]]:
+    """Group (id, location) into runs each readable with one ranged read, in pack order."""
+    runs: list[list[tuple[bytes, Location]]] = []
+    run: list[tuple[bytes, Location]] = []
+    for item in sorted(items, key=lambda t: (t[1].pack, t[1].offset)):
+        if run:
+            first, prev, loc = run[0][1], run[-1][1], item[1]
+            gap = loc.offset - (prev.offset + prev.stored)
+            if loc.pack == prev.pack and 0 <= gap <= _COALESCE_GAP \
+                    and loc.offset + loc.stored - first.offset <= _MAX_RUN:
+                run.append(item)
+                continue
+            runs.append(run)
+        run = [item]
+    if run:
+        runs.append(run)
+    return runs
+
+
+def _read_run(src: Repository, run: list[tuple[bytes, Location]]) -> list[tuple[bytes, Location, bytes]]:
+    first, last = run[0][1], run[-1][1]
+    start, end = first.offset, last.offset + last.stored
+    buf = src.store.load_range(pack_key(first.pack), start, end - start)
+    out = []
+    for oid, loc in run:
+        rel = loc.offset - start
+        out.append((oid, loc, _verified(oid, loc, buf[rel:rel + loc.stored])))
+    return out
+
+
+def _iter_blobs(src: Repository, items: list[tuple[bytes, Location]], threads: int,
+                ) -> Iterator[tuple[bytes, Location, bytes]]:
+    """Yield (id, location, verified data) of every item, read in parallel
+    runs with a bounded read-ahead, in pack order."""
+    if not items:
+        return
+    window = _WINDOW_PER_THREAD * threads
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="commitfs-sync-read")
+    pending: deque[tuple[int, Future]] = deque()
+    inflight = 0
+    try:
+        for run in _runs(items):
+            size = run[-1][1].offset + run[-1][1].stored - run[0][1].offset
+            while pending and (len(pending) >= 4 * threads or inflight + size > window):
+                done_size, fut = pending.popleft()
+                inflight -= done_size
+                yield from fut.result()
+            pending.append((size, pool.submit(_read_run, src, run)))
+            inflight += size
+        while pending:
+            _, fut = pending.popleft()
+            yield from fut.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _load_commit(src: Repository, cid: bytes) -> tuple[bytes, Commit]:
+    """A commit's bytes, verified, and its decoding (thread-safe: no caches)."""
+    try:
+        data = src.store.load_object(commit_key(cid))
+    except ObjectNotFoundError:
+        raise RevisionError(f"commit {cid.hex()} does not exist in {src.url}") from None
+    if hash_bytes(data) != cid:
+        raise CorruptObjectError(f"commit {cid.hex()} fails its hash check in {src.url}")
+    try:
+        return data, Commit.decode(data)
+    except DecodeError as exc:
+        raise CorruptObjectError(f"commit {cid.hex()} is malformed: {exc}") from None
+
+
+# --- planning ----------------------------------------------------------------------
+@dataclass
+class _Plan:
+    commits: list[list[tuple[bytes, bytes]]] = field(default_factory=list)  # waves of (id, bytes)
+    chunks: list[tuple[bytes, Location]] = field(default_factory=list)
+    manifests: list[tuple[bytes, Location, bytes]] = field(default_factory=list)
+    trees: list[tuple[bytes, Location, bytes]] = field(default_factory=list)  # by increasing height
+
+    @property
+    def blob_count(self) -> int:
+        return len(self.chunks) + len(self.manifests) + len(self.trees)
+
+    @property
+    def blob_bytes(self) -> int:
+        return sum(loc.stored for _, loc in self.chunks) + sum(loc.stored for _, loc, _ in self.manifests) \
+            + sum(loc.stored for _, loc, _ in self.trees)
+
+
+def _missing_commits(src: Repository, dst: Repository, tips: Iterable[bytes], pool: ThreadPoolExecutor,
+                     ) -> list[list[tuple[bytes, bytes]]]:
+    """Commits reachable from ``tips`` that ``dst`` lacks, as waves: every
+    commit's missing parents are in an earlier wave."""
+    found: dict[bytes, tuple[bytes, Commit]] = {}
+    seen: set[bytes] = set()
+    frontier = list(dict.fromkeys(tips))
+    while frontier:
+        seen.update(frontier)
+        present = list(pool.map(dst.has_commit, frontier))
+        todo = [cid for cid, has in zip(frontier, present) if not has]
+        loaded = list(pool.map(lambda cid: _load_commit(src, cid), todo))
+        frontier = []
+        for cid, (data, commit) in zip(todo, loaded):
+            found[cid] = (data, commit)
+            for p in commit.parents:
+                if p not in seen:
+                    seen.add(p)
+                    frontier.append(p)
+    # Wave of a commit: 1 + the latest wave among its missing parents.
+    wave: dict[bytes, int] = {}
+    for cid in found:
+        stack = [cid]
+        while stack:
+            top = stack[-1]
+            if top in wave:
+                stack.pop()
+                continue
+            parents = [p for p in found[top][1].parents if p in found]
+            pending = [p for p in parents if p not in wave]
+            if pending:
+                stack.extend(pending)
+                continue
+            wave[top] = 1 + max((wave[p] for p in parents), default=-1)
+            stack.pop()
+    waves: list[list[tuple[bytes, bytes]]] = [[] for _ in range(1 + max(wave.values(), default=-1))]
+    for cid, (data, _) in found.items():
+        waves[wave[cid]].append((cid, data))
+    return waves
+
+
+def _plan(src: Repository, dst: Repository, tips: list[bytes], threads: int,
+          progress: Callable[[int], None]) -> _Plan:
+    plan = _Plan()
+    with ThreadPoolExecutor(threads, thread_name_prefix="commitfs-sync-scan") as pool:
+        plan.commits = _missing_commits(src, dst, tips, pool)
+    progress(sum(map(len, plan.commits)))
+    trees = {Commit.decode(data).tree for wave in plan.commits for _, data in wave}
+
+    def wanted(oid: bytes, seen: set[bytes]) -> bool:
+        if oid in seen:
+            return False
+        seen.add(oid)
+        # Present in the destination: so is everything beneath it (see above).
+        return not dst.has_blob(oid)
+
+    tree_seen: set[bytes] = set()
+    tree_send: set[bytes] = set()
+    manifest_seen: set[bytes] = set()
+    chunk_seen: set[bytes] = set()
+    children: dict[bytes, list[bytes]] = {}
+    tree_data: dict[bytes, tuple[Location, bytes]] = {}
+    level = [t for t in trees if wanted(t, tree_seen)]
+    while level:
+        tree_send.update(level)
+        manifests: list[bytes] = []
+        next_level: list[bytes] = []
+        fetched = list(_iter_blobs(src, [(t, src.locate(t)) for t in level], threads))
+        for tid, loc, data in fetched:
+            try:
+                tree = Tree.decode(data)
+            except DecodeError as exc:
+                raise CorruptObjectError(f"tree {tid.hex()} is malformed: {exc}") from None
+            tree_data[tid] = (loc, data)
+            kids = children[tid] = []
+            for e in tree.entries:
+                if e.is_dir:
+                    if wanted(e.id, tree_seen):
+                        next_level.append(e.id)
+                        tree_send.add(e.id)
+                    if e.id in tree_send:  # (perhaps reached by another path too)
+                        kids.append(e.id)
+                elif e.kind.is_file and wanted(e.id, manifest_seen):
+                    manifests.append(e.id)
+        for fid, loc, data in _iter_blobs(src, [(f, src.locate(f)) for f in manifests], threads):
+            try:
+                manifest = FileManifest.decode(data)
+            except DecodeError as exc:
+                raise CorruptObjectError(f"file manifest {fid.hex()} is malformed: {exc}") from None
+            plan.manifests.append((fid, loc, data))
+            for cid in manifest.chunk_ids:
+                if wanted(cid, chunk_seen):
+                    plan.chunks.append((cid, src.locate(cid)))
+        progress(len(fetched) + len(manifests))
+        level = next_level
+
+    # Height of a tree: 0 without trees to send below it, else 1 + the
+    # highest of those.  Sending by increasing height puts each tree after
+    # every tree beneath it.
+    height: dict[bytes, int] = {}
+    for root in children:
+        stack = [root]
+        while stack:
+            top = stack[-1]
+            if top in height:
+                stack.pop()
+                continue
+            pending = [k for k in children[top] if k not in height]
+            if pending:
+                stack.extend(pending)
+                continue
+            height[top] = 1 + max((height[k] for k in children[top]), default=-1)
+            stack.pop()
+    for tid in sorted(tree_data, key=lambda t: height[t]):
+        loc, data = tree_data[tid]
+        plan.trees.append((tid, loc, data))
+    return plan
+
+
+# --- sending -----------------------------------------------------------------------
+class _BatchWriter:
+    """BlobWriters one after another, each finished (one index segment)
+    after ``batch_bytes`` new stored bytes."""
+
+    def __init__(self, dst: Repository, stats: SyncStats, batch_bytes: int):
+        self.dst = dst
+        self.stats = stats
+        self.batch_bytes = batch_bytes
+        self.writer: BlobWriter | None = None
+
+    def add(self, oid: bytes, kind: BlobKind, data: bytes) -> None:
+        if self.writer is None:
+            self.writer = self.dst.writer()
+        self.writer.add(oid, kind, data)
+        if self.writer.stats.bytes_new_stored >= self.batch_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        writer, self.writer = self.writer, None
+        if writer is None:
+            return
+        if writer.finish():
+            self.stats.segments += 1
+        self.stats.packs += writer.stats.packs
+        self.stats.bytes_sent += writer.stats.bytes_new_stored
+
+    def abort(self) -> None:
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            writer.__exit__(*sys.exc_info())
+
+
+def transfer(src: Repository, dst: Repository, tips: Iterable[bytes], *, threads: int = DEFAULT_THREADS,
+             progress: ProgressFn | None = None, batch_bytes: int = BATCH_BYTES) -> SyncStats:
+    """Make every commit reachable from ``tips`` complete in ``dst``; move no ref."""
+    tips = list(dict.fromkeys(tips))
+    stats = SyncStats()
+    prog = SyncProgress()
+
+    def scanned(n: int) -> None:
+        prog.objects_done += n
+        if progress:
+            progress(prog)
+
+    plan = _plan(src, dst, tips, max(1, threads), scanned)
+    prog = SyncProgress("send", 0, plan.blob_count + sum(map(len, plan.commits)), 0, plan.blob_bytes)
+    if progress:
+        progress(prog)
+
+    def sent(loc: Location) -> None:
+        prog.objects_done += 1
+        prog.bytes_done += loc.stored
+        stats.bytes_read += loc.stored
+        if progress:
+            progress(prog)
+
+    out = _BatchWriter(dst, stats, batch_bytes)
+    try:
+        for oid, loc, data in _iter_blobs(src, plan.chunks, threads):
+            out.add(oid, BlobKind.CHUNK, data)
+            sent(loc)
+        stats.chunks = len(plan.chunks)
+        for kind, items in ((BlobKind.MANIFEST, plan.manifests), (BlobKind.TREE, plan.trees)):
+            for oid, loc, data in items:
+                out.add(oid, kind, data)
+                sent(loc)
+        stats.manifests, stats.trees = len(plan.manifests), len(plan.trees)
+        out.flush()
+    except BaseException:
+        out.abort()
+        raise
+
+    # Commit objects only now that every blob is indexed; parents first.
+    with ThreadPoolExecutor(threads, thread_name_prefix="commitfs-sync-commit") as pool:
+        for wave in plan.commits:
+            for _ in pool.map(lambda item: dst.store.save_object(commit_key(item[0]), item[1]), wave):
+                prog.objects_done += 1
+                stats.commits += 1
+                if progress:
+                    progress(prog)
+    return stats
+
+
+# --- history -----------------------------------------------------------------------
+def is_ancestor(repo: Repository, ancestor: bytes, descendant: bytes) -> bool:
+    """Whether ``ancestor`` is ``descendant`` or reachable from it by parents."""
+    seen = {descendant}
+    stack = [descendant]
+    while stack:
+        cid = stack.pop()
+        if cid == ancestor:
+            return True
+        for p in repo.load_commit(cid).parents:
+            if p not in seen:
+                seen.add(p)
+                stack.append(p)
+    return False
+
+
+def _short(cid: bytes | None) -> str:
+    return cid.hex()[:12] if cid else "nothing"
+
+
+def _move_branch(repo: Repository, name: str, new: bytes, old: bytes | None, conflict: str) -> None:
+    try:
+        repo.refs.set_branch_if_equals(name, new, old)
+    except RefConflictError:
+        now = repo.refs.lookup_branch(name)
+        if now == new:
+            return  # someone moved it exactly where we wanted
+        raise RefConflictError(conflict.format(now=_short(now))) from None
+
+
+# --- verbs -------------------------------------------------------------------------
+def push(local: Repository, remote: Repository, branch: str = "main", *, remote_branch: str | None = None,
+         force: bool = False, threads: int = DEFAULT_THREADS, progress: ProgressFn | None = None) -> SyncResult:
+    """Send ``branch`` and what it needs to ``remote``; move the remote branch
+    if it is an ancestor of ours (or ``force``)."""
+    target = remote_branch or branch
+    new = local.refs.lookup_branch(branch)
+    if new is None:
+        raise RevisionError(f"no branch {branch!r} in {local.url}")
+    old = remote.refs.lookup_branch(target)
+    result = SyncResult()
+    if old == new:
+        result.updates.append(RefUpdate(target, old, new, "up-to-date"))
+        return result
+    status = "created" if old is None else "fast-forward"
+    if old is not None and not (local.has_commit(old) and is_ancestor(local, old, new)):
+        if not force:
+            raise RefConflictError(f"remote branch {target} has commits you do not have: pull first, or --force")
+        status = "forced"
+    result.stats = transfer(local, remote, [new], threads=threads, progress=progress)
+    _move_branch(remote, target, new, old,
+                 f"remote branch {target} moved to {{now}} while pushing; the data sent is kept there: "
+                 "pull, then push again")
+    result.updates.append(RefUpdate(target, old, new, status))
+    return result
+
+
+def pull(local: Repository, remote: Repository, branch: str = "main", *, local_branch: str | None = None,
+         force: bool = False, threads: int = DEFAULT_THREADS, progress: ProgressFn | None = None) -> SyncResult:
+    """Fetch ``branch`` from ``remote`` and fast-forward the local branch to it
+    (refuse if the local branch has diverged, unless ``force``)."""
+    target = local_branch or branch
+    new = remote.refs.lookup_branch(branch)
+    if new is None:
+        raise RevisionError(f"no branch {branch!r} in {remote.url}")
+    return _fetch_branches(local, remote, {target: new}, force=force, threads=threads, progress=progress,
+                           remote_name=f"{remote.url} {branch}")
+
+
+def clone(local: Repository, remote: Repository, *, threads: int = DEFAULT_THREADS,
+          progress: ProgressFn | None = None) -> SyncResult:
+    """Copy every branch and tag of ``remote`` into ``local`` (fresh, or a
+    clone of the same remote that was interrupted: it resumes)."""
+    branches = remote.refs.branches()
+    tags = remote.refs.tags()
+    result = _fetch_branches(local, remote, branches, force=False, threads=threads, progress=progress,
+                             remote_name=remote.url, extra_tips=list(tags.values()))
+    have = local.refs.tags()
+    for name, cid in sorted(tags.items()):
+        if have.get(name) == cid:
+            result.updates.append(RefUpdate(name, cid, cid, "up-to-date", "tag"))
+            continue
+        local.refs.create_tag(name, cid)  # an existing, different tag: RevisionError
+        result.updates.append(RefUpdate(name, None, cid, "created", "tag"))
+    return result
+
+
+def _fetch_branches(local: Repository, remote: Repository, wanted: dict[str, bytes], *, force: bool,
+                    threads: int, progress: ProgressFn | None, remote_name: str,
+                    extra_tips: list[bytes] = ()) -> SyncResult:
+    result = SyncResult()
+    olds = {name: local.refs.lookup_branch(name) for name in wanted}
+    result.stats = transfer(remote, local, [*wanted.values(), *extra_tips], threads=threads, progress=progress)
+    for name, new in sorted(wanted.items()):
+        old = olds[name]
+        if old == new:
+            result.updates.append(RefUpdate(name, old, new, "up-to-date"))
+            continue
+        if old is None:
+            status = "created"
+        elif is_ancestor(local, old, new):
+            status = "fast-forward"
+        elif is_ancestor(local, new, old):
+            result.updates.append(RefUpdate(name, old, old, "ahead"))
+            continue
+        elif force:
+            status = "forced"
+        else:
+            raise RefConflictError(
+                f"local branch {name} has diverged from {remote_name} ({_short(old)} vs {_short(new)}); "
+                "commitfs does not merge: pull --force to reset it to the remote's, or push --force to "
+                "overwrite the remote's"
+            )
+        _move_branch(local, name, new, old,
+                     f"local branch {name} moved to {{now}} while pulling; run the pull again")
+        result.updates.append(RefUpdate(name, old, new, status))
+    return result
