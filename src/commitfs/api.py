@@ -65,8 +65,24 @@ class Repository:
         """The full commit id (hex) a revision names."""
         return self._repo.resolve(rev).hex()
 
-    def commit(self, path, *, branch: str = "main", message: str = "", metadata: dict[str, str] | None = None) -> str:
-        """Commit a directory; return the new commit id (or the head's if nothing changed)."""
+    def commit(self, path, *, branch: str = "main", message: str = "", metadata: dict[str, str] | None = None,
+               inputs: list[str] | dict[str, str] | None = None) -> str:
+        """Commit a directory; return the new commit id (or the head's if nothing changed).
+
+        ``inputs``: lineage inputs, ``"[REPO_URL@]REV"`` strings (or a dict
+        name -> such a string), each recorded as its full commit id resolved
+        now (docs/LINEAGE.md)."""
+        if inputs:
+            from commitfs.ops import lineage
+
+            if isinstance(inputs, dict):
+                specs = [lineage.parse_input_spec(f"{k}={v}", named=True) for k, v in inputs.items()]
+                lineage.check_unique_names(specs)
+            else:
+                specs = [lineage.parse_input_spec(s) for s in inputs]
+            with lineage.RepositoryOpener(known=[self._repo]) as opener:
+                resolved = lineage.resolve_inputs(specs, self._repo, opener)
+            metadata = lineage.merge_metadata(metadata, lineage.input_metadata(resolved))
         try:
             return commit_directory(self._repo, path, branch=branch, message=message, metadata=metadata).commit_id.hex()
         except NothingToCommitError as exc:

@@ -54,10 +54,17 @@ def cmd_init(args) -> int:
 
 def cmd_commit(args) -> int:
     repo = open_repo(args)
+    metadata = parse_meta(args.meta)
+    if args.input:
+        from commitfs.ops import lineage
+
+        with lineage.RepositoryOpener(store_options(args), [repo]) as opener:
+            inputs = lineage.resolve_inputs([lineage.parse_input_spec(s) for s in args.input], repo, opener)
+        metadata = lineage.merge_metadata(metadata, lineage.input_metadata(inputs))
     bar = ProgressBar("commit")
     try:
         result = commit_directory(
-            repo, args.dir, branch=args.branch, message=args.message, metadata=parse_meta(args.meta),
+            repo, args.dir, branch=args.branch, message=args.message, metadata=metadata,
             progress=lambda p: bar.update(p.bytes_done, p.bytes_total, p.files_done, p.files_total),
         )
     except NothingToCommitError as exc:
@@ -274,6 +281,8 @@ def register(sub, common) -> None:
     p.add_argument("-b", "--branch", default="main")
     p.add_argument("-m", "--message", required=True)
     p.add_argument("--meta", action="append", metavar="KEY=VALUE", help="metadata (repeatable)")
+    p.add_argument("--input", action="append", metavar="[REPO_URL@]REV",
+                   help="record a lineage input, resolved to its commit id now (repeatable; see docs/LINEAGE.md)")
     p.add_argument("--json", action="store_true")
 
     p = add("log", cmd_log, "show the history of a revision")
