@@ -1,0 +1,93 @@
+"""Mount verbs: mount, umount.
+
+pyfuse3 and trio are imported only when a mount is served (in the daemon, or
+here with --foreground), so every other command works without them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+from pathlib import Path
+
+from commitfs.cache import DEFAULT_MAX_BYTES, default_cache_dir, parse_size
+from commitfs.cli.core import open_repo, repo_url
+from commitfs.errors import InputError
+from commitfs.fuse import lifecycle
+
+
+def _positive(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise InputError(f"{what} must be a number of seconds, got {text!r}") from None
+    if value < 0 or value != value:
+        raise InputError(f"{what} must not be negative")
+    return value
+
+
+def cmd_mount(args) -> int:
+    url = repo_url(args)
+    refresh = _positive(args.refresh, "--refresh")
+    io_timeout = _positive(args.io_timeout, "--io-timeout")
+    if io_timeout == 0:
+        raise InputError("--io-timeout must be positive")
+    cache_size = parse_size(args.cache_size) if args.cache_size else DEFAULT_MAX_BYTES
+    cache_dir = Path(args.cache_dir).expanduser().absolute() if args.cache_dir else default_cache_dir()
+    mountpoint = lifecycle.validate_mountpoint(args.mountpoint)
+    # Check the repository and the revision here, for a clear error before any daemon starts.
+    with open_repo(args) as repo:
+        commit = repo.resolve(args.rev) if args.rev else None
+        url = repo.url
+    if args.log_file:
+        log_file = str(Path(args.log_file).expanduser().absolute())
+    else:
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        tag = re.sub(r"[^A-Za-z0-9._-]+", "_", mountpoint.strip("/"))[-60:] or "root"
+        log_file = str(cache_dir / "logs" / f"mount-{tag}-{stamp}-{os.getpid()}.log")
+    config = lifecycle.DaemonConfig(
+        repo=url, mountpoint=mountpoint, cache_dir=str(cache_dir), log_file=log_file,
+        endpoint_url=args.endpoint_url, commit=commit.hex() if commit else None, rev=args.rev,
+        cache_size=cache_size, refresh_s=refresh, io_timeout_s=io_timeout, allow_other=args.allow_other,
+    )
+    if args.foreground:
+        from commitfs.fuse.daemon import run_foreground
+
+        return run_foreground(config)
+    lifecycle.start_daemon(config)
+    return 0
+
+
+def cmd_umount(args) -> int:
+    lifecycle.unmount(args.mountpoint, lazy=args.lazy)
+    return 0
+
+
+def register(sub, common) -> None:
+    p = sub.add_parser(
+        "mount", parents=[common], help="mount the repository (or one revision) read-only",
+        description="Mount read-only.  Without REV the root holds branches/NAME/, tags/NAME/ and "
+                    "commits/ID/ (any unique id prefix resolves); with REV it is that revision's tree.  "
+                    "Returns once the mount is live; the daemon logs under the cache directory.")
+    p.set_defaults(handler=cmd_mount)
+    p.add_argument("rev", nargs="?", metavar="REV", help="a branch, tag or commit id (pinned at mount time)")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="where chunks of non-local repositories are cached (DIR/chunks) and logs "
+                        "written (DIR/logs); default: $XDG_CACHE_HOME/commitfs or ~/.cache/commitfs")
+    p.add_argument("--cache-size", metavar="SIZE", help="cap of the chunk cache, e.g. 20G (default: 10G)")
+    p.add_argument("--refresh", default="5", metavar="SECONDS",
+                   help="branch views follow their branch within this many seconds (default: 5)")
+    p.add_argument("--io-timeout", default="60", metavar="SECONDS",
+                   help="a read that storage does not answer within this long fails with EIO (default: 60)")
+    p.add_argument("--log-file", metavar="PATH", help="the daemon's log (default: under the cache directory)")
+    p.add_argument("--allow-other", action="store_true", help="let other users read the mount")
+    p.add_argument("-f", "--foreground", action="store_true", help="serve in this process until unmounted")
+
+    p = sub.add_parser("umount", parents=[common], help="unmount a commitfs mount (also a stale one)",
+                       description="Unmount.  Fails if files in the mount are open, unless --lazy.")
+    p.set_defaults(handler=cmd_umount)
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("-l", "--lazy", action="store_true",
+                   help="detach now; the mount goes away when its last open file is closed")

@@ -1,0 +1,205 @@
+"""pyfuse3 Operations over the file-system core: a thin translator.
+
+Every handler calls the matching vfs.FileSystem method and converts its
+result to pyfuse3's types.  Exceptions become errno values here and only
+here (``errno_of``): expected conditions (no such entry, read-only) quietly,
+storage failures and corrupt objects with one log line, anything unexpected
+with its traceback; all of those last two are EIO to the caller.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+
+import pyfuse3
+
+from commitfs.errors import (
+    CorruptObjectError,
+    IsADirectoryError_,
+    NotADirectoryError_,
+    PathNotFoundError,
+    RevisionError,
+    StorageError,
+)
+from commitfs.vfs import Attr, FileSystem
+from commitfs.vfs.errors import (
+    BadHandleError,
+    NoSuchAttributeError,
+    NotASymlinkError,
+    ReadOnlyError,
+    StaleInodeError,
+)
+
+log = logging.getLogger(__name__)
+
+# Conditions a caller causes and expects to see: no log line.
+_QUIET = {
+    PathNotFoundError: errno.ENOENT,
+    RevisionError: errno.ENOENT,
+    NotADirectoryError_: errno.ENOTDIR,
+    IsADirectoryError_: errno.EISDIR,
+    ReadOnlyError: errno.EROFS,
+    NoSuchAttributeError: pyfuse3.ENOATTR,
+    NotASymlinkError: errno.EINVAL,
+    BadHandleError: errno.EBADF,
+    StaleInodeError: errno.ESTALE,
+}
+
+
+def errno_of(exc: BaseException, what: str) -> int:
+    """The errno a failed request returns; logs what deserves it."""
+    for cls, code in _QUIET.items():
+        if isinstance(exc, cls):
+            return code
+    if isinstance(exc, CorruptObjectError):
+        log.error("%s: corrupt data, returning EIO: %s", what, exc)
+    elif isinstance(exc, StorageError):
+        log.error("%s: storage failed, returning EIO: %s", what, exc)
+    else:
+        log.error("%s: unexpected error, returning EIO", what, exc_info=exc)
+    return errno.EIO
+
+
+def _handler(fn):
+    @functools.wraps(fn)
+    async def wrapper(self, *args):
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as exc:
+            raise pyfuse3.FUSEError(errno_of(exc, fn.__name__)) from None
+    return wrapper
+
+
+def _read_only(name: str):
+    """A write handler: the core refuses it (ReadOnlyError, so EROFS)."""
+    async def refuse(self, *args):
+        self.fs.refuse_write(name)
+    refuse.__name__ = refuse.__qualname__ = name
+    return _handler(refuse)
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, fs: FileSystem):
+        super().__init__()
+        self.fs = fs
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+
+    def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = a.ino
+        e.generation = 0
+        e.entry_timeout = a.entry_timeout
+        e.attr_timeout = a.attr_timeout
+        e.st_mode = a.mode
+        e.st_nlink = a.nlink
+        e.st_uid = self.uid
+        e.st_gid = self.gid
+        e.st_rdev = 0
+        e.st_size = a.size
+        e.st_blksize = a.blksize
+        e.st_blocks = (a.size + 511) // 512
+        e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = a.mtime_ns
+        return e
+
+    # --- names and attributes ------------------------------------------------------
+    @_handler
+    async def lookup(self, parent_inode, name, ctx=None):
+        return self._entry(await self.fs.lookup(parent_inode, name))
+
+    async def forget(self, inode_list):
+        try:
+            self.fs.forget(inode_list)
+        except Exception:  # forget must never raise
+            log.exception("forget failed")
+
+    @_handler
+    async def getattr(self, inode, ctx=None):
+        return self._entry(await self.fs.getattr(inode))
+
+    @_handler
+    async def readlink(self, inode, ctx=None):
+        return await self.fs.readlink(inode)
+
+    @_handler
+    async def getxattr(self, inode, name, ctx=None):
+        return await self.fs.getxattr(inode, name)
+
+    @_handler
+    async def listxattr(self, inode, ctx=None):
+        return await self.fs.listxattr(inode)
+
+    @_handler
+    async def statfs(self, ctx=None):
+        s = await self.fs.statfs()
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = out.f_frsize = s.block_size
+        out.f_blocks = s.blocks
+        out.f_bfree = out.f_bavail = 0
+        out.f_files = s.files
+        out.f_ffree = out.f_favail = 0
+        out.f_namemax = s.name_max
+        return out
+
+    # --- directories -------------------------------------------------------------
+    @_handler
+    async def opendir(self, inode, ctx=None):
+        return await self.fs.opendir(inode)
+
+    @_handler
+    async def readdir(self, fh, start_id, token):
+        def reply(name: bytes, attr: Attr, next_id: int) -> bool:
+            return pyfuse3.readdir_reply(token, name, self._entry(attr), next_id)
+
+        await self.fs.readdir(fh, start_id, reply)
+
+    @_handler
+    async def releasedir(self, fh):
+        await self.fs.releasedir(fh)
+
+    async def fsyncdir(self, fh, datasync):
+        pass  # nothing is ever dirty
+
+    # --- files ---------------------------------------------------------------------
+    @_handler
+    async def open(self, inode, flags, ctx=None):
+        fh = await self.fs.open(inode, flags)
+        # Commits are immutable: the kernel may keep what it read across opens.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @_handler
+    async def read(self, fh, off, size):
+        return await self.fs.read(fh, off, size)
+
+    @_handler
+    async def release(self, fh):
+        await self.fs.release(fh)
+
+    async def flush(self, fh):
+        pass
+
+    async def fsync(self, fh, datasync):
+        pass
+
+    # --- writes: all refused ---------------------------------------------------------
+    setattr = _read_only("setattr")
+    mknod = _read_only("mknod")
+    mkdir = _read_only("mkdir")
+    unlink = _read_only("unlink")
+    rmdir = _read_only("rmdir")
+    symlink = _read_only("symlink")
+    rename = _read_only("rename")
+    link = _read_only("link")
+    write = _read_only("write")
+    create = _read_only("create")
+    setxattr = _read_only("setxattr")
+    removexattr = _read_only("removexattr")

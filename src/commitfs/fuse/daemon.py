@@ -1,0 +1,184 @@
+"""The mount daemon: one process serving one mountpoint until it is unmounted.
+
+Start-up, in order: open the repository (with the chunk cache unless it is a
+local directory, which is read in place), load the root commit if one was
+asked for, mount (pyfuse3.init), start the trio loop, and once ``stat`` of the
+mountpoint answers, record the daemon (lifecycle.write_record) and report
+``ok``.  Any failure before that is reported as ``error: MESSAGE`` (one line)
+and the daemon exits 1; the mount, if it was made, is removed again.
+
+Running: pyfuse3.main with up to ``max_tasks`` request tasks, so slow reads
+(a chunk fetch from S3) do not hold up other requests; the file system's own
+nursery holds read-ahead fetches.  SIGTERM, SIGINT and SIGHUP end the loop;
+the mount is then detached.  When the mount is unmounted from outside
+(``commitfs umount``, fusermount3 -u) the loop ends by itself.  Either way the
+daemon unmounts (if still mounted), closes the repository and removes its
+record.
+
+Run as ``python -m commitfs.fuse.daemon [--ready-fd N] CONFIG_JSON``
+(lifecycle.start_daemon does), or in-process by ``commitfs mount --foreground``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from commitfs.cache import DEFAULT_MAX_BYTES, DiskChunkCache
+from commitfs.errors import CommitfsError, MountError
+from commitfs.fuse.adapter import Operations
+from commitfs.fuse.lifecycle import DaemonConfig, remove_record, write_record
+from commitfs.repo.repository import Repository
+from commitfs.vfs import FileSystem, VfsOptions
+
+log = logging.getLogger("commitfs.mount")
+
+Report = Callable[[str], None]
+
+
+def mount_options(config: DaemonConfig) -> set[str]:
+    # ro: the kernel itself refuses writes with EROFS before asking us;
+    # default_permissions: the kernel checks modes, we never see access().
+    opts = {"fsname=commitfs", "subtype=commitfs", "ro", "default_permissions", "noatime"}
+    if config.allow_other:
+        opts.add("allow_other")
+    return opts
+
+
+def _open(config: DaemonConfig) -> tuple[Repository, FileSystem]:
+    store_options = {"endpoint_url": config.endpoint_url} if config.endpoint_url else {}
+    repo = Repository.open(config.repo, **store_options)
+    try:
+        if repo.is_local:
+            log.info("repository %s is local: read in place, no chunk cache", repo.url)
+        else:
+            cache = DiskChunkCache(Path(config.cache_dir) / "chunks", config.cache_size or DEFAULT_MAX_BYTES)
+            repo.chunk_cache = cache
+            log.info("chunk cache %s, capped at %d bytes", cache.path, cache.max_bytes)
+        commit = bytes.fromhex(config.commit) if config.commit else None
+        if commit is not None:
+            repo.load_commit(commit)  # fail now, not at the first ls
+        options = VfsOptions(refresh_s=config.refresh_s, io_timeout_s=config.io_timeout_s,
+                             io_threads=config.io_threads)
+        return repo, FileSystem(repo, commit, options)
+    except BaseException:
+        repo.close()
+        raise
+
+
+def serve(config: DaemonConfig, report: Report) -> int:
+    """Mount, serve until unmounted; ``report`` gets 'ok' or 'error: ...' once."""
+    log.info("starting: %s %s at %s (pid %d)", config.repo, config.rev or "(all refs)", config.mountpoint,
+             os.getpid())
+    try:
+        repo, fs = _open(config)
+    except CommitfsError as exc:
+        report(f"error: {exc}")
+        return 1
+    try:
+        try:
+            pyfuse3.init(Operations(fs), config.mountpoint, mount_options(config))
+        except RuntimeError as exc:
+            report(f"error: cannot mount at {config.mountpoint} ({exc}; see {config.log_file})")
+            return 1
+        try:
+            trio.run(_main, fs, config, report)
+        finally:
+            pyfuse3.close(unmount=True)
+            remove_record(config.mountpoint)
+        log.info("unmounted %s", config.mountpoint)
+        return 0
+    finally:
+        repo.close()
+
+
+async def _main(fs: FileSystem, config: DaemonConfig, report: Report) -> None:
+    async with fs.running():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_on_signals)
+            nursery.start_soon(_announce, config, report)
+            await pyfuse3.main(min_tasks=1, max_tasks=config.max_tasks)
+            nursery.cancel_scope.cancel()
+
+
+async def _announce(config: DaemonConfig, report: Report) -> None:
+    """Report ready once the kernel has finished the handshake and a stat is answered."""
+    try:
+        await trio.to_thread.run_sync(os.stat, config.mountpoint, abandon_on_cancel=True)
+    except OSError as exc:
+        report(f"error: the mount at {config.mountpoint} does not answer: {exc.strerror}")
+        pyfuse3.terminate()
+        return
+    write_record(config.mountpoint, config.log_file)
+    log.info("ready")
+    report("ok")
+
+
+async def _on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("%s: stopping", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+def run_foreground(config: DaemonConfig) -> int:
+    """``commitfs mount --foreground``: serve in this process, log to stderr."""
+    _setup_logging()
+    failure: list[str] = []
+
+    def report(message: str) -> None:
+        if message.startswith("error: "):
+            failure.append(message[len("error: "):])
+
+    code = serve(config, report)
+    if failure:
+        raise MountError(failure[0])
+    return code
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="commitfs.fuse.daemon")
+    parser.add_argument("--ready-fd", type=int)
+    parser.add_argument("config")
+    args = parser.parse_args(argv)
+    config = DaemonConfig.from_json(args.config)
+    _setup_logging()
+    os.chdir("/")  # hold no directory of the caller busy
+
+    reported = False
+
+    def report(message: str) -> None:
+        nonlocal reported
+        if reported or args.ready_fd is None:
+            return
+        reported = True
+        try:
+            os.write(args.ready_fd, message.replace("\n", " ").encode() + b"\n")
+            os.close(args.ready_fd)
+        except OSError:
+            pass  # the caller is gone; carry on serving
+
+    try:
+        return serve(config, report)
+    except BaseException as exc:
+        log.exception("daemon failed")
+        report(f"error: the mount daemon failed: {exc} (see {config.log_file})")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""Mount lifecycle without pyfuse3: checks, starting the daemon, unmounting.
+
+``commitfs mount`` validates what it can in its own process (the repository,
+the revision, the mountpoint), then starts the daemon as a new process
+(``python -m commitfs.fuse.daemon CONFIG``) in its own session, with its
+output going to a log file and the write end of a pipe.  The daemon reports
+``ok`` through the pipe once the mount answers ``stat`` (the kernel handshake
+is done), or ``error: MESSAGE`` if it cannot start; the caller turns that into
+exit 0 or a one-line error.  If the daemon dies without a word, the caller
+says so and points at the log.
+
+A running daemon records itself in ``<runtime dir>/mounts/<key>.json`` (pid,
+mountpoint, log) and removes the record when it exits, so that ``umount`` can
+wait for it to finish and tests can find it.
+
+``umount`` is fusermount3 -u; a mount whose daemon died ("Transport endpoint
+is not connected") that cannot be unmounted normally is detached with -z;
+a busy live mount is an error unless ``--lazy``.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from commitfs.errors import MountError
+
+FSTYPE = "fuse.commitfs"
+#: How long ``commitfs mount`` waits for the daemon to report (opening an S3
+#: repository may take a storage deadline or two).
+START_TIMEOUT_S = 180.0
+#: How long ``commitfs umount`` waits for the daemon to exit after the unmount.
+EXIT_TIMEOUT_S = 15.0
+
+
+@dataclass
+class DaemonConfig:
+    """Everything the daemon needs, passed to it as JSON."""
+
+    repo: str
+    mountpoint: str
+    cache_dir: str
+    log_file: str
+    endpoint_url: str | None = None
+    commit: str | None = None  # hex id of the commit shown at the root; None: branches/tags/commits
+    rev: str | None = None  # what the user asked for, for the log
+    cache_size: int = 0
+    refresh_s: float = 5.0
+    io_timeout_s: float = 60.0
+    io_threads: int = 16
+    max_tasks: int = 64
+    allow_other: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> DaemonConfig:
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class MountInfo:
+    mountpoint: str
+    fstype: str
+    source: str
+
+
+# --- what is mounted where ------------------------------------------------------
+def canonical(path: str | os.PathLike) -> str:
+    """An absolute path with the parent's symlinks resolved, without touching the
+    last component (which may be a dead FUSE mount that stat cannot reach)."""
+    path = os.path.abspath(os.fspath(path))
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+
+
+def _unescape(field: str) -> str:
+    # /proc/self/mountinfo escapes space, tab, newline and backslash as \ooo.
+    out, i = [], 0
+    raw = field.encode()
+    while i < len(raw):
+        code = raw[i + 1:i + 4]
+        if raw[i] == 0x5C and len(code) == 3 and code.isdigit():
+            out.append(int(code, 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return os.fsdecode(bytes(out))
+
+
+def iter_mounts():
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f.read().decode(errors="surrogateescape").splitlines():
+            left, _, right = line.partition(" - ")
+            fields, rest = left.split(" "), right.split(" ")
+            if len(fields) >= 5 and len(rest) >= 2:
+                yield MountInfo(_unescape(fields[4]), rest[0], _unescape(rest[1]))
+
+
+def find_mount(path: str | os.PathLike) -> MountInfo | None:
+    """What is mounted exactly at ``path`` (the last mount there), or None."""
+    target = canonical(path)
+    found = None
+    for m in iter_mounts():
+        if m.mountpoint == target:
+            found = m
+    return found
+
+
+def is_stale(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a FUSE mount whose daemon is gone."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
+def validate_mountpoint(path: str | os.PathLike) -> str:
+    """The canonical mountpoint, or MountError saying why it cannot be used."""
+    mp = canonical(path)
+    shown = os.fspath(path)
+    info = find_mount(mp)
+    if info is not None:
+        if is_stale(mp):
+            raise MountError(f"{shown} holds a stale mount whose daemon died (clean it up with: commitfs umount {shown})")
+        raise MountError(f"{shown} is already a mount point ({info.fstype})")
+    if not os.path.lexists(mp):
+        raise MountError(f"mountpoint {shown} does not exist")
+    if not os.path.isdir(mp):
+        raise MountError(f"mountpoint {shown} is not a directory")
+    try:
+        with os.scandir(mp) as it:
+            if next(it, None) is not None:
+                raise MountError(f"mountpoint {shown} is not empty")
+    except PermissionError:
+        raise MountError(f"mountpoint {shown} is not accessible") from None
+    if not os.access(mp, os.W_OK | os.X_OK):
+        raise MountError(f"mountpoint {shown}: permission denied")
+    return mp
+
+
+# --- daemon records ----------------------------------------------------------------
+def runtime_dir() -> Path:
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isdir(base):
+        return Path(base) / "commitfs"
+    return Path("/tmp") / f"commitfs-{os.getuid()}"
+
+
+def _record_path(mountpoint: str) -> Path:
+    key = hashlib.sha256(canonical(mountpoint).encode(errors="surrogateescape")).hexdigest()[:32]
+    return runtime_dir() / "mounts" / f"{key}.json"
+
+
+def write_record(mountpoint: str, log_file: str) -> None:
+    path = _record_path(mountpoint)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "mountpoint": canonical(mountpoint), "log": log_file}))
+    os.replace(tmp, path)
+
+
+def remove_record(mountpoint: str) -> None:
+    path = _record_path(mountpoint)
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def lookup_daemon_pid(mountpoint: str | os.PathLike) -> int | None:
+    """The pid of the live daemon serving ``mountpoint``, if it recorded itself."""
+    try:
+        pid = int(json.loads(_record_path(os.fspath(mountpoint)).read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return pid if _alive(pid) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours is not alive
+        return os.waitpid(pid, os.WNOHANG)[0] != pid
+    except ChildProcessError:
+        return True
+
+
+# --- starting -------------------------------------------------------------------------
+def start_daemon(config: DaemonConfig, timeout_s: float = START_TIMEOUT_S) -> int:
+    """Start the daemon in the background; return its pid once the mount is live."""
+    Path(config.log_file).parent.mkdir(parents=True, exist_ok=True)
+    read_fd, write_fd = os.pipe()
+    try:
+        with open(config.log_file, "ab") as log, open(os.devnull, "rb") as devnull:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "commitfs.fuse.daemon", "--ready-fd", str(write_fd), config.to_json()],
+                stdin=devnull, stdout=log, stderr=log, pass_fds=(write_fd,), start_new_session=True,
+            )
+    except OSError as exc:
+        os.close(read_fd)
+        os.close(write_fd)
+        raise MountError(f"cannot start the mount daemon: {exc}") from None
+    os.close(write_fd)
+    try:
+        message = _read_report(read_fd, timeout_s)
+    finally:
+        os.close(read_fd)
+    if message == "ok":
+        return proc.pid
+    if message is None:
+        proc.kill()
+        proc.wait()
+        raise MountError(f"the mount daemon did not become ready within {timeout_s:g}s (log: {config.log_file})")
+    try:
+        code = proc.wait(timeout=EXIT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = proc.wait()
+    if message.startswith("error: "):
+        raise MountError(message[len("error: "):])
+    raise MountError(f"the mount daemon exited with status {code} before the mount was ready "
+                     f"(log: {config.log_file})")
+
+
+def _read_report(fd: int, timeout_s: float) -> str | None:
+    """The daemon's one-line report; '' if it closed the pipe without one; None on timeout."""
+    deadline = time.monotonic() + timeout_s
+    buf = b""
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            continue
+        part = os.read(fd, 4096)
+        if not part:
+            break
+        buf += part
+    return buf.split(b"\n", 1)[0].decode(errors="replace")
+
+
+# --- unmounting -------------------------------------------------------------------------
+def _fusermount() -> list[str]:
+    for name in ("fusermount3", "fusermount"):
+        path = shutil.which(name)
+        if path:
+            return [path]
+    return []
+
+
+def _detach(mp: str, lazy: bool) -> subprocess.CompletedProcess:
+    tool = _fusermount()
+    if tool:
+        cmd = tool + ["-u"] + (["-z"] if lazy else []) + [mp]
+    else:
+        cmd = ["umount"] + (["-l"] if lazy else []) + [mp]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def unmount(path: str | os.PathLike, lazy: bool = False) -> None:
+    """Unmount a commitfs mount (or a stale one) and wait for its daemon to exit."""
+    mp = canonical(path)
+    shown = os.fspath(path)
+    info = find_mount(mp)
+    if info is None:
+        raise MountError(f"{shown} is not mounted")
+    if info.fstype != FSTYPE:
+        raise MountError(f"{shown} is not a commitfs mount ({info.fstype})")
+    pid = lookup_daemon_pid(mp)
+    stale = is_stale(mp)
+    proc = _detach(mp, lazy)
+    if proc.returncode != 0 and find_mount(mp) is not None:
+        detail = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
+        if stale and not lazy:
+            # Nobody can read from a dead mount anyway: detach it.
+            proc = _detach(mp, lazy=True)
+            if proc.returncode != 0 and find_mount(mp) is not None:
+                raise MountError(f"cannot unmount {shown}: {detail}")
+        elif "busy" in detail.lower():
+            raise MountError(f"{shown} is busy (files or directories in it are in use); "
+                             f"close them, or detach it with: commitfs umount --lazy {shown}")
+        else:
+            raise MountError(f"cannot unmount {shown}: {detail}")
+    if pid is not None and not lazy:
+        deadline = time.monotonic() + EXIT_TIMEOUT_S
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)

@@ -1,0 +1,565 @@
+"""The file-system core: commits as read-only directory trees, on trio, without a kernel.
+
+Shape of a mount
+----------------
+Without a revision the root holds ``branches/``, ``tags/`` and ``commits/``;
+below each name is the tree of a commit (a *view*).  With a revision, the root
+itself is that commit's tree.  Everything inside a view is immutable, so the
+kernel is told to trust it for a day (entry and attribute timeouts) and to
+keep its page cache across opens.  Only the ref directories move: their
+listings and lookups use a refs snapshot at most ``refresh_s / 2`` old, and
+the kernel trusts what they return for ``refresh_s / 2``, so a branch view
+shows a new commit within ``refresh_s``.  A moved branch is a *new* inode for
+``branches/<name>`` (nodes are keyed by the commit they show, see
+vfs/inode.py); whoever holds the old one (an open file, a working directory)
+keeps reading the old commit.
+
+Laziness
+--------
+Mounting loads at most the one commit named by REV.  A directory's tree is
+loaded on the first lookup in it or listing of it; a file's manifest on open;
+chunks on read (vfs/prefetch.py).  Trees, manifests and commits are kept in
+size-bounded LRU caches here, each loaded once however many requests want it
+at the same moment (single flight).
+
+Blocking work
+-------------
+Repository calls block (disk, S3), so each runs in a worker thread
+(``trio.to_thread.run_sync``) under one CapacityLimiter, and within
+``io_timeout_s``: a stalled store makes the request fail with
+StorageTimeoutError (EIO) instead of hanging the reader.  Worker threads
+cannot be cancelled; an abandoned one finishes in the background and keeps
+its limiter slot until then, so a stalled store cannot start unbounded
+threads either.  Retrying transient failures is the store's business
+(storage/retry.py), not repeated here.
+
+Errors are exceptions (commitfs.errors, vfs.errors); commitfs.fuse turns them
+into errno values.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+from cachetools import LRUCache
+
+from commitfs.errors import (
+    IsADirectoryError_,
+    NotADirectoryError_,
+    PathNotFoundError,
+    RevisionError,
+    StorageTimeoutError,
+)
+from commitfs.model.ids import HEX_SIZE, is_hex
+from commitfs.model.objects import EMPTY_MANIFEST, Commit, FileManifest, Kind, Tree, TreeEntry
+from commitfs.repo.repository import MIN_PREFIX, Repository
+from commitfs.vfs import prefetch
+from commitfs.vfs.errors import BadHandleError, NoSuchAttributeError, NotASymlinkError, ReadOnlyError
+from commitfs.vfs.inode import (
+    XATTR_REPO,
+    Attr,
+    CommitsDir,
+    DirNode,
+    FileNode,
+    InodeTable,
+    Node,
+    RefDir,
+    RootDir,
+    SymlinkNode,
+    TreeDir,
+    View,
+    entry_identity,
+    node_for_entry,
+)
+
+log = logging.getLogger(__name__)
+
+MakeNode = Callable[[], Node]
+
+
+@dataclass(frozen=True)
+class VfsOptions:
+    #: A branch view follows its branch within this many seconds.
+    refresh_s: float = 5.0
+    #: Bound on any one repository call (load of a tree, a manifest, a part of chunks).
+    io_timeout_s: float = 60.0
+    #: How long the kernel may trust entries and attributes of immutable views.
+    immutable_timeout_s: float = 86400.0
+    #: Worker threads for repository calls (= concurrent storage requests).
+    io_threads: int = 16
+    initial_window: int = prefetch.INITIAL_WINDOW
+    max_window: int = prefetch.MAX_WINDOW
+    part_bytes: int = prefetch.PART_BYTES
+
+
+@dataclass(frozen=True)
+class StatFs:
+    block_size: int
+    blocks: int
+    files: int
+    name_max: int = 255
+
+
+@dataclass(frozen=True)
+class _Refs:
+    branches: dict[str, bytes]
+    tags: dict[str, bytes]
+    at: float
+
+    def of(self, kind: str) -> dict[str, bytes]:
+        return self.branches if kind == "branches" else self.tags
+
+
+# --- listings ----------------------------------------------------------------------
+class Listing:
+    """The entries of an open directory: names in a fixed order, nodes made on demand.
+
+    readdir offsets are indices + 1 into this order, stable for the handle's life."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def child(self, i: int) -> tuple[str, tuple, MakeNode]:
+        raise NotImplementedError
+
+
+class _StaticListing(Listing):
+    def __init__(self, items: list[tuple[str, tuple, MakeNode]]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def child(self, i: int) -> tuple[str, tuple, MakeNode]:
+        return self.items[i]
+
+
+class _TreeListing(Listing):
+    """A commit directory: the tree's entries, already sorted by name bytes."""
+
+    def __init__(self, view: View, tree: Tree, timeout: float):
+        self.view = view
+        self.entries = tree.entries
+        self.timeout = timeout
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def child(self, i: int) -> tuple[str, tuple, MakeNode]:
+        e = self.entries[i]
+        return e.name, entry_identity(e), lambda: node_for_entry(self.view, e, self.timeout)
+
+
+class _Flight:
+    __slots__ = ("done", "value", "error")
+
+    def __init__(self):
+        self.done = trio.Event()
+        self.value = None
+        self.error: BaseException | None = None
+
+
+class _SingleFlight:
+    """An LRU cache whose misses are loaded once, however many tasks ask at once."""
+
+    def __init__(self, cache: LRUCache):
+        self.cache = cache
+        self._flights: dict[object, _Flight] = {}
+
+    async def get(self, key, load):
+        value = self.cache.get(key)
+        if value is not None:
+            return value
+        flight = self._flights.get(key)
+        if flight is not None:
+            await flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            return flight.value
+        flight = self._flights[key] = _Flight()
+        try:
+            flight.value = await load()
+            try:
+                self.cache[key] = flight.value
+            except ValueError:
+                pass  # larger than the whole cache: served, not kept
+            return flight.value
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        finally:
+            del self._flights[key]
+            flight.done.set()
+
+
+class _FileHandle:
+    __slots__ = ("node", "reader")
+
+    def __init__(self, node: FileNode, reader: prefetch.Prefetcher):
+        self.node = node
+        self.reader = reader
+
+
+class _DirHandle:
+    __slots__ = ("node", "listing")
+
+    def __init__(self, node: DirNode, listing: Listing):
+        self.node = node
+        self.listing = listing
+
+
+# --- the file system -----------------------------------------------------------------
+class FileSystem:
+    """Read-only views of a repository's commits; one method per file-system request.
+
+    Use inside ``async with fs.running():``, which provides the nursery that
+    read-ahead tasks run in (and, with ``root_commit``, loads that commit).
+    Methods take and return inode numbers, handles and byte names as the
+    kernel does, and raise commitfs errors.
+    """
+
+    def __init__(self, repo: Repository, root_commit: bytes | None = None, options: VfsOptions = VfsOptions()):
+        self.repo = repo
+        self.options = options
+        self.root_commit = root_commit
+        self.mount_time_ns = time.time_ns()
+        self._long = options.immutable_timeout_s
+        self._short = max(options.refresh_s / 2, 0.0)
+        self._limiter = trio.CapacityLimiter(options.io_threads)
+        self._trees = _SingleFlight(LRUCache(maxsize=1_000_000, getsizeof=lambda t: len(t.entries) + 1))
+        self._manifests = _SingleFlight(LRUCache(maxsize=4_000_000, getsizeof=lambda m: len(m.chunk_ids) + 1))
+        self._commits = _SingleFlight(LRUCache(maxsize=4096))
+        self._refs_lock = trio.Lock()
+        self._refs_snapshot: _Refs | None = None
+        self._files: dict[int, _FileHandle] = {}
+        self._dirs: dict[int, _DirHandle] = {}
+        self._next_fh = 1
+        self._nursery: trio.Nursery | None = None
+        self.table: InodeTable | None = None
+        self._repo_url = repo.url.encode()
+
+    @asynccontextmanager
+    async def running(self):
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if self.root_commit is None:
+                root: Node = RootDir(self._short, self._short)
+            else:
+                commit = await self._commit(self.root_commit)
+                root = self._view_root(self.root_commit, commit, self._long)
+            self.table = InodeTable(root)
+            try:
+                yield self
+            finally:
+                nursery.cancel_scope.cancel()
+                for h in self._files.values():
+                    h.reader.close()
+
+    # --- blocking work ---------------------------------------------------------
+    async def _io(self, what: str, fn, *args):
+        try:
+            with trio.fail_after(self.options.io_timeout_s):
+                return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter, abandon_on_cancel=True)
+        except trio.TooSlowError:
+            raise StorageTimeoutError(
+                f"{what}: no answer from {self.repo.url} within {self.options.io_timeout_s:g}s") from None
+
+    async def _tree(self, tid: bytes) -> Tree:
+        return await self._trees.get(tid, lambda: self._io(f"tree {tid.hex()}", self.repo.load_tree, tid))
+
+    async def _manifest(self, fid: bytes) -> FileManifest:
+        return await self._manifests.get(
+            fid, lambda: self._io(f"file {fid.hex()}", self.repo.load_manifest, fid))
+
+    async def _commit(self, cid: bytes) -> Commit:
+        return await self._commits.get(cid, lambda: self._io(f"commit {cid.hex()}", self.repo.load_commit, cid))
+
+    async def _load_chunks(self, ids: list[bytes]) -> list[bytes]:
+        return await self._io(f"{len(ids)} chunks", self.repo.load_chunks, ids)
+
+    async def _refs(self) -> _Refs:
+        async with self._refs_lock:
+            snap = self._refs_snapshot
+            now = trio.current_time()
+            if snap is not None and now - snap.at < self._short:
+                return snap
+            refs = self.repo.refs
+            try:
+                branches, tags = await self._io("the branch and tag list",
+                                                lambda: (refs.branches(), refs.tags()))
+            except Exception as exc:
+                if snap is None:
+                    raise
+                log.warning("cannot refresh branches and tags (%s); showing those of %.0fs ago", exc, now - snap.at)
+                return snap
+            self._refs_snapshot = _Refs(branches, tags, trio.current_time())
+            return self._refs_snapshot
+
+    async def _resolve_prefix(self, prefix: str) -> bytes | None:
+        found = await self._io(f"commits {prefix}*", lambda: list(self.repo.iter_commit_ids(prefix)))
+        if len(found) > 1:
+            log.info("commits/%s: ambiguous prefix (%d commits)", prefix, len(found))
+        return found[0] if len(found) == 1 else None
+
+    # --- nodes ---------------------------------------------------------------------
+    def _view_root(self, cid: bytes, commit: Commit, timeout: float) -> TreeDir:
+        view = View(cid, commit.tree, commit.time * 1_000_000_000)
+        return TreeDir(view, TreeEntry("", Kind.DIR, 0, commit.tree), timeout, timeout)
+
+    def _node(self, inode: int) -> Node:
+        assert self.table is not None, "use the file system inside `async with fs.running()`"
+        return self.table.get(inode)
+
+    def _ref_entries(self, node: RefDir, refs: _Refs) -> dict[str, bytes | None]:
+        """Names directly below a ref directory: a commit id (a ref) or None (a namespace)."""
+        out: dict[str, bytes | None] = {}
+        for full, cid in refs.of(node.kind).items():
+            if not full.startswith(node.prefix):
+                continue
+            head, sep, _ = full[len(node.prefix):].partition("/")
+            if not sep:
+                out[head] = cid  # a ref wins over a namespace of the same name
+            else:
+                out.setdefault(head, None)
+        return out
+
+    def _ref_child(self, node: RefDir, name: str, cid: bytes | None, commit: Commit | None) -> tuple[tuple, MakeNode]:
+        if cid is None:
+            prefix = f"{node.prefix}{name}/"
+            return ("ns",), lambda: RefDir(node.kind, prefix, self._short, self._short)
+        assert commit is not None
+        timeout = self._short if node.kind == "branches" else self._long
+        return ("commit", cid), lambda: self._view_root(cid, commit, timeout)
+
+    async def _child(self, parent: DirNode, name: str) -> tuple[tuple, MakeNode] | None:
+        """Identity and maker of ``parent``'s child ``name``, or None."""
+        if isinstance(parent, TreeDir):
+            tree = await self._tree(parent.entry.id)
+            e = tree.get(name)
+            if e is None:
+                return None
+            view, timeout = parent.view, self._long
+            return entry_identity(e), lambda: node_for_entry(view, e, timeout)
+        if isinstance(parent, RootDir):
+            for child_name, identity, make in self._root_items():
+                if child_name == name:
+                    return identity, make
+            return None
+        if isinstance(parent, RefDir):
+            target = self._ref_entries(parent, await self._refs()).get(name, False)
+            if target is False:
+                return None
+            commit = await self._commit(target) if target is not None else None
+            return self._ref_child(parent, name, target, commit)
+        if isinstance(parent, CommitsDir):
+            return await self._commit_child(name)
+        raise AssertionError(f"unknown directory node {parent!r}")
+
+    async def _commit_child(self, name: str) -> tuple[tuple, MakeNode] | None:
+        hexid = name.lower()
+        if not (MIN_PREFIX <= len(hexid) <= HEX_SIZE and is_hex(hexid)):
+            return None
+        if len(hexid) == HEX_SIZE:
+            cid, timeout = bytes.fromhex(hexid), self._long
+        else:
+            # A prefix may become ambiguous when commits are added: trust it briefly.
+            cid, timeout = await self._resolve_prefix(hexid), self._short
+            if cid is None:
+                return None
+        try:
+            commit = await self._commit(cid)
+        except RevisionError:
+            return None
+        return ("commit", cid), lambda: self._view_root(cid, commit, timeout)
+
+    def _root_items(self) -> list[tuple[str, tuple, MakeNode]]:
+        s, long_ = self._short, self._long
+        return [
+            ("branches", ("refs",), lambda: RefDir("branches", "", long_, s)),
+            ("commits", ("commits",), lambda: CommitsDir(long_, s)),
+            ("tags", ("refs",), lambda: RefDir("tags", "", long_, s)),
+        ]
+
+    async def _listing(self, node: DirNode) -> Listing:
+        if isinstance(node, TreeDir):
+            return _TreeListing(node.view, await self._tree(node.entry.id), self._long)
+        if isinstance(node, RootDir):
+            return _StaticListing(self._root_items())
+        if isinstance(node, RefDir):
+            entries = self._ref_entries(node, await self._refs())
+            commits = await self._commits_of({c for c in entries.values() if c is not None})
+            items = []
+            for name in sorted(entries, key=str.encode):
+                cid = entries[name]
+                if cid is not None and cid not in commits:
+                    continue  # unreadable commit: logged, left out of the listing
+                identity, make = self._ref_child(node, name, cid, commits.get(cid) if cid else None)
+                items.append((name, identity, make))
+            return _StaticListing(items)
+        if isinstance(node, CommitsDir):
+            refs = await self._refs()
+            cids = set(refs.branches.values()) | set(refs.tags.values())
+            commits = await self._commits_of(cids)
+            items = []
+            for cid in sorted(commits):
+                commit = commits[cid]
+                items.append((cid.hex(), ("commit", cid),
+                              (lambda c=cid, cm=commit: self._view_root(c, cm, self._long))))
+            return _StaticListing(items)
+        raise AssertionError(f"unknown directory node {node!r}")
+
+    async def _commits_of(self, cids: set[bytes]) -> dict[bytes, Commit]:
+        """Load commits concurrently; leave out (and log) those that fail."""
+        out: dict[bytes, Commit] = {}
+
+        async def one(cid: bytes) -> None:
+            try:
+                out[cid] = await self._commit(cid)
+            except Exception as exc:
+                log.error("cannot load commit %s: %s", cid.hex(), exc)
+
+        async with trio.open_nursery() as nursery:
+            for cid in cids:
+                nursery.start_soon(one, cid)
+        return out
+
+    # --- requests: names and attributes ---------------------------------------------
+    async def lookup(self, parent_inode: int, name: bytes) -> Attr:
+        """The attributes of ``name`` in a directory; counts one kernel reference."""
+        parent = self._node(parent_inode)
+        if not parent.is_dir:
+            raise NotADirectoryError_(f"inode {parent_inode} is not a directory")
+        assert isinstance(parent, DirNode) and self.table is not None
+        if name == b".":
+            node: Node = parent
+        elif name == b"..":
+            node = self._node(parent.parent)
+        else:
+            try:
+                text = name.decode()
+            except UnicodeDecodeError:
+                raise PathNotFoundError(f"{name!r}: no such entry (names are UTF-8)") from None
+            child = await self._child(parent, text)
+            if child is None:
+                raise PathNotFoundError(f"{text}: no such entry")
+            identity, make = child
+            node = self.table.ensure(parent, text, identity, make)
+        self.table.remember(node)
+        return node.attr(self.mount_time_ns)
+
+    def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        assert self.table is not None
+        for inode, nlookup in inode_list:
+            self.table.forget(inode, nlookup)
+
+    async def getattr(self, inode: int) -> Attr:
+        return self._node(inode).attr(self.mount_time_ns)
+
+    async def readlink(self, inode: int) -> bytes:
+        node = self._node(inode)
+        if not isinstance(node, SymlinkNode):
+            raise NotASymlinkError(f"inode {inode} is not a symbolic link")
+        return node.entry.target
+
+    async def getxattr(self, inode: int, name: bytes) -> bytes:
+        value = self._xattrs(self._node(inode)).get(name)
+        if value is None:
+            raise NoSuchAttributeError(f"no extended attribute {name!r}")
+        return value
+
+    async def listxattr(self, inode: int) -> list[bytes]:
+        return sorted(self._xattrs(self._node(inode)))
+
+    def _xattrs(self, node: Node) -> dict[bytes, bytes]:
+        out = {k.encode(): v for k, v in node.xattrs().items()}
+        out[XATTR_REPO.encode()] = self._repo_url
+        return out
+
+    async def statfs(self) -> StatFs:
+        assert self.table is not None
+        root = self.table.root
+        total = 0
+        if isinstance(root, TreeDir):
+            total = (await self._tree(root.entry.id)).size
+        bsize = 4096
+        return StatFs(bsize, -(-total // bsize), len(self.table))
+
+    # --- requests: directories ----------------------------------------------------------
+    async def opendir(self, inode: int) -> int:
+        node = self._node(inode)
+        if not isinstance(node, DirNode):
+            raise NotADirectoryError_(f"inode {inode} is not a directory")
+        listing = await self._listing(node)
+        fh = self._new_fh()
+        self._dirs[fh] = _DirHandle(node, listing)
+        return fh
+
+    async def readdir(self, fh: int, start_id: int, reply: Callable[[bytes, Attr, int], bool]) -> None:
+        """Offer entries from ``start_id`` to ``reply(name, attr, next_id)`` until it refuses one.
+
+        ``next_id`` is the entry's index + 1.  Each accepted entry counts one
+        kernel reference (the kernel's readdirplus remembers it as if looked
+        up); a refused one does not and, if new, leaves the table again."""
+        h = self._dirs.get(fh)
+        if h is None:
+            raise BadHandleError(f"directory handle {fh} is not open")
+        assert self.table is not None
+        listing = h.listing
+        for i in range(start_id, len(listing)):
+            name, identity, make = listing.child(i)
+            node = self.table.ensure(h.node, name, identity, make)
+            if not reply(name.encode(), node.attr(self.mount_time_ns), i + 1):
+                self.table.discard(node)
+                return
+            self.table.remember(node)
+
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    # --- requests: files --------------------------------------------------------------
+    async def open(self, inode: int, flags: int) -> int:
+        node = self._node(inode)
+        if node.is_dir:
+            raise IsADirectoryError_(f"inode {inode} is a directory")
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND | os.O_CREAT):
+            raise ReadOnlyError("the mount is read-only")
+        if not isinstance(node, FileNode):
+            raise PathNotFoundError(f"inode {inode} is not a regular file")
+        manifest = EMPTY_MANIFEST if node.entry.size == 0 else await self._manifest(node.entry.id)
+        assert self._nursery is not None
+        o = self.options
+        reader = prefetch.Prefetcher(manifest, self._load_chunks, self._nursery, initial_window=o.initial_window,
+                                     max_window=o.max_window, part_bytes=o.part_bytes)
+        fh = self._new_fh()
+        self._files[fh] = _FileHandle(node, reader)
+        return fh
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self._files.get(fh)
+        if h is None:
+            raise BadHandleError(f"file handle {fh} is not open")
+        return await h.reader.read(off, size)
+
+    async def release(self, fh: int) -> None:
+        h = self._files.pop(fh, None)
+        if h is not None:
+            h.reader.close()
+
+    def reader(self, fh: int) -> prefetch.Prefetcher:
+        """The read-ahead state of an open file (for tests and statistics)."""
+        return self._files[fh].reader
+
+    # --- writes ---------------------------------------------------------------------------
+    def refuse_write(self, what: str) -> None:
+        raise ReadOnlyError(f"{what}: the mount is read-only")
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh

@@ -1,0 +1,32 @@
+"""Errors of the file-system core, besides those of commitfs.errors.
+
+Each names a condition, not an errno: commitfs.fuse maps them (and the
+general ones: PathNotFoundError, NotADirectoryError_, IsADirectoryError_,
+StorageError, CorruptObjectError...) to errno values in one place.
+"""
+
+from commitfs.errors import CommitfsError
+
+
+class ReadOnlyError(CommitfsError):
+    """A write of any kind: the mount is read-only."""
+
+
+class NoSuchAttributeError(CommitfsError):
+    """An extended attribute the node does not have."""
+
+
+class StaleInodeError(CommitfsError):
+    """The kernel named an inode the table does not (or no longer) know."""
+
+
+class BadHandleError(CommitfsError):
+    """A file or directory handle that is not open."""
+
+
+class NotASymlinkError(CommitfsError):
+    """readlink of something that is not a symbolic link."""
+
+
+class ShuttingDownError(CommitfsError):
+    """The file system stopped while a request was waiting for data."""

@@ -1,0 +1,216 @@
+"""Per-handle read-ahead: a growing window of chunk fetches, tolerant of small seeks.
+
+Why
+---
+A training job reads a file front to back in 128 KiB kernel requests.  Each
+request answered by one storage round trip would cap throughput at
+128 KiB per round trip (a few MB/s against S3).  So, as Mountpoint for Amazon
+S3's prefetcher does, each open handle keeps fetches running *ahead* of the
+reader: the further the reader goes sequentially, the larger the window it
+gets; a real seek shrinks the window back so a random reader does not pay for
+data it will not read.
+
+How
+---
+A file is a list of chunks (FileManifest); offsets map to chunk indices by
+prefix sums (FileReader.chunk_range).  Fetches are *parts*: runs of
+consecutive chunks of at most ``part_bytes``, each fetched by one call of the
+``fetch`` function (Repository.load_chunks in a worker thread, which
+coalesces neighbouring chunks of a pack into one ranged read and goes through
+the chunk cache).  Parts run as tasks in the file system's nursery, not in
+the reader's request, so a prefetch outlives the read that started it; the
+``fetch`` function bounds each one by the I/O timeout.  Several parts of one
+window run at once (up to the file system's thread limit), which is what
+saturates an object store.
+
+On each read at ``off``:
+
+1. *Sequential or not.*  The read is sequential if it starts within
+   ``[expected - back_tolerance, expected + window]``, where ``expected`` is
+   the furthest end read so far.  The kernel sends readahead requests
+   concurrently, so they arrive slightly out of order (hence the backward
+   tolerance), and a forward skip within the window costs nothing since its
+   data is already on the way.
+2. *Window.*  Sequential: the window doubles, up to ``max_window``.
+   Otherwise it falls back to ``initial_window`` and parts that do not cover
+   the new position are dropped (a fetch in flight finishes and its result is
+   discarded; worker threads cannot be cancelled).
+3. *Demand and read-ahead.*  Parts are scheduled for the chunks the read
+   needs that are not yet fetched or in flight, then for the chunks up to
+   ``window`` bytes past the read.
+4. *Wait, assemble, trim.*  The read waits for the parts it overlaps, joins
+   their chunks and slices the requested bytes.  Parts wholly behind
+   ``expected - back_tolerance`` are released, so memory per handle is bounded
+   by about ``max_window + back_tolerance + part_bytes``.
+
+A failed part raises its error to every read that needs it (the kernel
+returns EIO) and is forgotten, so the next read of that range tries again.
+Failures of parts no read needs are only logged.
+
+All state changes happen in synchronous code between awaits (trio runs one
+task at a time), in ``_schedule``; the only awaits in ``read`` are on parts'
+completion events, after which the parts are looked up again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from commitfs.model.objects import FileManifest
+from commitfs.repo.reader import FileReader
+from commitfs.vfs.errors import ShuttingDownError
+
+log = logging.getLogger(__name__)
+
+#: Read-ahead after a seek or at the start: small, a random reader wastes little.
+INITIAL_WINDOW = 256 * 1024
+#: Ceiling of the window: enough parts in flight to fill a fast link to S3.
+MAX_WINDOW = 32 * 1024 * 1024
+#: Bytes per fetch: a few chunks in one ranged read; several parts run at once.
+PART_BYTES = 2 * 1024 * 1024
+#: Reads this far behind the furthest one still count as sequential (kernel reordering).
+BACK_TOLERANCE = 1024 * 1024
+
+Fetch = Callable[[list[bytes]], Awaitable[list[bytes]]]
+
+
+class _Part:
+    """A fetch of chunks [first, last) of one file."""
+
+    __slots__ = ("first", "last", "done", "chunks", "error")
+
+    def __init__(self, first: int, last: int):
+        self.first = first
+        self.last = last
+        self.done = trio.Event()
+        self.chunks: list[bytes] | None = None
+        self.error: BaseException | None = None
+
+
+class Prefetcher:
+    """Reads of one open file, with read-ahead."""
+
+    def __init__(self, manifest: FileManifest, fetch: Fetch, nursery: trio.Nursery, *,
+                 initial_window: int = INITIAL_WINDOW, max_window: int = MAX_WINDOW,
+                 part_bytes: int = PART_BYTES, back_tolerance: int = BACK_TOLERANCE):
+        self.layout = FileReader(None, manifest)  # type: ignore[arg-type]  # offsets only
+        self.size = self.layout.size
+        self._ids = manifest.chunk_ids
+        self._sizes = manifest.chunk_sizes
+        self._fetch = fetch
+        self._nursery = nursery
+        self.initial_window = initial_window
+        self.max_window = max(max_window, initial_window)
+        self.part_bytes = part_bytes
+        self.back_tolerance = back_tolerance
+        self.window = initial_window
+        self._expected = 0  # furthest end read so far: a first read at 0 starts a stream
+        self._parts: dict[int, _Part] = {}  # chunk index -> the part fetching it
+        self._closed = False
+        #: Counters for tests and the log: parts started, sequential/random reads.
+        self.parts_started = 0
+        self.sequential_reads = 0
+        self.random_reads = 0
+
+    def close(self) -> None:
+        self._closed = True
+        self._parts.clear()
+
+    # --- reading ---------------------------------------------------------------
+    async def read(self, off: int, size: int) -> bytes:
+        if off >= self.size or size <= 0:
+            return b""
+        size = min(size, self.size - off)
+        first, last = self.layout.chunk_range(off, size)
+        self._schedule(off, size, first, last)
+        chunks: list[bytes] = []
+        i = first
+        while i < last:
+            part = self._parts.get(i)
+            if part is None:  # dropped by a concurrent seek: fetch it again
+                part = self._start(i, self._run_end(i, last))
+            await part.done.wait()
+            if part.error is not None:
+                self._drop(part)
+                raise part.error
+            assert part.chunks is not None
+            take = part.chunks[i - part.first:min(last, part.last) - part.first]
+            chunks.extend(take)
+            i += len(take)
+        data = b"".join(chunks) if len(chunks) != 1 else chunks[0]
+        rel = off - self.layout.chunk_start(first)
+        return data[rel:rel + size]
+
+    def _schedule(self, off: int, size: int, first: int, last: int) -> None:
+        """Classify the read, resize the window, start missing parts (no awaits)."""
+        expected = self._expected
+        sequential = expected - self.back_tolerance <= off <= expected + self.window
+        if sequential:
+            self.sequential_reads += 1
+            self.window = min(self.window * 2, self.max_window)
+            self._expected = max(expected, off + size)
+        else:
+            self.random_reads += 1
+            self.window = self.initial_window
+            self._expected = off + size
+            for part in {id(p): p for p in self._parts.values()}.values():
+                if part.last <= first or part.first >= last:
+                    self._drop(part)
+        # Demand: the chunks this read needs.
+        self._start_missing(first, last)
+        # Read-ahead: chunks up to `window` bytes past the furthest read.
+        _, ahead = self.layout.chunk_range(self._expected, self.window)
+        self._start_missing(last, max(ahead, last))
+        # Release parts wholly behind the reader.
+        floor = self._expected - size - self.back_tolerance
+        if floor > 0:
+            behind, _ = self.layout.chunk_range(floor, 1)
+            for part in {id(p): p for p in self._parts.values()}.values():
+                if part.last <= behind:
+                    self._drop(part)
+
+    def _start_missing(self, first: int, last: int) -> None:
+        i = first
+        while i < last:
+            if i in self._parts:
+                i = self._parts[i].last
+                continue
+            end = self._run_end(i, last)
+            self._start(i, end)
+            i = end
+
+    def _run_end(self, i: int, last: int) -> int:
+        """End of a part starting at chunk i: up to ``part_bytes``, no overlap with a fetched chunk."""
+        end, size = i, 0
+        while end < last and end not in self._parts and (end == i or size + self._sizes[end] <= self.part_bytes):
+            size += self._sizes[end]
+            end += 1
+        return end
+
+    def _start(self, first: int, last: int) -> _Part:
+        part = _Part(first, last)
+        for i in range(first, last):
+            self._parts[i] = part
+        self.parts_started += 1
+        self._nursery.start_soon(self._run, part)
+        return part
+
+    def _drop(self, part: _Part) -> None:
+        for i in range(part.first, part.last):
+            if self._parts.get(i) is part:
+                del self._parts[i]
+
+    async def _run(self, part: _Part) -> None:
+        try:
+            part.chunks = await self._fetch(list(self._ids[part.first:part.last]))
+        except Exception as exc:  # handed to the reads that wait for this part
+            part.error = exc
+            if not self._closed:
+                log.debug("fetch of chunks %d..%d failed: %s", part.first, part.last, exc)
+        finally:
+            if part.chunks is None and part.error is None:  # cancelled: the file system is stopping
+                part.error = ShuttingDownError("the file system is shutting down")
+            part.done.set()
