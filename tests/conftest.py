@@ -12,6 +12,8 @@ from s3server import MotoServer
 # Fixture modules of each test area (one line each).
 pytest_plugins = [
     "core_fixtures",
+    "sync_fixtures",
+    "mount_fixtures",
 ]
 
 
