@@ -139,7 +139,7 @@ def cmd_push(args) -> int:
     local = open_repo(args)
     name, remote = _open_remote(args, local, args.remote)
     result = _run("push", lambda progress: sync.push(
-        local, remote, args.branch, remote_branch=args.to, force=args.force, threads=args.jobs,
+        local, remote, args.branch, remote_branch=args.to, force=args.force, tags=args.tags, threads=args.jobs,
         progress=progress))
     _report(args, "pushed to", name, result)
     return 0
@@ -193,6 +193,7 @@ def register(sub, common) -> None:
     p.add_argument("--to", metavar="NAME", help="the remote branch to move (default: BRANCH)")
     p.add_argument("-f", "--force", action="store_true", help="move the remote branch even if it is not an "
                    "ancestor of BRANCH (its other commits are no longer on it)")
+    p.add_argument("--tags", action="store_true", help="also send every tag the remote lacks")
     transfer_options(p)
 
     p = add("pull", cmd_pull, "fetch a remote branch and fast-forward the local branch to it")

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from commitfs.errors import InputError, NothingToCommitError
+from commitfs.errors import InputError, NothingToCommitError, RefConflictError
 from commitfs.model import chunker
 from commitfs.model.ids import hash_bytes
 from commitfs.model.objects import Commit, FileManifest, Kind, Tree, TreeEntry, symlink_entry
@@ -223,7 +223,16 @@ def commit_directory(
         metadata=dict(metadata or {}),
     )
     cid = repo.save_commit(commit)
-    repo.refs.set_branch_if_equals(branch, cid, head)
+    try:
+        repo.refs.set_branch_if_equals(branch, cid, head)
+    except RefConflictError:
+        cache.close()
+        now = repo.refs.lookup_branch(branch)
+        moved = f"moved to {now.hex()[:12]}" if now else "was deleted"
+        raise RefConflictError(
+            f"branch {branch} {moved} while committing (another writer); your data is stored: "
+            "re-run the commit to create it on top of the new head"
+        ) from None
     cache.save(cid)
     cache.close()
     result.commit_id, result.created = cid, True

@@ -383,8 +383,10 @@ class _BatchWriter:
 
 
 def transfer(src: Repository, dst: Repository, tips: Iterable[bytes], *, threads: int = DEFAULT_THREADS,
-             progress: ProgressFn | None = None, batch_bytes: int = BATCH_BYTES) -> SyncStats:
-    """Make every commit reachable from ``tips`` complete in ``dst``; move no ref."""
+             progress: ProgressFn | None = None, batch_bytes: int | None = None) -> SyncStats:
+    """Make every commit reachable from ``tips`` complete in ``dst``; move no ref.
+
+    ``batch_bytes``: new stored bytes per index segment (default BATCH_BYTES)."""
     tips = list(dict.fromkeys(tips))
     stats = SyncStats()
     prog = SyncProgress()
@@ -406,7 +408,7 @@ def transfer(src: Repository, dst: Repository, tips: Iterable[bytes], *, threads
         if progress:
             progress(prog)
 
-    out = _BatchWriter(dst, stats, batch_bytes)
+    out = _BatchWriter(dst, stats, batch_bytes or BATCH_BYTES)
     try:
         for oid, loc, data in _iter_blobs(src, plan.chunks, threads):
             out.add(oid, BlobKind.CHUNK, data)
@@ -465,28 +467,41 @@ def _move_branch(repo: Repository, name: str, new: bytes, old: bytes | None, con
 
 # --- verbs -------------------------------------------------------------------------
 def push(local: Repository, remote: Repository, branch: str = "main", *, remote_branch: str | None = None,
-         force: bool = False, threads: int = DEFAULT_THREADS, progress: ProgressFn | None = None) -> SyncResult:
-    """Send ``branch`` and what it needs to ``remote``; move the remote branch
-    if it is an ancestor of ours (or ``force``)."""
+         force: bool = False, tags: bool = False, threads: int = DEFAULT_THREADS,
+         progress: ProgressFn | None = None) -> SyncResult:
+    """Send ``branch`` (and with ``tags`` every tag) and what it needs to
+    ``remote``; move the remote branch if it is an ancestor of ours (or ``force``)."""
     target = remote_branch or branch
     new = local.refs.lookup_branch(branch)
     if new is None:
         raise RevisionError(f"no branch {branch!r} in {local.url}")
     old = remote.refs.lookup_branch(target)
+    send_tags: dict[str, bytes] = {}
+    if tags:
+        theirs = remote.refs.tags()
+        for name, cid in sorted(local.refs.tags().items()):
+            if name in theirs and theirs[name] != cid:
+                raise RevisionError(f"tag {name} is {_short(theirs[name])} on the remote, {_short(cid)} here; "
+                                    "tags never move")
+            if name not in theirs:
+                send_tags[name] = cid
     result = SyncResult()
-    if old == new:
-        result.updates.append(RefUpdate(target, old, new, "up-to-date"))
-        return result
     status = "created" if old is None else "fast-forward"
-    if old is not None and not (local.has_commit(old) and is_ancestor(local, old, new)):
+    if old == new:
+        status = "up-to-date"
+    elif old is not None and not (local.has_commit(old) and is_ancestor(local, old, new)):
         if not force:
             raise RefConflictError(f"remote branch {target} has commits you do not have: pull first, or --force")
         status = "forced"
-    result.stats = transfer(local, remote, [new], threads=threads, progress=progress)
-    _move_branch(remote, target, new, old,
-                 f"remote branch {target} moved to {{now}} while pushing; the data sent is kept there: "
-                 "pull, then push again")
+    result.stats = transfer(local, remote, [new, *send_tags.values()], threads=threads, progress=progress)
+    if status != "up-to-date":
+        _move_branch(remote, target, new, old,
+                     f"remote branch {target} moved to {{now}} while pushing; the data sent is kept there: "
+                     "pull, then push again")
     result.updates.append(RefUpdate(target, old, new, status))
+    for name, cid in send_tags.items():
+        remote.refs.create_tag(name, cid)
+        result.updates.append(RefUpdate(name, None, cid, "created", "tag"))
     return result
 
 
