@@ -14,6 +14,7 @@ pytest_plugins = [
     "core_fixtures",
     "sync_fixtures",
     "mount_fixtures",
+    "lineage_fixtures",
 ]
 
 

@@ -12,9 +12,9 @@ Hugging Face ``datasets`` and PyTorch code that take fsspec URLs read
 commits directly, lazily, on machines where FUSE is not available.
 
 Storage options: ``repo`` (the repository URL; default ``$COMMITFS_REPO``),
-``endpoint_url`` (S3), ``cache_dir`` (the verified on-disk chunk cache used
-for non-local repositories; default the user's commitfs cache, ``False`` for
-none).
+``endpoint_url`` (S3), ``cache_dir`` (as ``commitfs mount --cache-dir``:
+chunks of non-local repositories are cached, verified, in DIR/chunks;
+default the user's commitfs cache directory, ``False`` for no cache).
 
 Paths are ``REV/PATH``: REV is a branch, a tag or a commit id (a branch name
 containing '/' is found by trying the shortest prefix that names a
@@ -37,6 +37,7 @@ from __future__ import annotations
 import os
 import posixpath
 import threading
+from pathlib import Path
 
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
@@ -98,7 +99,7 @@ class CommitfsFileSystem(AbstractFileSystem):
                     from commitfs.cache import DiskChunkCache, default_cache_dir
 
                     try:
-                        repo.chunk_cache = DiskChunkCache(self.cache_dir or default_cache_dir())
+                        repo.chunk_cache = DiskChunkCache(Path(self.cache_dir or default_cache_dir()) / "chunks")
                     except CommitfsError:
                         pass  # no cache: slower, not wrong
                 self._repo, self._repo_pid = repo, os.getpid()

@@ -20,7 +20,6 @@ point, so a mount is never left half made.
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -31,7 +30,8 @@ import time
 
 from commitfs.cli.core import repo_url, store_options
 from commitfs.cli.output import ProgressBar, print_json, warn
-from commitfs.errors import CommitfsError, InputError, MountError
+from commitfs.errors import InputError, MountError
+from commitfs.fuse import lifecycle
 from commitfs.ops import lineage
 from commitfs.ops.lineage_index import LineageReport, query_lineage
 from commitfs.ops.snapshot import commit_directory
@@ -84,16 +84,7 @@ class DeferredSignals:
 # --- mounts ------------------------------------------------------------------------
 def _mounted(path: str) -> bool:
     """Whether ``path`` is a mount point (also a dead FUSE mount, which stat cannot tell)."""
-    target = os.path.realpath(path)
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split(" ")[4])
-                if point == target:
-                    return True
-    except OSError:
-        return os.path.ismount(path)
-    return False
+    return lifecycle.find_mount(path) is not None
 
 
 class Mounts:
@@ -148,24 +139,19 @@ class Mounts:
         return problems
 
     def _unmount(self, point: str) -> list[str]:
-        attempts = [
-            [sys.executable, "-m", "commitfs", "umount", point],
-            [sys.executable, "-m", "commitfs", "umount", "--lazy", point],
-            ["fusermount3", "-u", "-z", point],
-        ]
+        """Unmount; if busy (a straggler of the command holds a file), detach lazily."""
         errors = []
-        for cmd in attempts:
+        for lazy in (False, True):
             try:
-                proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, text=True, timeout=60, start_new_session=True)
-                if proc.returncode == 0 and not _mounted(point):
-                    return []
-                errors.append(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else
-                              f"{cmd[-2] if len(cmd) > 1 else cmd[0]} exited {proc.returncode}")
-            except (OSError, subprocess.SubprocessError) as exc:
+                lifecycle.unmount(point, lazy=lazy)
+            except MountError as exc:
                 errors.append(str(exc))
             if not _mounted(point):
                 return []
+        proc = subprocess.run(["fusermount3", "-u", "-z", point], capture_output=True, text=True)
+        if not _mounted(point):
+            return []
+        errors.append(proc.stderr.strip() or f"fusermount3 exited {proc.returncode}")
         return [f"cannot unmount {point}: {'; '.join(errors)}"]
 
 
