@@ -361,7 +361,8 @@ def profiled(path: str, log: Callable[[str], None]) -> Iterator[None]:
         for p in profilers:
             stats.add(p)
         stats.dump_stats(path)
-        log(f"profile of the first commit ({1 + len(profilers)} threads) saved to {path}; top functions:")
+        log(f"profile of the first commit ({1 + len(profilers)} threads, times summed over threads; "
+            f"SimpleQueue.get is idle pool workers) saved to {path}; top functions:")
         stats.sort_stats("tottime").print_stats(25)
 
 
@@ -670,14 +671,15 @@ def main(argv: list[str] | None = None) -> int:
 
     info = {"commitfs": git_revision(), "scale": args.scale, "python": platform.python_version(),
             "cpus": os.cpu_count(), "machine": platform.machine(), "kernel": platform.release(),
-            "euid": os.geteuid()}
+            "euid": os.geteuid(), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
     if args.json:
         print(json.dumps({"info": info, "sections": {
             n: {"implemented": r.implemented, "rows": [row.to_json() for row in r.rows], "notes": r.notes,
                 "details": r.details} for n, r in results.items()}}, indent=1, default=str))
         return 0
     print(f"commitfs bench ({info['commitfs']}), scale {args.scale}, python {info['python']}, "
-          f"{info['cpus']} CPUs, kernel {info['kernel']}")
+          f"{info['cpus']} CPUs, kernel {info['kernel']}, load average at the end "
+          + "/".join(str(x) for x in info["loadavg_at_end"]))
     for name, r in results.items():
         print(f"\n== {name}: {SECTIONS[name][0]}")
         if r.rows:
