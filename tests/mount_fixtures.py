@@ -5,7 +5,7 @@ Registered in conftest.py's ``pytest_plugins``.
 * ``dataset``: a local repository with a randomized dataset committed to
   ``main`` and tagged ``v1`` (``.url``, ``.commit``, ``.src``, ``.picture``).
 * ``mounts``: a factory running ``commitfs mount`` as a subprocess
-  (``mounts.mount(mountpoint, *args)``); every mount it made is unmounted at
+  (``mounts.mount(url, mountpoint, *options, rev=REV)``); every mount it made is unmounted at
   teardown, even when the test failed (``commitfs umount``, then
   ``fusermount3 -u -z``), and its daemon is waited for.
 * ``vfs_walk(fs)``: the tree a FileSystem shows, through its methods only.
@@ -157,11 +157,12 @@ class Mounts:
         p.mkdir(exist_ok=True)
         return p
 
-    def mount(self, repo_url: str, mountpoint: os.PathLike, *args: str, check: bool = True,
-              env=None) -> subprocess.CompletedProcess:
-        """``commitfs -r URL mount ARGS... MOUNTPOINT`` (with --cache-dir unless given)."""
-        extra = [] if "--cache-dir" in args else ["--cache-dir", str(self.cache_dir)]
-        proc = run_commitfs("-r", repo_url, "mount", *args, *extra, str(mountpoint), env=env)
+    def mount(self, repo_url: str, mountpoint: os.PathLike, *options: str, rev: str | None = None,
+              check: bool = True, env=None) -> subprocess.CompletedProcess:
+        """``commitfs -r URL mount OPTIONS... [REV] MOUNTPOINT`` (with --cache-dir unless given)."""
+        extra = [] if "--cache-dir" in options else ["--cache-dir", str(self.cache_dir)]
+        positional = ([rev] if rev else []) + [str(mountpoint)]
+        proc = run_commitfs("-r", repo_url, "mount", *options, *extra, *positional, env=env)
         if find_mount(str(mountpoint)) is not None:
             self.made.append((str(mountpoint), lookup_daemon_pid(str(mountpoint))))
         if check:

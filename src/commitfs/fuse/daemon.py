@@ -95,6 +95,11 @@ def serve(config: DaemonConfig, report: Report) -> int:
             pyfuse3.close(unmount=True)
             remove_record(config.mountpoint)
         log.info("unmounted %s", config.mountpoint)
+        cache = repo.chunk_cache
+        if isinstance(cache, DiskChunkCache):
+            st = cache.stats
+            log.info("chunk cache: hits=%d misses=%d puts=%d corrupt=%d evictions=%d evicted_files=%d",
+                     st.hits, st.misses, st.puts, st.corrupt, st.evictions, st.evicted_files)
         return 0
     finally:
         repo.close()

@@ -118,9 +118,12 @@ def find_mount(path: str | os.PathLike) -> MountInfo | None:
 
 
 def is_stale(path: str | os.PathLike) -> bool:
-    """True if ``path`` is a FUSE mount whose daemon is gone."""
+    """True if ``path`` is a FUSE mount whose daemon is gone.
+
+    statvfs, because the kernel answers stat from its attribute cache
+    without asking the (dead) daemon, but always forwards statfs."""
     try:
-        os.stat(path)
+        os.statvfs(path)
     except OSError as exc:
         return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     return False

@@ -1,0 +1,367 @@
+"""Real FUSE mounts through ``commitfs mount`` (a daemon process), checked with ordinary tools.
+
+Every mount is made by the ``mounts`` fixture, which unmounts it (and waits
+for its daemon) even when the test fails.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import multiprocessing
+import os
+import signal
+import stat
+import subprocess
+import time
+
+import pytest
+
+from core_fixtures import assert_one_line_error, describe, write_file
+from mount_fixtures import run_commitfs, wait_gone
+from commitfs.fuse.lifecycle import DaemonConfig, find_mount, lookup_daemon_pid, start_daemon
+from commitfs.errors import MountError
+from commitfs.model.objects import EMPTY_MANIFEST, Commit, Kind, Tree, TreeEntry
+from commitfs.ops.browse import lookup_path
+from commitfs.ops.checkout import checkout
+from commitfs.ops.snapshot import commit_directory
+from commitfs.repo.pack import pack_key
+from commitfs.repo.repository import Repository
+
+
+def sh(cmd: str, cwd) -> bytes:
+    return subprocess.run(cmd, shell=True, cwd=cwd, check=True, capture_output=True, timeout=60).stdout
+
+
+def checked_out(dataset, tmp_path, rev="v1"):
+    dest = tmp_path / "checkout"
+    with Repository.open(dataset.url) as repo:
+        checkout(repo, repo.resolve(rev), dest)
+    return dest
+
+
+# --- the mount shows what checkout writes ------------------------------------------------
+def test_mount_equals_checkout(dataset, mounts, tmp_path):
+    ref = checked_out(dataset, tmp_path)
+    mnt = mounts.mountpoint()
+    mounts.mount(dataset.url, mnt, rev="v1")
+
+    # ls -R and find list the same names, kinds and sizes.
+    assert sh("ls -R", mnt) == sh("ls -R", ref)
+    fmt = r"find . -mindepth 1 \( -type d -printf '%y %P\n' \) -o -printf '%y %s %P %l\n' | sort"
+    assert sh(fmt, mnt) == sh(fmt, ref)
+    # stat: sizes, modes (read-only: write bits cleared), symlinks.
+    for dirpath, dirnames, filenames in os.walk(ref):
+        for name in dirnames + filenames:
+            rel = os.path.relpath(os.path.join(dirpath, name), ref)
+            a, b = os.lstat(os.path.join(ref, rel)), os.lstat(os.path.join(mnt, rel))
+            assert stat.S_IFMT(a.st_mode) == stat.S_IFMT(b.st_mode), rel
+            if stat.S_ISLNK(a.st_mode):
+                assert os.readlink(os.path.join(mnt, rel)) == os.readlink(os.path.join(ref, rel))
+                assert b.st_size == a.st_size
+            elif stat.S_ISREG(a.st_mode):
+                assert b.st_size == a.st_size, rel
+                assert stat.S_IMODE(b.st_mode) == stat.S_IMODE(a.st_mode) & ~0o222, rel
+            else:
+                assert stat.S_IMODE(b.st_mode) == 0o555
+    # Every file's bytes.
+    sums = "find . -type f -print0 | sort -z | xargs -0 -r sha256sum"
+    assert sh(sums, mnt) == sh(sums, ref)
+    assert (mnt / "fixed" / "big.bin").read_bytes() == (ref / "fixed" / "big.bin").read_bytes()
+    assert os.access(mnt / "fixed" / "run.sh", os.X_OK)
+    assert sh("./fixed/run.sh", mnt) == b"hi\n"
+    # cp -r and tar carry everything over.
+    sh(f"cp -r '{mnt}' '{tmp_path / 'copy'}'", tmp_path)
+    assert describe(tmp_path / "copy") == describe(ref) == dataset.picture
+    (tmp_path / "untar").mkdir()
+    sh(f"tar -C '{mnt}' -cf - . | tar -C '{tmp_path / 'untar'}' -xf -", tmp_path)
+    assert describe(tmp_path / "untar") == dataset.picture
+
+
+def test_layout_of_a_mount_without_rev(dataset, mounts):
+    with Repository.open(dataset.url) as repo:
+        write_file(dataset.src / "fixed" / "new.txt", b"new\n")
+        second = commit_directory(repo, dataset.src, message="two").commit_id
+        repo.refs.set_branch_if_equals("old", dataset.commit, None)
+        third = commit_directory(repo, dataset.src / "fixed", branch="other", message="3").commit_id
+        repo.refs.set_branch_if_equals("other", None, third)  # deleted: third is now unlisted
+    mnt = mounts.mountpoint()
+    mounts.mount(dataset.url, mnt)
+    assert sorted(os.listdir(mnt)) == ["branches", "commits", "tags"]
+    assert sorted(os.listdir(mnt / "branches")) == ["main", "old"]
+    assert os.listdir(mnt / "tags") == ["v1"]
+    assert sorted(os.listdir(mnt / "commits")) == sorted([dataset.commit.hex(), second.hex()])
+    assert (mnt / "branches" / "main" / "fixed" / "new.txt").read_bytes() == b"new\n"
+    assert not (mnt / "branches" / "old" / "fixed" / "new.txt").exists()
+    assert describe(mnt / "tags" / "v1") == dataset.picture
+    # An unlisted commit by full id and by unique prefix.
+    assert (mnt / "commits" / third.hex() / "new.txt").read_bytes() == b"new\n"
+    assert (mnt / "commits" / third.hex()[:8] / "new.txt").read_bytes() == b"new\n"
+    assert not (mnt / "commits" / ("f" * 64)).exists()
+    assert os.statvfs(mnt).f_namemax == 255
+
+
+# --- concurrency ---------------------------------------------------------------------
+def _digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 16):
+            h.update(block)
+    return h.hexdigest()
+
+
+def test_concurrent_readers_in_several_processes(dataset, mounts):
+    mnt = mounts.mountpoint()
+    mounts.mount(dataset.url, mnt, rev="main")
+    files = [p for p, d in dataset.picture.items() if d[0] == "file"]
+    jobs = [str(mnt / p) for p in files] + [str(mnt / "fixed" / "big.bin")] * 6
+    with multiprocessing.get_context("spawn").Pool(6) as pool:
+        got = pool.map(_digest, jobs, chunksize=1)
+    want = [hashlib.sha256(dataset.picture[os.path.relpath(j, mnt)][2]).hexdigest() for j in jobs]
+    assert got == want
+
+
+# --- a moving branch ---------------------------------------------------------------------
+def test_branch_view_follows_the_branch_and_open_files_keep_their_bytes(dataset, mounts):
+    mnt = mounts.mountpoint()
+    mounts.mount(dataset.url, mnt, "--refresh", "1")
+    path = mnt / "branches" / "main" / "fixed" / "run.sh"
+    held = open(path, "rb")  # opened before the move, read only after it
+    try:
+        write_file(dataset.src / "fixed" / "run.sh", b"#!/bin/sh\necho moved\n", executable=True)
+        with Repository.open(dataset.url) as repo:
+            new = commit_directory(repo, dataset.src, message="moved").commit_id
+        deadline = time.monotonic() + 30  # far beyond --refresh: fails only if the view never moves
+        while path.read_bytes() != b"#!/bin/sh\necho moved\n":
+            assert time.monotonic() < deadline, "the branch view did not follow the branch"
+            time.sleep(0.2)
+        assert os.getxattr(mnt / "branches" / "main", "user.commitfs.commit") == new.hex().encode()
+        assert held.read() == b"#!/bin/sh\necho hi\n"
+    finally:
+        held.close()
+
+
+# --- xattrs, read-only, ENOENT -----------------------------------------------------------
+def test_xattrs(dataset, mounts):
+    mnt = mounts.mountpoint()
+    mounts.mount(dataset.url, mnt, rev="v1")
+    with Repository.open(dataset.url) as repo:
+        big_id = lookup_path(repo, dataset.commit, "fixed/big.bin").id
+        tree_id = lookup_path(repo, dataset.commit, "fixed").id
+    big = mnt / "fixed" / "big.bin"
+    assert sorted(os.listxattr(big)) == ["user.commitfs.commit", "user.commitfs.id", "user.commitfs.repo"]
+    assert os.getxattr(big, "user.commitfs.commit") == dataset.commit.hex().encode()
+    assert os.getxattr(big, "user.commitfs.id") == big_id.hex().encode()
+    assert os.getxattr(mnt / "fixed", "user.commitfs.id") == tree_id.hex().encode()
+    assert os.getxattr(mnt, "user.commitfs.repo") == dataset.url.encode()
+    with pytest.raises(OSError) as exc:
+        os.getxattr(big, "user.nope")
+    assert exc.value.errno == errno.ENODATA
+
+
+def test_writes_fail_with_erofs_and_missing_names_with_enoent(dataset, mounts):
+    mnt = mounts.mountpoint()
+    mounts.mount(dataset.url, mnt, rev="v1")
+    f, d = mnt / "fixed" / "big.bin", mnt / "fixed"
+    attempts = {
+        "open for writing": lambda: open(f, "r+b"),
+        "open for appending": lambda: open(f, "ab"),
+        "create": lambda: open(d / "new-file", "wb"),
+        "mkdir": lambda: os.mkdir(d / "new-dir"),
+        "unlink": lambda: os.unlink(f),
+        "rmdir": lambda: os.rmdir(d / "empty-dir"),
+        "rename": lambda: os.rename(f, d / "renamed"),
+        "symlink": lambda: os.symlink("x", d / "new-link"),
+        "link": lambda: os.link(f, d / "hard-link"),
+        "chmod": lambda: os.chmod(f, 0o777),
+        "truncate": lambda: os.truncate(f, 0),
+        "utime": lambda: os.utime(f, (0, 0)),
+        "setxattr": lambda: os.setxattr(f, "user.x", b"1"),
+        "removexattr": lambda: os.removexattr(f, "user.commitfs.id"),
+    }
+    for what, attempt in attempts.items():
+        with pytest.raises(OSError) as exc:
+            attempt()
+        assert exc.value.errno == errno.EROFS, what
+    assert (mnt / "fixed" / "big.bin").read_bytes() == (dataset.src / "fixed" / "big.bin").read_bytes()
+    for missing in ("nope", "fixed/nope", "fixed/n1/nope/deeper"):
+        with pytest.raises(FileNotFoundError):
+            os.stat(mnt / missing)
+    with pytest.raises(NotADirectoryError):
+        os.stat(mnt / "fixed" / "big.bin" / "x")
+
+
+# --- faults ------------------------------------------------------------------------------
+def test_corrupt_pack_gives_eio_never_wrong_bytes(dataset, mounts, tmp_path):
+    data = (dataset.src / "fixed" / "big.bin").read_bytes()
+    with Repository.open(dataset.url) as repo:
+        manifest = repo.load_manifest(lookup_path(repo, dataset.commit, "fixed/big.bin").id)
+        bad = len(manifest.chunk_ids) // 2
+        loc = repo.locate(manifest.chunk_ids[bad])
+        pack = repo.store.local_path(pack_key(loc.pack))
+    with open(pack, "r+b") as f:
+        f.seek(loc.offset + loc.stored // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x01]))
+    bad_start = sum(manifest.chunk_sizes[:bad])
+    log = tmp_path / "mount.log"
+    mnt = mounts.mountpoint()
+    mounts.mount(dataset.url, mnt, "--log-file", str(log), rev="v1")
+    fd = os.open(mnt / "fixed" / "big.bin", os.O_RDONLY)
+    try:
+        eio, off = 0, 0
+        while off < len(data):
+            try:
+                got = os.pread(fd, 1 << 16, off)
+            except OSError as exc:
+                assert exc.errno == errno.EIO
+                eio += 1
+                off += 1 << 16
+                continue
+            # Whatever is served is right; a read that reaches the bad chunk stops short before it.
+            assert got and got == data[off:off + len(got)], off
+            off += len(got)
+        assert eio >= 1
+        with pytest.raises(OSError) as exc:
+            os.pread(fd, 100, bad_start)
+        assert exc.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    assert "fails its hash check" in log.read_text()
+
+
+# --- the chunk cache of a non-local repository --------------------------------------------
+def _commit_dataset(url: str, src) -> bytes:
+    with Repository.init(url) as repo:
+        return commit_directory(repo, src, message="dataset").commit_id
+
+
+def _log_stats(log) -> dict[str, int]:
+    line = [x for x in log.read_text().splitlines() if "chunk cache: hits=" in x][-1]
+    return {k: int(v) for k, v in (kv.split("=") for kv in line.split("chunk cache: ")[1].split())}
+
+
+def test_cache_reused_across_remounts_and_capped(dataset, mounts, s3_url, tmp_path):
+    from commitfs.cache import DiskChunkCache
+
+    _commit_dataset(s3_url, dataset.src)
+    cache_dir = tmp_path / "cache"
+    mnt = mounts.mountpoint()
+
+    def read_everything(log):
+        mounts.mount(s3_url, mnt, "--cache-dir", str(cache_dir), "--cache-size", "64M",
+                     "--log-file", str(log), rev="main")
+        assert describe(mnt) == dataset.picture
+        assert run_commitfs("umount", str(mnt)).returncode == 0
+        return _log_stats(log)
+
+    first = read_everything(tmp_path / "one.log")
+    assert first["puts"] > 0 and first["misses"] >= first["puts"]  # (hits: files sharing chunks)
+    second = read_everything(tmp_path / "two.log")
+    assert second["misses"] == 0 and second["hits"] >= first["puts"] // 2
+    # A small cap: the cache evicts and stays near it.
+    small = tmp_path / "small.log"
+    mounts.mount(s3_url, mnt, "--cache-dir", str(tmp_path / "cache2"), "--cache-size", "1M",
+                 "--log-file", str(small), rev="main")
+    assert describe(mnt) == dataset.picture
+    size = DiskChunkCache(tmp_path / "cache2" / "chunks", 1 << 20).size()
+    assert size <= (1 << 20) + (256 << 10)  # the cap, plus at most one chunk written since the last scan
+    assert run_commitfs("umount", str(mnt)).returncode == 0
+    assert _log_stats(small)["evictions"] >= 1
+
+
+def test_local_repository_is_read_in_place(dataset, mounts, tmp_path):
+    cache_dir = tmp_path / "cache"
+    mnt = mounts.mountpoint()
+    mounts.mount(dataset.url, mnt, "--cache-dir", str(cache_dir), rev="main")
+    assert describe(mnt) == dataset.picture
+    assert not (cache_dir / "chunks").exists()
+
+
+# --- a huge directory ------------------------------------------------------------------------
+def test_readdir_of_100k_entries(tmp_path, mounts):
+    n = 100_000
+    url = str(tmp_path / "repo")
+    with Repository.init(url) as repo:
+        with repo.writer() as w:
+            fid = w.add_manifest(EMPTY_MANIFEST)
+            tree = Tree.build([TreeEntry(f"sample-{i:07d}.jpg", Kind.FILE, 0, fid) for i in range(n)])
+            tid = w.add_tree(tree)
+        cid = repo.save_commit(Commit(tid, (), "t", 1_700_000_000, "100k files"))
+    mnt = mounts.mountpoint()
+    mounts.mount(url, mnt, rev=cid.hex())
+    names = os.listdir(mnt)
+    assert names == [e.name for e in tree.entries]
+    inos = {e.inode() for e in os.scandir(mnt)}
+    assert len(inos) == n
+    assert os.stat(mnt / "sample-0099999.jpg").st_size == 0
+
+
+# --- mount and umount errors ----------------------------------------------------------------
+def test_mount_errors(dataset, mounts, tmp_path):
+    def fails(*args) -> str:
+        proc = mounts.mount(dataset.url, *args, check=False)
+        return assert_one_line_error(proc.returncode, proc.stderr)
+
+    assert "does not exist" in fails(tmp_path / "missing")
+    full = mounts.mountpoint("full")
+    (full / "x").write_text("x")
+    assert "not empty" in fails(full)
+    assert "not a directory" in fails(full / "x")
+    mnt = mounts.mountpoint()
+    proc = mounts.mount(dataset.url, mnt, rev="no-such-branch", check=False)
+    assert "unknown revision" in assert_one_line_error(proc.returncode, proc.stderr)
+    assert find_mount(mnt) is None
+    proc = mounts.mount(str(tmp_path / "not-a-repo"), mnt, check=False)
+    assert "no commitfs repository" in assert_one_line_error(proc.returncode, proc.stderr)
+    mounts.mount(dataset.url, mnt)
+    assert "already a mount point" in fails(mnt)
+    proc = run_commitfs("umount", str(tmp_path / "full"))
+    assert "not mounted" in assert_one_line_error(proc.returncode, proc.stderr)
+
+
+def test_daemon_start_failure_reaches_the_caller(dataset, mounts, tmp_path):
+    """Errors found by the daemon itself come back through the readiness pipe."""
+    mnt = mounts.mountpoint()
+    config = DaemonConfig(repo=dataset.url, mountpoint=str(mnt), cache_dir=str(tmp_path / "c"),
+                          log_file=str(tmp_path / "d.log"), commit="ab" * 32)
+    with pytest.raises(MountError, match="does not exist"):
+        start_daemon(config)
+    assert find_mount(mnt) is None
+
+
+def test_umount_of_a_stale_mount(dataset, mounts):
+    mnt = mounts.mountpoint()
+    mounts.mount(dataset.url, mnt, rev="v1")
+    pid = lookup_daemon_pid(mnt)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    assert wait_gone(pid)
+    with pytest.raises(OSError) as exc:
+        os.listdir(mnt)
+    assert exc.value.errno == errno.ENOTCONN
+    proc = mounts.mount(dataset.url, mnt, check=False)
+    assert "stale" in assert_one_line_error(proc.returncode, proc.stderr)
+    proc = run_commitfs("umount", str(mnt))
+    assert proc.returncode == 0, proc.stderr
+    assert find_mount(mnt) is None
+    assert os.listdir(mnt) == []
+
+
+def test_umount_busy_then_lazy(dataset, mounts):
+    mnt = mounts.mountpoint()
+    mounts.mount(dataset.url, mnt, rev="v1")
+    pid = lookup_daemon_pid(mnt)
+    f = open(mnt / "fixed" / "big.bin", "rb")
+    try:
+        proc = run_commitfs("umount", str(mnt))
+        assert "busy" in assert_one_line_error(proc.returncode, proc.stderr)
+        assert find_mount(mnt) is not None
+        proc = run_commitfs("umount", "--lazy", str(mnt))
+        assert proc.returncode == 0, proc.stderr
+        assert find_mount(mnt) is None
+        assert len(f.read()) == 3 << 20  # the open file still reads
+    finally:
+        f.close()
+    assert wait_gone(pid)  # the daemon exits once the last file is closed

@@ -1,0 +1,350 @@
+"""The file-system core without a kernel: its methods called directly under trio."""
+
+from __future__ import annotations
+
+import os
+import random
+import stat
+
+import pytest
+import trio
+
+from core_fixtures import faulty_repository, write_file
+from mount_fixtures import fs_of, vfs_listdir, vfs_read_all, vfs_walk
+from commitfs.errors import (
+    CorruptObjectError,
+    IsADirectoryError_,
+    NotADirectoryError_,
+    PathNotFoundError,
+    StorageError,
+    StorageTimeoutError,
+)
+from commitfs.model.objects import EMPTY_MANIFEST, Commit, Kind, Tree, TreeEntry
+from commitfs.ops.browse import lookup_path
+from commitfs.ops.snapshot import commit_directory
+from commitfs.repo.pack import pack_key
+from commitfs.repo.repository import Repository
+from commitfs.vfs import ROOT_INODE, XATTR_COMMIT, XATTR_ID, XATTR_REPO
+from commitfs.vfs.errors import NoSuchAttributeError, ReadOnlyError
+
+
+async def lookup_path_ino(fs, path: str) -> int:
+    ino = ROOT_INODE
+    for part in [p for p in path.split("/") if p]:
+        ino = (await fs.lookup(ino, part.encode())).ino
+    return ino
+
+
+def test_walk_of_a_commit_equals_its_source(dataset):
+    async def main():
+        with Repository.open(dataset.url) as repo:
+            async with fs_of(repo, dataset.commit) as fs:
+                assert await vfs_walk(fs) == dataset.picture
+    trio.run(main)
+
+
+def test_attributes_modes_and_times(dataset):
+    async def main():
+        with Repository.open(dataset.url) as repo:
+            commit = repo.load_commit(dataset.commit)
+            async with fs_of(repo, dataset.commit) as fs:
+                root = await fs.getattr(ROOT_INODE)
+                assert stat.S_IMODE(root.mode) == 0o555 and stat.S_ISDIR(root.mode)
+                run = await fs.getattr(await lookup_path_ino(fs, "fixed/run.sh"))
+                assert run.mode == stat.S_IFREG | 0o555
+                big = await fs.getattr(await lookup_path_ino(fs, "fixed/big.bin"))
+                assert big.mode == stat.S_IFREG | 0o444 and big.size == 3 << 20
+                link = await fs.getattr(await lookup_path_ino(fs, "fixed/link-to-big"))
+                assert stat.S_ISLNK(link.mode) and link.size == len("big.bin")
+                assert {root.mtime_ns, run.mtime_ns, link.mtime_ns} == {commit.time * 10**9}
+                assert big.entry_timeout >= 3600 and big.attr_timeout >= 3600
+    trio.run(main)
+
+
+def test_lookup_errors(dataset):
+    async def main():
+        with Repository.open(dataset.url) as repo:
+            async with fs_of(repo, dataset.commit) as fs:
+                with pytest.raises(PathNotFoundError):
+                    await fs.lookup(ROOT_INODE, b"no-such-name")
+                with pytest.raises(PathNotFoundError):
+                    await fs.lookup(ROOT_INODE, b"\xff\xfe")  # not UTF-8: cannot be in a tree
+                big = await lookup_path_ino(fs, "fixed/big.bin")
+                with pytest.raises(NotADirectoryError_):
+                    await fs.lookup(big, b"x")
+                with pytest.raises(NotADirectoryError_):
+                    await fs.opendir(big)
+                with pytest.raises(IsADirectoryError_):
+                    await fs.open(ROOT_INODE, os.O_RDONLY)
+    trio.run(main)
+
+
+def test_inode_numbers_are_stable_and_the_table_shrinks(dataset):
+    async def main():
+        with Repository.open(dataset.url) as repo:
+            async with fs_of(repo, dataset.commit) as fs:
+                assert len(fs.table) == 1
+                fixed = await fs.lookup(ROOT_INODE, b"fixed")
+                again = await fs.lookup(ROOT_INODE, b"fixed")
+                assert fixed.ino == again.ino
+                listed = dict(await vfs_listdir(fs, fixed.ino))  # counts one reference per entry
+                big = await fs.lookup(fixed.ino, b"big.bin")
+                assert listed["big.bin"].ino == big.ino
+                assert listed["copy-of-big.bin"].ino != big.ino  # same content, another path: another inode
+                assert len(fs.table) == 1 + 1 + len(listed)
+                # The kernel forgets: 2 lookups of fixed, 1 readdir + 1 lookup of big.bin, 1 of the others.
+                fs.forget([(fixed.ino, 2), (big.ino, 2)])
+                fs.forget([(a.ino, 1) for name, a in listed.items() if name != "big.bin"])
+                assert len(fs.table) == 1
+                fs.forget([(12345, 1), (ROOT_INODE, 5)])  # unknown and root: ignored, never raises
+                assert len(fs.table) == 1
+                # A new lookup gives a new number: the old ones are never reused.
+                assert (await fs.lookup(ROOT_INODE, b"fixed")).ino > max(a.ino for a in listed.values())
+    trio.run(main)
+
+
+def test_readdir_counts_only_accepted_entries(dataset):
+    async def main():
+        with Repository.open(dataset.url) as repo:
+            async with fs_of(repo, dataset.commit) as fs:
+                fixed = (await fs.lookup(ROOT_INODE, b"fixed")).ino
+                fh = await fs.opendir(fixed)
+                offered = []
+
+                def reply(name, attr, next_id):
+                    offered.append((name, attr.ino, next_id))
+                    return len(offered) <= 2  # the third entry does not fit
+
+                await fs.readdir(fh, 0, reply)
+                assert len(offered) == 3 and [o[2] for o in offered] == [1, 2, 3]
+                assert offered[0][1] in fs.table and offered[1][1] in fs.table
+                assert offered[2][1] not in fs.table  # refused: not counted, dropped
+                rest = []
+                await fs.readdir(fh, 2, lambda n, a, i: rest.append(n) or True)
+                await fs.releasedir(fh)
+                tree = repo.load_tree(lookup_path(repo, dataset.commit, "fixed").id)
+                names = [e.name.encode() for e in tree.entries]
+                assert [o[0] for o in offered[:2]] + rest == names
+    trio.run(main)
+
+
+def test_reads_at_random_offsets_and_read_ahead(dataset):
+    data = (dataset.src / "fixed" / "big.bin").read_bytes()
+
+    async def main():
+        with Repository.open(dataset.url) as repo:
+            async with fs_of(repo, dataset.commit) as fs:
+                ino = await lookup_path_ino(fs, "fixed/big.bin")
+                fh = await fs.open(ino, os.O_RDONLY)
+                rng = random.Random(7)
+                for _ in range(50):
+                    off = rng.randrange(len(data) + 10)
+                    size = rng.choice([1, 100, 4096, 131072, 1 << 20])
+                    assert await fs.read(fh, off, size) == data[off:off + size]
+                reader = fs.reader(fh)
+                assert reader.random_reads > 0
+                await fs.release(fh)
+                # Sequential reads grow the window.
+                fh = await fs.open(ino, os.O_RDONLY)
+                reader = fs.reader(fh)
+                off = 0
+                while off < len(data):
+                    assert await fs.read(fh, off, 131072) == data[off:off + 131072]
+                    off += 131072
+                assert reader.random_reads == 0 and reader.window == reader.max_window
+                # Fewer fetches than reads: read-ahead fetched parts of several chunks.
+                assert reader.parts_started < len(data) // 131072
+                await fs.release(fh)
+    trio.run(main)
+
+
+def test_concurrent_readers(dataset):
+    files = ["fixed/big.bin", "fixed/copy-of-big.bin", "fixed/run.sh", "fixed/empty"]
+
+    async def main():
+        with Repository.open(dataset.url) as repo:
+            async with fs_of(repo, dataset.commit) as fs:
+                results = {}
+
+                async def reader(i, path):
+                    ino = await lookup_path_ino(fs, path)
+                    results[i, path] = await vfs_read_all(fs, ino, block=65536 + i * 4096)
+
+                async with trio.open_nursery() as nursery:
+                    for i in range(4):
+                        for path in files:
+                            nursery.start_soon(reader, i, path)
+                for (i, path), got in results.items():
+                    assert got == (dataset.src / path).read_bytes(), (i, path)
+    trio.run(main)
+
+
+def test_xattrs_and_read_only(dataset):
+    async def main():
+        with Repository.open(dataset.url) as repo:
+            async with fs_of(repo, dataset.commit) as fs:
+                ino = await lookup_path_ino(fs, "fixed/run.sh")
+                entry = lookup_path(repo, dataset.commit, "fixed/run.sh")
+                assert await fs.listxattr(ino) == sorted([XATTR_COMMIT.encode(), XATTR_ID.encode(),
+                                                          XATTR_REPO.encode()])
+                assert await fs.getxattr(ino, XATTR_COMMIT.encode()) == dataset.commit.hex().encode()
+                assert await fs.getxattr(ino, XATTR_ID.encode()) == entry.id.hex().encode()
+                assert await fs.getxattr(ino, XATTR_REPO.encode()) == repo.url.encode()
+                with pytest.raises(NoSuchAttributeError):
+                    await fs.getxattr(ino, b"user.other")
+                for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
+                    with pytest.raises(ReadOnlyError):
+                        await fs.open(ino, flags)
+                with pytest.raises(ReadOnlyError):
+                    fs.refuse_write("unlink")
+    trio.run(main)
+
+
+def test_refs_layout_and_commit_prefixes(dataset):
+    src = dataset.src
+    with Repository.open(dataset.url) as repo:
+        write_file(src / "fixed" / "second.txt", b"second\n")
+        second = commit_directory(repo, src, message="two").commit_id
+        repo.refs.set_branch_if_equals("team/exp", dataset.commit, None)
+
+    async def main():
+        with Repository.open(dataset.url) as repo:
+            async with fs_of(repo) as fs:
+                names = lambda listing: [n for n, _ in listing]  # noqa: E731
+                assert names(await vfs_listdir(fs, ROOT_INODE)) == ["branches", "commits", "tags"]
+                branches = (await fs.lookup(ROOT_INODE, b"branches")).ino
+                assert names(await vfs_listdir(fs, branches)) == ["main", "team"]
+                team = (await fs.lookup(branches, b"team")).ino
+                assert names(await vfs_listdir(fs, team)) == ["exp"]
+                exp = (await fs.lookup(team, b"exp")).ino
+                assert await fs.getxattr(exp, XATTR_COMMIT.encode()) == dataset.commit.hex().encode()
+                main_ = (await fs.lookup(branches, b"main")).ino
+                assert await fs.getxattr(main_, XATTR_COMMIT.encode()) == second.hex().encode()
+                tags = (await fs.lookup(ROOT_INODE, b"tags")).ino
+                v1 = (await fs.lookup(tags, b"v1")).ino
+                assert "second.txt" not in names(await vfs_listdir(fs, (await fs.lookup(v1, b"fixed")).ino))
+                commits = (await fs.lookup(ROOT_INODE, b"commits")).ino
+                assert sorted(names(await vfs_listdir(fs, commits))) == sorted({dataset.commit.hex(), second.hex()})
+                # Any unique prefix resolves, full ids too; other names do not.
+                for name in (second.hex()[:6], second.hex(), second.hex()[:10].upper()):
+                    ino = (await fs.lookup(commits, name.encode())).ino
+                    assert await fs.getxattr(ino, XATTR_COMMIT.encode()) == second.hex().encode()
+                for name in ("abc", "zzzzzz", "0" * 64, "main"):
+                    with pytest.raises(PathNotFoundError):
+                        await fs.lookup(commits, name.encode())
+                with pytest.raises(PathNotFoundError):
+                    await fs.lookup(branches, b"nope")
+                with pytest.raises(PathNotFoundError):
+                    await fs.lookup(ROOT_INODE, b"heads")
+                # Ref views are trusted briefly by the kernel, commit views long.
+                assert (await fs.lookup(branches, b"main")).entry_timeout <= 2.5
+                assert (await fs.lookup(tags, b"v1")).entry_timeout >= 3600
+    trio.run(main)
+
+
+def test_branch_view_moves_but_open_files_keep_their_commit(dataset):
+    src = dataset.src
+
+    async def main():
+        with Repository.open(dataset.url) as repo:
+            async with fs_of(repo, refresh_s=0.2) as fs:
+                branches = (await fs.lookup(ROOT_INODE, b"branches")).ino
+                old_root = (await fs.lookup(branches, b"main")).ino
+                run = (await fs.lookup((await fs.lookup(old_root, b"fixed")).ino, b"run.sh")).ino
+                fh = await fs.open(run, os.O_RDONLY)
+                assert await fs.read(fh, 0, 100) == b"#!/bin/sh\necho hi\n"
+
+                write_file(src / "fixed" / "run.sh", b"#!/bin/sh\necho moved\n", executable=True)
+                new = await trio.to_thread.run_sync(
+                    lambda: commit_directory(repo, src, message="moved").commit_id)
+                await trio.sleep(0.3)  # past the refs snapshot's age
+                new_root = (await fs.lookup(branches, b"main")).ino
+                assert new_root != old_root
+                assert await fs.getxattr(new_root, XATTR_COMMIT.encode()) == new.hex().encode()
+                new_run = (await fs.lookup((await fs.lookup(new_root, b"fixed")).ino, b"run.sh")).ino
+                assert await vfs_read_all(fs, new_run) == b"#!/bin/sh\necho moved\n"
+                # The handle opened before the move, and the old tree, still show the old commit.
+                assert await fs.read(fh, 0, 100) == b"#!/bin/sh\necho hi\n"
+                assert await vfs_read_all(fs, run) == b"#!/bin/sh\necho hi\n"
+                await fs.release(fh)
+    trio.run(main)
+
+
+def _flip_chunk_byte(url: str, chunk_id: bytes) -> None:
+    with Repository.open(url) as repo:
+        loc = repo.locate(chunk_id)
+        path = repo.store.local_path(pack_key(loc.pack))
+    with open(path, "r+b") as f:
+        f.seek(loc.offset + loc.stored // 2)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
+def test_corrupt_chunk_fails_the_read_never_wrong_bytes(dataset):
+    data = (dataset.src / "fixed" / "big.bin").read_bytes()
+    with Repository.open(dataset.url) as repo:
+        manifest = repo.load_manifest(lookup_path(repo, dataset.commit, "fixed/big.bin").id)
+    bad = len(manifest.chunk_ids) // 2
+    _flip_chunk_byte(dataset.url, manifest.chunk_ids[bad])
+    bad_start = sum(manifest.chunk_sizes[:bad])
+
+    async def main():
+        with Repository.open(dataset.url) as repo:
+            async with fs_of(repo, dataset.commit) as fs:
+                ino = await lookup_path_ino(fs, "fixed/big.bin")
+                fh = await fs.open(ino, os.O_RDONLY)
+                assert await fs.read(fh, 0, 4096) == data[:4096]  # chunks before the bad one are fine
+                with pytest.raises(CorruptObjectError):
+                    await fs.read(fh, bad_start, 4096)
+                with pytest.raises(CorruptObjectError):  # and again: never served from anywhere
+                    await fs.read(fh, bad_start + 10, 10)
+                await fs.release(fh)
+    trio.run(main)
+
+
+def test_stalled_storage_times_out_and_failing_storage_errors(dataset):
+    async def main():
+        repo = faulty_repository(dataset.url)
+        try:
+            async with fs_of(repo, dataset.commit, io_timeout_s=0.5) as fs:
+                ino = await lookup_path_ino(fs, "fixed/big.bin")
+                fh = await fs.open(ino, os.O_RDONLY)
+                repo.store.stall_s = 3600  # reads hang (released at the end)
+                with pytest.raises(StorageTimeoutError):
+                    await fs.read(fh, 0, 4096)
+                repo.store.release()
+                repo.store.fail_on = {"load_range"}
+                with pytest.raises(StorageError):
+                    await fs.read(fh, 1 << 20, 4096)
+                repo.store.fail_on = set()
+                assert len(await fs.read(fh, 1 << 20, 4096)) == 4096  # the next read tries again
+                await fs.release(fh)
+        finally:
+            repo.store.release()
+            repo.close()
+    trio.run(main)
+
+
+def test_large_directory_offsets(tmp_path, cache_home):
+    n = 5000
+    with Repository.init(str(tmp_path / "repo")) as repo:
+        with repo.writer() as w:
+            fid = w.add_manifest(EMPTY_MANIFEST)
+            tree = Tree.build([TreeEntry(f"f{i:06d}", Kind.FILE, 0, fid) for i in range(n)])
+            tid = w.add_tree(tree)
+        cid = repo.save_commit(Commit(tid, (), "t", 0, "big dir"))
+
+    async def main():
+        with Repository.open(str(tmp_path / "repo")) as repo:
+            async with fs_of(repo, cid) as fs:
+                listing = await vfs_listdir(fs, ROOT_INODE)
+                assert [n for n, _ in listing] == [e.name for e in tree.entries]
+                assert len({a.ino for _, a in listing}) == n
+                fh = await fs.opendir(ROOT_INODE)
+                got = []
+                await fs.readdir(fh, n - 3, lambda name, a, i: got.append((name, i)) or True)
+                assert got == [(tree.entries[j].name.encode(), j + 1) for j in range(n - 3, n)]
+                await fs.readdir(fh, n, lambda *a: pytest.fail("no entries past the end"))
+                await fs.releasedir(fh)
+    trio.run(main)
