@@ -50,6 +50,7 @@ from pathlib import Path
 
 import blake3
 
+from commitfs.cli.output import human_size
 from commitfs.ops.snapshot import CommitResult, commit_directory
 from commitfs.repo.repository import Repository
 
@@ -368,12 +369,10 @@ def profiled(path: str, log: Callable[[str], None]) -> Iterator[None]:
 
 # --- results ------------------------------------------------------------------------
 def human(value: float, unit: str) -> str:
-    if unit in ("B", "B/s"):
-        suffix = "/s" if unit == "B/s" else ""
-        for name, size in (("GiB", 1 << 30), ("MiB", MiB), ("KiB", KiB)):
-            if abs(value) >= size:
-                return f"{value / size:.1f} {name}{suffix}"
-        return f"{value:.0f} B{suffix}"
+    if unit == "B":
+        return human_size(int(value))
+    if unit == "B/s":
+        return human_size(int(value)) + "/s"
     if unit == "s":
         return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
     if unit == "count":
@@ -563,10 +562,8 @@ def bench_core(b: Bench) -> SectionResult:
     why_not = drop_caches()
     if why_not is None:
         b.log("reading into /dev/null with a cold page cache")
-        cold_paths = ds.paths()
-        cold_bytes = sum(os.lstat(ds.root / p).st_size for p in cold_paths)
         drop_caches()
-        cold_read_s, _ = timed(read_to_devnull, ds.root, cold_paths)
+        cold_read_s, cold_bytes = timed(read_to_devnull, ds.root, paths)
         cold_repo = b.scratch("repo-cold")
         Repository.init(str(cold_repo)).close()
         b.log("first commit into a new repository with a cold page cache")
