@@ -64,6 +64,23 @@ class ChunkCache:
         raise NotImplementedError
 
 
+class _LockedLRU(LRUCache):
+    """An LRUCache safe to share between threads (cachetools' own are not:
+    concurrent evictions raise KeyError), as the mount's worker threads do."""
+
+    def __init__(self, maxsize: int):
+        super().__init__(maxsize=maxsize)
+        self._lock = threading.Lock()
+
+    def get(self, key, default=None):
+        with self._lock:
+            return super().get(key, default)
+
+    def __setitem__(self, key, value) -> None:
+        with self._lock:
+            super().__setitem__(key, value)
+
+
 def commit_key(cid: bytes) -> str:
     return COMMITS_PREFIX + cid.hex()
 
@@ -79,9 +96,9 @@ class Repository:
         self.index = Index(store)
         self.refs = Refs(store)
         self.chunk_cache = chunk_cache
-        self._trees: LRUCache = LRUCache(maxsize=4096)
-        self._manifests: LRUCache = LRUCache(maxsize=16384)
-        self._commits: LRUCache = LRUCache(maxsize=4096)
+        self._trees: LRUCache = _LockedLRU(maxsize=4096)
+        self._manifests: LRUCache = _LockedLRU(maxsize=16384)
+        self._commits: LRUCache = _LockedLRU(maxsize=4096)
 
     # --- opening ----------------------------------------------------------------
     @classmethod
