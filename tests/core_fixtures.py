@@ -104,8 +104,14 @@ def faulty_repository(url: str) -> Repository:
     return Repository(store, config)
 
 
-def assert_fsck_clean(url: str, read_data: bool = True):
+_UNSET = object()
+
+
+def assert_fsck_clean(url: str, read_data: bool = True, *, head=_UNSET, branch: str = "main"):
+    """fsck (re-hashing data) finds nothing; with ``head``, ``branch`` names it (None: absent)."""
     with reopen(url) as r:
+        if head is not _UNSET:
+            assert r.refs.lookup_branch(branch) == head
         report = fsck(r, read_data=read_data)
     assert report.problems == []
     return report
