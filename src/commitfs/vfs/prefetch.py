@@ -109,6 +109,8 @@ class Prefetcher:
         self.window = initial_window
         self._expected = 0  # furthest end read so far: a first read at 0 starts a stream
         self._parts: dict[int, _Part] = {}  # chunk index -> the part fetching it
+        self._live: set[_Part] = set()  # the parts in _parts
+        self._frontier = 0  # chunk index up to which read-ahead has been started
         self._closed = False
         #: Counters for tests and the log: parts started, sequential/random reads.
         self.parts_started = 0
@@ -118,6 +120,7 @@ class Prefetcher:
     def close(self) -> None:
         self._closed = True
         self._parts.clear()
+        self._live.clear()
 
     # --- reading ---------------------------------------------------------------
     async def read(self, off: int, size: int) -> bytes:
@@ -156,19 +159,26 @@ class Prefetcher:
             self.random_reads += 1
             self.window = self.initial_window
             self._expected = off + size
-            for part in {id(p): p for p in self._parts.values()}.values():
+            self._frontier = 0
+            for part in list(self._live):
                 if part.last <= first or part.first >= last:
                     self._drop(part)
         # Demand: the chunks this read needs.
         self._start_missing(first, last)
-        # Read-ahead: chunks up to `window` bytes past the furthest read.
-        _, ahead = self.layout.chunk_range(self._expected, self.window)
-        self._start_missing(last, max(ahead, last))
+        # Read-ahead, topped up only when less than half a window is left ahead of
+        # the reader, then by a whole window: few, large fetches rather than one
+        # small one per read.
+        frontier = max(self._frontier, last)
+        ahead_bytes = self.layout.chunk_start(frontier) - self._expected if frontier < len(self._ids) else self.window
+        if ahead_bytes < self.window // 2:
+            _, until = self.layout.chunk_range(self._expected, self.window)
+            self._start_missing(frontier, until)
+            self._frontier = max(frontier, until)
         # Release parts wholly behind the reader.
         floor = self._expected - size - self.back_tolerance
         if floor > 0:
             behind, _ = self.layout.chunk_range(floor, 1)
-            for part in {id(p): p for p in self._parts.values()}.values():
+            for part in list(self._live):
                 if part.last <= behind:
                     self._drop(part)
 
@@ -194,11 +204,13 @@ class Prefetcher:
         part = _Part(first, last)
         for i in range(first, last):
             self._parts[i] = part
+        self._live.add(part)
         self.parts_started += 1
         self._nursery.start_soon(self._run, part)
         return part
 
     def _drop(self, part: _Part) -> None:
+        self._live.discard(part)
         for i in range(part.first, part.last):
             if self._parts.get(i) is part:
                 del self._parts[i]
