@@ -151,10 +151,43 @@ def test_reads_at_random_offsets_and_read_ahead(dataset):
                 while off < len(data):
                     assert await fs.read(fh, off, 131072) == data[off:off + 131072]
                     off += 131072
-                assert reader.random_reads == 0 and reader.window == reader.max_window
+                assert reader.random_reads == 1 and reader.window == reader.max_window
                 # Fewer fetches than reads: read-ahead fetched parts of several chunks.
                 assert reader.parts_started < len(data) // 131072
                 await fs.release(fh)
+    trio.run(main)
+
+
+def test_lazy_loading_and_reads_fetch_only_what_they_need(dataset):
+    """Mounting and listing the root load one commit and one tree; a read loads its chunks only."""
+    data = (dataset.src / "fixed" / "big.bin").read_bytes()
+
+    async def main():
+        repo = faulty_repository(dataset.url)
+        fetched: list[list[bytes]] = []
+        load_chunks = repo.load_chunks
+        repo.load_chunks = lambda ids: fetched.append(list(ids)) or load_chunks(ids)
+        try:
+            async with fs_of(repo, dataset.commit) as fs:
+                assert repo.store.calls["load_range"] == 0  # the commit only (load_object)
+                await vfs_listdir(fs, ROOT_INODE)
+                assert repo.store.calls["load_range"] == 1  # + the root tree
+                ino = await lookup_path_ino(fs, "fixed/big.bin")
+                assert repo.store.calls["load_range"] == 2 and fetched == []  # + the tree of fixed/
+                fh = await fs.open(ino, os.O_RDONLY)
+                manifest = repo.load_manifest(lookup_path(repo, dataset.commit, "fixed/big.bin").id)
+                ends = [sum(manifest.chunk_sizes[:i + 1]) for i in range(len(manifest.chunk_ids))]
+                k = len(ends) // 2
+                off = ends[k - 1] + 10  # inside chunk k
+                assert await fs.read(fh, off, 100) == data[off:off + 100]
+                assert fetched == [[manifest.chunk_ids[k]]]
+                # A read across a chunk boundary: both chunks, in one call.
+                fetched.clear()
+                assert await fs.read(fh, ends[k + 5] - 50, 100) == data[ends[k + 5] - 50:ends[k + 5] + 50]
+                assert fetched == [[manifest.chunk_ids[k + 5], manifest.chunk_ids[k + 6]]]
+                await fs.release(fh)
+        finally:
+            repo.close()
     trio.run(main)
 
 

@@ -30,15 +30,20 @@ On each read at ``off``:
    the furthest end read so far.  The kernel sends readahead requests
    concurrently, so they arrive slightly out of order (hence the backward
    tolerance), and a forward skip within the window costs nothing since its
-   data is already on the way.
+   data is already on the way.  The first read of a handle is not sequential.
 2. *Window.*  Sequential: the window doubles, up to ``max_window``.
    Otherwise it falls back to ``initial_window`` and parts that do not cover
    the new position are dropped (a fetch in flight finishes and its result is
    discarded; worker threads cannot be cancelled).
-3. *Demand and read-ahead.*  Parts are scheduled for the chunks the read
-   needs that are not yet fetched or in flight, then for the chunks up to
-   ``window`` bytes past the read.
-4. *Wait, assemble, trim.*  The read waits for the parts it overlaps, joins
+3. *Demand.*  Parts are started for the chunks the read needs that are not
+   yet fetched or in flight.  A read that is not sequential stops here: it
+   fetches exactly the chunks it overlaps, nothing more.
+4. *Read-ahead.*  A sequential read tops up the read-ahead when less than
+   half a window is left between ``expected`` and the furthest chunk already
+   started, by starting parts up to a whole window past ``expected``: a few
+   large fetches per window rather than a small one per read (the kernel's
+   requests are only 128-256 KiB).
+5. *Wait, assemble, trim.*  The read waits for the parts it overlaps, joins
    their chunks and slices the requested bytes.  Parts wholly behind
    ``expected - back_tolerance`` are released, so memory per handle is bounded
    by about ``max_window + back_tolerance + part_bytes``.
@@ -65,7 +70,7 @@ from commitfs.vfs.errors import ShuttingDownError
 
 log = logging.getLogger(__name__)
 
-#: Read-ahead after a seek or at the start: small, a random reader wastes little.
+#: The window of the first sequential read after the start or a seek; it doubles from there.
 INITIAL_WINDOW = 256 * 1024
 #: Ceiling of the window: enough parts in flight to fill a fast link to S3.
 MAX_WINDOW = 32 * 1024 * 1024
@@ -107,7 +112,7 @@ class Prefetcher:
         self.part_bytes = part_bytes
         self.back_tolerance = back_tolerance
         self.window = initial_window
-        self._expected = 0  # furthest end read so far: a first read at 0 starts a stream
+        self._expected: int | None = None  # furthest end read so far
         self._parts: dict[int, _Part] = {}  # chunk index -> the part fetching it
         self._live: set[_Part] = set()  # the parts in _parts
         self._frontier = 0  # chunk index up to which read-ahead has been started
@@ -150,7 +155,7 @@ class Prefetcher:
     def _schedule(self, off: int, size: int, first: int, last: int) -> None:
         """Classify the read, resize the window, start missing parts (no awaits)."""
         expected = self._expected
-        sequential = expected - self.back_tolerance <= off <= expected + self.window
+        sequential = expected is not None and expected - self.back_tolerance <= off <= expected + self.window
         if sequential:
             self.sequential_reads += 1
             self.window = min(self.window * 2, self.max_window)
@@ -165,6 +170,8 @@ class Prefetcher:
                     self._drop(part)
         # Demand: the chunks this read needs.
         self._start_missing(first, last)
+        if not sequential:
+            return  # a first read or a seek fetches only what it needs
         # Read-ahead, topped up only when less than half a window is left ahead of
         # the reader, then by a whole window: few, large fetches rather than one
         # small one per read.
