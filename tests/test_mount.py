@@ -13,12 +13,13 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 import time
 
 import pytest
 
-from core_fixtures import assert_one_line_error, describe, write_file
-from mount_fixtures import run_commitfs, wait_gone
+from core_fixtures import assert_one_line_error, cli_env, describe, write_file
+from mount_fixtures import force_unmount, run_commitfs, wait_gone
 from commitfs.fuse.lifecycle import DaemonConfig, find_mount, lookup_daemon_pid, start_daemon
 from commitfs.errors import MountError
 from commitfs.model.objects import EMPTY_MANIFEST, Commit, Kind, Tree, TreeEntry
@@ -365,3 +366,37 @@ def test_umount_busy_then_lazy(dataset, mounts):
     finally:
         f.close()
     assert wait_gone(pid)  # the daemon exits once the last file is closed
+
+
+def test_sigterm_stops_the_daemon_and_unmounts(dataset, mounts):
+    mnt = mounts.mountpoint()
+    mounts.mount(dataset.url, mnt, rev="v1")
+    pid = lookup_daemon_pid(mnt)
+    os.kill(pid, signal.SIGTERM)
+    assert wait_gone(pid)
+    assert find_mount(mnt) is None
+    assert lookup_daemon_pid(mnt) is None
+
+
+def test_foreground_mount_serves_until_unmounted(dataset, mounts, tmp_path):
+    mnt = mounts.mountpoint()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "commitfs", "-r", dataset.url, "mount", "--foreground",
+         "--cache-dir", str(tmp_path / "cache"), "v1", str(mnt)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
+    try:
+        deadline = time.monotonic() + 30
+        while lookup_daemon_pid(mnt) != proc.pid:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the foreground mount did not become ready"
+            time.sleep(0.1)
+        assert describe(mnt) == dataset.picture
+        umount = run_commitfs("umount", str(mnt))
+        assert umount.returncode == 0, umount.stderr
+        assert proc.wait(timeout=30) == 0
+        assert b"ready" in proc.stderr.read()  # it logs to its stderr
+    finally:
+        if proc.poll() is None:
+            force_unmount(str(mnt))
+            proc.kill()
+            proc.wait()
