@@ -82,22 +82,29 @@ class TcpProxy:
                 client.close()
                 continue
             with self._lock:
+                if self._listener is not listener:  # cut meanwhile
+                    client.close()
+                    server.close()
+                    return
                 self._conns.update((client, server))
+                generation = self.cuts
+            pair = [2]  # pumps still running on this connection
             for a, b, up in ((client, server, True), (server, client, False)):
-                t = threading.Thread(target=self._pump, args=(a, b, up), daemon=True, name="proxy-pump")
+                t = threading.Thread(target=self._pump, args=(a, b, up, generation, pair), daemon=True,
+                                     name="proxy-pump")
                 t.start()
                 self._threads.append(t)
 
-    def _pump(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, up: bool, generation: int, pair: list[int]) -> None:
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
-                while self.stalled:  # hold the bytes: the far side sees silence
+                while self.stalled and self.cuts == generation:  # hold the bytes: silence
                     time.sleep(0.05)
-                    if src.fileno() < 0:
-                        return
+                if self.cuts != generation:
+                    break
                 dst.sendall(data)
                 with self._lock:
                     if up:
@@ -108,29 +115,43 @@ class TcpProxy:
                         trip = self.cut_after_down is not None and self.down_bytes >= self.cut_after_down
                 if trip:
                     self.cut()
-                    return
+                    break
         except OSError:
             pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+        # Half-close what this pump read and wrote: wakes the other pump.
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        with self._lock:
+            pair[0] -= 1
+            last = pair[0] == 0
+            if last:
+                self._conns.discard(src)
+                self._conns.discard(dst)
+        if last:
+            src.close()
+            dst.close()
 
     def cut(self) -> None:
         """The server is gone: reset every connection, refuse new ones."""
         with self._lock:
             self.cut_after_up = self.cut_after_down = None
             listener, self._listener = self._listener, None
-            conns, self._conns = self._conns, set()
+            conns = list(self._conns)
             self.cuts += 1
         if listener is not None:
-            listener.close()
-        for s in conns:
             try:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                s.close()  # linger 0: RST, as when a server dies
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (Linux)
+            except OSError:
+                pass
+            listener.close()
+        for sock in conns:
+            try:
+                # Linger 0: the peer gets a reset, as when a server dies.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the pumps blocked on it
             except OSError:
                 pass
 
