@@ -108,8 +108,8 @@ def test_two_processes_share_a_small_cache(tmp_path):
         wrong = pool.starmap(_hammer, [(str(tmp_path), s, 400) for s in range(3)])
     assert wrong == [0, 0, 0]
     cache = DiskChunkCache(tmp_path, max_bytes=300_000)
-    # Approximate cap: each process may add what it wrote since its last scan.
-    assert cache.size() <= 300_000 + 3 * 10_000
+    # Approximate cap: each process may add an eighth of the cap (and a chunk) unseen by the others.
+    assert cache.size() <= 300_000 + 3 * (300_000 // 8 + 10_000)
     assert not list((tmp_path / "v1" / "tmp").iterdir())
     for i in range(60):
         oid, data = chunk(i)

@@ -35,10 +35,10 @@ already evicting, this one need not), and which also removes temporary files
 orphaned by crashed writers.
 
 Each process keeps an estimate of the cache's size: a scan on its first
-write, plus what it adds since.  Writes of other processes are seen at the
-next eviction scan, which recomputes the size from the files; the cap is thus
-approximate (it can be exceeded by what other processes wrote since the last
-scan), never unbounded.
+write, plus what it adds since.  Writes of other processes are seen at its
+next scan, made at each eviction and after it has itself added an eighth of
+the cap; so the cap is approximate: n processes sharing a cache overshoot it
+by at most n/8 of it (plus a chunk each), never unboundedly.
 
 A full disk does not fail reads: on ENOSPC/EDQUOT the cache evicts down to
 half its current size and retries once; if that fails too the chunk is simply
@@ -71,6 +71,9 @@ DEFAULT_MAX_BYTES = 10 * 1024**3
 _TOUCH_INTERVAL_S = 60.0
 #: Eviction goes down to this fraction of the cap, so that it runs rarely.
 _LOW_WATER = 0.9
+#: A process rescans the cache's size after adding this fraction of the cap, to see
+#: what other processes added: n processes overshoot the cap by at most n/8 of it.
+_RESCAN_FRACTION = 1 / 8
 #: Temporary files older than this belong to a crashed writer.
 _STALE_TMP_S = 3600.0
 
@@ -125,6 +128,7 @@ class DiskChunkCache:
         self._lock = threading.Lock()
         self._evicting = threading.Lock()
         self._size: int | None = None  # estimate; None until the first scan
+        self._unscanned = 0  # bytes this process added since its last scan
         try:
             self._tmp.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -199,8 +203,11 @@ class DiskChunkCache:
         self.stats.puts += 1
         with self._lock:
             self._size = (self._size or 0) + len(data)
-            over = self._size > self.max_bytes
-        if over:
+            self._unscanned += len(data)
+            rescan = self._unscanned >= self.max_bytes * _RESCAN_FRACTION
+        if rescan:
+            self._rescan_size()  # also counts what other processes added
+        if self._size > self.max_bytes:
             self.evict()
 
     def _write(self, path: Path, data: bytes) -> None:
@@ -235,6 +242,7 @@ class DiskChunkCache:
         total = self.size()
         with self._lock:
             self._size = total
+            self._unscanned = 0
 
     def evict(self, target: int | None = None) -> int:
         """Delete least recently used chunks until at most ``target`` bytes
@@ -268,6 +276,7 @@ class DiskChunkCache:
             self._remove_stale_tmp()
             with self._lock:
                 self._size = total - freed
+                self._unscanned = 0
             log.info("chunk cache: evicted %d bytes, %d bytes remain", freed, total - freed)
             return freed
         finally:
