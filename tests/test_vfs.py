@@ -69,6 +69,9 @@ def test_lookup_errors(dataset):
                     await fs.lookup(ROOT_INODE, b"no-such-name")
                 with pytest.raises(PathNotFoundError):
                     await fs.lookup(ROOT_INODE, b"\xff\xfe")  # not UTF-8: cannot be in a tree
+                fixed = await lookup_path_ino(fs, "fixed")
+                assert (await fs.lookup(fixed, b".")).ino == fixed
+                assert (await fs.lookup(fixed, b"..")).ino == ROOT_INODE
                 big = await lookup_path_ino(fs, "fixed/big.bin")
                 with pytest.raises(NotADirectoryError_):
                     await fs.lookup(big, b"x")
@@ -300,6 +303,22 @@ def test_branch_view_moves_but_open_files_keep_their_commit(dataset):
                 assert await fs.read(fh, 0, 100) == b"#!/bin/sh\necho hi\n"
                 assert await vfs_read_all(fs, run) == b"#!/bin/sh\necho hi\n"
                 await fs.release(fh)
+    trio.run(main)
+
+
+def test_branch_list_survives_a_failed_refresh(dataset):
+    async def main():
+        repo = faulty_repository(dataset.url)
+        try:
+            async with fs_of(repo, refresh_s=0.1) as fs:
+                branches = (await fs.lookup(ROOT_INODE, b"branches")).ino
+                assert [n for n, _ in await vfs_listdir(fs, branches)] == ["main"]
+                repo.store.fail_on = {"iter_refs"}
+                await trio.sleep(0.1)
+                assert [n for n, _ in await vfs_listdir(fs, branches)] == ["main"]
+                assert repo.store.calls["iter_refs"] >= 3  # it did try (branches, then tags failed)
+        finally:
+            repo.close()
     trio.run(main)
 
 
