@@ -36,13 +36,14 @@ commits it was derived from.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from commitfs.errors import CommitfsError, CorruptObjectError, ObjectNotFoundError
-from commitfs.model.ids import hash_bytes
+from commitfs.model.ids import HEX_SIZE, hash_bytes
 from commitfs.model.objects import Commit, DecodeError
 from commitfs.ops.lineage import (
     DownstreamNode,
@@ -55,9 +56,10 @@ from commitfs.ops.lineage import (
     upstream,
 )
 from commitfs.ops.statcache import cache_root
-from commitfs.repo.repository import Repository, commit_key
+from commitfs.repo.repository import COMMITS_PREFIX, Repository, commit_key
 
 SCHEMA_VERSION = "1"
+_COMMIT_NAME = re.compile(r"[0-9a-f]{%d}" % HEX_SIZE)
 # Parallel commit reads when indexing: on S3 each read is a round trip.
 _READ_THREADS = 16
 # Rows per SQLite transaction while indexing a large backlog.
@@ -129,12 +131,13 @@ class LineageIndex:
     def _create(self, db: sqlite3.Connection) -> None:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
+        if self._schema(db) == SCHEMA_VERSION:
+            return  # the common case: no write, so closing costs no checkpoint
         with _transaction(db):
-            db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT)")
-            row = db.execute("SELECT v FROM meta WHERE k='schema'").fetchone()
-            if row is not None and row[0] != SCHEMA_VERSION:
+            if self._schema(db) not in (None, SCHEMA_VERSION):
                 for table in ("commits", "inputs", "problems"):
                     db.execute(f"DROP TABLE IF EXISTS {table}")
+            db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT)")
             db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
             db.execute("CREATE TABLE IF NOT EXISTS commits (id BLOB PRIMARY KEY, time INT, summary TEXT)")
             db.execute("CREATE TABLE IF NOT EXISTS inputs (commit_id BLOB, pos INT, url TEXT, input_id BLOB, "
@@ -142,6 +145,14 @@ class LineageIndex:
             db.execute("CREATE INDEX IF NOT EXISTS inputs_by_input ON inputs (input_id)")
             db.execute("CREATE TABLE IF NOT EXISTS problems (commit_id BLOB, message TEXT)")
             db.execute("CREATE INDEX IF NOT EXISTS problems_by_commit ON problems (commit_id)")
+
+    @staticmethod
+    def _schema(db: sqlite3.Connection) -> str | None:
+        try:
+            row = db.execute("SELECT v FROM meta WHERE k='schema'").fetchone()
+        except sqlite3.OperationalError:
+            return None  # no meta table yet
+        return row[0] if row else None
 
     def close(self) -> None:
         self.db.close()
@@ -156,7 +167,7 @@ class LineageIndex:
     def update(self) -> UpdateStats:
         """Index the commits listed but not yet indexed; forget those gone."""
         stats = UpdateStats()
-        listed = set(self.repo.iter_commit_ids())
+        listed = self._list()
         stats.listed = len(listed)
         known = {row[0] for row in self.db.execute("SELECT id FROM commits")}
         gone = known - listed
@@ -179,6 +190,15 @@ class LineageIndex:
                     self._insert(cid, commit)
                     stats.read += 1
         return stats
+
+    def _list(self) -> set[bytes]:
+        """Every commit id in the store (Repository.iter_commit_ids, with a cheaper name check)."""
+        out = set()
+        for key in self.repo.store.iter_keys(COMMITS_PREFIX):
+            name = key[len(COMMITS_PREFIX):]
+            if _COMMIT_NAME.fullmatch(name):
+                out.add(bytes.fromhex(name))
+        return out
 
     def _read_all(self, ids: list[bytes]) -> list[tuple[bytes, Commit | None, str | None]]:
         def one(cid: bytes):
