@@ -39,7 +39,8 @@ def repo_url(store_url, tmp_path, sample_dir):
 
 @pytest.fixture
 def fs(repo_url):
-    fs = fsspec.filesystem("commitfs", repo=repo_url, skip_instance_cache=True)
+    # No chunk cache: every read below reaches the store, where it is counted.
+    fs = fsspec.filesystem("commitfs", repo=repo_url, cache_dir=False, skip_instance_cache=True)
     yield fs
     fs.repo.close()
 
@@ -189,3 +190,19 @@ def test_pickles_and_reads_in_a_forked_worker(fs):
     os.close(r)
     os.waitpid(pid, 0)
     assert data == b"path,label"
+
+
+def test_s3_reads_go_through_the_verified_chunk_cache(s3_url, tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "big.bin").write_bytes(random.Random(9).randbytes(2 * 1024 * 1024))
+    cfs("-r", s3_url, "init")
+    cfs("-r", s3_url, "commit", d, "-m", "v1")
+    fs = fsspec.filesystem("commitfs", repo=s3_url, cache_dir=str(tmp_path / "cache"), skip_instance_cache=True)
+    loads = _count_loads(fs)
+    first = fs.cat_file("main/big.bin", 1_000_000, 1_000_100)
+    assert sum(loads) > 0 and any((tmp_path / "cache" / "chunks").rglob("*"))
+    loads.clear()
+    assert fs.cat_file("main/big.bin", 1_000_000, 1_000_100) == first
+    assert sum(loads) == 0  # served from the cache
+    fs.repo.close()
