@@ -38,6 +38,8 @@ FSTYPE = "fuse.commitfs"
 #: How long ``commitfs mount`` waits for the daemon to report (opening an S3
 #: repository may take a storage deadline or two).
 START_TIMEOUT_S = 180.0
+#: Daemon logs (mount-*.log) untouched for this long are deleted by the next mount.
+LOG_KEEP_S = 14 * 86400
 #: How long ``commitfs umount`` waits for the daemon to exit after the unmount.
 EXIT_TIMEOUT_S = 15.0
 
@@ -207,9 +209,23 @@ def _alive(pid: int) -> bool:
 
 
 # --- starting -------------------------------------------------------------------------
+def _prune_logs(logs: Path, keep_s: float = LOG_KEEP_S) -> None:
+    now = time.time()
+    try:
+        for f in logs.glob("mount-*.log"):
+            try:
+                if now - f.stat().st_mtime > keep_s:
+                    f.unlink()
+            except OSError:
+                pass
+    except OSError:
+        pass
+
+
 def start_daemon(config: DaemonConfig, timeout_s: float = START_TIMEOUT_S) -> int:
     """Start the daemon in the background; return its pid once the mount is live."""
     Path(config.log_file).parent.mkdir(parents=True, exist_ok=True)
+    _prune_logs(Path(config.log_file).parent)
     read_fd, write_fd = os.pipe()
     try:
         with open(config.log_file, "ab") as log, open(os.devnull, "rb") as devnull:

@@ -60,7 +60,13 @@ from commitfs.model.ids import HEX_SIZE, is_hex
 from commitfs.model.objects import EMPTY_MANIFEST, Commit, FileManifest, Kind, Tree, TreeEntry
 from commitfs.repo.repository import MIN_PREFIX, Repository
 from commitfs.vfs import prefetch
-from commitfs.vfs.errors import BadHandleError, NoSuchAttributeError, NotASymlinkError, ReadOnlyError
+from commitfs.vfs.errors import (
+    BadHandleError,
+    NoSuchAttributeError,
+    NotASymlinkError,
+    ReadOnlyError,
+    ShuttingDownError,
+)
 from commitfs.vfs.inode import (
     XATTR_REPO,
     Attr,
@@ -190,8 +196,11 @@ class _SingleFlight:
             except ValueError:
                 pass  # larger than the whole cache: served, not kept
             return flight.value
-        except BaseException as exc:
+        except Exception as exc:
             flight.error = exc
+            raise
+        except BaseException:  # cancelled: the waiters must not re-raise another task's Cancelled
+            flight.error = ShuttingDownError("the file system is shutting down")
             raise
         finally:
             del self._flights[key]
