@@ -33,7 +33,7 @@ from commitfs.model import chunker
 from commitfs.model.ids import hash_bytes
 from commitfs.model.objects import Commit, FileManifest, Kind, Tree, TreeEntry, symlink_entry
 from commitfs.ops.statcache import StatCache
-from commitfs.repo.pack import BlobKind
+from commitfs.repo.pack import BlobKind, maybe_compress
 from commitfs.repo.repository import BlobWriter, Repository, WriteStats
 
 # Files up to this size are read whole by pool threads; larger ones stream.
@@ -98,20 +98,83 @@ def _read_error(path: str, exc: OSError) -> InputError:
     return InputError(f"cannot read {_display(path)}: {exc.strerror or exc}")
 
 
-def chunk_file(path: str) -> tuple[list[bytes], list[bytes]]:
-    """(chunk ids, chunks) of a whole file; runs in pool threads."""
+@dataclass
+class PreparedFile:
+    """A file cut, hashed and compressed, ready for BlobWriter.add."""
+
+    ids: list[bytes] = field(default_factory=list)
+    chunks: list = field(default_factory=list)  # raw chunk views
+    stored: list = field(default_factory=list)  # what to store: the raw view or zstd bytes
+    compression: list = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return sum(len(c) for c in self.chunks)
+
+    def add(self, chunk) -> None:
+        stored, comp = maybe_compress(chunk, BlobKind.CHUNK)
+        self.ids.append(hash_bytes(chunk))
+        self.chunks.append(chunk)
+        self.stored.append(stored)
+        self.compression.append(comp)
+
+
+def prepare_chunks(chunks) -> PreparedFile:
+    prepared = PreparedFile()
+    for chunk in chunks:
+        prepared.add(chunk)
+    return prepared
+
+
+def prepare_file(path: str) -> PreparedFile:
+    """Read, cut, hash and compress a whole file; runs in pool threads.
+
+    Reading, cutting, hashing and zstd all release the GIL, so pool threads
+    run in parallel and the committing thread only packs.
+    """
     try:
         with open(path, "rb", buffering=0) as f:
-            chunks = list(chunker.iter_chunks(f))
+            data = f.read()
     except OSError as exc:
         raise _read_error(path, exc) from None
-    return [hash_bytes(c) for c in chunks], chunks
+    return prepare_chunks(chunker.cut(data))
 
 
-def store_chunks(writer: BlobWriter, ids: list[bytes], chunks: list[bytes]) -> bytes:
-    for cid, chunk in zip(ids, chunks):
-        writer.add(cid, BlobKind.CHUNK, chunk)
-    return writer.add_manifest(FileManifest(tuple(ids), tuple(len(c) for c in chunks)))
+def store_prepared(writer: BlobWriter, prepared: PreparedFile, manifest: bool = True) -> bytes | None:
+    """Store a prepared file's chunks and (unless told not to) its manifest; return the file id."""
+    for cid, chunk, stored, comp in zip(prepared.ids, prepared.chunks, prepared.stored, prepared.compression):
+        writer.add(cid, BlobKind.CHUNK, chunk, stored=stored, compression=comp)
+    if not manifest:
+        return None
+    return writer.add_manifest(FileManifest(tuple(prepared.ids), tuple(len(c) for c in prepared.chunks)))
+
+
+def store_large_file(pool: ThreadPoolExecutor, writer: BlobWriter, path: str,
+                     on_bytes: Callable[[int], None]) -> tuple[bytes, int]:
+    """Chunk a large file window by window, hashing and compressing windows in
+    the pool while this thread packs earlier ones; bounded read-ahead."""
+    ids: list[bytes] = []
+    sizes: list[int] = []
+    pending: deque = deque()
+
+    def drain() -> None:
+        prepared = pending.popleft().result()
+        store_prepared(writer, prepared, manifest=False)
+        ids.extend(prepared.ids)
+        sizes.extend(len(c) for c in prepared.chunks)
+        on_bytes(prepared.size)
+
+    try:
+        with open(path, "rb", buffering=0) as f:
+            for batch in chunker.iter_chunk_batches(f):
+                pending.append(pool.submit(prepare_chunks, batch))
+                if len(pending) > 2 * _READ_THREADS:
+                    drain()
+    except OSError as exc:
+        raise _read_error(path, exc) from None
+    while pending:
+        drain()
+    return writer.add_manifest(FileManifest(tuple(ids), tuple(sizes))), sum(sizes)
 
 
 def store_stream(writer: BlobWriter, stream, on_bytes: Callable[[int], None] | None = None) -> tuple[bytes, int]:
@@ -252,9 +315,9 @@ def _read_changed(writer, to_read, prog: Progress, progress) -> None:
         def drain_one() -> None:
             nonlocal inflight
             d, slot, st, fut = pending.popleft()
-            ids, chunks = fut.result()
-            fid = store_chunks(writer, ids, chunks)
-            size = sum(len(c) for c in chunks)
+            prepared = fut.result()
+            fid = store_prepared(writer, prepared)
+            size = prepared.size
             inflight -= st.st_size
             name, kind, _ = d.entries[slot]
             d.entries[slot] = (name, kind, (fid, size, st))
@@ -265,18 +328,14 @@ def _read_changed(writer, to_read, prog: Progress, progress) -> None:
                 while pending:
                     drain_one()
                 path = os.path.join(d.path, d.entries[slot][0])
-                try:
-                    with open(path, "rb", buffering=0) as f:
-                        fid, size = store_stream(writer, f, done)
-                except OSError as exc:
-                    raise _read_error(path, exc) from None
+                fid, size = store_large_file(pool, writer, path, done)
                 name, kind, _ = d.entries[slot]
                 d.entries[slot] = (name, kind, (fid, size, st))
                 done(0, 1)
                 continue
             while pending and inflight + st.st_size > _READ_AHEAD_BYTES:
                 drain_one()
-            pending.append((d, slot, st, pool.submit(chunk_file, os.path.join(d.path, d.entries[slot][0]))))
+            pending.append((d, slot, st, pool.submit(prepare_file, os.path.join(d.path, d.entries[slot][0]))))
             inflight += st.st_size
         while pending:
             drain_one()

@@ -17,8 +17,9 @@ file order, so sequential reads of one file become few ranged reads.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+import threading
 from enum import IntEnum
+from typing import NamedTuple
 
 import zstandard
 
@@ -52,9 +53,12 @@ class Compression(IntEnum):
     ZSTD = 1
 
 
-@dataclass(frozen=True, slots=True)
-class Location:
-    """Where a blob lies: the index's answer for a blob id."""
+class Location(NamedTuple):
+    """Where a blob lies: the index's answer for a blob id.
+
+    A named tuple, not a dataclass: one is made per blob on hot paths (a
+    commit, an index lookup), and tuples are several times cheaper to build.
+    """
 
     pack: bytes
     offset: int
@@ -73,11 +77,27 @@ def pack_id_from_key(key: str) -> bytes:
     return bytes.fromhex(key.rsplit("/", 1)[1])
 
 
-def maybe_compress(data: bytes, kind: BlobKind) -> tuple[bytes, Compression]:
-    """Return (stored bytes, compression) choosing zstd only where it pays."""
+_local = threading.local()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    # A compressor is not thread-safe, and making one costs more than
+    # compressing a small blob: keep one per thread.
+    comp = getattr(_local, "zstd", None)
+    if comp is None:
+        comp = _local.zstd = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
+    return comp
+
+
+def maybe_compress(data, kind: BlobKind) -> tuple[bytes | memoryview, Compression]:
+    """Return (stored bytes, compression), choosing zstd only where it pays.
+
+    ``data`` is any bytes-like object; it is returned as is when stored raw.
+    Thread-safe (one compressor per thread), and zstd runs without the GIL.
+    """
     if len(data) < 64:
         return data, Compression.NONE
-    comp = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)  # not thread-safe: one per call
+    comp = _compressor()
     if kind is BlobKind.CHUNK and len(data) > _PROBE_SIZE * 2:
         probe = comp.compress(data[:_PROBE_SIZE])
         if len(probe) > _PROBE_SIZE * _PROBE_RATIO:
@@ -96,30 +116,57 @@ def decompress(stored: bytes, compression: Compression, raw: int) -> bytes:
     raise ValueError(f"unknown compression {compression}")
 
 
-class PackBuilder:
-    """Accumulates blobs into one pack in memory."""
+# Room for a full pack: the target, one maximal blob past it, and its entry table.
+PACK_BUFFER_SIZE = TARGET_PACK_SIZE + 2 * 1024 * 1024
 
-    def __init__(self) -> None:
-        self.buf = bytearray()
+
+class PackBuilder:
+    """Accumulates blobs into one pack in a preallocated buffer.
+
+    Blobs are copied once, into the buffer; ``finish`` appends the entry table
+    and returns a view of the pack, so building a pack allocates nothing per
+    blob.  The caller may reuse the buffer (``take_buffer``) once the pack is
+    stored: reusing buffers keeps a commit from faulting in fresh pages for
+    every pack.
+    """
+
+    def __init__(self, buffer: bytearray | None = None) -> None:
+        self.buf = buffer if buffer is not None else bytearray(PACK_BUFFER_SIZE)
+        self.size = 0
         self.entries: list[tuple[bytes, BlobKind, Compression, int, int, int]] = []
 
     def __len__(self) -> int:
-        return len(self.buf)
+        return self.size
 
-    def add(self, oid: bytes, kind: BlobKind, stored: bytes, compression: Compression, raw: int) -> int:
-        offset = len(self.buf)
-        self.buf += stored
+    def _put(self, data) -> None:
+        end = self.size + len(data)
+        if end > len(self.buf):
+            self.buf.extend(bytes(max(end - len(self.buf), len(self.buf) // 2)))
+        self.buf[self.size:end] = data
+        self.size = end
+
+    def add(self, oid: bytes, kind: BlobKind, stored, compression: Compression, raw: int) -> int:
+        offset = self.size
+        self._put(stored)
         self.entries.append((oid, kind, compression, offset, len(stored), raw))
         return offset
 
-    def finish(self) -> tuple[bytes, bytes]:
-        """Return (pack id, pack bytes)."""
-        out = self.buf
-        for oid, kind, comp, off, stored, raw in self.entries:
-            out += ENTRY.pack(oid, kind, comp, off, stored, raw)
-        out += FOOTER.pack(len(self.entries), PACK_MAGIC)
-        data = bytes(out)
-        return hash_bytes(data), data
+    def seal(self) -> memoryview:
+        """Append the entry table; return a view of the whole pack (its id is its hash)."""
+        table = b"".join(ENTRY.pack(oid, kind, comp, off, stored, raw)
+                         for oid, kind, comp, off, stored, raw in self.entries)
+        self._put(table + FOOTER.pack(len(self.entries), PACK_MAGIC))
+        return memoryview(self.buf)[:self.size]
+
+    def finish(self) -> tuple[bytes, memoryview]:
+        """Seal the pack; return (pack id, a view of the whole pack)."""
+        view = self.seal()
+        return hash_bytes(view), view
+
+    def take_buffer(self) -> bytearray:
+        """The buffer, for a new builder (after every view of it is released)."""
+        buf, self.buf = self.buf, bytearray()
+        return buf
 
 
 def parse_pack_table(data: bytes) -> list[tuple[bytes, Location]]:

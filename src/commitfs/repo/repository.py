@@ -14,7 +14,7 @@ import json
 import re
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -32,8 +32,10 @@ from commitfs.model.ids import HEX_SIZE, hash_bytes, is_hex
 from commitfs.model.objects import Commit, DecodeError, FileManifest, Tree
 from commitfs.repo.index import Index
 from commitfs.repo.pack import (
+    PACK_BUFFER_SIZE,
     TARGET_PACK_SIZE,
     BlobKind,
+    Compression,
     Location,
     PackBuilder,
     decompress,
@@ -110,8 +112,8 @@ class Repository:
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "id": uuid.uuid4().hex,
-            "chunker": {"algorithm": "fastcdc", "min": chunker.MIN_SIZE, "avg": chunker.AVG_SIZE,
-                        "max": chunker.MAX_SIZE},
+            "chunker": {"algorithm": "fastcdc-2020", "min": chunker.MIN_SIZE, "avg": chunker.AVG_SIZE,
+                        "max": chunker.MAX_SIZE, "normalization": chunker.NORMALIZATION},
             "hash": "blake3-256",
         }
         store.save_object(CONFIG_KEY, json.dumps(config, sort_keys=True, indent=1).encode() + b"\n")
@@ -326,23 +328,30 @@ class BlobWriter:
 
     Chunks go to data packs, manifests and trees to metadata packs (so that
     browsing a tree reads dense metadata).  Full packs are uploaded by a small
-    thread pool while the caller goes on producing blobs.  ``finish`` waits
-    for the uploads, then writes the index segment: only then are the blobs
-    visible to other readers.  Abandoning a writer leaves unreferenced packs.
+    thread pool while the caller goes on producing blobs; pack buffers are
+    recycled once uploaded.  ``finish`` waits for the uploads, then writes the
+    index segment: only then are the blobs visible to other readers.
+    Abandoning a writer leaves unreferenced packs, which gc removes.
+
+    Callers that chunk in parallel threads hash and compress there and hand
+    the results to ``add`` (``stored``/``compression``), so this object's
+    single thread only deduplicates and copies bytes into packs.
     """
 
-    # Packs in flight at once: overlaps hashing with I/O, bounds memory.
+    # Packs in flight at once: overlaps producing blobs with I/O, bounds memory
+    # (each in-flight data pack holds a ~34 MiB buffer).
     UPLOAD_THREADS = 4
+    _META_BUFFER = 1024 * 1024  # metadata packs start small and grow
 
     def __init__(self, repo: Repository):
         self.repo = repo
         self.stats = WriteStats()
-        self._builders = {"data": PackBuilder(), "meta": PackBuilder()}
+        self._free: list[bytearray] = []
+        self._builders = {"data": PackBuilder(), "meta": PackBuilder(bytearray(self._META_BUFFER))}
         self._session: dict[bytes, Location] = {}
         self._pool = ThreadPoolExecutor(self.UPLOAD_THREADS, thread_name_prefix="commitfs-upload")
         self._uploads: list[Future] = []
         self._lock = threading.Lock()
-        self.on_progress: Callable[[int], None] | None = None
 
     def __enter__(self) -> BlobWriter:
         return self
@@ -356,15 +365,21 @@ class BlobWriter:
     def has(self, oid: bytes) -> bool:
         return oid in self._session or self.repo.has_blob(oid)
 
-    def add(self, oid: bytes, kind: BlobKind, data: bytes) -> bool:
-        """Store a blob unless present; return True if it was new."""
+    def add(self, oid: bytes, kind: BlobKind, data, *, stored=None, compression: Compression | None = None) -> bool:
+        """Store a blob unless present; return True if it was new.
+
+        ``data`` is the raw bytes (any bytes-like object; its length is the raw
+        size).  Pass ``stored`` and ``compression`` if already decided by
+        maybe_compress, e.g. in a worker thread.
+        """
         if self.has(oid):
             self.stats.blobs_dedup += 1
             return False
-        stored, comp = maybe_compress(data, kind)
+        if stored is None:
+            stored, compression = maybe_compress(data, kind)
         builder = self._builders["data" if kind is BlobKind.CHUNK else "meta"]
-        offset = builder.add(oid, kind, stored, comp, len(data))
-        self._session[oid] = Location(b"", offset, len(stored), len(data), kind, comp)
+        offset = builder.add(oid, kind, stored, compression, len(data))
+        self._session[oid] = Location(b"", offset, len(stored), len(data), kind, compression)
         self.stats.blobs_new += 1
         self.stats.bytes_new_raw += len(data)
         self.stats.bytes_new_stored += len(stored)
@@ -387,25 +402,31 @@ class BlobWriter:
     def _flush(self, builder: PackBuilder) -> None:
         if not builder.entries:
             return
-        pack_id, data = builder.finish()
+        view = builder.seal()
+        for name, b in self._builders.items():
+            if b is builder:
+                with self._lock:
+                    buf = self._free.pop() if self._free and name == "data" else None
+                self._builders[name] = PackBuilder(buf if name == "data" else bytearray(self._META_BUFFER))
+        # Bound the packs held in memory: wait for the oldest upload first.
+        while len([f for f in self._uploads if not f.done()]) >= self.UPLOAD_THREADS:
+            next(f for f in self._uploads if not f.done()).result()
+        self._uploads.append(self._pool.submit(self._upload, builder, view))
+
+    def _upload(self, builder: PackBuilder, view: memoryview) -> list:
+        pack_id = hash_bytes(view)  # here, not in the producing thread: blake3 runs without the GIL
         entries = [
             (oid, Location(pack_id, off, stored, raw, BlobKind(kind), comp))
             for oid, kind, comp, off, stored, raw in builder.entries
         ]
-        for name, b in self._builders.items():
-            if b is builder:
-                self._builders[name] = PackBuilder()
-        # Bound the packs held in memory: wait for the oldest upload first.
-        while len([f for f in self._uploads if not f.done()]) >= self.UPLOAD_THREADS:
-            next(f for f in self._uploads if not f.done()).result()
-        self._uploads.append(self._pool.submit(self._upload, pack_id, data, entries))
-
-    def _upload(self, pack_id: bytes, data: bytes, entries) -> list:
-        self.repo.store.save_object(pack_key(pack_id), data)
+        self.repo.store.save_object(pack_key(pack_id), view)
+        view.release()
         with self._lock:
             self.stats.packs += 1
             for oid, loc in entries:
                 self._session[oid] = loc
+            if len(builder.buf) >= PACK_BUFFER_SIZE:
+                self._free.append(builder.take_buffer())
         return entries
 
     def finish(self) -> int:

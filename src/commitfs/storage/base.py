@@ -27,7 +27,8 @@ class Store(abc.ABC):
     # --- immutable objects -------------------------------------------------
     @abc.abstractmethod
     def save_object(self, key: str, data: bytes) -> None:
-        """Store ``data`` under ``key`` atomically; rewriting identical data is harmless."""
+        """Store ``data`` (any bytes-like object) under ``key`` atomically;
+        rewriting identical data is harmless."""
 
     @abc.abstractmethod
     def load_object(self, key: str) -> bytes:

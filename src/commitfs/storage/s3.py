@@ -202,6 +202,8 @@ class S3Store(Store):
     def save_object(self, key: str, data: bytes) -> None:
         # One PUT (up to 5 GiB) is atomic: readers see the old state or all of it.
         s3_key = self._s3_key(key)
+        if not isinstance(data, bytes):
+            data = bytes(data)  # botocore signs and sends bytes, not arbitrary buffers
         self._call("PUT", s3_key, lambda: self._client.put_object(Bucket=self.bucket, Key=s3_key, Body=data))
 
     def load_object(self, key: str) -> bytes:
