@@ -12,6 +12,8 @@ import sys
 import fsspec
 import pytest
 
+import commitfs
+
 from commitfs.fsspec import DEFAULT_BLOCK_SIZE, CommitfsFileSystem
 from commitfs.model import chunker
 from lineage_fixtures import cfs
@@ -29,11 +31,11 @@ def repo_url(store_url, tmp_path, sample_dir):
     (sample_dir / "blobs" / "big.bin").write_bytes(rng.randbytes(BIG))
     os.symlink("../labels.csv", sample_dir / "blobs" / "labels-link.csv")
     os.symlink("/etc/passwd", sample_dir / "blobs" / "outside")
-    cfs("-r", store_url, "init")
-    cfs("-r", store_url, "commit", sample_dir, "-m", "v1")
-    cfs("-r", store_url, "tag", "v1", "main")
-    (sample_dir / "labels.csv").write_text("path,label\n")
-    cfs("-r", store_url, "commit", sample_dir, "-b", "team/exp", "-m", "v2")
+    with commitfs.Repository.init(store_url) as repo:
+        v1 = repo.commit(sample_dir, message="v1")
+        repo._repo.refs.create_tag("v1", bytes.fromhex(v1))
+        (sample_dir / "labels.csv").write_text("path,label\n")
+        repo.commit(sample_dir, branch="team/exp", message="v2")
     return store_url
 
 
