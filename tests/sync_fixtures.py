@@ -14,6 +14,8 @@
   prefix, and can run a hook before a call (to stage races).
 * ``small_packs``: packs of 256 KiB and sync batches of 512 KiB, so a few MiB
   of test data make many packs and index segments.
+* ``pack_mode``: runs a test twice, with blobs re-packed one by one and with
+  data packs copied whole whenever possible.
 """
 
 from __future__ import annotations
@@ -254,3 +256,16 @@ def small_packs(monkeypatch):
 
     monkeypatch.setattr(repository, "TARGET_PACK_SIZE", 256 * 1024)
     monkeypatch.setattr(sync, "BATCH_BYTES", 512 * 1024)
+
+
+@pytest.fixture(params=["repack", "whole packs"])
+def pack_mode(request, monkeypatch):
+    """Blobs re-packed one by one, or data packs copied whole whenever possible."""
+    import commitfs.ops.sync as sync
+
+    if request.param == "whole packs":
+        monkeypatch.setattr(sync, "_WHOLE_PACK_MIN", 0)
+        monkeypatch.setattr(sync, "_WHOLE_PACK_SHARE", 0.0)
+    else:
+        monkeypatch.setattr(sync, "_WHOLE_PACK_MIN", float("inf"))
+    return request.param

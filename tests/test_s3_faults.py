@@ -55,7 +55,7 @@ def checked_out(url: str, dest) -> dict:
     return describe(dest)
 
 
-def test_push_interrupted_by_server_death_resumes(tmp_path, proxied_s3, cache_home, small_packs, capsys):
+def test_push_interrupted_by_server_death_resumes(tmp_path, proxied_s3, cache_home, small_packs, pack_mode, capsys):
     want = make_data(tmp_path / "data")
     local = str(tmp_path / "local")
     with Repository.init(local) as r:
@@ -87,7 +87,7 @@ def test_push_interrupted_by_server_death_resumes(tmp_path, proxied_s3, cache_ho
     assert checked_out(proxied_s3.url, tmp_path / "out") == want
 
 
-def test_pull_interrupted_by_server_death_resumes(tmp_path, proxied_s3, cache_home, small_packs, capsys):
+def test_pull_interrupted_by_server_death_resumes(tmp_path, proxied_s3, cache_home, small_packs, pack_mode, capsys):
     want = make_data(tmp_path / "data", seed=2)
     with Repository.init(proxied_s3.url) as r:
         commit_directory(r, tmp_path / "data", message="v1")
@@ -114,7 +114,7 @@ def test_pull_interrupted_by_server_death_resumes(tmp_path, proxied_s3, cache_ho
     assert checked_out(local, tmp_path / "out") == want
 
 
-def test_clone_interrupted_by_server_death_resumes(tmp_path, proxied_s3, cache_home, small_packs, capsys):
+def test_clone_interrupted_by_server_death_resumes(tmp_path, proxied_s3, cache_home, small_packs, pack_mode, capsys):
     want = make_data(tmp_path / "data", seed=3)
     with Repository.init(proxied_s3.url) as r:
         commit_directory(r, tmp_path / "data", message="v1")

@@ -27,7 +27,7 @@ from core_fixtures import (
 )
 from sync_fixtures import counting_repository
 
-from commitfs.errors import RefConflictError, RevisionError, StorageError
+from commitfs.errors import CorruptObjectError, RefConflictError, RevisionError, StorageError
 from commitfs.model.ids import ID_SIZE
 from commitfs.model.objects import FileManifest, Kind, Tree
 from commitfs.ops import sync
@@ -35,7 +35,7 @@ from commitfs.ops.checkout import checkout
 from commitfs.ops.snapshot import commit_directory
 from commitfs.repo.index import ENTRY as INDEX_ENTRY
 from commitfs.repo.index import HEADER as INDEX_HEADER
-from commitfs.repo.pack import BlobKind
+from commitfs.repo.pack import BlobKind, pack_key
 from commitfs.repo.repository import Repository, commit_key
 
 
@@ -344,7 +344,8 @@ def _index_invariant_holds(url: str) -> int:
         return sum(1 for loc in entries.values() if loc.kind is BlobKind.CHUNK)
 
 
-def test_interrupted_push_at_every_write_keeps_the_invariant_and_resumes(tmp_path, cache_home, small_packs):
+def test_interrupted_push_at_every_write_keeps_the_invariant_and_resumes(tmp_path, cache_home, small_packs,
+                                                                         pack_mode):
     data = tmp_path / "data"
     rng = random.Random(9)
     make_random_tree(data / "tree", rng, big=1_500_000)
@@ -360,7 +361,9 @@ def test_interrupted_push_at_every_write_keeps_the_invariant_and_resumes(tmp_pat
         full = sync.push(s, d)
         writes = d.store.calls["save_object"]
     assert full.stats.segments >= 4 and full.stats.packs >= 8  # the test exercises batching
+    assert (full.stats.packs_copied > 0) == (pack_mode == "whole packs")
 
+    index_only = 0
     for fail_at in range(writes):
         dst = str(tmp_path / f"dst-{fail_at}")
         Repository.init(dst).close()
@@ -375,11 +378,14 @@ def test_interrupted_push_at_every_write_keeps_the_invariant_and_resumes(tmp_pat
                 sync.push(s, d)
         assert branch_of(dst) is None
         indexed = _index_invariant_holds(dst)
-        with Repository.open(src) as s, Repository.open(dst) as d:
+        with Repository.open(src) as s, counting_repository(dst) as d:
             resumed = sync.push(s, d)
+            if resumed.stats.packs > d.store.saved_count["packs"]:
+                index_only += 1  # a pack copied whole before the failure, only indexed now
         # Chunks that were indexed before the failure are not sent again.
         assert resumed.stats.chunks == full.stats.chunks - indexed
         assert branch_of(dst) == branch_of(src)
+    assert (index_only > 0) == (pack_mode == "whole packs")
     assert_fsck_clean(dst)
     assert checked_out(dst, "main", tmp_path / "out") == describe(data)
 
@@ -453,6 +459,32 @@ def test_interrupted_pull_from_s3_resumes(tmp_path, s3_url, cache_home, small_pa
     assert branch_of(local) == branch_of(s3_url)
     assert_fsck_clean(local)
     assert checked_out(local, "main", tmp_path / "out") == describe(data)
+
+
+def test_whole_pack_copy_of_a_corrupt_pack_falls_back_and_fails_cleanly(tmp_path, cache_home, small_packs,
+                                                                        monkeypatch):
+    monkeypatch.setattr(sync, "_WHOLE_PACK_MIN", 0)
+    data = tmp_path / "data"
+    random_files(data, random.Random(13), 12, 100_000)
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    Repository.init(src).close()
+    Repository.init(dst).close()
+    commit(src, data, "v1")
+    with Repository.open(src) as s:
+        with Repository.open(dst) as d:
+            plan = sync._plan(s, d, [s.refs.lookup_branch("main")], 2, lambda n: None)
+        oid, loc = plan.chunks[len(plan.chunks) // 2]
+        path = s.store.local_path(pack_key(loc.pack))
+    raw = bytearray(path.read_bytes())
+    raw[loc.offset + 10] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with Repository.open(src) as s, Repository.open(dst) as d:
+        with pytest.raises(CorruptObjectError, match=f"object {oid.hex()} fails its hash check"):
+            sync.push(s, d)
+    assert branch_of(dst) is None
+    with Repository.open(dst) as d:
+        assert not d.has_blob(oid)  # the corrupt pack was neither copied nor indexed
+        assert d.store.lookup_size(pack_key(loc.pack)) is None
 
 
 def test_commits_are_written_after_their_blobs_and_parents(tmp_path, cache_home):

@@ -28,6 +28,14 @@ progressively, so an interrupted push or pull, re-run, skips them and only
 re-sends the packs of the last unfinished batch.  Nothing references those
 blobs until refs move, so making them visible early is harmless.
 
+**Whole packs.**  A source pack holding only chunks, most of whose bytes
+are needed (a first push, a clone), is copied verbatim instead: read whole,
+checked against its id (the hash of its bytes), stored under the same key and
+indexed (every chunk in it: chunks have nothing beneath them, so indexing
+one the walk did not ask for is harmless).  It saves re-packing, and the
+copy runs at the store's speed for large objects.  A pack already in the
+destination (copied by an interrupted run, not yet indexed) is only indexed.
+
 **Refs.**  Commit objects are written after every blob (parents before
 children), and the branch last, by compare-and-swap against the value read
 before the transfer.  Push refuses to move a remote branch that is not an
@@ -49,7 +57,7 @@ from dataclasses import dataclass, field
 from commitfs.errors import CorruptObjectError, ObjectNotFoundError, RefConflictError, RevisionError
 from commitfs.model.ids import hash_bytes
 from commitfs.model.objects import Commit, DecodeError, FileManifest, Tree
-from commitfs.repo.pack import TARGET_PACK_SIZE, BlobKind, Location, decompress, pack_key
+from commitfs.repo.pack import TARGET_PACK_SIZE, BlobKind, Location, decompress, pack_key, parse_pack_table
 from commitfs.repo.repository import BlobWriter, Repository, commit_key
 
 #: Worker threads reading from the source (the destination's BlobWriter adds
@@ -65,6 +73,13 @@ _COALESCE_GAP = 256 * 1024
 _MAX_RUN = 8 * 1024 * 1024
 #: Source bytes read ahead of the writer, per thread.
 _WINDOW_PER_THREAD = 2 * _MAX_RUN
+#: Copy a data pack whole when the blobs needed from it are at least this
+#: share of its bytes (the rest is copied along: at most 10% waste)...
+_WHOLE_PACK_SHARE = 0.9
+#: ...and at least this much (not worth a size request below).
+_WHOLE_PACK_MIN = 1024 * 1024
+#: Whole packs in flight at once (each is held in memory).
+_WHOLE_PACK_THREADS = 4
 
 
 @dataclass
@@ -88,6 +103,8 @@ class SyncStats:
     bytes_read: int = 0
     bytes_sent: int = 0
     packs: int = 0
+    #: Of ``packs``: copied whole from the source.
+    packs_copied: int = 0
     segments: int = 0
 
     @property
@@ -97,7 +114,7 @@ class SyncStats:
     def to_json(self) -> dict:
         return {"commits": self.commits, "trees": self.trees, "manifests": self.manifests,
                 "chunks": self.chunks, "bytes_read": self.bytes_read, "bytes_sent": self.bytes_sent,
-                "packs": self.packs, "segments": self.segments}
+                "packs": self.packs, "packs_copied": self.packs_copied, "segments": self.segments}
 
 
 @dataclass
@@ -350,6 +367,92 @@ def _plan(src: Repository, dst: Repository, tips: list[bytes], threads: int,
 
 
 # --- sending -----------------------------------------------------------------------
+def _whole_packs(src: Repository, dst: Repository, chunks: list[tuple[bytes, Location]]) -> dict[bytes, int]:
+    """Source packs worth copying whole: {pack id: size}."""
+    needed: dict[bytes, int] = {}
+    for _, loc in chunks:
+        needed[loc.pack] = needed.get(loc.pack, 0) + loc.stored
+    out = {}
+    for pid, nbytes in needed.items():
+        if nbytes < _WHOLE_PACK_MIN:
+            continue
+        size = src.store.lookup_size(pack_key(pid))
+        if size is not None and nbytes >= _WHOLE_PACK_SHARE * size:
+            out[pid] = size
+    return out
+
+
+def _copy_pack(src: Repository, dst: Repository, pid: bytes, size: int) -> tuple[list, int] | None:
+    """Copy one pack verbatim; (its index entries, bytes uploaded), or None
+    if it is not a pack of chunks only, or fails its hash (the caller then
+    re-packs its blobs one by one, verifying each)."""
+    key = pack_key(pid)
+    data = src.store.load_object(key)
+    if len(data) != size or hash_bytes(data) != pid:
+        return None
+    try:
+        entries = parse_pack_table(data)
+    except ValueError:
+        return None
+    if any(loc.kind is not BlobKind.CHUNK for _, loc in entries):
+        return None
+    sent = 0
+    if dst.store.lookup_size(key) != size:  # else: copied by an interrupted run
+        dst.store.save_object(key, data)
+        sent = size
+    return [(oid, Location(pid, loc.offset, loc.stored, loc.raw, loc.kind, loc.compression))
+            for oid, loc in entries], sent
+
+
+def _copy_whole_packs(src: Repository, dst: Repository, plan: _Plan, stats: SyncStats, batch_bytes: int,
+                      sent: Callable[[int, int], None]) -> None:
+    """Copy the packs worth copying whole; drop their chunks from the plan.
+    An index segment is written after every ``batch_bytes`` of packs."""
+    packs = _whole_packs(src, dst, plan.chunks)
+    if not packs:
+        return
+    needed: dict[bytes, list[int]] = {pid: [0, 0] for pid in packs}  # pack: [chunks, stored bytes]
+    for _, loc in plan.chunks:
+        if loc.pack in needed:
+            needed[loc.pack][0] += 1
+            needed[loc.pack][1] += loc.stored
+    copied: set[bytes] = set()
+    pending: list[tuple[bytes, Location]] = []
+    pending_bytes = 0
+
+    def index() -> None:
+        nonlocal pending, pending_bytes
+        if pending:
+            dst.index.add_segment(pending)  # after the packs it names are stored
+            stats.segments += 1
+        pending, pending_bytes = [], 0
+
+    with ThreadPoolExecutor(_WHOLE_PACK_THREADS, thread_name_prefix="commitfs-sync-pack") as pool:
+        futures = [(pid, pool.submit(_copy_pack, src, dst, pid, size)) for pid, size in packs.items()]
+        try:
+            for pid, fut in futures:
+                done = fut.result()
+                if done is None:
+                    continue
+                entries, nbytes = done
+                copied.add(pid)
+                pending.extend(entries)
+                pending_bytes += packs[pid]
+                stats.packs += 1
+                stats.packs_copied += 1
+                stats.bytes_sent += nbytes
+                stats.chunks += needed[pid][0]
+                sent(*needed[pid])
+                if pending_bytes >= batch_bytes:
+                    index()
+            index()
+        except BaseException:
+            for _, f in futures:
+                f.cancel()
+            raise
+    plan.chunks = [(oid, loc) for oid, loc in plan.chunks if loc.pack not in copied]
+
+
 class _BatchWriter:
     """BlobWriters one after another, each finished (one index segment)
     after ``batch_bytes`` new stored bytes."""
@@ -401,19 +504,25 @@ def transfer(src: Repository, dst: Repository, tips: Iterable[bytes], *, threads
     if progress:
         progress(prog)
 
-    def sent(loc: Location) -> None:
-        prog.objects_done += 1
-        prog.bytes_done += loc.stored
-        stats.bytes_read += loc.stored
+    def sent_many(objects: int, nbytes: int) -> None:
+        prog.objects_done += objects
+        prog.bytes_done += nbytes
+        stats.bytes_read += nbytes
         if progress:
             progress(prog)
 
-    out = _BatchWriter(dst, stats, batch_bytes or BATCH_BYTES)
+    def sent(loc: Location) -> None:
+        sent_many(1, loc.stored)
+
+    batch_bytes = batch_bytes or BATCH_BYTES
+    # Chunks first (whole packs, then one by one), then what refers to them.
+    _copy_whole_packs(src, dst, plan, stats, batch_bytes, sent_many)
+    out = _BatchWriter(dst, stats, batch_bytes)
     try:
         for oid, loc, data in _iter_blobs(src, plan.chunks, threads):
             out.add(oid, BlobKind.CHUNK, data)
             sent(loc)
-        stats.chunks = len(plan.chunks)
+        stats.chunks += len(plan.chunks)
         for kind, items in ((BlobKind.MANIFEST, plan.manifests), (BlobKind.TREE, plan.trees)):
             for oid, loc, data in items:
                 out.add(oid, kind, data)
