@@ -59,10 +59,14 @@ class DeferredSignals:
     def __init__(self):
         self.received: list[int] = []
         self._old: dict = {}
+        self._depth = 0
 
     def __enter__(self) -> DeferredSignals:
-        for s in _STOP_SIGNALS:
-            self._old[s] = signal.signal(s, self._record)
+        if not self._old:  # re-entering an active one keeps its handlers
+            self._depth = 0
+            for s in _STOP_SIGNALS:
+                self._old[s] = signal.signal(s, self._record)
+        self._depth += 1
         return self
 
     def _record(self, signo, frame) -> None:
@@ -77,8 +81,11 @@ class DeferredSignals:
             raise Interrupted(self.received[0])
 
     def __exit__(self, *exc) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
+        self._depth -= 1
+        if self._depth == 0:
+            for s, h in self._old.items():
+                signal.signal(s, h)
+            self._old = {}
 
 
 # --- mounts ------------------------------------------------------------------------
@@ -92,7 +99,11 @@ class Mounts:
 
     def __init__(self, endpoint_url: str | None):
         self.endpoint_url = endpoint_url
-        self.base = tempfile.mkdtemp(prefix="commitfs-run-")
+        try:
+            self.base = tempfile.mkdtemp(prefix="commitfs-run-")
+        except OSError as exc:
+            raise MountError(f"cannot create a directory for the input mounts in {tempfile.gettempdir()}: "
+                             f"{exc.strerror or exc}") from None
         self.points: list[str] = []
 
     def mount(self, inp: lineage.Input) -> str:
@@ -116,10 +127,12 @@ class Mounts:
             raise MountError(f"cannot mount input {inp.name}: `commitfs mount` succeeded but {point} is not mounted")
         return point
 
-    def cleanup(self) -> list[str]:
-        """Unmount everything (lazily if busy) and remove the directories; return problems."""
+    def cleanup(self, deferred: DeferredSignals | None = None) -> list[str]:
+        """Unmount everything (lazily if busy) and remove the directories; return problems.
+
+        Signals meanwhile are recorded in ``deferred`` (or dropped): an unmount is never cut short."""
         problems = []
-        with DeferredSignals():
+        with deferred or DeferredSignals():
             for point in reversed(self.points):
                 if _mounted(point):
                     problems.extend(self._unmount(point))
@@ -272,7 +285,7 @@ def cmd_run(args) -> int:
                     raise InputError(f"cannot run {command[0]}: {exc.strerror or exc}") from None
                 rc, stopped = wait_child(child, deferred)
                 finished = time.time()
-                for problem in mounts.cleanup():
+                for problem in mounts.cleanup(deferred):
                     warn(problem)
                 stopped = stopped or (deferred.received[0] if deferred.received else None)
         except Interrupted as exc:
