@@ -21,5 +21,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 extra=""
-[ "${1:-}" = "test" ] && extra="[test]"
+# The tests also run the PyTorch example: extra "example" pins the CPU build of
+# torch (a plain "torch" requirement would pull a multi-GB CUDA build).
+[ "${1:-}" = "test" ] && extra="[test,example]"
 .venv/bin/python -m pip install -q -e ".${extra}"

@@ -45,7 +45,7 @@ class StatCache:
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB)")
             row = self._db.execute("SELECT v FROM meta WHERE k='commit'").fetchone()
             self.commit_id = row[0] if row else None
-        except sqlite3.Error:
+        except (sqlite3.Error, OSError):
             self._db = None  # an unusable cache only costs re-reading
 
     def load(self) -> None:
@@ -79,7 +79,7 @@ class StatCache:
                 self._db.execute("DELETE FROM files")
                 self._db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", self._pending)
                 self._db.execute("INSERT OR REPLACE INTO meta VALUES ('commit', ?)", (commit_id,))
-        except sqlite3.Error:
+        except (sqlite3.Error, OSError):
             pass
         self._pending = []
 
