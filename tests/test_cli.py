@@ -76,7 +76,17 @@ def cli(capsys, cache_home):
 
 
 @pytest.fixture
-def url(store_url, cli):
+def url(local_url, cli):
+    """An initialised local repository.  The verbs do not depend on the
+    backend (test_repo/test_snapshot/test_fsck run on both); the tests taking
+    ``store_url`` run the command line against S3 too."""
+    cli("-r", local_url, "init")
+    return local_url
+
+
+@pytest.fixture
+def any_url(store_url, cli):
+    """An initialised repository on both backends."""
     cli("-r", store_url, "init")
     return store_url
 
@@ -101,7 +111,8 @@ def test_init(cli, store_url):
     assert "already" in cli("-r", store_url, "init", code=1).err
 
 
-def test_commit_json_and_nothing_to_commit(cli, url, dataset):
+def test_commit_json_and_nothing_to_commit(cli, any_url, dataset):
+    url = any_url
     first = cli("-r", url, "commit", dataset, "-m", "v1", "--meta", "source=test", "--json").json()
     assert set(first) == COMMIT_KEYS
     assert first["created"] is True and first["files"] == 4 and first["files_read"] == 4
@@ -301,7 +312,8 @@ def test_bad_inputs_to_commit_leave_the_repository_valid(cli, url, dataset, tmp_
     assert_fsck_clean(url, head=bytes.fromhex(new_head))
 
 
-def test_unknown_format_version(cli, url):
+def test_unknown_format_version(cli, any_url):
+    url = any_url
     repo = reopen(url)
     config = json.loads(repo.store.load_object("config"))
     config["version"] = 7

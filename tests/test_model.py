@@ -347,7 +347,7 @@ json_values = st.recursive(
 )
 
 
-@settings(max_examples=400)
+@settings(max_examples=200)
 @given(st.fixed_dictionaries({}, optional={
     "type": st.just(COMMIT_TYPE) | json_values,
     "tree": st.just(OID.hex()) | json_values,
