@@ -178,21 +178,22 @@ def _runs(items: list[tuple[bytes, Location]]) -> list[list[tuple[bytes, Locatio
     return runs
 
 
-def _read_run(src: Repository, run: list[tuple[bytes, Location]]) -> list[tuple[bytes, Location, bytes]]:
+def _read_run(src: Repository, run: list[tuple[bytes, Location]]) -> list[tuple[bytes, Location, bytes, bytes]]:
     first, last = run[0][1], run[-1][1]
     start, end = first.offset, last.offset + last.stored
     buf = src.store.load_range(pack_key(first.pack), start, end - start)
     out = []
     for oid, loc in run:
         rel = loc.offset - start
-        out.append((oid, loc, _verified(oid, loc, buf[rel:rel + loc.stored])))
+        stored = buf[rel:rel + loc.stored]
+        out.append((oid, loc, _verified(oid, loc, stored), stored))
     return out
 
 
 def _iter_blobs(src: Repository, items: list[tuple[bytes, Location]], threads: int,
-                ) -> Iterator[tuple[bytes, Location, bytes]]:
-    """Yield (id, location, verified data) of every item, read in parallel
-    runs with a bounded read-ahead, in pack order."""
+                ) -> Iterator[tuple[bytes, Location, bytes, bytes]]:
+    """Yield (id, location, verified data, stored bytes) of every item, read
+    in parallel runs with a bounded read-ahead, in pack order."""
     if not items:
         return
     window = _WINDOW_PER_THREAD * threads
@@ -315,7 +316,7 @@ def _plan(src: Repository, dst: Repository, tips: list[bytes], threads: int,
         manifests: list[bytes] = []
         next_level: list[bytes] = []
         fetched = list(_iter_blobs(src, [(t, src.locate(t)) for t in level], threads))
-        for tid, loc, data in fetched:
+        for tid, loc, data, _ in fetched:
             try:
                 tree = Tree.decode(data)
             except DecodeError as exc:
@@ -331,7 +332,7 @@ def _plan(src: Repository, dst: Repository, tips: list[bytes], threads: int,
                         kids.append(e.id)
                 elif e.kind.is_file and wanted(e.id, manifest_seen):
                     manifests.append(e.id)
-        for fid, loc, data in _iter_blobs(src, [(f, src.locate(f)) for f in manifests], threads):
+        for fid, loc, data, _ in _iter_blobs(src, [(f, src.locate(f)) for f in manifests], threads):
             try:
                 manifest = FileManifest.decode(data)
             except DecodeError as exc:
@@ -463,10 +464,15 @@ class _BatchWriter:
         self.batch_bytes = batch_bytes
         self.writer: BlobWriter | None = None
 
-    def add(self, oid: bytes, kind: BlobKind, data: bytes) -> None:
+    def add(self, oid: bytes, kind: BlobKind, data: bytes, stored: tuple | None = None) -> None:
+        """``stored``: (bytes, compression) as the source stored them, to
+        store them alike without compressing again."""
         if self.writer is None:
             self.writer = self.dst.writer()
-        self.writer.add(oid, kind, data)
+        if stored is None:
+            self.writer.add(oid, kind, data)
+        else:
+            self.writer.add(oid, kind, data, stored=stored[0], compression=stored[1])
         if self.writer.stats.bytes_new_stored >= self.batch_bytes:
             self.flush()
 
@@ -519,8 +525,8 @@ def transfer(src: Repository, dst: Repository, tips: Iterable[bytes], *, threads
     _copy_whole_packs(src, dst, plan, stats, batch_bytes, sent_many)
     out = _BatchWriter(dst, stats, batch_bytes)
     try:
-        for oid, loc, data in _iter_blobs(src, plan.chunks, threads):
-            out.add(oid, BlobKind.CHUNK, data)
+        for oid, loc, data, stored in _iter_blobs(src, plan.chunks, threads):
+            out.add(oid, BlobKind.CHUNK, data, (stored, loc.compression))
             sent(loc)
         stats.chunks += len(plan.chunks)
         for kind, items in ((BlobKind.MANIFEST, plan.manifests), (BlobKind.TREE, plan.trees)):
