@@ -22,7 +22,8 @@ segments are written one after another.
 **How.**  The source's blobs are read in coalesced ranged reads (neighbours in
 one pack, one request) by a bounded thread pool, verified against their ids,
 and re-packed into new packs by the destination's BlobWriter (which uploads
-with its own small pool).  Every ``batch_bytes`` (a few packs) the writer is
+with its own small pool), stored as the source stored them (no second
+compression).  Every ``batch_bytes`` (a few packs) the writer is
 finished, which writes an index segment: received blobs become visible
 progressively, so an interrupted push or pull, re-run, skips them and only
 re-sends the packs of the last unfinished batch.  Nothing references those
@@ -368,19 +369,16 @@ def _plan(src: Repository, dst: Repository, tips: list[bytes], threads: int,
 
 
 # --- sending -----------------------------------------------------------------------
-def _whole_packs(src: Repository, dst: Repository, chunks: list[tuple[bytes, Location]]) -> dict[bytes, int]:
+def _whole_packs(src: Repository, chunks: list[tuple[bytes, Location]], threads: int) -> dict[bytes, int]:
     """Source packs worth copying whole: {pack id: size}."""
     needed: dict[bytes, int] = {}
     for _, loc in chunks:
         needed[loc.pack] = needed.get(loc.pack, 0) + loc.stored
-    out = {}
-    for pid, nbytes in needed.items():
-        if nbytes < _WHOLE_PACK_MIN:
-            continue
-        size = src.store.lookup_size(pack_key(pid))
-        if size is not None and nbytes >= _WHOLE_PACK_SHARE * size:
-            out[pid] = size
-    return out
+    candidates = [pid for pid, nbytes in needed.items() if nbytes >= _WHOLE_PACK_MIN]
+    with ThreadPoolExecutor(threads, thread_name_prefix="commitfs-sync-size") as pool:
+        sizes = pool.map(lambda pid: src.store.lookup_size(pack_key(pid)), candidates)
+        return {pid: size for pid, size in zip(candidates, sizes)
+                if size is not None and needed[pid] >= _WHOLE_PACK_SHARE * size}
 
 
 def _copy_pack(src: Repository, dst: Repository, pid: bytes, size: int) -> tuple[list, int] | None:
@@ -406,10 +404,10 @@ def _copy_pack(src: Repository, dst: Repository, pid: bytes, size: int) -> tuple
 
 
 def _copy_whole_packs(src: Repository, dst: Repository, plan: _Plan, stats: SyncStats, batch_bytes: int,
-                      sent: Callable[[int, int], None]) -> None:
+                      threads: int, sent: Callable[[int, int], None]) -> None:
     """Copy the packs worth copying whole; drop their chunks from the plan.
     An index segment is written after every ``batch_bytes`` of packs."""
-    packs = _whole_packs(src, dst, plan.chunks)
+    packs = _whole_packs(src, plan.chunks, threads)
     if not packs:
         return
     needed: dict[bytes, list[int]] = {pid: [0, 0] for pid in packs}  # pack: [chunks, stored bytes]
@@ -497,6 +495,7 @@ def transfer(src: Repository, dst: Repository, tips: Iterable[bytes], *, threads
 
     ``batch_bytes``: new stored bytes per index segment (default BATCH_BYTES)."""
     tips = list(dict.fromkeys(tips))
+    threads = max(1, threads)
     stats = SyncStats()
     prog = SyncProgress()
 
@@ -505,7 +504,7 @@ def transfer(src: Repository, dst: Repository, tips: Iterable[bytes], *, threads
         if progress:
             progress(prog)
 
-    plan = _plan(src, dst, tips, max(1, threads), scanned)
+    plan = _plan(src, dst, tips, threads, scanned)
     prog = SyncProgress("send", 0, plan.blob_count + sum(map(len, plan.commits)), 0, plan.blob_bytes)
     if progress:
         progress(prog)
@@ -522,7 +521,7 @@ def transfer(src: Repository, dst: Repository, tips: Iterable[bytes], *, threads
 
     batch_bytes = batch_bytes or BATCH_BYTES
     # Chunks first (whole packs, then one by one), then what refers to them.
-    _copy_whole_packs(src, dst, plan, stats, batch_bytes, sent_many)
+    _copy_whole_packs(src, dst, plan, stats, batch_bytes, threads, sent_many)
     out = _BatchWriter(dst, stats, batch_bytes)
     try:
         for oid, loc, data, stored in _iter_blobs(src, plan.chunks, threads):
