@@ -536,7 +536,7 @@ class FileSystem:
         node = self._node(inode)
         if node.is_dir:
             raise IsADirectoryError_(f"inode {inode} is a directory")
-        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND | os.O_CREAT):
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise ReadOnlyError("the mount is read-only")
         if not isinstance(node, FileNode):
             raise PathNotFoundError(f"inode {inode} is not a regular file")
