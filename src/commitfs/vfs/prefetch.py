@@ -30,7 +30,8 @@ On each read at ``off``:
    the furthest end read so far.  The kernel sends readahead requests
    concurrently, so they arrive slightly out of order (hence the backward
    tolerance), and a forward skip within the window costs nothing since its
-   data is already on the way.  The first read of a handle is not sequential.
+   data is already on the way.  A first read is sequential if it starts at
+   offset 0 (the beginning of a stream, with the initial window), else not.
 2. *Window.*  Sequential: the window doubles, up to ``max_window``.
    Otherwise it falls back to ``initial_window`` and parts that do not cover
    the new position are dropped (a fetch in flight finishes and its result is
@@ -42,7 +43,8 @@ On each read at ``off``:
    half a window is left between ``expected`` and the furthest chunk already
    started, by starting parts up to a whole window past ``expected``: a few
    large fetches per window rather than a small one per read (the kernel's
-   requests are only 128-256 KiB).
+   requests are only 128-256 KiB).  Demand and read-ahead chunks that are
+   neighbours share parts, so a small file read from its start is one fetch.
 5. *Wait, assemble, trim.*  The read waits for the parts it overlaps, joins
    their chunks and slices the requested bytes.  Parts wholly behind
    ``expected - back_tolerance`` are released, so memory per handle is bounded
@@ -155,11 +157,15 @@ class Prefetcher:
     def _schedule(self, off: int, size: int, first: int, last: int) -> None:
         """Classify the read, resize the window, start missing parts (no awaits)."""
         expected = self._expected
-        sequential = expected is not None and expected - self.back_tolerance <= off <= expected + self.window
+        if expected is None:
+            sequential = off == 0  # reading from the start begins a stream; elsewhere, a seek
+        else:
+            sequential = expected - self.back_tolerance <= off <= expected + self.window
         if sequential:
             self.sequential_reads += 1
-            self.window = min(self.window * 2, self.max_window)
-            self._expected = max(expected, off + size)
+            if expected is not None:
+                self.window = min(self.window * 2, self.max_window)
+            self._expected = max(expected or 0, off + size)
         else:
             self.random_reads += 1
             self.window = self.initial_window
@@ -168,19 +174,20 @@ class Prefetcher:
             for part in list(self._live):
                 if part.last <= first or part.first >= last:
                     self._drop(part)
-        # Demand: the chunks this read needs.
-        self._start_missing(first, last)
         if not sequential:
-            return  # a first read or a seek fetches only what it needs
-        # Read-ahead, topped up only when less than half a window is left ahead of
+            self._start_missing(first, last)  # a seek fetches only what it needs
+            return
+        # Demand and read-ahead, in the same parts where they are neighbours.  The
+        # read-ahead is topped up only when less than half a window is left ahead of
         # the reader, then by a whole window: few, large fetches rather than one
         # small one per read.
         frontier = max(self._frontier, last)
         ahead_bytes = self.layout.chunk_start(frontier) - self._expected if frontier < len(self._ids) else self.window
+        until = last
         if ahead_bytes < self.window // 2:
             _, until = self.layout.chunk_range(self._expected, self.window)
-            self._start_missing(frontier, until)
             self._frontier = max(frontier, until)
+        self._start_missing(first, max(last, until))
         # Release parts wholly behind the reader.
         floor = self._expected - size - self.back_tolerance
         if floor > 0:
