@@ -35,7 +35,7 @@ from commitfs.ops.fsck import fsck
 from commitfs.repo.pack import ENTRY as PACK_ENTRY
 from commitfs.repo.pack import FOOTER as PACK_FOOTER
 from commitfs.repo.repository import CONFIG_KEY, Repository
-from commitfs.storage.base import open_store
+from commitfs.storage.base import Store, open_store
 from commitfs.storage.faulty import FaultyStore
 
 # Bytes a pack adds around its blobs: one table entry per blob plus a footer.
@@ -46,13 +46,16 @@ PACK_FOOTER_SIZE = PACK_FOOTER.size
 # --- fixtures ---------------------------------------------------------------------
 @pytest.fixture
 def cache_home(tmp_path, monkeypatch):
-    """A private stat-cache home and a fixed author for every commit."""
+    """A private stat-cache home and a fixed author for every commit; closes
+    the stores ``reopen`` shared during the test."""
     home = tmp_path / "xdg-cache"
     home.mkdir()
     monkeypatch.setenv("XDG_CACHE_HOME", str(home))
     monkeypatch.setenv("COMMITFS_AUTHOR", "tester@example")
     monkeypatch.delenv("COMMITFS_REPO", raising=False)
-    return home
+    yield home
+    while _STORES:
+        _STORES.popitem()[1].close()
 
 
 @pytest.fixture
@@ -92,16 +95,38 @@ def small_tmpfs(tmp_path):
 
 
 # --- repository helpers ---------------------------------------------------------
+# One store per URL for the test's fresh views: an S3 client costs ~0.3 s to
+# make, and stores hold no cached content (only connections, descriptors).
+_STORES: dict[str, Store] = {}
+
+
+def shared_store(url: str) -> Store:
+    store = _STORES.get(url)
+    if store is None:
+        store = _STORES[url] = open_store(url)
+    return store
+
+
+class _FreshView(Repository):
+    """A Repository over a shared store; closing it leaves the store open."""
+
+    def close(self) -> None:
+        pass
+
+
 def reopen(url: str) -> Repository:
-    """A fresh Repository on ``url``: no cached trees, commits or index answers."""
-    return Repository.open(url)
+    """A fresh Repository on ``url``: no cached trees, commits or index answers.
+
+    (``Repository.open`` itself, with its format checks, is tested directly.)"""
+    store = shared_store(url)
+    return _FreshView(store, json.loads(store.load_object(CONFIG_KEY)))
 
 
 def faulty_repository(url: str) -> Repository:
     """A Repository whose store is a FaultyStore (``repo.store``) over ``url``'s."""
-    store = FaultyStore(open_store(url))
+    store = FaultyStore(shared_store(url))
     config = json.loads(store.inner.load_object(CONFIG_KEY))
-    return Repository(store, config)
+    return _FreshView(store, config)
 
 
 _UNSET = object()
@@ -119,22 +144,14 @@ def assert_fsck_clean(url: str, read_data: bool = True, *, head=_UNSET, branch: 
 
 def store_state(url: str) -> tuple[dict[str, int | None], dict[str, bytes]]:
     """Every object key with its size, and every reference: to show nothing changed."""
-    store = open_store(url)
-    try:
-        keys = {k: store.lookup_size(k) for k in store.iter_keys("")}
-        refs = dict(store.iter_refs(""))
-    finally:
-        store.close()
-    return keys, refs
+    store = shared_store(url)
+    return {k: store.lookup_size(k) for k in store.iter_keys("")}, dict(store.iter_refs(""))
 
 
 def pack_bytes(url: str) -> int:
     """The total size of every pack in the repository."""
-    store = open_store(url)
-    try:
-        return sum(store.lookup_size(k) or 0 for k in store.iter_keys("packs/"))
-    finally:
-        store.close()
+    store = shared_store(url)
+    return sum(store.lookup_size(k) or 0 for k in store.iter_keys("packs/"))
 
 
 # --- directory trees --------------------------------------------------------------
