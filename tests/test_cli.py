@@ -294,7 +294,9 @@ def test_bad_inputs_to_commit_leave_the_repository_valid(cli, url, dataset, tmp_
     assert "not valid UTF-8" in err and "caf\\xe9.txt" in err
     os.unlink(bad)
 
-    # Special files: skipped with a warning, the rest committed.
+    # Special files: skipped with a warning, the rest committed; symlink loops stored as links.
+    os.symlink("self", dataset / "self")
+    os.symlink("..", dataset / "up")
     os.mkfifo(dataset / "fifo")
     monkeypatch.chdir(dataset)
     sock = socket.socket(socket.AF_UNIX)
@@ -309,7 +311,24 @@ def test_bad_inputs_to_commit_leave_the_repository_valid(cli, url, dataset, tmp_
     assert {w.split()[3] for w in warnings} == {"FIFO", "socket"}
     new_head = r.out.strip()
     assert reopen(url).load_commit(bytes.fromhex(new_head)).parents == (bytes.fromhex(head),)
+    links = {e["name"]: e["target"] for e in cli("-r", url, "ls", "main", "--json").json() if e["kind"] == "symlink"}
+    assert links == {"first": "train/img0.bin", "self": "self", "up": ".."}
     assert_fsck_clean(url, head=bytes.fromhex(new_head))
+
+
+def test_json_output_is_valid_utf8_for_a_non_utf8_symlink_target(local_url, cache_home, tmp_path):
+    src = tmp_path / "src"
+    write_file(src / "f", b"x")
+    os.symlink(b"caf\xe9", os.fsencode(src / "latin1-link"))  # names must be UTF-8; targets need not
+    cli_ok("-r", local_url, "init")
+    cli_ok("-r", local_url, "commit", str(src), "-m", "x")
+    out = cli_ok("-r", local_url, "ls", "main", "--json", env={**os.environ, "LC_ALL": "C.UTF-8"}).stdout
+    entries = json.loads(out.decode("utf-8"))  # strict: the output is UTF-8
+    target = next(e["target"] for e in entries if e["name"] == "latin1-link")
+    assert target.startswith("caf") and "\ufffd" not in target
+    checkout_dir = tmp_path / "out"
+    cli_ok("-r", local_url, "checkout", "main", str(checkout_dir))
+    assert os.readlink(os.fsencode(checkout_dir / "latin1-link")) == b"caf\xe9"  # the bytes are kept
 
 
 def test_unknown_format_version(cli, any_url):

@@ -448,7 +448,7 @@ def test_every_revision_form(repo):
         r.resolve("main~4")
     with pytest.raises(RevisionError, match="not that long"):
         r.resolve("v0~")
-    for bad in ["nope", "abc", "0" * 64, "main~x", "~1", ""]:
+    for bad in ["nope", "abc", "0" * 64, "main~x", "~1", "", "..", "../x", "a/../../config", "/etc", "a//b"]:
         with pytest.raises(RevisionError):
             r.resolve(bad)
 

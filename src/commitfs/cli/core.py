@@ -143,7 +143,7 @@ def _entry_json(path: str, e) -> dict:
     out = {"path": path, "name": e.name, "kind": "file" if e.kind.is_file else e.kind.name.lower(),
            "executable": e.executable, "size": e.size, "id": e.id.hex()}
     if e.kind is Kind.SYMLINK:
-        out["target"] = e.target.decode("utf-8", "surrogateescape")
+        out["target"] = e.target.decode("utf-8", "backslashreplace")  # JSON output stays valid UTF-8
     return out
 
 

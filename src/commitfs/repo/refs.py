@@ -24,6 +24,14 @@ def check_ref_name(name: str, what: str = "branch") -> str:
     return name
 
 
+def _is_ref_name(name: str) -> bool:
+    try:
+        check_ref_name(name)
+    except CommitfsError:
+        return False
+    return True
+
+
 def _encode(cid: bytes) -> bytes:
     return cid.hex().encode() + b"\n"
 
@@ -37,10 +45,14 @@ class Refs:
         self.store = store
 
     def lookup_branch(self, name: str) -> bytes | None:
+        if not _is_ref_name(name):  # e.g. "../x": no such branch, and never a store key
+            return None
         value = self.store.load_ref(BRANCHES + name)
         return _decode(value) if value is not None else None
 
     def lookup_tag(self, name: str) -> bytes | None:
+        if not _is_ref_name(name):
+            return None
         value = self.store.load_ref(TAGS + name)
         return _decode(value) if value is not None else None
 
