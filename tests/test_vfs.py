@@ -322,6 +322,28 @@ def test_branch_list_survives_a_failed_refresh(dataset):
     trio.run(main)
 
 
+def test_concurrent_requests_share_one_refs_refresh(dataset):
+    async def main():
+        repo = faulty_repository(dataset.url)
+        try:
+            async with fs_of(repo, refresh_s=0) as fs:  # every request wants fresh refs
+                branches = (await fs.lookup(ROOT_INODE, b"branches")).ino
+                before = repo.store.calls["iter_refs"]
+                inos = []
+
+                async def look():
+                    inos.append((await fs.lookup(branches, b"main")).ino)
+
+                async with trio.open_nursery() as nursery:
+                    for _ in range(10):
+                        nursery.start_soon(look)
+                assert len(set(inos)) == 1 and len(inos) == 10
+                assert repo.store.calls["iter_refs"] - before == 2  # one refresh: branches, tags
+        finally:
+            repo.close()
+    trio.run(main)
+
+
 def _flip_chunk_byte(url: str, chunk_id: bytes) -> None:
     with Repository.open(url) as repo:
         loc = repo.locate(chunk_id)

@@ -244,8 +244,8 @@ class FileSystem:
         self._trees = _SingleFlight(LRUCache(maxsize=1_000_000, getsizeof=lambda t: len(t.entries) + 1))
         self._manifests = _SingleFlight(LRUCache(maxsize=4_000_000, getsizeof=lambda m: len(m.chunk_ids) + 1))
         self._commits = _SingleFlight(LRUCache(maxsize=4096))
-        self._refs_lock = trio.Lock()
         self._refs_snapshot: _Refs | None = None
+        self._refs_flight: _Flight | None = None
         self._files: dict[int, _FileHandle] = {}
         self._dirs: dict[int, _DirHandle] = {}
         self._next_fh = 1
@@ -293,22 +293,43 @@ class FileSystem:
         return await self._io(f"{len(ids)} chunks", self.repo.load_chunks, ids)
 
     async def _refs(self) -> _Refs:
-        async with self._refs_lock:
-            snap = self._refs_snapshot
-            now = trio.current_time()
-            if snap is not None and now - snap.at < self._short:
-                return snap
-            refs = self.repo.refs
+        """Branches and tags, at most ``refresh_s / 2`` old; one refresh at a time, shared
+        by every request that needs it (so a stalled store costs each of them one
+        ``io_timeout_s``, not one per request queued before it)."""
+        snap = self._refs_snapshot
+        if snap is not None and trio.current_time() - snap.at < self._short:
+            return snap
+        flight = self._refs_flight
+        if flight is None:
+            flight = self._refs_flight = _Flight()
             try:
-                branches, tags = await self._io("the branch and tag list",
-                                                lambda: (refs.branches(), refs.tags()))
+                flight.value = await self._load_refs(snap)
             except Exception as exc:
-                if snap is None:
-                    raise
-                log.warning("cannot refresh branches and tags (%s); showing those of %.0fs ago", exc, now - snap.at)
-                return snap
-            self._refs_snapshot = _Refs(branches, tags, trio.current_time())
-            return self._refs_snapshot
+                flight.error = exc
+            except BaseException:
+                flight.error = ShuttingDownError("the file system is shutting down")
+                raise
+            finally:
+                self._refs_flight = None
+                flight.done.set()
+        else:
+            await flight.done.wait()
+        if flight.error is not None:
+            raise flight.error
+        return flight.value
+
+    async def _load_refs(self, previous: _Refs | None) -> _Refs:
+        refs = self.repo.refs
+        try:
+            branches, tags = await self._io("the branch and tag list", lambda: (refs.branches(), refs.tags()))
+        except Exception as exc:
+            if previous is None:
+                raise
+            log.warning("cannot refresh branches and tags (%s); showing those of %.0fs ago",
+                        exc, trio.current_time() - previous.at)
+            return previous
+        self._refs_snapshot = _Refs(branches, tags, trio.current_time())
+        return self._refs_snapshot
 
     async def _resolve_prefix(self, prefix: str) -> bytes | None:
         found = await self._io(f"commits {prefix}*", lambda: list(self.repo.iter_commit_ids(prefix)))
