@@ -210,7 +210,7 @@ def make_random_tree(root: Path, rng: random.Random, *, big: int = 1 << 20, dept
     """Fill ``root`` with a random tree; return ``describe(root)``.
 
     Always present, besides the random part: an empty file, an empty
-    directory, a nested chain of directories, an executable, a file of ``big``
+    directory, a nested chain of directories, Unicode names, an executable, a file of ``big``
     bytes (many chunks), identical files in two places, symlinks (relative,
     absolute, dangling, to a directory, to itself)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -243,6 +243,7 @@ def make_random_tree(root: Path, rng: random.Random, *, big: int = 1 << 20, dept
     write_file(root / "fixed" / "run.sh", b"#!/bin/sh\necho hi\n", executable=True)
     (root / "fixed" / "empty-dir").mkdir()
     write_file(root / "fixed" / "n1" / "n2" / "n3" / "n4" / "leaf.txt", "feuille ✓\n".encode())
+    write_file(root / "fixed" / "données" / "日本語 ✓.txt", "unicode names\n".encode())
     os.symlink("big.bin", root / "fixed" / "link-to-big")
     os.symlink("n1/n2", root / "fixed" / "link-to-dir")
     os.symlink("self", root / "fixed" / "self")
