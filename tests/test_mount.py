@@ -320,6 +320,13 @@ def test_mount_errors(dataset, mounts, tmp_path):
     assert "already a mount point" in fails(mnt)
     proc = run_commitfs("umount", str(tmp_path / "full"))
     assert "not mounted" in assert_one_line_error(proc.returncode, proc.stderr)
+    other = mounts.mountpoint("other")
+    proc = mounts.mount(dataset.url, other, "--log-file", "/proc/no/such.log", check=False)
+    assert "cannot write the mount log" in assert_one_line_error(proc.returncode, proc.stderr)
+    for bad in (["--cache-size", "lots"], ["--refresh", "-1"], ["--io-timeout", "0"]):
+        proc = mounts.mount(dataset.url, other, *bad, check=False)
+        assert_one_line_error(proc.returncode, proc.stderr)
+    assert find_mount(other) is None
 
 
 def test_daemon_start_failure_reaches_the_caller(dataset, mounts, tmp_path):

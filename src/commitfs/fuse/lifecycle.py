@@ -224,11 +224,15 @@ def _prune_logs(logs: Path, keep_s: float = LOG_KEEP_S) -> None:
 
 def start_daemon(config: DaemonConfig, timeout_s: float = START_TIMEOUT_S) -> int:
     """Start the daemon in the background; return its pid once the mount is live."""
-    Path(config.log_file).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        Path(config.log_file).parent.mkdir(parents=True, exist_ok=True)
+        log = open(config.log_file, "ab")
+    except OSError as exc:
+        raise MountError(f"cannot write the mount log {config.log_file}: {exc.strerror or exc}") from None
     _prune_logs(Path(config.log_file).parent)
     read_fd, write_fd = os.pipe()
     try:
-        with open(config.log_file, "ab") as log, open(os.devnull, "rb") as devnull:
+        with log, open(os.devnull, "rb") as devnull:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "commitfs.fuse.daemon", "--ready-fd", str(write_fd), config.to_json()],
                 stdin=devnull, stdout=log, stderr=log, pass_fds=(write_fd,), start_new_session=True,
