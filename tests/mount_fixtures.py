@@ -150,7 +150,7 @@ class Mounts:
     def __init__(self, tmp_path: Path, cache_dir: Path):
         self.tmp_path = tmp_path
         self.cache_dir = cache_dir
-        self.made: list[tuple[str, int | None]] = []
+        self.made: list[str] = []
 
     def mountpoint(self, name: str = "mnt") -> Path:
         p = self.tmp_path / name
@@ -162,17 +162,21 @@ class Mounts:
         """``commitfs -r URL mount OPTIONS... [REV] MOUNTPOINT`` (with --cache-dir unless given)."""
         extra = [] if "--cache-dir" in options else ["--cache-dir", str(self.cache_dir)]
         positional = ([rev] if rev else []) + [str(mountpoint)]
+        if str(mountpoint) not in self.made:
+            self.made.append(str(mountpoint))  # before: a mount that times out is cleaned up too
         proc = run_commitfs("-r", repo_url, "mount", *options, *extra, *positional, env=env)
-        if find_mount(str(mountpoint)) is not None:
-            self.made.append((str(mountpoint), lookup_daemon_pid(str(mountpoint))))
         if check:
             assert proc.returncode == 0, proc.stderr
         return proc
 
     def cleanup(self) -> None:
-        for mp, pid in reversed(self.made):
+        for mp in reversed(self.made):
+            pid = lookup_daemon_pid(mp)
             if find_mount(mp) is not None:
-                run_commitfs("umount", mp, timeout=30)
+                try:
+                    run_commitfs("umount", mp, timeout=30)
+                except subprocess.TimeoutExpired:
+                    pass
             force_unmount(mp)
             if pid is not None and not wait_gone(pid):
                 os.kill(pid, signal.SIGKILL)
