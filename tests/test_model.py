@@ -29,6 +29,9 @@ from commitfs.model.objects import (
     symlink_entry,
 )
 
+# No per-example deadline anywhere: a loaded machine must not fail a property.
+relaxed = settings(deadline=None)
+
 # --- strategies ---------------------------------------------------------------------
 ids = st.binary(min_size=ID_SIZE, max_size=ID_SIZE)
 names = st.text(st.characters(blacklist_characters="/\0", blacklist_categories=("Cs",)), min_size=1, max_size=40).filter(
@@ -83,6 +86,7 @@ def test_ids_are_blake3_hex():
 
 
 # --- round trips ----------------------------------------------------------------------
+@relaxed
 @given(trees)
 def test_tree_round_trip(tree):
     data = _round_trips(Tree, tree)
@@ -91,6 +95,7 @@ def test_tree_round_trip(tree):
         assert tree.get(e.name) == e
 
 
+@relaxed
 @given(manifests)
 def test_manifest_round_trip(manifest):
     data = _round_trips(FileManifest, manifest)
@@ -98,6 +103,7 @@ def test_manifest_round_trip(manifest):
     assert manifest.size == sum(manifest.chunk_sizes)
 
 
+@relaxed
 @given(commits)
 def test_commit_round_trip(commit):
     data = _round_trips(Commit, commit)
@@ -110,6 +116,7 @@ def test_empty_objects_round_trip():
     assert EMPTY_MANIFEST.size == 0
 
 
+@relaxed
 @given(st.lists(tree_entries(), min_size=2, max_size=8, unique_by=lambda e: e.name), st.randoms())
 def test_tree_id_independent_of_entry_order(entries, rnd):
     shuffled = list(entries)
@@ -117,6 +124,7 @@ def test_tree_id_independent_of_entry_order(entries, rnd):
     assert Tree.build(entries).id == Tree.build(shuffled).id
 
 
+@relaxed
 @given(commits, st.dictionaries(json_text, json_text, min_size=2, max_size=6), st.randoms())
 def test_commit_id_independent_of_metadata_order(commit, meta, rnd):
     items = list(meta.items())
@@ -293,6 +301,7 @@ def _only_decode_error(cls, data: bytes):
         return None
 
 
+@relaxed
 @given(trees.filter(lambda t: t.entries), st.data())
 def test_truncated_tree_raises_decode_error(tree, data):
     enc = tree.encode()
@@ -301,6 +310,7 @@ def test_truncated_tree_raises_decode_error(tree, data):
         Tree.decode(enc[:cut])
 
 
+@relaxed
 @given(manifests.filter(lambda m: m.chunk_ids), st.data())
 def test_truncated_manifest_raises_decode_error(manifest, data):
     enc = manifest.encode()
@@ -309,6 +319,7 @@ def test_truncated_manifest_raises_decode_error(manifest, data):
         FileManifest.decode(enc[:cut])
 
 
+@relaxed
 @given(commits, st.data())
 def test_truncated_commit_raises_decode_error(commit, data):
     enc = commit.encode()
@@ -317,7 +328,7 @@ def test_truncated_commit_raises_decode_error(commit, data):
         Commit.decode(enc[:cut])
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from([Tree, FileManifest, Commit]), st.one_of(
     st.binary(max_size=300),
     st.binary(max_size=300).map(lambda b: TREE_MAGIC + b),
@@ -327,7 +338,7 @@ def test_garbage_raises_only_decode_error(cls, data):
     _only_decode_error(cls, data)
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(st.sampled_from([Tree, FileManifest]), st.one_of(trees, manifests), st.data())
 def test_mutated_encodings_raise_only_decode_error(cls, obj, data):
     enc = bytearray(obj.encode())
@@ -347,7 +358,7 @@ json_values = st.recursive(
 )
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(st.fixed_dictionaries({}, optional={
     "type": st.just(COMMIT_TYPE) | json_values,
     "tree": st.just(OID.hex()) | json_values,
