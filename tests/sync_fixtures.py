@@ -12,7 +12,7 @@
   bucket; ``.url`` is an S3 URL and ``.endpoint_url`` the proxy's endpoint.
 * ``CountingStore``: a FaultyStore that also counts the bytes saved per key
   prefix, and can run a hook before a call (to stage races).
-* ``small_packs``: packs of 256 KiB and sync batches of 512 KiB, so a few MiB
+* ``small_packs``: packs of 256 KiB, sync batches of 512 KiB and a small read-ahead, so a few MiB
   of test data make many packs and index segments.
 * ``pack_mode``: runs a test twice, with blobs re-packed one by one and with
   data packs copied whole whenever possible.
@@ -250,12 +250,17 @@ def proxied_s3(s3_server, monkeypatch):
 
 @pytest.fixture
 def small_packs(monkeypatch):
-    """Packs of 256 KiB and index segments every 512 KiB during sync."""
+    """Packs of 256 KiB, index segments every 512 KiB and a read-ahead of
+    128 KiB per thread during sync: at this scale the default read-ahead
+    would hold the whole data set, and what was read ahead but not yet
+    indexed when the connection dies is read again on resume (how much,
+    under load, depends on timing)."""
     import commitfs.ops.sync as sync
     import commitfs.repo.repository as repository
 
     monkeypatch.setattr(repository, "TARGET_PACK_SIZE", 256 * 1024)
     monkeypatch.setattr(sync, "BATCH_BYTES", 512 * 1024)
+    monkeypatch.setattr(sync, "_WINDOW_PER_THREAD", 128 * 1024)
 
 
 @pytest.fixture(params=["repack", "whole packs"])
