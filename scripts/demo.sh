@@ -34,7 +34,12 @@ if commitfs mount --help >/dev/null 2>&1; then
     step ls "$DEMO/mnt" "$DEMO/mnt/branches" "$DEMO/mnt/tags"
     step ls "$DEMO/mnt/tags/v1/train/cat" | head -n 5
     step sha256sum "$DEMO/mnt/branches/main/labels.csv" "$DEMO/data/labels.csv"
-    step getfattr -d "$DEMO/mnt/branches/main/labels.csv" 2>/dev/null || true
+    # What a training script logs about the exact bytes it read:
+    step python -c 'import sys, commitfs.lineage as l; print(l.describe(sys.argv[1]))' "$DEMO/mnt/tags/v1/labels.csv"
+    step commitfs umount "$DEMO/mnt"
+    # The path a training job uses: one revision, pinned, as the mount root.
+    step commitfs mount v1 "$DEMO/mnt"
+    step du -sh "$DEMO/mnt/train"
     step commitfs umount "$DEMO/mnt"
     trap - EXIT
 fi
