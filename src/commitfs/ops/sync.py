@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from commitfs.errors import CorruptObjectError, ObjectNotFoundError, RefConflictError, RevisionError
 from commitfs.model.ids import hash_bytes
 from commitfs.model.objects import Commit, DecodeError, FileManifest, Tree
-from commitfs.repo.pack import TARGET_PACK_SIZE, BlobKind, Location, decompress, pack_key, parse_pack_table
+from commitfs.repo.pack import TARGET_PACK_SIZE, BlobKind, Location, pack_key, parse_pack_table, verify_blob
 from commitfs.repo.repository import BlobWriter, Repository, commit_key
 
 #: Worker threads reading from the source (the destination's BlobWriter adds
@@ -148,18 +148,6 @@ ProgressFn = Callable[[SyncProgress], None]
 
 
 # --- reading the source ------------------------------------------------------------
-def _verified(oid: bytes, loc: Location, stored: bytes) -> bytes:
-    if len(stored) != loc.stored:
-        raise CorruptObjectError(f"object {oid.hex()} is truncated in pack {loc.pack.hex()}")
-    try:
-        data = decompress(stored, loc.compression, loc.raw)
-    except Exception:
-        raise CorruptObjectError(f"object {oid.hex()} does not decompress (pack {loc.pack.hex()})") from None
-    if hash_bytes(data) != oid:
-        raise CorruptObjectError(f"object {oid.hex()} fails its hash check (pack {loc.pack.hex()})")
-    return data
-
-
 def _runs(items: list[tuple[bytes, Location]]) -> list[list[tuple[bytes, Location]]]:
     """Group (id, location) into runs each readable with one ranged read, in pack order."""
     runs: list[list[tuple[bytes, Location]]] = []
@@ -187,7 +175,7 @@ def _read_run(src: Repository, run: list[tuple[bytes, Location]]) -> list[tuple[
     for oid, loc in run:
         rel = loc.offset - start
         stored = buf[rel:rel + loc.stored]
-        out.append((oid, loc, _verified(oid, loc, stored), stored))
+        out.append((oid, loc, verify_blob(oid, loc, stored), stored))
     return out
 
 

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import zstandard
 
+from commitfs.errors import CorruptObjectError
 from commitfs.model.ids import hash_bytes
 
 PACK_MAGIC = b"CFPACK1\0"
@@ -118,6 +119,23 @@ def decompress(stored: bytes, compression: Compression, raw: int) -> bytes:
 
 # Room for a full pack: the target, one maximal blob past it, and its entry table.
 PACK_BUFFER_SIZE = TARGET_PACK_SIZE + 2 * 1024 * 1024
+
+
+def verify_blob(oid: bytes, loc: Location, stored: bytes) -> bytes:
+    """The raw bytes of a blob read from its pack, checked against its id.
+
+    Raises CorruptObjectError for truncated, undecompressable or altered
+    bytes: a reader gets the right bytes or an error, never wrong bytes.
+    """
+    if len(stored) != loc.stored:
+        raise CorruptObjectError(f"object {oid.hex()} is truncated in pack {loc.pack.hex()}")
+    try:
+        data = decompress(stored, loc.compression, loc.raw)
+    except Exception:
+        raise CorruptObjectError(f"object {oid.hex()} does not decompress (pack {loc.pack.hex()})") from None
+    if hash_bytes(data) != oid:
+        raise CorruptObjectError(f"object {oid.hex()} fails its hash check (pack {loc.pack.hex()})")
+    return data
 
 
 class PackBuilder:

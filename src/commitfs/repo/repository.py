@@ -38,9 +38,9 @@ from commitfs.repo.pack import (
     Compression,
     Location,
     PackBuilder,
-    decompress,
     maybe_compress,
     pack_key,
+    verify_blob,
 )
 from commitfs.repo.refs import Refs
 from commitfs.storage.base import Store, open_store
@@ -162,21 +162,10 @@ class Repository:
     def has_blob(self, oid: bytes) -> bool:
         return self.index.lookup(oid, refresh=False) is not None
 
-    def _verified(self, oid: bytes, loc: Location, stored: bytes) -> bytes:
-        if len(stored) != loc.stored:
-            raise CorruptObjectError(f"object {oid.hex()} is truncated in pack {loc.pack.hex()}")
-        try:
-            data = decompress(stored, loc.compression, loc.raw)
-        except Exception:
-            raise CorruptObjectError(f"object {oid.hex()} does not decompress (pack {loc.pack.hex()})") from None
-        if hash_bytes(data) != oid:
-            raise CorruptObjectError(f"object {oid.hex()} fails its hash check (pack {loc.pack.hex()})")
-        return data
-
     def load_blob(self, oid: bytes) -> bytes:
         loc = self.locate(oid)
         stored = self.store.load_range(pack_key(loc.pack), loc.offset, loc.stored)
-        return self._verified(oid, loc, stored)
+        return verify_blob(oid, loc, stored)
 
     def load_chunks(self, oids: list[bytes]) -> list[bytes]:
         """Chunks by id, verified; neighbours in one pack share one ranged read."""
@@ -196,7 +185,7 @@ class Repository:
             buf = self.store.load_range(pack_key(first.pack), start, end - start)
             for i, oid, loc in run:
                 rel = loc.offset - start
-                data = self._verified(oid, loc, buf[rel:rel + loc.stored])
+                data = verify_blob(oid, loc, buf[rel:rel + loc.stored])
                 if cache is not None:
                     cache.put(oid, data)
                 out[i] = data
