@@ -495,3 +495,22 @@ def test_full_tmpfs_leaves_the_repository_valid(small_tmpfs, tmp_path, cache_hom
     res = _commit(reopen(url), src)
     assert reopen(url).load_commit(res.commit_id).parents == (head,)
     assert_fsck_clean(url)
+
+
+def test_nothing_to_commit_still_reports_skipped_special_files(tmp_path, cache_home):
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("a\n")
+    os.mkfifo(data / "pipe")
+    repo = str(tmp_path / "repo")
+    env = {**os.environ, "COMMITFS_REPO": repo}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "commitfs", *a], env=env, capture_output=True, text=True)
+    assert run("init").returncode == 0
+    assert run("commit", str(data), "-m", "one").returncode == 0
+    again = run("commit", str(data), "-m", "two")
+    assert again.returncode == 0
+    assert "nothing to commit" in again.stderr
+    assert "warning: skipped FIFO" in again.stderr

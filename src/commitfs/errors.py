@@ -63,9 +63,11 @@ class InputError(CommitfsError):
 class NothingToCommitError(CommitfsError):
     """The tree equals the parent's tree; no commit was created."""
 
-    def __init__(self, message: str, commit_id: str):
+    def __init__(self, message: str, commit_id: bytes, warnings: list[str] | None = None):
         super().__init__(message)
         self.commit_id = commit_id
+        #: What the scan skipped (special files), so callers can still show it.
+        self.warnings = list(warnings or [])
 
 
 class MountError(CommitfsError):

@@ -68,8 +68,10 @@ def cmd_commit(args) -> int:
         )
     except NothingToCommitError as exc:
         bar.close()
+        for w in exc.warnings:
+            warn(w)
         if args.json:
-            print_json({"id": exc.commit_id.hex(), "created": False})
+            print_json({"id": exc.commit_id.hex(), "created": False, "warnings": exc.warnings})
         else:
             print(str(exc), file=sys.stderr)
             print(exc.commit_id.hex())

@@ -276,7 +276,8 @@ def commit_directory(
     if head is not None and repo.load_commit(head).tree == tree_id and not allow_empty:
         cache.save(head)
         cache.close()
-        raise NothingToCommitError(f"nothing to commit: {directory} matches {branch} ({head.hex()[:12]})", head)
+        raise NothingToCommitError(f"nothing to commit: {directory} matches {branch} ({head.hex()[:12]})", head,
+                                   warnings)
     commit = Commit(
         tree=tree_id,
         parents=(head,) if head is not None else (),
