@@ -529,3 +529,19 @@ def test_format_marker_is_checked(local_repo, config, match):
 def test_file_url_opens_local_repository(local_repo):
     with Repository.open("file://" + local_repo.url) as r:
         assert r.id == local_repo.id and r.is_local
+
+
+def test_nested_ref_names_are_refused_clearly(store_url, cache_home, tmp_path):
+    from commitfs.errors import CommitfsError
+    from commitfs.model.objects import Commit
+
+    repo = Repository.init(store_url)
+    cid = repo.save_commit(Commit(b"\0" * 32, (), "t", 1, "m"))
+    repo.refs.set_branch_if_equals("feature", cid, None)
+    with pytest.raises(CommitfsError, match="cannot exist beside branch 'feature'"):
+        repo.refs.set_branch_if_equals("feature/x", cid, None)
+    repo.refs.create_tag("v1/rc", cid)
+    with pytest.raises(CommitfsError, match="cannot exist beside tag 'v1/rc'"):
+        repo.refs.create_tag("v1", cid)
+    assert set(repo.refs.branches()) == {"feature"}
+    assert set(repo.refs.tags()) == {"v1/rc"}

@@ -65,6 +65,8 @@ class Refs:
     def set_branch_if_equals(self, name: str, new: bytes | None, expected: bytes | None) -> None:
         """Move (or create, or with new=None delete) a branch iff it holds ``expected``."""
         check_ref_name(name)
+        if expected is None and new is not None:
+            self._check_nesting(name, self.branches(), "branch")
         try:
             self.store.save_ref_if_equals(
                 BRANCHES + name,
@@ -80,8 +82,18 @@ class Refs:
                 f"branch {name!r} moved meanwhile (expected {expected.hex()[:12]}, {state})"
             ) from None
 
+    @staticmethod
+    def _check_nesting(name: str, existing: dict[str, bytes], what: str) -> None:
+        # As in git: "a" and "a/b" cannot both exist (on a local store one
+        # would be a file and the other a directory), on every store alike.
+        for other in existing:
+            if other.startswith(name + "/") or name.startswith(other + "/"):
+                raise CommitfsError(f"{what} {name!r} cannot exist beside {what} {other!r} "
+                                    "(one name lies inside the other)")
+
     def create_tag(self, name: str, cid: bytes) -> None:
         check_ref_name(name, "tag")
+        self._check_nesting(name, self.tags(), "tag")
         try:
             self.store.save_ref_if_equals(TAGS + name, _encode(cid), None)
         except RefConflictError:
