@@ -52,6 +52,10 @@ def cmd_init(args) -> int:
 
 
 def cmd_commit(args) -> int:
+    from commitfs.cli.workspace import commit_workspace
+
+    if (code := commit_workspace(args, parse_meta(args.meta))) is not None:
+        return code  # DIR is a writable workspace mount: its daemon commits the overlay
     repo = open_repo(args)
     metadata = parse_meta(args.meta)
     if args.input:

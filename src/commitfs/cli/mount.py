@@ -7,6 +7,7 @@ here with --foreground), so every other command works without them.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -38,8 +39,23 @@ def cmd_mount(args) -> int:
     mountpoint = lifecycle.validate_mountpoint(args.mountpoint)
     # Check the repository and the revision here, for a clear error before any daemon starts.
     with open_repo(args) as repo:
+        if args.writable:
+            if not args.rev:
+                raise InputError("--writable needs a BRANCH (commitfs mount BRANCH MOUNTPOINT --writable)")
+            if repo.refs.lookup_branch(args.rev) is None:
+                raise InputError(f"--writable needs a branch name; {args.rev!r} is not a branch")
+        elif args.workspace:
+            raise InputError("--workspace goes with --writable")
         commit = repo.resolve(args.rev) if args.rev else None
         url = repo.url
+    workspace = None
+    if args.writable:
+        if args.workspace:
+            workspace = str(Path(args.workspace).expanduser().absolute())
+        else:
+            key = hashlib.sha256("\0".join([url, args.rev, mountpoint]).encode(errors="surrogateescape"))
+            safe = re.sub(r"[^A-Za-z0-9._-]+", "_", args.rev)[-40:]
+            workspace = str(cache_dir / "workspaces" / f"{safe}-{key.hexdigest()[:16]}")
     if args.log_file:
         log_file = str(Path(args.log_file).expanduser().absolute())
     else:
@@ -50,6 +66,7 @@ def cmd_mount(args) -> int:
         repo=url, mountpoint=mountpoint, cache_dir=str(cache_dir), log_file=log_file,
         endpoint_url=args.endpoint_url, commit=commit.hex() if commit else None, rev=args.rev,
         cache_size=cache_size, refresh_s=refresh, io_timeout_s=io_timeout, allow_other=args.allow_other,
+        writable=args.writable, workspace=workspace,
     )
     if args.foreground:
         from commitfs.fuse.daemon import run_foreground
@@ -66,7 +83,7 @@ def cmd_umount(args) -> int:
 
 def register(sub, common) -> None:
     p = sub.add_parser(
-        "mount", parents=[common], help="mount the repository (or one revision) read-only",
+        "mount", parents=[common], help="mount the repository (or one revision) read-only, or a branch writable",
         description="Mount read-only.  Without REV the root holds branches/NAME/, tags/NAME/ and "
                     "commits/ID/ (any unique id prefix resolves); with REV it is that revision's tree.  "
                     "Returns once the mount is live; the daemon logs under the cache directory.")
@@ -84,6 +101,12 @@ def register(sub, common) -> None:
     p.add_argument("--log-file", metavar="PATH", help="the daemon's log (default: under the cache directory)")
     p.add_argument("--allow-other", action="store_true", help="let other users read the mount")
     p.add_argument("-f", "--foreground", action="store_true", help="serve in this process until unmounted")
+    p.add_argument("-w", "--writable", action="store_true",
+                   help="a writable workspace over the branch REV: edits go to a local overlay; "
+                        "see commitfs status/reset/commit MOUNTPOINT")
+    p.add_argument("--workspace", metavar="DIR",
+                   help="with --writable: where the overlay lives (default: DIR/workspaces/ of the cache "
+                        "directory, one per repository, branch and mountpoint); mounting it again resumes it")
 
     p = sub.add_parser("umount", parents=[common], help="unmount a commitfs mount (also a stale one)",
                        description="Unmount.  Fails if files in the mount are open, unless --lazy.")

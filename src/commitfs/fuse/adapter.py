@@ -18,6 +18,7 @@ import pyfuse3
 
 from commitfs.errors import (
     CorruptObjectError,
+    InputError,
     IsADirectoryError_,
     NotADirectoryError_,
     PathNotFoundError,
@@ -27,10 +28,16 @@ from commitfs.errors import (
 from commitfs.vfs import Attr, FileSystem
 from commitfs.vfs.errors import (
     BadHandleError,
+    ExistsError,
+    InvalidArgumentError,
+    NoSpaceError,
     NoSuchAttributeError,
     NotASymlinkError,
+    NotEmptyError,
+    NotPermittedError,
     ReadOnlyError,
     StaleInodeError,
+    UnsupportedError,
 )
 
 log = logging.getLogger(__name__)
@@ -46,7 +53,16 @@ _QUIET = {
     NotASymlinkError: errno.EINVAL,
     BadHandleError: errno.EBADF,
     StaleInodeError: errno.ESTALE,
+    ExistsError: errno.EEXIST,
+    NotEmptyError: errno.ENOTEMPTY,
+    NotPermittedError: errno.EPERM,
+    UnsupportedError: errno.EOPNOTSUPP,
+    InvalidArgumentError: errno.EINVAL,
+    NoSpaceError: errno.ENOSPC,
+    InputError: errno.EINVAL,
 }
+# OSErrors of the workspace's own disk that are the caller's condition, not a fault.
+_QUIET_OS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def errno_of(exc: BaseException, what: str) -> int:
@@ -54,6 +70,10 @@ def errno_of(exc: BaseException, what: str) -> int:
     for cls, code in _QUIET.items():
         if isinstance(exc, cls):
             return code
+    if isinstance(exc, OSError) and exc.errno:  # the workspace's local disk
+        if exc.errno not in _QUIET_OS:
+            log.error("%s: local I/O failed: %s", what, exc)
+        return exc.errno
     if isinstance(exc, CorruptObjectError):
         log.error("%s: corrupt data, returning EIO: %s", what, exc)
     elif isinstance(exc, StorageError):
@@ -144,9 +164,9 @@ class Operations(pyfuse3.Operations):
         out = pyfuse3.StatvfsData()
         out.f_bsize = out.f_frsize = s.block_size
         out.f_blocks = s.blocks
-        out.f_bfree = out.f_bavail = 0
+        out.f_bfree = out.f_bavail = s.free_blocks
         out.f_files = s.files
-        out.f_ffree = out.f_favail = 0
+        out.f_ffree = out.f_favail = s.free_files
         out.f_namemax = s.name_max
         return out
 
@@ -197,3 +217,90 @@ class Operations(pyfuse3.Operations):
     create = _read_only("create")
     setxattr = _read_only("setxattr")
     removexattr = _read_only("removexattr")
+
+
+class WorkspaceOperations(Operations):
+    """A writable workspace (vfs.workspace.WorkspaceFS): every write handler maps to
+    the workspace; files are opened without keep_cache (their bytes can change)."""
+
+    @_handler
+    async def open(self, inode, flags, ctx=None):
+        return pyfuse3.FileInfo(fh=await self.fs.open(inode, flags), keep_cache=False)
+
+    @_handler
+    async def create(self, parent_inode, name, mode, flags, ctx=None):
+        fh, attr = await self.fs.create(parent_inode, name, mode, flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._entry(attr)
+
+    @_handler
+    async def write(self, fh, off, buf):
+        return await self.fs.write(fh, off, buf)
+
+    @_handler
+    async def flush(self, fh):
+        await self.fs.flush(fh)
+
+    @_handler
+    async def fsync(self, fh, datasync):
+        await self.fs.fsync(fh, datasync)
+
+    @_handler
+    async def fsyncdir(self, fh, datasync):
+        await self.fs.fsyncdir(fh, datasync)
+
+    @_handler
+    async def setattr(self, inode, attr, fields, fh, ctx=None):
+        a = await self.fs.setattr(
+            inode,
+            mode=attr.st_mode if fields.update_mode else None,
+            size=attr.st_size if fields.update_size else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            fh=fh)
+        return self._entry(a)
+
+    @_handler
+    async def mkdir(self, parent_inode, name, mode, ctx=None):
+        return self._entry(await self.fs.mkdir(parent_inode, name, mode))
+
+    @_handler
+    async def symlink(self, parent_inode, name, target, ctx=None):
+        return self._entry(await self.fs.symlink(parent_inode, name, target))
+
+    @_handler
+    async def mknod(self, parent_inode, name, mode, rdev, ctx=None):
+        return self._entry(await self.fs.mknod(parent_inode, name, mode, rdev))
+
+    @_handler
+    async def link(self, inode, new_parent_inode, new_name, ctx=None):
+        return self._entry(await self.fs.link(inode, new_parent_inode, new_name))
+
+    @_handler
+    async def unlink(self, parent_inode, name, ctx=None):
+        await self.fs.unlink(parent_inode, name)
+
+    @_handler
+    async def rmdir(self, parent_inode, name, ctx=None):
+        await self.fs.rmdir(parent_inode, name)
+
+    @_handler
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx=None):
+        await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    async def _unsupported(self, *args, **kwargs):
+        raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+
+    setxattr = _unsupported
+    removexattr = _unsupported
+
+
+def invalidate(inodes) -> None:
+    """Make the kernel drop cached attributes and pages of ``inodes`` (changed behind its
+    back by a reset or a rebased commit).  Blocking: call it in a worker thread, never
+    from a request handler."""
+    for ino in inodes:
+        try:
+            pyfuse3.invalidate_inode(ino)
+        except OSError:
+            pass  # not known to the kernel (any more)

@@ -34,8 +34,8 @@ import trio
 
 from commitfs.cache import DEFAULT_MAX_BYTES, DiskChunkCache
 from commitfs.errors import CommitfsError, MountError
-from commitfs.fuse.adapter import Operations
-from commitfs.fuse.lifecycle import DaemonConfig, remove_record, write_record
+from commitfs.fuse.adapter import Operations, WorkspaceOperations
+from commitfs.fuse.lifecycle import DaemonConfig, control_socket_path, remove_record, write_record
 from commitfs.repo.repository import Repository
 from commitfs.vfs import FileSystem, VfsOptions
 
@@ -47,13 +47,15 @@ Report = Callable[[str], None]
 def mount_options(config: DaemonConfig) -> set[str]:
     # ro: the kernel itself refuses writes with EROFS before asking us;
     # default_permissions: the kernel checks modes, we never see access().
-    opts = {"fsname=commitfs", "subtype=commitfs", "ro", "default_permissions", "noatime"}
+    opts = {"fsname=commitfs", "subtype=commitfs", "default_permissions", "noatime"}
+    if not config.writable:
+        opts.add("ro")
     if config.allow_other:
         opts.add("allow_other")
     return opts
 
 
-def _open(config: DaemonConfig) -> tuple[Repository, FileSystem]:
+def _open(config: DaemonConfig):
     store_options = {"endpoint_url": config.endpoint_url} if config.endpoint_url else {}
     repo = Repository.open(config.repo, **store_options)
     try:
@@ -63,6 +65,13 @@ def _open(config: DaemonConfig) -> tuple[Repository, FileSystem]:
             cache = DiskChunkCache(Path(config.cache_dir) / "chunks", config.cache_size or DEFAULT_MAX_BYTES)
             repo.chunk_cache = cache
             log.info("chunk cache %s, capped at %d bytes", cache.path, cache.max_bytes)
+        if config.writable:
+            from commitfs.vfs.workspace import WorkspaceFS, WorkspaceOptions
+
+            options = WorkspaceOptions(io_timeout_s=config.io_timeout_s, io_threads=config.io_threads)
+            fs = WorkspaceFS.open_workspace(repo, config.workspace, config.rev, options)
+            log.info("workspace %s over branch %s at %s", config.workspace, config.rev, fs.base.hex())
+            return repo, fs
         commit = bytes.fromhex(config.commit) if config.commit else None
         if commit is not None:
             repo.load_commit(commit)  # fail now, not at the first ls
@@ -85,8 +94,11 @@ def serve(config: DaemonConfig, report: Report) -> int:
         return 1
     try:
         try:
-            pyfuse3.init(Operations(fs), config.mountpoint, mount_options(config))
+            ops = WorkspaceOperations(fs) if config.writable else Operations(fs)
+            pyfuse3.init(ops, config.mountpoint, mount_options(config))
         except RuntimeError as exc:
+            if config.writable:
+                fs.shutdown()
             report(f"error: cannot mount at {config.mountpoint} ({exc}; see {config.log_file})")
             return 1
         try:
@@ -105,16 +117,23 @@ def serve(config: DaemonConfig, report: Report) -> int:
         repo.close()
 
 
-async def _main(fs: FileSystem, config: DaemonConfig, report: Report) -> None:
+async def _main(fs, config: DaemonConfig, report: Report) -> None:
     async with fs.running():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_on_signals)
-            nursery.start_soon(_announce, config, report)
+            extra = {}
+            if config.writable:
+                from commitfs.fuse import control
+
+                sock = control_socket_path(config.mountpoint)
+                await nursery.start(control.serve, fs, sock)
+                extra = {"control": sock, "workspace": config.workspace, "branch": config.rev}
+            nursery.start_soon(_announce, config, report, extra)
             await pyfuse3.main(min_tasks=1, max_tasks=config.max_tasks)
             nursery.cancel_scope.cancel()
 
 
-async def _announce(config: DaemonConfig, report: Report) -> None:
+async def _announce(config: DaemonConfig, report: Report, extra: dict) -> None:
     """Report ready once the kernel has finished the handshake and a stat is answered."""
     try:
         await trio.to_thread.run_sync(os.stat, config.mountpoint, abandon_on_cancel=True)
@@ -122,7 +141,7 @@ async def _announce(config: DaemonConfig, report: Report) -> None:
         report(f"error: the mount at {config.mountpoint} does not answer: {exc.strerror}")
         pyfuse3.terminate()
         return
-    write_record(config.mountpoint, config.log_file)
+    write_record(config.mountpoint, config.log_file, **extra)
     log.info("ready")
     report("ok")
 

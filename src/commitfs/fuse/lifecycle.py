@@ -61,6 +61,9 @@ class DaemonConfig:
     io_threads: int = 16
     max_tasks: int = 64
     allow_other: bool = False
+    #: A writable workspace over the branch ``rev`` whose overlay lives in ``workspace``.
+    writable: bool = False
+    workspace: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -168,12 +171,67 @@ def _record_path(mountpoint: str) -> Path:
     return runtime_dir() / "mounts" / f"{key}.json"
 
 
-def write_record(mountpoint: str, log_file: str) -> None:
+def control_socket_path(mountpoint: str) -> str:
+    """Where a workspace daemon listens (short: Unix socket paths are limited to 108 bytes)."""
+    return str(_record_path(mountpoint).with_suffix(".sock"))
+
+
+def write_record(mountpoint: str, log_file: str, **extra) -> None:
+    """Record this process as the daemon of ``mountpoint`` (``extra``: a workspace's
+    ``control`` socket, ``workspace`` directory and ``branch``)."""
     path = _record_path(mountpoint)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "mountpoint": canonical(mountpoint), "log": log_file}))
+    tmp.write_text(json.dumps({"pid": os.getpid(), "mountpoint": canonical(mountpoint), "log": log_file,
+                               **extra}))
     os.replace(tmp, path)
+
+
+def lookup_record(mountpoint: str | os.PathLike) -> dict | None:
+    """The record of the live daemon serving exactly ``mountpoint``, or None."""
+    try:
+        record = json.loads(_record_path(os.fspath(mountpoint)).read_text())
+        pid = int(record["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not _alive(pid) or find_mount(mountpoint) is None:
+        return None
+    return record
+
+
+def lookup_workspace(path: str | os.PathLike) -> dict | None:
+    """The record of the workspace mount at ``path`` (its mountpoint), or None."""
+    if find_mount(path) is None:
+        return None
+    record = lookup_record(path)
+    return record if record and record.get("control") else None
+
+
+def workspace_request(record: dict, request: dict, timeout_s: float | None = None) -> dict:
+    """Send one control request to a workspace daemon and return its answer."""
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout_s)
+    try:
+        try:
+            sock.connect(record["control"])
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            buf = b""
+            while b"\n" not in buf:
+                part = sock.recv(65536)
+                if not part:
+                    break
+                buf += part
+        except OSError as exc:
+            raise MountError(f"cannot reach the workspace daemon of {record.get('mountpoint')}: "
+                             f"{exc.strerror or exc} (log: {record.get('log')})") from None
+    finally:
+        sock.close()
+    if b"\n" not in buf:
+        raise MountError(f"the workspace daemon of {record.get('mountpoint')} died during the request "
+                         f"(log: {record.get('log')})")
+    return json.loads(buf.split(b"\n", 1)[0])
 
 
 def remove_record(mountpoint: str) -> None:

@@ -110,6 +110,8 @@ class StatFs:
     blocks: int
     files: int
     name_max: int = 255
+    free_blocks: int = 0  # a read-only mount has no free space
+    free_files: int = 0
 
 
 @dataclass(frozen=True)

@@ -30,3 +30,29 @@ class NotASymlinkError(CommitfsError):
 
 class ShuttingDownError(CommitfsError):
     """The file system stopped while a request was waiting for data."""
+
+
+# --- writable workspaces ---------------------------------------------------------
+class NoSpaceError(CommitfsError):
+    """The workspace's disk is full."""
+
+
+class ExistsError(CommitfsError):
+    """The name already exists (create, mkdir, symlink, rename with RENAME_NOREPLACE)."""
+
+
+class NotEmptyError(CommitfsError):
+    """rmdir of, or rename over, a directory that is not empty."""
+
+
+class NotPermittedError(CommitfsError):
+    """An operation the workspace does not support for this kind of node: hard links,
+    special files (FIFOs, sockets, devices), changing the owner."""
+
+
+class UnsupportedError(CommitfsError):
+    """An operation the workspace does not support at all (extended attributes, RENAME_EXCHANGE)."""
+
+
+class InvalidArgumentError(CommitfsError):
+    """A request that cannot be right (a directory moved into itself)."""

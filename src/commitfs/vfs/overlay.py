@@ -1,0 +1,350 @@
+"""The persistent overlay of a writable workspace: what changed, on local disk, crash-safe.
+
+Design
+------
+A workspace shows a base commit's tree plus local edits.  The edits live in
+a *workspace directory* (default under the cache directory) holding
+
+* ``overlay.db``: an SQLite database (WAL journal) describing the overlay
+  tree, and
+* ``data/``: one file per copied-up or new regular file, named by its node id.
+
+The database has two tables.  ``meta`` holds key/values: the repository URL,
+the branch, the base commit (hex) and ``pending`` (a commit this workspace is
+about to move the branch to, see below).  ``nodes`` holds one row per node of
+the overlay tree: ``id``, ``parent``, ``name``, ``kind`` (dir/file/symlink),
+the *origin* (the base TreeEntry the node shows, if any: kind, size, id,
+target), ``materialized`` (for a directory: its entries are the rows whose
+parent it is; otherwise they are its origin tree's entries, lazily), ``upper``
+(for a file: its content is ``data/<upper>``; otherwise its origin's bytes),
+``mode``, ``mtime_ns`` and a symlink's ``target``.
+
+Why rows per node rather than a path-keyed journal of whiteouts and renames:
+renames of directories, renames over existing targets and edits below a
+renamed directory are then plain row updates (``parent``, ``name``), and the
+tree the workspace shows is exactly the rows plus the lazy origins below
+unmaterialized directories.  There are no whiteouts: a materialized
+directory's rows are its whole listing, so a deleted name is simply a row
+that is gone.  A directory is materialized (its origin tree copied into rows,
+one per entry, no file bytes read) the first time something inside it
+changes; untouched subtrees stay lazy and cost nothing.  The root is row 1.
+
+Crash safety.  Every metadata change (create, mkdir, unlink, rename, chmod,
+materialize, copy-up) is one SQLite transaction, written before the
+in-memory tree changes, so a killed daemon leaves the database at a
+transaction boundary; WAL mode commits survive SIGKILL (the WAL is in the OS
+page cache).  Data files are written in place with pwrite; their sizes are
+taken from the files themselves on open, so a write that reached the kernel
+is never lost to a crash of the daemon.  ``sync`` (the fsync handler) fsyncs
+the file, the data directory and the WAL, which makes everything up to then
+durable against power loss too.  Files of ``data/`` no row names (a copy-up
+or create interrupted before its row was written, or an unlinked file) are
+deleted on open.
+
+Copy-up is whole-file for now (``copy_up``, the one function to replace with
+chunk-level copy-on-write): the first write to an untouched file copies its
+bytes from the repository into ``data/``; truncation to zero and creation
+copy nothing.
+
+Committing.  Before moving the branch, the workspace records the new commit
+id as ``pending`` (durably); after the branch moved, ``clear`` deletes every
+row, sets the new base and removes ``pending`` in one transaction.  A crash
+between the two leaves ``pending`` set; ``resolve_pending`` (on the next open)
+checks whether the branch reached that commit and, if so, clears the overlay
+as the interrupted commit would have, else drops ``pending`` and keeps every
+edit.  So the branch is at the old commit with the edits pending, or at the
+new one with none pending, never in between.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from commitfs.errors import CommitfsError, InputError
+from commitfs.model.objects import FileManifest, Kind, TreeEntry
+from commitfs.vfs.errors import NoSpaceError
+
+SCHEMA_VERSION = "1"
+ROOT_ID = 1
+#: Chunks fetched per repository call during a copy-up (bounded memory for huge files).
+_COPY_BATCH = 64
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS nodes (
+    id INTEGER PRIMARY KEY,
+    parent INTEGER,
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    okind BLOB, osize INTEGER, oid BLOB, otarget BLOB,
+    materialized INTEGER NOT NULL DEFAULT 0,
+    upper TEXT,
+    mode INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    target BLOB
+);
+CREATE UNIQUE INDEX IF NOT EXISTS nodes_by_name ON nodes(parent, name);
+"""
+
+_COLUMNS = ("id", "parent", "name", "kind", "okind", "osize", "oid", "otarget", "materialized", "upper", "mode",
+            "mtime_ns", "target")
+
+
+@dataclass
+class Row:
+    id: int
+    parent: int | None
+    name: str
+    kind: str  # "dir", "file", "symlink"
+    origin: TreeEntry | None
+    materialized: bool
+    upper: str | None
+    mode: int
+    mtime_ns: int
+    target: bytes | None
+
+    def values(self) -> tuple:
+        o = self.origin
+        return (self.id, self.parent, self.name, self.kind, o.kind.value if o else None, o.size if o else None,
+                o.id if o else None, o.target if o else None, int(self.materialized), self.upper, self.mode,
+                self.mtime_ns, self.target)
+
+
+def _row(values) -> Row:
+    (id_, parent, name, kind, okind, osize, oid, otarget, mat, upper, mode, mtime, target) = values
+    origin = TreeEntry(name, Kind(bytes(okind)), osize, bytes(oid), bytes(otarget or b"")) if okind else None
+    return Row(id_, parent, name, kind, origin, bool(mat), upper, mode, mtime,
+               bytes(target) if target is not None else None)
+
+
+class WorkspaceMismatchError(InputError):
+    """The workspace directory belongs to another repository or branch."""
+
+
+def _full(exc: sqlite3.Error) -> bool:
+    text = str(exc).lower()
+    return "full" in text or "disk i/o" in text
+
+
+class Overlay:
+    """The on-disk state of one workspace (see the module doc)."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection):
+        self.path = path
+        self.data = path / "data"
+        self._conn = conn
+        self._batch = 0
+        self._next_id = (conn.execute("SELECT max(id) FROM nodes").fetchone()[0] or ROOT_ID) + 1
+
+    # --- opening ---------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike, repo_url: str, branch: str) -> Overlay:
+        path = Path(path)
+        try:
+            (path / "data").mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(str(path / "overlay.db"), isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise CommitfsError(f"cannot open the workspace {path}: {exc}") from None
+        ov = cls(path, conn)
+        repo, br = ov.get_meta("repo"), ov.get_meta("branch")
+        if repo is None:
+            with ov.batch():
+                ov.set_meta("version", SCHEMA_VERSION)
+                ov.set_meta("repo", repo_url)
+                ov.set_meta("branch", branch)
+        elif repo != repo_url or br != branch:
+            conn.close()
+            raise WorkspaceMismatchError(
+                f"workspace {path} belongs to branch {br!r} of {repo}, not {branch!r} of {repo_url}")
+        return ov
+
+    def close(self) -> None:
+        try:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:
+            pass
+        self._conn.close()
+
+    # --- transactions -------------------------------------------------------------
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group statements into one transaction (nested batches join the outer one)."""
+        if self._batch:
+            self._batch += 1
+            try:
+                yield
+            finally:
+                self._batch -= 1
+            return
+        self._batch = 1
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            if _full(exc):
+                raise NoSpaceError(f"the workspace {self.path} is full") from None
+            raise CommitfsError(f"workspace database {self.path}: {exc}") from None
+        finally:
+            self._batch = 0
+
+    def _exec(self, sql: str, args=()) -> sqlite3.Cursor:
+        with self.batch():
+            return self._conn.execute(sql, args)
+
+    # --- meta ----------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str | None) -> None:
+        if value is None:
+            self._exec("DELETE FROM meta WHERE key = ?", (key,))
+        else:
+            self._exec("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    @property
+    def base(self) -> bytes | None:
+        v = self.get_meta("base")
+        return bytes.fromhex(v) if v else None
+
+    @property
+    def pending(self) -> bytes | None:
+        v = self.get_meta("pending")
+        return bytes.fromhex(v) if v else None
+
+    def set_pending(self, cid: bytes | None) -> None:
+        self.set_meta("pending", cid.hex() if cid else None)
+        self.sync_db()
+
+    # --- rows ------------------------------------------------------------------------
+    def new_id(self) -> int:
+        nid = self._next_id
+        self._next_id += 1
+        return nid
+
+    def rows(self) -> list[Row]:
+        cur = self._conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM nodes ORDER BY id")
+        return [_row(v) for v in cur]
+
+    def insert(self, rows: list[Row]) -> None:
+        with self.batch():
+            self._conn.executemany(f"INSERT INTO nodes VALUES ({', '.join('?' * len(_COLUMNS))})",
+                                   [r.values() for r in rows])
+
+    def update(self, node_id: int, **fields) -> None:
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        self._exec(f"UPDATE nodes SET {sets} WHERE id = ?", (*fields.values(), node_id))
+
+    def delete(self, ids: list[int]) -> None:
+        with self.batch():
+            self._conn.executemany("DELETE FROM nodes WHERE id = ?", [(i,) for i in ids])
+
+    def is_clean(self) -> bool:
+        """No edits: only an unmaterialized root row (or none)."""
+        n = self._conn.execute("SELECT count(*), max(materialized) FROM nodes").fetchone()
+        return n[0] == 0 or (n[0] == 1 and not n[1])
+
+    def clear(self, base: bytes, root: Row) -> None:
+        """Drop every edit and make ``base`` the base, in one transaction; then delete data files."""
+        with self.batch():
+            self._conn.execute("DELETE FROM nodes")
+            self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('base', ?)", (base.hex(),))
+            self._conn.execute("DELETE FROM meta WHERE key = 'pending'")
+            self._conn.execute(f"INSERT INTO nodes VALUES ({', '.join('?' * len(_COLUMNS))})", root.values())
+        self.sync_db()
+        self.collect_garbage()
+
+    # --- data files ------------------------------------------------------------------
+    def data_path(self, name: str) -> str:
+        return str(self.data / name)
+
+    def create_data(self, name: str) -> int:
+        """A new empty data file, open for reading and writing."""
+        return os.open(self.data_path(name), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+
+    def open_data(self, name: str) -> int:
+        return os.open(self.data_path(name), os.O_RDWR)
+
+    def remove_data(self, name: str) -> None:
+        try:
+            os.unlink(self.data_path(name))
+        except FileNotFoundError:
+            pass
+
+    def anonymous_file(self, tag: str) -> int:
+        """An unnamed data file (for a file unlinked while open): gone when closed."""
+        path = self.data_path(f"anon-{tag}")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.unlink(path)
+        return fd
+
+    def collect_garbage(self) -> int:
+        """Delete data files no row names; return how many."""
+        named = {r[0] for r in self._conn.execute("SELECT upper FROM nodes WHERE upper IS NOT NULL")}
+        removed = 0
+        for entry in os.scandir(self.data):
+            if entry.name not in named:
+                try:
+                    os.unlink(entry.path)
+                    removed += 1
+                except OSError:
+                    pass
+        return removed
+
+    def sync_db(self) -> None:
+        """Make every committed transaction durable (fsync the WAL)."""
+        for suffix in ("-wal", ""):
+            try:
+                fd = os.open(str(self.path / "overlay.db") + suffix, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def sync(self, fd: int | None = None) -> None:
+        """fsync: the file's data, the data directory's entries, the database."""
+        if fd is not None:
+            os.fsync(fd)
+        dfd = os.open(self.data, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self.sync_db()
+
+
+def copy_up(load_chunks: Callable[[list[bytes]], list[bytes]], manifest: FileManifest, fd: int) -> int:
+    """Write a file's whole content from the repository into ``fd``; return its size.
+
+    Whole-file copy-up: the one place to replace with chunk-level
+    copy-on-write (keep the manifest, store only the chunks written to).
+    Runs in a worker thread."""
+    ids = list(manifest.chunk_ids)
+    off = 0
+    for i in range(0, len(ids), _COPY_BATCH):
+        for chunk in load_chunks(ids[i:i + _COPY_BATCH]):
+            view = memoryview(chunk)
+            while view:
+                n = os.pwrite(fd, view, off)
+                off += n
+                view = view[n:]
+    return off
