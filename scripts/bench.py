@@ -37,13 +37,16 @@ import os
 import platform
 import pstats
 import random
+import select
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,6 +54,7 @@ from pathlib import Path
 import blake3
 
 from commitfs.cli.output import human_size
+from commitfs.fuse.lifecycle import canonical, find_mount, lookup_daemon_pid
 from commitfs.ops.snapshot import CommitResult, commit_directory
 from commitfs.repo.repository import Repository
 
@@ -367,6 +371,172 @@ def profiled(path: str, log: Callable[[str], None]) -> Iterator[None]:
         stats.sort_stats("tottime").print_stats(25)
 
 
+# --- mounts, baseline servers and reader processes ---------------------------------------
+#: The do-nothing pyfuse3 file system that mount reads are judged against.
+NULLFS = Path(__file__).resolve().parent / "nullfs.py"
+#: How long a mount or a baseline server may take to come up.
+START_TIMEOUT_S = 120.0
+#: How long a stopped daemon or server may take to exit before it is killed.
+STOP_TIMEOUT_S = 15.0
+
+
+@dataclass
+class Mounted:
+    mountpoint: Path
+    pid: int | None  # the daemon's
+    first_ls_s: float  # `commitfs mount` until the first listing of the root answered
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] != b"Z"  # a zombie has exited
+    except (OSError, IndexError):
+        return False
+
+
+def _stop_pid(pid: int) -> None:
+    """SIGTERM a process that is not our child, wait for it, SIGKILL it if it lingers."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not _pid_alive(pid):
+            return
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def daemon_pids(mnt: Path) -> list[int]:
+    """Mount daemons started for ``mnt`` (found by their command line), mounted yet or not."""
+    needle = json.dumps({"mountpoint": canonical(mnt)})[1:-1].encode()  # as in the daemon's JSON config
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except OSError:
+                continue
+            if b"commitfs.fuse.daemon" in cmdline and needle in cmdline and _pid_alive(int(entry)):
+                pids.append(int(entry))
+    return pids
+
+
+def _detach(mnt: Path) -> None:
+    subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+
+
+def stop_mount(mnt: Path) -> None:
+    """Unmount ``mnt`` and make sure its daemon is gone, whatever state a run left them in
+    (an interrupted `commitfs mount` may leave a daemon that mounts after it died)."""
+    pids = set(daemon_pids(mnt))
+    if find_mount(mnt) is not None:
+        proc = subprocess.run(commitfs_command() + ["umount", str(mnt)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            _detach(mnt)
+    for pid in pids | set(daemon_pids(mnt)):
+        _stop_pid(pid)
+    if find_mount(mnt) is not None:
+        _detach(mnt)
+
+
+@contextmanager
+def commitfs_mount(repo_url: str, mnt: Path, cache_dir: Path, rev: str = "main",
+                   endpoint_url: str | None = None) -> Iterator[Mounted]:
+    """`commitfs mount` (a daemon, as a user runs it) for the block; unmounted after it, even on error."""
+    cmd = commitfs_command() + ["mount", "-r", repo_url, "--cache-dir", str(cache_dir)]
+    if endpoint_url:
+        cmd += ["--endpoint-url", endpoint_url]
+    cmd += [rev, str(mnt)]
+    try:
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"commitfs mount failed: {proc.stderr.strip()}")
+        os.listdir(mnt)
+        first_ls_s = time.perf_counter() - t0
+        pid = lookup_daemon_pid(mnt)
+        if pid is None:
+            pid = next(iter(daemon_pids(mnt)), None)
+        yield Mounted(mnt, pid, first_ls_s)
+    finally:
+        stop_mount(mnt)
+
+
+@contextmanager
+def nullfs_mount(src: Path, rels: list[str], mnt: Path, scratch: Path) -> Iterator[int]:
+    """scripts/nullfs.py serving ``rels`` of ``src`` (loaded into memory) at ``mnt``; yields its pid."""
+    list_file, log_file = scratch / "nullfs-files.txt", scratch / "nullfs.log"
+    list_file.write_text("".join(r + "\n" for r in rels))
+    with open(log_file, "wb") as log:
+        proc = subprocess.Popen([sys.executable, str(NULLFS), str(src), str(list_file), str(mnt)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
+                                start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT_S)
+        if not ready or proc.stdout.readline().strip() != b"ready":
+            raise RuntimeError(f"nullfs did not start (see {log_file})")
+        yield proc.pid
+    finally:
+        if proc.poll() is None:
+            proc.terminate()  # it unmounts on the way out
+            try:
+                proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        if find_mount(mnt) is not None:
+            _detach(mnt)
+
+
+def _sleep(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+class Readers:
+    """``n`` reader processes started ahead of any timing (as a DataLoader's workers), each
+    reading its share of a file list; with n == 1 this process reads."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.pool: ProcessPoolExecutor | None = None
+        if n > 1:
+            self.pool = ProcessPoolExecutor(n)
+            list(self.pool.map(_sleep, [0.3] * n))  # every worker started before the first timing
+
+    def read(self, root: Path, rels: list[str]) -> tuple[float, int]:
+        """Seconds until every file was read to its end, and the bytes read."""
+        t0 = time.perf_counter()
+        if self.pool is None:
+            total = read_to_devnull(root, rels)
+        else:
+            shares = [rels[i::self.n] for i in range(self.n)]
+            total = sum(self.pool.map(read_to_devnull, [root] * self.n, shares))
+        return time.perf_counter() - t0, total
+
+    def __enter__(self) -> Readers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+
+def vm_hwm(pid: int) -> int:
+    """A process's peak resident memory (VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
+
+
 # --- results ------------------------------------------------------------------------
 def human(value: float, unit: str) -> str:
     if unit == "B":
@@ -377,18 +547,25 @@ def human(value: float, unit: str) -> str:
         return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
     if unit == "count":
         return f"{value:,.0f}"
+    if unit.endswith("/s"):  # files/s, commits/s...
+        return f"{value:,.0f} {unit}"
     return f"{value:g} {unit}"
 
 
 @dataclass
 class Row:
-    """One figure beside its baseline; the target, if any, applies to value / baseline."""
+    """One figure beside its baseline; the target, if any, applies to value / baseline.
+
+    A few goals are absolute (2,500 files/s, 300 MiB of memory): ``limit``
+    bounds the value itself, in its unit; the baseline is still printed, for
+    context.  A row with both passes only if both hold."""
 
     figure: str
     value: float
     baseline: float | None
-    unit: str  # of value and baseline: "B/s", "s", "B", "count"
+    unit: str  # of value and baseline: "B/s", "s", "B", "count", "files/s"
     target: tuple[str, float] | None = None  # (">=" | "<=", ratio)
+    limit: tuple[str, float] | None = None  # (">=" | "<=", value in `unit`)
 
     @property
     def ratio(self) -> float | None:
@@ -396,20 +573,31 @@ class Row:
 
     @property
     def status(self) -> str:
-        if self.target is None or self.ratio is None:
+        checks = []
+        if self.target is not None and self.ratio is not None:
+            checks.append((self.ratio, *self.target))
+        if self.limit is not None:
+            checks.append((self.value, *self.limit))
+        if not checks:
             return "info"
-        op, bound = self.target
-        return "PASS" if (self.ratio >= bound if op == ">=" else self.ratio <= bound) else "MISS"
+        ok = all(x >= bound if op == ">=" else x <= bound for x, op, bound in checks)
+        return "PASS" if ok else "MISS"
 
     def cells(self) -> list[str]:
         ratio = "" if self.ratio is None else f"{self.ratio:.3f}x" if self.ratio < 0.1 else f"{self.ratio:.2f}x"
+        goals = []
+        if self.target is not None:
+            goals.append(f"{self.target[0]} {self.target[1]:g}x")
+        if self.limit is not None:
+            goals.append(f"{self.limit[0]} {human(self.limit[1], self.unit)}")
         return [self.figure, human(self.value, self.unit),
                 "" if self.baseline is None else human(self.baseline, self.unit), ratio,
-                "" if self.target is None else f"{self.target[0]} {self.target[1]:g}x", self.status]
+                ", ".join(goals), self.status]
 
     def to_json(self) -> dict:
         return {"figure": self.figure, "value": self.value, "baseline": self.baseline, "unit": self.unit,
-                "ratio": self.ratio, "target": list(self.target) if self.target else None, "status": self.status}
+                "ratio": self.ratio, "target": list(self.target) if self.target else None,
+                "limit": list(self.limit) if self.limit else None, "status": self.status}
 
 
 @dataclass
@@ -451,10 +639,13 @@ class Bench:
         print(f"[{time.perf_counter() - self._start:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
     def dataset(self) -> Dataset:
-        """The seeded dataset, pristine and with old mtimes (generated on first use)."""
+        """The seeded dataset, pristine and with old mtimes (generated on first use).
+
+        Every call undoes the edits an earlier section made (``Dataset.ensure``),
+        so each section starts from the same files whatever ran before it."""
         if self._dataset is None:
             self._dataset = Dataset(self.workdir / f"dataset-{self.scale.name}", self.scale)
-            self._dataset.ensure(self.log)
+        self._dataset.ensure(self.log)
         return self._dataset
 
     def scratch(self, name: str) -> Path:
@@ -617,40 +808,80 @@ def _growth(before: dict[str, int], after: dict[str, int]) -> str:
     return ", ".join(parts) or "nothing"
 
 
-@section("mount", "reads through a FUSE mount of a local repository vs the same reads of the files")
+# --- mount (issue 3) ---------------------------------------------------------------------
+#: Images read at random by the files-per-second figures, as a training job's first steps.
+MOUNT_SAMPLE = 1_000
+#: Reader processes of the parallel figures, as a DataLoader's num_workers.
+READERS = 4
+#: Files of the listing and memory figures' large commit, by scale (tiny files, one directory).
+MANY_FILES = {"small": 10_000, "full": 100_000}
+#: Files of the small commit those figures are compared with.
+FEW_FILES = 100
+#: The daemon's peak memory after listing and sampling the large commit must stay under this.
+DAEMON_MEMORY_LIMIT = 300 * MiB
+
+
+class ManyFiles:
+    """``count`` tiny files in one directory (``images/``), generated once per workdir."""
+
+    def __init__(self, root: Path, count: int):
+        self.root = root
+        self.count = count
+        self.rels = [f"images/f{i:06d}.bin" for i in range(count)]
+
+    def ensure(self, log: Callable[[str], None]) -> None:
+        marker = self.root.with_name(self.root.name + ".json")
+        want = {"count": self.count, "generator": 1}
+        try:
+            if json.loads(marker.read_text()) == want and len(os.listdir(self.root / "images")) == self.count:
+                return
+        except (OSError, ValueError):
+            pass
+        log(f"generating {self.count:,} tiny files in {self.root}")
+        marker.unlink(missing_ok=True)
+        shutil.rmtree(self.root, ignore_errors=True)
+        (self.root / "images").mkdir(parents=True)
+        for i, rel in enumerate(self.rels):
+            with open(self.root / rel, "wb") as f:
+                f.write(b"%08d\n" % i * 8)
+        old = time.time() - DAY  # outside the stat cache's racy window
+        for rel in self.rels:
+            os.utime(self.root / rel, (old, old))
+        marker.write_text(json.dumps(want) + "\n")
+
+
+@section("mount", "reads, listings and daemon memory of FUSE mounts of a local repository, vs the files and nullfs")
 def bench_mount(b: Bench) -> SectionResult:
     ds = b.dataset()
     out = SectionResult()
-    paths = ds.paths()
-    nbytes = ds.total_bytes
     repo_dir = b.scratch("repo-mount")
     Repository.init(str(repo_dir)).close()
     b.log("committing the dataset")
     commit_in_process(str(repo_dir), ds.root, "mount bench")
-    mnt = b.scratch("mnt")
-    cache_dir = b.scratch("mount-cache")
+    try:
+        _mount_reads(b, ds, str(repo_dir), out)
+        _mount_sample(b, ds, str(repo_dir), out)
+    finally:
+        shutil.rmtree(repo_dir)
+    _mount_many_files(b, out)
+    return out
 
-    def mount() -> float:
-        """Mount main; return the seconds until a first `ls` of the root answered."""
-        t0 = time.perf_counter()
-        proc = subprocess.run(commitfs_command() + ["mount", "-r", str(repo_dir), "--cache-dir", str(cache_dir),
-                                                    "main", str(mnt)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"commitfs mount failed: {proc.stderr.strip()}")
-        os.listdir(mnt)
-        return time.perf_counter() - t0
 
-    def umount() -> None:
-        proc = subprocess.run(commitfs_command() + ["umount", str(mnt)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+def _mount_reads(b: Bench, ds: Dataset, repo_url: str, out: SectionResult) -> None:
+    """Whole-dataset reads: warm, first (storage in the page cache), cold, parallel, random."""
+    paths, nbytes = ds.paths(), ds.total_bytes
+    weights = ds.root / ds.WEIGHTS
+    wbytes = weights.stat().st_size
+    mnt, cache_dir = b.scratch("mnt"), b.scratch("mount-cache")
 
-    def parallel_read(root: Path, nproc: int = 4) -> int:
-        from concurrent.futures import ProcessPoolExecutor
+    def mount():
+        return commitfs_mount(repo_url, mnt, cache_dir)
 
-        shares = [paths[i::nproc] for i in range(nproc)]
-        with ProcessPoolExecutor(nproc) as pool:
-            return sum(pool.map(read_to_devnull, [root] * nproc, shares))
+    def read_all(root: Path) -> float:
+        s, n = timed(read_to_devnull, root, paths)
+        if n != nbytes:
+            raise RuntimeError(f"read {n} bytes under {root}, expected {nbytes}")
+        return s
 
     def random_reads(path: Path, count: int = 2000, size: int = 4 * KiB) -> int:
         rng = random.Random(7)
@@ -663,66 +894,488 @@ def bench_mount(b: Bench) -> SectionResult:
 
     b.log("warming the page cache, then timing the read into /dev/null (median of 3)")
     read_to_devnull(ds.root, paths)
-    disk_s = statistics.median(timed(read_to_devnull, ds.root, paths)[0] for _ in range(3))
-    weights = ds.root / ds.WEIGHTS
+    disk_s = statistics.median(read_all(ds.root) for _ in range(3))
     disk_w_s = statistics.median(timed(read_to_devnull, ds.root, [ds.WEIGHTS])[0] for _ in range(3))
-    disk_par_s, _ = timed(parallel_read, ds.root)
-    disk_rand_s, _ = timed(random_reads, weights)
-    try:
-        b.log("mount, first ls, first read of every file through the mount")
-        first_ls_s = mount()
-        cold_s, n = timed(read_to_devnull, mnt, paths)
-        assert n == nbytes, "the mount returned a different number of bytes"
-        b.log("warm re-reads through the same mount (median of 3)")
-        warm_s = statistics.median(timed(read_to_devnull, mnt, paths)[0] for _ in range(3))
-        warm_w_s = statistics.median(timed(read_to_devnull, mnt, [ds.WEIGHTS])[0] for _ in range(3))
-        umount()
+    with Readers(READERS) as readers:
+        disk_par_s, _ = readers.read(ds.root, paths)
+        disk_rand_s, _ = timed(random_reads, weights)
+        b.log("mount, first read of every file through the mount")
+        with mount():
+            first_s = read_all(mnt)
+            b.log("warm re-reads through the same mount (median of 3)")
+            warm_s = statistics.median(read_all(mnt) for _ in range(3))
+            warm_w_s = statistics.median(timed(read_to_devnull, mnt, [ds.WEIGHTS])[0] for _ in range(3))
         b.log("remount: first read of the weights alone")
-        mount()
-        cold_w_s, _ = timed(read_to_devnull, mnt, [ds.WEIGHTS])
-        umount()
-        b.log("remount: 4 processes reading a quarter of the files each")
-        mount()
-        cold_par_s, _ = timed(parallel_read, mnt)
-        umount()
+        with mount():
+            first_w_s, _ = timed(read_to_devnull, mnt, [ds.WEIGHTS])
+        b.log(f"remount: {READERS} processes reading a share of the files each")
+        with mount():
+            first_par_s, n = readers.read(mnt, paths)
+            if n != nbytes:
+                raise RuntimeError(f"{READERS} readers read {n} bytes through the mount, expected {nbytes}")
         b.log("remount: 2000 random 4 KiB reads of the weights")
-        mount()
-        cold_rand_s, _ = timed(random_reads, mnt / ds.WEIGHTS)
-    finally:
-        umount()
-    shutil.rmtree(repo_dir)
-    wbytes = weights.stat().st_size
+        with mount():
+            first_rand_s, _ = timed(random_reads, mnt / ds.WEIGHTS)
     out.rows += [
         Row("warm re-read of every file through the mount vs the files (warm)",
             nbytes / warm_s, nbytes / disk_s, "B/s", (">=", 0.8)),
         Row(f"  same, the {human(wbytes, 'B')} weights file alone", wbytes / warm_w_s, wbytes / disk_w_s, "B/s",
             (">=", 0.8)),
-        Row("first read of every file through a new mount vs the files (warm)",
-            nbytes / cold_s, nbytes / disk_s, "B/s"),
-        Row("  same, the weights file alone", wbytes / cold_w_s, wbytes / disk_w_s, "B/s"),
-        Row("first read by 4 processes through a new mount vs 4 processes reading the files",
-            nbytes / cold_par_s, nbytes / disk_par_s, "B/s"),
-        Row("2000 random 4 KiB reads of the weights, new mount vs the file", cold_rand_s, disk_rand_s, "s"),
-        Row("commitfs mount + first ls of the root", first_ls_s, None, "s"),
+        Row("first read of every file through a new mount vs the files (both warm)",
+            nbytes / first_s, nbytes / disk_s, "B/s"),
+        Row("  same, the weights file alone", wbytes / first_w_s, wbytes / disk_w_s, "B/s"),
+        Row(f"first read by {READERS} processes through a new mount vs {READERS} processes reading the files",
+            nbytes / first_par_s, nbytes / disk_par_s, "B/s"),
+        Row("2000 random 4 KiB reads of the weights, new mount vs the file", first_rand_s, disk_rand_s, "s"),
     ]
+    details = {"disk_s": disk_s, "warm_s": warm_s, "first_s": first_s, "disk_weights_s": disk_w_s,
+               "warm_weights_s": warm_w_s, "first_weights_s": first_w_s, "disk_parallel_s": disk_par_s,
+               "first_parallel_s": first_par_s, "disk_random_s": disk_rand_s, "first_random_s": first_rand_s}
+
+    why_not = drop_caches()
+    if why_not is None:
+        b.log("cold page cache: reading the files, then the same through a new mount")
+        drop_caches()
+        cold_disk_s = read_all(ds.root)
+        with mount():
+            drop_caches()
+            cold_s = read_all(mnt)
+        out.rows.append(Row("cold read of every file through a new mount vs the files (page cache dropped)",
+                            nbytes / cold_s, nbytes / cold_disk_s, "B/s", (">=", 0.5)))
+        details.update(cold_disk_s=cold_disk_s, cold_s=cold_s)
+    else:
+        out.notes.append(f"cold-cache figures skipped: {why_not}")
+    out.details["reads"] = details
     out.notes += [
-        "a local repository is read in place (no chunk cache); its packs are in the page cache, so 'first read' "
-        "measures the mount's own cost (FUSE round trips, chunk lookup, BLAKE3 verification), not storage",
+        "a local repository is read in place (no chunk cache); 'first read' has the repository's packs in the "
+        "page cache, so it measures the mount's own cost (FUSE round trips, chunk lookup, BLAKE3 verification); "
+        "'cold' drops the page cache (sync; echo 3 > /proc/sys/vm/drop_caches) before each side",
         "warm re-reads are served by the kernel's page cache (files are opened with keep_cache, attributes "
         "trusted for a day): the figure a training job's second epoch sees",
     ]
-    out.details = {"disk_s": disk_s, "warm_s": warm_s, "cold_s": cold_s, "disk_weights_s": disk_w_s,
-                   "warm_weights_s": warm_w_s, "cold_weights_s": cold_w_s, "disk_parallel_s": disk_par_s,
-                   "cold_parallel_s": cold_par_s, "disk_random_s": disk_rand_s, "cold_random_s": cold_rand_s,
-                   "first_ls_s": first_ls_s}
+
+
+def _mount_sample(b: Bench, ds: Dataset, repo_url: str, out: SectionResult) -> None:
+    """Files per second for a random sample of images: the mount vs the files vs nullfs."""
+    images = {i.path: i.size for i in ds.images}
+    sample = random.Random(ds.scale.seed + 3).sample(sorted(images), min(MOUNT_SAMPLE, len(images)))
+    k, sample_bytes = len(sample), sum(images[p] for p in sample)
+    mnt, cache_dir, scratch = b.scratch("mnt"), b.scratch("mount-cache"), b.scratch("nullfs")
+    rates: dict[tuple[str, int, str], float] = {}
+    read_to_devnull(ds.root, sample)  # the files' side is warm throughout
+    for nproc in (1, READERS):
+        with Readers(nproc) as readers:
+            def rate(root: Path) -> float:
+                s, n = readers.read(root, sample)
+                if n != sample_bytes:
+                    raise RuntimeError(f"read {n} bytes of the sample under {root}, expected {sample_bytes}")
+                return k / s
+
+            b.log(f"{k} random images, {nproc} reader(s): the files, nullfs, a commitfs mount")
+            rates["files", nproc, "warm"] = statistics.median(rate(ds.root) for _ in range(3))
+            with nullfs_mount(ds.root, sample, mnt, scratch):
+                rates["nullfs", nproc, "first"] = rate(mnt)
+                rates["nullfs", nproc, "warm"] = statistics.median(rate(mnt) for _ in range(3))
+            with commitfs_mount(repo_url, mnt, cache_dir):
+                rates["commitfs", nproc, "first"] = rate(mnt)
+                rates["commitfs", nproc, "warm"] = statistics.median(rate(mnt) for _ in range(3))
+    for nproc in (1, READERS):
+        who = "1 reader" if nproc == 1 else f"{nproc} reader processes"
+        first, warm, files = rates["commitfs", nproc, "first"], rates["commitfs", nproc, "warm"], \
+            rates["files", nproc, "warm"]
+        out.rows += [
+            Row(f"{k:,} random images, {who}, first read through a new mount vs nullfs (new mount)",
+                first, rates["nullfs", nproc, "first"], "files/s", (">=", 0.6)),
+            Row("  same, vs reading the files (warm)", first, files, "files/s"),
+            Row(f"{k:,} random images, {who}, warm re-read through the mount vs nullfs (warm)",
+                warm, rates["nullfs", nproc, "warm"], "files/s", limit=(">=", 2500)),
+            Row("  same, vs reading the files (warm)", warm, files, "files/s"),
+        ]
+    out.details["sample"] = {f"{who}_{n}_{state}": v for (who, n, state), v in rates.items()}
+    out.notes.append(
+        f"the {k:,}-image sample ({human(sample_bytes, 'B')}) is read whole file by file in a seeded random "
+        f"order; 'first read' is through a mount made just before (the repository's packs in the page cache), "
+        f"'warm' the median of 3 re-reads through it; nullfs (scripts/nullfs.py) serves the same files from "
+        f"memory with the daemon's pyfuse3 settings: the framework's ceiling")
+
+
+def _mount_many_files(b: Bench, out: SectionResult) -> None:
+    """Mount and first `ls` of a large commit vs a small one; listing; the daemon's peak memory."""
+    big_n = MANY_FILES[b.scale.name]
+    figures: dict[int, dict] = {}
+    for n in (FEW_FILES, big_n):
+        files = ManyFiles(b.workdir / f"files-{n}", n)
+        files.ensure(b.log)
+        repo_dir = b.scratch(f"repo-files-{n}")
+        Repository.init(str(repo_dir)).close()
+        b.log(f"committing {n:,} tiny files")
+        commit_s, _ = commit_in_process(str(repo_dir), files.root, f"{n} files")
+        mnt, cache_dir = b.scratch("mnt"), b.scratch("mount-cache")
+        listing_dir = files.root / "images"
+        os.listdir(listing_dir)  # the disk side warm, as the repository's side is
+        sample = random.Random(5).sample(files.rels, min(MOUNT_SAMPLE, n))
+        f: dict = {"commit_s": commit_s}
+        f["disk_ls_s"], _ = timed(os.listdir, listing_dir)
+        f["disk_find_s"], _ = timed(subprocess.run, ["find", str(files.root)], stdout=subprocess.DEVNULL,
+                                    check=True)
+        read_to_devnull(files.root, sample)
+        f["disk_read_s"], _ = timed(read_to_devnull, files.root, sample)
+        firsts = []
+        try:
+            for attempt in range(3):
+                b.log(f"mount + first ls of the {n:,}-file commit ({attempt + 1} of 3)")
+                with commitfs_mount(str(repo_dir), mnt, cache_dir) as m:
+                    firsts.append(m.first_ls_s)
+                    if attempt < 2:
+                        continue
+                    if m.pid is None:
+                        raise RuntimeError(f"cannot find the daemon serving {mnt}")
+                    f["hwm_mounted"] = vm_hwm(m.pid)
+                    f["ls_s"], names = timed(os.listdir, mnt / "images")
+                    if len(names) != n:
+                        raise RuntimeError(f"ls of the mount listed {len(names)} entries, expected {n}")
+                    f["find_s"], _ = timed(subprocess.run, ["find", str(mnt)], stdout=subprocess.DEVNULL,
+                                           check=True)
+                    f["read_s"], _ = timed(read_to_devnull, mnt, sample)
+                    f["hwm"] = vm_hwm(m.pid)
+        finally:
+            shutil.rmtree(repo_dir)
+        f["mount_ls_s"] = statistics.median(firsts)
+        f["sample"] = len(sample)
+        figures[n] = f
+    few, big = figures[FEW_FILES], figures[big_n]
+    out.rows += [
+        Row(f"`commitfs mount` + first `ls` of the root, {big_n:,}-file commit vs {FEW_FILES}-file commit",
+            big["mount_ls_s"], few["mount_ls_s"], "s", ("<=", 1.5)),
+        Row(f"first `ls` of the {big_n:,}-entry directory, new mount vs the directory on disk (warm)",
+            big["ls_s"], big["disk_ls_s"], "s"),
+        Row(f"`find` of the whole {big_n:,}-file mount vs `find` of the files on disk (warm)",
+            big["find_s"], big["disk_find_s"], "s"),
+        Row(f"reading {big['sample']:,} of the tiny files after that, mount vs disk (warm)",
+            big["sample"] / big["read_s"], big["sample"] / big["disk_read_s"], "files/s"),
+        Row(f"daemon peak memory (VmHWM) after the `ls`, `find` and reads: {big_n:,} files vs {FEW_FILES} files",
+            big["hwm"], few["hwm"], "B", limit=("<=", DAEMON_MEMORY_LIMIT)),
+    ]
+    out.details["many_files"] = {str(n): f for n, f in figures.items()}
+    out.notes.append(
+        f"listing and memory figures use commits of tiny files in one directory ({big_n:,} and {FEW_FILES}); "
+        f"mount + first ls is the median of 3 mounts (`commitfs mount` in a subprocess: interpreter start-up "
+        f"included); peak memory is the daemon's VmHWM from /proc, {human(big['hwm_mounted'], 'B')} right "
+        f"after the mount, {human(big['hwm'], 'B')} after listing {big_n:,} entries twice and reading "
+        f"{big['sample']:,} files")
+
+
+# --- s3 (issue 4) --------------------------------------------------------------------------
+#: Threads of the boto3 baselines (one shared client), and of commitfs push / clone.
+S3_JOBS = 8
+S3_BUCKET = "bench"
+
+
+@contextmanager
+def moto_server() -> Iterator[str]:
+    """A moto S3 server on 127.0.0.1 (tests/s3server.py) with fake credentials; yields its URL."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "s3server", Path(__file__).resolve().parent.parent / "tests" / "s3server.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    server = module.MotoServer()
+    try:
+        server.start()
+        yield server.endpoint_url
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def s3_client(endpoint_url: str, jobs: int = S3_JOBS):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url,
+                                          config=Config(max_pool_connections=max(10, jobs)))
+
+
+def boto3_upload(client, root: Path, rels: list[str], prefix: str, jobs: int = S3_JOBS) -> tuple[float, int]:
+    """Upload files as plain objects ``prefix/rel`` with ``jobs`` threads; (seconds, bytes)."""
+    def put(rel: str) -> int:
+        data = (root / rel).read_bytes()
+        client.put_object(Bucket=S3_BUCKET, Key=f"{prefix}/{rel}", Body=data)
+        return len(data)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(jobs) as pool:
+        total = sum(pool.map(put, rels))
+    return time.perf_counter() - t0, total
+
+
+def boto3_download(client, prefix: str, jobs: int = S3_JOBS) -> tuple[float, int]:
+    """Download every object under ``prefix/`` with ``jobs`` threads; (seconds, bytes)."""
+    keys = list(s3_objects(client, prefix))
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(jobs) as pool:
+        total = sum(pool.map(lambda k: len(client.get_object(Bucket=S3_BUCKET, Key=k)["Body"].read()), keys))
+    return time.perf_counter() - t0, total
+
+
+def s3_objects(client, prefix: str) -> dict[str, tuple[str, int]]:
+    """Key -> (ETag, size) of every object under ``prefix/``."""
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=S3_BUCKET, Prefix=prefix + "/"):
+        for o in page.get("Contents", ()):
+            out[o["Key"]] = (o["ETag"], o["Size"])
     return out
 
 
-@section("s3", "commit and read against an S3 endpoint (placeholder)")
+def s3_written(before: dict[str, tuple[str, int]], after: dict[str, tuple[str, int]]) -> tuple[int, int]:
+    """(objects, bytes) that are new or rewritten in ``after``: what was PUT in between."""
+    new = [size for key, (etag, size) in after.items() if before.get(key) != (etag, size)]
+    return len(new), sum(new)
+
+
+@section("s3", "push to, clone from and a mount of an S3 repository (a moto server on 127.0.0.1) vs plain boto3")
 def bench_s3(b: Bench) -> SectionResult:
-    # To implement: the core figures against s3://... (a local moto or MinIO
-    # endpoint), each beside the same operation on a local repository.
-    return SectionResult(notes=["not implemented yet"], implemented=False)
+    from commitfs.ops import sync
+
+    ds = b.dataset()
+    out = SectionResult()
+    paths, nfiles, nbytes = ds.paths(), len(ds.paths()), ds.total_bytes
+    local, clone_dir = b.scratch("repo-s3-local"), b.scratch("repo-s3-clone")
+    mnt = b.scratch("mnt")
+    Repository.init(str(local)).close()
+    Repository.init(str(clone_dir)).close()
+    d: dict = {"files": nfiles, "bytes": nbytes, "jobs": S3_JOBS}
+    try:
+        with moto_server() as endpoint:
+            client = s3_client(endpoint)
+            client.create_bucket(Bucket=S3_BUCKET)
+            s3_url = f"s3://{S3_BUCKET}/repo"
+            opts = {"endpoint_url": endpoint}
+            Repository.init(s3_url, **opts).close()
+
+            b.log(f"boto3: uploading the {nfiles:,} files as plain objects ({S3_JOBS} threads)")
+            d["boto3_upload_s"], _ = boto3_upload(client, ds.root, paths, "plain")
+            b.log("first commit into a local repository (not timed as part of the push)")
+            d["local_commit_s"], _ = commit_in_process(str(local), ds.root, "v1")
+            packs = sorted(str(p.relative_to(local)) for p in (local / "packs").rglob("*") if p.is_file())
+            b.log(f"boto3: uploading the local repository's {len(packs)} pack files")
+            d["boto3_upload_packs_s"], d["pack_bytes"] = boto3_upload(client, local, packs, "packs")
+            for key in s3_objects(client, "packs"):
+                client.delete_object(Bucket=S3_BUCKET, Key=key)
+
+            b.log("commitfs push of the first commit")
+            before = s3_objects(client, "repo")
+            with Repository.open(str(local)) as lr, Repository.open(s3_url, **opts) as rr:
+                d["push_s"], res = timed(sync.push, lr, rr, threads=S3_JOBS)
+            after = s3_objects(client, "repo")
+            d["push_objects"], d["push_bytes_written"] = s3_written(before, after)
+            d["push_bytes_sent"], d["repo_objects"] = res.stats.bytes_sent, len(after)
+
+            b.log(f"boto3: downloading the plain objects ({S3_JOBS} threads)")
+            d["boto3_download_s"], n = boto3_download(client, "plain")
+            if n != nbytes:
+                raise RuntimeError(f"the boto3 download read {n} bytes, expected {nbytes}")
+            b.log("commitfs clone from S3")
+            with Repository.open(s3_url, **opts) as rr, Repository.open(str(clone_dir)) as cr:
+                d["clone_s"], _ = timed(sync.clone, cr, rr, threads=S3_JOBS)
+            shutil.rmtree(clone_dir)
+            for nproc in (READERS, 1):
+                b.log(f"cold read of every file through a mount of the S3 repository, {nproc} reader(s)")
+                with Readers(nproc) as readers, \
+                        commitfs_mount(s3_url, mnt, b.scratch("s3-cache"), endpoint_url=endpoint):
+                    d[f"mount_read_{nproc}_s"], n = readers.read(mnt, paths)
+                if n != nbytes:
+                    raise RuntimeError(f"read {n} bytes through the S3 mount, expected {nbytes}")
+
+            changed, changed_bytes = ds.change_images(0, mtime=time.time() - 3600)
+            b.log(f"commit after changing {changed} images, then push")
+            commit_in_process(str(local), ds.root, "v2")
+            before = s3_objects(client, "repo")
+            with Repository.open(str(local)) as lr, Repository.open(s3_url, **opts) as rr:
+                d["push2_s"], res2 = timed(sync.push, lr, rr, threads=S3_JOBS)
+            after = s3_objects(client, "repo")
+            d["push2_objects"], d["push2_bytes_written"] = s3_written(before, after)
+            d.update(changed_files=changed, changed_bytes=changed_bytes, push2_bytes_sent=res2.stats.bytes_sent)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+        shutil.rmtree(clone_dir, ignore_errors=True)
+
+    out.rows += [
+        Row(f"push of the first commit vs boto3 upload of the files ({S3_JOBS} threads)",
+            nbytes / d["push_s"], nbytes / d["boto3_upload_s"], "B/s", (">=", 0.7)),
+        Row("  same, vs boto3 upload of the local repository's pack files",
+            nbytes / d["push_s"], nbytes / d["boto3_upload_packs_s"], "B/s"),
+        Row(f"bytes a push of the second version sends ({changed} of {nfiles:,} files changed) vs bytes changed",
+            d["push2_bytes_written"], changed_bytes, "B", ("<=", 1.2)),
+        Row(f"cold read of every file through a mount of the S3 repository, {READERS} readers, vs boto3 download",
+            nbytes / d[f"mount_read_{READERS}_s"], nbytes / d["boto3_download_s"], "B/s", (">=", 0.7)),
+        Row("  same, 1 reader", nbytes / d["mount_read_1_s"], nbytes / d["boto3_download_s"], "B/s", (">=", 0.7)),
+        Row("clone of the S3 repository vs boto3 download of the files", nbytes / d["clone_s"],
+            nbytes / d["boto3_download_s"], "B/s"),
+        Row("S3 objects in the repository per 10k files, after the first push",
+            d["repo_objects"] * 10_000 / nfiles, None, "count"),
+    ]
+    out.details = d
+    out.notes += [
+        f"a moto server (tests/s3server.py: one request at a time) on 127.0.0.1 serves both sides; boto3 "
+        f"baselines use {S3_JOBS} threads and one client, push and clone {S3_JOBS} threads; throughputs are the "
+        f"dataset's bytes ({human(nbytes, 'B')}, {nfiles:,} files) over each side's time",
+        f"times: boto3 upload {human(d['boto3_upload_s'], 's')}, of the packs ({human(d['pack_bytes'], 'B')}) "
+        f"{human(d['boto3_upload_packs_s'], 's')}, push {human(d['push_s'], 's')}, boto3 download "
+        f"{human(d['boto3_download_s'], 's')}, clone {human(d['clone_s'], 's')}, mount reads "
+        f"{human(d[f'mount_read_{READERS}_s'], 's')} ({READERS} readers) and {human(d['mount_read_1_s'], 's')} "
+        f"(1 reader), second push {human(d['push2_s'], 's')}",
+        f"bytes sent are the sizes of the objects new or rewritten under repo/ (listed before and after): first "
+        f"push {human(d['push_bytes_written'], 'B')} in {d['push_objects']} objects, second push "
+        f"{human(d['push2_bytes_written'], 'B')} in {d['push2_objects']} objects (push's own count: "
+        f"{human(d['push_bytes_sent'], 'B')} and {human(d['push2_bytes_sent'], 'B')})",
+        "the mount reads start with an empty chunk cache (a new --cache-dir each); the files are read whole "
+        "in path order, shared out among the readers",
+    ]
+    return out
+
+
+# --- lineage (issue 6) ---------------------------------------------------------------------
+#: Commits of the lineage repository (the issue's size at both scales: the warm query's cost
+#: hardly depends on it, the log's grows with it, so a smaller history would flatter `log`).
+LINEAGE_COMMITS = 10_000
+#: One commit in this many names the dataset commit as an input.
+LINEAGE_INPUT_EVERY = 10
+
+
+def _lineage_build(workdir: Path, commits: int, log: Callable[[str], None]) -> tuple[str, str, bytes, bytes]:
+    """(models URL, data URL, the dataset commit, the models head), made once per workdir.
+
+    Commits are saved directly (one empty tree, chained commits, one in ten naming an
+    input in a dataset repository) so that building 10k of them takes seconds."""
+    from commitfs.model.objects import Commit, Tree
+    from commitfs.ops import lineage as L
+
+    models, data = workdir / f"models-{commits}", workdir / "data"
+    marker = models / "bench-complete"
+    if marker.exists():
+        with Repository.open(str(models)) as m, Repository.open(str(data)) as d:
+            return str(models), str(data), d.resolve("main"), m.resolve("main")
+    shutil.rmtree(models, ignore_errors=True)
+    shutil.rmtree(data, ignore_errors=True)
+    log(f"building a repository of {commits:,} commits in {models}")
+    with Repository.init(str(data)) as d:
+        with d.writer() as w:
+            tid = w.add_tree(Tree.build([]))
+        target = d.save_commit(Commit(tid, (), "bench", 1_700_000_000, "dataset", {}))
+        d.refs.set_branch_if_equals("main", target, None)
+    with Repository.init(str(models)) as m:
+        with m.writer() as w:
+            tid = w.add_tree(Tree.build([]))
+        inp = L.input_metadata([L.Input(str(data), target, name="data", rev="main")])
+        parent: bytes | None = None
+        for i in range(commits):
+            meta = dict(inp) if i % LINEAGE_INPUT_EVERY == 0 else {"step": str(i)}
+            parent = m.save_commit(Commit(tid, (parent,) if parent else (), "bench", 1_700_000_000 + i,
+                                          f"commit {i}", meta))
+        assert parent is not None
+        m.refs.set_branch_if_equals("main", parent, None)
+    marker.write_text("ok\n")
+    return str(models), str(data), target, parent
+
+
+def _best_of(fn: Callable, repeat: int = 3) -> tuple[float, object]:
+    runs = [timed(fn) for _ in range(repeat)]
+    return min(s for s, _ in runs), runs[0][1]
+
+
+@section("lineage", "a downstream lineage query on a repository of 10k commits vs `commitfs log` of them")
+def bench_lineage(b: Bench) -> SectionResult:
+    from commitfs.model.objects import Commit
+    from commitfs.ops import history
+    from commitfs.ops import lineage as L
+    from commitfs.ops.lineage_index import index_path, query_lineage
+
+    out = SectionResult()
+    commits = LINEAGE_COMMITS
+    workdir = b.workdir / "lineage"
+    workdir.mkdir(parents=True, exist_ok=True)
+    models, data, target, head = _lineage_build(workdir, commits, b.log)
+    expected = (commits + LINEAGE_INPUT_EVERY - 1) // LINEAGE_INPUT_EVERY
+    cache = b.scratch("lineage-cache")  # the lineage index goes here (XDG_CACHE_HOME), not to the user's cache
+    saved_cache = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+
+    def log_all() -> int:
+        with Repository.open(models) as repo:
+            return sum(1 for _ in history.log(repo, head))
+
+    def downstream() -> int:
+        with Repository.open(models) as repo, Repository.open(data) as d, L.RepositoryOpener() as op:
+            return len(query_lineage(d, target, op, [repo], up=False, depth=1).downstream)
+
+    def check(found: object, want: int, what: str) -> None:
+        if found != want:
+            raise RuntimeError(f"{what} found {found} commits, expected {want}")
+
+    t: dict = {"commits": commits, "downstream_commits": expected}
+    try:
+        b.log(f"log of {commits:,} commits (best of 3), then downstream queries")
+        t["log_s"], n = _best_of(log_all)
+        check(n, commits, "log")
+        with Repository.open(models) as repo:
+            shutil.rmtree(index_path(repo).parent, ignore_errors=True)
+        t["downstream_cold_s"], found = timed(downstream)
+        check(found, expected, "the first downstream query")
+        t["downstream_warm_s"], found = _best_of(downstream)
+        check(found, expected, "a warm downstream query")
+        # Ten commits arrive (from elsewhere: only the store is shared).
+        with Repository.open(models) as repo:
+            c = repo.load_commit(head)
+            meta = L.input_metadata([L.Input(data, target, name="data")])
+            parent = head
+            for i in range(10):
+                parent = repo.save_commit(Commit(c.tree, (parent,), "bench", int(time.time()) + i, f"new {i}", meta))
+        t["downstream_after_10_new_s"], found = timed(downstream)
+        check(found, expected + 10, "the downstream query after 10 new commits")
+        b.log("the same through the command line")
+        t["cli_log_s"], _ = _best_of(lambda: subprocess.run(
+            commitfs_command() + ["-r", models, "log", "--oneline", head.hex()],
+            stdout=subprocess.DEVNULL, check=True))
+        t["cli_lineage_s"], _ = _best_of(lambda: subprocess.run(
+            commitfs_command() + ["-r", data, "lineage", "main", "--downstream", "--depth", "1",
+                                  "--search", models, "--json"], stdout=subprocess.DEVNULL, check=True))
+    finally:
+        # Remove the 10 extra commits so the next run starts from the same repository.
+        with Repository.open(models) as repo:
+            chain = {cid for cid, _ in history.log(repo, head)}
+            for cid in set(repo.iter_commit_ids()) - chain:
+                repo.store.remove_object(f"commits/{cid.hex()}")
+        if saved_cache is None:
+            os.environ.pop("XDG_CACHE_HOME", None)
+        else:
+            os.environ["XDG_CACHE_HOME"] = saved_cache
+        shutil.rmtree(cache, ignore_errors=True)
+    out.rows += [
+        Row(f"downstream query, warm index ({commits:,} commits) vs log", t["downstream_warm_s"], t["log_s"], "s",
+            ("<=", 0.1)),
+        Row("downstream query after 10 new commits vs log", t["downstream_after_10_new_s"], t["log_s"], "s",
+            ("<=", 0.1)),
+        Row("downstream query, building the index vs log", t["downstream_cold_s"], t["log_s"], "s"),
+        Row("`commitfs lineage --downstream` vs `commitfs log --oneline` (processes)", t["cli_lineage_s"],
+            t["cli_log_s"], "s"),
+    ]
+    out.details = t
+    out.notes.append(
+        f"a models repository of {commits:,} chained commits, one in {LINEAGE_INPUT_EVERY} naming a dataset commit "
+        f"as input ({expected:,}); log = first-parent history with every commit read and decoded, on a freshly "
+        f"opened repository; warm and log figures are the best of 3, in-process; the CLI row includes "
+        f"interpreter start-up")
+    return out
 
 
 # --- main -----------------------------------------------------------------------------
@@ -736,6 +1389,10 @@ def git_revision() -> str:
         return rev + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def _exit_on_signal(signum: int, _frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -752,6 +1409,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also cProfile an extra first commit (all threads) into FILE (pstats format)")
     args = parser.parse_args(argv)
 
+    # A SIGTERM unwinds like Ctrl-C, so that every mount and process a section started is stopped.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     bench = Bench(SCALES[args.scale], args.workdir.absolute(), args.profile)
     names = list(SECTIONS) if args.section == "all" else [args.section]
     results: dict[str, SectionResult] = {}
