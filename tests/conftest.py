@@ -15,6 +15,7 @@ pytest_plugins = [
     "sync_fixtures",
     "mount_fixtures",
     "lineage_fixtures",
+    "workspace_fixtures",
 ]
 
 

@@ -71,6 +71,10 @@ from commitfs.vfs.errors import NoSpaceError
 
 SCHEMA_VERSION = "1"
 ROOT_ID = 1
+#: Space kept in reserve (a file) so that deleting files still works on a full disk:
+#: SQLite needs a few pages to record a deletion.  Released when a transaction finds
+#: the disk full (the request is then retried once), re-made when space is back.
+RESERVE_BYTES = 256 * 1024
 #: Chunks fetched per repository call during a copy-up (bounded memory for huge files).
 _COPY_BATCH = 64
 
@@ -122,6 +126,10 @@ def _row(values) -> Row:
                bytes(target) if target is not None else None)
 
 
+class SpaceReleasedError(NoSpaceError):
+    """The disk was full; the reserve was released: retry the request once."""
+
+
 class WorkspaceMismatchError(InputError):
     """The workspace directory belongs to another repository or branch."""
 
@@ -154,6 +162,7 @@ class Overlay:
         except (OSError, sqlite3.Error) as exc:
             raise CommitfsError(f"cannot open the workspace {path}: {exc}") from None
         ov = cls(path, conn)
+        ov.make_reserve()
         repo, br = ov.get_meta("repo"), ov.get_meta("branch")
         if repo is None:
             with ov.batch():
@@ -199,6 +208,8 @@ class Overlay:
             except sqlite3.Error:
                 pass
             if _full(exc):
+                if self.release_reserve():
+                    raise SpaceReleasedError(f"the workspace {self.path} is full") from None
                 raise NoSpaceError(f"the workspace {self.path} is full") from None
             raise CommitfsError(f"workspace database {self.path}: {exc}") from None
         finally:
@@ -270,6 +281,30 @@ class Overlay:
             self._conn.execute(f"INSERT INTO nodes VALUES ({', '.join('?' * len(_COLUMNS))})", root.values())
         self.sync_db()
         self.collect_garbage()
+
+    # --- the reserve ----------------------------------------------------------------
+    def make_reserve(self) -> None:
+        """Set space aside (best effort; nothing happens if the disk is full)."""
+        path = self.path / "reserve"
+        try:
+            if path.exists() and path.stat().st_size == RESERVE_BYTES:
+                return
+            with open(path, "wb") as f:
+                f.write(b"\0" * RESERVE_BYTES)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            try:
+                path.unlink()
+            except OSError:
+                pass
+
+    def release_reserve(self) -> bool:
+        try:
+            (self.path / "reserve").unlink()
+            return True
+        except OSError:
+            return False
 
     # --- data files ------------------------------------------------------------------
     def data_path(self, name: str) -> str:

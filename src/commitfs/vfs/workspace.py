@@ -82,7 +82,7 @@ from commitfs.vfs.errors import (
     UnsupportedError,
 )
 from commitfs.vfs.inode import PREFERRED_IO_SIZE, ROOT_INODE, XATTR_COMMIT, XATTR_REPO, Attr
-from commitfs.vfs.overlay import ROOT_ID, Overlay, Row, copy_up
+from commitfs.vfs.overlay import ROOT_ID, Overlay, Row, SpaceReleasedError, copy_up
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,20 @@ _PENDING_SEARCH = 100_000
 
 def _now() -> int:
     return time.time_ns()
+
+
+def _retry_when_space_released(fn):
+    """A change that found the disk full after the overlay released its reserve runs
+    once more (so unlinking files to make room works on a full disk).  Changes are
+    safe to re-run: each writes its rows before it touches the in-memory tree."""
+    async def wrapper(self, *args, **kwargs):
+        try:
+            return await fn(self, *args, **kwargs)
+        except SpaceReleasedError:
+            return await fn(self, *args, **kwargs)
+    wrapper.__name__ = wrapper.__qualname__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
 
 
 class WNode:
@@ -688,6 +702,8 @@ class WorkspaceFS:
         self._detach(n)
         for name in data:
             self.overlay.remove_data(name)
+        if data:
+            self.overlay.make_reserve()
 
     async def _prepare_parent(self, parent_inode: int) -> WNode:
         d = self._dir(parent_inode)
@@ -724,6 +740,7 @@ class WorkspaceFS:
     async def getattr(self, inode: int) -> Attr:
         return self.attr(self._node(inode))
 
+    @_retry_when_space_released
     async def setattr(self, inode: int, *, mode: int | None = None, size: int | None = None,
                       mtime_ns: int | None = None, uid: int | None = None, gid: int | None = None,
                       fh: int | None = None) -> Attr:
@@ -801,6 +818,7 @@ class WorkspaceFS:
             n.children = {}
         return n
 
+    @_retry_when_space_released
     async def mkdir(self, parent_inode: int, name: bytes, mode: int) -> Attr:
         async with self._lock:
             d = self._dir(parent_inode)
@@ -808,6 +826,7 @@ class WorkspaceFS:
             self._add_child(d, n)
             return self._remember(n)
 
+    @_retry_when_space_released
     async def symlink(self, parent_inode: int, name: bytes, target: bytes) -> Attr:
         async with self._lock:
             d = self._dir(parent_inode)
@@ -817,6 +836,7 @@ class WorkspaceFS:
             self._add_child(d, n)
             return self._remember(n)
 
+    @_retry_when_space_released
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int) -> tuple[int, Attr]:
         async with self._lock:
             d = self._dir(parent_inode)
@@ -842,6 +862,7 @@ class WorkspaceFS:
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes) -> Attr:
         raise NotPermittedError("a workspace does not support hard links")
 
+    @_retry_when_space_released
     async def unlink(self, parent_inode: int, name: bytes) -> None:
         async with self._lock:
             text = self._name(name)
@@ -857,6 +878,7 @@ class WorkspaceFS:
                 raise PathNotFoundError(f"{text}: no such entry")
             self._unlink_node(d, n)
 
+    @_retry_when_space_released
     async def rmdir(self, parent_inode: int, name: bytes) -> None:
         async with self._lock:
             text = self._name(name)
@@ -874,6 +896,7 @@ class WorkspaceFS:
                 raise PathNotFoundError(f"{text}: no such entry")
             self._unlink_node(d, n)
 
+    @_retry_when_space_released
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
                      flags: int = 0) -> None:
         if flags & RENAME_EXCHANGE:
