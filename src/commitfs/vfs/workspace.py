@@ -1112,7 +1112,7 @@ class WorkspaceFS:
                 try:
                     return commit_changes(recording, self.branch, base, changes, message=message,
                                           metadata=metadata, author=author), len(changes)
-                except BaseException:
+                except Exception:  # not moved (conflict, storage): nothing pending
                     overlay.set_pending(None)
                     raise
 

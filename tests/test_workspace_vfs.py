@@ -1,0 +1,101 @@
+"""The workspace core without a kernel: the crash window of a commit, resolved on reopen."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import trio
+
+from core_fixtures import make_random_tree
+from commitfs.ops.snapshot import commit_directory
+from commitfs.repo.repository import Repository
+from commitfs.vfs.overlay import Overlay
+from commitfs.vfs.workspace import WorkspaceFS
+
+
+class Crash(BaseException):
+    """Stands for SIGKILL: nothing after it runs."""
+
+
+def run_until_crash(fn, *args) -> None:
+    try:
+        trio.run(fn, *args)
+    except Crash:
+        return
+    except BaseExceptionGroup as group:
+        assert group.subgroup(Crash) is not None, group
+        return
+    raise AssertionError("no crash")
+
+
+@pytest.fixture
+def repo_and_base(tmp_path, cache_home):
+    src = tmp_path / "src"
+    make_random_tree(src, random.Random(3), big=100_000)
+    repo = Repository.init(str(tmp_path / "repo"))
+    base = commit_directory(repo, src, message="base").commit_id
+    yield repo, base
+    repo.close()
+
+
+async def _edit_and_commit(fs: WorkspaceFS) -> None:
+    async with fs.running():
+        fh, _ = await fs.create(1, b"new.txt", 0o644, os.O_WRONLY)
+        await fs.write(fh, 0, b"new bytes")
+        await fs.release(fh)
+        await fs.mkdir(1, b"made", 0o755)
+        await fs.commit("crashing")
+
+
+def _open(repo, ws) -> WorkspaceFS:
+    return WorkspaceFS.open_workspace(repo, str(ws), "main")
+
+
+def test_crash_after_the_branch_moved_resolves_to_the_new_commit(repo_and_base, tmp_path, monkeypatch):
+    repo, base = repo_and_base
+    ws = tmp_path / "ws"
+    fs = _open(repo, ws)
+
+    def crash(*args, **kwargs):
+        raise Crash()
+    monkeypatch.setattr(Overlay, "clear", crash)  # the branch moved; the overlay was not cleared
+    run_until_crash(_edit_and_commit, fs)
+    monkeypatch.undo()
+    head = repo.refs.lookup_branch("main")
+    assert head != base and repo.load_commit(head).parents == (base,)
+    ov = Overlay.open(ws, repo.url, "main")
+    assert ov.pending == head and not ov.is_clean()  # the state a SIGKILL leaves
+    ov.close()
+
+    fs = _open(repo, ws)  # reopening settles it: the edits are in the branch, none pending
+    assert fs.base == head and fs.overlay.is_clean() and fs.overlay.pending is None
+    fs.overlay.close()
+
+
+def test_crash_before_the_branch_moved_keeps_the_edits(repo_and_base, tmp_path, monkeypatch):
+    repo, base = repo_and_base
+    ws = tmp_path / "ws"
+    fs = _open(repo, ws)
+    real = type(repo.refs).set_branch_if_equals
+
+    def crash(self, *args):
+        raise Crash()
+    monkeypatch.setattr(type(repo.refs), "set_branch_if_equals", crash)  # pending recorded, no CAS
+    run_until_crash(_edit_and_commit, fs)
+    monkeypatch.setattr(type(repo.refs), "set_branch_if_equals", real)
+    assert repo.refs.lookup_branch("main") == base
+    ov = Overlay.open(ws, repo.url, "main")
+    assert ov.pending is not None and not ov.is_clean()  # the state a SIGKILL leaves
+    ov.close()
+    fs = _open(repo, ws)
+    assert fs.base == base and fs.overlay.pending is None and not fs.overlay.is_clean()
+
+    async def commit_again():
+        async with fs.running():
+            return await fs.commit("again")
+    outcome = trio.run(commit_again)
+    assert repo.refs.lookup_branch("main") == outcome.commit_id
+    names = {e.name for e in repo.load_tree(repo.load_commit(outcome.commit_id).tree).entries}
+    assert {"new.txt", "made"} <= names
