@@ -184,6 +184,9 @@ def test_verbs_on_what_is_not_a_workspace(ws, tmp_path):
     proc = ws.cli("commit", str(tmp_path / "missing"), "-m", "x")
     assert "neither a writable workspace mount nor a directory" in assert_one_line_error(
         proc.returncode, proc.stderr)
+    (tmp_path / "file").write_bytes(b"x")
+    proc = ws.cli("-r", ws.url, "commit", str(tmp_path / "file"), "-m", "x")
+    assert "is not a directory" in assert_one_line_error(proc.returncode, proc.stderr)
     proc = ws.cli("status", str(tmp_path))
     assert "not a writable workspace mount" in assert_one_line_error(proc.returncode, proc.stderr)
     mnt = ws.mounts.mountpoint("ro")

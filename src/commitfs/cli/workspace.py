@@ -85,7 +85,8 @@ def commit_workspace(args, metadata: dict[str, str]) -> int | None:
     if record is None:
         if lifecycle.find_mount(args.dir) is not None and lifecycle.is_stale(args.dir):
             raise InputError(f"{args.dir} is a stale mount whose daemon died; remount it to commit its edits")
-        if not os.path.isdir(args.dir):
+        if not os.path.isdir(args.dir) and not args.repo:
+            # (With a repository the directory commit says why: missing, not a directory.)
             raise InputError(f"{args.dir} is neither a writable workspace mount nor a directory")
         return None
     if getattr(args, "input", None):
