@@ -118,3 +118,18 @@ def test_no_effective_change_creates_nothing(setup):
         commit_changes(repo, "main", base, {"d0/f0.txt": Change("file", source=str(src / "d0/f0.txt"))},
                        message="same bytes")
     assert repo.refs.lookup_branch("main") == base
+
+
+def test_a_new_directory_with_changes_beneath_it(setup):
+    repo, _src, base, tmp = setup
+    f = tmp / "inside.txt"
+    f.write_text("inside\n")
+    result = commit_changes(repo, "main", base, {
+        "newdir": Change("dir"),
+        "newdir/sub/inside.txt": Change("file", source=str(f)),
+        "newdir/empty": Change("dir"),
+    }, message="new dir with content")
+    from commitfs.ops.browse import list_dir, open_file
+
+    assert open_file(repo, result.commit_id, "newdir/sub/inside.txt").read() == b"inside\n"
+    assert sorted(i.entry.name for i in list_dir(repo, result.commit_id, "newdir")) == ["empty", "sub"]

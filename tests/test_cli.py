@@ -121,7 +121,7 @@ def test_commit_json_and_nothing_to_commit(cli, any_url, dataset):
     assert reopen(url).resolve("main").hex() == first["id"]
 
     again = cli("-r", url, "commit", dataset, "-m", "same", "--json").json()
-    assert again == {"id": first["id"], "created": False}
+    assert again == {"id": first["id"], "created": False, "warnings": []}
     plain = cli("-r", url, "commit", dataset, "-m", "same")
     assert plain.out.strip() == first["id"]
     assert plain.err.startswith("nothing to commit")

@@ -95,7 +95,10 @@ def apply_changes(repo: Repository, writer: BlobWriter, base_tree: bytes | None,
             # Changes beneath a directory that no longer exists, or never did.
             if all(c.kind == "delete" for c in sub.values()):
                 continue
-        base = current.id if current is not None and current.is_dir else None
+        if name in here and here[name].kind == "dir":
+            base = None  # a new directory: start empty (its tree is not stored yet)
+        else:
+            base = current.id if current is not None and current.is_dir else None
         tid, size = apply_changes(repo, writer, base, sub)
         entries[name] = TreeEntry(name, Kind.DIR, size, tid)
     tree = Tree.build(entries.values())
