@@ -201,6 +201,10 @@ class Repository:
             self._trees[tid] = tree
         return tree
 
+    def remember_tree(self, tid: bytes, tree: Tree) -> None:
+        """Keep a tree this process built (its id is its content's hash)."""
+        self._trees[tid] = tree
+
     def load_manifest(self, fid: bytes) -> FileManifest:
         m = self._manifests.get(fid)
         if m is None:
@@ -380,6 +384,9 @@ class BlobWriter:
         data = tree.encode()
         tid = hash_bytes(data)
         self.add(tid, BlobKind.TREE, data)
+        # The writer's process is the likeliest next reader of the trees it
+        # writes (a workspace rebasing onto its new commit): spare it decoding.
+        self.repo.remember_tree(tid, tree)
         return tid
 
     def add_manifest(self, manifest: FileManifest) -> bytes:

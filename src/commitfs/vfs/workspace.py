@@ -250,8 +250,11 @@ def _snapshot(node: WNode, data_path: Callable[[str], str]):
         elif c.upper is not None:
             out[name] = ("file", data_path(c.upper), bool(c.mode & 0o100), c.size)
         else:
+            # Unchanged bytes: the origin entry itself when the executable bit
+            # is unchanged too (the common case; no new object per file).
             o = c.origin
-            out[name] = ("entry", TreeEntry(name, Kind.EXEC if c.mode & 0o100 else Kind.FILE, o.size, o.id))
+            kind = Kind.EXEC if c.mode & 0o100 else Kind.FILE
+            out[name] = ("entry", o if o.kind is kind else TreeEntry(name, kind, o.size, o.id))
     return out
 
 
