@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmarks of commitfs: each figure beside a baseline measured in the same run.
 
-    scripts/bench.py [--section core|mount|s3|all] [--scale small|full]
+    scripts/bench.py [--section NAME|all] [--scale small|full]
                      [--workdir DIR] [--json] [--profile FILE]
 
 Machines are noisy, so no figure stands alone: each is printed next to a
@@ -20,12 +20,18 @@ re-read) never distorts a figure.  The stat cache itself is kept under the
 workdir (XDG_CACHE_HOME), never the user's.
 
 Sections.  A section is a function ``(Bench) -> SectionResult`` registered
-with ``@section(name, help)``; ``--section all`` runs every registered one.
-``core`` and ``mount`` are implemented; ``s3`` is a placeholder to replace.
-A section gets the shared dataset from ``bench.dataset()`` and empty scratch
-directories from ``bench.scratch(name)``, and uses the helpers below
-(``timed``, ``read_to_devnull``, ``drop_caches``, ``commit_in_process``,
-``commit_cli``, ``stored_bytes``).  docs/BENCH.md says more.
+with ``@section(name, help)``; ``--section all`` runs every registered one:
+``core`` (commits), ``mount`` (reads, listings and memory of FUSE mounts,
+beside the files and scripts/nullfs.py), ``s3`` (push, clone and a mount of
+an S3 repository on a moto server, beside plain boto3), ``lineage``
+(downstream queries beside ``log``).  A section gets the dataset, pristine,
+from ``bench.dataset()`` and empty scratch directories from
+``bench.scratch(name)``, and uses the helpers below (``timed``,
+``read_to_devnull``, ``drop_caches``, ``commit_in_process``, ``commit_cli``,
+``stored_bytes``, ``commitfs_mount``, ``nullfs_mount``, ``Readers``,
+``moto_server``).  Every mount, server and process a section starts is
+stopped when it ends, also on an error, Ctrl-C or SIGTERM.  docs/BENCH.md
+says more.
 """
 
 from __future__ import annotations
