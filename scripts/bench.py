@@ -1573,7 +1573,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--section", choices=[*SECTIONS, "all"], default="all",
                         help="which section to run (default: all)")
     parser.add_argument("--scale", choices=list(SCALES), default="small",
-                        help="small: a quick check (~1 min); full: the issue's size (default: small)")
+                        help="small: a quick check (~3 min for all); full: the issues' size (default: small)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/commitfs-bench"),
                         help="where the dataset (kept) and scratch repositories go (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
