@@ -1277,9 +1277,12 @@ def bench_s3(b: Bench) -> SectionResult:
                 b.log(f"boto3: downloading the {len(read_paths):,} plain objects the mount will read")
                 d["boto3_download_read_s"], _ = boto3_download(client, [f"plain/{p}" for p in read_paths])
             b.log(f"cold read of {len(read_paths):,} files through a mount of the S3 repository, {READERS} readers")
-            with Readers(READERS) as readers, \
-                    commitfs_mount(s3_url, mnt, b.scratch("s3-cache"), endpoint_url=endpoint):
-                d["mount_read_s"], n = readers.read(mnt, read_paths)
+            s3_cache = b.scratch("s3-cache")
+            try:
+                with Readers(READERS) as readers, commitfs_mount(s3_url, mnt, s3_cache, endpoint_url=endpoint):
+                    d["mount_read_s"], n = readers.read(mnt, read_paths)
+            finally:
+                shutil.rmtree(s3_cache, ignore_errors=True)  # the chunk cache: as big as what was read
             if n != read_bytes:
                 raise RuntimeError(f"read {n} bytes through the S3 mount, expected {read_bytes}")
             with Repository.open(str(local)) as lr, Repository.open(s3_url, **opts) as rr:
