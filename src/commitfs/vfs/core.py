@@ -89,6 +89,20 @@ log = logging.getLogger(__name__)
 MakeNode = Callable[[], Node]
 
 
+async def run_blocking(limiter: trio.CapacityLimiter, timeout_s: float, what: str, fn, *args):
+    """Run a blocking call in a worker thread under ``limiter``, within ``timeout_s``.
+
+    A call that outlives the timeout is abandoned (it finishes in the
+    background, holding its limiter slot) and the caller gets
+    StorageTimeoutError: a stalled store never hangs a request.
+    """
+    try:
+        with trio.fail_after(timeout_s):
+            return await trio.to_thread.run_sync(fn, *args, limiter=limiter, abandon_on_cancel=True)
+    except trio.TooSlowError:
+        raise StorageTimeoutError(f"{what}: no answer within {timeout_s:g}s") from None
+
+
 @dataclass(frozen=True)
 class VfsOptions:
     #: A branch view follows its branch within this many seconds.
@@ -274,12 +288,7 @@ class FileSystem:
 
     # --- blocking work ---------------------------------------------------------
     async def _io(self, what: str, fn, *args):
-        try:
-            with trio.fail_after(self.options.io_timeout_s):
-                return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter, abandon_on_cancel=True)
-        except trio.TooSlowError:
-            raise StorageTimeoutError(
-                f"{what}: no answer from {self.repo.url} within {self.options.io_timeout_s:g}s") from None
+        return await run_blocking(self._limiter, self.options.io_timeout_s, f"{what} of {self.repo.url}", fn, *args)
 
     async def _tree(self, tid: bytes) -> Tree:
         return await self._trees.get(tid, lambda: self._io(f"tree {tid.hex()}", self.repo.load_tree, tid))

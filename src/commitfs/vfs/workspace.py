@@ -64,13 +64,12 @@ from commitfs.errors import (
     IsADirectoryError_,
     NotADirectoryError_,
     PathNotFoundError,
-    StorageTimeoutError,
 )
 from commitfs.model.objects import EMPTY_MANIFEST, Commit, FileManifest, Kind, Tree, TreeEntry
 from commitfs.ops.changeset import Change, ChangesetResult, commit_changes
 from commitfs.repo.repository import Repository
 from commitfs.vfs import prefetch
-from commitfs.vfs.core import StatFs
+from commitfs.vfs.core import StatFs, run_blocking
 from commitfs.vfs.errors import (
     BadHandleError,
     ExistsError,
@@ -452,12 +451,7 @@ class WorkspaceFS:
 
     # --- blocking work -------------------------------------------------------------------
     async def _io(self, what: str, fn, *args):
-        try:
-            with trio.fail_after(self.options.io_timeout_s):
-                return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter, abandon_on_cancel=True)
-        except trio.TooSlowError:
-            raise StorageTimeoutError(
-                f"{what}: no answer from {self.repo.url} within {self.options.io_timeout_s:g}s") from None
+        return await run_blocking(self._limiter, self.options.io_timeout_s, f"{what} of {self.repo.url}", fn, *args)
 
     async def _tree(self, tid: bytes) -> Tree:
         t = self._trees.get(tid)
