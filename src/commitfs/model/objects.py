@@ -31,6 +31,16 @@ class DecodeError(ValueError):
 
 # --- varints -----------------------------------------------------------------
 def _put_uvarint(out: bytearray, n: int) -> None:
+    # Fast paths for the common lengths: names, and file sizes up to 2 MiB.
+    if 0 <= n < 0x80:
+        out.append(n)
+        return
+    if 0 < n < 0x200000:
+        if n < 0x4000:
+            out += bytes(((n & 0x7F) | 0x80, n >> 7))
+        else:
+            out += bytes(((n & 0x7F) | 0x80, ((n >> 7) & 0x7F) | 0x80, n >> 14))
+        return
     if n < 0:
         raise ValueError("negative varint")
     while n >= 0x80:

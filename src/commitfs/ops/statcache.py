@@ -36,6 +36,7 @@ class StatCache:
         self._pending: list[tuple] = []
         self.commit_id: bytes | None = None
         self._rows: dict[str, tuple[int, int, int, bytes]] = {}
+        self._seen: set[str] = set()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path)
@@ -57,9 +58,6 @@ class StatCache:
         except sqlite3.Error:
             self._rows = {}
 
-    def invalidate(self) -> None:
-        self._rows = {}
-
     def lookup(self, rel: str, st: os.stat_result) -> bytes | None:
         row = self._rows.get(rel)
         if row and row[3] and row[0] == st.st_size and row[1] == st.st_mtime_ns and row[2] == st.st_ino:
@@ -68,20 +66,28 @@ class StatCache:
 
     def record(self, rel: str, st: os.stat_result, file_id: bytes, scan_start_ns: int) -> None:
         trusted = st.st_mtime_ns < scan_start_ns - _RACY_NS
-        self._pending.append((rel, st.st_size, st.st_mtime_ns, st.st_ino, file_id if trusted else None))
+        row = (st.st_size, st.st_mtime_ns, st.st_ino, file_id if trusted else None)
+        self._seen.add(rel)
+        if self._rows.get(rel) != row:
+            self._pending.append((rel, *row))
 
     def save(self, commit_id: bytes) -> None:
-        """Replace the cache with the rows of the commit just made."""
+        """Make the cache describe the commit just made: write the rows that
+        changed and delete those of paths that are gone (cost follows the change)."""
         if self._db is None:
             return
+        gone = [(p,) for p in self._rows.keys() - self._seen]
         try:
             with self._db:
-                self._db.execute("DELETE FROM files")
+                if not self._rows:  # not loaded (or stale): start afresh
+                    self._db.execute("DELETE FROM files")
+                self._db.executemany("DELETE FROM files WHERE path = ?", gone)
                 self._db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", self._pending)
                 self._db.execute("INSERT OR REPLACE INTO meta VALUES ('commit', ?)", (commit_id,))
         except (sqlite3.Error, OSError):
             pass
         self._pending = []
+        self._seen = set()
 
     def close(self) -> None:
         if self._db is not None:

@@ -32,7 +32,6 @@ from commitfs.model.ids import HEX_SIZE, hash_bytes, is_hex
 from commitfs.model.objects import Commit, DecodeError, FileManifest, Tree
 from commitfs.repo.index import Index
 from commitfs.repo.pack import (
-    PACK_BUFFER_SIZE,
     TARGET_PACK_SIZE,
     BlobKind,
     Compression,
@@ -334,13 +333,16 @@ class BlobWriter:
     # Packs in flight at once: overlaps producing blobs with I/O, bounds memory
     # (each in-flight data pack holds a ~34 MiB buffer).
     UPLOAD_THREADS = 4
-    _META_BUFFER = 1024 * 1024  # metadata packs start small and grow
+    _META_BUFFER = 1024 * 1024  # initial pack buffer; packs grow from it
 
     def __init__(self, repo: Repository):
         self.repo = repo
         self.stats = WriteStats()
         self._free: list[bytearray] = []
-        self._builders = {"data": PackBuilder(), "meta": PackBuilder(bytearray(self._META_BUFFER))}
+        # Both start small and grow: a commit of a few files must not pay for
+        # a full pack buffer; full-size buffers are then recycled (_upload).
+        self._builders = {"data": PackBuilder(bytearray(self._META_BUFFER)),
+                          "meta": PackBuilder(bytearray(self._META_BUFFER))}
         self._session: dict[bytes, Location] = {}
         self._pool = ThreadPoolExecutor(self.UPLOAD_THREADS, thread_name_prefix="commitfs-upload")
         self._uploads: list[Future] = []
@@ -421,7 +423,7 @@ class BlobWriter:
             self.stats.packs += 1
             for oid, loc in entries:
                 self._session[oid] = loc
-            if len(builder.buf) >= PACK_BUFFER_SIZE:
+            if len(builder.buf) >= TARGET_PACK_SIZE:
                 self._free.append(builder.take_buffer())
         return entries
 
