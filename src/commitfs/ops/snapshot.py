@@ -204,7 +204,8 @@ def _scan(root: str, cache: StatCache, warnings: list[str]) -> tuple[list[_Dir],
         except OSError as exc:
             raise InputError(f"cannot list {_display(d.path)}: {exc.strerror or exc}") from None
         for e in items:
-            _check_utf8(e.name, d.path)
+            if not e.name.isascii():
+                _check_utf8(e.name, d.path)
             rel = f"{d.rel}/{e.name}" if d.rel else e.name
             try:
                 st = e.stat(follow_symlinks=False)
@@ -357,6 +358,9 @@ def _build_trees(writer: BlobWriter, dirs: list[_Dir], cache: StatCache, scan_st
                 rel = f"{d.rel}/{name}" if d.rel else name
                 cache.record(rel, st, fid, scan_start)
                 entries.append(TreeEntry(name, kind, size, fid))
-        tree = Tree.build(entries)
+        # Already canonical: names come from the file system (never empty, '.',
+        # '..', nor containing '/' or NUL), were checked as UTF-8 by the scan,
+        # and are in code point order, which is UTF-8 byte order.
+        tree = Tree(tuple(entries))
         built[id(d)] = (writer.add_tree(tree), tree.size)
     return built[id(dirs[0])][0]
