@@ -467,3 +467,15 @@ def test_python_api(store_url, cache_home, tmp_path):
         assert [(c.status, c.path) for c in repo.diff(cid, cid2)] == [("modified", "fixed/empty")]
         assert repo.checkout(cid2, tmp_path / "out") == sum(1 for v in describe(src).values() if v[0] == "file")
         assert describe(tmp_path / "out") == describe(src)
+
+
+def test_options_may_stand_between_operands():
+    from commitfs.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["mount", "main", "--cache-dir", "/tmp/c", "/mnt/x", "-r", "/repo"])
+    assert (args.rev, args.mountpoint, args.cache_dir, args.repo) == ("main", "/mnt/x", "/tmp/c", "/repo")
+    args = parser.parse_args(["mount", "--refresh", "2", "/mnt/x"])
+    assert (args.rev, args.mountpoint) == (None, "/mnt/x")
+    args = parser.parse_args(["diff", "v1", "--json", "main"])
+    assert (args.old, args.new, args.json) == ("v1", "main", True)

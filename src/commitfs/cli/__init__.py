@@ -18,8 +18,25 @@ VERB_MODULES = ["commitfs.cli.core", "commitfs.cli.mount", "commitfs.cli.workspa
 
 
 class _Parser(argparse.ArgumentParser):
+    _intermixing = False
+
     def error(self, message: str):  # one line, exit 2
         self.exit(2, f"commitfs: {message} (see --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        # A verb's own parser takes options anywhere between its operands
+        # (`mount REV --cache-dir DIR MOUNTPOINT`): plain argparse gives up on
+        # an optional operand followed by a required one once an option sits
+        # between them.  The top-level parser (with subcommands) cannot
+        # intermix, and intermixed parsing calls back into this method.
+        if (self._subparsers is not None or self._intermixing
+                or any(a.nargs in (argparse.REMAINDER, argparse.PARSER) for a in self._actions)):
+            return super().parse_known_args(args, namespace)  # `run ... -- COMMAND` too
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
 
 
 def build_parser() -> argparse.ArgumentParser:
