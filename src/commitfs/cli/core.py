@@ -107,14 +107,7 @@ def cmd_log(args) -> int:
         if args.oneline:
             print(f"{cid.hex()[:12]} {c.message.splitlines()[0] if c.message else ''}")
             continue
-        print(f"commit {cid.hex()}")
-        print(f"Author: {c.author}")
-        print(f"Date:   {_time(c.time)}")
-        for k, v in sorted(c.metadata.items()):
-            print(f"Meta:   {k}={v}")
-        print()
-        for line in c.message.splitlines() or [""]:
-            print(f"    {line}")
+        _print_commit(cid, c)
         print()
     return 0
 
@@ -129,19 +122,25 @@ def cmd_show(args) -> int:
         out["size"] = tree.size
         print_json(out)
         return 0
+    _print_commit(cid, c, ids=[f"tree   {c.tree.hex()}"] + [f"parent {p.hex()}" for p in c.parents],
+                  fields=[f"Size:   {human_size(tree.size)}"])
+    return 0
+
+
+def _print_commit(cid: bytes, c, ids: list[str] = (), fields: list[str] = ()) -> None:
+    """A commit as log and show print it: id lines, header fields, message."""
     print(f"commit {cid.hex()}")
-    print(f"tree   {c.tree.hex()}")
-    for p in c.parents:
-        print(f"parent {p.hex()}")
+    for line in ids:
+        print(line)
     print(f"Author: {c.author}")
     print(f"Date:   {_time(c.time)}")
-    print(f"Size:   {human_size(tree.size)}")
+    for line in fields:
+        print(line)
     for k, v in sorted(c.metadata.items()):
         print(f"Meta:   {k}={v}")
     print()
     for line in c.message.splitlines() or [""]:
         print(f"    {line}")
-    return 0
 
 
 def _entry_json(path: str, e) -> dict:

@@ -190,29 +190,25 @@ class Repository:
                 out[i] = data
         return out  # type: ignore[return-value]
 
-    def load_tree(self, tid: bytes) -> Tree:
-        tree = self._trees.get(tid)
-        if tree is None:
+    def _load_decoded(self, cache, oid: bytes, decode, what: str):
+        obj = cache.get(oid)
+        if obj is None:
             try:
-                tree = Tree.decode(self.load_blob(tid))
+                obj = decode(self.load_blob(oid))
             except DecodeError as exc:
-                raise CorruptObjectError(f"tree {tid.hex()} is malformed: {exc}") from None
-            self._trees[tid] = tree
-        return tree
+                raise CorruptObjectError(f"{what} {oid.hex()} is malformed: {exc}") from None
+            cache[oid] = obj
+        return obj
+
+    def load_tree(self, tid: bytes) -> Tree:
+        return self._load_decoded(self._trees, tid, Tree.decode, "tree")
 
     def remember_tree(self, tid: bytes, tree: Tree) -> None:
         """Keep a tree this process built (its id is its content's hash)."""
         self._trees[tid] = tree
 
     def load_manifest(self, fid: bytes) -> FileManifest:
-        m = self._manifests.get(fid)
-        if m is None:
-            try:
-                m = FileManifest.decode(self.load_blob(fid))
-            except DecodeError as exc:
-                raise CorruptObjectError(f"file manifest {fid.hex()} is malformed: {exc}") from None
-            self._manifests[fid] = m
-        return m
+        return self._load_decoded(self._manifests, fid, FileManifest.decode, "file manifest")
 
     # --- commits ----------------------------------------------------------------
     def load_commit(self, cid: bytes) -> Commit:
