@@ -23,6 +23,7 @@ import json
 import os
 import random
 import stat
+import contextlib
 import subprocess
 import sys
 import time
@@ -78,20 +79,26 @@ def local_repo(local_url):
     r.close()
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 1 MiB tmpfs (the machine runs as root); always unmounted."""
-    where = tmp_path / "tmpfs"
+@contextlib.contextmanager
+def mounted_tmpfs(where, size: str):
+    """A tmpfs of ``size`` at ``where`` (the machine runs as root); always unmounted."""
     where.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)],
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+        pytest.fail(f"cannot mount a tmpfs for a full-disk test: {proc.stderr.strip()}")
     try:
         yield where
     finally:
         if subprocess.run(["umount", str(where)]).returncode != 0:
             subprocess.run(["umount", "-l", str(where)])
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 1 MiB tmpfs; always unmounted."""
+    with mounted_tmpfs(tmp_path / "tmpfs", "1m") as where:
+        yield where
 
 
 # --- repository helpers ---------------------------------------------------------

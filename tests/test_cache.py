@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 from commitfs.cache import DiskChunkCache, default_cache_dir, parse_size
 from commitfs.errors import InputError
 from commitfs.model.ids import hash_bytes
+from core_fixtures import mounted_tmpfs
 from commitfs.ops.browse import lookup_path
 from commitfs.ops.snapshot import commit_directory
 from commitfs.repo.reader import FileReader
@@ -118,16 +118,8 @@ def test_two_processes_share_a_small_cache(tmp_path):
 
 @pytest.fixture
 def tiny_tmpfs(tmp_path):
-    where = tmp_path / "tiny"
-    where.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(where)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.fail(f"cannot mount a tmpfs for the full-disk test: {proc.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "tiny", "256k") as where:
         yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def test_full_disk_evicts_instead_of_failing(tiny_tmpfs):

@@ -11,7 +11,6 @@ import errno
 import json
 import os
 import random
-import shutil
 import stat
 import subprocess
 import sys
@@ -22,10 +21,8 @@ import pytest
 from core_fixtures import assert_one_line_error
 from mount_fixtures import run_commitfs
 from workspace_fixtures import compare_trees, normalize_modes, picture
-from commitfs.model.objects import Kind
 from commitfs.ops.browse import lookup_path
 from commitfs.ops.checkout import checkout
-from commitfs.ops.snapshot import commit_directory
 from commitfs.repo.repository import Repository
 
 
