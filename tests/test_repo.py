@@ -15,7 +15,9 @@ from commitfs.errors import (
     RepositoryError,
     RepositoryNotFoundError,
     RevisionError,
+    WouldBlock,
 )
+from commitfs.cache.disk import DiskChunkCache
 from commitfs.model.ids import hash_bytes
 from commitfs.model.objects import Commit
 from commitfs.ops.browse import lookup_path
@@ -316,6 +318,36 @@ def test_flipped_pack_byte_raises_corrupt_object_error(local_repo, tmp_path, con
         FileReader.open(repo, lookup_path(repo, res.commit_id, "f").id).read(0, 10)
     # Other chunks still read fine.
     assert repo.load_chunks([manifest.chunk_ids[-1]])[0] == data[-manifest.chunk_sizes[-1]:]
+
+
+def test_nowait_reads_give_the_same_verified_bytes_or_would_block(local_repo, tmp_path):
+    """The event loop's reads (nowait=True) answer from memory exactly what the blocking
+    reads answer, verified the same way; anything not in memory raises WouldBlock."""
+    data = random.Random(14).randbytes(400_000)
+    res = _commit_tree(local_repo, tmp_path / "d", {"f": data, "g": b"small"})
+    fid = lookup_path(local_repo, res.commit_id, "f").id
+    repo = reopen(local_repo.url)
+    with pytest.raises(WouldBlock):  # nothing read yet: the index segment is not loaded
+        repo.load_manifest(fid, nowait=True)
+    manifest = repo.load_manifest(fid)
+    ids = list(manifest.chunk_ids)
+    repo.load_chunks(ids[:1])  # opens the pack; the page cache holds it (just written)
+    fresh = reopen(local_repo.url)
+    fresh.load_chunks(ids[:1])
+    assert fresh.load_manifest(fid, nowait=True) == manifest
+    got = fresh.load_chunks(ids, nowait=True)
+    assert b"".join(got) == data
+    # A chunk cache lives on disk: with one, nowait reads always go to a thread.
+    fresh.chunk_cache = DiskChunkCache(tmp_path / "cache", 1 << 20)
+    with pytest.raises(WouldBlock):
+        fresh.load_chunks(ids, nowait=True)
+    # Corruption is caught on this path too: an error, never wrong bytes.
+    loc = repo.locate(ids[1])
+    _flip(repo.store.local_path(pack_key(loc.pack)), loc.offset + 5)
+    again = reopen(local_repo.url)
+    again.load_chunks(ids[:1])
+    with pytest.raises(CorruptObjectError, match=ids[1].hex()):
+        again.load_chunks(ids, nowait=True)
 
 
 def test_truncated_pack_raises_corrupt_object_error(local_repo, tmp_path):

@@ -2,6 +2,7 @@
 translation, the retry policy and the FaultyStore test helper."""
 
 import multiprocessing
+import os
 import socket
 import threading
 import time
@@ -16,6 +17,7 @@ from commitfs.errors import (
     RepositoryNotFoundError,
     StorageError,
     StorageTimeoutError,
+    WouldBlock,
 )
 from commitfs.storage.base import open_store
 from commitfs.storage.faulty import FaultyStore
@@ -55,6 +57,38 @@ def test_load_range(store):
     assert store.load_range("k", 2, 0) == b""
     store.save_object("empty", b"")
     assert store.load_range("empty", 0, 5) == b""
+
+
+def _evict(path) -> None:
+    """Drop a file's pages from the page cache (written back first, so they can go)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_load_range_nowait_serves_only_what_is_in_memory(store):
+    data = os.urandom(256 * 1024)
+    store.save_object("packs/ab/abcdef", data)
+    if not isinstance(store, LocalStore):  # a remote store always has to be waited for
+        with pytest.raises(WouldBlock):
+            store.load_range_nowait("packs/ab/abcdef", 0, 10)
+        return
+    with pytest.raises(WouldBlock):  # not opened yet: opening may read the disk
+        store.load_range_nowait("packs/ab/abcdef", 0, 10)
+    assert store.load_range("packs/ab/abcdef", 0, len(data)) == data
+    assert bytes(store.load_range_nowait("packs/ab/abcdef", 1000, 5000)) == data[1000:6000]
+    _evict(store.local_path("packs/ab/abcdef"))
+    with pytest.raises(WouldBlock):  # on disk, not in memory: the caller goes to a thread
+        store.load_range_nowait("packs/ab/abcdef", 100_000, 5000)
+    assert store.load_range("packs/ab/abcdef", 100_000, 5000) == data[100_000:105_000]
+    with pytest.raises(WouldBlock):  # past the end: the blocking form answers that
+        store.load_range_nowait("packs/ab/abcdef", len(data) - 10, 20)
+    assert FaultyStore(store).load_range("packs/ab/abcdef", 0, 3) == data[:3]
+    with pytest.raises(WouldBlock):  # the test wrapper counts every read: it never answers nowait
+        FaultyStore(store).load_range_nowait("packs/ab/abcdef", 0, 3)
 
 
 def test_lookup_size(store):

@@ -162,14 +162,21 @@ def test_reads_at_random_offsets_and_read_ahead(dataset):
 
 
 def test_lazy_loading_and_reads_fetch_only_what_they_need(dataset):
-    """Mounting and listing the root load one commit and one tree; a read loads its chunks only."""
+    """Mounting and listing the root load one commit and one tree; a first open starts
+    the initial window from offset 0; a read loads its chunks only."""
     data = (dataset.src / "fixed" / "big.bin").read_bytes()
 
     async def main():
-        repo = faulty_repository(dataset.url)
+        repo = faulty_repository(dataset.url)  # a FaultyStore never answers nowait: every fetch is a call
         fetched: list[list[bytes]] = []
         load_chunks = repo.load_chunks
-        repo.load_chunks = lambda ids: fetched.append(list(ids)) or load_chunks(ids)
+
+        def recording(ids, nowait=False):
+            if not nowait:
+                fetched.append(list(ids))
+            return load_chunks(ids, nowait=nowait)
+
+        repo.load_chunks = recording
         try:
             async with fs_of(repo, dataset.commit) as fs:
                 assert repo.store.calls["load_range"] == 0  # the commit only (load_object)
@@ -177,9 +184,21 @@ def test_lazy_loading_and_reads_fetch_only_what_they_need(dataset):
                 assert repo.store.calls["load_range"] == 1  # + the root tree
                 ino = await lookup_path_ino(fs, "fixed/big.bin")
                 assert repo.store.calls["load_range"] == 2 and fetched == []  # + the tree of fixed/
-                fh = await fs.open(ino, os.O_RDONLY)
                 manifest = repo.load_manifest(lookup_path(repo, dataset.commit, "fixed/big.bin").id)
                 ends = [sum(manifest.chunk_sizes[:i + 1]) for i in range(len(manifest.chunk_ids))]
+                window = fs.options.initial_window
+                starts = [0, *ends[:-1]]
+                primed = [cid for cid, start in zip(manifest.chunk_ids, starts) if start < window]
+                assert 1 < len(primed) < len(ends)
+                # The first open fetches the initial window; the read from 0 uses it.
+                fh = await fs.open(ino, os.O_RDONLY)
+                assert await fs.read(fh, 0, 100) == data[:100]
+                assert fetched == [primed]
+                await fs.release(fh)
+                # A later open starts nothing (the kernel keeps what it read); a read
+                # in the middle fetches the one chunk it needs.
+                fetched.clear()
+                fh = await fs.open(ino, os.O_RDONLY)
                 k = len(ends) // 2
                 off = ends[k - 1] + 10  # inside chunk k
                 assert await fs.read(fh, off, 100) == data[off:off + 100]
@@ -191,6 +210,33 @@ def test_lazy_loading_and_reads_fetch_only_what_they_need(dataset):
                 await fs.release(fh)
         finally:
             repo.close()
+    trio.run(main)
+
+
+def test_bytes_in_memory_are_served_on_the_event_loop(dataset):
+    """A local repository's pages in the page cache are read without a worker thread
+    (nowait reads): the same bytes, and only a pack's first touch takes a thread."""
+    src = dataset.src / "fixed" / "big.bin"
+
+    async def main():
+        with Repository.open(dataset.url) as repo:
+            loads = []
+            load_chunks = repo.load_chunks
+
+            def recording(ids, nowait=False):
+                if not nowait:
+                    loads.append(ids)
+                return load_chunks(ids, nowait)
+
+            repo.load_chunks = recording
+            async with fs_of(repo, dataset.commit) as fs:
+                ino = await lookup_path_ino(fs, "fixed/big.bin")
+                assert await vfs_read_all(fs, ino) == src.read_bytes()  # the first reads open the pack
+                loads.clear()
+                fh = await fs.open(await lookup_path_ino(fs, "fixed/copy-of-big.bin"), os.O_RDONLY)
+                assert await fs.read(fh, 0, 4096) == src.read_bytes()[:4096]
+                assert fs.reader(fh).parts_inline == 1 and loads == []
+                await fs.release(fh)
     trio.run(main)
 
 

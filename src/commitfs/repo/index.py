@@ -7,7 +7,7 @@ table of the blobs one writer added, with a fan-out table in front::
 
 To find a blob, a reader takes the first ``bits`` bits of its id as a bucket,
 reads two fan-out words to learn the bucket's entry range, then reads and
-binary-searches that range: two small ranged reads per segment, whatever the
+searches that range: two small ranged reads per segment, whatever the
 segment's size, so no repository-wide table is ever held in memory.  Small
 segments (the common case: one per commit) are simply loaded whole and kept.
 
@@ -20,7 +20,6 @@ that find a segment gone re-list and retry.
 
 from __future__ import annotations
 
-import bisect
 import math
 import struct
 import threading
@@ -29,7 +28,7 @@ from collections.abc import Iterable, Iterator
 
 from cachetools import LRUCache
 
-from commitfs.errors import CorruptObjectError, ObjectNotFoundError
+from commitfs.errors import CorruptObjectError, ObjectNotFoundError, WouldBlock
 from commitfs.model.ids import ID_SIZE, hash_bytes
 from commitfs.repo.pack import BlobKind, Compression, Location
 from commitfs.storage.base import Store
@@ -89,20 +88,22 @@ def segment_key(data: bytes) -> str:
     return INDEX_PREFIX + hash_bytes(data).hex()
 
 
-class _RecordKeys:
-    """A sequence view of the ids in a run of ENTRY records, for bisect."""
+_FANOUT_PAIR = struct.Struct("<II")
+_KINDS = tuple(BlobKind)  # by value: 0, 1, 2
+_COMPRESSIONS = tuple(Compression)
 
-    __slots__ = ("raw", "n")
 
-    def __init__(self, raw: bytes, n: int):
-        self.raw, self.n = raw, n
+def _find_record(data: bytes, oid: bytes, start: int, end: int) -> int | None:
+    """Offset of the ENTRY record for ``oid`` among the records in data[start:end].
 
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> bytes:
-        off = i * ENTRY.size
-        return self.raw[off:off + ID_SIZE]
+    A bucket holds few records (about 64), so a C-speed substring search beats
+    a binary search in Python; a match must also sit at a record boundary."""
+    i = data.find(oid, start, end)
+    while i != -1:
+        if (i - start) % ENTRY.size == 0:
+            return i
+        i = data.find(oid, i + 1, end)
+    return None
 
 
 class Segment:
@@ -153,32 +154,46 @@ class Segment:
             self._data = data
             self._packs = [table[i:i + ID_SIZE] for i in range(0, len(table), ID_SIZE)]
 
-    def _read(self, offset: int, length: int) -> bytes:
+    def _read(self, offset: int, length: int, nowait: bool = False) -> bytes:
         if self._data is not None:
             return self._data[offset:offset + length]
+        if nowait:
+            return bytes(self.store.load_range_nowait(self.key, offset, length))
         return self.store.load_range(self.key, offset, length)
 
-    def lookup(self, oid: bytes) -> Location | None:
-        self.load_header()
+    def lookup(self, oid: bytes, nowait: bool = False) -> Location | None:
+        """The blob's location in this segment, or None.  ``nowait``: raise
+        WouldBlock rather than wait for storage (see commitfs.errors)."""
+        if self._packs is None:
+            if nowait:
+                raise WouldBlock(self.key)
+            self.load_header()
         b = _bucket(oid, self.bits)
         fan = self._fanout_at()
-        if b == 0:
-            lo = 0
-            (hi,) = FANOUT.unpack(self._read(fan, FANOUT.size))
+        data = self._data
+        if data is not None:  # in memory: no copies
+            lo = _FANOUT_PAIR.unpack_from(data, fan + (b - 1) * FANOUT.size)[0] if b else 0
+            (hi,) = FANOUT.unpack_from(data, fan + b * FANOUT.size)
+            base = self._entries_at()
+            at = _find_record(data, oid, base + lo * ENTRY.size, base + hi * ENTRY.size)
         else:
-            lo, hi = struct.unpack("<II", self._read(fan + (b - 1) * FANOUT.size, 2 * FANOUT.size))
-        if lo >= hi:
-            return None
-        raw = self._read(self._entries_at() + lo * ENTRY.size, (hi - lo) * ENTRY.size)
-        keys = _RecordKeys(raw, hi - lo)
-        i = bisect.bisect_left(keys, oid)
-        if i < len(keys) and keys[i] == oid:
-            return self._location(ENTRY.unpack_from(raw, i * ENTRY.size))
-        return None
+            if b == 0:
+                lo = 0
+                (hi,) = FANOUT.unpack(self._read(fan, FANOUT.size, nowait))
+            else:
+                lo, hi = _FANOUT_PAIR.unpack(self._read(fan + (b - 1) * FANOUT.size, 2 * FANOUT.size, nowait))
+            if lo >= hi:
+                return None
+            data = self._read(self._entries_at() + lo * ENTRY.size, (hi - lo) * ENTRY.size, nowait)
+            at = _find_record(data, oid, 0, len(data))
+        return None if at is None else self._location(ENTRY.unpack_from(data, at))
 
     def _location(self, rec) -> Location:
         _, packno, off, stored, raw, kind, comp = rec
-        return Location(self._packs[packno], off, stored, raw, BlobKind(kind), Compression(comp))
+        try:
+            return Location(self._packs[packno], off, stored, raw, _KINDS[kind], _COMPRESSIONS[comp])
+        except IndexError:
+            raise CorruptObjectError(f"index segment {self.key} has a malformed entry") from None
 
     def iter_entries(self) -> Iterator[tuple[bytes, Location]]:
         self.load_header()
@@ -211,23 +226,30 @@ class Index:
         with self._lock:
             return list(self._segments.values())
 
-    def lookup(self, oid: bytes, *, refresh: bool = True) -> Location | None:
-        """The blob's location, or None; on a miss, re-list once (if ``refresh``)."""
+    def lookup(self, oid: bytes, *, refresh: bool = True, nowait: bool = False) -> Location | None:
+        """The blob's location, or None; on a miss, re-list once (if ``refresh``).
+
+        ``nowait``: raise WouldBlock (commitfs.errors) where storage would have
+        to be waited for, including any re-listing."""
         loc = self._answers.get(oid)
         if loc is not None:
             return loc
         for attempt in range(3):
             try:
                 for seg in self.segments():
-                    loc = seg.lookup(oid)
+                    loc = seg.lookup(oid, nowait)
                     if loc is not None:
                         self._answers[oid] = loc
                         return loc
             except ObjectNotFoundError:
+                if nowait:
+                    raise WouldBlock(oid.hex()) from None
                 self.refresh()  # a merge removed a segment under us
                 continue
             if not refresh or attempt:
                 return None
+            if nowait:
+                raise WouldBlock(oid.hex())
             self.refresh()
         return None
 

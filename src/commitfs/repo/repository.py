@@ -26,6 +26,7 @@ from commitfs.errors import (
     RepositoryError,
     RepositoryNotFoundError,
     RevisionError,
+    WouldBlock,
 )
 from commitfs.model import chunker
 from commitfs.model.ids import HEX_SIZE, hash_bytes, is_hex
@@ -152,8 +153,8 @@ class Repository:
         self.close()
 
     # --- blobs ------------------------------------------------------------------
-    def locate(self, oid: bytes) -> Location:
-        loc = self.index.lookup(oid)
+    def locate(self, oid: bytes, nowait: bool = False) -> Location:
+        loc = self.index.lookup(oid, nowait=nowait)
         if loc is None:
             raise ObjectNotFoundError(f"object {oid.hex()} is not in the repository index")
         return loc
@@ -161,27 +162,37 @@ class Repository:
     def has_blob(self, oid: bytes) -> bool:
         return self.index.lookup(oid, refresh=False) is not None
 
-    def load_blob(self, oid: bytes) -> bytes:
-        loc = self.locate(oid)
-        stored = self.store.load_range(pack_key(loc.pack), loc.offset, loc.stored)
+    def _load_range(self, key: str, offset: int, length: int, nowait: bool):
+        if nowait:
+            return self.store.load_range_nowait(key, offset, length)
+        return self.store.load_range(key, offset, length)
+
+    def load_blob(self, oid: bytes, nowait: bool = False) -> bytes:
+        """A blob's raw bytes, verified.  ``nowait`` (here and below): raise
+        WouldBlock (commitfs.errors) instead of waiting for storage; the result
+        may then be a read-only memoryview rather than bytes."""
+        loc = self.locate(oid, nowait)
+        stored = self._load_range(pack_key(loc.pack), loc.offset, loc.stored, nowait)
         return verify_blob(oid, loc, stored)
 
-    def load_chunks(self, oids: list[bytes]) -> list[bytes]:
+    def load_chunks(self, oids: list[bytes], nowait: bool = False) -> list[bytes]:
         """Chunks by id, verified; neighbours in one pack share one ranged read."""
+        cache = self.chunk_cache
+        if nowait and cache is not None:
+            raise WouldBlock("the chunk cache is on disk")
         out: list[bytes | None] = [None] * len(oids)
         todo: list[tuple[int, bytes, Location]] = []
-        cache = self.chunk_cache
         for i, oid in enumerate(oids):
             if cache is not None:
                 hit = cache.get(oid)
                 if hit is not None:
                     out[i] = hit
                     continue
-            todo.append((i, oid, self.locate(oid)))
+            todo.append((i, oid, self.locate(oid, nowait)))
         for run in _coalesce(todo):
             first, last = run[0][2], run[-1][2]
             start, end = first.offset, last.offset + last.stored
-            buf = self.store.load_range(pack_key(first.pack), start, end - start)
+            buf = self._load_range(pack_key(first.pack), start, end - start, nowait)
             for i, oid, loc in run:
                 rel = loc.offset - start
                 data = verify_blob(oid, loc, buf[rel:rel + loc.stored])
@@ -190,25 +201,25 @@ class Repository:
                 out[i] = data
         return out  # type: ignore[return-value]
 
-    def _load_decoded(self, cache, oid: bytes, decode, what: str):
+    def _load_decoded(self, cache, oid: bytes, decode, what: str, nowait: bool = False):
         obj = cache.get(oid)
         if obj is None:
             try:
-                obj = decode(self.load_blob(oid))
+                obj = decode(bytes(self.load_blob(oid, nowait)))
             except DecodeError as exc:
                 raise CorruptObjectError(f"{what} {oid.hex()} is malformed: {exc}") from None
             cache[oid] = obj
         return obj
 
-    def load_tree(self, tid: bytes) -> Tree:
-        return self._load_decoded(self._trees, tid, Tree.decode, "tree")
+    def load_tree(self, tid: bytes, nowait: bool = False) -> Tree:
+        return self._load_decoded(self._trees, tid, Tree.decode, "tree", nowait)
 
     def remember_tree(self, tid: bytes, tree: Tree) -> None:
         """Keep a tree this process built (its id is its content's hash)."""
         self._trees[tid] = tree
 
-    def load_manifest(self, fid: bytes) -> FileManifest:
-        return self._load_decoded(self._manifests, fid, FileManifest.decode, "file manifest")
+    def load_manifest(self, fid: bytes, nowait: bool = False) -> FileManifest:
+        return self._load_decoded(self._manifests, fid, FileManifest.decode, "file manifest", nowait)
 
     # --- commits ----------------------------------------------------------------
     def load_commit(self, cid: bytes) -> Commit:

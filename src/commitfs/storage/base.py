@@ -17,6 +17,8 @@ import abc
 from collections.abc import Iterator
 from pathlib import Path
 
+from commitfs.errors import WouldBlock
+
 
 class Store(abc.ABC):
     """Abstract storage backend."""
@@ -37,6 +39,12 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def load_range(self, key: str, offset: int, length: int) -> bytes:
         """Return ``length`` bytes from ``offset``; fewer only at the object's end."""
+
+    def load_range_nowait(self, key: str, offset: int, length: int) -> bytes:
+        """``load_range`` if the bytes are already in memory, without waiting for
+        a disk or a network; else raise WouldBlock (commitfs.errors).  The
+        default (remote stores) always raises it."""
+        raise WouldBlock(key)
 
     @abc.abstractmethod
     def lookup_size(self, key: str) -> int | None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from cachetools import LRUCache
 
-from commitfs.errors import ObjectNotFoundError, RefConflictError, StorageError
+from commitfs.errors import ObjectNotFoundError, RefConflictError, StorageError, WouldBlock
 from commitfs.storage.base import Store
 
 _REFS = "refs"
@@ -123,6 +123,22 @@ class LocalStore(Store):
                     self._fds.pop(key, None)
                 return os.pread(self._fd(key), length, offset)
             raise _storage_error(exc, key) from exc
+
+    def load_range_nowait(self, key: str, offset: int, length: int) -> bytes:
+        # preadv2(RWF_NOWAIT): the page cache's bytes, or EAGAIN rather than a
+        # disk read.  Only descriptors already open (opening may read the disk).
+        with self._lock:
+            fd = self._fds.get(key)
+        if fd is None or length <= 0:
+            raise WouldBlock(key)
+        buf = bytearray(length)
+        try:
+            n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
+        except OSError as exc:  # EAGAIN; or EBADF/EOPNOTSUPP: the blocking form will tell
+            raise WouldBlock(key) from exc
+        if n != length:  # partly cached (or the end of the object): let the blocking form decide
+            raise WouldBlock(key)
+        return memoryview(buf).toreadonly()
 
     def lookup_size(self, key: str) -> int | None:
         try:

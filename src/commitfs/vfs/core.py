@@ -18,13 +18,21 @@ Laziness
 --------
 Mounting loads at most the one commit named by REV.  A directory's tree is
 loaded on the first lookup in it or listing of it; a file's manifest on open;
-chunks on read (vfs/prefetch.py).  Trees, manifests and commits are kept in
+chunks on read (vfs/prefetch.py), except that a file's first open starts its
+initial read-ahead window from offset 0 (nearly every open reads from the
+start; later opens are served by the kernel's page cache and start nothing).  Trees, manifests and commits are kept in
 size-bounded LRU caches here, each loaded once however many requests want it
 at the same moment (single flight).
 
 Blocking work
 -------------
-Repository calls block (disk, S3), so each runs in a worker thread
+Bytes already in memory are served here, on the event loop: every load is
+first tried with ``nowait=True`` (Repository, then Store.load_range_nowait,
+which for a local repository is preadv2 with RWF_NOWAIT on the page cache),
+and only a WouldBlock sends it to a worker thread.  A hop to a thread and
+back costs more than reading and verifying a cached image, so a local
+repository whose packs are cached (or read ahead by the kernel) is read
+without any.  Otherwise repository calls block (disk, S3), so each runs in a worker thread
 (``trio.to_thread.run_sync``) under one CapacityLimiter, and within
 ``io_timeout_s``: a stalled store makes the request fail with
 StorageTimeoutError (EIO) instead of hanging the reader.  Worker threads
@@ -55,6 +63,7 @@ from commitfs.errors import (
     PathNotFoundError,
     RevisionError,
     StorageTimeoutError,
+    WouldBlock,
 )
 from commitfs.model.ids import HEX_SIZE, is_hex
 from commitfs.model.objects import EMPTY_MANIFEST, Commit, FileManifest, Kind, Tree, TreeEntry
@@ -224,11 +233,16 @@ class _SingleFlight:
 
 
 class _FileHandle:
-    __slots__ = ("node", "reader")
+    """An open file; its read-ahead state is made at its first read (or at open,
+    for a node's first open), so re-opening a file the kernel has cached costs
+    nothing but the handle."""
 
-    def __init__(self, node: FileNode, reader: prefetch.Prefetcher):
+    __slots__ = ("node", "manifest", "reader")
+
+    def __init__(self, node: FileNode, manifest: FileManifest):
         self.node = node
-        self.reader = reader
+        self.manifest = manifest
+        self.reader: prefetch.Prefetcher | None = None
 
 
 class _DirHandle:
@@ -284,24 +298,51 @@ class FileSystem:
             finally:
                 nursery.cancel_scope.cancel()
                 for h in self._files.values():
-                    h.reader.close()
+                    if h.reader is not None:
+                        h.reader.close()
 
     # --- blocking work ---------------------------------------------------------
     async def _io(self, what: str, fn, *args):
         return await run_blocking(self._limiter, self.options.io_timeout_s, f"{what} of {self.repo.url}", fn, *args)
 
+    @staticmethod
+    def _now(fn, *args):
+        """``fn(*args, nowait=True)`` here, on the event loop, or None if it would
+        wait for storage (then the caller goes to a worker thread)."""
+        try:
+            return fn(*args, nowait=True)
+        except WouldBlock:
+            return None
+
     async def _tree(self, tid: bytes) -> Tree:
-        return await self._trees.get(tid, lambda: self._io(f"tree {tid.hex()}", self.repo.load_tree, tid))
+        tree = self._trees.cache.get(tid)
+        if tree is None:
+            tree = self._now(self.repo.load_tree, tid)
+            if tree is not None:
+                self._trees.cache[tid] = tree
+            else:
+                tree = await self._trees.get(tid, lambda: self._io(f"tree {tid.hex()}", self.repo.load_tree, tid))
+        return tree
 
     async def _manifest(self, fid: bytes) -> FileManifest:
-        return await self._manifests.get(
-            fid, lambda: self._io(f"file {fid.hex()}", self.repo.load_manifest, fid))
+        manifest = self._manifests.cache.get(fid)
+        if manifest is None:
+            manifest = self._now(self.repo.load_manifest, fid)
+            if manifest is not None:
+                self._manifests.cache[fid] = manifest
+            else:
+                manifest = await self._manifests.get(
+                    fid, lambda: self._io(f"file {fid.hex()}", self.repo.load_manifest, fid))
+        return manifest
 
     async def _commit(self, cid: bytes) -> Commit:
         return await self._commits.get(cid, lambda: self._io(f"commit {cid.hex()}", self.repo.load_commit, cid))
 
     async def _load_chunks(self, ids: list[bytes]) -> list[bytes]:
         return await self._io(f"{len(ids)} chunks", self.repo.load_chunks, ids)
+
+    def _load_chunks_now(self, ids: list[bytes]) -> list[bytes] | None:
+        return self._now(self.repo.load_chunks, ids)
 
     async def _refs(self) -> _Refs:
         """Branches and tags, at most ``refresh_s / 2`` old; one refresh at a time, shared
@@ -573,28 +614,40 @@ class FileSystem:
         if not isinstance(node, FileNode):
             raise PathNotFoundError(f"inode {inode} is not a regular file")
         manifest = EMPTY_MANIFEST if node.entry.size == 0 else await self._manifest(node.entry.id)
-        assert self._nursery is not None
-        o = self.options
-        reader = prefetch.Prefetcher(manifest, self._load_chunks, self._nursery, initial_window=o.initial_window,
-                                     max_window=o.max_window, part_bytes=o.part_bytes)
+        h = _FileHandle(node, manifest)
+        if not node.opened:
+            # A first open is nearly always followed by a read from offset 0: start
+            # it now.  Later opens find the bytes in the kernel's page cache (the
+            # kernel keeps it while it keeps the inode), so they start nothing.
+            node.opened = True
+            self._reader(h).prime()
         fh = self._new_fh()
-        self._files[fh] = _FileHandle(node, reader)
+        self._files[fh] = h
         return fh
+
+    def _reader(self, h: _FileHandle) -> prefetch.Prefetcher:
+        if h.reader is None:
+            assert self._nursery is not None
+            o = self.options
+            h.reader = prefetch.Prefetcher(h.manifest, self._load_chunks, self._nursery,
+                                           fetch_now=self._load_chunks_now, initial_window=o.initial_window,
+                                           max_window=o.max_window, part_bytes=o.part_bytes)
+        return h.reader
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self._files.get(fh)
         if h is None:
             raise BadHandleError(f"file handle {fh} is not open")
-        return await h.reader.read(off, size)
+        return await self._reader(h).read(off, size)
 
     async def release(self, fh: int) -> None:
         h = self._files.pop(fh, None)
-        if h is not None:
+        if h is not None and h.reader is not None:
             h.reader.close()
 
     def reader(self, fh: int) -> prefetch.Prefetcher:
         """The read-ahead state of an open file (for tests and statistics)."""
-        return self._files[fh].reader
+        return self._reader(self._files[fh])
 
     # --- writes ---------------------------------------------------------------------------
     def refuse_write(self, what: str) -> None:

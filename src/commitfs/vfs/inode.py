@@ -160,7 +160,14 @@ class TreeDir(ViewNode, DirNode):
 
 
 class FileNode(ViewNode):
-    __slots__ = ()
+    #: ``opened``: some handle has been opened on this node.  The kernel keeps a
+    #: file's pages for as long as it keeps the inode (and this node), so only
+    #: a first open is worth reading ahead for (vfs/core.py, FileSystem.open).
+    __slots__ = ("opened",)
+
+    def __init__(self, view: View, entry: TreeEntry, entry_timeout: float, attr_timeout: float):
+        super().__init__(view, entry, entry_timeout, attr_timeout)
+        self.opened = False
 
     @property
     def mode(self) -> int:

@@ -50,6 +50,12 @@ On each read at ``off``:
    ``expected - back_tolerance`` are released, so memory per handle is bounded
    by about ``max_window + back_tolerance + part_bytes``.
 
+A part a read is waiting for is first fetched inline with ``fetch_now``
+(the file system's nowait load: bytes in memory, no worker thread, no
+task); only if that would block does it become a task.  Read-ahead parts
+are always tasks, so the reader never waits for bytes it has not asked for.
+``prime()`` starts the initial window at a file's first open.
+
 A failed part raises its error to every read that needs it (the kernel
 returns EIO) and is forgotten, so the next read of that range tries again.
 Failures of parts no read needs are only logged.
@@ -82,6 +88,8 @@ PART_BYTES = 2 * 1024 * 1024
 BACK_TOLERANCE = 1024 * 1024
 
 Fetch = Callable[[list[bytes]], Awaitable[list[bytes]]]
+#: Chunks now, without waiting for storage, or None if they are not in memory.
+FetchNow = Callable[[list[bytes]], "list[bytes] | None"]
 
 
 class _Part:
@@ -101,6 +109,7 @@ class Prefetcher:
     """Reads of one open file, with read-ahead."""
 
     def __init__(self, manifest: FileManifest, fetch: Fetch, nursery: trio.Nursery, *,
+                 fetch_now: FetchNow | None = None,
                  initial_window: int = INITIAL_WINDOW, max_window: int = MAX_WINDOW,
                  part_bytes: int = PART_BYTES, back_tolerance: int = BACK_TOLERANCE):
         self.layout = FileReader(None, manifest)  # type: ignore[arg-type]  # offsets only
@@ -108,6 +117,7 @@ class Prefetcher:
         self._ids = manifest.chunk_ids
         self._sizes = manifest.chunk_sizes
         self._fetch = fetch
+        self._fetch_now = fetch_now
         self._nursery = nursery
         self.initial_window = initial_window
         self.max_window = max(max_window, initial_window)
@@ -121,6 +131,7 @@ class Prefetcher:
         self._closed = False
         #: Counters for tests and the log: parts started, sequential/random reads.
         self.parts_started = 0
+        self.parts_inline = 0
         self.sequential_reads = 0
         self.random_reads = 0
 
@@ -128,6 +139,13 @@ class Prefetcher:
         self._closed = True
         self._parts.clear()
         self._live.clear()
+
+    def prime(self) -> None:
+        """Start fetching the initial window from offset 0 now, before any read
+        asks: called at a file's first open, since nearly every open is followed
+        by a read from the start.  A first read elsewhere drops it (a seek)."""
+        if self.size:
+            self._start_missing(*self.layout.chunk_range(0, self.initial_window), demand_end=len(self._ids))
 
     # --- reading ---------------------------------------------------------------
     async def read(self, off: int, size: int) -> bytes:
@@ -141,8 +159,9 @@ class Prefetcher:
         while i < last:
             part = self._parts.get(i)
             if part is None:  # dropped by a concurrent seek: fetch it again
-                part = self._start(i, self._run_end(i, last))
-            await part.done.wait()
+                part = self._start(i, self._run_end(i, last), demand=True)
+            if not part.done.is_set():
+                await part.done.wait()
             if part.error is not None:
                 self._drop(part)
                 raise part.error
@@ -175,7 +194,7 @@ class Prefetcher:
                 if part.last <= first or part.first >= last:
                     self._drop(part)
         if not sequential:
-            self._start_missing(first, last)  # a seek fetches only what it needs
+            self._start_missing(first, last, demand_end=last)  # a seek fetches only what it needs
             return
         # Demand and read-ahead, in the same parts where they are neighbours.  The
         # read-ahead is topped up only when less than half a window is left ahead of
@@ -187,7 +206,7 @@ class Prefetcher:
         if ahead_bytes < self.window // 2:
             _, until = self.layout.chunk_range(self._expected, self.window)
             self._frontier = max(frontier, until)
-        self._start_missing(first, max(last, until))
+        self._start_missing(first, max(last, until), demand_end=last)
         # Release parts wholly behind the reader.
         floor = self._expected - size - self.back_tolerance
         if floor > 0:
@@ -196,14 +215,16 @@ class Prefetcher:
                 if part.last <= behind:
                     self._drop(part)
 
-    def _start_missing(self, first: int, last: int) -> None:
+    def _start_missing(self, first: int, last: int, demand_end: int) -> None:
+        """Start parts for the chunks in [first, last) not fetched or in flight;
+        those starting before ``demand_end`` are wanted by the read at hand."""
         i = first
         while i < last:
             if i in self._parts:
                 i = self._parts[i].last
                 continue
             end = self._run_end(i, last)
-            self._start(i, end)
+            self._start(i, end, demand=i < demand_end)
             i = end
 
     def _run_end(self, i: int, last: int) -> int:
@@ -214,12 +235,24 @@ class Prefetcher:
             end += 1
         return end
 
-    def _start(self, first: int, last: int) -> _Part:
+    def _start(self, first: int, last: int, demand: bool = False) -> _Part:
+        """A part for chunks [first, last): fetched here and now if a read waits
+        for it and its bytes are in memory (no task, no worker thread), else by a
+        task."""
         part = _Part(first, last)
         for i in range(first, last):
             self._parts[i] = part
         self._live.add(part)
         self.parts_started += 1
+        if demand and self._fetch_now is not None:
+            try:
+                part.chunks = self._fetch_now(list(self._ids[first:last]))
+            except Exception as exc:  # handed to the read, as a task's failure would be
+                part.error = exc
+            if part.chunks is not None or part.error is not None:
+                self.parts_inline += 1
+                part.done.set()
+                return part
         self._nursery.start_soon(self._run, part)
         return part
 
