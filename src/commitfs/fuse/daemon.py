@@ -106,7 +106,8 @@ def serve(config: DaemonConfig, report: Report) -> int:
         finally:
             pyfuse3.close(unmount=True)
             remove_record(config.mountpoint)
-        log.info("unmounted %s", config.mountpoint)
+        log.info("unmounted %s; repository loads: %d from memory on the event loop, %d in worker threads",
+                 config.mountpoint, fs.loader.inline, fs.loader.in_threads)
         cache = repo.chunk_cache
         if isinstance(cache, DiskChunkCache):
             st = cache.stats

@@ -210,6 +210,7 @@ class Index:
     def __init__(self, store: Store):
         self.store = store
         self._segments: dict[str, Segment] = {}
+        self._snapshot: tuple[Segment, ...] = ()  # _segments' values, replaced whole on change
         self._lock = threading.Lock()
         # Recent answers: 200k locations is ~40 MB at most, and covers the
         # working set of a mount reading many files at once.
@@ -221,10 +222,20 @@ class Index:
         keys = list(self.store.iter_keys(INDEX_PREFIX))
         with self._lock:
             self._segments = {k: self._segments.get(k) or Segment(self.store, k) for k in keys}
+            self._snapshot = tuple(self._segments.values())
 
-    def segments(self) -> list[Segment]:
+    def segments(self) -> tuple[Segment, ...]:
+        return self._snapshot  # no lock: an immutable tuple, swapped whole
+
+    def _add(self, key: str, size: int) -> None:
         with self._lock:
-            return list(self._segments.values())
+            self._segments[key] = Segment(self.store, key, size)
+            self._snapshot = tuple(self._segments.values())
+
+    def _forget(self, key: str) -> None:
+        with self._lock:
+            self._segments.pop(key, None)
+            self._snapshot = tuple(self._segments.values())
 
     def lookup(self, oid: bytes, *, refresh: bool = True, nowait: bool = False) -> Location | None:
         """The blob's location, or None; on a miss, re-list once (if ``refresh``).
@@ -261,8 +272,7 @@ class Index:
         data = encode_segment(entries)
         key = segment_key(data)
         self.store.save_object(key, data)
-        with self._lock:
-            self._segments[key] = Segment(self.store, key, len(data))
+        self._add(key, len(data))
         for oid, loc in entries:
             self._answers[oid] = loc
         self.merge_if_due()
@@ -293,11 +303,9 @@ class Index:
         data = encode_segment(entries)
         key = segment_key(data)
         self.store.save_object(key, data)
-        with self._lock:
-            self._segments[key] = Segment(self.store, key, len(data))
+        self._add(key, len(data))
         for seg in group:
             if seg.key != key:
                 self.store.remove_object(seg.key)
-                with self._lock:
-                    self._segments.pop(seg.key, None)
+                self._forget(seg.key)
         return True

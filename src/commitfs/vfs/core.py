@@ -19,27 +19,12 @@ Laziness
 Mounting loads at most the one commit named by REV.  A directory's tree is
 loaded on the first lookup in it or listing of it; a file's manifest on open;
 chunks on read (vfs/prefetch.py), except that a file's first open starts its
-initial read-ahead window from offset 0 (nearly every open reads from the
-start; later opens are served by the kernel's page cache and start nothing).  Trees, manifests and commits are kept in
-size-bounded LRU caches here, each loaded once however many requests want it
-at the same moment (single flight).
-
-Blocking work
--------------
-Bytes already in memory are served here, on the event loop: every load is
-first tried with ``nowait=True`` (Repository, then Store.load_range_nowait,
-which for a local repository is preadv2 with RWF_NOWAIT on the page cache),
-and only a WouldBlock sends it to a worker thread.  A hop to a thread and
-back costs more than reading and verifying a cached image, so a local
-repository whose packs are cached (or read ahead by the kernel) is read
-without any.  Otherwise repository calls block (disk, S3), so each runs in a worker thread
-(``trio.to_thread.run_sync``) under one CapacityLimiter, and within
-``io_timeout_s``: a stalled store makes the request fail with
-StorageTimeoutError (EIO) instead of hanging the reader.  Worker threads
-cannot be cancelled; an abandoned one finishes in the background and keeps
-its limiter slot until then, so a stalled store cannot start unbounded
-threads either.  Retrying transient failures is the store's business
-(storage/retry.py), not repeated here.
+initial read-ahead window from offset 0: nearly every open reads from the
+start, and later opens are served by the kernel's page cache, so they start
+nothing.  Every load goes through vfs/loader.py: from memory on the event
+loop when the bytes are there, else in a worker thread within the I/O
+timeout; trees, manifests and commits cached, each loaded once however many
+requests want it at the same moment.
 
 Errors are exceptions (commitfs.errors, vfs.errors); commitfs.fuse turns them
 into errno values.
@@ -55,20 +40,18 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import trio
-from cachetools import LRUCache
 
 from commitfs.errors import (
     IsADirectoryError_,
     NotADirectoryError_,
     PathNotFoundError,
     RevisionError,
-    StorageTimeoutError,
-    WouldBlock,
 )
 from commitfs.model.ids import HEX_SIZE, is_hex
 from commitfs.model.objects import EMPTY_MANIFEST, Commit, FileManifest, Kind, Tree, TreeEntry
 from commitfs.repo.repository import MIN_PREFIX, Repository
 from commitfs.vfs import prefetch
+from commitfs.vfs.loader import Flight, Loader
 from commitfs.vfs.errors import (
     BadHandleError,
     NoSuchAttributeError,
@@ -96,20 +79,6 @@ from commitfs.vfs.inode import (
 log = logging.getLogger(__name__)
 
 MakeNode = Callable[[], Node]
-
-
-async def run_blocking(limiter: trio.CapacityLimiter, timeout_s: float, what: str, fn, *args):
-    """Run a blocking call in a worker thread under ``limiter``, within ``timeout_s``.
-
-    A call that outlives the timeout is abandoned (it finishes in the
-    background, holding its limiter slot) and the caller gets
-    StorageTimeoutError: a stalled store never hangs a request.
-    """
-    try:
-        with trio.fail_after(timeout_s):
-            return await trio.to_thread.run_sync(fn, *args, limiter=limiter, abandon_on_cancel=True)
-    except trio.TooSlowError:
-        raise StorageTimeoutError(f"{what}: no answer within {timeout_s:g}s") from None
 
 
 @dataclass(frozen=True)
@@ -187,62 +156,18 @@ class _TreeListing(Listing):
         return e.name, entry_identity(e), lambda: node_for_entry(self.view, e, self.timeout)
 
 
-class _Flight:
-    __slots__ = ("done", "value", "error")
-
-    def __init__(self):
-        self.done = trio.Event()
-        self.value = None
-        self.error: BaseException | None = None
-
-
-class _SingleFlight:
-    """An LRU cache whose misses are loaded once, however many tasks ask at once."""
-
-    def __init__(self, cache: LRUCache):
-        self.cache = cache
-        self._flights: dict[object, _Flight] = {}
-
-    async def get(self, key, load):
-        value = self.cache.get(key)
-        if value is not None:
-            return value
-        flight = self._flights.get(key)
-        if flight is not None:
-            await flight.done.wait()
-            if flight.error is not None:
-                raise flight.error
-            return flight.value
-        flight = self._flights[key] = _Flight()
-        try:
-            flight.value = await load()
-            try:
-                self.cache[key] = flight.value
-            except ValueError:
-                pass  # larger than the whole cache: served, not kept
-            return flight.value
-        except Exception as exc:
-            flight.error = exc
-            raise
-        except BaseException:  # cancelled: the waiters must not re-raise another task's Cancelled
-            flight.error = ShuttingDownError("the file system is shutting down")
-            raise
-        finally:
-            del self._flights[key]
-            flight.done.set()
-
-
 class _FileHandle:
     """An open file; its read-ahead state is made at its first read (or at open,
     for a node's first open), so re-opening a file the kernel has cached costs
     nothing but the handle."""
 
-    __slots__ = ("node", "manifest", "reader")
+    __slots__ = ("node", "manifest", "reader", "released")
 
     def __init__(self, node: FileNode, manifest: FileManifest):
         self.node = node
         self.manifest = manifest
         self.reader: prefetch.Prefetcher | None = None
+        self.released = False
 
 
 class _DirHandle:
@@ -270,12 +195,9 @@ class FileSystem:
         self.mount_time_ns = time.time_ns()
         self._long = options.immutable_timeout_s
         self._short = max(options.refresh_s / 2, 0.0)
-        self._limiter = trio.CapacityLimiter(options.io_threads)
-        self._trees = _SingleFlight(LRUCache(maxsize=1_000_000, getsizeof=lambda t: len(t.entries) + 1))
-        self._manifests = _SingleFlight(LRUCache(maxsize=4_000_000, getsizeof=lambda m: len(m.chunk_ids) + 1))
-        self._commits = _SingleFlight(LRUCache(maxsize=4096))
+        self.loader = Loader(repo, options.io_threads, options.io_timeout_s)
         self._refs_snapshot: _Refs | None = None
-        self._refs_flight: _Flight | None = None
+        self._refs_flight: Flight | None = None
         self._files: dict[int, _FileHandle] = {}
         self._dirs: dict[int, _DirHandle] = {}
         self._next_fh = 1
@@ -301,48 +223,18 @@ class FileSystem:
                     if h.reader is not None:
                         h.reader.close()
 
-    # --- blocking work ---------------------------------------------------------
+    # --- repository loads (vfs/loader.py) ----------------------------------------
     async def _io(self, what: str, fn, *args):
-        return await run_blocking(self._limiter, self.options.io_timeout_s, f"{what} of {self.repo.url}", fn, *args)
-
-    @staticmethod
-    def _now(fn, *args):
-        """``fn(*args, nowait=True)`` here, on the event loop, or None if it would
-        wait for storage (then the caller goes to a worker thread)."""
-        try:
-            return fn(*args, nowait=True)
-        except WouldBlock:
-            return None
+        return await self.loader.io(what, fn, *args)
 
     async def _tree(self, tid: bytes) -> Tree:
-        tree = self._trees.cache.get(tid)
-        if tree is None:
-            tree = self._now(self.repo.load_tree, tid)
-            if tree is not None:
-                self._trees.cache[tid] = tree
-            else:
-                tree = await self._trees.get(tid, lambda: self._io(f"tree {tid.hex()}", self.repo.load_tree, tid))
-        return tree
+        return await self.loader.tree(tid)
 
     async def _manifest(self, fid: bytes) -> FileManifest:
-        manifest = self._manifests.cache.get(fid)
-        if manifest is None:
-            manifest = self._now(self.repo.load_manifest, fid)
-            if manifest is not None:
-                self._manifests.cache[fid] = manifest
-            else:
-                manifest = await self._manifests.get(
-                    fid, lambda: self._io(f"file {fid.hex()}", self.repo.load_manifest, fid))
-        return manifest
+        return await self.loader.manifest(fid)
 
     async def _commit(self, cid: bytes) -> Commit:
-        return await self._commits.get(cid, lambda: self._io(f"commit {cid.hex()}", self.repo.load_commit, cid))
-
-    async def _load_chunks(self, ids: list[bytes]) -> list[bytes]:
-        return await self._io(f"{len(ids)} chunks", self.repo.load_chunks, ids)
-
-    def _load_chunks_now(self, ids: list[bytes]) -> list[bytes] | None:
-        return self._now(self.repo.load_chunks, ids)
+        return await self.loader.commit(cid)
 
     async def _refs(self) -> _Refs:
         """Branches and tags, at most ``refresh_s / 2`` old; one refresh at a time, shared
@@ -353,7 +245,7 @@ class FileSystem:
             return snap
         flight = self._refs_flight
         if flight is None:
-            flight = self._refs_flight = _Flight()
+            flight = self._refs_flight = Flight()
             try:
                 flight.value = await self._load_refs(snap)
             except Exception as exc:
@@ -617,20 +509,26 @@ class FileSystem:
         h = _FileHandle(node, manifest)
         if not node.opened:
             # A first open is nearly always followed by a read from offset 0: start
-            # it now.  Later opens find the bytes in the kernel's page cache (the
-            # kernel keeps it while it keeps the inode), so they start nothing.
+            # it as soon as the open is answered, while the reader is on its way
+            # back with the read.  Later opens find the bytes in the kernel's page
+            # cache (kept while the kernel keeps the inode), so they start nothing.
             node.opened = True
-            self._reader(h).prime()
+            assert self._nursery is not None
+            self._nursery.start_soon(self._prime, h)
         fh = self._new_fh()
         self._files[fh] = h
         return fh
+
+    async def _prime(self, h: _FileHandle) -> None:
+        if not h.released:
+            self._reader(h).prime()
 
     def _reader(self, h: _FileHandle) -> prefetch.Prefetcher:
         if h.reader is None:
             assert self._nursery is not None
             o = self.options
-            h.reader = prefetch.Prefetcher(h.manifest, self._load_chunks, self._nursery,
-                                           fetch_now=self._load_chunks_now, initial_window=o.initial_window,
+            h.reader = prefetch.Prefetcher(h.manifest, self.loader.chunks, self._nursery,
+                                           fetch_now=self.loader.chunks_now, initial_window=o.initial_window,
                                            max_window=o.max_window, part_bytes=o.part_bytes)
         return h.reader
 
@@ -642,8 +540,10 @@ class FileSystem:
 
     async def release(self, fh: int) -> None:
         h = self._files.pop(fh, None)
-        if h is not None and h.reader is not None:
-            h.reader.close()
+        if h is not None:
+            h.released = True
+            if h.reader is not None:
+                h.reader.close()
 
     def reader(self, fh: int) -> prefetch.Prefetcher:
         """The read-ahead state of an open file (for tests and statistics)."""

@@ -69,7 +69,8 @@ from commitfs.model.objects import EMPTY_MANIFEST, Commit, FileManifest, Kind, T
 from commitfs.ops.changeset import Change, ChangesetResult, commit_changes
 from commitfs.repo.repository import Repository
 from commitfs.vfs import prefetch
-from commitfs.vfs.core import StatFs, run_blocking
+from commitfs.vfs.core import StatFs
+from commitfs.vfs.loader import Loader
 from commitfs.vfs.errors import (
     BadHandleError,
     ExistsError,
@@ -316,7 +317,7 @@ class WorkspaceFS:
         self.options = options
         self.mount_time_ns = _now()
         self._t = options.timeout_s
-        self._limiter = trio.CapacityLimiter(options.io_threads)
+        self.loader = Loader(repo, options.io_threads, options.io_timeout_s)
         self._lock = trio.Lock()
         self._next_ino = ROOT_INODE
         self._inodes: dict[int, WNode] = {}
@@ -324,7 +325,6 @@ class WorkspaceFS:
         self._dirs: dict[int, _DirHandle] = {}
         self._next_fh = 1
         self._nursery: trio.Nursery | None = None
-        self._trees: dict[bytes, Tree] = {}
         self._repo_url = repo.url.encode()
         self.base: bytes = overlay.base
         self.base_time_ns = 0
@@ -449,24 +449,15 @@ class WorkspaceFS:
             self._close_fd(n)
         self.overlay.close()
 
-    # --- blocking work -------------------------------------------------------------------
+    # --- repository loads (vfs/loader.py) -------------------------------------------------
     async def _io(self, what: str, fn, *args):
-        return await run_blocking(self._limiter, self.options.io_timeout_s, f"{what} of {self.repo.url}", fn, *args)
+        return await self.loader.io(what, fn, *args)
 
     async def _tree(self, tid: bytes) -> Tree:
-        t = self._trees.get(tid)
-        if t is None:
-            t = await self._io(f"tree {tid.hex()}", self.repo.load_tree, tid)
-            if len(self._trees) > 10_000:
-                self._trees.clear()
-            self._trees[tid] = t
-        return t
+        return await self.loader.tree(tid)
 
     async def _manifest(self, fid: bytes) -> FileManifest:
-        return await self._io(f"file {fid.hex()}", self.repo.load_manifest, fid)
-
-    async def _load_chunks(self, ids: list[bytes]) -> list[bytes]:
-        return await self._io(f"{len(ids)} chunks", self.repo.load_chunks, ids)
+        return await self.loader.manifest(fid)
 
     # --- nodes ---------------------------------------------------------------------------
     def _node(self, ino: int) -> WNode:
@@ -1032,7 +1023,8 @@ class WorkspaceFS:
             manifest = await self._manifest(n.origin.id) if n.origin.size else EMPTY_MANIFEST
             if h.reader is None or h.reader_id != n.origin.id:
                 assert self._nursery is not None
-                h.reader = prefetch.Prefetcher(manifest, self._load_chunks, self._nursery)
+                h.reader = prefetch.Prefetcher(manifest, self.loader.chunks, self._nursery,
+                                               fetch_now=self.loader.chunks_now)
                 h.reader_id = n.origin.id
         if n.fd is not None or n.upper is not None:  # copied up meanwhile
             return os.pread(self._fd(n), size, off)
@@ -1264,7 +1256,6 @@ class WorkspaceFS:
         for n in old_data:
             if n.fd is not None and n.parent is not None:
                 self._close_fd(n)
-        self._trees.clear()
         return invalidate
 
     def _detach_all(self, n: WNode) -> None:

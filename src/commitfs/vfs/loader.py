@@ -1,0 +1,157 @@
+"""The file systems' one way to the repository: from memory when it can, else a worker thread.
+
+Both file systems (vfs/core.py, the read-only views; vfs/workspace.py, the
+writable overlay) load trees, manifests, commits and chunks through a Loader:
+
+* *From memory, on the event loop.*  Every load is first tried with
+  ``nowait=True`` (Repository, then Store.load_range_nowait: for a local
+  repository preadv2 with RWF_NOWAIT, which reads the page cache or refuses).
+  A hop to a worker thread and back costs about 100 µs of CPU here, more
+  than reading and verifying a cached image, so bytes in memory never take
+  one.
+* *Else in a worker thread* (``trio.to_thread.run_sync``) under one
+  CapacityLimiter, within ``io_timeout_s``: a stalled store makes the request
+  fail with StorageTimeoutError (EIO) instead of hanging the reader.  Worker
+  threads cannot be cancelled; an abandoned one finishes in the background
+  and keeps its limiter slot until then, so a stalled store cannot start
+  unbounded threads either.  Retrying transient failures is the store's
+  business (storage/retry.py), not repeated here.
+
+Trees, manifests and commits are kept in size-bounded LRU caches, and each
+miss is loaded once however many requests want it at the same moment
+(single flight).  Chunks are not cached here: the kernel's page cache keeps
+what was read, and the chunk cache (commitfs.cache) what was downloaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import trio
+from cachetools import LRUCache
+
+from commitfs.errors import StorageTimeoutError, WouldBlock
+from commitfs.model.objects import Commit, FileManifest, Tree
+from commitfs.repo.repository import Repository
+from commitfs.vfs.errors import ShuttingDownError
+
+
+async def run_blocking(limiter: trio.CapacityLimiter, timeout_s: float, what: str, fn, *args):
+    """Run a blocking call in a worker thread under ``limiter``, within ``timeout_s``.
+
+    A call that outlives the timeout is abandoned (it finishes in the
+    background, holding its limiter slot) and the caller gets
+    StorageTimeoutError: a stalled store never hangs a request.
+    """
+    try:
+        with trio.fail_after(timeout_s):
+            return await trio.to_thread.run_sync(fn, *args, limiter=limiter, abandon_on_cancel=True)
+    except trio.TooSlowError:
+        raise StorageTimeoutError(f"{what}: no answer within {timeout_s:g}s") from None
+
+
+class Flight:
+    """One load in progress, which other tasks wanting the same thing wait for."""
+
+    __slots__ = ("done", "value", "error")
+
+    def __init__(self):
+        self.done = trio.Event()
+        self.value = None
+        self.error: BaseException | None = None
+
+
+class SingleFlight:
+    """An LRU cache whose misses are loaded once, however many tasks ask at once."""
+
+    def __init__(self, cache: LRUCache):
+        self.cache = cache
+        self._flights: dict[object, Flight] = {}
+
+    def put(self, key, value) -> None:
+        try:
+            self.cache[key] = value
+        except ValueError:
+            pass  # larger than the whole cache: served, not kept
+
+    async def get(self, key, load: Callable[[], Awaitable]):
+        value = self.cache.get(key)
+        if value is not None:
+            return value
+        flight = self._flights.get(key)
+        if flight is not None:
+            await flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            return flight.value
+        flight = self._flights[key] = Flight()
+        try:
+            flight.value = await load()
+            self.put(key, flight.value)
+            return flight.value
+        except Exception as exc:
+            flight.error = exc
+            raise
+        except BaseException:  # cancelled: the waiters must not re-raise another task's Cancelled
+            flight.error = ShuttingDownError("the file system is shutting down")
+            raise
+        finally:
+            del self._flights[key]
+            flight.done.set()
+
+
+class Loader:
+    """Repository loads for a file system running under trio."""
+
+    def __init__(self, repo: Repository, io_threads: int, io_timeout_s: float):
+        self.repo = repo
+        self.io_timeout_s = io_timeout_s
+        self._limiter = trio.CapacityLimiter(io_threads)
+        self._trees = SingleFlight(LRUCache(maxsize=1_000_000, getsizeof=lambda t: len(t.entries) + 1))
+        self._manifests = SingleFlight(LRUCache(maxsize=4_000_000, getsizeof=lambda m: len(m.chunk_ids) + 1))
+        self._commits = SingleFlight(LRUCache(maxsize=4096))
+        #: Loads answered from memory on the event loop / in worker threads (logged at unmount).
+        self.inline = 0
+        self.in_threads = 0
+
+    async def io(self, what: str, fn, *args):
+        """``fn(*args)`` in a worker thread, bounded by the limiter and the I/O timeout."""
+        self.in_threads += 1
+        return await run_blocking(self._limiter, self.io_timeout_s, f"{what} of {self.repo.url}", fn, *args)
+
+    def now(self, fn, *args):
+        """``fn(*args, nowait=True)`` here, on the event loop, or None if it would
+        wait for storage (the caller then goes to a worker thread)."""
+        try:
+            value = fn(*args, nowait=True)
+        except WouldBlock:
+            return None
+        self.inline += 1
+        return value
+
+    async def _cached(self, flights: SingleFlight, key: bytes, fn, what: str):
+        value = flights.cache.get(key)
+        if value is None:
+            value = self.now(fn, key)
+            if value is not None:
+                flights.put(key, value)
+            else:
+                value = await flights.get(key, lambda: self.io(f"{what} {key.hex()}", fn, key))
+        return value
+
+    async def tree(self, tid: bytes) -> Tree:
+        return await self._cached(self._trees, tid, self.repo.load_tree, "tree")
+
+    async def manifest(self, fid: bytes) -> FileManifest:
+        return await self._cached(self._manifests, fid, self.repo.load_manifest, "file")
+
+    async def commit(self, cid: bytes) -> Commit:
+        return await self._commits.get(cid, lambda: self.io(f"commit {cid.hex()}", self.repo.load_commit, cid))
+
+    async def chunks(self, ids: list[bytes]) -> list[bytes]:
+        """Chunks by id, in a worker thread (the prefetcher's ``fetch``)."""
+        return await self.io(f"{len(ids)} chunks", self.repo.load_chunks, ids)
+
+    def chunks_now(self, ids: list[bytes]) -> list[bytes] | None:
+        """Chunks by id if they are in memory, else None (the prefetcher's ``fetch_now``)."""
+        return self.now(self.repo.load_chunks, ids)
