@@ -26,10 +26,9 @@ import threading
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 
-from cachetools import LRUCache
-
 from commitfs.errors import CorruptObjectError, ObjectNotFoundError, WouldBlock
 from commitfs.model.ids import ID_SIZE, hash_bytes
+from commitfs.repo.lru import LockedLRU
 from commitfs.repo.pack import BlobKind, Compression, Location
 from commitfs.storage.base import Store
 
@@ -118,6 +117,11 @@ class Segment:
         self.bits = 0
         self.count = 0
         self._lock = threading.Lock()
+
+    @property
+    def in_memory(self) -> bool:
+        """Loaded whole: a lookup costs no storage read."""
+        return self._data is not None
 
     def _fanout_at(self) -> int:
         return HEADER.size + len(self._packs) * ID_SIZE
@@ -214,7 +218,7 @@ class Index:
         self._lock = threading.Lock()
         # Recent answers: 200k locations is ~40 MB at most, and covers the
         # working set of a mount reading many files at once.
-        self._answers: LRUCache = LRUCache(maxsize=200_000)
+        self._answers = LockedLRU(maxsize=200_000)
         self.refresh()
 
     def refresh(self) -> None:
@@ -250,7 +254,8 @@ class Index:
                 for seg in self.segments():
                     loc = seg.lookup(oid, nowait)
                     if loc is not None:
-                        self._answers[oid] = loc
+                        if not seg.in_memory:  # remember what cost storage reads
+                            self._answers[oid] = loc
                         return loc
             except ObjectNotFoundError:
                 if nowait:

@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from cachetools import LRUCache
 
 from commitfs.errors import (
     CorruptObjectError,
@@ -32,6 +31,7 @@ from commitfs.model import chunker
 from commitfs.model.ids import HEX_SIZE, hash_bytes, is_hex
 from commitfs.model.objects import Commit, DecodeError, FileManifest, Tree
 from commitfs.repo.index import Index
+from commitfs.repo.lru import LockedLRU
 from commitfs.repo.pack import (
     TARGET_PACK_SIZE,
     BlobKind,
@@ -66,23 +66,6 @@ class ChunkCache:
         raise NotImplementedError
 
 
-class _LockedLRU(LRUCache):
-    """An LRUCache safe to share between threads (cachetools' own are not:
-    concurrent evictions raise KeyError), as the mount's worker threads do."""
-
-    def __init__(self, maxsize: int):
-        super().__init__(maxsize=maxsize)
-        self._lock = threading.Lock()
-
-    def get(self, key, default=None):
-        with self._lock:
-            return super().get(key, default)
-
-    def __setitem__(self, key, value) -> None:
-        with self._lock:
-            super().__setitem__(key, value)
-
-
 def commit_key(cid: bytes) -> str:
     return COMMITS_PREFIX + cid.hex()
 
@@ -98,9 +81,9 @@ class Repository:
         self.index = Index(store)
         self.refs = Refs(store)
         self.chunk_cache = chunk_cache
-        self._trees: LRUCache = _LockedLRU(maxsize=4096)
-        self._manifests: LRUCache = _LockedLRU(maxsize=16384)
-        self._commits: LRUCache = _LockedLRU(maxsize=4096)
+        self._trees = LockedLRU(maxsize=4096)
+        self._manifests = LockedLRU(maxsize=16384)
+        self._commits = LockedLRU(maxsize=4096)
 
     # --- opening ----------------------------------------------------------------
     @classmethod
