@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-
 from commitfs.errors import (
     CorruptObjectError,
     ObjectNotFoundError,
