@@ -423,6 +423,38 @@ def test_corrupt_chunk_fails_the_read_never_wrong_bytes(dataset):
     trio.run(main)
 
 
+def test_small_files_are_read_whole_at_first_open_and_corruption_still_fails_the_read(tmp_path, cache_home):
+    """An image-sized file whose bytes are in memory is read and verified whole at its
+    first open, and its reads only slice it; a corrupt one opens, but its read fails."""
+    rng = random.Random(21)
+    files = {"a.png": rng.randbytes(200_000), "b.png": rng.randbytes(150_000)}
+    for name, data in files.items():
+        write_file(tmp_path / "src" / name, data)
+    url = str(tmp_path / "repo")
+    with Repository.init(url) as repo:
+        commit = commit_directory(repo, tmp_path / "src", message="m").commit_id
+        bad = repo.load_manifest(lookup_path(repo, commit, "b.png").id).chunk_ids[0]
+    _flip_chunk_byte(url, bad)
+
+    async def main():
+        with Repository.open(url) as repo:
+            repo.load_chunks([repo.load_manifest(lookup_path(repo, commit, "a.png").id).chunk_ids[0]])  # opens the pack
+            async with fs_of(repo, commit) as fs:
+                ino = await lookup_path_ino(fs, "a.png")
+                fh = await fs.open(ino, os.O_RDONLY)
+                loads = fs.loader.inline + fs.loader.in_threads
+                got = b"".join([bytes(await fs.read(fh, off, 65536)) for off in range(0, 200_000, 65536)])
+                assert got == files["a.png"] and fs.loader.inline + fs.loader.in_threads == loads
+                assert bytes(await fs.read(fh, 199_990, 100)) == files["a.png"][199_990:]
+                assert await fs.read(fh, 300_000, 10) == b""
+                await fs.release(fh)
+                fh = await fs.open(await lookup_path_ino(fs, "b.png"), os.O_RDONLY)
+                with pytest.raises(CorruptObjectError):
+                    await fs.read(fh, 0, 4096)
+                await fs.release(fh)
+    trio.run(main)
+
+
 def test_stalled_storage_times_out_and_failing_storage_errors(dataset):
     async def main():
         repo = faulty_repository(dataset.url)

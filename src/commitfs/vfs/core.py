@@ -94,6 +94,8 @@ class VfsOptions:
     initial_window: int = prefetch.INITIAL_WINDOW
     max_window: int = prefetch.MAX_WINDOW
     part_bytes: int = prefetch.PART_BYTES
+    #: Files up to this size whose bytes are in memory are read whole at their first open.
+    whole_file_bytes: int = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -161,12 +163,14 @@ class _FileHandle:
     for a node's first open), so re-opening a file the kernel has cached costs
     nothing but the handle."""
 
-    __slots__ = ("node", "manifest", "reader", "released")
+    __slots__ = ("node", "manifest", "reader", "data", "released")
 
     def __init__(self, node: FileNode, manifest: FileManifest):
         self.node = node
         self.manifest = manifest
         self.reader: prefetch.Prefetcher | None = None
+        #: A small file's whole bytes, read at its first open (FileSystem._whole_file_now).
+        self.data: memoryview | None = None
         self.released = False
 
 
@@ -508,16 +512,33 @@ class FileSystem:
         manifest = EMPTY_MANIFEST if node.entry.size == 0 else await self._manifest(node.entry.id)
         h = _FileHandle(node, manifest)
         if not node.opened:
-            # A first open is nearly always followed by a read from offset 0: start
-            # it as soon as the open is answered, while the reader is on its way
-            # back with the read.  Later opens find the bytes in the kernel's page
+            # A first open is nearly always followed by a read from offset 0, so the
+            # reading starts now.  Later opens find the bytes in the kernel's page
             # cache (kept while the kernel keeps the inode), so they start nothing.
             node.opened = True
-            assert self._nursery is not None
-            self._nursery.start_soon(self._prime, h)
+            if 0 < node.entry.size <= self.options.whole_file_bytes:
+                h.data = self._whole_file_now(manifest)
+            if h.data is None:
+                # Start the first window once the open is answered, while the
+                # reader is on its way back with the read.
+                assert self._nursery is not None
+                self._nursery.start_soon(self._prime, h)
         fh = self._new_fh()
         self._files[fh] = h
         return fh
+
+    def _whole_file_now(self, manifest: FileManifest) -> memoryview | None:
+        """A small file's bytes if they are in memory (an image from a cached
+        pack): read and verified here, its reads then only slice them, with no
+        read-ahead machinery.  None otherwise, or on an error, which the
+        read-ahead path then meets again and reports on the read."""
+        try:
+            chunks = self.loader.chunks_now(list(manifest.chunk_ids))
+        except Exception:
+            return None
+        if chunks is None:
+            return None
+        return memoryview(chunks[0] if len(chunks) == 1 else b"".join(chunks)).toreadonly()
 
     async def _prime(self, h: _FileHandle) -> None:
         if not h.released:
@@ -536,12 +557,15 @@ class FileSystem:
         h = self._files.get(fh)
         if h is None:
             raise BadHandleError(f"file handle {fh} is not open")
+        if h.data is not None:
+            return h.data[off:off + size]
         return await self._reader(h).read(off, size)
 
     async def release(self, fh: int) -> None:
         h = self._files.pop(fh, None)
         if h is not None:
             h.released = True
+            h.data = None
             if h.reader is not None:
                 h.reader.close()
 
