@@ -8,7 +8,8 @@ into memory, mounts them at MOUNTPOINT with the same directory layout and
 serves lookup, getattr, opendir/readdir, open/read/release from dicts: no
 storage, no hashing, no caches of its own.  Everything else pyfuse3 gets is
 what commitfs's daemon gets: the same mount options (commitfs.fuse.daemon),
-the same ``pyfuse3.main`` task limits (commitfs.fuse.lifecycle.DaemonConfig),
+the same ``pyfuse3.main`` task limits and kernel read-ahead
+(commitfs.fuse.lifecycle.DaemonConfig),
 day-long entry and attribute timeouts, ``keep_cache`` on open, flush and
 fsync left to ENOSYS.  So what scripts/bench.py reads through it is what the
 framework (kernel round trips, pyfuse3, trio) costs per file, and a commitfs
@@ -30,7 +31,7 @@ import time
 import pyfuse3
 import trio
 
-from commitfs.fuse.daemon import mount_options
+from commitfs.fuse.daemon import mount_options, set_read_ahead
 from commitfs.fuse.lifecycle import DaemonConfig
 
 TIMEOUT_S = 86400.0  # as commitfs's immutable views: the kernel trusts entries for a day
@@ -136,9 +137,11 @@ class NullFS(pyfuse3.Operations):
         return s
 
 
-async def _serve(mountpoint: str, max_tasks: int) -> None:
+async def _serve(mountpoint: str, max_tasks: int, read_ahead_kb: int) -> None:
     async def announce() -> None:
         await trio.to_thread.run_sync(os.stat, mountpoint)
+        if read_ahead_kb:
+            await trio.to_thread.run_sync(set_read_ahead, mountpoint, read_ahead_kb)
         print("ready", flush=True)
 
     async def on_signals() -> None:
@@ -170,7 +173,7 @@ def main(argv: list[str]) -> int:
     options |= {"fsname=nullfs", "subtype=nullfs"}
     pyfuse3.init(NullFS(files), mountpoint, options)
     try:
-        trio.run(_serve, mountpoint, config.max_tasks)
+        trio.run(_serve, mountpoint, config.max_tasks, config.read_ahead_kb)
     finally:
         pyfuse3.close(unmount=True)
     return 0

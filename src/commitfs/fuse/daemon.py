@@ -44,6 +44,25 @@ log = logging.getLogger("commitfs.mount")
 Report = Callable[[str], None]
 
 
+def set_read_ahead(mountpoint: str, kib: int) -> str | None:
+    """Set the kernel's read-ahead of a live FUSE mount (its backing device's
+    ``read_ahead_kb``); None if done, else why not (needs root).
+
+    The kernel gives a FUSE mount 128 KiB, so a sequential reader of a large
+    file sends 128 KiB requests, one round trip to the daemon each, and a
+    150 KB image takes two.  With 1 MiB, the most one FUSE request carries
+    (libfuse's max_pages), a first read of a large file runs about twice as
+    fast and most images take one request."""
+    st = os.stat(mountpoint)
+    knob = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
+    try:
+        with open(knob, "w") as f:
+            f.write(f"{kib}\n")
+    except OSError as exc:
+        return f"{knob}: {exc.strerror}"
+    return None
+
+
 def mount_options(config: DaemonConfig) -> set[str]:
     # ro: the kernel itself refuses writes with EROFS before asking us;
     # default_permissions: the kernel checks modes, we never see access().
@@ -142,6 +161,13 @@ async def _announce(config: DaemonConfig, report: Report, extra: dict) -> None:
         report(f"error: the mount at {config.mountpoint} does not answer: {exc.strerror}")
         pyfuse3.terminate()
         return
+    if config.read_ahead_kb:
+        why_not = await trio.to_thread.run_sync(set_read_ahead, config.mountpoint, config.read_ahead_kb,
+                                                abandon_on_cancel=True)
+        if why_not:
+            log.info("read-ahead left at the kernel's default (%s)", why_not)
+        else:
+            log.info("read-ahead %d KiB", config.read_ahead_kb)
     write_record(config.mountpoint, config.log_file, **extra)
     log.info("ready")
     report("ok")

@@ -61,6 +61,8 @@ class DaemonConfig:
     io_threads: int = 16
     max_tasks: int = 64
     allow_other: bool = False
+    #: The kernel's read-ahead for the mount (KiB); 0 keeps the kernel's default (128).
+    read_ahead_kb: int = 1024
     #: A writable workspace over the branch ``rev`` whose overlay lives in ``workspace``.
     writable: bool = False
     workspace: str | None = None
