@@ -144,12 +144,12 @@ def test_reads_at_random_offsets_and_read_ahead(dataset):
                     off = rng.randrange(len(data) + 10)
                     size = rng.choice([1, 100, 4096, 131072, 1 << 20])
                     assert await fs.read(fh, off, size) == data[off:off + size]
-                reader = fs.reader(fh)
+                reader = await fs.reader(fh)
                 assert reader.random_reads > 0
                 await fs.release(fh)
                 # Sequential reads grow the window.
                 fh = await fs.open(ino, os.O_RDONLY)
-                reader = fs.reader(fh)
+                reader = await fs.reader(fh)
                 off = 0
                 while off < len(data):
                     assert await fs.read(fh, off, 131072) == data[off:off + 131072]
@@ -235,7 +235,7 @@ def test_bytes_in_memory_are_served_on_the_event_loop(dataset):
                 loads.clear()
                 fh = await fs.open(await lookup_path_ino(fs, "fixed/copy-of-big.bin"), os.O_RDONLY)
                 assert await fs.read(fh, 0, 4096) == src.read_bytes()[:4096]
-                assert fs.reader(fh).parts_inline == 1 and loads == []
+                assert (await fs.reader(fh)).parts_inline == 1 and loads == []
                 await fs.release(fh)
     trio.run(main)
 

@@ -165,9 +165,9 @@ class _FileHandle:
 
     __slots__ = ("node", "manifest", "reader", "data", "released")
 
-    def __init__(self, node: FileNode, manifest: FileManifest):
+    def __init__(self, node: FileNode, manifest: FileManifest | None):
         self.node = node
-        self.manifest = manifest
+        self.manifest = manifest  # None until needed (a later open of a file the kernel has cached)
         self.reader: prefetch.Prefetcher | None = None
         #: A small file's whole bytes, read at its first open (FileSystem._whole_file_now).
         self.data: memoryview | None = None
@@ -509,13 +509,14 @@ class FileSystem:
             raise ReadOnlyError("the mount is read-only")
         if not isinstance(node, FileNode):
             raise PathNotFoundError(f"inode {inode} is not a regular file")
-        manifest = EMPTY_MANIFEST if node.entry.size == 0 else await self._manifest(node.entry.id)
-        h = _FileHandle(node, manifest)
+        h = _FileHandle(node, EMPTY_MANIFEST if node.entry.size == 0 else None)
         if not node.opened:
             # A first open is nearly always followed by a read from offset 0, so the
             # reading starts now.  Later opens find the bytes in the kernel's page
-            # cache (kept while the kernel keeps the inode), so they start nothing.
+            # cache (kept while the kernel keeps the inode), so they start nothing,
+            # not even the manifest: a read that does come loads it.
             node.opened = True
+            h.manifest = manifest = h.manifest or await self._manifest(node.entry.id)
             if 0 < node.entry.size <= self.options.whole_file_bytes:
                 h.data = self._whole_file_now(manifest)
             if h.data is None:
@@ -546,7 +547,7 @@ class FileSystem:
 
     def _reader(self, h: _FileHandle) -> prefetch.Prefetcher:
         if h.reader is None:
-            assert self._nursery is not None
+            assert self._nursery is not None and h.manifest is not None
             o = self.options
             h.reader = prefetch.Prefetcher(h.manifest, self.loader.chunks, self._nursery,
                                            fetch_now=self.loader.chunks_now, initial_window=o.initial_window,
@@ -559,6 +560,8 @@ class FileSystem:
             raise BadHandleError(f"file handle {fh} is not open")
         if h.data is not None:
             return h.data[off:off + size]
+        if h.manifest is None:
+            h.manifest = await self._manifest(h.node.entry.id)
         return await self._reader(h).read(off, size)
 
     async def release(self, fh: int) -> None:
@@ -569,9 +572,12 @@ class FileSystem:
             if h.reader is not None:
                 h.reader.close()
 
-    def reader(self, fh: int) -> prefetch.Prefetcher:
+    async def reader(self, fh: int) -> prefetch.Prefetcher:
         """The read-ahead state of an open file (for tests and statistics)."""
-        return self._reader(self._files[fh])
+        h = self._files[fh]
+        if h.manifest is None:
+            h.manifest = await self._manifest(h.node.entry.id)
+        return self._reader(h)
 
     # --- writes ---------------------------------------------------------------------------
     def refuse_write(self, what: str) -> None:
