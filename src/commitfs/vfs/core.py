@@ -216,7 +216,7 @@ class FileSystem:
             if self.root_commit is None:
                 root: Node = RootDir(self._short, self._short)
             else:
-                commit = await self._commit(self.root_commit)
+                commit = await self.loader.commit(self.root_commit)
                 root = self._view_root(self.root_commit, commit, self._long)
             self.table = InodeTable(root)
             try:
@@ -226,19 +226,6 @@ class FileSystem:
                 for h in self._files.values():
                     if h.reader is not None:
                         h.reader.close()
-
-    # --- repository loads (vfs/loader.py) ----------------------------------------
-    async def _io(self, what: str, fn, *args):
-        return await self.loader.io(what, fn, *args)
-
-    async def _tree(self, tid: bytes) -> Tree:
-        return await self.loader.tree(tid)
-
-    async def _manifest(self, fid: bytes) -> FileManifest:
-        return await self.loader.manifest(fid)
-
-    async def _commit(self, cid: bytes) -> Commit:
-        return await self.loader.commit(cid)
 
     async def _refs(self) -> _Refs:
         """Branches and tags, at most ``refresh_s / 2`` old; one refresh at a time, shared
@@ -269,7 +256,7 @@ class FileSystem:
     async def _load_refs(self, previous: _Refs | None) -> _Refs:
         refs = self.repo.refs
         try:
-            branches, tags = await self._io("the branch and tag list", lambda: (refs.branches(), refs.tags()))
+            branches, tags = await self.loader.io("the branch and tag list", lambda: (refs.branches(), refs.tags()))
         except Exception as exc:
             if previous is None:
                 raise
@@ -280,7 +267,7 @@ class FileSystem:
         return self._refs_snapshot
 
     async def _resolve_prefix(self, prefix: str) -> bytes | None:
-        found = await self._io(f"commits {prefix}*", lambda: list(self.repo.iter_commit_ids(prefix)))
+        found = await self.loader.io(f"commits {prefix}*", lambda: list(self.repo.iter_commit_ids(prefix)))
         if len(found) > 1:
             log.info("commits/%s: ambiguous prefix (%d commits)", prefix, len(found))
         return found[0] if len(found) == 1 else None
@@ -318,7 +305,7 @@ class FileSystem:
     async def _child(self, parent: DirNode, name: str) -> tuple[tuple, MakeNode] | None:
         """Identity and maker of ``parent``'s child ``name``, or None."""
         if isinstance(parent, TreeDir):
-            tree = await self._tree(parent.entry.id)
+            tree = await self.loader.tree(parent.entry.id)
             e = tree.get(name)
             if e is None:
                 return None
@@ -333,7 +320,7 @@ class FileSystem:
             target = self._ref_entries(parent, await self._refs()).get(name, False)
             if target is False:
                 return None
-            commit = await self._commit(target) if target is not None else None
+            commit = await self.loader.commit(target) if target is not None else None
             return self._ref_child(parent, name, target, commit)
         if isinstance(parent, CommitsDir):
             return await self._commit_child(name)
@@ -351,7 +338,7 @@ class FileSystem:
             if cid is None:
                 return None
         try:
-            commit = await self._commit(cid)
+            commit = await self.loader.commit(cid)
         except RevisionError:
             return None
         return ("commit", cid), lambda: self._view_root(cid, commit, timeout)
@@ -366,7 +353,7 @@ class FileSystem:
 
     async def _listing(self, node: DirNode) -> Listing:
         if isinstance(node, TreeDir):
-            return _TreeListing(node.view, await self._tree(node.entry.id), self._long)
+            return _TreeListing(node.view, await self.loader.tree(node.entry.id), self._long)
         if isinstance(node, RootDir):
             return _StaticListing(self._root_items())
         if isinstance(node, RefDir):
@@ -398,7 +385,7 @@ class FileSystem:
 
         async def one(cid: bytes) -> None:
             try:
-                out[cid] = await self._commit(cid)
+                out[cid] = await self.loader.commit(cid)
             except Exception as exc:
                 log.error("cannot load commit %s: %s", cid.hex(), exc)
 
@@ -464,7 +451,7 @@ class FileSystem:
         root = self.table.root
         total = 0
         if isinstance(root, TreeDir):
-            total = (await self._tree(root.entry.id)).size
+            total = (await self.loader.tree(root.entry.id)).size
         bsize = 4096
         return StatFs(bsize, -(-total // bsize), len(self.table))
 
@@ -516,7 +503,7 @@ class FileSystem:
             # cache (kept while the kernel keeps the inode), so they start nothing,
             # not even the manifest: a read that does come loads it.
             node.opened = True
-            h.manifest = manifest = h.manifest or await self._manifest(node.entry.id)
+            h.manifest = manifest = h.manifest or await self.loader.manifest(node.entry.id)
             if 0 < node.entry.size <= self.options.whole_file_bytes:
                 h.data = self._whole_file_now(manifest)
             if h.data is None:
@@ -561,7 +548,7 @@ class FileSystem:
         if h.data is not None:
             return h.data[off:off + size]
         if h.manifest is None:
-            h.manifest = await self._manifest(h.node.entry.id)
+            h.manifest = await self.loader.manifest(h.node.entry.id)
         return await self._reader(h).read(off, size)
 
     async def release(self, fh: int) -> None:
@@ -576,7 +563,7 @@ class FileSystem:
         """The read-ahead state of an open file (for tests and statistics)."""
         h = self._files[fh]
         if h.manifest is None:
-            h.manifest = await self._manifest(h.node.entry.id)
+            h.manifest = await self.loader.manifest(h.node.entry.id)
         return self._reader(h)
 
     # --- writes ---------------------------------------------------------------------------

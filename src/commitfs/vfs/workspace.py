@@ -65,7 +65,7 @@ from commitfs.errors import (
     NotADirectoryError_,
     PathNotFoundError,
 )
-from commitfs.model.objects import EMPTY_MANIFEST, Commit, FileManifest, Kind, Tree, TreeEntry
+from commitfs.model.objects import EMPTY_MANIFEST, Commit, Kind, Tree, TreeEntry
 from commitfs.ops.changeset import Change, ChangesetResult, commit_changes
 from commitfs.repo.repository import Repository
 from commitfs.vfs import prefetch
@@ -449,16 +449,6 @@ class WorkspaceFS:
             self._close_fd(n)
         self.overlay.close()
 
-    # --- repository loads (vfs/loader.py) -------------------------------------------------
-    async def _io(self, what: str, fn, *args):
-        return await self.loader.io(what, fn, *args)
-
-    async def _tree(self, tid: bytes) -> Tree:
-        return await self.loader.tree(tid)
-
-    async def _manifest(self, fid: bytes) -> FileManifest:
-        return await self.loader.manifest(fid)
-
     # --- nodes ---------------------------------------------------------------------------
     def _node(self, ino: int) -> WNode:
         n = self._inodes.get(ino)
@@ -510,7 +500,7 @@ class WorkspaceFS:
         n = d.lazy.get(name)
         if n is not None:
             return n
-        tree = await self._tree(d.origin.id)
+        tree = await self.loader.tree(d.origin.id)
         if d.children is not None:  # materialized meanwhile
             return d.children.get(name)
         e = tree.get(name)
@@ -524,7 +514,7 @@ class WorkspaceFS:
     async def _listing(self, d: WNode) -> list:
         if d.children is not None:
             return sorted(d.children.items(), key=lambda kv: kv[0].encode())
-        tree = await self._tree(d.origin.id)
+        tree = await self.loader.tree(d.origin.id)
         if d.children is not None:
             return sorted(d.children.items(), key=lambda kv: kv[0].encode())
         return [(e.name, e) for e in tree.entries]
@@ -532,7 +522,7 @@ class WorkspaceFS:
     async def _is_empty(self, d: WNode) -> bool:
         if d.children is not None:
             return not d.children
-        return not (await self._tree(d.origin.id)).entries
+        return not (await self.loader.tree(d.origin.id)).entries
 
     def _maybe_drop(self, n: WNode) -> None:
         """Forget a lazy node the kernel no longer knows (and lazy ancestors left unused)."""
@@ -562,7 +552,7 @@ class WorkspaceFS:
         await self._persist(d)
         if d.children is not None:
             return
-        tree = await self._tree(d.origin.id)
+        tree = await self.loader.tree(d.origin.id)
         if d.children is not None:
             return
         kids = {}
@@ -634,8 +624,8 @@ class WorkspaceFS:
             try:
                 size = 0
                 if not empty and n.origin is not None and n.origin.size:
-                    manifest = await self._manifest(n.origin.id)
-                    size = await self._io(f"copy-up of {n.path()}", copy_up, self.repo.load_chunks, manifest, fd)
+                    manifest = await self.loader.manifest(n.origin.id)
+                    size = await self.loader.io(f"copy-up of {n.path()}", copy_up, self.repo.load_chunks, manifest, fd)
                 if name and n.oid is not None:
                     self.overlay.update(n.oid, upper=name)
                     n.upper = name
@@ -1020,7 +1010,7 @@ class WorkspaceFS:
         if h.reader is None or h.reader_id != n.origin.id:
             if h.reader is not None:
                 h.reader.close()
-            manifest = await self._manifest(n.origin.id) if n.origin.size else EMPTY_MANIFEST
+            manifest = await self.loader.manifest(n.origin.id) if n.origin.size else EMPTY_MANIFEST
             if h.reader is None or h.reader_id != n.origin.id:
                 assert self._nursery is not None
                 h.reader = prefetch.Prefetcher(manifest, self.loader.chunks, self._nursery,
@@ -1080,7 +1070,7 @@ class WorkspaceFS:
         async with self._lock:
             self._flush_all()
             snap = _snapshot(self.root, self.overlay.data_path)
-            base_tree = (await self._io("base commit", self.repo.load_commit, self.base)).tree
+            base_tree = (await self.loader.io("base commit", self.repo.load_commit, self.base)).tree
             _, status = await trio.to_thread.run_sync(diff_snapshot, self.repo, base_tree, snap)
             return status
 
@@ -1124,13 +1114,13 @@ class WorkspaceFS:
         if not parts or ".." in parts:
             raise InputError(f"cannot reset {path!r}: give a path inside the workspace")
         # The base entry at the path.
-        base_tree = (await self._io("base commit", self.repo.load_commit, self.base)).tree
+        base_tree = (await self.loader.io("base commit", self.repo.load_commit, self.base)).tree
         entry: TreeEntry | None = TreeEntry("", Kind.DIR, 0, base_tree)
         for name in parts:
             if entry is None or not entry.is_dir:
                 entry = None
                 break
-            entry = (await self._tree(entry.id)).get(name)
+            entry = (await self.loader.tree(entry.id)).get(name)
         # Walk (and create, if the base has the path) the parents in the workspace.
         d = self.root
         for name in parts[:-1]:
@@ -1171,7 +1161,7 @@ class WorkspaceFS:
 
     async def _rebase_onto(self, cid: bytes, clear: bool) -> list[int]:
         """Clear the overlay and show commit ``cid``, keeping the node objects the kernel knows."""
-        commit: Commit = await self._io("commit", self.repo.load_commit, cid)
+        commit: Commit = await self.loader.io("commit", self.repo.load_commit, cid)
         # The trees along every in-memory directory with nodes below it, loaded in a thread.
         wanted: list[list[str]] = []
 
