@@ -183,25 +183,28 @@ class Repository:
                 out[i] = data
         return out  # type: ignore[return-value]
 
-    def _load_decoded(self, cache, oid: bytes, decode, what: str, nowait: bool = False):
+    def _load_decoded(self, cache, oid: bytes, decode, what: str, nowait: bool, keep: bool):
         obj = cache.get(oid)
         if obj is None:
             try:
                 obj = decode(bytes(self.load_blob(oid, nowait)))
             except DecodeError as exc:
                 raise CorruptObjectError(f"{what} {oid.hex()} is malformed: {exc}") from None
-            cache[oid] = obj
+            if keep:
+                cache[oid] = obj
         return obj
 
-    def load_tree(self, tid: bytes, nowait: bool = False) -> Tree:
-        return self._load_decoded(self._trees, tid, Tree.decode, "tree", nowait)
+    def load_tree(self, tid: bytes, nowait: bool = False, keep: bool = True) -> Tree:
+        """A tree, decoded.  ``keep=False``: not added to this repository's cache
+        (a caller with its own, as the mount's Loader, would hold it twice)."""
+        return self._load_decoded(self._trees, tid, Tree.decode, "tree", nowait, keep)
 
     def remember_tree(self, tid: bytes, tree: Tree) -> None:
         """Keep a tree this process built (its id is its content's hash)."""
         self._trees[tid] = tree
 
-    def load_manifest(self, fid: bytes, nowait: bool = False) -> FileManifest:
-        return self._load_decoded(self._manifests, fid, FileManifest.decode, "file manifest", nowait)
+    def load_manifest(self, fid: bytes, nowait: bool = False, keep: bool = True) -> FileManifest:
+        return self._load_decoded(self._manifests, fid, FileManifest.decode, "file manifest", nowait, keep)
 
     # --- commits ----------------------------------------------------------------
     def load_commit(self, cid: bytes) -> Commit:

@@ -25,6 +25,7 @@ what was read, and the chunk cache (commitfs.cache) what was downloaded.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -110,6 +111,9 @@ class Loader:
         self._trees = SingleFlight(LRUCache(maxsize=1_000_000, getsizeof=lambda t: len(t.entries) + 1))
         self._manifests = SingleFlight(LRUCache(maxsize=4_000_000, getsizeof=lambda m: len(m.chunk_ids) + 1))
         self._commits = SingleFlight(LRUCache(maxsize=4096))
+        # Kept here, not also in the repository's own caches.
+        self._load_tree = functools.partial(repo.load_tree, keep=False)
+        self._load_manifest = functools.partial(repo.load_manifest, keep=False)
         #: Loads answered from memory on the event loop / in worker threads (logged at unmount).
         self.inline = 0
         self.in_threads = 0
@@ -140,10 +144,10 @@ class Loader:
         return value
 
     async def tree(self, tid: bytes) -> Tree:
-        return await self._cached(self._trees, tid, self.repo.load_tree, "tree")
+        return await self._cached(self._trees, tid, self._load_tree, "tree")
 
     async def manifest(self, fid: bytes) -> FileManifest:
-        return await self._cached(self._manifests, fid, self.repo.load_manifest, "file")
+        return await self._cached(self._manifests, fid, self._load_manifest, "file")
 
     async def commit(self, cid: bytes) -> Commit:
         return await self._commits.get(cid, lambda: self.io(f"commit {cid.hex()}", self.repo.load_commit, cid))
