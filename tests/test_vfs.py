@@ -195,10 +195,14 @@ def test_lazy_loading_and_reads_fetch_only_what_they_need(dataset):
                 assert await fs.read(fh, 0, 100) == data[:100]
                 assert fetched == [primed]
                 await fs.release(fh)
-                # A later open starts nothing (the kernel keeps what it read); a read
-                # in the middle fetches the one chunk it needs.
+                # A later open starts nothing, not even a load of the manifest (the
+                # kernel keeps what it read; the manifest is evicted here to see that);
+                # a read in the middle loads it and fetches the one chunk it needs.
                 fetched.clear()
+                fs.loader._manifests.cache.clear()
+                loads = fs.loader.inline + fs.loader.in_threads
                 fh = await fs.open(ino, os.O_RDONLY)
+                assert fs.loader.inline + fs.loader.in_threads == loads
                 k = len(ends) // 2
                 off = ends[k - 1] + 10  # inside chunk k
                 assert await fs.read(fh, off, 100) == data[off:off + 100]
