@@ -42,6 +42,12 @@ from commitfs.vfs.errors import (
 
 log = logging.getLogger(__name__)
 
+#: True when this pyfuse3 is built with commitfs's patch (scripts/pyfuse3/): a READ
+#: whose file handle is 0 reaches ``read()`` with the inode in its place.  Stock
+#: pyfuse3 drops the inode libfuse gives it, which makes the no-open mode below
+#: impossible: every read would arrive as "file handle 0".
+READ_FH_ZERO_IS_INODE: bool = bool(getattr(pyfuse3, "READ_FH_ZERO_IS_INODE", False))
+
 # Conditions a caller causes and expects to see: no log line.
 _QUIET = {
     PathNotFoundError: errno.ENOENT,
@@ -104,13 +110,28 @@ def _read_only(name: str):
 
 
 class Operations(pyfuse3.Operations):
+    """The read-only mount.
+
+    With ``no_open`` (which needs READ_FH_ZERO_IS_INODE), the first OPEN is
+    answered ENOSYS once it has passed the checks a real open makes: the kernel
+    then opens every file of the mount itself, with no round trip, keeping
+    its page cache (FOPEN_KEEP_CACHE), and sends no RELEASE.  A warm re-read
+    costs no request at all; a read the kernel cannot serve arrives with the
+    inode as its file handle and goes to ``FileSystem.read_inode``.  Nothing
+    a read-only open decides is lost: the mount is ``ro``, so the kernel
+    itself refuses opens for writing with EROFS, and directories still go
+    through OPENDIR."""
+
     supports_dot_lookup = True
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, fs: FileSystem):
+    def __init__(self, fs: FileSystem, *, no_open: bool = False):
         super().__init__()
+        if no_open and not READ_FH_ZERO_IS_INODE:
+            raise ValueError("no_open needs the patched pyfuse3 (READ_FH_ZERO_IS_INODE)")
         self.fs = fs
+        self.no_open = no_open
         self.uid = os.getuid()
         self.gid = os.getgid()
 
@@ -189,12 +210,17 @@ class Operations(pyfuse3.Operations):
     # --- files ---------------------------------------------------------------------
     @_handler
     async def open(self, inode, flags, ctx=None):
+        if self.no_open:
+            self.fs.check_open(inode, flags)
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # from now on the kernel opens files itself
         fh = await self.fs.open(inode, flags)
         # Commits are immutable: the kernel may keep what it read across opens.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @_handler
     async def read(self, fh, off, size):
+        if self.no_open:
+            return await self.fs.read_inode(fh, off, size)  # fh is the inode (see the class)
         return await self.fs.read(fh, off, size)
 
     @_handler

@@ -34,7 +34,7 @@ import trio
 
 from commitfs.cache import DEFAULT_MAX_BYTES, DiskChunkCache
 from commitfs.errors import CommitfsError, MountError
-from commitfs.fuse.adapter import Operations, WorkspaceOperations
+from commitfs.fuse.adapter import READ_FH_ZERO_IS_INODE, Operations, WorkspaceOperations
 from commitfs.fuse.lifecycle import DaemonConfig, control_socket_path, remove_record, write_record
 from commitfs.repo.repository import Repository
 from commitfs.vfs import FileSystem, VfsOptions
@@ -113,7 +113,15 @@ def serve(config: DaemonConfig, report: Report) -> int:
         return 1
     try:
         try:
-            ops = WorkspaceOperations(fs) if config.writable else Operations(fs)
+            if config.writable:
+                ops = WorkspaceOperations(fs)
+            else:
+                no_open = config.no_open and READ_FH_ZERO_IS_INODE
+                if config.no_open and not no_open:
+                    log.info("this pyfuse3 is not commitfs's patched build: every open() costs a "
+                             "round trip to the daemon (run scripts/setup.sh)")
+                ops = Operations(fs, no_open=no_open)
+                log.info("files are opened by %s", "the kernel alone" if no_open else "the daemon")
             pyfuse3.init(ops, config.mountpoint, mount_options(config))
         except RuntimeError as exc:
             if config.writable:

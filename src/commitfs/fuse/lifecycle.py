@@ -63,6 +63,9 @@ class DaemonConfig:
     allow_other: bool = False
     #: The kernel's read-ahead for the mount (KiB); 0 keeps the kernel's default (128).
     read_ahead_kb: int = 1024
+    #: Read-only mounts: let the kernel open files without asking (fuse/adapter.py,
+    #: Operations).  Taken only with the patched pyfuse3 that setup installs.
+    no_open: bool = True
     #: A writable workspace over the branch ``rev`` whose overlay lives in ``workspace``.
     writable: bool = False
     workspace: str | None = None

@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -96,6 +97,8 @@ class VfsOptions:
     part_bytes: int = prefetch.PART_BYTES
     #: Files up to this size whose bytes are in memory are read whole at their first open.
     whole_file_bytes: int = 1024 * 1024
+    #: Read states kept for files the kernel opened without asking (read_inode).
+    inode_readers: int = 32
 
 
 @dataclass(frozen=True)
@@ -163,7 +166,7 @@ class _FileHandle:
     for a node's first open), so re-opening a file the kernel has cached costs
     nothing but the handle."""
 
-    __slots__ = ("node", "manifest", "reader", "data", "released")
+    __slots__ = ("node", "manifest", "reader", "data", "released", "served")
 
     def __init__(self, node: FileNode, manifest: FileManifest | None):
         self.node = node
@@ -172,6 +175,7 @@ class _FileHandle:
         #: A small file's whole bytes, read at its first open (FileSystem._whole_file_now).
         self.data: memoryview | None = None
         self.released = False
+        self.served = 0  # bytes of ``data`` returned so far (read_inode drops it once all are)
 
 
 class _DirHandle:
@@ -203,6 +207,8 @@ class FileSystem:
         self._refs_snapshot: _Refs | None = None
         self._refs_flight: Flight | None = None
         self._files: dict[int, _FileHandle] = {}
+        #: Read states of files read without an open handle (read_inode), least recent first.
+        self._by_inode: OrderedDict[int, _FileHandle] = OrderedDict()
         self._dirs: dict[int, _DirHandle] = {}
         self._next_fh = 1
         self._nursery: trio.Nursery | None = None
@@ -223,7 +229,7 @@ class FileSystem:
                 yield self
             finally:
                 nursery.cancel_scope.cancel()
-                for h in self._files.values():
+                for h in [*self._files.values(), *self._by_inode.values()]:
                     if h.reader is not None:
                         h.reader.close()
 
@@ -422,6 +428,8 @@ class FileSystem:
         assert self.table is not None
         for inode, nlookup in inode_list:
             self.table.forget(inode, nlookup)
+            if inode in self._by_inode and inode not in self.table:
+                self._close(self._by_inode.pop(inode))
 
     async def getattr(self, inode: int) -> Attr:
         return self._node(inode).attr(self.mount_time_ns)
@@ -488,7 +496,8 @@ class FileSystem:
         self._dirs.pop(fh, None)
 
     # --- requests: files --------------------------------------------------------------
-    async def open(self, inode: int, flags: int) -> int:
+    def check_open(self, inode: int, flags: int) -> FileNode:
+        """The file ``open(inode, flags)`` would open, or the error it would raise."""
         node = self._node(inode)
         if node.is_dir:
             raise IsADirectoryError_(f"inode {inode} is a directory")
@@ -496,6 +505,10 @@ class FileSystem:
             raise ReadOnlyError("the mount is read-only")
         if not isinstance(node, FileNode):
             raise PathNotFoundError(f"inode {inode} is not a regular file")
+        return node
+
+    async def open(self, inode: int, flags: int) -> int:
+        node = self.check_open(inode, flags)
         h = _FileHandle(node, EMPTY_MANIFEST if node.entry.size == 0 else None)
         if not node.opened:
             # A first open is nearly always followed by a read from offset 0, so the
@@ -551,13 +564,55 @@ class FileSystem:
             h.manifest = await self.loader.manifest(h.node.entry.id)
         return await self._reader(h).read(off, size)
 
+    async def read_inode(self, inode: int, off: int, size: int) -> bytes:
+        """A read that names the file, not an open handle.
+
+        A read-only mount lets the kernel open files without asking us (the
+        FUSE adapter answers the first OPEN with ENOSYS; see fuse/adapter.py),
+        so a warm re-read is an open and a copy from the page cache with no
+        round trip.  The kernel still asks for what it does not have, by
+        inode; the read state (read-ahead, or a small file's verified bytes)
+        lives here, one per file, in a small LRU: a file read once from start
+        to end costs what it did with a handle.  A small file's bytes are
+        dropped once all of them have been returned (the kernel has them
+        now), so memory does not grow with the files the kernel remembers."""
+        h = self._by_inode.get(inode)
+        if h is None:
+            node = self._node(inode)
+            if not isinstance(node, FileNode):
+                if node.is_dir:
+                    raise IsADirectoryError_(f"inode {inode} is a directory")
+                raise PathNotFoundError(f"inode {inode} is not a regular file")
+            h = self._by_inode[inode] = _FileHandle(node, EMPTY_MANIFEST if node.entry.size == 0 else None)
+            if len(self._by_inode) > self.options.inode_readers:
+                self._close(self._by_inode.popitem(last=False)[1])
+            if h.manifest is None:
+                h.manifest = await self.loader.manifest(node.entry.id)
+            if h.data is None and h.reader is None and 0 < node.entry.size <= self.options.whole_file_bytes:
+                h.data = self._whole_file_now(h.manifest)
+        else:
+            self._by_inode.move_to_end(inode)
+        if h.data is not None:
+            out = h.data[off:off + size]
+            h.served += len(out)
+            if h.served >= len(h.data) and self._by_inode.get(inode) is h:
+                self._close(self._by_inode.pop(inode))
+            return out
+        if h.manifest is None:  # a read that came while the first one loads it
+            h.manifest = await self.loader.manifest(h.node.entry.id)
+        return await self._reader(h).read(off, size)
+
     async def release(self, fh: int) -> None:
         h = self._files.pop(fh, None)
         if h is not None:
-            h.released = True
-            h.data = None
-            if h.reader is not None:
-                h.reader.close()
+            self._close(h)
+
+    @staticmethod
+    def _close(h: _FileHandle) -> None:
+        h.released = True
+        h.data = None
+        if h.reader is not None:
+            h.reader.close()
 
     async def reader(self, fh: int) -> prefetch.Prefetcher:
         """The read-ahead state of an open file (for tests and statistics)."""
