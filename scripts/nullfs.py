@@ -11,7 +11,9 @@ what commitfs's daemon gets: the same mount options (commitfs.fuse.daemon),
 the same ``pyfuse3.main`` task limits and kernel read-ahead
 (commitfs.fuse.lifecycle.DaemonConfig),
 day-long entry and attribute timeouts, ``keep_cache`` on open, flush and
-fsync left to ENOSYS.  So what scripts/bench.py reads through it is what the
+fsync left to ENOSYS, and, with commitfs's patched pyfuse3, the kernel
+opening files itself (OPEN answered ENOSYS; reads then name the inode, which
+is also nullfs's file handle).  So what scripts/bench.py reads through it is what the
 framework (kernel round trips, pyfuse3, trio) costs per file, and a commitfs
 mount of the same files can be judged against it.
 
@@ -31,6 +33,7 @@ import time
 import pyfuse3
 import trio
 
+from commitfs.fuse.adapter import READ_FH_ZERO_IS_INODE
 from commitfs.fuse.daemon import mount_options, set_read_ahead
 from commitfs.fuse.lifecycle import DaemonConfig
 
@@ -120,6 +123,8 @@ class NullFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & os.O_ACCMODE != os.O_RDONLY:
             raise pyfuse3.FUSEError(errno.EROFS)
+        if READ_FH_ZERO_IS_INODE:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # as commitfs: the kernel opens files itself
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     async def read(self, fh, off, size):

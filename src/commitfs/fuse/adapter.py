@@ -132,6 +132,7 @@ class Operations(pyfuse3.Operations):
             raise ValueError("no_open needs the patched pyfuse3 (READ_FH_ZERO_IS_INODE)")
         self.fs = fs
         self.no_open = no_open
+        self.opens = 0  # OPEN requests received (in no-open mode: 1 at most, the first)
         self.uid = os.getuid()
         self.gid = os.getgid()
 
@@ -210,6 +211,7 @@ class Operations(pyfuse3.Operations):
     # --- files ---------------------------------------------------------------------
     @_handler
     async def open(self, inode, flags, ctx=None):
+        self.opens += 1
         if self.no_open:
             self.fs.check_open(inode, flags)
             raise pyfuse3.FUSEError(errno.ENOSYS)  # from now on the kernel opens files itself

@@ -135,6 +135,8 @@ def serve(config: DaemonConfig, report: Report) -> int:
             remove_record(config.mountpoint)
         log.info("unmounted %s; repository loads: %d from memory on the event loop, %d in worker threads",
                  config.mountpoint, fs.loader.inline, fs.loader.in_threads)
+        if not config.writable:
+            log.info("OPEN requests: %d", ops.opens)
         cache = repo.chunk_cache
         if isinstance(cache, DiskChunkCache):
             st = cache.stats
