@@ -504,3 +504,211 @@ def test_large_directory_offsets(tmp_path, cache_home):
                 await fs.readdir(fh, n, lambda *a: pytest.fail("no entries past the end"))
                 await fs.releasedir(fh)
     trio.run(main)
+
+
+# --- reads by inode (files the kernel opened without asking: FileSystem.read_inode) ---------
+async def read_inode_all(fs, ino: int, block: int = 128 * 1024) -> bytes:
+    """A file's bytes through read_inode, in order, as a kernel reading it from the start
+    does: requests of ``block`` bytes, none past the size it knows (getattr)."""
+    size = (await fs.getattr(ino)).size
+    parts, off = [], 0
+    while off < size:
+        data = bytes(await fs.read_inode(ino, off, min(block, size - off)))
+        assert data, f"read_inode returned nothing at {off} of {size}"
+        parts.append(data)
+        off += len(data)
+    return b"".join(parts)
+
+
+def _files_repo(tmp_path, files: dict[str, bytes]) -> tuple[str, bytes]:
+    for name, data in files.items():
+        write_file(tmp_path / "src" / name, data)
+    url = str(tmp_path / "repo")
+    with Repository.init(url) as repo:
+        return url, commit_directory(repo, tmp_path / "src", message="m").commit_id
+
+
+def test_read_inode_returns_the_files_bytes_like_open_and_read(dataset):
+    """read_inode serves exactly the bytes open/read serve: a small file (read whole), a
+    large multi-chunk one in kernel-sized pieces in order and at scattered offsets, an
+    empty one, and past the end."""
+    big = (dataset.src / "fixed" / "big.bin").read_bytes()
+    run = (dataset.src / "fixed" / "run.sh").read_bytes()
+
+    async def main():
+        with Repository.open(dataset.url) as repo:
+            async with fs_of(repo, dataset.commit) as fs:
+                ino = await lookup_path_ino(fs, "fixed/big.bin")
+                for block in (128 * 1024, 1 << 20, 4096 + 17):
+                    assert await read_inode_all(fs, ino, block) == big, block
+                rng = random.Random(11)
+                fh = await fs.open(ino, os.O_RDONLY)
+                for _ in range(60):
+                    off = rng.randrange(len(big) + 10)
+                    size = rng.choice([1, 100, 4096, 131072, 1 << 20])
+                    got = bytes(await fs.read_inode(ino, off, size))
+                    assert got == big[off:off + size] == bytes(await fs.read(fh, off, size)), (off, size)
+                await fs.release(fh)
+                assert inode_reader(fs, ino).random_reads > 0  # the scattered reads went through read-ahead
+                small = await lookup_path_ino(fs, "fixed/run.sh")
+                assert await read_inode_all(fs, small) == run == await vfs_read_all(fs, small)
+                assert await fs.read_inode(small, 1000, 10) == b""
+                empty = await lookup_path_ino(fs, "fixed/empty")
+                assert await fs.read_inode(empty, 0, 4096) == b""
+                # Every other file of the dataset too, read both ways.
+                for path, desc in dataset.picture.items():
+                    if desc[0] == "file":
+                        fino = await lookup_path_ino(fs, path)
+                        assert await read_inode_all(fs, fino) == desc[2] == await vfs_read_all(fs, fino), path
+    trio.run(main)
+
+
+def inode_reader(fs, ino: int):
+    h = fs._by_inode[ino]
+    assert h.reader is not None
+    return h.reader
+
+
+def test_a_small_files_read_state_is_dropped_once_all_its_bytes_are_returned(tmp_path, cache_home):
+    rng = random.Random(5)
+    files = {"a.png": rng.randbytes(200_000), "b.png": rng.randbytes(150_000)}
+    url, commit = _files_repo(tmp_path, files)
+
+    async def main():
+        with Repository.open(url) as repo:
+            repo.load_chunks([repo.load_manifest(lookup_path(repo, commit, "a.png").id).chunk_ids[0]])  # opens the pack
+            async with fs_of(repo, commit) as fs:
+                ino = await lookup_path_ino(fs, "a.png")
+                assert bytes(await fs.read_inode(ino, 0, 65536)) == files["a.png"][:65536]
+                h = fs._by_inode[ino]
+                assert h.data is not None and h.reader is None  # read and verified whole
+                loads = fs.loader.inline + fs.loader.in_threads
+                rest = b"".join([bytes(await fs.read_inode(ino, off, 65536)) for off in range(65536, 200_000, 65536)])
+                assert files["a.png"][:65536] + rest == files["a.png"]
+                assert fs.loader.inline + fs.loader.in_threads == loads  # only slices of the bytes read whole
+                assert ino not in fs._by_inode and h.released and h.data is None  # all returned: dropped
+                # The kernel may still ask again (its pages were dropped): the right bytes, from a new state.
+                assert bytes(await fs.read_inode(ino, 100_000, 100)) == files["a.png"][100_000:100_100]
+                assert await read_inode_all(fs, ino, 4096) == files["a.png"]
+                assert ino not in fs._by_inode
+                # One request for the whole file: dropped at once.
+                b = await lookup_path_ino(fs, "b.png")
+                assert bytes(await fs.read_inode(b, 0, 1 << 20)) == files["b.png"]
+                assert b not in fs._by_inode
+    trio.run(main)
+
+
+def test_read_states_are_capped_and_evicted_ones_closed(tmp_path, cache_home):
+    rng = random.Random(6)
+    files = {f"w{i}.bin": rng.randbytes(1_200_000 + i) for i in range(5)}  # > whole_file_bytes: read-ahead
+    url, commit = _files_repo(tmp_path, files)
+
+    async def main():
+        with Repository.open(url) as repo:
+            async with fs_of(repo, commit, inode_readers=2) as fs:
+                inos = {name: await lookup_path_ino(fs, name) for name in files}
+                states = {}
+                for name, ino in inos.items():
+                    assert bytes(await fs.read_inode(ino, 0, 131072)) == files[name][:131072]
+                    states[name] = fs._by_inode[ino]
+                    assert states[name].reader is not None
+                    assert len(fs._by_inode) <= 2
+                # The two most recent are kept, the others closed.
+                assert list(fs._by_inode) == [inos["w3.bin"], inos["w4.bin"]]
+                for name, h in states.items():
+                    kept = name in ("w3.bin", "w4.bin")
+                    assert h.released != kept and h.reader._closed != kept, name
+                # A read makes a state the most recent; an evicted file reads right from a new state.
+                assert bytes(await fs.read_inode(inos["w3.bin"], 131072, 4096)) == files["w3.bin"][131072:135168]
+                assert await read_inode_all(fs, inos["w0.bin"]) == files["w0.bin"]
+                assert list(fs._by_inode) == [inos["w3.bin"], inos["w0.bin"]]
+                assert states["w4.bin"].released and not states["w3.bin"].released
+                for name, ino in inos.items():
+                    assert await read_inode_all(fs, ino, 65536 + 4096) == files[name], name
+                    assert len(fs._by_inode) <= 2
+    trio.run(main)
+
+
+def test_forget_drops_the_read_state_of_an_inode_the_kernel_no_longer_holds(dataset):
+    big = (dataset.src / "fixed" / "big.bin").read_bytes()
+
+    async def main():
+        with Repository.open(dataset.url) as repo:
+            async with fs_of(repo, dataset.commit) as fs:
+                fixed = await lookup_path_ino(fs, "fixed")
+                ino = (await fs.lookup(fixed, b"big.bin")).ino
+                assert (await fs.lookup(fixed, b"big.bin")).ino == ino  # two references
+                assert bytes(await fs.read_inode(ino, 0, 4096)) == big[:4096]
+                h = fs._by_inode[ino]
+                fs.forget([(ino, 1)])  # one reference left: the state stays
+                assert fs._by_inode.get(ino) is h and not h.released
+                fs.forget([(ino, 1)])
+                assert ino not in fs.table and ino not in fs._by_inode
+                assert h.released and h.reader._closed
+                fs.forget([(ino, 1)])  # forgotten twice: ignored
+    trio.run(main)
+
+
+def test_read_inode_of_a_corrupt_chunk_fails_like_read_never_wrong_bytes(tmp_path, cache_home):
+    rng = random.Random(8)
+    files = {"big.bin": rng.randbytes(3 << 20), "small.png": rng.randbytes(150_000)}
+    url, commit = _files_repo(tmp_path, files)
+    with Repository.open(url) as repo:
+        manifest = repo.load_manifest(lookup_path(repo, commit, "big.bin").id)
+        small_chunk = repo.load_manifest(lookup_path(repo, commit, "small.png").id).chunk_ids[0]
+    bad = len(manifest.chunk_ids) // 2
+    bad_start = sum(manifest.chunk_sizes[:bad])
+    _flip_chunk_byte(url, manifest.chunk_ids[bad])
+    _flip_chunk_byte(url, small_chunk)
+
+    async def main():
+        with Repository.open(url) as repo:
+            repo.load_chunks([manifest.chunk_ids[0]])  # opens the pack: the small file is read whole
+            async with fs_of(repo, commit) as fs:
+                ino = await lookup_path_ino(fs, "big.bin")
+                fh = await fs.open(ino, os.O_RDONLY)
+                assert bytes(await fs.read_inode(ino, 0, 4096)) == files["big.bin"][:4096]
+                for off in (bad_start, bad_start + 10, bad_start):  # and again: never served from anywhere
+                    with pytest.raises(CorruptObjectError):
+                        await fs.read(fh, off, 4096)
+                    with pytest.raises(CorruptObjectError):
+                        await fs.read_inode(ino, off, 4096)
+                await fs.release(fh)
+                # Reading from the start: whatever is served is right, and the bad chunk fails.
+                off, failed = 0, False
+                while off <= bad_start:
+                    try:
+                        got = bytes(await fs.read_inode(ino, off, 1 << 20))
+                    except CorruptObjectError:
+                        failed = True
+                        break
+                    assert got and got == files["big.bin"][off:off + len(got)]
+                    off += len(got)
+                assert failed
+                small = await lookup_path_ino(fs, "small.png")
+                for _ in range(2):
+                    with pytest.raises(CorruptObjectError):
+                        await fs.read_inode(small, 0, 4096)
+    trio.run(main)
+
+
+def test_read_inode_and_check_open_refuse_what_open_refuses(dataset):
+    async def main():
+        with Repository.open(dataset.url) as repo:
+            async with fs_of(repo, dataset.commit) as fs:
+                fixed = await lookup_path_ino(fs, "fixed")
+                for ino in (ROOT_INODE, fixed):
+                    with pytest.raises(IsADirectoryError_):
+                        await fs.read_inode(ino, 0, 4096)
+                    with pytest.raises(IsADirectoryError_):
+                        fs.check_open(ino, os.O_RDONLY)
+                assert not fs._by_inode
+                run = await lookup_path_ino(fs, "fixed/run.sh")
+                for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC, os.O_WRONLY | os.O_APPEND):
+                    with pytest.raises(ReadOnlyError):
+                        fs.check_open(run, flags)
+                assert fs.check_open(run, os.O_RDONLY).entry.size == len(b"#!/bin/sh\necho hi\n")
+                link = await lookup_path_ino(fs, "fixed/link-to-big")
+                with pytest.raises(PathNotFoundError):
+                    await fs.read_inode(link, 0, 4096)
+    trio.run(main)
