@@ -111,15 +111,149 @@ def _digest(path: str) -> str:
     return h.hexdigest()
 
 
-def test_concurrent_readers_in_several_processes(dataset, mounts):
+def test_concurrent_readers_in_several_processes(dataset, mounts, tmp_path):
+    """Six processes read every file, and the large one six times over, at once; in the
+    default mode, where the kernel opens files itself and reads come by inode."""
     mnt = mounts.mountpoint()
-    mounts.mount(dataset.url, mnt, rev="main")
+    log = tmp_path / "mount.log"
+    mounts.mount(dataset.url, mnt, "--log-file", str(log), rev="main")
     files = [p for p, d in dataset.picture.items() if d[0] == "file"]
     jobs = [str(mnt / p) for p in files] + [str(mnt / "fixed" / "big.bin")] * 6
+    jobs += [str(mnt / "fixed" / "copy-of-big.bin")] * 3
     with multiprocessing.get_context("spawn").Pool(6) as pool:
         got = pool.map(_digest, jobs, chunksize=1)
     want = [hashlib.sha256(dataset.picture[os.path.relpath(j, mnt)][2]).hexdigest() for j in jobs]
     assert got == want
+    assert run_commitfs("umount", str(mnt)).returncode == 0
+    assert "files are opened by the kernel alone" in log.read_text()
+    assert _open_requests(log) <= 1
+
+
+# --- who opens files: the kernel alone (no-open mode), or the daemon ----------------------
+def _open_requests(log) -> int:
+    """The "OPEN requests: N" the daemon logs when it is unmounted."""
+    lines = [x for x in log.read_text().splitlines() if "OPEN requests: " in x]
+    assert len(lines) == 1, log.read_text()
+    return int(lines[0].split("OPEN requests: ")[1])
+
+
+def _files_of(root) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, n), root)
+                  for d, _, names in os.walk(root) for n in names if os.path.isfile(os.path.join(d, n))
+                  and not os.path.islink(os.path.join(d, n)))
+
+
+def test_read_only_mounts_let_the_kernel_open_files(dataset, mounts, tmp_path):
+    """With the patched pyfuse3 (which CI must have installed: scripts/setup.sh), the first
+    OPEN is answered ENOSYS and the kernel opens every later file itself: one OPEN request
+    at most, however many files are opened, and every byte right."""
+    import pyfuse3
+
+    from commitfs.fuse.adapter import READ_FH_ZERO_IS_INODE
+
+    assert pyfuse3.READ_FH_ZERO_IS_INODE is True and READ_FH_ZERO_IS_INODE
+    ref = checked_out(dataset, tmp_path)
+    log = tmp_path / "mount.log"
+    mnt = mounts.mountpoint()
+    mounts.mount(dataset.url, mnt, "--log-file", str(log), rev="v1")
+    same = "fixed/copy-of-big.bin"
+    want = (ref / same).read_bytes()
+    for i in range(20):
+        with open(mnt / same, "rb") as f:
+            if i % 2:
+                f.seek(i * 100_000)
+                assert f.read(70_000) == want[i * 100_000:i * 100_000 + 70_000]
+            else:
+                assert f.read() == want
+    files = _files_of(ref)
+    assert len(files) > 5
+    for rel in files:
+        with open(mnt / rel, "rb") as f:
+            assert f.read() == (ref / rel).read_bytes(), rel
+    assert (mnt / same).read_bytes() == want
+    assert run_commitfs("umount", str(mnt)).returncode == 0
+    text = log.read_text()
+    assert "files are opened by the kernel alone" in text and "opened by the daemon" not in text
+    assert _open_requests(log) <= 1
+
+
+def test_a_warm_reopen_and_reread_makes_no_request(dataset, mounts):
+    """Once a file has been read, another process opens and reads it again with the daemon
+    stopped (SIGSTOP): the open, the reads and the close are the kernel's alone (no OPEN,
+    no READ, no GETATTR), so they cannot wait for the daemon.  This test's own mapping of
+    the file pins its pages and names (a concurrent drop_caches cannot evict them)."""
+    import mmap
+
+    mnt = mounts.mountpoint()
+    mounts.mount(dataset.url, mnt, rev="v1")
+    pid = lookup_daemon_pid(mnt)
+    path = mnt / "fixed" / "copy-of-big.bin"
+    want = hashlib.sha256((dataset.src / "fixed" / "copy-of-big.bin").read_bytes()).hexdigest()
+    assert _digest(str(path)) == want  # the first read goes to the daemon
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+        assert hashlib.sha256(mm).hexdigest() == want  # every page resident and mapped
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            # A bound on a hang, not a speed goal: a request to the stopped daemon never returns.
+            proc = subprocess.run(["sha256sum", str(path)], capture_output=True, timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail("re-reading a warm file waited for the daemon")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert proc.returncode == 0 and proc.stdout.split()[0].decode() == want
+
+
+def test_without_no_open_the_daemon_opens_files_and_serves_the_same_bytes(dataset, mounts, tmp_path):
+    """The fallback (a stock pyfuse3, or no_open=False): every open is an OPEN request
+    answered by the daemon, with keep_cache; the bytes are the same."""
+    ref = checked_out(dataset, tmp_path)
+    mnt = mounts.mountpoint()
+    mounts.made.append(str(mnt))  # unmounted by the fixture even if the test fails
+    log = tmp_path / "daemon.log"
+    config = DaemonConfig(repo=dataset.url, mountpoint=str(mnt), cache_dir=str(tmp_path / "c"),
+                          log_file=str(log), commit=dataset.commit.hex(), rev="v1", no_open=False)
+    start_daemon(config)
+    files = _files_of(ref)
+    opened = 0
+    for rel in files:
+        assert _digest(str(mnt / rel)) == _digest(str(ref / rel)), rel
+        opened += 1
+    for _ in range(3):  # warm re-opens are OPEN requests too
+        assert _digest(str(mnt / "fixed" / "big.bin")) == _digest(str(ref / "fixed" / "big.bin"))
+        opened += 1
+    assert run_commitfs("umount", str(mnt)).returncode == 0
+    text = log.read_text()
+    assert "files are opened by the daemon" in text and "kernel alone" not in text
+    assert _open_requests(log) >= opened
+
+
+def test_no_open_mount_still_refuses_writes_and_missing_files(dataset, mounts):
+    """The kernel opens files without asking, but never for writing: the mount is ``ro``.
+    Checked before any file was opened and after the kernel took opens over."""
+    mnt = mounts.mountpoint()
+    mounts.mount(dataset.url, mnt, rev="v1")
+    f = mnt / "fixed" / "run.sh"
+
+    def refused():
+        for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC, os.O_WRONLY | os.O_TRUNC,
+                      os.O_WRONLY | os.O_APPEND, os.O_RDWR | os.O_CREAT):
+            with pytest.raises(OSError) as exc:
+                os.close(os.open(f, flags))
+            assert exc.value.errno == errno.EROFS, flags
+        for missing in ("fixed/nope", "nope"):
+            with pytest.raises(OSError) as exc:
+                os.close(os.open(mnt / missing, os.O_RDONLY))
+            assert exc.value.errno == errno.ENOENT, missing
+        with pytest.raises(OSError) as exc:
+            os.close(os.open(mnt / "fixed" / "new", os.O_WRONLY | os.O_CREAT, 0o644))
+        assert exc.value.errno == errno.EROFS
+
+    refused()
+    for _ in range(3):
+        assert f.read_bytes() == b"#!/bin/sh\necho hi\n"
+        assert (mnt / "fixed" / "big.bin").read_bytes() == (dataset.src / "fixed" / "big.bin").read_bytes()
+    refused()
+    assert f.read_bytes() == b"#!/bin/sh\necho hi\n"  # untouched
 
 
 # --- a moving branch ---------------------------------------------------------------------
