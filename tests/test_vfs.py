@@ -595,6 +595,11 @@ def test_a_small_files_read_state_is_dropped_once_all_its_bytes_are_returned(tmp
                 b = await lookup_path_ino(fs, "b.png")
                 assert bytes(await fs.read_inode(b, 0, 1 << 20)) == files["b.png"]
                 assert b not in fs._by_inode
+                # A read at or past the end loads nothing and keeps no state.
+                loads = fs.loader.inline + fs.loader.in_threads
+                for off in (150_000, 150_001, 1 << 20):
+                    assert bytes(await fs.read_inode(b, off, 4096)) == b""
+                assert b not in fs._by_inode and fs.loader.inline + fs.loader.in_threads == loads
     trio.run(main)
 
 

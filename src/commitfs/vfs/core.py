@@ -17,8 +17,11 @@ keeps reading the old commit.
 Laziness
 --------
 Mounting loads at most the one commit named by REV.  A directory's tree is
-loaded on the first lookup in it or listing of it; a file's manifest on open;
-chunks on read (vfs/prefetch.py), except that a file's first open starts its
+loaded on the first lookup in it or listing of it; a file's manifest and
+chunks on its first read (vfs/prefetch.py).  A read-only mount normally never
+sees an open: the kernel opens files itself (fuse/adapter.py) and reads name
+the inode (``read_inode``), whose read state is kept per file.  Where the
+daemon does answer opens (a stock pyfuse3), a file's first open starts its
 initial read-ahead window from offset 0: nearly every open reads from the
 start, and later opens are served by the kernel's page cache, so they start
 nothing.  Every load goes through vfs/loader.py: from memory on the event
@@ -162,9 +165,10 @@ class _TreeListing(Listing):
 
 
 class _FileHandle:
-    """An open file; its read-ahead state is made at its first read (or at open,
-    for a node's first open), so re-opening a file the kernel has cached costs
-    nothing but the handle."""
+    """The read state of a file: of one open handle (``open``/``read``), or of the
+    file itself (``read_inode``).  Its read-ahead state is made at its first
+    read (or at open, for a node's first open), so re-opening a file the kernel
+    has cached costs nothing but the handle."""
 
     __slots__ = ("node", "manifest", "reader", "data", "released", "served")
 
@@ -583,6 +587,8 @@ class FileSystem:
                 if node.is_dir:
                     raise IsADirectoryError_(f"inode {inode} is a directory")
                 raise PathNotFoundError(f"inode {inode} is not a regular file")
+            if off >= node.entry.size:
+                return b""  # at or past the end: nothing to load, no state to keep
             h = self._by_inode[inode] = _FileHandle(node, EMPTY_MANIFEST if node.entry.size == 0 else None)
             if len(self._by_inode) > self.options.inode_readers:
                 self._close(self._by_inode.popitem(last=False)[1])
