@@ -10,6 +10,7 @@ place, never copied.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
@@ -37,6 +38,46 @@ class _FdCache(LRUCache):
         except OSError:
             pass
         return key, fd
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_SYS_OPENAT2 = 437  # the same number on every Linux architecture (added in 5.6)
+_RESOLVE_CACHED = 0x20  # Linux 5.12: fail with EAGAIN unless the path resolves from the dentry cache
+_AT_FDCWD = -100
+
+
+class _CachedOpener:
+    """open(2) that never waits for the disk: ``openat2(RESOLVE_CACHED)``, which
+    fails with EAGAIN when resolving the path would need a directory read.
+    Lets a nowait read open a pack file on the event loop (a new mount, or a
+    pack the descriptor cache let go) instead of in a worker thread."""
+
+    def __init__(self):
+        try:
+            self._syscall = ctypes.CDLL(None, use_errno=True).syscall
+        except (OSError, AttributeError):
+            self._syscall = None
+        self._how = _OpenHow(os.O_RDONLY | os.O_CLOEXEC, 0, _RESOLVE_CACHED)
+        self._how_ref = ctypes.byref(self._how)
+        self._how_size = ctypes.sizeof(self._how)
+
+    def __call__(self, path: bytes) -> int | None:
+        """A descriptor for ``path``, or None if opening it might block (or the
+        kernel lacks openat2/RESOLVE_CACHED, which is then not tried again)."""
+        if self._syscall is None:
+            return None
+        fd = self._syscall(_SYS_OPENAT2, _AT_FDCWD, path, self._how_ref, self._how_size)
+        if fd >= 0:
+            return fd
+        if ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL, errno.E2BIG):
+            self._syscall = None  # an older kernel: the blocking open in a thread it is
+        return None
+
+
+_open_cached = _CachedOpener()
 
 
 def _storage_error(exc: OSError, what: str) -> StorageError:
@@ -97,6 +138,10 @@ class LocalStore(Store):
             raise ObjectNotFoundError(f"object {key} is missing from the repository") from None
         except OSError as exc:
             raise _storage_error(exc, key) from exc
+        return self._keep_fd(key, fd)
+
+    def _keep_fd(self, key: str, fd: int) -> int:
+        """Cache a descriptor just opened; if another thread cached one first, use that."""
         with self._lock:
             old = self._fds.get(key)
             if old is not None:
@@ -126,11 +171,17 @@ class LocalStore(Store):
 
     def load_range_nowait(self, key: str, offset: int, length: int) -> bytes:
         # preadv2(RWF_NOWAIT): the page cache's bytes, or EAGAIN rather than a
-        # disk read.  Only descriptors already open (opening may read the disk).
+        # disk read; a descriptor not yet open is opened only if its path is in
+        # the dentry cache (_open_cached).
+        if length <= 0:
+            raise WouldBlock(key)
         with self._lock:
             fd = self._fds.get(key)
-        if fd is None or length <= 0:
-            raise WouldBlock(key)
+        if fd is None:
+            fd = _open_cached(os.fsencode(self._path(key)))
+            if fd is None:
+                raise WouldBlock(key)
+            fd = self._keep_fd(key, fd)
         buf = bytearray(length)
         try:
             n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
