@@ -188,6 +188,17 @@ def test_tree_rejects_invalid_names(name):
         Tree.decode(_tree_bytes((b"f", name, 1, OID)))
 
 
+@pytest.mark.parametrize("name", [b".", b"..", b"b/c", b"b\0", b"b\xff", b"\xc3", b"\xa9b"])
+def test_tree_rejects_an_invalid_name_among_valid_ones(name):
+    # Names are checked all at once (joined): a bad one anywhere must still fail,
+    # and a multi-byte character may not straddle two names.
+    entries = sorted([b"-", b"a\xc3\xa9", name, b"\xe2\x82\xac"])
+    with pytest.raises(DecodeError):
+        Tree.decode(_tree_bytes(*[(b"f", n, 1, OID) for n in entries]))
+    good = Tree.decode(_tree_bytes(*[(b"f", n, 1, OID) for n in sorted([b"-", b"a\xc3\xa9", b"\xe2\x82\xac"])]))
+    assert [e.name for e in good.entries] == ["-", "a\u00e9", "\u20ac"]
+
+
 def test_tree_build_rejects_invalid_names():
     for bad in ["", ".", "..", "a/b", "a\0b", "\udcff"]:
         with pytest.raises(ValueError):

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from enum import Enum
+from itertools import islice, repeat
+from operator import lt
 from typing import NamedTuple
 
 from commitfs.model.ids import ID_SIZE, hash_bytes
@@ -209,21 +211,30 @@ class Tree:
     @classmethod
     def decode(cls, data: bytes) -> Tree:
         # Hot: a mount decodes a directory's tree on its first lookup, and a
-        # 100k-entry directory is one tree.  So one-byte varints (name lengths)
-        # are read inline, and the name checks are done once on the decoded str.
+        # 100k-entry directory is one tree.  So the per-entry loop only finds the
+        # fields (one-byte name lengths and sizes below 2 MiB read inline); the
+        # checks on names (UTF-8, sorted and unique, no '/', '\0', '.' or '..')
+        # run once over all of them in C, and entries are made without the
+        # named tuple's Python-level constructor.
         if not data.startswith(TREE_MAGIC):
             raise DecodeError("not a tree")
         n, pos = _get_uvarint(data, len(TREE_MAGIC))
-        entries = []
-        append = entries.append
-        new_entry = TreeEntry
-        kinds = _KIND_BY_BYTE
+        if n > len(data):  # every entry takes bytes: a count this large is garbage
+            raise DecodeError("truncated tree")
+        raws: list[bytes] = []
+        kinds: list[Kind] = []
+        sizes: list[int] = []
+        oids: list[bytes] = []
+        targets: list[bytes] = []
+        add_raw, add_kind, add_size, add_oid, add_target = (
+            raws.append, kinds.append, sizes.append, oids.append, targets.append)
+        kind_of = _KIND_BY_BYTE
+        symlink = Kind.SYMLINK
         end = len(data)
-        prev = b""
         for _ in range(n):
             if pos + 2 > end:
                 raise DecodeError("truncated tree")
-            kind = kinds.get(data[pos])
+            kind = kind_of.get(data[pos])
             if kind is None:
                 raise DecodeError(f"unknown entry kind {data[pos]!r}")
             nlen = data[pos + 1]
@@ -231,18 +242,8 @@ class Tree:
                 pos += 2
             else:
                 nlen, pos = _get_uvarint(data, pos + 1)
-            raw = data[pos:pos + nlen]
+            add_raw(data[pos:pos + nlen])
             pos += nlen
-            if raw <= prev:  # sorted, unique, and (prev starting empty) not empty
-                raise DecodeError("tree entries not sorted" if raw else "empty entry name")
-            prev = raw
-            try:
-                name = raw.decode()
-            except UnicodeDecodeError:
-                raise DecodeError("tree entry name is not UTF-8") from None
-            # Never '..', 'a/b' or '': readers join names into paths.
-            if name == "." or name == ".." or "/" in name or "\0" in name:
-                raise DecodeError(f"invalid entry name {name!r}")
             # Sizes below 2 MiB (most files) are varints of at most three bytes.
             b0 = data[pos] if pos < end else 0x80
             if b0 < 0x80:
@@ -254,20 +255,48 @@ class Tree:
             else:
                 size, pos = _get_uvarint(data, pos)
             oid = data[pos:pos + ID_SIZE]
-            if len(oid) != ID_SIZE:
-                raise DecodeError("truncated tree")
             pos += ID_SIZE
-            target = b""
-            if kind is Kind.SYMLINK:
+            add_kind(kind)
+            add_size(size)
+            add_oid(oid)
+            if kind is symlink:
                 tlen, pos = _get_uvarint(data, pos)
                 target = data[pos:pos + tlen]
                 if len(target) != tlen:
                     raise DecodeError("truncated tree")
                 pos += tlen
-            append(new_entry(name, kind, size, oid, target))
+                add_target(target)
+            else:
+                add_target(b"")
+        if pos > end or (raws and len(oids[-1]) != ID_SIZE):
+            raise DecodeError("truncated tree")  # only the last entry can run past the end
         if pos != end:
             raise DecodeError("trailing bytes in tree")
-        return cls(tuple(entries))
+        names = _check_names(raws)
+        make = tuple.__new__
+        return cls(tuple(map(make, repeat(TreeEntry), zip(names, kinds, sizes, oids, targets))))
+
+
+def _check_names(raws: list[bytes]) -> list[str]:
+    """Decoded entry names, checked all at once: not empty, sorted and unique,
+    UTF-8, never '.', '..' or containing '/' or NUL (readers join names into paths)."""
+    if not raws:
+        return []
+    if not all(map(lt, raws, islice(raws, 1, None))):
+        raise DecodeError("tree entries not sorted")
+    if not raws[0]:
+        raise DecodeError("empty entry name")  # sorted: an empty name can only come first
+    joined = b"/".join(raws)
+    if joined.count(b"/") != len(raws) - 1 or b"\0" in joined:
+        bad = next(r for r in raws if b"/" in r or b"\0" in r)
+        raise DecodeError(f"invalid entry name {bad!r}")
+    try:
+        names = joined.decode().split("/")
+    except UnicodeDecodeError:
+        raise DecodeError("tree entry name is not UTF-8") from None
+    if b"." in raws or b".." in raws:  # sorted bytes: a linear scan in C either way
+        raise DecodeError(f"invalid entry name {'.' if b'.' in raws else '..'!r}")
+    return names
 
 
 EMPTY_TREE = Tree(())
