@@ -88,6 +88,8 @@ def segment_key(data: bytes) -> str:
 
 
 _FANOUT_PAIR = struct.Struct("<II")
+_ENTRY_SIZE = ENTRY.size
+_new_tuple = tuple.__new__  # a Location without the named tuple's Python-level constructor
 _KINDS = tuple(BlobKind)  # by value: 0, 1, 2
 _COMPRESSIONS = tuple(Compression)
 
@@ -114,6 +116,9 @@ class Segment:
         self.size = size
         self._data: bytes | None = None
         self._packs: list[bytes] | None = None
+        #: (data, packs, fan-out offset, entries offset, bits) of a segment held in
+        #: memory, published in one assignment once loaded (see lookup_loaded).
+        self.loaded: tuple | None = None
         self.bits = 0
         self.count = 0
         self._lock = threading.Lock()
@@ -157,6 +162,26 @@ class Segment:
             self.bits, self.count = bits, count
             self._data = data
             self._packs = [table[i:i + ID_SIZE] for i in range(0, len(table), ID_SIZE)]
+            if data is not None:
+                fan = HEADER.size + npacks * ID_SIZE
+                self.loaded = (data, self._packs, fan, fan + (1 << bits) * FANOUT.size, bits)
+
+    def lookup_loaded(self, oid: bytes) -> Location | None:
+        """``lookup`` of a segment held in memory (``loaded`` is set): the hot path
+        of a mount's reads, so it is written out flat."""
+        data, packs, fan, base, bits = self.loaded  # type: ignore[misc]
+        if bits and (b := int.from_bytes(oid[:4], "big") >> (32 - bits)):
+            lo, hi = _FANOUT_PAIR.unpack_from(data, fan + (b - 1) * FANOUT.size)
+        else:
+            lo, hi = 0, FANOUT.unpack_from(data, fan)[0]
+        i = _find_record(data, oid, base + lo * _ENTRY_SIZE, base + hi * _ENTRY_SIZE)
+        if i is None:
+            return None
+        _, packno, off, stored, raw, kind, comp = ENTRY.unpack_from(data, i)
+        try:
+            return _new_tuple(Location, (packs[packno], off, stored, raw, _KINDS[kind], _COMPRESSIONS[comp]))
+        except IndexError:
+            raise CorruptObjectError(f"index segment {self.key} has a malformed entry") from None
 
     def _read(self, offset: int, length: int, nowait: bool = False) -> bytes:
         if self._data is not None:
@@ -172,24 +197,19 @@ class Segment:
             if nowait:
                 raise WouldBlock(self.key)
             self.load_header()
+        if self.loaded is not None:
+            return self.lookup_loaded(oid)
         b = _bucket(oid, self.bits)
         fan = self._fanout_at()
-        data = self._data
-        if data is not None:  # in memory: no copies
-            lo = _FANOUT_PAIR.unpack_from(data, fan + (b - 1) * FANOUT.size)[0] if b else 0
-            (hi,) = FANOUT.unpack_from(data, fan + b * FANOUT.size)
-            base = self._entries_at()
-            at = _find_record(data, oid, base + lo * ENTRY.size, base + hi * ENTRY.size)
+        if b == 0:
+            lo = 0
+            (hi,) = FANOUT.unpack(self._read(fan, FANOUT.size, nowait))
         else:
-            if b == 0:
-                lo = 0
-                (hi,) = FANOUT.unpack(self._read(fan, FANOUT.size, nowait))
-            else:
-                lo, hi = _FANOUT_PAIR.unpack(self._read(fan + (b - 1) * FANOUT.size, 2 * FANOUT.size, nowait))
-            if lo >= hi:
-                return None
-            data = self._read(self._entries_at() + lo * ENTRY.size, (hi - lo) * ENTRY.size, nowait)
-            at = _find_record(data, oid, 0, len(data))
+            lo, hi = _FANOUT_PAIR.unpack(self._read(fan + (b - 1) * FANOUT.size, 2 * FANOUT.size, nowait))
+        if lo >= hi:
+            return None
+        data = self._read(self._entries_at() + lo * ENTRY.size, (hi - lo) * ENTRY.size, nowait)
+        at = _find_record(data, oid, 0, len(data))
         return None if at is None else self._location(ENTRY.unpack_from(data, at))
 
     def _location(self, rec) -> Location:
@@ -246,6 +266,13 @@ class Index:
 
         ``nowait``: raise WouldBlock (commitfs.errors) where storage would have
         to be waited for, including any re-listing."""
+        # Segments held in memory first: a lookup there is cheaper than the
+        # answer cache, which only keeps what cost storage reads.
+        for seg in self._snapshot:
+            if seg.loaded is not None:
+                loc = seg.lookup_loaded(oid)
+                if loc is not None:
+                    return loc
         loc = self._answers.get(oid)
         if loc is not None:
             return loc
