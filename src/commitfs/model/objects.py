@@ -97,18 +97,35 @@ class FileManifest:
     def decode(cls, data: bytes) -> FileManifest:
         if not data.startswith(MANIFEST_MAGIC):
             raise DecodeError("not a file manifest")
-        n, pos = _get_uvarint(data, len(MANIFEST_MAGIC))
+        # Hot: a mount decodes one per file it reads.  Varints of up to three
+        # bytes (a count below 128, chunk sizes below 2 MiB) are read inline.
+        pos = len(MANIFEST_MAGIC)
+        end = len(data)
+        n = data[pos] if pos < end else 0x80
+        if n < 0x80:
+            pos += 1
+        else:
+            n, pos = _get_uvarint(data, pos)
         ids, sizes = [], []
         for _ in range(n):
             cid = data[pos:pos + ID_SIZE]
             if len(cid) != ID_SIZE:
                 raise DecodeError("truncated manifest")
-            size, pos = _get_uvarint(data, pos + ID_SIZE)
+            pos += ID_SIZE
+            b0 = data[pos] if pos < end else 0x80
+            if b0 < 0x80:
+                size = b0
+                pos += 1
+            elif pos + 2 < end and data[pos + 1] & 0x80 and (b2 := data[pos + 2]) < 0x80 and b2:
+                size = (b0 & 0x7F) | ((data[pos + 1] & 0x7F) << 7) | (b2 << 14)
+                pos += 3
+            else:
+                size, pos = _get_uvarint(data, pos)
             if size == 0:
                 raise DecodeError("empty chunk in manifest")
             ids.append(cid)
             sizes.append(size)
-        if pos != len(data):
+        if pos != end:
             raise DecodeError("trailing bytes in manifest")
         return cls(tuple(ids), tuple(sizes))
 
