@@ -8,6 +8,7 @@ import stat
 
 import pytest
 import trio
+import trio.testing
 
 from core_fixtures import faulty_repository, write_file
 from mount_fixtures import fs_of, vfs_listdir, vfs_read_all, vfs_walk
@@ -632,6 +633,33 @@ def test_read_states_are_capped_and_evicted_ones_closed(tmp_path, cache_home):
                     assert await read_inode_all(fs, ino, 65536 + 4096) == files[name], name
                     assert len(fs._by_inode) <= 2
     trio.run(main)
+
+
+def test_read_states_left_unread_are_closed(tmp_path, cache_home):
+    # No RELEASE tells the daemon that a reader has gone: a state left unread for
+    # inode_reader_idle_s gives up its read-ahead buffers when another file starts.
+    rng = random.Random(7)
+    files = {f"w{i}.bin": rng.randbytes(1_200_000 + i) for i in range(3)}
+    url, commit = _files_repo(tmp_path, files)
+    clock = trio.testing.MockClock()
+
+    async def main():
+        with Repository.open(url) as repo:
+            async with fs_of(repo, commit, inode_reader_idle_s=10.0) as fs:
+                inos = {name: await lookup_path_ino(fs, name) for name in files}
+                assert bytes(await fs.read_inode(inos["w0.bin"], 0, 131072)) == files["w0.bin"][:131072]
+                first = fs._by_inode[inos["w0.bin"]]
+                clock.jump(5)
+                assert bytes(await fs.read_inode(inos["w1.bin"], 0, 131072)) == files["w1.bin"][:131072]
+                assert not first.released  # 5 s unread: kept
+                clock.jump(6)
+                assert bytes(await fs.read_inode(inos["w1.bin"], 131072, 4096)) == files["w1.bin"][131072:135168]
+                assert not first.released  # only a new state sweeps
+                assert bytes(await fs.read_inode(inos["w2.bin"], 0, 131072)) == files["w2.bin"][:131072]
+                assert first.released and first.reader._closed  # 11 s unread: closed
+                assert list(fs._by_inode) == [inos["w1.bin"], inos["w2.bin"]]  # read 6 s ago: kept
+                assert await read_inode_all(fs, inos["w0.bin"]) == files["w0.bin"]  # and reads right again
+    trio.run(main, clock=clock)
 
 
 def test_forget_drops_the_read_state_of_an_inode_the_kernel_no_longer_holds(dataset):

@@ -100,8 +100,11 @@ class VfsOptions:
     part_bytes: int = prefetch.PART_BYTES
     #: Files up to this size whose bytes are in memory are read whole at their first open.
     whole_file_bytes: int = 1024 * 1024
-    #: Read states kept for files the kernel opened without asking (read_inode).
+    #: Read states kept for files the kernel opened without asking (read_inode)...
     inode_readers: int = 32
+    #: ...and how long one is kept unread (its read-ahead buffers are freed then;
+    #: no RELEASE ever says that a reader has gone).
+    inode_reader_idle_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -170,7 +173,7 @@ class _FileHandle:
     read (or at open, for a node's first open), so re-opening a file the kernel
     has cached costs nothing but the handle."""
 
-    __slots__ = ("node", "manifest", "reader", "data", "released", "served")
+    __slots__ = ("node", "manifest", "reader", "data", "released", "served", "used_at")
 
     def __init__(self, node: FileNode, manifest: FileManifest | None):
         self.node = node
@@ -180,6 +183,7 @@ class _FileHandle:
         self.data: memoryview | None = None
         self.released = False
         self.served = 0  # bytes of ``data`` returned so far (read_inode drops it once all are)
+        self.used_at = 0.0  # trio time of its last read (read_inode)
 
 
 class _DirHandle:
@@ -589,15 +593,16 @@ class FileSystem:
                 raise PathNotFoundError(f"inode {inode} is not a regular file")
             if off >= node.entry.size:
                 return b""  # at or past the end: nothing to load, no state to keep
+            self._sweep_inode_readers()
             h = self._by_inode[inode] = _FileHandle(node, EMPTY_MANIFEST if node.entry.size == 0 else None)
-            if len(self._by_inode) > self.options.inode_readers:
-                self._close(self._by_inode.popitem(last=False)[1])
+            h.used_at = trio.current_time()
             if h.manifest is None:
                 h.manifest = await self.loader.manifest(node.entry.id)
             if h.data is None and h.reader is None and 0 < node.entry.size <= self.options.whole_file_bytes:
                 h.data = self._whole_file_now(h.manifest)
         else:
             self._by_inode.move_to_end(inode)
+            h.used_at = trio.current_time()
         if h.data is not None:
             out = h.data[off:off + size]
             h.served += len(out)
@@ -607,6 +612,15 @@ class FileSystem:
         if h.manifest is None:  # a read that came while the first one loads it
             h.manifest = await self.loader.manifest(h.node.entry.id)
         return await self._reader(h).read(off, size)
+
+    def _sweep_inode_readers(self) -> None:
+        """Make room for one more read state: close the least recent beyond the
+        cap, and every one left unread for ``inode_reader_idle_s``."""
+        states = self._by_inode
+        idle_since = trio.current_time() - self.options.inode_reader_idle_s
+        while states and (len(states) >= self.options.inode_readers
+                          or next(iter(states.values())).used_at < idle_since):
+            self._close(states.popitem(last=False)[1])
 
     async def release(self, fh: int) -> None:
         h = self._files.pop(fh, None)
