@@ -60,6 +60,7 @@ from pathlib import Path
 import blake3
 
 from commitfs.cli.output import human_size
+from commitfs.fuse.adapter import READ_FH_ZERO_IS_INODE
 from commitfs.fuse.lifecycle import canonical, find_mount, lookup_daemon_pid
 from commitfs.ops.snapshot import CommitResult, commit_directory
 from commitfs.repo.repository import Repository
@@ -974,8 +975,11 @@ def _mount_reads(b: Bench, ds: Dataset, repo_url: str, out: SectionResult) -> No
         "a local repository is read in place (no chunk cache); 'first read' has the repository's packs in the "
         "page cache, so it measures the mount's own cost (FUSE round trips, chunk lookup, BLAKE3 verification); "
         "'cold' drops the page cache (sync; echo 3 > /proc/sys/vm/drop_caches) before each side",
-        "warm re-reads are served by the kernel's page cache (files are opened with keep_cache, attributes "
-        "trusted for a day): the figure a training job's second epoch sees",
+        "warm re-reads are served by the kernel's page cache (attributes trusted for a day; with the patched "
+        "pyfuse3 the kernel opens files itself, so a re-read makes no request to the daemon): the figure a "
+        "training job's second epoch sees; nullfs runs in the same mode" + (
+            "" if READ_FH_ZERO_IS_INODE else " (NOT here: this pyfuse3 is stock, every open() is a round trip; "
+            "run scripts/setup.sh)"),
     ]
 
 
