@@ -183,6 +183,36 @@ class Repository:
                 out[i] = data
         return out  # type: ignore[return-value]
 
+    def load_file(self, fid: bytes, nowait: bool = False) -> tuple[FileManifest, bytes | memoryview]:
+        """A whole file, verified: its manifest and its bytes (a mount reads a
+        small file whole).  The usual case, chunks stored uncompressed one
+        after another in one pack (a file written by one commit), is one
+        ranged read whose buffer is returned as it is, each chunk's hash
+        checked in place: no copy, no join.  Anything else goes through
+        load_chunks."""
+        m = self.load_manifest(fid, nowait, keep=False)
+        ids = m.chunk_ids
+        if not ids:
+            return m, b""
+        if self.chunk_cache is None:
+            locs = [self.locate(oid, nowait) for oid in ids]
+            first = prev = locs[0]
+            for loc in locs:
+                if loc is not first and (loc.pack != first.pack or loc.offset != prev.offset + prev.stored):
+                    break
+                if loc.compression is not Compression.NONE:
+                    break
+                prev = loc
+            else:
+                start = first.offset
+                buf = self._load_range(pack_key(first.pack), start, prev.offset + prev.stored - start, nowait)
+                for oid, loc in zip(ids, locs):
+                    rel = loc.offset - start
+                    verify_blob(oid, loc, buf[rel:rel + loc.stored])
+                return m, buf
+        chunks = self.load_chunks(list(ids), nowait)
+        return m, chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
     def _load_decoded(self, cache, oid: bytes, decode, what: str, nowait: bool, keep: bool):
         obj = cache.get(oid)
         if obj is None:

@@ -524,9 +524,10 @@ class FileSystem:
             # cache (kept while the kernel keeps the inode), so they start nothing,
             # not even the manifest: a read that does come loads it.
             node.opened = True
-            h.manifest = manifest = h.manifest or await self.loader.manifest(node.entry.id)
             if 0 < node.entry.size <= self.options.whole_file_bytes:
-                h.data = self._whole_file_now(manifest)
+                h.data = self._whole_file_now(node.entry.id)
+            if h.data is None:
+                h.manifest = h.manifest or await self.loader.manifest(node.entry.id)
             if h.data is None:
                 # Start the first window once the open is answered, while the
                 # reader is on its way back with the read.
@@ -536,18 +537,19 @@ class FileSystem:
         self._files[fh] = h
         return fh
 
-    def _whole_file_now(self, manifest: FileManifest) -> memoryview | None:
+    def _whole_file_now(self, fid: bytes) -> memoryview | None:
         """A small file's bytes if they are in memory (an image from a cached
         pack): read and verified here, its reads then only slice them, with no
         read-ahead machinery.  None otherwise, or on an error, which the
         read-ahead path then meets again and reports on the read."""
         try:
-            chunks = self.loader.chunks_now(list(manifest.chunk_ids))
+            got = self.loader.file_now(fid)
         except Exception:
             return None
-        if chunks is None:
+        if got is None:
             return None
-        return memoryview(chunks[0] if len(chunks) == 1 else b"".join(chunks)).toreadonly()
+        data = got[1]
+        return data if isinstance(data, memoryview) and data.readonly else memoryview(data).toreadonly()
 
     async def _prime(self, h: _FileHandle) -> None:
         if not h.released:
@@ -596,10 +598,10 @@ class FileSystem:
             self._sweep_inode_readers()
             h = self._by_inode[inode] = _FileHandle(node, EMPTY_MANIFEST if node.entry.size == 0 else None)
             h.used_at = trio.current_time()
-            if h.manifest is None:
+            if 0 < node.entry.size <= self.options.whole_file_bytes:
+                h.data = self._whole_file_now(node.entry.id)
+            if h.manifest is None and h.data is None:
                 h.manifest = await self.loader.manifest(node.entry.id)
-            if h.data is None and h.reader is None and 0 < node.entry.size <= self.options.whole_file_bytes:
-                h.data = self._whole_file_now(h.manifest)
         else:
             self._by_inode.move_to_end(inode)
             h.used_at = trio.current_time()

@@ -156,6 +156,11 @@ class Loader:
         """Chunks by id, in a worker thread (the prefetcher's ``fetch``)."""
         return await self.io(f"{len(ids)} chunks", self.repo.load_chunks, ids)
 
+    def file_now(self, fid: bytes):
+        """(manifest, bytes) of a whole file if it is in memory, else None
+        (Repository.load_file).  The manifest is not cached: its file is read."""
+        return self.now(self.repo.load_file, fid)
+
     def chunks_now(self, ids: list[bytes]) -> list[bytes] | None:
         """Chunks by id if they are in memory, else None (the prefetcher's ``fetch_now``)."""
         return self.now(self.repo.load_chunks, ids)
