@@ -179,7 +179,7 @@ class _FileHandle:
         self.node = node
         self.manifest = manifest  # None until needed (a later open of a file the kernel has cached)
         self.reader: prefetch.Prefetcher | None = None
-        #: A small file's whole bytes, read at its first open (FileSystem._whole_file_now).
+        #: A small file's whole bytes, read at its first open or read (FileSystem._whole_file_now).
         self.data: memoryview | None = None
         self.released = False
         self.served = 0  # bytes of ``data`` returned so far (read_inode drops it once all are)
@@ -528,7 +528,6 @@ class FileSystem:
                 h.data = self._whole_file_now(node.entry.id)
             if h.data is None:
                 h.manifest = h.manifest or await self.loader.manifest(node.entry.id)
-            if h.data is None:
                 # Start the first window once the open is answered, while the
                 # reader is on its way back with the read.
                 assert self._nursery is not None
@@ -613,6 +612,8 @@ class FileSystem:
             return out
         if h.manifest is None:  # a read that came while the first one loads it
             h.manifest = await self.loader.manifest(h.node.entry.id)
+        if h.released:  # closed (evicted) while the manifest loaded: start again
+            return await self.read_inode(inode, off, size)
         return await self._reader(h).read(off, size)
 
     def _sweep_inode_readers(self) -> None:
