@@ -32,7 +32,6 @@ if ! .venv/bin/python -c "$patched" 2>/dev/null; then
     tar -C "$work" -xzf "$work/pyfuse3-$PYFUSE3.tar.gz"
     .venv/bin/python scripts/pyfuse3/patch.py "$work/pyfuse3-$PYFUSE3"
     .venv/bin/python -m pip install -q --force-reinstall --no-deps "$work/pyfuse3-$PYFUSE3"
-    .venv/bin/python -c "$patched"
 fi
 
 extra=""
@@ -40,3 +39,5 @@ extra=""
 # torch (a plain "torch" requirement would pull a multi-GB CUDA build).
 [ "${1:-}" = "test" ] && extra="[test,example]"
 .venv/bin/python -m pip install -q -e ".${extra}"
+# pyfuse3 imports trio, which commitfs's install has just brought: check the build now.
+.venv/bin/python -c "$patched" || { echo "setup: pyfuse3 is not commitfs's patched build" >&2; exit 1; }
