@@ -3,6 +3,7 @@ translation, the retry policy and the FaultyStore test helper."""
 
 import multiprocessing
 import os
+import random
 import socket
 import threading
 import time
@@ -21,7 +22,7 @@ from commitfs.errors import (
 )
 from commitfs.storage.base import open_store
 from commitfs.storage.faulty import FaultyStore
-from commitfs.storage.local import LocalStore
+from commitfs.storage.local import LocalStore, _FdTable
 from commitfs.storage.retry import TransientError, retry_call
 
 
@@ -97,6 +98,76 @@ def test_load_range_nowait_serves_only_what_is_in_memory(store):
     assert FaultyStore(store).load_range("packs/ab/abcdef", 0, 3) == data[:3]
     with pytest.raises(WouldBlock):  # the test wrapper counts every read: it never answers nowait
         FaultyStore(store).load_range_nowait("packs/ab/abcdef", 0, 3)
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_a_descriptor_let_go_while_a_read_holds_it_is_closed_when_the_read_ends(tmp_path):
+    fds = {}
+    for name in "abc":
+        (tmp_path / name).write_bytes(name.encode())
+        fds[name] = os.open(tmp_path / name, os.O_RDONLY)
+    table = _FdTable(2)
+    a = table.add("a", fds["a"])  # held by a read
+    table.release(table.add("b", fds["b"]))
+    assert table.acquire("a") is a and a.users == 2
+    table.release(a)
+    table.release(table.add("c", fds["c"]))  # over the cap: "b", the least recent, goes now
+    assert not _is_open(fds["b"]) and len(table) == 2
+    table.release(table.add("b", os.open(tmp_path / "b", os.O_RDONLY)))  # "a" goes, but is in use
+    assert table.acquire("a") is None and a.retired and _is_open(a.fd)
+    assert os.pread(a.fd, 1, 0) == b"a"
+    table.release(a)  # the read ends: now it is closed
+    assert not _is_open(a.fd)
+    # A second open of a key another thread added first is closed, the first one used.
+    spare = os.open(tmp_path / "c", os.O_RDONLY)
+    c = table.add("c", spare)
+    assert c.fd == fds["c"] and not _is_open(spare)
+    table.release(c)
+    table.discard()
+    assert not _is_open(fds["c"]) and len(table) == 0
+
+
+def test_reads_from_many_threads_through_a_small_descriptor_table_get_the_right_bytes(tmp_path):
+    store = LocalStore(tmp_path)
+    store._fds.size = 2  # far fewer descriptors than objects: constant eviction
+    objects = {f"packs/{i:02d}/obj": bytes([i]) * 65536 + os.urandom(4096) for i in range(12)}
+    for key, data in objects.items():
+        store.save_object(key, data)
+    before = len(os.listdir("/proc/self/fd"))
+    errors = []
+
+    def reader(seed: int) -> None:
+        rng = random.Random(seed)
+        keys = sorted(objects)
+        for _ in range(1500):
+            key = rng.choice(keys)
+            off = rng.randrange(0, 60000)
+            try:
+                try:
+                    got = bytes(store.load_range_nowait(key, off, 1000))
+                except WouldBlock:
+                    got = store.load_range(key, off, 1000)
+                if got != objects[key][off:off + 1000]:
+                    errors.append(f"wrong bytes from {key}")
+            except Exception as exc:  # a closed or reused descriptor
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(store._fds) <= 2
+    store.close()
+    assert len(os.listdir("/proc/self/fd")) <= before  # nothing leaked
 
 
 def test_lookup_size(store):

@@ -16,10 +16,9 @@ import fcntl
 import os
 import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
-
-from cachetools import LRUCache
 
 from commitfs.errors import ObjectNotFoundError, RefConflictError, StorageError, WouldBlock
 from commitfs.storage.base import Store
@@ -30,14 +29,83 @@ _REFS = "refs"
 _FD_CACHE_SIZE = 256
 
 
-class _FdCache(LRUCache):
-    def popitem(self):
-        key, fd = super().popitem()
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-        return key, fd
+class _Descriptor:
+    __slots__ = ("fd", "users", "retired")
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.users = 0  # reads using it right now
+        self.retired = False  # let go by the table: closed once unused
+
+
+class _FdTable:
+    """Open descriptors by key, at most ``size``, the least recently used let go
+    first.  A read holds its descriptor (``acquire`` ... ``release``), and one let
+    go while a read holds it is closed when that read ends: a descriptor number
+    is never closed under a reader, where another thread could reopen it for
+    another file and the read would return that file's bytes (which the hash
+    check would then report as corruption)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._lock = threading.Lock()
+        self._by_key: OrderedDict[str, _Descriptor] = OrderedDict()
+
+    def acquire(self, key: str) -> _Descriptor | None:
+        with self._lock:
+            d = self._by_key.get(key)
+            if d is not None:
+                self._by_key.move_to_end(key)
+                d.users += 1
+            return d
+
+    def add(self, key: str, fd: int) -> _Descriptor:
+        """Keep a descriptor just opened (or use one another thread added first), acquired."""
+        with self._lock:
+            d = self._by_key.get(key)
+            if d is None:
+                d = self._by_key[key] = _Descriptor(fd)
+                fd = -1
+            d.users += 1
+            closing = [self._retire(self._by_key.popitem(last=False)[1])
+                       for _ in range(len(self._by_key) - self.size)]
+        _close_all([fd, *closing])
+        return d
+
+    def release(self, d: _Descriptor) -> None:
+        with self._lock:
+            d.users -= 1
+            fd = d.fd if d.retired and d.users == 0 else -1
+        _close_all([fd])
+
+    def discard(self, key: str | None = None) -> None:
+        """Let go of ``key``'s descriptor (None: of every one)."""
+        with self._lock:
+            if key is None:
+                gone = list(self._by_key.values())
+                self._by_key.clear()
+            else:
+                d = self._by_key.pop(key, None)
+                gone = [] if d is None else [d]
+            closing = [self._retire(d) for d in gone]
+        _close_all(closing)
+
+    @staticmethod
+    def _retire(d: _Descriptor) -> int:
+        d.retired = True
+        return d.fd if d.users == 0 else -1
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 class _OpenHow(ctypes.Structure):
@@ -90,8 +158,7 @@ class LocalStore(Store):
     def __init__(self, path: str | os.PathLike):
         self.root = Path(path).expanduser().absolute()
         self.url = str(self.root)
-        self._fds: _FdCache = _FdCache(maxsize=_FD_CACHE_SIZE)
-        self._lock = threading.Lock()
+        self._fds = _FdTable(_FD_CACHE_SIZE)
 
     def __repr__(self) -> str:
         return f"LocalStore({self.url!r})"
@@ -127,28 +194,18 @@ class LocalStore(Store):
                 pass
             raise _storage_error(exc, what) from exc
 
-    def _fd(self, key: str) -> int:
-        with self._lock:
-            fd = self._fds.get(key)
-            if fd is not None:
-                return fd
+    def _acquire(self, key: str) -> _Descriptor:
+        """``key``'s descriptor, opened if need be; give it back with ``self._fds.release``."""
+        d = self._fds.acquire(key)
+        if d is not None:
+            return d
         try:
             fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise ObjectNotFoundError(f"object {key} is missing from the repository") from None
         except OSError as exc:
             raise _storage_error(exc, key) from exc
-        return self._keep_fd(key, fd)
-
-    def _keep_fd(self, key: str, fd: int) -> int:
-        """Cache a descriptor just opened; if another thread cached one first, use that."""
-        with self._lock:
-            old = self._fds.get(key)
-            if old is not None:
-                os.close(fd)
-                return old
-            self._fds[key] = fd
-        return fd
+        return self._fds.add(key, fd)
 
     def load_object(self, key: str) -> bytes:
         try:
@@ -159,15 +216,13 @@ class LocalStore(Store):
             raise _storage_error(exc, key) from exc
 
     def load_range(self, key: str, offset: int, length: int) -> bytes:
-        fd = self._fd(key)
+        d = self._acquire(key)
         try:
-            return os.pread(fd, length, offset)
+            return os.pread(d.fd, length, offset)
         except OSError as exc:
-            if exc.errno == errno.EBADF:  # evicted and closed by another thread
-                with self._lock:
-                    self._fds.pop(key, None)
-                return os.pread(self._fd(key), length, offset)
             raise _storage_error(exc, key) from exc
+        finally:
+            self._fds.release(d)
 
     def load_range_nowait(self, key: str, offset: int, length: int) -> bytes:
         # preadv2(RWF_NOWAIT): the page cache's bytes, or EAGAIN rather than a
@@ -175,18 +230,19 @@ class LocalStore(Store):
         # the dentry cache (_open_cached).
         if length <= 0:
             raise WouldBlock(key)
-        with self._lock:
-            fd = self._fds.get(key)
-        if fd is None:
+        d = self._fds.acquire(key)
+        if d is None:
             fd = _open_cached(os.fsencode(self._path(key)))
             if fd is None:
                 raise WouldBlock(key)
-            fd = self._keep_fd(key, fd)
+            d = self._fds.add(key, fd)
         buf = bytearray(length)
         try:
-            n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
-        except OSError as exc:  # EAGAIN; or EBADF/EOPNOTSUPP: the blocking form will tell
+            n = os.preadv(d.fd, [buf], offset, os.RWF_NOWAIT)
+        except OSError as exc:  # EAGAIN; or EOPNOTSUPP: the blocking form will tell
             raise WouldBlock(key) from exc
+        finally:
+            self._fds.release(d)
         if n != length:  # partly cached (or the end of the object): let the blocking form decide
             raise WouldBlock(key)
         return memoryview(buf).toreadonly()
@@ -218,10 +274,7 @@ class LocalStore(Store):
                     yield key
 
     def remove_object(self, key: str) -> None:
-        with self._lock:
-            fd = self._fds.pop(key, None)
-        if fd is not None:
-            os.close(fd)
+        self._fds.discard(key)
         try:
             self._path(key).unlink()
         except FileNotFoundError:
@@ -282,6 +335,4 @@ class LocalStore(Store):
                         yield name, value
 
     def close(self) -> None:
-        with self._lock:
-            while self._fds:
-                self._fds.popitem()
+        self._fds.discard()
