@@ -30,9 +30,10 @@ second source of truth that can disagree with the files after a crash, and a
 single-writer lock that two busy mounts would contend for on every hit.  The
 price of the file-per-chunk layout is the eviction scan, which is paid only
 when the cap is exceeded, by one process at a time (an ``flock`` on
-``<root>/v1/evict.lock``, tried without blocking: if another process is
-already evicting, this one need not), and which also removes temporary files
-orphaned by crashed writers.
+``<root>/v1/evict.lock``; a process that finds another evicting waits for it
+(up to ``_EVICT_WAIT_S``) and then evicts what is still over, since the other's
+scan may have missed its own latest writes), and which also removes temporary
+files orphaned by crashed writers.
 
 Each process keeps an estimate of the cache's size: a scan on its first
 write, plus what it adds since.  Writes of other processes are seen at its
@@ -71,6 +72,9 @@ DEFAULT_MAX_BYTES = 10 * 1024**3
 _TOUCH_INTERVAL_S = 60.0
 #: Eviction goes down to this fraction of the cap, so that it runs rarely.
 _LOW_WATER = 0.9
+# How long an eviction waits for another process's (a scan of a large cache
+# takes a while; a stuck one must not hold this process's writers forever).
+_EVICT_WAIT_S = 10.0
 #: A process rescans the cache's size after adding this fraction of the cap, to see
 #: what other processes added: n processes overshoot the cap by at most n/8 of it.
 _RESCAN_FRACTION = 1 / 8
@@ -247,7 +251,9 @@ class DiskChunkCache:
     def evict(self, target: int | None = None) -> int:
         """Delete least recently used chunks until at most ``target`` bytes
         (default: the low-water mark) remain; return the bytes freed.  Returns
-        0 at once if this or another process is already evicting."""
+        0 at once if another thread of this process is already evicting; waits
+        for another process's eviction to end (0 if it takes longer than
+        ``_EVICT_WAIT_S``)."""
         if target is None:
             target = int(self.max_bytes * _LOW_WATER)
         if not self._evicting.acquire(blocking=False):
@@ -259,10 +265,15 @@ class DiskChunkCache:
             log.warning("chunk cache: cannot evict: %s", exc)
             return 0
         try:
-            try:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return 0
+            deadline = time.monotonic() + _EVICT_WAIT_S
+            while True:
+                try:
+                    fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        return 0
+                    time.sleep(0.005)
             self.stats.evictions += 1
             entries = sorted(self._scan())
             total = sum(size for _, size, _ in entries)
