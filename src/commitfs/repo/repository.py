@@ -171,6 +171,13 @@ class Repository:
                     out[i] = hit
                     continue
             todo.append((i, oid, self.locate(oid, nowait)))
+        self._read_located(todo, out, nowait)
+        return out  # type: ignore[return-value]
+
+    def _read_located(self, todo: list[tuple[int, bytes, Location]], out: list, nowait: bool) -> None:
+        """Read and verify located chunks into ``out[i]`` (and the chunk cache);
+        neighbours in one pack share one ranged read."""
+        cache = self.chunk_cache
         for run in _coalesce(todo):
             first, last = run[0][2], run[-1][2]
             start, end = first.offset, last.offset + last.stored
@@ -181,7 +188,6 @@ class Repository:
                 if cache is not None:
                     cache.put(oid, data)
                 out[i] = data
-        return out  # type: ignore[return-value]
 
     def load_file(self, fid: bytes, nowait: bool = False) -> tuple[FileManifest, bytes | memoryview]:
         """A whole file, verified: its manifest and its bytes (a mount reads a
@@ -210,7 +216,10 @@ class Repository:
                     rel = loc.offset - start
                     verify_blob(oid, loc, buf[rel:rel + loc.stored])
                 return m, buf
-        chunks = self.load_chunks(list(ids), nowait)
+            chunks: list = [None] * len(ids)  # located already: no second index lookup
+            self._read_located(list(zip(range(len(ids)), ids, locs)), chunks, nowait)
+        else:
+            chunks = self.load_chunks(list(ids), nowait)
         return m, chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _load_decoded(self, cache, oid: bytes, decode, what: str, nowait: bool, keep: bool):
