@@ -194,8 +194,8 @@ class Repository:
         small file whole).  The usual case, chunks stored uncompressed one
         after another in one pack (a file written by one commit), is one
         ranged read whose buffer is returned as it is, each chunk's hash
-        checked in place: no copy, no join.  Anything else goes through
-        load_chunks."""
+        checked in place: no copy, no join.  Anything else is read as
+        load_chunks reads it (coalesced runs, the chunk cache if any), then joined."""
         m = self.load_manifest(fid, nowait, keep=False)
         ids = m.chunk_ids
         if not ids:
