@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=0
-for bin in fusermount3 pkg-config; do command -v "$bin" >/dev/null || need_apt=1; done
+# gcc and the Python headers build pyfuse3 and commitfs's two C modules (setup.py).
+for bin in fusermount3 pkg-config gcc; do command -v "$bin" >/dev/null || need_apt=1; done
 pkg-config --exists fuse3 2>/dev/null || need_apt=1
 if [ "$need_apt" = 1 ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
@@ -39,5 +40,9 @@ extra=""
 # torch (a plain "torch" requirement would pull a multi-GB CUDA build).
 [ "${1:-}" = "test" ] && extra="[test,example]"
 .venv/bin/python -m pip install -q -e ".${extra}"
+# The C modules are optional to pip (a machine without a compiler still installs);
+# here they must have been built.
+.venv/bin/python -c 'import commitfs.model._fastdecode, commitfs.repo._fastread' \
+    || { echo "setup: commitfs's C modules did not build (see setup.py)" >&2; exit 1; }
 # pyfuse3 imports trio, which commitfs's install has just brought: check the build now.
 .venv/bin/python -c "$patched" || { echo "setup: pyfuse3 is not commitfs's patched build" >&2; exit 1; }

@@ -24,6 +24,7 @@ from commitfs.ops.browse import lookup_path
 from commitfs.ops.snapshot import commit_directory
 from commitfs.repo import index as index_mod
 from commitfs.repo import pack as pack_mod
+from commitfs.repo import repository as repository_mod
 from commitfs.repo.index import INDEX_PREFIX, Index, encode_segment, segment_key
 from commitfs.repo.pack import BlobKind, Compression, Location, pack_key, parse_pack_table
 from commitfs.repo.reader import FileReader
@@ -350,10 +351,33 @@ def test_nowait_reads_give_the_same_verified_bytes_or_would_block(local_repo, tm
         again.load_chunks(ids, nowait=True)
 
 
-def test_load_file_reads_a_whole_file_in_one_ranged_read_verified(repo, tmp_path):
+@pytest.fixture(params=["compiled", "python"])
+def load_file_path(request, monkeypatch):
+    """Repository.load_file with its compiled nowait path (commitfs.repo._fastread),
+    counting the calls it answers, then without it."""
+    answered = []
+    if request.param == "python":
+        monkeypatch.setattr(repository_mod, "_fastread", None)
+    else:
+        fast = repository_mod._fastread
+        assert fast is not None, "commitfs.repo._fastread is not built (pip install -e .)"
+
+        class Counting:
+            @staticmethod
+            def load_file(*args):
+                got = fast.load_file(*args)
+                answered.append(got is not None)
+                return got
+        monkeypatch.setattr(repository_mod, "_fastread", Counting)
+    return request.param, answered
+
+
+def test_load_file_reads_a_whole_file_in_one_ranged_read_verified(repo, tmp_path, load_file_path):
     """Repository.load_file: a file's chunks lying uncompressed one after another in
     one pack are one ranged read, checked chunk by chunk; anything else (compressed,
-    or a chunk stored by an earlier commit) still gives the file's exact bytes."""
+    or a chunk stored by an earlier commit) still gives the file's exact bytes.  The
+    nowait form (a mount's) gives the same bytes, compiled or not."""
+    path_name, answered = load_file_path
     rng = random.Random(15)
     shared = rng.randbytes(300_000)
     first = _commit_tree(repo, tmp_path / "a", {"old.bin": shared})
@@ -363,17 +387,26 @@ def test_load_file_reads_a_whole_file_in_one_ranged_read_verified(repo, tmp_path
     files = {"new.bin": new, "labels.csv": csv, "mixed.bin": new[:100_000] + shared, "empty": b"", "solo.bin": solo}
     res = _commit_tree(repo, tmp_path / "b", files)
     assert first.commit_id != res.commit_id
+    local = repo.store.local_path(CONFIG_KEY) is not None
     for name, data in files.items():
         fid = lookup_path(repo, res.commit_id, name).id
         counted = faulty_repository(repo.url)
         manifest = counted.load_manifest(fid)  # loads the index; the manifest is then kept
         counted.store.calls.clear()
-        got_manifest, got = counted.load_file(fid)
+        got = counted.load_file(fid)
         assert bytes(got) == data, name
-        assert got_manifest == manifest
         if name == "solo.bin":
             assert len(manifest.chunk_ids) > 1
             assert counted.store.calls["load_range"] == 1, counted.store.calls  # every chunk in one read
+        if local:  # the nowait form reads the page cache (a remote store always says WouldBlock)
+            fresh = reopen(repo.url)
+            fresh.load_file(fid)  # loads the index segment, and the bytes into the page cache
+            answered.clear()
+            assert bytes(fresh.load_file(fid, nowait=True)) == data, name
+            if path_name == "compiled":
+                # The compiled path takes the one-read case (new.bin shares chunks stored
+                # with mixed.bin) and leaves the rest to Python.
+                assert answered == [name == "solo.bin"], name
     # A flipped byte in any chunk fails the whole file, never wrong bytes; on the nowait path too.
     fid = lookup_path(repo, res.commit_id, "solo.bin").id
     ids = repo.load_manifest(fid).chunk_ids
@@ -388,7 +421,65 @@ def test_load_file_reads_a_whole_file_in_one_ranged_read_verified(repo, tmp_path
     fresh = reopen(repo.url)
     with pytest.raises(CorruptObjectError, match=ids[-1].hex()):
         fresh.load_file(fid)
+    answered.clear()
     with pytest.raises(CorruptObjectError, match=ids[-1].hex()):
+        fresh.load_file(fid, nowait=True)
+    if path_name == "compiled":
+        assert answered == [False]  # the compiled path declined; Python's reported it
+
+
+def test_compiled_load_file_declines_anything_it_cannot_verify(local_repo, tmp_path):
+    """commitfs.repo._fastread returns a file's bytes only when its manifest hashes to
+    the file id and every chunk to its id; malformed segments, bytes that do not
+    match, an altered manifest: None (Python then decides), never a crash or wrong bytes."""
+    fast = repository_mod._fastread
+    assert fast is not None, "commitfs.repo._fastread is not built (pip install -e .)"
+    rng = random.Random(21)
+    data = rng.randbytes(180_000)
+    res = _commit_tree(local_repo, tmp_path / "f", {"img.jpg": data})
+    fid = lookup_path(local_repo, res.commit_id, "img.jpg").id
+    repo = reopen(local_repo.url)
+    repo.load_file(fid)  # loads the index segment; the packs are in the page cache
+    segments = repo.index.loaded_segments()
+    assert segments
+    read_into, hasher = repo._read_pack_into_nowait, repository_mod.HASHER
+    assert fast.load_file(fid, segments, read_into, hasher) == data
+    assert fast.load_file(bytes(32), segments, read_into, hasher) is None  # not in the index
+    assert fast.load_file(fid, (), read_into, hasher) is None  # no segment held in memory
+
+    def garbage(pack, offset, buf):
+        buf[:] = rng.randbytes(len(buf))
+    assert fast.load_file(fid, segments, garbage, hasher) is None
+
+    def failing(pack, offset, buf):
+        raise WouldBlock("pack")
+    with pytest.raises(WouldBlock):
+        fast.load_file(fid, segments, failing, hasher)
+
+    # Segments of random bytes, with fan-out and entry offsets in and out of range.
+    data_seg, packs, fan, base, bits = segments[0]
+    for _ in range(300):
+        blob = bytearray(data_seg)
+        for _ in range(rng.randrange(1, 8)):
+            blob[rng.randrange(len(blob))] = rng.randrange(256)
+        seg = (bytes(blob) if rng.random() < 0.7 else rng.randbytes(rng.randrange(0, 400)), packs,
+               rng.choice([fan, base, 0, rng.randrange(-5, len(blob) + 50)]),
+               rng.choice([base, fan, rng.randrange(-5, len(blob) + 50)]),
+               rng.choice([bits, 0, 1, 24, 32, 33, -1]))
+        got = fast.load_file(fid, (seg,), read_into, hasher)
+        assert got is None or got == data
+    for bad in [(data_seg,), (data_seg, packs, fan, base), ("x", packs, fan, base, bits),
+                (data_seg, [], fan, base, bits)]:
+        assert fast.load_file(fid, (bad,), read_into, hasher) is None
+
+    # A flipped byte in the manifest: the compiled path declines, Python reports it.
+    loc = repo.locate(fid)
+    _flip(repo.store.local_path(pack_key(loc.pack)), loc.offset + 9)
+    fresh = reopen(local_repo.url)
+    with pytest.raises(CorruptObjectError):
+        fresh.load_file(fid)
+    assert fast.load_file(fid, fresh.index.loaded_segments(), fresh._read_pack_into_nowait, hasher) is None
+    with pytest.raises(CorruptObjectError):
         fresh.load_file(fid, nowait=True)
 
 

@@ -251,6 +251,10 @@ class Index:
     def segments(self) -> tuple[Segment, ...]:
         return self._snapshot  # no lock: an immutable tuple, swapped whole
 
+    def loaded_segments(self) -> tuple[tuple, ...]:
+        """The ``loaded`` tuples of the segments held in memory (commitfs.repo._fastread)."""
+        return tuple(s.loaded for s in self._snapshot if s.loaded is not None)
+
     def _add(self, key: str, size: int) -> None:
         with self._lock:
             self._segments[key] = Segment(self.store, key, size)

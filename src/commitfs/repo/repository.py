@@ -27,7 +27,7 @@ from commitfs.errors import (
     WouldBlock,
 )
 from commitfs.model import chunker
-from commitfs.model.ids import HEX_SIZE, hash_bytes, is_hex
+from commitfs.model.ids import HASHER, HEX_SIZE, hash_bytes, is_hex
 from commitfs.model.objects import Commit, DecodeError, FileManifest, Tree
 from commitfs.repo.index import Index
 from commitfs.repo.lru import LockedLRU
@@ -43,6 +43,11 @@ from commitfs.repo.pack import (
 )
 from commitfs.repo.refs import Refs
 from commitfs.storage.base import Store, open_store
+
+try:
+    from commitfs.repo import _fastread
+except ImportError:  # built without a C compiler: load_file's Python path does the same
+    _fastread = None
 
 FORMAT_NAME = "commitfs"
 FORMAT_VERSION = 1
@@ -189,17 +194,26 @@ class Repository:
                     cache.put(oid, data)
                 out[i] = data
 
-    def load_file(self, fid: bytes, nowait: bool = False) -> tuple[FileManifest, bytes | memoryview]:
-        """A whole file, verified: its manifest and its bytes (a mount reads a
-        small file whole).  The usual case, chunks stored uncompressed one
-        after another in one pack (a file written by one commit), is one
-        ranged read whose buffer is returned as it is, each chunk's hash
-        checked in place: no copy, no join.  Anything else is read as
-        load_chunks reads it (coalesced runs, the chunk cache if any), then joined."""
+    def load_file(self, fid: bytes, nowait: bool = False) -> bytes | memoryview:
+        """A whole file's bytes, verified (a mount reads a small file whole).
+
+        The usual case, chunks stored uncompressed one after another in one
+        pack (a file written by one commit), is one ranged read whose buffer is
+        returned as it is, each chunk's hash checked in place: no copy, no
+        join.  On the nowait path with no chunk cache (a mount's first read of
+        an image, answered on the event loop), the compiled module _fastread
+        does all of it in one call, some 25 Python calls fewer; it returns None
+        where anything is unusual, and the steps below then decide, errors
+        included.  Anything else is read as load_chunks
+        reads it (coalesced runs, the chunk cache if any), then joined."""
+        if nowait and _fastread is not None and self.chunk_cache is None:
+            got = _fastread.load_file(fid, self.index.loaded_segments(), self._read_pack_into_nowait, HASHER)
+            if got is not None:
+                return got
         m = self.load_manifest(fid, nowait, keep=False)
         ids = m.chunk_ids
         if not ids:
-            return m, b""
+            return b""
         if self.chunk_cache is None:
             locs = [self.locate(oid, nowait) for oid in ids]
             first = prev = locs[0]
@@ -215,12 +229,15 @@ class Repository:
                 for oid, loc in zip(ids, locs):
                     rel = loc.offset - start
                     verify_blob(oid, loc, buf[rel:rel + loc.stored])
-                return m, buf
+                return buf
             chunks: list = [None] * len(ids)  # located already: no second index lookup
             self._read_located(list(zip(range(len(ids)), ids, locs)), chunks, nowait)
         else:
             chunks = self.load_chunks(list(ids), nowait)
-        return m, chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _read_pack_into_nowait(self, pack: bytes, offset: int, buf) -> None:
+        self.store.read_into_nowait(pack_key(pack), offset, buf)
 
     def _load_decoded(self, cache, oid: bytes, decode, what: str, nowait: bool, keep: bool):
         obj = cache.get(oid)

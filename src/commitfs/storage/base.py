@@ -46,6 +46,13 @@ class Store(abc.ABC):
         default (remote stores) always raises it."""
         raise WouldBlock(key)
 
+    def read_into_nowait(self, key: str, offset: int, buf) -> None:
+        """Fill the writable buffer ``buf`` with the bytes at ``offset``, as
+        ``load_range_nowait`` would return them (WouldBlock unless they are in
+        memory, or if the object ends first); saves a buffer to a caller that
+        has one.  The default (remote stores) always raises WouldBlock."""
+        raise WouldBlock(key)
+
     @abc.abstractmethod
     def lookup_size(self, key: str) -> int | None:
         """Return the object's size, or None if it does not exist."""

@@ -225,27 +225,30 @@ class LocalStore(Store):
             self._fds.release(d)
 
     def load_range_nowait(self, key: str, offset: int, length: int) -> bytes:
+        if length <= 0:
+            raise WouldBlock(key)
+        buf = bytearray(length)
+        self.read_into_nowait(key, offset, buf)
+        return memoryview(buf).toreadonly()
+
+    def read_into_nowait(self, key: str, offset: int, buf) -> None:
         # preadv2(RWF_NOWAIT): the page cache's bytes, or EAGAIN rather than a
         # disk read; a descriptor not yet open is opened only if its path is in
         # the dentry cache (_open_cached).
-        if length <= 0:
-            raise WouldBlock(key)
         d = self._fds.acquire(key)
         if d is None:
             fd = _open_cached(os.fsencode(self._path(key)))
             if fd is None:
                 raise WouldBlock(key)
             d = self._fds.add(key, fd)
-        buf = bytearray(length)
         try:
             n = os.preadv(d.fd, [buf], offset, os.RWF_NOWAIT)
         except OSError as exc:  # EAGAIN; or EOPNOTSUPP: the blocking form will tell
             raise WouldBlock(key) from exc
         finally:
             self._fds.release(d)
-        if n != length:  # partly cached (or the end of the object): let the blocking form decide
+        if n != len(buf):  # partly cached (or the end of the object): let the blocking form decide
             raise WouldBlock(key)
-        return memoryview(buf).toreadonly()
 
     def lookup_size(self, key: str) -> int | None:
         try:

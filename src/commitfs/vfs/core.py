@@ -545,10 +545,9 @@ class FileSystem:
             got = self.loader.file_now(fid)
         except Exception:
             return None
-        if got is None:
-            return None
-        data = got[1]
-        return data if isinstance(data, memoryview) and data.readonly else memoryview(data).toreadonly()
+        if got is None or isinstance(got, bytes) or (isinstance(got, memoryview) and got.readonly):
+            return got
+        return memoryview(got).toreadonly()
 
     async def _prime(self, h: _FileHandle) -> None:
         if not h.released:
@@ -584,7 +583,9 @@ class FileSystem:
         lives here, one per file, in a small LRU: a file read once from start
         to end costs what it did with a handle.  A small file's bytes are
         dropped once all of them have been returned (the kernel has them
-        now), so memory does not grow with the files the kernel remembers."""
+        now), so memory does not grow with the files the kernel remembers; a
+        first read that takes the whole file (an image, usually: the kernel
+        asks for up to the read-ahead window) keeps no state at all."""
         h = self._by_inode.get(inode)
         if h is None:
             node = self._node(inode)
@@ -592,13 +593,16 @@ class FileSystem:
                 if node.is_dir:
                     raise IsADirectoryError_(f"inode {inode} is a directory")
                 raise PathNotFoundError(f"inode {inode} is not a regular file")
-            if off >= node.entry.size:
+            fsize = node.entry.size
+            if off >= fsize:
                 return b""  # at or past the end: nothing to load, no state to keep
+            data = self._whole_file_now(node.entry.id) if fsize <= self.options.whole_file_bytes else None
+            if data is not None and off == 0 and size >= fsize:
+                return data  # the whole file in one read (an image, usually): no state to keep
             self._sweep_inode_readers()
-            h = self._by_inode[inode] = _FileHandle(node, EMPTY_MANIFEST if node.entry.size == 0 else None)
+            h = self._by_inode[inode] = _FileHandle(node, EMPTY_MANIFEST if fsize == 0 else None)
             h.used_at = trio.current_time()
-            if 0 < node.entry.size <= self.options.whole_file_bytes:
-                h.data = self._whole_file_now(node.entry.id)
+            h.data = data
             if h.manifest is None and h.data is None:
                 h.manifest = await self.loader.manifest(node.entry.id)
         else:

@@ -157,8 +157,8 @@ class Loader:
         return await self.io(f"{len(ids)} chunks", self.repo.load_chunks, ids)
 
     def file_now(self, fid: bytes):
-        """(manifest, bytes) of a whole file if it is in memory, else None
-        (Repository.load_file).  The manifest is not cached: its file is read."""
+        """A whole file's bytes if they are in memory, else None
+        (Repository.load_file).  Its manifest is not cached: its file is read."""
         return self.now(self.repo.load_file, fid)
 
     def chunks_now(self, ids: list[bytes]) -> list[bytes] | None:
