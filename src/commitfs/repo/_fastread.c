@@ -125,10 +125,11 @@ static int hash_matches(PyObject *hasher, const char *data, Py_ssize_t len, cons
     return ok;
 }
 
-/* A minimal unsigned LEB128 varint at *pos (as FORMAT.md's varints); 0 if malformed. */
+/* A minimal unsigned LEB128 varint (FORMAT.md's) of at most 9 bytes (63 bits) at
+   *pos; 0 if malformed or longer (Python then decides). */
 static int get_varint(const unsigned char *p, Py_ssize_t end, Py_ssize_t *pos, uint64_t *value) {
     uint64_t v = 0;
-    for (int shift = 0; shift < 64 && *pos < end; shift += 7) {
+    for (int shift = 0; shift <= 56 && *pos < end; shift += 7) {
         unsigned char c = p[(*pos)++];
         v |= (uint64_t)(c & 0x7F) << shift;
         if (!(c & 0x80)) {
