@@ -154,9 +154,15 @@ class Operations(pyfuse3.Operations):
         return e
 
     # --- names and attributes ------------------------------------------------------
-    @_handler
+    # lookup and read are the two requests of a training job's first read of each
+    # file: _handler's work is written out in them, one coroutine layer fewer.
     async def lookup(self, parent_inode, name, ctx=None):
-        return self._entry(await self.fs.lookup(parent_inode, name))
+        try:
+            return self._entry(await self.fs.lookup(parent_inode, name))
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as exc:
+            raise pyfuse3.FUSEError(errno_of(exc, "lookup")) from None
 
     async def forget(self, inode_list):
         try:
@@ -219,11 +225,15 @@ class Operations(pyfuse3.Operations):
         # Commits are immutable: the kernel may keep what it read across opens.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
-    @_handler
     async def read(self, fh, off, size):
-        if self.no_open:
-            return await self.fs.read_inode(fh, off, size)  # fh is the inode (see the class)
-        return await self.fs.read(fh, off, size)
+        try:
+            if self.no_open:
+                return await self.fs.read_inode(fh, off, size)  # fh is the inode (see the class)
+            return await self.fs.read(fh, off, size)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as exc:
+            raise pyfuse3.FUSEError(errno_of(exc, "read")) from None
 
     @_handler
     async def release(self, fh):

@@ -319,7 +319,7 @@ class FileSystem:
     async def _child(self, parent: DirNode, name: str) -> tuple[tuple, MakeNode] | None:
         """Identity and maker of ``parent``'s child ``name``, or None."""
         if isinstance(parent, TreeDir):
-            tree = await self.loader.tree(parent.entry.id)
+            tree = self.loader.tree_cached(parent.entry.id) or await self.loader.tree(parent.entry.id)
             e = tree.get(name)
             if e is None:
                 return None

@@ -143,6 +143,10 @@ class Loader:
                 value = await flights.get(key, lambda: self.io(f"{what} {key.hex()}", fn, key))
         return value
 
+    def tree_cached(self, tid: bytes) -> Tree | None:
+        """A tree held in memory, or None: a lookup's way round ``tree``'s awaits."""
+        return self._trees.cache.get(tid)
+
     async def tree(self, tid: bytes) -> Tree:
         return await self._cached(self._trees, tid, self._load_tree, "tree")
 
@@ -158,8 +162,14 @@ class Loader:
 
     def file_now(self, fid: bytes):
         """A whole file's bytes if they are in memory, else None
-        (Repository.load_file).  Its manifest is not cached: its file is read."""
-        return self.now(self.repo.load_file, fid)
+        (Repository.load_file).  Its manifest is not cached: its file is read.
+        (``now`` written out: this is the hot call of a first read.)"""
+        try:
+            value = self.repo.load_file(fid, True)
+        except WouldBlock:
+            return None
+        self.inline += 1
+        return value
 
     def chunks_now(self, ids: list[bytes]) -> list[bytes] | None:
         """Chunks by id if they are in memory, else None (the prefetcher's ``fetch_now``)."""
