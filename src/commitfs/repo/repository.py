@@ -204,8 +204,8 @@ class Repository:
         an image, answered on the event loop), the compiled module _fastread
         does all of it in one call, some 25 Python calls fewer; it returns None
         where anything is unusual, and the steps below then decide, errors
-        included.  Anything else is read as load_chunks
-        reads it (coalesced runs, the chunk cache if any), then joined."""
+        included.  Anything else is read as load_chunks reads it (coalesced
+        runs, the chunk cache if any), then joined."""
         if nowait and _fastread is not None and self.chunk_cache is None:
             got = _fastread.load_file(fid, self.index.loaded_segments(), self._read_pack_into_nowait, HASHER)
             if got is not None:
