@@ -10,10 +10,11 @@ case, so the Python code alone reports errors."""
 from setuptools import Extension, setup
 
 FLAGS = ["-O2", "-Wall"]
+VARINT = dict(include_dirs=["src/commitfs/model"], depends=["src/commitfs/model/_varint.h"])
 
 setup(ext_modules=[
     Extension("commitfs.model._fastdecode", ["src/commitfs/model/_fastdecode.c"], optional=True,
-              extra_compile_args=FLAGS),
+              extra_compile_args=FLAGS, **VARINT),
     Extension("commitfs.repo._fastread", ["src/commitfs/repo/_fastread.c"], optional=True,
-              extra_compile_args=FLAGS),
+              extra_compile_args=FLAGS, **VARINT),
 ])

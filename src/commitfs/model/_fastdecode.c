@@ -16,25 +16,11 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "_varint.h"
+
 #define ID_SIZE 32
 static const char TREE_MAGIC[] = "CFTREE1\n";
 #define TREE_MAGIC_SIZE 8
-
-/* A minimal unsigned LEB128 varint of at most 9 bytes (63 bits) at *pos; 0 if malformed. */
-static int get_varint(const unsigned char *p, Py_ssize_t end, Py_ssize_t *pos, uint64_t *value) {
-    uint64_t v = 0;
-    for (int shift = 0; shift <= 56 && *pos < end; shift += 7) {
-        unsigned char c = p[(*pos)++];
-        v |= (uint64_t)(c & 0x7F) << shift;
-        if (!(c & 0x80)) {
-            if (c == 0 && shift)
-                return 0;
-            *value = v;
-            return 1;
-        }
-    }
-    return 0;
-}
 
 PyDoc_STRVAR(tree_entries_doc,
 "tree_entries(data, entry_type, kinds, symlink) -> tuple | None\n\n"

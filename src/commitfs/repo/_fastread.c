@@ -22,6 +22,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "_varint.h"
+
 #define ID_SIZE 32
 #define ENTRY_SIZE 52 /* <32sIIIIBB2x: id, pack number, offset, stored, raw, kind, compression */
 #define KIND_CHUNK 0
@@ -123,23 +125,6 @@ static int hash_matches(PyObject *hasher, const char *data, Py_ssize_t len, cons
              memcmp(PyBytes_AS_STRING(digest), id, ID_SIZE) == 0;
     Py_DECREF(digest);
     return ok;
-}
-
-/* A minimal unsigned LEB128 varint (FORMAT.md's) of at most 9 bytes (63 bits) at
-   *pos; 0 if malformed or longer (Python then decides). */
-static int get_varint(const unsigned char *p, Py_ssize_t end, Py_ssize_t *pos, uint64_t *value) {
-    uint64_t v = 0;
-    for (int shift = 0; shift <= 56 && *pos < end; shift += 7) {
-        unsigned char c = p[(*pos)++];
-        v |= (uint64_t)(c & 0x7F) << shift;
-        if (!(c & 0x80)) {
-            if (c == 0 && shift)
-                return 0; /* not minimal */
-            *value = v;
-            return 1;
-        }
-    }
-    return 0;
 }
 
 static PyObject *str_release;
