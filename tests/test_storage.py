@@ -60,14 +60,55 @@ def test_load_range(store):
     assert store.load_range("empty", 0, 5) == b""
 
 
-def _evict(path) -> None:
-    """Drop a file's pages from the page cache (written back first, so they can go)."""
+def _resident_pages(path) -> int:
+    """How many of a file's pages are in the page cache (mincore(2) on a mapping)."""
+    import ctypes
+    import mmap
+
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap")
+        try:
+            pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+            vec = ctypes.create_string_buffer(pages)
+            if libc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore")
+            return sum(b & 1 for b in vec.raw)
+        finally:
+            libc.munmap(ctypes.c_void_p(addr), size)
     finally:
         os.close(fd)
+
+
+def _evict(path) -> None:
+    """Drop a file's pages from the page cache, and check that they went.
+
+    POSIX_FADV_DONTNEED skips a page that is busy at that instant (still in a per-CPU
+    LRU batch, say), so it is retried, then backed by a global drop of clean pages."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # written back first, so the pages can go
+        for attempt in range(50):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if _resident_pages(path) == 0:
+                return
+            if attempt >= 2:
+                with open("/proc/sys/vm/drop_caches", "w") as f:
+                    f.write("1")
+            time.sleep(0.02)
+    finally:
+        os.close(fd)
+    raise AssertionError(f"{path}: {_resident_pages(path)} pages still in the page cache after eviction")
 
 
 def test_load_range_nowait_serves_only_what_is_in_memory(store):
