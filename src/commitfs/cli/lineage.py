@@ -30,7 +30,7 @@ import time
 
 from commitfs.cli.core import repo_url, store_options
 from commitfs.cli.output import ProgressBar, print_json, warn
-from commitfs.errors import InputError, MountError
+from commitfs.errors import InputError, MountError, UsageError
 from commitfs.fuse import lifecycle
 from commitfs.ops import lineage
 from commitfs.ops.lineage_index import LineageReport, query_lineage
@@ -248,7 +248,7 @@ def cmd_run(args) -> int:
     if command and command[0] == "--":
         command = command[1:]
     if not command:
-        raise InputError("run needs a command after --")
+        raise UsageError("run needs a command after --")
     specs = [lineage.parse_input_spec(s, named=True) for s in args.input or []]
     lineage.check_unique_names(specs)
     to = lineage.parse_input_spec(args.to)  # [REPO_URL@]BRANCH
