@@ -83,3 +83,15 @@ class NothingToCommitError(CommitfsError):
 
 class MountError(CommitfsError):
     """Mounting or unmounting failed."""
+
+
+class ConflictError(CommitfsError):
+    """Two lines of history changed the same paths differently (a commit's rebase, a merge).
+
+    ``paths``: the conflicting paths; ``conflicts``: the engine's Conflict
+    records (ops/changes.py), when there are any."""
+
+    def __init__(self, message: str, paths: list[str], conflicts: list | None = None):
+        super().__init__(message)
+        self.paths = paths
+        self.conflicts = list(conflicts or [])
