@@ -95,3 +95,33 @@ class ConflictError(CommitfsError):
         super().__init__(message)
         self.paths = paths
         self.conflicts = list(conflicts or [])
+
+
+# --- contents of files (tables, tensors) ----------------------------------------
+class TableError(CommitfsError):
+    """A table cannot be read or compared as asked."""
+
+
+class TableParseError(TableError):
+    """A tabular file (.csv, .tsv, .jsonl, .parquet) does not parse.
+
+    The message names the file, the side of a comparison ("old"/"new", if
+    any) and the line (or byte offset, where the line is not known)."""
+
+    def __init__(self, path: str, side: str, reason: str, line: int | None = None, offset: int | None = None):
+        self.path, self.side, self.reason, self.line, self.offset = path, side, reason, line, offset
+        where = f"line {line}" if line is not None else f"byte {offset}" if offset is not None else ""
+        parts = [path + (f" ({side} side)" if side else "")] + ([where] if where else [])
+        super().__init__(f"{', '.join(parts)}: {reason}")
+
+
+class TableKeyError(TableError):
+    """A key column is missing, or a key value is not unique."""
+
+    def __init__(self, message: str, key: tuple | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+class TensorHeaderError(CommitfsError):
+    """A file named .safetensors has no valid safetensors header."""
