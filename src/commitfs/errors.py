@@ -71,6 +71,16 @@ class InputError(CommitfsError):
     """Bad user input: a missing directory, an unreadable file, a bad name."""
 
 
+class UsageError(InputError):
+    """The command line itself is wrong (a missing operand, options that do not
+    go together): the CLI exits 2, as for argparse's own usage errors."""
+
+
+class OutputError(CommitfsError):
+    """Writing the command's output failed (stdout on a full disk, a closed
+    descriptor); a broken pipe is not one (the reader left)."""
+
+
 class NothingToCommitError(CommitfsError):
     """The tree equals the parent's tree; no commit was created."""
 
