@@ -135,3 +135,17 @@ class TableKeyError(TableError):
 
 class TensorHeaderError(CommitfsError):
     """A file named .safetensors has no valid safetensors header."""
+
+
+# --- the web UI (commitfs ui) -------------------------------------------
+class UndecodableImageError(CommitfsError):
+    """An image file that Pillow cannot decode (the UI shows a placeholder)."""
+
+
+class ServerError(CommitfsError):
+    """The UI's web server cannot start (port in use, bad address)."""
+
+
+class BadURLError(CommitfsError):
+    """A UI URL that names no path of a tree: '..', '.', an empty or encoded-slash
+    segment, bad percent-encoding (the page answers 400)."""
