@@ -95,6 +95,18 @@ class MountError(CommitfsError):
     """Mounting or unmounting failed."""
 
 
+class ConflictError(CommitfsError):
+    """Two lines of history changed the same paths differently (a commit's rebase, a merge).
+
+    ``paths``: the conflicting paths; ``conflicts``: the engine's Conflict
+    records (ops/changes.py), when there are any."""
+
+    def __init__(self, message: str, paths: list[str], conflicts: list | None = None):
+        super().__init__(message)
+        self.paths = paths
+        self.conflicts = list(conflicts or [])
+
+
 # --- contents of files (tables, tensors) ----------------------------------------
 class TableError(CommitfsError):
     """A table cannot be read or compared as asked."""
