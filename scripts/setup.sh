@@ -40,16 +40,26 @@ if ! .venv/bin/python -c "$patched" 2>/dev/null; then
     .venv/bin/python -m pip install -q --force-reinstall --no-deps "$work/pyfuse3-$PYFUSE3"
 fi
 
-extra=""
+# The UI's browser tests drive Debian's chromium through its chromedriver
+# (nothing downloads a browser at run time).
+if [ "${1:-}" = "test" ] && { ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; }; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    say "installing chromium and chromium-driver with apt-get (the UI's browser tests)"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
+
+# The review UI (extra "ui") for the demo and the tests.
+extra="[ui]"
 # The tests also run the PyTorch example: extra "example" pins the CPU build of
 # torch (a plain "torch" requirement would pull a multi-GB CUDA build).
-[ "${1:-}" = "test" ] && extra="[test,example]"
-say "installing commitfs${extra:+ with ${extra}} and its Python dependencies into .venv (pip)"
+[ "${1:-}" = "test" ] && extra="[test,example,ui]"
+say "installing commitfs with ${extra} and its Python dependencies into .venv (pip)"
 .venv/bin/python -m pip install -q -e ".${extra}"
-say "done: .venv/bin/commitfs"
 # The C modules are optional to pip (a machine without a compiler still installs);
 # here they must have been built.
 .venv/bin/python -c 'import commitfs.model._fastdecode, commitfs.repo._fastread' \
     || { echo "setup: commitfs's C modules did not build (see setup.py)" >&2; exit 1; }
 # pyfuse3 imports trio, which commitfs's install has just brought: check the build now.
 .venv/bin/python -c "$patched" || { echo "setup: pyfuse3 is not commitfs's patched build" >&2; exit 1; }
+say "done: .venv/bin/commitfs"
