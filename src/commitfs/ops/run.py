@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from commitfs.errors import InputError
+from commitfs.errors import InputError, UsageError
 from commitfs.ops import lineage
 from commitfs.ops.snapshot import Progress, commit_directory
 from commitfs.repo.refs import check_ref_name
@@ -229,7 +229,7 @@ def run(
     if command and command[0] == "--":
         command = command[1:]
     if not command:
-        raise InputError("run needs a command after --")
+        raise UsageError("run needs a command after --")
     specs = [lineage.parse_input_spec(s, named=True) for s in spec.inputs]
     lineage.check_unique_names(specs)
     to = lineage.parse_input_spec(spec.to)  # [REPO_URL@]BRANCH

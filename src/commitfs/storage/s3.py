@@ -17,6 +17,7 @@ two do not multiply).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -70,6 +71,11 @@ def _default_endpoint() -> str | None:
     return os.environ.get("COMMITFS_S3_ENDPOINT_URL") or None
 
 
+# What botocore accepts before it sends anything (its own check gives a
+# multi-line message naming two regular expressions).
+_BUCKET_NAME = re.compile(r"[a-zA-Z0-9.\-_]{1,255}")
+
+
 class S3Store(Store):
     def __init__(
         self,
@@ -117,6 +123,9 @@ class S3Store(Store):
         bucket, _, prefix = url.removeprefix("s3://").partition("/")
         if not url.startswith("s3://") or not bucket:
             raise RepositoryError(f"bad S3 URL {url!r}: expected s3://BUCKET/PREFIX")
+        if not _BUCKET_NAME.fullmatch(bucket):
+            raise RepositoryError(f"bad S3 URL {url!r}: {bucket!r} is not a bucket name "
+                                  "(letters, digits, '.', '-' and '_', at most 255)")
         return cls(bucket, prefix, endpoint_url=endpoint_url, **opts)
 
     def __repr__(self) -> str:
