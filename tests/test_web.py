@@ -257,6 +257,26 @@ def test_compare_shows_row_and_tensor_diffs(ui, ui_sample):
     assert "layer.bias" not in tensors
 
 
+def test_lineage_downstream_across_search_repositories(ui_sample, cache_home, tmp_path):
+    """A commit in another repository made from v1 shows downstream when that
+    repository is searched; its node names the repository (no page to link)."""
+    import commitfs
+    from core_fixtures import write_file
+
+    other_url = str(tmp_path / "other")
+    write_file(tmp_path / "out" / "m.bin", b"weights")
+    with commitfs.Repository.init(other_url) as other:
+        made = other.commit(tmp_path / "out", branch="main", message="a model in another repository",
+                            inputs=[f"{ui_sample.url}@{ui_sample.v1}"])
+    here = reopen(ui_sample.url)
+    with serve_ui(here, search=[here, reopen(other_url)], cache_dir=tmp_path / "thumbs") as ui:
+        page = ui.text(f"/lineage/{ui_sample.v1}")
+    svg = re.search(r"<svg.*?</svg>", page, re.S).group(0)
+    assert f'data-commit="{made}"' in svg and f"{other_url}@{made}" in svg
+    assert f'<a href="/commit/{ui_sample.model}">' in svg  # the one in this repository links
+    assert other_url in page  # listed as searched
+
+
 # --- bad input ---------------------------------------------------------------
 @pytest.mark.parametrize("path,status,says", [
     ("/tree/nope/", 404, "unknown revision 'nope'"),

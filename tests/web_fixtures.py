@@ -144,10 +144,8 @@ class Site:
     base: Path
 
 
-@pytest.fixture(scope="module", params=["local", "s3"])
-def ui_site(request, tmp_path_factory):
-    """The sample repository (local, then S3) and the UI over it, made once per
-    test module and backend: the pages are read-only."""
+@contextlib.contextmanager
+def _site(request, tmp_path_factory, backend: str):
     import boto3
 
     import commitfs
@@ -158,7 +156,7 @@ def ui_site(request, tmp_path_factory):
         mp.setenv("XDG_CACHE_HOME", str(base / "xdg-cache"))
         mp.setenv("COMMITFS_AUTHOR", "tester@example")
         mp.delenv("COMMITFS_REPO", raising=False)
-        if request.param == "local":
+        if backend == "local":
             url = str(base / "repo")
         else:
             s3 = request.getfixturevalue("s3_server")
@@ -177,6 +175,21 @@ def ui_site(request, tmp_path_factory):
                 yield Site(client, sample, base)
         finally:
             repo.close()
+
+
+@pytest.fixture(scope="module", params=["local", "s3"])
+def ui_site(request, tmp_path_factory):
+    """The sample repository (local, then S3) and the UI over it, made once per
+    test module and backend: the pages are read-only."""
+    with _site(request, tmp_path_factory, request.param) as site:
+        yield site
+
+
+@pytest.fixture(scope="module")
+def ui_local_site(request, tmp_path_factory):
+    """The same on a local repository only (the browser tests)."""
+    with _site(request, tmp_path_factory, "local") as site:
+        yield site
 
 
 @pytest.fixture
