@@ -34,7 +34,7 @@ from commitfs.errors import InputError, MountError
 from commitfs.fuse import lifecycle
 from commitfs.ops import lineage
 from commitfs.ops.lineage_index import LineageReport, query_lineage
-from commitfs.ops.snapshot import commit_directory
+from commitfs.ops.snapshot import check_commit_text, commit_directory
 from commitfs.repo.refs import check_ref_name
 
 # Seconds the command has to exit after an interrupt before it gets SIGTERM,
@@ -254,7 +254,11 @@ def cmd_run(args) -> int:
     to = lineage.parse_input_spec(args.to)  # [REPO_URL@]BRANCH
     check_ref_name(to.rev)
     output = os.path.abspath(args.output)
-    message = args.message or f"commitfs run: {shlex.join(command)}"[:1000]
+    if args.message is not None:
+        check_commit_text(args.message)
+    # Undecodable bytes of the command line become U+FFFD in the default message.
+    message = args.message or f"commitfs run: {shlex.join(command)}"[:1000].encode(
+        "utf-8", "surrogateescape").decode("utf-8", "replace")
 
     with lineage.RepositoryOpener(store_options(args)) as opener:
         default = opener.open(repo_url(args)) if args.repo else None
