@@ -253,7 +253,7 @@ def test_bad_repository_urls_and_revisions(local_url, tmp_path, cache_home):
     small_repo(local_url, tmp_path)
     assert "~nouser" in cli_fails("-r", "~nouser-commitfs-test/x", "log")
     line = cli_fails("-r", "s3://" + "b" * 300 + "/x", "log")
-    assert "bucket name" in line and len(line) < 200
+    assert "bucket name" in line
     with pytest.raises(RevisionError):
         reopen(local_url).resolve(None)
 

@@ -82,6 +82,16 @@ class InputError(CommitfsError):
     """Bad user input: a missing directory, an unreadable file, a bad name."""
 
 
+class UsageError(InputError):
+    """The command line itself is wrong (a missing operand, options that do not
+    go together): the CLI exits 2, as for argparse's own usage errors."""
+
+
+class OutputError(CommitfsError):
+    """Writing the command's output failed (stdout on a full disk, a closed
+    descriptor); a broken pipe is not one (the reader left)."""
+
+
 class NothingToCommitError(CommitfsError):
     """The tree equals the parent's tree; no commit was created."""
 
@@ -94,3 +104,33 @@ class NothingToCommitError(CommitfsError):
 
 class MountError(CommitfsError):
     """Mounting or unmounting failed."""
+
+
+# --- contents of files (tables, tensors) ----------------------------------------
+class TableError(CommitfsError):
+    """A table cannot be read or compared as asked."""
+
+
+class TableParseError(TableError):
+    """A tabular file (.csv, .tsv, .jsonl, .parquet) does not parse.
+
+    The message names the file, the side of a comparison ("old"/"new", if
+    any) and the line (or byte offset, where the line is not known)."""
+
+    def __init__(self, path: str, side: str, reason: str, line: int | None = None, offset: int | None = None):
+        self.path, self.side, self.reason, self.line, self.offset = path, side, reason, line, offset
+        where = f"line {line}" if line is not None else f"byte {offset}" if offset is not None else ""
+        parts = [path + (f" ({side} side)" if side else "")] + ([where] if where else [])
+        super().__init__(f"{', '.join(parts)}: {reason}")
+
+
+class TableKeyError(TableError):
+    """A key column is missing, or a key value is not unique."""
+
+    def __init__(self, message: str, key: tuple | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+class TensorHeaderError(CommitfsError):
+    """A file named .safetensors has no valid safetensors header."""

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import sys
 
 from commitfs.cli.output import ProgressBar, human_size, print_json, warn
-from commitfs.errors import CommitfsError, InputError, NothingToCommitError, RevisionError
+from commitfs.errors import CommitfsError, InputError, NothingToCommitError, RevisionError, UsageError
 from commitfs.model.objects import Kind
 from commitfs.ops import browse, history
 from commitfs.ops.checkout import checkout
@@ -69,7 +70,7 @@ def cmd_commit(args) -> int:
     bar = ProgressBar("commit")
     try:
         result = commit_directory(
-            repo, args.dir, branch=args.branch, message=args.message, metadata=metadata,
+            repo, args.dir, branch=args.branch or "main", message=args.message, metadata=metadata,
             progress=lambda p: bar.update(p.bytes_done, p.bytes_total, p.files_done, p.files_total),
         )
     except NothingToCommitError as exc:
@@ -100,7 +101,13 @@ def cmd_commit(args) -> int:
 
 def cmd_log(args) -> int:
     repo = open_repo(args)
-    start = repo.resolve(args.rev)
+    if args.rev is None and not repo.refs.branches():
+        # A fresh repository: an empty history, not an unknown revision.
+        print("commitfs: no commits yet (commit a directory: commitfs commit DIR -m MESSAGE)", file=sys.stderr)
+        if args.json:
+            print_json([])
+        return 0
+    start = repo.resolve(args.rev or "main")
     items = history.log(repo, start, args.limit)
     if args.json:
         print_json([history.commit_json(cid, c) for cid, c in items])
@@ -179,7 +186,7 @@ def cmd_cat(args) -> int:
     repo = open_repo(args)
     rev, path = browse.split_rev_path(args.spec)
     if not path:
-        raise InputError("cat needs REV:PATH")
+        raise UsageError("cat needs REV:PATH (a file inside a revision, e.g. main:data/labels.csv)")
     f = browse.open_file(repo, repo.resolve(rev), path)
     out = sys.stdout.buffer
     for chunk in f._reader.iter_chunks():
@@ -242,7 +249,7 @@ def cmd_tag(args) -> int:
                 print(f"{n} {c.hex()}")
         return 0
     if args.rev is None:
-        raise InputError("tag needs NAME and REV")
+        raise UsageError("tag needs NAME and REV (commitfs tag NAME REV)")
     cid = repo.resolve(args.rev)
     repo.refs.create_tag(args.name, cid)
     print(f"tagged {cid.hex()[:12]} as {args.name}")
@@ -277,6 +284,16 @@ def cmd_fsck(args) -> int:
     return 0 if report.ok else 1
 
 
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of commits (0 or more), got {text!r}")
+    return n
+
+
 def register(sub, common) -> None:
     def add(name, handler, help_, **kw):
         p = sub.add_parser(name, parents=[common], help=help_, description=help_, **kw)
@@ -287,7 +304,8 @@ def register(sub, common) -> None:
 
     p = add("commit", cmd_commit, "commit a directory to a branch, print the commit id")
     p.add_argument("dir", metavar="DIR")
-    p.add_argument("-b", "--branch", default="main")
+    p.add_argument("-b", "--branch", help="the branch to commit to (default: main; for a workspace "
+                   "mount, its own branch, the only one allowed)")
     p.add_argument("-m", "--message", required=True)
     p.add_argument("--meta", action="append", metavar="KEY=VALUE", help="metadata (repeatable)")
     p.add_argument("--input", action="append", metavar="[REPO_URL@]REV",
@@ -295,8 +313,8 @@ def register(sub, common) -> None:
     p.add_argument("--json", action="store_true")
 
     p = add("log", cmd_log, "show the history of a revision")
-    p.add_argument("rev", nargs="?", default="main", metavar="REV")
-    p.add_argument("-n", "--limit", type=int)
+    p.add_argument("rev", nargs="?", metavar="REV", help="where history starts (default: main)")
+    p.add_argument("-n", "--limit", type=_count, metavar="N", help="at most N commits")
     p.add_argument("--oneline", action="store_true")
     p.add_argument("--json", action="store_true")
 

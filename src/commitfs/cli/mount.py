@@ -14,7 +14,7 @@ from pathlib import Path
 
 from commitfs.cache import DEFAULT_MAX_BYTES, default_cache_dir, parse_size
 from commitfs.cli.core import open_repo, repo_url
-from commitfs.errors import InputError
+from commitfs.errors import InputError, UsageError
 from commitfs.fuse import lifecycle
 
 
@@ -41,11 +41,11 @@ def cmd_mount(args) -> int:
     with open_repo(args) as repo:
         if args.writable:
             if not args.rev:
-                raise InputError("--writable needs a BRANCH (commitfs mount BRANCH MOUNTPOINT --writable)")
+                raise UsageError("--writable needs a BRANCH (commitfs mount BRANCH MOUNTPOINT --writable)")
             if repo.refs.lookup_branch(args.rev) is None:
                 raise InputError(f"--writable needs a branch name; {args.rev!r} is not a branch")
         elif args.workspace:
-            raise InputError("--workspace goes with --writable")
+            raise UsageError("--workspace goes with --writable")
         commit = repo.resolve(args.rev) if args.rev else None
         url = repo.url
     workspace = None

@@ -14,7 +14,7 @@ import sys
 
 from commitfs.cli.core import open_repo, store_options
 from commitfs.cli.output import ProgressBar, human_size, print_json
-from commitfs.errors import InputError, RepositoryNotFoundError
+from commitfs.errors import InputError, RepositoryNotFoundError, UsageError
 from commitfs.ops import sync
 from commitfs.repo.remotes import DEFAULT_REMOTE, Remotes, normalize_url
 from commitfs.repo.repository import Repository
@@ -64,10 +64,11 @@ def _run(label: str, fn):
         progress.close()
 
 
-def _summary(stats: sync.SyncStats) -> str:
+def _summary(stats: sync.SyncStats, moved: str = "sent") -> str:
+    """``moved``: "sent" (push) or "received" (clone, pull): the bytes come here."""
     if not stats.objects:
-        return "nothing to send"
-    return (f"sent {stats.objects} objects ({stats.commits} commits, {stats.trees} trees, "
+        return "nothing to send" if moved == "sent" else "nothing to fetch"
+    return (f"{moved} {stats.objects} objects ({stats.commits} commits, {stats.trees} trees, "
             f"{stats.manifests} files, {stats.chunks} chunks), {human_size(stats.bytes_sent)} in "
             f"{stats.packs} packs")
 
@@ -83,7 +84,8 @@ def _report(args, verb: str, where: str, result: sync.SyncResult) -> None:
             print(f"{u.kind} {u.name}: {what} at {old}")
         else:
             print(f"{u.kind} {u.name}: {old} -> {u.new.hex()[:12]} ({u.status})")
-    print(f"{verb} {where}: {_summary(result.stats)}", file=sys.stderr)
+    moved = "sent" if verb.startswith("pushed") else "received"
+    print(f"{verb} {where}: {_summary(result.stats, moved)}", file=sys.stderr)
 
 
 # --- verbs ------------------------------------------------------------------------
@@ -115,17 +117,17 @@ def cmd_remote(args) -> int:
     remotes = Remotes(local.store)
     if args.action == "add":
         if not args.name or not args.url:
-            raise InputError("remote add needs NAME and URL")
+            raise UsageError("remote add needs NAME and URL")
         remote = remotes.add(args.name, args.url, args.endpoint_url)
         print(f"added remote {remote.name} -> {remote.url}")
     elif args.action == "remove":
         if not args.name or args.url:
-            raise InputError("remote remove needs NAME only")
+            raise UsageError("remote remove needs NAME only")
         remote = remotes.remove(args.name)
         print(f"removed remote {remote.name} (was {remote.url})")
     else:
         if args.name:
-            raise InputError("remote list takes no arguments")
+            raise UsageError("remote list takes no arguments")
         items = remotes.list()
         if args.json:
             print_json({r.name: {"url": r.url, "endpoint_url": r.endpoint_url} for r in items})

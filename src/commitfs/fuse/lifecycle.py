@@ -127,6 +127,21 @@ def find_mount(path: str | os.PathLike) -> MountInfo | None:
     return found
 
 
+#: The file system type of every commitfs mount in /proc/self/mountinfo (daemon.py: subtype=commitfs).
+FSTYPE = "fuse.commitfs"
+
+
+def enclosing_mount(path: str | os.PathLike) -> MountInfo | None:
+    """The innermost commitfs mount holding ``path`` (at it or anywhere below it), or None."""
+    target = canonical(path)
+    found = None
+    for m in iter_mounts():
+        if target == m.mountpoint or target.startswith(m.mountpoint.rstrip("/") + "/"):
+            if found is None or len(m.mountpoint) >= len(found.mountpoint):
+                found = m
+    return found if found is not None and found.fstype == FSTYPE else None
+
+
 def is_stale(path: str | os.PathLike) -> bool:
     """True if ``path`` is a FUSE mount whose daemon is gone.
 

@@ -344,6 +344,8 @@ class Repository:
                     return found[0]
                 if len(found) > 1:
                     raise RevisionError(f"commit prefix {name!r} is ambiguous ({len(found)} commits match)")
+        if not self.refs.branches():
+            raise RevisionError(f"unknown revision {name!r}: the repository has no commits yet")
         raise RevisionError(f"unknown revision {name!r} (not a branch, tag or commit id)")
 
     # --- writing ----------------------------------------------------------------

@@ -50,8 +50,6 @@ from commitfs.storage.retry import TransientError, retry_call
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
-# Bucket names S3 and compatible servers accept (AWS itself: lowercase only).
-_BUCKET = re.compile(r"[A-Za-z0-9._-]{3,63}")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 _REFS = "refs/"
@@ -102,6 +100,11 @@ def _default_endpoint() -> str | None:
     return os.environ.get("COMMITFS_S3_ENDPOINT_URL") or None
 
 
+# What botocore accepts before it sends anything (its own check gives a
+# multi-line message naming two regular expressions).
+_BUCKET_NAME = re.compile(r"[a-zA-Z0-9.\-_]{1,255}")
+
+
 class S3Store(Store):
     def __init__(
         self,
@@ -149,9 +152,9 @@ class S3Store(Store):
         bucket, _, prefix = url.removeprefix("s3://").partition("/")
         if not url.startswith("s3://") or not bucket:
             raise RepositoryError(f"bad S3 URL {url!r}: expected s3://BUCKET/PREFIX")
-        if not _BUCKET.fullmatch(bucket):
-            raise RepositoryError(f"bad S3 bucket name {bucket[:70]!r}{'...' if len(bucket) > 70 else ''}: "
-                                  "3 to 63 letters, digits, '.', '-' or '_'")
+        if not _BUCKET_NAME.fullmatch(bucket):
+            raise RepositoryError(f"bad S3 URL {url!r}: {bucket!r} is not a bucket name "
+                                  "(letters, digits, '.', '-' and '_', at most 255)")
         return cls(bucket, prefix, endpoint_url=endpoint_url, **opts)
 
     def __repr__(self) -> str:

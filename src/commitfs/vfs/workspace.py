@@ -347,10 +347,23 @@ class WorkspaceFS:
                 overlay.clear(head, cls._root_row(repo, head))
             fs = cls(repo, overlay, branch, options)
             fs._load()
+            if fs.base != head and not fs._has_edits():
+                # Edits made and then undone (reset PATH, a file created and removed)
+                # leave rows but change nothing: the workspace is clean, so it too
+                # starts from the branch's current head.
+                overlay.clear(head, cls._root_row(repo, head))
+                fs = cls(repo, overlay, branch, options)
+                fs._load()
             return fs
         except BaseException:
             overlay.close()
             raise
+
+    def _has_edits(self) -> bool:
+        """Whether the loaded overlay differs from its base (synchronous, before the loop)."""
+        snap = _snapshot(self.root, self.overlay.data_path)
+        changes, _ = diff_snapshot(self.repo, self.repo.load_commit(self.base).tree, snap)
+        return bool(changes)
 
     @staticmethod
     def _root_row(repo: Repository, cid: bytes) -> Row:
