@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import shutil
+import tempfile
 import subprocess
 import sys
+
+from pathlib import Path
 
 import boto3
 import pytest
 import trio
 
-from core_fixtures import assert_one_line_error, cli_env, cli_fails, cli_ok, reopen, shared_store, write_file
+from core_fixtures import (assert_one_line_error, cli_env, cli_fails, cli_ok, reopen, run_cli, shared_store,
+                           write_file)
+from cutproxy import CuttingProxy
 from mount_fixtures import fs_of, vfs_listdir, vfs_read_all
-from commitfs.errors import CorruptObjectError, DamagedRefError, RepositoryError, RevisionError
+from commitfs.errors import CorruptObjectError, DamagedRefError, RepositoryError, RevisionError, StorageError
 from commitfs.model.ids import hash_bytes
 from commitfs.model.objects import Commit, DecodeError, FileManifest, Kind, Tree, TreeEntry
 from commitfs.ops.browse import lookup_path
@@ -27,6 +34,7 @@ from commitfs.ops.fsck import fsck
 from commitfs.ops.sync import transfer
 from commitfs.repo.pack import BlobKind
 from commitfs.repo.reader import FileReader
+from commitfs.storage.s3 import S3Store
 from commitfs.ops.snapshot import commit_directory
 from commitfs.repo.repository import Repository
 from commitfs.vfs import ROOT_INODE
@@ -275,3 +283,120 @@ def test_a_symlink_no_system_could_make_is_malformed(local_url, tmp_path, cache_
     assert "symlink" in cli_fails("-r", local_url, "checkout", "evil", str(tmp_path / "co"))
     assert "symlink" in cli_fails("-r", local_url, "ls", "-R", "evil")
     assert any("symlink" in p for p in fsck(reopen(local_url)).problems)
+
+
+# --- item 10: the runtime directory is made when missing ---------------------------------
+@pytest.fixture
+def empty_runtime_dir(monkeypatch):
+    """XDG_RUNTIME_DIR: an existing directory with no commitfs/mounts in it yet
+    (short: a socket's path has 107 bytes); removed after the mounts are gone."""
+    run = Path(tempfile.mkdtemp(prefix="cfrun-", dir="/tmp"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(run))
+    yield run
+    shutil.rmtree(run, ignore_errors=True)
+
+
+@pytest.mark.timeout(90)
+def test_a_writable_mount_makes_a_missing_runtime_directory_private(empty_runtime_dir, local_url, tmp_path, mounts):
+    run = empty_runtime_dir
+    small_repo(local_url, tmp_path)
+    mp = mounts.mountpoint()
+    mounts.mount(local_url, mp, "--writable", rev="main")
+    (mp / "new.txt").write_bytes(b"written\n")
+    assert (mp / "a.txt").read_bytes() == b"alpha\n"
+    for d in (run / "commitfs", run / "commitfs" / "mounts"):
+        assert d.is_dir() and (d.stat().st_mode & 0o777) == 0o700
+    proc = cli_ok("-r", local_url, "commit", str(mp), "-m", "from the mount")
+    assert len(proc.stdout.strip()) == 64
+
+
+# --- item 1: answers cut at random points --------------------------------------------------
+def _truth(store):
+    keys = sorted(store.iter_keys(""))
+    return {
+        "keys": keys,
+        "sizes": {k: store.lookup_size(k) for k in keys},
+        "objects": {k: store.load_object(k) for k in keys},
+        "refs": dict(store.iter_refs("")),
+    }
+
+
+@pytest.mark.timeout(120)
+def test_s3_answers_cut_at_random_points_are_retried_or_errors_never_data(s3_server, s3_url, tmp_path, cache_home):
+    """Every read through a proxy cutting 30% of answers (in the headers or the body)
+    returns exactly what the bucket holds, or raises StorageError: never an empty
+    listing, an empty or short object, a missing size."""
+    small_repo(s3_url, tmp_path)
+    direct = shared_store(s3_url)
+    truth = _truth(direct)
+    bucket = s3_url.removeprefix("s3://").split("/")[0]
+    rng = random.Random(20)
+    errors = 0
+    with CuttingProxy(s3_server.port, probability=0.3, seed=20) as proxy:
+        store = S3Store(bucket, "repo", endpoint_url=proxy.endpoint_url, attempts=6, deadline_s=20)
+        try:
+            for _ in range(50):
+                op = rng.randrange(6)
+                key = rng.choice(truth["keys"])
+                data = truth["objects"][key]
+                try:
+                    if op == 0:
+                        assert sorted(store.iter_keys("")) == truth["keys"]
+                    elif op == 1:
+                        assert dict(store.iter_refs("")) == truth["refs"]
+                    elif op == 2:
+                        assert store.lookup_size(key) == truth["sizes"][key]
+                    elif op == 3:
+                        assert store.load_object(key) == data
+                    elif op == 4:
+                        off = rng.randrange(len(data) + 5)
+                        n = rng.randrange(1, 200)
+                        assert store.load_range(key, off, n) == data[off:off + n]
+                    else:
+                        name = rng.choice(list(truth["refs"]))
+                        assert store.load_ref(name) == truth["refs"][name]
+                except StorageError:
+                    errors += 1
+        finally:
+            store.close()
+    assert proxy.cuts >= 12 and proxy.header_cuts >= 5, (proxy.cuts, proxy.header_cuts)
+    assert errors <= 5  # retried: nearly every operation got through
+
+
+@pytest.mark.timeout(150)
+def test_commands_over_a_cutting_network_succeed_whole_or_fail_in_one_line(s3_server, s3_url, tmp_path, cache_home):
+    """clone, branch --json, log, commit through a proxy cutting 30% of answers:
+    each exits 0 with the whole truth, or 1 with one line; never 0 with nothing."""
+    cid = small_repo(s3_url, tmp_path)
+    with Repository.open(s3_url) as r:
+        r.refs.set_branch_if_equals("dev", cid, None)
+    branches = {"dev": cid.hex(), "main": cid.hex()}
+    more = tmp_path / "more"
+    write_file(more / "m.bin", random.Random(3).randbytes(50_000))
+    with CuttingProxy(s3_server.port, probability=0.3, seed=21) as proxy:
+        env = cli_env(AWS_ENDPOINT_URL=proxy.endpoint_url, COMMITFS_S3_ENDPOINT_URL=proxy.endpoint_url)
+        outcomes = []
+        for args in (["branch", "--json"], ["clone", s3_url, str(tmp_path / "c1")],
+                     ["commit", str(more), "-b", "dev", "-m", "m"], ["log", "dev", "--oneline"], ["branch", "--json"]):
+            proc = run_cli("-r", s3_url, *args, env=env)
+            err = proc.stderr.decode(errors="replace")
+            if proc.returncode != 0:
+                assert_one_line_error(proc.returncode, err)
+                outcomes.append("error")
+                continue
+            assert "Traceback" not in err
+            outcomes.append("ok")
+            if args[0] == "branch":
+                got = json.loads(proc.stdout)
+                assert got.keys() == branches.keys(), got  # never {}
+            elif args[0] == "log":
+                assert cid.hex()[:12].encode() in proc.stdout
+            elif args[0] == "clone":
+                with Repository.open(args[2]) as c:
+                    assert set(c.refs.branches()) == {"dev", "main"}
+                    assert fsck(c, read_data=True).problems == []
+            elif args[0] == "commit":
+                branches["dev"] = proc.stdout.decode().split()[-1]
+    assert proxy.cuts >= 8, proxy.cuts
+    assert outcomes.count("ok") >= 3, outcomes
+    assert fsck(reopen(s3_url), read_data=True).problems == []  # what got through is whole

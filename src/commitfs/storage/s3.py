@@ -36,6 +36,7 @@ from typing import TypeVar
 import boto3
 from botocore import exceptions as bx
 from botocore.config import Config
+from botocore.parsers import ResponseParserError
 
 from commitfs.errors import (
     ObjectNotFoundError,
@@ -168,7 +169,7 @@ class S3Store(Store):
         def attempt() -> T:
             try:
                 return fn()
-            except (bx.ClientError, bx.BotoCoreError) as exc:
+            except (bx.ClientError, bx.BotoCoreError, ResponseParserError) as exc:
                 raise self._translate(exc, what, s3_key) from exc
 
         return retry_call(attempt, what=what, attempts=self._attempts, deadline_s=self._deadline_s)
@@ -202,6 +203,8 @@ class S3Store(Store):
         if isinstance(exc, bx.ReadTimeoutError):
             return TransientError(f"S3 endpoint {endpoint} did not answer within {self._read_timeout:g}s",
                                   unreachable=True)
+        if isinstance(exc, ResponseParserError):  # a body cut short: not XML any more
+            return TransientError(f"incomplete answer from S3 endpoint {endpoint} (unparsable)", unreachable=True)
         if isinstance(exc, (bx.HTTPClientError, bx.ResponseStreamingError, bx.IncompleteReadError)):
             return TransientError(f"connection to S3 endpoint {endpoint} broke: {exc}", unreachable=True)
         return StorageError(" ".join(f"{what}: {exc}".split()))  # one line, whatever botocore says
