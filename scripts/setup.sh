@@ -35,10 +35,19 @@ if ! .venv/bin/python -c "$patched" 2>/dev/null; then
     .venv/bin/python -m pip install -q --force-reinstall --no-deps "$work/pyfuse3-$PYFUSE3"
 fi
 
-extra=""
+# The UI's browser tests drive Debian's chromium through its chromedriver
+# (nothing downloads a browser at run time).
+if [ "${1:-}" = "test" ] && { ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; }; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
+
+# The review UI (extra "ui") for the demo and the tests.
+extra="[ui]"
 # The tests also run the PyTorch example: extra "example" pins the CPU build of
 # torch (a plain "torch" requirement would pull a multi-GB CUDA build).
-[ "${1:-}" = "test" ] && extra="[test,example]"
+[ "${1:-}" = "test" ] && extra="[test,example,ui]"
 .venv/bin/python -m pip install -q -e ".${extra}"
 # The C modules are optional to pip (a machine without a compiler still installs);
 # here they must have been built.

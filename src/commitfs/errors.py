@@ -106,6 +106,18 @@ class MountError(CommitfsError):
     """Mounting or unmounting failed."""
 
 
+class ConflictError(CommitfsError):
+    """Two lines of history changed the same paths differently (a commit's rebase, a merge).
+
+    ``paths``: the conflicting paths; ``conflicts``: the engine's Conflict
+    records (ops/changes.py), when there are any."""
+
+    def __init__(self, message: str, paths: list[str], conflicts: list | None = None):
+        super().__init__(message)
+        self.paths = paths
+        self.conflicts = list(conflicts or [])
+
+
 # --- contents of files (tables, tensors) ----------------------------------------
 class TableError(CommitfsError):
     """A table cannot be read or compared as asked."""
@@ -134,3 +146,17 @@ class TableKeyError(TableError):
 
 class TensorHeaderError(CommitfsError):
     """A file named .safetensors has no valid safetensors header."""
+
+
+# --- the web UI (commitfs ui) -------------------------------------------
+class UndecodableImageError(CommitfsError):
+    """An image file that Pillow cannot decode (the UI shows a placeholder)."""
+
+
+class ServerError(CommitfsError):
+    """The UI's web server cannot start (port in use, bad address)."""
+
+
+class BadURLError(CommitfsError):
+    """A UI URL that names no path of a tree: '..', '.', an empty or encoded-slash
+    segment, bad percent-encoding (the page answers 400)."""

@@ -15,7 +15,7 @@ import sys
 from commitfs.errors import CommitfsError, OutputError, UsageError
 
 # Modules defining verbs, in the order --help lists them.
-VERB_MODULES = ["commitfs.cli.core", "commitfs.cli.mount", "commitfs.cli.workspace", "commitfs.cli.remote", "commitfs.cli.lineage"]
+VERB_MODULES = ["commitfs.cli.core", "commitfs.cli.mount", "commitfs.cli.workspace", "commitfs.cli.remote", "commitfs.cli.lineage", "commitfs.cli.ui"]
 
 
 class _Parser(argparse.ArgumentParser):

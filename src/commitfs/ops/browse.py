@@ -76,3 +76,40 @@ def open_file(repo: Repository, commit_id: bytes, path: str) -> FileObject:
     if entry.kind is Kind.SYMLINK:
         raise PathNotFoundError(f"{path} is a symlink to {entry.target.decode(errors='replace')}")
     return FileObject(FileReader.open(repo, entry.id), name=path)
+
+
+@dataclass(frozen=True)
+class DirPage:
+    """One page of a directory's entries, in name order (``offset`` counts matching entries)."""
+
+    path: str
+    items: list[WalkItem]
+    offset: int
+    limit: int
+    total: int      # entries that match (all of them without a filter)
+
+    @property
+    def next_offset(self) -> int | None:
+        end = self.offset + len(self.items)
+        return end if end < self.total else None
+
+    @property
+    def prev_offset(self) -> int | None:
+        return max(0, self.offset - self.limit) if self.offset > 0 else None
+
+
+def list_page(repo: Repository, commit_id: bytes, path: str = "", offset: int = 0, limit: int = 200,
+              match=None) -> DirPage:
+    """Entries [offset, offset+limit) of the directory at ``path`` (``match(entry)``
+    keeps only some): a page of a 100k-entry directory makes ``limit`` items, not
+    100k.  Raise NotADirectoryError_ for a file."""
+    entry = lookup_path(repo, commit_id, path)
+    if not entry.is_dir:
+        raise NotADirectoryError_(f"{path} is not a directory in {commit_id.hex()[:12]}")
+    entries = repo.load_tree(entry.id).entries
+    if match is not None:
+        entries = [e for e in entries if match(e)]
+    offset = max(0, offset)
+    chosen = entries[offset:offset + limit]
+    prefix = f"{path}/" if path else ""
+    return DirPage(path, [WalkItem(prefix + e.name, e) for e in chosen], offset, limit, len(entries))
