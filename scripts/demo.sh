@@ -6,6 +6,29 @@
 # without a terminal).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# --- functions (tests/test_cli_promises.py sources this block) ---
+# Print a command as it can be pasted into a shell (each word quoted the way
+# Python's shlex.quote does: bare when safe, else in single quotes), then run it.
+quote_word() {
+    local q="'" word=$1
+    if [[ -n "$word" && "$word" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
+        printf '%s' "$word"
+    else
+        printf "'%s'" "${word//$q/$q\"$q\"$q}"
+    fi
+}
+show_command() {
+    local word line=""
+    for word in "$@"; do
+        line+="${line:+ }$(quote_word "$word")"
+    done
+    printf '%s' "$line"
+}
+step() { printf '\n\033[1m$ %s\033[0m\n' "$(show_command "$@")"; "$@"; }
+# --- end functions ---
+
+echo "demo: installing what commitfs needs (scripts/setup.sh); the first run takes a few minutes" >&2
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 DEMO=${DEMO_DIR:-$PWD/demo}
@@ -16,6 +39,7 @@ export XDG_CACHE_HOME="$DEMO/cache"
 
 step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
 
+echo "demo: making a sample image dataset in $DEMO/data" >&2
 python scripts/make_sample.py "$DEMO/data" --images 200
 step commitfs init
 step commitfs commit "$DEMO/data" -m "sample dataset v1" --meta source=make_sample.py
