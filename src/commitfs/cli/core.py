@@ -13,7 +13,7 @@ from commitfs.model.objects import Kind
 from commitfs.ops import browse, history
 from commitfs.ops.checkout import checkout
 from commitfs.ops.fsck import fsck
-from commitfs.ops.snapshot import commit_directory
+from commitfs.ops.snapshot import check_commit_text, commit_directory
 from commitfs.repo.repository import Repository
 
 
@@ -38,6 +38,7 @@ def parse_meta(items: list[str] | None) -> dict[str, str]:
         if not sep or not key:
             raise InputError(f"--meta expects KEY=VALUE, got {item!r}")
         meta[key] = value
+    check_commit_text("", meta)
     return meta
 
 
@@ -55,6 +56,7 @@ def cmd_init(args) -> int:
 def cmd_commit(args) -> int:
     from commitfs.cli.workspace import commit_workspace
 
+    check_commit_text(args.message)
     if (code := commit_workspace(args, parse_meta(args.meta))) is not None:
         return code  # DIR is a writable workspace mount: its daemon commits the overlay
     repo = open_repo(args)
@@ -203,6 +205,9 @@ def cmd_cat(args) -> int:
 def cmd_branch(args) -> int:
     repo = open_repo(args)
     if args.delete:
+        if repo.refs.remove_damaged_branch(args.delete):
+            print(f"deleted damaged branch {args.delete}")
+            return 0
         current = repo.refs.lookup_branch(args.delete)
         if current is None:
             raise RevisionError(f"no branch {args.delete!r}")
