@@ -15,7 +15,7 @@ import sys
 from commitfs.errors import CommitfsError, OutputError, UsageError
 
 # Modules defining verbs, in the order --help lists them.
-VERB_MODULES = ["commitfs.cli.core", "commitfs.cli.mount", "commitfs.cli.workspace", "commitfs.cli.remote", "commitfs.cli.lineage", "commitfs.cli.ui"]
+VERB_MODULES = ["commitfs.cli.core", "commitfs.cli.mount", "commitfs.cli.workspace", "commitfs.cli.remote", "commitfs.cli.lineage", "commitfs.cli.ui", "commitfs.cli.merge"]
 
 
 class _Parser(argparse.ArgumentParser):
