@@ -67,10 +67,10 @@ def test_commit_page_metadata_parents_and_changed_paths(ui, ui_sample):
     page = ui.text(f"/commit/{ui_sample.v2}")
     assert ui_sample.v2 in page and "v2: relabel cat_1" in page
     assert f'href="/commit/{ui_sample.v1}"' in page
-    assert re.search(r"1 added.*1 removed.*2 modified", page, re.S)
+    assert re.search(r"1 added.*1 removed.*3 modified", page, re.S)
     changes = rows(page, "changes")
     assert [re.search(r">([^<>]+)</a>", r).group(1) for r in changes] == [
-        "images/cat_1.png", "images/new.png", "labels.csv", "notes.txt"]
+        "images/cat_1.png", "images/new.png", "labels.csv", "notes.txt", "weights.safetensors"]
     assert f'href="/file/{ui_sample.v1}/notes.txt"' in changes[3]  # a removed file links to its old side
     # A merge commit shows both parents.
     merge = ui.text("/commit/merged")
@@ -182,7 +182,7 @@ def test_thumbnails_are_made_cached_and_placeholders_for_undecodable(ui, ui_samp
 
 def test_compare_page_lists_changes_and_images_side_by_side(ui, ui_sample):
     page = ui.text("/compare/v1/main")
-    assert re.search(r"1 added.*1 removed.*2 modified", page, re.S)
+    assert re.search(r"1 added.*1 removed.*3 modified", page, re.S)
     pairs = re.findall(r'<div class="pair image-pair">(.*?)</div>\s*</div>|<div class="pair image-pair">(.*?)\n</div>', page, re.S)
     assert f'class="before" src="/raw/{ui_sample.v1}/images/cat_1.png"' in page
     assert f'class="after" src="/raw/{ui_sample.v2}/images/cat_1.png"' in page
@@ -199,6 +199,82 @@ def test_lineage_page_draws_inputs_and_downstream(ui, ui_sample):
     assert "<path class=\"edge\"" in svg
     down = ui.text("/lineage/v1")
     assert f'<a href="/commit/{ui_sample.model}">' in down and 'class="node down"' in down
+
+
+def test_table_pages_and_filter(ui, ui_sample):
+    first = ui.text("/file/main/big.csv")
+    table = rows(first, "table")
+    assert len(table) == 100 and "<td>0</td><td>dog</td><td>val</td>" in table[0]
+    assert "rows 1–100<" in first and 'href="?offset=100"' in first and 'id="prev"' not in first
+    assert re.findall(r"<th>(\w+)</th>", first)[:4] == ["line", "id", "label", "split"]
+    last = ui.text("/file/main/big.csv?offset=200")
+    assert len(rows(last, "table")) == 50 and "rows 201–250 of 250" in last and 'id="next"' not in last
+    dogs = ui.text("/file/main/big.csv?column=label&value=dog")
+    cells = [re.findall(r"<td>([^<]*)</td>", r) for r in rows(dogs, "table")]
+    assert len(cells) == 84 and all(c[1] == "dog" for c in cells)  # ids 0, 3, ... 249
+    assert "rows 1–84 of 84" in dogs and "rows where label = “dog”" in dogs
+    page2 = ui.text("/file/main/big.csv?column=split&value=val&offset=40")
+    assert [re.findall(r"<td>([^<]*)</td>", r)[0] for r in rows(page2, "table")] == ["200", "205", "210", "215",
+                                                                                    "220", "225", "230", "235",
+                                                                                    "240", "245"]
+    assert "rows 41–50 of 50" in page2
+    none = ui.text("/file/main/big.csv?column=label&value=fish")
+    assert "no rows match" in none
+    missing = ui.text("/file/main/big.csv?column=colour&value=red")
+    assert "no column &#39;colour&#39;" in missing and 'id="table-error"' in missing
+    bad = ui.text("/file/main/bad.csv")
+    assert re.search(r'id="table-error">bad\.csv, line 3: ', bad)
+    jsonl = ui.text("/file/main/rows.jsonl")
+    assert re.findall(r"<th>(\w+)</th>", jsonl) == ["line", "id", "tags", "note"]
+    assert "<td>[&#34;a&#34;]</td>" in jsonl and "<td>second</td>" in jsonl
+
+    parquet = ui.text("/file/main/table.parquet?column=label&value=bird&offset=45")
+    assert [re.findall(r"<td>([^<]*)</td>", r) for r in rows(parquet, "table")] == [
+        [str(i), "bird"] for i in range(137, 150, 3)]
+    assert "rows 46–50 of 50" in parquet
+
+
+def test_safetensors_header_as_a_table_of_tensors(ui):
+    page = ui.text("/file/v1/weights.safetensors")
+    tensors = rows(page, "tensors")
+    assert len(tensors) == 2
+    assert "<code>layer.bias</code></td><td>F32</td><td>[2]</td><td class=\"num\">8 B</td>" in tensors[0]
+    assert "<code>layer.weight</code></td><td>F32</td><td>[2, 2]</td>" in tensors[1]
+    broken = ui.text("/file/main/broken.safetensors")
+    assert 'id="tensor-error">not a readable safetensors file: header length' in broken
+
+
+def test_compare_shows_row_and_tensor_diffs(ui, ui_sample):
+    page = ui.text("/compare/v1/main")
+    table = re.search(r'<div class="table-diff">(.*?)</div>', page, re.S).group(1)
+    assert "labels.csv" in table and "0 rows added" in table and "1 changed" in table
+    assert '<td class="changed" title="was: cat"><del>cat</del> dog</td>' in table
+    assert "<td>images/cat_1.png</td>" in table
+    tensors = re.search(r'<div class="tensor-diff">(.*?)</div>', page, re.S).group(1)
+    assert "1 added" in tensors and "1 changed" in tensors and "1 unchanged" in tensors
+    assert re.search(r"<code>head.weight</code></td><td>added", tensors)
+    assert re.search(r"<code>layer.weight</code></td><td>changed, values", tensors)
+    assert "layer.bias" not in tensors
+
+
+def test_lineage_downstream_across_search_repositories(ui_sample, cache_home, tmp_path):
+    """A commit in another repository made from v1 shows downstream when that
+    repository is searched; its node names the repository (no page to link)."""
+    import commitfs
+    from core_fixtures import write_file
+
+    other_url = str(tmp_path / "other")
+    write_file(tmp_path / "out" / "m.bin", b"weights")
+    with commitfs.Repository.init(other_url) as other:
+        made = other.commit(tmp_path / "out", branch="main", message="a model in another repository",
+                            inputs=[f"{ui_sample.url}@{ui_sample.v1}"])
+    here = reopen(ui_sample.url)
+    with serve_ui(here, search=[here, reopen(other_url)], cache_dir=tmp_path / "thumbs") as ui:
+        page = ui.text(f"/lineage/{ui_sample.v1}")
+    svg = re.search(r"<svg.*?</svg>", page, re.S).group(0)
+    assert f'data-commit="{made}"' in svg and f"{other_url}@{made}" in svg
+    assert f'<a href="/commit/{ui_sample.model}">' in svg  # the one in this repository links
+    assert other_url in page  # listed as searched
 
 
 # --- bad input ---------------------------------------------------------------

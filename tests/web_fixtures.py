@@ -43,6 +43,35 @@ def png_bytes(color, size=(40, 30)) -> bytes:
     return out.getvalue()
 
 
+def safetensors_bytes(tensors: dict[str, tuple[str, list[int], bytes]]) -> bytes:
+    """A .safetensors file: {name: (dtype, shape, raw bytes)}, written by hand."""
+    import json
+    import struct
+
+    header, data = {}, b""
+    for name, (dtype, shape, raw) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data
+
+
+def parquet_bytes(columns: dict[str, list]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = io.BytesIO()
+    pq.write_table(pa.table(columns), out, row_group_size=64)
+    return out.getvalue()
+
+
+def f32(*values: float) -> bytes:
+    import struct
+
+    return struct.pack(f"<{len(values)}f", *values)
+
+
 @dataclass
 class Sample:
     url: str
@@ -70,6 +99,14 @@ def make_sample(url: str, tmp_path: Path) -> Sample:
         "notes.txt": "Notes on the sample ✓\n".encode(),
         "sub dir/é x.txt": b"unicode name\n",
     }
+    files["big.csv"] = ("id,label,split\n" + "".join(
+        f"{i},{'dog' if i % 3 == 0 else 'cat'},{'val' if i % 5 == 0 else 'train'}\n" for i in range(250))).encode()
+    files["rows.jsonl"] = b'{"id": 1, "tags": ["a"]}\n{"id": 2, "note": "second"}\n'
+    files["bad.csv"] = b'a,b\n1,2\n3,"x"y\n'
+    files["weights.safetensors"] = safetensors_bytes({"layer.weight": ("F32", [2, 2], f32(1, 2, 3, 4)),
+                                                      "layer.bias": ("F32", [2], f32(0.5, 0.25))})
+    files["broken.safetensors"] = b"\xff" * 16
+    files["table.parquet"] = parquet_bytes({"id": list(range(150)), "label": ["cat", "dog", "bird"] * 50})
     blob = rng.randbytes(3 << 20)  # several chunks: ranges cross chunk boundaries
     files["blob.bin"] = blob
     for i in range(450):
@@ -83,6 +120,9 @@ def make_sample(url: str, tmp_path: Path) -> Sample:
         write_file(data / "images/cat_1.png", png_bytes((250, 250, 0)))
         write_file(data / "images/new.png", png_bytes((0, 0, 0)))
         (data / "notes.txt").unlink()
+        write_file(data / "weights.safetensors", safetensors_bytes({
+            "layer.weight": ("F32", [2, 2], f32(1, 2, 3, 5)), "layer.bias": ("F32", [2], f32(0.5, 0.25)),
+            "head.weight": ("F32", [1], f32(9))}))
         write_file(data / "labels.csv",
                    b"path,label,score\nimages/cat_0.png,cat,0.9\nimages/cat_1.png,dog,0.8\nimages/cat_2.png,dog,0.7\n")
         v2 = commit_directory(r, data, message="v2: relabel cat_1").commit_id
@@ -104,10 +144,8 @@ class Site:
     base: Path
 
 
-@pytest.fixture(scope="module", params=["local", "s3"])
-def ui_site(request, tmp_path_factory):
-    """The sample repository (local, then S3) and the UI over it, made once per
-    test module and backend: the pages are read-only."""
+@contextlib.contextmanager
+def _site(request, tmp_path_factory, backend: str):
     import boto3
 
     import commitfs
@@ -118,7 +156,7 @@ def ui_site(request, tmp_path_factory):
         mp.setenv("XDG_CACHE_HOME", str(base / "xdg-cache"))
         mp.setenv("COMMITFS_AUTHOR", "tester@example")
         mp.delenv("COMMITFS_REPO", raising=False)
-        if request.param == "local":
+        if backend == "local":
             url = str(base / "repo")
         else:
             s3 = request.getfixturevalue("s3_server")
@@ -137,6 +175,21 @@ def ui_site(request, tmp_path_factory):
                 yield Site(client, sample, base)
         finally:
             repo.close()
+
+
+@pytest.fixture(scope="module", params=["local", "s3"])
+def ui_site(request, tmp_path_factory):
+    """The sample repository (local, then S3) and the UI over it, made once per
+    test module and backend: the pages are read-only."""
+    with _site(request, tmp_path_factory, request.param) as site:
+        yield site
+
+
+@pytest.fixture(scope="module")
+def ui_local_site(request, tmp_path_factory):
+    """The same on a local repository only (the browser tests)."""
+    with _site(request, tmp_path_factory, "local") as site:
+        yield site
 
 
 @pytest.fixture

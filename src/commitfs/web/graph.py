@@ -48,7 +48,7 @@ def layout(report: LineageReport, here: str) -> list[Node]:
         for n in items:
             cid = n.input.commit.hex()
             if cid not in nodes:
-                label = (n.input.name + ": " if n.input.name else "") + cid[:12]
+                label = (n.input.name + ": " if n.input.name else "") + cid[:12] + (f" ({n.input.rev})" if n.input.rev else "")
                 nodes[cid] = Node(cid, label, n.summary or (n.error or "")[:40],
                                   _href(here, n.repo, cid), level, "missing" if n.error else "up",
                                   title=f"{n.repo or n.input.url}@{cid}" + (f" ({n.error})" if n.error else ""))

@@ -11,10 +11,12 @@ import re
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from commitfs.errors import BadURLError, IsADirectoryError_, NotADirectoryError_
+from commitfs.errors import BadURLError, IsADirectoryError_, NotADirectoryError_, TableError
 from commitfs.model.objects import Kind
-from commitfs.ops import browse, history
+from commitfs.ops import browse, history, tablepage
 from commitfs.ops.diff import diff_trees
+from commitfs.ops.tablediff import diff_table
+from commitfs.ops.tensordiff import diff_safetensors
 from commitfs.ops.thumbnail import is_image_name
 from commitfs.web.app import TEMPLATES, UI, rev_and_path, seg, split_segments, url_for
 
@@ -23,6 +25,10 @@ GRID_PAGE = 60          # thumbnails per grid page
 RECENT = 30             # commits on the repository page
 CHANGES_SHOWN = 500     # changed paths listed on a commit or compare page (all are counted)
 IMAGES_SHOWN = 24       # before/after image pairs on a compare page
+TABLE_PAGE = 100       # rows per table page
+TABLES_DIFFED = 10      # changed tables whose rows a compare page shows
+TABLE_DIFF_ROWS = 200   # row changes shown per table (all are counted)
+TENSORS_DIFFED = 10     # changed safetensors files a compare page shows
 TEXT_PREVIEW = 256 * 1024
 JSON_PRETTY_MAX = 2 << 20
 RAW_WINDOW = 1 << 20    # bytes read per step while streaming a file
@@ -181,9 +187,23 @@ def _text_preview(repo, cid: bytes, path: str, limit: int) -> tuple[str | None, 
         return None, False
 
 
-def _file_data(repo, rev: str, path: str):
+def _file_data(repo, rev: str, path: str, table_args: dict):
     cid, entry = _file_entry(repo, rev, path)
     out = {"cid": cid.hex(), "entry": entry, "kind": "symlink" if entry.kind is Kind.SYMLINK else file_kind(path)}
+    if out["kind"] == "table":
+        try:
+            out["table"] = tablepage.table_page(repo, entry, path, limit=TABLE_PAGE, **table_args)
+        except TableError as exc:  # a parse error names the file and line: shown on the page
+            out["table_error"] = str(exc)
+        if table_args.get("column") is not None or "table" in out:
+            return out
+    if out["kind"] == "safetensors":
+        diff = diff_safetensors(repo, None, entry)  # every tensor "added": the header, no tensor bytes read
+        if diff.binary:
+            out["tensor_error"] = diff.reason.removeprefix("new side: ")
+        else:
+            out["tensors"] = [c.new for c in diff.changes]
+        return out
     if out["kind"] == "json" and entry.size <= JSON_PRETTY_MAX:
         text, _ = _text_preview(repo, cid, path, JSON_PRETTY_MAX)
         try:
@@ -200,7 +220,10 @@ def _file_data(repo, rev: str, path: str):
 
 async def file(ui: UI, request: Request) -> Response:
     rev, path = rev_and_path(request, "file")
-    data = await ui.call(_file_data, ui.repo, rev, path)
+    column = request.query_params.get("column") or None
+    table_args = {"offset": _int(request, "offset", 0), "column": column,
+                  "value": request.query_params.get("value", "") if column else None}
+    data = await ui.call(_file_data, ui.repo, rev, path, table_args)
     return ui.render("file.html", title=f"{path} at {rev}", rev=rev, path=path, crumbs=_breadcrumb(rev, path),
                      **data)
 
@@ -300,7 +323,18 @@ def _compare_data(repo, old: str, new: str):
     a, b = repo.resolve(old), repo.resolve(new)
     counts, shown = _changes(repo, repo.load_commit(a).tree, repo.load_commit(b).tree)
     images = [ch for ch in shown if is_image_name(ch.path)][:IMAGES_SHOWN]
-    return {"old_id": a.hex(), "new_id": b.hex(), "counts": counts, "changes": shown, "images": images}
+    tables, tensors = [], []
+    for ch in shown:
+        kind = file_kind(ch.path)
+        if kind == "table" and len(tables) < TABLES_DIFFED:
+            try:
+                tables.append((ch, diff_table(repo, ch.old, ch.new, ch.path, max_rows=TABLE_DIFF_ROWS), None))
+            except TableError as exc:
+                tables.append((ch, None, str(exc)))
+        elif kind == "safetensors" and len(tensors) < TENSORS_DIFFED:
+            tensors.append((ch, diff_safetensors(repo, ch.old, ch.new)))
+    return {"old_id": a.hex(), "new_id": b.hex(), "counts": counts, "changes": shown, "images": images,
+            "tables": tables, "tensors": tensors}
 
 
 async def compare(ui: UI, request: Request) -> Response:
