@@ -243,8 +243,13 @@ class WorkspaceFS:
     # --- opening a workspace (synchronous, before the loop) ---------------------------------
     @classmethod
     def open_workspace(cls, repo: Repository, workspace_dir: str, branch: str,
-             options: WorkspaceOptions = WorkspaceOptions()) -> WorkspaceFS:
-        """Open (or create) the workspace, settle an interrupted commit, load the overlay."""
+             options: WorkspaceOptions = WorkspaceOptions(),
+             unchanged: Callable[[Repository, bytes, Draft | None], bool] | None = None) -> WorkspaceFS:
+        """Open (or create) the workspace, settle an interrupted commit, load the overlay.
+
+        ``unchanged(repo, base_tree, draft)`` tells whether edits change nothing
+        (the change engine's answer, passed in by the composition root,
+        fuse/control.open_workspace); without it rows always count as edits."""
         overlay = Overlay.open(workspace_dir, repo.url, branch)
         try:
             head = repo.refs.lookup_branch(branch)
@@ -257,7 +262,7 @@ class WorkspaceFS:
                 overlay.clear(head, cls._root_row(repo, head))
             fs = cls(repo, overlay, branch, options)
             fs._load()
-            if fs.base != head and not fs._has_edits():
+            if fs.base != head and unchanged is not None and not fs._has_edits(unchanged):
                 # Edits made and then undone (reset PATH, a file created and removed)
                 # leave rows but change nothing: the workspace is clean, so it too
                 # starts from the branch's current head.
@@ -269,11 +274,9 @@ class WorkspaceFS:
             overlay.close()
             raise
 
-    def _has_edits(self) -> bool:
+    def _has_edits(self, unchanged: Callable[[Repository, bytes, Draft | None], bool]) -> bool:
         """Whether the loaded overlay differs from its base (synchronous, before the loop)."""
-        snap = _snapshot(self.root, self.overlay.data_path)
-        changes, _ = diff_snapshot(self.repo, self.repo.load_commit(self.base).tree, snap)
-        return bool(changes)
+        return not unchanged(self.repo, self.repo.load_commit(self.base).tree, self.draft())
 
     @staticmethod
     def _root_row(repo: Repository, cid: bytes) -> Row:
