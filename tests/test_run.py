@@ -411,7 +411,8 @@ def test_bad_arguments_fail_before_anything_is_mounted(tmp_path, data, models, a
         args += ["--to", "main"]
     command = [] if message == "run needs a command" else ["--", PY, "-c", "pass"]
     proc = _run("-r", models, *args, "--output", tmp_path / "out", *command)
-    assert proc.returncode == 1, proc.stderr
+    # A missing command is bad usage (exit 2, CLI.md "Exit codes"); the rest are errors.
+    assert proc.returncode == (2 if message == "run needs a command" else 1), proc.stderr
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert _branches(models) == {}
 

@@ -79,7 +79,10 @@ def _report(args, verb: str, where: str, result: sync.SyncResult) -> None:
         return
     for u in result.updates:
         old = u.old.hex()[:12] if u.old else "(none)"
-        if u.status in ("up-to-date", "ahead"):
+        if u.status == "diverged":
+            print(f"{u.kind} {u.name}: diverged ({old} here, {u.new.hex()[:12]} there, different logs): "
+                  "left as it is; compare `commitfs alias log`")
+        elif u.status in ("up-to-date", "ahead"):
             what = "up to date" if u.status == "up-to-date" else "already contains it (nothing to pull)"
             print(f"{u.kind} {u.name}: {what} at {old}")
         else:

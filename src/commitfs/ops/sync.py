@@ -43,6 +43,16 @@ before the transfer.  Push refuses to move a remote branch that is not an
 ancestor of what is pushed, pull refuses to move a local branch that is not
 an ancestor of what is pulled (no merge machinery), both unless ``force``.
 
+**Aliases.**  Every push, pull and clone carries every alias (docs/FORMAT.md,
+"Aliases"), removed ones too: the commits they name are sent with the rest,
+then the log entries the destination lacks (oldest first, so a destination
+holding an entry holds all entries before it), then the alias reference by
+compare-and-swap.  An alias moves only forward along its log: if the
+destination's newest entry is in the source's log, it moves; if the
+source's is in the destination's, it stays ("ahead"); otherwise the two logs
+diverged and it is reported ("diverged") and left alone, whatever ``force``
+says, since overwriting it would drop entries from the destination's log.
+
 Index lookups run on the calling thread (the index's answer cache is not
 thread-safe); worker threads only do store I/O, decompression and hashing.
 """
@@ -59,6 +69,7 @@ from commitfs.errors import CorruptObjectError, ObjectNotFoundError, RefConflict
 from commitfs.model.ids import hash_bytes
 from commitfs.model.objects import Commit, DecodeError, FileManifest, Tree
 from commitfs.repo.pack import TARGET_PACK_SIZE, BlobKind, Location, pack_key, parse_pack_table, verify_blob
+from commitfs.repo.aliases import AliasState
 from commitfs.repo.repository import BlobWriter, Repository, commit_key
 
 #: Worker threads reading from the source (the destination's BlobWriter adds
@@ -126,7 +137,8 @@ class RefUpdate:
     old: bytes | None
     new: bytes
     #: "created", "fast-forward", "forced", "up-to-date", or "ahead" (pull:
-    #: the local branch already contains the remote's).
+    #: the local branch already contains the remote's); aliases also
+    #: "diverged" (not moved: the two logs have different newest entries).
     status: str
     kind: str = "branch"
 
@@ -595,7 +607,9 @@ def push(local: Repository, remote: Repository, branch: str = "main", *, remote_
         if not force:
             raise RefConflictError(f"remote branch {target} has commits you do not have: pull first, or --force")
         status = "forced"
-    result.stats = transfer(local, remote, [new, *send_tags.values()], threads=threads, progress=progress)
+    aliases = _alias_plan(local, remote)
+    result.stats = transfer(local, remote, [new, *send_tags.values(), *(a[1].commit for a in aliases)],
+                            threads=threads, progress=progress)
     if status != "up-to-date":
         _move_branch(remote, target, new, old,
                      f"remote branch {target} moved to {{now}} while pushing; the data sent is kept there: "
@@ -604,6 +618,7 @@ def push(local: Repository, remote: Repository, branch: str = "main", *, remote_
     for name, cid in send_tags.items():
         remote.refs.create_tag(name, cid)
         result.updates.append(RefUpdate(name, None, cid, "created", "tag"))
+    result.updates.extend(_apply_aliases(local, remote, aliases))
     return result
 
 
@@ -642,7 +657,9 @@ def _fetch_branches(local: Repository, remote: Repository, wanted: dict[str, byt
                     extra_tips: list[bytes] = ()) -> SyncResult:
     result = SyncResult()
     olds = {name: local.refs.lookup_branch(name) for name in wanted}
-    result.stats = transfer(remote, local, [*wanted.values(), *extra_tips], threads=threads, progress=progress)
+    aliases = _alias_plan(remote, local)
+    result.stats = transfer(remote, local, [*wanted.values(), *extra_tips, *(a[1].commit for a in aliases)],
+                            threads=threads, progress=progress)
     for name, new in sorted(wanted.items()):
         old = olds[name]
         if old == new:
@@ -666,4 +683,53 @@ def _fetch_branches(local: Repository, remote: Repository, wanted: dict[str, byt
         _move_branch(local, name, new, old,
                      f"local branch {name} moved to {{now}} while pulling; run the pull again")
         result.updates.append(RefUpdate(name, old, new, status))
+    result.updates.extend(_apply_aliases(remote, local, aliases))
     return result
+
+
+# --- aliases ---------------------------------------------------------------------------
+def _log_contains(repo: Repository, head: bytes, eid: bytes) -> bool:
+    return any(e == eid for e, _ in repo.aliases.iter_log(head))
+
+
+def _alias_plan(src: Repository, dst: Repository) -> list[tuple[str, AliasState, bytes | None, AliasState | None, str]]:
+    """(name, source state, destination raw value, destination state, status) of every source alias."""
+    plan = []
+    for name, state in sorted(src.aliases.states().items()):
+        raw = dst.aliases.lookup_raw(name)
+        theirs = AliasState.decode(name, raw) if raw is not None else None
+        if theirs is None:
+            status = "created"
+        elif raw == state.encode():
+            status = "up-to-date"
+        elif _log_contains(src, state.log, theirs.log):
+            status = "fast-forward"
+        elif _log_contains(dst, theirs.log, state.log):
+            status = "ahead"
+        else:
+            status = "diverged"
+        plan.append((name, state, raw, theirs, status))
+    return plan
+
+
+def _apply_aliases(src: Repository, dst: Repository, plan) -> list[RefUpdate]:
+    """Copy the log entries the destination lacks, then move its alias references."""
+    updates = []
+    for name, state, raw, theirs, status in plan:
+        old = theirs.commit if theirs is not None else None
+        if status in ("created", "fast-forward"):
+            missing = []
+            for eid, _entry in src.aliases.iter_log(state.log):
+                if dst.aliases.has_entry(eid):
+                    break
+                missing.append(eid)
+            for eid in reversed(missing):  # oldest first
+                dst.aliases.save_entry_bytes(eid, src.aliases.load_entry_bytes(eid))
+            try:
+                dst.aliases.swap(name, state, raw)
+            except RefConflictError:
+                raise RefConflictError(f"alias {name} moved in {dst.url} while syncing; the log entries sent are "
+                                       "kept there: run it again") from None
+        updates.append(RefUpdate(name, old if status != "created" else None, state.commit if status != "ahead"
+                                 else (old or state.commit), status, "alias"))
+    return updates

@@ -41,6 +41,7 @@ from commitfs.repo.pack import (
     pack_key,
     verify_blob,
 )
+from commitfs.repo.aliases import ALIASES, Aliases
 from commitfs.repo.refs import Refs
 from commitfs.storage.base import Store, open_store
 
@@ -84,6 +85,7 @@ class Repository:
         self.id: str = config["id"]
         self.index = Index(store)
         self.refs = Refs(store)
+        self.aliases = Aliases(store)
         self.chunk_cache = chunk_cache
         self._trees = LockedLRU(maxsize=4096)
         self._manifests = LockedLRU(maxsize=16384)
@@ -319,6 +321,11 @@ class Repository:
         cid = self.refs.lookup_tag(name)
         if cid is not None:
             return cid
+        # Aliases after branches and tags (`alias set` refuses a branch's or a
+        # tag's name; a branch made later wins, and `aliases/NAME` still names the alias).
+        cid = self.aliases.resolve(name.removeprefix(ALIASES) if name.startswith(ALIASES) else name)
+        if cid is not None:
+            return cid
         lowered = name.lower()
         if len(lowered) >= MIN_PREFIX and is_hex(lowered):
             if len(lowered) == HEX_SIZE:
@@ -333,7 +340,7 @@ class Repository:
                     raise RevisionError(f"commit prefix {name!r} is ambiguous ({len(found)} commits match)")
         if not self.refs.branches():
             raise RevisionError(f"unknown revision {name!r}: the repository has no commits yet")
-        raise RevisionError(f"unknown revision {name!r} (not a branch, tag or commit id)")
+        raise RevisionError(f"unknown revision {name!r} (not a branch, tag, alias or commit id)")
 
     # --- writing ----------------------------------------------------------------
     def writer(self) -> BlobWriter:

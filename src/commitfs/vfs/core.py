@@ -2,11 +2,12 @@
 
 Shape of a mount
 ----------------
-Without a revision the root holds ``branches/``, ``tags/`` and ``commits/``;
-below each name is the tree of a commit (a *view*).  With a revision, the root
+Without a revision the root holds ``aliases/``, ``branches/``, ``tags/`` and
+``commits/``; below each name is the tree of a commit (a *view*).  With a revision, the root
 itself is that commit's tree.  Everything inside a view is immutable, so the
 kernel is told to trust it for a day (entry and attribute timeouts) and to
-keep its page cache across opens.  Only the ref directories move: their
+keep its page cache across opens.  Only the ref directories move (aliases
+like branches): their
 listings and lookups use a refs snapshot at most ``refresh_s / 2`` old, and
 the kernel trusts what they return for ``refresh_s / 2``, so a branch view
 shows a new commit within ``refresh_s``.  A moved branch is a *new* inode for
@@ -121,10 +122,11 @@ class StatFs:
 class _Refs:
     branches: dict[str, bytes]
     tags: dict[str, bytes]
+    aliases: dict[str, bytes]
     at: float
 
     def of(self, kind: str) -> dict[str, bytes]:
-        return self.branches if kind == "branches" else self.tags
+        return {"branches": self.branches, "tags": self.tags, "aliases": self.aliases}[kind]
 
 
 # --- listings ----------------------------------------------------------------------
@@ -270,14 +272,15 @@ class FileSystem:
     async def _load_refs(self, previous: _Refs | None) -> _Refs:
         refs = self.repo.refs
         try:
-            branches, tags = await self.loader.io("the branch and tag list", lambda: (refs.branches(), refs.tags()))
+            branches, tags, aliases = await self.loader.io(
+                "the branch, tag and alias list", lambda: (refs.branches(), refs.tags(), self.repo.aliases.live()))
         except Exception as exc:
             if previous is None:
                 raise
             log.warning("cannot refresh branches and tags (%s); showing those of %.0fs ago",
                         exc, trio.current_time() - previous.at)
             return previous
-        self._refs_snapshot = _Refs(branches, tags, trio.current_time())
+        self._refs_snapshot = _Refs(branches, tags, aliases, trio.current_time())
         return self._refs_snapshot
 
     async def _resolve_prefix(self, prefix: str) -> bytes | None:
@@ -313,7 +316,7 @@ class FileSystem:
             prefix = f"{node.prefix}{name}/"
             return ("ns",), lambda: RefDir(node.kind, prefix, self._short, self._short)
         assert commit is not None
-        timeout = self._short if node.kind == "branches" else self._long
+        timeout = self._long if node.kind == "tags" else self._short  # branches and aliases move
         return ("commit", cid), lambda: self._view_root(cid, commit, timeout)
 
     async def _child(self, parent: DirNode, name: str) -> tuple[tuple, MakeNode] | None:
@@ -360,6 +363,7 @@ class FileSystem:
     def _root_items(self) -> list[tuple[str, tuple, MakeNode]]:
         s, long_ = self._short, self._long
         return [
+            ("aliases", ("refs",), lambda: RefDir("aliases", "", long_, s)),
             ("branches", ("refs",), lambda: RefDir("branches", "", long_, s)),
             ("commits", ("commits",), lambda: CommitsDir(long_, s)),
             ("tags", ("refs",), lambda: RefDir("tags", "", long_, s)),
@@ -383,7 +387,7 @@ class FileSystem:
             return _StaticListing(items)
         if isinstance(node, CommitsDir):
             refs = await self._refs()
-            cids = set(refs.branches.values()) | set(refs.tags.values())
+            cids = set(refs.branches.values()) | set(refs.tags.values()) | set(refs.aliases.values())
             commits = await self._commits_of(cids)
             items = []
             for cid in sorted(commits):
