@@ -149,3 +149,7 @@ class ServerError(CommitfsError):
 class BadURLError(CommitfsError):
     """A UI URL that names no path of a tree: '..', '.', an empty or encoded-slash
     segment, bad percent-encoding (the page answers 400)."""
+
+
+class ReadSetError(CorruptObjectError):
+    """A commit's read set (``commitfs.object.readset``) is missing, unreadable or malformed."""
