@@ -24,7 +24,8 @@ with ``@section(name, help)``; ``--section all`` runs every registered one:
 ``core`` (commits), ``mount`` (reads, listings and memory of FUSE mounts,
 beside the files and scripts/nullfs.py), ``s3`` (push, clone and a mount of
 an S3 repository on a moto server, beside plain boto3), ``lineage``
-(downstream queries beside ``log``).  A section gets the dataset, pristine,
+(downstream queries beside ``log``), ``ui`` (the review UI's pages beside
+``commitfs ls``, cold thumbnails).  A section gets the dataset, pristine,
 from ``bench.dataset()`` and empty scratch directories from
 ``bench.scratch(name)``, and uses the helpers below (``timed``,
 ``read_to_devnull``, ``drop_caches``, ``commit_in_process``, ``commit_cli``,
@@ -38,11 +39,13 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import io
 import json
 import os
 import platform
 import pstats
 import random
+import re
 import select
 import shutil
 import signal
@@ -1586,6 +1589,167 @@ def bench_workspace(b: Bench) -> SectionResult:
 
 
 # --- main -----------------------------------------------------------------------------
+# --- the review UI (issue 14) ----------------------------------------------------------------
+#: Entries of the directory whose first page the UI figure times (the issue's size at both scales).
+UI_DIR_ENTRIES = 100_000
+#: Thumbnails timed cold, and the absolute bound on their total time (a local repository).
+UI_THUMBNAILS = 50
+UI_THUMBNAILS_LIMIT_S = 2.0
+
+
+@contextmanager
+def ui_server(repo_url: str, cache_home: Path) -> Iterator[tuple[str, int]]:
+    """`commitfs ui --port 0` in a subprocess; yields (host, port); always stopped (SIGINT, then kill)."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(cache_home))
+    proc = subprocess.Popen(commitfs_command() + ["-r", repo_url, "ui", "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        m = re.search(r"http://([\d.]+):(\d+)/", line)
+        if not m:
+            raise RuntimeError(f"commitfs ui did not start: {line!r} {proc.stderr.read() if proc.poll() else ''}")
+        yield m.group(1), int(m.group(2))
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def http_ttfb(host: str, port: int, path: str) -> tuple[float, int, bytes]:
+    """Seconds from sending a GET to its status line and headers, the status, and the body."""
+    import http.client
+
+    conn = http.client.HTTPConnection(host, port, timeout=120)
+    try:
+        t0 = time.perf_counter()
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        ttfb = time.perf_counter() - t0
+        return ttfb, resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def cli_in_process(argv: list[str]) -> None:
+    """``commitfs ARGV`` in this process with stdout to /dev/null (no interpreter start-up)."""
+    from commitfs.cli import main as cli_main
+
+    with open(os.devnull, "w") as null:
+        saved, sys.stdout = sys.stdout, null
+        try:
+            if cli_main(argv) != 0:
+                raise RuntimeError(f"commitfs {' '.join(argv)} failed")
+        finally:
+            sys.stdout = saved
+
+
+@section("ui", "the review UI: repository page and a 100k-entry directory's first page vs `commitfs ls`; "
+               "50 cold thumbnails")
+def bench_ui(b: Bench) -> SectionResult:
+    import importlib.util
+
+    out = SectionResult()
+    if importlib.util.find_spec("starlette") is None:
+        out.implemented = False
+        out.notes.append("the ui extra is not installed (pip install -e '.[ui]')")
+        return out
+    t: dict = {"entries": UI_DIR_ENTRIES}
+    files = ManyFiles(b.workdir / f"files-{UI_DIR_ENTRIES}", UI_DIR_ENTRIES)
+    files.ensure(b.log)
+    repo_dir = b.scratch("repo-ui")
+    Repository.init(str(repo_dir)).close()
+    b.log(f"committing {UI_DIR_ENTRIES:,} tiny files, and {UI_THUMBNAILS} sample images")
+    commit_in_process(str(repo_dir), files.root, f"{UI_DIR_ENTRIES} files")
+    images = b.scratch("ui-images")
+    subprocess.run([sys.executable, str(Path(__file__).with_name("make_sample.py")), str(images),
+                    "--images", str(UI_THUMBNAILS)], check=True, stdout=subprocess.DEVNULL)
+    commit_in_process(str(repo_dir), images, "sample images")  # a second commit on main: other tree
+    with Repository.open(str(repo_dir)) as r:
+        from commitfs.ops import browse
+        images_rev = r.resolve("main").hex()
+        first_rev = r.resolve("main~1").hex()
+        thumbs = [i.path for i in browse.walk(r, bytes.fromhex(images_rev)) if i.path.endswith(".png")]
+    pages = {"repo": ("/", ["-r", str(repo_dir), "ls", first_rev]),
+             "dir": (f"/tree/{first_rev}/images", ["-r", str(repo_dir), "ls", f"{first_rev}:images"])}
+    try:
+        for name, (path, ls_args) in pages.items():
+            ttfbs, lss, procs = [], [], []
+            for attempt in range(3):
+                # A new server each time: its first request meets cold repository caches, as `ls` does.
+                cache_home = b.scratch("ui-cache")
+                with ui_server(str(repo_dir), cache_home) as (host, port):
+                    ttfb, status, body = http_ttfb(host, port, path)
+                if status != 200:
+                    raise RuntimeError(f"GET {path} answered {status}")
+                if name == "dir" and body.count(b"<tr>") < 200:
+                    raise RuntimeError("the directory's first page does not list 200 entries")
+                ttfbs.append(ttfb)
+                lss.append(timed(cli_in_process, ls_args)[0])
+                procs.append(timed(subprocess.run, commitfs_command() + ls_args, stdout=subprocess.DEVNULL,
+                                   check=True)[0])
+            t[f"{name}_ttfb_s"], t[f"{name}_ls_s"], t[f"{name}_ls_cmd_s"] = min(ttfbs), min(lss), min(procs)
+        b.log(f"{UI_THUMBNAILS} thumbnails, cold cache")
+        cache_home = b.scratch("ui-cache")
+        with ui_server(str(repo_dir), cache_home) as (host, port):
+            http_ttfb(host, port, "/")  # the server's first request pays imports; thumbnails are what is timed
+            t0 = time.perf_counter()
+            for p in thumbs:
+                _, status, body = http_ttfb(host, port, f"/thumb/{images_rev}/{p}?size=128")
+                if status != 200 or not body.startswith(b"\xff\xd8"):
+                    raise RuntimeError(f"thumbnail of {p}: {status}")
+            t["thumbs_s"] = time.perf_counter() - t0
+            cached = list((cache_home / "commitfs" / "thumbnails").rglob("*.jpg"))
+            if len(cached) != len(thumbs):
+                raise RuntimeError(f"{len(cached)} thumbnails cached, expected {len(thumbs)}")
+            t0 = time.perf_counter()
+            for p in thumbs:
+                http_ttfb(host, port, f"/thumb/{images_rev}/{p}?size=128")
+            t["thumbs_warm_s"] = time.perf_counter() - t0
+        from PIL import Image
+
+        def pillow_only():
+            for p in thumbs:
+                with Image.open(images / p) as im:
+                    im.thumbnail((128, 128))
+                    im.convert("RGB").save(io.BytesIO(), "JPEG", quality=85)
+        t["pillow_s"], _ = _best_of(pillow_only)
+    finally:
+        shutil.rmtree(repo_dir, ignore_errors=True)
+    t["thumbs"] = len(thumbs)
+    out.rows += [
+        Row("UI repository page, time to first byte vs the command `commitfs ls` of the root", t["repo_ttfb_s"],
+            t["repo_ls_cmd_s"], "s", ("<=", 1.0)),
+        Row("  the same vs `commitfs ls` of the root in-process (no interpreter start-up)", t["repo_ttfb_s"],
+            t["repo_ls_s"], "s"),
+        Row(f"UI first page of a {UI_DIR_ENTRIES:,}-entry directory, time to first byte vs the command "
+            f"`commitfs ls` of it", t["dir_ttfb_s"], t["dir_ls_cmd_s"], "s", ("<=", 1.0)),
+        Row("  the same vs `commitfs ls` of it in-process (no interpreter start-up)", t["dir_ttfb_s"],
+            t["dir_ls_s"], "s"),
+        Row(f"{len(thumbs)} thumbnails of the sample images, cold, through the UI vs Pillow on the files",
+            t["thumbs_s"], t["pillow_s"], "s", limit=("<=", UI_THUMBNAILS_LIMIT_S)),
+        Row(f"the same {len(thumbs)} thumbnails again (disk cache) vs Pillow on the files", t["thumbs_warm_s"],
+            t["pillow_s"], "s"),
+    ]
+    out.details = t
+    out.notes.append(
+        "pages: best of 3, each the first request to a newly started `commitfs ui` (cold repository caches, "
+        "and the first run of every code path in that process; the server's start-up excluded), against "
+        "`commitfs ls` as a user runs it (a process: start-up included) and in-process on a newly opened "
+        "repository (warm code, output to /dev/null); the directory page renders 200 of the entries, ls "
+        f"prints all {UI_DIR_ENTRIES:,}")
+    out.notes.append(
+        f"thumbnails: {len(thumbs)} sequential GETs of 128 px thumbnails of scripts/make_sample.py's PNGs from a "
+        f"local repository, thumbnail cache empty; the {UI_THUMBNAILS_LIMIT_S:g} s bound is absolute, "
+        "the Pillow baseline is for context")
+    return out
+
+
 def git_revision() -> str:
     here = Path(__file__).resolve().parent
     try:

@@ -155,7 +155,7 @@ def test_log_show_ls_diff_json(cli, url, dataset):
     assert f"commit {c1}" in text and "Meta:   k=v" in text and "    body" in text
 
     show = cli("-r", url, "show", "main~1", "--json").json()
-    assert set(show) == COMMIT_OBJECT_KEYS | {"size"} and show["id"] == c1
+    assert set(show) == COMMIT_OBJECT_KEYS | {"size", "changes"} and show["id"] == c1
     assert show["size"] == 102_000 + len(b"id,label\n1,cat\n2,dog\n") + len(b"#!/bin/sh\n")
     assert f"commit {c2}" in cli("-r", url, "show", c2[:8]).out
 

@@ -240,3 +240,137 @@ def test_every_verb_with_bad_input_fails_in_one_line(repo_with_commit, tmp_path,
                 failures.append(f"commitfs {' '.join(argv)}: {type(exc).__name__}: {exc}")
     assert runs >= 2 * len(verbs)
     assert not failures, "\n".join(failures)
+
+
+# --- 7. checkout: all or nothing ------------------------------------------------------------------
+def _corrupt_last_chunk(url: str, path: str) -> None:
+    from commitfs.ops.browse import lookup_path
+    from commitfs.repo.pack import pack_key
+    from commitfs.repo.repository import Repository
+
+    with Repository.open(url) as repo:
+        entry = lookup_path(repo, repo.resolve("main"), path)
+        loc = repo.locate(repo.load_manifest(entry.id).chunk_ids[-1])
+        key = pack_key(loc.pack)
+        data = bytearray(repo.store.load_object(key))
+        data[loc.offset + loc.stored // 2] ^= 0xFF
+        repo.store.save_object(key, bytes(data))
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_checkout_leaves_nothing_and_can_be_run_again(cli, local_url, tmp_path):
+    data = tmp_path / "data"
+    write_file(data / "a-small.txt", b"small")
+    big = os.urandom(3 << 20)
+    write_file(data / "z" / "big.bin", big)
+    assert cli("-r", local_url, "init")[0] == 0
+    assert cli("-r", local_url, "commit", data, "-m", "one")[0] == 0
+    _corrupt_last_chunk(local_url, "z/big.bin")
+    out = tmp_path / "out" / "dest"
+    for existed in (False, True):
+        rc, _, err = cli("-r", local_url, "checkout", "main", out)
+        line = assert_one_line_error(rc, err, 1)
+        assert "z/big.bin" in line or "hash" in line or "corrupt" in line.lower(), line
+        # Nothing of it: DEST as it was (absent, then empty), no temporary directory left.
+        assert (not out.exists()) if not existed else os.listdir(out) == []
+        assert os.listdir(out.parent) == ([] if not existed else ["dest"])
+        out.mkdir(parents=True, exist_ok=True)
+    # Repaired (the file committed again), the same command succeeds into the same DEST.
+    write_file(data / "z" / "big.bin", big + b"!")
+    assert cli("-r", local_url, "commit", data, "-m", "two")[0] == 0
+    rc, _, err = cli("-r", local_url, "checkout", "main", out)
+    assert rc == 0, err
+    assert (out / "z" / "big.bin").read_bytes() == big + b"!"
+    assert sorted(os.listdir(out.parent)) == ["dest"]
+
+
+def test_checkout_byte_progress_within_one_file(local_url, tmp_path):
+    from commitfs.ops.checkout import checkout
+    from commitfs.repo.repository import Repository
+
+    data = tmp_path / "data"
+    write_file(data / "big.bin", os.urandom(4 << 20))
+    Repository.init(local_url).close()
+    calls = []
+    with Repository.open(local_url) as repo:
+        from commitfs.ops.snapshot import commit_directory
+
+        cid = commit_directory(repo, data, message="m").commit_id
+        checkout(repo, cid, tmp_path / "out", progress=lambda d, t: calls.append((d, t)))
+    assert len(calls) > 10  # many reports inside the one file, not one per file
+    assert calls[-1] == (4 << 20, 4 << 20)
+    assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:]))
+
+
+# --- 9. progress: on a terminal only, with rate and ETA ----------------------------------------------
+@pytest.mark.timeout(60)
+def test_progress_bar_on_a_terminal_only(local_url, tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    data = tmp_path / "data"
+    write_file(data / "big.bin", os.urandom(2 << 20))
+    cli_ok("-r", local_url, "init")
+    cli_ok("-r", local_url, "commit", str(data), "-m", "m")
+    # Not a terminal: no bar, only the summary line.
+    err = cli_ok("-r", local_url, "checkout", "main", str(tmp_path / "plain")).stderr.decode()
+    assert err.startswith("checked out 1 files") and "\r" not in err
+    # A terminal: a bar with bytes, rate and ETA.
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "commitfs", "-r", local_url, "checkout", "main",
+                               str(tmp_path / "tty")], stdout=subprocess.PIPE, stderr=slave, timeout=60)
+        os.close(slave)
+        slave = None
+        shown = b""
+        while True:
+            try:
+                part = os.read(master, 65536)
+            except OSError:
+                break
+            if not part:
+                break
+            shown += part
+    finally:
+        if slave is not None:
+            os.close(slave)
+        os.close(master)
+    assert proc.returncode == 0
+    text = shown.decode(errors="replace")
+    assert "checkout" in text and "B/s" in text and "<" in text, text  # [elapsed<eta, rate]
+    assert "checked out 1 files" in text
+
+
+# --- 8. the demo prints commands that can be pasted, and says what it installs ----------------------
+SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+
+
+def test_demo_prints_pasteable_commands():
+    import shlex
+
+    words = ["python", "-c", "import sys, commitfs.lineage as l; print(l.describe(sys.argv[1]))",
+             "/tmp/a dir/labels.csv", "it's", "", "main:labels.csv", "$HOME", "a\"b"]
+    script = (f'source <(sed -n "/^# --- functions/,/^# --- end functions/p" {SCRIPTS}/demo.sh)\n'
+              'step printf "<%s>\\n" "$@"')
+    proc = subprocess.run(["bash", "-c", script, "bash", *words], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    shown = proc.stdout.split("\n")[1]
+    line = shown.split("$ ", 1)[1].removesuffix("\033[0m")
+    assert line == shlex.join(["printf", "<%s>\\n", *words])
+    # Pasted into a shell, it runs the same command.
+    again = subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=30)
+    assert again.stdout == "".join(f"<{w}>\n" for w in words)
+
+
+def test_setup_says_what_it_installs_before_installing():
+    lines = open(os.path.join(SCRIPTS, "setup.sh")).read().splitlines()
+    installs = [i for i, line in enumerate(lines)
+                if any(k in line for k in ("apt-get update", "-m venv", "pip download", "pip install -q -e"))]
+    assert len(installs) >= 4
+    for i in installs:
+        assert any(lines[j].strip().startswith("say ") for j in range(max(0, i - 3), i)), lines[i]
+    demo = open(os.path.join(SCRIPTS, "demo.sh")).read()
+    assert demo.index("installing what commitfs needs") < demo.index("bash scripts/setup.sh")

@@ -8,6 +8,7 @@ and encoded slashes reach the server unnormalised.
 from __future__ import annotations
 
 import html
+import http.client
 import io
 import logging
 import re
@@ -337,6 +338,36 @@ def test_corrupt_chunk_is_an_error_never_wrong_bytes(tiny_repo, tmp_path, caplog
     assert any("corrupt" in rec.getMessage() and "a.png" in rec.getMessage() for rec in caplog.records)
 
 
+def test_corrupt_chunk_late_in_a_file_ends_the_response_early(tiny_repo, tmp_path):
+    """Past the first window the status line has gone out: the connection is cut
+    short, and what arrived is a true prefix of the file."""
+    from commitfs.ops import browse
+    from commitfs.repo.pack import pack_key
+
+    truth = (tmp_path / "tiny" / "big.bin").read_bytes()
+    r = reopen(tiny_repo)
+    entry = browse.lookup_path(r, r.resolve("main"), "big.bin")
+    chunk = r.load_manifest(entry.id).chunk_ids[-1]
+    loc = r.locate(chunk)
+    pack = r.store.local_path(pack_key(loc.pack))
+    data = bytearray(pack.read_bytes())
+    data[loc.offset + loc.stored // 2] ^= 0xFF
+    pack.write_bytes(bytes(data))
+    with serve_ui(reopen(tiny_repo), cache_dir=tmp_path / "thumbs") as ui:
+        conn = http.client.HTTPConnection("127.0.0.1", ui.port, timeout=30)
+        try:
+            conn.request("GET", "/raw/main/big.bin")
+            resp = conn.getresponse()
+            assert resp.status == 200 and resp.getheader("content-length") == str(len(truth))
+            with pytest.raises(http.client.IncompleteRead) as exc:
+                resp.read()
+            got = exc.value.partial
+        finally:
+            conn.close()
+        assert 0 < len(got) < len(truth) and got == truth[:len(got)]
+        assert ui.get("/raw/main/images/b.png")[0] == 200
+
+
 def test_slow_storage_times_out_the_page_and_serves_others(ui_sample, cache_home, tmp_path):
     repo = faulty_repository(ui_sample.url)
     with serve_ui(repo, cache_dir=tmp_path / "thumbs", timeout=0.5) as ui:
@@ -408,3 +439,17 @@ def test_cli_bad_host_is_one_line(tiny_repo):
 
     line = cli_fails("-r", tiny_repo, "ui", "--host", "no.such.host.invalid", "--port", "0")
     assert line.startswith("commitfs: cannot listen on no.such.host.invalid")
+
+
+def test_empty_repository_page(local_repo, tmp_path):
+    with serve_ui(local_repo, cache_dir=tmp_path / "thumbs") as ui:
+        page = ui.text("/")
+        assert "no branches yet" in page and "no tags" in page
+        assert "unknown revision 'main'" in error_message(ui.get("/tree/main/")[2])
+
+
+def test_cli_without_a_repository_is_one_line(cache_home, tmp_path):
+    from core_fixtures import cli_fails
+
+    line = cli_fails("-r", str(tmp_path / "nothing"), "ui", "--port", "0")
+    assert line.startswith("commitfs: no commitfs repository at")

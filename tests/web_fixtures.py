@@ -194,11 +194,12 @@ def ui_local_site(request, tmp_path_factory):
 
 @pytest.fixture
 def tiny_repo(local_url, tmp_path):
-    """A local repository with one commit on main: two images (a red, b green)."""
+    """A local repository with one commit on main: two images (a red, b green), big.bin (3 MiB)."""
     from commitfs.repo.repository import Repository
 
     write_file(tmp_path / "tiny" / "images" / "a.png", png_bytes((255, 0, 0)))
     write_file(tmp_path / "tiny" / "images" / "b.png", png_bytes((0, 255, 0)))
+    write_file(tmp_path / "tiny" / "big.bin", random.Random(3).randbytes(3 << 20))
     with Repository.init(local_url) as r:
         commit_directory(r, tmp_path / "tiny", message="tiny sample")
     return local_url

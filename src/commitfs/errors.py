@@ -51,6 +51,17 @@ class CorruptObjectError(RepositoryError):
     """Stored bytes do not match their id (bit rot, truncation, tampering)."""
 
 
+class DamagedRefError(RepositoryError):
+    """A branch or tag holds something other than one commit id (empty, not
+    hex, trailing bytes), or a name from storage is not a valid ref name.
+    The message names the reference."""
+
+
+class ExpansionLimitError(RepositoryError):
+    """A tree expands to more entries than the walk's bound allows (a DAG of
+    shared subtrees whose paths multiply): refused rather than walked."""
+
+
 class RevisionError(CommitfsError):
     """A revision is unknown, ambiguous or malformed."""
 

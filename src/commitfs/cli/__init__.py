@@ -15,8 +15,8 @@ import sys
 from commitfs.errors import CommitfsError, OutputError, UsageError
 
 # Modules defining verbs, in the order --help lists them.
-VERB_MODULES = ["commitfs.cli.core", "commitfs.cli.mount", "commitfs.cli.workspace", "commitfs.cli.remote", "commitfs.cli.lineage",
-                "commitfs.cli.alias", "commitfs.cli.ui"]
+VERB_MODULES = ["commitfs.cli.core", "commitfs.cli.inspect", "commitfs.cli.mount", "commitfs.cli.workspace",
+                "commitfs.cli.remote", "commitfs.cli.lineage", "commitfs.cli.alias", "commitfs.cli.ui"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,4 +1,4 @@
-"""Repository verbs: init, commit, log, show, ls, cat, diff, branch, tag, checkout, fsck."""
+"""Repository verbs: init, commit, log, show, ls, cat, branch, tag, checkout, fsck (diff: cli/inspect.py)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ import argparse
 import datetime as dt
 import sys
 
+from commitfs.cli.inspect import add_log_options, show_changes_for
 from commitfs.cli.output import ProgressBar, human_size, print_json, warn
 from commitfs.errors import CommitfsError, InputError, NothingToCommitError, RevisionError, UsageError
 from commitfs.model.objects import Kind
 from commitfs.ops import browse, history
 from commitfs.ops.checkout import checkout
-from commitfs.ops.diff import diff_trees
 from commitfs.ops.fsck import fsck
-from commitfs.ops.snapshot import commit_directory
+from commitfs.ops.snapshot import check_commit_text, commit_directory
 from commitfs.repo.repository import Repository
 
 
@@ -38,6 +38,7 @@ def parse_meta(items: list[str] | None) -> dict[str, str]:
         if not sep or not key:
             raise InputError(f"--meta expects KEY=VALUE, got {item!r}")
         meta[key] = value
+    check_commit_text("", meta)
     return meta
 
 
@@ -55,6 +56,7 @@ def cmd_init(args) -> int:
 def cmd_commit(args) -> int:
     from commitfs.cli.workspace import commit_workspace
 
+    check_commit_text(args.message)
     if (code := commit_workspace(args, parse_meta(args.meta))) is not None:
         return code  # DIR is a writable workspace mount: its daemon commits the overlay
     repo = open_repo(args)
@@ -106,6 +108,10 @@ def cmd_log(args) -> int:
             print_json([])
         return 0
     start = repo.resolve(args.rev or "main")
+    if args.stat or args.paths:
+        from commitfs.cli.inspect import print_log
+
+        return print_log(args, repo, start, _print_commit)
     items = history.log(repo, start, args.limit)
     if args.json:
         print_json([history.commit_json(cid, c) for cid, c in items])
@@ -127,10 +133,13 @@ def cmd_show(args) -> int:
     if args.json:
         out = history.commit_json(cid, c)
         out["size"] = tree.size
+        out["changes"] = show_changes_for(repo, cid, c, (), True)
         print_json(out)
         return 0
     _print_commit(cid, c, ids=[f"tree   {c.tree.hex()}"] + [f"parent {p.hex()}" for p in c.parents],
                   fields=[f"Size:   {human_size(tree.size)}"])
+    print()
+    show_changes_for(repo, cid, c, (), False)  # as `diff --stat REV` lists them
     return 0
 
 
@@ -193,26 +202,12 @@ def cmd_cat(args) -> int:
     return 0
 
 
-def cmd_diff(args) -> int:
-    repo = open_repo(args)
-    a, b = repo.resolve(args.old), repo.resolve(args.new)
-    changes = diff_trees(repo, repo.load_commit(a).tree, repo.load_commit(b).tree)
-    if args.json:
-        print_json([c.to_json() for c in changes])
-        return 0
-    sign = {"added": "A", "removed": "D", "modified": "M"}
-    for c in changes:
-        if c.status == "modified":
-            sizes = f"{c.old.size} -> {c.new.size}"
-        else:
-            sizes = str((c.new or c.old).size)
-        print(f"{sign[c.status]} {c.path} ({sizes})")
-    return 0
-
-
 def cmd_branch(args) -> int:
     repo = open_repo(args)
     if args.delete:
+        if repo.refs.remove_damaged_branch(args.delete):
+            print(f"deleted damaged branch {args.delete}")
+            return 0
         current = repo.refs.lookup_branch(args.delete)
         if current is None:
             raise RevisionError(f"no branch {args.delete!r}")
@@ -312,6 +307,7 @@ def register(sub, common) -> None:
     p.add_argument("-n", "--limit", type=_count, metavar="N", help="at most N commits")
     p.add_argument("--oneline", action="store_true")
     p.add_argument("--json", action="store_true")
+    add_log_options(p)  # --stat, -- PATH
 
     p = add("show", cmd_show, "show one commit")
     p.add_argument("rev", metavar="REV")
@@ -324,11 +320,6 @@ def register(sub, common) -> None:
 
     p = add("cat", cmd_cat, "write a file of a commit to stdout")
     p.add_argument("spec", metavar="REV:PATH")
-
-    p = add("diff", cmd_diff, "files added, removed and modified between two revisions")
-    p.add_argument("old", metavar="REV")
-    p.add_argument("new", metavar="REV")
-    p.add_argument("--json", action="store_true")
 
     p = add("branch", cmd_branch, "list, create or delete branches")
     p.add_argument("name", nargs="?", metavar="NAME")

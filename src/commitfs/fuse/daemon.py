@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve(config, report)
     except BaseException as exc:
         log.exception("daemon failed")
+        while isinstance(exc, BaseExceptionGroup) and exc.exceptions:  # trio's nurseries wrap
+            exc = exc.exceptions[0]
         report(f"error: the mount daemon failed: {exc} (see {config.log_file})")
         return 1
 

@@ -3,13 +3,15 @@
 Checks, each reported as one problem line:
 
 * every index segment parses and passes its checksum;
-* every branch, tag and alias names an existing, well-formed commit; every
-  alias's log entries are present, intact and chained;
+* every branch and tag holds one commit id and names an existing, well-formed commit;
+* every alias names an existing, well-formed commit; its log entries are present,
+  intact and chained;
 * a commit's read set (``commitfs.object.readset``) is present and well-formed;
 * every commit reachable from a reference: its parents, its tree;
 * every tree and file manifest reachable: present in the index, in a pack
   that exists and is long enough, decodes, and matches its id;
-* every chunk: indexed, and its pack long enough to hold it;
+* every chunk: indexed, its pack long enough to hold it, and as long as
+  every manifest listing it declares;
 * with ``read_data``: every reachable chunk is read and re-hashed, and every
   pack's content hashes to its name.
 
@@ -83,8 +85,10 @@ def fsck(repo: Repository, read_data: bool = False, progress: Callable[[str, int
         return True
 
     # Commits reachable from references.
-    roots: list[tuple[str, bytes]] = [(f"branch {n}", c) for n, c in repo.refs.branches().items()]
-    roots += [(f"tag {n}", c) for n, c in repo.refs.tags().items()]
+    damaged: dict[str, str] = {}  # refs that hold no commit id: damage, not a crash
+    roots: list[tuple[str, bytes]] = [(f"branch {n}", c) for n, c in repo.refs.branches(damaged).items()]
+    roots += [(f"tag {n}", c) for n, c in repo.refs.tags(damaged).items()]
+    rep.problems.extend(damaged.values())
     try:
         aliases = repo.aliases.states()
     except CommitfsError as exc:
@@ -124,6 +128,7 @@ def fsck(repo: Repository, read_data: bool = False, progress: Callable[[str, int
     seen_trees: set[bytes] = set()
     seen_files: set[bytes] = set()
     seen_chunks: set[bytes] = set()
+    chunk_sizes: dict[bytes, int] = {}
     while trees:
         tid = trees.pop()
         if tid in seen_trees:
@@ -155,16 +160,28 @@ def fsck(repo: Repository, read_data: bool = False, progress: Callable[[str, int
                     continue
                 if manifest.size != e.size:
                     problem(f"file {e.id.hex()} ({e.name}): size {manifest.size} != tree's {e.size}")
-                for cid in manifest.chunk_ids:
+                for cid, declared in zip(manifest.chunk_ids, manifest.chunk_sizes):
+                    # A manifest's declared chunk sizes must be the chunks'
+                    # lengths (readers map offsets with them): the index's
+                    # size here, the bytes themselves with read_data.
+                    known = chunk_sizes.setdefault(cid, declared)
+                    if known != declared:
+                        problem(f"file {e.id.hex()} ({e.name}): declares chunk {cid.hex()} as {declared} bytes, "
+                                f"another file as {known}")
                     if cid in seen_chunks:
                         continue
                     seen_chunks.add(cid)
                     rep.chunks += 1
                     if not check_located(cid, "chunk"):
                         continue
+                    raw = repo.locate(cid).raw
+                    if raw != declared:
+                        problem(f"file {e.id.hex()} ({e.name}): declares chunk {cid.hex()} as {declared} bytes; "
+                                f"the index says {raw}")
+                        continue
                     if read_data:
                         try:
-                            rep.bytes_checked += len(repo.load_chunks([cid])[0])
+                            rep.bytes_checked += len(repo.load_chunks([cid], sizes=[declared])[0])
                         except CommitfsError as exc:
                             problem(f"chunk {cid.hex()}: {exc}")
                         if progress:

@@ -42,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from commitfs.errors import CommitfsError, CorruptObjectError, ObjectNotFoundError, ReadSetError
+from commitfs.errors import CommitfsError, CorruptObjectError, ObjectNotFoundError, ReadSetError, RepositoryError
 from commitfs.ops import readset
 from commitfs.model.ids import HEX_SIZE, hash_bytes
 from commitfs.model.objects import Commit, DecodeError
@@ -70,6 +70,8 @@ _BUSY_TIMEOUT = 30.0
 
 
 def index_path(repo: Repository) -> Path:
+    if not re.fullmatch(r"[0-9a-f]{32}", repo.id):  # Repository checks it; a path must never depend on that
+        raise RepositoryError(f"{repo.url}: the repository id {repo.id!r:.80} is not 32 hex digits")
     key = hash_bytes(repo.url.encode()).hex()[:16]
     return cache_root() / "lineage" / f"{repo.id}-{key}.sqlite"
 

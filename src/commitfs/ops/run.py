@@ -34,7 +34,7 @@ from typing import Protocol
 
 from commitfs.errors import InputError, UsageError
 from commitfs.ops import lineage, readset
-from commitfs.ops.snapshot import Progress, commit_directory
+from commitfs.ops.snapshot import Progress, check_commit_text, commit_directory
 from commitfs.repo.refs import check_ref_name
 
 # Seconds the command has to exit after an interrupt before it gets SIGTERM,
@@ -241,7 +241,11 @@ def run(
     check_ref_name(to.rev)
     cwd = os.path.abspath(spec.cwd or os.getcwd())
     output = os.path.join(cwd, spec.output)
-    message = spec.message or f"commitfs run: {shlex.join(command)}"[:1000]
+    if spec.message is not None:
+        check_commit_text(spec.message)
+    # Undecodable bytes of the command line become U+FFFD in the default message.
+    message = spec.message or f"commitfs run: {shlex.join(command)}"[:1000].encode(
+        "utf-8", "surrogateescape").decode("utf-8", "replace")
 
     with lineage.RepositoryOpener(store_options) as opener:
         default = opener.open(spec.repo) if spec.repo else None

@@ -308,7 +308,7 @@ def _plan(src: Repository, dst: Repository, tips: list[bytes], threads: int,
     tree_seen: set[bytes] = set()
     tree_send: set[bytes] = set()
     manifest_seen: set[bytes] = set()
-    chunk_seen: set[bytes] = set()
+    chunk_sizes: dict[bytes, int] = {}
     children: dict[bytes, list[bytes]] = {}
     tree_data: dict[bytes, tuple[Location, bytes]] = {}
     level = [t for t in trees if wanted(t, tree_seen)]
@@ -339,9 +339,20 @@ def _plan(src: Repository, dst: Repository, tips: list[bytes], threads: int,
             except DecodeError as exc:
                 raise CorruptObjectError(f"file manifest {fid.hex()} is malformed: {exc}") from None
             plan.manifests.append((fid, loc, data))
-            for cid in manifest.chunk_ids:
-                if wanted(cid, chunk_seen):
-                    plan.chunks.append((cid, src.locate(cid)))
+            for cid, declared in zip(manifest.chunk_ids, manifest.chunk_sizes):
+                # A manifest's sizes must be its chunks' lengths (a mount maps
+                # offsets with them): the sent chunks' are checked as they are
+                # read (verify_blob holds their bytes to the index's size).
+                known = chunk_sizes.get(cid)
+                if known is None:
+                    there = dst.index.lookup(cid, refresh=False)  # present: all is there
+                    if there is None:
+                        there = src.locate(cid)
+                        plan.chunks.append((cid, there))
+                    known = chunk_sizes[cid] = there.raw
+                if known != declared:
+                    raise CorruptObjectError(f"file manifest {fid.hex()} declares chunk {cid.hex()} as "
+                                             f"{declared} bytes; it has {known}")
         progress(len(fetched) + len(manifests))
         level = next_level
 

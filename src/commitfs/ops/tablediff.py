@@ -36,7 +36,8 @@ by a byte search for the key values before parsing), and among every row on
 the full path below; a duplicate with no copy in a changed region is
 unchanged on both sides and is not reported.  Row
 positions are byte offsets (``old_offset``/``new_offset``); line numbers
-are known only on the full path (counting them would read every chunk).
+are known on the full path and in a region that starts right after the
+header (elsewhere counting them would read every chunk before).
 
 The region path assumes one record per line.  It falls back to the full path
 when a region holds a quoted field spanning lines (odd quote count on a
@@ -370,22 +371,29 @@ def _diff_regions(diff: TableDiff, old: _Side, new: _Side, keys: tuple[str, ...]
         else:
             regions.append(r)
 
-    def lines_of(side: _Side, start: int, end: int) -> list[tuple[bytes, int]]:
+    # Line numbers are known in a region that starts right after the header.
+    first_line = {id(old): old.read(0, old_start).count(b"\n") + 1, id(new): new.read(0, new_start).count(b"\n") + 1}
+    data_start = {id(old): old_start, id(new): new_start}
+
+    def lines_of(side: _Side, start: int, end: int) -> list[tuple[bytes, int, int | None]]:
         data = side.read(start, end)
+        lineno = first_line[id(side)] if start == data_start[id(side)] else None
         if quoted and b'"' in data:
             for ln in data.split(b"\n"):
                 if ln.count(b'"') % 2:
                     raise _NeedFullParse  # a quoted field spans lines
         out, pos = [], start
         for ln in data.split(b"\n"):
-            out.append((ln, pos))
+            out.append((ln, pos, lineno))
             pos += len(ln) + 1
+            if lineno is not None:
+                lineno += 1
         if out and out[-1][0] == b"":
             out.pop()
         return out
 
-    def parse(side: _Side, line: bytes, offset: int, width) -> Row | None:
-        got = list(iter_records([line + b"\n"], diff.format, side.path, side.side, offset=offset, line=None,
+    def parse(side: _Side, line: bytes, offset: int, lineno: int | None, width) -> Row | None:
+        got = list(iter_records([line + b"\n"], diff.format, side.path, side.side, offset=offset, line=lineno,
                                 width=width))
         return got[0] if got else None
 
@@ -410,11 +418,11 @@ def _diff_regions(diff: TableDiff, old: _Side, new: _Side, keys: tuple[str, ...]
     pool_old: dict[bytes, list[int]] = defaultdict(list)
     pool_new: dict[bytes, list[int]] = defaultdict(list)
     for r in regions:
-        for ln, off in lines_of(old, r[0], r[1]):
-            pool_old[ln].append(off)
-        for ln, off in lines_of(new, r[2], r[3]):
-            pool_new[ln].append(off)
-    unchanged: list[tuple[bytes, int]] = []  # region lines on both sides (old offsets)
+        for ln, off, no in lines_of(old, r[0], r[1]):
+            pool_old[ln].append((off, no))
+        for ln, off, no in lines_of(new, r[2], r[3]):
+            pool_new[ln].append((off, no))
+    unchanged: list[tuple[bytes, tuple]] = []  # region lines on both sides (old offsets)
     for ln in list(pool_old):
         if ln in pool_new:
             a, b = pool_old[ln], pool_new[ln]
@@ -428,7 +436,7 @@ def _diff_regions(diff: TableDiff, old: _Side, new: _Side, keys: tuple[str, ...]
     by_key_old: dict[tuple, Row] = {}
     for ln, offs in pool_old.items():
         for off in offs:
-            row = parse(old, ln, off, width_old)
+            row = parse(old, ln, *off, width_old)
             if row is None:
                 continue
             k = _key_of(row, old_cols, diff.old_header, old)
@@ -438,7 +446,7 @@ def _diff_regions(diff: TableDiff, old: _Side, new: _Side, keys: tuple[str, ...]
     seen_new: dict[tuple, Row] = {}
     for ln, offs in sorted(pool_new.items(), key=lambda kv: kv[1][0]):
         for off in offs:
-            row = parse(new, ln, off, width_new)
+            row = parse(new, ln, *off, width_new)
             if row is None:
                 continue
             k = _key_of(row, new_cols, diff.new_header, new)
@@ -456,7 +464,7 @@ def _diff_regions(diff: TableDiff, old: _Side, new: _Side, keys: tuple[str, ...]
         for ln, off in unchanged:
             if pattern.search(ln) is None:
                 continue
-            row = parse(old, ln, off, width_old)
+            row = parse(old, ln, *off, width_old)
             if row is None:
                 continue
             k = _key_of(row, old_cols, diff.old_header, old)

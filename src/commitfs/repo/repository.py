@@ -28,7 +28,7 @@ from commitfs.errors import (
 )
 from commitfs.model import chunker
 from commitfs.model.ids import HASHER, HEX_SIZE, hash_bytes, is_hex
-from commitfs.model.objects import Commit, DecodeError, FileManifest, Tree
+from commitfs.model.objects import Commit, DecodeError, FileManifest, Tree, check_chunk_sizes
 from commitfs.repo.index import Index
 from commitfs.repo.lru import LockedLRU
 from commitfs.repo.pack import (
@@ -55,6 +55,7 @@ FORMAT_VERSION = 1
 CONFIG_KEY = "config"
 COMMITS_PREFIX = "commits/"
 MIN_PREFIX = 4
+_REPO_ID = re.compile(r"[0-9a-f]{32}")
 
 # Neighbouring chunks closer than this in one pack are fetched in one ranged
 # read (the gap is read and dropped): cheaper than a second request on S3.
@@ -82,7 +83,13 @@ class Repository:
         self.store = store
         self.url = store.url
         self.config = config
-        self.id: str = config["id"]
+        # The id names local files (the lineage index, the stat cache): only
+        # ever the 32 lowercase hex digits init writes, never a path of the
+        # repository's choosing.
+        rid = config.get("id") if isinstance(config, dict) else None
+        if not isinstance(rid, str) or not _REPO_ID.fullmatch(rid):
+            raise RepositoryError(f"{store.url}: the repository config's id {rid!r:.80} is not 32 hex digits")
+        self.id: str = rid
         self.index = Index(store)
         self.refs = Refs(store)
         self.aliases = Aliases(store)
@@ -164,8 +171,9 @@ class Repository:
         stored = self._load_range(pack_key(loc.pack), loc.offset, loc.stored, nowait)
         return verify_blob(oid, loc, stored)
 
-    def load_chunks(self, oids: list[bytes], nowait: bool = False) -> list[bytes]:
-        """Chunks by id, verified; neighbours in one pack share one ranged read."""
+    def load_chunks(self, oids: list[bytes], nowait: bool = False, sizes=None) -> list[bytes]:
+        """Chunks by id, verified; neighbours in one pack share one ranged read.
+        ``sizes``: the lengths a file manifest declares for them, checked too."""
         cache = self.chunk_cache
         if nowait and cache is not None:
             raise WouldBlock("the chunk cache is on disk")
@@ -179,6 +187,8 @@ class Repository:
                     continue
             todo.append((i, oid, self.locate(oid, nowait)))
         self._read_located(todo, out, nowait)
+        if sizes is not None:
+            check_chunk_sizes(oids, sizes, out)
         return out  # type: ignore[return-value]
 
     def _read_located(self, todo: list[tuple[int, bytes, Location]], out: list, nowait: bool) -> None:
@@ -228,14 +238,15 @@ class Repository:
             else:
                 start = first.offset
                 buf = self._load_range(pack_key(first.pack), start, prev.offset + prev.stored - start, nowait)
-                for oid, loc in zip(ids, locs):
+                for oid, loc, size in zip(ids, locs, m.chunk_sizes):
                     rel = loc.offset - start
-                    verify_blob(oid, loc, buf[rel:rel + loc.stored])
+                    check_chunk_sizes((oid,), (size,), (verify_blob(oid, loc, buf[rel:rel + loc.stored]),))
                 return buf
             chunks: list = [None] * len(ids)  # located already: no second index lookup
             self._read_located(list(zip(range(len(ids)), ids, locs)), chunks, nowait)
+            check_chunk_sizes(ids, m.chunk_sizes, chunks)
         else:
-            chunks = self.load_chunks(list(ids), nowait)
+            chunks = self.load_chunks(list(ids), nowait, m.chunk_sizes)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _read_pack_into_nowait(self, pack: bytes, offset: int, buf) -> None:
@@ -301,6 +312,8 @@ class Repository:
     # --- revisions --------------------------------------------------------------
     def resolve(self, rev: str) -> bytes:
         """A commit id from a branch, tag, (prefix of a) commit id, with ``~N`` suffixes."""
+        if not isinstance(rev, str):
+            raise RevisionError(f"invalid revision {rev!r} (not a string)")
         m = re.fullmatch(r"(.+?)((?:~\d*)*)", rev.strip())
         if not m or not m.group(1):
             raise RevisionError(f"invalid revision {rev!r}")

@@ -160,7 +160,10 @@ def _storage_error(exc: OSError, what: str, root: Path | None = None) -> Storage
 
 class LocalStore(Store):
     def __init__(self, path: str | os.PathLike):
-        self.root = Path(path).expanduser().absolute()
+        try:
+            self.root = Path(path).expanduser().absolute()
+        except RuntimeError:  # "~nouser/x": no such user, no home directory
+            raise StorageError(f"cannot find the home directory in {os.fspath(path)!r}") from None
         self.url = str(self.root)
         self._fds = _FdTable(_FD_CACHE_SIZE)
 

@@ -221,6 +221,7 @@ class FileSystem:
         self.loader = Loader(repo, options.io_threads, options.io_timeout_s)
         self._refs_snapshot: _Refs | None = None
         self._refs_flight: Flight | None = None
+        self._damaged_logged: set[str] = set()
         self._files: dict[int, _FileHandle] = {}
         #: Read states of files read without an open handle (read_inode), least recent first.
         self._by_inode: OrderedDict[int, _FileHandle] = OrderedDict()
@@ -279,15 +280,28 @@ class FileSystem:
 
     async def _load_refs(self, previous: _Refs | None) -> _Refs:
         refs = self.repo.refs
+        damaged: dict[str, str] = {}
         try:
             branches, tags, aliases = await self.loader.io(
-                "the branch, tag and alias list", lambda: (refs.branches(), refs.tags(), self.repo.aliases.live()))
+                "the branch, tag and alias list",
+                lambda: (refs.branches(damaged), refs.tags(damaged), self.repo.aliases.live()))
         except Exception as exc:
             if previous is None:
                 raise
             log.warning("cannot refresh branches and tags (%s); showing those of %.0fs ago",
                         exc, trio.current_time() - previous.at)
             return previous
+        # A damaged reference (empty, not a commit id) changes nothing shown:
+        # it keeps the commit it named at the last good read, or stays absent.
+        for full, why in damaged.items():
+            if why not in self._damaged_logged:  # once, not at every refresh
+                self._damaged_logged.add(why)
+                log.warning("%s; %s", why, "showing its last good value" if previous else "not shown")
+            if previous is not None:
+                kind, _, name = full.partition("/")
+                old, new = (previous.branches, branches) if kind == "branches" else (previous.tags, tags)
+                if name in old:
+                    new[name] = old[name]
         self._refs_snapshot = _Refs(branches, tags, aliases, trio.current_time())
         return self._refs_snapshot
 

@@ -191,6 +191,23 @@ class WorkspaceOptions:
 
 
 # --- the snapshot of an overlay ----------------------------------------------------------
+def _same_as_stored(repo: Repository, side, entry: TreeEntry) -> bool:
+    """Whether a draft side is exactly the stored ``entry`` (a copied-up file counts
+    as an edit, even if its bytes came back); None: an untouched root."""
+    if side is None:
+        return True
+    if isinstance(side, Draft):
+        if not entry.is_dir:
+            return False
+        base = {e.name: e for e in repo.load_tree(entry.id).entries}
+        return set(side.entries) == set(base) and all(
+            child is not None and _same_as_stored(repo, child, base[name])
+            for name, child in side.entries.items())
+    if isinstance(side, NewFile):
+        return False
+    return side.kind is entry.kind and side.id == entry.id and side.target == entry.target
+
+
 def _draft(node: WNode, data_path: Callable[[str], str]) -> Draft | None:
     """The edited tree as the change engine sees it (taken under the lock): a Draft per
     materialized directory, the origin TreeEntry of everything untouched (never opened),
@@ -271,9 +288,8 @@ class WorkspaceFS:
 
     def _has_edits(self) -> bool:
         """Whether the loaded overlay differs from its base (synchronous, before the loop)."""
-        snap = _snapshot(self.root, self.overlay.data_path)
-        changes, _ = diff_snapshot(self.repo, self.repo.load_commit(self.base).tree, snap)
-        return bool(changes)
+        root = TreeEntry("", Kind.DIR, 0, self.repo.load_commit(self.base).tree)
+        return not _same_as_stored(self.repo, self.draft(), root)
 
     @staticmethod
     def _root_row(repo: Repository, cid: bytes) -> Row:

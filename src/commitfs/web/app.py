@@ -122,6 +122,9 @@ class UI:
                                trim_blocks=True, lstrip_blocks=True)
         self.env.globals.update(url_for=url_for, seg=seg, path_url=path_url, human_size=human_size,
                                 short=lambda cid: cid[:12], when=when, repo_url=repo.url)
+        # Compile every template now (tens of ms): a server's first page should not pay for it.
+        for name in self.env.list_templates(extensions=["html"]):
+            self.env.get_template(name)
 
     async def call(self, fn, *args, **kwargs):
         """``fn(*args)`` in a worker thread; TimeoutError after the deadline
