@@ -25,7 +25,8 @@ with ``@section(name, help)``; ``--section all`` runs every registered one:
 beside the files and scripts/nullfs.py), ``s3`` (push, clone and a mount of
 an S3 repository on a moto server, beside plain boto3), ``lineage``
 (downstream queries beside ``log``), ``ui`` (the review UI's pages beside
-``commitfs ls``, cold thumbnails).  A section gets the dataset, pristine,
+``commitfs ls``, cold thumbnails), ``diff`` (keyed row diffs and tensor
+diffs beside reading the file once).  A section gets the dataset, pristine,
 from ``bench.dataset()`` and empty scratch directories from
 ``bench.scratch(name)``, and uses the helpers below (``timed``,
 ``read_to_devnull``, ``drop_caches``, ``commit_in_process``, ``commit_cli``,
@@ -1585,6 +1586,127 @@ def bench_workspace(b: Bench) -> SectionResult:
     ]
     out.details = {"files": nfiles, "full_commit_s": full_s, "workspace_commit_s": commit_s,
                    "plain_write_s": plain_s, "workspace_write_s": ws_s, "write_bytes": size}
+    return out
+
+
+# Sizes of the diff section: the figures are for a 1M-row labels.csv
+# and a 1 GiB safetensors file (full); small is a fifth of the rows and an
+# eighth of the weights.
+_DIFF_SIZES = {"small": (200_000, 128 * MiB), "full": (1_000_000, 1024 * MiB)}
+
+
+@section("diff", "row diff of a labels.csv with 100 changed rows, tensor diff of a safetensors file, vs reading them")
+def bench_diff(b: Bench) -> SectionResult:
+    import struct
+    import tracemalloc
+
+    from commitfs.ops.browse import lookup_path
+    from commitfs.ops.tablediff import diff_table
+    from commitfs.ops.tensordiff import diff_safetensors
+    from commitfs.repo.reader import FileReader
+
+    out = SectionResult()
+    nrows, wbytes = _DIFF_SIZES[b.scale.name]
+    rng = random.Random(b.scale.seed)
+    data_dir = b.scratch("diff-data")
+    repo_dir = b.scratch("diff-repo")
+    repo = Repository.init(str(repo_dir))
+
+    def commit(message: str):
+        os.utime(data_dir, None)
+        past = time.time() - DAY
+        for p in data_dir.iterdir():
+            os.utime(p, (past, past))
+        return commit_directory(repo, data_dir, message=message).commit_id
+
+    # labels.csv: path,label,score; v2 changes the label of 100 rows, either
+    # scattered over the file or in one block.
+    b.log(f"writing a {nrows}-row labels.csv and a {human_size(wbytes)} safetensors file")
+    labels = ["cat", "dog", "bird", "fish", "horse"]
+    rows = [[f"train/img_{i:07d}.jpg", rng.choice(labels), f"{rng.random():.4f}"] for i in range(nrows)]
+
+    def write_labels():
+        (data_dir / "labels.csv").write_bytes(
+            ("path,label,score\n" + "".join(f"{p},{lab},{s}\n" for p, lab, s in rows)).encode())
+
+    # model.safetensors: 16 F32 tensors of equal size, random bytes.
+    ntensors = 16
+    tsize = wbytes // ntensors
+    header = {f"layer{i:02d}.weight": {"dtype": "F32", "shape": [tsize // 4],
+                                       "data_offsets": [i * tsize, (i + 1) * tsize]} for i in range(ntensors)}
+    hraw = json.dumps(header).encode()
+    hraw += b" " * (-len(hraw) % 8)
+    wpath = data_dir / "model.safetensors"
+    with open(wpath, "wb") as f:
+        f.write(struct.pack("<Q", len(hraw)) + hraw)
+        for _ in range(ntensors):
+            f.write(rng.randbytes(tsize))
+    write_labels()
+    v1 = commit("v1")
+    scattered = rng.sample(range(nrows), 100)
+    original = {i: rows[i][1] for i in scattered}
+    for i in scattered:
+        rows[i][1] = "zebra"
+    write_labels()
+    # One tensor edited in place: 4 KiB in the middle of tensor 7.
+    with open(wpath, "r+b") as f:
+        f.seek(8 + len(hraw) + 7 * tsize + tsize // 2)
+        f.write(rng.randbytes(4096))
+    v2 = commit("v2: 100 scattered rows, one tensor")
+    for i in scattered:
+        rows[i][1] = original[i]
+    start = rng.randrange(nrows - 100)
+    for i in range(start, start + 100):
+        rows[i][1] = "zebra"
+    write_labels()
+    v3 = commit("v3: 100 rows in one block")
+
+    def entry(cid, path):
+        return lookup_path(repo, cid, path)
+
+    def read_file(e) -> int:
+        return sum(len(c) for c in FileReader.open(repo, e.id).iter_chunks())
+
+    def median_time(fn, n=3):
+        fn()  # warm: page cache and the repository's index
+        times = [timed(fn)[0] for _ in range(n)]
+        return statistics.median(times)
+
+    for label, old, new in (("scattered", v1, v2), ("one block", v1, v3)):
+        lo, ln = entry(old, "labels.csv"), entry(new, "labels.csv")
+        b.log(f"keyed row diff, 100 {label} rows")
+        got = diff_table(repo, lo, ln, "labels.csv", keys=["path"])
+        if got.counts["changed"] != 100 or got.method != "regions":
+            out.notes.append(f"WARNING: the {label} diff found {got.counts} by {got.method}")
+        diff_s = median_time(lambda: diff_table(repo, lo, ln, "labels.csv", keys=["path"]))
+        read_s = median_time(lambda: read_file(ln))
+        out.rows.append(Row(f"keyed row diff, 100 {label} of {nrows:,} rows vs reading the file once",
+                            diff_s, read_s, "s", ("<=", 0.5)))
+        tracemalloc.start()
+        diff_table(repo, lo, ln, "labels.csv", keys=["path"])
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        out.rows.append(Row(f"  its peak Python memory (tracemalloc), file {human_size(ln.size)}", peak, ln.size, "B",
+                            limit=("<=", 300 * MiB)))
+        out.details[f"rows_{label}"] = {"bytes_read": got.bytes_read, "file": ln.size}
+        out.notes.append(f"{label}: the keyed diff read {human_size(got.bytes_read)} of chunks "
+                         f"(both versions) of a {human_size(ln.size)} file")
+    lo, ln = entry(v1, "labels.csv"), entry(v2, "labels.csv")
+    full_s = median_time(lambda: diff_table(repo, lo, ln, "labels.csv", keys=["path"], method="full"), n=1)
+    out.rows.append(Row("  for context: the same keyed diff parsing every row", full_s, None, "s"))
+
+    wo, wn = entry(v1, "model.safetensors"), entry(v2, "model.safetensors")
+    b.log("tensor diff")
+    td = diff_safetensors(repo, wo, wn)
+    if [c.name for c in td.changes] != ["layer07.weight"] or len(td.unchanged) != ntensors - 1:
+        out.notes.append(f"WARNING: the tensor diff found {td.counts}")
+    tdiff_s = median_time(lambda: diff_safetensors(repo, wo, wn))
+    tread_s = median_time(lambda: read_file(wn))
+    out.rows.append(Row(f"tensor diff, 1 of {ntensors} tensors changed, {human_size(wn.size)} vs reading the file",
+                        tdiff_s, tread_s, "s", ("<=", 0.01)))
+    out.rows.append(Row("  bytes it read (headers, boundary chunks) vs the file", td.bytes_read, wn.size, "B"))
+    repo.close()
+    shutil.rmtree(data_dir, ignore_errors=True)
     return out
 
 

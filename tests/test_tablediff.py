@@ -151,7 +151,8 @@ def test_cost_follows_the_change(local_url, versions, local_repo):
         rows[i][1] = "zebra"
     del rows[40_010]
     rows.insert(40_020, ["img/new.jpg", "cat", "0.5"])
-    new = versions("labels.csv", encode(rows))
+    new_bytes = encode(rows)
+    new = versions("labels.csv", new_bytes)
     repo = faulty_repository(local_url)
     for keys in ([], ["path"]):
         before = repo.store.bytes_read
@@ -160,6 +161,9 @@ def test_cost_follows_the_change(local_url, versions, local_repo):
         assert summary(d) == {"changed": 3, "removed": 1, "added": 1}
         assert {r.new["path"] for r in d.rows if r.status == "changed"} == {
             f"img/{i:07d}.jpg" for i in (40_000, 40_001, 40_005)}
+        for r in d.rows:  # offsets point at the rows
+            if r.new is not None:
+                assert new_bytes[r.new_offset:].startswith(r.new["path"].encode() + b",")
         read = repo.store.bytes_read - before
         assert 0 < read < old.size / 4, (read, old.size)
         assert d.bytes_read < old.size / 4
@@ -187,3 +191,14 @@ def test_max_rows_counts_all_keeps_some(local_repo, versions):
     new = versions("t.csv", b"id\n")
     d = diff_table(local_repo, old, new, "t.csv", max_rows=10)
     assert d.counts["removed"] == 50 and len(d.rows) == 10 and d.rows_omitted == 40
+
+
+def test_compound_keys(local_repo, versions):
+    old = versions("t.csv", b"user,item,n\nu1,a,1\nu1,b,2\nu2,a,3\n")
+    new = versions("t.csv", b"user,item,n\nu1,a,1\nu1,b,5\nu2,b,4\n")
+    d = diff_table(local_repo, old, new, "t.csv", keys=["user", "item"])
+    assert sorted((r.status, r.key) for r in d.rows) == [
+        ("added", ("u2", "b")), ("changed", ("u1", "b")), ("removed", ("u2", "a"))]
+    dup = versions("t.csv", b"user,item,n\nu1,a,1\nu1,b,5\nu1,a,4\n")
+    with pytest.raises(TableKeyError, match=r"\(new side\): key \('u1', 'a'\) is not unique"):
+        diff_table(local_repo, old, dup, "t.csv", keys=["user", "item"])

@@ -52,10 +52,11 @@ unkeyed, both sides' rows are held and aligned.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import re
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
@@ -291,10 +292,13 @@ def _key_of(row: Row, cols: Sequence[str], header, side: _Side) -> tuple:
         raise TableKeyError(f"{side.path} ({side.side} side), {where}: the row has no key column {exc.args[0]!r}") from None
 
 
-def _duplicate(side: _Side, key: tuple, row: Row) -> TableKeyError:
-    where = f"line {row.line}" if row.line is not None else f"byte {row.start}"
+def _duplicate(side: _Side, key: tuple, row: Row | None) -> TableKeyError:
     shown = key[0] if len(key) == 1 else key
-    return TableKeyError(f"{side.path} ({side.side} side): key {shown!r} is not unique (again at {where})", key)
+    if row is None:
+        where = "on a line both versions have"
+    else:
+        where = "again at " + (f"line {row.line}" if row.line is not None else f"byte {row.start}")
+    return TableKeyError(f"{side.path} ({side.side} side): key {shown!r} is not unique ({where})", key)
 
 
 # --- the diff ---------------------------------------------------------------------
@@ -414,70 +418,121 @@ def _diff_regions(diff: TableDiff, old: _Side, new: _Side, keys: tuple[str, ...]
                 _emit(diff, status, None, ro, rn, diff.old_header, diff.new_header, mapping, max_rows)
         return
 
-    # Keyed: pool the differing lines of every region, per side.
-    pool_old: dict[bytes, list[int]] = defaultdict(list)
-    pool_new: dict[bytes, list[int]] = defaultdict(list)
+    # Keyed: the lines of each region not on the other side (as bytes: split
+    # and hashed in C), pooled over all regions (a row that moved between
+    # regions is unchanged), then parsed and matched by key.
+    datas: list[tuple[_Side, bytes, int]] = []
+    only: dict[int, dict[bytes, tuple[int, int | None]]] = {id(old): {}, id(new): {}}
     for r in regions:
-        for ln, off, no in lines_of(old, r[0], r[1]):
-            pool_old[ln].append((off, no))
-        for ln, off, no in lines_of(new, r[2], r[3]):
-            pool_new[ln].append((off, no))
-    unchanged: list[tuple[bytes, tuple]] = []  # region lines on both sides (old offsets)
-    for ln in list(pool_old):
-        if ln in pool_new:
-            a, b = pool_old[ln], pool_new[ln]
-            n = min(len(a), len(b))
-            unchanged.extend((ln, off) for off in a[:n])
-            del a[:n], b[:n]
-            if not a:
-                del pool_old[ln]
-            if not b:
-                del pool_new[ln]
+        pair = []
+        for side, start, end in ((old, r[0], r[1]), (new, r[2], r[3])):
+            data = side.read(start, end)
+            if quoted and b'"' in data and any(ln.count(b'"') % 2 for ln in data.split(b"\n") if b'"' in ln):
+                raise _NeedFullParse  # a quoted field spans lines
+            lines = data.split(b"\n")
+            uniq = set(lines)
+            uniq.discard(b"")
+            if len(uniq) != len(lines) - lines.count(b""):
+                raise _NeedFullParse  # the same line twice: let the full path judge (duplicate keys)
+            pair.append(uniq)
+            datas.append((side, data, start))
+            if side is old:
+                lines_a = lines
+        for side, mine, theirs, lines, (_, data, start) in ((old, pair[0], pair[1], lines_a, datas[-2]),
+                                                            (new, pair[1], pair[0], lines, datas[-1])):
+            lineno0 = first_line[id(side)] if start == data_start[id(side)] else None
+            differ = mine - theirs
+            if not differ:
+                continue
+            at = [i for i, ln in enumerate(lines) if ln in differ]
+            ends = list(itertools.accumulate(map(len, lines)))  # + i line breaks before line i
+            for i in at:
+                only[id(side)][lines[i]] = (start + (ends[i - 1] + i if i else 0),
+                                            None if lineno0 is None else lineno0 + i)
+    pool_old, pool_new = only[id(old)], only[id(new)]
+    for ln in pool_old.keys() & pool_new.keys():  # moved from one region to another
+        del pool_old[ln], pool_new[ln]
     by_key_old: dict[tuple, Row] = {}
-    for ln, offs in pool_old.items():
-        for off in offs:
-            row = parse(old, ln, *off, width_old)
-            if row is None:
-                continue
-            k = _key_of(row, old_cols, diff.old_header, old)
-            if k in by_key_old:
-                raise _duplicate(old, k, row)
-            by_key_old[k] = row
+    for ln, (off, no) in sorted(pool_old.items(), key=lambda kv: kv[1][0]):
+        row = parse(old, ln, off, no, width_old)
+        if row is None:
+            continue
+        k = _key_of(row, old_cols, diff.old_header, old)
+        if k in by_key_old:
+            raise _duplicate(old, k, row)
+        by_key_old[k] = row
     seen_new: dict[tuple, Row] = {}
-    for ln, offs in sorted(pool_new.items(), key=lambda kv: kv[1][0]):
-        for off in offs:
-            row = parse(new, ln, *off, width_new)
-            if row is None:
-                continue
-            k = _key_of(row, new_cols, diff.new_header, new)
-            if k in seen_new:
-                raise _duplicate(new, k, row)
-            seen_new[k] = row
-    # A key of a differing row again on an unchanged line of a region is a
-    # duplicate too (on both sides, as that line is): find such lines by the
-    # keys' first values as bytes, then parse only those.
+    for ln, (off, no) in sorted(pool_new.items(), key=lambda kv: kv[1][0]):
+        row = parse(new, ln, off, no, width_new)
+        if row is None:
+            continue
+        k = _key_of(row, new_cols, diff.new_header, new)
+        if k in seen_new:
+            raise _duplicate(new, k, row)
+        seen_new[k] = row
+    # A key of a differing row again on another line of a region is a
+    # duplicate too.  Such a line is on both sides (only the differing lines
+    # are not), so the old side's regions are searched, for the keys' first
+    # values as bytes (a C search), and only the lines found are parsed.
     wanted = {k[0] for k in itertools.chain(by_key_old, seen_new)}
-    if wanted and unchanged:
-        needles = sorted({(v if isinstance(v, str) else json.dumps(v)).encode() for v in wanted}, key=len,
-                         reverse=True)
-        pattern = re.compile(b"|".join(map(re.escape, needles)))
-        for ln, off in unchanged:
-            if pattern.search(ln) is None:
-                continue
-            row = parse(old, ln, *off, width_old)
-            if row is None:
-                continue
-            k = _key_of(row, old_cols, diff.old_header, old)
-            if k in by_key_old:
-                raise _duplicate(old, k, row)
-            if k in seen_new:
-                raise _duplicate(new, k, row)
+    old_datas = [(side, data, start) for side, data, start in datas if side is old]
+    if wanted and len(old_cols) == 1 and diff.format in _DELIMS and not any(b'"' in d for _, d, _ in old_datas):
+        # One key column, no quotes: count each key field of the regions' old
+        # lines in one regular-expression pass per region.
+        col = diff.old_header.index(old_cols[0])
+        fields = Counter()
+        for _, data, _ in old_datas:
+            fields.update(_key_field_pattern(diff.format, col).findall(data))
+        for v in wanted:
+            n = fields.get(str(v).encode(), 0) - ((v,) in by_key_old)
+            if n > 0:
+                raise _duplicate(old if (v,) in by_key_old else new, (v,), None)
+        old_datas = []
+    budget = 100_000
+    for side, data, start in old_datas:
+        for v in wanted:
+            needle = _needle(v, diff.format)
+            at = data.find(needle)
+            while at >= 0:
+                budget -= 1
+                if budget < 0:
+                    raise _NeedFullParse  # keys too common as bytes: the full path checks every row
+                ls = data.rfind(b"\n", 0, at) + 1
+                le = data.find(b"\n", at)
+                le = len(data) if le < 0 else le
+                ln = data[ls:le]
+                if ln not in pool_old:
+                    row = parse(old, ln, start + ls, None, width_old)
+                    if row is not None:
+                        k = _key_of(row, old_cols, diff.old_header, old)
+                        if k in by_key_old:
+                            raise _duplicate(old, k, row)
+                        if k in seen_new:
+                            raise _duplicate(new, k, None)
+                at = data.find(needle, le)
     for k, rn in seen_new.items():
         ro = by_key_old.pop(k, None)
         _emit(diff, "changed" if ro is not None else "added", k, ro, rn, diff.old_header, diff.new_header,
               mapping, max_rows)
     for k, ro in sorted(by_key_old.items(), key=lambda kv: kv[1].start):
         _emit(diff, "removed", k, ro, None, diff.old_header, diff.new_header, mapping, max_rows)
+
+
+_DELIMS = {"csv": b",", "tsv": b"\t"}
+
+
+@functools.lru_cache(maxsize=64)
+def _key_field_pattern(fmt: str, col: int) -> re.Pattern:
+    """The ``col``-th field of every line of unquoted CSV/TSV bytes."""
+    d = re.escape(_DELIMS[fmt])
+    return re.compile(rb"(?m)^(?:[^%s\r\n]*%s){%d}([^%s\r\n]*)" % (d, d, col, d))
+
+
+def _needle(v, fmt: str) -> bytes:
+    """Bytes a key value appears as in a line (quoted CSV doubles its quotes)."""
+    if fmt == "jsonl":
+        return (json.dumps(v, ensure_ascii=False)[1:-1] if isinstance(v, str) else json.dumps(v)).encode()
+    return str(v).replace('"', '""').encode()
 
 
 def _emit(diff: TableDiff, status: str, key, ro: Row | None, rn: Row | None, ho, hn, mapping, max_rows) -> None:
