@@ -75,6 +75,8 @@ class DaemonConfig:
     tree: str | None = None
     #: False: chunks of a non-local repository are kept in memory only (--no-disk-cache).
     disk_cache: bool = True
+    #: Read-only mounts: append the files read to this file (vfs/readlog.py).
+    record_reads: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
