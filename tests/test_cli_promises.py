@@ -199,7 +199,7 @@ def _bad_argvs(name: str, p: argparse.ArgumentParser, url: str, nowhere: str) ->
         if a.nargs == argparse.REMAINDER:
             fill += ["--", nowhere]  # a command that is not there
         elif a.choices:
-            fill.append(sorted(a.choices)[0])
+            fill.append("no-such-choice")
         else:
             fill.append(nowhere)
     for a in required_opts:

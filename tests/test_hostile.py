@@ -12,6 +12,7 @@ import json
 import os
 import random
 import shutil
+import stat
 import tempfile
 import subprocess
 import sys
@@ -26,13 +27,15 @@ from core_fixtures import (assert_one_line_error, cli_env, cli_fails, cli_ok, re
                            write_file)
 from cutproxy import CuttingProxy
 from mount_fixtures import fs_of, vfs_listdir, vfs_read_all
-from commitfs.errors import CorruptObjectError, DamagedRefError, RepositoryError, RevisionError, StorageError
+from commitfs.errors import (CorruptObjectError, DamagedRefError, ExpansionLimitError, RepositoryError, RevisionError,
+                             StorageError)
 from commitfs.model.ids import hash_bytes
 from commitfs.model.objects import Commit, DecodeError, FileManifest, Kind, Tree, TreeEntry
-from commitfs.ops.browse import lookup_path
+from commitfs.ops.browse import lookup_path, walk
 from commitfs.ops.fsck import fsck
 from commitfs.ops.sync import transfer
 from commitfs.repo.pack import BlobKind
+from commitfs.repo import treewalk
 from commitfs.repo.reader import FileReader
 from commitfs.storage.s3 import S3Store
 from commitfs.ops.snapshot import commit_directory
@@ -400,3 +403,68 @@ def test_commands_over_a_cutting_network_succeed_whole_or_fail_in_one_line(s3_se
     assert proxy.cuts >= 8, proxy.cuts
     assert outcomes.count("ok") >= 3, outcomes
     assert fsck(reopen(s3_url), read_data=True).problems == []  # what got through is whole
+
+
+# --- item 4: tree DAGs whose paths multiply ------------------------------------------------
+def exploding_repo(url: str, tmp_path, depth: int = 41) -> bytes:
+    """Branch ``dag``: ``depth`` trees, each naming the next twice (2^(depth-1) paths
+    from 2*depth stored entries) beside an honest file; returns the commit id."""
+    small_repo(url, tmp_path)
+    f = FileManifest((), ()).encode()
+    tree = Tree.build([TreeEntry("leaf", Kind.FILE, 0, hash_bytes(f))])
+    blobs = [(BlobKind.MANIFEST, f)]
+    for _ in range(depth - 1):
+        data = tree.encode()
+        blobs.append((BlobKind.TREE, data))
+        tid = hash_bytes(data)
+        tree = Tree.build([TreeEntry("a", Kind.DIR, 0, tid), TreeEntry("b", Kind.DIR, 0, tid)])
+    root = Tree.build([TreeEntry("dag", Kind.DIR, 0, hash_bytes(tree.encode())),
+                       TreeEntry("ok.txt", Kind.FILE, 0, hash_bytes(f))])
+    blobs.append((BlobKind.TREE, tree.encode()))
+    return craft_commit(url, blobs, root, branch="dag")
+
+
+@pytest.mark.timeout(60)
+def test_walks_of_a_tree_dag_whose_paths_multiply_are_refused_before_any_work(store_url, tmp_path, cache_home):
+    exploding_repo(store_url, tmp_path)
+    r = reopen(store_url)
+    cid = r.resolve("dag")
+    with pytest.raises(ExpansionLimitError, match="paths"):
+        next(iter(walk(r, cid)))
+    dest = tmp_path / "co"
+    assert "refusing to walk" in cli_fails("-r", store_url, "checkout", "dag", str(dest))
+    assert not dest.exists() and not list(tmp_path.glob(".co.checkout-*"))  # nothing was written
+    assert "refusing to walk" in cli_fails("-r", store_url, "ls", "-R", "dag")
+    assert "refusing to walk" in cli_fails("-r", store_url, "diff", "main", "dag")
+    assert fsck(reopen(store_url), read_data=True).problems == []  # fsck visits each tree once: no bound needed
+    # A walk of the honest part, and modest sharing, are fine.
+    deep = "dag/" + "/".join(["a"] * 30)  # 10 levels left: 2^10 paths, within the allowance
+    items = list(walk(r, cid, deep))
+    assert len(items) == 2 ** 11 - 2 + 2 ** 10 and all(i.path.startswith(deep + "/") for i in items)
+
+
+def test_a_find_on_a_mount_of_a_tree_dag_stays_bounded(local_url, tmp_path, cache_home, monkeypatch):
+    """Each tree met at a second path is held to the rule; with a small allowance
+    (200 + 2 per entry) a find(1) of 2^40 paths lists a few hundred directories."""
+    monkeypatch.setattr(treewalk, "MAX_PATHS_ALLOWANCE", 200)
+    monkeypatch.setattr(treewalk, "MAX_PATHS_RATIO", 2)
+    exploding_repo(local_url, tmp_path)
+
+    async def main():
+        repo = reopen(local_url)
+        async with fs_of(repo, repo.resolve("dag")) as fs:
+            listed, refused, stack = 0, 0, [ROOT_INODE]
+            while stack:  # what find(1) does: list every directory it meets
+                ino = stack.pop()
+                try:
+                    entries = await vfs_listdir(fs, ino)
+                except ExpansionLimitError:
+                    refused += 1
+                    continue
+                listed += 1
+                for name, attr in entries:
+                    if stat.S_ISDIR(attr.mode):
+                        stack.append((await fs.lookup(ino, name.encode())).ino)
+                assert listed < 3000
+            assert refused >= 1
+    trio.run(main)

@@ -453,3 +453,68 @@ def test_cli_without_a_repository_is_one_line(cache_home, tmp_path):
 
     line = cli_fails("-r", str(tmp_path / "nothing"), "ui", "--port", "0")
     assert line.startswith("commitfs: no commitfs repository at")
+
+
+@pytest.mark.timeout(90)
+def test_a_100k_entry_directory_is_served_page_by_page(tiny_repo, tmp_path):
+    """The issue's size: 100,000 entries (one file's id under many names, the
+    tree built directly); each page lists 200, the last page the rest."""
+    from commitfs.model.objects import Commit, Kind, Tree, TreeEntry
+    from commitfs.ops import browse
+
+    r = reopen(tiny_repo)
+    head = r.resolve("main")
+    one = browse.lookup_path(r, head, "images/a.png")
+    n = 100_000
+    with r.writer() as w:
+        big = w.add_tree(Tree.build(TreeEntry(f"f{i:06d}.png", Kind.FILE, one.size, one.id) for i in range(n)))
+        root = w.add_tree(Tree.build([TreeEntry("big", Kind.DIR, one.size * n, big)]))
+    cid = r.save_commit(Commit(root, (head,), "tester@example", 1, "100k entries", {}))
+    r.refs.set_branch_if_equals("wide", cid, None)
+    with serve_ui(reopen(tiny_repo), cache_dir=tmp_path / "thumbs") as ui:
+        status, _, body = ui.get("/tree/wide/big")
+        page = body.decode()
+        assert status == 200 and len(rows(page, "entries")) == 200 and "1–200 of 100000" in page
+        assert len(body) < 200_000  # a page, not the directory
+        last = ui.text("/tree/wide/big?offset=99900")
+        assert len(rows(last, "entries")) == 100 and "f099999.png" in last and 'id="next"' not in last
+        grid = ui.text("/tree/wide/big?view=grid&offset=60")
+        assert len(re.findall(r'<img src="/thumb/', grid)) == 60 and "61–120 of 100000" in grid
+
+
+def test_ctrl_c_stops_at_once_while_a_read_hangs(tiny_repo):
+    """A read stuck in storage (here a pack replaced by a FIFO no one writes:
+    open() blocks) times its page out, and Ctrl-C still ends the process."""
+    import os
+    import urllib.error
+    import urllib.request
+
+    from commitfs.ops import browse
+    from commitfs.repo.pack import pack_key
+
+    r = reopen(tiny_repo)
+    entry = browse.lookup_path(r, r.resolve("main"), "big.bin")
+    pack = r.store.local_path(pack_key(r.locate(r.load_manifest(entry.id).chunk_ids[-1]).pack))
+    pack.unlink()
+    os.mkfifo(pack)
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "commitfs", "-r", tiny_repo, "ui", "--port", str(port),
+                             "--timeout", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(),
+                            text=True)
+    try:
+        assert f":{port}/" in proc.stdout.readline()
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/raw/main/big.bin", timeout=30)
+        assert exc.value.code == 504
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=15)
+        assert proc.returncode == 0 and "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        try:  # a reader still stuck in open(): let it return (it reads nothing)
+            os.close(os.open(pack, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+        pack.unlink()

@@ -160,3 +160,11 @@ class ServerError(CommitfsError):
 class BadURLError(CommitfsError):
     """A UI URL that names no path of a tree: '..', '.', an empty or encoded-slash
     segment, bad percent-encoding (the page answers 400)."""
+
+
+class AttributesError(CommitfsError):
+    """The attributes file (.commitfs/attributes) does not parse."""
+
+
+class MergeError(CommitfsError):
+    """A merge cannot start: unknown or unsuitable branches, a bad rule."""

@@ -16,7 +16,8 @@ from commitfs.errors import CommitfsError, OutputError, UsageError
 
 # Modules defining verbs, in the order --help lists them.
 VERB_MODULES = ["commitfs.cli.core", "commitfs.cli.inspect", "commitfs.cli.mount", "commitfs.cli.workspace",
-                "commitfs.cli.remote", "commitfs.cli.lineage", "commitfs.cli.alias", "commitfs.cli.ui"]
+                "commitfs.cli.remote", "commitfs.cli.lineage", "commitfs.cli.alias", "commitfs.cli.ui",
+                "commitfs.cli.find", "commitfs.cli.shell", "commitfs.cli.merge"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="S3 endpoint URL (default: the AWS configuration)")
     parser = _Parser(prog="commitfs", parents=[common],
                      description="Version ML datasets and model weights as content-addressed commits.")
+    from commitfs import __version__
+
+    parser.add_argument("--version", action="version", version=f"commitfs {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     import importlib

@@ -10,7 +10,7 @@ from commitfs.cli.inspect import add_log_options, show_changes_for
 from commitfs.cli.output import ProgressBar, human_size, print_json, warn
 from commitfs.errors import CommitfsError, InputError, NothingToCommitError, RevisionError, UsageError
 from commitfs.model.objects import Kind
-from commitfs.ops import browse, history
+from commitfs.ops import browse, history, refnames
 from commitfs.ops.checkout import checkout
 from commitfs.ops.fsck import fsck
 from commitfs.ops.snapshot import check_commit_text, commit_directory
@@ -101,18 +101,30 @@ def cmd_commit(args) -> int:
 
 def cmd_log(args) -> int:
     repo = open_repo(args)
-    if args.rev is None and not repo.refs.branches():
+    if args.rev is None and not args.all and not repo.refs.branches():
         # A fresh repository: an empty history, not an unknown revision.
         print("commitfs: no commits yet (commit a directory: commitfs commit DIR -m MESSAGE)", file=sys.stderr)
         if args.json:
             print_json([])
         return 0
-    start = repo.resolve(args.rev or "main")
+    # A..B and --all walk every parent, newest first; REV alone its first parents.
+    span = history.parse_range(repo, args.rev) if args.rev else None
+    if args.all:
+        if args.rev:
+            raise UsageError("log --all takes no REV")
+        span = (history.all_heads(repo), [])
+    if span is not None:
+        start = None
+        items = history.walk(repo, span[0], span[1], args.limit)
+    else:
+        start = repo.resolve(args.rev or "main")
+        items = None
     if args.stat or args.paths:
         from commitfs.cli.inspect import print_log
 
-        return print_log(args, repo, start, _print_commit)
-    items = history.log(repo, start, args.limit)
+        return print_log(args, repo, start, _print_commit, items)
+    if items is None:
+        items = history.log(repo, start, args.limit)
     if args.json:
         print_json([history.commit_json(cid, c) for cid, c in items])
         return 0
@@ -204,6 +216,12 @@ def cmd_cat(args) -> int:
 
 def cmd_branch(args) -> int:
     repo = open_repo(args)
+    if args.move:
+        if args.delete or args.name is None or args.rev_given is None:
+            raise UsageError("branch -m needs OLD and NEW (commitfs branch -m OLD NEW)")
+        cid = refnames.rename_branch(repo, args.name, args.rev_given)
+        print(f"renamed branch {args.name} to {args.rev_given} (at {cid.hex()[:12]})")
+        return 0
     if args.delete:
         if repo.refs.remove_damaged_branch(args.delete):
             print(f"deleted damaged branch {args.delete}")
@@ -215,7 +233,7 @@ def cmd_branch(args) -> int:
         print(f"deleted branch {args.delete} (was {current.hex()[:12]})")
         return 0
     if args.name:
-        cid = repo.resolve(args.rev)
+        cid = repo.resolve(args.rev_given or "main")
         repo.refs.set_branch_if_equals(args.name, cid, None)
         print(f"created branch {args.name} at {cid.hex()[:12]}")
         return 0
@@ -230,6 +248,12 @@ def cmd_branch(args) -> int:
 
 def cmd_tag(args) -> int:
     repo = open_repo(args)
+    if args.delete:
+        if args.name is not None:
+            raise UsageError("tag -d takes one NAME (commitfs tag -d NAME)")
+        cid = refnames.delete_tag(repo, args.delete)
+        print(f"deleted tag {args.delete} (was {cid.hex()[:12]})")
+        return 0
     if args.name is None:
         tags = repo.refs.tags()
         if args.json:
@@ -303,7 +327,10 @@ def register(sub, common) -> None:
     p.add_argument("--json", action="store_true")
 
     p = add("log", cmd_log, "show the history of a revision")
-    p.add_argument("rev", nargs="?", metavar="REV", help="where history starts (default: main)")
+    p.add_argument("rev", nargs="?", metavar="REV",
+                   help="where history starts (default: main), following first parents; or A..B: the "
+                        "commits B reaches and A does not, through every parent, newest first")
+    p.add_argument("--all", action="store_true", help="every commit a branch or tag reaches, newest first")
     p.add_argument("-n", "--limit", type=_count, metavar="N", help="at most N commits")
     p.add_argument("--oneline", action="store_true")
     p.add_argument("--json", action="store_true")
@@ -321,15 +348,19 @@ def register(sub, common) -> None:
     p = add("cat", cmd_cat, "write a file of a commit to stdout")
     p.add_argument("spec", metavar="REV:PATH")
 
-    p = add("branch", cmd_branch, "list, create or delete branches")
+    p = add("branch", cmd_branch, "list, create, rename or delete branches")
     p.add_argument("name", nargs="?", metavar="NAME")
-    p.add_argument("rev", nargs="?", default="main", metavar="REV")
+    p.add_argument("rev_given", nargs="?", metavar="REV", help="where a new branch starts (default: main); "
+                   "with -m, the new name")
     p.add_argument("-d", "--delete", metavar="NAME")
+    p.add_argument("-m", "--move", action="store_true",
+                   help="rename branch NAME to the second operand (refused if that name exists)")
     p.add_argument("--json", action="store_true")
 
-    p = add("tag", cmd_tag, "list tags, or tag a revision (tags never move)")
+    p = add("tag", cmd_tag, "list tags, tag a revision (tags never move), or delete a tag")
     p.add_argument("name", nargs="?", metavar="NAME")
     p.add_argument("rev", nargs="?", metavar="REV")
+    p.add_argument("-d", "--delete", metavar="NAME", help="delete tag NAME")
     p.add_argument("--json", action="store_true")
 
     p = add("checkout", cmd_checkout, "materialise a revision (or REV:PATH) into a new directory")

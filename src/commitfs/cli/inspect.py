@@ -208,12 +208,15 @@ def add_log_options(p) -> None:
     p.usage = "%(prog)s [REV] [-n N] [--oneline] [--stat] [--json] [-- PATH...]"
 
 
-def print_log(args, repo, start: bytes, print_commit) -> int:
-    """log with --stat or -- PATH..."""
+def print_log(args, repo, start: bytes, print_commit, items=None) -> int:
+    """log with --stat or -- PATH...; ``items``: the commits of a range or --all."""
     paths = [p.strip("/") for p in args.paths]
     if len(paths) > 1:
         raise UsageError("log -- PATH takes one path")
-    if paths:
+    if items is not None:
+        if paths:
+            raise UsageError("log -- PATH follows one revision's first parents; not with A..B or --all")
+    elif paths:
         items = ((cid, c) for cid, c, _, _ in contentdiff.path_history(repo, start, paths[0], args.limit))
     else:
         items = history.log(repo, start, args.limit)

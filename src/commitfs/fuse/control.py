@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from commitfs.errors import CommitfsError, ConflictError, NothingToCommitError
 from commitfs.fuse.adapter import invalidate
+from commitfs.ops.changes import dir_entry, unchanged
 from commitfs.ops.changeset import StatusEntry, commit_draft, status_of
 from commitfs.vfs.workspace import WorkspaceFS
 
@@ -47,6 +48,16 @@ class CommitOutcome:
     rebased: bool
     changes: int
     invalidate: list[int] = field(default_factory=list)
+
+
+def _unchanged(repo, base_tree: bytes, draft) -> bool:
+    return draft is None or unchanged(repo, dir_entry(base_tree), draft)
+
+
+def open_workspace(repo, workspace_dir: str, branch: str, options) -> WorkspaceFS:
+    """The workspace of a writable mount, with the change engine deciding whether leftover
+    rows are edits (a clean workspace starts from the branch's current head)."""
+    return WorkspaceFS.open_workspace(repo, workspace_dir, branch, options, unchanged=_unchanged)
 
 
 async def status(fs: WorkspaceFS) -> list[StatusEntry]:

@@ -85,10 +85,11 @@ def _open(config: DaemonConfig):
             repo.chunk_cache = cache
             log.info("chunk cache %s, capped at %d bytes", cache.path, cache.max_bytes)
         if config.writable:
-            from commitfs.vfs.workspace import WorkspaceFS, WorkspaceOptions
+            from commitfs.fuse import control
+            from commitfs.vfs.workspace import WorkspaceOptions
 
             options = WorkspaceOptions(io_timeout_s=config.io_timeout_s, io_threads=config.io_threads)
-            fs = WorkspaceFS.open_workspace(repo, config.workspace, config.rev, options)
+            fs = control.open_workspace(repo, config.workspace, config.rev, options)
             log.info("workspace %s over branch %s at %s", config.workspace, config.rev, fs.base.hex())
             return repo, fs
         commit = bytes.fromhex(config.commit) if config.commit else None

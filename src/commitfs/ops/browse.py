@@ -9,6 +9,7 @@ from commitfs.errors import IsADirectoryError_, NotADirectoryError_, PathNotFoun
 from commitfs.model.objects import Kind, Tree, TreeEntry
 from commitfs.repo.reader import FileObject, FileReader
 from commitfs.repo.repository import Repository
+from commitfs.repo.treewalk import check_expansion
 
 
 def split_rev_path(spec: str) -> tuple[str, str]:
@@ -45,13 +46,20 @@ class WalkItem:
 
 
 def walk_tree(repo: Repository, tree_id: bytes, prefix: str = "") -> Iterator[WalkItem]:
-    """Every entry below a tree, depth first, in name order."""
+    """Every entry below a tree, depth first, in name order; ExpansionLimitError
+    (before the first) if shared subtrees multiply its paths beyond the bound
+    of repo.treewalk."""
+    check_expansion(repo, tree_id)
+    yield from _walk_tree(repo, tree_id, prefix)
+
+
+def _walk_tree(repo: Repository, tree_id: bytes, prefix: str) -> Iterator[WalkItem]:
     tree: Tree = repo.load_tree(tree_id)
     for e in tree.entries:
         path = f"{prefix}/{e.name}" if prefix else e.name
         yield WalkItem(path, e)
         if e.is_dir:
-            yield from walk_tree(repo, e.id, path)
+            yield from _walk_tree(repo, e.id, path)
 
 
 def walk(repo: Repository, commit_id: bytes, path: str = "") -> Iterator[WalkItem]:

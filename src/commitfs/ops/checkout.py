@@ -22,6 +22,7 @@ from commitfs.model.objects import Kind
 from commitfs.ops.browse import lookup_path
 from commitfs.repo.reader import FileReader
 from commitfs.repo.repository import Repository
+from commitfs.repo.treewalk import check_expansion
 
 #: The temporary directory's prefix, before DEST's name.
 TEMP_PREFIX = "."
@@ -79,6 +80,7 @@ def _write_tree(repo: Repository, entry, root: Path, progress) -> int:
     if not entry.is_dir:
         _write_entry(repo, entry, root / entry.name, advance)
         return 1
+    check_expansion(repo, entry.id)  # before writing anything: a DAG must not multiply the files
     count = 0
     stack = [(entry.id, root)]
     while stack:

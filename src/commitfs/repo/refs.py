@@ -144,6 +144,14 @@ class Refs:
                 raise CommitfsError(f"{what} {name!r} cannot exist beside {what} {other!r} "
                                     "(one name lies inside the other)")
 
+    def delete_tag_if_equals(self, name: str, expected: bytes) -> None:
+        """Delete a tag iff it still names ``expected`` (``commitfs tag -d``)."""
+        check_ref_name(name, "tag")
+        try:
+            self.store.save_ref_if_equals(TAGS + name, None, _encode(expected))
+        except RefConflictError:
+            raise RefConflictError(f"tag {name!r} changed meanwhile; not deleted") from None
+
     def create_tag(self, name: str, cid: bytes) -> None:
         check_ref_name(name, "tag")
         self._check_nesting(name, self.tags(), "tag")

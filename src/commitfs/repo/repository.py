@@ -311,20 +311,30 @@ class Repository:
 
     # --- revisions --------------------------------------------------------------
     def resolve(self, rev: str) -> bytes:
-        """A commit id from a branch, tag, (prefix of a) commit id, with ``~N`` suffixes."""
+        """A commit id from a branch, tag, (prefix of a) commit id, followed by any
+        number of ``~N`` (the N-th first-parent ancestor) and ``^N`` (the N-th parent;
+        ``^`` is ``^1``, ``^0`` the commit itself) steps, as in git."""
         if not isinstance(rev, str):
             raise RevisionError(f"invalid revision {rev!r} (not a string)")
-        m = re.fullmatch(r"(.+?)((?:~\d*)*)", rev.strip())
+        m = re.fullmatch(r"(.+?)((?:[~^]\d*)*)", rev.strip())
         if not m or not m.group(1):
             raise RevisionError(f"invalid revision {rev!r}")
         base, suffix = m.group(1), m.group(2)
         cid = self._resolve_base(base)
-        for step in re.findall(r"~(\d*)", suffix):
-            for _ in range(int(step) if step else 1):
+        for op, digits in re.findall(r"([~^])(\d*)", suffix):
+            n = int(digits) if digits else 1
+            if op == "~":
+                for _ in range(n):
+                    parents = self.load_commit(cid).parents
+                    if not parents:
+                        raise RevisionError(f"{rev}: history of {base} is not that long")
+                    cid = parents[0]
+            elif n:
                 parents = self.load_commit(cid).parents
-                if not parents:
-                    raise RevisionError(f"{rev}: history of {base} is not that long")
-                cid = parents[0]
+                if len(parents) < n:
+                    have = f"{len(parents)} parent{'s' if len(parents) != 1 else ''}"
+                    raise RevisionError(f"{rev}: commit {cid.hex()[:12]} has {have}, not a parent {n}")
+                cid = parents[n - 1]
         return cid
 
     def _resolve_base(self, name: str) -> bytes:

@@ -55,6 +55,7 @@ from commitfs.errors import (
 from commitfs.model.ids import HEX_SIZE, is_hex
 from commitfs.model.objects import EMPTY_MANIFEST, Commit, FileManifest, Kind, Tree, TreeEntry
 from commitfs.repo.repository import MIN_PREFIX, Repository
+from commitfs.repo.treewalk import check_expansion
 from commitfs.vfs import prefetch
 from commitfs.vfs.loader import Flight, Loader
 from commitfs.vfs.errors import (
@@ -217,6 +218,7 @@ class FileSystem:
         self._refs_snapshot: _Refs | None = None
         self._refs_flight: Flight | None = None
         self._damaged_logged: set[str] = set()
+        self._listed_trees: dict[bytes, int] = {}  # tree id -> the first inode listed with it
         self._files: dict[int, _FileHandle] = {}
         #: Read states of files read without an open handle (read_inode), least recent first.
         self._by_inode: OrderedDict[int, _FileHandle] = OrderedDict()
@@ -385,7 +387,15 @@ class FileSystem:
 
     async def _listing(self, node: DirNode) -> Listing:
         if isinstance(node, TreeDir):
-            return _TreeListing(node.view, await self.loader.tree(node.entry.id), self._long)
+            tid = node.entry.id
+            first = self._listed_trees.setdefault(tid, node.ino)
+            if first != node.ino:
+                # The same tree at a second path: shared subtrees, the only way
+                # a DAG multiplies paths.  Listing it again is refused if the
+                # rule of repo.treewalk refuses it (counted once per tree id),
+                # so a find(1) of a hostile DAG stays bounded.
+                await self.loader.io(f"the path count of tree {tid.hex()}", check_expansion, self.repo, tid)
+            return _TreeListing(node.view, await self.loader.tree(tid), self._long)
         if isinstance(node, RootDir):
             return _StaticListing(self._root_items())
         if isinstance(node, RefDir):

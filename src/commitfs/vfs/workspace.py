@@ -191,23 +191,6 @@ class WorkspaceOptions:
 
 
 # --- the snapshot of an overlay ----------------------------------------------------------
-def _same_as_stored(repo: Repository, side, entry: TreeEntry) -> bool:
-    """Whether a draft side is exactly the stored ``entry`` (a copied-up file counts
-    as an edit, even if its bytes came back); None: an untouched root."""
-    if side is None:
-        return True
-    if isinstance(side, Draft):
-        if not entry.is_dir:
-            return False
-        base = {e.name: e for e in repo.load_tree(entry.id).entries}
-        return set(side.entries) == set(base) and all(
-            child is not None and _same_as_stored(repo, child, base[name])
-            for name, child in side.entries.items())
-    if isinstance(side, NewFile):
-        return False
-    return side.kind is entry.kind and side.id == entry.id and side.target == entry.target
-
-
 def _draft(node: WNode, data_path: Callable[[str], str]) -> Draft | None:
     """The edited tree as the change engine sees it (taken under the lock): a Draft per
     materialized directory, the origin TreeEntry of everything untouched (never opened),
@@ -260,8 +243,13 @@ class WorkspaceFS:
     # --- opening a workspace (synchronous, before the loop) ---------------------------------
     @classmethod
     def open_workspace(cls, repo: Repository, workspace_dir: str, branch: str,
-             options: WorkspaceOptions = WorkspaceOptions()) -> WorkspaceFS:
-        """Open (or create) the workspace, settle an interrupted commit, load the overlay."""
+             options: WorkspaceOptions = WorkspaceOptions(),
+             unchanged: Callable[[Repository, bytes, Draft | None], bool] | None = None) -> WorkspaceFS:
+        """Open (or create) the workspace, settle an interrupted commit, load the overlay.
+
+        ``unchanged(repo, base_tree, draft)`` tells whether edits change nothing
+        (the change engine's answer, passed in by the composition root,
+        fuse/control.open_workspace); without it rows always count as edits."""
         overlay = Overlay.open(workspace_dir, repo.url, branch)
         try:
             head = repo.refs.lookup_branch(branch)
@@ -274,7 +262,7 @@ class WorkspaceFS:
                 overlay.clear(head, cls._root_row(repo, head))
             fs = cls(repo, overlay, branch, options)
             fs._load()
-            if fs.base != head and not fs._has_edits():
+            if fs.base != head and unchanged is not None and not fs._has_edits(unchanged):
                 # Edits made and then undone (reset PATH, a file created and removed)
                 # leave rows but change nothing: the workspace is clean, so it too
                 # starts from the branch's current head.
@@ -286,10 +274,9 @@ class WorkspaceFS:
             overlay.close()
             raise
 
-    def _has_edits(self) -> bool:
+    def _has_edits(self, unchanged: Callable[[Repository, bytes, Draft | None], bool]) -> bool:
         """Whether the loaded overlay differs from its base (synchronous, before the loop)."""
-        root = TreeEntry("", Kind.DIR, 0, self.repo.load_commit(self.base).tree)
-        return not _same_as_stored(self.repo, self.draft(), root)
+        return not unchanged(self.repo, self.repo.load_commit(self.base).tree, self.draft())
 
     @staticmethod
     def _root_row(repo: Repository, cid: bytes) -> Row:

@@ -21,15 +21,15 @@ commit's trees whatever the URL).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
-import os
+import threading
 import time
 from pathlib import Path
 from urllib.parse import quote, unquote
 
 import anyio
-import anyio.to_thread
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -128,10 +128,34 @@ class UI:
 
     async def call(self, fn, *args, **kwargs):
         """``fn(*args)`` in a worker thread; TimeoutError after the deadline
-        (the thread is left to finish on its own, the page answers now)."""
+        (the thread is left to finish on its own, the page answers now).
+
+        Each call gets a daemon thread of its own (a few tens of microseconds,
+        nothing next to a page): a read stalled on S3 then never holds up the
+        process's exit after Ctrl-C, as a pool's non-daemon worker would.  At
+        most THREADS calls run at once; a timed-out call gives its slot back."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if abandoned
+
+        def settle(result, error) -> None:
+            if not done.done():
+                done.set_exception(error) if error is not None else done.set_result(result)
+
+        def run() -> None:
+            try:
+                result, error = fn(*args, **kwargs), None
+            except BaseException as exc:  # handed to the page, which names it
+                result, error = None, exc
+            try:
+                loop.call_soon_threadsafe(settle, result, error)
+            except RuntimeError:  # the server stopped meanwhile: nobody waits
+                pass
+
         with anyio.fail_after(self.timeout):
-            return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs),
-                                                  abandon_on_cancel=True, limiter=self.limiter)
+            async with self.limiter:
+                threading.Thread(target=run, name="commitfs-ui-call", daemon=True).start()
+                return await asyncio.shield(done)
 
     def render(self, name: str, status: int = 200, headers=None, **context) -> HTMLResponse:
         return HTMLResponse(self.env.get_template(name).render(**context), status_code=status, headers=headers)
