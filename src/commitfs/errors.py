@@ -168,3 +168,7 @@ class AttributesError(CommitfsError):
 
 class MergeError(CommitfsError):
     """A merge cannot start: unknown or unsuitable branches, a bad rule."""
+
+
+class ReadSetError(CorruptObjectError):
+    """A commit's read set (``commitfs.object.readset``) is missing, unreadable or malformed."""

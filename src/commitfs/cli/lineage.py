@@ -12,16 +12,18 @@ import sys
 
 from commitfs.cli.core import repo_url, store_options
 from commitfs.cli.output import ProgressBar, print_json, warn
-from commitfs.errors import InputError
+from commitfs.errors import InputError, UsageError
 from commitfs.fuse.runmounts import Mounts
 from commitfs.ops import lineage
 from commitfs.ops import run as run_op
-from commitfs.ops.lineage_index import LineageReport, query_lineage
+from commitfs.ops import readset
+from commitfs.ops.lineage_index import LineageReport, query_lineage, trained_on
 
 
 def cmd_run(args) -> int:
     spec = run_op.RunSpec(command=list(args.command), output=args.output, to=args.to, inputs=args.input or [],
-                          repo=args.repo or None, message=args.message, commit_on_failure=args.commit_on_failure)
+                          repo=args.repo or None, message=args.message, commit_on_failure=args.commit_on_failure,
+                          record_reads=args.record_reads)
     bar = ProgressBar("commit")
     try:
         result = run_op.run(spec, lambda: Mounts(args.endpoint_url), store_options=store_options(args),
@@ -37,7 +39,8 @@ def cmd_run(args) -> int:
         return result.exit_code
     if args.json:
         out = result.to_json()
-        print_json({k: out[k] for k in ("id", "repo", "branch", "exit_code", "inputs", "files", "bytes_stored")})
+        keys = ["id", "repo", "branch", "exit_code", "inputs", "files", "bytes_stored"]
+        print_json({k: out[k] for k in keys + (["readset", "files_read"] if args.record_reads else [])})
     else:
         print(result.commit_id.hex())
     return result.exit_code
@@ -45,6 +48,14 @@ def cmd_run(args) -> int:
 
 # --- the query ---------------------------------------------------------------------
 def cmd_lineage(args) -> int:
+    if args.trained_on:
+        if args.rev or args.files:
+            raise UsageError("--trained-on takes no REV and no --files")
+        return _cmd_trained_on(args)
+    if not args.rev:
+        raise UsageError("lineage needs a REV (or --trained-on REV:PATH)")
+    if args.files:
+        return _cmd_files(args)
     spec = lineage.parse_input_spec(args.rev)
     with lineage.RepositoryOpener(store_options(args)) as opener:
         if spec.url is None:
@@ -61,6 +72,51 @@ def cmd_lineage(args) -> int:
         print_json(report.to_json())
     else:
         print_report(report, up=not args.downstream, down=not args.upstream)
+    return 0
+
+
+def _cmd_files(args) -> int:
+    spec = lineage.parse_input_spec(args.rev)
+    with lineage.RepositoryOpener(store_options(args)) as opener:
+        repo = opener.open(spec.url if spec.url else repo_url(args))
+        cid = repo.resolve(spec.rev)
+        files = readset.commit_files(repo, cid)
+        if args.json:
+            print_json(files.to_json())
+            return 0
+        inputs = {i.name: i for i in files.inputs}
+        for e in files.entries:
+            inp = inputs.get(e.input)
+            where = f"{inp.url}@{inp.commit.hex()[:12]}" if inp else "?"
+            print(f"{e.input}\t{where}\t{e.file_id.hex()}\t{e.path}")
+    return 0
+
+
+def _cmd_trained_on(args) -> int:
+    from commitfs.ops.browse import split_rev_path
+
+    rev, path = split_rev_path(args.trained_on)
+    if not path:
+        raise UsageError("--trained-on expects [REPO_URL@]REV:PATH (a file)")
+    spec = lineage.parse_input_spec(rev)
+    with lineage.RepositoryOpener(store_options(args)) as opener:
+        repo = opener.open(spec.url if spec.url else repo_url(args))
+        cid = repo.resolve(spec.rev)
+        if args.search:
+            search = [opener.open(u) for u in args.search]
+        else:  # default: the -r repository (where the models are), else the dataset's
+            search = [opener.open(repo_url(args))] if args.repo else [repo]
+        report = trained_on(repo, cid, path, search)
+    if args.json:
+        print_json(report.to_json())
+    else:
+        print(f"file {report.path} ({report.file_id.hex()[:12]}) of {report.dataset_repo}@"
+              f"{report.dataset_commit.hex()[:12]} was read by:" + ("" if report.readers else " (no recorded run)"))
+        for r in report.readers:
+            via = f"{r.input_name} {r.input_repo}@{r.input_commit.hex()[:12]}" if r.input_commit else "?"
+            print(f"  {r.repo}@{r.commit.hex()[:12]}  as {via}:{r.path}" + (f"  {r.summary}" if r.summary else ""))
+    for p in report.problems:
+        warn(p)
     return 0
 
 
@@ -134,6 +190,9 @@ def register(sub, common) -> None:
     p.add_argument("-m", "--message", help="commit message (default: the command line)")
     p.add_argument("--commit-on-failure", action="store_true",
                    help="commit DIR even if the command fails (its exit code is recorded)")
+    p.add_argument("--record-reads", action="store_true",
+                   help="record which files of the inputs the command read (first read of each file) and "
+                        "store the set with the output commit (commitfs lineage REV --files)")
     p.add_argument("--json", action="store_true")
     p.add_argument("command", nargs="...", metavar="-- COMMAND")
 
@@ -141,7 +200,11 @@ def register(sub, common) -> None:
                        description="Upstream: the commit's inputs, recursively, across repositories. "
                                    "Downstream: commits naming it as an input in the searched repositories.")
     p.set_defaults(handler=cmd_lineage)
-    p.add_argument("rev", metavar="[REPO_URL@]REV")
+    p.add_argument("rev", nargs="?", metavar="[REPO_URL@]REV")
+    p.add_argument("--files", action="store_true",
+                   help="the files of its inputs REV's run read (run --record-reads)")
+    p.add_argument("--trained-on", metavar="[REPO_URL@]REV:PATH",
+                   help="the commits (in the --search repositories) whose run read this file")
     p.add_argument("--search", action="append", metavar="URL",
                    help="a repository to search for downstream commits (repeatable; default: the current one)")
     p.add_argument("--depth", type=int, metavar="N", help="follow at most N levels each way (default: all)")

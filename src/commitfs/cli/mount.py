@@ -46,6 +46,8 @@ def cmd_mount(args) -> int:
                 raise InputError(f"--writable needs a branch name; {args.rev!r} is not a branch")
         elif args.workspace:
             raise UsageError("--workspace goes with --writable")
+        if args.record_reads and args.writable:
+            raise UsageError("--record-reads is for read-only mounts")
         commit = repo.resolve(args.rev) if args.rev else None
         url = repo.url
     workspace = None
@@ -67,6 +69,7 @@ def cmd_mount(args) -> int:
         endpoint_url=args.endpoint_url, commit=commit.hex() if commit else None, rev=args.rev,
         cache_size=cache_size, refresh_s=refresh, io_timeout_s=io_timeout, allow_other=args.allow_other,
         writable=args.writable, workspace=workspace,
+        record_reads=str(Path(args.record_reads).expanduser().absolute()) if args.record_reads else None,
     )
     if args.foreground:
         from commitfs.fuse.daemon import run_foreground
@@ -104,6 +107,9 @@ def register(sub, common) -> None:
     p.add_argument("-w", "--writable", action="store_true",
                    help="a writable workspace over the branch REV: edits go to a local overlay; "
                         "see commitfs status/reset/commit MOUNTPOINT")
+    p.add_argument("--record-reads", metavar="FILE",
+                   help="append each file read (its content id and path) to FILE, once per first read "
+                        "of the file; '#end' closes it at unmount (used by `commitfs run --record-reads`)")
     p.add_argument("--workspace", metavar="DIR",
                    help="with --writable: where the overlay lives (default: DIR/workspaces/ of the cache "
                         "directory, one per repository, branch and mountpoint); mounting it again resumes it")

@@ -96,7 +96,7 @@ def _open(config: DaemonConfig):
         if commit is not None:
             repo.load_commit(commit)  # fail now, not at the first ls
         options = VfsOptions(refresh_s=config.refresh_s, io_timeout_s=config.io_timeout_s,
-                             io_threads=config.io_threads)
+                             io_threads=config.io_threads, record_reads=config.record_reads)
         return repo, FileSystem(repo, commit, options)
     except BaseException:
         repo.close()

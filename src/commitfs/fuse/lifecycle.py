@@ -70,6 +70,8 @@ class DaemonConfig:
     #: A writable workspace over the branch ``rev`` whose overlay lives in ``workspace``.
     writable: bool = False
     workspace: str | None = None
+    #: Read-only mounts: append the files read to this file (vfs/readlog.py).
+    record_reads: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -4,6 +4,9 @@ Checks, each reported as one problem line:
 
 * every index segment parses and passes its checksum;
 * every branch and tag holds one commit id and names an existing, well-formed commit;
+* every alias names an existing, well-formed commit; its log entries are present,
+  intact and chained;
+* a commit's read set (``commitfs.object.readset``) is present and well-formed;
 * every commit reachable from a reference: its parents, its tree;
 * every tree and file manifest reachable: present in the index, in a pack
   that exists and is long enough, decodes, and matches its id;
@@ -21,9 +24,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from commitfs.errors import CommitfsError
+from commitfs.errors import CommitfsError, ReadSetError
 from commitfs.model.ids import hash_bytes
 from commitfs.model.objects import Kind
+from commitfs.ops import readset
 from commitfs.repo.pack import pack_id_from_key, pack_key
 from commitfs.repo.repository import Repository
 
@@ -85,6 +89,18 @@ def fsck(repo: Repository, read_data: bool = False, progress: Callable[[str, int
     roots: list[tuple[str, bytes]] = [(f"branch {n}", c) for n, c in repo.refs.branches(damaged).items()]
     roots += [(f"tag {n}", c) for n, c in repo.refs.tags(damaged).items()]
     rep.problems.extend(damaged.values())
+    try:
+        aliases = repo.aliases.states()
+    except CommitfsError as exc:
+        problem(f"aliases: {exc}")
+        aliases = {}
+    for name, state in sorted(aliases.items()):
+        roots.append((f"alias {name}", state.commit))
+        try:
+            for _ in repo.aliases.iter_log(state.log):  # every entry present, intact, chained
+                pass
+        except CommitfsError as exc:
+            problem(f"alias {name}: log: {exc}")
     seen_commits: set[bytes] = set()
     trees: list[bytes] = []
     stack = list(roots)
@@ -99,6 +115,13 @@ def fsck(repo: Repository, read_data: bool = False, progress: Callable[[str, int
             problem(f"{where}: commit {cid.hex()}: {exc}")
             continue
         rep.commits += 1
+        try:  # a run's read set (ops/readset.py): present and well-formed
+            entries = readset.commit_readset(repo, commit.metadata)
+            if entries is not None:
+                for _ in entries:
+                    pass
+        except ReadSetError as exc:
+            problem(f"commit {cid.hex()}: {exc}")
         trees.append(commit.tree)
         stack.extend((f"parent of {cid.hex()[:12]}", p) for p in commit.parents)
 

@@ -26,13 +26,14 @@ import shlex
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from commitfs.errors import InputError, UsageError
-from commitfs.ops import lineage
+from commitfs.ops import lineage, readset
 from commitfs.ops.snapshot import Progress, check_commit_text, commit_directory
 from commitfs.repo.refs import check_ref_name
 
@@ -183,6 +184,7 @@ class RunSpec:
     commit_on_failure: bool = False
     cwd: str | None = None            # where the command runs (default: the current directory)
     environ: Mapping[str, str] | None = None  # its base environment (default: os.environ)
+    record_reads: bool = False        # store the files the command read (ops/readset.py)
 
 
 @dataclass
@@ -200,11 +202,14 @@ class RunResult:
     files: int = 0
     bytes_stored: int = 0
     warnings: list[str] = field(default_factory=list)
+    readset: bytes | None = None      # the read set's id (with record_reads)
+    files_read: int | None = None
 
     def to_json(self) -> dict:
         return {"id": self.commit_id.hex() if self.commit_id else None, "repo": self.repo, "branch": self.branch,
                 "status": self.status, "exit_code": self.exit_code, "inputs": [i.to_json() for i in self.inputs],
-                "files": self.files, "bytes_stored": self.bytes_stored}
+                "files": self.files, "bytes_stored": self.bytes_stored,
+                "readset": self.readset.hex() if self.readset else None, "files_read": self.files_read}
 
 
 def run(
@@ -252,52 +257,73 @@ def run(
         check_command(command, env)
         code_commit, code_dirty = lineage.git_state(cwd)
 
-        result = RunResult(status="failed", exit_code=1, repo=target.url, branch=to.rev, inputs=inputs,
-                           warnings=warnings)
-        stopped: int | None = None
-        rc: int | None = None
-        with DeferredSignals() as deferred:
-            mset = mounts()
-            try:
-                paths = {}
-                for inp in inputs:
-                    paths[inp.name] = mset.mount(inp.url, inp.commit, inp.name, inp.value)
-                    deferred.check()
-                env.update(lineage.run_environment(inputs, paths, output))
-                started = time.time()
+        logs: dict[str, str] = {}
+        reads_dir = tempfile.mkdtemp(prefix="commitfs-reads-") if spec.record_reads else None
+        try:
+            result = RunResult(status="failed", exit_code=1, repo=target.url, branch=to.rev, inputs=inputs,
+                               warnings=warnings)
+            stopped: int | None = None
+            rc: int | None = None
+            with DeferredSignals() as deferred:
+                mset = mounts()
                 try:
-                    child = subprocess.Popen(command, env=env, cwd=cwd)
-                except FileNotFoundError:
-                    raise InputError(f"command not found: {command[0]}") from None
-                except PermissionError:
-                    raise InputError(f"command is not executable: {command[0]}") from None
-                except OSError as exc:
-                    raise InputError(f"cannot run {command[0]}: {exc.strerror or exc}") from None
-                rc, stopped = wait_child(child, deferred)
-                finished = time.time()
-            except Interrupted as exc:
-                stopped, rc = exc.signo, None
-            finally:
-                for problem in mset.cleanup():  # signals meanwhile are only recorded
-                    note(problem)
-            stopped = stopped or (deferred.received[0] if deferred.received else None)
+                    paths = {}
+                    for inp in inputs:
+                        if reads_dir is not None:
+                            logs[inp.name] = os.path.join(reads_dir, f"{len(logs)}.log")
+                        paths[inp.name] = mset.mount(inp.url, inp.commit, inp.name, inp.value,
+                                                     record_reads=logs.get(inp.name))
+                        deferred.check()
+                    env.update(lineage.run_environment(inputs, paths, output))
+                    started = time.time()
+                    try:
+                        child = subprocess.Popen(command, env=env, cwd=cwd)
+                    except FileNotFoundError:
+                        raise InputError(f"command not found: {command[0]}") from None
+                    except PermissionError:
+                        raise InputError(f"command is not executable: {command[0]}") from None
+                    except OSError as exc:
+                        raise InputError(f"cannot run {command[0]}: {exc.strerror or exc}") from None
+                    rc, stopped = wait_child(child, deferred)
+                    finished = time.time()
+                except Interrupted as exc:
+                    stopped, rc = exc.signo, None
+                finally:
+                    for problem in mset.cleanup():  # signals meanwhile are only recorded
+                        note(problem)
+                stopped = stopped or (deferred.received[0] if deferred.received else None)
 
-        if stopped is not None:
-            result.status, result.signal, result.exit_code = "interrupted", stopped, 128 + stopped
+            if stopped is not None:
+                result.status, result.signal, result.exit_code = "interrupted", stopped, 128 + stopped
+                return result
+            code = exit_code(rc)
+            result.exit_code = code
+            if code != 0 and not spec.commit_on_failure:
+                return result
+            if not os.path.isdir(output):
+                raise InputError(f"output directory {spec.output} does not exist after the command; "
+                                 "nothing committed")
+            metadata = lineage.input_metadata(inputs)
+            metadata.update(lineage.run_metadata(command, started, finished, code, git_commit=code_commit,
+                                                 git_dirty=code_dirty, environ=env))
+            if reads_dir is not None:
+                built = readset.build(logs, reads_dir)
+                for name in built.incomplete:
+                    note(f"the read log of input {name} did not end cleanly (its mount was not closed in "
+                         "order): the read set may lack files")
+                result.readset = readset.store(target, built.path)
+                result.files_read = built.files
+                metadata[readset.META_KEY] = result.readset.hex()
+                metadata[readset.COUNT_KEY] = str(built.files)
+                if built.incomplete:
+                    metadata[readset.INCOMPLETE_KEY] = ",".join(built.incomplete)
+            made = commit_directory(target, output, branch=to.rev, message=message, metadata=metadata,
+                                    allow_empty=True, progress=progress)
+            for w in made.warnings:
+                note(w)
+            result.status, result.commit_id = "committed", made.commit_id
+            result.files, result.bytes_stored = made.files, made.write.bytes_new_stored
             return result
-        code = exit_code(rc)
-        result.exit_code = code
-        if code != 0 and not spec.commit_on_failure:
-            return result
-        if not os.path.isdir(output):
-            raise InputError(f"output directory {spec.output} does not exist after the command; nothing committed")
-        metadata = lineage.input_metadata(inputs)
-        metadata.update(lineage.run_metadata(command, started, finished, code, git_commit=code_commit,
-                                             git_dirty=code_dirty, environ=env))
-        made = commit_directory(target, output, branch=to.rev, message=message, metadata=metadata,
-                                allow_empty=True, progress=progress)
-        for w in made.warnings:
-            note(w)
-        result.status, result.commit_id = "committed", made.commit_id
-        result.files, result.bytes_stored = made.files, made.write.bytes_new_stored
-        return result
+        finally:
+            if reads_dir is not None:
+                shutil.rmtree(reads_dir, ignore_errors=True)

@@ -257,6 +257,14 @@ def _token(row: Row) -> Any:
 def _align(a: Sequence, b: Sequence) -> Iterator[tuple[str, int | None, int | None]]:
     """Positional row operations between two token lists: ("moved", i, j),
     ("changed", i, j), ("removed", i, None), ("added", None, j), in order."""
+    fast = _align_unique(a, b)
+    if fast is not None:
+        yield from fast
+        return
+    yield from _align_difflib(a, b)
+
+
+def _align_difflib(a: Sequence, b: Sequence) -> Iterator[tuple[str, int | None, int | None]]:
     ops = [op for op in SequenceMatcher(None, a, b, autojunk=False).get_opcodes() if op[0] != "equal"]
     new_only: dict[Any, deque] = defaultdict(deque)
     for _, _, _, j1, j2 in ops:
@@ -283,7 +291,51 @@ def _align(a: Sequence, b: Sequence) -> Iterator[tuple[str, int | None, int | No
             yield "added", None, j
 
 
+def _align_unique(a: Sequence, b: Sequence) -> list | None:
+    """The same operations without difflib, when it is easy: every token
+    unique on its side and the tokens both sides have in the same order (no
+    moves).  Then the tokens one side only has fall in the gaps between common
+    ones, and pair up by position within each gap.  Sets and comprehensions
+    run in C: a 1M-line region with 100 changes takes a fraction of a second,
+    where SequenceMatcher takes many."""
+    sa, sb = set(a), set(b)
+    if len(sa) != len(a) or len(sb) != len(b):
+        return None
+    common = sa & sb
+    if [t for t in a if t in common] != [t for t in b if t in common]:
+        return None
+    ia = [i for i, t in enumerate(a) if t not in common]
+    ib = [j for j, t in enumerate(b) if t not in common]
+    gaps: dict[int, tuple[list, list]] = defaultdict(lambda: ([], []))
+    for k, i in enumerate(ia):
+        gaps[i - k][0].append(i)   # i - k: the common tokens before it
+    for k, j in enumerate(ib):
+        gaps[j - k][1].append(j)
+    ops = []
+    for g in sorted(gaps):
+        olds, news = gaps[g]
+        ops.extend(("changed", i, j) for i, j in zip(olds, news))
+        ops.extend(("removed", i, None) for i in olds[len(news):])
+        ops.extend(("added", None, j) for j in news[len(olds):])
+    return ops
+
+
+def _key_getter(cols: Sequence[str], header, side: _Side):
+    """row -> its key, fast for tuple rows (CSV, TSV)."""
+    if header is not None and all(c in header for c in cols):
+        idx = [header.index(c) for c in cols]
+        if len(idx) == 1:
+            i = idx[0]
+            return lambda row: (row.values[i],) if isinstance(row.values, tuple) else _key_of(row, cols, header, side)
+        return lambda row: (tuple(row.values[i] for i in idx) if isinstance(row.values, tuple)
+                            else _key_of(row, cols, header, side))
+    return lambda row: _key_of(row, cols, header, side)
+
+
 def _key_of(row: Row, cols: Sequence[str], header, side: _Side) -> tuple:
+    v = row.values
+    if isinstance(v, tuple) and header is not None and all(c in header for c in cols):
+        return tuple(v[header.index(c)] for c in cols)  # no dict per row: the full path makes millions
     d = row.as_dict(header)
     try:
         return tuple(d[c] for c in cols)
@@ -564,19 +616,23 @@ def _diff_full(diff: TableDiff, old: _Side, new: _Side, keys: tuple[str, ...], m
     ho, hn = diff.old_header, diff.new_header
     if keys:
         old_cols, new_cols = _check_keys(diff, keys, mapping)
+        key_old, key_new = _key_getter(old_cols, ho, old), _key_getter(new_cols, hn, new)
         by_key: dict[tuple, Row] = {}
         for row in rows_old:
-            k = _key_of(row, old_cols, ho, old)
+            k = key_old(row)
             if k in by_key:
                 raise _duplicate(old, k, row)
             by_key[k] = row
         seen: set[tuple] = set()
+        same_header = ho == hn
         for row in rows_new:
-            k = _key_of(row, new_cols, hn, new)
+            k = key_new(row)
             if k in seen:
                 raise _duplicate(new, k, row)
             seen.add(k)
             ro = by_key.pop(k, None)
+            if ro is not None and same_header and ro.values == row.values:
+                continue
             _emit(diff, "changed" if ro is not None else "added", k, ro, row, ho, hn, mapping, max_rows)
         for k, ro in by_key.items():
             _emit(diff, "removed", k, ro, None, ho, hn, mapping, max_rows)

@@ -58,14 +58,17 @@ from commitfs.repo.repository import MIN_PREFIX, Repository
 from commitfs.repo.treewalk import check_expansion
 from commitfs.vfs import prefetch
 from commitfs.vfs.loader import Flight, Loader
+from commitfs.vfs.readlog import ReadLog
 from commitfs.vfs.errors import (
     BadHandleError,
     NoSuchAttributeError,
     NotASymlinkError,
     ReadOnlyError,
     ShuttingDownError,
+    StaleInodeError,
 )
 from commitfs.vfs.inode import (
+    ROOT_INODE,
     XATTR_REPO,
     Attr,
     CommitsDir,
@@ -107,6 +110,8 @@ class VfsOptions:
     #: ...and how long one is kept unread (its read-ahead buffers are freed then;
     #: no RELEASE ever says that a reader has gone).
     inode_reader_idle_s: float = 10.0
+    #: Append the files read to this file (vfs/readlog.py); None: record nothing.
+    record_reads: str | None = None
 
 
 @dataclass(frozen=True)
@@ -227,6 +232,7 @@ class FileSystem:
         self._nursery: trio.Nursery | None = None
         self.table: InodeTable | None = None
         self._repo_url = repo.url.encode()
+        self.readlog = ReadLog(options.record_reads) if options.record_reads else None
 
     @asynccontextmanager
     async def running(self):
@@ -245,6 +251,8 @@ class FileSystem:
                 for h in [*self._files.values(), *self._by_inode.values()]:
                     if h.reader is not None:
                         h.reader.close()
+                if self.readlog is not None:
+                    self.readlog.close()
 
     async def _refs(self) -> _Refs:
         """Branches and tags, at most ``refresh_s / 2`` old; one refresh at a time, shared
@@ -543,8 +551,23 @@ class FileSystem:
             raise PathNotFoundError(f"inode {inode} is not a regular file")
         return node
 
+    def _record_read(self, node: FileNode) -> None:
+        """Log a read of ``node`` with its path from the mount root (vfs/readlog.py)."""
+        assert self.readlog is not None and self.table is not None
+        names = []
+        n: Node = node
+        try:
+            while n.ino != ROOT_INODE:
+                names.append(n.key[1])
+                n = self.table.get(n.parent)
+        except StaleInodeError:  # a parent forgotten meanwhile: keep what is known
+            names.append("?")
+        self.readlog.record(node.entry.id, "/".join(reversed(names)))
+
     async def open(self, inode: int, flags: int) -> int:
         node = self.check_open(inode, flags)
+        if self.readlog is not None:
+            self._record_read(node)
         h = _FileHandle(node, EMPTY_MANIFEST if node.entry.size == 0 else None)
         if not node.opened:
             # A first open is nearly always followed by a read from offset 0, so the
@@ -621,6 +644,8 @@ class FileSystem:
                 if node.is_dir:
                     raise IsADirectoryError_(f"inode {inode} is a directory")
                 raise PathNotFoundError(f"inode {inode} is not a regular file")
+            if self.readlog is not None:
+                self._record_read(node)
             fsize = node.entry.size
             if off >= fsize:
                 return b""  # at or past the end: nothing to load, no state to keep
