@@ -109,6 +109,10 @@ def test_bad_table_still_shows_the_file_level_diff(tmp_path, cli, cache_home):
     assert out.splitlines() == ["M t.csv (9 -> 14)"]
     assert_one_line_error(1, err)
     assert "t.csv (new side), line 2: bad quoting" in err  # where the record starts
+    out, err = cli("-r", url, "diff", "main", "--rows", "--json", code=1)
+    got = json.loads(out)  # still valid JSON, the error beside the file
+    assert got[0]["path"] == "t.csv" and "line 2: bad quoting" in got[0]["error"]
+    assert_one_line_error(1, err)
     proc = run_cli("-r", url, "diff", "main", "--key", "nope")  # the same contract as a subprocess
     assert proc.stdout.decode().splitlines() == ["M t.csv (9 -> 14)"]
     line = assert_one_line_error(proc.returncode, proc.stderr.decode())

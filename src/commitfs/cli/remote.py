@@ -14,7 +14,7 @@ import sys
 
 from commitfs.cli.core import open_repo, store_options
 from commitfs.cli.output import ProgressBar, human_size, print_json
-from commitfs.errors import InputError, RepositoryNotFoundError, UsageError
+from commitfs.errors import UsageError
 from commitfs.ops import sync
 from commitfs.repo.remotes import DEFAULT_REMOTE, Remotes, normalize_url
 from commitfs.repo.repository import Repository
@@ -96,20 +96,8 @@ def cmd_clone(args) -> int:
     url = normalize_url(args.url)
     dest = normalize_url(args.dir)
     source = Repository.open(url, **store_options(args))
-    try:
-        local = Repository.open(dest, **store_options(args))
-    except RepositoryNotFoundError:
-        local = None
-    if local is not None:
-        origin = Remotes(local.store).lookup(DEFAULT_REMOTE)
-        if origin is None or origin.url != url:
-            raise InputError(f"{args.dir} is already a commitfs repository (not a clone of {args.url})")
-        # An interrupted clone of the same source: resume it.
-    else:
-        if "://" not in dest and os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
-            raise InputError(f"{args.dir} exists and is not an empty directory")
-        local = Repository.init(dest, **store_options(args))
-        Remotes(local.store).add(DEFAULT_REMOTE, url, args.endpoint_url)
+    # New, or an interrupted clone of the same source (killed at any point): resumed.
+    local = sync.open_clone_destination(dest, url, args.endpoint_url, shown=args.dir, **store_options(args))
     result = _run("clone", lambda progress: sync.clone(local, source, threads=args.jobs, progress=progress))
     _report(args, "cloned", f"{args.url} into {args.dir}", result)
     return 0

@@ -59,18 +59,22 @@ thread-safe); worker threads only do store I/O, decompression and hashing.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from commitfs.errors import CorruptObjectError, ObjectNotFoundError, RefConflictError, RevisionError
+from commitfs.errors import (CorruptObjectError, InputError, ObjectNotFoundError, RefConflictError,
+                             RepositoryNotFoundError, RevisionError)
 from commitfs.model.ids import hash_bytes
 from commitfs.model.objects import Commit, DecodeError, FileManifest, Tree
 from commitfs.repo.pack import TARGET_PACK_SIZE, BlobKind, Location, pack_key, parse_pack_table, verify_blob
 from commitfs.repo.aliases import AliasState
+from commitfs.repo.remotes import DEFAULT_REMOTE, Remotes
 from commitfs.repo.repository import BlobWriter, Repository, commit_key
+from commitfs.storage.base import open_store
 
 #: Worker threads reading from the source (the destination's BlobWriter adds
 #: its own upload threads).  Enough to hide S3 latency on one connection pool.
@@ -643,6 +647,54 @@ def pull(local: Repository, remote: Repository, branch: str = "main", *, local_b
         raise RevisionError(f"no branch {branch!r} in {remote.url}")
     return _fetch_branches(local, remote, {target: new}, force=force, threads=threads, progress=progress,
                            remote_name=f"{remote.url} {branch}")
+
+
+def open_clone_destination(dest: str, source_url: str, endpoint_url: str | None = None, *,
+                           shown: str | None = None, **store_options) -> Repository:
+    """The repository a clone of ``source_url`` writes into: a new one at
+    ``dest`` (absent or an empty directory), or the one a clone of the same
+    source left when it was interrupted, whatever the point it was killed at.
+
+    A new clone records its origin *before* it writes the config, so every
+    kill point leaves something this recognises: nothing yet; an origin
+    naming the source and no config (perhaps a ``.tmp-*`` config being
+    written: removed), where the config is written now; or a repository whose
+    origin names the source, which the transfer resumes.  A repository that
+    is not a clone of this source (``commitfs init``, another clone) or a
+    directory holding anything else is an InputError; ``shown`` names ``dest``."""
+    shown = shown or dest
+    try:
+        local = Repository.open(dest, **store_options)
+    except RepositoryNotFoundError:
+        local = None
+    if local is not None:
+        origin = Remotes(local.store).lookup(DEFAULT_REMOTE)
+        if origin is None or origin.url != source_url:
+            local.close()
+            raise InputError(f"{shown} is already a commitfs repository (not a clone of {source_url})")
+        return local
+    store = open_store(dest, **store_options)
+    try:
+        origin = Remotes(store).lookup(DEFAULT_REMOTE)
+        resuming = origin is not None and origin.url == source_url
+        leftovers = []
+        if "://" not in dest and os.path.exists(dest):
+            if not os.path.isdir(dest):
+                raise InputError(f"{shown} exists and is not an empty directory")
+            names = os.listdir(dest)
+            leftovers = [n for n in names if n.startswith(".tmp-")]
+            if any(n not in leftovers and not (resuming and n == "refs") for n in names):
+                raise InputError(f"{shown} exists and is not an empty directory")
+        for n in leftovers:  # a config being written when the clone was killed
+            try:
+                os.unlink(os.path.join(dest, n))
+            except OSError as exc:
+                raise InputError(f"cannot remove {os.path.join(shown, n)}: {exc.strerror}") from None
+        if not resuming:
+            Remotes(store).add(DEFAULT_REMOTE, source_url, endpoint_url)
+    finally:
+        store.close()
+    return Repository.init(dest, **store_options)
 
 
 def clone(local: Repository, remote: Repository, *, threads: int = DEFAULT_THREADS,
