@@ -312,11 +312,12 @@ def test_merge_bases_of_a_criss_cross(two, local_url):
     repo.refs.set_branch_if_equals("dev", y, d1)
     assert sorted(merge_bases(repo, x, y)) == sorted([m1, d1])
     m2 = _commit(repo, src, {"a.txt": B, "b.txt": B, "d/x": C})
-    d2 = _commit(repo, src, {"a.txt": C, "b.txt": B, "d/x": A}, "dev")
+    d2 = _commit(repo, src, {"a.txt": B, "b.txt": B, "d/x": A, "n": A}, "dev")
     result = merge_into(repo, "dev", "main")
     assert sorted(result.bases) == sorted([m1, d1]) and result.base == result.bases[0]
+    # (changes on paths both bases agree on: clean whichever base is picked)
     assert result.status == "merged" and repo.load_commit(result.commit_id).parents == (m2, d2)
-    assert (_read(repo, result.commit_id, "a.txt"), _read(repo, result.commit_id, "d/x")) == (C, C)
+    assert (_read(repo, result.commit_id, "n"), _read(repo, result.commit_id, "d/x")) == (A, C)
 
 
 @pytest.mark.timeout(120)

@@ -226,3 +226,15 @@ def test_fast_alignment_agrees_with_difflib(seed):
     assert sorted(fast, key=str) == sorted(tablediff._align_difflib(a, b), key=str)
     moved = ["x", "a", "b", "c"], ["a", "b", "c", "x"]
     assert tablediff._align_unique(*moved) is None  # a move: difflib decides
+
+
+def test_on_row_streams_instead_of_keeping(local_repo, versions):
+    e = versions("t.csv", b"id,v\n" + b"".join(b"%d,x\n" % i for i in range(5000)))
+    got = []
+    d = diff_table(local_repo, None, e, "t.csv", keys=["id"], on_row=got.append)
+    assert d.rows == [] and d.counts["added"] == 5000 and len(got) == 5000
+    assert got[0].key == ("0",) and got[-1].new == {"id": "4999", "v": "x"}
+    e2 = versions("t.csv", b"id,v\n" + b"".join(b"%d,%s\n" % (i, b"y" if i == 7 else b"x") for i in range(5000)))
+    got.clear()
+    d = diff_table(local_repo, e, e2, "t.csv", on_row=got.append)
+    assert d.rows == [] and [r.new["id"] for r in got] == ["7"] and d.counts["changed"] == 1

@@ -57,7 +57,7 @@ import itertools
 import json
 import re
 from collections import Counter, defaultdict, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 from typing import Any
@@ -115,6 +115,8 @@ class TableDiff:
     method: str = "full"
     #: Chunk bytes this diff loaded (both sides; equal chunks once).
     bytes_read: int = 0
+    #: on_row of diff_table: rows go there instead of ``rows``.
+    _sink: Callable[[RowChange], None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def header_changed(self) -> bool:
@@ -131,7 +133,9 @@ class TableDiff:
 
     def _add(self, change: RowChange, max_rows: int | None) -> None:
         self.counts[change.status] += 1
-        if max_rows is None or len(self.rows) < max_rows:
+        if self._sink is not None:
+            self._sink(change)
+        elif max_rows is None or len(self.rows) < max_rows:
             self.rows.append(change)
         else:
             self.rows_omitted += 1
@@ -355,10 +359,16 @@ def _duplicate(side: _Side, key: tuple, row: Row | None) -> TableKeyError:
 
 # --- the diff ---------------------------------------------------------------------
 def diff_table(repo: Repository, old_entry: TreeEntry | None, new_entry: TreeEntry | None, path: str,
-               keys: Sequence[str] = (), *, max_rows: int | None = None, method: str | None = None) -> TableDiff:
+               keys: Sequence[str] = (), *, max_rows: int | None = None, method: str | None = None,
+               on_row: Callable[[RowChange], None] | None = None) -> TableDiff:
     """The row diff of a table's two versions (see the module's docstring).
 
     ``max_rows``: keep at most this many RowChange records (all are counted).
+    ``on_row``: called with each RowChange, in order, instead of keeping them
+    (``rows`` stays empty): output that never holds every row.  On the region
+    path rows are handed over at the end (it may still fall back to the full
+    path, which streams as it goes); a table that is only on one side streams
+    its rows without holding them.
     ``method="full"``: parse every row even where the region path would do
     (for comparisons and benchmarks).
     Raises TableParseError (file, side, line) and TableKeyError (a missing
@@ -375,14 +385,20 @@ def diff_table(repo: Repository, old_entry: TreeEntry | None, new_entry: TreeEnt
     try:
         if fmt in LINE_FORMATS and old.ids and new.ids and method != "full":
             try:
-                _diff_regions(diff, old, new, keys, max_rows)
+                _diff_regions(diff, old, new, keys, None if on_row is not None else max_rows)
                 diff.method = "regions"
+                if on_row is not None:
+                    for r in diff.rows:
+                        on_row(r)
+                    diff.rows = []
                 return diff
             except (_NeedFullParse, TableParseError):
                 diff.rows.clear()
                 diff.rows_omitted = 0
                 diff.counts = dict.fromkeys(diff.counts, 0)
+        diff._sink = on_row
         _diff_full(diff, old, new, keys, max_rows)
+        diff._sink = None
         diff.method = "full"
         return diff
     finally:
@@ -614,6 +630,25 @@ def _diff_full(diff: TableDiff, old: _Side, new: _Side, keys: tuple[str, ...], m
     rows_old: Iterator[Row] = iter(t_old) if t_old is not None else iter(())
     rows_new: Iterator[Row] = iter(t_new) if t_new is not None else iter(())
     ho, hn = diff.old_header, diff.new_header
+    if t_old is None or t_new is None:  # one side: every row added (removed), streamed
+        side, table, status = (new, t_new, "added") if t_old is None else (old, t_old, "removed")
+        if table is None:
+            return
+        key = None
+        if keys:
+            cols = _check_keys(diff, keys, mapping)[1 if t_old is None else 0]
+            key = _key_getter(cols, table.header, side)
+        seen: set = set()
+        for row in table:
+            k = None
+            if key is not None:
+                k = key(row)
+                if k in seen:
+                    raise _duplicate(side, k, row)
+                seen.add(k)
+            _emit(diff, status, k, row if status == "removed" else None, row if status == "added" else None,
+                  ho, hn, mapping, max_rows)
+        return
     if keys:
         old_cols, new_cols = _check_keys(diff, keys, mapping)
         key_old, key_new = _key_getter(old_cols, ho, old), _key_getter(new_cols, hn, new)
