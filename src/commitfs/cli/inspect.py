@@ -10,7 +10,7 @@ import json
 import sys
 
 from commitfs.cli.output import human_size, print_json
-from commitfs.errors import TableError, UsageError
+from commitfs.errors import AttributesError, TableError, UsageError
 from commitfs.ops import contentdiff, history
 from commitfs.ops.contentdiff import FileDiff
 from commitfs.ops.stats import commit_stats, repository_stats
@@ -178,10 +178,11 @@ def cmd_diff(args) -> int:
         out = sys.stdout
         out.write("[")
         first = True
+        key_of = contentdiff.keys_for(repo, old, new) if contents and not args.key else None
         for change in contentdiff.iter_changes(repo, old, new, args.paths):
             out.write("\n" if first else ",\n")
             first = False
-            _write_file_json(repo, change, contents, args, errors)
+            _write_file_json(repo, change, contents, args, errors, key_of)
         out.write("\n]\n" if not first else "]\n")
         return _report_errors(errors)
     totals = {"added": 0, "removed": 0, "modified": 0}
@@ -255,11 +256,18 @@ def _indent(text: str, by: str) -> str:
     return "\n".join(by + line for line in text.split("\n"))
 
 
-def _write_file_json(repo, change, contents: bool, args, errors: list[str]) -> None:
+def _write_file_json(repo, change, contents: bool, args, errors: list[str], key_of) -> None:
     """One file of ``diff --json``; a table's rows are written as the diff
     finds them, never all held (ops/tablediff.py's on_row)."""
     out = sys.stdout
     keys = args.key or ()
+    if key_of is not None and contentdiff.content_kind(change.path) == "table":
+        try:
+            keys = key_of(change.path)
+        except AttributesError as exc:
+            errors.append(str(exc))
+            out.write(json.dumps(FileDiff(change, error=str(exc)).to_json(), indent=2, ensure_ascii=False))
+            return
     entries = [e if e is not None and e.kind.is_file else None for e in (change.old, change.new)]
     if not contents or contentdiff.content_kind(change.path) != "table" or entries == [None, None]:
         fd = contentdiff.file_diff(repo, change, keys=keys, values=args.values) if contents else FileDiff(change)
