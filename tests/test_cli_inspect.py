@@ -109,6 +109,10 @@ def test_bad_table_still_shows_the_file_level_diff(tmp_path, cli, cache_home):
     assert out.splitlines() == ["M t.csv (9 -> 14)"]
     assert_one_line_error(1, err)
     assert "t.csv (new side), line 2: bad quoting" in err  # where the record starts
+    out, err = cli("-r", url, "diff", "main", "--rows", "--json", code=1)
+    got = json.loads(out)  # still valid JSON, the error beside the file
+    assert got[0]["path"] == "t.csv" and "line 2: bad quoting" in got[0]["error"]
+    assert_one_line_error(1, err)
     proc = run_cli("-r", url, "diff", "main", "--key", "nope")  # the same contract as a subprocess
     assert proc.stdout.decode().splitlines() == ["M t.csv (9 -> 14)"]
     line = assert_one_line_error(proc.returncode, proc.stderr.decode())
@@ -153,3 +157,26 @@ def test_stats(history, cli):
                                      for rev in ("main", "main~1", "main~2"))
     out, _ = cli("-r", url, "stats")
     assert "dedup ratio:" in out and "commits:        3" in out
+
+
+def test_keys_from_the_attributes_file(tmp_path, cli):
+    url = str(tmp_path / "repo")
+    cli("-r", url, "init")
+    d = tmp_path / "d"
+    (d / ".commitfs").mkdir(parents=True)
+    (d / ".commitfs" / "attributes").write_text("*.csv key=id\n")
+    (d / "t.csv").write_bytes(b"id,v\n1,a\n2,b\n")
+    cli("-r", url, "commit", d, "-m", "v1")
+    (d / "t.csv").write_bytes(b"id,v\n2,b\n1,c\n")
+    cli("-r", url, "commit", d, "-m", "v2")
+    out, _ = cli("-r", url, "diff", "main", "--rows")
+    assert "  ~ key 1: v: a -> c" in out.splitlines()
+    got = json.loads(cli("-r", url, "diff", "main", "--json", "--rows")[0])
+    assert got[0]["table"]["keys"] == ["id"]
+    out, _ = cli("-r", url, "diff", "main", "--rows", "--key", "v")  # --key wins over the file
+    assert "  + key c: id=1, v=c" in out.splitlines()
+    (d / ".commitfs" / "attributes").write_text("*.csv nokey\n")
+    (d / "t.csv").write_bytes(b"id,v\n2,b\n1,d\n")
+    cli("-r", url, "commit", d, "-m", "v3")
+    out, err = cli("-r", url, "diff", "main", "--rows", code=1)
+    assert "M t.csv" in out and "attributes, line 1" in err

@@ -12,8 +12,10 @@ import json
 import os
 import random
 import shutil
+import signal
 import stat
 import tempfile
+import time
 import subprocess
 import sys
 
@@ -23,8 +25,8 @@ import boto3
 import pytest
 import trio
 
-from core_fixtures import (assert_one_line_error, cli_env, cli_fails, cli_ok, reopen, run_cli, shared_store,
-                           write_file)
+from core_fixtures import (assert_fsck_clean, assert_one_line_error, cli_env, cli_fails, cli_ok, faulty_repository,
+                           mounted_tmpfs, pack_bytes, reopen, run_cli, shared_store, write_file)
 from cutproxy import CuttingProxy
 from mount_fixtures import fs_of, vfs_listdir, vfs_read_all
 from commitfs.errors import (CorruptObjectError, DamagedRefError, ExpansionLimitError, RepositoryError, RevisionError,
@@ -37,6 +39,8 @@ from commitfs.ops.sync import transfer
 from commitfs.repo.pack import BlobKind
 from commitfs.repo import treewalk
 from commitfs.repo.reader import FileReader
+from commitfs.repo.remotes import Remotes
+from commitfs.storage.base import open_store
 from commitfs.storage.s3 import S3Store
 from commitfs.ops.snapshot import commit_directory
 from commitfs.repo.repository import Repository
@@ -468,3 +472,108 @@ def test_a_find_on_a_mount_of_a_tree_dag_stays_bounded(local_url, tmp_path, cach
                 assert listed < 3000
             assert refused >= 1
     trio.run(main)
+
+
+# --- item 8: a clone killed at any point resumes -------------------------------------------
+def _clone_states(dest: Path, src: str):
+    """What a clone killed at each point leaves in ``dest`` (made by the same steps)."""
+    yield "nothing yet", lambda: dest.mkdir()
+    yield "its origin", lambda: Remotes(open_store(str(dest))).add("origin", src)
+    yield "its origin and a config being written", lambda: (
+        Remotes(open_store(str(dest))).add("origin", src),
+        (dest / f".tmp-{'0' * 32}-config").write_bytes(b'{"format": "commi'))
+    yield "its origin and its config", lambda: (
+        Remotes(open_store(str(dest))).add("origin", src), Repository.init(str(dest)).close())
+
+
+def test_a_clone_killed_at_any_point_resumes(tmp_path, cache_home):
+    src = str(tmp_path / "src-repo")
+    cid = small_repo(src, tmp_path)
+    for i, (what, make) in enumerate(_clone_states(tmp_path / "d", src)):
+        dest = tmp_path / f"dest{i}"
+        for step in _clone_states(dest, src):
+            if step[0] == what:
+                step[1]()
+        proc = run_cli("clone", src, str(dest))
+        assert proc.returncode == 0, (what, proc.stderr)
+        with Repository.open(str(dest)) as c:
+            assert c.refs.branches() == {"main": cid} and c.refs.tags() == {"v1": cid}, what
+            assert Remotes(c.store).lookup("origin").url == src
+            assert fsck(c, read_data=True).problems == [], what
+        assert not list(dest.glob(".tmp-*"))
+    # A repository that is not a clone of this source is still refused.
+    Repository.init(str(tmp_path / "mine")).close()
+    assert "already a commitfs repository" in cli_fails("clone", src, str(tmp_path / "mine"))
+
+
+@pytest.mark.timeout(120)
+def test_sigkill_during_clone_then_a_rerun_completes(tmp_path, cache_home):
+    src = str(tmp_path / "src-repo")
+    small_repo(src, tmp_path)
+    big = tmp_path / "big"
+    rng = random.Random(8)
+    for i in range(6):
+        write_file(big / f"f{i}.bin", rng.randbytes(1 << 20))
+    with Repository.open(src) as r:
+        commit_directory(r, big, message="big", branch="big")
+        want = r.refs.branches()
+    start = time.monotonic()
+    cli_ok("clone", src, str(tmp_path / "timing"))
+    took = time.monotonic() - start
+    for i in range(3):
+        dest = tmp_path / f"k{i}"
+        proc = subprocess.Popen([sys.executable, "-m", "commitfs", "clone", src, str(dest)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
+        try:
+            time.sleep(rng.uniform(0.1, took))
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        proc = run_cli("clone", src, str(dest))
+        assert proc.returncode == 0, proc.stderr
+        with Repository.open(str(dest)) as c:
+            assert c.refs.branches() == want
+            assert fsck(c).problems == []
+
+
+# --- item 9: a failed index write leaves no packs behind ------------------------------------
+def test_a_commit_that_cannot_write_its_index_segment_removes_its_packs(store_url, tmp_path, cache_home):
+    small_repo(store_url, tmp_path)
+    src = tmp_path / "more"
+    write_file(src / "m.bin", random.Random(9).randbytes(300_000))
+    before = set(shared_store(store_url).iter_keys("packs/"))
+    r = faulty_repository(store_url)
+    r.store.fail_on = {"save_object"}
+    r.store.fail_keys = lambda key: key.startswith("index/")
+    r.store.error = lambda msg: StorageError("no space left on device while writing index/x")
+    with pytest.raises(StorageError, match="no space"):
+        commit_directory(r, src, message="m")
+    assert r.store.calls["save_object"] >= 3  # it did write packs first
+    assert set(shared_store(store_url).iter_keys("packs/")) == before  # and removed them
+    assert fsck(reopen(store_url)).problems == []
+    res = commit_directory(reopen(store_url), src, message="m")  # the re-run needs the same room
+    assert res.created
+
+
+def test_a_rerun_after_a_full_disk_needs_no_more_room_than_the_first_attempt(tmp_path, cache_home):
+    with mounted_tmpfs(tmp_path / "fs", "2m") as fs:
+        url = str(fs / "repo")
+        small_repo(url, tmp_path)
+        src = tmp_path / "big"
+        rng = random.Random(10)
+        for i in range(3):
+            write_file(src / f"b{i}.bin", rng.randbytes(400_000))
+        filler = fs / "filler"
+        free = os.statvfs(fs).f_bavail * os.statvfs(fs).f_frsize
+        filler.write_bytes(b"\0" * (free - 1_000_000))  # room for about 2 of the 3 files
+        packs = pack_bytes(url)
+        with pytest.raises(StorageError, match="no space"):
+            commit_directory(reopen(url), src, message="big")
+        assert pack_bytes(url) == packs  # what the failed attempt stored is gone
+        filler.unlink()
+        filler.write_bytes(b"\0" * (free - 1_400_000))  # room for the commit, once
+        assert commit_directory(reopen(url), src, message="big").created
+        assert_fsck_clean(url)

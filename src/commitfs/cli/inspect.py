@@ -10,10 +10,11 @@ import json
 import sys
 
 from commitfs.cli.output import human_size, print_json
-from commitfs.errors import UsageError
+from commitfs.errors import AttributesError, TableError, UsageError
 from commitfs.ops import contentdiff, history
 from commitfs.ops.contentdiff import FileDiff
 from commitfs.ops.stats import commit_stats, repository_stats
+from commitfs.ops.tablediff import diff_table
 
 _SIGN = {"added": "A", "removed": "D", "modified": "M"}
 _ROW_SIGN = {"added": "+", "removed": "-", "changed": "~", "moved": ">"}
@@ -174,7 +175,15 @@ def cmd_diff(args) -> int:
             yield fd
 
     if args.json:
-        _stream_json(fd.to_json() for fd in noted(diffs))
+        out = sys.stdout
+        out.write("[")
+        first = True
+        key_of = contentdiff.keys_for(repo, old, new) if contents and not args.key else None
+        for change in contentdiff.iter_changes(repo, old, new, args.paths):
+            out.write("\n" if first else ",\n")
+            first = False
+            _write_file_json(repo, change, contents, args, errors, key_of)
+        out.write("\n]\n" if not first else "]\n")
         return _report_errors(errors)
     totals = {"added": 0, "removed": 0, "modified": 0}
     for fd in noted(diffs):
@@ -241,6 +250,50 @@ def print_log(args, repo, start: bytes, print_commit, items=None) -> int:
         if not args.oneline:
             print()
     return 0
+
+
+def _indent(text: str, by: str) -> str:
+    return "\n".join(by + line for line in text.split("\n"))
+
+
+def _write_file_json(repo, change, contents: bool, args, errors: list[str], key_of) -> None:
+    """One file of ``diff --json``; a table's rows are written as the diff
+    finds them, never all held (ops/tablediff.py's on_row)."""
+    out = sys.stdout
+    keys = args.key or ()
+    if key_of is not None and contentdiff.content_kind(change.path) == "table":
+        try:
+            keys = key_of(change.path)
+        except AttributesError as exc:
+            errors.append(str(exc))
+            out.write(json.dumps(FileDiff(change, error=str(exc)).to_json(), indent=2, ensure_ascii=False))
+            return
+    entries = [e if e is not None and e.kind.is_file else None for e in (change.old, change.new)]
+    if not contents or contentdiff.content_kind(change.path) != "table" or entries == [None, None]:
+        fd = contentdiff.file_diff(repo, change, keys=keys, values=args.values) if contents else FileDiff(change)
+        if fd.error is not None:
+            errors.append(fd.error)
+        out.write(json.dumps(fd.to_json(), indent=2, ensure_ascii=False))
+        return
+    head = json.dumps(change.to_json(), indent=2, ensure_ascii=False)
+    out.write(head[:-2] + ',\n  "table": {\n    "rows": [')
+    n = 0
+
+    def sink(r) -> None:
+        nonlocal n
+        out.write(("\n" if n == 0 else ",\n") + "      " + json.dumps(r.to_json(), ensure_ascii=False))
+        n += 1
+
+    try:
+        t = diff_table(repo, entries[0], entries[1], change.path, keys, on_row=sink)
+    except TableError as exc:  # the rows found before the error stay
+        errors.append(str(exc))
+        out.write(("\n    " if n else "") + ']\n  },\n  "error": ' + json.dumps(str(exc), ensure_ascii=False) + "\n}")
+        return
+    rest = t.to_json()
+    del rest["rows"]
+    inner = json.dumps(rest, indent=2, ensure_ascii=False)[1:-1].strip("\n")
+    out.write(("\n    " if n else "") + "],\n" + _indent(inner, "  ") + "\n  }\n}")
 
 
 def show_changes_for(repo, cid: bytes, c, paths, json_out: bool):

@@ -14,7 +14,7 @@ import sys
 
 from commitfs.cli.core import open_repo, store_options
 from commitfs.cli.output import ProgressBar, human_size, print_json
-from commitfs.errors import InputError, RepositoryNotFoundError, UsageError
+from commitfs.errors import ConflictError, UsageError
 from commitfs.ops import sync
 from commitfs.repo.remotes import DEFAULT_REMOTE, Remotes, normalize_url
 from commitfs.repo.repository import Repository
@@ -96,20 +96,8 @@ def cmd_clone(args) -> int:
     url = normalize_url(args.url)
     dest = normalize_url(args.dir)
     source = Repository.open(url, **store_options(args))
-    try:
-        local = Repository.open(dest, **store_options(args))
-    except RepositoryNotFoundError:
-        local = None
-    if local is not None:
-        origin = Remotes(local.store).lookup(DEFAULT_REMOTE)
-        if origin is None or origin.url != url:
-            raise InputError(f"{args.dir} is already a commitfs repository (not a clone of {args.url})")
-        # An interrupted clone of the same source: resume it.
-    else:
-        if "://" not in dest and os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
-            raise InputError(f"{args.dir} exists and is not an empty directory")
-        local = Repository.init(dest, **store_options(args))
-        Remotes(local.store).add(DEFAULT_REMOTE, url, args.endpoint_url)
+    # New, or an interrupted clone of the same source (killed at any point): resumed.
+    local = sync.open_clone_destination(dest, url, args.endpoint_url, shown=args.dir, **store_options(args))
     result = _run("clone", lambda progress: sync.clone(local, source, threads=args.jobs, progress=progress))
     _report(args, "cloned", f"{args.url} into {args.dir}", result)
     return 0
@@ -153,9 +141,19 @@ def cmd_push(args) -> int:
 def cmd_pull(args) -> int:
     local = open_repo(args)
     name, remote = _open_remote(args, local, args.remote)
-    result = _run("pull", lambda progress: sync.pull(
-        local, remote, args.branch, local_branch=args.to, force=args.force, threads=args.jobs,
-        progress=progress))
+    if args.merge and args.force:
+        raise UsageError("pull takes --merge or --force, not both")
+    try:
+        result = _run("pull", lambda progress: sync.pull(
+            local, remote, args.branch, local_branch=args.to, force=args.force, threads=args.jobs,
+            progress=progress, merge=args.merge))
+    except ConflictError as exc:
+        from commitfs.cli.merge import conflict_lines
+
+        for c in exc.conflicts:
+            for line in conflict_lines(c):
+                print(line)
+        raise
     _report(args, "pulled from", name, result)
     return 0
 
@@ -207,4 +205,7 @@ def register(sub, common) -> None:
     p.add_argument("--to", metavar="NAME", help="the local branch to move (default: BRANCH)")
     p.add_argument("-f", "--force", action="store_true",
                    help="move the local branch even if it has diverged (its own commits are no longer on it)")
+    p.add_argument("--merge", action="store_true",
+                   help="merge a diverged remote branch into the local one (as commitfs merge does) instead of "
+                        "refusing; conflicts move nothing, exit 1")
     transfer_options(p)

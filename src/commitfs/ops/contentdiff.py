@@ -4,7 +4,9 @@
 if asked), the file-level Change and, where asked and the file is a table
 (ops/table.py's formats) or a .safetensors file, its row or tensor diff.  A
 table that does not parse, a missing key column or a duplicate key become
-the FileDiff's ``error`` (the file-level change is still there).  Results
+the FileDiff's ``error`` (the file-level change is still there).  Key
+columns come from the caller, else from the attributes file's ``key``
+(ops/attributes.py) of the newer commit.  Results
 are yielded one file at a time, so a front end prints as it goes.
 
 ``path_history`` lists the commits of a first-parent history where a path's
@@ -17,9 +19,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from commitfs.errors import NotADirectoryError_, PathNotFoundError, TableError
+from commitfs.errors import AttributesError, NotADirectoryError_, PathNotFoundError, TableError
 from commitfs.model.objects import Commit, TreeEntry
-from commitfs.ops import browse
+from commitfs.ops import attributes, browse
 from commitfs.ops.diff import Change, diff_trees
 from commitfs.ops.table import table_format
 from commitfs.ops.tablediff import TableDiff, diff_table
@@ -60,7 +62,15 @@ class FileDiff:
 
 def resolve_pair(repo: Repository, a: str, b: str | None) -> tuple[bytes | None, bytes]:
     """(old commit, new commit): A and B, or A's first parent (None for a root
-    commit) and A when B is omitted."""
+    commit) and A when B is omitted; ``A...B`` (B omitted): the merge base of A
+    and B (None: unrelated histories) and B."""
+    if b is None and "..." in a:
+        from commitfs.ops.merge import merge_bases
+
+        left, _, right = a.partition("...")
+        ca, cb = repo.resolve(left or "main"), repo.resolve(right or "main")
+        bases = merge_bases(repo, ca, cb)
+        return (bases[0] if bases else None), cb
     if b is not None:
         return repo.resolve(a), repo.resolve(b)
     new = repo.resolve(a)
@@ -121,14 +131,41 @@ def file_diff(repo: Repository, change: Change, *, keys: Sequence[str] = (), val
     return fd
 
 
+def keys_for(repo: Repository, old: bytes | None, new: bytes | None):
+    """path -> key columns from the attributes file (ops/attributes.py) of the
+    newer commit (the older one if the newer is None); a broken file: a
+    function raising its AttributesError for every table."""
+    cid = new if new is not None else old
+    try:
+        attrs = attributes.load(repo, repo.load_commit(cid).tree if cid is not None else None)
+    except AttributesError as exc:
+        error = exc
+
+        def broken(path: str) -> tuple[str, ...]:
+            raise error
+        return broken
+    return attrs.key_for
+
+
 def iter_file_diffs(repo: Repository, old: bytes | None, new: bytes | None, paths: Sequence[str] = (), *,
                     contents: bool = True, keys: Sequence[str] = (), values: bool = False,
                     max_rows: int | None = None) -> Iterator[FileDiff]:
+    """FileDiffs of every change.  Tables are keyed by ``keys``, or else by
+    the ``key`` attribute of the attributes file for their path, or else by
+    position."""
+    key_of = None if keys or not contents else keys_for(repo, old, new)
     for change in iter_changes(repo, old, new, paths):
-        if contents:
-            yield file_diff(repo, change, keys=keys, values=values, max_rows=max_rows)
-        else:
+        if not contents:
             yield FileDiff(change)
+            continue
+        k = keys
+        if key_of is not None and content_kind(change.path) == "table":
+            try:
+                k = key_of(change.path)
+            except AttributesError as exc:
+                yield FileDiff(change, error=str(exc))
+                continue
+        yield file_diff(repo, change, keys=k, values=values, max_rows=max_rows)
 
 
 def path_history(repo: Repository, start: bytes, path: str, limit: int | None = None

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from commitfs.errors import MergeError, RefConflictError, RevisionError, TableError
+from commitfs.errors import MergeError, RefConflictError, RevisionError, TableParseError
 from commitfs.model.draft import Draft
 from commitfs.model.objects import Commit, TreeEntry
 from commitfs.ops import attributes as attrs
@@ -159,7 +159,7 @@ class _Resolver:
             return c
         try:
             return tablemerge.merge_tables(self.repo, c, self.key_for(c.path), self.options.strategy)
-        except TableError as exc:  # a side does not parse, a bad key: the file conflicts as a whole
+        except TableParseError as exc:  # a side does not parse: the file conflicts as a whole
             c.note = str(exc)
             return c
 

@@ -59,18 +59,22 @@ thread-safe); worker threads only do store I/O, decompression and hashing.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from commitfs.errors import CorruptObjectError, ObjectNotFoundError, RefConflictError, RevisionError
+from commitfs.errors import (CorruptObjectError, InputError, ObjectNotFoundError, RefConflictError,
+                             RepositoryNotFoundError, RevisionError)
 from commitfs.model.ids import hash_bytes
 from commitfs.model.objects import Commit, DecodeError, FileManifest, Tree
 from commitfs.repo.pack import TARGET_PACK_SIZE, BlobKind, Location, pack_key, parse_pack_table, verify_blob
 from commitfs.repo.aliases import AliasState
+from commitfs.repo.remotes import DEFAULT_REMOTE, Remotes
 from commitfs.repo.repository import BlobWriter, Repository, commit_key
+from commitfs.storage.base import open_store
 
 #: Worker threads reading from the source (the destination's BlobWriter adds
 #: its own upload threads).  Enough to hide S3 latency on one connection pool.
@@ -136,7 +140,8 @@ class RefUpdate:
     name: str
     old: bytes | None
     new: bytes
-    #: "created", "fast-forward", "forced", "up-to-date", or "ahead" (pull:
+    #: "created", "fast-forward", "forced", "merged" (pull --merge: a merge
+    #: commit of the diverged branches), "up-to-date", or "ahead" (pull:
     #: the local branch already contains the remote's); aliases also
     #: "diverged" (not moved: the two logs have different newest entries).
     status: str
@@ -634,15 +639,67 @@ def push(local: Repository, remote: Repository, branch: str = "main", *, remote_
 
 
 def pull(local: Repository, remote: Repository, branch: str = "main", *, local_branch: str | None = None,
-         force: bool = False, threads: int = DEFAULT_THREADS, progress: ProgressFn | None = None) -> SyncResult:
+         force: bool = False, threads: int = DEFAULT_THREADS, progress: ProgressFn | None = None,
+         merge: bool = False, merge_options=None) -> SyncResult:
     """Fetch ``branch`` from ``remote`` and fast-forward the local branch to it
-    (refuse if the local branch has diverged, unless ``force``)."""
+    (refuse if the local branch has diverged, unless ``force``, or ``merge``: then
+    the remote's commit is merged into the local branch, ops/merge.py; a merge
+    with conflicts raises ConflictError and moves nothing, the fetched objects
+    stay)."""
     target = local_branch or branch
     new = remote.refs.lookup_branch(branch)
     if new is None:
         raise RevisionError(f"no branch {branch!r} in {remote.url}")
     return _fetch_branches(local, remote, {target: new}, force=force, threads=threads, progress=progress,
-                           remote_name=f"{remote.url} {branch}")
+                           remote_name=f"{remote.url} {branch}", merge=merge, merge_options=merge_options)
+
+
+def open_clone_destination(dest: str, source_url: str, endpoint_url: str | None = None, *,
+                           shown: str | None = None, **store_options) -> Repository:
+    """The repository a clone of ``source_url`` writes into: a new one at
+    ``dest`` (absent or an empty directory), or the one a clone of the same
+    source left when it was interrupted, whatever the point it was killed at.
+
+    A new clone records its origin *before* it writes the config, so every
+    kill point leaves something this recognises: nothing yet; an origin
+    naming the source and no config (perhaps a ``.tmp-*`` config being
+    written: removed), where the config is written now; or a repository whose
+    origin names the source, which the transfer resumes.  A repository that
+    is not a clone of this source (``commitfs init``, another clone) or a
+    directory holding anything else is an InputError; ``shown`` names ``dest``."""
+    shown = shown or dest
+    try:
+        local = Repository.open(dest, **store_options)
+    except RepositoryNotFoundError:
+        local = None
+    if local is not None:
+        origin = Remotes(local.store).lookup(DEFAULT_REMOTE)
+        if origin is None or origin.url != source_url:
+            local.close()
+            raise InputError(f"{shown} is already a commitfs repository (not a clone of {source_url})")
+        return local
+    store = open_store(dest, **store_options)
+    try:
+        origin = Remotes(store).lookup(DEFAULT_REMOTE)
+        resuming = origin is not None and origin.url == source_url
+        leftovers = []
+        if "://" not in dest and os.path.exists(dest):
+            if not os.path.isdir(dest):
+                raise InputError(f"{shown} exists and is not an empty directory")
+            names = os.listdir(dest)
+            leftovers = [n for n in names if n.startswith(".tmp-")]
+            if any(n not in leftovers and not (resuming and n == "refs") for n in names):
+                raise InputError(f"{shown} exists and is not an empty directory")
+        for n in leftovers:  # a config being written when the clone was killed
+            try:
+                os.unlink(os.path.join(dest, n))
+            except OSError as exc:
+                raise InputError(f"cannot remove {os.path.join(shown, n)}: {exc.strerror}") from None
+        if not resuming:
+            Remotes(store).add(DEFAULT_REMOTE, source_url, endpoint_url)
+    finally:
+        store.close()
+    return Repository.init(dest, **store_options)
 
 
 def clone(local: Repository, remote: Repository, *, threads: int = DEFAULT_THREADS,
@@ -665,7 +722,7 @@ def clone(local: Repository, remote: Repository, *, threads: int = DEFAULT_THREA
 
 def _fetch_branches(local: Repository, remote: Repository, wanted: dict[str, bytes], *, force: bool,
                     threads: int, progress: ProgressFn | None, remote_name: str,
-                    extra_tips: list[bytes] = ()) -> SyncResult:
+                    extra_tips: list[bytes] = (), merge: bool = False, merge_options=None) -> SyncResult:
     result = SyncResult()
     olds = {name: local.refs.lookup_branch(name) for name in wanted}
     aliases = _alias_plan(remote, local)
@@ -685,10 +742,14 @@ def _fetch_branches(local: Repository, remote: Repository, wanted: dict[str, byt
             continue
         elif force:
             status = "forced"
+        elif merge:
+            result.updates.append(_merge_pulled(local, name, new, remote_name, merge_options))
+            continue
         else:
             raise RefConflictError(
                 f"local branch {name} has diverged from {remote_name} ({_short(old)} vs {_short(new)}); "
-                "commitfs does not merge: pull --force to reset it to the remote's, or push --force to "
+                "pull does not merge unless asked: pull --merge to merge them, pull --force to reset it to the "
+                "remote's, or push --force to "
                 "overwrite the remote's"
             )
         _move_branch(local, name, new, old,
@@ -696,6 +757,21 @@ def _fetch_branches(local: Repository, remote: Repository, wanted: dict[str, byt
         result.updates.append(RefUpdate(name, old, new, status))
     result.updates.extend(_apply_aliases(remote, local, aliases))
     return result
+
+
+def _merge_pulled(local: Repository, name: str, new: bytes, remote_name: str, options) -> RefUpdate:
+    from commitfs.errors import ConflictError
+    from commitfs.ops.merge import merge_into
+
+    result = merge_into(local, new.hex(), name, message=f"merge {remote_name} into {name}", options=options)
+    if result.status == "conflicts":
+        paths = [c.path for c in result.conflicts]
+        raise ConflictError(
+            f"merging {remote_name} ({_short(new)}) into local branch {name}: {len(paths)} conflict"
+            f"{'s' if len(paths) != 1 else ''} ({', '.join(paths[:5])}{' ...' if len(paths) > 5 else ''}); "
+            f"nothing was changed (the remote's commits are fetched: commitfs merge {new.hex()[:12]} --into {name})",
+            paths, result.conflicts)
+    return RefUpdate(name, result.head, result.commit_id, "merged")
 
 
 # --- aliases ---------------------------------------------------------------------------
