@@ -280,3 +280,15 @@ def test_regions_agree_with_the_full_parse(local_repo, versions, seed):
     c = unkeyed.counts
     n_old, n_new = 20_000, len(rows)
     assert n_old - c["removed"] + c["added"] == n_new
+
+
+def test_a_block_moved_far_is_moved(local_repo, versions):
+    rows = big_csv(40_000, 5)
+    old = versions("t.csv", encode(rows))
+    block = rows[1000:1010]
+    del rows[1000:1010]
+    rows[35_000:35_000] = block
+    new = versions("t.csv", encode(rows))
+    d = diff_table(local_repo, old, new, "t.csv")
+    assert d.method == "regions" and summary(d) == {"moved": 10}
+    assert {r.old["path"] for r in d.rows} == {b[0] for b in block}

@@ -150,3 +150,19 @@ def test_on_both_backends(repo, tmp_path):
     assert [c.name for c in d.changes] == ["a"] and d.unchanged == ["b"] and d.changes[0].max_abs_diff == 1.0
     t = diff_table(repo, lookup_path(repo, c1, "t.csv"), lookup_path(repo, c2, "t.csv"), "t.csv", keys=["k"])
     assert [(r.key, r.cells[0].new) for r in t.rows] == [(("2",), "c")]
+
+
+def test_values_read_in_slices_give_the_same_figures(local_repo, versions, monkeypatch):
+    from commitfs.ops import tensordiff
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(50_000).astype(np.float32)
+    y = x.copy()
+    y[[5, 20_000, 49_999]] += [0.25, -3.0, 1.0]
+    old, new = versions("m.safetensors", st_numpy.save({"x": x})), versions("m.safetensors", st_numpy.save({"x": y}))
+    whole = diff_safetensors(local_repo, old, new, values=True).changes[0]
+    monkeypatch.setattr(tensordiff, "_VALUE_SLICE", 4096)
+    sliced = diff_safetensors(local_repo, old, new, values=True).changes[0]
+    assert whole.max_abs_diff == sliced.max_abs_diff == pytest.approx(3.0, abs=1e-6)
+    expected = np.linalg.norm(y.astype(np.float64) - x.astype(np.float64)) / np.linalg.norm(x.astype(np.float64))
+    assert whole.rel_l2 == pytest.approx(expected, rel=1e-9) and sliced.rel_l2 == pytest.approx(expected, rel=1e-9)

@@ -24,7 +24,7 @@ def cmd_run(args) -> int:
     spec = run_op.RunSpec(command=list(args.command), output=args.output, to=args.to, inputs=args.input or [],
                           repo=args.repo or None, message=args.message, commit_on_failure=args.commit_on_failure,
                           record_reads=args.record_reads, env_names=args.env or [], use_cache=not args.no_cache,
-                          cache_from=args.cache_from or [])
+                          cache_from=args.cache_from or [], log_to=args.log_to or [])
     bar = ProgressBar("commit")
     try:
         result = run_op.run(spec, lambda: Mounts(args.endpoint_url), store_options=store_options(args),
@@ -45,7 +45,7 @@ def cmd_run(args) -> int:
     if args.json:
         out = result.to_json()
         keys = ["id", "repo", "branch", "exit_code", "inputs", "files", "bytes_stored"]
-        keys += ["cache", "cached_by", "cached_repo"]
+        keys += ["cache", "cached_by", "cached_repo"] + (["logged_to"] if args.log_to else [])
         print_json({k: out[k] for k in keys + (["readset", "files_read"] if args.record_reads else [])})
     else:
         print(result.commit_id.hex())
@@ -205,6 +205,9 @@ def register(sub, common) -> None:
                    help="run the command even if an earlier run had the same key")
     p.add_argument("--cache-from", action="append", metavar="URL",
                    help="also look for earlier runs in the branches of this repository (repeatable)")
+    p.add_argument("--log-to", action="append", choices=["mlflow", "wandb"],
+                   help="log the input and output commit ids to this tracker's run ($MLFLOW_RUN_ID / "
+                        "$WANDB_RUN_ID, else a new one) if its library is installed (repeatable)")
     p.add_argument("--json", action="store_true")
     p.add_argument("command", nargs="...", metavar="-- COMMAND")
 

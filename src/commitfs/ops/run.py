@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from commitfs.errors import InputError, UsageError
-from commitfs.ops import lineage, readset, runcache
+from commitfs.ops import lineage, readset, runcache, trackers
 from commitfs.ops.snapshot import Progress, check_commit_text, commit_directory
 from commitfs.repo.refs import check_ref_name
 
@@ -188,6 +188,7 @@ class RunSpec:
     env_names: list[str] = field(default_factory=list)  # variables whose values key the run cache
     use_cache: bool = True            # look the run up in the run cache (ops/runcache.py)
     cache_from: list[str] = field(default_factory=list)  # more repositories to look it up in
+    log_to: list[str] = field(default_factory=list)  # experiment trackers (ops/trackers.py)
 
 
 @dataclass
@@ -213,13 +214,15 @@ class RunResult:
     cache: str = "miss"
     cached_by: str | None = None      # on a hit: "key" or "readset"
     cached_repo: str | None = None
+    logged_to: dict[str, str] = field(default_factory=dict)  # tracker -> its run id
 
     def to_json(self) -> dict:
         return {"id": self.commit_id.hex() if self.commit_id else None, "repo": self.repo, "branch": self.branch,
                 "status": self.status, "exit_code": self.exit_code, "inputs": [i.to_json() for i in self.inputs],
                 "files": self.files, "bytes_stored": self.bytes_stored,
                 "readset": self.readset.hex() if self.readset else None, "files_read": self.files_read,
-                "cache": self.cache, "cached_by": self.cached_by, "cached_repo": self.cached_repo}
+                "cache": self.cache, "cached_by": self.cached_by, "cached_repo": self.cached_repo,
+                "logged_to": self.logged_to}
 
 
 def run(
@@ -266,6 +269,9 @@ def run(
         env = dict(os.environ if spec.environ is None else spec.environ)
         check_command(command, env)
         code_commit, code_dirty = lineage.git_state(cwd)
+        for name in spec.log_to:
+            if name not in trackers.TRACKERS:
+                raise UsageError(f"--log-to takes {' or '.join(trackers.TRACKERS)}, got {name!r}")
         for name in spec.env_names:
             if not name or "=" in name:
                 raise UsageError(f"--env takes a variable name, got {name!r}")
@@ -282,9 +288,11 @@ def run(
             hit = runcache.lookup(keys, search, inputs=inputs, by_readset=spec.record_reads,
                                   input_repos={i.url: opener.open(i.url) for i in inputs})
             if hit is not None:
-                return RunResult(status="cached", exit_code=0, repo=target.url, branch=to.rev, inputs=inputs,
-                                 commit_id=hit.commit, warnings=warnings, cache="hit", cached_by=hit.by,
-                                 cached_repo=hit.repo)
+                cached = RunResult(status="cached", exit_code=0, repo=target.url, branch=to.rev, inputs=inputs,
+                                   commit_id=hit.commit, warnings=warnings, cache="hit", cached_by=hit.by,
+                                   cached_repo=hit.repo)
+                cached.logged_to = trackers.log_to(spec.log_to, cached, note, env)
+                return cached
 
         logs: dict[str, str] = {}
         reads_dir = tempfile.mkdtemp(prefix="commitfs-reads-") if spec.record_reads else None
@@ -356,6 +364,7 @@ def run(
                 note(w)
             result.status, result.commit_id = "committed", made.commit_id
             result.files, result.bytes_stored = made.files, made.write.bytes_new_stored
+            result.logged_to = trackers.log_to(spec.log_to, result, note, env)
             return result
         finally:
             if reads_dir is not None:
