@@ -45,14 +45,17 @@ line), or does not parse from its line start (which then reports the real
 error with its line number).
 
 The full path (Parquet, multi-line records, a side that is absent) streams
-both tables through ops/table.py: keyed, the old side's rows are held in a
-dict by key while the new side streams past it (memory: the old table);
-unkeyed, both sides' rows are held and aligned.
+both tables through ops/table.py (Parquet through a seekable file over the
+chunks, read by row group): keyed, the old side's rows are held in a dict by
+key while the new side streams past it (memory: the old table); unkeyed,
+both sides' rows are held and aligned; a table on one side only streams its
+rows as added (removed) without holding them.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import itertools
 import json
 import re
@@ -65,6 +68,7 @@ from typing import Any
 from commitfs.errors import TableError, TableKeyError, TableParseError
 from commitfs.model.objects import EMPTY_MANIFEST, TreeEntry
 from commitfs.ops.table import LINE_FORMATS, Row, iter_records, open_table, table_format
+from commitfs.repo.reader import FileObject, FileReader
 from commitfs.repo.repository import Repository
 
 
@@ -154,6 +158,7 @@ class _Side:
     def __init__(self, repo: Repository, entry: TreeEntry | None, path: str, side: str, cache: dict, stats: list):
         self.repo, self.path, self.side = repo, path, side
         m = repo.load_manifest(entry.id) if entry is not None else EMPTY_MANIFEST
+        self.manifest = m
         self.ids = list(m.chunk_ids)
         self.ends = list(itertools.accumulate(m.chunk_sizes))
         self.size = self.ends[-1] if self.ends else 0
@@ -182,6 +187,21 @@ class _Side:
         data = b"".join(self.chunks(i1, i2))
         base = self.start(i1)
         return data[start - base:end - base]
+
+    def source(self, fmt: str):
+        """What open_table reads: the chunks in order, or for Parquet (read
+        from its footer, by row group) a seekable file over them."""
+        if fmt != "parquet":
+            return self.stream()
+        stats = self._stats
+
+        class Counting(FileReader):  # counts the bytes it loads into bytes_read
+            def read(self, offset: int, size: int) -> bytes:
+                data = super().read(offset, size)
+                stats[0] += len(data)
+                return data
+
+        return io.BufferedReader(FileObject(Counting(self.repo, self.manifest)), 1024 * 1024)
 
     def stream(self) -> Iterator[bytes]:
         """Every chunk in order, 64 at a time, not kept."""
@@ -634,8 +654,8 @@ def _emit(diff: TableDiff, status: str, key, ro: Row | None, rn: Row | None, ho,
 
 
 def _diff_full(diff: TableDiff, old: _Side, new: _Side, keys: tuple[str, ...], max_rows: int | None) -> None:
-    t_old = open_table(old.stream(), old.path, "old", diff.format) if old.ids else None
-    t_new = open_table(new.stream(), new.path, "new", diff.format) if new.ids else None
+    t_old = open_table(old.source(diff.format), old.path, "old", diff.format) if old.ids else None
+    t_new = open_table(new.source(diff.format), new.path, "new", diff.format) if new.ids else None
     diff.old_header = t_old.header if t_old is not None else None
     diff.new_header = t_new.header if t_new is not None else None
     jsonl = diff.format == "jsonl"
