@@ -253,6 +253,10 @@ class Index:
         # Recent answers: 200k locations is ~40 MB at most, and covers the
         # working set of a mount reading many files at once.
         self._answers = LockedLRU(maxsize=200_000)
+        #: Net bytes this object's segment writes added to the store (new
+        #: segments and merges, less the merged inputs removed): what a
+        #: writer's bytes_stored counts beside its packs.
+        self.bytes_added = 0
         self.refresh()
 
     def refresh(self) -> None:
@@ -322,6 +326,7 @@ class Index:
         data = encode_segment(entries)
         key = segment_key(data)
         self.store.save_object(key, data)
+        self.bytes_added += len(data)
         self._add(key, len(data))
         for oid, loc in entries:
             self._answers[oid] = loc
@@ -353,9 +358,11 @@ class Index:
         data = encode_segment(entries)
         key = segment_key(data)
         self.store.save_object(key, data)
+        self.bytes_added += len(data)
         self._add(key, len(data))
         for seg in group:
             if seg.key != key:
                 self.store.remove_object(seg.key)
+                self.bytes_added -= seg.size or 0
                 self._forget(seg.key)
         return True
