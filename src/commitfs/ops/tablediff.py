@@ -18,31 +18,37 @@ most the neighbouring chunks, themselves equal on both sides); regions that
 meet are merged.  Inside a pair of regions the lines are compared as bytes
 first (split and hashed in C); only lines that differ are parsed.
 
-* Unkeyed: lines are aligned with SequenceMatcher; a line that left one
-  place and appears identical in another region is *moved*; in a replaced
-  block the remaining lines pair up by position as *changed* (with their
-  cells), the rest are *added* or *removed*.
-* Keyed: the differing lines of all regions are pooled per side (a line that
-  is in both pools is unchanged wherever it went), parsed, and matched by key.
-  A row outside every region lies in chunks equal on both sides, so it is
-  the same row on both sides: with unique keys no row is missed.
+* Unkeyed: lines are aligned per region pair: by sets when every line is
+  unique and the common lines keep their order (the usual case, in C), by
+  SequenceMatcher otherwise.  A line that left one place and appears
+  identical in another (in the same region or another one) is *moved*; in a
+  replaced block the remaining lines pair up by position as *changed* (with
+  their cells), the rest are *added* or *removed*.
+* Keyed: each region's lines not on the other side are found as set
+  differences of byte strings, pooled over all regions (a line in both pools
+  moved between regions and is unchanged), parsed, and matched by key.  A
+  row outside every region lies in chunks equal on both sides, so it is the
+  same row on both sides: with unique keys no row is missed.
 
 Bounds: reads and memory are proportional to the changed chunks plus one
 neighbour on each side (about 80 KiB each), not to the table; a 10M-row
-table with 100 changed rows parses at most a few hundred chunks' lines as
-bytes and some 200 rows as records.  Duplicate keys are found among the
-lines of the regions (a differing row's key again on any region line, found
-by a byte search for the key values before parsing), and among every row on
-the full path below; a duplicate with no copy in a changed region is
-unchanged on both sides and is not reported.  Row
-positions are byte offsets (``old_offset``/``new_offset``); line numbers
-are known on the full path and in a region that starts right after the
-header (elsewhere counting them would read every chunk before).
+table with 100 rows changed in one place reads a few hundred KiB and parses
+some 200 rows as records; 100 rows scattered at random change up to 200
+chunks, which are read and split, but still only ~200 rows are parsed.
+Duplicate keys are found among the lines of the regions: a differing row's
+key again on any region line (for one key column of unquoted CSV/TSV by
+counting each line's key field in one regular-expression pass; otherwise by
+a byte search for the key values, parsing the lines found), and among every
+row on the full path below; a duplicate with no copy in a changed region is
+unchanged on both sides and is not reported.  Row positions are byte offsets
+(``old_offset``/``new_offset``); line numbers are known on the full path and
+in a region that starts right after the header (elsewhere counting them
+would read every chunk before).
 
 The region path assumes one record per line.  It falls back to the full path
 when a region holds a quoted field spanning lines (odd quote count on a
-line), or does not parse from its line start (which then reports the real
-error with its line number).
+line), repeats a line, or does not parse from its line start (the full path
+then reports the real error with its line number).
 
 The full path (Parquet, multi-line records, a side that is absent) streams
 both tables through ops/table.py (Parquet through a seekable file over the
@@ -488,9 +494,6 @@ def _diff_regions(diff: TableDiff, old: _Side, new: _Side, keys: tuple[str, ...]
         got = list(iter_records([line + b"\n"], diff.format, side.path, side.side, offset=offset, line=lineno,
                                 width=width))
         return got[0] if got else None
-
-    def cells_of(row: Row, header) -> dict:
-        return row.as_dict(header)
 
     if not keys:
         # Operations of every region first (bounded by the change), so that a
