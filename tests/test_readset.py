@@ -185,3 +185,17 @@ def test_a_run_killed_while_recording_commits_nothing_and_leaves_no_mounts(tmp_p
     assert run.returncode == 128 + signal.SIGTERM and "nothing committed" in err
     assert json.loads(cfs("-r", models, "branch", "--json").stdout) == {}
     assert not list(Path(os.environ["TMPDIR"]).glob("commitfs-reads-*"))
+
+
+def test_read_sets_travel_with_push_and_clone(tmp_path, data, s3_url):
+    data_url, _, ids = data
+    models = _models(tmp_path)
+    _train(tmp_path, data_url, models, 1, 4)
+    local = json.loads(cfs("-r", models, "lineage", "main", "--files", "--json").stdout)
+    cfs("-r", s3_url, "init")
+    cfs("-r", models, "push", s3_url, "main")
+    clone = str(tmp_path / "clone")
+    cfs("clone", s3_url, clone)
+    for url in (s3_url, clone):
+        assert json.loads(cfs("-r", url, "lineage", "main", "--files", "--json").stdout) == local
+    assert json.loads(cfs("-r", clone, "fsck", "--json").stdout)["ok"] is True

@@ -161,7 +161,8 @@ async def _main(fs, config: DaemonConfig, report: Report) -> None:
             # What `commitfs mounts` lists (lifecycle.list_mounts).
             extra = {"repo": config.repo, "rev": config.rev, "commit": config.commit, "path": config.path,
                      "writable": config.writable,
-                     "cache": None if not config.disk_cache or fs.repo.is_local else config.cache_dir}
+                     "cache": None if not config.disk_cache or fs.repo.is_local else config.cache_dir,
+                     "cache_size": config.cache_size}
             if config.writable:
                 from commitfs.fuse import control
 
