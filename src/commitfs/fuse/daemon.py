@@ -27,16 +27,15 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import pyfuse3
 import trio
 
-from commitfs.cache import DEFAULT_MAX_BYTES, DiskChunkCache
+from commitfs.cache import DiskChunkCache
 from commitfs.errors import CommitfsError, MountError
 from commitfs.fuse.adapter import READ_FH_ZERO_IS_INODE, Operations, WorkspaceOperations
 from commitfs.fuse.lifecycle import DaemonConfig, control_socket_path, remove_record, write_record
-from commitfs.repo.repository import Repository
+from commitfs.ops.root import open_repository
 from commitfs.vfs import FileSystem, VfsOptions
 
 log = logging.getLogger("commitfs.mount")
@@ -75,15 +74,14 @@ def mount_options(config: DaemonConfig) -> set[str]:
 
 
 def _open(config: DaemonConfig):
-    store_options = {"endpoint_url": config.endpoint_url} if config.endpoint_url else {}
-    repo = Repository.open(config.repo, **store_options)
+    repo = open_repository(config.repo, cache_dir=config.cache_dir, cache_size=config.cache_size,
+                           endpoint_url=config.endpoint_url)
     try:
-        if repo.is_local:
-            log.info("repository %s is local: read in place, no chunk cache", repo.url)
-        else:
-            cache = DiskChunkCache(Path(config.cache_dir) / "chunks", config.cache_size or DEFAULT_MAX_BYTES)
-            repo.chunk_cache = cache
+        cache = repo.chunk_cache
+        if isinstance(cache, DiskChunkCache):
             log.info("chunk cache %s, capped at %d bytes", cache.path, cache.max_bytes)
+        else:
+            log.info("repository %s is local: read in place, no chunk cache", repo.url)
         if config.writable:
             from commitfs.fuse import control
             from commitfs.vfs.workspace import WorkspaceOptions

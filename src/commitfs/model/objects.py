@@ -14,6 +14,8 @@ docs/FORMAT.md is the normative description of these encodings.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 from dataclasses import dataclass, field
 from enum import Enum
@@ -82,10 +84,38 @@ def _get_uvarint(buf: bytes, pos: int) -> tuple[int, int]:
 class FileManifest:
     chunk_ids: tuple[bytes, ...]
     chunk_sizes: tuple[int, ...]
+    # Prefix sums of chunk_sizes, computed at the first offset lookup (``ends``).
+    _ends: tuple[int, ...] | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def ends(self) -> tuple[int, ...]:
+        """Prefix sums of the chunk sizes: chunk i holds the file's bytes
+        [chunk_start(i), ends[i]).  Every reader maps offsets to chunks with
+        these (chunk_range), so the file's layout is computed once per manifest."""
+        ends = self._ends
+        if ends is None:
+            ends = tuple(itertools.accumulate(self.chunk_sizes))
+            object.__setattr__(self, "_ends", ends)
+        return ends
 
     @property
     def size(self) -> int:
-        return sum(self.chunk_sizes)
+        ends = self.ends
+        return ends[-1] if ends else 0
+
+    def chunk_start(self, i: int) -> int:
+        """The file offset chunk ``i`` starts at."""
+        return self.ends[i - 1] if i else 0
+
+    def chunk_range(self, offset: int, size: int) -> tuple[int, int]:
+        """Indices [first, last) of the chunks overlapping [offset, offset+size)."""
+        ends = self.ends
+        total = ends[-1] if ends else 0
+        if size <= 0 or offset >= total:
+            return 0, 0
+        first = bisect.bisect_right(ends, offset)
+        last = bisect.bisect_left(ends, min(offset + size, total)) + 1
+        return first, last
 
     def encode(self) -> bytes:
         out = bytearray(MANIFEST_MAGIC)

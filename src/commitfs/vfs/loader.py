@@ -161,15 +161,26 @@ class Loader:
         return await self.io(f"{len(ids)} chunks", self.repo.load_chunks, ids)
 
     def file_now(self, fid: bytes):
-        """A whole file's bytes if they are in memory, else None
-        (Repository.load_file).  Its manifest is not cached: its file is read.
+        """A whole file's bytes if they are in memory, else None (the read
+        engine's read_file, compiled first).  A manifest read on the way to a
+        miss is kept, so that the worker thread the miss goes to does not read
+        it again; on a hit it is not (its file is read: it is not needed).
         (``now`` written out: this is the hot call of a first read.)"""
+        reads = self.repo.reads
+        fresh = None  # a manifest read here, not yet in the cache
         try:
-            value = self.repo.load_file(fid, True)
+            got = reads.read_file_now(fid)
+            if got is None:
+                manifest = self._manifests.cache.get(fid)
+                if manifest is None:
+                    manifest = fresh = self._load_manifest(fid, nowait=True)
+                got = reads.read_file(manifest, nowait=True)
         except WouldBlock:
+            if fresh is not None:
+                self._manifests.put(fid, fresh)
             return None
         self.inline += 1
-        return value
+        return got
 
     def chunks_now(self, ids: list[bytes]) -> list[bytes] | None:
         """Chunks by id if they are in memory, else None (the prefetcher's ``fetch_now``)."""
