@@ -456,9 +456,9 @@ def stop_mount(mnt: Path) -> None:
 
 @contextmanager
 def commitfs_mount(repo_url: str, mnt: Path, cache_dir: Path, rev: str = "main",
-                   endpoint_url: str | None = None) -> Iterator[Mounted]:
+                   endpoint_url: str | None = None, extra: tuple[str, ...] = ()) -> Iterator[Mounted]:
     """`commitfs mount` (a daemon, as a user runs it) for the block; unmounted after it, even on error."""
-    cmd = commitfs_command() + ["mount", "-r", repo_url, "--cache-dir", str(cache_dir)]
+    cmd = commitfs_command() + ["mount", "-r", repo_url, "--cache-dir", str(cache_dir), *extra]
     if endpoint_url:
         cmd += ["--endpoint-url", endpoint_url]
     cmd += [rev, str(mnt)]
@@ -1510,6 +1510,153 @@ def bench_lineage(b: Bench) -> SectionResult:
         f"as input ({expected:,}); log = first-parent history with every commit read and decoded, on a freshly "
         f"opened repository; warm and log figures are the best of 3, in-process; the CLI row includes "
         f"interpreter start-up")
+    return out
+
+
+# --- read sets (issue 16) ---------------------------------------------------------------
+#: Rounds of the recorded / plain epoch, interleaved (medians are reported).
+READSET_ROUNDS = 5
+#: The --trained-on repository: commits, files in the dataset, files each run read.
+READSET_COMMITS = 10_000
+READSET_DATASET_FILES = 200
+READSET_FILES_PER_RUN = 20
+
+
+def _readset_build(workdir: Path, log: Callable[[str], None]) -> tuple[str, str, bytes, bytes, str]:
+    """(models URL, data URL, dataset commit, models head, a file path), made once per workdir:
+    READSET_COMMITS chained commits, each with a read set of READSET_FILES_PER_RUN files of the
+    dataset (one writer for all the read sets, so building takes seconds)."""
+    from commitfs.model.objects import Commit, Tree
+    from commitfs.ops import browse
+    from commitfs.ops import lineage as L
+    from commitfs.ops import readset as RS
+    from commitfs.ops.snapshot import store_stream
+
+    models, data = workdir / f"models-{READSET_COMMITS}", workdir / "data"
+    marker = models / "bench-complete"
+    if marker.exists():
+        with Repository.open(str(models)) as m, Repository.open(str(data)) as d:
+            return str(models), str(data), d.resolve("main"), m.resolve("main"), "f/00007.bin"
+    shutil.rmtree(models, ignore_errors=True)
+    shutil.rmtree(data, ignore_errors=True)
+    log(f"building a repository of {READSET_COMMITS:,} commits with read sets in {models}")
+    src = workdir / "data-src"
+    shutil.rmtree(src, ignore_errors=True)
+    (src / "f").mkdir(parents=True)
+    for i in range(READSET_DATASET_FILES):
+        (src / "f" / f"{i:05d}.bin").write_bytes(f"file {i}\n".encode() * 10)
+    with Repository.init(str(data)) as d:
+        target = commit_directory(d, src, branch="main", message="dataset").commit_id
+        ids = {w.path: w.entry.id for w in browse.walk(d, target) if w.entry.kind.is_file}
+    paths = sorted(ids)
+    rng = random.Random(16)
+    with Repository.init(str(models)) as m:
+        with m.writer() as w:
+            tid = w.add_tree(Tree.build([]))
+            sets = []
+            for _ in range(READSET_COMMITS):
+                lines = [RS.HEADER] + [
+                    f"data\t{ids[p].hex()}\t{json.dumps(p)}\n".encode()
+                    for p in sorted(rng.sample(paths, READSET_FILES_PER_RUN))]
+                sets.append(store_stream(w, io.BytesIO(b"".join(lines)))[0])
+        inp = L.input_metadata([L.Input(str(data), target, name="data", rev="main")])
+        parent: bytes | None = None
+        for i, rs in enumerate(sets):
+            meta = dict(inp, **{RS.META_KEY: rs.hex(), RS.COUNT_KEY: str(READSET_FILES_PER_RUN)})
+            parent = m.save_commit(Commit(tid, (parent,) if parent else (), "bench", 1_700_000_000 + i,
+                                          f"run {i}", meta))
+        assert parent is not None
+        m.refs.set_branch_if_equals("main", parent, None)
+    shutil.rmtree(src, ignore_errors=True)
+    marker.write_text("ok\n")
+    return str(models), str(data), target, parent, "f/00007.bin"
+
+
+@section("readset", "a --record-reads epoch through the mount vs the same epoch unrecorded; a --trained-on "
+                    "query over 10k model commits vs `commitfs log` of them")
+def bench_readset(b: Bench) -> SectionResult:
+    from commitfs.ops import history
+    from commitfs.ops.lineage_index import index_path, trained_on
+
+    out = SectionResult()
+    t: dict = {}
+    # 1. An epoch (every image once, sequentially) through a new mount, recording or not.
+    ds = b.dataset()
+    repo_dir = b.scratch("repo-readset")
+    Repository.init(str(repo_dir)).close()
+    b.log("committing the dataset")
+    commit_in_process(str(repo_dir), ds.root, "readset bench")
+    images = [i.path for i in ds.images]
+    total = sum(i.size for i in ds.images)
+    mnt, cache_dir, logs = b.scratch("mnt-readset"), b.scratch("readset-cache"), b.scratch("readset-logs")
+    runs: dict[str, list[float]] = {"plain": [], "recorded": []}
+    try:
+        b.log(f"an epoch of {len(images):,} images, {READSET_ROUNDS} rounds of a new mount with and without "
+              "--record-reads, interleaved")
+        for r in range(READSET_ROUNDS):
+            for who in ("plain", "recorded"):
+                extra = ("--record-reads", str(logs / f"{r}.log")) if who == "recorded" else ()
+                with commitfs_mount(str(repo_dir), mnt, cache_dir, extra=extra):
+                    s, n = timed(read_to_devnull, mnt, images)
+                    if n != total:
+                        raise RuntimeError(f"read {n} bytes through the mount, expected {total}")
+                    runs[who].append(len(images) / s)
+                if who == "recorded":
+                    recorded = (logs / f"{r}.log").read_bytes().count(b"\n") - 1
+                    if recorded != len(images):
+                        raise RuntimeError(f"the read log has {recorded} files, expected {len(images)}")
+    finally:
+        shutil.rmtree(repo_dir, ignore_errors=True)
+    t["epoch_plain_files_s"] = statistics.median(runs["plain"])
+    t["epoch_recorded_files_s"] = statistics.median(runs["recorded"])
+    out.rows.append(Row(f"epoch of {len(images):,} images through a new mount, --record-reads vs not",
+                        t["epoch_recorded_files_s"], t["epoch_plain_files_s"], "files/s", (">=", 0.95)))
+
+    # 2. --trained-on through the lineage index vs reading every commit (log).
+    workdir = b.workdir / "readset"
+    workdir.mkdir(parents=True, exist_ok=True)
+    models, data, target, head, path = _readset_build(workdir, b.log)
+    cache = b.scratch("readset-index")
+    saved_cache = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+
+    def log_all() -> int:
+        with Repository.open(models) as repo:
+            return sum(1 for _ in history.log(repo, head))
+
+    def query() -> int:
+        with Repository.open(models) as repo, Repository.open(data) as d:
+            return len(trained_on(d, target, path, [repo]).readers)
+
+    try:
+        b.log(f"log of {READSET_COMMITS:,} commits (best of 3), then --trained-on queries")
+        t["log_s"], n = _best_of(log_all)
+        if n != READSET_COMMITS:
+            raise RuntimeError(f"log found {n} commits, expected {READSET_COMMITS}")
+        with Repository.open(models) as repo:
+            shutil.rmtree(index_path(repo).parent, ignore_errors=True)
+        t["trained_on_cold_s"], t["readers"] = timed(query)
+        t["trained_on_warm_s"], found = _best_of(query)
+        if found != t["readers"] or not found:
+            raise RuntimeError(f"the warm query found {found} readers, the cold one {t['readers']}")
+    finally:
+        if saved_cache is None:
+            os.environ.pop("XDG_CACHE_HOME", None)
+        else:
+            os.environ["XDG_CACHE_HOME"] = saved_cache
+        shutil.rmtree(cache, ignore_errors=True)
+    out.rows += [
+        Row(f"--trained-on query, warm index ({READSET_COMMITS:,} commits) vs log", t["trained_on_warm_s"],
+            t["log_s"], "s", ("<=", 0.1)),
+        Row("--trained-on query, building the index (every commit and read set read) vs log",
+            t["trained_on_cold_s"], t["log_s"], "s"),
+    ]
+    out.details = t
+    out.notes.append(
+        f"epoch: every image of the dataset read once, sequentially, through a mount made just before, the median "
+        f"of {READSET_ROUNDS} rounds each way, interleaved; --trained-on: {READSET_COMMITS:,} chained model commits, "
+        f"each with a read set of {READSET_FILES_PER_RUN} of {READSET_DATASET_FILES} dataset files, the query "
+        f"for one file ({t['readers']} readers) in-process, best of 3, against the first-parent log of them all")
     return out
 
 

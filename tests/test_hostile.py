@@ -25,8 +25,8 @@ import boto3
 import pytest
 import trio
 
-from core_fixtures import (assert_one_line_error, cli_env, cli_fails, cli_ok, reopen, run_cli, shared_store,
-                           write_file)
+from core_fixtures import (assert_fsck_clean, assert_one_line_error, cli_env, cli_fails, cli_ok, faulty_repository,
+                           mounted_tmpfs, pack_bytes, reopen, run_cli, shared_store, write_file)
 from cutproxy import CuttingProxy
 from mount_fixtures import fs_of, vfs_listdir, vfs_read_all
 from commitfs.errors import (CorruptObjectError, DamagedRefError, ExpansionLimitError, RepositoryError, RevisionError,
@@ -537,3 +537,43 @@ def test_sigkill_during_clone_then_a_rerun_completes(tmp_path, cache_home):
         with Repository.open(str(dest)) as c:
             assert c.refs.branches() == want
             assert fsck(c).problems == []
+
+
+# --- item 9: a failed index write leaves no packs behind ------------------------------------
+def test_a_commit_that_cannot_write_its_index_segment_removes_its_packs(store_url, tmp_path, cache_home):
+    small_repo(store_url, tmp_path)
+    src = tmp_path / "more"
+    write_file(src / "m.bin", random.Random(9).randbytes(300_000))
+    before = set(shared_store(store_url).iter_keys("packs/"))
+    r = faulty_repository(store_url)
+    r.store.fail_on = {"save_object"}
+    r.store.fail_keys = lambda key: key.startswith("index/")
+    r.store.error = lambda msg: StorageError("no space left on device while writing index/x")
+    with pytest.raises(StorageError, match="no space"):
+        commit_directory(r, src, message="m")
+    assert r.store.calls["save_object"] >= 3  # it did write packs first
+    assert set(shared_store(store_url).iter_keys("packs/")) == before  # and removed them
+    assert fsck(reopen(store_url)).problems == []
+    res = commit_directory(reopen(store_url), src, message="m")  # the re-run needs the same room
+    assert res.created
+
+
+def test_a_rerun_after_a_full_disk_needs_no_more_room_than_the_first_attempt(tmp_path, cache_home):
+    with mounted_tmpfs(tmp_path / "fs", "2m") as fs:
+        url = str(fs / "repo")
+        small_repo(url, tmp_path)
+        src = tmp_path / "big"
+        rng = random.Random(10)
+        for i in range(3):
+            write_file(src / f"b{i}.bin", rng.randbytes(400_000))
+        filler = fs / "filler"
+        free = os.statvfs(fs).f_bavail * os.statvfs(fs).f_frsize
+        filler.write_bytes(b"\0" * (free - 1_000_000))  # room for about 2 of the 3 files
+        packs = pack_bytes(url)
+        with pytest.raises(StorageError, match="no space"):
+            commit_directory(reopen(url), src, message="big")
+        assert pack_bytes(url) == packs  # what the failed attempt stored is gone
+        filler.unlink()
+        filler.write_bytes(b"\0" * (free - 1_400_000))  # room for the commit, once
+        assert commit_directory(reopen(url), src, message="big").created
+        assert_fsck_clean(url)

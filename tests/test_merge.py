@@ -370,3 +370,51 @@ def test_sigkill_during_merge_leaves_old_head_or_the_whole_merge(local_url, cach
                 assert _read(r, now, k) == files[k]
     print("outcomes:", outcomes)
     assert base
+
+
+def test_log_and_diff_of_a_merge(two, local_url):
+    """log shows a merge's parents; diff A...B compares B with the merge base of A and B."""
+    repo, src, base = two
+    ours = _commit(repo, src, {"a.txt": B, "b.txt": A, "d/x": A})
+    theirs = _commit(repo, src, {"a.txt": A, "b.txt": C, "d/x": A, "new": C}, "dev")
+    out = json.loads(cli_ok("-r", local_url, "diff", "main...dev", "--json").stdout)
+    assert sorted((c["status"], c["path"]) for c in out) == [("added", "new"), ("modified", "b.txt")]
+    plain = json.loads(cli_ok("-r", local_url, "diff", "main", "dev", "--json").stdout)
+    assert ("modified", "a.txt") in {(c["status"], c["path"]) for c in plain}  # two dots' worth: not the same
+    cid = bytes.fromhex(cli_ok("-r", local_url, "merge", "dev").stdout.decode().strip())
+    text = cli_ok("-r", local_url, "log", "-n", "1").stdout.decode()
+    assert f"Merge:  {ours.hex()[:12]} {theirs.hex()[:12]}" in text and cid.hex() in text
+
+
+def test_pull_merge(tmp_path, cache_home):
+    """pull --merge merges a diverged remote branch instead of refusing; a conflict moves nothing."""
+    up_url, down_url = str(tmp_path / "up"), str(tmp_path / "down")
+    up = Repository.init(up_url)
+    src = tmp_path / "src"
+    base = _commit(up, src, {"a.txt": A, "b.txt": A})
+    up.close()
+    cli_ok("clone", up_url, down_url)
+    with reopen(up_url) as r:
+        theirs = _commit(r, src, {"a.txt": A, "b.txt": C})
+    with reopen(down_url) as r:
+        ours = _commit(r, tmp_path / "src2", {"a.txt": B, "b.txt": A})
+    assert "diverged" in cli_fails("-r", down_url, "pull")
+    proc = cli_ok("-r", down_url, "pull", "--merge", "--json")
+    (u,) = [u for u in json.loads(proc.stdout)["updates"] if u.get("name") == "main"]
+    assert u["status"] == "merged"
+    with reopen(down_url) as r:
+        head = r.refs.lookup_branch("main")
+        assert head.hex() == u["new"] and r.load_commit(head).parents == (ours, theirs)
+        assert (_read(r, head, "a.txt"), _read(r, head, "b.txt")) == (B, C)
+        assert r.load_commit(head).metadata[META_BASE] == base.hex()
+    # Both change a.txt: exit 1 with the conflict, the local branch stays.
+    with reopen(up_url) as r:
+        _commit(r, src, {"a.txt": b"up\n", "b.txt": C})
+    with reopen(down_url) as r:
+        mine = _commit(r, tmp_path / "src2", {"a.txt": b"down\n", "b.txt": C})
+    proc = run_cli("-r", down_url, "pull", "--merge")
+    line = assert_one_line_error(proc.returncode, proc.stderr.decode())
+    assert "1 conflict (a.txt)" in line and "nothing was changed" in line
+    assert "CONFLICT (modify/modify) a.txt" in proc.stdout.decode()
+    with reopen(down_url) as r:
+        assert r.refs.lookup_branch("main") == mine

@@ -238,3 +238,57 @@ def test_on_row_streams_instead_of_keeping(local_repo, versions):
     got.clear()
     d = diff_table(local_repo, e, e2, "t.csv", on_row=got.append)
     assert d.rows == [] and [r.new["id"] for r in got] == ["7"] and d.counts["changed"] == 1
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_regions_agree_with_the_full_parse(local_repo, versions, seed):
+    """Random edits (changed cells, inserted, deleted and moved blocks, CRLF
+    or LF) of a table of ~10 chunks: the region path's keyed diff equals the
+    full parse's, and its unkeyed diff accounts for every row."""
+    rng = random.Random(seed)
+    nl = rng.choice(["\n", "\r\n"])
+    rows = big_csv(20_000, seed)
+    old = versions("t.csv", encode(rows, nl=nl))
+    for _ in range(rng.randrange(1, 8)):
+        op = rng.choice(["change", "insert", "delete", "move"])
+        i = rng.randrange(len(rows) - 50)
+        n = rng.randrange(1, 40)
+        if op == "change":
+            for r in rows[i:i + n]:
+                r[2] = f"{rng.random():.6f}"
+        elif op == "insert":
+            rows[i:i] = [[f"img/new{seed}-{i}-{k}.jpg", "cat", "0.5"] for k in range(n)]
+        elif op == "delete":
+            del rows[i:i + n]
+        else:
+            block = rows[i:i + n]
+            del rows[i:i + n]
+            j = rng.randrange(len(rows))
+            rows[j:j] = block
+    new = versions("t.csv", encode(rows, nl=nl))
+    fast = diff_table(local_repo, old, new, "t.csv", keys=["path"])
+    full = diff_table(local_repo, old, new, "t.csv", keys=["path"], method="full")
+    assert fast.method == "regions" and full.method == "full"
+
+    def norm(d):
+        return sorted((r.status, r.key, tuple(sorted((r.old or {}).items())), tuple(sorted((r.new or {}).items())))
+                      for r in d.rows)
+
+    assert norm(fast) == norm(full)
+    assert fast.counts == full.counts
+    unkeyed = diff_table(local_repo, old, new, "t.csv")
+    c = unkeyed.counts
+    n_old, n_new = 20_000, len(rows)
+    assert n_old - c["removed"] + c["added"] == n_new
+
+
+def test_a_block_moved_far_is_moved(local_repo, versions):
+    rows = big_csv(40_000, 5)
+    old = versions("t.csv", encode(rows))
+    block = rows[1000:1010]
+    del rows[1000:1010]
+    rows[35_000:35_000] = block
+    new = versions("t.csv", encode(rows))
+    d = diff_table(local_repo, old, new, "t.csv")
+    assert d.method == "regions" and summary(d) == {"moved": 10}
+    assert {r.old["path"] for r in d.rows} == {b[0] for b in block}

@@ -172,14 +172,17 @@ class Repository:
 
 def run(command: list[str], *, output, to: str, inputs: dict[str, str] | list[str] | None = None,
         repo: str | None = None, message: str | None = None, commit_on_failure: bool = False,
-        cwd=None, endpoint_url: str | None = None, **store_options):
+        cwd=None, endpoint_url: str | None = None, record_reads: bool = False, env: list[str] = (),
+        cache: bool = True, cache_from: list[str] = (), **store_options):
     """Run ``command`` on mounted inputs and commit ``output`` with lineage, as
     ``commitfs run`` does (docs/LINEAGE.md); return an ops.run.RunResult
     (``.status``, ``.exit_code``, ``.commit_id``...).  Call it from the main
     thread (it handles SIGINT/SIGTERM while the command runs).
 
     ``inputs``: {name: "[REPO_URL@]REV"} (or "NAME=[REPO_URL@]REV" strings);
-    ``to``: "[REPO_URL@]BRANCH"; ``repo``: the repository of specs without URL."""
+    ``to``: "[REPO_URL@]BRANCH"; ``repo``: the repository of specs without URL;
+    ``record_reads``, ``env`` (names), ``cache``, ``cache_from``: as
+    ``--record-reads``, ``--env``, ``--no-cache`` (False), ``--cache-from``."""
     from commitfs.fuse.runmounts import Mounts
     from commitfs.ops import run as run_op
 
@@ -189,5 +192,7 @@ def run(command: list[str], *, output, to: str, inputs: dict[str, str] | list[st
         store_options["endpoint_url"] = endpoint_url
     spec = run_op.RunSpec(command=list(command), output=str(output), to=to, inputs=list(inputs or []),
                           repo=str(repo) if repo is not None else None, message=message,
-                          commit_on_failure=commit_on_failure, cwd=str(cwd) if cwd is not None else None)
+                          commit_on_failure=commit_on_failure, cwd=str(cwd) if cwd is not None else None,
+                          record_reads=record_reads, env_names=list(env), use_cache=cache,
+                          cache_from=list(cache_from))
     return run_op.run(spec, lambda: Mounts(endpoint_url), store_options=store_options)

@@ -165,6 +165,8 @@ def cmd_show(args) -> int:
 def _print_commit(cid: bytes, c, ids: list[str] = (), fields: list[str] = ()) -> None:
     """A commit as log and show print it: id lines, header fields, message."""
     print(f"commit {cid.hex()}")
+    if len(c.parents) > 1:  # a merge: its parents, the branch merged into first
+        print("Merge:  " + " ".join(p.hex()[:12] for p in c.parents))
     for line in ids:
         print(line)
     print(f"Author: {c.author}")

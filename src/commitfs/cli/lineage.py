@@ -23,7 +23,8 @@ from commitfs.ops.lineage_index import LineageReport, query_lineage, trained_on
 def cmd_run(args) -> int:
     spec = run_op.RunSpec(command=list(args.command), output=args.output, to=args.to, inputs=args.input or [],
                           repo=args.repo or None, message=args.message, commit_on_failure=args.commit_on_failure,
-                          record_reads=args.record_reads)
+                          record_reads=args.record_reads, env_names=args.env or [], use_cache=not args.no_cache,
+                          cache_from=args.cache_from or [], log_to=args.log_to or [])
     bar = ProgressBar("commit")
     try:
         result = run_op.run(spec, lambda: Mounts(args.endpoint_url), store_options=store_options(args),
@@ -34,12 +35,17 @@ def cmd_run(args) -> int:
     if result.status == "interrupted":
         print(f"commitfs: run interrupted ({signal.Signals(result.signal).name}); nothing committed", file=sys.stderr)
         return result.exit_code
-    if result.status == "failed":
+    if result.status == "cached":
+        how = "the same read files" if result.cached_by == "readset" else "the same inputs"
+        print(f"commitfs: run cache hit: {result.commit_id.hex()[:12]} in {result.cached_repo} ran this command "
+              f"with {how}, code and --env values; not run again (--no-cache runs it)", file=sys.stderr)
+    elif result.status == "failed":
         print(f"commitfs: command exited with {result.exit_code}; nothing committed", file=sys.stderr)
         return result.exit_code
     if args.json:
         out = result.to_json()
         keys = ["id", "repo", "branch", "exit_code", "inputs", "files", "bytes_stored"]
+        keys += ["cache", "cached_by", "cached_repo"] + (["logged_to"] if args.log_to else [])
         print_json({k: out[k] for k in keys + (["readset", "files_read"] if args.record_reads else [])})
     else:
         print(result.commit_id.hex())
@@ -193,6 +199,15 @@ def register(sub, common) -> None:
     p.add_argument("--record-reads", action="store_true",
                    help="record which files of the inputs the command read (first read of each file) and "
                         "store the set with the output commit (commitfs lineage REV --files)")
+    p.add_argument("--env", action="append", metavar="NAME",
+                   help="an environment variable whose value is part of the run's cache key (repeatable)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="run the command even if an earlier run had the same key")
+    p.add_argument("--cache-from", action="append", metavar="URL",
+                   help="also look for earlier runs in the branches of this repository (repeatable)")
+    p.add_argument("--log-to", action="append", choices=["mlflow", "wandb"],
+                   help="log the input and output commit ids to this tracker's run ($MLFLOW_RUN_ID / "
+                        "$WANDB_RUN_ID, else a new one) if its library is installed (repeatable)")
     p.add_argument("--json", action="store_true")
     p.add_argument("command", nargs="...", metavar="-- COMMAND")
 

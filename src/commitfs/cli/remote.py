@@ -14,7 +14,7 @@ import sys
 
 from commitfs.cli.core import open_repo, open_url, store_options
 from commitfs.cli.output import ProgressBar, human_size, print_json
-from commitfs.errors import UsageError
+from commitfs.errors import ConflictError, UsageError
 from commitfs.ops import sync
 from commitfs.repo.remotes import DEFAULT_REMOTE, Remotes, normalize_url
 from commitfs.repo.repository import Repository
@@ -140,9 +140,19 @@ def cmd_push(args) -> int:
 def cmd_pull(args) -> int:
     local = open_repo(args)
     name, remote = _open_remote(args, local, args.remote)
-    result = _run("pull", lambda progress: sync.pull(
-        local, remote, args.branch, local_branch=args.to, force=args.force, threads=args.jobs,
-        progress=progress))
+    if args.merge and args.force:
+        raise UsageError("pull takes --merge or --force, not both")
+    try:
+        result = _run("pull", lambda progress: sync.pull(
+            local, remote, args.branch, local_branch=args.to, force=args.force, threads=args.jobs,
+            progress=progress, merge=args.merge))
+    except ConflictError as exc:
+        from commitfs.cli.merge import conflict_lines
+
+        for c in exc.conflicts:
+            for line in conflict_lines(c):
+                print(line)
+        raise
     _report(args, "pulled from", name, result)
     return 0
 
@@ -194,4 +204,7 @@ def register(sub, common) -> None:
     p.add_argument("--to", metavar="NAME", help="the local branch to move (default: BRANCH)")
     p.add_argument("-f", "--force", action="store_true",
                    help="move the local branch even if it has diverged (its own commits are no longer on it)")
+    p.add_argument("--merge", action="store_true",
+                   help="merge a diverged remote branch into the local one (as commitfs merge does) instead of "
+                        "refusing; conflicts move nothing, exit 1")
     transfer_options(p)

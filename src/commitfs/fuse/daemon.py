@@ -74,14 +74,16 @@ def mount_options(config: DaemonConfig) -> set[str]:
 
 
 def _open(config: DaemonConfig):
-    repo = open_repository(config.repo, cache_dir=config.cache_dir, cache_size=config.cache_size,
-                           endpoint_url=config.endpoint_url)
+    repo = open_repository(config.repo, cache_dir=config.cache_dir if config.disk_cache else False,
+                           cache_size=config.cache_size, endpoint_url=config.endpoint_url)
     try:
         cache = repo.chunk_cache
         if isinstance(cache, DiskChunkCache):
             log.info("chunk cache %s, capped at %d bytes", cache.path, cache.max_bytes)
-        else:
+        elif repo.is_local:
             log.info("repository %s is local: read in place, no chunk cache", repo.url)
+        else:
+            log.info("no disk cache (--no-disk-cache): chunks of %s are kept in memory only", repo.url)
         if config.writable:
             from commitfs.fuse import control
             from commitfs.vfs.workspace import WorkspaceOptions
@@ -95,7 +97,11 @@ def _open(config: DaemonConfig):
             repo.load_commit(commit)  # fail now, not at the first ls
         options = VfsOptions(refresh_s=config.refresh_s, io_timeout_s=config.io_timeout_s,
                              io_threads=config.io_threads, record_reads=config.record_reads)
-        return repo, FileSystem(repo, commit, options)
+        tree = bytes.fromhex(config.tree) if config.tree else None
+        if tree is not None:
+            repo.load_tree(tree)
+            log.info("root: %s of the commit (tree %s)", config.path, config.tree)
+        return repo, FileSystem(repo, commit, options, root_tree=tree)
     except BaseException:
         repo.close()
         raise
@@ -150,13 +156,16 @@ async def _main(fs, config: DaemonConfig, report: Report) -> None:
     async with fs.running():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_on_signals)
-            extra = {}
+            # What `commitfs mounts` lists (lifecycle.list_mounts).
+            extra = {"repo": config.repo, "rev": config.rev, "commit": config.commit, "path": config.path,
+                     "writable": config.writable,
+                     "cache": None if not config.disk_cache or fs.repo.is_local else config.cache_dir}
             if config.writable:
                 from commitfs.fuse import control
 
                 sock = control_socket_path(config.mountpoint)
                 await nursery.start(control.serve, fs, sock)
-                extra = {"control": sock, "workspace": config.workspace, "branch": config.rev}
+                extra.update({"control": sock, "workspace": config.workspace, "branch": config.rev})
             nursery.start_soon(_announce, config, report, extra)
             await pyfuse3.main(min_tasks=1, max_tasks=config.max_tasks)
             nursery.cancel_scope.cancel()

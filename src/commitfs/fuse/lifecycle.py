@@ -70,6 +70,11 @@ class DaemonConfig:
     #: A writable workspace over the branch ``rev`` whose overlay lives in ``workspace``.
     writable: bool = False
     workspace: str | None = None
+    #: ``mount REV:PATH``: the directory PATH of the commit is the root, its tree id (hex).
+    path: str = ""
+    tree: str | None = None
+    #: False: chunks of a non-local repository are kept in memory only (--no-disk-cache).
+    disk_cache: bool = True
     #: Read-only mounts: append the files read to this file (vfs/readlog.py).
     record_reads: str | None = None
 
@@ -143,6 +148,25 @@ def enclosing_mount(path: str | os.PathLike) -> MountInfo | None:
             if found is None or len(m.mountpoint) >= len(found.mountpoint):
                 found = m
     return found if found is not None and found.fstype == FSTYPE else None
+
+
+def list_mounts() -> list[dict]:
+    """The commitfs mounts of this machine (in this mount namespace), each with what its
+    daemon recorded: mountpoint, repo, rev, commit, path, writable, pid, cache, log;
+    ``stale`` when the daemon is gone (its record, if any, no longer matches a live one)."""
+    out = []
+    for m in iter_mounts():
+        if m.fstype != FSTYPE:
+            continue
+        record = lookup_record(m.mountpoint) or {}
+        stale = not record and is_stale(m.mountpoint)
+        out.append({
+            "mountpoint": m.mountpoint, "repo": record.get("repo"), "rev": record.get("rev"),
+            "commit": record.get("commit"), "path": record.get("path") or "",
+            "writable": bool(record.get("writable", False)), "pid": record.get("pid"),
+            "cache": record.get("cache"), "log": record.get("log"), "stale": stale,
+        })
+    return out
 
 
 def is_stale(path: str | os.PathLike) -> bool:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from commitfs.errors import InputError, UsageError
-from commitfs.ops import lineage, readset
+from commitfs.ops import lineage, readset, runcache, trackers
 from commitfs.ops.snapshot import Progress, check_commit_text, commit_directory
 from commitfs.repo.refs import check_ref_name
 
@@ -185,12 +185,17 @@ class RunSpec:
     cwd: str | None = None            # where the command runs (default: the current directory)
     environ: Mapping[str, str] | None = None  # its base environment (default: os.environ)
     record_reads: bool = False        # store the files the command read (ops/readset.py)
+    env_names: list[str] = field(default_factory=list)  # variables whose values key the run cache
+    use_cache: bool = True            # look the run up in the run cache (ops/runcache.py)
+    cache_from: list[str] = field(default_factory=list)  # more repositories to look it up in
+    log_to: list[str] = field(default_factory=list)  # experiment trackers (ops/trackers.py)
 
 
 @dataclass
 class RunResult:
     """How a run ended.  ``status``: committed, failed (the command exited non-zero,
-    nothing committed) or interrupted (by ``signal``, nothing committed)."""
+    nothing committed), interrupted (by ``signal``, nothing committed) or cached
+    (an earlier run with the same key: ``commit_id``; the command did not run)."""
 
     status: str
     exit_code: int                    # what `commitfs run` exits with
@@ -204,12 +209,20 @@ class RunResult:
     warnings: list[str] = field(default_factory=list)
     readset: bytes | None = None      # the read set's id (with record_reads)
     files_read: int | None = None
+    #: The run cache: "hit" (status "cached": the command did not run), "miss",
+    #: "disabled" (--no-cache), or "off: <why>" (no key: no clean git work tree).
+    cache: str = "miss"
+    cached_by: str | None = None      # on a hit: "key" or "readset"
+    cached_repo: str | None = None
+    logged_to: dict[str, str] = field(default_factory=dict)  # tracker -> its run id
 
     def to_json(self) -> dict:
         return {"id": self.commit_id.hex() if self.commit_id else None, "repo": self.repo, "branch": self.branch,
                 "status": self.status, "exit_code": self.exit_code, "inputs": [i.to_json() for i in self.inputs],
                 "files": self.files, "bytes_stored": self.bytes_stored,
-                "readset": self.readset.hex() if self.readset else None, "files_read": self.files_read}
+                "readset": self.readset.hex() if self.readset else None, "files_read": self.files_read,
+                "cache": self.cache, "cached_by": self.cached_by, "cached_repo": self.cached_repo,
+                "logged_to": self.logged_to}
 
 
 def run(
@@ -256,12 +269,36 @@ def run(
         env = dict(os.environ if spec.environ is None else spec.environ)
         check_command(command, env)
         code_commit, code_dirty = lineage.git_state(cwd)
+        for name in spec.log_to:
+            if name not in trackers.TRACKERS:
+                raise UsageError(f"--log-to takes {' or '.join(trackers.TRACKERS)}, got {name!r}")
+        for name in spec.env_names:
+            if not name or "=" in name:
+                raise UsageError(f"--env takes a variable name, got {name!r}")
+        keys = runcache.run_keys(inputs, command, code_commit, code_dirty, spec.env_names, env)
+        cache_state = "disabled" if not spec.use_cache else ("miss" if keys.key else f"off: {keys.why}")
+        if spec.use_cache and keys.key:
+            search = []
+            head = target.refs.lookup_branch(to.rev)
+            if head is not None:
+                search.append((target, [head]))
+            for url in spec.cache_from:
+                r = opener.open(url)
+                search.append((r, list(r.refs.branches().values())))
+            hit = runcache.lookup(keys, search, inputs=inputs, by_readset=spec.record_reads,
+                                  input_repos={i.url: opener.open(i.url) for i in inputs})
+            if hit is not None:
+                cached = RunResult(status="cached", exit_code=0, repo=target.url, branch=to.rev, inputs=inputs,
+                                   commit_id=hit.commit, warnings=warnings, cache="hit", cached_by=hit.by,
+                                   cached_repo=hit.repo)
+                cached.logged_to = trackers.log_to(spec.log_to, cached, note, env)
+                return cached
 
         logs: dict[str, str] = {}
         reads_dir = tempfile.mkdtemp(prefix="commitfs-reads-") if spec.record_reads else None
         try:
             result = RunResult(status="failed", exit_code=1, repo=target.url, branch=to.rev, inputs=inputs,
-                               warnings=warnings)
+                               warnings=warnings, cache=cache_state)
             stopped: int | None = None
             rc: int | None = None
             with DeferredSignals() as deferred:
@@ -306,6 +343,10 @@ def run(
             metadata = lineage.input_metadata(inputs)
             metadata.update(lineage.run_metadata(command, started, finished, code, git_commit=code_commit,
                                                  git_dirty=code_dirty, environ=env))
+            if keys.key:
+                metadata[runcache.KEY] = keys.key
+                if spec.record_reads:
+                    metadata[runcache.BASE_KEY] = keys.base
             if reads_dir is not None:
                 built = readset.build(logs, reads_dir)
                 for name in built.incomplete:
@@ -323,6 +364,7 @@ def run(
                 note(w)
             result.status, result.commit_id = "committed", made.commit_id
             result.files, result.bytes_stored = made.files, made.write.bytes_new_stored
+            result.logged_to = trackers.log_to(spec.log_to, result, note, env)
             return result
         finally:
             if reads_dir is not None:

@@ -139,7 +139,8 @@ class RefUpdate:
     name: str
     old: bytes | None
     new: bytes
-    #: "created", "fast-forward", "forced", "up-to-date", or "ahead" (pull:
+    #: "created", "fast-forward", "forced", "merged" (pull --merge: a merge
+    #: commit of the diverged branches), "up-to-date", or "ahead" (pull:
     #: the local branch already contains the remote's); aliases also
     #: "diverged" (not moved: the two logs have different newest entries).
     status: str
@@ -615,15 +616,19 @@ def push(local: Repository, remote: Repository, branch: str = "main", *, remote_
 
 
 def pull(local: Repository, remote: Repository, branch: str = "main", *, local_branch: str | None = None,
-         force: bool = False, threads: int = DEFAULT_THREADS, progress: ProgressFn | None = None) -> SyncResult:
+         force: bool = False, threads: int = DEFAULT_THREADS, progress: ProgressFn | None = None,
+         merge: bool = False, merge_options=None) -> SyncResult:
     """Fetch ``branch`` from ``remote`` and fast-forward the local branch to it
-    (refuse if the local branch has diverged, unless ``force``)."""
+    (refuse if the local branch has diverged, unless ``force``, or ``merge``: then
+    the remote's commit is merged into the local branch, ops/merge.py; a merge
+    with conflicts raises ConflictError and moves nothing, the fetched objects
+    stay)."""
     target = local_branch or branch
     new = remote.refs.lookup_branch(branch)
     if new is None:
         raise RevisionError(f"no branch {branch!r} in {remote.url}")
     return _fetch_branches(local, remote, {target: new}, force=force, threads=threads, progress=progress,
-                           remote_name=f"{remote.url} {branch}")
+                           remote_name=f"{remote.url} {branch}", merge=merge, merge_options=merge_options)
 
 
 def open_clone_destination(dest: str, source_url: str, endpoint_url: str | None = None, *,
@@ -694,7 +699,7 @@ def clone(local: Repository, remote: Repository, *, threads: int = DEFAULT_THREA
 
 def _fetch_branches(local: Repository, remote: Repository, wanted: dict[str, bytes], *, force: bool,
                     threads: int, progress: ProgressFn | None, remote_name: str,
-                    extra_tips: list[bytes] = ()) -> SyncResult:
+                    extra_tips: list[bytes] = (), merge: bool = False, merge_options=None) -> SyncResult:
     result = SyncResult()
     olds = {name: local.refs.lookup_branch(name) for name in wanted}
     aliases = _alias_plan(remote, local)
@@ -714,10 +719,14 @@ def _fetch_branches(local: Repository, remote: Repository, wanted: dict[str, byt
             continue
         elif force:
             status = "forced"
+        elif merge:
+            result.updates.append(_merge_pulled(local, name, new, remote_name, merge_options))
+            continue
         else:
             raise RefConflictError(
                 f"local branch {name} has diverged from {remote_name} ({_short(old)} vs {_short(new)}); "
-                "commitfs does not merge: pull --force to reset it to the remote's, or push --force to "
+                "pull does not merge unless asked: pull --merge to merge them, pull --force to reset it to the "
+                "remote's, or push --force to "
                 "overwrite the remote's"
             )
         _move_branch(local, name, new, old,
@@ -725,6 +734,21 @@ def _fetch_branches(local: Repository, remote: Repository, wanted: dict[str, byt
         result.updates.append(RefUpdate(name, old, new, status))
     result.updates.extend(_apply_aliases(remote, local, aliases))
     return result
+
+
+def _merge_pulled(local: Repository, name: str, new: bytes, remote_name: str, options) -> RefUpdate:
+    from commitfs.errors import ConflictError
+    from commitfs.ops.merge import merge_into
+
+    result = merge_into(local, new.hex(), name, message=f"merge {remote_name} into {name}", options=options)
+    if result.status == "conflicts":
+        paths = [c.path for c in result.conflicts]
+        raise ConflictError(
+            f"merging {remote_name} ({_short(new)}) into local branch {name}: {len(paths)} conflict"
+            f"{'s' if len(paths) != 1 else ''} ({', '.join(paths[:5])}{' ...' if len(paths) > 5 else ''}); "
+            f"nothing was changed (the remote's commits are fetched: commitfs merge {new.hex()[:12]} --into {name})",
+            paths, result.conflicts)
+    return RefUpdate(name, result.head, result.commit_id, "merged")
 
 
 # --- aliases ---------------------------------------------------------------------------

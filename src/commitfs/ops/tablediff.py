@@ -473,17 +473,33 @@ def _diff_regions(diff: TableDiff, old: _Side, new: _Side, keys: tuple[str, ...]
         return row.as_dict(header)
 
     if not keys:
+        # Operations of every region first (bounded by the change), so that a
+        # row removed in one region and added unchanged in another is a move.
+        ops: list[tuple[str, tuple | None, tuple | None]] = []
         for r in regions:
             a = lines_of(old, r[0], r[1])
             b = lines_of(new, r[2], r[3])
             for status, i, j in _align([x[0] for x in a], [x[0] for x in b]):
-                ro = parse(old, *a[i], width_old) if i is not None else None
-                rn = parse(new, *b[j], width_new) if j is not None else None
-                if (i is not None and ro is None) or (j is not None and rn is None):
-                    if ro is None and rn is None:
-                        continue  # blank lines
-                    status = "added" if ro is None else "removed"
-                _emit(diff, status, None, ro, rn, diff.old_header, diff.new_header, mapping, max_rows)
+                ops.append((status, a[i] if i is not None else None, b[j] if j is not None else None))
+        added: dict[bytes, deque] = defaultdict(deque)
+        for k, (status, la, lb) in enumerate(ops):
+            if status == "added":
+                added[lb[0]].append(k)
+        for k, (status, la, lb) in enumerate(ops):
+            if status == "removed" and added.get(la[0]):
+                k2 = added[la[0]].popleft()
+                ops[k] = ("moved", la, ops[k2][2])
+                ops[k2] = ("gone", None, None)
+        for status, la, lb in ops:
+            if status == "gone":
+                continue
+            ro = parse(old, *la, width_old) if la is not None else None
+            rn = parse(new, *lb, width_new) if lb is not None else None
+            if (la is not None and ro is None) or (lb is not None and rn is None):
+                if ro is None and rn is None:
+                    continue  # blank lines
+                status = "added" if ro is None else "removed"
+            _emit(diff, status, None, ro, rn, diff.old_header, diff.new_header, mapping, max_rows)
         return
 
     # Keyed: the lines of each region not on the other side (as bytes: split

@@ -19,7 +19,8 @@ the headers plus at most two chunks per tensor next to a real change.
 
 ``values=True`` reads the changed tensors of unchanged dtype and shape from
 both sides and reports the maximum absolute difference and the relative L2
-norm ||new - old|| / ||old|| (numpy, the optional extra ``tensors``).
+norm ||new - old|| / ||old|| (numpy, the optional extra ``tensors``), in
+8 MiB slices so that a multi-GB tensor is never held whole.
 
 A file whose header does not parse is reported as a plain binary change
 (``binary=True``) with the reason.
@@ -242,15 +243,21 @@ def diff_safetensors(repo: Repository, old_entry: TreeEntry | None, new_entry: T
                 out.unchanged.append(name)
                 continue
             if values and not (c.dtype_changed or c.shape_changed):
-                _compare_values(c, old.read(a.start, a.end), new.read(b.start, b.end))
+                _compare_values(c, old, new)
             out.changes.append(c)
         return out
     finally:
         out.bytes_read = stats[0]
 
 
-def _compare_values(c: TensorChange, a: bytes, b: bytes) -> None:
-    c.bytes_equal = a == b
+# --values reads a tensor in slices of this many bytes: memory stays bounded
+# for a multi-GB tensor (each slice is also held as float64, 2-8x its size).
+_VALUE_SLICE = 8 * 1024 * 1024
+
+
+def _compare_values(c: TensorChange, old: _File, new: _File) -> None:
+    """Max abs difference and relative L2 of a changed tensor (same dtype and
+    shape), read slice by slice."""
     try:
         import numpy as np
     except ImportError:
@@ -259,19 +266,35 @@ def _compare_values(c: TensorChange, a: bytes, b: bytes) -> None:
              "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8,
              "BOOL": np.bool_}
     dtype = c.old.dtype
-    if dtype == "BF16":  # bfloat16: the high half of a float32
-        x = (np.frombuffer(a, "<u2").astype(np.uint32) << 16).view(np.float32)
-        y = (np.frombuffer(b, "<u2").astype(np.uint32) << 16).view(np.float32)
-    elif dtype in kinds:
-        x = np.frombuffer(a, np.dtype(kinds[dtype]).newbyteorder("<"))
-        y = np.frombuffer(b, np.dtype(kinds[dtype]).newbyteorder("<"))
-    else:
+    width = DTYPE_SIZES.get(dtype, 1)
+    step = max(width, _VALUE_SLICE - _VALUE_SLICE % width)
+    a, b = c.old, c.new
+    equal, max_abs, sq_diff, sq_old = True, 0.0, 0.0, 0.0
+    numeric = dtype == "BF16" or dtype in kinds
+    for off in range(0, a.end - a.start, step):
+        n = min(step, a.end - a.start - off)
+        xa, xb = old.read(a.start + off, a.start + off + n), new.read(b.start + off, b.start + off + n)
+        if xa == xb:
+            if numeric:
+                sq_old += float(np.sum(np.square(_as_float(np, xa, dtype, kinds))))
+            continue
+        equal = False
+        if not numeric:
+            continue
+        x, y = _as_float(np, xa, dtype, kinds), _as_float(np, xb, dtype, kinds)
+        d = y - x
+        max_abs = max(max_abs, float(np.max(np.abs(d))) if d.size else 0.0)
+        sq_diff += float(np.sum(np.square(d)))
+        sq_old += float(np.sum(np.square(x)))
+    c.bytes_equal = equal
+    if not numeric:
         return  # FP8 and unknown dtypes: bytes_equal only
-    x, y = x.astype(np.float64), y.astype(np.float64)
-    if x.size == 0:
-        c.max_abs_diff, c.rel_l2 = 0.0, 0.0
-        return
-    d = y - x
-    c.max_abs_diff = float(np.max(np.abs(d)))
-    norm = float(np.linalg.norm(x))
-    c.rel_l2 = float(np.linalg.norm(d)) / norm if norm else (0.0 if not d.any() else float("inf"))
+    c.max_abs_diff = max_abs
+    norm = sq_old ** 0.5
+    c.rel_l2 = (sq_diff ** 0.5) / norm if norm else (0.0 if not sq_diff else float("inf"))
+
+
+def _as_float(np, raw: bytes, dtype: str, kinds: dict):
+    if dtype == "BF16":  # bfloat16: the high half of a float32
+        return (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return np.frombuffer(raw, np.dtype(kinds[dtype]).newbyteorder("<")).astype(np.float64)

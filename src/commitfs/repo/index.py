@@ -155,6 +155,18 @@ class Segment:
             magic, npacks, bits, count = HEADER.unpack(head)
             if magic != SEG_MAGIC:
                 raise CorruptObjectError(f"index segment {self.key} has a bad magic")
+            # A checksum proves no integrity against a hostile writer: the
+            # header must also describe exactly the segment's size, and (when
+            # held in memory) the fan-out must rise to the entry count.
+            size = len(data) if data is not None else self.size
+            if bits > _MAX_BITS or size != (HEADER.size + npacks * ID_SIZE + (1 << bits) * FANOUT.size
+                                            + count * ENTRY.size + ID_SIZE):
+                raise CorruptObjectError(f"index segment {self.key} has a malformed header")
+            if data is not None:
+                at = HEADER.size + npacks * ID_SIZE
+                fan = [v for (v,) in FANOUT.iter_unpack(data[at:at + (1 << bits) * FANOUT.size])]
+                if fan[-1] != count or any(a > b for a, b in zip(fan, fan[1:])):
+                    raise CorruptObjectError(f"index segment {self.key} has a malformed fan-out table")
             if data is not None:
                 table = data[HEADER.size:HEADER.size + npacks * ID_SIZE]
             else:
@@ -208,6 +220,8 @@ class Segment:
             lo, hi = _FANOUT_PAIR.unpack(self._read(fan + (b - 1) * FANOUT.size, 2 * FANOUT.size, nowait))
         if lo >= hi:
             return None
+        if hi > self.count:
+            raise CorruptObjectError(f"index segment {self.key} has a malformed fan-out table")
         data = self._read(self._entries_at() + lo * ENTRY.size, (hi - lo) * ENTRY.size, nowait)
         at = _find_record(data, oid, 0, len(data))
         return None if at is None else self._location(ENTRY.unpack_from(data, at))

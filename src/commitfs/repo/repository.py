@@ -333,6 +333,7 @@ class BlobWriter:
         self._session: dict[bytes, Location] = {}
         self._pool = ThreadPoolExecutor(self.UPLOAD_THREADS, thread_name_prefix="commitfs-upload")
         self._uploads: list[Future] = []
+        self._uploaded: list[tuple[bytes, list]] = []  # packs stored, not yet indexed
         self._lock = threading.Lock()
 
     def __enter__(self) -> BlobWriter:
@@ -343,6 +344,7 @@ class BlobWriter:
             self.finish()
         else:
             self._pool.shutdown(wait=True, cancel_futures=True)
+            self._discard_uploaded()
 
     def has(self, oid: bytes) -> bool:
         return oid in self._session or self.repo.has_blob(oid)
@@ -407,6 +409,7 @@ class BlobWriter:
         self.repo.store.save_object(pack_key(pack_id), view)
         view.release()
         with self._lock:
+            self._uploaded.append((pack_id, entries))
             self.stats.packs += 1
             for oid, loc in entries:
                 self._session[oid] = loc
@@ -417,13 +420,47 @@ class BlobWriter:
     def finish(self) -> int:
         """Upload what remains, wait, then index the new blobs; return their count."""
         try:
-            for builder in list(self._builders.values()):
-                self._flush(builder)
-            entries = []
-            for f in self._uploads:
-                entries.extend(f.result())
-        finally:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-        self._uploads.clear()
-        self.repo.index.add_segment(entries)
+            try:
+                for builder in list(self._builders.values()):
+                    self._flush(builder)
+                entries = []
+                for f in self._uploads:
+                    entries.extend(f.result())
+            finally:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+            self._uploads.clear()
+            self.repo.index.add_segment(entries)
+        except BaseException:
+            self._discard_uploaded()
+            raise
+        self._uploaded.clear()
         return len(entries)
+
+    def abort(self) -> None:
+        """Give up: wait for uploads in flight, then remove the packs stored."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._discard_uploaded()
+
+    def _discard_uploaded(self) -> None:
+        """Remove the packs this writer stored but never indexed (a failed upload,
+        a full disk when writing the index segment), so that a re-run needs no
+        more room than this attempt did.  A pack some index segment does name
+        (an identical pack another writer stored and indexed meanwhile) stays.
+        Best effort: what cannot be removed is left for gc, as after a kill."""
+        with self._lock:
+            uploaded, self._uploaded = self._uploaded, []
+        if not uploaded:
+            return
+        index = self.repo.index
+        try:
+            index.refresh()
+        except Exception:
+            return  # cannot tell what is indexed: remove nothing
+        for pack_id, entries in uploaded:
+            try:
+                if any((loc := index.lookup(oid, refresh=False)) is not None and loc.pack == pack_id
+                       for oid, _ in entries):
+                    continue
+                self.repo.store.remove_object(pack_key(pack_id))
+            except Exception:
+                continue

@@ -217,10 +217,14 @@ class FileSystem:
     kernel does, and raise commitfs errors.
     """
 
-    def __init__(self, repo: Repository, root_commit: bytes | None = None, options: VfsOptions = VfsOptions()):
+    def __init__(self, repo: Repository, root_commit: bytes | None = None, options: VfsOptions = VfsOptions(),
+                 root_tree: bytes | None = None):
         self.repo = repo
         self.options = options
         self.root_commit = root_commit
+        #: With ``root_commit``: the tree shown at the root (a subdirectory of the
+        #: commit's tree, ``mount REV:PATH``); None for the commit's own tree.
+        self.root_tree = root_tree
         self.mount_time_ns = time.time_ns()
         self._long = options.immutable_timeout_s
         self._short = max(options.refresh_s / 2, 0.0)
@@ -247,7 +251,7 @@ class FileSystem:
                 root: Node = RootDir(self._short, self._short)
             else:
                 commit = await self.loader.commit(self.root_commit)
-                root = self._view_root(self.root_commit, commit, self._long)
+                root = self._view_root(self.root_commit, commit, self._long, self.root_tree)
             self.table = InodeTable(root)
             try:
                 yield self
@@ -319,9 +323,9 @@ class FileSystem:
         return found[0] if len(found) == 1 else None
 
     # --- nodes ---------------------------------------------------------------------
-    def _view_root(self, cid: bytes, commit: Commit, timeout: float) -> TreeDir:
+    def _view_root(self, cid: bytes, commit: Commit, timeout: float, tree: bytes | None = None) -> TreeDir:
         view = View(cid, commit.tree, commit.time * 1_000_000_000)
-        return TreeDir(view, TreeEntry("", Kind.DIR, 0, commit.tree), timeout, timeout)
+        return TreeDir(view, TreeEntry("", Kind.DIR, 0, tree or commit.tree), timeout, timeout)
 
     def _node(self, inode: int) -> Node:
         assert self.table is not None, "use the file system inside `async with fs.running()`"
