@@ -14,6 +14,7 @@ from pathlib import Path
 
 from commitfs.cache import DEFAULT_MAX_BYTES, parse_size
 from commitfs.cli.core import open_repo, repo_url
+from commitfs.cli.output import warn
 from commitfs.ops.root import cache_root
 from commitfs.errors import InputError, UsageError
 from commitfs.fuse import lifecycle
@@ -87,6 +88,9 @@ def cmd_mount(args) -> int:
 
         return run_foreground(config)
     lifecycle.start_daemon(config)
+    record = lifecycle.lookup_record(mountpoint)
+    if record is not None and record.get("fast_open") is False:
+        warn(lifecycle.SLOW_OPEN)
     return 0
 
 

@@ -34,7 +34,7 @@ import trio
 from commitfs.cache import DiskChunkCache
 from commitfs.errors import CommitfsError, MountError
 from commitfs.fuse.adapter import READ_FH_ZERO_IS_INODE, Operations, WorkspaceOperations
-from commitfs.fuse.lifecycle import DaemonConfig, control_socket_path, remove_record, write_record
+from commitfs.fuse.lifecycle import SLOW_OPEN, DaemonConfig, control_socket_path, remove_record, write_record
 from commitfs.ops.root import open_repository
 from commitfs.vfs import FileSystem, VfsOptions
 
@@ -123,8 +123,7 @@ def serve(config: DaemonConfig, report: Report) -> int:
             else:
                 no_open = config.no_open and READ_FH_ZERO_IS_INODE
                 if config.no_open and not no_open:
-                    log.info("this pyfuse3 is not commitfs's patched build: every open() costs a "
-                             "round trip to the daemon (run scripts/setup.sh)")
+                    log.warning(SLOW_OPEN)
                 ops = Operations(fs, no_open=no_open)
                 log.info("files are opened by %s", "the kernel alone" if no_open else "the daemon")
             pyfuse3.init(ops, config.mountpoint, mount_options(config))
@@ -159,6 +158,8 @@ async def _main(fs, config: DaemonConfig, report: Report) -> None:
             # What `commitfs mounts` lists (lifecycle.list_mounts).
             extra = {"repo": config.repo, "rev": config.rev, "commit": config.commit, "path": config.path,
                      "writable": config.writable,
+                     # False: a read-only mount answering every open (stock pyfuse3): slow.
+                     "fast_open": config.writable or not config.no_open or READ_FH_ZERO_IS_INODE,
                      "cache": None if not config.disk_cache or fs.repo.is_local else config.cache_dir}
             if config.writable:
                 from commitfs.fuse import control

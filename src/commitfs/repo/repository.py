@@ -152,7 +152,7 @@ class Repository:
         return self.reads.locate(oid, nowait)
 
     def has_blob(self, oid: bytes) -> bool:
-        return self.index.lookup(oid, refresh=False) is not None
+        return self.index.contains(oid)
 
     def load_blob(self, oid: bytes, nowait: bool = False) -> bytes:
         """A blob's raw bytes, verified.  ``nowait`` (here and below): raise
