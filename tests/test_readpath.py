@@ -72,3 +72,36 @@ def test_a_commit_to_s3_makes_no_index_request_per_new_chunk(store_url, tmp_path
     with Repository.open(store_url) as fresh:
         head = fresh.resolve("main")
         assert len(fresh.load_tree(fresh.load_commit(head).tree).entries) == n
+
+
+@pytest.mark.parametrize("store_url", ["s3"], indirect=True)
+def test_a_cold_s3_read_of_a_directorys_small_files_costs_one_request_each(store_url, tmp_path, cache_home):
+    """Through the file-system core over S3 with a chunk cache, as a mount reads:
+    the first file's manifest read brings its directory neighbours' manifests in the
+    same ranged read (Loader.manifest), so each further small file costs one
+    request, for its chunk; the bytes are exact."""
+    import trio
+
+    from mount_fixtures import fs_of, vfs_read_all
+    from test_vfs import lookup_path_ino
+    from commitfs.cache import DiskChunkCache
+
+    rng = random.Random(43)
+    n = 20
+    files = {f"img{i:03}.bin": rng.randbytes(30_000 + i) for i in range(n)}
+    for name, data in files.items():
+        write_file(tmp_path / "src" / "train" / name, data)
+    with Repository.init(store_url) as repo:
+        commit = commit_directory(repo, tmp_path / "src", message="m").commit_id
+    repo = counting_repository(store_url)
+    repo.chunk_cache = DiskChunkCache(tmp_path / "cache")
+
+    async def main():
+        async with fs_of(repo, commit) as fs:
+            inos = {name: await lookup_path_ino(fs, f"train/{name}") for name in files}
+            before = repo.store.reads_of["packs"]
+            for name, ino in inos.items():
+                assert await vfs_read_all(fs, ino) == files[name]
+            return repo.store.reads_of["packs"] - before
+    pack_reads = trio.run(main)
+    assert pack_reads <= n + 1, pack_reads  # one per file's chunk, one for all the manifests

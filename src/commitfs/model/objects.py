@@ -234,6 +234,7 @@ def symlink_entry(name: str, target: bytes) -> TreeEntry:
 class Tree:
     entries: tuple[TreeEntry, ...] = ()
     _by_name: dict = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
+    _positions: dict = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
 
     @classmethod
     def build(cls, entries) -> Tree:
@@ -252,6 +253,14 @@ class Tree:
             by_name = {e.name: e for e in self.entries}
             object.__setattr__(self, "_by_name", by_name)
         return by_name.get(name)
+
+    def position(self, name: str) -> int | None:
+        """The index of the entry named ``name`` in ``entries``, or None."""
+        positions = self._positions
+        if positions is None:
+            positions = {e.name: i for i, e in enumerate(self.entries)}
+            object.__setattr__(self, "_positions", positions)
+        return positions.get(name)
 
     @property
     def size(self) -> int:

@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from commitfs.errors import ObjectNotFoundError, WouldBlock
+from commitfs.errors import CommitfsError, ObjectNotFoundError, WouldBlock
 from commitfs.model.ids import HASHER
 from commitfs.model.objects import FileManifest, check_chunk_sizes
 from commitfs.repo.index import Index
@@ -47,6 +47,10 @@ except ImportError:  # built without a C compiler: read_file's Python path does 
 #: Neighbouring blobs closer than this in one pack are fetched in one ranged
 #: read (the gap is read and dropped): cheaper than a second request on S3.
 COALESCE_GAP = 256 * 1024
+
+#: Neighbouring manifests are read with a file's when within this many bytes of
+#: it in its pack (ReadEngine.read_blob_and_neighbours): one small ranged read.
+NEIGHBOUR_SPAN = 64 * 1024
 
 #: (index in the caller's list, blob id, location)
 Item = tuple[int, bytes, Location]
@@ -113,9 +117,10 @@ class ReadEngine:
         """Read one run; yield (item, verified data, stored bytes) per blob."""
         return _verify(run, self._range(run.key, run.start, run.size, nowait))
 
-    def read_located(self, items: list[Item], out: list, nowait: bool = False) -> None:
-        """Read and verify located blobs into ``out[i]`` (and the chunk cache)."""
-        cache = self.chunk_cache
+    def read_located(self, items: list[Item], out: list, nowait: bool = False, *, cached: bool = True) -> None:
+        """Read and verify located blobs into ``out[i]`` (and the chunk cache
+        unless not ``cached``: metadata blobs)."""
+        cache = self.chunk_cache if cached else None
         for run in plan_runs(items):
             for (i, oid, _), data, _ in self.read_run(run, nowait):
                 if cache is not None:
@@ -127,6 +132,37 @@ class ReadEngine:
         """One blob's raw bytes, verified (no chunk cache: trees, manifests)."""
         loc = self.locate(oid, nowait)
         return verify_blob(oid, loc, self._range(pack_key(loc.pack), loc.offset, loc.stored, nowait))
+
+    def read_blob_and_neighbours(self, oid: bytes, neighbours: list[bytes], span: int = NEIGHBOUR_SPAN):
+        """A metadata blob (a manifest), verified, and those of ``neighbours``
+        lying within ``span`` bytes of it in the same pack, read in the same
+        ranged read: (its bytes, {neighbour id: bytes}).  Neighbours are located
+        from segments in memory only and are dropped where that would wait, or
+        where they fail their check (their own read then reports it)."""
+        loc = self.locate(oid)
+        items: list[Item] = [(0, oid, loc)]
+        for nid in neighbours:
+            try:
+                nloc = self.index.lookup(nid, refresh=False, nowait=True)
+            except WouldBlock:
+                continue
+            if nloc is not None and nloc.pack == loc.pack and abs(nloc.offset - loc.offset) <= span:
+                items.append((len(items), nid, nloc))
+        if len(items) == 1:
+            return self.read_blob(oid), {}
+        start = min(i[2].offset for i in items)
+        end = max(i[2].offset + i[2].stored for i in items)
+        buf = self._range(pack_key(loc.pack), start, end - start, False)
+        others = {}
+        rel = loc.offset - start
+        mine = verify_blob(oid, loc, buf[rel:rel + loc.stored])
+        for _, nid, nloc in items[1:]:
+            rel = nloc.offset - start
+            try:
+                others[nid] = verify_blob(nid, nloc, buf[rel:rel + nloc.stored])
+            except CommitfsError:
+                continue
+        return mine, others
 
     def read_chunks(self, oids: list[bytes], nowait: bool = False, sizes=None) -> list:
         """Chunks by id, verified; ``sizes``: the lengths a manifest declares, checked too."""

@@ -57,7 +57,7 @@ from commitfs.model.objects import EMPTY_MANIFEST, Commit, FileManifest, Kind, T
 from commitfs.repo.repository import MIN_PREFIX, Repository
 from commitfs.repo.treewalk import check_expansion
 from commitfs.vfs import prefetch
-from commitfs.vfs.loader import Flight, Loader
+from commitfs.vfs.loader import MANIFEST_BATCH, Flight, Loader
 from commitfs.vfs.readlog import ReadLog
 from commitfs.vfs.errors import (
     BadHandleError,
@@ -587,7 +587,7 @@ class FileSystem:
             if 0 < node.entry.size <= self.options.whole_file_bytes:
                 h.data = self._whole_file_now(node.entry.id)
             if h.data is None:
-                h.manifest = h.manifest or await self.loader.manifest(node.entry.id)
+                h.manifest = h.manifest or await self._manifest(node)
                 # Start the first window once the open is answered, while the
                 # reader is on its way back with the read.
                 assert self._nursery is not None
@@ -595,6 +595,33 @@ class FileSystem:
         fh = self._new_fh()
         self._files[fh] = h
         return fh
+
+    async def _manifest(self, node: FileNode) -> FileManifest:
+        """A file's manifest; on a miss, its directory's neighbouring files'
+        manifests come in the same ranged read (Loader.manifest), so reading a
+        directory's small files costs one request each, for their chunks."""
+        return await self.loader.manifest(node.entry.id, self._neighbours(node))
+
+    def _neighbours(self, node: FileNode) -> list[bytes]:
+        """The ids of the files after ``node`` in its directory (held in memory),
+        the likeliest next reads: up to loader.MANIFEST_BATCH of them."""
+        try:
+            parent = self.table.get(node.parent)
+        except StaleInodeError:
+            return []
+        entry = getattr(parent, "entry", None)
+        tree = self.loader.tree_cached(entry.id) if entry is not None and entry.is_dir else None
+        if tree is None:
+            return []
+        entries = tree.entries
+        i = tree.position(node.key[1]) or 0
+        out = []
+        for e in entries[i + 1:i + 1 + 4 * MANIFEST_BATCH]:
+            if e.kind.is_file and e.size and e.id != node.entry.id:
+                out.append(e.id)
+                if len(out) >= MANIFEST_BATCH:
+                    break
+        return out
 
     def _whole_file_now(self, fid: bytes) -> memoryview | None:
         """A small file's bytes if they are in memory (an image from a cached
@@ -632,7 +659,7 @@ class FileSystem:
         if h.data is not None:
             return h.data[off:off + size]
         if h.manifest is None:
-            h.manifest = await self.loader.manifest(h.node.entry.id)
+            h.manifest = await self._manifest(h.node)
         return await self._reader(h).read(off, size)
 
     async def read_inode(self, inode: int, off: int, size: int) -> bytes:
@@ -669,7 +696,7 @@ class FileSystem:
             h.used_at = trio.current_time()
             h.data = data
             if h.manifest is None and h.data is None:
-                h.manifest = await self.loader.manifest(node.entry.id)
+                h.manifest = await self._manifest(node)
         else:
             self._by_inode.move_to_end(inode)
             h.used_at = trio.current_time()
@@ -680,7 +707,7 @@ class FileSystem:
                 self._close(self._by_inode.pop(inode))
             return out
         if h.manifest is None:  # a read that came while the first one loads it
-            h.manifest = await self.loader.manifest(h.node.entry.id)
+            h.manifest = await self._manifest(h.node)
         if h.released:  # closed (evicted) while the manifest loaded: start again
             return await self.read_inode(inode, off, size)
         return await self._stream(h, off).read(off, size)
@@ -747,7 +774,7 @@ class FileSystem:
         """The read-ahead state of an open file (for tests and statistics)."""
         h = self._files[fh]
         if h.manifest is None:
-            h.manifest = await self.loader.manifest(h.node.entry.id)
+            h.manifest = await self._manifest(h.node)
         return self._reader(h)
 
     # --- writes ---------------------------------------------------------------------------

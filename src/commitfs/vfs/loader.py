@@ -26,15 +26,19 @@ what was read, and the chunk cache (commitfs.cache) what was downloaded.
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 from cachetools import LRUCache
 
 from commitfs.errors import StorageTimeoutError, WouldBlock
-from commitfs.model.objects import Commit, FileManifest, Tree
+from commitfs.model.objects import Commit, DecodeError, FileManifest, Tree
 from commitfs.repo.repository import Repository
 from commitfs.vfs.errors import ShuttingDownError
+
+
+#: Neighbouring manifests read with a file's (Loader.manifest): a few KiB of one pack.
+MANIFEST_BATCH = 128
 
 
 async def run_blocking(limiter: trio.CapacityLimiter, timeout_s: float, what: str, fn, *args):
@@ -150,8 +154,39 @@ class Loader:
     async def tree(self, tid: bytes) -> Tree:
         return await self._cached(self._trees, tid, self._load_tree, "tree")
 
-    async def manifest(self, fid: bytes) -> FileManifest:
-        return await self._cached(self._manifests, fid, self._load_manifest, "file")
+    async def manifest(self, fid: bytes, neighbours: Sequence[bytes] = ()) -> FileManifest:
+        """A file's manifest.  ``neighbours``: the manifests of the files around it in
+        its directory (directory order is write order, so they lie next to it in a
+        metadata pack): on a miss they are read in the same ranged read and kept,
+        so a reader of a directory's files pays one request for their manifests,
+        not one per file."""
+        value = self._manifests.cache.get(fid)
+        if value is not None:
+            return value
+        wanted = [n for n in neighbours if n != fid and self._manifests.cache.get(n) is None][:MANIFEST_BATCH]
+        if not wanted:
+            return await self._cached(self._manifests, fid, self._load_manifest, "file")
+
+        async def load():
+            manifest, others = await self.io(f"file {fid.hex()}", self._load_manifests, fid, wanted)
+            for nid, m in others.items():  # here, on the event loop: the cache is not thread-safe
+                self._manifests.put(nid, m)
+            return manifest
+        return await self._manifests.get(fid, load)
+
+    def _load_manifests(self, fid: bytes, neighbours: list[bytes]) -> tuple[FileManifest, dict]:
+        """``fid``'s manifest and its neighbours' (worker thread)."""
+        mine, raw = self.repo.reads.read_blob_and_neighbours(fid, neighbours)
+        others = {}
+        for nid, data in raw.items():
+            try:
+                others[nid] = FileManifest.decode(bytes(data))
+            except DecodeError:
+                pass  # its own read reports it
+        try:
+            return FileManifest.decode(bytes(mine)), others
+        except DecodeError:
+            return self._load_manifest(fid), others  # which reports it
 
     async def commit(self, cid: bytes) -> Commit:
         return await self._commits.get(cid, lambda: self.io(f"commit {cid.hex()}", self.repo.load_commit, cid))
