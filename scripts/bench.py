@@ -1857,6 +1857,131 @@ def bench_diff(b: Bench) -> SectionResult:
     return out
 
 
+# --- merge (issue 12) -------------------------------------------------------------------------
+#: (files in the tree, rows of labels.csv) per scale; the issue's sizes are the full scale's.
+_MERGE_SIZES = {"small": (20_000, 200_000), "full": (100_000, 1_000_000)}
+
+
+@section("merge", "merging two branches that each changed 100 files vs diff and a first commit; "
+                  "a keyed merge of labels.csv vs reading it")
+def bench_merge(b: Bench) -> SectionResult:
+    import tracemalloc
+
+    from commitfs.ops.diff import diff_trees
+    from commitfs.ops.merge import MergeOptions, merge_into
+    from commitfs.repo.reader import FileReader
+
+    out = SectionResult()
+    nfiles, nrows = _MERGE_SIZES[b.scale.name]
+    rng = random.Random(b.scale.seed)
+    data_dir = b.scratch("merge-data")
+    repo_dir = b.scratch("merge-repo")
+    repo = Repository.init(str(repo_dir))
+    per_dir = 100
+    paths = [f"d{i // per_dir:04d}/f{i % per_dir:03d}.txt" for i in range(nfiles)]
+    b.log(f"writing a {nfiles:,}-file tree")
+    for d in {p.split("/")[0] for p in paths}:
+        (data_dir / d).mkdir(parents=True, exist_ok=True)
+    for p in paths:
+        (data_dir / p).write_bytes(f"{p}\n".encode())
+    first_s, first = timed(commit_directory, repo, data_dir, message="base")
+    base = first.commit_id
+    repo.refs.set_branch_if_equals("dev", base, None)
+    changed = rng.sample(paths, 200)
+    ours_paths, theirs_paths = changed[:100], changed[100:]
+
+    def rewrite(which, text):
+        past = time.time() - DAY
+        for p in which:
+            (data_dir / p).write_bytes(text(p))
+            os.utime(data_dir / p, (past + 1, past + 1))
+
+    rewrite(ours_paths, lambda p: f"ours {p}\n".encode())
+    ours = commit_directory(repo, data_dir, message="ours").commit_id
+    rewrite(ours_paths, lambda p: f"{p}\n".encode())
+    rewrite(theirs_paths, lambda p: f"theirs {p}\n".encode())
+    theirs = commit_directory(repo, data_dir, branch="dev", message="theirs").commit_id
+    trees = {c: repo.load_commit(c).tree for c in (base, ours, theirs)}
+
+    def diff_both() -> int:
+        return (sum(1 for _ in diff_trees(repo, trees[base], trees[ours]))
+                + sum(1 for _ in diff_trees(repo, trees[base], trees[theirs])))
+
+    runs = iter(range(1_000_000))
+
+    def merge_once():
+        name = f"m{next(runs)}"
+        repo.refs.set_branch_if_equals(name, ours, None)
+        return merge_into(repo, "dev", name)
+
+    got = merge_once()
+    if got.status != "merged":
+        out.notes.append(f"WARNING: the tree merge ended {got.status}")
+    if diff_both() != 200:
+        out.notes.append("WARNING: the two diffs did not find 200 changed files")
+    merge_s = statistics.median(timed(merge_once)[0] for _ in range(3))
+    diff_s = statistics.median(timed(diff_both)[0] for _ in range(3))
+    out.rows.append(Row(f"merge of 2 x 100 changed files in a {nfiles:,}-file tree vs diff of the two changes",
+                        merge_s, diff_s, "s", ("<=", 2.0)))
+    out.rows.append(Row("  the same merge vs the tree's first commit", merge_s, first_s, "s", ("<=", 0.02)))
+
+    # labels.csv: image_id,label,score; 1,000 cells edited on each side (different rows).
+    b.log(f"writing a {nrows:,}-row labels.csv")
+    labels = ["cat", "dog", "bird", "fish", "horse"]
+    rows = [[f"img_{i:07d}", rng.choice(labels), f"{rng.random():.4f}"] for i in range(nrows)]
+    table_dir = b.scratch("merge-table")
+
+    edited = rng.sample(range(nrows), 2000)
+    tbase = _commit_table(repo, table_dir, rows, "t-main", None)
+    repo.refs.set_branch_if_equals("t-dev", tbase, None)
+    saved = {i: rows[i][1] for i in edited}
+    for i in edited[:1000]:
+        rows[i][1] = "zebra"
+    _commit_table(repo, table_dir, rows, "t-main", tbase)
+    for i in edited[:1000]:
+        rows[i][1] = saved[i]
+    for i in edited[1000:]:
+        rows[i][2] = "0.0000"
+    _commit_table(repo, table_dir, rows, "t-dev", tbase)
+    options = MergeOptions(keys=[("labels.csv", ("image_id",))])
+    ours_t = repo.refs.lookup_branch("t-main")
+
+    def table_merge_once():
+        name = f"tm{next(runs)}"
+        repo.refs.set_branch_if_equals(name, ours_t, None)
+        return merge_into(repo, "t-dev", name, options=options)
+
+    got = table_merge_once()
+    if got.status != "merged":
+        out.notes.append(f"WARNING: the keyed table merge ended {got.status}")
+    entry = repo.load_tree(repo.load_commit(ours_t).tree).get("labels.csv")
+
+    def read_file() -> int:
+        return sum(len(c) for c in FileReader.open(repo, entry.id).iter_chunks())
+
+    read_file()
+    tmerge_s = timed(table_merge_once)[0]
+    read_s = statistics.median(timed(read_file)[0] for _ in range(3))
+    out.rows.append(Row(f"keyed merge of a {nrows:,}-row labels.csv, 1,000 edited rows per side, vs reading it once",
+                        tmerge_s, read_s, "s", ("<=", 1.0)))
+    tracemalloc.start()
+    table_merge_once()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    out.rows.append(Row(f"  its peak Python memory (tracemalloc), file {human_size(entry.size)}", peak, entry.size,
+                        "B", limit=("<=", 500 * MiB)))
+    repo.close()
+    shutil.rmtree(data_dir, ignore_errors=True)
+    shutil.rmtree(table_dir, ignore_errors=True)
+    return out
+
+
+def _commit_table(repo, table_dir: Path, rows, branch: str, parent) -> bytes:
+    (table_dir / "labels.csv").write_bytes(
+        ("image_id,label,score\n" + "".join(f"{a},{l},{s}\n" for a, l, s in rows)).encode())
+    return commit_directory(repo, table_dir, branch=branch, message=f"labels on {branch}").commit_id
+
+
 # --- main -----------------------------------------------------------------------------
 # --- the review UI (issue 14) ----------------------------------------------------------------
 #: Entries of the directory whose first page the UI figure times (the issue's size at both scales).

@@ -78,6 +78,7 @@ def cmd_commit(args) -> int:
     try:
         result = commit_directory(
             repo, args.dir, branch=args.branch or "main", message=args.message, metadata=metadata,
+            author=args.author,
             progress=lambda p: bar.update(p.bytes_done, p.bytes_total, p.files_done, p.files_total),
         )
     except NothingToCommitError as exc:
@@ -330,6 +331,8 @@ def register(sub, common) -> None:
     p.add_argument("-b", "--branch", help="the branch to commit to (default: main; for a workspace "
                    "mount, its own branch, the only one allowed)")
     p.add_argument("-m", "--message", required=True)
+    p.add_argument("--author", metavar="NAME", help="the commit's author (default: $COMMITFS_AUTHOR, then "
+                   "the configuration files' author, then user@host)")
     p.add_argument("--meta", action="append", metavar="KEY=VALUE", help="metadata (repeatable)")
     p.add_argument("--input", action="append", metavar="[REPO_URL@]REV",
                    help="record a lineage input, resolved to its commit id now (repeatable; see docs/LINEAGE.md)")

@@ -110,7 +110,7 @@ def commit_workspace(args, metadata: dict[str, str]) -> int | None:
     if args.branch is not None and args.branch != record.get("branch"):
         raise InputError(f"{args.dir} is a workspace of branch {record.get('branch')!r}; "
                          f"it commits there, not to {args.branch!r}")
-    request = {"op": "commit", "message": args.message, "metadata": metadata}
+    request = {"op": "commit", "message": args.message, "metadata": metadata, "author": args.author}
     answer = lifecycle.workspace_request(record, request)
     if not answer.get("ok"):
         if answer.get("kind") == "nothing":

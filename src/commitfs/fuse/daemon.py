@@ -160,7 +160,8 @@ async def _main(fs, config: DaemonConfig, report: Report) -> None:
                      "writable": config.writable,
                      # False: a read-only mount answering every open (stock pyfuse3): slow.
                      "fast_open": config.writable or not config.no_open or READ_FH_ZERO_IS_INODE,
-                     "cache": None if not config.disk_cache or fs.repo.is_local else config.cache_dir}
+                     "cache": None if not config.disk_cache or fs.repo.is_local else config.cache_dir,
+                     "cache_size": config.cache_size}
             if config.writable:
                 from commitfs.fuse import control
 

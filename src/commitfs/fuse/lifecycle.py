@@ -171,8 +171,8 @@ def list_mounts() -> list[dict]:
             "mountpoint": m.mountpoint, "repo": record.get("repo"), "rev": record.get("rev"),
             "commit": record.get("commit"), "path": record.get("path") or "",
             "writable": bool(record.get("writable", False)), "pid": record.get("pid"),
-            "cache": record.get("cache"), "log": record.get("log"), "stale": stale,
-            "fast_open": bool(record.get("fast_open", True)),
+            "cache": record.get("cache"), "cache_size": record.get("cache_size"), "log": record.get("log"),
+            "stale": stale, "fast_open": bool(record.get("fast_open", True)),
         })
     return out
 

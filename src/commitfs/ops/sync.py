@@ -43,6 +43,10 @@ before the transfer.  Push refuses to move a remote branch that is not an
 ancestor of what is pushed, pull refuses to move a local branch that is not
 an ancestor of what is pulled (no merge machinery), both unless ``force``.
 
+**Objects named by metadata.**  A commit keeps reachable the file manifests
+its metadata names under ``commitfs.object.*`` (a run's read set); they are
+sent with the commit, as a file of its tree would be.
+
 **Aliases.**  Every push, pull and clone carries every alias (docs/FORMAT.md,
 "Aliases"), removed ones too: the commits they name are sent with the rest,
 then the log entries the destination lacks (oldest first, so a destination
@@ -68,7 +72,7 @@ from dataclasses import dataclass, field
 
 from commitfs.errors import (CorruptObjectError, InputError, ObjectNotFoundError, RefConflictError,
                              RepositoryNotFoundError, RevisionError)
-from commitfs.model.ids import hash_bytes
+from commitfs.model.ids import ID_SIZE, hash_bytes, is_hex
 from commitfs.model.objects import Commit, DecodeError, FileManifest, Tree
 from commitfs.repo.engine import Run, plan_runs
 from commitfs.repo.pack import TARGET_PACK_SIZE, BlobKind, Location, pack_key, parse_pack_table
@@ -77,6 +81,8 @@ from commitfs.repo.remotes import DEFAULT_REMOTE, Remotes
 from commitfs.repo.repository import BlobWriter, Repository, commit_key
 from commitfs.storage.url import open_store
 
+#: Commit metadata keys naming a file manifest the commit keeps reachable (docs/FORMAT.md).
+OBJECT_PREFIX = "commitfs.object."
 #: Worker threads reading from the source (the destination's BlobWriter adds
 #: its own upload threads).  Enough to hide S3 latency on one connection pool.
 DEFAULT_THREADS = 8
@@ -293,6 +299,40 @@ def _plan(src: Repository, dst: Repository, tips: list[bytes], threads: int,
     chunk_sizes: dict[bytes, int] = {}
     children: dict[bytes, list[bytes]] = {}
     tree_data: dict[bytes, tuple[Location, bytes]] = {}
+    def take_manifests(manifests: list[bytes]) -> None:
+        for fid, loc, data, _ in _iter_blobs(src, [(f, src.locate(f)) for f in manifests], threads):
+            try:
+                manifest = FileManifest.decode(data)
+            except DecodeError as exc:
+                raise CorruptObjectError(f"file manifest {fid.hex()} is malformed: {exc}") from None
+            plan.manifests.append((fid, loc, data))
+            for cid, declared in zip(manifest.chunk_ids, manifest.chunk_sizes):
+                # A manifest's sizes must be its chunks' lengths (a mount maps
+                # offsets with them): the sent chunks' are checked as they are
+                # read (verify_blob holds their bytes to the index's size).
+                known = chunk_sizes.get(cid)
+                if known is None:
+                    there = dst.index.lookup(cid, refresh=False)  # present: all is there
+                    if there is None:
+                        there = src.locate(cid)
+                        plan.chunks.append((cid, there))
+                    known = chunk_sizes[cid] = there.raw
+                if known != declared:
+                    raise CorruptObjectError(f"file manifest {fid.hex()} declares chunk {cid.hex()} as "
+                                             f"{declared} bytes; it has {known}")
+
+    # Files a commit keeps reachable from its metadata (``commitfs.object.*``: a
+    # run's read set) travel with it; one the source lacks is left behind (the
+    # commit's problem already, reported by fsck and lineage, not sync's).
+    extra = []
+    for wave in plan.commits:
+        for _, data in wave:
+            for key, value in Commit.decode(data).metadata.items():
+                if key.startswith(OBJECT_PREFIX) and len(value) == 2 * ID_SIZE and is_hex(value):
+                    oid = bytes.fromhex(value.lower())
+                    if src.has_blob(oid) and wanted(oid, manifest_seen):
+                        extra.append(oid)
+    take_manifests(extra)
     level = [t for t in trees if wanted(t, tree_seen)]
     while level:
         tree_send.update(level)
@@ -315,26 +355,7 @@ def _plan(src: Repository, dst: Repository, tips: list[bytes], threads: int,
                         kids.append(e.id)
                 elif e.kind.is_file and wanted(e.id, manifest_seen):
                     manifests.append(e.id)
-        for fid, loc, data, _ in _iter_blobs(src, [(f, src.locate(f)) for f in manifests], threads):
-            try:
-                manifest = FileManifest.decode(data)
-            except DecodeError as exc:
-                raise CorruptObjectError(f"file manifest {fid.hex()} is malformed: {exc}") from None
-            plan.manifests.append((fid, loc, data))
-            for cid, declared in zip(manifest.chunk_ids, manifest.chunk_sizes):
-                # A manifest's sizes must be its chunks' lengths (a mount maps
-                # offsets with them): the sent chunks' are checked as they are
-                # read (verify_blob holds their bytes to the index's size).
-                known = chunk_sizes.get(cid)
-                if known is None:
-                    there = dst.index.lookup(cid, refresh=False)  # present: all is there
-                    if there is None:
-                        there = src.locate(cid)
-                        plan.chunks.append((cid, there))
-                    known = chunk_sizes[cid] = there.raw
-                if known != declared:
-                    raise CorruptObjectError(f"file manifest {fid.hex()} declares chunk {cid.hex()} as "
-                                             f"{declared} bytes; it has {known}")
+        take_manifests(manifests)
         progress(len(fetched) + len(manifests))
         level = next_level
 
