@@ -37,15 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from commitfs.model.ids import hash_bytes
+from commitfs.ops.root import cache_root
 
 _RACY_NS = 2_000_000_000
 ID_SIZE = 32
 UNTRUSTED = bytes(ID_SIZE)  # the ids slot of a file that is read again next time
-
-
-def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "commitfs"
 
 
 @dataclass
