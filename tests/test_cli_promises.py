@@ -366,6 +366,8 @@ def test_demo_prints_pasteable_commands():
     shown = proc.stdout.split("\n")[1]
     line = shown.split("$ ", 1)[1].removesuffix("\033[0m")
     assert line == shlex.join(["printf", "<%s>\\n", *words])
+    # The demo defines step once (no later definition replaces the quoting one).
+    assert open(f"{SCRIPTS}/demo.sh").read().count("\nstep() ") == 1
     # Pasted into a shell, it runs the same command.
     again = subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=30)
     assert again.stdout == "".join(f"<{w}>\n" for w in words)
