@@ -13,6 +13,7 @@ from commitfs.model.objects import Kind
 from commitfs.ops import browse, history, refnames
 from commitfs.ops.checkout import checkout
 from commitfs.ops.fsck import fsck
+from commitfs.ops.root import init_repository, open_repository
 from commitfs.ops.snapshot import check_commit_text, commit_directory
 from commitfs.repo.repository import Repository
 
@@ -27,8 +28,14 @@ def store_options(args) -> dict:
     return {"endpoint_url": args.endpoint_url} if getattr(args, "endpoint_url", None) else {}
 
 
-def open_repo(args, **kwargs) -> Repository:
-    return Repository.open(repo_url(args), **kwargs, **store_options(args))
+def open_url(args, url: str, endpoint_url: str | None = None) -> Repository:
+    """The repository at ``url`` through the one composition root (ops/root.py);
+    one-shot commands keep no chunk cache."""
+    return open_repository(url, cache_dir=False, endpoint_url=endpoint_url or getattr(args, "endpoint_url", None))
+
+
+def open_repo(args) -> Repository:
+    return open_url(args, repo_url(args))
 
 
 def parse_meta(items: list[str] | None) -> dict[str, str]:
@@ -48,7 +55,7 @@ def _time(ts: int) -> str:
 
 # --- verbs ------------------------------------------------------------------------
 def cmd_init(args) -> int:
-    repo = Repository.init(repo_url(args), **store_options(args))
+    repo = init_repository(repo_url(args), endpoint_url=getattr(args, "endpoint_url", None))
     print(f"initialized commitfs repository at {repo.url}")
     return 0
 

@@ -19,13 +19,9 @@ import sqlite3
 from pathlib import Path
 
 from commitfs.model.ids import hash_bytes
+from commitfs.ops.root import cache_root
 
 _RACY_NS = 2_000_000_000
-
-
-def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "commitfs"
 
 
 class StatCache:

@@ -74,11 +74,12 @@ from commitfs.errors import (CorruptObjectError, InputError, ObjectNotFoundError
                              RepositoryNotFoundError, RevisionError)
 from commitfs.model.ids import ID_SIZE, hash_bytes, is_hex
 from commitfs.model.objects import Commit, DecodeError, FileManifest, Tree
-from commitfs.repo.pack import TARGET_PACK_SIZE, BlobKind, Location, pack_key, parse_pack_table, verify_blob
+from commitfs.repo.engine import Run, plan_runs
+from commitfs.repo.pack import TARGET_PACK_SIZE, BlobKind, Location, pack_key, parse_pack_table
 from commitfs.repo.aliases import AliasState
 from commitfs.repo.remotes import DEFAULT_REMOTE, Remotes
 from commitfs.repo.repository import BlobWriter, Repository, commit_key
-from commitfs.storage.base import open_store
+from commitfs.storage.url import open_store
 
 #: Commit metadata keys naming a file manifest the commit keeps reachable (docs/FORMAT.md).
 OBJECT_PREFIX = "commitfs.object."
@@ -88,8 +89,6 @@ DEFAULT_THREADS = 8
 #: Finish a writer (one index segment) after this many new stored bytes: an
 #: interrupted transfer re-sends at most this much (plus packs in flight).
 BATCH_BYTES = 4 * TARGET_PACK_SIZE
-#: Neighbouring blobs closer than this in a source pack are read together.
-_COALESCE_GAP = 256 * 1024
 #: A ranged read covers at most this much, so large packs still spread over
 #: the pool and one failed request costs little.
 _MAX_RUN = 8 * 1024 * 1024
@@ -171,35 +170,13 @@ ProgressFn = Callable[[SyncProgress], None]
 
 
 # --- reading the source ------------------------------------------------------------
-def _runs(items: list[tuple[bytes, Location]]) -> list[list[tuple[bytes, Location]]]:
-    """Group (id, location) into runs each readable with one ranged read, in pack order."""
-    runs: list[list[tuple[bytes, Location]]] = []
-    run: list[tuple[bytes, Location]] = []
-    for item in sorted(items, key=lambda t: (t[1].pack, t[1].offset)):
-        if run:
-            first, prev, loc = run[0][1], run[-1][1], item[1]
-            gap = loc.offset - (prev.offset + prev.stored)
-            if loc.pack == prev.pack and 0 <= gap <= _COALESCE_GAP \
-                    and loc.offset + loc.stored - first.offset <= _MAX_RUN:
-                run.append(item)
-                continue
-            runs.append(run)
-        run = [item]
-    if run:
-        runs.append(run)
-    return runs
+def _runs(items: list[tuple[bytes, Location]]) -> list[Run]:
+    """Runs each readable with one ranged read, in pack order (the read engine's plan)."""
+    return plan_runs([(i, oid, loc) for i, (oid, loc) in enumerate(items)], max_run=_MAX_RUN)
 
 
-def _read_run(src: Repository, run: list[tuple[bytes, Location]]) -> list[tuple[bytes, Location, bytes, bytes]]:
-    first, last = run[0][1], run[-1][1]
-    start, end = first.offset, last.offset + last.stored
-    buf = src.store.load_range(pack_key(first.pack), start, end - start)
-    out = []
-    for oid, loc in run:
-        rel = loc.offset - start
-        stored = buf[rel:rel + loc.stored]
-        out.append((oid, loc, verify_blob(oid, loc, stored), stored))
-    return out
+def _read_run(src: Repository, run: Run) -> list[tuple[bytes, Location, bytes, bytes]]:
+    return [(oid, loc, data, stored) for (_, oid, loc), data, stored in src.reads.read_run(run)]
 
 
 def _iter_blobs(src: Repository, items: list[tuple[bytes, Location]], threads: int,
@@ -214,7 +191,7 @@ def _iter_blobs(src: Repository, items: list[tuple[bytes, Location]], threads: i
     inflight = 0
     try:
         for run in _runs(items):
-            size = run[-1][1].offset + run[-1][1].stored - run[0][1].offset
+            size = run.size
             while pending and (len(pending) >= 4 * threads or inflight + size > window):
                 done_size, fut = pending.popleft()
                 inflight -= done_size
