@@ -70,8 +70,8 @@ def test_merge_into_a_workspace_resolve_with_ordinary_tools_and_commit(two_branc
     assert "unresolved" in line and "labels.txt" in line
     assert ws.head() == ours
 
-    # The merge in progress survives a remount.
-    ws.umount(mnt)
+    # The merge in progress survives a killed daemon and a remount.
+    ws.kill(mnt)
     mnt = ws.mount()
     status = json.loads(ws.cli("status", str(mnt), "--json").stdout)
     assert status["merge"]["source"] == theirs.hex()
