@@ -163,3 +163,15 @@ def test_directory_read_ahead_fetches_the_next_small_files_together_and_a_jump_c
     in_order = trio.run(main)
     assert in_order <= 24 // 4, in_order  # many files per request (one per file without it)
     assert dirahead.AHEAD_FILES >= 16
+
+
+def test_the_limiter_is_sized_for_the_storage(store_url, cache_home):
+    """Many storage calls in flight for S3 (latency-bound), fewer for a local disk."""
+    from commitfs.vfs import loader
+
+    Repository.init(store_url).close()
+    with Repository.open(store_url) as repo:
+        got = loader.Loader(repo, None, 10.0)._limiter.total_tokens
+        want = loader.LOCAL_IO_THREADS if repo.is_local else loader.REMOTE_IO_THREADS
+        assert got == want and loader.REMOTE_IO_THREADS > loader.LOCAL_IO_THREADS
+        assert loader.Loader(repo, 5, 10.0)._limiter.total_tokens == 5

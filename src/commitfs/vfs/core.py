@@ -103,7 +103,8 @@ class VfsOptions:
     #: How long the kernel may trust entries and attributes of immutable views.
     immutable_timeout_s: float = 86400.0
     #: Worker threads for repository calls (= concurrent storage requests).
-    io_threads: int = 16
+    #: None: vfs/loader.py's default_io_threads for the repository.
+    io_threads: int | None = None
     initial_window: int = prefetch.INITIAL_WINDOW
     max_window: int = prefetch.MAX_WINDOW
     part_bytes: int = prefetch.PART_BYTES
