@@ -99,7 +99,7 @@ def cmd_commit(args) -> int:
         print_json({
             "id": result.commit_id.hex(), "created": True, "tree": result.tree_id.hex(),
             "files": result.files, "files_read": result.files_read, "bytes_read": result.bytes_read,
-            "bytes_stored": result.write.bytes_new_stored, "blobs_new": result.write.blobs_new,
+            "bytes_stored": result.write.bytes_stored, "blobs_new": result.write.blobs_new,
             "warnings": result.warnings,
         })
     else:

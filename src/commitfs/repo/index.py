@@ -290,6 +290,10 @@ class Index:
         # Recent answers: 200k locations is ~40 MB at most, and covers the
         # working set of a mount reading many files at once.
         self._answers = LockedLRU(maxsize=200_000)
+        #: Net bytes this object's segment writes added to the store (new
+        #: segments and merges, less the merged inputs removed): what a
+        #: writer's bytes_stored counts beside its packs.
+        self.bytes_added = 0
         self.refresh()
 
     def refresh(self) -> None:
@@ -374,6 +378,7 @@ class Index:
         data = encode_segment(entries)
         key = segment_key(data)
         self.store.save_object(key, data)
+        self.bytes_added += len(data)
         self._add(key, len(data))
         for oid, loc in entries:
             self._answers[oid] = loc
@@ -405,9 +410,11 @@ class Index:
         data = encode_segment(entries)
         key = segment_key(data)
         self.store.save_object(key, data)
+        self.bytes_added += len(data)
         self._add(key, len(data))
         for seg in group:
             if seg.key != key:
                 self.store.remove_object(seg.key)
+                self.bytes_added -= seg.size or 0
                 self._forget(seg.key)
         return True

@@ -300,6 +300,10 @@ class WriteStats:
     bytes_new_stored: int = 0
     blobs_dedup: int = 0
     packs: int = 0
+    #: Everything the writer added to the store: whole packs (headers and
+    #: tables too) and index segments (net of merged segments removed); the
+    #: commit adds its commit object.
+    bytes_stored: int = 0
 
 
 class BlobWriter:
@@ -407,10 +411,12 @@ class BlobWriter:
             for oid, kind, comp, off, stored, raw in builder.entries
         ]
         self.repo.store.save_object(pack_key(pack_id), view)
+        size = len(view)
         view.release()
         with self._lock:
             self._uploaded.append((pack_id, entries))
             self.stats.packs += 1
+            self.stats.bytes_stored += size
             for oid, loc in entries:
                 self._session[oid] = loc
             if len(builder.buf) >= TARGET_PACK_SIZE:
@@ -429,7 +435,9 @@ class BlobWriter:
             finally:
                 self._pool.shutdown(wait=True, cancel_futures=True)
             self._uploads.clear()
+            before = self.repo.index.bytes_added
             self.repo.index.add_segment(entries)
+            self.stats.bytes_stored += self.repo.index.bytes_added - before
         except BaseException:
             self._discard_uploaded()
             raise
