@@ -161,7 +161,9 @@ def test_directory_read_ahead_fetches_the_next_small_files_together_and_a_jump_c
                 assert await vfs_read_all(fs, inos[name]) == files[name]
             return in_order
     in_order = trio.run(main)
-    assert in_order <= 24 // 4, in_order  # many files per request (one per file without it)
+    # Many files per request (one per file without it: 24).  Not exact: a read that
+    # arrives while the read-ahead of its file is still in flight fetches it itself.
+    assert in_order <= 24 // 2, in_order
     assert dirahead.AHEAD_FILES >= 16
 
 
