@@ -119,6 +119,9 @@ class Segment:
         #: (data, packs, fan-out offset, entries offset, bits) of a segment held in
         #: memory, published in one assignment once loaded (see lookup_loaded).
         self.loaded: tuple | None = None
+        #: A segment too large to hold whole: its ids alone, sorted, once a
+        #: writer asked (``contains``); 32 bytes a blob.
+        self._ids: bytes | None = None
         self.bits = 0
         self.count = 0
         self._lock = threading.Lock()
@@ -226,6 +229,40 @@ class Segment:
         at = _find_record(data, oid, 0, len(data))
         return None if at is None else self._location(ENTRY.unpack_from(data, at))
 
+    def contains(self, oid: bytes) -> bool:
+        """True if the blob is in this segment: a writer's dedup question.
+
+        A segment held in memory answers from memory.  A large one would cost
+        two ranged reads per question (``lookup``), one after another on the
+        committing thread: a commit of N new chunks to S3 would wait for 2N
+        round trips per large segment.  So its ids are read once, in one ranged
+        read of its entries, and kept as one sorted table of ids (32 bytes a
+        blob, against the 52 of an entry), searched in memory from then on."""
+        if self._packs is None:
+            self.load_header()
+        if self.loaded is not None:
+            return self.lookup_loaded(oid) is not None
+        ids = self._ids
+        if ids is None:
+            with self._lock:
+                if self._ids is None:
+                    raw = self.store.load_range(self.key, self._entries_at(), self.count * ENTRY.size)
+                    if len(raw) != self.count * ENTRY.size:
+                        raise CorruptObjectError(f"index segment {self.key} is truncated")
+                    self._ids = b"".join(raw[i:i + ID_SIZE] for i in range(0, len(raw), ENTRY.size))
+                ids = self._ids
+        lo, hi = 0, len(ids) // ID_SIZE
+        while lo < hi:
+            mid = (lo + hi) // 2
+            got = ids[mid * ID_SIZE:(mid + 1) * ID_SIZE]
+            if got == oid:
+                return True
+            if got < oid:
+                lo = mid + 1
+            else:
+                hi = mid
+        return False
+
     def _location(self, rec) -> Location:
         _, packno, off, stored, raw, kind, comp = rec
         try:
@@ -253,6 +290,10 @@ class Index:
         # Recent answers: 200k locations is ~40 MB at most, and covers the
         # working set of a mount reading many files at once.
         self._answers = LockedLRU(maxsize=200_000)
+        #: Net bytes this object's segment writes added to the store (new
+        #: segments and merges, less the merged inputs removed): what a
+        #: writer's bytes_stored counts beside its packs.
+        self.bytes_added = 0
         self.refresh()
 
     def refresh(self) -> None:
@@ -314,6 +355,21 @@ class Index:
             self.refresh()
         return None
 
+    def contains(self, oid: bytes) -> bool:
+        """True if the blob is indexed, without re-listing (a writer's dedup
+        question): segments answer from memory (Segment.contains), so a commit
+        makes no storage request per chunk."""
+        if self._answers.get(oid) is not None:
+            return True
+        for attempt in range(2):
+            try:
+                return any(seg.contains(oid) for seg in self.segments())
+            except ObjectNotFoundError:
+                if attempt:
+                    raise
+                self.refresh()  # a merge removed a segment under us
+        return False
+
     def add_segment(self, entries: Iterable[tuple[bytes, Location]]) -> str | None:
         """Save a new segment (call after its packs are stored); merge if due."""
         entries = list(entries)
@@ -322,6 +378,7 @@ class Index:
         data = encode_segment(entries)
         key = segment_key(data)
         self.store.save_object(key, data)
+        self.bytes_added += len(data)
         self._add(key, len(data))
         for oid, loc in entries:
             self._answers[oid] = loc
@@ -353,9 +410,11 @@ class Index:
         data = encode_segment(entries)
         key = segment_key(data)
         self.store.save_object(key, data)
+        self.bytes_added += len(data)
         self._add(key, len(data))
         for seg in group:
             if seg.key != key:
                 self.store.remove_object(seg.key)
+                self.bytes_added -= seg.size or 0
                 self._forget(seg.key)
         return True
