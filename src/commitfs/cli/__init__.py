@@ -14,7 +14,8 @@ import sys
 from commitfs.errors import CommitfsError
 
 # Modules defining verbs, in the order --help lists them.
-VERB_MODULES = ["commitfs.cli.core", "commitfs.cli.mount", "commitfs.cli.workspace", "commitfs.cli.remote", "commitfs.cli.lineage"]
+VERB_MODULES = ["commitfs.cli.core", "commitfs.cli.mount", "commitfs.cli.workspace", "commitfs.cli.remote", "commitfs.cli.lineage",
+                "commitfs.cli.gc"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -189,11 +189,16 @@ class S3Store(Store):
 
     def _list(self, s3_prefix: str) -> Iterator[str]:
         """Every S3 key starting with ``s3_prefix``, one page request at a time."""
+        for entry in self._list_entries(s3_prefix):
+            yield entry["Key"]
+
+    def _list_entries(self, s3_prefix: str) -> Iterator[dict]:
+        """Every listing entry (Key, Size, LastModified) under ``s3_prefix``."""
         kwargs = {"Bucket": self.bucket, "Prefix": s3_prefix}
         while True:
             page = self._call("LIST", s3_prefix, lambda: self._client.list_objects_v2(**kwargs))
             for entry in page.get("Contents", ()):
-                yield entry["Key"]
+                yield entry
             if not page.get("IsTruncated"):
                 return
             kwargs["ContinuationToken"] = page["NextContinuationToken"]
@@ -255,6 +260,16 @@ class S3Store(Store):
             # in '/' are "folder" markers other S3 tools create.
             if not key.startswith(_REFS) and not key.endswith("/"):
                 yield key
+
+    def iter_objects(self, prefix: str = "") -> Iterator[tuple[str, int, float | None]]:
+        if prefix:
+            _check_name(prefix)
+        for entry in self._list_entries(self._root + prefix):
+            key = entry["Key"][len(self._root):]
+            if key.startswith(_REFS) or key.endswith("/"):
+                continue
+            modified = entry.get("LastModified")
+            yield key, int(entry.get("Size", 0)), modified.timestamp() if modified is not None else None
 
     def remove_object(self, key: str) -> None:
         # S3 answers 204 for an absent key too: removal is idempotent.
