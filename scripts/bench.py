@@ -24,7 +24,9 @@ with ``@section(name, help)``; ``--section all`` runs every registered one:
 ``core`` (commits), ``mount`` (reads, listings and memory of FUSE mounts,
 beside the files and scripts/nullfs.py), ``s3`` (push, clone and a mount of
 an S3 repository on a moto server, beside plain boto3), ``lineage``
-(downstream queries beside ``log``).  A section gets the dataset, pristine,
+(downstream queries beside ``log``), ``ui`` (the review UI's pages beside
+``commitfs ls``, cold thumbnails), ``diff`` (keyed row diffs and tensor
+diffs beside reading the file once).  A section gets the dataset, pristine,
 from ``bench.dataset()`` and empty scratch directories from
 ``bench.scratch(name)``, and uses the helpers below (``timed``,
 ``read_to_devnull``, ``drop_caches``, ``commit_in_process``, ``commit_cli``,
@@ -38,11 +40,13 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import io
 import json
 import os
 import platform
 import pstats
 import random
+import re
 import select
 import shutil
 import signal
@@ -1724,7 +1728,289 @@ def pack_key_of(pack_id: bytes) -> str:
     return pack_key(pack_id)
 
 
+# Sizes of the diff section: the issue's figures are for a 1M-row labels.csv
+# and a 1 GiB safetensors file (full); small is a fifth of the rows and an
+# eighth of the weights.
+_DIFF_SIZES = {"small": (200_000, 128 * MiB), "full": (1_000_000, 1024 * MiB)}
+
+
+@section("diff", "row diff of a labels.csv with 100 changed rows, tensor diff of a safetensors file, vs reading them")
+def bench_diff(b: Bench) -> SectionResult:
+    import struct
+    import tracemalloc
+
+    from commitfs.ops.browse import lookup_path
+    from commitfs.ops.tablediff import diff_table
+    from commitfs.ops.tensordiff import diff_safetensors
+    from commitfs.repo.reader import FileReader
+
+    out = SectionResult()
+    nrows, wbytes = _DIFF_SIZES[b.scale.name]
+    rng = random.Random(b.scale.seed)
+    data_dir = b.scratch("diff-data")
+    repo_dir = b.scratch("diff-repo")
+    repo = Repository.init(str(repo_dir))
+
+    def commit(message: str):
+        os.utime(data_dir, None)
+        past = time.time() - DAY
+        for p in data_dir.iterdir():
+            os.utime(p, (past, past))
+        return commit_directory(repo, data_dir, message=message).commit_id
+
+    # labels.csv: path,label,score; v2 changes the label of 100 rows, either
+    # scattered over the file or in one block.
+    b.log(f"writing a {nrows}-row labels.csv and a {human_size(wbytes)} safetensors file")
+    labels = ["cat", "dog", "bird", "fish", "horse"]
+    rows = [[f"train/img_{i:07d}.jpg", rng.choice(labels), f"{rng.random():.4f}"] for i in range(nrows)]
+
+    def write_labels():
+        (data_dir / "labels.csv").write_bytes(
+            ("path,label,score\n" + "".join(f"{p},{lab},{s}\n" for p, lab, s in rows)).encode())
+
+    # model.safetensors: 16 F32 tensors of equal size, random bytes.
+    ntensors = 16
+    tsize = wbytes // ntensors
+    header = {f"layer{i:02d}.weight": {"dtype": "F32", "shape": [tsize // 4],
+                                       "data_offsets": [i * tsize, (i + 1) * tsize]} for i in range(ntensors)}
+    hraw = json.dumps(header).encode()
+    hraw += b" " * (-len(hraw) % 8)
+    wpath = data_dir / "model.safetensors"
+    with open(wpath, "wb") as f:
+        f.write(struct.pack("<Q", len(hraw)) + hraw)
+        for _ in range(ntensors):
+            f.write(rng.randbytes(tsize))
+    write_labels()
+    v1 = commit("v1")
+    scattered = rng.sample(range(nrows), 100)
+    original = {i: rows[i][1] for i in scattered}
+    for i in scattered:
+        rows[i][1] = "zebra"
+    write_labels()
+    # One tensor edited in place: 4 KiB in the middle of tensor 7.
+    with open(wpath, "r+b") as f:
+        f.seek(8 + len(hraw) + 7 * tsize + tsize // 2)
+        f.write(rng.randbytes(4096))
+    v2 = commit("v2: 100 scattered rows, one tensor")
+    for i in scattered:
+        rows[i][1] = original[i]
+    start = rng.randrange(nrows - 100)
+    for i in range(start, start + 100):
+        rows[i][1] = "zebra"
+    write_labels()
+    v3 = commit("v3: 100 rows in one block")
+
+    def entry(cid, path):
+        return lookup_path(repo, cid, path)
+
+    def read_file(e) -> int:
+        return sum(len(c) for c in FileReader.open(repo, e.id).iter_chunks())
+
+    def median_time(fn, n=3):
+        fn()  # warm: page cache and the repository's index
+        times = [timed(fn)[0] for _ in range(n)]
+        return statistics.median(times)
+
+    for label, old, new in (("scattered", v1, v2), ("one block", v1, v3)):
+        lo, ln = entry(old, "labels.csv"), entry(new, "labels.csv")
+        b.log(f"keyed row diff, 100 {label} rows")
+        got = diff_table(repo, lo, ln, "labels.csv", keys=["path"])
+        if got.counts["changed"] != 100 or got.method != "regions":
+            out.notes.append(f"WARNING: the {label} diff found {got.counts} by {got.method}")
+        diff_s = median_time(lambda: diff_table(repo, lo, ln, "labels.csv", keys=["path"]))
+        read_s = median_time(lambda: read_file(ln))
+        out.rows.append(Row(f"keyed row diff, 100 {label} of {nrows:,} rows vs reading the file once",
+                            diff_s, read_s, "s", ("<=", 0.5)))
+        tracemalloc.start()
+        diff_table(repo, lo, ln, "labels.csv", keys=["path"])
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        out.rows.append(Row(f"  its peak Python memory (tracemalloc), file {human_size(ln.size)}", peak, ln.size, "B",
+                            limit=("<=", 300 * MiB)))
+        out.details[f"rows_{label}"] = {"bytes_read": got.bytes_read, "file": ln.size}
+        out.notes.append(f"{label}: the keyed diff read {human_size(got.bytes_read)} of chunks "
+                         f"(both versions) of a {human_size(ln.size)} file")
+    lo, ln = entry(v1, "labels.csv"), entry(v2, "labels.csv")
+    full_s = median_time(lambda: diff_table(repo, lo, ln, "labels.csv", keys=["path"], method="full"), n=1)
+    out.rows.append(Row("  for context: the same keyed diff parsing every row", full_s, None, "s"))
+
+    wo, wn = entry(v1, "model.safetensors"), entry(v2, "model.safetensors")
+    b.log("tensor diff")
+    td = diff_safetensors(repo, wo, wn)
+    if [c.name for c in td.changes] != ["layer07.weight"] or len(td.unchanged) != ntensors - 1:
+        out.notes.append(f"WARNING: the tensor diff found {td.counts}")
+    tdiff_s = median_time(lambda: diff_safetensors(repo, wo, wn))
+    tread_s = median_time(lambda: read_file(wn))
+    out.rows.append(Row(f"tensor diff, 1 of {ntensors} tensors changed, {human_size(wn.size)} vs reading the file",
+                        tdiff_s, tread_s, "s", ("<=", 0.01)))
+    out.rows.append(Row("  bytes it read (headers, boundary chunks) vs the file", td.bytes_read, wn.size, "B"))
+    repo.close()
+    shutil.rmtree(data_dir, ignore_errors=True)
+    return out
+
+
 # --- main -----------------------------------------------------------------------------
+# --- the review UI (issue 14) ----------------------------------------------------------------
+#: Entries of the directory whose first page the UI figure times (the issue's size at both scales).
+UI_DIR_ENTRIES = 100_000
+#: Thumbnails timed cold, and the absolute bound on their total time (a local repository).
+UI_THUMBNAILS = 50
+UI_THUMBNAILS_LIMIT_S = 2.0
+
+
+@contextmanager
+def ui_server(repo_url: str, cache_home: Path) -> Iterator[tuple[str, int]]:
+    """`commitfs ui --port 0` in a subprocess; yields (host, port); always stopped (SIGINT, then kill)."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(cache_home))
+    proc = subprocess.Popen(commitfs_command() + ["-r", repo_url, "ui", "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        m = re.search(r"http://([\d.]+):(\d+)/", line)
+        if not m:
+            raise RuntimeError(f"commitfs ui did not start: {line!r} {proc.stderr.read() if proc.poll() else ''}")
+        yield m.group(1), int(m.group(2))
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def http_ttfb(host: str, port: int, path: str) -> tuple[float, int, bytes]:
+    """Seconds from sending a GET to its status line and headers, the status, and the body."""
+    import http.client
+
+    conn = http.client.HTTPConnection(host, port, timeout=120)
+    try:
+        t0 = time.perf_counter()
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        ttfb = time.perf_counter() - t0
+        return ttfb, resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def cli_in_process(argv: list[str]) -> None:
+    """``commitfs ARGV`` in this process with stdout to /dev/null (no interpreter start-up)."""
+    from commitfs.cli import main as cli_main
+
+    with open(os.devnull, "w") as null:
+        saved, sys.stdout = sys.stdout, null
+        try:
+            if cli_main(argv) != 0:
+                raise RuntimeError(f"commitfs {' '.join(argv)} failed")
+        finally:
+            sys.stdout = saved
+
+
+@section("ui", "the review UI: repository page and a 100k-entry directory's first page vs `commitfs ls`; "
+               "50 cold thumbnails")
+def bench_ui(b: Bench) -> SectionResult:
+    import importlib.util
+
+    out = SectionResult()
+    if importlib.util.find_spec("starlette") is None:
+        out.implemented = False
+        out.notes.append("the ui extra is not installed (pip install -e '.[ui]')")
+        return out
+    t: dict = {"entries": UI_DIR_ENTRIES}
+    files = ManyFiles(b.workdir / f"files-{UI_DIR_ENTRIES}", UI_DIR_ENTRIES)
+    files.ensure(b.log)
+    repo_dir = b.scratch("repo-ui")
+    Repository.init(str(repo_dir)).close()
+    b.log(f"committing {UI_DIR_ENTRIES:,} tiny files, and {UI_THUMBNAILS} sample images")
+    commit_in_process(str(repo_dir), files.root, f"{UI_DIR_ENTRIES} files")
+    images = b.scratch("ui-images")
+    subprocess.run([sys.executable, str(Path(__file__).with_name("make_sample.py")), str(images),
+                    "--images", str(UI_THUMBNAILS)], check=True, stdout=subprocess.DEVNULL)
+    commit_in_process(str(repo_dir), images, "sample images")  # a second commit on main: other tree
+    with Repository.open(str(repo_dir)) as r:
+        from commitfs.ops import browse
+        images_rev = r.resolve("main").hex()
+        first_rev = r.resolve("main~1").hex()
+        thumbs = [i.path for i in browse.walk(r, bytes.fromhex(images_rev)) if i.path.endswith(".png")]
+    pages = {"repo": ("/", ["-r", str(repo_dir), "ls", first_rev]),
+             "dir": (f"/tree/{first_rev}/images", ["-r", str(repo_dir), "ls", f"{first_rev}:images"])}
+    try:
+        for name, (path, ls_args) in pages.items():
+            ttfbs, lss, procs = [], [], []
+            for attempt in range(3):
+                # A new server each time: its first request meets cold repository caches, as `ls` does.
+                cache_home = b.scratch("ui-cache")
+                with ui_server(str(repo_dir), cache_home) as (host, port):
+                    ttfb, status, body = http_ttfb(host, port, path)
+                if status != 200:
+                    raise RuntimeError(f"GET {path} answered {status}")
+                if name == "dir" and body.count(b"<tr>") < 200:
+                    raise RuntimeError("the directory's first page does not list 200 entries")
+                ttfbs.append(ttfb)
+                lss.append(timed(cli_in_process, ls_args)[0])
+                procs.append(timed(subprocess.run, commitfs_command() + ls_args, stdout=subprocess.DEVNULL,
+                                   check=True)[0])
+            t[f"{name}_ttfb_s"], t[f"{name}_ls_s"], t[f"{name}_ls_cmd_s"] = min(ttfbs), min(lss), min(procs)
+        b.log(f"{UI_THUMBNAILS} thumbnails, cold cache")
+        cache_home = b.scratch("ui-cache")
+        with ui_server(str(repo_dir), cache_home) as (host, port):
+            http_ttfb(host, port, "/")  # the server's first request pays imports; thumbnails are what is timed
+            t0 = time.perf_counter()
+            for p in thumbs:
+                _, status, body = http_ttfb(host, port, f"/thumb/{images_rev}/{p}?size=128")
+                if status != 200 or not body.startswith(b"\xff\xd8"):
+                    raise RuntimeError(f"thumbnail of {p}: {status}")
+            t["thumbs_s"] = time.perf_counter() - t0
+            cached = list((cache_home / "commitfs" / "thumbnails").rglob("*.jpg"))
+            if len(cached) != len(thumbs):
+                raise RuntimeError(f"{len(cached)} thumbnails cached, expected {len(thumbs)}")
+            t0 = time.perf_counter()
+            for p in thumbs:
+                http_ttfb(host, port, f"/thumb/{images_rev}/{p}?size=128")
+            t["thumbs_warm_s"] = time.perf_counter() - t0
+        from PIL import Image
+
+        def pillow_only():
+            for p in thumbs:
+                with Image.open(images / p) as im:
+                    im.thumbnail((128, 128))
+                    im.convert("RGB").save(io.BytesIO(), "JPEG", quality=85)
+        t["pillow_s"], _ = _best_of(pillow_only)
+    finally:
+        shutil.rmtree(repo_dir, ignore_errors=True)
+    t["thumbs"] = len(thumbs)
+    out.rows += [
+        Row("UI repository page, time to first byte vs the command `commitfs ls` of the root", t["repo_ttfb_s"],
+            t["repo_ls_cmd_s"], "s", ("<=", 1.0)),
+        Row("  the same vs `commitfs ls` of the root in-process (no interpreter start-up)", t["repo_ttfb_s"],
+            t["repo_ls_s"], "s"),
+        Row(f"UI first page of a {UI_DIR_ENTRIES:,}-entry directory, time to first byte vs the command "
+            f"`commitfs ls` of it", t["dir_ttfb_s"], t["dir_ls_cmd_s"], "s", ("<=", 1.0)),
+        Row("  the same vs `commitfs ls` of it in-process (no interpreter start-up)", t["dir_ttfb_s"],
+            t["dir_ls_s"], "s"),
+        Row(f"{len(thumbs)} thumbnails of the sample images, cold, through the UI vs Pillow on the files",
+            t["thumbs_s"], t["pillow_s"], "s", limit=("<=", UI_THUMBNAILS_LIMIT_S)),
+        Row(f"the same {len(thumbs)} thumbnails again (disk cache) vs Pillow on the files", t["thumbs_warm_s"],
+            t["pillow_s"], "s"),
+    ]
+    out.details = t
+    out.notes.append(
+        "pages: best of 3, each the first request to a newly started `commitfs ui` (cold repository caches, "
+        "and the first run of every code path in that process; the server's start-up excluded), against "
+        "`commitfs ls` as a user runs it (a process: start-up included) and in-process on a newly opened "
+        "repository (warm code, output to /dev/null); the directory page renders 200 of the entries, ls "
+        f"prints all {UI_DIR_ENTRIES:,}")
+    out.notes.append(
+        f"thumbnails: {len(thumbs)} sequential GETs of 128 px thumbnails of scripts/make_sample.py's PNGs from a "
+        f"local repository, thumbnail cache empty; the {UI_THUMBNAILS_LIMIT_S:g} s bound is absolute, "
+        "the Pillow baseline is for context")
+    return out
+
+
 def git_revision() -> str:
     here = Path(__file__).resolve().parent
     try:

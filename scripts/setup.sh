@@ -5,6 +5,8 @@
 #   scripts/setup.sh test     plus the test dependencies (pytest, moto, ...)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Every step that installs says so first (the first run takes minutes).
+say() { echo "setup: $*" >&2; }
 
 need_apt=0
 # gcc and the Python headers build pyfuse3 and commitfs's two C modules (setup.py).
@@ -12,12 +14,14 @@ for bin in fusermount3 pkg-config gcc; do command -v "$bin" >/dev/null || need_a
 pkg-config --exists fuse3 2>/dev/null || need_apt=1
 if [ "$need_apt" = 1 ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    say "installing system packages with apt-get: fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv >/dev/null
 fi
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
+    say "creating the virtualenv .venv"
     "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
@@ -27,6 +31,7 @@ fi
 PYFUSE3=3.5.0  # the release the patch is written for; pyproject.toml pins the same
 patched='import pyfuse3, sys; sys.exit(not getattr(pyfuse3, "READ_FH_ZERO_IS_INODE", False))'
 if ! .venv/bin/python -c "$patched" 2>/dev/null; then
+    say "building pyfuse3 $PYFUSE3 from source with commitfs's patch (about a minute)"
     work=$(mktemp -d)
     trap 'rm -rf "$work"' EXIT
     .venv/bin/python -m pip download -q --no-deps --no-binary :all: "pyfuse3==$PYFUSE3" -d "$work"
@@ -35,10 +40,21 @@ if ! .venv/bin/python -c "$patched" 2>/dev/null; then
     .venv/bin/python -m pip install -q --force-reinstall --no-deps "$work/pyfuse3-$PYFUSE3"
 fi
 
-extra=""
+# The UI's browser tests drive Debian's chromium through its chromedriver
+# (nothing downloads a browser at run time).
+if [ "${1:-}" = "test" ] && { ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; }; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    say "installing chromium and chromium-driver with apt-get (the UI's browser tests)"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
+
+# The review UI (extra "ui") for the demo and the tests.
+extra="[ui]"
 # The tests also run the PyTorch example: extra "example" pins the CPU build of
 # torch (a plain "torch" requirement would pull a multi-GB CUDA build).
-[ "${1:-}" = "test" ] && extra="[test,example]"
+[ "${1:-}" = "test" ] && extra="[test,example,ui]"
+say "installing commitfs with ${extra} and its Python dependencies into .venv (pip)"
 .venv/bin/python -m pip install -q -e ".${extra}"
 # The C modules are optional to pip (a machine without a compiler still installs);
 # here they must have been built.
@@ -46,3 +62,4 @@ extra=""
     || { echo "setup: commitfs's C modules did not build (see setup.py)" >&2; exit 1; }
 # pyfuse3 imports trio, which commitfs's install has just brought: check the build now.
 .venv/bin/python -c "$patched" || { echo "setup: pyfuse3 is not commitfs's patched build" >&2; exit 1; }
+say "done: .venv/bin/commitfs"

@@ -16,6 +16,7 @@ pytest_plugins = [
     "mount_fixtures",
     "lineage_fixtures",
     "workspace_fixtures",
+    "web_fixtures",
 ]
 
 

@@ -155,7 +155,7 @@ def test_log_show_ls_diff_json(cli, url, dataset):
     assert f"commit {c1}" in text and "Meta:   k=v" in text and "    body" in text
 
     show = cli("-r", url, "show", "main~1", "--json").json()
-    assert set(show) == COMMIT_OBJECT_KEYS | {"size"} and show["id"] == c1
+    assert set(show) == COMMIT_OBJECT_KEYS | {"size", "changes"} and show["id"] == c1
     assert show["size"] == 102_000 + len(b"id,label\n1,cat\n2,dog\n") + len(b"#!/bin/sh\n")
     assert f"commit {c2}" in cli("-r", url, "show", c2[:8]).out
 
@@ -206,7 +206,7 @@ def test_branch_and_tag(cli, url, dataset):
     assert "never move" in cli("-r", url, "tag", "v1", c2, code=1).err
     assert cli("-r", url, "tag", "--json").json() == {"v1": c1}
     assert cli("-r", url, "show", "v1", "--json").json()["id"] == c1
-    assert "NAME and REV" in cli("-r", url, "tag", "v2", code=1).err
+    assert "NAME and REV" in cli("-r", url, "tag", "v2", code=2).err
 
 
 def test_fsck_json(cli, url, dataset):
@@ -267,7 +267,7 @@ def test_paths_not_in_the_commit(cli, url, dataset, tmp_path):
     assert "not a directory" in cli("-r", url, "ls", "main:labels.csv/x", code=1).err
     assert "is a directory" in cli("-r", url, "cat", "main:train", code=1).err
     assert "symlink" in cli("-r", url, "cat", "main:first", code=1).err
-    assert "REV:PATH" in cli("-r", url, "cat", "main", code=1).err
+    assert "REV:PATH" in cli("-r", url, "cat", "main", code=2).err
 
 
 def test_missing_and_non_repositories(cli, tmp_path, store_url):

@@ -222,13 +222,16 @@ def test_leftovers_of_an_interrupted_commit_are_not_problems(sample):
 def test_a_ref_that_does_not_parse_is_damage_not_a_traceback(sample):
     repo, _, c2 = sample
     repo.store.save_ref_if_equals("branches/bad", b"zz-not-hex\n", None)
-    repo.store.save_ref_if_equals("aliases/trailing", c2.hex().encode() + b"\n", None)  # fine: first line
+    repo.store.save_ref_if_equals("elsewhere/fine", c2.hex().encode() + b"\nmore\n", None)  # first line: fine
+    repo.store.save_ref_if_equals("elsewhere/bad", b"nope\n", None)
     problems = _problems(repo.url)
-    assert problems == ["branch bad: the ref does not parse (its first line is not a commit id: 'zz-not-hex\\n')"]
+    assert len(problems) == 2, problems
+    assert "branches/bad" in problems[0] and "zz-not-hex" in problems[0]
+    assert problems[1] == "ref elsewhere/bad: the ref does not parse (its first line is not a commit id: 'nope\\n')"
     from core_fixtures import run_cli
     proc = run_cli("-r", repo.url, "fsck")
     assert proc.returncode == 1 and b"Traceback" not in proc.stderr
-    assert b"branch bad: the ref does not parse" in proc.stdout
+    assert b"branches/bad" in proc.stdout and b"ref elsewhere/bad: the ref does not parse" in proc.stdout
 
 
 def test_repair_rebuilds_a_lost_index_segment_and_names_what_it_cannot(sample):

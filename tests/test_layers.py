@@ -7,10 +7,15 @@ functions (a lazy import is still a dependency).  The rules:
 * model/ imports only errors and model;
 * storage/ imports only errors and storage;
 * repo/ imports only errors, model, storage and repo;
-* ops/ imports neither cli, fuse, vfs nor the api front end;
+* ops/ imports neither cli, fuse, vfs, web nor the api front end;
+* vfs/ imports neither ops, cli, fuse, web nor the api front end;
+* web/ (the UI, a front end) imports neither storage, cli, fuse nor vfs: it
+  calls ops and the repository's read API;
 * only storage/s3.py imports boto3 or botocore;
 * only fuse/ imports pyfuse3;
-* nothing imports commitfs.cli except cli/ itself and the __main__ modules.
+* only web/ imports starlette, uvicorn or jinja2; only ops/thumbnail.py PIL;
+* nothing imports commitfs.cli except cli/ itself and the __main__ modules;
+* nothing imports commitfs.web except web/ itself and cli/.
 """
 
 from __future__ import annotations
@@ -87,13 +92,20 @@ ALLOWED = {
     "repo": {"errors", "model", "storage", "repo"},
 }
 FORBIDDEN = {
-    "ops": {"cli", "fuse", "vfs", "api", ""},
+    "ops": {"cli", "fuse", "vfs", "api", "web", ""},
+    # The file-system core does no real work: the workspace commit is composed in fuse/control.
+    "vfs": {"ops", "cli", "fuse", "api", "web", ""},
+    "web": {"storage", "cli", "fuse", "vfs"},
 }
-# Third-party modules only one place may import: (top-level name, may it import?)
+# Third-party modules only one place may import: top-level name -> (where, may this path import it?)
 EXCLUSIVE = {
-    "boto3": lambda path: path == "storage/s3.py",
-    "botocore": lambda path: path == "storage/s3.py",
-    "pyfuse3": lambda path: path.startswith("fuse/"),
+    "boto3": ("storage/s3.py", lambda path: path == "storage/s3.py"),
+    "botocore": ("storage/s3.py", lambda path: path == "storage/s3.py"),
+    "pyfuse3": ("fuse/", lambda path: path.startswith("fuse/")),
+    "starlette": ("web/", lambda path: path.startswith("web/")),
+    "uvicorn": ("web/", lambda path: path.startswith("web/")),
+    "jinja2": ("web/", lambda path: path.startswith("web/")),
+    "PIL": ("ops/thumbnail.py", lambda path: path == "ops/thumbnail.py"),
 }
 
 
@@ -105,9 +117,9 @@ def violations(root: Path) -> list[str]:
         dst = _area(imp.target, pkg)
         if dst is None:
             top = imp.target.split(".")[0]
-            allowed = EXCLUSIVE.get(top)
-            if allowed is not None and not allowed(imp.path):
-                found.append(f"{imp}: only {'storage/s3.py' if top != 'pyfuse3' else 'fuse/'} may import {top}")
+            rule = EXCLUSIVE.get(top)
+            if rule is not None and not rule[1](imp.path):
+                found.append(f"{imp}: only {rule[0]} may import {top}")
             continue
         if src in ALLOWED and dst not in ALLOWED[src]:
             found.append(f"{imp}: {src or pkg} may import only {sorted(ALLOWED[src])}")
@@ -115,6 +127,8 @@ def violations(root: Path) -> list[str]:
             found.append(f"{imp}: {src} must not import {dst or pkg}")
         if dst == "cli" and src != "cli" and src != "__main__":
             found.append(f"{imp}: only cli/ and __main__ may import the cli")
+        if dst == "web" and src not in ("web", "cli"):
+            found.append(f"{imp}: only web/ and cli/ may import the web UI")
     return found
 
 
@@ -136,11 +150,12 @@ def test_the_walk_sees_the_package():
 
 
 def test_front_ends_load_neither_pyfuse3_nor_boto3():
-    """Every command but mount works without pyfuse3; local repositories without boto3."""
+    """Every command but mount works without pyfuse3; local repositories without boto3;
+    and the CLI without the ui extra (commitfs ui imports it when it runs)."""
     code = (
         "import sys, commitfs, commitfs.api, commitfs.cli\n"
         "commitfs.cli.build_parser()\n"
-        "print(sorted(m for m in ('pyfuse3', 'boto3', 'botocore') if m in sys.modules))\n"
+        "print(sorted(m for m in ('pyfuse3', 'boto3', 'botocore', 'starlette', 'uvicorn', 'PIL') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -169,15 +184,24 @@ def test_checker_catches_each_kind_of_violation(tmp_path):
         "repo/bad.py": "from commitfs.ops import fsck\n",
         "ops/bad.py": "from commitfs.vfs.core import x\nfrom commitfs.cli import main\nimport commitfs\n",
         "vfs/bad.py": "import pyfuse3\n",
+        "vfs/worse.py": "from commitfs.ops.changeset import commit_draft\n",
         "fuse/ok.py": "import pyfuse3\nimport trio\n",
         "cli/__init__.py": "from .core import x\n",
         "cli/__main__.py": "from commitfs.cli import main\n",
         "__main__.py": "from commitfs.cli import main\n",
         "api.py": "from commitfs.cli.output import warn\n",
+        "web/bad.py": "from commitfs.storage import base\nimport PIL.Image\n",
+        "web/ok.py": "import starlette.routing\nfrom commitfs.ops import browse\nfrom commitfs.api import x\n",
+        "cli/ui.py": "from commitfs.web.app import create_app\n",
+        "ops/web.py": "from commitfs.web import app\nimport jinja2\n",
     })
     found = violations(root)
     by_file = sorted({v.split(":")[0] for v in found})
-    assert by_file == ["api.py", "model/bad.py", "ops/bad.py", "repo/bad.py", "storage/bad.py", "vfs/bad.py"]
+    assert by_file == ["api.py", "model/bad.py", "ops/bad.py", "ops/web.py", "repo/bad.py", "storage/bad.py",
+                       "vfs/bad.py", "vfs/worse.py", "web/bad.py"]
+    assert any("web/bad.py" in v and "web must not import storage" in v for v in found)
+    assert any("web/bad.py" in v and "only ops/thumbnail.py may import PIL" in v for v in found)
+    assert sum("ops/web.py" in v for v in found) == 3  # web (layer and web rule), jinja2
     assert any("storage/bad.py" in v and "boto3" in v for v in found)
     assert any("storage/bad.py" in v and "commitfs.repo.pack" in v for v in found)
     assert sum("ops/bad.py" in v for v in found) == 4  # vfs, cli (twice: layer and cli rule), the package

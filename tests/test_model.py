@@ -45,7 +45,8 @@ def tree_entries(draw, name=names):
     kind = draw(st.sampled_from(list(Kind)))
     n = draw(name)
     if kind is Kind.SYMLINK:
-        return symlink_entry(n, draw(st.binary(max_size=100)))
+        # A target symlink(2) could make: not empty, no NUL (Tree.decode rejects others).
+        return symlink_entry(n, draw(st.binary(min_size=1, max_size=100).filter(lambda t: b"\0" not in t)))
     return TreeEntry(n, kind, draw(sizes), draw(ids))
 
 

@@ -88,7 +88,7 @@ def test_layout_of_a_mount_without_rev(dataset, mounts):
         repo.refs.set_branch_if_equals("other", None, third)  # deleted: third is now unlisted
     mnt = mounts.mountpoint()
     mounts.mount(dataset.url, mnt)
-    assert sorted(os.listdir(mnt)) == ["branches", "commits", "tags"]
+    assert sorted(os.listdir(mnt)) == ["aliases", "branches", "commits", "tags"]
     assert sorted(os.listdir(mnt / "branches")) == ["main", "old"]
     assert os.listdir(mnt / "tags") == ["v1"]
     assert sorted(os.listdir(mnt / "commits")) == sorted([dataset.commit.hex(), second.hex()])

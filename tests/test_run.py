@@ -411,7 +411,8 @@ def test_bad_arguments_fail_before_anything_is_mounted(tmp_path, data, models, a
         args += ["--to", "main"]
     command = [] if message == "run needs a command" else ["--", PY, "-c", "pass"]
     proc = _run("-r", models, *args, "--output", tmp_path / "out", *command)
-    assert proc.returncode == 1, proc.stderr
+    # A missing command is bad usage (exit 2, CLI.md "Exit codes"); the rest are errors.
+    assert proc.returncode == (2 if message == "run needs a command" else 1), proc.stderr
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert _branches(models) == {}
 
@@ -425,3 +426,22 @@ def test_run_without_inputs_and_without_git(tmp_path, models):
     meta = json.loads(cfs("-r", models, "show", lines[-1], "--json").stdout)["metadata"]
     assert "lineage.code.git_commit" not in meta and not any(k.startswith("lineage.input.") for k in meta)
     assert meta["lineage.run.exit_code"] == "0"
+
+
+def test_python_api_runs_the_same_code(tmp_path, data, models):
+    """commitfs.run is ops.run, as the CLI calls it: inputs mounted, output committed with lineage."""
+    import commitfs
+
+    script = _script(tmp_path, "copy.py", """
+        import os, shutil
+        os.makedirs(os.environ["COMMITFS_OUTPUT"])
+        shutil.copy(os.path.join(os.environ["COMMITFS_INPUT_DATA"], "labels.csv"), os.environ["COMMITFS_OUTPUT"])
+    """)
+    result = commitfs.run([PY, script], inputs={"data": f"{data[0]}@main"}, output=tmp_path / "out",
+                          to=f"{models}@trained", cwd=tmp_path)
+    assert result.status == "committed" and result.exit_code == 0
+    meta = json.loads(cfs("-r", models, "show", "trained", "--json").stdout)
+    assert meta["id"] == result.commit_id.hex() and meta["metadata"]["lineage.input.0"] == f"{data[0]}@{data[1]}"
+    failed = commitfs.run([PY, "-c", "raise SystemExit(4)"], output=tmp_path / "out2", to=f"{models}@trained")
+    assert (failed.status, failed.exit_code, failed.commit_id) == ("failed", 4, None)
+    assert _branches(models) == {"trained": result.commit_id.hex()}

@@ -127,7 +127,7 @@ def test_clone_refuses_a_non_empty_directory_and_resumes_its_own(tmp_path, cache
     cli_ok("clone", src, str(dest))
     # Cloning again into the same clone finds everything there.
     again = cli_ok("clone", src, str(dest))
-    assert b"up to date" in again.stdout and b"nothing to send" in again.stderr
+    assert b"up to date" in again.stdout and b"nothing to fetch" in again.stderr
     other = str(tmp_path / "other")
     Repository.init(other).close()
     assert "already a commitfs repository" in cli_fails("clone", src, other)

@@ -298,7 +298,7 @@ def test_refs_layout_and_commit_prefixes(dataset):
         with Repository.open(dataset.url) as repo:
             async with fs_of(repo) as fs:
                 names = lambda listing: [n for n, _ in listing]  # noqa: E731
-                assert names(await vfs_listdir(fs, ROOT_INODE)) == ["branches", "commits", "tags"]
+                assert names(await vfs_listdir(fs, ROOT_INODE)) == ["aliases", "branches", "commits", "tags"]
                 branches = (await fs.lookup(ROOT_INODE, b"branches")).ino
                 assert names(await vfs_listdir(fs, branches)) == ["main", "team"]
                 team = (await fs.lookup(branches, b"team")).ino
@@ -389,7 +389,7 @@ def test_concurrent_requests_share_one_refs_refresh(dataset):
                     for _ in range(10):
                         nursery.start_soon(look)
                 assert len(set(inos)) == 1 and len(inos) == 10
-                assert repo.store.calls["iter_refs"] - before == 2  # one refresh: branches, tags
+                assert repo.store.calls["iter_refs"] - before == 3  # one refresh: branches, tags, aliases
         finally:
             repo.close()
     trio.run(main)

@@ -1,4 +1,5 @@
-"""The workspace core without a kernel: the crash window of a commit, resolved on reopen."""
+"""The workspace core without a kernel: the crash window of a commit (composed by
+fuse/control.py), resolved on reopen."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import trio
 
 from core_fixtures import make_random_tree
+from commitfs.fuse import control
 from commitfs.ops.snapshot import commit_directory
 from commitfs.repo.repository import Repository
 from commitfs.vfs.overlay import Overlay
@@ -46,7 +48,7 @@ async def _edit_and_commit(fs: WorkspaceFS) -> None:
         await fs.write(fh, 0, b"new bytes")
         await fs.release(fh)
         await fs.mkdir(1, b"made", 0o755)
-        await fs.commit("crashing")
+        await control.commit(fs, "crashing")
 
 
 def _open(repo, ws) -> WorkspaceFS:
@@ -94,7 +96,7 @@ def test_crash_before_the_branch_moved_keeps_the_edits(repo_and_base, tmp_path, 
 
     async def commit_again():
         async with fs.running():
-            return await fs.commit("again")
+            return await control.commit(fs, "again")
     outcome = trio.run(commit_again)
     assert repo.refs.lookup_branch("main") == outcome.commit_id
     names = {e.name for e in repo.load_tree(repo.load_commit(outcome.commit_id).tree).entries}

@@ -8,13 +8,16 @@ module with ``register(subparsers, common)``; handlers return an int exit code.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
-from commitfs.errors import CommitfsError
+from commitfs.errors import CommitfsError, OutputError, UsageError
 
 # Modules defining verbs, in the order --help lists them.
-VERB_MODULES = ["commitfs.cli.core", "commitfs.cli.mount", "commitfs.cli.workspace", "commitfs.cli.remote", "commitfs.cli.lineage",
+VERB_MODULES = ["commitfs.cli.core", "commitfs.cli.inspect", "commitfs.cli.mount", "commitfs.cli.workspace",
+                "commitfs.cli.remote", "commitfs.cli.lineage", "commitfs.cli.alias", "commitfs.cli.ui",
+                "commitfs.cli.find", "commitfs.cli.mounts", "commitfs.cli.shell", "commitfs.cli.merge",
                 "commitfs.cli.gc"]
 
 
@@ -48,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="S3 endpoint URL (default: the AWS configuration)")
     parser = _Parser(prog="commitfs", parents=[common],
                      description="Version ML datasets and model weights as content-addressed commits.")
+    from commitfs import __version__
+
+    parser.add_argument("--version", action="version", version=f"commitfs {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     import importlib
@@ -63,6 +69,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _GuardedOutput:
+    """sys.stdout (and its .buffer) whose failed writes raise OutputError.
+
+    A print to a full disk (``commitfs log > /dev/full``) or a closed
+    descriptor fails with an OSError from deep inside a handler; turned into
+    an OutputError it becomes the one-line error of every other failure.
+    A broken pipe passes through unchanged (main treats it as success)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _guard(self, fn, *args):
+        try:
+            return fn(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise OutputError(f"cannot write the output: {exc.strerror or exc}") from None
+
+    def write(self, data):
+        return self._guard(self._stream.write, data)
+
+    def writelines(self, lines):
+        return self._guard(self._stream.writelines, lines)
+
+    def flush(self):
+        return self._guard(self._stream.flush)
+
+    @property
+    def buffer(self):
+        return _GuardedOutput(self._stream.buffer)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _silence_stdout() -> None:
+    """Point the stdout descriptor at /dev/null, so that the interpreter's
+    final flush of what is still buffered neither fails nor prints."""
+    try:
+        fd = sys.__stdout__.fileno()
+    except (AttributeError, ValueError, OSError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -70,21 +124,42 @@ def main(argv: list[str] | None = None) -> int:
         args.repo = os.environ.get("COMMITFS_REPO")
     if not hasattr(args, "endpoint_url"):
         args.endpoint_url = None
+    real_stdout = sys.stdout
+    sys.stdout = _GuardedOutput(real_stdout)
     try:
         code = args.handler(args)
         sys.stdout.flush()
         return code or 0
+    except UsageError as exc:
+        print(f"commitfs: {_one_line(exc)} (see --help)", file=sys.stderr)
+        return 2
+    except OutputError as exc:
+        print(f"commitfs: {_one_line(exc)}", file=sys.stderr)
+        if real_stdout is sys.__stdout__:
+            _silence_stdout()
+        return 1
     except CommitfsError as exc:
-        print(f"commitfs: {exc}", file=sys.stderr)
+        print(f"commitfs: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("commitfs: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # The reader went away (commitfs log | head): not an error.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        _silence_stdout()
         return 0
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:
+            _silence_stdout()
+            return 0
+        raise
+    finally:
+        sys.stdout = real_stdout
+
+
+def _one_line(exc: BaseException) -> str:
+    """The promise is one line: a message from below (a storage library's) may hold more."""
+    return " ".join(str(exc).split()) if "\n" in str(exc) else str(exc)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,19 @@
-"""Repository verbs: init, commit, log, show, ls, cat, diff, branch, tag, checkout, fsck."""
+"""Repository verbs: init, commit, log, show, ls, cat, branch, tag, checkout, fsck (diff: cli/inspect.py)."""
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import sys
 
+from commitfs.cli.inspect import add_log_options, show_changes_for
 from commitfs.cli.output import ProgressBar, human_size, print_json, warn
-from commitfs.errors import CommitfsError, InputError, NothingToCommitError, RevisionError
+from commitfs.errors import CommitfsError, InputError, NothingToCommitError, RevisionError, UsageError
 from commitfs.model.objects import Kind
-from commitfs.ops import browse, history
+from commitfs.ops import browse, history, refnames
 from commitfs.ops.checkout import checkout
-from commitfs.ops.diff import diff_trees
 from commitfs.ops.fsck import fsck
-from commitfs.ops.snapshot import commit_directory
+from commitfs.ops.snapshot import check_commit_text, commit_directory
 from commitfs.repo.repository import Repository
 
 
@@ -37,6 +38,7 @@ def parse_meta(items: list[str] | None) -> dict[str, str]:
         if not sep or not key:
             raise InputError(f"--meta expects KEY=VALUE, got {item!r}")
         meta[key] = value
+    check_commit_text("", meta)
     return meta
 
 
@@ -54,6 +56,7 @@ def cmd_init(args) -> int:
 def cmd_commit(args) -> int:
     from commitfs.cli.workspace import commit_workspace
 
+    check_commit_text(args.message)
     if (code := commit_workspace(args, parse_meta(args.meta))) is not None:
         return code  # DIR is a writable workspace mount: its daemon commits the overlay
     repo = open_repo(args)
@@ -67,7 +70,7 @@ def cmd_commit(args) -> int:
     bar = ProgressBar("commit")
     try:
         result = commit_directory(
-            repo, args.dir, branch=args.branch, message=args.message, metadata=metadata,
+            repo, args.dir, branch=args.branch or "main", message=args.message, metadata=metadata,
             progress=lambda p: bar.update(p.bytes_done, p.bytes_total, p.files_done, p.files_total),
         )
     except NothingToCommitError as exc:
@@ -98,8 +101,30 @@ def cmd_commit(args) -> int:
 
 def cmd_log(args) -> int:
     repo = open_repo(args)
-    start = repo.resolve(args.rev)
-    items = history.log(repo, start, args.limit)
+    if args.rev is None and not args.all and not repo.refs.branches():
+        # A fresh repository: an empty history, not an unknown revision.
+        print("commitfs: no commits yet (commit a directory: commitfs commit DIR -m MESSAGE)", file=sys.stderr)
+        if args.json:
+            print_json([])
+        return 0
+    # A..B and --all walk every parent, newest first; REV alone its first parents.
+    span = history.parse_range(repo, args.rev) if args.rev else None
+    if args.all:
+        if args.rev:
+            raise UsageError("log --all takes no REV")
+        span = (history.all_heads(repo), [])
+    if span is not None:
+        start = None
+        items = history.walk(repo, span[0], span[1], args.limit)
+    else:
+        start = repo.resolve(args.rev or "main")
+        items = None
+    if args.stat or args.paths:
+        from commitfs.cli.inspect import print_log
+
+        return print_log(args, repo, start, _print_commit, items)
+    if items is None:
+        items = history.log(repo, start, args.limit)
     if args.json:
         print_json([history.commit_json(cid, c) for cid, c in items])
         return 0
@@ -120,16 +145,21 @@ def cmd_show(args) -> int:
     if args.json:
         out = history.commit_json(cid, c)
         out["size"] = tree.size
+        out["changes"] = show_changes_for(repo, cid, c, (), True)
         print_json(out)
         return 0
     _print_commit(cid, c, ids=[f"tree   {c.tree.hex()}"] + [f"parent {p.hex()}" for p in c.parents],
                   fields=[f"Size:   {human_size(tree.size)}"])
+    print()
+    show_changes_for(repo, cid, c, (), False)  # as `diff --stat REV` lists them
     return 0
 
 
 def _print_commit(cid: bytes, c, ids: list[str] = (), fields: list[str] = ()) -> None:
     """A commit as log and show print it: id lines, header fields, message."""
     print(f"commit {cid.hex()}")
+    if len(c.parents) > 1:  # a merge: its parents, the branch merged into first
+        print("Merge:  " + " ".join(p.hex()[:12] for p in c.parents))
     for line in ids:
         print(line)
     print(f"Author: {c.author}")
@@ -177,7 +207,7 @@ def cmd_cat(args) -> int:
     repo = open_repo(args)
     rev, path = browse.split_rev_path(args.spec)
     if not path:
-        raise InputError("cat needs REV:PATH")
+        raise UsageError("cat needs REV:PATH (a file inside a revision, e.g. main:data/labels.csv)")
     f = browse.open_file(repo, repo.resolve(rev), path)
     out = sys.stdout.buffer
     for chunk in f._reader.iter_chunks():
@@ -186,26 +216,18 @@ def cmd_cat(args) -> int:
     return 0
 
 
-def cmd_diff(args) -> int:
-    repo = open_repo(args)
-    a, b = repo.resolve(args.old), repo.resolve(args.new)
-    changes = diff_trees(repo, repo.load_commit(a).tree, repo.load_commit(b).tree)
-    if args.json:
-        print_json([c.to_json() for c in changes])
-        return 0
-    sign = {"added": "A", "removed": "D", "modified": "M"}
-    for c in changes:
-        if c.status == "modified":
-            sizes = f"{c.old.size} -> {c.new.size}"
-        else:
-            sizes = str((c.new or c.old).size)
-        print(f"{sign[c.status]} {c.path} ({sizes})")
-    return 0
-
-
 def cmd_branch(args) -> int:
     repo = open_repo(args)
+    if args.move:
+        if args.delete or args.name is None or args.rev_given is None:
+            raise UsageError("branch -m needs OLD and NEW (commitfs branch -m OLD NEW)")
+        cid = refnames.rename_branch(repo, args.name, args.rev_given)
+        print(f"renamed branch {args.name} to {args.rev_given} (at {cid.hex()[:12]})")
+        return 0
     if args.delete:
+        if repo.refs.remove_damaged_branch(args.delete):
+            print(f"deleted damaged branch {args.delete}")
+            return 0
         current = repo.refs.lookup_branch(args.delete)
         if current is None:
             raise RevisionError(f"no branch {args.delete!r}")
@@ -213,7 +235,7 @@ def cmd_branch(args) -> int:
         print(f"deleted branch {args.delete} (was {current.hex()[:12]})")
         return 0
     if args.name:
-        cid = repo.resolve(args.rev)
+        cid = repo.resolve(args.rev_given or "main")
         repo.refs.set_branch_if_equals(args.name, cid, None)
         print(f"created branch {args.name} at {cid.hex()[:12]}")
         return 0
@@ -228,6 +250,12 @@ def cmd_branch(args) -> int:
 
 def cmd_tag(args) -> int:
     repo = open_repo(args)
+    if args.delete:
+        if args.name is not None:
+            raise UsageError("tag -d takes one NAME (commitfs tag -d NAME)")
+        cid = refnames.delete_tag(repo, args.delete)
+        print(f"deleted tag {args.delete} (was {cid.hex()[:12]})")
+        return 0
     if args.name is None:
         tags = repo.refs.tags()
         if args.json:
@@ -237,7 +265,7 @@ def cmd_tag(args) -> int:
                 print(f"{n} {c.hex()}")
         return 0
     if args.rev is None:
-        raise InputError("tag needs NAME and REV")
+        raise UsageError("tag needs NAME and REV (commitfs tag NAME REV)")
     cid = repo.resolve(args.rev)
     repo.refs.create_tag(args.name, cid)
     print(f"tagged {cid.hex()[:12]} as {args.name}")
@@ -277,6 +305,16 @@ def cmd_fsck(args) -> int:
     return 0 if report.ok else 1
 
 
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of commits (0 or more), got {text!r}")
+    return n
+
+
 def register(sub, common) -> None:
     def add(name, handler, help_, **kw):
         p = sub.add_parser(name, parents=[common], help=help_, description=help_, **kw)
@@ -287,7 +325,8 @@ def register(sub, common) -> None:
 
     p = add("commit", cmd_commit, "commit a directory to a branch, print the commit id")
     p.add_argument("dir", metavar="DIR")
-    p.add_argument("-b", "--branch", default="main")
+    p.add_argument("-b", "--branch", help="the branch to commit to (default: main; for a workspace "
+                   "mount, its own branch, the only one allowed)")
     p.add_argument("-m", "--message", required=True)
     p.add_argument("--meta", action="append", metavar="KEY=VALUE", help="metadata (repeatable)")
     p.add_argument("--input", action="append", metavar="[REPO_URL@]REV",
@@ -295,10 +334,14 @@ def register(sub, common) -> None:
     p.add_argument("--json", action="store_true")
 
     p = add("log", cmd_log, "show the history of a revision")
-    p.add_argument("rev", nargs="?", default="main", metavar="REV")
-    p.add_argument("-n", "--limit", type=int)
+    p.add_argument("rev", nargs="?", metavar="REV",
+                   help="where history starts (default: main), following first parents; or A..B: the "
+                        "commits B reaches and A does not, through every parent, newest first")
+    p.add_argument("--all", action="store_true", help="every commit a branch or tag reaches, newest first")
+    p.add_argument("-n", "--limit", type=_count, metavar="N", help="at most N commits")
     p.add_argument("--oneline", action="store_true")
     p.add_argument("--json", action="store_true")
+    add_log_options(p)  # --stat, -- PATH
 
     p = add("show", cmd_show, "show one commit")
     p.add_argument("rev", metavar="REV")
@@ -312,20 +355,19 @@ def register(sub, common) -> None:
     p = add("cat", cmd_cat, "write a file of a commit to stdout")
     p.add_argument("spec", metavar="REV:PATH")
 
-    p = add("diff", cmd_diff, "files added, removed and modified between two revisions")
-    p.add_argument("old", metavar="REV")
-    p.add_argument("new", metavar="REV")
-    p.add_argument("--json", action="store_true")
-
-    p = add("branch", cmd_branch, "list, create or delete branches")
+    p = add("branch", cmd_branch, "list, create, rename or delete branches")
     p.add_argument("name", nargs="?", metavar="NAME")
-    p.add_argument("rev", nargs="?", default="main", metavar="REV")
+    p.add_argument("rev_given", nargs="?", metavar="REV", help="where a new branch starts (default: main); "
+                   "with -m, the new name")
     p.add_argument("-d", "--delete", metavar="NAME")
+    p.add_argument("-m", "--move", action="store_true",
+                   help="rename branch NAME to the second operand (refused if that name exists)")
     p.add_argument("--json", action="store_true")
 
-    p = add("tag", cmd_tag, "list tags, or tag a revision (tags never move)")
+    p = add("tag", cmd_tag, "list tags, tag a revision (tags never move), or delete a tag")
     p.add_argument("name", nargs="?", metavar="NAME")
     p.add_argument("rev", nargs="?", metavar="REV")
+    p.add_argument("-d", "--delete", metavar="NAME", help="delete tag NAME")
     p.add_argument("--json", action="store_true")
 
     p = add("checkout", cmd_checkout, "materialise a revision (or REV:PATH) into a new directory")

@@ -1,332 +1,67 @@
 """Lineage verbs: run (a command on mounted inputs, committing its output), lineage.
 
-``commitfs run`` mounts each input read-only at its resolved commit through
-``commitfs mount`` subprocesses (each in its own session, so a Ctrl-C on the
-terminal reaches the command but not the mounts), runs the command with the
-mount paths and commit ids in its environment, and commits the output
-directory with lineage metadata only if the command succeeded.  Whatever
-happens, the mounts are unmounted and their directories removed.
-
-Signals: while the command runs, SIGINT and SIGTERM are blocked and taken
-with sigtimedwait, which tells where a SIGINT came from.  One sent by the
-terminal (si_code SI_KERNEL) already reached the command, which is in our
-process group, so it is not sent twice; one sent to commitfs alone (kill) is
-forwarded.  If the command is still alive GRACE seconds later, or on a second
-signal, it gets SIGTERM, then SIGKILL.  Outside that window (while mounting,
-while unmounting) signals are only recorded and acted on at the next safe
-point, so a mount is never left half made.
+The work of ``run`` (resolving inputs, mounts, the child, signals, the
+commit) is ops/run.py; this module parses and prints.
 """
 
 from __future__ import annotations
 
-import os
 import shlex
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
-import time
 
 from commitfs.cli.core import repo_url, store_options
 from commitfs.cli.output import ProgressBar, print_json, warn
-from commitfs.errors import InputError, MountError
-from commitfs.fuse import lifecycle
+from commitfs.errors import InputError, UsageError
+from commitfs.fuse.runmounts import Mounts
 from commitfs.ops import lineage
-from commitfs.ops.lineage_index import LineageReport, query_lineage
-from commitfs.ops.snapshot import commit_directory
-from commitfs.repo.refs import check_ref_name
-
-# Seconds the command has to exit after an interrupt before it gets SIGTERM,
-# then SIGKILL: long enough for a training loop to finish a step and exit.
-GRACE = 10.0
-KILL_GRACE = 5.0
-# Seconds a `commitfs mount` may take to report its mount ready.
-MOUNT_TIMEOUT = 120.0
-_SI_KERNEL = 0x80  # si_code of signals the kernel sends (a terminal's Ctrl-C)
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class Interrupted(Exception):
-    def __init__(self, signo: int):
-        super().__init__(signal.Signals(signo).name)
-        self.signo = signo
-
-
-class DeferredSignals:
-    """SIGINT/SIGTERM recorded instead of raising, inside the ``with``."""
-
-    def __init__(self):
-        self.received: list[int] = []
-        self._old: dict = {}
-        self._depth = 0
-
-    def __enter__(self) -> DeferredSignals:
-        if not self._old:  # re-entering an active one keeps its handlers
-            self._depth = 0
-            for s in _STOP_SIGNALS:
-                self._old[s] = signal.signal(s, self._record)
-        self._depth += 1
-        return self
-
-    def _record(self, signo, frame) -> None:
-        self.received.append(signo)
-
-    def take(self) -> list[int]:
-        out, self.received = self.received, []
-        return out
-
-    def check(self) -> None:
-        if self.received:
-            raise Interrupted(self.received[0])
-
-    def __exit__(self, *exc) -> None:
-        self._depth -= 1
-        if self._depth == 0:
-            for s, h in self._old.items():
-                signal.signal(s, h)
-            self._old = {}
-
-
-# --- mounts ------------------------------------------------------------------------
-def _mounted(path: str) -> bool:
-    """Whether ``path`` is a mount point (also a dead FUSE mount, which stat cannot tell)."""
-    return lifecycle.find_mount(path) is not None
-
-
-class Mounts:
-    """Input mounts of one run, made by ``commitfs mount`` subprocesses."""
-
-    def __init__(self, endpoint_url: str | None):
-        self.endpoint_url = endpoint_url
-        try:
-            self.base = tempfile.mkdtemp(prefix="commitfs-run-")
-        except OSError as exc:
-            raise MountError(f"cannot create a directory for the input mounts in {tempfile.gettempdir()}: "
-                             f"{exc.strerror or exc}") from None
-        self.points: list[str] = []
-
-    def mount(self, inp: lineage.Input) -> str:
-        point = os.path.join(self.base, inp.name or inp.commit.hex()[:12])
-        os.mkdir(point)
-        self.points.append(point)
-        cmd = [sys.executable, "-m", "commitfs", "-r", inp.url]
-        if self.endpoint_url:
-            cmd += ["--endpoint-url", self.endpoint_url]
-        cmd += ["mount", inp.commit.hex(), point]
-        try:
-            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                  text=True, start_new_session=True, timeout=MOUNT_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            raise MountError(f"mounting input {inp.name} ({inp.value}) took over {MOUNT_TIMEOUT:.0f}s") from None
-        if proc.returncode != 0:
-            lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-            detail = lines[-1].removeprefix("commitfs: ") if lines else f"exit code {proc.returncode}"
-            raise MountError(f"cannot mount input {inp.name} ({inp.value}): {detail}")
-        if not _mounted(point):
-            raise MountError(f"cannot mount input {inp.name}: `commitfs mount` succeeded but {point} is not mounted")
-        return point
-
-    def cleanup(self, deferred: DeferredSignals | None = None) -> list[str]:
-        """Unmount everything (lazily if busy) and remove the directories; return problems.
-
-        Signals meanwhile are recorded in ``deferred`` (or dropped): an unmount is never cut short."""
-        problems = []
-        with deferred or DeferredSignals():
-            for point in reversed(self.points):
-                if _mounted(point):
-                    problems.extend(self._unmount(point))
-                try:
-                    os.rmdir(point)
-                except FileNotFoundError:
-                    pass
-                except OSError as exc:
-                    problems.append(f"cannot remove mount directory {point}: {exc.strerror}")
-            self.points.clear()
-            try:
-                os.rmdir(self.base)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                problems.append(f"cannot remove {self.base}: {exc.strerror}")
-        return problems
-
-    def _unmount(self, point: str) -> list[str]:
-        """Unmount; if busy (a straggler of the command holds a file), detach lazily."""
-        errors = []
-        for lazy in (False, True):
-            try:
-                lifecycle.unmount(point, lazy=lazy)
-            except MountError as exc:
-                errors.append(str(exc))
-            if not _mounted(point):
-                return []
-        proc = subprocess.run(["fusermount3", "-u", "-z", point], capture_output=True, text=True)
-        if not _mounted(point):
-            return []
-        errors.append(proc.stderr.strip() or f"fusermount3 exited {proc.returncode}")
-        return [f"cannot unmount {point}: {'; '.join(errors)}"]
-
-
-# --- the command ---------------------------------------------------------------------
-def _check_command(command: list[str], env: dict[str, str]) -> None:
-    exe = command[0]
-    if os.sep in exe:
-        if not os.path.isfile(exe):
-            raise InputError(f"command not found: {exe}")
-        if not os.access(exe, os.X_OK):
-            raise InputError(f"command is not executable: {exe}")
-    elif shutil.which(exe, path=env.get("PATH", os.defpath)) is None:
-        raise InputError(f"command not found: {exe} (not on PATH)")
-
-
-def _send(child: subprocess.Popen, signo: int) -> None:
-    try:
-        child.send_signal(signo)
-    except ProcessLookupError:
-        pass
-
-
-def wait_child(child: subprocess.Popen, deferred: DeferredSignals) -> tuple[int, int | None]:
-    """Wait for the command; (its return code, the first stop signal received or None)."""
-    mask = {signal.SIGINT, signal.SIGTERM, signal.SIGCHLD}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, mask)
-    first: int | None = None
-    stage = 0
-    deadline: float | None = None
-    ladder = [signal.SIGTERM, signal.SIGKILL]
-
-    def escalate() -> None:
-        nonlocal stage, deadline
-        if stage < len(ladder):
-            _send(child, ladder[stage])
-            stage += 1
-            deadline = time.monotonic() + KILL_GRACE
-
-    try:
-        for signo in deferred.take():  # arrived while starting the command
-            first = signo
-            _send(child, signo)
-            deadline = time.monotonic() + GRACE
-        while True:
-            rc = child.poll()
-            if rc is not None:
-                return rc, first
-            info = signal.sigtimedwait(mask, 0.25)
-            events = [(info.si_signo, info.si_code)] if info and info.si_signo != signal.SIGCHLD else []
-            events += [(s, None) for s in deferred.take()]
-            for signo, code in events:
-                if first is None:
-                    first = signo
-                    from_terminal = code == _SI_KERNEL and signo == signal.SIGINT
-                    if not from_terminal:
-                        _send(child, signo)
-                    deadline = time.monotonic() + GRACE
-                else:
-                    escalate()
-            if deadline is not None and time.monotonic() > deadline and child.poll() is None:
-                escalate()
-    finally:
-        while True:  # drain what arrived meanwhile, so unblocking raises nothing
-            try:
-                info = signal.sigtimedwait(mask, 0)
-            except InterruptedError:
-                continue
-            if info is None:
-                break
-            if info.si_signo != signal.SIGCHLD and first is None:
-                first = info.si_signo
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-def _exit_code(rc: int) -> int:
-    return 128 - rc if rc < 0 else rc
+from commitfs.ops import run as run_op
+from commitfs.ops import readset
+from commitfs.ops.lineage_index import LineageReport, query_lineage, trained_on
 
 
 def cmd_run(args) -> int:
-    command = list(args.command)
-    if command and command[0] == "--":
-        command = command[1:]
-    if not command:
-        raise InputError("run needs a command after --")
-    specs = [lineage.parse_input_spec(s, named=True) for s in args.input or []]
-    lineage.check_unique_names(specs)
-    to = lineage.parse_input_spec(args.to)  # [REPO_URL@]BRANCH
-    check_ref_name(to.rev)
-    output = os.path.abspath(args.output)
-    message = args.message or f"commitfs run: {shlex.join(command)}"[:1000]
-
-    with lineage.RepositoryOpener(store_options(args)) as opener:
-        default = opener.open(repo_url(args)) if args.repo else None
-        if to.url is None and default is None:
-            raise InputError("--to names no repository: write --to REPO_URL@BRANCH or use -r/--repo")
-        target = opener.open(to.url) if to.url else default
-        inputs = lineage.resolve_inputs(specs, default, opener)
-        env = dict(os.environ)
-        _check_command(command, env)
-        code_commit, code_dirty = lineage.git_state(os.getcwd())
-
-        mounts = Mounts(args.endpoint_url)
-        try:
-            with DeferredSignals() as deferred:
-                paths = {}
-                for inp in inputs:
-                    paths[inp.name] = mounts.mount(inp)
-                    deferred.check()
-                env.update(lineage.run_environment(inputs, paths, output))
-                started = time.time()
-                try:
-                    child = subprocess.Popen(command, env=env)
-                except FileNotFoundError:
-                    raise InputError(f"command not found: {command[0]}") from None
-                except PermissionError:
-                    raise InputError(f"command is not executable: {command[0]}") from None
-                except OSError as exc:
-                    raise InputError(f"cannot run {command[0]}: {exc.strerror or exc}") from None
-                rc, stopped = wait_child(child, deferred)
-                finished = time.time()
-                for problem in mounts.cleanup(deferred):
-                    warn(problem)
-                stopped = stopped or (deferred.received[0] if deferred.received else None)
-        except Interrupted as exc:
-            stopped, rc = exc.signo, None
-        finally:
-            for problem in mounts.cleanup():
-                warn(problem)
-
-        if stopped is not None:
-            print(f"commitfs: run interrupted ({signal.Signals(stopped).name}); nothing committed", file=sys.stderr)
-            return 128 + stopped
-        code = _exit_code(rc)
-        if code != 0 and not args.commit_on_failure:
-            print(f"commitfs: command exited with {code}; nothing committed", file=sys.stderr)
-            return code
-        if not os.path.isdir(output):
-            raise InputError(f"output directory {args.output} does not exist after the command; nothing committed")
-        metadata = lineage.input_metadata(inputs)
-        metadata.update(lineage.run_metadata(command, started, finished, code,
-                                             git_commit=code_commit, git_dirty=code_dirty))
-        bar = ProgressBar("commit")
-        try:
-            result = commit_directory(
-                target, output, branch=to.rev, message=message, metadata=metadata, allow_empty=True,
-                progress=lambda p: bar.update(p.bytes_done, p.bytes_total, p.files_done, p.files_total),
-            )
-        finally:
-            bar.close()
-        for w in result.warnings:
-            warn(w)
-        if args.json:
-            print_json({"id": result.commit_id.hex(), "repo": target.url, "branch": to.rev, "exit_code": code,
-                        "inputs": [i.to_json() for i in inputs], "files": result.files,
-                        "bytes_stored": result.write.bytes_new_stored})
-        else:
-            print(result.commit_id.hex())
-        return code
+    spec = run_op.RunSpec(command=list(args.command), output=args.output, to=args.to, inputs=args.input or [],
+                          repo=args.repo or None, message=args.message, commit_on_failure=args.commit_on_failure,
+                          record_reads=args.record_reads, env_names=args.env or [], use_cache=not args.no_cache,
+                          cache_from=args.cache_from or [], log_to=args.log_to or [])
+    bar = ProgressBar("commit")
+    try:
+        result = run_op.run(spec, lambda: Mounts(args.endpoint_url), store_options=store_options(args),
+                            progress=lambda p: bar.update(p.bytes_done, p.bytes_total, p.files_done, p.files_total),
+                            warn=warn)
+    finally:
+        bar.close()
+    if result.status == "interrupted":
+        print(f"commitfs: run interrupted ({signal.Signals(result.signal).name}); nothing committed", file=sys.stderr)
+        return result.exit_code
+    if result.status == "cached":
+        how = "the same read files" if result.cached_by == "readset" else "the same inputs"
+        print(f"commitfs: run cache hit: {result.commit_id.hex()[:12]} in {result.cached_repo} ran this command "
+              f"with {how}, code and --env values; not run again (--no-cache runs it)", file=sys.stderr)
+    elif result.status == "failed":
+        print(f"commitfs: command exited with {result.exit_code}; nothing committed", file=sys.stderr)
+        return result.exit_code
+    if args.json:
+        out = result.to_json()
+        keys = ["id", "repo", "branch", "exit_code", "inputs", "files", "bytes_stored"]
+        keys += ["cache", "cached_by", "cached_repo"] + (["logged_to"] if args.log_to else [])
+        print_json({k: out[k] for k in keys + (["readset", "files_read"] if args.record_reads else [])})
+    else:
+        print(result.commit_id.hex())
+    return result.exit_code
 
 
 # --- the query ---------------------------------------------------------------------
 def cmd_lineage(args) -> int:
+    if args.trained_on:
+        if args.rev or args.files:
+            raise UsageError("--trained-on takes no REV and no --files")
+        return _cmd_trained_on(args)
+    if not args.rev:
+        raise UsageError("lineage needs a REV (or --trained-on REV:PATH)")
+    if args.files:
+        return _cmd_files(args)
     spec = lineage.parse_input_spec(args.rev)
     with lineage.RepositoryOpener(store_options(args)) as opener:
         if spec.url is None:
@@ -343,6 +78,51 @@ def cmd_lineage(args) -> int:
         print_json(report.to_json())
     else:
         print_report(report, up=not args.downstream, down=not args.upstream)
+    return 0
+
+
+def _cmd_files(args) -> int:
+    spec = lineage.parse_input_spec(args.rev)
+    with lineage.RepositoryOpener(store_options(args)) as opener:
+        repo = opener.open(spec.url if spec.url else repo_url(args))
+        cid = repo.resolve(spec.rev)
+        files = readset.commit_files(repo, cid)
+        if args.json:
+            print_json(files.to_json())
+            return 0
+        inputs = {i.name: i for i in files.inputs}
+        for e in files.entries:
+            inp = inputs.get(e.input)
+            where = f"{inp.url}@{inp.commit.hex()[:12]}" if inp else "?"
+            print(f"{e.input}\t{where}\t{e.file_id.hex()}\t{e.path}")
+    return 0
+
+
+def _cmd_trained_on(args) -> int:
+    from commitfs.ops.browse import split_rev_path
+
+    rev, path = split_rev_path(args.trained_on)
+    if not path:
+        raise UsageError("--trained-on expects [REPO_URL@]REV:PATH (a file)")
+    spec = lineage.parse_input_spec(rev)
+    with lineage.RepositoryOpener(store_options(args)) as opener:
+        repo = opener.open(spec.url if spec.url else repo_url(args))
+        cid = repo.resolve(spec.rev)
+        if args.search:
+            search = [opener.open(u) for u in args.search]
+        else:  # default: the -r repository (where the models are), else the dataset's
+            search = [opener.open(repo_url(args))] if args.repo else [repo]
+        report = trained_on(repo, cid, path, search)
+    if args.json:
+        print_json(report.to_json())
+    else:
+        print(f"file {report.path} ({report.file_id.hex()[:12]}) of {report.dataset_repo}@"
+              f"{report.dataset_commit.hex()[:12]} was read by:" + ("" if report.readers else " (no recorded run)"))
+        for r in report.readers:
+            via = f"{r.input_name} {r.input_repo}@{r.input_commit.hex()[:12]}" if r.input_commit else "?"
+            print(f"  {r.repo}@{r.commit.hex()[:12]}  as {via}:{r.path}" + (f"  {r.summary}" if r.summary else ""))
+    for p in report.problems:
+        warn(p)
     return 0
 
 
@@ -416,6 +196,18 @@ def register(sub, common) -> None:
     p.add_argument("-m", "--message", help="commit message (default: the command line)")
     p.add_argument("--commit-on-failure", action="store_true",
                    help="commit DIR even if the command fails (its exit code is recorded)")
+    p.add_argument("--record-reads", action="store_true",
+                   help="record which files of the inputs the command read (first read of each file) and "
+                        "store the set with the output commit (commitfs lineage REV --files)")
+    p.add_argument("--env", action="append", metavar="NAME",
+                   help="an environment variable whose value is part of the run's cache key (repeatable)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="run the command even if an earlier run had the same key")
+    p.add_argument("--cache-from", action="append", metavar="URL",
+                   help="also look for earlier runs in the branches of this repository (repeatable)")
+    p.add_argument("--log-to", action="append", choices=["mlflow", "wandb"],
+                   help="log the input and output commit ids to this tracker's run ($MLFLOW_RUN_ID / "
+                        "$WANDB_RUN_ID, else a new one) if its library is installed (repeatable)")
     p.add_argument("--json", action="store_true")
     p.add_argument("command", nargs="...", metavar="-- COMMAND")
 
@@ -423,7 +215,11 @@ def register(sub, common) -> None:
                        description="Upstream: the commit's inputs, recursively, across repositories. "
                                    "Downstream: commits naming it as an input in the searched repositories.")
     p.set_defaults(handler=cmd_lineage)
-    p.add_argument("rev", metavar="[REPO_URL@]REV")
+    p.add_argument("rev", nargs="?", metavar="[REPO_URL@]REV")
+    p.add_argument("--files", action="store_true",
+                   help="the files of its inputs REV's run read (run --record-reads)")
+    p.add_argument("--trained-on", metavar="[REPO_URL@]REV:PATH",
+                   help="the commits (in the --search repositories) whose run read this file")
     p.add_argument("--search", action="append", metavar="URL",
                    help="a repository to search for downstream commits (repeatable; default: the current one)")
     p.add_argument("--depth", type=int, metavar="N", help="follow at most N levels each way (default: all)")

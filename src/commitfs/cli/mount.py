@@ -14,8 +14,9 @@ from pathlib import Path
 
 from commitfs.cache import DEFAULT_MAX_BYTES, default_cache_dir, parse_size
 from commitfs.cli.core import open_repo, repo_url
-from commitfs.errors import InputError
+from commitfs.errors import InputError, UsageError
 from commitfs.fuse import lifecycle
+from commitfs.ops import browse
 
 
 def _positive(text: str, what: str) -> float:
@@ -37,16 +38,27 @@ def cmd_mount(args) -> int:
     cache_size = parse_size(args.cache_size) if args.cache_size else DEFAULT_MAX_BYTES
     cache_dir = Path(args.cache_dir).expanduser().absolute() if args.cache_dir else default_cache_dir()
     mountpoint = lifecycle.validate_mountpoint(args.mountpoint)
+    rev, path = browse.split_rev_path(args.rev) if args.rev else (None, "")
+    tree = None
     # Check the repository and the revision here, for a clear error before any daemon starts.
     with open_repo(args) as repo:
+        if path and args.writable:
+            raise UsageError("--writable mounts a whole branch; REV:PATH is for read-only mounts")
         if args.writable:
             if not args.rev:
-                raise InputError("--writable needs a BRANCH (commitfs mount BRANCH MOUNTPOINT --writable)")
+                raise UsageError("--writable needs a BRANCH (commitfs mount BRANCH MOUNTPOINT --writable)")
             if repo.refs.lookup_branch(args.rev) is None:
                 raise InputError(f"--writable needs a branch name; {args.rev!r} is not a branch")
         elif args.workspace:
-            raise InputError("--workspace goes with --writable")
-        commit = repo.resolve(args.rev) if args.rev else None
+            raise UsageError("--workspace goes with --writable")
+        if args.record_reads and args.writable:
+            raise UsageError("--record-reads is for read-only mounts")
+        commit = repo.resolve(rev) if rev else None
+        if path:
+            entry = browse.lookup_path(repo, commit, path)
+            if not entry.is_dir:
+                raise InputError(f"{args.rev} is a file; mount REV:PATH needs a directory")
+            tree = entry.id.hex()
         url = repo.url
     workspace = None
     if args.writable:
@@ -64,9 +76,10 @@ def cmd_mount(args) -> int:
         log_file = str(cache_dir / "logs" / f"mount-{tag}-{stamp}-{os.getpid()}.log")
     config = lifecycle.DaemonConfig(
         repo=url, mountpoint=mountpoint, cache_dir=str(cache_dir), log_file=log_file,
-        endpoint_url=args.endpoint_url, commit=commit.hex() if commit else None, rev=args.rev,
+        endpoint_url=args.endpoint_url, commit=commit.hex() if commit else None, rev=rev,
         cache_size=cache_size, refresh_s=refresh, io_timeout_s=io_timeout, allow_other=args.allow_other,
-        writable=args.writable, workspace=workspace,
+        writable=args.writable, workspace=workspace, path=path, tree=tree, disk_cache=not args.no_disk_cache,
+        record_reads=str(Path(args.record_reads).expanduser().absolute()) if args.record_reads else None,
     )
     if args.foreground:
         from commitfs.fuse.daemon import run_foreground
@@ -88,12 +101,17 @@ def register(sub, common) -> None:
                     "commits/ID/ (any unique id prefix resolves); with REV it is that revision's tree.  "
                     "Returns once the mount is live; the daemon logs under the cache directory.")
     p.set_defaults(handler=cmd_mount)
-    p.add_argument("rev", nargs="?", metavar="REV", help="a branch, tag or commit id (pinned at mount time)")
+    p.add_argument("rev", nargs="?", metavar="REV[:PATH]",
+                   help="a branch, tag or commit id (pinned at mount time); REV:PATH shows that directory "
+                        "of the revision at the root")
     p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory")
     p.add_argument("--cache-dir", metavar="DIR",
                    help="where chunks of non-local repositories are cached (DIR/chunks) and logs "
                         "written (DIR/logs); default: $XDG_CACHE_HOME/commitfs or ~/.cache/commitfs")
     p.add_argument("--cache-size", metavar="SIZE", help="cap of the chunk cache, e.g. 20G (default: 10G)")
+    p.add_argument("--no-disk-cache", action="store_true",
+                   help="keep chunks of an S3 repository in memory only: nothing is written under "
+                        "the cache directory but the log (--log-file elsewhere to avoid that too)")
     p.add_argument("--refresh", default="5", metavar="SECONDS",
                    help="branch views follow their branch within this many seconds (default: 5)")
     p.add_argument("--io-timeout", default="60", metavar="SECONDS",
@@ -104,6 +122,9 @@ def register(sub, common) -> None:
     p.add_argument("-w", "--writable", action="store_true",
                    help="a writable workspace over the branch REV: edits go to a local overlay; "
                         "see commitfs status/reset/commit MOUNTPOINT")
+    p.add_argument("--record-reads", metavar="FILE",
+                   help="append each file read (its content id and path) to FILE, once per first read "
+                        "of the file; '#end' closes it at unmount (used by `commitfs run --record-reads`)")
     p.add_argument("--workspace", metavar="DIR",
                    help="with --writable: where the overlay lives (default: DIR/workspaces/ of the cache "
                         "directory, one per repository, branch and mountpoint); mounting it again resumes it")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
-import time
 
 
 def print_json(value) -> None:
@@ -26,42 +26,54 @@ def warn(message: str) -> None:
 
 
 class ProgressBar:
-    """A one-line progress display on stderr, only when stderr is a terminal."""
+    """A one-line progress display on stderr, only when stderr is a terminal.
+
+    Drawn by tqdm (a small pure-Python library with no dependencies of its
+    own): bytes with binary units, the rate, the elapsed time and the ETA,
+    and the item count beside them.  Callers report absolute figures; the
+    bar is made on the first report, so the total can change (a scan that
+    finds more)."""
 
     def __init__(self, label: str, enabled: bool | None = None, unit: str = "files"):
         self.label = label
         self.unit = unit
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.start = time.monotonic()
-        self._last = 0.0
+        self._bar = None
+
+    def _make(self, **kw):
+        from tqdm import tqdm
+
+        try:
+            size = os.get_terminal_size(sys.stderr.fileno())
+            known = size.columns > 0 and size.lines > 0
+        except (OSError, ValueError):
+            known = False
+        # A terminal of unknown size (a pty nobody sized) would get nothing: tqdm
+        # hides bars below the last of zero rows.
+        shape = {"dynamic_ncols": True} if known else {"ncols": 80, "nrows": 24}
+        return tqdm(desc=self.label, file=sys.stderr, leave=False, mininterval=0.1, **shape, **kw)
 
     def update(self, done_bytes: int, total_bytes: int, done_items: int = 0, total_items: int = 0) -> None:
         if not self.enabled:
             return
-        now = time.monotonic()
-        if now - self._last < 0.1 and done_bytes < total_bytes:
-            return
-        self._last = now
-        rate = done_bytes / max(now - self.start, 1e-6)
-        frac = done_bytes / total_bytes if total_bytes else 1.0
-        bar = "#" * int(frac * 24)
-        items = f" {done_items}/{total_items} {self.unit}" if total_items else ""
-        sys.stderr.write(f"\r{self.label} [{bar:<24}] {frac:4.0%} {human_size(done_bytes)}"
-                         f"/{human_size(total_bytes)}{items} {human_size(int(rate))}/s\033[K")
-        sys.stderr.flush()
+        if self._bar is None:
+            self._bar = self._make(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024)
+        bar = self._bar
+        if bar.total != total_bytes:
+            bar.total = total_bytes
+        if total_items:
+            bar.set_postfix_str(f"{done_items}/{total_items} {self.unit}", refresh=False)
+        bar.update(done_bytes - bar.n)
 
     def count(self, done_items: int) -> None:
         """Show a running count, while the total is not known yet."""
         if not self.enabled:
             return
-        now = time.monotonic()
-        if now - self._last < 0.1:
-            return
-        self._last = now
-        sys.stderr.write(f"\r{self.label}: {done_items} {self.unit}\033[K")
-        sys.stderr.flush()
+        if self._bar is None:
+            self._bar = self._make(unit=f" {self.unit}")
+        self._bar.update(done_items - self._bar.n)
 
     def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -14,7 +14,7 @@ import sys
 
 from commitfs.cli.core import open_repo, store_options
 from commitfs.cli.output import ProgressBar, human_size, print_json
-from commitfs.errors import InputError, RepositoryNotFoundError
+from commitfs.errors import ConflictError, UsageError
 from commitfs.ops import sync
 from commitfs.repo.remotes import DEFAULT_REMOTE, Remotes, normalize_url
 from commitfs.repo.repository import Repository
@@ -64,10 +64,11 @@ def _run(label: str, fn):
         progress.close()
 
 
-def _summary(stats: sync.SyncStats) -> str:
+def _summary(stats: sync.SyncStats, moved: str = "sent") -> str:
+    """``moved``: "sent" (push) or "received" (clone, pull): the bytes come here."""
     if not stats.objects:
-        return "nothing to send"
-    return (f"sent {stats.objects} objects ({stats.commits} commits, {stats.trees} trees, "
+        return "nothing to send" if moved == "sent" else "nothing to fetch"
+    return (f"{moved} {stats.objects} objects ({stats.commits} commits, {stats.trees} trees, "
             f"{stats.manifests} files, {stats.chunks} chunks), {human_size(stats.bytes_sent)} in "
             f"{stats.packs} packs")
 
@@ -78,12 +79,16 @@ def _report(args, verb: str, where: str, result: sync.SyncResult) -> None:
         return
     for u in result.updates:
         old = u.old.hex()[:12] if u.old else "(none)"
-        if u.status in ("up-to-date", "ahead"):
+        if u.status == "diverged":
+            print(f"{u.kind} {u.name}: diverged ({old} here, {u.new.hex()[:12]} there, different logs): "
+                  "left as it is; compare `commitfs alias log`")
+        elif u.status in ("up-to-date", "ahead"):
             what = "up to date" if u.status == "up-to-date" else "already contains it (nothing to pull)"
             print(f"{u.kind} {u.name}: {what} at {old}")
         else:
             print(f"{u.kind} {u.name}: {old} -> {u.new.hex()[:12]} ({u.status})")
-    print(f"{verb} {where}: {_summary(result.stats)}", file=sys.stderr)
+    moved = "sent" if verb.startswith("pushed") else "received"
+    print(f"{verb} {where}: {_summary(result.stats, moved)}", file=sys.stderr)
 
 
 # --- verbs ------------------------------------------------------------------------
@@ -91,20 +96,8 @@ def cmd_clone(args) -> int:
     url = normalize_url(args.url)
     dest = normalize_url(args.dir)
     source = Repository.open(url, **store_options(args))
-    try:
-        local = Repository.open(dest, **store_options(args))
-    except RepositoryNotFoundError:
-        local = None
-    if local is not None:
-        origin = Remotes(local.store).lookup(DEFAULT_REMOTE)
-        if origin is None or origin.url != url:
-            raise InputError(f"{args.dir} is already a commitfs repository (not a clone of {args.url})")
-        # An interrupted clone of the same source: resume it.
-    else:
-        if "://" not in dest and os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
-            raise InputError(f"{args.dir} exists and is not an empty directory")
-        local = Repository.init(dest, **store_options(args))
-        Remotes(local.store).add(DEFAULT_REMOTE, url, args.endpoint_url)
+    # New, or an interrupted clone of the same source (killed at any point): resumed.
+    local = sync.open_clone_destination(dest, url, args.endpoint_url, shown=args.dir, **store_options(args))
     result = _run("clone", lambda progress: sync.clone(local, source, threads=args.jobs, progress=progress))
     _report(args, "cloned", f"{args.url} into {args.dir}", result)
     return 0
@@ -115,17 +108,17 @@ def cmd_remote(args) -> int:
     remotes = Remotes(local.store)
     if args.action == "add":
         if not args.name or not args.url:
-            raise InputError("remote add needs NAME and URL")
+            raise UsageError("remote add needs NAME and URL")
         remote = remotes.add(args.name, args.url, args.endpoint_url)
         print(f"added remote {remote.name} -> {remote.url}")
     elif args.action == "remove":
         if not args.name or args.url:
-            raise InputError("remote remove needs NAME only")
+            raise UsageError("remote remove needs NAME only")
         remote = remotes.remove(args.name)
         print(f"removed remote {remote.name} (was {remote.url})")
     else:
         if args.name:
-            raise InputError("remote list takes no arguments")
+            raise UsageError("remote list takes no arguments")
         items = remotes.list()
         if args.json:
             print_json({r.name: {"url": r.url, "endpoint_url": r.endpoint_url} for r in items})
@@ -148,9 +141,19 @@ def cmd_push(args) -> int:
 def cmd_pull(args) -> int:
     local = open_repo(args)
     name, remote = _open_remote(args, local, args.remote)
-    result = _run("pull", lambda progress: sync.pull(
-        local, remote, args.branch, local_branch=args.to, force=args.force, threads=args.jobs,
-        progress=progress))
+    if args.merge and args.force:
+        raise UsageError("pull takes --merge or --force, not both")
+    try:
+        result = _run("pull", lambda progress: sync.pull(
+            local, remote, args.branch, local_branch=args.to, force=args.force, threads=args.jobs,
+            progress=progress, merge=args.merge))
+    except ConflictError as exc:
+        from commitfs.cli.merge import conflict_lines
+
+        for c in exc.conflicts:
+            for line in conflict_lines(c):
+                print(line)
+        raise
     _report(args, "pulled from", name, result)
     return 0
 
@@ -202,4 +205,7 @@ def register(sub, common) -> None:
     p.add_argument("--to", metavar="NAME", help="the local branch to move (default: BRANCH)")
     p.add_argument("-f", "--force", action="store_true",
                    help="move the local branch even if it has diverged (its own commits are no longer on it)")
+    p.add_argument("--merge", action="store_true",
+                   help="merge a diverged remote branch into the local one (as commitfs merge does) instead of "
+                        "refusing; conflicts move nothing, exit 1")
     transfer_options(p)

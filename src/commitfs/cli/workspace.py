@@ -78,6 +78,21 @@ def cmd_reset(args) -> int:
     return 0
 
 
+def _refuse_inside_a_mount(path: str) -> None:
+    """A directory commit of files a commitfs mount serves would copy a revision's tree
+    onto a branch (a read-only mount of tag v2 committed to main reverts main): refused."""
+    mount = lifecycle.enclosing_mount(path)
+    if mount is None:
+        return
+    workspace = lifecycle.lookup_workspace(mount.mountpoint)
+    if workspace is not None:
+        raise InputError(f"{path} is inside the workspace mount {mount.mountpoint}: commit the whole "
+                         f"workspace with: commitfs commit {mount.mountpoint} -m MESSAGE")
+    raise InputError(f"{path} is inside the read-only commitfs mount {mount.mountpoint}, whose files are "
+                     "already committed; to change them, mount a branch with --writable and commit that "
+                     "mount, or check the revision out (commitfs checkout REV DEST) and commit DEST")
+
+
 def commit_workspace(args, metadata: dict[str, str]) -> int | None:
     """``commitfs commit DIR``: if DIR is a workspace mount, commit through its daemon
     and return the exit code; None if it is not one (the caller commits a directory)."""
@@ -85,13 +100,14 @@ def commit_workspace(args, metadata: dict[str, str]) -> int | None:
     if record is None:
         if lifecycle.find_mount(args.dir) is not None and lifecycle.is_stale(args.dir):
             raise InputError(f"{args.dir} is a stale mount whose daemon died; remount it to commit its edits")
+        _refuse_inside_a_mount(args.dir)
         if not os.path.isdir(args.dir) and not args.repo:
             # (With a repository the directory commit says why: missing, not a directory.)
             raise InputError(f"{args.dir} is neither a writable workspace mount nor a directory")
         return None
     if getattr(args, "input", None):
         raise InputError("--input is not supported for a workspace commit yet (commit a directory instead)")
-    if args.branch not in ("main", record.get("branch")):  # "main" is -b's default
+    if args.branch is not None and args.branch != record.get("branch"):
         raise InputError(f"{args.dir} is a workspace of branch {record.get('branch')!r}; "
                          f"it commits there, not to {args.branch!r}")
     request = {"op": "commit", "message": args.message, "metadata": metadata}

@@ -6,10 +6,16 @@ one JSON line: ``{"op": "status"}``, ``{"op": "reset", "paths": [...]}``,
 ``{"op": "commit", "message": ..., "metadata": {...}, "author": ...}``.
 Answers are ``{"ok": true, ...}`` or ``{"ok": false, "error": MESSAGE,
 "kind": ...}`` (kind ``conflict`` carries ``paths``; ``nothing`` means nothing
-to commit).  The workspace does the work (vfs.workspace); this module only
-frames requests and, after a reset or a commit, tells the kernel to drop what
-it cached of the inodes that changed (in a worker thread, outside any
-request handler, as pyfuse3 requires).
+to commit).
+
+The workspace (vfs.workspace) keeps the edits; this module composes the
+commit: it pauses the workspace's changes, takes its Draft, has
+ops.changeset.commit_draft store it and move the branch (in a worker thread;
+the workspace's ``set_pending`` is the callback that records the commit id
+just before the compare-and-swap), then settles the workspace on the new
+commit.  After a reset or a commit it tells the kernel to drop what it
+cached of the inodes that changed (in a worker thread, outside any request
+handler, as pyfuse3 requires).
 """
 
 from __future__ import annotations
@@ -21,15 +27,67 @@ import socket
 
 import trio
 
-from commitfs.errors import CommitfsError, NothingToCommitError
+from dataclasses import dataclass, field
+
+from commitfs.errors import CommitfsError, ConflictError, NothingToCommitError
 from commitfs.fuse.adapter import invalidate
-from commitfs.ops.changeset import ConflictError
+from commitfs.ops.changes import dir_entry, unchanged
+from commitfs.ops.changeset import StatusEntry, commit_draft, status_of
 from commitfs.vfs.workspace import WorkspaceFS
 
 log = logging.getLogger(__name__)
 
 #: Bound on a request line (paths to reset, a commit message).
 MAX_REQUEST = 16 * 1024 * 1024
+
+
+@dataclass
+class CommitOutcome:
+    commit_id: bytes
+    parent: bytes | None
+    rebased: bool
+    changes: int
+    invalidate: list[int] = field(default_factory=list)
+
+
+def _unchanged(repo, base_tree: bytes, draft) -> bool:
+    return draft is None or unchanged(repo, dir_entry(base_tree), draft)
+
+
+def open_workspace(repo, workspace_dir: str, branch: str, options) -> WorkspaceFS:
+    """The workspace of a writable mount, with the change engine deciding whether leftover
+    rows are edits (a clean workspace starts from the branch's current head)."""
+    return WorkspaceFS.open_workspace(repo, workspace_dir, branch, options, unchanged=_unchanged)
+
+
+async def status(fs: WorkspaceFS) -> list[StatusEntry]:
+    """What the workspace changed against its base commit."""
+    async with fs.paused():
+        draft = fs.draft()
+        base_tree = (await fs.loader.io("base commit", fs.repo.load_commit, fs.base)).tree
+        return await trio.to_thread.run_sync(status_of, fs.repo, base_tree, draft)
+
+
+async def commit(fs: WorkspaceFS, message: str, metadata: dict[str, str] | None = None,
+                 author: str | None = None) -> CommitOutcome:
+    """Commit the workspace's edits to its branch; afterwards it has none pending."""
+    async with fs.paused():
+        draft = fs.draft()
+        base, repo = fs.base, fs.repo
+
+        def run():
+            base_tree = repo.load_commit(base).tree
+            nchanges = len(status_of(repo, base_tree, draft))
+            try:
+                return commit_draft(repo, fs.branch, base, draft, message=message, metadata=metadata,
+                                    author=author, on_pending=fs.set_pending), nchanges
+            except Exception:  # not moved (conflict, storage): nothing pending
+                fs.set_pending(None)
+                raise
+
+        result, nchanges = await trio.to_thread.run_sync(run)
+        changed = await fs.settle(result.commit_id)
+        return CommitOutcome(result.commit_id, result.parent, result.rebased, nchanges, changed)
 
 
 async def serve(fs: WorkspaceFS, path: str, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -78,7 +136,7 @@ async def handle(fs: WorkspaceFS, request: dict) -> dict:
     op = request["op"]
     try:
         if op == "status":
-            entries = await fs.status()
+            entries = await status(fs)
             return {"ok": True, "branch": fs.branch, "base": fs.base.hex(),
                     "changes": [e.to_json() for e in entries]}
         if op == "reset":
@@ -86,7 +144,7 @@ async def handle(fs: WorkspaceFS, request: dict) -> dict:
             await trio.to_thread.run_sync(invalidate, changed)
             return {"ok": True, "base": fs.base.hex()}
         if op == "commit":
-            outcome = await fs.commit(request["message"], dict(request.get("metadata") or {}),
+            outcome = await commit(fs, request["message"], dict(request.get("metadata") or {}),
                                       request.get("author"))
             await trio.to_thread.run_sync(invalidate, outcome.invalidate)
             log.info("committed %s to %s (%d changes%s)", outcome.commit_id.hex(), fs.branch, outcome.changes,

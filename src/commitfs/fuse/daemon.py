@@ -80,23 +80,30 @@ def _open(config: DaemonConfig):
     try:
         if repo.is_local:
             log.info("repository %s is local: read in place, no chunk cache", repo.url)
+        elif not config.disk_cache:
+            log.info("no disk cache (--no-disk-cache): chunks of %s are kept in memory only", repo.url)
         else:
             cache = DiskChunkCache(Path(config.cache_dir) / "chunks", config.cache_size or DEFAULT_MAX_BYTES)
             repo.chunk_cache = cache
             log.info("chunk cache %s, capped at %d bytes", cache.path, cache.max_bytes)
         if config.writable:
-            from commitfs.vfs.workspace import WorkspaceFS, WorkspaceOptions
+            from commitfs.fuse import control
+            from commitfs.vfs.workspace import WorkspaceOptions
 
             options = WorkspaceOptions(io_timeout_s=config.io_timeout_s, io_threads=config.io_threads)
-            fs = WorkspaceFS.open_workspace(repo, config.workspace, config.rev, options)
+            fs = control.open_workspace(repo, config.workspace, config.rev, options)
             log.info("workspace %s over branch %s at %s", config.workspace, config.rev, fs.base.hex())
             return repo, fs
         commit = bytes.fromhex(config.commit) if config.commit else None
         if commit is not None:
             repo.load_commit(commit)  # fail now, not at the first ls
         options = VfsOptions(refresh_s=config.refresh_s, io_timeout_s=config.io_timeout_s,
-                             io_threads=config.io_threads)
-        return repo, FileSystem(repo, commit, options)
+                             io_threads=config.io_threads, record_reads=config.record_reads)
+        tree = bytes.fromhex(config.tree) if config.tree else None
+        if tree is not None:
+            repo.load_tree(tree)
+            log.info("root: %s of the commit (tree %s)", config.path, config.tree)
+        return repo, FileSystem(repo, commit, options, root_tree=tree)
     except BaseException:
         repo.close()
         raise
@@ -151,13 +158,16 @@ async def _main(fs, config: DaemonConfig, report: Report) -> None:
     async with fs.running():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_on_signals)
-            extra = {}
+            # What `commitfs mounts` lists (lifecycle.list_mounts).
+            extra = {"repo": config.repo, "rev": config.rev, "commit": config.commit, "path": config.path,
+                     "writable": config.writable,
+                     "cache": None if not config.disk_cache or fs.repo.is_local else config.cache_dir}
             if config.writable:
                 from commitfs.fuse import control
 
                 sock = control_socket_path(config.mountpoint)
                 await nursery.start(control.serve, fs, sock)
-                extra = {"control": sock, "workspace": config.workspace, "branch": config.rev}
+                extra.update({"control": sock, "workspace": config.workspace, "branch": config.rev})
             nursery.start_soon(_announce, config, report, extra)
             await pyfuse3.main(min_tasks=1, max_tasks=config.max_tasks)
             nursery.cancel_scope.cancel()
@@ -237,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve(config, report)
     except BaseException as exc:
         log.exception("daemon failed")
+        while isinstance(exc, BaseExceptionGroup) and exc.exceptions:  # trio's nurseries wrap
+            exc = exc.exceptions[0]
         report(f"error: the mount daemon failed: {exc} (see {config.log_file})")
         return 1
 

@@ -26,6 +26,7 @@ import json
 import os
 import select
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -69,6 +70,13 @@ class DaemonConfig:
     #: A writable workspace over the branch ``rev`` whose overlay lives in ``workspace``.
     writable: bool = False
     workspace: str | None = None
+    #: ``mount REV:PATH``: the directory PATH of the commit is the root, its tree id (hex).
+    path: str = ""
+    tree: str | None = None
+    #: False: chunks of a non-local repository are kept in memory only (--no-disk-cache).
+    disk_cache: bool = True
+    #: Read-only mounts: append the files read to this file (vfs/readlog.py).
+    record_reads: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -127,6 +135,40 @@ def find_mount(path: str | os.PathLike) -> MountInfo | None:
     return found
 
 
+#: The file system type of every commitfs mount in /proc/self/mountinfo (daemon.py: subtype=commitfs).
+FSTYPE = "fuse.commitfs"
+
+
+def enclosing_mount(path: str | os.PathLike) -> MountInfo | None:
+    """The innermost commitfs mount holding ``path`` (at it or anywhere below it), or None."""
+    target = canonical(path)
+    found = None
+    for m in iter_mounts():
+        if target == m.mountpoint or target.startswith(m.mountpoint.rstrip("/") + "/"):
+            if found is None or len(m.mountpoint) >= len(found.mountpoint):
+                found = m
+    return found if found is not None and found.fstype == FSTYPE else None
+
+
+def list_mounts() -> list[dict]:
+    """The commitfs mounts of this machine (in this mount namespace), each with what its
+    daemon recorded: mountpoint, repo, rev, commit, path, writable, pid, cache, log;
+    ``stale`` when the daemon is gone (its record, if any, no longer matches a live one)."""
+    out = []
+    for m in iter_mounts():
+        if m.fstype != FSTYPE:
+            continue
+        record = lookup_record(m.mountpoint) or {}
+        stale = not record and is_stale(m.mountpoint)
+        out.append({
+            "mountpoint": m.mountpoint, "repo": record.get("repo"), "rev": record.get("rev"),
+            "commit": record.get("commit"), "path": record.get("path") or "",
+            "writable": bool(record.get("writable", False)), "pid": record.get("pid"),
+            "cache": record.get("cache"), "log": record.get("log"), "stale": stale,
+        })
+    return out
+
+
 def is_stale(path: str | os.PathLike) -> bool:
     """True if ``path`` is a FUSE mount whose daemon is gone.
 
@@ -176,16 +218,49 @@ def _record_path(mountpoint: str) -> Path:
     return runtime_dir() / "mounts" / f"{key}.json"
 
 
+_SUN_PATH_MAX = 107  # bytes of a Unix socket's path (sun_path holds 108 with the NUL)
+
+
+def ensure_records_dir() -> Path:
+    """``<runtime dir>/mounts``, made if missing (0700, as are the directories
+    made for it); refused if it, or ``<runtime dir>`` itself, is not a real
+    directory of this user's that only this user can enter (the /tmp fallback
+    is a shared directory: another user could have made the name first)."""
+    base = runtime_dir()
+    records = base / "mounts"
+    for d in (base, records):
+        try:
+            d.mkdir(mode=0o700, parents=d is base, exist_ok=True)
+            st = os.lstat(d)
+        except OSError as exc:
+            raise MountError(f"cannot create the runtime directory {d}: {exc.strerror or exc}") from None
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            raise MountError(f"the runtime directory {d} is not a directory of yours "
+                             "(remove it, or set XDG_RUNTIME_DIR)")
+        if st.st_mode & 0o077:  # made by an older commitfs, or by hand: make it private
+            try:
+                os.chmod(d, 0o700)
+            except OSError as exc:
+                raise MountError(f"cannot make the runtime directory {d} private: {exc.strerror}") from None
+    return records
+
+
 def control_socket_path(mountpoint: str) -> str:
-    """Where a workspace daemon listens (short: Unix socket paths are limited to 108 bytes)."""
-    return str(_record_path(mountpoint).with_suffix(".sock"))
+    """Where a workspace daemon listens (short: Unix socket paths are limited to 108 bytes);
+    its directory is made if missing."""
+    ensure_records_dir()
+    path = str(_record_path(mountpoint).with_suffix(".sock"))
+    if len(os.fsencode(path)) > _SUN_PATH_MAX:
+        raise MountError(f"the runtime directory {runtime_dir()} is too long a path for a control socket "
+                         f"(set XDG_RUNTIME_DIR to a shorter directory)")
+    return path
 
 
 def write_record(mountpoint: str, log_file: str, **extra) -> None:
     """Record this process as the daemon of ``mountpoint`` (``extra``: a workspace's
     ``control`` socket, ``workspace`` directory and ``branch``)."""
     path = _record_path(mountpoint)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ensure_records_dir()
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps({"pid": os.getpid(), "mountpoint": canonical(mountpoint), "log": log_file,
                                **extra}))

@@ -92,6 +92,9 @@ static PyObject *tree_entries(PyObject *self, PyObject *args) {
         if (kind == symlink) {
             if (!get_varint(p, end, &pos, &tlen) || tlen > (uint64_t)(end - pos))
                 goto none;
+            /* A target is what symlink(2) takes: not empty, no NUL; the size is its length. */
+            if (tlen == 0 || size != tlen || memchr(p + pos, 0, (size_t)tlen))
+                goto none;
             target = p + pos;
             pos += (Py_ssize_t)tlen;
         }

@@ -21,6 +21,7 @@ from itertools import islice, repeat
 from operator import lt
 from typing import NamedTuple
 
+from commitfs.errors import CorruptObjectError
 from commitfs.model.ids import ID_SIZE, hash_bytes
 
 try:
@@ -136,6 +137,21 @@ class FileManifest:
 
 
 EMPTY_MANIFEST = FileManifest((), ())
+
+
+def check_chunk_sizes(ids, sizes, chunks) -> None:
+    """Every chunk as long as the file manifest says (CorruptObjectError if not).
+
+    A manifest lists each chunk's size beside its id; readers that map file
+    offsets to chunks (the mount, FileReader) use the sizes, readers that
+    join chunks (cat, checkout) use the bytes.  A manifest whose sizes lie
+    would make the two serve different bytes for one file id, so every reader
+    checks, through this function, that the verified chunks it got have the
+    declared lengths before it serves any of them."""
+    for oid, size, data in zip(ids, sizes, chunks):
+        if len(data) != size:
+            raise CorruptObjectError(
+                f"chunk {oid.hex()} is {len(data)} bytes but its file manifest declares {size}")
 
 
 # --- trees ---------------------------------------------------------------------
@@ -292,6 +308,8 @@ class Tree:
                 target = data[pos:pos + tlen]
                 if len(target) != tlen:
                     raise DecodeError("truncated tree")
+                if not target or b"\0" in target or size != tlen:  # symlink(2) could not make it
+                    raise DecodeError(f"invalid symlink target {target[:80]!r} (size {size})")
                 pos += tlen
                 add_target(target)
             else:

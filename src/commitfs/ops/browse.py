@@ -9,6 +9,7 @@ from commitfs.errors import IsADirectoryError_, NotADirectoryError_, PathNotFoun
 from commitfs.model.objects import Kind, Tree, TreeEntry
 from commitfs.repo.reader import FileObject, FileReader
 from commitfs.repo.repository import Repository
+from commitfs.repo.treewalk import check_expansion
 
 
 def split_rev_path(spec: str) -> tuple[str, str]:
@@ -45,13 +46,20 @@ class WalkItem:
 
 
 def walk_tree(repo: Repository, tree_id: bytes, prefix: str = "") -> Iterator[WalkItem]:
-    """Every entry below a tree, depth first, in name order."""
+    """Every entry below a tree, depth first, in name order; ExpansionLimitError
+    (before the first) if shared subtrees multiply its paths beyond the bound
+    of repo.treewalk."""
+    check_expansion(repo, tree_id)
+    yield from _walk_tree(repo, tree_id, prefix)
+
+
+def _walk_tree(repo: Repository, tree_id: bytes, prefix: str) -> Iterator[WalkItem]:
     tree: Tree = repo.load_tree(tree_id)
     for e in tree.entries:
         path = f"{prefix}/{e.name}" if prefix else e.name
         yield WalkItem(path, e)
         if e.is_dir:
-            yield from walk_tree(repo, e.id, path)
+            yield from _walk_tree(repo, e.id, path)
 
 
 def walk(repo: Repository, commit_id: bytes, path: str = "") -> Iterator[WalkItem]:
@@ -76,3 +84,40 @@ def open_file(repo: Repository, commit_id: bytes, path: str) -> FileObject:
     if entry.kind is Kind.SYMLINK:
         raise PathNotFoundError(f"{path} is a symlink to {entry.target.decode(errors='replace')}")
     return FileObject(FileReader.open(repo, entry.id), name=path)
+
+
+@dataclass(frozen=True)
+class DirPage:
+    """One page of a directory's entries, in name order (``offset`` counts matching entries)."""
+
+    path: str
+    items: list[WalkItem]
+    offset: int
+    limit: int
+    total: int      # entries that match (all of them without a filter)
+
+    @property
+    def next_offset(self) -> int | None:
+        end = self.offset + len(self.items)
+        return end if end < self.total else None
+
+    @property
+    def prev_offset(self) -> int | None:
+        return max(0, self.offset - self.limit) if self.offset > 0 else None
+
+
+def list_page(repo: Repository, commit_id: bytes, path: str = "", offset: int = 0, limit: int = 200,
+              match=None) -> DirPage:
+    """Entries [offset, offset+limit) of the directory at ``path`` (``match(entry)``
+    keeps only some): a page of a 100k-entry directory makes ``limit`` items, not
+    100k.  Raise NotADirectoryError_ for a file."""
+    entry = lookup_path(repo, commit_id, path)
+    if not entry.is_dir:
+        raise NotADirectoryError_(f"{path} is not a directory in {commit_id.hex()[:12]}")
+    entries = repo.load_tree(entry.id).entries
+    if match is not None:
+        entries = [e for e in entries if match(e)]
+    offset = max(0, offset)
+    chosen = entries[offset:offset + limit]
+    prefix = f"{path}/" if path else ""
+    return DirPage(path, [WalkItem(prefix + e.name, e) for e in chosen], offset, limit, len(entries))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from commitfs.model.objects import TreeEntry
 from commitfs.ops.browse import walk_tree
+from commitfs.ops.changes import dir_entry, iter_changes
 from commitfs.repo.repository import Repository
 
 
@@ -27,27 +28,22 @@ class Change:
 
 
 def diff_trees(repo: Repository, old: bytes | None, new: bytes | None, prefix: str = "") -> Iterator[Change]:
-    """Changed files and symlinks (directories are descended, not reported)."""
-    if old == new:
-        return
-    a = {e.name: e for e in repo.load_tree(old).entries} if old else {}
-    b = {e.name: e for e in repo.load_tree(new).entries} if new else {}
-    for name in sorted(a.keys() | b.keys(), key=lambda n: n.encode()):
-        ea, eb = a.get(name), b.get(name)
-        path = f"{prefix}/{name}" if prefix else name
-        if ea is not None and eb is not None and ea.kind == eb.kind and ea.id == eb.id:
-            continue
-        if ea is not None and eb is not None and ea.is_dir and eb.is_dir:
-            yield from diff_trees(repo, ea.id, eb.id, path)
+    """Changed files and symlinks (directories are descended, not reported).
+
+    The change engine (ops/changes.py) finds the top-most differing paths,
+    skipping equal subtrees by id; a directory against a file or nothing is
+    reported as the files below it."""
+    a = dir_entry(old) if old else None
+    b = dir_entry(new) if new else None
+    for path, ea, eb in iter_changes(repo, a, b, prefix):
+        if ea is not None and not ea.is_dir and eb is not None and not eb.is_dir:
+            yield Change("modified", path, ea, eb)
             continue
         if ea is not None:
             if ea.is_dir:
                 for item in walk_tree(repo, ea.id, path):
                     if not item.entry.is_dir:
                         yield Change("removed", item.path, item.entry, None)
-            elif eb is not None and not eb.is_dir:
-                yield Change("modified", path, ea, eb)
-                continue
             else:
                 yield Change("removed", path, ea, None)
         if eb is not None:

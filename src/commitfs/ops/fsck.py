@@ -3,13 +3,16 @@
 Checks, each damage reported once, naming what a user can act on:
 
 * every index segment parses and passes its checksum;
-* every ref under ``refs/`` parses (its first line is a commit id; remotes'
-  configurations and the gc lease excepted) and names an existing,
-  well-formed commit;
+* every ref under ``refs/`` parses (a branch or tag holds one commit id; an
+  alias its commit id on its first line, and its log is present, intact and
+  chained; remotes' configurations and the gc lease excepted) and names an
+  existing, well-formed commit;
+* a commit's read set (``commitfs.object.readset``) is present and well-formed;
 * every commit reachable from a ref: its parents, its tree;
 * every tree and file manifest reachable: present in the index, in a pack
   that exists and is long enough, decodes, and matches its id;
-* every chunk: indexed, and its pack long enough to hold it;
+* every chunk: indexed, its pack long enough to hold it, and as long as
+  every manifest listing it declares;
 * with ``read_data``: every reachable chunk is read and re-hashed, and every
   pack's content hashes to its name.
 
@@ -33,9 +36,10 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from commitfs.errors import CommitfsError, CorruptObjectError, ObjectNotFoundError, StorageError
+from commitfs.errors import CommitfsError, CorruptObjectError, ObjectNotFoundError, ReadSetError, StorageError
 from commitfs.model.ids import HEX_SIZE, hash_bytes, is_hex
 from commitfs.model.objects import Kind
+from commitfs.ops import readset
 from commitfs.repo.gcstate import LEASE_REF
 from commitfs.repo.index import Index, encode_segment, segment_key
 from commitfs.repo.pack import load_pack_table, pack_id_from_key, pack_key
@@ -87,9 +91,30 @@ def _ref_label(name: str) -> str:
 
 def _parse_refs(repo: Repository, problem: Callable[[str], None]) -> list[tuple[str, bytes]]:
     """(label, commit id) of every ref naming a commit; a ref that does not parse is damage."""
-    out = []
+    damaged: dict[str, str] = {}  # refs that hold no commit id: damage, not a crash
+    out = [(f"branch {n}", c) for n, c in repo.refs.branches(damaged).items()]
+    out += [(f"tag {n}", c) for n, c in repo.refs.tags(damaged).items()]
+    for message in damaged.values():
+        problem(message)
+    try:
+        aliases = repo.aliases.states()
+    except CommitfsError as exc:
+        if _storage_failure(exc):
+            raise _Stopped(str(exc)) from None
+        problem(f"aliases: {exc}")
+        aliases = {}
+    for name, state in sorted(aliases.items()):
+        out.append((f"alias {name}", state.commit))
+        try:
+            for _ in repo.aliases.iter_log(state.log):  # every entry present, intact, chained
+                pass
+        except CommitfsError as exc:
+            if _storage_failure(exc):
+                raise _Stopped(str(exc)) from None
+            problem(f"alias {name}: log: {exc}")
+    # Refs of any other namespace: the first line of the value is a commit id.
     for name, value in sorted(repo.store.iter_refs("")):
-        if name == LEASE_REF or name.startswith("gc/"):
+        if name == LEASE_REF or name.startswith(("gc/", "branches/", "tags/", "aliases/")):
             continue
         first = value.split(b"\n", 1)[0].strip()
         text = first.decode("ascii", "replace")
@@ -241,6 +266,16 @@ def _check(repo: Repository, rep: FsckReport, read_data: bool, progress) -> None
             problem(f"{where}: commit {cid.hex()}: {exc}")
             continue
         rep.commits += 1
+        try:  # a run's read set (ops/readset.py): present and well-formed
+            entries = readset.commit_readset(repo, commit.metadata)
+            if entries is not None:
+                for _ in entries:
+                    pass
+        except ReadSetError as exc:
+            problem(f"commit {cid.hex()}: {exc}")
+        except CommitfsError as exc:
+            guard(exc)
+            raise
         commit_trees.append((cid, commit.tree))
         stack.extend((f"parent of {cid.hex()[:12]}", p) for p in commit.parents)
 
@@ -253,6 +288,7 @@ def _check(repo: Repository, rep: FsckReport, read_data: bool, progress) -> None
     file_damage: dict[bytes, list[str]] = {}  # file id: reasons (whole file or per chunk)
     file_chunks: dict[bytes, int] = {}
     chunk_damage: dict[bytes, str] = {}
+    chunk_sizes: dict[bytes, int] = {}
     children: dict[bytes, list[tuple[str, bool, bytes]]] = {}  # tree: (name, is_dir, id)
     trees = [t for _, t in commit_trees]
     while trees:
@@ -298,14 +334,27 @@ def _check(repo: Repository, rep: FsckReport, read_data: bool, progress) -> None
                 if manifest.size != e.size:
                     file_damage.setdefault(e.id, []).append(f"size {manifest.size} != tree's {e.size}")
                 file_chunks[e.id] = len(manifest.chunk_ids)
-                for cid in manifest.chunk_ids:
+                for cid, declared in zip(manifest.chunk_ids, manifest.chunk_sizes):
+                    # A manifest's declared chunk sizes must be the chunks'
+                    # lengths (readers map offsets with them): the index's
+                    # size here, the bytes themselves with read_data.
+                    known = chunk_sizes.setdefault(cid, declared)
+                    if known != declared:
+                        file_damage.setdefault(e.id, []).append(
+                            f"declares chunk {cid.hex()} as {declared} bytes, another file as {known}")
                     if cid not in seen_chunks:
                         seen_chunks.add(cid)
                         rep.chunks += 1
                         why = locate_problem(cid)
+                        if why is None:
+                            raw = repo.locate(cid).raw
+                            if raw != declared:
+                                file_damage.setdefault(e.id, []).append(
+                                    f"declares chunk {cid.hex()} as {declared} bytes; the index says {raw}")
+                                continue
                         if why is None and read_data:
                             try:
-                                rep.bytes_checked += len(repo.load_chunks([cid])[0])
+                                rep.bytes_checked += len(repo.load_chunks([cid], sizes=[declared])[0])
                             except CommitfsError as exc:
                                 guard(exc)
                                 why = str(exc)

@@ -42,7 +42,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from commitfs.errors import CommitfsError, CorruptObjectError, ObjectNotFoundError
+from commitfs.errors import CommitfsError, CorruptObjectError, ObjectNotFoundError, ReadSetError, RepositoryError
+from commitfs.ops import readset
 from commitfs.model.ids import HEX_SIZE, hash_bytes
 from commitfs.model.objects import Commit, DecodeError
 from commitfs.ops.lineage import (
@@ -58,7 +59,7 @@ from commitfs.ops.lineage import (
 from commitfs.ops.statcache import cache_root
 from commitfs.repo.repository import COMMITS_PREFIX, Repository, commit_key
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: read sets (table reads)
 _COMMIT_NAME = re.compile(r"[0-9a-f]{%d}" % HEX_SIZE)
 # Parallel commit reads when indexing: on S3 each read is a round trip.
 _READ_THREADS = 16
@@ -69,6 +70,8 @@ _BUSY_TIMEOUT = 30.0
 
 
 def index_path(repo: Repository) -> Path:
+    if not re.fullmatch(r"[0-9a-f]{32}", repo.id):  # Repository checks it; a path must never depend on that
+        raise RepositoryError(f"{repo.url}: the repository id {repo.id!r:.80} is not 32 hex digits")
     key = hash_bytes(repo.url.encode()).hex()[:16]
     return cache_root() / "lineage" / f"{repo.id}-{key}.sqlite"
 
@@ -135,7 +138,7 @@ class LineageIndex:
             return  # the common case: no write, so closing costs no checkpoint
         with _transaction(db):
             if self._schema(db) not in (None, SCHEMA_VERSION):
-                for table in ("commits", "inputs", "problems"):
+                for table in ("commits", "inputs", "problems", "reads"):
                     db.execute(f"DROP TABLE IF EXISTS {table}")
             db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT)")
             db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
@@ -145,6 +148,11 @@ class LineageIndex:
             db.execute("CREATE INDEX IF NOT EXISTS inputs_by_input ON inputs (input_id)")
             db.execute("CREATE TABLE IF NOT EXISTS problems (commit_id BLOB, message TEXT)")
             db.execute("CREATE INDEX IF NOT EXISTS problems_by_commit ON problems (commit_id)")
+            # The read set of a commit made by `run --record-reads` (ops/readset.py): which
+            # files (content id, path) of which input (position) its command read.
+            db.execute("CREATE TABLE IF NOT EXISTS reads (commit_id BLOB, pos INT, path TEXT, file_id BLOB)")
+            db.execute("CREATE INDEX IF NOT EXISTS reads_by_file ON reads (file_id)")
+            db.execute("CREATE INDEX IF NOT EXISTS reads_by_commit ON reads (commit_id)")
 
     @staticmethod
     def _schema(db: sqlite3.Connection) -> str | None:
@@ -216,6 +224,7 @@ class LineageIndex:
         self.db.execute("DELETE FROM commits WHERE id=?", (cid,))
         self.db.execute("DELETE FROM inputs WHERE commit_id=?", (cid,))
         self.db.execute("DELETE FROM problems WHERE commit_id=?", (cid,))
+        self.db.execute("DELETE FROM reads WHERE commit_id=?", (cid,))
 
     def _insert(self, cid: bytes, commit: Commit) -> None:
         self._delete(cid)
@@ -225,7 +234,16 @@ class LineageIndex:
             "INSERT INTO inputs VALUES (?, ?, ?, ?, ?)",
             [(cid, pos, inp.url, inp.commit, inp.name) for pos, inp in enumerate(parsed.inputs)],
         )
-        self.db.executemany("INSERT INTO problems VALUES (?, ?)", [(cid, p) for p in parsed.problems])
+        problems = list(parsed.problems)
+        try:
+            entries = readset.commit_readset(self.repo, commit.metadata)
+            if entries is not None:
+                pos_of = {inp.name: pos for pos, inp in enumerate(parsed.inputs) if inp.name}
+                self.db.executemany("INSERT INTO reads VALUES (?, ?, ?, ?)",
+                                    ((cid, pos_of.get(e.input, -1), e.path, e.file_id) for e in entries))
+        except ReadSetError as exc:
+            problems.append(str(exc))
+        self.db.executemany("INSERT INTO problems VALUES (?, ?)", [(cid, p) for p in problems])
 
     # --- queries -----------------------------------------------------------------------
     def lookup_downstream(self, cid: bytes) -> list[DownstreamRow]:
@@ -235,6 +253,14 @@ class LineageIndex:
             (cid,),
         ).fetchall()
         return [DownstreamRow(*r) for r in rows]
+
+    def lookup_readers(self, file_id: bytes) -> list[tuple]:
+        """(commit, input position, input name, input url, input commit, path, time, summary) of
+        every indexed commit whose read set has a file with this content id."""
+        return self.db.execute(
+            "SELECT r.commit_id, r.pos, i.name, i.url, i.input_id, r.path, c.time, c.summary FROM reads r "
+            "JOIN commits c ON c.id = r.commit_id LEFT JOIN inputs i ON i.commit_id = r.commit_id AND i.pos = r.pos "
+            "WHERE r.file_id=? ORDER BY c.time, r.commit_id, r.path", (file_id,)).fetchall()
 
     def problems(self) -> list[tuple[bytes, str]]:
         return list(self.db.execute("SELECT commit_id, message FROM problems ORDER BY commit_id"))
@@ -333,3 +359,59 @@ def query_lineage(
                 index.close()
     return LineageReport(repo.url, cid, commit.time, summary(commit.message), parsed.inputs, parsed.run,
                          ups, downs, [r.url for r in search] if down else [], problems)
+
+
+# --- which commits read a file ------------------------------------------------------------
+@dataclass
+class Reader:
+    """A commit whose run read a file (``--trained-on``)."""
+
+    repo: str
+    commit: bytes
+    input_name: str | None
+    input_repo: str | None
+    input_commit: bytes | None
+    path: str
+    time: int | None
+    summary: str | None
+
+    def to_json(self) -> dict:
+        return {"repo": self.repo, "id": self.commit.hex(), "input": self.input_name, "input_repo": self.input_repo,
+                "input_id": self.input_commit.hex() if self.input_commit else None, "path": self.path,
+                "time": self.time, "summary": self.summary}
+
+
+@dataclass
+class TrainedOnReport:
+    dataset_repo: str
+    dataset_commit: bytes
+    path: str
+    file_id: bytes
+    readers: list[Reader]
+    searched: list[str]
+    problems: list[str]
+
+    def to_json(self) -> dict:
+        return {"repo": self.dataset_repo, "id": self.dataset_commit.hex(), "path": self.path,
+                "file_id": self.file_id.hex(), "readers": [r.to_json() for r in self.readers],
+                "searched": self.searched, "problems": self.problems}
+
+
+def trained_on(dataset: Repository, cid: bytes, path: str, search: list[Repository]) -> TrainedOnReport:
+    """Commits in ``search`` whose recorded read set holds the file ``path`` of commit ``cid``
+    (matched by content id: the same bytes read through any commit of any input)."""
+    from commitfs.ops.browse import lookup_path
+
+    entry = lookup_path(dataset, cid, path)
+    if not entry.kind.is_file:
+        raise CommitfsError(f"{path} is not a file in {cid.hex()[:12]}")
+    readers, problems = [], []
+    for repo in search:
+        with LineageIndex(repo) as index:
+            stats = index.update()
+            problems.extend(stats.problems)
+            problems.extend(f"{repo.url}: commit {c.hex()[:12]}: {m}" for c, m in index.problems()
+                            if "read set" in m)
+            for c, pos, name, url, input_id, p, t, summ in index.lookup_readers(entry.id):
+                readers.append(Reader(repo.url, c, name, url, input_id, p, t, summ))
+    return TrainedOnReport(dataset.url, cid, path, entry.id, readers, [r.url for r in search], problems)

@@ -236,6 +236,22 @@ def _scan(root: str, cache: StatCache, warnings: list[str]) -> tuple[list[_Dir],
     return dirs, to_read
 
 
+def check_commit_text(message: str, metadata: dict[str, str] | None = None, author: str | None = None) -> None:
+    """InputError unless the commit's text fields are valid Unicode (a command
+    line's undecodable bytes arrive as lone surrogates): checked before any
+    data is read or uploaded, not when the commit is finally encoded."""
+    fields = [("the commit message", message), ("the author", author or "")]
+    for k, v in (metadata or {}).items():
+        fields += [("a --meta key", k), (f"--meta {k!r}", v)]
+    for what, text in fields:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(f"{what} is not valid UTF-8: {text.encode('utf-8', 'surrogateescape')[:60]!r}") from None
+        except AttributeError:
+            raise InputError(f"{what} is not text") from None
+
+
 def commit_directory(
     repo: Repository,
     directory: str | os.PathLike,
@@ -251,6 +267,7 @@ def commit_directory(
     from commitfs.repo.refs import check_ref_name
 
     check_ref_name(branch)
+    check_commit_text(message, metadata, author)
     path = Path(directory)
     try:
         root = os.path.realpath(path, strict=True)

@@ -43,23 +43,38 @@ before the transfer.  Push refuses to move a remote branch that is not an
 ancestor of what is pushed, pull refuses to move a local branch that is not
 an ancestor of what is pulled (no merge machinery), both unless ``force``.
 
+**Aliases.**  Every push, pull and clone carries every alias (docs/FORMAT.md,
+"Aliases"), removed ones too: the commits they name are sent with the rest,
+then the log entries the destination lacks (oldest first, so a destination
+holding an entry holds all entries before it), then the alias reference by
+compare-and-swap.  An alias moves only forward along its log: if the
+destination's newest entry is in the source's log, it moves; if the
+source's is in the destination's, it stays ("ahead"); otherwise the two logs
+diverged and it is reported ("diverged") and left alone, whatever ``force``
+says, since overwriting it would drop entries from the destination's log.
+
 Index lookups run on the calling thread (the index's answer cache is not
 thread-safe); worker threads only do store I/O, decompression and hashing.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from commitfs.errors import CorruptObjectError, ObjectNotFoundError, RefConflictError, RevisionError
+from commitfs.errors import (CorruptObjectError, InputError, ObjectNotFoundError, RefConflictError,
+                             RepositoryNotFoundError, RevisionError)
 from commitfs.model.ids import hash_bytes
 from commitfs.model.objects import Commit, DecodeError, FileManifest, Tree
 from commitfs.repo.pack import TARGET_PACK_SIZE, BlobKind, Location, pack_key, parse_pack_table, verify_blob
+from commitfs.repo.aliases import AliasState
+from commitfs.repo.remotes import DEFAULT_REMOTE, Remotes
 from commitfs.repo.repository import BlobWriter, Repository, commit_key
+from commitfs.storage.base import open_store
 
 #: Worker threads reading from the source (the destination's BlobWriter adds
 #: its own upload threads).  Enough to hide S3 latency on one connection pool.
@@ -125,8 +140,10 @@ class RefUpdate:
     name: str
     old: bytes | None
     new: bytes
-    #: "created", "fast-forward", "forced", "up-to-date", or "ahead" (pull:
-    #: the local branch already contains the remote's).
+    #: "created", "fast-forward", "forced", "merged" (pull --merge: a merge
+    #: commit of the diverged branches), "up-to-date", or "ahead" (pull:
+    #: the local branch already contains the remote's); aliases also
+    #: "diverged" (not moved: the two logs have different newest entries).
     status: str
     kind: str = "branch"
 
@@ -296,7 +313,7 @@ def _plan(src: Repository, dst: Repository, tips: list[bytes], threads: int,
     tree_seen: set[bytes] = set()
     tree_send: set[bytes] = set()
     manifest_seen: set[bytes] = set()
-    chunk_seen: set[bytes] = set()
+    chunk_sizes: dict[bytes, int] = {}
     children: dict[bytes, list[bytes]] = {}
     tree_data: dict[bytes, tuple[Location, bytes]] = {}
     level = [t for t in trees if wanted(t, tree_seen)]
@@ -327,9 +344,20 @@ def _plan(src: Repository, dst: Repository, tips: list[bytes], threads: int,
             except DecodeError as exc:
                 raise CorruptObjectError(f"file manifest {fid.hex()} is malformed: {exc}") from None
             plan.manifests.append((fid, loc, data))
-            for cid in manifest.chunk_ids:
-                if wanted(cid, chunk_seen):
-                    plan.chunks.append((cid, src.locate(cid)))
+            for cid, declared in zip(manifest.chunk_ids, manifest.chunk_sizes):
+                # A manifest's sizes must be its chunks' lengths (a mount maps
+                # offsets with them): the sent chunks' are checked as they are
+                # read (verify_blob holds their bytes to the index's size).
+                known = chunk_sizes.get(cid)
+                if known is None:
+                    there = dst.index.lookup(cid, refresh=False)  # present: all is there
+                    if there is None:
+                        there = src.locate(cid)
+                        plan.chunks.append((cid, there))
+                    known = chunk_sizes[cid] = there.raw
+                if known != declared:
+                    raise CorruptObjectError(f"file manifest {fid.hex()} declares chunk {cid.hex()} as "
+                                             f"{declared} bytes; it has {known}")
         progress(len(fetched) + len(manifests))
         level = next_level
 
@@ -597,7 +625,9 @@ def push(local: Repository, remote: Repository, branch: str = "main", *, remote_
         if not force:
             raise RefConflictError(f"remote branch {target} has commits you do not have: pull first, or --force")
         status = "forced"
-    result.stats = transfer(local, remote, [new, *send_tags.values()], threads=threads, progress=progress)
+    aliases = _alias_plan(local, remote)
+    result.stats = transfer(local, remote, [new, *send_tags.values(), *(a[1].commit for a in aliases)],
+                            threads=threads, progress=progress)
     if status != "up-to-date":
         _move_branch(remote, target, new, old,
                      f"remote branch {target} moved to {{now}} while pushing; the data sent is kept there: "
@@ -606,19 +636,72 @@ def push(local: Repository, remote: Repository, branch: str = "main", *, remote_
     for name, cid in send_tags.items():
         remote.refs.create_tag(name, cid)
         result.updates.append(RefUpdate(name, None, cid, "created", "tag"))
+    result.updates.extend(_apply_aliases(local, remote, aliases))
     return result
 
 
 def pull(local: Repository, remote: Repository, branch: str = "main", *, local_branch: str | None = None,
-         force: bool = False, threads: int = DEFAULT_THREADS, progress: ProgressFn | None = None) -> SyncResult:
+         force: bool = False, threads: int = DEFAULT_THREADS, progress: ProgressFn | None = None,
+         merge: bool = False, merge_options=None) -> SyncResult:
     """Fetch ``branch`` from ``remote`` and fast-forward the local branch to it
-    (refuse if the local branch has diverged, unless ``force``)."""
+    (refuse if the local branch has diverged, unless ``force``, or ``merge``: then
+    the remote's commit is merged into the local branch, ops/merge.py; a merge
+    with conflicts raises ConflictError and moves nothing, the fetched objects
+    stay)."""
     target = local_branch or branch
     new = remote.refs.lookup_branch(branch)
     if new is None:
         raise RevisionError(f"no branch {branch!r} in {remote.url}")
     return _fetch_branches(local, remote, {target: new}, force=force, threads=threads, progress=progress,
-                           remote_name=f"{remote.url} {branch}")
+                           remote_name=f"{remote.url} {branch}", merge=merge, merge_options=merge_options)
+
+
+def open_clone_destination(dest: str, source_url: str, endpoint_url: str | None = None, *,
+                           shown: str | None = None, **store_options) -> Repository:
+    """The repository a clone of ``source_url`` writes into: a new one at
+    ``dest`` (absent or an empty directory), or the one a clone of the same
+    source left when it was interrupted, whatever the point it was killed at.
+
+    A new clone records its origin *before* it writes the config, so every
+    kill point leaves something this recognises: nothing yet; an origin
+    naming the source and no config (perhaps a ``.tmp-*`` config being
+    written: removed), where the config is written now; or a repository whose
+    origin names the source, which the transfer resumes.  A repository that
+    is not a clone of this source (``commitfs init``, another clone) or a
+    directory holding anything else is an InputError; ``shown`` names ``dest``."""
+    shown = shown or dest
+    try:
+        local = Repository.open(dest, **store_options)
+    except RepositoryNotFoundError:
+        local = None
+    if local is not None:
+        origin = Remotes(local.store).lookup(DEFAULT_REMOTE)
+        if origin is None or origin.url != source_url:
+            local.close()
+            raise InputError(f"{shown} is already a commitfs repository (not a clone of {source_url})")
+        return local
+    store = open_store(dest, **store_options)
+    try:
+        origin = Remotes(store).lookup(DEFAULT_REMOTE)
+        resuming = origin is not None and origin.url == source_url
+        leftovers = []
+        if "://" not in dest and os.path.exists(dest):
+            if not os.path.isdir(dest):
+                raise InputError(f"{shown} exists and is not an empty directory")
+            names = os.listdir(dest)
+            leftovers = [n for n in names if n.startswith(".tmp-")]
+            if any(n not in leftovers and not (resuming and n == "refs") for n in names):
+                raise InputError(f"{shown} exists and is not an empty directory")
+        for n in leftovers:  # a config being written when the clone was killed
+            try:
+                os.unlink(os.path.join(dest, n))
+            except OSError as exc:
+                raise InputError(f"cannot remove {os.path.join(shown, n)}: {exc.strerror}") from None
+        if not resuming:
+            Remotes(store).add(DEFAULT_REMOTE, source_url, endpoint_url)
+    finally:
+        store.close()
+    return Repository.init(dest, **store_options)
 
 
 def clone(local: Repository, remote: Repository, *, threads: int = DEFAULT_THREADS,
@@ -641,10 +724,12 @@ def clone(local: Repository, remote: Repository, *, threads: int = DEFAULT_THREA
 
 def _fetch_branches(local: Repository, remote: Repository, wanted: dict[str, bytes], *, force: bool,
                     threads: int, progress: ProgressFn | None, remote_name: str,
-                    extra_tips: list[bytes] = ()) -> SyncResult:
+                    extra_tips: list[bytes] = (), merge: bool = False, merge_options=None) -> SyncResult:
     result = SyncResult()
     olds = {name: local.refs.lookup_branch(name) for name in wanted}
-    result.stats = transfer(remote, local, [*wanted.values(), *extra_tips], threads=threads, progress=progress)
+    aliases = _alias_plan(remote, local)
+    result.stats = transfer(remote, local, [*wanted.values(), *extra_tips, *(a[1].commit for a in aliases)],
+                            threads=threads, progress=progress)
     for name, new in sorted(wanted.items()):
         old = olds[name]
         if old == new:
@@ -659,13 +744,81 @@ def _fetch_branches(local: Repository, remote: Repository, wanted: dict[str, byt
             continue
         elif force:
             status = "forced"
+        elif merge:
+            result.updates.append(_merge_pulled(local, name, new, remote_name, merge_options))
+            continue
         else:
             raise RefConflictError(
                 f"local branch {name} has diverged from {remote_name} ({_short(old)} vs {_short(new)}); "
-                "commitfs does not merge: pull --force to reset it to the remote's, or push --force to "
+                "pull does not merge unless asked: pull --merge to merge them, pull --force to reset it to the "
+                "remote's, or push --force to "
                 "overwrite the remote's"
             )
         _move_branch(local, name, new, old,
                      f"local branch {name} moved to {{now}} while pulling; run the pull again")
         result.updates.append(RefUpdate(name, old, new, status))
+    result.updates.extend(_apply_aliases(remote, local, aliases))
     return result
+
+
+def _merge_pulled(local: Repository, name: str, new: bytes, remote_name: str, options) -> RefUpdate:
+    from commitfs.errors import ConflictError
+    from commitfs.ops.merge import merge_into
+
+    result = merge_into(local, new.hex(), name, message=f"merge {remote_name} into {name}", options=options)
+    if result.status == "conflicts":
+        paths = [c.path for c in result.conflicts]
+        raise ConflictError(
+            f"merging {remote_name} ({_short(new)}) into local branch {name}: {len(paths)} conflict"
+            f"{'s' if len(paths) != 1 else ''} ({', '.join(paths[:5])}{' ...' if len(paths) > 5 else ''}); "
+            f"nothing was changed (the remote's commits are fetched: commitfs merge {new.hex()[:12]} --into {name})",
+            paths, result.conflicts)
+    return RefUpdate(name, result.head, result.commit_id, "merged")
+
+
+# --- aliases ---------------------------------------------------------------------------
+def _log_contains(repo: Repository, head: bytes, eid: bytes) -> bool:
+    return any(e == eid for e, _ in repo.aliases.iter_log(head))
+
+
+def _alias_plan(src: Repository, dst: Repository) -> list[tuple[str, AliasState, bytes | None, AliasState | None, str]]:
+    """(name, source state, destination raw value, destination state, status) of every source alias."""
+    plan = []
+    for name, state in sorted(src.aliases.states().items()):
+        raw = dst.aliases.lookup_raw(name)
+        theirs = AliasState.decode(name, raw) if raw is not None else None
+        if theirs is None:
+            status = "created"
+        elif raw == state.encode():
+            status = "up-to-date"
+        elif _log_contains(src, state.log, theirs.log):
+            status = "fast-forward"
+        elif _log_contains(dst, theirs.log, state.log):
+            status = "ahead"
+        else:
+            status = "diverged"
+        plan.append((name, state, raw, theirs, status))
+    return plan
+
+
+def _apply_aliases(src: Repository, dst: Repository, plan) -> list[RefUpdate]:
+    """Copy the log entries the destination lacks, then move its alias references."""
+    updates = []
+    for name, state, raw, theirs, status in plan:
+        old = theirs.commit if theirs is not None else None
+        if status in ("created", "fast-forward"):
+            missing = []
+            for eid, _entry in src.aliases.iter_log(state.log):
+                if dst.aliases.has_entry(eid):
+                    break
+                missing.append(eid)
+            for eid in reversed(missing):  # oldest first
+                dst.aliases.save_entry_bytes(eid, src.aliases.load_entry_bytes(eid))
+            try:
+                dst.aliases.swap(name, state, raw)
+            except RefConflictError:
+                raise RefConflictError(f"alias {name} moved in {dst.url} while syncing; the log entries sent are "
+                                       "kept there: run it again") from None
+        updates.append(RefUpdate(name, old if status != "created" else None, state.commit if status != "ahead"
+                                 else (old or state.commit), status, "alias"))
+    return updates

@@ -135,6 +135,8 @@ def verify_blob(oid: bytes, loc: Location, stored: bytes) -> bytes:
         raise CorruptObjectError(f"object {oid.hex()} does not decompress (pack {loc.pack.hex()})") from None
     if hash_bytes(data) != oid:
         raise CorruptObjectError(f"object {oid.hex()} fails its hash check (pack {loc.pack.hex()})")
+    if len(data) != loc.raw:  # the bytes are right; the index's size for them is not
+        raise CorruptObjectError(f"object {oid.hex()} is {len(data)} bytes, not the {loc.raw} its index entry says")
     return data
 
 

@@ -42,16 +42,17 @@ class FileReader:
         first, last = self.chunk_range(offset, size)
         if first == last:
             return b""
-        chunks = self.repo.load_chunks(list(self.manifest.chunk_ids[first:last]))
+        chunks = self.repo.load_chunks(list(self.manifest.chunk_ids[first:last]),
+                                       sizes=self.manifest.chunk_sizes[first:last])
         data = b"".join(chunks) if len(chunks) > 1 else chunks[0]
         rel = offset - self.chunk_start(first)
         return data[rel:rel + size]
 
     def iter_chunks(self, batch: int = 64):
         """Every chunk in order, fetched ``batch`` at a time (for checkout, cat)."""
-        ids = self.manifest.chunk_ids
+        ids, sizes = self.manifest.chunk_ids, self.manifest.chunk_sizes
         for i in range(0, len(ids), batch):
-            yield from self.repo.load_chunks(list(ids[i:i + batch]))
+            yield from self.repo.load_chunks(list(ids[i:i + batch]), sizes=sizes[i:i + batch])
 
 
 class FileObject(io.RawIOBase):

@@ -3,6 +3,13 @@
 ``refs/branches/<name>`` and ``refs/tags/<name>`` hold 64 hex digits and a
 newline.  Branches move only if they still hold the value the writer read;
 tags are created once and never move.
+
+Reading is strict: a value that is not exactly 64 lowercase hex digits and an
+optional newline (empty, truncated, trailing garbage), or a stored name that
+is not a valid ref name, is a DamagedRefError naming the reference, never a
+wrong or empty commit id.  Listings take a ``damaged`` dict to collect such
+references instead of raising (fsck reports them; a mount keeps showing what
+it showed before).
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from commitfs.errors import CommitfsError, RefConflictError, RevisionError
+from commitfs.errors import CommitfsError, DamagedRefError, RefConflictError, RevisionError
 from commitfs.storage.base import Store
 
 BRANCHES = "branches/"
@@ -37,8 +44,22 @@ def _encode(cid: bytes) -> bytes:
     return cid.hex().encode() + b"\n"
 
 
-def _decode(value: bytes) -> bytes:
-    return bytes.fromhex(value.strip().decode())
+_VALUE = re.compile(rb"[0-9a-f]{64}\n?")
+
+
+def decode_ref(name: str, value: bytes) -> bytes:
+    """The commit id a reference's stored value holds; DamagedRefError naming
+    ``name`` for anything but 64 lowercase hex digits and an optional newline."""
+    if not _VALUE.fullmatch(value):
+        if not value:
+            why = "is empty"
+        elif len(value) > 80:
+            why = f"holds {len(value)} bytes, not a commit id"
+        else:
+            why = f"holds {value!r}, not a commit id"
+        hint = f" (commitfs branch -d {name[len(BRANCHES):]} removes it)" if name.startswith(BRANCHES) else ""
+        raise DamagedRefError(f"reference {name} is damaged: it {why}{hint}")
+    return bytes.fromhex(value[:64].decode())
 
 
 class Refs:
@@ -52,19 +73,35 @@ class Refs:
         if not _is_ref_name(name):  # e.g. "../x": no such branch, and never a store key
             return None
         value = self.store.load_ref(BRANCHES + name)
-        return _decode(value) if value is not None else None
+        return decode_ref(BRANCHES + name, value) if value is not None else None
 
     def lookup_tag(self, name: str) -> bytes | None:
         if not _is_ref_name(name):
             return None
         value = self.store.load_ref(TAGS + name)
-        return _decode(value) if value is not None else None
+        return decode_ref(TAGS + name, value) if value is not None else None
 
-    def branches(self) -> dict[str, bytes]:
-        return {n[len(BRANCHES):]: _decode(v) for n, v in self.store.iter_refs(BRANCHES)}
+    def branches(self, damaged: dict[str, str] | None = None) -> dict[str, bytes]:
+        """Every branch.  A damaged one raises DamagedRefError, or, given a
+        ``damaged`` dict, is left out and recorded there (name: message)."""
+        return self._scan(BRANCHES, damaged)
 
-    def tags(self) -> dict[str, bytes]:
-        return {n[len(TAGS):]: _decode(v) for n, v in self.store.iter_refs(TAGS)}
+    def tags(self, damaged: dict[str, str] | None = None) -> dict[str, bytes]:
+        return self._scan(TAGS, damaged)
+
+    def _scan(self, prefix: str, damaged: dict[str, str] | None) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        for full, value in self.store.iter_refs(prefix):
+            name = full[len(prefix):]
+            try:
+                if not _is_ref_name(name):
+                    raise DamagedRefError(f"reference {full!r} is damaged: not a valid ref name")
+                out[name] = decode_ref(full, value)
+            except DamagedRefError as exc:
+                if damaged is None:
+                    raise
+                damaged[full] = str(exc)
+        return out
 
     def set_branch_if_equals(self, name: str, new: bytes | None, expected: bytes | None) -> None:
         """Move (or create, or with new=None delete) a branch iff it holds ``expected``."""
@@ -88,6 +125,22 @@ class Refs:
                 f"branch {name!r} moved meanwhile (expected {expected.hex()[:12]}, {state})"
             ) from None
 
+    def remove_damaged_branch(self, name: str) -> bool:
+        """Delete branch ``name`` if (and only if) its value is damaged; True if it was."""
+        value = self.store.load_ref(BRANCHES + name) if _is_ref_name(name) else None
+        if value is None:
+            return False
+        try:
+            decode_ref(BRANCHES + name, value)
+            return False
+        except DamagedRefError:
+            pass
+        try:
+            self.store.save_ref_if_equals(BRANCHES + name, None, value)
+        except RefConflictError:
+            raise RefConflictError(f"branch {name!r} moved meanwhile") from None
+        return True
+
     @staticmethod
     def _check_nesting(name: str, existing: dict[str, bytes], what: str) -> None:
         # As in git: "a" and "a/b" cannot both exist (on a local store one
@@ -96,6 +149,14 @@ class Refs:
             if other.startswith(name + "/") or name.startswith(other + "/"):
                 raise CommitfsError(f"{what} {name!r} cannot exist beside {what} {other!r} "
                                     "(one name lies inside the other)")
+
+    def delete_tag_if_equals(self, name: str, expected: bytes) -> None:
+        """Delete a tag iff it still names ``expected`` (``commitfs tag -d``)."""
+        check_ref_name(name, "tag")
+        try:
+            self.store.save_ref_if_equals(TAGS + name, None, _encode(expected))
+        except RefConflictError:
+            raise RefConflictError(f"tag {name!r} changed meanwhile; not deleted") from None
 
     def create_tag(self, name: str, cid: bytes) -> None:
         check_ref_name(name, "tag")

@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from commitfs.errors import CommitfsError, RefConflictError, RepositoryError
+from commitfs.errors import CommitfsError, InputError, RefConflictError, RepositoryError
 from commitfs.repo.refs import check_ref_name
 from commitfs.storage.base import Store
 
@@ -52,6 +52,8 @@ def normalize_url(url: str) -> str:
     if "://" in url and not url.startswith("file://"):
         return url
     path = url.removeprefix("file://")
+    if path.startswith("~") and os.path.expanduser(path) == path:
+        raise InputError(f"cannot find the home directory in {path!r}")
     return os.path.abspath(os.path.expanduser(path))
 
 

@@ -30,7 +30,7 @@ from commitfs.errors import (
 )
 from commitfs.model import chunker
 from commitfs.model.ids import HASHER, HEX_SIZE, hash_bytes, is_hex
-from commitfs.model.objects import Commit, DecodeError, FileManifest, Tree
+from commitfs.model.objects import Commit, DecodeError, FileManifest, Tree, check_chunk_sizes
 from commitfs.repo.gcstate import GcState, lease_state
 from commitfs.repo.index import Index
 from commitfs.repo.lru import LockedLRU
@@ -44,6 +44,7 @@ from commitfs.repo.pack import (
     pack_key,
     verify_blob,
 )
+from commitfs.repo.aliases import ALIASES, Aliases
 from commitfs.repo.refs import Refs
 from commitfs.storage.base import Store, open_store
 
@@ -57,6 +58,7 @@ FORMAT_VERSION = 1
 CONFIG_KEY = "config"
 COMMITS_PREFIX = "commits/"
 MIN_PREFIX = 4
+_REPO_ID = re.compile(r"[0-9a-f]{32}")
 
 # Neighbouring chunks closer than this in one pack are fetched in one ranged
 # read (the gap is read and dropped): cheaper than a second request on S3.
@@ -84,10 +86,17 @@ class Repository:
         self.store = store
         self.url = store.url
         self.config = config
-        self.id: str = config["id"]
+        # The id names local files (the lineage index, the stat cache): only
+        # ever the 32 lowercase hex digits init writes, never a path of the
+        # repository's choosing.
+        rid = config.get("id") if isinstance(config, dict) else None
+        if not isinstance(rid, str) or not _REPO_ID.fullmatch(rid):
+            raise RepositoryError(f"{store.url}: the repository config's id {rid!r:.80} is not 32 hex digits")
+        self.id: str = rid
         self.index = Index(store)
         self.gc = GcState(store)
         self.refs = Refs(store, before_publish=self.check_publishable)
+        self.aliases = Aliases(store)
         self.chunk_cache = chunk_cache
         # What this process deduplicated against since it last published a
         # commit (docs/FORMAT.md, "Garbage collection"): checked before a ref moves.
@@ -284,15 +293,16 @@ class Repository:
             stored = self._load_range(pack_key(loc.pack), loc.offset, loc.stored, nowait)
         return verify_blob(oid, loc, stored)
 
-    def load_chunks(self, oids: list[bytes], nowait: bool = False) -> list[bytes]:
-        """Chunks by id, verified; neighbours in one pack share one ranged read."""
+    def load_chunks(self, oids: list[bytes], nowait: bool = False, sizes=None) -> list[bytes]:
+        """Chunks by id, verified; neighbours in one pack share one ranged read.
+        ``sizes``: the lengths a file manifest declares for them, checked too."""
         try:
-            return self._load_chunks(oids, nowait)
+            return self._load_chunks(oids, nowait, sizes)
         except ObjectNotFoundError:
             self._pack_gone(nowait)
-            return self._load_chunks(oids, nowait)
+            return self._load_chunks(oids, nowait, sizes)
 
-    def _load_chunks(self, oids: list[bytes], nowait: bool) -> list[bytes]:
+    def _load_chunks(self, oids: list[bytes], nowait: bool, sizes) -> list[bytes]:
         cache = self.chunk_cache
         if nowait and cache is not None:
             raise WouldBlock("the chunk cache is on disk")
@@ -306,6 +316,8 @@ class Repository:
                     continue
             todo.append((i, oid, self.locate(oid, nowait)))
         self._read_located(todo, out, nowait)
+        if sizes is not None:
+            check_chunk_sizes(oids, sizes, out)
         return out  # type: ignore[return-value]
 
     def _read_located(self, todo: list[tuple[int, bytes, Location]], out: list, nowait: bool) -> None:
@@ -362,14 +374,15 @@ class Repository:
             else:
                 start = first.offset
                 buf = self._load_range(pack_key(first.pack), start, prev.offset + prev.stored - start, nowait)
-                for oid, loc in zip(ids, locs):
+                for oid, loc, size in zip(ids, locs, m.chunk_sizes):
                     rel = loc.offset - start
-                    verify_blob(oid, loc, buf[rel:rel + loc.stored])
+                    check_chunk_sizes((oid,), (size,), (verify_blob(oid, loc, buf[rel:rel + loc.stored]),))
                 return buf
             chunks: list = [None] * len(ids)  # located already: no second index lookup
             self._read_located(list(zip(range(len(ids)), ids, locs)), chunks, nowait)
+            check_chunk_sizes(ids, m.chunk_sizes, chunks)
         else:
-            chunks = self.load_chunks(list(ids), nowait)
+            chunks = self.load_chunks(list(ids), nowait, m.chunk_sizes)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _read_pack_into_nowait(self, pack: bytes, offset: int, buf) -> None:
@@ -442,18 +455,30 @@ class Repository:
 
     # --- revisions --------------------------------------------------------------
     def resolve(self, rev: str) -> bytes:
-        """A commit id from a branch, tag, (prefix of a) commit id, with ``~N`` suffixes."""
-        m = re.fullmatch(r"(.+?)((?:~\d*)*)", rev.strip())
+        """A commit id from a branch, tag, (prefix of a) commit id, followed by any
+        number of ``~N`` (the N-th first-parent ancestor) and ``^N`` (the N-th parent;
+        ``^`` is ``^1``, ``^0`` the commit itself) steps, as in git."""
+        if not isinstance(rev, str):
+            raise RevisionError(f"invalid revision {rev!r} (not a string)")
+        m = re.fullmatch(r"(.+?)((?:[~^]\d*)*)", rev.strip())
         if not m or not m.group(1):
             raise RevisionError(f"invalid revision {rev!r}")
         base, suffix = m.group(1), m.group(2)
         cid = self._resolve_base(base)
-        for step in re.findall(r"~(\d*)", suffix):
-            for _ in range(int(step) if step else 1):
+        for op, digits in re.findall(r"([~^])(\d*)", suffix):
+            n = int(digits) if digits else 1
+            if op == "~":
+                for _ in range(n):
+                    parents = self.load_commit(cid).parents
+                    if not parents:
+                        raise RevisionError(f"{rev}: history of {base} is not that long")
+                    cid = parents[0]
+            elif n:
                 parents = self.load_commit(cid).parents
-                if not parents:
-                    raise RevisionError(f"{rev}: history of {base} is not that long")
-                cid = parents[0]
+                if len(parents) < n:
+                    have = f"{len(parents)} parent{'s' if len(parents) != 1 else ''}"
+                    raise RevisionError(f"{rev}: commit {cid.hex()[:12]} has {have}, not a parent {n}")
+                cid = parents[n - 1]
         return cid
 
     def _resolve_base(self, name: str) -> bytes:
@@ -461,6 +486,11 @@ class Repository:
         if cid is not None:
             return cid
         cid = self.refs.lookup_tag(name)
+        if cid is not None:
+            return cid
+        # Aliases after branches and tags (`alias set` refuses a branch's or a
+        # tag's name; a branch made later wins, and `aliases/NAME` still names the alias).
+        cid = self.aliases.resolve(name.removeprefix(ALIASES) if name.startswith(ALIASES) else name)
         if cid is not None:
             return cid
         lowered = name.lower()
@@ -475,7 +505,9 @@ class Repository:
                     return found[0]
                 if len(found) > 1:
                     raise RevisionError(f"commit prefix {name!r} is ambiguous ({len(found)} commits match)")
-        raise RevisionError(f"unknown revision {name!r} (not a branch, tag or commit id)")
+        if not self.refs.branches():
+            raise RevisionError(f"unknown revision {name!r}: the repository has no commits yet")
+        raise RevisionError(f"unknown revision {name!r} (not a branch, tag, alias or commit id)")
 
     # --- writing ----------------------------------------------------------------
     def writer(self) -> BlobWriter:
@@ -541,6 +573,7 @@ class BlobWriter:
         self._session: dict[bytes, Location] = {}
         self._pool = ThreadPoolExecutor(self.UPLOAD_THREADS, thread_name_prefix="commitfs-upload")
         self._uploads: list[Future] = []
+        self._uploaded: list[tuple[bytes, list]] = []  # packs stored, not yet indexed
         self._lock = threading.Lock()
 
     def __enter__(self) -> BlobWriter:
@@ -551,6 +584,7 @@ class BlobWriter:
             self.finish()
         else:
             self._pool.shutdown(wait=True, cancel_futures=True)
+            self._discard_uploaded()
 
     def has(self, oid: bytes) -> bool:
         return oid in self._session or self.repo.has_blob(oid)
@@ -628,6 +662,7 @@ class BlobWriter:
         self.repo.store.save_object(pack_key(pack_id), view)
         view.release()
         with self._lock:
+            self._uploaded.append((pack_id, entries))
             self.stats.packs += 1
             for oid, loc in entries:
                 self._session[oid] = loc
@@ -638,14 +673,48 @@ class BlobWriter:
     def finish(self) -> int:
         """Upload what remains, wait, then index the new blobs; return their count."""
         try:
-            for builder in list(self._builders.values()):
-                self._flush(builder)
-            entries = []
-            for f in self._uploads:
-                entries.extend(f.result())
-        finally:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-        self._uploads.clear()
-        self.repo.index.add_segment(entries)
-        self.repo.note_own_blobs(oid for oid, _ in entries)
+            try:
+                for builder in list(self._builders.values()):
+                    self._flush(builder)
+                entries = []
+                for f in self._uploads:
+                    entries.extend(f.result())
+            finally:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+            self._uploads.clear()
+            self.repo.index.add_segment(entries)
+            self.repo.note_own_blobs(oid for oid, _ in entries)
+        except BaseException:
+            self._discard_uploaded()
+            raise
+        self._uploaded.clear()
         return len(entries)
+
+    def abort(self) -> None:
+        """Give up: wait for uploads in flight, then remove the packs stored."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._discard_uploaded()
+
+    def _discard_uploaded(self) -> None:
+        """Remove the packs this writer stored but never indexed (a failed upload,
+        a full disk when writing the index segment), so that a re-run needs no
+        more room than this attempt did.  A pack some index segment does name
+        (an identical pack another writer stored and indexed meanwhile) stays.
+        Best effort: what cannot be removed is left for gc, as after a kill."""
+        with self._lock:
+            uploaded, self._uploaded = self._uploaded, []
+        if not uploaded:
+            return
+        index = self.repo.index
+        try:
+            index.refresh()
+        except Exception:
+            return  # cannot tell what is indexed: remove nothing
+        for pack_id, entries in uploaded:
+            try:
+                if any((loc := index.lookup(oid, refresh=False)) is not None and loc.pack == pack_id
+                       for oid, _ in entries):
+                    continue
+                self.repo.store.remove_object(pack_key(pack_id))
+            except Exception:
+                continue

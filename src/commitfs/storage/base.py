@@ -8,7 +8,11 @@ A store holds two kinds of things, and knows nothing of commits or chunks:
 * references, small mutable values (``refs/branches/main``) changed only by
   compare-and-swap, so two writers can never silently overwrite each other.
 
-Keys are '/'-separated ASCII paths without leading slash.
+Keys are '/'-separated ASCII paths without leading slash.  Names that come
+*from* storage (a listing) are checked with :func:`valid_key` before anything
+uses them: a key with an empty, '.' or '..' segment, a NUL or a backslash is
+never a key commitfs wrote, and would become a path elsewhere on a local disk
+(a clone copies keys and refs one by one), so listings leave it out.
 """
 
 from __future__ import annotations
@@ -18,6 +22,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from commitfs.errors import WouldBlock
+
+
+def valid_key(key: str) -> bool:
+    """True if ``key`` (a name read from storage) is one commitfs could have written."""
+    if not key or key.startswith("/") or "\0" in key or "\\" in key:
+        return False
+    return all(seg not in ("", ".", "..") for seg in key.split("/"))
 
 
 class Store(abc.ABC):

@@ -6,6 +6,7 @@
     store.fail_count = 2                       # ...twice, then works again
     store.stall_s, store.stall_timeout_s = 60, 0.2   # reads hang, then time out
     store.calls["load_range"]                  # how many ranged reads happened
+    store.bytes_read                           # bytes returned by load_object/load_range
 
 Every attribute may be changed at any time, from any thread.  local_path() is
 always None, even over a local store, so that every read goes through here.
@@ -29,6 +30,8 @@ class FaultyStore(Store):
         self.url = inner.url
         #: Calls made so far, by method name (faulty ones included).
         self.calls: Counter[str] = Counter()
+        #: Bytes returned by load_object and load_range so far.
+        self.bytes_read = 0
         #: Method names that raise ``error``; ``fail_keys`` narrows them to
         #: some keys/reference names, ``fail_count`` to the next N such calls
         #: (None: forever).
@@ -75,11 +78,17 @@ class FaultyStore(Store):
 
     def load_object(self, key: str) -> bytes:
         self._enter("load_object", key)
-        return self.inner.load_object(key)
+        data = self.inner.load_object(key)
+        with self._lock:
+            self.bytes_read += len(data)
+        return data
 
     def load_range(self, key: str, offset: int, length: int) -> bytes:
         self._enter("load_range", key)
-        return self.inner.load_range(key, offset, length)
+        data = self.inner.load_range(key, offset, length)
+        with self._lock:
+            self.bytes_read += len(data)
+        return data
 
     def lookup_size(self, key: str) -> int | None:
         self._enter("lookup_size", key)

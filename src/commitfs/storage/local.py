@@ -148,15 +148,22 @@ class _CachedOpener:
 _open_cached = _CachedOpener()
 
 
-def _storage_error(exc: OSError, what: str) -> StorageError:
+def _storage_error(exc: OSError, what: str, root: Path | None = None) -> StorageError:
     if exc.errno == errno.ENOSPC:
         return StorageError(f"no space left on device while writing {what}")
-    return StorageError(f"{what}: {exc.strerror or exc}")
+    if exc.errno == errno.ENOTDIR and root is not None and not root.is_dir():
+        # (-r data/labels.csv: a file where the repository should be.)
+        return StorageError(f"{root} is not a directory (a local repository is a directory)")
+    where = f" in {root}" if root is not None else ""
+    return StorageError(f"{what}{where}: {exc.strerror or exc}")
 
 
 class LocalStore(Store):
     def __init__(self, path: str | os.PathLike):
-        self.root = Path(path).expanduser().absolute()
+        try:
+            self.root = Path(path).expanduser().absolute()
+        except RuntimeError:  # "~nouser/x": no such user, no home directory
+            raise StorageError(f"cannot find the home directory in {os.fspath(path)!r}") from None
         self.url = str(self.root)
         self._fds = _FdTable(_FD_CACHE_SIZE)
 
@@ -192,7 +199,7 @@ class LocalStore(Store):
                 tmp.unlink()
             except OSError:
                 pass
-            raise _storage_error(exc, what) from exc
+            raise _storage_error(exc, what, self.root) from exc
 
     def _acquire(self, key: str) -> _Descriptor:
         """``key``'s descriptor, opened if need be; give it back with ``self._fds.release``."""
@@ -204,7 +211,7 @@ class LocalStore(Store):
         except FileNotFoundError:
             raise ObjectNotFoundError(f"object {key} is missing from the repository") from None
         except OSError as exc:
-            raise _storage_error(exc, key) from exc
+            raise _storage_error(exc, key, self.root) from exc
         return self._fds.add(key, fd)
 
     def load_object(self, key: str) -> bytes:
@@ -213,14 +220,14 @@ class LocalStore(Store):
         except FileNotFoundError:
             raise ObjectNotFoundError(f"object {key} is missing from the repository") from None
         except OSError as exc:
-            raise _storage_error(exc, key) from exc
+            raise _storage_error(exc, key, self.root) from exc
 
     def load_range(self, key: str, offset: int, length: int) -> bytes:
         d = self._acquire(key)
         try:
             return os.pread(d.fd, length, offset)
         except OSError as exc:
-            raise _storage_error(exc, key) from exc
+            raise _storage_error(exc, key, self.root) from exc
         finally:
             self._fds.release(d)
 
@@ -256,7 +263,7 @@ class LocalStore(Store):
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise _storage_error(exc, key) from exc
+            raise _storage_error(exc, key, self.root) from exc
 
     def iter_keys(self, prefix: str = "") -> Iterator[str]:
         # Walk only the directory the prefix lies in.
@@ -293,7 +300,7 @@ class LocalStore(Store):
         except FileNotFoundError:
             pass
         except OSError as exc:
-            raise _storage_error(exc, key) from exc
+            raise _storage_error(exc, key, self.root) from exc
 
     def local_path(self, key: str) -> Path | None:
         return self._path(key)
@@ -308,7 +315,7 @@ class LocalStore(Store):
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise _storage_error(exc, f"reference {name}") from exc
+            raise _storage_error(exc, f"reference {name}", self.root) from exc
 
     def save_ref_if_equals(self, name: str, new: bytes | None, expected: bytes | None) -> None:
         path = self._ref_path(name)
@@ -317,7 +324,7 @@ class LocalStore(Store):
             lock_path.parent.mkdir(parents=True, exist_ok=True)
             lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            raise _storage_error(exc, f"reference {name}") from exc
+            raise _storage_error(exc, f"reference {name}", self.root) from exc
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
             current = self.load_ref(name)

@@ -12,17 +12,31 @@ This is the only module of commitfs that imports boto3/botocore: every botocore
 exception is translated here into commitfs.errors, and every request goes
 through commitfs.storage.retry (botocore's own retries are switched off so the
 two do not multiply).
+
+Every answer is checked before it counts as one: a GET's body must be as long
+as its Content-Length (which must be there), a ranged GET's Content-Range must
+be the range asked for, a HEAD must carry a Content-Length, a PUT an ETag, a
+listing page its KeyCount, IsTruncated and (if truncated) a continuation token,
+with as many keys as KeyCount says.  A connection cut inside the headers parses
+as a 200 with no headers and no body; these checks turn it (and a short body, a
+page cut short) into a TransientError, retried, then a clear StorageError:
+never an empty object, an empty listing or a missing size taken as the truth.
+Keys listed from the bucket that commitfs could not have written (``..``,
+empty segments: storage.base.valid_key) are left out with a warning.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import boto3
 from botocore import exceptions as bx
 from botocore.config import Config
+from botocore.parsers import ResponseParserError
 
 from commitfs.errors import (
     ObjectNotFoundError,
@@ -31,10 +45,13 @@ from commitfs.errors import (
     RepositoryNotFoundError,
     StorageError,
 )
-from commitfs.storage.base import Store
+from commitfs.storage.base import Store, valid_key
 from commitfs.storage.retry import TransientError, retry_call
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 _REFS = "refs/"
 
@@ -62,12 +79,31 @@ def _check_name(name: str) -> str:
     return name
 
 
+def _incomplete(what: str) -> TransientError:
+    return TransientError(f"incomplete answer from S3 ({what})", unreachable=True)
+
+
+def _read_body(resp: dict) -> bytes:
+    """A GET's body, all of it: as long as the Content-Length the answer must carry."""
+    if "ContentLength" not in resp:
+        raise _incomplete("no Content-Length")
+    data = resp["Body"].read()
+    if len(data) != int(resp["ContentLength"]):
+        raise _incomplete(f"{len(data)} of {resp['ContentLength']} bytes")
+    return data
+
+
 def _default_endpoint() -> str | None:
     """COMMITFS_S3_ENDPOINT_URL, unless boto3 already has an endpoint from the
     environment (AWS_ENDPOINT_URL[_S3], which it reads by itself)."""
     if os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"):
         return None
     return os.environ.get("COMMITFS_S3_ENDPOINT_URL") or None
+
+
+# What botocore accepts before it sends anything (its own check gives a
+# multi-line message naming two regular expressions).
+_BUCKET_NAME = re.compile(r"[a-zA-Z0-9.\-_]{1,255}")
 
 
 class S3Store(Store):
@@ -117,6 +153,9 @@ class S3Store(Store):
         bucket, _, prefix = url.removeprefix("s3://").partition("/")
         if not url.startswith("s3://") or not bucket:
             raise RepositoryError(f"bad S3 URL {url!r}: expected s3://BUCKET/PREFIX")
+        if not _BUCKET_NAME.fullmatch(bucket):
+            raise RepositoryError(f"bad S3 URL {url!r}: {bucket!r} is not a bucket name "
+                                  "(letters, digits, '.', '-' and '_', at most 255)")
         return cls(bucket, prefix, endpoint_url=endpoint_url, **opts)
 
     def __repr__(self) -> str:
@@ -130,7 +169,7 @@ class S3Store(Store):
         def attempt() -> T:
             try:
                 return fn()
-            except (bx.ClientError, bx.BotoCoreError) as exc:
+            except (bx.ClientError, bx.BotoCoreError, ResponseParserError) as exc:
                 raise self._translate(exc, what, s3_key) from exc
 
         return retry_call(attempt, what=what, attempts=self._attempts, deadline_s=self._deadline_s)
@@ -148,7 +187,7 @@ class S3Store(Store):
                 return RefConflictError(f"s3://{self.bucket}/{s3_key} changed meanwhile")
             if code in _ACCESS_CODES or status == 403:
                 return StorageError(f"access denied to {self.url} ({code}): check credentials")
-            message = exc.response.get("Error", {}).get("Message") or code
+            message = " ".join(str(exc.response.get("Error", {}).get("Message") or code).split())
             if status >= 500 or code in _TRANSIENT_CODES:
                 return TransientError(f"S3 answered {status} {code}: {message}")
             return StorageError(f"{what}: {code}: {message}")
@@ -164,9 +203,11 @@ class S3Store(Store):
         if isinstance(exc, bx.ReadTimeoutError):
             return TransientError(f"S3 endpoint {endpoint} did not answer within {self._read_timeout:g}s",
                                   unreachable=True)
+        if isinstance(exc, ResponseParserError):  # a body cut short: not XML any more
+            return TransientError(f"incomplete answer from S3 endpoint {endpoint} (unparsable)", unreachable=True)
         if isinstance(exc, (bx.HTTPClientError, bx.ResponseStreamingError, bx.IncompleteReadError)):
             return TransientError(f"connection to S3 endpoint {endpoint} broke: {exc}", unreachable=True)
-        return StorageError(f"{what}: {exc}")
+        return StorageError(" ".join(f"{what}: {exc}".split()))  # one line, whatever botocore says
 
     def _s3_key(self, key: str) -> str:
         return self._root + _check_name(key)
@@ -195,11 +236,22 @@ class S3Store(Store):
     def _list_entries(self, s3_prefix: str) -> Iterator[dict]:
         """Every listing entry (Key, Size, LastModified) under ``s3_prefix``."""
         kwargs = {"Bucket": self.bucket, "Prefix": s3_prefix}
+        def get_page() -> dict:
+            page = self._client.list_objects_v2(**kwargs)
+            contents = page.get("Contents", ())
+            if "IsTruncated" not in page or "KeyCount" not in page:
+                raise _incomplete("a listing page without IsTruncated/KeyCount")
+            if int(page["KeyCount"]) != len(contents) or not all("Key" in e for e in contents):
+                raise _incomplete(f"a listing page of {len(contents)} keys, KeyCount {page['KeyCount']}")
+            if page["IsTruncated"] and not page.get("NextContinuationToken"):
+                raise _incomplete("a truncated listing without a continuation token")
+            return page
+
         while True:
-            page = self._call("LIST", s3_prefix, lambda: self._client.list_objects_v2(**kwargs))
+            page = self._call("LIST", s3_prefix, get_page)
             for entry in page.get("Contents", ()):
                 yield entry
-            if not page.get("IsTruncated"):
+            if not page["IsTruncated"]:
                 return
             kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
@@ -209,15 +261,18 @@ class S3Store(Store):
         s3_key = self._s3_key(key)
         if not isinstance(data, bytes):
             data = bytes(data)  # botocore signs and sends bytes, not arbitrary buffers
-        self._call("PUT", s3_key, lambda: self._client.put_object(Bucket=self.bucket, Key=s3_key, Body=data))
+
+        def put() -> None:
+            if "ETag" not in self._client.put_object(Bucket=self.bucket, Key=s3_key, Body=data):
+                raise _incomplete("a PUT answer without an ETag")  # rewriting is harmless
+
+        self._call("PUT", s3_key, put)
 
     def load_object(self, key: str) -> bytes:
         s3_key = self._s3_key(key)
         # The body is read inside the retried call: a connection dropping
         # mid-body is retried like one dropping before the answer.
-        return self._call(
-            "GET", s3_key, lambda: self._client.get_object(Bucket=self.bucket, Key=s3_key)["Body"].read()
-        )
+        return self._call("GET", s3_key, lambda: _read_body(self._client.get_object(Bucket=self.bucket, Key=s3_key)))
 
     def load_range(self, key: str, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0:
@@ -235,21 +290,31 @@ class S3Store(Store):
                 if _error_code(exc)[0] == "InvalidRange":  # offset at or past the end
                     return b""
                 raise
-            data = resp["Body"].read()
+            data = _read_body(resp)
             if "ContentRange" not in resp:  # a server ignoring Range sent the whole object
-                data = data[offset:offset + length]
+                return data[offset:offset + length]
+            m = _CONTENT_RANGE.fullmatch(str(resp["ContentRange"]))
+            if not m or int(m.group(1)) != offset or int(m.group(2)) - offset + 1 != len(data):
+                raise _incomplete(f"Content-Range {resp['ContentRange']!r} for bytes {offset}+{length}")
+            if len(data) < length and m.group(3) != "*" and offset + len(data) != int(m.group(3)):
+                raise _incomplete(f"{len(data)} of {length} bytes before the object's end")
             return data
 
         return self._call("GET", s3_key, get)
 
     def lookup_size(self, key: str) -> int | None:
         s3_key = self._s3_key(key)
+        def head() -> int:
+            resp = self._client.head_object(Bucket=self.bucket, Key=s3_key)
+            if "ContentLength" not in resp:
+                raise _incomplete("a HEAD answer without Content-Length")
+            return int(resp["ContentLength"])
+
         try:
-            head = self._call("HEAD", s3_key, lambda: self._client.head_object(Bucket=self.bucket, Key=s3_key))
+            return self._call("HEAD", s3_key, head)
         except ObjectNotFoundError:
             self._check_bucket()
             return None
-        return int(head["ContentLength"])
 
     def iter_keys(self, prefix: str = "") -> Iterator[str]:
         if prefix:
@@ -258,15 +323,19 @@ class S3Store(Store):
             key = s3_key[len(self._root):]
             # References live beside objects but are not objects; keys ending
             # in '/' are "folder" markers other S3 tools create.
-            if not key.startswith(_REFS) and not key.endswith("/"):
-                yield key
+            if key.startswith(_REFS) or key.endswith("/"):
+                continue
+            if not valid_key(key):
+                log.warning("ignoring S3 key %r: not a key commitfs writes", s3_key)
+                continue
+            yield key
 
     def iter_objects(self, prefix: str = "") -> Iterator[tuple[str, int, float | None]]:
         if prefix:
             _check_name(prefix)
         for entry in self._list_entries(self._root + prefix):
             key = entry["Key"][len(self._root):]
-            if key.startswith(_REFS) or key.endswith("/"):
+            if key.startswith(_REFS) or key.endswith("/") or not valid_key(key):
                 continue
             modified = entry.get("LastModified")
             yield key, int(entry.get("Size", 0)), modified.timestamp() if modified is not None else None
@@ -283,7 +352,9 @@ class S3Store(Store):
 
         def get() -> tuple[bytes, str]:
             resp = self._client.get_object(Bucket=self.bucket, Key=s3_key)
-            return resp["Body"].read(), resp["ETag"]
+            if "ETag" not in resp:
+                raise _incomplete("a GET answer without an ETag")
+            return _read_body(resp), resp["ETag"]
 
         try:
             return self._call("GET", s3_key, get)
@@ -340,6 +411,11 @@ class S3Store(Store):
         base = self._root + _REFS
         for s3_key in self._list(base + prefix):
             name = s3_key[len(base):]
+            if name.endswith("/"):
+                continue  # a "folder" marker
+            if not valid_key(name):
+                log.warning("ignoring S3 key %r: not a reference name commitfs writes", s3_key)
+                continue
             value = self.load_ref(name)
             if value is not None:  # deleted since the listing
                 yield name, value

@@ -2,11 +2,12 @@
 
 Shape of a mount
 ----------------
-Without a revision the root holds ``branches/``, ``tags/`` and ``commits/``;
-below each name is the tree of a commit (a *view*).  With a revision, the root
+Without a revision the root holds ``aliases/``, ``branches/``, ``tags/`` and
+``commits/``; below each name is the tree of a commit (a *view*).  With a revision, the root
 itself is that commit's tree.  Everything inside a view is immutable, so the
 kernel is told to trust it for a day (entry and attribute timeouts) and to
-keep its page cache across opens.  Only the ref directories move: their
+keep its page cache across opens.  Only the ref directories move (aliases
+like branches): their
 listings and lookups use a refs snapshot at most ``refresh_s / 2`` old, and
 the kernel trusts what they return for ``refresh_s / 2``, so a branch view
 shows a new commit within ``refresh_s``.  A moved branch is a *new* inode for
@@ -54,16 +55,20 @@ from commitfs.errors import (
 from commitfs.model.ids import HEX_SIZE, is_hex
 from commitfs.model.objects import EMPTY_MANIFEST, Commit, FileManifest, Kind, Tree, TreeEntry
 from commitfs.repo.repository import MIN_PREFIX, Repository
+from commitfs.repo.treewalk import check_expansion
 from commitfs.vfs import prefetch
 from commitfs.vfs.loader import Flight, Loader
+from commitfs.vfs.readlog import ReadLog
 from commitfs.vfs.errors import (
     BadHandleError,
     NoSuchAttributeError,
     NotASymlinkError,
     ReadOnlyError,
     ShuttingDownError,
+    StaleInodeError,
 )
 from commitfs.vfs.inode import (
+    ROOT_INODE,
     XATTR_REPO,
     Attr,
     CommitsDir,
@@ -105,6 +110,8 @@ class VfsOptions:
     #: ...and how long one is kept unread (its read-ahead buffers are freed then;
     #: no RELEASE ever says that a reader has gone).
     inode_reader_idle_s: float = 10.0
+    #: Append the files read to this file (vfs/readlog.py); None: record nothing.
+    record_reads: str | None = None
 
 
 @dataclass(frozen=True)
@@ -121,10 +128,11 @@ class StatFs:
 class _Refs:
     branches: dict[str, bytes]
     tags: dict[str, bytes]
+    aliases: dict[str, bytes]
     at: float
 
     def of(self, kind: str) -> dict[str, bytes]:
-        return self.branches if kind == "branches" else self.tags
+        return {"branches": self.branches, "tags": self.tags, "aliases": self.aliases}[kind]
 
 
 # --- listings ----------------------------------------------------------------------
@@ -204,16 +212,22 @@ class FileSystem:
     kernel does, and raise commitfs errors.
     """
 
-    def __init__(self, repo: Repository, root_commit: bytes | None = None, options: VfsOptions = VfsOptions()):
+    def __init__(self, repo: Repository, root_commit: bytes | None = None, options: VfsOptions = VfsOptions(),
+                 root_tree: bytes | None = None):
         self.repo = repo
         self.options = options
         self.root_commit = root_commit
+        #: With ``root_commit``: the tree shown at the root (a subdirectory of the
+        #: commit's tree, ``mount REV:PATH``); None for the commit's own tree.
+        self.root_tree = root_tree
         self.mount_time_ns = time.time_ns()
         self._long = options.immutable_timeout_s
         self._short = max(options.refresh_s / 2, 0.0)
         self.loader = Loader(repo, options.io_threads, options.io_timeout_s)
         self._refs_snapshot: _Refs | None = None
         self._refs_flight: Flight | None = None
+        self._damaged_logged: set[str] = set()
+        self._listed_trees: dict[bytes, int] = {}  # tree id -> the first inode listed with it
         self._files: dict[int, _FileHandle] = {}
         #: Read states of files read without an open handle (read_inode), least recent first.
         self._by_inode: OrderedDict[int, _FileHandle] = OrderedDict()
@@ -222,6 +236,7 @@ class FileSystem:
         self._nursery: trio.Nursery | None = None
         self.table: InodeTable | None = None
         self._repo_url = repo.url.encode()
+        self.readlog = ReadLog(options.record_reads) if options.record_reads else None
 
     @asynccontextmanager
     async def running(self):
@@ -231,7 +246,7 @@ class FileSystem:
                 root: Node = RootDir(self._short, self._short)
             else:
                 commit = await self.loader.commit(self.root_commit)
-                root = self._view_root(self.root_commit, commit, self._long)
+                root = self._view_root(self.root_commit, commit, self._long, self.root_tree)
             self.table = InodeTable(root)
             try:
                 yield self
@@ -240,6 +255,8 @@ class FileSystem:
                 for h in [*self._files.values(), *self._by_inode.values()]:
                     if h.reader is not None:
                         h.reader.close()
+                if self.readlog is not None:
+                    self.readlog.close()
 
     async def _refs(self) -> _Refs:
         """Branches and tags, at most ``refresh_s / 2`` old; one refresh at a time, shared
@@ -269,15 +286,29 @@ class FileSystem:
 
     async def _load_refs(self, previous: _Refs | None) -> _Refs:
         refs = self.repo.refs
+        damaged: dict[str, str] = {}
         try:
-            branches, tags = await self.loader.io("the branch and tag list", lambda: (refs.branches(), refs.tags()))
+            branches, tags, aliases = await self.loader.io(
+                "the branch, tag and alias list",
+                lambda: (refs.branches(damaged), refs.tags(damaged), self.repo.aliases.live()))
         except Exception as exc:
             if previous is None:
                 raise
             log.warning("cannot refresh branches and tags (%s); showing those of %.0fs ago",
                         exc, trio.current_time() - previous.at)
             return previous
-        self._refs_snapshot = _Refs(branches, tags, trio.current_time())
+        # A damaged reference (empty, not a commit id) changes nothing shown:
+        # it keeps the commit it named at the last good read, or stays absent.
+        for full, why in damaged.items():
+            if why not in self._damaged_logged:  # once, not at every refresh
+                self._damaged_logged.add(why)
+                log.warning("%s; %s", why, "showing its last good value" if previous else "not shown")
+            if previous is not None:
+                kind, _, name = full.partition("/")
+                old, new = (previous.branches, branches) if kind == "branches" else (previous.tags, tags)
+                if name in old:
+                    new[name] = old[name]
+        self._refs_snapshot = _Refs(branches, tags, aliases, trio.current_time())
         return self._refs_snapshot
 
     async def _resolve_prefix(self, prefix: str) -> bytes | None:
@@ -287,9 +318,9 @@ class FileSystem:
         return found[0] if len(found) == 1 else None
 
     # --- nodes ---------------------------------------------------------------------
-    def _view_root(self, cid: bytes, commit: Commit, timeout: float) -> TreeDir:
+    def _view_root(self, cid: bytes, commit: Commit, timeout: float, tree: bytes | None = None) -> TreeDir:
         view = View(cid, commit.tree, commit.time * 1_000_000_000)
-        return TreeDir(view, TreeEntry("", Kind.DIR, 0, commit.tree), timeout, timeout)
+        return TreeDir(view, TreeEntry("", Kind.DIR, 0, tree or commit.tree), timeout, timeout)
 
     def _node(self, inode: int) -> Node:
         assert self.table is not None, "use the file system inside `async with fs.running()`"
@@ -313,7 +344,7 @@ class FileSystem:
             prefix = f"{node.prefix}{name}/"
             return ("ns",), lambda: RefDir(node.kind, prefix, self._short, self._short)
         assert commit is not None
-        timeout = self._short if node.kind == "branches" else self._long
+        timeout = self._long if node.kind == "tags" else self._short  # branches and aliases move
         return ("commit", cid), lambda: self._view_root(cid, commit, timeout)
 
     async def _child(self, parent: DirNode, name: str) -> tuple[tuple, MakeNode] | None:
@@ -360,6 +391,7 @@ class FileSystem:
     def _root_items(self) -> list[tuple[str, tuple, MakeNode]]:
         s, long_ = self._short, self._long
         return [
+            ("aliases", ("refs",), lambda: RefDir("aliases", "", long_, s)),
             ("branches", ("refs",), lambda: RefDir("branches", "", long_, s)),
             ("commits", ("commits",), lambda: CommitsDir(long_, s)),
             ("tags", ("refs",), lambda: RefDir("tags", "", long_, s)),
@@ -367,7 +399,15 @@ class FileSystem:
 
     async def _listing(self, node: DirNode) -> Listing:
         if isinstance(node, TreeDir):
-            return _TreeListing(node.view, await self.loader.tree(node.entry.id), self._long)
+            tid = node.entry.id
+            first = self._listed_trees.setdefault(tid, node.ino)
+            if first != node.ino:
+                # The same tree at a second path: shared subtrees, the only way
+                # a DAG multiplies paths.  Listing it again is refused if the
+                # rule of repo.treewalk refuses it (counted once per tree id),
+                # so a find(1) of a hostile DAG stays bounded.
+                await self.loader.io(f"the path count of tree {tid.hex()}", check_expansion, self.repo, tid)
+            return _TreeListing(node.view, await self.loader.tree(tid), self._long)
         if isinstance(node, RootDir):
             return _StaticListing(self._root_items())
         if isinstance(node, RefDir):
@@ -383,7 +423,7 @@ class FileSystem:
             return _StaticListing(items)
         if isinstance(node, CommitsDir):
             refs = await self._refs()
-            cids = set(refs.branches.values()) | set(refs.tags.values())
+            cids = set(refs.branches.values()) | set(refs.tags.values()) | set(refs.aliases.values())
             commits = await self._commits_of(cids)
             items = []
             for cid in sorted(commits):
@@ -515,8 +555,23 @@ class FileSystem:
             raise PathNotFoundError(f"inode {inode} is not a regular file")
         return node
 
+    def _record_read(self, node: FileNode) -> None:
+        """Log a read of ``node`` with its path from the mount root (vfs/readlog.py)."""
+        assert self.readlog is not None and self.table is not None
+        names = []
+        n: Node = node
+        try:
+            while n.ino != ROOT_INODE:
+                names.append(n.key[1])
+                n = self.table.get(n.parent)
+        except StaleInodeError:  # a parent forgotten meanwhile: keep what is known
+            names.append("?")
+        self.readlog.record(node.entry.id, "/".join(reversed(names)))
+
     async def open(self, inode: int, flags: int) -> int:
         node = self.check_open(inode, flags)
+        if self.readlog is not None:
+            self._record_read(node)
         h = _FileHandle(node, EMPTY_MANIFEST if node.entry.size == 0 else None)
         if not node.opened:
             # A first open is nearly always followed by a read from offset 0, so the
@@ -593,6 +648,8 @@ class FileSystem:
                 if node.is_dir:
                     raise IsADirectoryError_(f"inode {inode} is a directory")
                 raise PathNotFoundError(f"inode {inode} is not a regular file")
+            if self.readlog is not None:
+                self._record_read(node)
             fsize = node.entry.size
             if off >= fsize:
                 return b""  # at or past the end: nothing to load, no state to keep

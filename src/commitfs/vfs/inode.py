@@ -120,13 +120,13 @@ class RootDir(DirNode):
 
 
 class RefDir(DirNode):
-    """``branches/`` or ``tags/`` or a namespace below them (``branches/team/``)."""
+    """``branches/``, ``tags/`` or ``aliases/``, or a namespace below them (``branches/team/``)."""
 
     __slots__ = ("kind", "prefix")
 
     def __init__(self, kind: str, prefix: str, entry_timeout: float, attr_timeout: float):
         super().__init__(entry_timeout, attr_timeout)
-        self.kind = kind  # "branches" or "tags"
+        self.kind = kind  # "branches", "tags" or "aliases"
         self.prefix = prefix  # "" or "team/"
 
 

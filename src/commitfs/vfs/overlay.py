@@ -66,7 +66,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from commitfs.errors import CommitfsError, InputError
-from commitfs.model.objects import FileManifest, Kind, TreeEntry
+from commitfs.model.objects import FileManifest, Kind, TreeEntry, check_chunk_sizes
 from commitfs.vfs.errors import NoSpaceError
 
 SCHEMA_VERSION = "1"
@@ -376,7 +376,9 @@ def copy_up(load_chunks: Callable[[list[bytes]], list[bytes]], manifest: FileMan
     ids = list(manifest.chunk_ids)
     off = 0
     for i in range(0, len(ids), _COPY_BATCH):
-        for chunk in load_chunks(ids[i:i + _COPY_BATCH]):
+        batch = load_chunks(ids[i:i + _COPY_BATCH])
+        check_chunk_sizes(ids[i:i + _COPY_BATCH], manifest.chunk_sizes[i:i + _COPY_BATCH], batch)
+        for chunk in batch:
             view = memoryview(chunk)
             while view:
                 n = os.pwrite(fd, view, off)

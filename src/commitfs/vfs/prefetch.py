@@ -72,7 +72,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from commitfs.model.objects import FileManifest
+from commitfs.model.objects import FileManifest, check_chunk_sizes
 from commitfs.repo.reader import FileReader
 from commitfs.vfs.errors import ShuttingDownError
 
@@ -247,6 +247,8 @@ class Prefetcher:
         if demand and self._fetch_now is not None:
             try:
                 part.chunks = self._fetch_now(list(self._ids[first:last]))
+                if part.chunks is not None:
+                    self._check(part)
             except Exception as exc:  # handed to the read, as a task's failure would be
                 part.error = exc
             if part.chunks is not None or part.error is not None:
@@ -255,6 +257,15 @@ class Prefetcher:
                 return part
         self._nursery.start_soon(self._run, part)
         return part
+
+    def _check(self, part: _Part) -> None:
+        """The fetched chunks have the sizes the offsets were computed from (else
+        CorruptObjectError, and the part holds no chunks)."""
+        try:
+            check_chunk_sizes(self._ids[part.first:part.last], self._sizes[part.first:part.last], part.chunks)
+        except Exception:
+            part.chunks = None
+            raise
 
     def _drop(self, part: _Part) -> None:
         self._live.discard(part)
@@ -265,6 +276,7 @@ class Prefetcher:
     async def _run(self, part: _Part) -> None:
         try:
             part.chunks = await self._fetch(list(self._ids[part.first:part.last]))
+            self._check(part)
         except Exception as exc:  # handed to the reads that wait for this part
             part.error = exc
             if not self._closed:

@@ -28,18 +28,20 @@ as in the read-only core.
 
 Commit
 ------
-``commit`` turns the overlay into ``{path: Change}`` against the base commit
-(untouched subtrees are not visited; a moved untouched file or directory is
-``Change("entry")``, re-linked by id without reading bytes; only copied-up or
-new files are chunked) and hands it to ops.changeset.commit_changes in a
-worker thread, which moves the branch by compare-and-swap, rebasing onto a
-moved branch when the paths are disjoint.  The commit id is recorded as
-pending in the overlay just before the compare-and-swap (through a
-repository wrapper whose refs record it); once the branch moved, the overlay
-is cleared and the base set in one transaction, and the in-memory tree is
-re-based onto the new commit *keeping node objects*, so inode numbers the
-kernel (a shell's working directory, an open file) holds stay valid.  See
-vfs/overlay.py for the crash window between the two.
+The commit is orchestrated by the control channel (fuse/control.py), not
+here: vfs does not import ops.  Inside ``paused`` (the one lock, so no change
+runs meanwhile) ``draft`` snapshots the edits as a Draft (model/draft.py):
+untouched subtrees are their origin TreeEntries (not visited; a moved
+untouched file or directory is re-linked by id without reading bytes), only
+copied-up or new files are NewFiles to chunk.  ops.changeset.commit_draft
+stores it and moves the branch by compare-and-swap, rebasing onto a moved
+branch with the change engine's three-way merge; ``set_pending`` is its
+callback just before the compare-and-swap, recording the commit id in the
+overlay.  Once the branch moved, ``settle`` clears the overlay and sets the
+base in one transaction, and re-bases the in-memory tree onto the new commit
+*keeping node objects*, so inode numbers the kernel (a shell's working
+directory, an open file) holds stay valid.  See vfs/overlay.py for the crash
+window between the two.
 
 Caching: entries and attributes get timeout 0 and files are opened without
 keep_cache, so the kernel never serves a stale name, size or page after a
@@ -55,7 +57,7 @@ import stat
 import time
 from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
@@ -65,8 +67,8 @@ from commitfs.errors import (
     NotADirectoryError_,
     PathNotFoundError,
 )
-from commitfs.model.objects import EMPTY_MANIFEST, Commit, Kind, Tree, TreeEntry
-from commitfs.ops.changeset import Change, ChangesetResult, commit_changes
+from commitfs.model.draft import Draft, NewFile
+from commitfs.model.objects import EMPTY_MANIFEST, Commit, Kind, Tree, TreeEntry, symlink_entry
 from commitfs.repo.repository import Repository
 from commitfs.vfs import prefetch
 from commitfs.vfs.core import StatFs
@@ -188,120 +190,28 @@ class WorkspaceOptions:
     timeout_s: float = 0.0
 
 
-@dataclass
-class StatusEntry:
-    status: str  # added | modified | deleted
-    path: str
-    kind: str  # file | dir | symlink
-    size: int
-
-    def to_json(self) -> dict:
-        return {"status": self.status, "path": self.path, "kind": self.kind, "size": self.size}
-
-
-@dataclass
-class CommitOutcome:
-    commit_id: bytes
-    parent: bytes | None
-    rebased: bool
-    changes: int
-    invalidate: list[int] = field(default_factory=list)
-
-
-class _RecordingRefs:
-    """Refs that record the commit id about to be compare-and-swapped (crash safety)."""
-
-    def __init__(self, refs, on_pending: Callable[[bytes], None]):
-        self._refs = refs
-        self._on_pending = on_pending
-
-    def set_branch_if_equals(self, name, new, expected):
-        self._on_pending(new)
-        return self._refs.set_branch_if_equals(name, new, expected)
-
-    def __getattr__(self, name):
-        return getattr(self._refs, name)
-
-
-class _RecordingRepository:
-    """The repository as commit_changes sees it: every call passes through, except
-    that a branch move first records the new commit in the overlay."""
-
-    def __init__(self, repo: Repository, on_pending: Callable[[bytes], None]):
-        self._repo = repo
-        self.refs = _RecordingRefs(repo.refs, on_pending)
-
-    def __getattr__(self, name):
-        return getattr(self._repo, name)
-
-
-# --- the snapshot of an overlay, and its changes ---------------------------------------
-def _snapshot(node: WNode, data_path: Callable[[str], str]):
-    """A plain picture of a materialized directory's listing (taken under the lock);
-    None for a lazy (untouched) root."""
+# --- the snapshot of an overlay ----------------------------------------------------------
+def _draft(node: WNode, data_path: Callable[[str], str]) -> Draft | None:
+    """The edited tree as the change engine sees it (taken under the lock): a Draft per
+    materialized directory, the origin TreeEntry of everything untouched (never opened),
+    a NewFile per copied-up or new file; None for a lazy (untouched) root."""
     if node.children is None:
         return None
-    out = {}
+    out: dict = {}
     for name, c in node.children.items():
         if c.kind == "dir":
-            out[name] = ("dir", _snapshot(c, data_path)) if c.children is not None else ("entry", c.origin)
+            out[name] = _draft(c, data_path) if c.children is not None else c.origin
         elif c.kind == "symlink":
-            out[name] = ("symlink", c.target)
+            out[name] = symlink_entry(name, c.target)
         elif c.upper is not None:
-            out[name] = ("file", data_path(c.upper), bool(c.mode & 0o100), c.size)
+            out[name] = NewFile(source=data_path(c.upper), executable=bool(c.mode & 0o100), size=c.size)
         else:
             # Unchanged bytes: the origin entry itself when the executable bit
             # is unchanged too (the common case; no new object per file).
             o = c.origin
             kind = Kind.EXEC if c.mode & 0o100 else Kind.FILE
-            out[name] = ("entry", o if o.kind is kind else TreeEntry(name, kind, o.size, o.id))
-    return out
-
-
-def diff_snapshot(repo: Repository, base_tree: bytes | None, snap: dict, prefix: str = "",
-                  changes: dict | None = None, status: list | None = None) -> tuple[dict, list]:
-    """``{path: Change}`` and status lines turning ``base_tree`` into ``snap`` (worker thread)."""
-    changes = {} if changes is None else changes
-    status = [] if status is None else status
-    if snap is None:  # untouched
-        return changes, status
-    base = repo.load_tree(base_tree) if base_tree else Tree(())
-    for e in base.entries:
-        if e.name not in snap:
-            p = prefix + e.name
-            changes[p] = Change("delete")
-            status.append(StatusEntry("deleted", p, _kind_of(e), e.size))
-    for name, s in sorted(snap.items()):
-        p = prefix + name
-        b = base.get(name)
-        what = "added" if b is None else "modified"
-        if s[0] == "dir":
-            if b is None or not b.is_dir:
-                if b is not None:
-                    status.append(StatusEntry("deleted", p, _kind_of(b), b.size))
-                status.append(StatusEntry("added", p, "dir", 0))
-                before = len(changes)
-                diff_snapshot(repo, None, s[1], p + "/", changes, status)
-                if len(changes) == before:
-                    # Only an empty new directory needs its own change: changes below a
-                    # path create the directories above them (and Change("dir") with
-                    # changes below it would have apply_changes load a tree not yet stored).
-                    changes[p] = Change("dir")
-            else:
-                diff_snapshot(repo, b.id, s[1], p + "/", changes, status)
-        elif s[0] == "entry":
-            e = s[1]
-            if b is None or b.kind is not e.kind or b.id != e.id:
-                changes[p] = Change("entry", entry=e)
-                status.append(StatusEntry(what, p, _kind_of(e), e.size))
-        elif s[0] == "file":
-            changes[p] = Change("file", source=s[1], executable=s[2])
-            status.append(StatusEntry(what, p, "file", s[3]))
-        else:  # symlink
-            if b is None or b.kind is not Kind.SYMLINK or b.target != s[1]:
-                changes[p] = Change("symlink", target=s[1])
-                status.append(StatusEntry(what, p, "symlink", len(s[1])))
-    return changes, status
+            out[name] = o if o.kind is kind else TreeEntry(name, kind, o.size, o.id)
+    return Draft(out)
 
 
 class WorkspaceFS:
@@ -333,8 +243,13 @@ class WorkspaceFS:
     # --- opening a workspace (synchronous, before the loop) ---------------------------------
     @classmethod
     def open_workspace(cls, repo: Repository, workspace_dir: str, branch: str,
-             options: WorkspaceOptions = WorkspaceOptions()) -> WorkspaceFS:
-        """Open (or create) the workspace, settle an interrupted commit, load the overlay."""
+             options: WorkspaceOptions = WorkspaceOptions(),
+             unchanged: Callable[[Repository, bytes, Draft | None], bool] | None = None) -> WorkspaceFS:
+        """Open (or create) the workspace, settle an interrupted commit, load the overlay.
+
+        ``unchanged(repo, base_tree, draft)`` tells whether edits change nothing
+        (the change engine's answer, passed in by the composition root,
+        fuse/control.open_workspace); without it rows always count as edits."""
         overlay = Overlay.open(workspace_dir, repo.url, branch)
         try:
             head = repo.refs.lookup_branch(branch)
@@ -347,10 +262,21 @@ class WorkspaceFS:
                 overlay.clear(head, cls._root_row(repo, head))
             fs = cls(repo, overlay, branch, options)
             fs._load()
+            if fs.base != head and unchanged is not None and not fs._has_edits(unchanged):
+                # Edits made and then undone (reset PATH, a file created and removed)
+                # leave rows but change nothing: the workspace is clean, so it too
+                # starts from the branch's current head.
+                overlay.clear(head, cls._root_row(repo, head))
+                fs = cls(repo, overlay, branch, options)
+                fs._load()
             return fs
         except BaseException:
             overlay.close()
             raise
+
+    def _has_edits(self, unchanged: Callable[[Repository, bytes, Draft | None], bool]) -> bool:
+        """Whether the loaded overlay differs from its base (synchronous, before the loop)."""
+        return not unchanged(self.repo, self.repo.load_commit(self.base).tree, self.draft())
 
     @staticmethod
     def _root_row(repo: Repository, cid: bytes) -> Row:
@@ -1066,38 +992,29 @@ class WorkspaceFS:
         return fh
 
     # --- the control channel: status, reset, commit --------------------------------------------
-    async def status(self) -> list[StatusEntry]:
+    @asynccontextmanager
+    async def paused(self):
+        """Hold off every change (the one lock) with pending metadata written.
+
+        The control channel (fuse/control.py) runs status and commit inside:
+        ``draft()`` to snapshot the edits, ``settle(cid)`` once the branch
+        reached a commit, ``set_pending`` around the compare-and-swap."""
         async with self._lock:
             self._flush_all()
-            snap = _snapshot(self.root, self.overlay.data_path)
-            base_tree = (await self.loader.io("base commit", self.repo.load_commit, self.base)).tree
-            _, status = await trio.to_thread.run_sync(diff_snapshot, self.repo, base_tree, snap)
-            return status
+            yield self
 
-    async def commit(self, message: str, metadata: dict[str, str] | None = None,
-                     author: str | None = None) -> CommitOutcome:
-        """Commit the overlay to the branch; afterwards the workspace has no pending edits."""
-        async with self._lock:
-            self._flush_all()
-            snap = _snapshot(self.root, self.overlay.data_path)
-            base = self.base
-            repo = self.repo
-            overlay = self.overlay
+    def draft(self) -> Draft | None:
+        """The edits as a Draft over the base commit (call inside ``paused``)."""
+        return _draft(self.root, self.overlay.data_path)
 
-            def run() -> tuple[ChangesetResult, int]:
-                base_tree = repo.load_commit(base).tree
-                changes, _ = diff_snapshot(repo, base_tree, snap)
-                recording = _RecordingRepository(repo, overlay.set_pending)
-                try:
-                    return commit_changes(recording, self.branch, base, changes, message=message,
-                                          metadata=metadata, author=author), len(changes)
-                except Exception:  # not moved (conflict, storage): nothing pending
-                    overlay.set_pending(None)
-                    raise
+    def set_pending(self, commit_id: bytes | None) -> None:
+        """Record the commit about to be compare-and-swapped (crash safety, vfs/overlay.py)."""
+        self.overlay.set_pending(commit_id)
 
-            result, nchanges = await trio.to_thread.run_sync(run)
-            invalidate = await self._rebase_onto(result.commit_id, clear=True)
-            return CommitOutcome(result.commit_id, result.parent, result.rebased, nchanges, invalidate)
+    async def settle(self, commit_id: bytes) -> list[int]:
+        """The branch reached ``commit_id``: clear the edits and show it, keeping the
+        node objects the kernel knows (call inside ``paused``); inodes to invalidate."""
+        return await self._rebase_onto(commit_id, clear=True)
 
     async def reset(self, paths: list[str] | None = None) -> list[int]:
         """Discard edits (all, or at and below ``paths``); return inodes whose contents changed."""

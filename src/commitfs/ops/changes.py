@@ -1,0 +1,280 @@
+"""The change engine: diff, three-way merge and apply, tree to tree.
+
+Every operation that compares or combines trees goes through here: ``diff``
+(ops/diff.py), the workspace's status and commit and its rebase onto a moved
+branch (ops/changeset.py), and ``merge`` (ops/merge.py).  They all work on
+*sides* (model/draft.py): None, a stored TreeEntry, a NewFile, or a Draft (a
+directory being edited), and never flatten a tree into a path map.
+
+Cost follows the change, because a stored subtree is named by its id:
+
+* ``iter_changes(old, new)`` yields the top-most paths where two sides
+  differ; two directories are opened only when their ids differ.
+* ``merge(base, ours, theirs)`` decides a path without opening anything when
+  two of the three sides are the same id (ours == theirs: either; base ==
+  ours: theirs; base == theirs: ours).  Only a directory changed on both
+  sides is opened, so two branches that each changed 100 files of a huge
+  tree read the trees on the paths to those files, nothing else.  A file's
+  content and its executable bit merge separately.  What is left is a
+  ``Conflict`` (kinds below), handed to a resolver (strategy, per-glob rule,
+  row-level table merge: ops/merge.py) that returns a side or leaves it.
+* ``build(draft)`` stores what a side holds: NewFiles are chunked, Drafts
+  become trees, and every TreeEntry keeps its id (nothing below it is read
+  or written again).
+
+Conflict kinds: ``modify/modify`` (both changed a file's content, or its
+type, differently), ``add/add`` (both added different things at a new path),
+``modify/delete`` (ours changed, theirs deleted), ``delete/modify``,
+``file/directory`` (a directory on one side, something else on the other),
+``symlink`` (two different targets), ``executable`` (the executable bit
+disagrees while the content agrees).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+from commitfs.errors import InputError
+from commitfs.model.draft import Draft, NewFile, Side
+from commitfs.model.objects import Kind, Tree, TreeEntry
+from commitfs.repo.repository import BlobWriter, Repository
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}/{name}" if prefix else name
+
+
+def _key(name: str) -> bytes:
+    return name.encode()
+
+
+def is_dir(side: Side) -> bool:
+    return isinstance(side, Draft) or (isinstance(side, TreeEntry) and side.kind is Kind.DIR)
+
+
+def same(a: Side, b: Side) -> bool:
+    """True when two sides are known equal without reading anything (by id)."""
+    if a is b:
+        return True
+    if isinstance(a, TreeEntry) and isinstance(b, TreeEntry):
+        return a.kind is b.kind and a.id == b.id
+    return False
+
+
+def dir_entry(tree_id: bytes, name: str = "") -> TreeEntry:
+    return TreeEntry(name, Kind.DIR, 0, tree_id)
+
+
+def listing(repo: Repository, side: Side) -> dict[str, Side]:
+    """The entries of a directory side, by name (an empty dict for anything else)."""
+    if isinstance(side, Draft):
+        out: dict[str, Side] = {}
+        if side.base is not None:
+            out = {e.name: e for e in repo.load_tree(side.base).entries}
+        for name, s in side.entries.items():
+            if s is None:
+                out.pop(name, None)
+            else:
+                out[name] = s
+        return out
+    if isinstance(side, TreeEntry) and side.kind is Kind.DIR:
+        return {e.name: e for e in repo.load_tree(side.id).entries}
+    return {}
+
+
+# --- diff ---------------------------------------------------------------------------------
+def iter_changes(repo: Repository, old: Side, new: Side, path: str = "") -> Iterator[tuple[str, Side, Side]]:
+    """(path, old, new) at the top-most paths where ``old`` and ``new`` differ.
+
+    Directories on both sides are descended (only when their ids differ, or
+    one is a Draft); a directory against anything else is one change."""
+    if same(old, new) or (old is None and new is None):
+        return
+    if is_dir(old) and is_dir(new):
+        a, b = listing(repo, old), listing(repo, new)
+        for name in sorted(a.keys() | b.keys(), key=_key):
+            yield from iter_changes(repo, a.get(name), b.get(name), _join(path, name))
+        return
+    yield path, old, new
+
+
+def unchanged(repo: Repository, old: Side, new: Side) -> bool:
+    return next(iter_changes(repo, old, new), None) is None
+
+
+# --- three-way merge ------------------------------------------------------------------------
+@dataclass
+class Conflict:
+    path: str
+    kind: str
+    base: Side
+    ours: Side
+    theirs: Side
+    #: What a resolver found out (a table's conflicting cells, a parse error).
+    details: list[dict] = field(default_factory=list)
+    note: str = ""
+
+    def to_json(self) -> dict:
+        def side(s: Side):
+            if s is None:
+                return None
+            if isinstance(s, TreeEntry):
+                return {"kind": s.kind.name.lower(), "size": s.size, "id": s.id.hex()}
+            return {"kind": "dir" if isinstance(s, Draft) else "file"}
+
+        out = {"path": self.path, "kind": self.kind, "base": side(self.base), "ours": side(self.ours),
+               "theirs": side(self.theirs)}
+        if self.details:
+            out["details"] = self.details
+        if self.note:
+            out["note"] = self.note
+        return out
+
+
+#: A resolver returns the side to keep, or a Conflict (the same one, perhaps with
+#: details added) to leave the path conflicted.
+Resolver = Callable[[Conflict], "Side | Conflict"]
+
+
+def _classify(base: Side, ours: Side, theirs: Side) -> str:
+    if base is not None and (ours is None or theirs is None):
+        return "modify/delete" if theirs is None else "delete/modify"
+    if is_dir(ours) != is_dir(theirs):
+        return "file/directory"
+    if (isinstance(ours, TreeEntry) and isinstance(theirs, TreeEntry) and ours.kind is Kind.SYMLINK
+            and theirs.kind is Kind.SYMLINK):
+        return "symlink"
+    return "add/add" if base is None else "modify/modify"
+
+
+def _merge_file(base: Side, ours: TreeEntry, theirs: TreeEntry) -> TreeEntry | str:
+    """Content and executable bit merged separately; a conflict kind when they cannot be."""
+    b = base if isinstance(base, TreeEntry) and base.kind.is_file else None
+    if ours.id == theirs.id:
+        content = ours
+    elif b is not None and b.id == ours.id:
+        content = theirs
+    elif b is not None and b.id == theirs.id:
+        content = ours
+    else:
+        return "add/add" if base is None else "modify/modify"
+    if ours.kind is theirs.kind:
+        kind = ours.kind
+    elif b is not None and b.kind is ours.kind:
+        kind = theirs.kind
+    elif b is not None and b.kind is theirs.kind:
+        kind = ours.kind
+    else:
+        return "executable"
+    return TreeEntry(content.name, kind, content.size, content.id)
+
+
+def merge(repo: Repository, base: Side, ours: Side, theirs: Side, path: str = "",
+          resolve: Resolver | None = None, conflicts: list[Conflict] | None = None) -> Side:
+    """The three-way merge of ``ours`` and ``theirs`` against ``base``.
+
+    Unresolved conflicts are appended to ``conflicts``; their paths keep ours
+    in the result (a placeholder: a caller with conflicts does not commit it)."""
+    if same(ours, theirs) or (ours is None and theirs is None):
+        return ours
+    if same(base, ours) or (base is None and ours is None):
+        return theirs
+    if same(base, theirs) or (base is None and theirs is None):
+        return ours
+    if is_dir(ours) and is_dir(theirs):
+        lb = listing(repo, base) if is_dir(base) else {}
+        lo, lt = listing(repo, ours), listing(repo, theirs)
+        entries: dict[str, Side] = {}
+        for name in sorted(lo.keys() | lt.keys() | lb.keys(), key=_key):
+            s = merge(repo, lb.get(name), lo.get(name), lt.get(name), _join(path, name), resolve, conflicts)
+            if s is not None:
+                entries[name] = s
+        return Draft(entries)
+    # A directory edited in place (a workspace's Draft) without effective change is its base.
+    if isinstance(ours, Draft) and is_dir(base) and unchanged(repo, base, ours):
+        return theirs
+    if isinstance(theirs, Draft) and is_dir(base) and unchanged(repo, base, theirs):
+        return ours
+    if (isinstance(ours, TreeEntry) and isinstance(theirs, TreeEntry) and ours.kind.is_file
+            and theirs.kind.is_file):
+        got = _merge_file(base, ours, theirs)
+        if isinstance(got, TreeEntry):
+            return got
+        kind = got
+    else:
+        kind = _classify(base, ours, theirs)
+    conflict = Conflict(path, kind, base, ours, theirs)
+    resolved = resolve(conflict) if resolve is not None else conflict
+    if isinstance(resolved, Conflict):
+        if conflicts is not None:
+            conflicts.append(resolved)
+        return ours
+    return resolved
+
+
+# --- apply ------------------------------------------------------------------------------------
+def draft_from_paths(repo: Repository, base_tree: bytes | None, changes: Mapping[str, Side]) -> Draft:
+    """A Draft over ``base_tree`` with ``changes`` ('a/b' paths) applied.
+
+    A side of None deletes; an empty ``Draft()`` is a new directory (changes
+    beneath it fill it).  Changes beneath a path that is not a directory make
+    one, unless they are all deletions.  Only the trees on the paths to the
+    changes are read."""
+    here: dict[str, Side] = {}
+    below: dict[str, dict[str, Side]] = {}
+    for path, change in changes.items():
+        head, sep, rest = path.strip("/").partition("/")
+        if sep:
+            below.setdefault(head, {})[rest] = change
+        else:
+            here[head] = change
+    entries: dict[str, Side] = dict(here)
+    current = None
+    if below and base_tree is not None:
+        current = repo.load_tree(base_tree)
+    for name, sub in below.items():
+        if name in here and isinstance(here[name], Draft):
+            entries[name] = draft_from_paths(repo, None, sub)  # a new directory: starts empty
+            continue
+        e = current.get(name) if current is not None else None
+        if e is None and name not in here and all(c is None for c in sub.values()):
+            continue  # deletions beneath a directory that no longer exists, or never did
+        entries[name] = draft_from_paths(repo, e.id if e is not None and e.is_dir else None, sub)
+    return Draft(entries, base_tree)
+
+
+def _store_new_file(repo: Repository, writer: BlobWriter, name: str, f: NewFile) -> TreeEntry:
+    from commitfs.ops.snapshot import store_stream
+
+    if f.data is not None:
+        import io
+
+        fid, size = store_stream(writer, io.BytesIO(f.data))
+    else:
+        try:
+            with open(f.source, "rb", buffering=0) as stream:
+                fid, size = store_stream(writer, stream)
+        except OSError as exc:
+            raise InputError(f"cannot read {f.source}: {exc.strerror or exc}") from None
+    return TreeEntry(name, Kind.EXEC if f.executable else Kind.FILE, size, fid)
+
+
+def build(repo: Repository, writer: BlobWriter, side: Side, name: str = "") -> TreeEntry | None:
+    """Store ``side`` and return its entry named ``name``: NewFiles are chunked, Drafts
+    written as trees, TreeEntries reused by id (nothing below them is read)."""
+    if side is None:
+        return None
+    if isinstance(side, TreeEntry):
+        return side if side.name == name else TreeEntry(name, side.kind, side.size, side.id, side.target)
+    if isinstance(side, NewFile):
+        return _store_new_file(repo, writer, name, side)
+    if side.base is not None and not side.entries:
+        return dir_entry(side.base, name)._replace(size=repo.load_tree(side.base).size)
+    built = []
+    for child_name, child in listing(repo, side).items():
+        e = build(repo, writer, child, child_name)
+        if e is not None:
+            built.append(e)
+    tree = Tree.build(built)
+    return TreeEntry(name, Kind.DIR, tree.size, writer.add_tree(tree))

@@ -1,0 +1,306 @@
+"""Row-level three-way merge of a table both sides changed (.csv, .tsv, .jsonl).
+
+The merge (ops/merge.py) hands over a file conflict whose two sides are
+tables; the three versions are parsed by ops/table.py (the one parser).
+
+* **Keyed** (key columns from ``--key`` or the attributes file): rows are
+  matched by key and merged cell by cell, columns by name.  Different cells
+  of one row changed on the two sides merge; the same cell changed two ways
+  is a conflict naming the key, the column and the three values; a row
+  deleted on one side and edited on the other is a conflict; rows added on
+  both sides with the same key merge cell by cell against nothing.  The
+  header is merged by columns: columns added on either side are kept (ours
+  first, then theirs' new ones), a column deleted on one side is dropped
+  (a conflict if the other side changed a value in it).  Rows keep ours'
+  order; rows only theirs added follow, in theirs' order.
+* **Unkeyed**: a line-based three-way merge of the rows (header kept; it
+  must be the same on all three sides, or the table conflicts asking for a
+  key).  Changes to different rows merge; both sides inserting at the same
+  place (both appended rows, say) keeps both, ours first (once, when the
+  rows are the same); overlapping different changes conflict.
+
+Rows nobody changed keep their exact bytes; merged rows are written by
+``table.write_table``.  With ``prefer`` ("ours"/"theirs", from
+``--strategy``), conflicting cells and rows take that side instead of
+conflicting.  A missing key column or a key that is not unique raises
+TableKeyError (the merge stops); a side that does not parse raises
+TableParseError (the merge reports the file as a conflict with that error).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from commitfs.errors import TableKeyError
+from commitfs.model.draft import NewFile
+from commitfs.model.objects import Kind, TreeEntry
+from commitfs.ops.changes import Conflict
+from commitfs.ops.table import Row, open_table, table_format, write_table
+from commitfs.repo.repository import Repository
+
+_ABSENT = object()
+
+
+@dataclass
+class _Side:
+    name: str
+    data: bytes
+    header: tuple[str, ...] | None
+    rows: list[Row]
+
+    def raw(self, row: Row) -> bytes:
+        b = self.data[row.start:row.end]
+        return b if b.endswith(b"\n") else b + b"\n"
+
+    def raw_header(self, start: int) -> bytes:
+        b = self.data[:start]
+        return b if b.endswith(b"\n") or not b else b + b"\n"
+
+
+def _read(repo: Repository, entry, path: str, side: str) -> tuple[_Side, int]:
+    data = bytes(repo.load_file(entry.id)) if isinstance(entry, TreeEntry) and entry.size else b""
+    t = open_table(data, path, side)
+    return _Side(side, data, t.header, list(t)), t.data_start
+
+
+def _show(v) -> str:
+    return "(absent)" if v is _ABSENT else repr(v)
+
+
+def _merge_value(b, o, t):
+    """The three-way merge of one value; _ABSENT stands for none; raises LookupError on a conflict."""
+    if o == t:
+        return o
+    if b == o:
+        return t
+    if b == t:
+        return o
+    raise LookupError
+
+
+def merge_tables(repo: Repository, conflict: Conflict, keys: Sequence[str] = (),
+                 prefer: str | None = None) -> NewFile | Conflict:
+    path = conflict.path
+    fmt = table_format(path)
+    base, bstart = _read(repo, conflict.base if isinstance(conflict.base, TreeEntry) and
+                         conflict.base.kind.is_file else None, path, "base")
+    ours, ostart = _read(repo, conflict.ours, path, "ours")
+    theirs, tstart = _read(repo, conflict.theirs, path, "theirs")
+    if keys:
+        pieces, details = _keyed(fmt, path, base, ours, theirs, tuple(keys), prefer, ostart, tstart)
+    else:
+        if ours.header != theirs.header or (base.header != ours.header and (base.rows or base.data)):
+            conflict.note = ("the header changed; a line-based merge keeps one header: give key columns "
+                             "(--key or the attributes file) to merge by columns")
+            return conflict
+        pieces, details = _unkeyed(ours, theirs, base, prefer, ostart)
+    if details:
+        conflict.details = details
+        conflict.note = f"{len(details)} conflicting {'cells/rows' if keys else 'row ranges'}"
+        return conflict
+    data = b"".join(pieces)
+    executable = isinstance(conflict.ours, TreeEntry) and conflict.ours.kind is Kind.EXEC
+    return NewFile(data=data, executable=executable, size=len(data))
+
+
+# --- keyed ----------------------------------------------------------------------------------
+def _index(side: _Side, keys: tuple[str, ...], path: str) -> dict[tuple, tuple[Row, dict]]:
+    if side.header is not None:
+        missing = [k for k in keys if k not in side.header]
+        if missing and (side.rows or side.data):
+            raise TableKeyError(f"{path} ({side.name} side): no key column {missing[0]!r} "
+                                f"(columns: {', '.join(side.header)})")
+    out: dict[tuple, tuple[Row, dict]] = {}
+    for row in side.rows:
+        d = row.as_dict(side.header)
+        try:
+            key = tuple(d[k] for k in keys)
+        except KeyError as exc:
+            raise TableKeyError(f"{path} ({side.name} side), line {row.line}: the row has no key column "
+                                f"{exc.args[0]!r}") from None
+        except TypeError:
+            raise TableKeyError(f"{path} ({side.name} side), line {row.line}: a key value is not hashable") from None
+        if key in out:
+            shown = key[0] if len(key) == 1 else key
+            raise TableKeyError(f"{path} ({side.name} side): key column {', '.join(keys)}: key {shown!r} is not "
+                                f"unique (lines {out[key][0].line} and {row.line})", key)
+        out[key] = (row, d)
+    return out
+
+
+def _columns(b, o, t) -> list[str]:
+    b, o, t = list(b or ()), list(o or ()), list(t or ())
+    return [c for c in o if c in t or c not in b] + [c for c in t if c not in o and c not in b]
+
+
+def _keyed(fmt, path, base: _Side, ours: _Side, theirs: _Side, keys, prefer, ostart, tstart):
+    ib, io_, it = (_index(s, keys, path) for s in (base, ours, theirs))
+    jsonl = fmt == "jsonl"
+    header = None if jsonl else tuple(_columns(base.header, ours.header, theirs.header))
+    details: list[dict] = []
+    out_rows: list = []  # bytes (kept as they were) or a merged dict
+
+    def conflict(key, column, b, o, t, what="cell"):
+        shown = key[0] if len(key) == 1 else key
+        text = (f"key {shown!r}, column {column!r}: base {_show(b)}, ours {_show(o)}, theirs {_show(t)}"
+                if what == "cell" else f"key {shown!r}: {what}")
+        details.append({"key": list(key), "column": column, "base": None if b is _ABSENT else b,
+                        "ours": None if o is _ABSENT else o, "theirs": None if t is _ABSENT else t, "text": text})
+
+    def cells(key, db, do, dt):
+        cols = list(do.keys()) + [c for c in dt.keys() if c not in do] + [c for c in db.keys()
+                                                                          if c not in do and c not in dt]
+        merged = {}
+        for c in cols:
+            b, o, t = db.get(c, _ABSENT), do.get(c, _ABSENT), dt.get(c, _ABSENT)
+            try:
+                v = _merge_value(b, o, t)
+            except LookupError:
+                if prefer is None:
+                    conflict(key, c, b, o, t)
+                    continue
+                v = o if prefer == "ours" else t
+            if header is not None and c not in header:
+                if v is not _ABSENT and v != db.get(c, _ABSENT) and b is not _ABSENT:
+                    if prefer is None:
+                        conflict(key, c, b, o, t)
+                continue
+            if v is not _ABSENT:
+                merged[c] = v
+        return merged
+
+    same_layout = header == ours.header
+    for row in ours.rows:
+        key = tuple(row.as_dict(ours.header)[k] for k in keys)
+        ro, do = io_[key]
+        b = ib.get(key)
+        t = it.get(key)
+        db = b[1] if b else None
+        dt = t[1] if t else None
+        if b is not None and t is None:  # theirs deleted the row
+            if do == db:
+                continue
+            if prefer == "theirs":
+                continue
+            if prefer is None:
+                conflict(key, None, db, do, _ABSENT, "deleted by theirs, edited by ours")
+                continue
+        if t is not None and (dt == do or (b is not None and dt == db)) and same_layout:
+            out_rows.append(ours.raw(ro))  # theirs left it alone (or agrees): ours' bytes
+            continue
+        if t is None:
+            out_rows.append(ours.raw(ro) if same_layout else do)
+            continue
+        out_rows.append(cells(key, db or {}, do, dt))
+    for row in theirs.rows:
+        key = tuple(row.as_dict(theirs.header)[k] for k in keys)
+        if key in io_:
+            continue
+        b = ib.get(key)
+        dt = it[key][1]
+        if b is not None:  # ours deleted it
+            if dt == b[1] or prefer == "ours":
+                continue
+            if prefer is None:
+                conflict(key, None, b[1], _ABSENT, dt, "deleted by ours, edited by theirs")
+                continue
+        out_rows.append(theirs.raw(row) if header == theirs.header else dt)
+    if details:
+        return [], details
+    pieces: list[bytes] = []
+    if header is not None:
+        pieces.append(ours.raw_header(ostart) if header == ours.header and ostart
+                      else b"".join(write_table(fmt, header, [])))
+    for r in out_rows:
+        if isinstance(r, bytes):
+            pieces.append(r)
+        else:
+            pieces.extend(write_table(fmt, None, [r if jsonl else [_cell(r.get(c)) for c in header]]))
+    return pieces, []
+
+
+def _cell(v) -> str:
+    return "" if v is None or v is _ABSENT else str(v)
+
+
+# --- unkeyed: a three-way merge of row sequences ---------------------------------------------
+def _hunks(base: list, other: list) -> list[tuple[int, int, int, int]]:
+    sm = difflib.SequenceMatcher(None, base, other, autojunk=False)
+    return [(i1, i2, j1, j2) for tag, i1, i2, j1, j2 in sm.get_opcodes() if tag != "equal"]
+
+
+def _token(r: Row):
+    return tuple(sorted(r.values.items(), key=lambda kv: kv[0])) if isinstance(r.values, dict) else r.values
+
+
+def _unkeyed(ours: _Side, theirs: _Side, base: _Side, prefer, ostart):
+    tb = [_token(r) for r in base.rows]
+    to = [_token(r) for r in ours.rows]
+    tt = [_token(r) for r in theirs.rows]
+    # Hunks: (base start, base end, side, side start, side end); sorted by base range.
+    hunks = sorted([(i1, i2, 0, j1, j2) for i1, i2, j1, j2 in _hunks(tb, to)] +
+                   [(i1, i2, 1, j1, j2) for i1, i2, j1, j2 in _hunks(tb, tt)], key=lambda h: (h[0], h[1], h[2]))
+    # Base rows unchanged in ours keep ours' bytes.
+    base_to_ours = {}
+    for tag, i1, i2, j1, _j2 in difflib.SequenceMatcher(None, tb, to, autojunk=False).get_opcodes():
+        if tag == "equal":
+            for k in range(i2 - i1):
+                base_to_ours[i1 + k] = j1 + k
+
+    def base_bytes(a: int, b: int) -> list[bytes]:
+        return [ours.raw(ours.rows[base_to_ours[k]]) if k in base_to_ours else base.raw(base.rows[k])
+                for k in range(a, b)]
+
+    sides = (ours, theirs)
+    tokens = (to, tt)
+
+    def version(group, side, lo, hi, as_bytes):
+        """Base rows lo..hi with ``side``'s hunks of the group applied."""
+        out, pos = [], lo
+        for h in group:
+            if h[2] != side:
+                continue
+            out += base_bytes(pos, h[0]) if as_bytes else tb[pos:h[0]]
+            out += ([sides[side].raw(sides[side].rows[k]) for k in range(h[3], h[4])] if as_bytes
+                    else tokens[side][h[3]:h[4]])
+            pos = h[1]
+        out += base_bytes(pos, hi) if as_bytes else tb[pos:hi]
+        return out
+
+    groups: list[list] = []
+    for h in hunks:
+        if groups:
+            g = groups[-1]
+            gs, ge = g[0][0], max(x[1] for x in g)
+            if h[0] < ge or (h[0] == h[1] == gs == ge):
+                g.append(h)
+                continue
+        groups.append([h])
+    out: list[bytes] = [ours.raw_header(ostart)] if ours.header is not None and ostart else []
+    details: list[dict] = []
+    pos = 0
+    for g in groups:
+        lo, hi = g[0][0], max(x[1] for x in g)
+        out += base_bytes(pos, lo)
+        pos = hi
+        in_sides = {h[2] for h in g}
+        if len(in_sides) == 1:
+            out += version(g, g[0][2], lo, hi, True)
+            continue
+        if version(g, 0, lo, hi, False) == version(g, 1, lo, hi, False):
+            out += version(g, 0, lo, hi, True)
+        elif all(h[0] == h[1] == lo for h in g):  # both inserted here (both appended): ours first
+            out += version(g, 0, lo, hi, True) + version(g, 1, lo, hi, True)
+        elif prefer in ("ours", "theirs"):
+            out += version(g, 0 if prefer == "ours" else 1, lo, hi, True)
+        else:
+            first = {h[2]: h for h in reversed(g)}
+            line_o = ours.rows[first[0][3]].line if first[0][3] < len(ours.rows) else None
+            line_t = theirs.rows[first[1][3]].line if first[1][3] < len(theirs.rows) else None
+            details.append({"base_rows": [lo + 1, hi], "ours_line": line_o, "theirs_line": line_t,
+                            "text": f"rows {lo + 1}..{hi} of the base changed differently on both sides "
+                                    f"(ours at line {line_o}, theirs at line {line_t})"})
+    out += base_bytes(pos, len(tb))
+    return out, details

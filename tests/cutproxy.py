@@ -1,0 +1,118 @@
+"""A TCP proxy on 127.0.0.1 that cuts answers at random points, for tests.
+
+    with CuttingProxy(target_port, probability=0.3, seed=1) as proxy:
+        store = S3Store(bucket, prefix, endpoint_url=proxy.endpoint_url)
+
+Each connection's request goes through whole; its answer (the test S3 server
+speaks HTTP/1.0 and closes after each answer) is read whole from the server,
+then, with ``probability``, only a prefix of it is sent before the connection
+is closed cleanly: cut inside the status line or the headers (the client then
+sees no Content-Length, no body), or inside the body (a short body, a listing
+cut short).  ``max_cuts`` bounds the cuts made; ``cuts``/``connections``
+count them.  Every thread is a daemon and ``stop`` closes the listener.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import threading
+
+
+class CuttingProxy:
+    def __init__(self, target_port: int, *, probability: float, seed: int, max_cuts: int | None = None):
+        self.target = ("127.0.0.1", target_port)
+        self.probability = probability
+        self.max_cuts = max_cuts
+        self.cuts = 0
+        self.header_cuts = 0
+        self.connections = 0
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.port = self._listener.getsockname()[1]
+        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        self._stopped = False
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    def __enter__(self) -> CuttingProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stopped = True
+        try:
+            self._listener.close()
+        except OSError:
+            pass
+        self._thread.join(timeout=5)
+
+    def _accept(self) -> None:
+        while not self._stopped:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _decide(self, answer: bytes) -> int | None:
+        """Where to cut ``answer`` (bytes to send), or None to send it whole."""
+        with self._lock:
+            self.connections += 1
+            if self.max_cuts is not None and self.cuts >= self.max_cuts:
+                return None
+            if self._rng.random() >= self.probability:
+                return None
+            self.cuts += 1
+            head_end = answer.find(b"\r\n\r\n")
+            head_end = len(answer) if head_end < 0 else head_end + 4
+            if self._rng.random() < 0.5 or head_end >= len(answer):
+                self.header_cuts += 1
+                return self._rng.randrange(0, head_end)  # in the status line or the headers
+            return self._rng.randrange(head_end, len(answer))  # in the body
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            server = socket.create_connection(self.target, timeout=30)
+        except OSError:
+            client.close()
+            return
+        client.settimeout(30)
+
+        def pump() -> None:  # the request, whole, as it comes
+            try:
+                while True:
+                    data = client.recv(65536)
+                    if not data:
+                        break
+                    server.sendall(data)
+            except OSError:
+                pass
+
+        t = threading.Thread(target=pump, daemon=True)
+        t.start()
+        chunks = []
+        try:
+            while True:
+                data = server.recv(65536)
+                if not data:
+                    break
+                chunks.append(data)
+        except OSError:
+            pass
+        answer = b"".join(chunks)
+        cut = self._decide(answer)
+        try:
+            client.sendall(answer if cut is None else answer[:cut])
+            client.shutdown(socket.SHUT_WR)  # a clean end: the client sees EOF, not a reset
+        except OSError:
+            pass
+        finally:
+            client.close()
+            server.close()

@@ -1,0 +1,80 @@
+"""issue 17: mount REV:PATH, --no-disk-cache, commitfs mounts [--json] (real mounts)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from core_fixtures import assert_one_line_error, describe, write_file
+from mount_fixtures import run_commitfs
+from commitfs.ops.snapshot import commit_directory
+from commitfs.repo.repository import Repository
+
+
+@pytest.fixture
+def data(tmp_path):
+    d = tmp_path / "data"
+    write_file(d / "labels.csv", b"id,label\n")
+    write_file(d / "train" / "cat" / "img0.bin", os.urandom(300_000))
+    write_file(d / "train" / "dog.bin", b"woof")
+    return d
+
+
+def _commit(url, d) -> bytes:
+    with Repository.init(url) as repo:
+        return commit_directory(repo, d, message="one").commit_id
+
+
+@pytest.mark.timeout(120)
+def test_mount_a_subdirectory_as_the_root_and_list_mounts(mounts, local_url, data, tmp_path):
+    cid = _commit(local_url, data)
+    mnt = mounts.mountpoint("sub")
+    mounts.mount(local_url, mnt, rev="main:train")
+    assert describe(mnt) == describe(data / "train")
+    assert os.getxattr(mnt / "dog.bin", "user.commitfs.commit").decode() == cid.hex()
+    top = mounts.mountpoint("top")
+    mounts.mount(local_url, top)
+
+    listed = {m["mountpoint"]: m for m in json.loads(run_commitfs("mounts", "--json").stdout)}
+    sub = listed[str(mnt)]
+    assert sub["repo"] == local_url and sub["rev"] == "main" and sub["path"] == "train"
+    assert sub["commit"] == cid.hex() and sub["writable"] is False and sub["stale"] is False
+    assert isinstance(sub["pid"], int) and os.path.exists(sub["log"])
+    assert sub["cache"] is None  # a local repository is read in place
+    assert listed[str(top)]["rev"] is None and listed[str(top)]["commit"] is None
+    text = run_commitfs("mounts").stdout
+    assert f"{mnt}: {local_url} main:train at {cid.hex()[:12]} (read-only), pid {sub['pid']}" in text
+
+    # Bad paths: one line, before any daemon starts.
+    other = mounts.mountpoint("other")
+    for spec, what in [("main:nope", "no such path"), ("main:labels.csv", "is a file"),
+                       ("main:train/dog.bin", "is a file")]:
+        proc = run_commitfs("-r", local_url, "mount", spec, str(other))
+        assert what in assert_one_line_error(proc.returncode, proc.stderr, 1)
+    proc = run_commitfs("-r", local_url, "mount", "main:train", str(other), "--writable")
+    assert_one_line_error(proc.returncode, proc.stderr, 2)
+    assert run_commitfs("umount", str(mnt)).returncode == 0
+    assert str(mnt) not in {m["mountpoint"] for m in json.loads(run_commitfs("mounts", "--json").stdout)}
+
+
+@pytest.mark.timeout(120)
+def test_no_disk_cache_writes_no_chunk(mounts, s3_url, data, tmp_path):
+    _commit(s3_url, data)
+    mnt = mounts.mountpoint()
+    cache = tmp_path / "cache"
+    mounts.mount(s3_url, mnt, "--no-disk-cache", "--cache-dir", str(cache), "--log-file",
+                 str(tmp_path / "log"), rev="main")
+    assert describe(mnt) == describe(data)
+    (m,) = [m for m in json.loads(run_commitfs("mounts", "--json").stdout) if m["mountpoint"] == str(mnt)]
+    assert m["cache"] is None and m["repo"] == s3_url
+    assert run_commitfs("umount", str(mnt)).returncode == 0
+    assert not (cache / "chunks").exists() or not any((cache / "chunks").rglob("*"))
+    # Without the flag the same reads fill the cache (so the check above means something).
+    mounts.mount(s3_url, mnt, "--cache-dir", str(cache), rev="main")
+    assert describe(mnt) == describe(data)
+    (m,) = [m for m in json.loads(run_commitfs("mounts", "--json").stdout) if m["mountpoint"] == str(mnt)]
+    assert m["cache"] == str(cache)
+    assert run_commitfs("umount", str(mnt)).returncode == 0
+    assert any(p.is_file() for p in (cache / "chunks").rglob("*"))
