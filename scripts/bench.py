@@ -26,7 +26,9 @@ beside the files and scripts/nullfs.py), ``s3`` (push, clone and a mount of
 an S3 repository on a moto server, beside plain boto3), ``lineage``
 (downstream queries beside ``log``), ``ui`` (the review UI's pages beside
 ``commitfs ls``, cold thumbnails), ``diff`` (keyed row diffs and tensor
-diffs beside reading the file once).  A section gets the dataset, pristine,
+diffs beside reading the file once), ``gc`` (gc of a half-dead repository
+beside copying its live packs once, locally and on S3, with the requests it
+makes per GiB reclaimed).  A section gets the dataset, pristine,
 from ``bench.dataset()`` and empty scratch directories from
 ``bench.scratch(name)``, and uses the helpers below (``timed``,
 ``read_to_devnull``, ``drop_caches``, ``commit_in_process``, ``commit_cli``,
@@ -1596,7 +1598,7 @@ def bench_gc(b: Bench) -> SectionResult:
     from commitfs.storage.faulty import FaultyStore
 
     out = SectionResult()
-    unit = 16 * MiB if b.scale.name == "small" else 256 * MiB
+    unit = 8 * MiB if b.scale.name == "small" else 256 * MiB
     rng = random.Random(b.scale.seed + 15)
     src = b.scratch("gc-src")
 

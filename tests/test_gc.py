@@ -165,6 +165,32 @@ def test_repack_copies_the_live_blobs_of_a_sparse_pack(repo, tmp_path):
     assert_fsck_clean(repo.url, head=main)
 
 
+def test_a_reader_opened_before_gc_reads_what_gc_moved(repo, tmp_path):
+    """A long-lived reader (a mount's repository) holds index segments and
+    answers from before gc: when a pack it names is gone, it re-lists and reads
+    the blob at its new place."""
+    rng = random.Random(22)
+    x_dir, main_dir = tmp_path / "x", tmp_path / "main"
+    shared = rng.randbytes(MiB)
+    write_file(x_dir / "shared.bin", shared)
+    write_file(x_dir / "dead.bin", rng.randbytes(2 * MiB))
+    x = commit_directory(repo, x_dir, branch="x", message="x").commit_id
+    write_file(main_dir / "shared.bin", shared)
+    main = commit_directory(repo, main_dir, message="main").commit_id
+    repo.refs.set_branch_if_equals("x", None, x)
+    reader = reopen(repo.url)
+    fid = reader.load_tree(reader.load_commit(main).tree).get("shared.bin").id
+    assert bytes(reader.load_file(fid)) == shared  # segments loaded, locations known
+    ids = list(reader.load_manifest(fid).chunk_ids)
+    old_pack = reader.locate(ids[0]).pack
+    stale = reopen(repo.url)  # another one, reading by chunks
+    assert all(stale.locate(c).pack == old_pack for c in ids)
+    report = _gc(repo.url, repack_below=0.9)
+    assert report.packs_repacked >= 1 and shared_store(repo.url).lookup_size(pack_key(old_pack)) is None
+    assert bytes(reader.load_file(fid)) == shared
+    assert b"".join(stale.load_chunks(ids)) == shared
+
+
 def test_second_gc_is_refused_and_a_dead_lease_expires(repo, monkeypatch):
     held = Lease(repo.store, ttl=30)
     held.acquire()

@@ -205,12 +205,15 @@ class _Marker:
     up in the index as listed now (a writer indexed it since: what it reaches
     must be marked too)."""
 
-    def __init__(self, repo: Repository, lookup: Callable[[bytes], Location | None]):
+    def __init__(self, repo: Repository, lookup: Callable[[bytes], Location | None],
+                 read: Callable[[bytes, Location], bytes] | None = None):
         self.repo = repo
         self._snapshot_lookup = lookup
         self._current: Index | None = None
         self.live: set[bytes] = set()
         self.commits: set[bytes] = set()
+        if read is not None:
+            self._read = read  # type: ignore[method-assign]
 
     def lookup(self, oid: bytes) -> Location | None:
         loc = self._snapshot_lookup(oid)
@@ -272,6 +275,43 @@ class _Marker:
                                 "run commitfs fsck") from None
 
 
+#: Metadata packs up to this size are read whole, once per run, rather than
+#: one ranged read per tree or manifest (on S3 a request each)...
+_WHOLE_PACK_READ = 8 * 1024 * 1024
+#: ...and kept, up to this many bytes in all.
+_PACK_CACHE_BYTES = 64 * 1024 * 1024
+
+
+class _MetadataReader:
+    """Trees and manifests for the marks of one run: small packs read whole
+    and kept, decoded children remembered (the sweep marks again)."""
+
+    def __init__(self, store):
+        self.store = store
+        self.sizes: dict[bytes, int] = {}
+        self._packs: dict[bytes, bytes] = {}
+        self._held = 0
+
+    def note_sizes(self, sizes: dict[bytes, int]) -> None:
+        self.sizes.update(sizes)
+
+    def __call__(self, oid: bytes, loc: Location) -> bytes:
+        data = self._packs.get(loc.pack)
+        if data is None:
+            size = self.sizes.get(loc.pack)
+            if size is not None and size <= _WHOLE_PACK_READ:
+                data = self.store.load_object(pack_key(loc.pack))
+                while self._packs and self._held + len(data) > _PACK_CACHE_BYTES:
+                    self._held -= len(self._packs.pop(next(iter(self._packs))))
+                self._packs[loc.pack] = data
+                self._held += len(data)
+        if data is not None:
+            stored = data[loc.offset:loc.offset + loc.stored]
+        else:
+            stored = self.store.load_range(pack_key(loc.pack), loc.offset, loc.stored)
+        return verify_blob(oid, loc, stored)
+
+
 class Collector:
     def __init__(self, repo: Repository, *, grace: float, repack_below: float, dry_run: bool,
                  progress: Callable[[str], None] | None = None, wait: bool = True,
@@ -285,6 +325,7 @@ class Collector:
         self.wait = wait
         self.lease = lease
         self.report = GcReport(dry_run=dry_run, grace=grace)
+        self.reader = _MetadataReader(self.store)
 
     # --- the run ----------------------------------------------------------------------
     def run(self) -> GcReport:
@@ -372,11 +413,12 @@ class Collector:
                     return loc
             return locs[0]
 
+        self.reader.note_sizes({p: size for p, (size, _m) in packs.items()})
         young_packs = {p for p, (_s, m) in packs.items() if is_young(m)}
         young_blobs = [oid for p in young_packs for oid, _ in by_pack.get(p, ())]
         young_commits = [c for c, m in commits.items() if is_young(m)]
         self.progress(f"marking from {len(roots)} refs")
-        marker = _Marker(self.repo, lookup)
+        marker = _Marker(self.repo, lookup, self.reader)
         marker.mark([c for _, c in roots])  # damage here stops gc
         marker.mark(young_commits, young_blobs, strict=False)  # work in progress may be incomplete
         live = marker.live
@@ -556,7 +598,11 @@ class Collector:
             return outside.get(oid) or in_condemned.get(oid)
 
         commits = [c for c in self.repo.iter_commit_ids() if c not in rec.commits]
-        marker = _Marker(self.repo, lookup)
+        if not self.reader.sizes:  # a record of an earlier run: sizes from one listing
+            self.reader.note_sizes({bytes.fromhex(k.rsplit("/", 1)[-1]): size
+                                    for k, size, _m in self.store.iter_objects("packs/")
+                                    if is_hex(k.rsplit("/", 1)[-1]) and len(k.rsplit("/", 1)[-1]) == HEX_SIZE})
+        marker = _Marker(self.repo, lookup, self.reader)
         marker.mark([c for _, c in ref_roots(self.repo)])
         # Unreferenced commits and indexed blobs may be a writer's work in
         # progress (or its abandoned attempt): what they reach is kept, but

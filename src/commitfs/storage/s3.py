@@ -171,6 +171,8 @@ class S3Store(Store):
                 return fn()
             except (bx.ClientError, bx.BotoCoreError, ResponseParserError) as exc:
                 raise self._translate(exc, what, s3_key) from exc
+            except ValueError as exc:  # a header cut mid-value (botocore parses Last-Modified, dates...)
+                raise _incomplete(f"a response that does not parse: {exc}") from exc
 
         return retry_call(attempt, what=what, attempts=self._attempts, deadline_s=self._deadline_s)
 
