@@ -96,7 +96,7 @@ class Repository:
         self.index = Index(store)
         self.gc = GcState(store)
         self.refs = Refs(store, before_publish=self.check_publishable)
-        self.aliases = Aliases(store)
+        self.aliases = Aliases(store, before_publish=self.check_publishable)
         self.chunk_cache = chunk_cache
         # What this process deduplicated against since it last published a
         # commit (docs/FORMAT.md, "Garbage collection"): checked before a ref moves.
