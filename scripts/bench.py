@@ -458,9 +458,9 @@ def stop_mount(mnt: Path) -> None:
 
 @contextmanager
 def commitfs_mount(repo_url: str, mnt: Path, cache_dir: Path, rev: str = "main",
-                   endpoint_url: str | None = None) -> Iterator[Mounted]:
+                   endpoint_url: str | None = None, extra: tuple[str, ...] = ()) -> Iterator[Mounted]:
     """`commitfs mount` (a daemon, as a user runs it) for the block; unmounted after it, even on error."""
-    cmd = commitfs_command() + ["mount", "-r", repo_url, "--cache-dir", str(cache_dir)]
+    cmd = commitfs_command() + ["mount", "-r", repo_url, "--cache-dir", str(cache_dir), *extra]
     if endpoint_url:
         cmd += ["--endpoint-url", endpoint_url]
     cmd += [rev, str(mnt)]
@@ -1515,6 +1515,153 @@ def bench_lineage(b: Bench) -> SectionResult:
     return out
 
 
+# --- read sets (issue 16) ---------------------------------------------------------------
+#: Rounds of the recorded / plain epoch, interleaved (medians are reported).
+READSET_ROUNDS = 5
+#: The --trained-on repository: commits, files in the dataset, files each run read.
+READSET_COMMITS = 10_000
+READSET_DATASET_FILES = 200
+READSET_FILES_PER_RUN = 20
+
+
+def _readset_build(workdir: Path, log: Callable[[str], None]) -> tuple[str, str, bytes, bytes, str]:
+    """(models URL, data URL, dataset commit, models head, a file path), made once per workdir:
+    READSET_COMMITS chained commits, each with a read set of READSET_FILES_PER_RUN files of the
+    dataset (one writer for all the read sets, so building takes seconds)."""
+    from commitfs.model.objects import Commit, Tree
+    from commitfs.ops import browse
+    from commitfs.ops import lineage as L
+    from commitfs.ops import readset as RS
+    from commitfs.ops.snapshot import store_stream
+
+    models, data = workdir / f"models-{READSET_COMMITS}", workdir / "data"
+    marker = models / "bench-complete"
+    if marker.exists():
+        with Repository.open(str(models)) as m, Repository.open(str(data)) as d:
+            return str(models), str(data), d.resolve("main"), m.resolve("main"), "f/00007.bin"
+    shutil.rmtree(models, ignore_errors=True)
+    shutil.rmtree(data, ignore_errors=True)
+    log(f"building a repository of {READSET_COMMITS:,} commits with read sets in {models}")
+    src = workdir / "data-src"
+    shutil.rmtree(src, ignore_errors=True)
+    (src / "f").mkdir(parents=True)
+    for i in range(READSET_DATASET_FILES):
+        (src / "f" / f"{i:05d}.bin").write_bytes(f"file {i}\n".encode() * 10)
+    with Repository.init(str(data)) as d:
+        target = commit_directory(d, src, branch="main", message="dataset").commit_id
+        ids = {w.path: w.entry.id for w in browse.walk(d, target) if w.entry.kind.is_file}
+    paths = sorted(ids)
+    rng = random.Random(16)
+    with Repository.init(str(models)) as m:
+        with m.writer() as w:
+            tid = w.add_tree(Tree.build([]))
+            sets = []
+            for _ in range(READSET_COMMITS):
+                lines = [RS.HEADER] + [
+                    f"data\t{ids[p].hex()}\t{json.dumps(p)}\n".encode()
+                    for p in sorted(rng.sample(paths, READSET_FILES_PER_RUN))]
+                sets.append(store_stream(w, io.BytesIO(b"".join(lines)))[0])
+        inp = L.input_metadata([L.Input(str(data), target, name="data", rev="main")])
+        parent: bytes | None = None
+        for i, rs in enumerate(sets):
+            meta = dict(inp, **{RS.META_KEY: rs.hex(), RS.COUNT_KEY: str(READSET_FILES_PER_RUN)})
+            parent = m.save_commit(Commit(tid, (parent,) if parent else (), "bench", 1_700_000_000 + i,
+                                          f"run {i}", meta))
+        assert parent is not None
+        m.refs.set_branch_if_equals("main", parent, None)
+    shutil.rmtree(src, ignore_errors=True)
+    marker.write_text("ok\n")
+    return str(models), str(data), target, parent, "f/00007.bin"
+
+
+@section("readset", "a --record-reads epoch through the mount vs the same epoch unrecorded; a --trained-on "
+                    "query over 10k model commits vs `commitfs log` of them")
+def bench_readset(b: Bench) -> SectionResult:
+    from commitfs.ops import history
+    from commitfs.ops.lineage_index import index_path, trained_on
+
+    out = SectionResult()
+    t: dict = {}
+    # 1. An epoch (every image once, sequentially) through a new mount, recording or not.
+    ds = b.dataset()
+    repo_dir = b.scratch("repo-readset")
+    Repository.init(str(repo_dir)).close()
+    b.log("committing the dataset")
+    commit_in_process(str(repo_dir), ds.root, "readset bench")
+    images = [i.path for i in ds.images]
+    total = sum(i.size for i in ds.images)
+    mnt, cache_dir, logs = b.scratch("mnt-readset"), b.scratch("readset-cache"), b.scratch("readset-logs")
+    runs: dict[str, list[float]] = {"plain": [], "recorded": []}
+    try:
+        b.log(f"an epoch of {len(images):,} images, {READSET_ROUNDS} rounds of a new mount with and without "
+              "--record-reads, interleaved")
+        for r in range(READSET_ROUNDS):
+            for who in ("plain", "recorded"):
+                extra = ("--record-reads", str(logs / f"{r}.log")) if who == "recorded" else ()
+                with commitfs_mount(str(repo_dir), mnt, cache_dir, extra=extra):
+                    s, n = timed(read_to_devnull, mnt, images)
+                    if n != total:
+                        raise RuntimeError(f"read {n} bytes through the mount, expected {total}")
+                    runs[who].append(len(images) / s)
+                if who == "recorded":
+                    recorded = (logs / f"{r}.log").read_bytes().count(b"\n") - 1
+                    if recorded != len(images):
+                        raise RuntimeError(f"the read log has {recorded} files, expected {len(images)}")
+    finally:
+        shutil.rmtree(repo_dir, ignore_errors=True)
+    t["epoch_plain_files_s"] = statistics.median(runs["plain"])
+    t["epoch_recorded_files_s"] = statistics.median(runs["recorded"])
+    out.rows.append(Row(f"epoch of {len(images):,} images through a new mount, --record-reads vs not",
+                        t["epoch_recorded_files_s"], t["epoch_plain_files_s"], "files/s", (">=", 0.95)))
+
+    # 2. --trained-on through the lineage index vs reading every commit (log).
+    workdir = b.workdir / "readset"
+    workdir.mkdir(parents=True, exist_ok=True)
+    models, data, target, head, path = _readset_build(workdir, b.log)
+    cache = b.scratch("readset-index")
+    saved_cache = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+
+    def log_all() -> int:
+        with Repository.open(models) as repo:
+            return sum(1 for _ in history.log(repo, head))
+
+    def query() -> int:
+        with Repository.open(models) as repo, Repository.open(data) as d:
+            return len(trained_on(d, target, path, [repo]).readers)
+
+    try:
+        b.log(f"log of {READSET_COMMITS:,} commits (best of 3), then --trained-on queries")
+        t["log_s"], n = _best_of(log_all)
+        if n != READSET_COMMITS:
+            raise RuntimeError(f"log found {n} commits, expected {READSET_COMMITS}")
+        with Repository.open(models) as repo:
+            shutil.rmtree(index_path(repo).parent, ignore_errors=True)
+        t["trained_on_cold_s"], t["readers"] = timed(query)
+        t["trained_on_warm_s"], found = _best_of(query)
+        if found != t["readers"] or not found:
+            raise RuntimeError(f"the warm query found {found} readers, the cold one {t['readers']}")
+    finally:
+        if saved_cache is None:
+            os.environ.pop("XDG_CACHE_HOME", None)
+        else:
+            os.environ["XDG_CACHE_HOME"] = saved_cache
+        shutil.rmtree(cache, ignore_errors=True)
+    out.rows += [
+        Row(f"--trained-on query, warm index ({READSET_COMMITS:,} commits) vs log", t["trained_on_warm_s"],
+            t["log_s"], "s", ("<=", 0.1)),
+        Row("--trained-on query, building the index (every commit and read set read) vs log",
+            t["trained_on_cold_s"], t["log_s"], "s"),
+    ]
+    out.details = t
+    out.notes.append(
+        f"epoch: every image of the dataset read once, sequentially, through a mount made just before, the median "
+        f"of {READSET_ROUNDS} rounds each way, interleaved; --trained-on: {READSET_COMMITS:,} chained model commits, "
+        f"each with a read set of {READSET_FILES_PER_RUN} of {READSET_DATASET_FILES} dataset files, the query "
+        f"for one file ({t['readers']} readers) in-process, best of 3, against the first-parent log of them all")
+    return out
+
+
 @section("workspace", "writable workspace mounts: a 100-file commit in a 100k-file workspace, sequential writes")
 def bench_workspace(b: Bench) -> SectionResult:
     from commitfs.fuse import lifecycle
@@ -1849,6 +1996,131 @@ def bench_diff(b: Bench) -> SectionResult:
     repo.close()
     shutil.rmtree(data_dir, ignore_errors=True)
     return out
+
+
+# --- merge (issue 12) -------------------------------------------------------------------------
+#: (files in the tree, rows of labels.csv) per scale; the issue's sizes are the full scale's.
+_MERGE_SIZES = {"small": (20_000, 200_000), "full": (100_000, 1_000_000)}
+
+
+@section("merge", "merging two branches that each changed 100 files vs diff and a first commit; "
+                  "a keyed merge of labels.csv vs reading it")
+def bench_merge(b: Bench) -> SectionResult:
+    import tracemalloc
+
+    from commitfs.ops.diff import diff_trees
+    from commitfs.ops.merge import MergeOptions, merge_into
+    from commitfs.repo.reader import FileReader
+
+    out = SectionResult()
+    nfiles, nrows = _MERGE_SIZES[b.scale.name]
+    rng = random.Random(b.scale.seed)
+    data_dir = b.scratch("merge-data")
+    repo_dir = b.scratch("merge-repo")
+    repo = Repository.init(str(repo_dir))
+    per_dir = 100
+    paths = [f"d{i // per_dir:04d}/f{i % per_dir:03d}.txt" for i in range(nfiles)]
+    b.log(f"writing a {nfiles:,}-file tree")
+    for d in {p.split("/")[0] for p in paths}:
+        (data_dir / d).mkdir(parents=True, exist_ok=True)
+    for p in paths:
+        (data_dir / p).write_bytes(f"{p}\n".encode())
+    first_s, first = timed(commit_directory, repo, data_dir, message="base")
+    base = first.commit_id
+    repo.refs.set_branch_if_equals("dev", base, None)
+    changed = rng.sample(paths, 200)
+    ours_paths, theirs_paths = changed[:100], changed[100:]
+
+    def rewrite(which, text):
+        past = time.time() - DAY
+        for p in which:
+            (data_dir / p).write_bytes(text(p))
+            os.utime(data_dir / p, (past + 1, past + 1))
+
+    rewrite(ours_paths, lambda p: f"ours {p}\n".encode())
+    ours = commit_directory(repo, data_dir, message="ours").commit_id
+    rewrite(ours_paths, lambda p: f"{p}\n".encode())
+    rewrite(theirs_paths, lambda p: f"theirs {p}\n".encode())
+    theirs = commit_directory(repo, data_dir, branch="dev", message="theirs").commit_id
+    trees = {c: repo.load_commit(c).tree for c in (base, ours, theirs)}
+
+    def diff_both() -> int:
+        return (sum(1 for _ in diff_trees(repo, trees[base], trees[ours]))
+                + sum(1 for _ in diff_trees(repo, trees[base], trees[theirs])))
+
+    runs = iter(range(1_000_000))
+
+    def merge_once():
+        name = f"m{next(runs)}"
+        repo.refs.set_branch_if_equals(name, ours, None)
+        return merge_into(repo, "dev", name)
+
+    got = merge_once()
+    if got.status != "merged":
+        out.notes.append(f"WARNING: the tree merge ended {got.status}")
+    if diff_both() != 200:
+        out.notes.append("WARNING: the two diffs did not find 200 changed files")
+    merge_s = statistics.median(timed(merge_once)[0] for _ in range(3))
+    diff_s = statistics.median(timed(diff_both)[0] for _ in range(3))
+    out.rows.append(Row(f"merge of 2 x 100 changed files in a {nfiles:,}-file tree vs diff of the two changes",
+                        merge_s, diff_s, "s", ("<=", 2.0)))
+    out.rows.append(Row("  the same merge vs the tree's first commit", merge_s, first_s, "s", ("<=", 0.02)))
+
+    # labels.csv: image_id,label,score; 1,000 cells edited on each side (different rows).
+    b.log(f"writing a {nrows:,}-row labels.csv")
+    labels = ["cat", "dog", "bird", "fish", "horse"]
+    rows = [[f"img_{i:07d}", rng.choice(labels), f"{rng.random():.4f}"] for i in range(nrows)]
+    table_dir = b.scratch("merge-table")
+
+    edited = rng.sample(range(nrows), 2000)
+    tbase = _commit_table(repo, table_dir, rows, "t-main", None)
+    repo.refs.set_branch_if_equals("t-dev", tbase, None)
+    saved = {i: rows[i][1] for i in edited}
+    for i in edited[:1000]:
+        rows[i][1] = "zebra"
+    _commit_table(repo, table_dir, rows, "t-main", tbase)
+    for i in edited[:1000]:
+        rows[i][1] = saved[i]
+    for i in edited[1000:]:
+        rows[i][2] = "0.0000"
+    _commit_table(repo, table_dir, rows, "t-dev", tbase)
+    options = MergeOptions(keys=[("labels.csv", ("image_id",))])
+    ours_t = repo.refs.lookup_branch("t-main")
+
+    def table_merge_once():
+        name = f"tm{next(runs)}"
+        repo.refs.set_branch_if_equals(name, ours_t, None)
+        return merge_into(repo, "t-dev", name, options=options)
+
+    got = table_merge_once()
+    if got.status != "merged":
+        out.notes.append(f"WARNING: the keyed table merge ended {got.status}")
+    entry = repo.load_tree(repo.load_commit(ours_t).tree).get("labels.csv")
+
+    def read_file() -> int:
+        return sum(len(c) for c in FileReader.open(repo, entry.id).iter_chunks())
+
+    read_file()
+    tmerge_s = timed(table_merge_once)[0]
+    read_s = statistics.median(timed(read_file)[0] for _ in range(3))
+    out.rows.append(Row(f"keyed merge of a {nrows:,}-row labels.csv, 1,000 edited rows per side, vs reading it once",
+                        tmerge_s, read_s, "s", ("<=", 1.0)))
+    tracemalloc.start()
+    table_merge_once()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    out.rows.append(Row(f"  its peak Python memory (tracemalloc), file {human_size(entry.size)}", peak, entry.size,
+                        "B", limit=("<=", 500 * MiB)))
+    repo.close()
+    shutil.rmtree(data_dir, ignore_errors=True)
+    shutil.rmtree(table_dir, ignore_errors=True)
+    return out
+
+
+def _commit_table(repo, table_dir: Path, rows, branch: str, parent) -> bytes:
+    (table_dir / "labels.csv").write_bytes(
+        ("image_id,label,score\n" + "".join(f"{a},{l},{s}\n" for a, l, s in rows)).encode())
+    return commit_directory(repo, table_dir, branch=branch, message=f"labels on {branch}").commit_id
 
 
 # --- main -----------------------------------------------------------------------------

@@ -37,7 +37,6 @@ mkdir -p "$DEMO"
 export COMMITFS_REPO="$DEMO/repo"
 export XDG_CACHE_HOME="$DEMO/cache"
 
-step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
 
 echo "demo: making a sample image dataset in $DEMO/data" >&2
 python scripts/make_sample.py "$DEMO/data" --images 200

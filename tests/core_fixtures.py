@@ -36,7 +36,8 @@ from commitfs.ops.fsck import fsck
 from commitfs.repo.pack import ENTRY as PACK_ENTRY
 from commitfs.repo.pack import FOOTER as PACK_FOOTER
 from commitfs.repo.repository import CONFIG_KEY, Repository
-from commitfs.storage.base import Store, open_store
+from commitfs.storage.base import Store
+from commitfs.storage.url import open_store
 from commitfs.storage.faulty import FaultyStore
 
 # Bytes a pack adds around its blobs: one table entry per blob plus a footer.

@@ -33,7 +33,8 @@ import boto3
 import pytest
 
 from commitfs.repo.repository import CONFIG_KEY, Repository
-from commitfs.storage.base import Store, open_store
+from commitfs.storage.base import Store
+from commitfs.storage.url import open_store
 from commitfs.storage.faulty import FaultyStore
 from s3server import MotoServer
 

@@ -66,6 +66,8 @@ def test_diff_file_level_default_and_first_parent(history, cli):
                                 "M model.safetensors (" + out.split("model.safetensors (")[1].split(")")[0] + ")"]
     out2, _ = cli("-r", url, "diff", "main~1")  # B omitted: main~1 against its first parent
     assert out2 == out
+    assert cli("-r", url, "diff", "main~2..main~1")[0] == out
+    cli("-r", url, "diff", "main", "--max-rows", "-1", code=2)
     out, _ = cli("-r", url, "diff", "main~2", "main", "--", "notes.txt")
     assert out.splitlines() == ["M notes.txt (4 -> 4)"]
     out, _ = cli("-r", url, "diff", "main~2")  # the root commit: everything added

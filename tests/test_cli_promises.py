@@ -157,9 +157,11 @@ def test_workspace_commit_refuses_another_branch(ws):
     # A subdirectory of the workspace is not the workspace: refused with the command to use.
     line = cli_fails("-r", ws.url, "commit", str(mnt / "fixed"), "-m", "x")
     assert f"commitfs commit {mnt}" in line
-    proc = ws.cli("commit", str(mnt), "-b", "dev", "-m", "x")
+    proc = ws.cli("commit", str(mnt), "-b", "dev", "-m", "x", "--author", "W <w@example.com>")
     assert proc.returncode == 0, proc.stderr
     assert ws.head("dev") == bytes.fromhex(proc.stdout.strip()) and ws.head("main") == ws.base
+    shown = json.loads(cli_ok("-r", ws.url, "show", "dev", "--json").stdout)
+    assert shown["author"] == "W <w@example.com>"  # --author reaches the workspace daemon
 
 
 # --- 2. a workspace whose edits were undone follows the branch -------------------------------------
@@ -364,6 +366,8 @@ def test_demo_prints_pasteable_commands():
     shown = proc.stdout.split("\n")[1]
     line = shown.split("$ ", 1)[1].removesuffix("\033[0m")
     assert line == shlex.join(["printf", "<%s>\\n", *words])
+    # The demo defines step once (no later definition replaces the quoting one).
+    assert open(f"{SCRIPTS}/demo.sh").read().count("\nstep() ") == 1
     # Pasted into a shell, it runs the same command.
     again = subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=30)
     assert again.stdout == "".join(f"<{w}>\n" for w in words)

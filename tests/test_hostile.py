@@ -40,7 +40,7 @@ from commitfs.repo.pack import BlobKind
 from commitfs.repo import treewalk
 from commitfs.repo.reader import FileReader
 from commitfs.repo.remotes import Remotes
-from commitfs.storage.base import open_store
+from commitfs.storage.url import open_store
 from commitfs.storage.s3 import S3Store
 from commitfs.ops.snapshot import commit_directory
 from commitfs.repo.repository import Repository

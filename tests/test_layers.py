@@ -145,7 +145,7 @@ def test_the_walk_sees_the_package():
     targets = {(i.module, i.target) for i in imports}
     assert ("commitfs.storage.s3", "boto3") in targets
     # imported inside a function:
-    assert ("commitfs.storage.base", "commitfs.storage.s3.S3Store") in targets
+    assert ("commitfs.storage.url", "commitfs.storage.s3.S3Store") in targets
     assert ("commitfs.repo.repository", "commitfs.repo.index.Index") in targets
 
 

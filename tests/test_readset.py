@@ -51,6 +51,20 @@ LOADER = """
 """
 
 
+# The same reads without torch (for the tests about what happens to a read set afterwards).
+PLAIN = """
+    import json, os, sys
+    root = os.environ["COMMITFS_INPUT_DATA"]
+    images = sorted(os.path.relpath(os.path.join(d, f), root)
+                    for d, _, fs in os.walk(os.path.join(root, "train")) for f in fs)
+    subset = images[int(sys.argv[1])::int(sys.argv[2])]
+    total = sum(len(open(os.path.join(root, p), "rb").read()) for p in subset)
+    out = os.environ["COMMITFS_OUTPUT"]
+    os.makedirs(out)
+    json.dump({"read": subset, "bytes": total}, open(os.path.join(out, "read.json"), "w"))
+"""
+
+
 @pytest.fixture
 def data(tmp_path, sample_dir):
     url = str(tmp_path / "data")
@@ -66,9 +80,9 @@ def _models(tmp_path, name="models") -> str:
     return url
 
 
-def _train(tmp_path, data_url, models, start: int, step: int, *extra) -> dict:
-    script = tmp_path / "loader.py"
-    script.write_text(textwrap.dedent(LOADER))
+def _train(tmp_path, data_url, models, start: int, step: int, *extra, body: str = PLAIN) -> dict:
+    script = tmp_path / ("loader.py" if body is LOADER else "plain.py")
+    script.write_text(textwrap.dedent(body))
     out = tmp_path / f"out-{models.rsplit('/', 1)[-1]}-{start}-{step}"
     proc = cfs("run", "-r", models, "--record-reads", "--input", f"data={data_url}@main", "--output", out,
                "--to", "main", "--json", *extra, "--", PY, script, str(start), str(step), timeout=180)
@@ -78,7 +92,7 @@ def _train(tmp_path, data_url, models, start: int, step: int, *extra) -> dict:
 def test_a_two_worker_dataloader_records_exactly_the_files_it_read(tmp_path, data):
     data_url, data_id, ids = data
     models = _models(tmp_path)
-    out = _train(tmp_path, data_url, models, 0, 2)
+    out = _train(tmp_path, data_url, models, 0, 2, body=LOADER)
     read = json.loads(cfs("-r", models, "cat", "main:read.json").stdout)["read"]
     assert 2 <= len(read) < len([p for p in ids if p.endswith(".png") and p.startswith("train/")])
     assert out["files_read"] == len(read) and out["readset"]
@@ -108,16 +122,23 @@ def test_trained_on_across_two_repositories(tmp_path, data):
     cb = json.loads(cfs("-r", b, "show", "main", "--json").stdout)["id"]
     images = sorted(p for p in ids if p.startswith("train/") and p.endswith(".png"))
     assert read_a & read_b and read_a - read_b and set(images) - read_a - read_b
-    for path in images:
-        proc = cfs("lineage", "--trained-on", f"{data_url}@main:{path}", "--search", a, "--search", b, "--json")
-        report = json.loads(proc.stdout)
+    # Every image, in-process (the same code as the CLI's, without a process per query) ...
+    from commitfs.ops.lineage_index import trained_on
+    from commitfs.repo.repository import Repository
+
+    with Repository.open(data_url) as d, Repository.open(a) as ra, Repository.open(b) as rb:
+        reports = {p: trained_on(d, bytes.fromhex(data_id), p, [ra, rb]).to_json() for p in images}
+    # ... and one through the command line, whose JSON is the same.
+    shared = sorted(read_a & read_b)[0]
+    proc = cfs("lineage", "--trained-on", f"{data_url}@main:{shared}", "--search", a, "--search", b, "--json")
+    assert json.loads(proc.stdout) == reports[shared]
+    for path, report in reports.items():
         assert report["file_id"] == ids[path] and report["problems"] == []
         expected = sorted(([(a, ca)] if path in read_a else []) + ([(b, cb)] if path in read_b else []))
         assert sorted((r["repo"], r["id"]) for r in report["readers"]) == expected, path
         assert all(r["input"] == "data" and r["input_id"] == data_id and r["path"] == path
                    for r in report["readers"])
     # Text form, and the default search repository (-r)
-    shared = sorted(read_a & read_b)[0]
     lines = cfs("-r", a, "lineage", "--trained-on", f"{data_url}@main:{shared}").stdout.splitlines()
     assert len(lines) == 2 and lines[1].strip().startswith(f"{a}@{ca[:12]}  as data ")
     err = cfs("lineage", "--trained-on", f"{data_url}@main:nosuch.png", "--search", a, check=False).stderr
@@ -185,3 +206,17 @@ def test_a_run_killed_while_recording_commits_nothing_and_leaves_no_mounts(tmp_p
     assert run.returncode == 128 + signal.SIGTERM and "nothing committed" in err
     assert json.loads(cfs("-r", models, "branch", "--json").stdout) == {}
     assert not list(Path(os.environ["TMPDIR"]).glob("commitfs-reads-*"))
+
+
+def test_read_sets_travel_with_push_and_clone(tmp_path, data, s3_url):
+    data_url, _, ids = data
+    models = _models(tmp_path)
+    _train(tmp_path, data_url, models, 1, 4)
+    local = json.loads(cfs("-r", models, "lineage", "main", "--files", "--json").stdout)
+    cfs("-r", s3_url, "init")
+    cfs("-r", models, "push", s3_url, "main")
+    clone = str(tmp_path / "clone")
+    cfs("clone", s3_url, clone)
+    for url in (s3_url, clone):
+        assert json.loads(cfs("-r", url, "lineage", "main", "--files", "--json").stdout) == local
+    assert json.loads(cfs("-r", clone, "fsck", "--json").stdout)["ok"] is True

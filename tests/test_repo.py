@@ -24,12 +24,13 @@ from commitfs.ops.browse import lookup_path
 from commitfs.ops.snapshot import commit_directory
 from commitfs.repo import index as index_mod
 from commitfs.repo import pack as pack_mod
+from commitfs.repo import engine as engine_mod
 from commitfs.repo import repository as repository_mod
 from commitfs.repo.index import INDEX_PREFIX, Index, encode_segment, segment_key
 from commitfs.repo.pack import BlobKind, Compression, Location, pack_key, parse_pack_table
 from commitfs.repo.reader import FileReader
 from commitfs.repo.repository import CONFIG_KEY, Repository
-from commitfs.storage.base import open_store
+from commitfs.storage.url import open_store
 from core_fixtures import (
     PACK_ENTRY_SIZE,
     PACK_FOOTER_SIZE,
@@ -357,9 +358,9 @@ def load_file_path(request, monkeypatch):
     counting the calls it answers, then without it."""
     answered = []
     if request.param == "python":
-        monkeypatch.setattr(repository_mod, "_fastread", None)
+        monkeypatch.setattr(engine_mod, "_fastread", None)
     else:
-        fast = repository_mod._fastread
+        fast = engine_mod._fastread
         assert fast is not None, "commitfs.repo._fastread is not built (pip install -e .)"
 
         class Counting:
@@ -368,7 +369,7 @@ def load_file_path(request, monkeypatch):
                 got = fast.load_file(*args)
                 answered.append(got is not None)
                 return got
-        monkeypatch.setattr(repository_mod, "_fastread", Counting)
+        monkeypatch.setattr(engine_mod, "_fastread", Counting)
     return request.param, answered
 
 
@@ -432,7 +433,7 @@ def test_compiled_load_file_declines_anything_it_cannot_verify(local_repo, tmp_p
     """commitfs.repo._fastread returns a file's bytes only when its manifest hashes to
     the file id and every chunk to its id; malformed segments, bytes that do not
     match, an altered manifest: None (Python then decides), never a crash or wrong bytes."""
-    fast = repository_mod._fastread
+    fast = engine_mod._fastread
     assert fast is not None, "commitfs.repo._fastread is not built (pip install -e .)"
     rng = random.Random(21)
     data = rng.randbytes(180_000)
@@ -442,7 +443,7 @@ def test_compiled_load_file_declines_anything_it_cannot_verify(local_repo, tmp_p
     repo.load_file(fid)  # loads the index segment; the packs are in the page cache
     segments = repo.index.loaded_segments()
     assert segments
-    read_into, hasher = repo._read_pack_into_nowait, repository_mod.HASHER
+    read_into, hasher = repo.reads._read_pack_into_nowait, engine_mod.HASHER
     assert fast.load_file(fid, segments, read_into, hasher) == data
     assert fast.load_file(bytes(32), segments, read_into, hasher) is None  # not in the index
     assert fast.load_file(fid, (), read_into, hasher) is None  # no segment held in memory
@@ -478,7 +479,7 @@ def test_compiled_load_file_declines_anything_it_cannot_verify(local_repo, tmp_p
     fresh = reopen(local_repo.url)
     with pytest.raises(CorruptObjectError):
         fresh.load_file(fid)
-    assert fast.load_file(fid, fresh.index.loaded_segments(), fresh._read_pack_into_nowait, hasher) is None
+    assert fast.load_file(fid, fresh.index.loaded_segments(), fresh.reads._read_pack_into_nowait, hasher) is None
     with pytest.raises(CorruptObjectError):
         fresh.load_file(fid, nowait=True)
 

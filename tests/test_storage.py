@@ -20,7 +20,7 @@ from commitfs.errors import (
     StorageTimeoutError,
     WouldBlock,
 )
-from commitfs.storage.base import open_store
+from commitfs.storage.url import open_store
 from commitfs.storage.faulty import FaultyStore
 from commitfs.storage.local import LocalStore, _FdTable
 from commitfs.storage.retry import TransientError, retry_call

@@ -745,3 +745,37 @@ def test_read_inode_and_check_open_refuse_what_open_refuses(dataset):
                 with pytest.raises(PathNotFoundError):
                     await fs.read_inode(link, 0, 4096)
     trio.run(main)
+
+
+@pytest.mark.timeout(60)
+def test_two_readers_of_one_inode_keep_their_own_read_ahead(tmp_path, cache_home):
+    """Reads by inode (no opens): two readers of one file, each sequential, their
+    requests interleaved, are two read streams, each with its read-ahead growing as
+    if it read alone (one read state would see every other request as a seek);
+    the bytes are exact."""
+    rng = random.Random(19)
+    data = rng.randbytes(6_000_000)  # > whole_file_bytes: read-ahead, several chunks
+    url, commit = _files_repo(tmp_path, {"w.bin": data})
+    step = 128 * 1024
+
+    async def main():
+        with Repository.open(url) as repo:
+            async with fs_of(repo, commit) as fs:
+                ino = await lookup_path_ino(fs, "w.bin")
+                a, b = 0, 3_000_000
+                for _ in range(8):
+                    assert bytes(await fs.read_inode(ino, a, step)) == data[a:a + step]
+                    assert bytes(await fs.read_inode(ino, b, step)) == data[b:b + step]
+                    a, b = a + step, b + step
+                h = fs._by_inode[ino]
+                assert len(h.streams) == 2
+                for r in h.streams:
+                    assert r.random_reads <= 1 and r.sequential_reads >= 7
+                    assert r.window > r.initial_window  # grown: nobody reset it
+                # Both go on undisturbed, whichever comes first.
+                for r in h.streams:
+                    r.random_reads = 0
+                for off in (b, a, a + step, b + step):
+                    assert bytes(await fs.read_inode(ino, off, step)) == data[off:off + step]
+                assert [r.random_reads for r in h.streams] == [0, 0] and len(h.streams) == 2
+    trio.run(main)

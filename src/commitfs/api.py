@@ -27,6 +27,7 @@ from commitfs.ops.browse import WalkItem
 from commitfs.ops.checkout import checkout
 from commitfs.ops.contentdiff import FileDiff
 from commitfs.ops.diff import Change, diff_trees
+from commitfs.ops.root import init_repository, open_repository
 from commitfs.ops.snapshot import commit_directory
 from commitfs.ops.stats import CommitStats, RepositoryStats, commit_stats, repository_stats
 from commitfs.ops.tablediff import TableDiff, diff_table
@@ -50,12 +51,15 @@ class Repository:
         self._repo = repo
 
     @classmethod
-    def _open_repository(cls, url: str, **store_options) -> Repository:
-        return cls(_Repo.open(str(url), **store_options))
+    def _open_repository(cls, url: str, *, cache_dir=False, endpoint_url: str | None = None) -> Repository:
+        """The repository at ``url`` (a path, ``file://`` or ``s3://``).  ``cache_dir``:
+        keep fetched chunks of a remote repository in a verified disk cache there
+        (True: the default cache directory; False, the default: no cache)."""
+        return cls(open_repository(url, cache_dir=cache_dir, endpoint_url=endpoint_url))
 
     @classmethod
-    def init(cls, url: str, **store_options) -> Repository:
-        return cls(_Repo.init(str(url), **store_options))
+    def init(cls, url: str, *, endpoint_url: str | None = None) -> Repository:
+        return cls(init_repository(url, endpoint_url=endpoint_url))
 
     @property
     def url(self) -> str:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import os
 import posixpath
 import threading
-from pathlib import Path
 
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
@@ -50,6 +49,7 @@ from commitfs.errors import (
 )
 from commitfs.model.objects import Kind, TreeEntry
 from commitfs.ops import browse
+from commitfs.ops.root import open_repository
 from commitfs.repo.reader import FileReader
 from commitfs.repo.repository import Repository
 
@@ -90,18 +90,11 @@ class CommitfsFileSystem(AbstractFileSystem):
     def repo(self) -> Repository:
         with self._lock:
             if self._repo is None or self._repo_pid != os.getpid():
-                options = {"endpoint_url": self.endpoint_url} if self.endpoint_url else {}
                 try:
-                    repo = Repository.open(self.repo_url, **options)
+                    repo = open_repository(self.repo_url, cache_dir=self.cache_dir, endpoint_url=self.endpoint_url,
+                                           cache_optional=True)
                 except CommitfsError as exc:
                     raise OSError(f"commitfs: {exc}") from None
-                if not repo.is_local and self.cache_dir is not False:
-                    from commitfs.cache import DiskChunkCache, default_cache_dir
-
-                    try:
-                        repo.chunk_cache = DiskChunkCache(Path(self.cache_dir or default_cache_dir()) / "chunks")
-                    except CommitfsError:
-                        pass  # no cache: slower, not wrong
                 self._repo, self._repo_pid = repo, os.getpid()
             return self._repo
 

@@ -133,6 +133,7 @@ class DiskChunkCache:
         self._evicting = threading.Lock()
         self._size: int | None = None  # estimate; None until the first scan
         self._unscanned = 0  # bytes this process added since its last scan
+        self._written = 0    # bytes this process ever added (an eviction's scan misses those written during it)
         try:
             self._tmp.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -208,6 +209,7 @@ class DiskChunkCache:
         with self._lock:
             self._size = (self._size or 0) + len(data)
             self._unscanned += len(data)
+            self._written += len(data)
             rescan = self._unscanned >= self.max_bytes * _RESCAN_FRACTION
         if rescan:
             self._rescan_size()  # also counts what other processes added
@@ -274,21 +276,35 @@ class DiskChunkCache:
                     if time.monotonic() > deadline:
                         return 0
                     time.sleep(0.005)
-            self.stats.evictions += 1
-            entries = sorted(self._scan())
-            total = sum(size for _, size, _ in entries)
             freed = 0
-            for _, size, path in entries:
-                if total - freed <= target:
+            # Other threads go on writing while this one scans and deletes (their own
+            # evictions return at once): what they wrote meanwhile is counted after the
+            # scan, and if it puts the cache over the cap again, another round runs, so
+            # the cache does not stay over its cap once writing stops.
+            for _ in range(3):
+                self.stats.evictions += 1
+                with self._lock:
+                    written_before = self._written
+                entries = sorted(self._scan())
+                total = sum(size for _, size, _ in entries)
+                round_freed = 0
+                for _, size, path in entries:
+                    if total - round_freed <= target:
+                        break
+                    if self._unlink(path):
+                        round_freed += size
+                        self.stats.evicted_files += 1
+                freed += round_freed
+                with self._lock:
+                    # Chunks written between the snapshot and the scan are counted twice:
+                    # an overestimate, which only makes the next eviction come sooner.
+                    self._size = total - round_freed + (self._written - written_before)
+                    self._unscanned = 0
+                    over = self._size > self.max_bytes
+                if not over:
                     break
-                if self._unlink(path):
-                    freed += size
-                    self.stats.evicted_files += 1
             self._remove_stale_tmp()
-            with self._lock:
-                self._size = total - freed
-                self._unscanned = 0
-            log.info("chunk cache: evicted %d bytes, %d bytes remain", freed, total - freed)
+            log.info("chunk cache: evicted %d bytes, about %d bytes remain", freed, self._size)
             return freed
         finally:
             os.close(lock_fd)  # releases the flock

@@ -120,13 +120,10 @@ def _silence_stdout() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not hasattr(args, "repo"):
-        args.repo = os.environ.get("COMMITFS_REPO")
-    if not hasattr(args, "endpoint_url"):
-        args.endpoint_url = None
     real_stdout = sys.stdout
     sys.stdout = _GuardedOutput(real_stdout)
     try:
+        _apply_settings(args)
         code = args.handler(args)
         sys.stdout.flush()
         return code or 0
@@ -155,6 +152,21 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         sys.stdout = real_stdout
+
+
+def _apply_settings(args) -> None:
+    """Fill what the command line left out: flag > environment > configuration files
+    (cli/config.py) > built-in default."""
+    from commitfs.cli import config
+
+    settings = config.load()
+    if not hasattr(args, "repo"):
+        args.repo = config.from_environment_or_file(settings, "repo")
+    if not hasattr(args, "endpoint_url"):
+        args.endpoint_url = config.value(settings, "endpoint_url")  # None: storage reads the environment
+    for key in ("author", "cache_size", "cache_dir"):
+        if hasattr(args, key) and getattr(args, key) is None:
+            setattr(args, key, config.from_environment_or_file(settings, key))
 
 
 def _one_line(exc: BaseException) -> str:

@@ -13,6 +13,7 @@ from commitfs.model.objects import Kind
 from commitfs.ops import browse, history, refnames
 from commitfs.ops.checkout import checkout
 from commitfs.ops.fsck import fsck
+from commitfs.ops.root import init_repository, open_repository
 from commitfs.ops.snapshot import check_commit_text, commit_directory
 from commitfs.repo.repository import Repository
 
@@ -27,8 +28,14 @@ def store_options(args) -> dict:
     return {"endpoint_url": args.endpoint_url} if getattr(args, "endpoint_url", None) else {}
 
 
-def open_repo(args, **kwargs) -> Repository:
-    return Repository.open(repo_url(args), **kwargs, **store_options(args))
+def open_url(args, url: str, endpoint_url: str | None = None) -> Repository:
+    """The repository at ``url`` through the one composition root (ops/root.py);
+    one-shot commands keep no chunk cache."""
+    return open_repository(url, cache_dir=False, endpoint_url=endpoint_url or getattr(args, "endpoint_url", None))
+
+
+def open_repo(args) -> Repository:
+    return open_url(args, repo_url(args))
 
 
 def parse_meta(items: list[str] | None) -> dict[str, str]:
@@ -48,7 +55,7 @@ def _time(ts: int) -> str:
 
 # --- verbs ------------------------------------------------------------------------
 def cmd_init(args) -> int:
-    repo = Repository.init(repo_url(args), **store_options(args))
+    repo = init_repository(repo_url(args), endpoint_url=getattr(args, "endpoint_url", None))
     print(f"initialized commitfs repository at {repo.url}")
     return 0
 
@@ -71,6 +78,7 @@ def cmd_commit(args) -> int:
     try:
         result = commit_directory(
             repo, args.dir, branch=args.branch or "main", message=args.message, metadata=metadata,
+            author=args.author,
             progress=lambda p: bar.update(p.bytes_done, p.bytes_total, p.files_done, p.files_total),
         )
     except NothingToCommitError as exc:
@@ -91,7 +99,7 @@ def cmd_commit(args) -> int:
         print_json({
             "id": result.commit_id.hex(), "created": True, "tree": result.tree_id.hex(),
             "files": result.files, "files_read": result.files_read, "bytes_read": result.bytes_read,
-            "bytes_stored": result.write.bytes_new_stored, "blobs_new": result.write.blobs_new,
+            "bytes_stored": result.write.bytes_stored, "blobs_new": result.write.blobs_new,
             "warnings": result.warnings,
         })
     else:
@@ -328,6 +336,8 @@ def register(sub, common) -> None:
     p.add_argument("-b", "--branch", help="the branch to commit to (default: main; for a workspace "
                    "mount, its own branch, the only one allowed)")
     p.add_argument("-m", "--message", required=True)
+    p.add_argument("--author", metavar="NAME", help="the commit's author (default: $COMMITFS_AUTHOR, then "
+                   "the configuration files' author, then user@host)")
     p.add_argument("--meta", action="append", metavar="KEY=VALUE", help="metadata (repeatable)")
     p.add_argument("--input", action="append", metavar="[REPO_URL@]REV",
                    help="record a lineage input, resolved to its commit id now (repeatable; see docs/LINEAGE.md)")

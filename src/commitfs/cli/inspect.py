@@ -6,6 +6,7 @@ held at once)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -336,6 +337,16 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of rows (0 or more), got {text!r}")
+    return n
+
+
 def register(sub, common) -> None:
     p = sub.add_parser("diff", parents=[common], help="what changed between two revisions, and inside files",
                        description="Files added, removed and modified from A to B (B omitted: from A's first "
@@ -352,7 +363,7 @@ def register(sub, common) -> None:
                    help="match table rows by this column (repeatable: a compound key); implies --rows")
     p.add_argument("--values", action="store_true",
                    help="read changed tensors: max abs difference, relative L2 (needs numpy); implies --rows")
-    p.add_argument("--max-rows", type=int, default=20, metavar="N",
+    p.add_argument("--max-rows", type=_count, default=20, metavar="N",
                    help="rows (and tensors) printed per file, default 20 (--json gives all)")
     p.add_argument("--json", action="store_true")
 

@@ -55,6 +55,8 @@ def cmd_merge(args) -> int:
                                [parse_key(k) for k in args.key or []])
     except MergeError as exc:
         raise UsageError(str(exc)) from None
+    if args.mountpoint:
+        return _merge_workspace(args, options)
     repo = open_repo(args)
     result = merge_into(repo, args.source, args.into, message=args.message, no_ff=args.no_ff,
                         options=options, dry_run=args.dry_run)
@@ -70,6 +72,41 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def _merge_workspace(args, options: MergeOptions) -> int:
+    from commitfs.cli.workspace import _ask, _workspace
+
+    record = _workspace(args.mountpoint)
+    if args.dry_run or args.no_ff or args.message:
+        raise UsageError("merging into a workspace mount takes no --dry-run, --no-ff or -m "
+                         "(the commit of the mount records the merge)")
+    if args.into not in ("main", record.get("branch")):
+        raise UsageError(f"{args.mountpoint} is a workspace of branch {record.get('branch')!r}; "
+                         f"it merges there, not into {args.into!r}")
+    answer = _ask(record, {"op": "merge", "source": args.source, "strategy": options.strategy,
+                           "rules": [list(r) for r in options.rules],
+                           "keys": [[g, list(c)] for g, c in options.keys]})
+    if args.json:
+        print_json({k: v for k, v in answer.items() if k != "ok"})
+    elif answer["status"] == "up-to-date":
+        print(f"{answer['branch']} is already up to date with {args.source}")
+    else:
+        for r in answer["resolved"]:
+            print(f"resolved ({r['kind']}) {r['path']}: {r['resolved']}")
+        for c in answer["conflicts"]:
+            how = ("conflict markers in it" if c["style"] == "markers" else
+                   "ours as it is, " + " and ".join(c["files"]) if c["files"] else "ours as it is")
+            print(f"CONFLICT ({c['kind']}) {c['path']}: {how}" + (f" ({c['note']})" if c.get("note") else ""))
+    if answer["status"] == "conflicts":
+        n = len(answer["conflicts"])
+        print(f"commitfs: merging {args.source} into the workspace {args.mountpoint}: {n} conflict"
+              f"{'s' if n != 1 else ''} to resolve in the mount, then commitfs commit {args.mountpoint} "
+              f"(or commitfs reset {args.mountpoint} to abandon)", file=sys.stderr)
+        return 1
+    if not args.json and answer["status"] == "merged":
+        print(f"merged {args.source} into the workspace: commit {args.mountpoint} to record it")
+    return 0
+
+
 def register(sub, common) -> None:
     p = sub.add_parser("merge", parents=[common], help="merge a branch (or any revision) into a branch",
                        description="Three-way merge of SOURCE into BRANCH against their merge base: "
@@ -77,6 +114,8 @@ def register(sub, common) -> None:
                                    "by rows. Conflicts move nothing and exit 1. See docs/MERGE.md.")
     p.set_defaults(handler=cmd_merge)
     p.add_argument("source", metavar="SOURCE", help="the revision to merge (a branch, tag or commit)")
+    p.add_argument("mountpoint", nargs="?", metavar="MOUNTPOINT",
+                   help="a writable workspace mount of BRANCH: apply the merge there as pending edits")
     p.add_argument("--into", default="main", metavar="BRANCH", help="the branch to merge into (default: main)")
     p.add_argument("-m", "--message", help="the merge commit's message")
     p.add_argument("--no-ff", action="store_true", help="make a merge commit even when a fast-forward would do")

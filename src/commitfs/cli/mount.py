@@ -12,8 +12,10 @@ import os
 import re
 from pathlib import Path
 
-from commitfs.cache import DEFAULT_MAX_BYTES, default_cache_dir, parse_size
+from commitfs.cache import DEFAULT_MAX_BYTES, parse_size
 from commitfs.cli.core import open_repo, repo_url
+from commitfs.cli.output import warn
+from commitfs.ops.root import cache_root
 from commitfs.errors import InputError, UsageError
 from commitfs.fuse import lifecycle
 from commitfs.ops import browse
@@ -36,7 +38,7 @@ def cmd_mount(args) -> int:
     if io_timeout == 0:
         raise InputError("--io-timeout must be positive")
     cache_size = parse_size(args.cache_size) if args.cache_size else DEFAULT_MAX_BYTES
-    cache_dir = Path(args.cache_dir).expanduser().absolute() if args.cache_dir else default_cache_dir()
+    cache_dir = Path(args.cache_dir).expanduser().absolute() if args.cache_dir else cache_root()
     mountpoint = lifecycle.validate_mountpoint(args.mountpoint)
     rev, path = browse.split_rev_path(args.rev) if args.rev else (None, "")
     tree = None
@@ -86,6 +88,9 @@ def cmd_mount(args) -> int:
 
         return run_foreground(config)
     lifecycle.start_daemon(config)
+    record = lifecycle.lookup_record(mountpoint)
+    if record is not None and record.get("fast_open") is False:
+        warn(lifecycle.SLOW_OPEN)
     return 0
 
 

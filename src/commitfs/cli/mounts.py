@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from commitfs.cli.output import print_json
+from commitfs.cli.output import print_json, warn
 from commitfs.fuse import lifecycle
 
 
@@ -23,6 +23,8 @@ def cmd_mounts(args) -> int:
         mode = "writable workspace" if m["writable"] else "read-only"
         print(f"{m['mountpoint']}: {m['repo']} {what} ({mode}), pid {m['pid']}, "
               f"cache {m['cache'] or 'none'}, log {m['log']}")
+        if not m["fast_open"]:
+            warn(f"{m['mountpoint']}: {lifecycle.SLOW_OPEN}")
     return 0
 
 

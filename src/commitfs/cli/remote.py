@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from commitfs.cli.core import open_repo, store_options
+from commitfs.cli.core import open_repo, open_url, store_options
 from commitfs.cli.output import ProgressBar, human_size, print_json
 from commitfs.errors import ConflictError, UsageError
 from commitfs.ops import sync
@@ -27,10 +27,9 @@ def _is_url(spec: str) -> bool:
 def _open_remote(args, local: Repository, spec: str) -> tuple[str, Repository]:
     """(display name, repository) for a remote name or URL."""
     if _is_url(spec):
-        return spec, Repository.open(normalize_url(spec), **store_options(args))
+        return spec, open_url(args, normalize_url(spec))
     remote = Remotes(local.store).get(spec)
-    options = {"endpoint_url": remote.endpoint_url} if remote.endpoint_url else store_options(args)
-    return spec, Repository.open(remote.url, **options)
+    return spec, open_url(args, remote.url, remote.endpoint_url)
 
 
 class _Progress:
@@ -95,7 +94,7 @@ def _report(args, verb: str, where: str, result: sync.SyncResult) -> None:
 def cmd_clone(args) -> int:
     url = normalize_url(args.url)
     dest = normalize_url(args.dir)
-    source = Repository.open(url, **store_options(args))
+    source = open_url(args, url)
     # New, or an interrupted clone of the same source (killed at any point): resumed.
     local = sync.open_clone_destination(dest, url, args.endpoint_url, shown=args.dir, **store_options(args))
     result = _run("clone", lambda progress: sync.clone(local, source, threads=args.jobs, progress=progress))

@@ -43,12 +43,23 @@ def _ask(record: dict, request: dict) -> dict:
 def cmd_status(args) -> int:
     record = _workspace(args.mountpoint)
     answer = _ask(record, {"op": "status"})
+    merge = answer.get("merge")
     if args.json:
-        print_json({"branch": answer["branch"], "base": answer["base"], "changes": answer["changes"]})
+        out = {"branch": answer["branch"], "base": answer["base"], "changes": answer["changes"]}
+        if merge is not None:
+            out["merge"] = merge
+        print_json(out)
         return 0
     changes = answer["changes"]
     print(f"workspace on {answer['branch']} at {answer['base'][:12]}: "
           f"{len(changes) or 'no'} change{'s' if len(changes) != 1 else ''}")
+    if merge is not None:
+        left = merge.get("unresolved", [])
+        print(f"merge of {merge['source_rev']} ({merge['source'][:12]}) in progress: "
+              f"{len(left) or 'no'} unresolved path{'s' if len(left) != 1 else ''}"
+              + ("" if left else " (commit to record it, reset to abandon it)"))
+        for p in left:
+            print(f"unresolved {p}")
     for c in changes:
         suffix = "/" if c["kind"] == "dir" else "@" if c["kind"] == "symlink" else ""
         print(f"{c['status']:<9} {human_size(c['size']):>10}  {c['path']}{suffix}")
@@ -110,7 +121,7 @@ def commit_workspace(args, metadata: dict[str, str]) -> int | None:
     if args.branch is not None and args.branch != record.get("branch"):
         raise InputError(f"{args.dir} is a workspace of branch {record.get('branch')!r}; "
                          f"it commits there, not to {args.branch!r}")
-    request = {"op": "commit", "message": args.message, "metadata": metadata}
+    request = {"op": "commit", "message": args.message, "metadata": metadata, "author": args.author}
     answer = lifecycle.workspace_request(record, request)
     if not answer.get("ok"):
         if answer.get("kind") == "nothing":

@@ -33,6 +33,7 @@ from commitfs.errors import CommitfsError, ConflictError, NothingToCommitError
 from commitfs.fuse.adapter import invalidate
 from commitfs.ops.changes import dir_entry, unchanged
 from commitfs.ops.changeset import StatusEntry, commit_draft, status_of
+from commitfs.ops.merge import META_BASE, META_SOURCE, MergeError, MergeOptions, prepare_workspace_merge, unresolved
 from commitfs.vfs.workspace import WorkspaceFS
 
 log = logging.getLogger(__name__)
@@ -62,10 +63,44 @@ def open_workspace(repo, workspace_dir: str, branch: str, options) -> WorkspaceF
 
 async def status(fs: WorkspaceFS) -> list[StatusEntry]:
     """What the workspace changed against its base commit."""
+    return (await _status(fs))[0]
+
+
+async def _status(fs: WorkspaceFS) -> tuple[list[StatusEntry], dict | None]:
     async with fs.paused():
         draft = fs.draft()
+        state = json.loads(fs.merge_state) if fs.merge_state else None
         base_tree = (await fs.loader.io("base commit", fs.repo.load_commit, fs.base)).tree
-        return await trio.to_thread.run_sync(status_of, fs.repo, base_tree, draft)
+
+        def run():
+            entries = status_of(fs.repo, base_tree, draft)
+            if state is not None:
+                state["unresolved"] = unresolved(fs.repo, draft if draft is not None else dir_entry(base_tree),
+                                                 state["conflicts"])
+            return entries, state
+        return await trio.to_thread.run_sync(run)
+
+
+async def merge(fs: WorkspaceFS, source_rev: str, options: MergeOptions) -> dict:
+    """Apply the merge of ``source_rev`` to the workspace as pending edits (conflicts
+    spelled out in files: ops/merge.prepare_workspace_merge); the next commit records it
+    with two parents."""
+    async with fs.paused():
+        if fs.merge_state:
+            raise MergeError("a merge is already in progress in this workspace: commit it, or reset to abandon it")
+        draft = fs.draft()
+        base_tree = (await fs.loader.io("base commit", fs.repo.load_commit, fs.base)).tree
+        if not await trio.to_thread.run_sync(_unchanged, fs.repo, base_tree, draft):
+            raise MergeError("the workspace has edits: commit or reset them before merging into it")
+        plan = await trio.to_thread.run_sync(prepare_workspace_merge, fs.repo, fs.base, source_rev, fs.branch,
+                                             options)
+        changed: list[int] = []
+        if plan.status != "up-to-date":
+            changed = await fs.show_merge(plan.tree, json.dumps(plan.state(source_rev)))
+    await trio.to_thread.run_sync(invalidate, changed)
+    return {"status": plan.status, "source": plan.source.hex(), "base": plan.base.hex() if plan.base else None,
+            "bases": [b.hex() for b in plan.bases], "conflicts": plan.conflicts,
+            "resolved": [r.to_json() for r in plan.resolved], "branch": fs.branch}
 
 
 async def commit(fs: WorkspaceFS, message: str, metadata: dict[str, str] | None = None,
@@ -74,13 +109,26 @@ async def commit(fs: WorkspaceFS, message: str, metadata: dict[str, str] | None 
     async with fs.paused():
         draft = fs.draft()
         base, repo = fs.base, fs.repo
+        state = json.loads(fs.merge_state) if fs.merge_state else None
 
         def run():
             base_tree = repo.load_commit(base).tree
             nchanges = len(status_of(repo, base_tree, draft))
+            extra: tuple[bytes, ...] = ()
+            meta = dict(metadata or {})
+            if state is not None:
+                left = unresolved(repo, draft if draft is not None else dir_entry(base_tree), state["conflicts"])
+                if left:
+                    raise ConflictError(
+                        f"a merge of {state['source_rev']} is in progress with {len(left)} unresolved path"
+                        f"{'s' if len(left) != 1 else ''}: {', '.join(left[:10])}{' ...' if len(left) > 10 else ''}"
+                        " (remove the conflict markers, and the .theirs and .base files)", left)
+                extra = (bytes.fromhex(state["source"]),)
+                meta.setdefault(META_BASE, state["base"])
+                meta.setdefault(META_SOURCE, state["source_rev"])
             try:
-                return commit_draft(repo, fs.branch, base, draft, message=message, metadata=metadata,
-                                    author=author, on_pending=fs.set_pending), nchanges
+                return commit_draft(repo, fs.branch, base, draft, message=message, metadata=meta,
+                                    author=author, on_pending=fs.set_pending, extra_parents=extra), nchanges
             except Exception:  # not moved (conflict, storage): nothing pending
                 fs.set_pending(None)
                 raise
@@ -136,9 +184,16 @@ async def handle(fs: WorkspaceFS, request: dict) -> dict:
     op = request["op"]
     try:
         if op == "status":
-            entries = await status(fs)
-            return {"ok": True, "branch": fs.branch, "base": fs.base.hex(),
-                    "changes": [e.to_json() for e in entries]}
+            entries, state = await _status(fs)
+            answer = {"ok": True, "branch": fs.branch, "base": fs.base.hex(),
+                      "changes": [e.to_json() for e in entries]}
+            if state is not None:
+                answer["merge"] = state
+            return answer
+        if op == "merge":
+            options = MergeOptions(request.get("strategy"), [tuple(r) for r in request.get("rules") or []],
+                                   [(g, tuple(c)) for g, c in request.get("keys") or []])
+            return {"ok": True, **await merge(fs, request["source"], options)}
         if op == "reset":
             changed = await fs.reset(list(request.get("paths") or []))
             await trio.to_thread.run_sync(invalidate, changed)

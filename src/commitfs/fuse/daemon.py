@@ -27,16 +27,15 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import pyfuse3
 import trio
 
-from commitfs.cache import DEFAULT_MAX_BYTES, DiskChunkCache
+from commitfs.cache import DiskChunkCache
 from commitfs.errors import CommitfsError, MountError
 from commitfs.fuse.adapter import READ_FH_ZERO_IS_INODE, Operations, WorkspaceOperations
-from commitfs.fuse.lifecycle import DaemonConfig, control_socket_path, remove_record, write_record
-from commitfs.repo.repository import Repository
+from commitfs.fuse.lifecycle import SLOW_OPEN, DaemonConfig, control_socket_path, remove_record, write_record
+from commitfs.ops.root import open_repository
 from commitfs.vfs import FileSystem, VfsOptions
 
 log = logging.getLogger("commitfs.mount")
@@ -75,17 +74,16 @@ def mount_options(config: DaemonConfig) -> set[str]:
 
 
 def _open(config: DaemonConfig):
-    store_options = {"endpoint_url": config.endpoint_url} if config.endpoint_url else {}
-    repo = Repository.open(config.repo, **store_options)
+    repo = open_repository(config.repo, cache_dir=config.cache_dir if config.disk_cache else False,
+                           cache_size=config.cache_size, endpoint_url=config.endpoint_url)
     try:
-        if repo.is_local:
-            log.info("repository %s is local: read in place, no chunk cache", repo.url)
-        elif not config.disk_cache:
-            log.info("no disk cache (--no-disk-cache): chunks of %s are kept in memory only", repo.url)
-        else:
-            cache = DiskChunkCache(Path(config.cache_dir) / "chunks", config.cache_size or DEFAULT_MAX_BYTES)
-            repo.chunk_cache = cache
+        cache = repo.chunk_cache
+        if isinstance(cache, DiskChunkCache):
             log.info("chunk cache %s, capped at %d bytes", cache.path, cache.max_bytes)
+        elif repo.is_local:
+            log.info("repository %s is local: read in place, no chunk cache", repo.url)
+        else:
+            log.info("no disk cache (--no-disk-cache): chunks of %s are kept in memory only", repo.url)
         if config.writable:
             from commitfs.fuse import control
             from commitfs.vfs.workspace import WorkspaceOptions
@@ -125,8 +123,7 @@ def serve(config: DaemonConfig, report: Report) -> int:
             else:
                 no_open = config.no_open and READ_FH_ZERO_IS_INODE
                 if config.no_open and not no_open:
-                    log.info("this pyfuse3 is not commitfs's patched build: every open() costs a "
-                             "round trip to the daemon (run scripts/setup.sh)")
+                    log.warning(SLOW_OPEN)
                 ops = Operations(fs, no_open=no_open)
                 log.info("files are opened by %s", "the kernel alone" if no_open else "the daemon")
             pyfuse3.init(ops, config.mountpoint, mount_options(config))
@@ -161,7 +158,10 @@ async def _main(fs, config: DaemonConfig, report: Report) -> None:
             # What `commitfs mounts` lists (lifecycle.list_mounts).
             extra = {"repo": config.repo, "rev": config.rev, "commit": config.commit, "path": config.path,
                      "writable": config.writable,
-                     "cache": None if not config.disk_cache or fs.repo.is_local else config.cache_dir}
+                     # False: a read-only mount answering every open (stock pyfuse3): slow.
+                     "fast_open": config.writable or not config.no_open or READ_FH_ZERO_IS_INODE,
+                     "cache": None if not config.disk_cache or fs.repo.is_local else config.cache_dir,
+                     "cache_size": config.cache_size}
             if config.writable:
                 from commitfs.fuse import control
 

@@ -150,6 +150,13 @@ def enclosing_mount(path: str | os.PathLike) -> MountInfo | None:
     return found if found is not None and found.fstype == FSTYPE else None
 
 
+#: A read-only mount without commitfs's patched pyfuse3 answers every open():
+#: one round trip per file opened, a warm re-read at about a third of the speed.
+SLOW_OPEN = ("this mount runs without commitfs's patched pyfuse3: every open() is a round trip to the "
+             "daemon (warm re-reads about 3x slower); install it with scripts/setup.sh "
+             "(scripts/pyfuse3/patch.py)")
+
+
 def list_mounts() -> list[dict]:
     """The commitfs mounts of this machine (in this mount namespace), each with what its
     daemon recorded: mountpoint, repo, rev, commit, path, writable, pid, cache, log;
@@ -164,7 +171,8 @@ def list_mounts() -> list[dict]:
             "mountpoint": m.mountpoint, "repo": record.get("repo"), "rev": record.get("rev"),
             "commit": record.get("commit"), "path": record.get("path") or "",
             "writable": bool(record.get("writable", False)), "pid": record.get("pid"),
-            "cache": record.get("cache"), "log": record.get("log"), "stale": stale,
+            "cache": record.get("cache"), "cache_size": record.get("cache_size"), "log": record.get("log"),
+            "stale": stale, "fast_open": bool(record.get("fast_open", True)),
         })
     return out
 

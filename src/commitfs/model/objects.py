@@ -14,6 +14,8 @@ docs/FORMAT.md is the normative description of these encodings.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 from dataclasses import dataclass, field
 from enum import Enum
@@ -82,10 +84,38 @@ def _get_uvarint(buf: bytes, pos: int) -> tuple[int, int]:
 class FileManifest:
     chunk_ids: tuple[bytes, ...]
     chunk_sizes: tuple[int, ...]
+    # Prefix sums of chunk_sizes, computed at the first offset lookup (``ends``).
+    _ends: tuple[int, ...] | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def ends(self) -> tuple[int, ...]:
+        """Prefix sums of the chunk sizes: chunk i holds the file's bytes
+        [chunk_start(i), ends[i]).  Every reader maps offsets to chunks with
+        these (chunk_range), so the file's layout is computed once per manifest."""
+        ends = self._ends
+        if ends is None:
+            ends = tuple(itertools.accumulate(self.chunk_sizes))
+            object.__setattr__(self, "_ends", ends)
+        return ends
 
     @property
     def size(self) -> int:
-        return sum(self.chunk_sizes)
+        ends = self.ends
+        return ends[-1] if ends else 0
+
+    def chunk_start(self, i: int) -> int:
+        """The file offset chunk ``i`` starts at."""
+        return self.ends[i - 1] if i else 0
+
+    def chunk_range(self, offset: int, size: int) -> tuple[int, int]:
+        """Indices [first, last) of the chunks overlapping [offset, offset+size)."""
+        ends = self.ends
+        total = ends[-1] if ends else 0
+        if size <= 0 or offset >= total:
+            return 0, 0
+        first = bisect.bisect_right(ends, offset)
+        last = bisect.bisect_left(ends, min(offset + size, total)) + 1
+        return first, last
 
     def encode(self) -> bytes:
         out = bytearray(MANIFEST_MAGIC)
@@ -204,6 +234,7 @@ def symlink_entry(name: str, target: bytes) -> TreeEntry:
 class Tree:
     entries: tuple[TreeEntry, ...] = ()
     _by_name: dict = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
+    _positions: dict = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
 
     @classmethod
     def build(cls, entries) -> Tree:
@@ -222,6 +253,14 @@ class Tree:
             by_name = {e.name: e for e in self.entries}
             object.__setattr__(self, "_by_name", by_name)
         return by_name.get(name)
+
+    def position(self, name: str) -> int | None:
+        """The index of the entry named ``name`` in ``entries``, or None."""
+        positions = self._positions
+        if positions is None:
+            positions = {e.name: i for i, e in enumerate(self.entries)}
+            object.__setattr__(self, "_positions", positions)
+        return positions.get(name)
 
     @property
     def size(self) -> int:

@@ -150,15 +150,20 @@ def _conflict_error(branch: str, head: bytes | None, conflicts: list[Conflict]) 
 def commit_draft(repo: Repository, branch: str, base: bytes | None, draft: Side, *, message: str,
                  metadata: dict[str, str] | None = None, author: str | None = None,
                  on_pending: Callable[[bytes], None] | None = None,
-                 max_attempts: int = 10) -> ChangesetResult:
+                 max_attempts: int = 10, extra_parents: tuple[bytes, ...] = ()) -> ChangesetResult:
     """Commit ``draft`` (the root directory as edited against commit ``base``) to ``branch``.
+
+    ``extra_parents``: more parents after the head (a merge made in a
+    workspace: its source); such a commit is made even if its tree is the head's.
 
     ``draft`` None means untouched.  Raises NothingToCommitError if the result
     equals the head's tree and ConflictError if the branch moved and changed
     the same paths differently."""
     base_tree = repo.load_commit(base).tree if base else None
     base_side = dir_entry(base_tree) if base_tree else None
-    if draft is None or next(iter_changes(repo, base_side, draft), None) is None:
+    if draft is None and extra_parents:
+        draft = base_side  # a merge whose result is the base's tree
+    if not extra_parents and (draft is None or next(iter_changes(repo, base_side, draft), None) is None):
         raise NothingToCommitError("nothing to commit: no changes", base or b"")
     for _attempt in range(max_attempts):
         head = repo.refs.lookup_branch(branch)
@@ -175,9 +180,10 @@ def commit_draft(repo: Repository, branch: str, base: bytes | None, draft: Side,
         # Leaving the block uploads and indexes everything the commit names.
         with repo.writer() as writer:
             root = build(repo, writer, result if result is not None else Draft())
-        if head is not None and root.id == parent_tree:
+        if head is not None and root.id == parent_tree and not extra_parents:
             raise NothingToCommitError(f"nothing to commit: the changes leave {branch} unchanged", head)
-        commit = Commit(root.id, (head,) if head else (), author or default_author(), int(time.time()),
+        commit = Commit(root.id, ((head,) if head else ()) + tuple(extra_parents), author or default_author(),
+                        int(time.time()),
                         message, dict(metadata or {}))
         cid = repo.save_commit(commit)
         if on_pending is not None:

@@ -63,7 +63,7 @@ class FileDiff:
 def resolve_pair(repo: Repository, a: str, b: str | None) -> tuple[bytes | None, bytes]:
     """(old commit, new commit): A and B, or A's first parent (None for a root
     commit) and A when B is omitted; ``A...B`` (B omitted): the merge base of A
-    and B (None: unrelated histories) and B."""
+    and B (None: unrelated histories) and B; ``A..B``: A and B."""
     if b is None and "..." in a:
         from commitfs.ops.merge import merge_bases
 
@@ -71,6 +71,9 @@ def resolve_pair(repo: Repository, a: str, b: str | None) -> tuple[bytes | None,
         ca, cb = repo.resolve(left or "main"), repo.resolve(right or "main")
         bases = merge_bases(repo, ca, cb)
         return (bases[0] if bases else None), cb
+    if b is None and ".." in a:  # A..B, as git diff reads it: A against B
+        left, _, right = a.partition("..")
+        return repo.resolve(left or "main"), repo.resolve(right or "main")
     if b is not None:
         return repo.resolve(a), repo.resolve(b)
     new = repo.resolve(a)

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from commitfs.errors import CommitfsError, InputError, RevisionError
 from commitfs.model.ids import HEX_SIZE
 from commitfs.model.objects import Commit
+from commitfs.ops.root import open_repository
 from commitfs.repo.repository import Repository
 
 PREFIX = "lineage."
@@ -161,7 +162,7 @@ class RepositoryOpener:
         if err is not None:
             raise err
         try:
-            repo = Repository.open(url, **self.store_options)
+            repo = open_repository(url, cache_dir=False, endpoint_url=self.store_options.get("endpoint_url"))
         except CommitfsError as exc:
             self._errors[url] = exc
             raise

@@ -56,7 +56,7 @@ from commitfs.ops.lineage import (
     summary,
     upstream,
 )
-from commitfs.ops.statcache import cache_root
+from commitfs.ops.root import cache_root
 from commitfs.repo.repository import COMMITS_PREFIX, Repository, commit_key
 
 SCHEMA_VERSION = "2"  # 2: read sets (table reads)

@@ -273,3 +273,135 @@ def merge_into(repo: Repository, source_rev: str, branch: str = "main", *, messa
         return result
     raise RefConflictError(f"branch {branch!r} kept moving during the merge; gave up after {max_attempts} attempts "
                            "(nothing was changed)")
+
+
+# --- merging into a workspace ---------------------------------------------------------------
+#: Files up to this size whose bytes are UTF-8 text get conflict markers; others the sibling files.
+MARKER_LIMIT = 8 * 1024 * 1024
+MARKERS = ("<<<<<<< ", "||||||| ", "=======", ">>>>>>> ")
+
+
+@dataclass
+class WorkspaceMerge:
+    """A merge prepared for a workspace: the tree to show (conflicts spelled out in files)."""
+
+    status: str  # "up-to-date" | "merged" | "conflicts"
+    source: bytes
+    base: bytes | None
+    bases: list[bytes]
+    tree: bytes | None = None
+    #: {"path", "kind", "style": "markers" | "sides", "files": [paths to resolve]}
+    conflicts: list[dict] = field(default_factory=list)
+    resolved: list[Resolution] = field(default_factory=list)
+
+    def state(self, source_rev: str) -> dict:
+        return {"source": self.source.hex(), "source_rev": source_rev,
+                "base": self.base.hex() if self.base else "", "conflicts": self.conflicts}
+
+
+def _text(repo: Repository, side) -> bytes | None:
+    if side is None:
+        return b""
+    if not isinstance(side, TreeEntry) or not side.kind.is_file or side.size > MARKER_LIMIT:
+        return None
+    data = bytes(repo.load_file(side.id)) if side.size else b""
+    if b"\0" in data:
+        return None
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return data
+
+
+def _nl(data: bytes) -> bytes:
+    return data if not data or data.endswith(b"\n") else data + b"\n"
+
+
+def prepare_workspace_merge(repo: Repository, head: bytes, source_rev: str, branch: str,
+                            options: MergeOptions | None = None) -> WorkspaceMerge:
+    """Merge ``source_rev`` into commit ``head`` for a workspace (nothing moves).
+
+    Conflicts are written into the result so that ordinary tools resolve
+    them: a text (or table) file both sides changed holds git-style markers
+    around the three versions; anything else keeps ours at NAME, theirs at
+    NAME.theirs and the base at NAME.base (each only if that side has one)."""
+    from commitfs.model.draft import NewFile
+    from commitfs.ops.changes import draft_from_paths
+
+    options = options or MergeOptions()
+    try:
+        source = repo.resolve(source_rev)
+    except RevisionError as exc:
+        raise RevisionError(f"cannot merge {source_rev!r}: {exc}") from None
+    bases = merge_bases(repo, head, source)
+    out = WorkspaceMerge("merged", source, bases[0] if bases else None, bases)
+    if is_ancestor(repo, source, head):
+        out.status = "up-to-date"
+        return out
+    root, conflicts, out.resolved = three_way(repo, out.base, head, source, options)
+    changes: dict[str, object] = {}
+    for c in conflicts:
+        texts = None
+        if c.kind in ("modify/modify", "add/add") and isinstance(c.ours, TreeEntry) and isinstance(c.theirs, TreeEntry):
+            texts = [_text(repo, s) for s in (c.ours, c.base, c.theirs)]
+        if texts is not None and None not in texts:
+            o, b, t = texts
+            data = (f"<<<<<<< ours ({branch})\n".encode() + _nl(o) + b"||||||| base\n" + _nl(b) + b"=======\n"
+                    + _nl(t) + f">>>>>>> theirs ({source_rev})\n".encode())
+            changes[c.path] = NewFile(data=data, executable=c.ours.kind.is_file and c.ours.executable,
+                                      size=len(data))
+            out.conflicts.append({"path": c.path, "kind": c.kind, "style": "markers", "files": [c.path],
+                                  "note": c.note})
+            continue
+        files = []
+        changes[c.path] = c.ours
+        for suffix, side in ((".theirs", c.theirs), (".base", c.base)):
+            if side is not None:
+                changes[c.path + suffix] = side
+                files.append(c.path + suffix)
+        out.conflicts.append({"path": c.path, "kind": c.kind, "style": "sides", "files": files, "note": c.note})
+    with repo.writer() as writer:
+        entry = build(repo, writer, root if root is not None else Draft())
+        if changes:
+            entry = build(repo, writer, draft_from_paths(repo, entry.id, changes))
+    out.tree = entry.id
+    out.status = "conflicts" if out.conflicts else "merged"
+    return out
+
+
+def _side_at(repo: Repository, root, path: str):
+    from commitfs.ops.changes import listing
+
+    side = root
+    for name in path.split("/"):
+        side = listing(repo, side).get(name)
+        if side is None:
+            return None
+    return side
+
+
+def unresolved(repo: Repository, root, conflicts: list[dict]) -> list[str]:
+    """The conflict paths of a workspace merge still unresolved in ``root`` (its draft):
+    markers left in the file, or a .theirs/.base file still there."""
+    from commitfs.model.draft import NewFile
+
+    left = []
+    for c in conflicts:
+        if c["style"] == "markers":
+            side = _side_at(repo, root, c["path"])
+            if isinstance(side, NewFile) and side.source is None:
+                data = side.data or b""
+            elif isinstance(side, NewFile):
+                with open(side.source, "rb") as f:
+                    data = f.read()
+            elif isinstance(side, TreeEntry) and side.kind.is_file:
+                data = bytes(repo.load_file(side.id)) if side.size else b""
+            else:
+                data = b""
+            lines = data.decode("utf-8", "replace").splitlines()
+            if any(line.startswith(m) if m != "=======" else line == m for line in lines for m in MARKERS):
+                left.append(c["path"])
+        elif any(_side_at(repo, root, f) is not None for f in c["files"]):
+            left.append(c["path"])
+    return left

@@ -43,6 +43,10 @@ before the transfer.  Push refuses to move a remote branch that is not an
 ancestor of what is pushed, pull refuses to move a local branch that is not
 an ancestor of what is pulled (no merge machinery), both unless ``force``.
 
+**Objects named by metadata.**  A commit keeps reachable the file manifests
+its metadata names under ``commitfs.object.*`` (a run's read set); they are
+sent with the commit, as a file of its tree would be.
+
 **Aliases.**  Every push, pull and clone carries every alias (docs/FORMAT.md,
 "Aliases"), removed ones too: the commits they name are sent with the rest,
 then the log entries the destination lacks (oldest first, so a destination
@@ -68,22 +72,23 @@ from dataclasses import dataclass, field
 
 from commitfs.errors import (CorruptObjectError, InputError, ObjectNotFoundError, RefConflictError,
                              RepositoryNotFoundError, RevisionError)
-from commitfs.model.ids import hash_bytes
+from commitfs.model.ids import ID_SIZE, hash_bytes, is_hex
 from commitfs.model.objects import Commit, DecodeError, FileManifest, Tree
-from commitfs.repo.pack import TARGET_PACK_SIZE, BlobKind, Location, pack_key, parse_pack_table, verify_blob
+from commitfs.repo.engine import Run, plan_runs
+from commitfs.repo.pack import TARGET_PACK_SIZE, BlobKind, Location, pack_key, parse_pack_table
 from commitfs.repo.aliases import AliasState
 from commitfs.repo.remotes import DEFAULT_REMOTE, Remotes
 from commitfs.repo.repository import BlobWriter, Repository, commit_key
-from commitfs.storage.base import open_store
+from commitfs.storage.url import open_store
 
+#: Commit metadata keys naming a file manifest the commit keeps reachable (docs/FORMAT.md).
+OBJECT_PREFIX = "commitfs.object."
 #: Worker threads reading from the source (the destination's BlobWriter adds
 #: its own upload threads).  Enough to hide S3 latency on one connection pool.
 DEFAULT_THREADS = 8
 #: Finish a writer (one index segment) after this many new stored bytes: an
 #: interrupted transfer re-sends at most this much (plus packs in flight).
 BATCH_BYTES = 4 * TARGET_PACK_SIZE
-#: Neighbouring blobs closer than this in a source pack are read together.
-_COALESCE_GAP = 256 * 1024
 #: A ranged read covers at most this much, so large packs still spread over
 #: the pool and one failed request costs little.
 _MAX_RUN = 8 * 1024 * 1024
@@ -165,35 +170,13 @@ ProgressFn = Callable[[SyncProgress], None]
 
 
 # --- reading the source ------------------------------------------------------------
-def _runs(items: list[tuple[bytes, Location]]) -> list[list[tuple[bytes, Location]]]:
-    """Group (id, location) into runs each readable with one ranged read, in pack order."""
-    runs: list[list[tuple[bytes, Location]]] = []
-    run: list[tuple[bytes, Location]] = []
-    for item in sorted(items, key=lambda t: (t[1].pack, t[1].offset)):
-        if run:
-            first, prev, loc = run[0][1], run[-1][1], item[1]
-            gap = loc.offset - (prev.offset + prev.stored)
-            if loc.pack == prev.pack and 0 <= gap <= _COALESCE_GAP \
-                    and loc.offset + loc.stored - first.offset <= _MAX_RUN:
-                run.append(item)
-                continue
-            runs.append(run)
-        run = [item]
-    if run:
-        runs.append(run)
-    return runs
+def _runs(items: list[tuple[bytes, Location]]) -> list[Run]:
+    """Runs each readable with one ranged read, in pack order (the read engine's plan)."""
+    return plan_runs([(i, oid, loc) for i, (oid, loc) in enumerate(items)], max_run=_MAX_RUN)
 
 
-def _read_run(src: Repository, run: list[tuple[bytes, Location]]) -> list[tuple[bytes, Location, bytes, bytes]]:
-    first, last = run[0][1], run[-1][1]
-    start, end = first.offset, last.offset + last.stored
-    buf = src.store.load_range(pack_key(first.pack), start, end - start)
-    out = []
-    for oid, loc in run:
-        rel = loc.offset - start
-        stored = buf[rel:rel + loc.stored]
-        out.append((oid, loc, verify_blob(oid, loc, stored), stored))
-    return out
+def _read_run(src: Repository, run: Run) -> list[tuple[bytes, Location, bytes, bytes]]:
+    return [(oid, loc, data, stored) for (_, oid, loc), data, stored in src.reads.read_run(run)]
 
 
 def _iter_blobs(src: Repository, items: list[tuple[bytes, Location]], threads: int,
@@ -208,7 +191,7 @@ def _iter_blobs(src: Repository, items: list[tuple[bytes, Location]], threads: i
     inflight = 0
     try:
         for run in _runs(items):
-            size = run[-1][1].offset + run[-1][1].stored - run[0][1].offset
+            size = run.size
             while pending and (len(pending) >= 4 * threads or inflight + size > window):
                 done_size, fut = pending.popleft()
                 inflight -= done_size
@@ -316,6 +299,40 @@ def _plan(src: Repository, dst: Repository, tips: list[bytes], threads: int,
     chunk_sizes: dict[bytes, int] = {}
     children: dict[bytes, list[bytes]] = {}
     tree_data: dict[bytes, tuple[Location, bytes]] = {}
+    def take_manifests(manifests: list[bytes]) -> None:
+        for fid, loc, data, _ in _iter_blobs(src, [(f, src.locate(f)) for f in manifests], threads):
+            try:
+                manifest = FileManifest.decode(data)
+            except DecodeError as exc:
+                raise CorruptObjectError(f"file manifest {fid.hex()} is malformed: {exc}") from None
+            plan.manifests.append((fid, loc, data))
+            for cid, declared in zip(manifest.chunk_ids, manifest.chunk_sizes):
+                # A manifest's sizes must be its chunks' lengths (a mount maps
+                # offsets with them): the sent chunks' are checked as they are
+                # read (verify_blob holds their bytes to the index's size).
+                known = chunk_sizes.get(cid)
+                if known is None:
+                    there = dst.index.lookup(cid, refresh=False)  # present: all is there
+                    if there is None:
+                        there = src.locate(cid)
+                        plan.chunks.append((cid, there))
+                    known = chunk_sizes[cid] = there.raw
+                if known != declared:
+                    raise CorruptObjectError(f"file manifest {fid.hex()} declares chunk {cid.hex()} as "
+                                             f"{declared} bytes; it has {known}")
+
+    # Files a commit keeps reachable from its metadata (``commitfs.object.*``: a
+    # run's read set) travel with it; one the source lacks is left behind (the
+    # commit's problem already, reported by fsck and lineage, not sync's).
+    extra = []
+    for wave in plan.commits:
+        for _, data in wave:
+            for key, value in Commit.decode(data).metadata.items():
+                if key.startswith(OBJECT_PREFIX) and len(value) == 2 * ID_SIZE and is_hex(value):
+                    oid = bytes.fromhex(value.lower())
+                    if src.has_blob(oid) and wanted(oid, manifest_seen):
+                        extra.append(oid)
+    take_manifests(extra)
     level = [t for t in trees if wanted(t, tree_seen)]
     while level:
         tree_send.update(level)
@@ -338,26 +355,7 @@ def _plan(src: Repository, dst: Repository, tips: list[bytes], threads: int,
                         kids.append(e.id)
                 elif e.kind.is_file and wanted(e.id, manifest_seen):
                     manifests.append(e.id)
-        for fid, loc, data, _ in _iter_blobs(src, [(f, src.locate(f)) for f in manifests], threads):
-            try:
-                manifest = FileManifest.decode(data)
-            except DecodeError as exc:
-                raise CorruptObjectError(f"file manifest {fid.hex()} is malformed: {exc}") from None
-            plan.manifests.append((fid, loc, data))
-            for cid, declared in zip(manifest.chunk_ids, manifest.chunk_sizes):
-                # A manifest's sizes must be its chunks' lengths (a mount maps
-                # offsets with them): the sent chunks' are checked as they are
-                # read (verify_blob holds their bytes to the index's size).
-                known = chunk_sizes.get(cid)
-                if known is None:
-                    there = dst.index.lookup(cid, refresh=False)  # present: all is there
-                    if there is None:
-                        there = src.locate(cid)
-                        plan.chunks.append((cid, there))
-                    known = chunk_sizes[cid] = there.raw
-                if known != declared:
-                    raise CorruptObjectError(f"file manifest {fid.hex()} declares chunk {cid.hex()} as "
-                                             f"{declared} bytes; it has {known}")
+        take_manifests(manifests)
         progress(len(fetched) + len(manifests))
         level = next_level
 

@@ -18,41 +18,50 @@ most the neighbouring chunks, themselves equal on both sides); regions that
 meet are merged.  Inside a pair of regions the lines are compared as bytes
 first (split and hashed in C); only lines that differ are parsed.
 
-* Unkeyed: lines are aligned with SequenceMatcher; a line that left one
-  place and appears identical in another region is *moved*; in a replaced
-  block the remaining lines pair up by position as *changed* (with their
-  cells), the rest are *added* or *removed*.
-* Keyed: the differing lines of all regions are pooled per side (a line that
-  is in both pools is unchanged wherever it went), parsed, and matched by key.
-  A row outside every region lies in chunks equal on both sides, so it is
-  the same row on both sides: with unique keys no row is missed.
+* Unkeyed: lines are aligned per region pair: by sets when every line is
+  unique and the common lines keep their order (the usual case, in C), by
+  SequenceMatcher otherwise.  A line that left one place and appears
+  identical in another (in the same region or another one) is *moved*; in a
+  replaced block the remaining lines pair up by position as *changed* (with
+  their cells), the rest are *added* or *removed*.
+* Keyed: each region's lines not on the other side are found as set
+  differences of byte strings, pooled over all regions (a line in both pools
+  moved between regions and is unchanged), parsed, and matched by key.  A
+  row outside every region lies in chunks equal on both sides, so it is the
+  same row on both sides: with unique keys no row is missed.
 
 Bounds: reads and memory are proportional to the changed chunks plus one
 neighbour on each side (about 80 KiB each), not to the table; a 10M-row
-table with 100 changed rows parses at most a few hundred chunks' lines as
-bytes and some 200 rows as records.  Duplicate keys are found among the
-lines of the regions (a differing row's key again on any region line, found
-by a byte search for the key values before parsing), and among every row on
-the full path below; a duplicate with no copy in a changed region is
-unchanged on both sides and is not reported.  Row
-positions are byte offsets (``old_offset``/``new_offset``); line numbers
-are known on the full path and in a region that starts right after the
-header (elsewhere counting them would read every chunk before).
+table with 100 rows changed in one place reads a few hundred KiB and parses
+some 200 rows as records; 100 rows scattered at random change up to 200
+chunks, which are read and split, but still only ~200 rows are parsed.
+Duplicate keys are found among the lines of the regions: a differing row's
+key again on any region line (for one key column of unquoted CSV/TSV by
+counting each line's key field in one regular-expression pass; otherwise by
+a byte search for the key values, parsing the lines found), and among every
+row on the full path below; a duplicate with no copy in a changed region is
+unchanged on both sides and is not reported.  Row positions are byte offsets
+(``old_offset``/``new_offset``); line numbers are known on the full path and
+in a region that starts right after the header (elsewhere counting them
+would read every chunk before).
 
 The region path assumes one record per line.  It falls back to the full path
 when a region holds a quoted field spanning lines (odd quote count on a
-line), or does not parse from its line start (which then reports the real
-error with its line number).
+line), repeats a line, or does not parse from its line start (the full path
+then reports the real error with its line number).
 
 The full path (Parquet, multi-line records, a side that is absent) streams
-both tables through ops/table.py: keyed, the old side's rows are held in a
-dict by key while the new side streams past it (memory: the old table);
-unkeyed, both sides' rows are held and aligned.
+both tables through ops/table.py (Parquet through a seekable file over the
+chunks, read by row group): keyed, the old side's rows are held in a dict by
+key while the new side streams past it (memory: the old table); unkeyed,
+both sides' rows are held and aligned; a table on one side only streams its
+rows as added (removed) without holding them.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import itertools
 import json
 import re
@@ -65,6 +74,7 @@ from typing import Any
 from commitfs.errors import TableError, TableKeyError, TableParseError
 from commitfs.model.objects import EMPTY_MANIFEST, TreeEntry
 from commitfs.ops.table import LINE_FORMATS, Row, iter_records, open_table, table_format
+from commitfs.repo.reader import FileObject, FileReader
 from commitfs.repo.repository import Repository
 
 
@@ -154,6 +164,7 @@ class _Side:
     def __init__(self, repo: Repository, entry: TreeEntry | None, path: str, side: str, cache: dict, stats: list):
         self.repo, self.path, self.side = repo, path, side
         m = repo.load_manifest(entry.id) if entry is not None else EMPTY_MANIFEST
+        self.manifest = m
         self.ids = list(m.chunk_ids)
         self.ends = list(itertools.accumulate(m.chunk_sizes))
         self.size = self.ends[-1] if self.ends else 0
@@ -182,6 +193,21 @@ class _Side:
         data = b"".join(self.chunks(i1, i2))
         base = self.start(i1)
         return data[start - base:end - base]
+
+    def source(self, fmt: str):
+        """What open_table reads: the chunks in order, or for Parquet (read
+        from its footer, by row group) a seekable file over them."""
+        if fmt != "parquet":
+            return self.stream()
+        stats = self._stats
+
+        class Counting(FileReader):  # counts the bytes it loads into bytes_read
+            def read(self, offset: int, size: int) -> bytes:
+                data = super().read(offset, size)
+                stats[0] += len(data)
+                return data
+
+        return io.BufferedReader(FileObject(Counting(self.repo, self.manifest)), 1024 * 1024)
 
     def stream(self) -> Iterator[bytes]:
         """Every chunk in order, 64 at a time, not kept."""
@@ -469,9 +495,6 @@ def _diff_regions(diff: TableDiff, old: _Side, new: _Side, keys: tuple[str, ...]
                                 width=width))
         return got[0] if got else None
 
-    def cells_of(row: Row, header) -> dict:
-        return row.as_dict(header)
-
     if not keys:
         # Operations of every region first (bounded by the change), so that a
         # row removed in one region and added unchanged in another is a move.
@@ -634,8 +657,8 @@ def _emit(diff: TableDiff, status: str, key, ro: Row | None, rn: Row | None, ho,
 
 
 def _diff_full(diff: TableDiff, old: _Side, new: _Side, keys: tuple[str, ...], max_rows: int | None) -> None:
-    t_old = open_table(old.stream(), old.path, "old", diff.format) if old.ids else None
-    t_new = open_table(new.stream(), new.path, "new", diff.format) if new.ids else None
+    t_old = open_table(old.source(diff.format), old.path, "old", diff.format) if old.ids else None
+    t_new = open_table(new.source(diff.format), new.path, "new", diff.format) if new.ids else None
     diff.old_header = t_old.header if t_old is not None else None
     diff.new_header = t_new.header if t_new is not None else None
     jsonl = diff.format == "jsonl"

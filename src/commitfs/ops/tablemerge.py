@@ -30,6 +30,7 @@ TableParseError (the merge reports the file as a conflict with that error).
 from __future__ import annotations
 
 import difflib
+import gc
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -82,6 +83,18 @@ def _merge_value(b, o, t):
 
 def merge_tables(repo: Repository, conflict: Conflict, keys: Sequence[str] = (),
                  prefer: str | None = None) -> NewFile | Conflict:
+    # Millions of small objects (rows): the cycle collector would walk them again and
+    # again while they are made, for nothing (rows hold no cycles).
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _merge_tables(repo, conflict, keys, prefer)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _merge_tables(repo: Repository, conflict: Conflict, keys: Sequence[str], prefer: str | None):
     path = conflict.path
     fmt = table_format(path)
     base, bstart = _read(repo, conflict.base if isinstance(conflict.base, TreeEntry) and
@@ -106,28 +119,36 @@ def merge_tables(repo: Repository, conflict: Conflict, keys: Sequence[str] = (),
 
 
 # --- keyed ----------------------------------------------------------------------------------
-def _index(side: _Side, keys: tuple[str, ...], path: str) -> dict[tuple, tuple[Row, dict]]:
+def _index(side: _Side, keys: tuple[str, ...], path: str) -> tuple[dict[tuple, Row], list[tuple]]:
+    """{key: row} and the keys in row order; TableKeyError for a missing key column or a duplicate."""
+    out: dict[tuple, Row] = {}
+    order: list[tuple] = []
+    positions = None
     if side.header is not None:
         missing = [k for k in keys if k not in side.header]
         if missing and (side.rows or side.data):
             raise TableKeyError(f"{path} ({side.name} side): no key column {missing[0]!r} "
                                 f"(columns: {', '.join(side.header)})")
-    out: dict[tuple, tuple[Row, dict]] = {}
+        positions = [side.header.index(k) for k in keys]
     for row in side.rows:
-        d = row.as_dict(side.header)
         try:
-            key = tuple(d[k] for k in keys)
+            if positions is not None:
+                v = row.values
+                key = tuple(v[i] for i in positions)
+            else:
+                key = tuple(row.values[k] for k in keys)
+            if key in out:
+                shown = key[0] if len(key) == 1 else key
+                raise TableKeyError(f"{path} ({side.name} side): key column {', '.join(keys)}: key {shown!r} is "
+                                    f"not unique (lines {out[key].line} and {row.line})", key)
         except KeyError as exc:
             raise TableKeyError(f"{path} ({side.name} side), line {row.line}: the row has no key column "
                                 f"{exc.args[0]!r}") from None
         except TypeError:
             raise TableKeyError(f"{path} ({side.name} side), line {row.line}: a key value is not hashable") from None
-        if key in out:
-            shown = key[0] if len(key) == 1 else key
-            raise TableKeyError(f"{path} ({side.name} side): key column {', '.join(keys)}: key {shown!r} is not "
-                                f"unique (lines {out[key][0].line} and {row.line})", key)
-        out[key] = (row, d)
-    return out
+        out[key] = row
+        order.append(key)
+    return out, order
 
 
 def _columns(b, o, t) -> list[str]:
@@ -136,11 +157,19 @@ def _columns(b, o, t) -> list[str]:
 
 
 def _keyed(fmt, path, base: _Side, ours: _Side, theirs: _Side, keys, prefer, ostart, tstart):
-    ib, io_, it = (_index(s, keys, path) for s in (base, ours, theirs))
+    (ib, _), (io_, oorder), (it, torder) = (_index(s, keys, path) for s in (base, ours, theirs))
     jsonl = fmt == "jsonl"
     header = None if jsonl else tuple(_columns(base.header, ours.header, theirs.header))
     details: list[dict] = []
     out_rows: list = []  # bytes (kept as they were) or a merged dict
+    # One layout on all sides (the common case): rows compare as tuples, no dict per row.
+    same_all = not jsonl and header == ours.header == theirs.header and (base.header in (header, ())
+                                                                          or not base.rows)
+
+    def eq(x: Row | None, xs: _Side, y: Row | None, ys: _Side) -> bool:
+        if x is None or y is None:
+            return x is y
+        return x.values == y.values if same_all else x.as_dict(xs.header) == y.as_dict(ys.header)
 
     def conflict(key, column, b, o, t, what="cell"):
         shown = key[0] if len(key) == 1 else key
@@ -171,42 +200,42 @@ def _keyed(fmt, path, base: _Side, ours: _Side, theirs: _Side, keys, prefer, ost
                 merged[c] = v
         return merged
 
+    def as_dict(row: Row | None, side: _Side) -> dict | None:
+        return row.as_dict(side.header) if row is not None else None
+
     same_layout = header == ours.header
-    for row in ours.rows:
-        key = tuple(row.as_dict(ours.header)[k] for k in keys)
-        ro, do = io_[key]
-        b = ib.get(key)
-        t = it.get(key)
-        db = b[1] if b else None
-        dt = t[1] if t else None
-        if b is not None and t is None:  # theirs deleted the row
-            if do == db:
-                continue
-            if prefer == "theirs":
+    for key in oorder:
+        ro = io_[key]
+        rb = ib.get(key)
+        rt = it.get(key)
+        if rb is not None and rt is None:  # theirs deleted the row
+            if eq(ro, ours, rb, base) or prefer == "theirs":
                 continue
             if prefer is None:
-                conflict(key, None, db, do, _ABSENT, "deleted by theirs, edited by ours")
+                conflict(key, None, as_dict(rb, base), as_dict(ro, ours), _ABSENT, "deleted by theirs, edited by ours")
                 continue
-        if t is not None and (dt == do or (b is not None and dt == db)) and same_layout:
+        if rt is not None and same_layout and (eq(rt, theirs, ro, ours) or eq(rt, theirs, rb, base)):
             out_rows.append(ours.raw(ro))  # theirs left it alone (or agrees): ours' bytes
             continue
-        if t is None:
-            out_rows.append(ours.raw(ro) if same_layout else do)
+        if rt is None:
+            out_rows.append(ours.raw(ro) if same_layout else as_dict(ro, ours))
             continue
-        out_rows.append(cells(key, db or {}, do, dt))
-    for row in theirs.rows:
-        key = tuple(row.as_dict(theirs.header)[k] for k in keys)
+        if same_all and rb is not None and eq(ro, ours, rb, base):
+            out_rows.append(theirs.raw(rt))  # only theirs changed it
+            continue
+        out_rows.append(cells(key, as_dict(rb, base) or {}, as_dict(ro, ours), as_dict(rt, theirs)))
+    for key in torder:
         if key in io_:
             continue
-        b = ib.get(key)
-        dt = it[key][1]
-        if b is not None:  # ours deleted it
-            if dt == b[1] or prefer == "ours":
+        rt = it[key]
+        rb = ib.get(key)
+        if rb is not None:  # ours deleted it
+            if eq(rt, theirs, rb, base) or prefer == "ours":
                 continue
             if prefer is None:
-                conflict(key, None, b[1], _ABSENT, dt, "deleted by ours, edited by theirs")
+                conflict(key, None, as_dict(rb, base), _ABSENT, as_dict(rt, theirs), "deleted by ours, edited by theirs")
                 continue
-        out_rows.append(theirs.raw(row) if header == theirs.header else dt)
+        out_rows.append(theirs.raw(rt) if header == theirs.header else as_dict(rt, theirs))
     if details:
         return [], details
     pieces: list[bytes] = []

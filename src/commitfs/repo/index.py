@@ -120,6 +120,9 @@ class Segment:
         #: (data, packs, fan-out offset, entries offset, bits) of a segment held in
         #: memory, published in one assignment once loaded (see lookup_loaded).
         self.loaded: tuple | None = None
+        #: A segment too large to hold whole: its ids alone, sorted, once a
+        #: writer asked (``contains``); 32 bytes a blob.
+        self._ids: bytes | None = None
         self.bits = 0
         self.count = 0
         #: Why this segment cannot be read (checksum, magic), once found: it is
@@ -168,8 +171,20 @@ class Segment:
         if len(head) < HEADER.size:
             raise CorruptObjectError(f"index segment {self.key} is truncated")
         magic, npacks, bits, count = HEADER.unpack(head)
-        if magic != SEG_MAGIC or bits > _MAX_BITS:
+        if magic != SEG_MAGIC:
             raise CorruptObjectError(f"index segment {self.key} has a bad magic")
+        # A checksum proves no integrity against a hostile writer: the
+        # header must also describe exactly the segment's size, and (when
+        # held in memory) the fan-out must rise to the entry count.
+        size = len(data) if data is not None else self.size
+        if bits > _MAX_BITS or size != (HEADER.size + npacks * ID_SIZE + (1 << bits) * FANOUT.size
+                                        + count * ENTRY.size + ID_SIZE):
+            raise CorruptObjectError(f"index segment {self.key} has a malformed header")
+        if data is not None:
+            at = HEADER.size + npacks * ID_SIZE
+            fan = [v for (v,) in FANOUT.iter_unpack(data[at:at + (1 << bits) * FANOUT.size])]
+            if fan[-1] != count or any(a > b for a, b in zip(fan, fan[1:])):
+                raise CorruptObjectError(f"index segment {self.key} has a malformed fan-out table")
         if data is not None:
             table = data[HEADER.size:HEADER.size + npacks * ID_SIZE]
         else:
@@ -223,9 +238,45 @@ class Segment:
             lo, hi = _FANOUT_PAIR.unpack(self._read(fan + (b - 1) * FANOUT.size, 2 * FANOUT.size, nowait))
         if lo >= hi:
             return None
+        if hi > self.count:
+            raise CorruptObjectError(f"index segment {self.key} has a malformed fan-out table")
         data = self._read(self._entries_at() + lo * ENTRY.size, (hi - lo) * ENTRY.size, nowait)
         at = _find_record(data, oid, 0, len(data))
         return None if at is None else self._location(ENTRY.unpack_from(data, at))
+
+    def contains(self, oid: bytes) -> bool:
+        """True if the blob is in this segment: a writer's dedup question.
+
+        A segment held in memory answers from memory.  A large one would cost
+        two ranged reads per question (``lookup``), one after another on the
+        committing thread: a commit of N new chunks to S3 would wait for 2N
+        round trips per large segment.  So its ids are read once, in one ranged
+        read of its entries, and kept as one sorted table of ids (32 bytes a
+        blob, against the 52 of an entry), searched in memory from then on."""
+        if self._packs is None:
+            self.load_header()
+        if self.loaded is not None:
+            return self.lookup_loaded(oid) is not None
+        ids = self._ids
+        if ids is None:
+            with self._lock:
+                if self._ids is None:
+                    raw = self.store.load_range(self.key, self._entries_at(), self.count * ENTRY.size)
+                    if len(raw) != self.count * ENTRY.size:
+                        raise CorruptObjectError(f"index segment {self.key} is truncated")
+                    self._ids = b"".join(raw[i:i + ID_SIZE] for i in range(0, len(raw), ENTRY.size))
+                ids = self._ids
+        lo, hi = 0, len(ids) // ID_SIZE
+        while lo < hi:
+            mid = (lo + hi) // 2
+            got = ids[mid * ID_SIZE:(mid + 1) * ID_SIZE]
+            if got == oid:
+                return True
+            if got < oid:
+                lo = mid + 1
+            else:
+                hi = mid
+        return False
 
     def _location(self, rec) -> Location:
         _, packno, off, stored, raw, kind, comp = rec
@@ -254,6 +305,10 @@ class Index:
         # Recent answers: 200k locations is ~40 MB at most, and covers the
         # working set of a mount reading many files at once.
         self._answers = LockedLRU(maxsize=200_000)
+        #: Net bytes this object's segment writes added to the store (new
+        #: segments and merges, less the merged inputs removed): what a
+        #: writer's bytes_stored counts beside its packs.
+        self.bytes_added = 0
         self.refresh()
 
     def refresh(self) -> None:
@@ -360,6 +415,27 @@ class Index:
         """Drop the cached answers (after gc moved or removed packs)."""
         self._answers.clear()
 
+    def contains(self, oid: bytes) -> bool:
+        """True if the blob is indexed, without re-listing (a writer's dedup
+        question): segments answer from memory (Segment.contains), so a commit
+        makes no storage request per chunk."""
+        if self._answers.get(oid) is not None:
+            return True
+        def has(seg: Segment) -> bool:
+            try:
+                return seg.contains(oid)
+            except CorruptObjectError:
+                return False  # a damaged segment: the writer stores the blob again
+
+        for attempt in range(2):
+            try:
+                return any(has(seg) for seg in self.segments())
+            except ObjectNotFoundError:
+                if attempt:
+                    raise
+                self.refresh()  # a merge removed a segment under us
+        return False
+
     def add_segment(self, entries: Iterable[tuple[bytes, Location]]) -> str | None:
         """Save a new segment (call after its packs are stored); merge if due."""
         entries = list(entries)
@@ -368,6 +444,7 @@ class Index:
         data = encode_segment(entries)
         key = segment_key(data)
         self.store.save_object(key, data)
+        self.bytes_added += len(data)
         self._add(key, len(data))
         for oid, loc in entries:
             self._answers[oid] = loc
@@ -403,9 +480,11 @@ class Index:
         data = encode_segment(entries)
         key = segment_key(data)
         self.store.save_object(key, data)
+        self.bytes_added += len(data)
         self._add(key, len(data))
         for seg in group:
             if seg.key != key:
                 self.store.remove_object(seg.key)
+                self.bytes_added -= seg.size or 0
                 self._forget(seg.key)
         return True

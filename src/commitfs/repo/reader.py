@@ -1,16 +1,15 @@
 """Reading file contents: offsets to chunks through prefix sums, lazily.
 
-A FileReader answers ``read(offset, size)`` by bisecting the manifest's chunk
-end offsets, fetching only the chunks that overlap the range (neighbours in a
-pack coalesced into one ranged read by Repository.load_chunks).  FileObject
+A FileReader answers ``read(offset, size)`` through the manifest's prefix sums
+(FileManifest.chunk_range), fetching only the chunks that overlap the range
+through the read engine (repo/engine.py: neighbours in a pack coalesced into
+one verified ranged read).  FileObject
 wraps it as a seekable read-only binary file for the Python API.
 """
 
 from __future__ import annotations
 
-import bisect
 import io
-import itertools
 
 from commitfs.model.objects import FileManifest
 from commitfs.repo.repository import Repository
@@ -20,8 +19,8 @@ class FileReader:
     def __init__(self, repo: Repository, manifest: FileManifest):
         self.repo = repo
         self.manifest = manifest
-        self.ends = list(itertools.accumulate(manifest.chunk_sizes))
-        self.size = self.ends[-1] if self.ends else 0
+        self.ends = manifest.ends
+        self.size = manifest.size
 
     @classmethod
     def open(cls, repo: Repository, file_id: bytes) -> FileReader:
@@ -29,14 +28,10 @@ class FileReader:
 
     def chunk_range(self, offset: int, size: int) -> tuple[int, int]:
         """Indices [first, last) of the chunks overlapping [offset, offset+size)."""
-        if size <= 0 or offset >= self.size:
-            return 0, 0
-        first = bisect.bisect_right(self.ends, offset)
-        last = bisect.bisect_left(self.ends, min(offset + size, self.size)) + 1
-        return first, last
+        return self.manifest.chunk_range(offset, size)
 
     def chunk_start(self, i: int) -> int:
-        return self.ends[i - 1] if i else 0
+        return self.manifest.chunk_start(i)
 
     def read(self, offset: int, size: int) -> bytes:
         first, last = self.chunk_range(offset, size)

@@ -26,11 +26,11 @@ from commitfs.errors import (
     RepositoryError,
     RepositoryNotFoundError,
     RevisionError,
-    WouldBlock,
 )
 from commitfs.model import chunker
-from commitfs.model.ids import HASHER, HEX_SIZE, hash_bytes, is_hex
-from commitfs.model.objects import Commit, DecodeError, FileManifest, Tree, check_chunk_sizes
+from commitfs.model.ids import HEX_SIZE, hash_bytes, is_hex
+from commitfs.model.objects import Commit, DecodeError, FileManifest, Tree
+from commitfs.repo.engine import ReadEngine
 from commitfs.repo.gcstate import GcState, lease_state
 from commitfs.repo.index import Index
 from commitfs.repo.lru import LockedLRU
@@ -42,16 +42,11 @@ from commitfs.repo.pack import (
     PackBuilder,
     maybe_compress,
     pack_key,
-    verify_blob,
 )
 from commitfs.repo.aliases import ALIASES, Aliases
 from commitfs.repo.refs import Refs
-from commitfs.storage.base import Store, open_store
-
-try:
-    from commitfs.repo import _fastread
-except ImportError:  # built without a C compiler: load_file's Python path does the same
-    _fastread = None
+from commitfs.storage.base import Store
+from commitfs.storage.url import open_store
 
 FORMAT_NAME = "commitfs"
 FORMAT_VERSION = 1
@@ -59,10 +54,6 @@ CONFIG_KEY = "config"
 COMMITS_PREFIX = "commits/"
 MIN_PREFIX = 4
 _REPO_ID = re.compile(r"[0-9a-f]{32}")
-
-# Neighbouring chunks closer than this in one pack are fetched in one ranged
-# read (the gap is read and dropped): cheaper than a second request on S3.
-_COALESCE_GAP = 256 * 1024
 
 
 class ChunkCache:
@@ -94,10 +85,10 @@ class Repository:
             raise RepositoryError(f"{store.url}: the repository config's id {rid!r:.80} is not 32 hex digits")
         self.id: str = rid
         self.index = Index(store)
+        self.reads = ReadEngine(store, self.index, chunk_cache)
         self.gc = GcState(store)
         self.refs = Refs(store, before_publish=self.check_publishable)
         self.aliases = Aliases(store, before_publish=self.check_publishable)
-        self.chunk_cache = chunk_cache
         # What this process deduplicated against since it last published a
         # commit (docs/FORMAT.md, "Garbage collection"): checked before a ref moves.
         self._track_lock = threading.Lock()
@@ -161,12 +152,17 @@ class Repository:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # --- blobs ------------------------------------------------------------------
+    # --- blobs: all through the read engine (repo/engine.py) ---------------------
+    @property
+    def chunk_cache(self) -> ChunkCache | None:
+        return self.reads.chunk_cache
+
+    @chunk_cache.setter
+    def chunk_cache(self, cache: ChunkCache | None) -> None:
+        self.reads.chunk_cache = cache
+
     def locate(self, oid: bytes, nowait: bool = False) -> Location:
-        loc = self.index.lookup(oid, nowait=nowait)
-        if loc is None:
-            raise ObjectNotFoundError(f"object {oid.hex()} is not in the repository index")
-        return loc
+        return self.reads.locate(oid, nowait)
 
     def has_blob(self, oid: bytes) -> bool:
         """Whether a writer may deduplicate against a stored copy of the blob.
@@ -174,8 +170,12 @@ class Repository:
         A copy in a pack a gc has condemned does not count (the writer stores
         the blob again); a copy that counts is remembered, and checked again
         before the next ref moves (``check_publishable``)."""
-        loc = self.index.lookup(oid, refresh=False, strict=False)
-        if loc is None or loc.pack in self.gc.condemned_packs():
+        condemned = self.gc.condemned_packs()
+        if condemned:  # where it lies matters: a lookup
+            loc = self.index.lookup(oid, refresh=False, strict=False)
+            if loc is None or loc.pack in condemned:
+                return False
+        elif not self.index.contains(oid):  # no gc about: the writer's cheap question
             return False
         self._start_tracking()
         with self._track_lock:
@@ -267,10 +267,6 @@ class Repository:
             if not (self._hits or self._own_packs or self._commit_hits or self._own_blobs):
                 self._gc_seen = None
 
-    def _load_range(self, key: str, offset: int, length: int, nowait: bool):
-        if nowait:
-            return self.store.load_range_nowait(key, offset, length)
-        return self.store.load_range(key, offset, length)
 
     def _pack_gone(self, nowait: bool) -> None:
         """A pack the index named is gone: gc repacked or removed it.  Re-list
@@ -284,109 +280,34 @@ class Repository:
         """A blob's raw bytes, verified.  ``nowait`` (here and below): raise
         WouldBlock (commitfs.errors) instead of waiting for storage; the result
         may then be a read-only memoryview rather than bytes."""
-        loc = self.locate(oid, nowait)
         try:
-            stored = self._load_range(pack_key(loc.pack), loc.offset, loc.stored, nowait)
+            return self.reads.read_blob(oid, nowait)
         except ObjectNotFoundError:
             self._pack_gone(nowait)
-            loc = self.locate(oid)
-            stored = self._load_range(pack_key(loc.pack), loc.offset, loc.stored, nowait)
-        return verify_blob(oid, loc, stored)
+            return self.reads.read_blob(oid, nowait)
 
     def load_chunks(self, oids: list[bytes], nowait: bool = False, sizes=None) -> list[bytes]:
         """Chunks by id, verified; neighbours in one pack share one ranged read.
         ``sizes``: the lengths a file manifest declares for them, checked too."""
         try:
-            return self._load_chunks(oids, nowait, sizes)
+            return self.reads.read_chunks(oids, nowait, sizes)
         except ObjectNotFoundError:
             self._pack_gone(nowait)
-            return self._load_chunks(oids, nowait, sizes)
-
-    def _load_chunks(self, oids: list[bytes], nowait: bool, sizes) -> list[bytes]:
-        cache = self.chunk_cache
-        if nowait and cache is not None:
-            raise WouldBlock("the chunk cache is on disk")
-        out: list[bytes | None] = [None] * len(oids)
-        todo: list[tuple[int, bytes, Location]] = []
-        for i, oid in enumerate(oids):
-            if cache is not None:
-                hit = cache.get(oid)
-                if hit is not None:
-                    out[i] = hit
-                    continue
-            todo.append((i, oid, self.locate(oid, nowait)))
-        self._read_located(todo, out, nowait)
-        if sizes is not None:
-            check_chunk_sizes(oids, sizes, out)
-        return out  # type: ignore[return-value]
-
-    def _read_located(self, todo: list[tuple[int, bytes, Location]], out: list, nowait: bool) -> None:
-        """Read and verify located chunks into ``out[i]`` (and the chunk cache);
-        neighbours in one pack share one ranged read."""
-        cache = self.chunk_cache
-        for run in _coalesce(todo):
-            first, last = run[0][2], run[-1][2]
-            start, end = first.offset, last.offset + last.stored
-            buf = self._load_range(pack_key(first.pack), start, end - start, nowait)
-            for i, oid, loc in run:
-                rel = loc.offset - start
-                data = verify_blob(oid, loc, buf[rel:rel + loc.stored])
-                if cache is not None:
-                    cache.put(oid, data)
-                out[i] = data
+            return self.reads.read_chunks(oids, nowait, sizes)
 
     def load_file(self, fid: bytes, nowait: bool = False) -> bytes | memoryview:
-        """A whole file's bytes, verified (a mount reads a small file whole).
-
-        The usual case, chunks stored uncompressed one after another in one
-        pack (a file written by one commit), is one ranged read whose buffer is
-        returned as it is, each chunk's hash checked in place: no copy, no
-        join.  On the nowait path with no chunk cache (a mount's first read of
-        an image, answered on the event loop), the compiled module _fastread
-        does all of it in one call, some 25 Python calls fewer; it returns None
-        where anything is unusual, and the steps below then decide, errors
-        included.  Anything else is read as load_chunks reads it (coalesced
-        runs, the chunk cache if any), then joined."""
-        if nowait and _fastread is not None and self.chunk_cache is None:
-            got = _fastread.load_file(fid, self.index.loaded_segments(), self._read_pack_into_nowait, HASHER)
+        """A whole file's bytes, verified (a mount reads a small file whole):
+        the read engine's read_file, accelerated on the nowait path by its
+        compiled read_file_now (repo/engine.py)."""
+        if nowait:
+            got = self.reads.read_file_now(fid)
             if got is not None:
                 return got
         try:
-            return self._load_file(fid, nowait)
+            return self.reads.read_file(self.load_manifest(fid, nowait, keep=False), nowait)
         except ObjectNotFoundError:
             self._pack_gone(nowait)
-            return self._load_file(fid, nowait)
-
-    def _load_file(self, fid: bytes, nowait: bool) -> bytes | memoryview:
-        m = self.load_manifest(fid, nowait, keep=False)
-        ids = m.chunk_ids
-        if not ids:
-            return b""
-        if self.chunk_cache is None:
-            locs = [self.locate(oid, nowait) for oid in ids]
-            first = prev = locs[0]
-            for loc in locs:
-                if loc is not first and (loc.pack != first.pack or loc.offset != prev.offset + prev.stored):
-                    break
-                if loc.compression is not Compression.NONE:
-                    break
-                prev = loc
-            else:
-                start = first.offset
-                buf = self._load_range(pack_key(first.pack), start, prev.offset + prev.stored - start, nowait)
-                for oid, loc, size in zip(ids, locs, m.chunk_sizes):
-                    rel = loc.offset - start
-                    check_chunk_sizes((oid,), (size,), (verify_blob(oid, loc, buf[rel:rel + loc.stored]),))
-                return buf
-            chunks: list = [None] * len(ids)  # located already: no second index lookup
-            self._read_located(list(zip(range(len(ids)), ids, locs)), chunks, nowait)
-            check_chunk_sizes(ids, m.chunk_sizes, chunks)
-        else:
-            chunks = self.load_chunks(list(ids), nowait, m.chunk_sizes)
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-    def _read_pack_into_nowait(self, pack: bytes, offset: int, buf) -> None:
-        self.store.read_into_nowait(pack_key(pack), offset, buf)
+            return self.reads.read_file(self.load_manifest(fid, nowait, keep=False), nowait)
 
     def _load_decoded(self, cache, oid: bytes, decode, what: str, nowait: bool, keep: bool):
         obj = cache.get(oid)
@@ -514,22 +435,6 @@ class Repository:
         return BlobWriter(self)
 
 
-def _coalesce(todo: list[tuple[int, bytes, Location]]) -> Iterator[list[tuple[int, bytes, Location]]]:
-    """Group (index, id, location) into runs readable with one ranged read."""
-    run: list[tuple[int, bytes, Location]] = []
-    for item in sorted(todo, key=lambda t: (t[2].pack, t[2].offset)):
-        if run:
-            prev = run[-1][2]
-            loc = item[2]
-            if loc.pack == prev.pack and 0 <= loc.offset - (prev.offset + prev.stored) <= _COALESCE_GAP:
-                run.append(item)
-                continue
-            yield run
-        run = [item]
-    if run:
-        yield run
-
-
 @dataclass
 class WriteStats:
     blobs_new: int = 0
@@ -537,6 +442,10 @@ class WriteStats:
     bytes_new_stored: int = 0
     blobs_dedup: int = 0
     packs: int = 0
+    #: Everything the writer added to the store: whole packs (headers and
+    #: tables too) and index segments (net of merged segments removed); the
+    #: commit adds its commit object.
+    bytes_stored: int = 0
 
 
 class BlobWriter:
@@ -660,10 +569,12 @@ class BlobWriter:
         ]
         self.repo.note_own_pack(pack_id)
         self.repo.store.save_object(pack_key(pack_id), view)
+        size = len(view)
         view.release()
         with self._lock:
             self._uploaded.append((pack_id, entries))
             self.stats.packs += 1
+            self.stats.bytes_stored += size
             for oid, loc in entries:
                 self._session[oid] = loc
             if len(builder.buf) >= TARGET_PACK_SIZE:
@@ -682,7 +593,9 @@ class BlobWriter:
             finally:
                 self._pool.shutdown(wait=True, cancel_futures=True)
             self._uploads.clear()
+            before = self.repo.index.bytes_added
             self.repo.index.add_segment(entries)
+            self.stats.bytes_stored += self.repo.index.bytes_added - before
             self.repo.note_own_blobs(oid for oid, _ in entries)
         except BaseException:
             self._discard_uploaded()

@@ -112,19 +112,3 @@ class Store(abc.ABC):
     def close(self) -> None:
         """Release connections and file descriptors."""
 
-
-def open_store(url: str, **options) -> Store:
-    """Open the store a repository URL names: a path, ``file://`` or ``s3://``."""
-    if url.startswith("s3://"):
-        from commitfs.storage.s3 import S3Store
-
-        return S3Store.from_url(url, **options)
-    if url.startswith("file://"):
-        url = url[len("file://"):]
-    if "://" in url:
-        from commitfs.errors import RepositoryError
-
-        raise RepositoryError(f"unsupported repository URL scheme: {url!r} (use a path or s3://BUCKET/PREFIX)")
-    from commitfs.storage.local import LocalStore
-
-    return LocalStore(url)

@@ -6,6 +6,8 @@
     store.fail_count = 2                       # ...twice, then works again
     store.stall_s, store.stall_timeout_s = 60, 0.2   # reads hang, then time out
     store.calls["load_range"]                  # how many ranged reads happened
+    store.cut_probability = 0.3                # reads return a random prefix of the truth
+                                               # (a response cut short, unnoticed)
     store.bytes_read                           # bytes returned by load_object/load_range
 
 Every attribute may be changed at any time, from any thread.  local_path() is
@@ -44,6 +46,13 @@ class FaultyStore(Store):
         #: raise StorageTimeoutError, as a client's read timeout would.
         self.stall_s = 0.0
         self.stall_timeout_s: float | None = None
+        #: Reads (load_object, load_range, load_ref) return a random prefix of
+        #: their answer with this probability (seeded by ``cut_seed``): what a
+        #: backend that missed a cut connection would hand on.  calls["cut"]
+        #: counts them.
+        self.cut_probability = 0.0
+        self.cut_seed = 0
+        self._cut_rng = None
         self._lock = threading.Lock()
         self._unstall = threading.Event()
 
@@ -70,6 +79,20 @@ class FaultyStore(Store):
             limit = self.stall_s if self.stall_timeout_s is None else min(self.stall_s, self.stall_timeout_s)
             if not self._unstall.wait(limit) and limit < self.stall_s:
                 raise StorageTimeoutError(f"injected stall: {method}({key}) timed out after {limit:g}s")
+
+    def _cut(self, data):
+        if self.cut_probability <= 0 or data is None:
+            return data
+        import random
+
+        with self._lock:
+            if self._cut_rng is None or self._cut_rng[0] != self.cut_seed:
+                self._cut_rng = (self.cut_seed, random.Random(self.cut_seed))
+            rng = self._cut_rng[1]
+            if rng.random() >= self.cut_probability or not len(data):
+                return data
+            self.calls["cut"] += 1
+            return bytes(data[:rng.randrange(len(data))])
 
     # --- objects -------------------------------------------------------------
     def save_object(self, key: str, data: bytes) -> None:
@@ -109,7 +132,7 @@ class FaultyStore(Store):
     # --- references ----------------------------------------------------------
     def load_ref(self, name: str) -> bytes | None:
         self._enter("load_ref", name)
-        return self.inner.load_ref(name)
+        return self._cut(self.inner.load_ref(name))
 
     def save_ref_if_equals(self, name: str, new: bytes | None, expected: bytes | None) -> None:
         self._enter("save_ref_if_equals", name)

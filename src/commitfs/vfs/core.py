@@ -57,7 +57,7 @@ from commitfs.model.objects import EMPTY_MANIFEST, Commit, FileManifest, Kind, T
 from commitfs.repo.repository import MIN_PREFIX, Repository
 from commitfs.repo.treewalk import check_expansion
 from commitfs.vfs import prefetch
-from commitfs.vfs.loader import Flight, Loader
+from commitfs.vfs.loader import MANIFEST_BATCH, Flight, Loader
 from commitfs.vfs.readlog import ReadLog
 from commitfs.vfs.errors import (
     BadHandleError,
@@ -86,6 +86,9 @@ from commitfs.vfs.inode import (
 )
 
 log = logging.getLogger(__name__)
+#: Read streams one inode's read state tracks at most (FileSystem._stream): enough for
+#: the few readers that share one file in practice; each costs at most one read-ahead window.
+MAX_STREAMS = 4
 
 MakeNode = Callable[[], Node]
 
@@ -181,12 +184,14 @@ class _FileHandle:
     read (or at open, for a node's first open), so re-opening a file the kernel
     has cached costs nothing but the handle."""
 
-    __slots__ = ("node", "manifest", "reader", "data", "released", "served", "used_at")
+    __slots__ = ("node", "manifest", "reader", "streams", "data", "released", "served", "used_at")
 
     def __init__(self, node: FileNode, manifest: FileManifest | None):
         self.node = node
         self.manifest = manifest  # None until needed (a later open of a file the kernel has cached)
-        self.reader: prefetch.Prefetcher | None = None
+        self.reader: prefetch.Prefetcher | None = None  # the stream read last
+        #: read_inode's read streams, most recent first (FileSystem._stream).
+        self.streams: list[prefetch.Prefetcher] = []
         #: A small file's whole bytes, read at its first open or read (FileSystem._whole_file_now).
         self.data: memoryview | None = None
         self.released = False
@@ -582,7 +587,7 @@ class FileSystem:
             if 0 < node.entry.size <= self.options.whole_file_bytes:
                 h.data = self._whole_file_now(node.entry.id)
             if h.data is None:
-                h.manifest = h.manifest or await self.loader.manifest(node.entry.id)
+                h.manifest = h.manifest or await self._manifest(node)
                 # Start the first window once the open is answered, while the
                 # reader is on its way back with the read.
                 assert self._nursery is not None
@@ -590,6 +595,33 @@ class FileSystem:
         fh = self._new_fh()
         self._files[fh] = h
         return fh
+
+    async def _manifest(self, node: FileNode) -> FileManifest:
+        """A file's manifest; on a miss, its directory's neighbouring files'
+        manifests come in the same ranged read (Loader.manifest), so reading a
+        directory's small files costs one request each, for their chunks."""
+        return await self.loader.manifest(node.entry.id, self._neighbours(node))
+
+    def _neighbours(self, node: FileNode) -> list[bytes]:
+        """The ids of the files after ``node`` in its directory (held in memory),
+        the likeliest next reads: up to loader.MANIFEST_BATCH of them."""
+        try:
+            parent = self.table.get(node.parent)
+        except StaleInodeError:
+            return []
+        entry = getattr(parent, "entry", None)
+        tree = self.loader.tree_cached(entry.id) if entry is not None and entry.is_dir else None
+        if tree is None:
+            return []
+        entries = tree.entries
+        i = tree.position(node.key[1]) or 0
+        out = []
+        for e in entries[i + 1:i + 1 + 4 * MANIFEST_BATCH]:
+            if e.kind.is_file and e.size and e.id != node.entry.id:
+                out.append(e.id)
+                if len(out) >= MANIFEST_BATCH:
+                    break
+        return out
 
     def _whole_file_now(self, fid: bytes) -> memoryview | None:
         """A small file's bytes if they are in memory (an image from a cached
@@ -610,12 +642,15 @@ class FileSystem:
 
     def _reader(self, h: _FileHandle) -> prefetch.Prefetcher:
         if h.reader is None:
-            assert self._nursery is not None and h.manifest is not None
-            o = self.options
-            h.reader = prefetch.Prefetcher(h.manifest, self.loader.chunks, self._nursery,
-                                           fetch_now=self.loader.chunks_now, initial_window=o.initial_window,
-                                           max_window=o.max_window, part_bytes=o.part_bytes)
+            h.reader = self._new_reader(h)
         return h.reader
+
+    def _new_reader(self, h: _FileHandle) -> prefetch.Prefetcher:
+        assert self._nursery is not None and h.manifest is not None
+        o = self.options
+        return prefetch.Prefetcher(h.manifest, self.loader.chunks, self._nursery,
+                                   fetch_now=self.loader.chunks_now, initial_window=o.initial_window,
+                                   max_window=o.max_window, part_bytes=o.part_bytes)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self._files.get(fh)
@@ -624,7 +659,7 @@ class FileSystem:
         if h.data is not None:
             return h.data[off:off + size]
         if h.manifest is None:
-            h.manifest = await self.loader.manifest(h.node.entry.id)
+            h.manifest = await self._manifest(h.node)
         return await self._reader(h).read(off, size)
 
     async def read_inode(self, inode: int, off: int, size: int) -> bytes:
@@ -661,7 +696,7 @@ class FileSystem:
             h.used_at = trio.current_time()
             h.data = data
             if h.manifest is None and h.data is None:
-                h.manifest = await self.loader.manifest(node.entry.id)
+                h.manifest = await self._manifest(node)
         else:
             self._by_inode.move_to_end(inode)
             h.used_at = trio.current_time()
@@ -672,10 +707,44 @@ class FileSystem:
                 self._close(self._by_inode.pop(inode))
             return out
         if h.manifest is None:  # a read that came while the first one loads it
-            h.manifest = await self.loader.manifest(h.node.entry.id)
+            h.manifest = await self._manifest(h.node)
         if h.released:  # closed (evicted) while the manifest loaded: start again
             return await self.read_inode(inode, off, size)
-        return await self._reader(h).read(off, size)
+        return await self._stream(h, off).read(off, size)
+
+    def _stream(self, h: _FileHandle, off: int) -> prefetch.Prefetcher:
+        """The read stream of an inode's read state that a read at ``off`` continues.
+
+        Without opens the kernel names only the inode, so two readers of one
+        file (two DataLoader workers, a reader and a ``tail``) share one read
+        state.  Each reader still reads sequentially, so the reads are sorted
+        into streams by offset: a read goes to the stream it continues (within
+        that stream's window, Prefetcher.continues; of several, the one whose
+        reader is nearest), else to a stream nobody
+        has read yet, else to a new stream, up to ``MAX_STREAMS``, beyond which
+        the least recently read stream is taken over (its reader went
+        elsewhere: for it the read is a seek).  So each reader keeps its own
+        growing read-ahead, and memory stays bounded by MAX_STREAMS windows
+        per read state."""
+        streams = h.streams
+        if not streams:
+            streams.append(self._reader(h))
+        near = [(r.distance(off), i) for i, r in enumerate(streams) if r.continues(off)]
+        if near:
+            i = min(near)[1]  # the closest: a long window may cover another reader's offsets
+        else:
+            if streams[0].untouched:
+                i = 0
+            elif len(streams) < MAX_STREAMS:
+                streams.insert(0, self._new_reader(h))
+                i = 0
+            else:
+                i = len(streams) - 1
+        r = streams[i]
+        if i:
+            streams.insert(0, streams.pop(i))
+        h.reader = r
+        return r
 
     def _sweep_inode_readers(self) -> None:
         """Make room for one more read state: close the least recent beyond the
@@ -697,12 +766,15 @@ class FileSystem:
         h.data = None
         if h.reader is not None:
             h.reader.close()
+        for r in h.streams:
+            r.close()
+        h.streams.clear()
 
     async def reader(self, fh: int) -> prefetch.Prefetcher:
         """The read-ahead state of an open file (for tests and statistics)."""
         h = self._files[fh]
         if h.manifest is None:
-            h.manifest = await self.loader.manifest(h.node.entry.id)
+            h.manifest = await self._manifest(h.node)
         return self._reader(h)
 
     # --- writes ---------------------------------------------------------------------------

@@ -26,15 +26,19 @@ what was read, and the chunk cache (commitfs.cache) what was downloaded.
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 from cachetools import LRUCache
 
 from commitfs.errors import StorageTimeoutError, WouldBlock
-from commitfs.model.objects import Commit, FileManifest, Tree
+from commitfs.model.objects import Commit, DecodeError, FileManifest, Tree
 from commitfs.repo.repository import Repository
 from commitfs.vfs.errors import ShuttingDownError
+
+
+#: Neighbouring manifests read with a file's (Loader.manifest): a few KiB of one pack.
+MANIFEST_BATCH = 128
 
 
 async def run_blocking(limiter: trio.CapacityLimiter, timeout_s: float, what: str, fn, *args):
@@ -150,8 +154,39 @@ class Loader:
     async def tree(self, tid: bytes) -> Tree:
         return await self._cached(self._trees, tid, self._load_tree, "tree")
 
-    async def manifest(self, fid: bytes) -> FileManifest:
-        return await self._cached(self._manifests, fid, self._load_manifest, "file")
+    async def manifest(self, fid: bytes, neighbours: Sequence[bytes] = ()) -> FileManifest:
+        """A file's manifest.  ``neighbours``: the manifests of the files around it in
+        its directory (directory order is write order, so they lie next to it in a
+        metadata pack): on a miss they are read in the same ranged read and kept,
+        so a reader of a directory's files pays one request for their manifests,
+        not one per file."""
+        value = self._manifests.cache.get(fid)
+        if value is not None:
+            return value
+        wanted = [n for n in neighbours if n != fid and self._manifests.cache.get(n) is None][:MANIFEST_BATCH]
+        if not wanted:
+            return await self._cached(self._manifests, fid, self._load_manifest, "file")
+
+        async def load():
+            manifest, others = await self.io(f"file {fid.hex()}", self._load_manifests, fid, wanted)
+            for nid, m in others.items():  # here, on the event loop: the cache is not thread-safe
+                self._manifests.put(nid, m)
+            return manifest
+        return await self._manifests.get(fid, load)
+
+    def _load_manifests(self, fid: bytes, neighbours: list[bytes]) -> tuple[FileManifest, dict]:
+        """``fid``'s manifest and its neighbours' (worker thread)."""
+        mine, raw = self.repo.reads.read_blob_and_neighbours(fid, neighbours)
+        others = {}
+        for nid, data in raw.items():
+            try:
+                others[nid] = FileManifest.decode(bytes(data))
+            except DecodeError:
+                pass  # its own read reports it
+        try:
+            return FileManifest.decode(bytes(mine)), others
+        except DecodeError:
+            return self._load_manifest(fid), others  # which reports it
 
     async def commit(self, cid: bytes) -> Commit:
         return await self._commits.get(cid, lambda: self.io(f"commit {cid.hex()}", self.repo.load_commit, cid))
@@ -161,15 +196,26 @@ class Loader:
         return await self.io(f"{len(ids)} chunks", self.repo.load_chunks, ids)
 
     def file_now(self, fid: bytes):
-        """A whole file's bytes if they are in memory, else None
-        (Repository.load_file).  Its manifest is not cached: its file is read.
+        """A whole file's bytes if they are in memory, else None (the read
+        engine's read_file, compiled first).  A manifest read on the way to a
+        miss is kept, so that the worker thread the miss goes to does not read
+        it again; on a hit it is not (its file is read: it is not needed).
         (``now`` written out: this is the hot call of a first read.)"""
+        reads = self.repo.reads
+        fresh = None  # a manifest read here, not yet in the cache
         try:
-            value = self.repo.load_file(fid, True)
+            got = reads.read_file_now(fid)
+            if got is None:
+                manifest = self._manifests.cache.get(fid)
+                if manifest is None:
+                    manifest = fresh = self._load_manifest(fid, nowait=True)
+                got = reads.read_file(manifest, nowait=True)
         except WouldBlock:
+            if fresh is not None:
+                self._manifests.put(fid, fresh)
             return None
         self.inline += 1
-        return value
+        return got
 
     def chunks_now(self, ids: list[bytes]) -> list[bytes] | None:
         """Chunks by id if they are in memory, else None (the prefetcher's ``fetch_now``)."""

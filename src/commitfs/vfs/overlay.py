@@ -268,16 +268,27 @@ class Overlay:
             self._conn.executemany("DELETE FROM nodes WHERE id = ?", [(i,) for i in ids])
 
     def is_clean(self) -> bool:
-        """No edits: only an unmaterialized root row (or none)."""
+        """No edits: only an unmaterialized root row (or none), and no merge in progress."""
         n = self._conn.execute("SELECT count(*), max(materialized) FROM nodes").fetchone()
-        return n[0] == 0 or (n[0] == 1 and not n[1])
+        return (n[0] == 0 or (n[0] == 1 and not n[1])) and self.get_meta("merge") is None
 
-    def clear(self, base: bytes, root: Row) -> None:
-        """Drop every edit and make ``base`` the base, in one transaction; then delete data files."""
+    @property
+    def merge(self) -> str | None:
+        """The merge in progress (a JSON document the control channel wrote), or None."""
+        return self.get_meta("merge")
+
+    def clear(self, base: bytes, root: Row, merge: str | None = None) -> None:
+        """Drop every edit and make ``base`` the base, in one transaction; then delete data files.
+
+        ``merge``: a merge in progress to record in the same transaction (the
+        root row then names the merged tree); without it any merge is over."""
         with self.batch():
             self._conn.execute("DELETE FROM nodes")
             self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('base', ?)", (base.hex(),))
             self._conn.execute("DELETE FROM meta WHERE key = 'pending'")
+            self._conn.execute("DELETE FROM meta WHERE key = 'merge'")
+            if merge is not None:
+                self._conn.execute("INSERT INTO meta VALUES ('merge', ?)", (merge,))
             self._conn.execute(f"INSERT INTO nodes VALUES ({', '.join('?' * len(_COLUMNS))})", root.values())
         self.sync_db()
         self.collect_garbage()

@@ -13,7 +13,7 @@ data it will not read.
 How
 ---
 A file is a list of chunks (FileManifest); offsets map to chunk indices by
-prefix sums (FileReader.chunk_range).  Fetches are *parts*: runs of
+prefix sums (FileManifest.chunk_range).  Fetches are *parts*: runs of
 consecutive chunks of at most ``part_bytes``, each fetched by one call of the
 ``fetch`` function (Repository.load_chunks in a worker thread, which
 coalesces neighbouring chunks of a pack into one ranged read and goes through
@@ -73,7 +73,6 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from commitfs.model.objects import FileManifest, check_chunk_sizes
-from commitfs.repo.reader import FileReader
 from commitfs.vfs.errors import ShuttingDownError
 
 log = logging.getLogger(__name__)
@@ -112,7 +111,7 @@ class Prefetcher:
                  fetch_now: FetchNow | None = None,
                  initial_window: int = INITIAL_WINDOW, max_window: int = MAX_WINDOW,
                  part_bytes: int = PART_BYTES, back_tolerance: int = BACK_TOLERANCE):
-        self.layout = FileReader(None, manifest)  # type: ignore[arg-type]  # offsets only
+        self.layout = manifest  # offsets to chunks: its prefix sums
         self.size = self.layout.size
         self._ids = manifest.chunk_ids
         self._sizes = manifest.chunk_sizes
@@ -134,6 +133,24 @@ class Prefetcher:
         self.parts_inline = 0
         self.sequential_reads = 0
         self.random_reads = 0
+
+    def continues(self, off: int) -> bool:
+        """True if a read at ``off`` would be sequential for this stream (a
+        first read: at offset 0); the file system routes an inode's reads to
+        the stream they continue (vfs/core.py, read streams)."""
+        expected = self._expected
+        if expected is None:
+            return off == 0
+        return expected - self.back_tolerance <= off <= expected + self.window
+
+    def distance(self, off: int) -> int:
+        """How far ``off`` is from where this stream's reader is (0 for a first read)."""
+        return abs(off - self._expected) if self._expected is not None else 0
+
+    @property
+    def untouched(self) -> bool:
+        """No read has come yet (a stream made for a read that never came, or primed)."""
+        return self._expected is None
 
     def close(self) -> None:
         self._closed = True

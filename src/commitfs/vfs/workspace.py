@@ -238,6 +238,7 @@ class WorkspaceFS:
         self._repo_url = repo.url.encode()
         self.base: bytes = overlay.base
         self.base_time_ns = 0
+        self.base_tree: bytes = b""
         self.root: WNode | None = None
 
     # --- opening a workspace (synchronous, before the loop) ---------------------------------
@@ -301,6 +302,7 @@ class WorkspaceFS:
         """Build the in-memory tree from the overlay's rows."""
         commit = self.repo.load_commit(self.base)
         self.base_time_ns = commit.time * 1_000_000_000
+        self.base_tree = commit.tree
         rows = self.overlay.rows()
         by_id: dict[int, WNode] = {}
         for r in rows:
@@ -1003,9 +1005,25 @@ class WorkspaceFS:
             self._flush_all()
             yield self
 
-    def draft(self) -> Draft | None:
-        """The edits as a Draft over the base commit (call inside ``paused``)."""
+    def draft(self) -> Draft | TreeEntry | None:
+        """The edits as a Draft over the base commit (call inside ``paused``): None when
+        untouched; the root's TreeEntry when it shows another tree than the base's
+        (a merge in progress) and nothing was edited below it."""
+        if self.root.children is None:
+            o = self.root.origin
+            return o if o is not None and o.id != self.base_tree else None
         return _draft(self.root, self.overlay.data_path)
+
+    @property
+    def merge_state(self) -> str | None:
+        """The merge in progress (JSON from the control channel), or None."""
+        return self.overlay.merge
+
+    async def show_merge(self, tree_id: bytes, state: str) -> list[int]:
+        """Show tree ``tree_id`` (a merge's result) as pending edits over the base and
+        record ``state`` with it, in one transaction (call inside ``paused``, on a
+        workspace without edits); inodes to invalidate."""
+        return await self._rebase_onto(self.base, clear=True, tree=tree_id, merge=state)
 
     def set_pending(self, commit_id: bytes | None) -> None:
         """Record the commit about to be compare-and-swapped (crash safety, vfs/overlay.py)."""
@@ -1076,9 +1094,12 @@ class WorkspaceFS:
             out += self._inos_below(c)
         return out
 
-    async def _rebase_onto(self, cid: bytes, clear: bool) -> list[int]:
-        """Clear the overlay and show commit ``cid``, keeping the node objects the kernel knows."""
+    async def _rebase_onto(self, cid: bytes, clear: bool, tree: bytes | None = None,
+                           merge: str | None = None) -> list[int]:
+        """Clear the overlay and show commit ``cid`` (or, over it, tree ``tree``: a merge
+        in progress, ``merge``), keeping the node objects the kernel knows."""
         commit: Commit = await self.loader.io("commit", self.repo.load_commit, cid)
+        shown = tree or commit.tree
         # The trees along every in-memory directory with nodes below it, loaded in a thread.
         wanted: list[list[str]] = []
 
@@ -1100,7 +1121,7 @@ class WorkspaceFS:
                 if parts in out:
                     return out[parts]
                 if not parts:
-                    t = repo.load_tree(commit.tree)
+                    t = repo.load_tree(shown)
                 else:
                     parent = tree_at(parts[:-1])
                     e = parent.get(parts[-1]) if parent is not None else None
@@ -1111,7 +1132,7 @@ class WorkspaceFS:
                 tree_at(tuple(parts))
             return out
         trees = await trio.to_thread.run_sync(load)
-        root_row = Row(ROOT_ID, None, "", "dir", TreeEntry("", Kind.DIR, 0, commit.tree), False, None,
+        root_row = Row(ROOT_ID, None, "", "dir", TreeEntry("", Kind.DIR, 0, shown), False, None,
                        self.root.mode, 0, None)
         old_data = []
 
@@ -1123,8 +1144,9 @@ class WorkspaceFS:
             for c in (n.children or {}).values():
                 gather(c)
         gather(self.root)
-        self.overlay.clear(cid, root_row)  # the one atomic step
+        self.overlay.clear(cid, root_row, merge)  # the one atomic step
         self.base = cid
+        self.base_tree = commit.tree
         self.base_time_ns = commit.time * 1_000_000_000
         invalidate: list[int] = []
 
