@@ -16,8 +16,8 @@ two do not multiply).
 Every answer is checked before it counts as one: a GET's body must be as long
 as its Content-Length (which must be there), a ranged GET's Content-Range must
 be the range asked for, a HEAD must carry a Content-Length, a PUT an ETag, a
-listing page its KeyCount, IsTruncated and (if truncated) a continuation token,
-with as many keys as KeyCount says.  A connection cut inside the headers parses
+listing page its IsTruncated, (if truncated) a continuation token, and as many
+keys as its KeyCount says.  A connection cut inside the headers parses
 as a 200 with no headers and no body; these checks turn it (and a short body, a
 page cut short) into a TransientError, retried, then a clear StorageError:
 never an empty object, an empty listing or a missing size taken as the truth.
@@ -238,13 +238,15 @@ class S3Store(Store):
     def _list_entries(self, s3_prefix: str) -> Iterator[dict]:
         """Every listing entry (Key, Size, LastModified) under ``s3_prefix``."""
         kwargs = {"Bucket": self.bucket, "Prefix": s3_prefix}
+
         def get_page() -> dict:
             page = self._client.list_objects_v2(**kwargs)
             contents = page.get("Contents", ())
-            if "IsTruncated" not in page or "KeyCount" not in page:
-                raise _incomplete("a listing page without IsTruncated/KeyCount")
-            if int(page["KeyCount"]) != len(contents) or not all("Key" in e for e in contents):
-                raise _incomplete(f"a listing page of {len(contents)} keys, KeyCount {page['KeyCount']}")
+            if "IsTruncated" not in page:  # an empty body: the answer was cut in its headers
+                raise _incomplete("a listing page without IsTruncated")
+            if not all("Key" in e for e in contents) or (
+                    "KeyCount" in page and int(page["KeyCount"]) != len(contents)):
+                raise _incomplete(f"a listing page of {len(contents)} keys, KeyCount {page.get('KeyCount')}")
             if page["IsTruncated"] and not page.get("NextContinuationToken"):
                 raise _incomplete("a truncated listing without a continuation token")
             return page
