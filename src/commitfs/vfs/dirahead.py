@@ -54,9 +54,11 @@ log = logging.getLogger(__name__)
 AHEAD_FILES = 32
 #: Bytes of small files fetched ahead of a reader, at most.
 AHEAD_BYTES = 8 * 1024 * 1024
-#: A read at most this many files past the furthest one follows it (a reader
-#: taking every Nth file) even beyond what was started.
-FOLLOW_GAP = 4
+#: A read at most this many files past the furthest one follows it even beyond
+#: what was started.  1: only the next file.  A reader taking every Nth file
+#: gets no read-ahead (it would fetch N times what it reads: measured slower in
+#: scripts/bench.py's s3 section, which reads every 4th image).
+FOLLOW_GAP = 1
 #: A read this many files behind the furthest one still follows (readers in
 #: parallel, a DataLoader's workers, finish their files slightly out of order).
 BACK_FILES = 4
