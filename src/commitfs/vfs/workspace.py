@@ -80,7 +80,7 @@ from commitfs.errors import (
     PathNotFoundError,
 )
 from commitfs.model.draft import Draft
-from commitfs.model.objects import EMPTY_MANIFEST, Commit, Kind, TreeEntry
+from commitfs.model.objects import EMPTY_MANIFEST, Commit, TreeEntry
 from commitfs.repo.repository import Repository
 from commitfs.vfs import prefetch
 from commitfs.vfs.core import StatFs
@@ -96,7 +96,7 @@ from commitfs.vfs.errors import (
     UnsupportedError,
 )
 from commitfs.vfs.inode import ROOT_INODE, XATTR_COMMIT, XATTR_REPO, Attr
-from commitfs.vfs.overlay import ROOT_ID, Overlay, Row, SpaceReleasedError, copy_up
+from commitfs.vfs.overlay import ROOT_ID, Overlay, SpaceReleasedError, copy_up
 
 from commitfs.vfs.wscommit import CommitState, resolve_pending, root_row
 from commitfs.vfs.wsmerge import MergeState
@@ -212,6 +212,7 @@ class WorkspaceFS(NodeTree, OverlayStore, CommitState, MergeState):
             n = WNode(0, r.kind, r.name, None)
             n.oid, n.origin, n.upper, n.mode, n.target = r.id, r.origin, r.upper, r.mode, r.target or b""
             n.mtime_ns = r.mtime_ns or self.base_time_ns
+            n.uid, n.gid, n.atime_ns, n.ctime_ns = r.uid, r.gid, r.atime_ns, r.ctime_ns
             if r.materialized:
                 n.children = {}
             if r.kind == "file":
@@ -313,10 +314,10 @@ class WorkspaceFS(NodeTree, OverlayStore, CommitState, MergeState):
     @_retry_when_space_released
     async def setattr(self, inode: int, *, mode: int | None = None, size: int | None = None,
                       mtime_ns: int | None = None, uid: int | None = None, gid: int | None = None,
-                      fh: int | None = None) -> Attr:
+                      fh: int | None = None, atime_ns: int | None = None) -> Attr:
+        """chmod, chown, truncate, utimensat.  Who may change the owner is checked by the
+        kernel (the mount uses default_permissions); every change moves the ctime."""
         n = self._node(inode)
-        if uid is not None and uid != os.getuid() or gid is not None and gid != os.getgid():
-            raise NotPermittedError("a workspace does not record owners")
         async with self._lock:
             if size is not None:
                 if n.is_dir:
@@ -328,19 +329,30 @@ class WorkspaceFS(NodeTree, OverlayStore, CommitState, MergeState):
                 n.size = size
                 n.mtime_ns = _now()
                 n.dirty = True
-            if mode is not None or mtime_ns is not None:
+            if mode is not None or mtime_ns is not None or atime_ns is not None or uid is not None \
+                    or gid is not None:
                 if n.parent is not None:
                     await self._persist(n)
-                fields = {}
+                fields = {"ctime_ns": _now()}
                 if mode is not None and n.kind != "symlink":
                     fields["mode"] = stat.S_IMODE(mode) & 0o7777
                 if mtime_ns is not None:
                     fields["mtime_ns"] = mtime_ns
-                if n.oid is not None and fields:
+                if atime_ns is not None:
+                    fields["atime_ns"] = atime_ns
+                if uid is not None:
+                    fields["uid"] = uid
+                if gid is not None:
+                    fields["gid"] = gid
+                if n.oid is not None:
+                    if mtime_ns is None:
+                        fields["mtime_ns"] = n.mtime_ns  # a pending write's mtime
                     self.overlay.update(n.oid, **fields)
-                n.mode = fields.get("mode", n.mode)
-                n.mtime_ns = fields.get("mtime_ns", n.mtime_ns)
-                n.dirty = n.dirty and mtime_ns is None
+                for k, v in fields.items():
+                    setattr(n, k, v)
+                n.dirty = False if n.oid is not None else n.dirty
+            elif size is not None:
+                n.ctime_ns = n.mtime_ns
             return self.attr(n)
 
     async def readlink(self, inode: int) -> bytes:
@@ -370,41 +382,46 @@ class WorkspaceFS(NodeTree, OverlayStore, CommitState, MergeState):
         return StatFs(st.f_frsize, st.f_blocks, len(self._inodes), free_blocks=st.f_bavail, free_files=st.f_favail)
 
     # --- requests: changing names ------------------------------------------------------------
-    async def _create_node(self, parent_inode: int, name: bytes, kind: str, mode: int) -> WNode:
+    async def _create_node(self, parent_inode: int, name: bytes, kind: str, mode: int,
+                           owner: tuple[int, int] | None = None) -> WNode:
         text = self._new_name(name)
         d = await self._prepare_parent(parent_inode)
         if text in d.children:
             raise ExistsError(f"{text} exists")
         n = self._new(kind, text, d)
         n.mode = stat.S_IMODE(mode) & 0o7777 if kind != "symlink" else 0o777
-        n.mtime_ns = _now()
+        n.mtime_ns = n.atime_ns = n.ctime_ns = _now()
+        if owner is not None:
+            n.uid, n.gid = owner  # the creator (another user through --allow-other)
         if kind == "dir":
             n.children = {}
         return n
 
     @_retry_when_space_released
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int) -> Attr:
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, owner: tuple[int, int] | None = None) -> Attr:
         async with self._lock:
             d = self._dir(parent_inode)
-            n = await self._create_node(parent_inode, name, "dir", mode)
+            n = await self._create_node(parent_inode, name, "dir", mode, owner)
             self._add_child(d, n)
             return self._remember(n)
 
     @_retry_when_space_released
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes) -> Attr:
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      owner: tuple[int, int] | None = None) -> Attr:
         async with self._lock:
             d = self._dir(parent_inode)
-            n = await self._create_node(parent_inode, name, "symlink", 0o777)
+            n = await self._create_node(parent_inode, name, "symlink", 0o777, owner)
             n.target = target
             n.size = len(target)
             self._add_child(d, n)
             return self._remember(n)
 
     @_retry_when_space_released
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int) -> tuple[int, Attr]:
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     owner: tuple[int, int] | None = None) -> tuple[int, Attr]:
         async with self._lock:
             d = self._dir(parent_inode)
-            n = await self._create_node(parent_inode, name, "file", mode)
+            n = await self._create_node(parent_inode, name, "file", mode, owner)
             n.oid = self.overlay.new_id()
             n.upper = str(n.oid)
             fd = self.overlay.create_data(n.upper)  # before the row: a crash leaves only an orphan file
@@ -420,7 +437,8 @@ class WorkspaceFS(NodeTree, OverlayStore, CommitState, MergeState):
             attr = self._remember(n)
             return self._open_handle(n), attr
 
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int) -> Attr:
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    owner: tuple[int, int] | None = None) -> Attr:
         raise NotPermittedError("a workspace holds regular files, directories and symlinks only")
 
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes) -> Attr:
@@ -510,6 +528,8 @@ class WorkspaceFS(NodeTree, OverlayStore, CommitState, MergeState):
             del src.children[old]
             n.name = new
             n.parent = dst
+            n.ctime_ns = _now()  # a rename changes the moved node's status, as on ext4
+            n.dirty = True
             dst.children[new] = n
             self._touch(src)
             self._touch(dst)
@@ -614,7 +634,7 @@ class WorkspaceFS(NodeTree, OverlayStore, CommitState, MergeState):
             written = os.pwrite(fd, buf, off)
             if off + written > n.size:
                 n.size = off + written
-            n.mtime_ns = _now()
+            n.mtime_ns = n.ctime_ns = _now()
             n.dirty = True
             return written
 

@@ -224,6 +224,7 @@ class CommitState:
             n.mtime_ns = self.base_time_ns
             n.target = e.target
             n.dirty = False
+            n.uid = n.gid = n.atime_ns = n.ctime_ns = None  # a commit records neither
             if not n.is_dir:
                 return
             kids = dict(n.lazy)

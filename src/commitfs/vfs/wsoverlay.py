@@ -67,12 +67,13 @@ class OverlayStore:
         d.lazy = {}
 
     def _touch(self, d: WNode) -> None:
-        d.mtime_ns = _now()
+        """A directory's entries changed: its mtime and ctime move (written at flush)."""
+        d.mtime_ns = d.ctime_ns = _now()
         d.dirty = True
 
     def _flush(self, n: WNode) -> None:
         if n.dirty and n.oid is not None:
-            self.overlay.update(n.oid, mtime_ns=n.mtime_ns)
+            self.overlay.update(n.oid, mtime_ns=n.mtime_ns, ctime_ns=n.ctime_ns)
         n.dirty = False
 
     def _flush_all(self) -> None:

@@ -24,13 +24,15 @@ import trio
 from commitfs.errors import NotADirectoryError_, PathNotFoundError
 from commitfs.model.objects import Kind, TreeEntry
 from commitfs.vfs import prefetch
-from commitfs.vfs.errors import InvalidArgumentError
+from commitfs.vfs.errors import InvalidArgumentError, NameTooLongError
 from commitfs.vfs.inode import PREFERRED_IO_SIZE, ROOT_INODE, Attr
 from commitfs.vfs.overlay import Row
 
 log = logging.getLogger(__name__)
 
 
+#: The longest name ext4 (and Linux's NAME_MAX) allows, in bytes.
+NAME_MAX = 255
 DIR, FILE, SYMLINK = "dir", "file", "symlink"
 
 
@@ -41,7 +43,8 @@ def _now() -> int:
 
 class WNode:
     __slots__ = ("ino", "oid", "parent", "name", "kind", "origin", "children", "lazy", "upper", "size", "mode",
-                 "mtime_ns", "target", "lookups", "opens", "fd", "dirty", "copying")
+                 "mtime_ns", "target", "lookups", "opens", "fd", "dirty", "copying", "uid", "gid", "atime_ns",
+                 "ctime_ns")
 
     def __init__(self, ino: int, kind: str, name: str, parent: WNode | None):
         self.ino = ino
@@ -62,6 +65,11 @@ class WNode:
         self.fd: int | None = None
         self.dirty = False  # mtime not yet written to the overlay
         self.copying: trio.Event | None = None
+        # Owner and the other two times: None shows the mount's user and the mtime.
+        self.uid: int | None = None
+        self.gid: int | None = None
+        self.atime_ns: int | None = None
+        self.ctime_ns: int | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -78,7 +86,8 @@ class WNode:
     def row(self) -> Row:
         return Row(self.oid, self.parent.oid if self.parent else None, self.name, self.kind, self.origin,
                    self.children is not None, self.upper, self.mode, self.mtime_ns,
-                   self.target if self.kind == "symlink" else None)
+                   self.target if self.kind == "symlink" else None, self.uid, self.gid, self.atime_ns,
+                   self.ctime_ns)
 
 
 def _kind_of(e: TreeEntry) -> str:
@@ -149,7 +158,8 @@ class NodeTree:
             mode, size = stat.S_IFLNK | 0o777, len(n.target)
         else:
             mode, size = stat.S_IFREG | n.mode, n.size
-        return Attr(n.ino, mode, size, n.mtime_ns, self._t, self._t, 1, PREFERRED_IO_SIZE)
+        return Attr(n.ino, mode, size, n.mtime_ns, self._t, self._t, 1, PREFERRED_IO_SIZE,
+                    n.uid, n.gid, n.atime_ns, n.ctime_ns)
 
     def _remember(self, n: WNode) -> Attr:
         n.lookups += 1
@@ -166,6 +176,8 @@ class NodeTree:
 
     @staticmethod
     def _new_name(name: bytes) -> str:
+        if len(name) > NAME_MAX:
+            raise NameTooLongError(f"{name[:40]!r}...: a name is at most {NAME_MAX} bytes")
         try:
             return name.decode()
         except UnicodeDecodeError:
