@@ -26,7 +26,10 @@ beside the files and scripts/nullfs.py), ``s3`` (push, clone and a mount of
 an S3 repository on a moto server, beside plain boto3), ``lineage``
 (downstream queries beside ``log``), ``ui`` (the review UI's pages beside
 ``commitfs ls``, cold thumbnails), ``diff`` (keyed row diffs and tensor
-diffs beside reading the file once).  A section gets the dataset, pristine,
+diffs beside reading the file once), ``scale`` (a million small files: commits,
+re-commits, a flat directory, a mount's find, memory), ``gc`` (gc of a half-dead
+repository beside copying its live packs once, locally and on S3, with the
+requests it makes per GiB reclaimed).  A section gets the dataset, pristine,
 from ``bench.dataset()`` and empty scratch directories from
 ``bench.scratch(name)``, and uses the helpers below (``timed``,
 ``read_to_devnull``, ``drop_caches``, ``commit_in_process``, ``commit_cli``,
@@ -1736,6 +1739,145 @@ def bench_workspace(b: Bench) -> SectionResult:
     return out
 
 
+@section("gc", "gc of a repository half of whose bytes are dead, beside copying the live packs once "
+                "(local, and S3 on a moto server: requests per GiB reclaimed)")
+def bench_gc(b: Bench) -> SectionResult:
+    from commitfs.ops.gc import collect
+    from commitfs.storage.faulty import FaultyStore
+
+    out = SectionResult()
+    unit = 8 * MiB if b.scale.name == "small" else 256 * MiB
+    rng = random.Random(b.scale.seed + 15)
+    src = b.scratch("gc-src")
+
+    def files(name: str, total: int) -> Path:
+        d = src / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(total // MiB):
+            (d / f"{name}-{i:05d}.bin").write_bytes(rng.randbytes(MiB))
+        return d
+
+    live_dir, dead_dir = files("live", 4 * unit), files("dead", 3 * unit)
+    half_live, half_dead = files("half-live", unit), files("half-dead", unit)
+
+    def build(url: str) -> None:
+        # main: 4 units; x: 3 units nothing else has; y: a pack half of which main re-adds.
+        commit_directory(Repository.open(url), live_dir, message="live")
+        commit_directory(Repository.open(url), dead_dir, branch="x", message="dead")
+        mixed = src / "mixed"
+        shutil.rmtree(mixed, ignore_errors=True)
+        shutil.copytree(half_live, mixed / "a")
+        shutil.copytree(half_dead, mixed / "b")
+        commit_directory(Repository.open(url), mixed, branch="y", message="mixed")
+        final = src / "final"
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.copytree(live_dir, final / "live")
+        shutil.copytree(half_live, final / "a")
+        commit_directory(Repository.open(url), final, message="main re-adds half of y")
+        repo = Repository.open(url)
+        repo.refs.set_branch_if_equals("x", None, repo.refs.lookup_branch("x"))
+        repo.refs.set_branch_if_equals("y", None, repo.refs.lookup_branch("y"))
+
+    def pack_total(store) -> int:
+        return sum(size for _, size, _ in store.iter_objects("packs/"))
+
+    # Local.
+    repo_dir = b.scratch("repo-gc")
+    Repository.init(str(repo_dir)).close()
+    b.log("building a repository half of whose stored bytes are dead (local)")
+    build(str(repo_dir))
+    ideal_dir = b.scratch("repo-gc-ideal")
+    Repository.init(str(ideal_dir)).close()
+    commit_directory(Repository.open(str(ideal_dir)), src / "final", message="only what is live")
+    ideal = pack_total(Repository.open(str(ideal_dir)).store)
+    repo = Repository.open(str(repo_dir))
+    before = pack_total(repo.store)
+    plan = collect(repo, grace=0, force=True, dry_run=True)
+    live_packs = [repo_dir / "packs" / p.pack.hex()[:2] / p.pack.hex() for p in plan.plan if p.action == "keep"]
+    copy_dir = b.scratch("gc-copy")
+    b.log("baseline: copying the live packs once")
+    drop_caches()
+
+    def copy_live() -> None:
+        for p in live_packs:
+            shutil.copyfile(p, copy_dir / p.name)
+            with open(copy_dir / p.name, "rb") as f:
+                os.fsync(f.fileno())
+    copy_s, _ = timed(copy_live)
+    shutil.rmtree(copy_dir, ignore_errors=True)
+    drop_caches()
+    b.log("gc (grace 0, forced: nothing else writes)")
+    gc_s, report = timed(collect, Repository.open(str(repo_dir)), grace=0, force=True, repack_below=0.6)
+    after = pack_total(Repository.open(str(repo_dir)).store)
+    dead = before - ideal
+    out.rows += [
+        Row("gc of a half-dead repository vs copying its live packs once (local)", gc_s, copy_s, "s",
+            ("<=", 1.5)),
+        Row("fraction of the dead pack bytes reclaimed (local)", (before - after) / dead if dead else 0, 1.0,
+            "x", (">=", 0.95)),
+    ]
+    out.details["local"] = {"pack_bytes_before": before, "pack_bytes_after": after, "ideal_pack_bytes": ideal,
+                            "gc_s": gc_s, "copy_live_s": copy_s, "report": report.to_json()}
+    shutil.rmtree(ideal_dir, ignore_errors=True)
+
+    # S3: the same repository on a moto server, requests counted.
+    with moto_server() as endpoint:
+        client = s3_client(endpoint)
+        client.create_bucket(Bucket="bench-gc")
+        url = "s3://bench-gc/repo"
+        os.environ["COMMITFS_S3_ENDPOINT_URL"] = endpoint
+        try:
+            Repository.init(url).close()
+            b.log("building the same repository on S3")
+            build(url)
+            store = FaultyStore(Repository.open(url).store)
+            s3_repo = Repository(store, Repository.open(url).config)
+            s3_before = pack_total(store)
+            live_keys = [pack_key_of(p.pack) for p in collect(s3_repo, grace=0, force=True, dry_run=True).plan
+                         if p.action == "keep"]
+
+            def copy_live_s3() -> None:
+                for key in live_keys:
+                    body = client.get_object(Bucket="bench-gc", Key=f"repo/{key}")["Body"].read()
+                    client.put_object(Bucket="bench-gc", Key=f"copy/{key}", Body=body)
+            s3_copy_s, _ = timed(copy_live_s3)
+            store.calls.clear()
+            s3_gc_s, s3_report = timed(collect, s3_repo, grace=0, force=True, repack_below=0.6)
+            s3_after = pack_total(store)
+            calls = dict(store.calls)
+        finally:
+            os.environ.pop("COMMITFS_S3_ENDPOINT_URL", None)
+    reclaimed_gib = max(s3_before - s3_after, 1) / (1 << 30)
+    gets = calls.get("load_object", 0) + calls.get("load_range", 0) + calls.get("load_ref", 0)
+    puts = calls.get("save_object", 0) + calls.get("save_ref_if_equals", 0)
+    out.rows += [
+        Row("gc of a half-dead repository vs copying its live packs once (S3, moto)", s3_gc_s, s3_copy_s, "s",
+            ("<=", 1.5)),
+        Row("S3 GET requests per GiB reclaimed", gets / reclaimed_gib, None, "count"),
+        Row("S3 PUT requests per GiB reclaimed", puts / reclaimed_gib, None, "count"),
+    ]
+    out.notes += [
+        f"{human(before, 'B')} of packs, {human(before - ideal, 'B')} of them dead: a branch of "
+        f"{human(3 * unit, 'B')} deleted, and a pack of {human(2 * unit, 'B')} half of which main re-added "
+        "(repacked: --repack-below 0.6); 'dead' is measured against the same live tree committed to a fresh "
+        "repository",
+        "gc's time includes its whole protocol (mark, repack, index rewrite, records, sweep) with a grace "
+        "period of 0 (forced); the baseline reads and writes every live pack once, in the same store",
+        f"S3 requests of the gc run: {calls}",
+    ]
+    out.details["s3"] = {"pack_bytes_before": s3_before, "pack_bytes_after": s3_after, "gc_s": s3_gc_s,
+                         "copy_live_s": s3_copy_s, "calls": calls, "report": s3_report.to_json()}
+    shutil.rmtree(repo_dir, ignore_errors=True)
+    shutil.rmtree(src, ignore_errors=True)
+    return out
+
+
+def pack_key_of(pack_id: bytes) -> str:
+    from commitfs.repo.pack import pack_key
+
+    return pack_key(pack_id)
+
+
 # Sizes of the diff section: the issue's figures are for a 1M-row labels.csv
 # and a 1 GiB safetensors file (full); small is a fifth of the rows and an
 # eighth of the weights.
@@ -2142,6 +2284,187 @@ def bench_ui(b: Bench) -> SectionResult:
         f"local repository, thumbnail cache empty; the {UI_THUMBNAILS_LIMIT_S:g} s bound is absolute, "
         "the Pillow baseline is for context")
     return out
+
+
+# --- scale (issue 21) ----------------------------------------------------------------------
+#: (directories, files per directory, files of the flat directory), by scale: full is the
+#: issue's 1,000 x 1,000 files of ~1 KB and a 1,000,000-entry flat directory.
+SCALE_FILES = {"small": (50, 1_000, 50_000), "full": (1_000, 1_000, 1_000_000)}
+SCALE_FILE_SIZE = 1_000
+#: The first commit's and the daemon's peak memory must stay under this; files/s of the first commit.
+SCALE_MEMORY_LIMIT = 300 * MiB
+SCALE_FILES_PER_S = 16_000
+
+
+class SmallFiles:
+    """``dirs`` x ``per_dir`` files of ~1 KB (d0000/f0000.bin...), or one flat directory, generated
+    once per workdir; every content is a function of (path, version)."""
+
+    def __init__(self, root: Path, dirs: int, per_dir: int, flat: bool = False):
+        self.root, self.dirs, self.per_dir, self.flat = root, dirs, per_dir, flat
+
+    def rel(self, d: int, f: int) -> str:
+        return f"f{f:07d}.bin" if self.flat else f"d{d:04d}/f{f:04d}.bin"
+
+    def content(self, rel: str, version: int = 0) -> bytes:
+        return blake3.blake3(f"scale/{rel}/v{version}".encode()).digest(length=SCALE_FILE_SIZE)
+
+    def rels(self) -> Iterator[str]:
+        for d in range(self.dirs):
+            for f in range(self.per_dir):
+                yield self.rel(d, f)
+
+    @property
+    def count(self) -> int:
+        return self.dirs * self.per_dir
+
+    def ensure(self, log: Callable[[str], None], spread: list[str] = ()) -> None:
+        """Generate once; restore ``spread`` (files an earlier run changed); age every mtime."""
+        marker = self.root.with_name(self.root.name + ".json")
+        want = {"dirs": self.dirs, "per_dir": self.per_dir, "flat": self.flat, "size": SCALE_FILE_SIZE,
+                "generator": 1}
+        try:
+            fresh = json.loads(marker.read_text()) != want
+        except (OSError, ValueError):
+            fresh = True
+        if fresh:
+            log(f"generating {self.count:,} files of {SCALE_FILE_SIZE} B in {self.root}")
+            marker.unlink(missing_ok=True)
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.root.mkdir(parents=True)
+            for n, rel in enumerate(self.rels()):
+                if not self.flat and n % self.per_dir == 0:
+                    (self.root / rel).parent.mkdir()
+                with open(self.root / rel, "wb") as f:
+                    f.write(self.content(rel))
+                if n % 200_000 == 199_999:
+                    log(f"  {n + 1:,} files")
+            marker.write_text(json.dumps(want) + "\n")
+        else:
+            log(f"reusing {self.count:,} files in {self.root}")
+            for rel in spread:
+                with open(self.root / rel, "r+b") as f:
+                    f.write(self.content(rel))
+            (self.root / "added.bin").unlink(missing_ok=True)
+        # Old mtimes, outside the stat cache's racy window (find -exec touch: one process per batch).
+        stamp = time.strftime("%Y%m%d%H%M.%S", time.localtime(time.time() - DAY))
+        subprocess.run(["find", str(self.root), "-exec", "touch", "-h", "-t", stamp, "{}", "+"], check=True)
+
+
+def _run_measured(cmd: list[str]) -> tuple[float, int, str]:
+    """Run ``cmd``; (seconds, its peak resident memory in bytes, stdout)."""
+    import tempfile
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)  # reaped here, with its rusage
+        seconds = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {err.read().decode(errors='replace').strip()}")
+        return seconds, usage.ru_maxrss * 1024, out.read().decode()
+
+
+def _find_s(root: Path, printf: bool = True) -> float:
+    cmd = ["find", str(root)] + (["-printf", "%s %i %T@\n"] if printf else [])
+    subprocess.run(cmd, stdout=subprocess.DEVNULL, check=True)  # warm
+    return statistics.median(timed(subprocess.run, cmd, stdout=subprocess.DEVNULL, check=True)[0]
+                             for _ in range(3))
+
+
+@section("scale", "1M small files: first commit, no-change and 1% re-commits, a file added to a flat "
+                  "directory, find of a mount, memory")
+def bench_scale(b: Bench) -> SectionResult:
+    out = SectionResult()
+    dirs, per_dir, flat_n = SCALE_FILES[b.scale.name]
+    files = SmallFiles(b.workdir / f"scale-{b.scale.name}", dirs, per_dir)
+    spread = [files.rel(d, f) for d in range(dirs) for f in range(0, per_dir, 100)]  # 1%, every directory
+    files.ensure(b.log, spread)
+    n = files.count
+    repo_dir = b.scratch("repo-scale")
+    Repository.init(str(repo_dir)).close()
+    url = str(repo_dir)
+    commit = commitfs_command() + ["commit", "-r", url, str(files.root), "--json", "-m"]
+    try:
+        b.log("find -printf over the tree (median of 3, warm)")
+        find_s = _find_s(files.root)
+        b.log(f"first commit of {n:,} files (`commitfs commit`, peak memory from wait4)")
+        first_s, first_rss, _ = _run_measured(commit + ["first"])
+        out.rows.append(Row(f"first commit of {n:,} files of {SCALE_FILE_SIZE} B, files/s (vs find -printf)",
+                            n / first_s, n / find_s, "files/s", limit=(">=", SCALE_FILES_PER_S)))
+        out.rows.append(Row("  its peak memory (VmHWM of the CLI)", first_rss, None, "B",
+                            limit=("<=", SCALE_MEMORY_LIMIT)))
+        b.log("no-change re-commit")
+        same_s, same_rss, same_out = _run_measured(commit + ["same"])
+        out.rows.append(Row("no-change re-commit vs find -printf '%s %i %T@' (warm)", same_s, find_s, "s",
+                            ("<=", 3.0)))
+        out.rows.append(Row("  its peak memory", same_rss, None, "B", limit=("<=", SCALE_MEMORY_LIMIT)))
+        before = sum(stored_bytes(repo_dir).values())
+        changed = 0
+        for rel in spread:
+            with open(files.root / rel, "r+b") as f:
+                data = files.content(rel, version=1)
+                f.write(data)
+                changed += len(data)
+        old = time.time() - 3600
+        for rel in spread:
+            os.utime(files.root / rel, (old, old))
+        b.log(f"re-commit after changing {len(spread):,} files spread over {dirs:,} directories")
+        inc_s, _, inc_out = _run_measured(commit + ["1% spread"])
+        grown = sum(stored_bytes(repo_dir).values()) - before
+        inc = json.loads(inc_out)
+        out.rows.append(Row(f"1% spread change ({len(spread):,} files) re-commit vs first commit",
+                            inc_s, first_s, "s", ("<=", 0.05)))
+        out.rows.append(Row("  bytes stored vs bytes changed", grown, changed, "B", ("<=", 1.5)))
+        out.rows.append(Row("  commit --json bytes_stored vs the repository's growth",
+                            inc["bytes_stored"], grown, "B", ("<=", 1.0)))
+        out.details.update({"files": n, "find_s": find_s, "first_s": first_s, "first_rss": first_rss,
+                            "same_s": same_s, "same_rss": same_rss, "inc_s": inc_s, "inc_grown": grown,
+                            "inc_changed": changed, "inc": inc, "same": same_out.strip()})
+
+        # find of a mount of the first commit's tree.
+        mnt, cache_dir = b.scratch("mnt-scale"), b.scratch("mount-cache-scale")
+        disk_find = _find_s(files.root, printf=False)
+        b.log("find over a mount of the commit")
+        with commitfs_mount(url, mnt, cache_dir) as m:
+            mount_find, _ = timed(subprocess.run, ["find", str(mnt)], stdout=subprocess.DEVNULL, check=True)
+            hwm = vm_hwm(m.pid) if m.pid else 0
+        out.rows.append(Row(f"`find` of the {n:,}-file mount vs `find` on disk (warm)", mount_find, disk_find,
+                            "s", ("<=", 5.0)))
+        out.rows.append(Row("  the daemon's peak memory (VmHWM)", hwm, None, "B", limit=("<=", SCALE_MEMORY_LIMIT)))
+        out.details.update({"disk_find_s": disk_find, "mount_find_s": mount_find, "daemon_hwm": hwm})
+    finally:
+        shutil.rmtree(repo_dir, ignore_errors=True)
+
+    # One file added to a flat directory.
+    flat = SmallFiles(b.workdir / f"scale-flat-{b.scale.name}", 1, flat_n, flat=True)
+    flat.ensure(b.log)
+    repo_dir = b.scratch("repo-scale-flat")
+    Repository.init(str(repo_dir)).close()
+    try:
+        b.log(f"committing the {flat_n:,}-entry flat directory")
+        flat_s, _, _ = _run_measured(commitfs_command() + ["commit", "-r", str(repo_dir), str(flat.root), "-m", "flat"])
+        before = sum(stored_bytes(repo_dir).values())
+        (flat.root / "added.bin").write_bytes(b"9 bytes!\n")
+        old = time.time() - 3600
+        os.utime(flat.root / "added.bin", (old, old))
+        add_s, _, _ = _run_measured(commitfs_command() + ["commit", "-r", str(repo_dir), str(flat.root), "-m", "+1"])
+        grown = sum(stored_bytes(repo_dir).values()) - before
+        out.rows.append(Row(f"bytes stored for one 9-byte file added to a {flat_n:,}-entry directory", grown, 9,
+                            "B", limit=("<=", 64 * KiB)))
+        out.details.update({"flat_first_s": flat_s, "flat_add_s": add_s, "flat_add_grown": grown})
+    finally:
+        shutil.rmtree(repo_dir, ignore_errors=True)
+        (flat.root / "added.bin").unlink(missing_ok=True)
+    out.notes.append(
+        f"{n:,} files in {dirs:,} directories of {per_dir:,}, {SCALE_FILE_SIZE} B each, in {files.root}; every "
+        "commit is `commitfs commit --json` in a subprocess (interpreter start-up included), its peak memory "
+        "from wait4's ru_maxrss; find baselines are medians of 3 warm runs; the flat directory is "
+        f"{flat_n:,} files in {flat.root}; the mount is `commitfs mount` of the first commit")
+    return out
+
 
 
 def git_revision() -> str:

@@ -14,7 +14,12 @@ from workspace_fixtures import WS
 from commitfs.ops.snapshot import commit_directory
 from commitfs.repo.repository import Repository
 
-HEADER = "image_id,label\n"
+
+
+def _holds(url) -> dict:
+    """The references keeping workspace merges reachable (for gc)."""
+    with Repository.open(url) as repo:
+        return dict(repo.store.iter_refs("merges/"))
 
 
 def _write(root, files):
@@ -63,6 +68,10 @@ def test_merge_into_a_workspace_resolve_with_ordinary_tools_and_commit(two_branc
     assert status["merge"]["source"] == theirs.hex() and sorted(status["merge"]["unresolved"]) == [
         "labels.txt", "weights.bin"]
     assert "merge of dev" in ws.cli("status", str(mnt)).stdout
+    (held,) = _holds(ws.url).values()  # the merged tree stays reachable while it is resolved
+    with Repository.open(ws.url) as repo:
+        kept = repo.load_commit(bytes.fromhex(held.decode().split()[0]))
+        assert kept.parents == (ours, theirs) and repo.load_tree(kept.tree).get("weights.bin.theirs") is not None
 
     # Commit refuses while markers or .theirs/.base files remain.
     proc = ws.cli("commit", str(mnt), "-m", "too early")
@@ -97,6 +106,7 @@ def test_merge_into_a_workspace_resolve_with_ordinary_tools_and_commit(two_branc
         assert bytes(repo.load_file(tree.get("labels.txt").id)) == b"one\nTWO (both)\nthree\n"
     status = json.loads(ws.cli("status", str(mnt), "--json").stdout)
     assert "merge" not in status and status["changes"] == []
+    assert _holds(ws.url) == {}
 
 
 @pytest.mark.timeout(120)
@@ -108,8 +118,9 @@ def test_reset_abandons_a_workspace_merge_and_a_dirty_workspace_refuses(two_bran
     assert "has edits" in assert_one_line_error(proc.returncode, proc.stderr)
     ws.cli("reset", str(mnt)).check_returncode()
     assert ws.cli("merge", "dev", str(mnt)).returncode == 1
-    assert (mnt / "weights.bin.theirs").exists()
+    assert (mnt / "weights.bin.theirs").exists() and len(_holds(ws.url)) == 1
     ws.cli("reset", str(mnt)).check_returncode()
+    assert _holds(ws.url) == {}
     status = json.loads(ws.cli("status", str(mnt), "--json").stdout)
     assert "merge" not in status and status["changes"] == []
     assert not (mnt / "weights.bin.theirs").exists() and not (mnt / "new.txt").exists()

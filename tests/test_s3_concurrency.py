@@ -77,7 +77,8 @@ def _commit_with_retries(url: str, directory, message: str, attempts: list) -> s
         proc = run_cli("-r", url, "commit", str(directory), "-m", message, "--json", timeout=120)
         if proc.returncode == 0:
             out = json.loads(proc.stdout)
-            attempts.append((message, out["bytes_stored"]))
+            # blobs, not bytes_stored: that counts the retry's own commit object too
+            attempts.append((message, out["blobs_new"]))
             return out["id"]
         line = assert_one_line_error(proc.returncode, proc.stderr.decode())
         assert "while committing (another writer)" in line and "re-run the commit" in line, line
@@ -117,7 +118,7 @@ def test_concurrent_committers_lose_nothing(tmp_path, s3_url, cache_home):
     # Every commit that succeeded is on the branch, in one linear history.
     assert sorted(ids) == sorted(won) and len(ids) == workers * rounds
     assert all(len(c.parents) == 1 for _, c in log[:-1]) and log[-1][1].parents == ()
-    # A commit that succeeded after losing a race stored nothing new.
+    # A commit that succeeded after losing a race stored no blob again.
     for i, (message, outcome) in enumerate(attempts):
         if outcome == "conflict":
             retry = next(o for m, o in attempts[i + 1:] if m == message and o != "conflict")

@@ -33,7 +33,8 @@ from commitfs.errors import CommitfsError, ConflictError, NothingToCommitError
 from commitfs.fuse.adapter import invalidate
 from commitfs.ops.changes import dir_entry, unchanged
 from commitfs.ops.changeset import StatusEntry, commit_draft, status_of
-from commitfs.ops.merge import META_BASE, META_SOURCE, MergeError, MergeOptions, prepare_workspace_merge, unresolved
+from commitfs.ops.merge import (META_BASE, META_SOURCE, MergeError, MergeOptions, hold_merge, hold_name,
+                               prepare_workspace_merge, release_merge, unresolved)
 from commitfs.vfs.workspace import WorkspaceFS
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,10 @@ async def merge(fs: WorkspaceFS, source_rev: str, options: MergeOptions) -> dict
                                              options)
         changed: list[int] = []
         if plan.status != "up-to-date":
-            changed = await fs.show_merge(plan.tree, json.dumps(plan.state(source_rev)))
+            state = plan.state(source_rev)
+            state["hold"] = hold_name(str(fs.overlay.path))
+            await trio.to_thread.run_sync(hold_merge, fs.repo, state["hold"], plan.tree, fs.base, plan.source)
+            changed = await fs.show_merge(plan.tree, json.dumps(state))
     await trio.to_thread.run_sync(invalidate, changed)
     return {"status": plan.status, "source": plan.source.hex(), "base": plan.base.hex() if plan.base else None,
             "bases": [b.hex() for b in plan.bases], "conflicts": plan.conflicts,
@@ -135,7 +139,16 @@ async def commit(fs: WorkspaceFS, message: str, metadata: dict[str, str] | None 
 
         result, nchanges = await trio.to_thread.run_sync(run)
         changed = await fs.settle(result.commit_id)
+        if state is not None and state.get("hold"):
+            await _release(fs, state["hold"])
         return CommitOutcome(result.commit_id, result.parent, result.rebased, nchanges, changed)
+
+
+async def _release(fs: WorkspaceFS, name: str) -> None:
+    try:
+        await trio.to_thread.run_sync(release_merge, fs.repo, name)
+    except CommitfsError as exc:  # only keeps a tree alive longer than needed
+        log.warning("cannot release the merge reference %s: %s", name, exc)
 
 
 async def serve(fs: WorkspaceFS, path: str, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -195,7 +208,10 @@ async def handle(fs: WorkspaceFS, request: dict) -> dict:
                                    [(g, tuple(c)) for g, c in request.get("keys") or []])
             return {"ok": True, **await merge(fs, request["source"], options)}
         if op == "reset":
+            state = json.loads(fs.merge_state) if fs.merge_state else None
             changed = await fs.reset(list(request.get("paths") or []))
+            if state is not None and state.get("hold") and not fs.merge_state:
+                await _release(fs, state["hold"])  # the merge was abandoned
             await trio.to_thread.run_sync(invalidate, changed)
             return {"ok": True, "base": fs.base.hex()}
         if op == "commit":

@@ -28,6 +28,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -405,3 +406,34 @@ def unresolved(repo: Repository, root, conflicts: list[dict]) -> list[str]:
         elif any(_side_at(repo, root, f) is not None for f in c["files"]):
             left.append(c["path"])
     return left
+
+
+#: References that keep a workspace merge's tree reachable while it is in progress
+#: (gc marks from every reference under refs/, whatever its namespace).
+HOLD_PREFIX = "merges/"
+
+
+def hold_name(workspace_dir: str) -> str:
+    """The reference name holding the merge in progress of one workspace directory."""
+    from commitfs.model.ids import hash_bytes
+
+    return HOLD_PREFIX + hash_bytes(os.fsencode(os.path.abspath(workspace_dir))).hex()[:32]
+
+
+def hold_merge(repo: Repository, name: str, tree: bytes, head: bytes, source: bytes) -> bytes:
+    """Save a commit of the merged tree (parents head, source) and point ``name`` at it,
+    so that nothing the workspace shows is garbage while the merge is resolved."""
+    cid = repo.save_commit(Commit(tree, (head, source), "commitfs", int(time.time()),
+                                  "a workspace merge in progress (held for gc)", {}))
+    current = repo.store.load_ref(name)
+    repo.store.save_ref_if_equals(name, cid.hex().encode() + b"\n", current)
+    return cid
+
+
+def release_merge(repo: Repository, name: str) -> None:
+    current = repo.store.load_ref(name)
+    if current is not None:
+        try:
+            repo.store.save_ref_if_equals(name, None, current)
+        except RefConflictError:
+            pass  # another process moved it: it is theirs now

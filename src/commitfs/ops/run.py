@@ -363,7 +363,7 @@ def run(
             for w in made.warnings:
                 note(w)
             result.status, result.commit_id = "committed", made.commit_id
-            result.files, result.bytes_stored = made.files, made.write.bytes_new_stored
+            result.files, result.bytes_stored = made.files, made.write.bytes_stored
             result.logged_to = trackers.log_to(spec.log_to, result, note, env)
             return result
         finally:

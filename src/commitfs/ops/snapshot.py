@@ -32,7 +32,7 @@ from commitfs.errors import InputError, NothingToCommitError, RefConflictError
 from commitfs.model import chunker
 from commitfs.model.ids import hash_bytes
 from commitfs.model.objects import Commit, FileManifest, Kind, Tree, TreeEntry, symlink_entry
-from commitfs.ops.statcache import StatCache
+from commitfs.ops.statcache import ID_SIZE, UNTRUSTED, CachedDir, StatCache, trusted
 from commitfs.repo.pack import BlobKind, maybe_compress
 from commitfs.repo.repository import BlobWriter, Repository, WriteStats
 
@@ -78,7 +78,11 @@ class CommitResult:
 class _Dir:
     rel: str
     path: str
+    own: tuple = ()  # the directory's own (mtime_ns, inode)
     entries: list = field(default_factory=list)  # (name, kind, payload)
+    stat: list = field(default_factory=list)  # what the stat cache compares (statcache.py)
+    cached: CachedDir | None = None  # the stat cache's row, when it matches ``stat``
+    subdirs: list = field(default_factory=list)
 
 
 def _display(path: str) -> str:
@@ -190,11 +194,24 @@ def store_stream(writer: BlobWriter, stream, on_bytes: Callable[[int], None] | N
     return writer.add_manifest(FileManifest(tuple(ids), tuple(sizes))), sum(sizes)
 
 
+# Entry kinds in the stat cache's lists (statcache.py).
+_STAT_KIND = {Kind.FILE: 0, Kind.EXEC: 1, Kind.SYMLINK: 2, Kind.DIR: 3}
+
+
 def _scan(root: str, cache: StatCache, warnings: list[str]) -> tuple[list[_Dir], list[tuple[_Dir, int, str, os.stat_result]]]:
-    """Walk ``root``; return directories (parents before children) and files to read."""
+    """Walk ``root``; return directories (parents before children) and files to read.
+
+    A directory whose entries all stat as the stat cache recorded them keeps
+    its cached row (``_Dir.cached``) and none of its files is looked up or
+    read; in any other directory each file is looked up by name.
+    """
     dirs: list[_Dir] = []
     to_read = []
-    stack = [_Dir("", root)]
+    try:
+        rst = os.stat(root)
+    except OSError as exc:
+        raise _read_error(root, exc) from None
+    stack = [_Dir("", root, (rst.st_mtime_ns, rst.st_ino))]
     while stack:
         d = stack.pop()
         dirs.append(d)
@@ -203,37 +220,60 @@ def _scan(root: str, cache: StatCache, warnings: list[str]) -> tuple[list[_Dir],
                 items = sorted(it, key=lambda e: e.name)
         except OSError as exc:
             raise InputError(f"cannot list {_display(d.path)}: {exc.strerror or exc}") from None
+        stat = d.stat
+        stat.append(("", -1, *d.own))
+        files = []
         for e in items:
-            if not e.name.isascii():
-                _check_utf8(e.name, d.path)
-            rel = f"{d.rel}/{e.name}" if d.rel else e.name
+            name = e.name
+            if not name.isascii():
+                _check_utf8(name, d.path)
             try:
                 st = e.stat(follow_symlinks=False)
             except OSError as exc:
                 raise _read_error(e.path, exc) from None
             mode = st.st_mode
             if statmod.S_ISDIR(mode):
-                child = _Dir(rel, e.path)
-                d.entries.append((e.name, Kind.DIR, child))
+                rel = f"{d.rel}/{name}" if d.rel else name
+                child = _Dir(rel, e.path, (st.st_mtime_ns, st.st_ino))
+                d.entries.append((name, Kind.DIR, child))
+                stat.append((name, 3, st.st_mtime_ns, st.st_ino))
+                d.subdirs.append(child)
                 stack.append(child)
             elif statmod.S_ISLNK(mode):
                 try:
                     target = os.readlink(os.fsencode(e.path))
                 except OSError as exc:
                     raise _read_error(e.path, exc) from None
-                d.entries.append((e.name, Kind.SYMLINK, target))
+                d.entries.append((name, Kind.SYMLINK, target))
+                stat.append((name, 2, target))
             elif statmod.S_ISREG(mode):
                 kind = Kind.EXEC if mode & statmod.S_IXUSR else Kind.FILE
-                fid = cache.lookup(rel, st)
-                slot = len(d.entries)
-                d.entries.append((e.name, kind, (fid, st.st_size, st)))
-                if fid is None:
-                    to_read.append((d, slot, rel, st))
+                files.append(len(d.entries))
+                d.entries.append((name, kind, (None, st.st_size, st)))
+                stat.append((name, _STAT_KIND[kind], st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
             else:
                 what = ("socket" if statmod.S_ISSOCK(mode) else "FIFO" if statmod.S_ISFIFO(mode)
                         else "device" if statmod.S_ISCHR(mode) or statmod.S_ISBLK(mode) else "special file")
                 warnings.append(f"skipped {what} {_display(e.path)}")
+        cached = cache.take(d.rel)
+        if cached is not None and cached.stat == stat and len(cached.ids) == ID_SIZE * len(files) \
+                and UNTRUSTED not in _id_slots(cached.ids):
+            d.cached = cached  # every file unchanged: ids come from the row
+            continue
+        known = cached.file_ids() if cached is not None else {}
+        for slot in files:
+            name, kind, (_, size, st) = d.entries[slot]
+            hit = known.get(name)
+            if hit is not None and hit[1] != UNTRUSTED and hit[0] == stat[slot + 1]:
+                d.entries[slot] = (name, kind, (hit[1], size, st))
+            else:
+                rel = f"{d.rel}/{name}" if d.rel else name
+                to_read.append((d, slot, rel, st))
     return dirs, to_read
+
+
+def _id_slots(ids: bytes):
+    return (ids[i:i + ID_SIZE] for i in range(0, len(ids), ID_SIZE))
 
 
 def check_commit_text(message: str, metadata: dict[str, str] | None = None, author: str | None = None) -> None:
@@ -305,6 +345,7 @@ def commit_directory(
         metadata=dict(metadata or {}),
     )
     cid = repo.save_commit(commit)
+    result.write.bytes_stored += len(commit.encode())
     try:
         repo.refs.set_branch_if_equals(branch, cid, head)
     except RefConflictError:
@@ -361,23 +402,45 @@ def _read_changed(writer, to_read, prog: Progress, progress) -> None:
 
 
 def _build_trees(writer: BlobWriter, dirs: list[_Dir], cache: StatCache, scan_start: int) -> bytes:
-    built: dict[int, tuple[bytes, int]] = {}
+    """Build trees bottom-up.  A directory the stat cache matched whose
+    subdirectories were all reused is reused too: its cached tree id is taken
+    as it is (nothing built, encoded or stored); the others are built and
+    their rows recorded."""
+    built: dict[int, tuple[bytes, int, bool]] = {}
     for d in reversed(dirs):  # children before parents
+        if d.cached is not None and d.cached.tree is not None and all(built[id(c)][2] for c in d.subdirs):
+            for c in d.subdirs:
+                del built[id(c)]
+            cache.keep(d.rel)
+            built[id(d)] = (d.cached.tree, d.cached.size, True)
+            continue
         entries = []
+        ids = []
+        all_trusted = True
+        cached_ids = d.cached.ids if d.cached is not None else None
+        k = 0
         for name, kind, payload in d.entries:
             if kind is Kind.DIR:
-                tid, size = built.pop(id(payload))
+                tid, size, _ = built.pop(id(payload))
                 entries.append(TreeEntry(name, Kind.DIR, size, tid))
             elif kind is Kind.SYMLINK:
                 entries.append(symlink_entry(name, payload))
             else:
                 fid, size, st = payload
-                rel = f"{d.rel}/{name}" if d.rel else name
-                cache.record(rel, st, fid, scan_start)
+                if fid is None:  # unchanged in a matched directory
+                    fid = cached_ids[k * ID_SIZE:(k + 1) * ID_SIZE]
+                k += 1
+                if trusted(st.st_mtime_ns, scan_start):
+                    ids.append(fid)
+                else:
+                    ids.append(UNTRUSTED)
+                    all_trusted = False
                 entries.append(TreeEntry(name, kind, size, fid))
         # Already canonical: names come from the file system (never empty, '.',
         # '..', nor containing '/' or NUL), were checked as UTF-8 by the scan,
         # and are in code point order, which is UTF-8 byte order.
         tree = Tree(tuple(entries))
-        built[id(d)] = (writer.add_tree(tree), tree.size)
+        tid = writer.add_tree(tree)
+        cache.record_dir(d.rel, d.stat, b"".join(ids), tid if all_trusted else None, tree.size)
+        built[id(d)] = (tid, tree.size, False)
     return built[id(dirs[0])][0]

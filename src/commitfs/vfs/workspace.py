@@ -129,7 +129,8 @@ def _retry_when_space_released(fn):
 @dataclass
 class WorkspaceOptions:
     io_timeout_s: float = 60.0
-    io_threads: int = 16
+    #: None: vfs/loader.py's default_io_threads for the repository.
+    io_threads: int | None = None
     #: Entry and attribute timeouts: 0, the kernel asks every time (see the module doc).
     timeout_s: float = 0.0
 

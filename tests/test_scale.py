@@ -1,0 +1,213 @@
+"""Issue 21: re-commits whose cost follows the change, and bytes_stored that
+counts everything a commit adds.
+
+The stat cache keeps each directory's tree id with its rows (ops/statcache.py);
+these tests count what a re-commit does (trees encoded, blobs offered to the
+writer, files read, objects stored) and hold every reused tree id to the id a
+commit without any cache computes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+
+import pytest
+
+from commitfs.model.objects import Tree
+from commitfs.ops.snapshot import commit_directory
+from commitfs.ops.statcache import cache_root
+from commitfs.repo.repository import BlobWriter, Repository
+from core_fixtures import age_tree, cli_ok, describe, reopen, store_state, write_file
+from commitfs.ops.checkout import checkout
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Counts:
+    def __init__(self, monkeypatch):
+        self.encodes = 0
+        self.adds = 0
+        encode, add = Tree.encode, BlobWriter.add
+
+        def counting_encode(tree, *a, **kw):
+            self.encodes += 1
+            return encode(tree, *a, **kw)
+
+        def counting_add(writer, *a, **kw):
+            self.adds += 1
+            return add(writer, *a, **kw)
+
+        monkeypatch.setattr(Tree, "encode", counting_encode)
+        monkeypatch.setattr(BlobWriter, "add", counting_add)
+
+    def reset(self):
+        self.encodes = self.adds = 0
+
+
+def _tree(root, rng, dirs=12, files=8):
+    """Nested directories: d0..d{dirs-1}, every third one inside the previous."""
+    parent = root
+    for i in range(dirs):
+        d = (parent if i % 3 else root) / f"d{i}"
+        for j in range(files):
+            write_file(d / f"f{j}.bin", rng.randbytes(rng.choice([0, 7, 300, 5000])), executable=(j == 3))
+        parent = d
+    os.symlink("d0/f1.bin", root / "link")
+    (root / "empty").mkdir()
+
+
+def _fresh_tree_id(tmp_path, src) -> bytes:
+    """The tree id of ``src`` committed to a new repository with no stat cache."""
+    saved = cache_root().with_name("commitfs-saved")
+    if cache_root().exists():
+        shutil.move(cache_root(), saved)
+    try:
+        url = str(tmp_path / f"fresh-{random.getrandbits(32):08x}")
+        other = Repository.init(url)
+        try:
+            return commit_directory(other, src, message="fresh", allow_empty=True).tree_id
+        finally:
+            other.close()
+    finally:
+        shutil.rmtree(cache_root(), ignore_errors=True)
+        if saved.exists():
+            shutil.move(saved, cache_root())
+
+
+def test_no_change_recommit_reads_and_encodes_nothing(local_repo, tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    _tree(src, random.Random(1))
+    age_tree(src)
+    first = commit_directory(local_repo, src, message="v1")
+    counts = Counts(monkeypatch)
+    before = store_state(local_repo.url)
+    again = commit_directory(local_repo, src, message="v2", allow_empty=True)
+    assert again.tree_id == first.tree_id
+    assert (again.files_read, again.bytes_read) == (0, 0)
+    assert counts.encodes == 0  # no tree built, not even the root's
+    assert counts.adds == 0  # nothing offered to the writer (not even to be deduplicated)
+    assert (again.write.blobs_new, again.write.blobs_dedup, again.write.packs) == (0, 0, 0)
+    after = store_state(local_repo.url)
+    new_keys = set(after[0]) - set(before[0])
+    assert all(k.startswith("commits/") for k in new_keys) and len(new_keys) == 1
+
+
+def test_one_change_encodes_only_its_directory_and_ancestors(local_repo, tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    _tree(src, random.Random(2))
+    age_tree(src)
+    commit_directory(local_repo, src, message="v1")
+    counts = Counts(monkeypatch)
+    # d5 sits in d4 which sits in d3 (at the root): root, d3, d4, d5 are rebuilt.
+    target = src / "d3" / "d4" / "d5" / "f2.bin"
+    target.write_bytes(b"changed")
+    t = target.stat().st_mtime - 1800  # out of the racy window (touching only this file's ctime)
+    os.utime(target, (t, t))
+    changed = commit_directory(local_repo, src, message="v2")
+    assert changed.files_read == 1
+    assert counts.encodes == 4
+    assert changed.write.blobs_new == 6  # one chunk, one manifest, four trees
+    assert changed.tree_id == _fresh_tree_id(tmp_path, src)
+
+
+def _edits(src: os.PathLike):
+    """Changes a re-commit must see, each keeping sizes or names where it can."""
+    def chmod_exec():
+        os.chmod(src / "d0" / "f0.bin", 0o755)
+
+    def same_size_rewrite():
+        p = src / "d0" / "d1" / "f1.bin"
+        data = p.read_bytes()
+        st = p.stat()
+        p.write_bytes(bytes(b ^ 1 for b in data) or b"")
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime: the ctime tells
+
+    def retarget_symlink():
+        os.unlink(src / "link")
+        os.symlink("d0/f2.bin", src / "link")
+
+    def rename_within():
+        d = src / "d0" / "d1" / "d2"
+        os.rename(d / "f4.bin", d / "g4.bin")
+
+    def new_empty_dir():
+        (src / "d0" / "sub").mkdir()
+
+    def remove_dir():
+        shutil.rmtree(src / "empty")
+
+    def swap_names():
+        d = src / "d6"
+        os.rename(d / "f0.bin", d / "tmp")
+        os.rename(d / "f1.bin", d / "f0.bin")
+        os.rename(d / "tmp", d / "f1.bin")
+
+    def add_file_deep():
+        write_file(src / "d3" / "d4" / "d5" / "new.bin", b"new")
+
+    return [chmod_exec, same_size_rewrite, retarget_symlink, rename_within, new_empty_dir, remove_dir,
+            swap_names, add_file_deep]
+
+
+def test_reused_tree_ids_match_a_commit_without_cache(local_repo, tmp_path):
+    src = tmp_path / "src"
+    _tree(src, random.Random(3))
+    age_tree(src)
+    commit_directory(local_repo, src, message="v0")
+    for edit in _edits(src):
+        edit()
+        age_tree(src, seconds=1800 + random.random())
+        made = commit_directory(local_repo, src, message=edit.__name__, allow_empty=True)
+        assert made.tree_id == _fresh_tree_id(tmp_path, src), edit.__name__
+        # and once more, now every directory reused:
+        assert commit_directory(local_repo, src, message="again", allow_empty=True).tree_id == made.tree_id
+    out = tmp_path / "out"
+    checkout(reopen(local_repo.url), made.commit_id, out)
+    assert describe(out) == describe(src)
+
+
+def test_same_size_rewrite_without_age_is_seen_through_ctime(local_repo, tmp_path):
+    """A file rewritten in place to the same size with its mtime put back:
+    only its ctime moved (and os.utime cannot set ctime)."""
+    src = tmp_path / "src"
+    write_file(src / "a" / "x.bin", b"aaaa")
+    age_tree(src)
+    first = commit_directory(local_repo, src, message="v1")
+    p = src / "a" / "x.bin"
+    st = p.stat()
+    p.write_bytes(b"bbbb")
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert p.stat().st_ctime_ns != st.st_ctime_ns or pytest.skip("ctime did not move (coarse clock)")
+    second = commit_directory(local_repo, src, message="v2")
+    assert second.files_read == 1 and second.tree_id != first.tree_id
+
+
+def _growth(before, after) -> int:
+    b, a = before[0], after[0]
+    return sum(a[k] or 0 for k in a.keys() - b.keys()) - sum(b[k] or 0 for k in b.keys() - a.keys())
+
+
+def test_bytes_stored_counts_everything_the_commit_added(local_repo, tmp_path):
+    src = tmp_path / "src"
+    _tree(src, random.Random(4), dirs=6, files=30)
+    age_tree(src)
+    for i in range(3):
+        before = store_state(local_repo.url)
+        made = commit_directory(local_repo, src, message=f"v{i}", allow_empty=True)
+        assert made.write.bytes_stored == _growth(before, store_state(local_repo.url)) > 0
+        write_file(src / f"d{i}" / "more.bin", random.randbytes(2000))
+        age_tree(src)
+
+
+def test_commit_json_bytes_stored_is_the_repository_growth(local_url, tmp_path):
+    Repository.init(local_url).close()
+    src = tmp_path / "src"
+    _tree(src, random.Random(5), dirs=4, files=50)
+    age_tree(src)
+    before = store_state(local_url)
+    out = json.loads(cli_ok("-r", local_url, "commit", str(src), "-m", "one", "--json").stdout)
+    growth = _growth(before, store_state(local_url))
+    assert out["bytes_stored"] == growth
