@@ -589,3 +589,18 @@ def test_a_rerun_after_a_full_disk_needs_no_more_room_than_the_first_attempt(tmp
         filler.write_bytes(b"\0" * (free - 1_400_000))  # room for the commit, once
         assert commit_directory(reopen(url), src, message="big").created
         assert_fsck_clean(url)
+
+
+@pytest.mark.timeout(90)
+def test_find_on_a_real_mount_of_a_tree_dag_ends(local_url, tmp_path, mounts, monkeypatch):
+    """find(1) over a mount of 41 trees / 2^40 paths ends, with errors for the refused
+    directories (a small COMMITFS_WALK_ALLOWANCE keeps the bounded part short)."""
+    monkeypatch.setenv("COMMITFS_WALK_ALLOWANCE", "100")
+    exploding_repo(local_url, tmp_path)
+    mp = mounts.mountpoint()
+    mounts.mount(local_url, mp, rev="dag")
+    proc = subprocess.run(["find", str(mp)], capture_output=True, timeout=60)
+    listed = proc.stdout.count(b"\n")
+    assert proc.returncode != 0 and b"Input/output error" in proc.stderr  # the refused ones
+    assert 40 < listed < 20_000, listed
+    assert (mp / "ok.txt").read_bytes() == b""
