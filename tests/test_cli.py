@@ -43,7 +43,8 @@ COMMIT_KEYS = {"id", "created", "tree", "files", "files_read", "bytes_read", "by
 COMMIT_OBJECT_KEYS = {"id", "tree", "parents", "author", "time", "message", "metadata"}
 LS_KEYS = {"path", "name", "kind", "executable", "size", "id"}
 DIFF_KEYS = {"status", "path", "old", "new"}
-FSCK_KEYS = {"ok", "problems", "commits", "trees", "files", "chunks", "packs", "bytes_checked"}
+FSCK_KEYS = {"ok", "problems", "repaired", "commits", "trees", "files", "chunks", "packs", "bytes_checked",
+             "unreferenced", "stopped"}
 
 
 @dataclass

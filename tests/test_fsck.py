@@ -124,7 +124,12 @@ def test_truncated_data_pack(sample):
     last = r.locate(manifest.chunk_ids[-1])
     _rewrite(repo.store, pack_key(last.pack), lambda d: d[:last.offset + 1])
     problems = _problems(repo.url)
-    assert f"chunk {manifest.chunk_ids[-1].hex()}: pack {last.pack.hex()} is truncated" in problems
+    # One line per damaged file, naming the chunk's damage, the commits and the paths.
+    big = [p for p in problems if p.startswith("file data/big.bin (")]
+    assert len(big) == 1, problems
+    assert f"chunk {manifest.chunk_ids[-1].hex()}: pack {last.pack.hex()} is truncated" in big[0]
+    assert f"of {len(manifest.chunk_ids)} chunks damaged" in big[0]
+    assert "(branch main):data/big.bin" in big[0] and "(tag v1):data/big.bin" in big[0]
 
 
 def test_chunk_missing_from_the_index(sample):
@@ -134,8 +139,8 @@ def test_chunk_missing_from_the_index(sample):
         fid = w.add_manifest(FileManifest((ghost,), (18,)))
     _commit_tree(repo, [TreeEntry("f", Kind.FILE, 18, fid)])
     problems = _problems(repo.url)
-    assert len(problems) == 1 and problems[0].startswith(f"chunk {ghost.hex()}: ")
-    assert "not in the repository index" in problems[0]
+    assert len(problems) == 1 and problems[0].startswith(f"file f ({fid.hex()}): 1 of 1 chunks damaged")
+    assert f"chunk {ghost.hex()}: " in problems[0] and "not in the repository index" in problems[0]
 
 
 def test_file_size_disagrees_with_its_manifest(sample):
@@ -144,8 +149,9 @@ def test_file_size_disagrees_with_its_manifest(sample):
     with repo.writer() as w:
         w.add(hash_bytes(data), BlobKind.CHUNK, data)
         fid = w.add_manifest(FileManifest((hash_bytes(data),), (len(data),)))
-    _commit_tree(repo, [TreeEntry("f", Kind.FILE, 13, fid)])
-    assert _problems(repo.url) == [f"file {fid.hex()} (f): size 12 != tree's 13"]
+    cid = _commit_tree(repo, [TreeEntry("f", Kind.FILE, 13, fid)])
+    assert _problems(repo.url) == [
+        f"file f ({fid.hex()}): size 12 != tree's 13; reached from {cid.hex()[:12]} (branch broken):f"]
 
 
 def test_symlink_target_disagrees_with_its_id(sample):
@@ -184,8 +190,9 @@ def test_flipped_chunk_byte_needs_read_data(sample):
     _rewrite(repo.store, pack_key(loc.pack), lambda d: d[:pos] + bytes([d[pos] ^ 0xFF]) + d[pos + 1:])
     assert _problems(repo.url) == []  # lengths are fine: only re-hashing sees it
     problems = _problems(repo.url, read_data=True)
-    assert f"chunk {manifest.chunk_ids[1].hex()}: object {manifest.chunk_ids[1].hex()} fails its hash check " \
-           f"(pack {loc.pack.hex()})" in problems
+    damage = f"chunk {manifest.chunk_ids[1].hex()}: object {manifest.chunk_ids[1].hex()} fails its hash check " \
+             f"(pack {loc.pack.hex()})"
+    assert any(p.startswith("file data/big.bin (") and damage in p for p in problems), problems
     assert f"pack {pack_key(loc.pack)}: content does not match its name" in problems
 
 
@@ -209,3 +216,85 @@ def test_leftovers_of_an_interrupted_commit_are_not_problems(sample):
     assert (after.commits, after.files, after.chunks) == (before.commits, before.files, before.chunks)
     assert after.packs == before.packs + 2  # read_data hashes every pack, referenced or not
     assert len(Index(repo.store).segments()) >= 2
+
+
+# --- damage fsck names and repairs (issue 15), damage isolation and stalls (issue 20) -------
+def test_a_ref_that_does_not_parse_is_damage_not_a_traceback(sample):
+    repo, _, c2 = sample
+    repo.store.save_ref_if_equals("branches/bad", b"zz-not-hex\n", None)
+    repo.store.save_ref_if_equals("elsewhere/fine", c2.hex().encode() + b"\nmore\n", None)  # first line: fine
+    repo.store.save_ref_if_equals("elsewhere/bad", b"nope\n", None)
+    problems = _problems(repo.url)
+    assert len(problems) == 2, problems
+    assert "branches/bad" in problems[0] and "zz-not-hex" in problems[0]
+    assert problems[1] == "ref elsewhere/bad: the ref does not parse (its first line is not a commit id: 'nope\\n')"
+    from core_fixtures import run_cli
+    proc = run_cli("-r", repo.url, "fsck")
+    assert proc.returncode == 1 and b"Traceback" not in proc.stderr
+    assert b"branches/bad" in proc.stdout and b"ref elsewhere/bad: the ref does not parse" in proc.stdout
+
+
+def test_repair_rebuilds_a_lost_index_segment_and_names_what_it_cannot(sample):
+    repo, c1, c2 = sample
+    segs = sorted(repo.store.iter_keys(INDEX_PREFIX))
+    for key in segs:
+        repo.store.remove_object(key)
+    assert _problems(repo.url)  # everything unindexed
+    report = fsck(reopen(repo.url), repair=True, read_data=True)
+    assert report.ok, report.problems
+    assert any(r.startswith("index: rebuilt ") for r in report.repaired)
+    assert fsck(reopen(repo.url), read_data=True).ok
+    # A pack that is gone cannot be rebuilt: said so, as such.
+    _, manifest, r = _manifest(repo, c1, "data/big.bin")
+    lost = r.locate(manifest.chunk_ids[0]).pack
+    repo.store.remove_object(pack_key(lost))
+    report = fsck(reopen(repo.url), repair=True)
+    assert report.problems and all(p.startswith("cannot repair: ") for p in report.problems)
+    assert any("data/big.bin" in p for p in report.problems)
+
+
+def test_a_damaged_index_segment_costs_only_the_lookups_it_holds(repo, tmp_path):
+    from commitfs.errors import CorruptObjectError
+    rng = random.Random(20)
+    src = tmp_path / "src"
+    write_file(src / "a.bin", rng.randbytes(CHUNKY))
+    c1 = commit_directory(repo, src, message="one").commit_id
+    (first,) = list(repo.store.iter_keys(INDEX_PREFIX))
+    b = rng.randbytes(CHUNKY)
+    write_file(src / "b.bin", b)
+    commit_directory(repo, src, message="two")
+    _rewrite(repo.store, first, lambda d: d[:60] + bytes([d[60] ^ 1]) + d[61:])
+    r = reopen(repo.url)
+    tree = r.load_tree(r.load_commit(r.refs.lookup_branch("main")).tree)
+    assert bytes(r.load_file(tree.get("b.bin").id)) == b  # its lookups are in the healthy segment
+    with pytest.raises(CorruptObjectError, match=f"{first}.*fsck --repair"):
+        r.load_file(tree.get("a.bin").id)  # a clear error naming the damaged segment
+    write_file(tmp_path / "other" / "c.bin", rng.randbytes(5000))
+    commit_directory(r, tmp_path / "other", branch="other", message="writes still work")
+    report = fsck(reopen(repo.url), repair=True, read_data=True)
+    assert report.ok, report.problems
+    assert any(f"the damaged segment {first}" in x for x in report.repaired)
+    assert reopen(repo.url).load_file(tree.get("a.bin").id) == (src / "a.bin").read_bytes()
+    del c1
+
+
+@pytest.mark.timeout(60)
+def test_fsck_under_a_stalled_store_stops_after_one_deadline(repo, tmp_path):
+    from core_fixtures import faulty_repository
+    rng = random.Random(21)
+    src = tmp_path / "src"
+    for i in range(60):
+        write_file(src / f"f{i:02}.bin", rng.randbytes(3000))
+    commit_directory(repo, src, message="sixty files")
+    r = faulty_repository(repo.url)
+    tree = r.load_tree(r.load_commit(r.refs.lookup_branch("main")).tree)  # warm: commits, trees,
+    for e in tree.entries:                                                # manifests, index in memory
+        r.load_manifest(e.id)
+    r.store.stall_s, r.store.stall_timeout_s = 60, 0.2  # from here every read stalls, then times out
+    before = r.store.calls["load_range"] + r.store.calls["load_object"]
+    report = fsck(r, read_data=True)
+    stalled = r.store.calls["load_range"] + r.store.calls["load_object"] - before
+    assert stalled == 1, stalled  # one deadline for the run, not one per object
+    assert report.stopped and len(report.problems) == 1
+    assert report.problems[0].startswith("storage failed: injected stall") and "fsck stopped" in report.problems[0]
+    r.store.release()

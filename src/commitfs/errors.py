@@ -51,6 +51,20 @@ class CorruptObjectError(RepositoryError):
     """Stored bytes do not match their id (bit rot, truncation, tampering)."""
 
 
+class GcLeaseError(CommitfsError):
+    """Another gc holds the gc lease, or a running gc lost its own."""
+
+
+class GcStoppedError(RepositoryError):
+    """gc met damage it cannot reason about (or an unparsable ref): it stopped,
+    deleting nothing more."""
+
+
+class GcInterferenceError(RepositoryError):
+    """A concurrent gc condemned or removed data a writer deduplicated against:
+    nothing was published, and running the operation again stores that data anew."""
+
+
 class DamagedRefError(RepositoryError):
     """A branch or tag holds something other than one commit id (empty, not
     hex, trailing bytes), or a name from storage is not a valid ref name.

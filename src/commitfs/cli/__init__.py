@@ -17,7 +17,8 @@ from commitfs.errors import CommitfsError, OutputError, UsageError
 # Modules defining verbs, in the order --help lists them.
 VERB_MODULES = ["commitfs.cli.core", "commitfs.cli.inspect", "commitfs.cli.mount", "commitfs.cli.workspace",
                 "commitfs.cli.remote", "commitfs.cli.lineage", "commitfs.cli.alias", "commitfs.cli.ui",
-                "commitfs.cli.find", "commitfs.cli.mounts", "commitfs.cli.shell", "commitfs.cli.merge"]
+                "commitfs.cli.find", "commitfs.cli.mounts", "commitfs.cli.shell", "commitfs.cli.merge",
+                "commitfs.cli.gc"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -295,15 +295,20 @@ def cmd_checkout(args) -> int:
 
 def cmd_fsck(args) -> int:
     repo = open_repo(args)
-    report = fsck(repo, read_data=args.read_data)
+    report = fsck(repo, read_data=args.read_data, repair=args.repair)
     if args.json:
         print_json(report.to_json())
     else:
+        for p in report.repaired:
+            print(f"repaired: {p}")
         for p in report.problems:
             print(p)
+        unref = report.unreferenced
         print(f"checked {report.commits} commits, {report.trees} trees, {report.files} files, "
               f"{report.chunks} chunks in {report.packs} packs"
               + (f", re-hashed {human_size(report.bytes_checked)}" if args.read_data else "")
+              + (f"; unreferenced (left for gc): {unref['commits']} commits, {unref['blobs']} blobs, "
+                 f"{unref['packs']} packs" if any(unref.values()) else "")
               + (": no problems" if report.ok else f": {len(report.problems)} problems"))
     return 0 if report.ok else 1
 
@@ -381,4 +386,6 @@ def register(sub, common) -> None:
 
     p = add("fsck", cmd_fsck, "check the repository's integrity")
     p.add_argument("--read-data", action="store_true", help="also re-hash every chunk and pack")
+    p.add_argument("--repair", action="store_true",
+                   help="rebuild a lost or damaged index from the packs' tables; report what cannot be repaired")
     p.add_argument("--json", action="store_true")

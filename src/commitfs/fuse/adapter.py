@@ -22,6 +22,7 @@ from commitfs.errors import (
     IsADirectoryError_,
     NotADirectoryError_,
     PathNotFoundError,
+    RepositoryError,
     RevisionError,
     StorageError,
 )
@@ -82,6 +83,8 @@ def errno_of(exc: BaseException, what: str) -> int:
         return exc.errno
     if isinstance(exc, CorruptObjectError):
         log.error("%s: corrupt data, returning EIO: %s", what, exc)
+    elif isinstance(exc, RepositoryError):  # a damaged ref, a tree DAG past the walk bound...
+        log.error("%s: the repository refuses it, returning EIO: %s", what, exc)
     elif isinstance(exc, StorageError):
         log.error("%s: storage failed, returning EIO: %s", what, exc)
     else:

@@ -59,7 +59,9 @@ class DaemonConfig:
     cache_size: int = 0
     refresh_s: float = 5.0
     io_timeout_s: float = 60.0
-    io_threads: int = 16
+    #: Worker threads for storage calls; None: as many as the repository's kind
+    #: wants (vfs/loader.py, default_io_threads).
+    io_threads: int | None = None
     max_tasks: int = 64
     allow_other: bool = False
     #: The kernel's read-ahead for the mount (KiB); 0 keeps the kernel's default (128).

@@ -1,13 +1,14 @@
 """Repository check: every reachable object present and matching its hash.
 
-Checks, each reported as one problem line:
+Checks, each damage reported once, naming what a user can act on:
 
 * every index segment parses and passes its checksum;
-* every branch and tag holds one commit id and names an existing, well-formed commit;
-* every alias names an existing, well-formed commit; its log entries are present,
-  intact and chained;
+* every ref under ``refs/`` parses (a branch or tag holds one commit id; an
+  alias its commit id on its first line, and its log is present, intact and
+  chained; remotes' configurations and the gc lease excepted) and names an
+  existing, well-formed commit;
 * a commit's read set (``commitfs.object.readset``) is present and well-formed;
-* every commit reachable from a reference: its parents, its tree;
+* every commit reachable from a ref: its parents, its tree;
 * every tree and file manifest reachable: present in the index, in a pack
   that exists and is long enough, decodes, and matches its id;
 * every chunk: indexed, its pack long enough to hold it, and as long as
@@ -15,52 +16,210 @@ Checks, each reported as one problem line:
 * with ``read_data``: every reachable chunk is read and re-hashed, and every
   pack's content hashes to its name.
 
-Unreferenced packs, segments and commits (left by an interrupted commit) are
-not errors: they are counted and left for gc.
+Damage inside a file (its chunks) is one line per damaged *file*, naming how
+many of its chunks are damaged, the first reason, and the commits and paths
+that reach it; a damaged tree is one line naming where it is reached.
+
+Unreferenced packs, index entries and commits (left by an interrupted commit)
+are not errors: they are counted (``unreferenced``) and left for gc.
+
+``repair``: a lost or damaged index is rebuilt from the packs' own entry
+tables (one new segment; damaged segments are then removed); what cannot be
+repaired is reported as such.  A storage failure (a stall past the storage
+deadline, an error that retries did not cure) stops the whole check at once,
+with one problem line: one deadline for the run, not one per object.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from commitfs.errors import CommitfsError, ReadSetError
-from commitfs.model.ids import hash_bytes
+from commitfs.errors import CommitfsError, CorruptObjectError, ObjectNotFoundError, ReadSetError, StorageError
+from commitfs.model.ids import HEX_SIZE, hash_bytes, is_hex
 from commitfs.model.objects import Kind
 from commitfs.ops import readset
-from commitfs.repo.pack import pack_id_from_key, pack_key
+from commitfs.repo.gcstate import LEASE_REF
+from commitfs.repo.index import Index, encode_segment, segment_key
+from commitfs.repo.pack import load_pack_table, pack_id_from_key, pack_key
 from commitfs.repo.repository import Repository
+
+#: Commit/path pairs named per damaged object; the rest are counted.
+_REACH_SHOWN = 3
 
 
 @dataclass
 class FsckReport:
     problems: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
     commits: int = 0
     trees: int = 0
     files: int = 0
     chunks: int = 0
     packs: int = 0
     bytes_checked: int = 0
+    #: Objects nothing reachable uses (gc's to remove): commits, index entries, packs.
+    unreferenced: dict[str, int] = field(default_factory=lambda: {"commits": 0, "blobs": 0, "packs": 0})
+    stopped: bool = False
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
     def to_json(self) -> dict:
-        return {"ok": self.ok, "problems": self.problems, "commits": self.commits, "trees": self.trees,
-                "files": self.files, "chunks": self.chunks, "packs": self.packs,
-                "bytes_checked": self.bytes_checked}
+        return {"ok": self.ok, "problems": self.problems, "repaired": self.repaired, "commits": self.commits,
+                "trees": self.trees, "files": self.files, "chunks": self.chunks, "packs": self.packs,
+                "bytes_checked": self.bytes_checked, "unreferenced": self.unreferenced, "stopped": self.stopped}
 
 
-def fsck(repo: Repository, read_data: bool = False, progress: Callable[[str, int], None] | None = None) -> FsckReport:
+class _Stopped(Exception):
+    """Storage failed: the check stops (one deadline for the run)."""
+
+
+def _storage_failure(exc: Exception) -> bool:
+    return isinstance(exc, StorageError) and not isinstance(exc, ObjectNotFoundError)
+
+
+def _ref_label(name: str) -> str:
+    if name.startswith("branches/"):
+        return f"branch {name[len('branches/'):]}"
+    if name.startswith("tags/"):
+        return f"tag {name[len('tags/'):]}"
+    return f"ref {name}"
+
+
+def _parse_refs(repo: Repository, problem: Callable[[str], None]) -> list[tuple[str, bytes]]:
+    """(label, commit id) of every ref naming a commit; a ref that does not parse is damage."""
+    damaged: dict[str, str] = {}  # refs that hold no commit id: damage, not a crash
+    out = [(f"branch {n}", c) for n, c in repo.refs.branches(damaged).items()]
+    out += [(f"tag {n}", c) for n, c in repo.refs.tags(damaged).items()]
+    for message in damaged.values():
+        problem(message)
+    try:
+        aliases = repo.aliases.states()
+    except CommitfsError as exc:
+        if _storage_failure(exc):
+            raise _Stopped(str(exc)) from None
+        problem(f"aliases: {exc}")
+        aliases = {}
+    for name, state in sorted(aliases.items()):
+        out.append((f"alias {name}", state.commit))
+        try:
+            for _ in repo.aliases.iter_log(state.log):  # every entry present, intact, chained
+                pass
+        except CommitfsError as exc:
+            if _storage_failure(exc):
+                raise _Stopped(str(exc)) from None
+            problem(f"alias {name}: log: {exc}")
+    # Refs of any other namespace: the first line of the value is a commit id.
+    for name, value in sorted(repo.store.iter_refs("")):
+        if name == LEASE_REF or name.startswith(("gc/", "branches/", "tags/", "aliases/")):
+            continue
+        first = value.split(b"\n", 1)[0].strip()
+        text = first.decode("ascii", "replace")
+        if len(text) == HEX_SIZE and is_hex(text) and text == text.lower():
+            out.append((_ref_label(name), bytes.fromhex(text)))
+            continue
+        if name.startswith("remotes/"):
+            try:
+                if isinstance(json.loads(value), dict):
+                    continue  # a remote's configuration
+            except ValueError:
+                pass
+        shown = value[:40].decode("utf-8", "replace")
+        problem(f"{_ref_label(name)}: the ref does not parse (its first line is not a commit id: {shown!r})")
+    return out
+
+
+def repair_index(repo: Repository, report: FsckReport) -> None:
+    """Rebuild what the index lacks from the packs' entry tables; remove damaged segments."""
+    store = repo.store
+    index = Index(store)
+    damaged, healthy = [], []
+    for seg in index.segments():
+        try:
+            seg.load_header()
+            list(seg.iter_entries())
+            healthy.append(seg)
+        except CorruptObjectError:
+            damaged.append(seg)
+        except ObjectNotFoundError:
+            continue
+    indexed: set[bytes] = set()
+    for seg in healthy:
+        indexed.update(oid for oid, _ in seg.iter_entries())
+    entries = []
+    packs = 0
+    for key, size, _mtime in store.iter_objects("packs/"):
+        try:
+            pid = pack_id_from_key(key)
+        except ValueError:
+            continue
+        try:
+            table = load_pack_table(store, pid, size)
+        except CorruptObjectError as exc:
+            report.problems.append(f"cannot repair: {exc} (its blobs stay unindexed)")
+            continue
+        except ObjectNotFoundError:
+            continue
+        packs += 1
+        entries.extend((oid, loc) for oid, loc in table if oid not in indexed)
+    rebuilt = None
+    if entries:
+        data = encode_segment(entries)
+        rebuilt = segment_key(data)
+        store.save_object(rebuilt, data)  # before any damaged segment goes
+        report.repaired.append(f"index: rebuilt {len({oid for oid, _ in entries})} entries from the tables "
+                               f"of {packs} packs")
+    for seg in damaged:
+        if seg.key == rebuilt:  # the same entries again: the damaged copy was just overwritten whole
+            report.repaired.append(f"index: rewrote the damaged segment {seg.key} ({seg.damaged})")
+            continue
+        store.remove_object(seg.key)
+        report.repaired.append(f"index: removed the damaged segment {seg.key} ({seg.damaged})")
+    repo.index.refresh()  # the removed segments (and the damage they remember) go
+    repo.index.forget_answers()
+
+
+def fsck(repo: Repository, read_data: bool = False, progress: Callable[[str, int], None] | None = None,
+         repair: bool = False) -> FsckReport:
     rep = FsckReport()
+    if repair:
+        try:
+            repair_index(repo, rep)
+        except CommitfsError as exc:
+            if not _storage_failure(exc):
+                raise
+            rep.problems.append(f"storage failed during repair: {exc}; fsck stopped")
+            rep.stopped = True
+            return rep
+    try:
+        _check(repo, rep, read_data, progress)
+    except _Stopped as stop:
+        rep.stopped = True
+        rep.problems.append(
+            f"storage failed: {stop.args[0]}; fsck stopped after checking {rep.commits} commits, "
+            f"{rep.trees} trees, {rep.files} files and {rep.chunks} chunks")
+    if repair and rep.problems:
+        rep.problems = [p if p.startswith(("cannot repair", "storage failed")) else f"cannot repair: {p}"
+                        for p in rep.problems]
+    return rep
+
+
+def _check(repo: Repository, rep: FsckReport, read_data: bool, progress) -> None:
     problem = rep.problems.append
+
+    def guard(exc: Exception) -> None:
+        if _storage_failure(exc):
+            raise _Stopped(str(exc)) from None
 
     for seg in repo.index.segments():
         try:
             seg.load_header()
         except CommitfsError as exc:
-            problem(f"index: {exc}")
+            guard(exc)
+            problem(f"index: {exc} (commitfs fsck --repair rebuilds it from the packs)")
 
     pack_sizes: dict[bytes, int | None] = {}
 
@@ -69,40 +228,31 @@ def fsck(repo: Repository, read_data: bool = False, progress: Callable[[str, int
             pack_sizes[pid] = repo.store.lookup_size(pack_key(pid))
         return pack_sizes[pid]
 
-    def check_located(oid: bytes, what: str) -> bool:
+    def locate_problem(oid: bytes) -> str | None:
+        """Why the object cannot be read where the index says, or None."""
         try:
             loc = repo.locate(oid)
         except CommitfsError as exc:
-            problem(f"{what} {oid.hex()}: {exc}")
-            return False
-        size = pack_size(loc.pack)
+            guard(exc)
+            return str(exc)
+        try:
+            size = pack_size(loc.pack)
+        except CommitfsError as exc:
+            guard(exc)
+            return str(exc)
         if size is None:
-            problem(f"{what} {oid.hex()}: pack {loc.pack.hex()} is missing")
-            return False
+            return f"pack {loc.pack.hex()} is missing"
         if loc.offset + loc.stored > size:
-            problem(f"{what} {oid.hex()}: pack {loc.pack.hex()} is truncated")
-            return False
-        return True
+            return f"pack {loc.pack.hex()} is truncated"
+        return None
 
     # Commits reachable from references.
-    damaged: dict[str, str] = {}  # refs that hold no commit id: damage, not a crash
-    roots: list[tuple[str, bytes]] = [(f"branch {n}", c) for n, c in repo.refs.branches(damaged).items()]
-    roots += [(f"tag {n}", c) for n, c in repo.refs.tags(damaged).items()]
-    rep.problems.extend(damaged.values())
-    try:
-        aliases = repo.aliases.states()
-    except CommitfsError as exc:
-        problem(f"aliases: {exc}")
-        aliases = {}
-    for name, state in sorted(aliases.items()):
-        roots.append((f"alias {name}", state.commit))
-        try:
-            for _ in repo.aliases.iter_log(state.log):  # every entry present, intact, chained
-                pass
-        except CommitfsError as exc:
-            problem(f"alias {name}: log: {exc}")
+    roots = _parse_refs(repo, problem)
+    tips: dict[bytes, list[str]] = {}
+    for label, cid in roots:
+        tips.setdefault(cid, []).append(label)
     seen_commits: set[bytes] = set()
-    trees: list[bytes] = []
+    commit_trees: list[tuple[bytes, bytes]] = []  # (commit, tree)
     stack = list(roots)
     while stack:
         where, cid = stack.pop()
@@ -112,6 +262,7 @@ def fsck(repo: Repository, read_data: bool = False, progress: Callable[[str, int
         try:
             commit = repo.load_commit(cid)
         except CommitfsError as exc:
+            guard(exc)
             problem(f"{where}: commit {cid.hex()}: {exc}")
             continue
         rep.commits += 1
@@ -122,70 +273,191 @@ def fsck(repo: Repository, read_data: bool = False, progress: Callable[[str, int
                     pass
         except ReadSetError as exc:
             problem(f"commit {cid.hex()}: {exc}")
-        trees.append(commit.tree)
+        except CommitfsError as exc:
+            guard(exc)
+            raise
+        commit_trees.append((cid, commit.tree))
         stack.extend((f"parent of {cid.hex()[:12]}", p) for p in commit.parents)
 
+    # Objects, each checked once; damage is remembered by id and reported below.
     seen_trees: set[bytes] = set()
     seen_files: set[bytes] = set()
     seen_chunks: set[bytes] = set()
+    tree_damage: dict[bytes, str] = {}
+    tree_notes: list[str] = []  # damage inside a readable tree (a symlink entry)
+    file_damage: dict[bytes, list[str]] = {}  # file id: reasons (whole file or per chunk)
+    file_chunks: dict[bytes, int] = {}
+    chunk_damage: dict[bytes, str] = {}
     chunk_sizes: dict[bytes, int] = {}
+    children: dict[bytes, list[tuple[str, bool, bytes]]] = {}  # tree: (name, is_dir, id)
+    trees = [t for _, t in commit_trees]
     while trees:
         tid = trees.pop()
         if tid in seen_trees:
             continue
         seen_trees.add(tid)
-        if not check_located(tid, "tree"):
+        why = locate_problem(tid)
+        if why is not None:
+            tree_damage[tid] = why
             continue
         try:
             tree = repo.load_tree(tid)
         except CommitfsError as exc:
-            problem(f"tree {tid.hex()}: {exc}")
+            guard(exc)
+            tree_damage[tid] = str(exc)
             continue
         rep.trees += 1
+        kids = children[tid] = []
         for e in tree.entries:
             if e.kind is Kind.DIR:
+                kids.append((e.name, True, e.id))
                 trees.append(e.id)
             elif e.kind is Kind.SYMLINK:
                 if hash_bytes(e.target) != e.id:
-                    problem(f"tree {tid.hex()}: symlink {e.name!r} does not match its id")
-            elif e.id not in seen_files:
+                    tree_notes.append(f"tree {tid.hex()}: symlink {e.name!r} does not match its id")
+            else:
+                kids.append((e.name, False, e.id))
+                if e.id in seen_files:
+                    continue
                 seen_files.add(e.id)
                 rep.files += 1
-                if not check_located(e.id, "file"):
+                why = locate_problem(e.id)
+                if why is not None:
+                    file_damage[e.id] = [why]
                     continue
                 try:
                     manifest = repo.load_manifest(e.id)
                 except CommitfsError as exc:
-                    problem(f"file {e.id.hex()} ({e.name}): {exc}")
+                    guard(exc)
+                    file_damage[e.id] = [str(exc)]
                     continue
                 if manifest.size != e.size:
-                    problem(f"file {e.id.hex()} ({e.name}): size {manifest.size} != tree's {e.size}")
+                    file_damage.setdefault(e.id, []).append(f"size {manifest.size} != tree's {e.size}")
+                file_chunks[e.id] = len(manifest.chunk_ids)
                 for cid, declared in zip(manifest.chunk_ids, manifest.chunk_sizes):
                     # A manifest's declared chunk sizes must be the chunks'
                     # lengths (readers map offsets with them): the index's
                     # size here, the bytes themselves with read_data.
                     known = chunk_sizes.setdefault(cid, declared)
                     if known != declared:
-                        problem(f"file {e.id.hex()} ({e.name}): declares chunk {cid.hex()} as {declared} bytes, "
-                                f"another file as {known}")
-                    if cid in seen_chunks:
-                        continue
-                    seen_chunks.add(cid)
-                    rep.chunks += 1
-                    if not check_located(cid, "chunk"):
-                        continue
-                    raw = repo.locate(cid).raw
-                    if raw != declared:
-                        problem(f"file {e.id.hex()} ({e.name}): declares chunk {cid.hex()} as {declared} bytes; "
-                                f"the index says {raw}")
-                        continue
-                    if read_data:
-                        try:
-                            rep.bytes_checked += len(repo.load_chunks([cid], sizes=[declared])[0])
-                        except CommitfsError as exc:
-                            problem(f"chunk {cid.hex()}: {exc}")
-                        if progress:
-                            progress("chunks", rep.chunks)
+                        file_damage.setdefault(e.id, []).append(
+                            f"declares chunk {cid.hex()} as {declared} bytes, another file as {known}")
+                    if cid not in seen_chunks:
+                        seen_chunks.add(cid)
+                        rep.chunks += 1
+                        why = locate_problem(cid)
+                        if why is None:
+                            raw = repo.locate(cid).raw
+                            if raw != declared:
+                                file_damage.setdefault(e.id, []).append(
+                                    f"declares chunk {cid.hex()} as {declared} bytes; the index says {raw}")
+                                continue
+                        if why is None and read_data:
+                            try:
+                                rep.bytes_checked += len(repo.load_chunks([cid], sizes=[declared])[0])
+                            except CommitfsError as exc:
+                                guard(exc)
+                                why = str(exc)
+                            if progress:
+                                progress("chunks", rep.chunks)
+                        if why is not None:
+                            chunk_damage[cid] = why
+                    if cid in chunk_damage:
+                        file_damage.setdefault(e.id, []).append(f"chunk {cid.hex()}: {chunk_damage[cid]}")
+
+    # Where damage is reached: walk each commit's tree by path, only into
+    # subtrees that hold damage (memoised by id).
+    damaged_ids = set(tree_damage) | set(file_damage)
+    reach: dict[bytes, list[tuple[bytes, str]]] = {oid: [] for oid in damaged_ids}
+    reach_count: dict[bytes, int] = dict.fromkeys(damaged_ids, 0)
+    if damaged_ids:
+        holds: dict[bytes, bool] = {}
+
+        def holds_damage(tid: bytes) -> bool:
+            if tid in holds:
+                return holds[tid]
+            holds[tid] = tid in damaged_ids  # a cycle guard too
+            result = tid in damaged_ids or any(
+                (holds_damage(k) if is_dir else k in damaged_ids) for _, is_dir, k in children.get(tid, ()))
+            holds[tid] = result
+            return result
+
+        for cid, root in commit_trees:
+            todo = [(root, "")]
+            while todo:
+                tid, path = todo.pop()
+                if not holds_damage(tid):
+                    continue
+                if tid in damaged_ids:
+                    reach_count[tid] += 1
+                    if len(reach[tid]) < _REACH_SHOWN:
+                        reach[tid].append((cid, path + "/" if path else "/"))
+                    continue
+                for name, is_dir, kid in children.get(tid, ()):
+                    sub = f"{path}/{name}" if path else name
+                    if is_dir:
+                        todo.append((kid, sub))
+                    elif kid in damaged_ids:
+                        reach_count[kid] += 1
+                        if len(reach[kid]) < _REACH_SHOWN:
+                            reach[kid].append((cid, sub))
+
+    def reached(oid: bytes) -> str:
+        shown = [f"{c.hex()[:12]}{' (' + ', '.join(tips[c]) + ')' if c in tips else ''}:{p}"
+                 for c, p in reach[oid]]
+        if not shown:
+            return ""
+        more = reach_count[oid] - len(shown)
+        return "; reached from " + ", ".join(shown) + (f" and {more} more" if more > 0 else "")
+
+    for tid, why in tree_damage.items():
+        problem(f"tree {tid.hex()}: {why}{reached(tid)}")
+    for note in tree_notes:
+        problem(note)
+    for fid, reasons in file_damage.items():
+        path = reach[fid][0][1] if reach[fid] else fid.hex()
+        total = file_chunks.get(fid)
+        chunk_reasons = [r for r in reasons if r.startswith("chunk ")]
+        if chunk_reasons and total:
+            what = f"{len(chunk_reasons)} of {total} chunks damaged ({chunk_reasons[0]})"
+            others = [r for r in reasons if not r.startswith("chunk ")]
+            if others:
+                what = "; ".join(others) + "; " + what
+        else:
+            what = "; ".join(reasons)
+        problem(f"file {path} ({fid.hex()}): {what}{reached(fid)}")
+
+    # Unreferenced objects: counted, left for gc.
+    try:
+        listed = {cid for cid in repo.iter_commit_ids()}
+        rep.unreferenced["commits"] = len(listed - seen_commits)
+        live = seen_trees | seen_files | seen_chunks
+        live_packs: set[bytes] = set()
+        indexed_packs: set[bytes] = set()
+        dead_blobs: set[bytes] = set()
+        for seg in repo.index.segments():
+            try:
+                for oid, loc in seg.iter_entries():
+                    indexed_packs.add(loc.pack)
+                    if oid in live:
+                        live_packs.add(loc.pack)
+                    else:
+                        dead_blobs.add(oid)
+            except CorruptObjectError:
+                continue
+        rep.unreferenced["blobs"] = len(dead_blobs - live)
+        all_packs = set()
+        for key in repo.store.iter_keys("packs/"):
+            try:
+                all_packs.add(pack_id_from_key(key))
+            except ValueError:
+                continue
+        rep.unreferenced["packs"] = len(all_packs - live_packs)
+    except ObjectNotFoundError:
+        pass  # a segment merged away meanwhile: the counts are best effort
+    except CommitfsError as exc:
+        guard(exc)
+        raise
 
     if read_data:
         for key in repo.store.iter_keys("packs/"):
@@ -193,10 +465,10 @@ def fsck(repo: Repository, read_data: bool = False, progress: Callable[[str, int
             try:
                 data = repo.store.load_object(key)
             except CommitfsError as exc:
+                guard(exc)
                 problem(f"pack {key}: {exc}")
                 continue
             if hash_bytes(data) != pack_id_from_key(key):
                 problem(f"pack {key}: content does not match its name")
     else:
         rep.packs = sum(1 for s in pack_sizes.values() if s is not None)
-    return rep

@@ -410,6 +410,7 @@ def _copy_pack(src: Repository, dst: Repository, pid: bytes, size: int) -> tuple
     if any(loc.kind is not BlobKind.CHUNK for _, loc in entries):
         return None
     sent = 0
+    dst.note_own_pack(pid)  # checked before refs move, as a concurrent gc may condemn it
     if dst.store.lookup_size(key) != size:  # else: copied by an interrupted run
         dst.store.save_object(key, data)
         sent = size
@@ -437,6 +438,7 @@ def _copy_whole_packs(src: Repository, dst: Repository, plan: _Plan, stats: Sync
         nonlocal pending, pending_bytes
         if pending:
             dst.index.add_segment(pending)  # after the packs it names are stored
+            dst.note_own_blobs(oid for oid, _ in pending)
             stats.segments += 1
         pending, pending_bytes = [], 0
 

@@ -142,8 +142,11 @@ class LogEntry:
 class Aliases:
     """Alias references and their log entries in one store."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, before_publish=None):
         self.store = store
+        #: Called with the commit id just before an alias is set to it
+        #: (Repository.check_publishable: a concurrent gc is not removing it).
+        self.before_publish = before_publish
 
     def lookup(self, name: str) -> AliasState | None:
         """The alias's state (also a removed one), or None if it never existed."""
@@ -183,6 +186,8 @@ class Aliases:
 
     def swap(self, name: str, new: AliasState, expected: bytes | None) -> None:
         """Set the reference to ``new`` iff it holds exactly ``expected`` (raw bytes, None: absent)."""
+        if self.before_publish is not None and new.commit is not None:
+            self.before_publish(new.commit)
         try:
             self.store.save_ref_if_equals(ALIASES + name, new.encode(), expected)
         except RefConflictError:

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator
 
 from commitfs.errors import CorruptObjectError, ObjectNotFoundError, WouldBlock
 from commitfs.model.ids import ID_SIZE, hash_bytes
+from commitfs.repo.gcstate import lease_active
 from commitfs.repo.lru import LockedLRU
 from commitfs.repo.pack import BlobKind, Compression, Location
 from commitfs.storage.base import Store
@@ -124,6 +125,9 @@ class Segment:
         self._ids: bytes | None = None
         self.bits = 0
         self.count = 0
+        #: Why this segment cannot be read (checksum, magic), once found: it is
+        #: not read again, and lookups go on in the other segments.
+        self.damaged: str | None = None
         self._lock = threading.Lock()
 
     @property
@@ -140,46 +144,57 @@ class Segment:
     def load_header(self) -> None:
         if self._packs is not None:
             return
+        if self.damaged is not None:
+            raise CorruptObjectError(self.damaged)
         with self._lock:
             if self._packs is not None:
                 return
+            try:
+                self._load_header()
+            except CorruptObjectError as exc:
+                self.damaged = str(exc)
+                raise
+
+    def _load_header(self) -> None:
+        if self.size is None:
+            self.size = self.store.lookup_size(self.key)
             if self.size is None:
-                self.size = self.store.lookup_size(self.key)
-                if self.size is None:
-                    raise ObjectNotFoundError(f"index segment {self.key} is gone")
-            if self.size <= _WHOLE_LOAD_LIMIT:
-                data = self.store.load_object(self.key)
-                if len(data) < HEADER.size + ID_SIZE or hash_bytes(data[:-ID_SIZE]) != data[-ID_SIZE:]:
-                    raise CorruptObjectError(f"index segment {self.key} fails its checksum")
-                head = data[:HEADER.size]
-            else:
-                data = None
-                head = self.store.load_range(self.key, 0, HEADER.size)
-            magic, npacks, bits, count = HEADER.unpack(head)
-            if magic != SEG_MAGIC:
-                raise CorruptObjectError(f"index segment {self.key} has a bad magic")
-            # A checksum proves no integrity against a hostile writer: the
-            # header must also describe exactly the segment's size, and (when
-            # held in memory) the fan-out must rise to the entry count.
-            size = len(data) if data is not None else self.size
-            if bits > _MAX_BITS or size != (HEADER.size + npacks * ID_SIZE + (1 << bits) * FANOUT.size
-                                            + count * ENTRY.size + ID_SIZE):
-                raise CorruptObjectError(f"index segment {self.key} has a malformed header")
-            if data is not None:
-                at = HEADER.size + npacks * ID_SIZE
-                fan = [v for (v,) in FANOUT.iter_unpack(data[at:at + (1 << bits) * FANOUT.size])]
-                if fan[-1] != count or any(a > b for a, b in zip(fan, fan[1:])):
-                    raise CorruptObjectError(f"index segment {self.key} has a malformed fan-out table")
-            if data is not None:
-                table = data[HEADER.size:HEADER.size + npacks * ID_SIZE]
-            else:
-                table = self.store.load_range(self.key, HEADER.size, npacks * ID_SIZE)
-            self.bits, self.count = bits, count
-            self._data = data
-            self._packs = [table[i:i + ID_SIZE] for i in range(0, len(table), ID_SIZE)]
-            if data is not None:
-                fan = HEADER.size + npacks * ID_SIZE
-                self.loaded = (data, self._packs, fan, fan + (1 << bits) * FANOUT.size, bits)
+                raise ObjectNotFoundError(f"index segment {self.key} is gone")
+        if self.size <= _WHOLE_LOAD_LIMIT:
+            data = self.store.load_object(self.key)
+            if len(data) < HEADER.size + ID_SIZE or hash_bytes(data[:-ID_SIZE]) != data[-ID_SIZE:]:
+                raise CorruptObjectError(f"index segment {self.key} fails its checksum")
+            head = data[:HEADER.size]
+        else:
+            data = None
+            head = self.store.load_range(self.key, 0, HEADER.size)
+        if len(head) < HEADER.size:
+            raise CorruptObjectError(f"index segment {self.key} is truncated")
+        magic, npacks, bits, count = HEADER.unpack(head)
+        if magic != SEG_MAGIC:
+            raise CorruptObjectError(f"index segment {self.key} has a bad magic")
+        # A checksum proves no integrity against a hostile writer: the
+        # header must also describe exactly the segment's size, and (when
+        # held in memory) the fan-out must rise to the entry count.
+        size = len(data) if data is not None else self.size
+        if bits > _MAX_BITS or size != (HEADER.size + npacks * ID_SIZE + (1 << bits) * FANOUT.size
+                                        + count * ENTRY.size + ID_SIZE):
+            raise CorruptObjectError(f"index segment {self.key} has a malformed header")
+        if data is not None:
+            at = HEADER.size + npacks * ID_SIZE
+            fan = [v for (v,) in FANOUT.iter_unpack(data[at:at + (1 << bits) * FANOUT.size])]
+            if fan[-1] != count or any(a > b for a, b in zip(fan, fan[1:])):
+                raise CorruptObjectError(f"index segment {self.key} has a malformed fan-out table")
+        if data is not None:
+            table = data[HEADER.size:HEADER.size + npacks * ID_SIZE]
+        else:
+            table = self.store.load_range(self.key, HEADER.size, npacks * ID_SIZE)
+        self.bits, self.count = bits, count
+        self._data = data
+        self._packs = [table[i:i + ID_SIZE] for i in range(0, len(table), ID_SIZE)]
+        if data is not None:
+            fan = HEADER.size + npacks * ID_SIZE
+            self.loaded = (data, self._packs, fan, fan + (1 << bits) * FANOUT.size, bits)
 
     def lookup_loaded(self, oid: bytes) -> Location | None:
         """``lookup`` of a segment held in memory (``loaded`` is set): the hot path
@@ -299,8 +314,13 @@ class Index:
     def refresh(self) -> None:
         """Re-list segments: pick up other writers' commits and merges."""
         keys = list(self.store.iter_keys(INDEX_PREFIX))
+
+        def kept(k: str) -> Segment | None:
+            seg = self._segments.get(k)
+            return None if seg is None or seg.damaged else seg  # damaged: read again (a repair rewrites it)
+
         with self._lock:
-            self._segments = {k: self._segments.get(k) or Segment(self.store, k) for k in keys}
+            self._segments = {k: kept(k) or Segment(self.store, k) for k in keys}
             self._snapshot = tuple(self._segments.values())
 
     def segments(self) -> tuple[Segment, ...]:
@@ -320,8 +340,14 @@ class Index:
             self._segments.pop(key, None)
             self._snapshot = tuple(self._segments.values())
 
-    def lookup(self, oid: bytes, *, refresh: bool = True, nowait: bool = False) -> Location | None:
+    def lookup(self, oid: bytes, *, refresh: bool = True, nowait: bool = False,
+               strict: bool = True) -> Location | None:
         """The blob's location, or None; on a miss, re-list once (if ``refresh``).
+
+        A damaged segment is skipped (it costs only the lookups it holds); a
+        blob found in no readable segment while one is damaged raises
+        CorruptObjectError naming it, unless ``strict`` is False (a writer then
+        simply stores the blob again).
 
         ``nowait``: raise WouldBlock (commitfs.errors) where storage would have
         to be waited for, including any re-listing."""
@@ -335,10 +361,15 @@ class Index:
         loc = self._answers.get(oid)
         if loc is not None:
             return loc
+        damaged: Segment | None = None
         for attempt in range(3):
             try:
                 for seg in self.segments():
-                    loc = seg.lookup(oid, nowait)
+                    try:
+                        loc = seg.lookup(oid, nowait)
+                    except CorruptObjectError:
+                        damaged = seg  # costs only the lookups it holds: go on
+                        continue
                     if loc is not None:
                         if not seg.in_memory:  # remember what cost storage reads
                             self._answers[oid] = loc
@@ -349,11 +380,40 @@ class Index:
                 self.refresh()  # a merge removed a segment under us
                 continue
             if not refresh or attempt:
-                return None
+                break
             if nowait:
                 raise WouldBlock(oid.hex())
             self.refresh()
+        if damaged is not None and strict:
+            raise CorruptObjectError(
+                f"object {oid.hex()} is in no readable index segment, and {damaged.damaged} "
+                "(commitfs fsck --repair rebuilds the index from the packs)")
         return None
+
+    def lookup_fresh(self, oid: bytes, exclude_packs: frozenset[bytes] = frozenset(),
+                     exclude_segments: frozenset[str] = frozenset()) -> Location | None:
+        """A location of the blob in the segments listed now (call ``refresh``
+        first), skipping answers cached, packs in ``exclude_packs`` and
+        segments in ``exclude_segments`` (ones a gc is replacing)."""
+        for _ in range(3):
+            try:
+                for seg in self.segments():
+                    if seg.key in exclude_segments:
+                        continue
+                    try:
+                        loc = seg.lookup(oid)
+                    except CorruptObjectError:
+                        continue
+                    if loc is not None and loc.pack not in exclude_packs:
+                        return loc
+                return None
+            except ObjectNotFoundError:
+                self.refresh()
+        return None
+
+    def forget_answers(self) -> None:
+        """Drop the cached answers (after gc moved or removed packs)."""
+        self._answers.clear()
 
     def contains(self, oid: bytes) -> bool:
         """True if the blob is indexed, without re-listing (a writer's dedup
@@ -361,9 +421,15 @@ class Index:
         makes no storage request per chunk."""
         if self._answers.get(oid) is not None:
             return True
+        def has(seg: Segment) -> bool:
+            try:
+                return seg.contains(oid)
+            except CorruptObjectError:
+                return False  # a damaged segment: the writer stores the blob again
+
         for attempt in range(2):
             try:
-                return any(seg.contains(oid) for seg in self.segments())
+                return any(has(seg) for seg in self.segments())
             except ObjectNotFoundError:
                 if attempt:
                     raise
@@ -390,11 +456,15 @@ class Index:
         for seg in self.segments():
             try:
                 seg.load_header()
-            except ObjectNotFoundError:
+            except (ObjectNotFoundError, CorruptObjectError):
                 continue
             classes[int(math.log(max(seg.count, 1), fanin))].append(seg)
         for cls in sorted(classes):
             if len(classes[cls]) >= fanin:
+                # gc rewrites the index while it holds its lease: a merge
+                # then could put back entries gc removed (docs/FORMAT.md).
+                if lease_active(self.store):
+                    return False
                 return self.merge(classes[cls])
         return False
 

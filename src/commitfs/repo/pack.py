@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import zstandard
 
-from commitfs.errors import CorruptObjectError
+from commitfs.errors import CorruptObjectError, ObjectNotFoundError
 from commitfs.model.ids import hash_bytes
 
 PACK_MAGIC = b"CFPACK1\0"
@@ -205,4 +205,32 @@ def parse_pack_table(data: bytes) -> list[tuple[bytes, Location]]:
         if off + stored > table_start:
             raise ValueError("pack entry out of bounds")
         out.append((oid, Location(b"", off, stored, raw, BlobKind(kind), Compression(comp))))
+    return out
+
+
+def load_pack_table(store, pack_id: bytes, size: int | None = None) -> list[tuple[bytes, Location]]:
+    """A stored pack's entry table, read with two ranged reads (footer, then
+    table) rather than the whole pack: for gc and index rebuilds.  Locations
+    name ``pack_id``.  Raises CorruptObjectError if the table does not parse,
+    ObjectNotFoundError (from the store) if the pack is gone."""
+    key = pack_key(pack_id)
+    if size is None:
+        size = store.lookup_size(key)
+        if size is None:
+            raise ObjectNotFoundError(f"pack {pack_id.hex()} is gone")
+    if size < FOOTER.size:
+        raise CorruptObjectError(f"pack {pack_id.hex()} is too short to hold its table")
+    count, magic = FOOTER.unpack(store.load_range(key, size - FOOTER.size, FOOTER.size))
+    start = size - FOOTER.size - count * ENTRY.size
+    if magic != PACK_MAGIC or start < 0:
+        raise CorruptObjectError(f"pack {pack_id.hex()} has no valid entry table")
+    table = store.load_range(key, start, count * ENTRY.size) if count else b""
+    if len(table) != count * ENTRY.size:
+        raise CorruptObjectError(f"pack {pack_id.hex()} is truncated")
+    out = []
+    for i in range(count):
+        oid, kind, comp, off, stored, raw = ENTRY.unpack_from(table, i * ENTRY.size)
+        if off + stored > start or kind > 2 or comp > 1:
+            raise CorruptObjectError(f"pack {pack_id.hex()} has a malformed entry")
+        out.append((oid, Location(pack_id, off, stored, raw, BlobKind(kind), Compression(comp))))
     return out

@@ -15,6 +15,7 @@ it showed before).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from commitfs.errors import CommitfsError, DamagedRefError, RefConflictError, RevisionError
 from commitfs.storage.base import Store
@@ -62,8 +63,11 @@ def decode_ref(name: str, value: bytes) -> bytes:
 
 
 class Refs:
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, before_publish: Callable[[bytes], None] | None = None):
         self.store = store
+        #: Called with the commit id just before a branch or tag is set to it
+        #: (Repository.check_publishable: a concurrent gc is not removing it).
+        self.before_publish = before_publish
 
     def lookup_branch(self, name: str) -> bytes | None:
         if not _is_ref_name(name):  # e.g. "../x": no such branch, and never a store key
@@ -104,6 +108,8 @@ class Refs:
         check_ref_name(name)
         if expected is None and new is not None:
             self._check_nesting(name, self.branches(), "branch")
+        if new is not None and self.before_publish is not None:
+            self.before_publish(new)
         try:
             self.store.save_ref_if_equals(
                 BRANCHES + name,
@@ -155,6 +161,8 @@ class Refs:
     def create_tag(self, name: str, cid: bytes) -> None:
         check_ref_name(name, "tag")
         self._check_nesting(name, self.tags(), "tag")
+        if self.before_publish is not None:
+            self.before_publish(cid)
         try:
             self.store.save_ref_if_equals(TAGS + name, _encode(cid), None)
         except RefConflictError:

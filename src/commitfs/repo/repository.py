@@ -11,6 +11,7 @@ complete commit.
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import uuid
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 from commitfs.errors import (
     CorruptObjectError,
+    GcInterferenceError,
     ObjectNotFoundError,
     RepositoryError,
     RepositoryNotFoundError,
@@ -29,6 +31,7 @@ from commitfs.model import chunker
 from commitfs.model.ids import HEX_SIZE, hash_bytes, is_hex
 from commitfs.model.objects import Commit, DecodeError, FileManifest, Tree
 from commitfs.repo.engine import ReadEngine
+from commitfs.repo.gcstate import GcState, lease_state
 from commitfs.repo.index import Index
 from commitfs.repo.lru import LockedLRU
 from commitfs.repo.pack import (
@@ -83,8 +86,18 @@ class Repository:
         self.id: str = rid
         self.index = Index(store)
         self.reads = ReadEngine(store, self.index, chunk_cache)
-        self.refs = Refs(store)
-        self.aliases = Aliases(store)
+        self.gc = GcState(store)
+        self.refs = Refs(store, before_publish=self.check_publishable)
+        self.aliases = Aliases(store, before_publish=self.check_publishable)
+        # What this process deduplicated against since it last published a
+        # commit (docs/FORMAT.md, "Garbage collection"): checked before a ref moves.
+        self._track_lock = threading.Lock()
+        self._hits: set[bytes] = set()
+        self._commit_hits: set[bytes] = set()
+        self._own_packs: set[bytes] = set()
+        self._own_blobs: set[bytes] = set()
+        self._hit_segments: frozenset[str] | None = None
+        self._gc_seen: tuple[int, bool] | None = None  # lease_state when tracking began
         self._trees = LockedLRU(maxsize=4096)
         self._manifests = LockedLRU(maxsize=16384)
         self._commits = LockedLRU(maxsize=4096)
@@ -152,18 +165,135 @@ class Repository:
         return self.reads.locate(oid, nowait)
 
     def has_blob(self, oid: bytes) -> bool:
-        return self.index.contains(oid)
+        """Whether a writer may deduplicate against a stored copy of the blob.
+
+        A copy in a pack a gc has condemned does not count (the writer stores
+        the blob again); a copy that counts is remembered, and checked again
+        before the next ref moves (``check_publishable``)."""
+        condemned = self.gc.condemned_packs()
+        if condemned:  # where it lies matters: a lookup
+            loc = self.index.lookup(oid, refresh=False, strict=False)
+            if loc is None or loc.pack in condemned:
+                return False
+        elif not self.index.contains(oid):  # no gc about: the writer's cheap question
+            return False
+        self._start_tracking()
+        with self._track_lock:
+            if self._hit_segments is None:
+                self._hit_segments = frozenset(s.key for s in self.index.segments())
+            self._hits.add(oid)
+        return True
+
+    def _start_tracking(self) -> None:
+        if self._gc_seen is None:
+            state = lease_state(self.store)
+            with self._track_lock:
+                if self._gc_seen is None:
+                    self._gc_seen = state
+
+    def note_own_pack(self, pack: bytes) -> None:
+        """A pack this process stored (checked before a ref moves, as deduplications are)."""
+        self._start_tracking()
+        with self._track_lock:
+            self._own_packs.add(pack)
+
+    def note_own_blobs(self, oids) -> None:
+        """Blobs this process stored and indexed (a gc replacing the index
+        under a writer could drop them: checked before a ref moves)."""
+        self._start_tracking()
+        with self._track_lock:
+            self._own_blobs.update(oids)
+
+    def check_publishable(self, cid: bytes) -> None:
+        """Before a ref is set to ``cid``: nothing it needs is being collected.
+
+        Called by Refs just before its compare-and-swap.  Raises
+        GcInterferenceError if ``cid`` or a commit this process found present
+        is condemned by a live gc record, or if a blob this process
+        deduplicated against (or a pack it stored) is condemned, or is no
+        longer in the index.  The common case, no gc about and the index
+        segments seen still listed, costs two listings."""
+        with self._track_lock:
+            hits, commits, packs = set(self._hits), set(self._commit_hits), set(self._own_packs)
+            own = set(self._own_blobs)
+            seen = self._hit_segments
+            began = self._gc_seen
+        records = self.gc.records()
+        generation, held = lease_state(self.store)
+        # A gc about now, or one that ran (even from start to end) since this
+        # process began to deduplicate: check everything it relies on.
+        gc_about = bool(records) or held or (began is not None and (began[1] or began[0] != generation))
+        if gc_about:
+            for c in commits:
+                if not self.has_commit(c):
+                    raise GcInterferenceError(
+                        f"commit {c.hex()}, which this operation builds on, was removed by a concurrent gc: "
+                        "nothing was published; run it again")
+            for p in packs:
+                if self.store.lookup_size(pack_key(p)) is None:
+                    raise GcInterferenceError(
+                        f"a concurrent gc removed pack {p.hex()}, which this operation stored before indexing it "
+                        "(it ran for longer than the gc grace period): nothing was published; run it again")
+            condemned_commits = self.gc.condemned_commits()
+            for c in (cid, *commits):
+                if c in condemned_commits:
+                    raise GcInterferenceError(
+                        f"commit {c.hex()} is unreachable and a running gc is removing it: not published "
+                        "(make a new commit from the data instead)")
+        condemned = self.gc.condemned_packs()
+        if packs & condemned:
+            raise GcInterferenceError(
+                "a concurrent gc condemned packs this operation stored before indexing them (it ran for longer "
+                "than the gc grace period): nothing was published; run it again")
+        if hits or (own and gc_about):
+            self.index.refresh()
+            listed = {s.key for s in self.index.segments()}
+            if gc_about or (seen is not None and not seen <= listed):
+                self.index.forget_answers()
+                # Segments a gc is replacing do not count: what it keeps is in the new ones.
+                replaced = frozenset(k for r in records for k in r.removed_segments)
+                for oid in hits | (own if gc_about else set()):
+                    if self.index.lookup_fresh(oid, condemned, replaced) is None:
+                        raise GcInterferenceError(
+                            f"a concurrent gc removed blob {oid.hex()}, which this operation relies on: "
+                            "nothing was published; run it again (it stores the data anew)")
+        with self._track_lock:
+            self._hits.difference_update(hits)
+            self._commit_hits.difference_update(commits)
+            self._own_packs.difference_update(packs)
+            self._own_blobs.difference_update(own)
+            if not self._hits:
+                self._hit_segments = None
+            if not (self._hits or self._own_packs or self._commit_hits or self._own_blobs):
+                self._gc_seen = None
+
+
+    def _pack_gone(self, nowait: bool) -> None:
+        """A pack the index named is gone: gc repacked or removed it.  Re-list
+        the index and drop cached answers, so the caller looks again once."""
+        if nowait:
+            raise WouldBlock("the index must be re-listed")
+        self.index.refresh()
+        self.index.forget_answers()
 
     def load_blob(self, oid: bytes, nowait: bool = False) -> bytes:
         """A blob's raw bytes, verified.  ``nowait`` (here and below): raise
         WouldBlock (commitfs.errors) instead of waiting for storage; the result
         may then be a read-only memoryview rather than bytes."""
-        return self.reads.read_blob(oid, nowait)
+        try:
+            return self.reads.read_blob(oid, nowait)
+        except ObjectNotFoundError:
+            self._pack_gone(nowait)
+            return self.reads.read_blob(oid, nowait)
 
     def load_chunks(self, oids: list[bytes], nowait: bool = False, sizes=None) -> list[bytes]:
         """Chunks by id, verified; neighbours in one pack share one ranged read.
         ``sizes``: the lengths a file manifest declares for them, checked too."""
-        return self.reads.read_chunks(oids, nowait, sizes)
+        try:
+            return self.reads.read_chunks(oids, nowait, sizes)
+        except ObjectNotFoundError:
+            self._pack_gone(nowait)
+            return self.reads.read_chunks(oids, nowait, sizes)
 
     def load_file(self, fid: bytes, nowait: bool = False) -> bytes | memoryview:
         """A whole file's bytes, verified (a mount reads a small file whole):
@@ -173,7 +303,11 @@ class Repository:
             got = self.reads.read_file_now(fid)
             if got is not None:
                 return got
-        return self.reads.read_file(self.load_manifest(fid, nowait, keep=False), nowait)
+        try:
+            return self.reads.read_file(self.load_manifest(fid, nowait, keep=False), nowait)
+        except ObjectNotFoundError:
+            self._pack_gone(nowait)
+            return self.reads.read_file(self.load_manifest(fid, nowait, keep=False), nowait)
 
     def _load_decoded(self, cache, oid: bytes, decode, what: str, nowait: bool, keep: bool):
         obj = cache.get(oid)
@@ -216,7 +350,15 @@ class Repository:
         return c
 
     def has_commit(self, cid: bytes) -> bool:
-        return self.store.lookup_size(commit_key(cid)) is not None
+        """Whether the commit object exists, for building on it (remembered, as a
+        deduplication is).  A commit a gc has condemned does not count: the
+        stat cache, say, then reads the files again rather than reuse its ids."""
+        if self.store.lookup_size(commit_key(cid)) is None or cid in self.gc.condemned_commits():
+            return False
+        self._start_tracking()
+        with self._track_lock:
+            self._commit_hits.add(cid)
+        return True
 
     def save_commit(self, commit: Commit) -> bytes:
         """Store a commit object (after every blob it needs is indexed)."""
@@ -328,6 +470,9 @@ class BlobWriter:
 
     def __init__(self, repo: Repository, checkpoint_blobs: int | None = None):
         self.repo = repo
+        # Deduplicate against the index as it is now, not as this process
+        # last listed it: a gc may have replaced segments since.
+        repo.index.refresh()
         self.stats = WriteStats()
         # Index what was added every this many blobs (see checkpoint); None: only at the end.
         self._checkpoint_blobs = checkpoint_blobs
@@ -407,6 +552,7 @@ class BlobWriter:
         before = self.repo.index.bytes_added
         self.repo.index.add_segment(entries)
         self.stats.bytes_stored += self.repo.index.bytes_added - before
+        self.repo.note_own_blobs(oid for oid, _ in entries)
 
     def add_tree(self, tree: Tree) -> bytes:
         data = tree.encode()
@@ -442,10 +588,23 @@ class BlobWriter:
 
     def _upload(self, builder: PackBuilder, view: memoryview) -> None:
         pack_id = hash_bytes(view)  # here, not in the producing thread: blake3 runs without the GIL
+        made = builder.entries
+        if pack_id in self.repo.gc.condemned_packs():
+            # Byte for byte a pack a gc is about to delete (the same blobs
+            # stored again in the same order): store a distinct one instead.
+            salted = PackBuilder(bytearray(len(view) + 4096))
+            for oid, kind, comp, off, stored, raw in made:
+                salted.add(oid, kind, view[off:off + stored], comp, raw)
+            salt = os.urandom(16)
+            salted.add(hash_bytes(salt), BlobKind.CHUNK, salt, Compression.NONE, len(salt))
+            view.release()
+            made = salted.entries
+            pack_id, view = salted.finish()
         entries = [
             (oid, Location(pack_id, off, stored, raw, BlobKind(kind), comp))
-            for oid, kind, comp, off, stored, raw in builder.entries
+            for oid, kind, comp, off, stored, raw in made
         ]
+        self.repo.note_own_pack(pack_id)
         self.repo.store.save_object(pack_key(pack_id), view)
         size = len(view)
         view.release()

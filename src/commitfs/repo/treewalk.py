@@ -21,11 +21,13 @@ gc and sync visit each tree once by id and need no bound.  docs/FORMAT.md,
 
 from __future__ import annotations
 
-from commitfs.errors import CorruptObjectError, ExpansionLimitError
+import os
+
+from commitfs.errors import CorruptObjectError, ExpansionLimitError, InputError
 from commitfs.model.objects import Kind
 
 #: Paths any walk may visit whatever the sharing (10^6: a large dataset's folders
-#: duplicated many times over still fit).
+#: duplicated many times over still fit); $COMMITFS_WALK_ALLOWANCE overrides it.
 MAX_PATHS_ALLOWANCE = 1_000_000
 #: And beyond it, paths per stored entry.
 MAX_PATHS_RATIO = 64
@@ -40,13 +42,24 @@ def check_expansion(repo, tree_id: bytes) -> int:
     if tree_id in accepted:
         return accepted[tree_id]
     paths, entries = _count(repo, tree_id)
-    if paths > MAX_PATHS_ALLOWANCE + MAX_PATHS_RATIO * entries:
+    allowance = _allowance()
+    if paths > allowance + MAX_PATHS_RATIO * entries:
         raise ExpansionLimitError(
             f"tree {tree_id.hex()} holds {paths:,} paths but only {entries:,} stored entries "
             f"(shared subtrees multiply its paths); refusing to walk it (limit: "
-            f"{MAX_PATHS_ALLOWANCE:,} + {MAX_PATHS_RATIO} per stored entry)")
+            f"{allowance:,} + {MAX_PATHS_RATIO} per stored entry; COMMITFS_WALK_ALLOWANCE raises it)")
     accepted[tree_id] = paths
     return paths
+
+
+def _allowance() -> int:
+    value = os.environ.get("COMMITFS_WALK_ALLOWANCE")
+    if value:
+        try:
+            return max(0, int(value))
+        except ValueError:
+            raise InputError(f"COMMITFS_WALK_ALLOWANCE must be a number of paths, not {value!r}") from None
+    return MAX_PATHS_ALLOWANCE
 
 
 def _count(repo, root: bytes) -> tuple[int, int]:

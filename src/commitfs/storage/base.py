@@ -72,6 +72,16 @@ class Store(abc.ABC):
     def iter_keys(self, prefix: str = "") -> Iterator[str]:
         """Yield every object key starting with ``prefix`` (order unspecified)."""
 
+    def iter_objects(self, prefix: str = "") -> Iterator[tuple[str, int, float | None]]:
+        """Yield (key, size, mtime) of every object key starting with ``prefix``;
+        mtime is seconds since the epoch when the object was written, or None
+        where the store cannot tell (gc then treats the object as just written).
+        The default asks for each size; stores override it with one listing."""
+        for key in self.iter_keys(prefix):
+            size = self.lookup_size(key)
+            if size is not None:
+                yield key, size, None
+
     @abc.abstractmethod
     def remove_object(self, key: str) -> None:
         """Remove an object; removing an absent one is not an error."""

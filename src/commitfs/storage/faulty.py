@@ -121,6 +121,10 @@ class FaultyStore(Store):
         self._enter("iter_keys", prefix)
         return self.inner.iter_keys(prefix)
 
+    def iter_objects(self, prefix: str = ""):
+        self._enter("iter_keys", prefix)
+        return self.inner.iter_objects(prefix)
+
     def remove_object(self, key: str) -> None:
         self._enter("remove_object", key)
         self.inner.remove_object(key)

@@ -283,6 +283,16 @@ class LocalStore(Store):
                 if key.startswith(prefix):
                     yield key
 
+    def iter_objects(self, prefix: str = "") -> Iterator[tuple[str, int, float | None]]:
+        for key in self.iter_keys(prefix):
+            try:
+                st = self._path(key).stat()
+            except FileNotFoundError:
+                continue  # removed since listed
+            except OSError as exc:
+                raise _storage_error(exc, key) from exc
+            yield key, st.st_size, st.st_mtime
+
     def remove_object(self, key: str) -> None:
         self._fds.discard(key)
         try:

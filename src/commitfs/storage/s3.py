@@ -16,8 +16,8 @@ two do not multiply).
 Every answer is checked before it counts as one: a GET's body must be as long
 as its Content-Length (which must be there), a ranged GET's Content-Range must
 be the range asked for, a HEAD must carry a Content-Length, a PUT an ETag, a
-listing page its KeyCount, IsTruncated and (if truncated) a continuation token,
-with as many keys as KeyCount says.  A connection cut inside the headers parses
+listing page its IsTruncated, (if truncated) a continuation token, and as many
+keys as its KeyCount says.  A connection cut inside the headers parses
 as a 200 with no headers and no body; these checks turn it (and a short body, a
 page cut short) into a TransientError, retried, then a clear StorageError:
 never an empty object, an empty listing or a missing size taken as the truth.
@@ -171,6 +171,8 @@ class S3Store(Store):
                 return fn()
             except (bx.ClientError, bx.BotoCoreError, ResponseParserError) as exc:
                 raise self._translate(exc, what, s3_key) from exc
+            except ValueError as exc:  # a header cut mid-value (botocore parses Last-Modified, dates...)
+                raise _incomplete(f"a response that does not parse: {exc}") from exc
 
         return retry_call(attempt, what=what, attempts=self._attempts, deadline_s=self._deadline_s)
 
@@ -230,14 +232,21 @@ class S3Store(Store):
 
     def _list(self, s3_prefix: str) -> Iterator[str]:
         """Every S3 key starting with ``s3_prefix``, one page request at a time."""
+        for entry in self._list_entries(s3_prefix):
+            yield entry["Key"]
+
+    def _list_entries(self, s3_prefix: str) -> Iterator[dict]:
+        """Every listing entry (Key, Size, LastModified) under ``s3_prefix``."""
         kwargs = {"Bucket": self.bucket, "Prefix": s3_prefix}
+
         def get_page() -> dict:
             page = self._client.list_objects_v2(**kwargs)
             contents = page.get("Contents", ())
-            if "IsTruncated" not in page or "KeyCount" not in page:
-                raise _incomplete("a listing page without IsTruncated/KeyCount")
-            if int(page["KeyCount"]) != len(contents) or not all("Key" in e for e in contents):
-                raise _incomplete(f"a listing page of {len(contents)} keys, KeyCount {page['KeyCount']}")
+            if "IsTruncated" not in page:  # an empty body: the answer was cut in its headers
+                raise _incomplete("a listing page without IsTruncated")
+            if not all("Key" in e for e in contents) or (
+                    "KeyCount" in page and int(page["KeyCount"]) != len(contents)):
+                raise _incomplete(f"a listing page of {len(contents)} keys, KeyCount {page.get('KeyCount')}")
             if page["IsTruncated"] and not page.get("NextContinuationToken"):
                 raise _incomplete("a truncated listing without a continuation token")
             return page
@@ -245,7 +254,7 @@ class S3Store(Store):
         while True:
             page = self._call("LIST", s3_prefix, get_page)
             for entry in page.get("Contents", ()):
-                yield entry["Key"]
+                yield entry
             if not page["IsTruncated"]:
                 return
             kwargs["ContinuationToken"] = page["NextContinuationToken"]
@@ -324,6 +333,16 @@ class S3Store(Store):
                 log.warning("ignoring S3 key %r: not a key commitfs writes", s3_key)
                 continue
             yield key
+
+    def iter_objects(self, prefix: str = "") -> Iterator[tuple[str, int, float | None]]:
+        if prefix:
+            _check_name(prefix)
+        for entry in self._list_entries(self._root + prefix):
+            key = entry["Key"][len(self._root):]
+            if key.startswith(_REFS) or key.endswith("/") or not valid_key(key):
+                continue
+            modified = entry.get("LastModified")
+            yield key, int(entry.get("Size", 0)), modified.timestamp() if modified is not None else None
 
     def remove_object(self, key: str) -> None:
         # S3 answers 204 for an absent key too: removal is idempotent.

@@ -57,6 +57,7 @@ from commitfs.model.objects import EMPTY_MANIFEST, Commit, FileManifest, Kind, T
 from commitfs.repo.repository import MIN_PREFIX, Repository
 from commitfs.repo.treewalk import check_expansion
 from commitfs.vfs import prefetch
+from commitfs.vfs.dirahead import DirReadAhead
 from commitfs.vfs.loader import MANIFEST_BATCH, Flight, Loader
 from commitfs.vfs.readlog import ReadLog
 from commitfs.vfs.errors import (
@@ -102,7 +103,8 @@ class VfsOptions:
     #: How long the kernel may trust entries and attributes of immutable views.
     immutable_timeout_s: float = 86400.0
     #: Worker threads for repository calls (= concurrent storage requests).
-    io_threads: int = 16
+    #: None: vfs/loader.py's default_io_threads for the repository.
+    io_threads: int | None = None
     initial_window: int = prefetch.INITIAL_WINDOW
     max_window: int = prefetch.MAX_WINDOW
     part_bytes: int = prefetch.PART_BYTES
@@ -110,6 +112,8 @@ class VfsOptions:
     whole_file_bytes: int = 1024 * 1024
     #: Read states kept for files the kernel opened without asking (read_inode)...
     inode_readers: int = 32
+    #: Read the next small files of a directory ahead (remote repositories; vfs/dirahead.py).
+    dir_read_ahead: bool = True
     #: ...and how long one is kept unread (its read-ahead buffers are freed then;
     #: no RELEASE ever says that a reader has gone).
     inode_reader_idle_s: float = 10.0
@@ -242,11 +246,14 @@ class FileSystem:
         self.table: InodeTable | None = None
         self._repo_url = repo.url.encode()
         self.readlog = ReadLog(options.record_reads) if options.record_reads else None
+        self._dir_ahead: DirReadAhead | None = None
 
     @asynccontextmanager
     async def running(self):
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self.options.dir_read_ahead and self.repo.chunk_cache is not None:
+                self._dir_ahead = DirReadAhead(self.loader, nursery, self.options.whole_file_bytes)
             if self.root_commit is None:
                 root: Node = RootDir(self._short, self._short)
             else:
@@ -257,6 +264,8 @@ class FileSystem:
                 yield self
             finally:
                 nursery.cancel_scope.cancel()
+                if self._dir_ahead is not None:
+                    self._dir_ahead.close()
                 for h in [*self._files.values(), *self._by_inode.values()]:
                     if h.reader is not None:
                         h.reader.close()
@@ -597,24 +606,36 @@ class FileSystem:
         return fh
 
     async def _manifest(self, node: FileNode) -> FileManifest:
-        """A file's manifest; on a miss, its directory's neighbouring files'
-        manifests come in the same ranged read (Loader.manifest), so reading a
-        directory's small files costs one request each, for their chunks."""
-        return await self.loader.manifest(node.entry.id, self._neighbours(node))
+        """A file's manifest, for a read that did not find the file in memory.
+        On a miss its directory's neighbouring files' manifests come in the same
+        ranged read (Loader.manifest), and a small file's read moves the
+        directory read-ahead (vfs/dirahead.py): reading a directory's small
+        files from S3 costs one request per many files."""
+        tree, pos = self._place(node)
+        if tree is None:
+            return await self.loader.manifest(node.entry.id)
+        if self._dir_ahead is not None and 0 < node.entry.size <= self.options.whole_file_bytes:
+            self._dir_ahead.on_read(node.parent, tree.entries, pos)
+        return await self.loader.manifest(node.entry.id, self._neighbours(tree, pos, node))
 
-    def _neighbours(self, node: FileNode) -> list[bytes]:
-        """The ids of the files after ``node`` in its directory (held in memory),
-        the likeliest next reads: up to loader.MANIFEST_BATCH of them."""
+    def _place(self, node: FileNode) -> tuple[Tree | None, int]:
+        """The tree of ``node``'s directory (if held in memory) and its position there."""
         try:
             parent = self.table.get(node.parent)
         except StaleInodeError:
-            return []
+            return None, 0
         entry = getattr(parent, "entry", None)
         tree = self.loader.tree_cached(entry.id) if entry is not None and entry.is_dir else None
         if tree is None:
-            return []
+            return None, 0
+        pos = tree.position(node.key[1])
+        return (tree, pos) if pos is not None else (None, 0)
+
+    @staticmethod
+    def _neighbours(tree: Tree, i: int, node: FileNode) -> list[bytes]:
+        """The ids of the files after ``node`` in its directory, the likeliest
+        next reads: up to loader.MANIFEST_BATCH of them."""
         entries = tree.entries
-        i = tree.position(node.key[1]) or 0
         out = []
         for e in entries[i + 1:i + 1 + 4 * MANIFEST_BATCH]:
             if e.kind.is_file and e.size and e.id != node.entry.id:

@@ -41,6 +41,18 @@ from commitfs.vfs.errors import ShuttingDownError
 MANIFEST_BATCH = 128
 
 
+#: Storage calls in flight at once.  A local disk is saturated by a few, and
+#: more only add thread switches on a small machine; S3 answers each request
+#: after tens of milliseconds whatever its size, so it takes many in flight to
+#: reach its throughput (up to the S3 client's connection pool, storage/s3.py).
+LOCAL_IO_THREADS = 16
+REMOTE_IO_THREADS = 32
+
+
+def default_io_threads(repo: Repository) -> int:
+    return LOCAL_IO_THREADS if repo.is_local else REMOTE_IO_THREADS
+
+
 async def run_blocking(limiter: trio.CapacityLimiter, timeout_s: float, what: str, fn, *args):
     """Run a blocking call in a worker thread under ``limiter``, within ``timeout_s``.
 
@@ -108,10 +120,10 @@ class SingleFlight:
 class Loader:
     """Repository loads for a file system running under trio."""
 
-    def __init__(self, repo: Repository, io_threads: int, io_timeout_s: float):
+    def __init__(self, repo: Repository, io_threads: int | None, io_timeout_s: float):
         self.repo = repo
         self.io_timeout_s = io_timeout_s
-        self._limiter = trio.CapacityLimiter(io_threads)
+        self._limiter = trio.CapacityLimiter(io_threads or default_io_threads(repo))
         self._trees = SingleFlight(LRUCache(maxsize=1_000_000, getsizeof=lambda t: len(t.entries) + 1))
         self._manifests = SingleFlight(LRUCache(maxsize=4_000_000, getsizeof=lambda m: len(m.chunk_ids) + 1))
         self._commits = SingleFlight(LRUCache(maxsize=4096))

@@ -185,7 +185,8 @@ class _DirHandle:
 @dataclass
 class WorkspaceOptions:
     io_timeout_s: float = 60.0
-    io_threads: int = 16
+    #: None: vfs/loader.py's default_io_threads for the repository.
+    io_threads: int | None = None
     #: Entry and attribute timeouts: 0, the kernel asks every time (see the module doc).
     timeout_s: float = 0.0
 
