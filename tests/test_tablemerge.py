@@ -175,3 +175,77 @@ def test_jsonl_keyed_and_unkeyed(tables):
     assert rows == [{"id": 1, "label": "lynx", "score": 1}, {"id": 2, "label": "dog"}, {"id": 3, "label": "owl"},
                     {"id": 4, "label": "ant"}]
     assert read("u.jsonl") == base + '{"id":5}\n{"id":6}\n'
+
+
+def _region_case(tables, rng, *, clash: bool):
+    """A 30,000-row table (several chunks) edited on both sides: cells, deletions,
+    rows inserted in the middle and appended; ``clash``: some cells two ways."""
+    import random  # noqa: F401  (rng is a random.Random)
+
+    from commitfs.ops.changes import Conflict
+
+    repo, setup, _read = tables
+    rows = [[f"img_{i:06d}", rng.choice(["cat", "dog", "owl"]), f"{rng.random():.4f}"] for i in range(30_000)]
+
+    def text(rs):
+        return "image_id,label,score\n" + "".join(",".join(r) + "\n" for r in rs)
+
+    picked = rng.sample(range(30_000), 700)
+    ours = [list(r) for r in rows]
+    theirs = [list(r) for r in rows]
+    for i in picked[:200]:
+        ours[i][1] = "zebra"
+    for i in picked[200:400]:
+        theirs[i][2] = "0.0000"
+    for i in picked[400:450]:  # the same row, different cells: merges
+        ours[i][1], theirs[i][2] = "lynx", "1.0000"
+    for i in picked[450:460]:  # the same change on both sides
+        ours[i][1] = theirs[i][1] = "same"
+    if clash:
+        for i in picked[460:463]:
+            ours[i][1], theirs[i][1] = "ours", "theirs"
+        theirs[picked[463]][1] = "edited"
+        ours[picked[463]] = None
+        ours[picked[464]][2] = "9.9999"
+        theirs[picked[464]] = None
+    gone_o, gone_t = set(picked[500:520]), set(picked[520:540])
+    ours = [r for i, r in enumerate(ours) if r is not None and i not in gone_o]
+    theirs = [r for i, r in enumerate(theirs) if r is not None and i not in gone_t]
+    for n in range(10):
+        ours.insert(rng.randrange(len(ours)), [f"new_o{n}", "ant", "0.5"])
+        theirs.insert(rng.randrange(len(theirs)), [f"new_t{n}", "bee", "0.5"])
+    ours.append(["both", "x", "1"])
+    theirs.append(["both", "x", "1"])
+    setup({"labels.csv": text(rows)}, {"labels.csv": text(ours)}, {"labels.csv": text(theirs)})
+
+    def entry(rev):
+        return repo.load_tree(repo.load_commit(repo.refs.lookup_branch(rev)).tree).get("labels.csv")
+
+    head = repo.load_commit(repo.refs.lookup_branch("main"))
+    base = repo.load_tree(repo.load_commit(head.parents[0]).tree).get("labels.csv")
+    assert len(repo.load_manifest(base.id).chunk_ids) > 3  # the region path has chunks to skip
+
+    def conflict():
+        return Conflict("labels.csv", "modify/modify", base, entry("main"), entry("dev"))
+
+    return repo, conflict
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("clash", [False, True])
+def test_keyed_merge_through_regions_equals_the_whole_parse(tables, clash):
+    import random
+
+    from commitfs.ops import tablemerge
+
+    repo, conflict = _region_case(tables, random.Random(7 + clash), clash=clash)
+    for prefer in (None, "ours", "theirs") if clash else (None,):
+        fast = tablemerge._merge_regions(repo, conflict(), ("image_id",), prefer)
+        assert fast is not None  # the region path applied (it is not the fallback)
+        whole = tablemerge._merge_whole(repo, conflict(), ("image_id",), prefer)
+        assert type(fast) is type(whole), prefer
+        if clash and prefer is None:
+            assert fast.details == whole.details and len(fast.details) == 5
+            assert fast.note == whole.note
+        else:
+            assert fast.data == whole.data, prefer

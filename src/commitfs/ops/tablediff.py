@@ -386,7 +386,7 @@ def _duplicate(side: _Side, key: tuple, row: Row | None) -> TableKeyError:
 # --- the diff ---------------------------------------------------------------------
 def diff_table(repo: Repository, old_entry: TreeEntry | None, new_entry: TreeEntry | None, path: str,
                keys: Sequence[str] = (), *, max_rows: int | None = None, method: str | None = None,
-               on_row: Callable[[RowChange], None] | None = None) -> TableDiff:
+               on_row: Callable[[RowChange], None] | None = None, cache: dict | None = None) -> TableDiff:
     """The row diff of a table's two versions (see the module's docstring).
 
     ``max_rows``: keep at most this many RowChange records (all are counted).
@@ -396,14 +396,18 @@ def diff_table(repo: Repository, old_entry: TreeEntry | None, new_entry: TreeEnt
     path, which streams as it goes); a table that is only on one side streams
     its rows without holding them.
     ``method="full"``: parse every row even where the region path would do
-    (for comparisons and benchmarks).
+    (for comparisons and benchmarks); ``method="regions"``: the region path
+    or an exception (_NeedFullParse, or the TableParseError it met), never
+    the full path.
+    ``cache``: a dict of chunk id -> bytes shared between calls (the row
+    merge diffs the base against both sides and then patches ours).
     Raises TableParseError (file, side, line) and TableKeyError (a missing
     key column, a duplicate key)."""
     fmt = table_format(path)
     if fmt is None:
         raise TableError(f"{path}: not a table (.csv, .tsv, .jsonl, .parquet)")
     keys = tuple(keys)
-    cache: dict = {}
+    cache = {} if cache is None else cache
     stats = [0]
     old = _Side(repo, old_entry, path, "old", cache, stats)
     new = _Side(repo, new_entry, path, "new", cache, stats)
@@ -419,9 +423,13 @@ def diff_table(repo: Repository, old_entry: TreeEntry | None, new_entry: TreeEnt
                     diff.rows = []
                 return diff
             except (_NeedFullParse, TableParseError):
+                if method == "regions":
+                    raise  # the caller has its own fallback (the row merge)
                 diff.rows.clear()
                 diff.rows_omitted = 0
                 diff.counts = dict.fromkeys(diff.counts, 0)
+        if method == "regions":
+            raise _NeedFullParse
         diff._sink = on_row
         _diff_full(diff, old, new, keys, max_rows)
         diff._sink = None

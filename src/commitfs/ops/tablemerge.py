@@ -29,16 +29,17 @@ TableParseError (the merge reports the file as a conflict with that error).
 
 from __future__ import annotations
 
+import bisect
 import difflib
 import gc
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from commitfs.errors import TableKeyError
+from commitfs.errors import TableError, TableKeyError
 from commitfs.model.draft import NewFile
 from commitfs.model.objects import Kind, TreeEntry
 from commitfs.ops.changes import Conflict
-from commitfs.ops.table import Row, open_table, table_format, write_table
+from commitfs.ops.table import LINE_FORMATS, Row, open_table, table_format, write_table
 from commitfs.repo.repository import Repository
 
 _ABSENT = object()
@@ -95,6 +96,15 @@ def merge_tables(repo: Repository, conflict: Conflict, keys: Sequence[str] = (),
 
 
 def _merge_tables(repo: Repository, conflict: Conflict, keys: Sequence[str], prefer: str | None):
+    if keys:
+        got = _merge_regions(repo, conflict, tuple(keys), prefer)
+        if got is not None:
+            return got
+    return _merge_whole(repo, conflict, keys, prefer)
+
+
+def _merge_whole(repo: Repository, conflict: Conflict, keys: Sequence[str], prefer: str | None):
+    """The merge parsing all three versions whole (the fallback; the unkeyed merge)."""
     path = conflict.path
     fmt = table_format(path)
     base, bstart = _read(repo, conflict.base if isinstance(conflict.base, TreeEntry) and
@@ -248,6 +258,180 @@ def _keyed(fmt, path, base: _Side, ours: _Side, theirs: _Side, keys, prefer, ost
         else:
             pieces.extend(write_table(fmt, None, [r if jsonl else [_cell(r.get(c)) for c in header]]))
     return pieces, []
+
+
+def _detail(key, column, b, o, t, what="cell") -> dict:
+    shown = key[0] if len(key) == 1 else key
+    text = (f"key {shown!r}, column {column!r}: base {_show(b)}, ours {_show(o)}, theirs {_show(t)}"
+            if what == "cell" else f"key {shown!r}: {what}")
+    return {"key": list(key), "column": column, "base": None if b is _ABSENT else b,
+            "ours": None if o is _ABSENT else o, "theirs": None if t is _ABSENT else t, "text": text}
+
+
+# --- keyed, through the row diff's regions ---------------------------------------------------
+def _line_at(side, off: int) -> bytes:
+    """The line of a tablediff side starting at ``off``, with its line break (if any)."""
+    i = bisect.bisect_right(side.ends, off)
+    while i < len(side.ids):
+        s = side.start(i)
+        pos = side.chunks(i, i + 1)[0].find(b"\n", max(off - s, 0))
+        if pos >= 0:
+            return side.read(off, s + pos + 1)
+        i += 1
+    return side.read(off, side.size)
+
+
+def _find_line(data: bytes, body: bytes, est: int, lo: int) -> int | None:
+    """Where the whole line ``body`` starts in ``data`` (at or after ``lo``), searched
+    in a window around ``est`` that grows until it covers everything."""
+    w = 4096
+    n, size = len(body), len(data)
+    while True:
+        a, z = max(lo, est - w), min(size, est + w + n)
+        p = data.find(body, a, z)
+        while p >= 0:
+            if (p == lo or data[p - 1] == 10) and (p + n == size or data[p + n] == 10):
+                return p
+            p = data.find(body, p + 1, z)
+        if a == lo and z == size:
+            return None
+        w *= 8
+
+
+def _merge_regions(repo: Repository, conflict: Conflict, keys: tuple[str, ...], prefer: str | None):
+    """The keyed merge at the cost of the change, or None where it cannot apply.
+
+    The base is diffed against each side through the row diff's region path
+    (ops/tablediff.py: only the chunk regions that differ are read and only
+    their differing lines parsed); the two keyed change sets are combined
+    cell by cell, and ours' bytes are patched: the lines of rows theirs
+    changed or deleted are found in ours (the base's line, byte for byte,
+    searched near where the previous one was), replaced or cut; rows only
+    theirs added follow ours' rows in theirs' order.  Nothing else is parsed.
+    None (the caller parses the three versions whole) when the region path
+    does not apply to either diff (a side empty or absent, a quoted field
+    spanning lines, a repeated line, a side that does not parse, a key
+    problem: the whole parse then reports it with its line number), when
+    the header differs between the sides (columns are merged by name there),
+    or when a line cannot be found in ours.  Bound: a duplicate key whose
+    every copy lies in chunks equal on all three sides is not seen (the row
+    diff's bound); the whole parse would refuse it."""
+    from commitfs.ops.tablediff import _NeedFullParse, _header_of, diff_table
+    from commitfs.ops.tablediff import _Side as _Chunks
+
+    path = conflict.path
+    fmt = table_format(path)
+    entries = (conflict.base, conflict.ours, conflict.theirs)
+    if fmt not in LINE_FORMATS or not all(isinstance(e, TreeEntry) and e.kind.is_file and e.size for e in entries):
+        return None
+    base_e, ours_e, theirs_e = entries
+    cache: dict = {}
+    try:
+        do = diff_table(repo, base_e, ours_e, path, keys, method="regions", cache=cache)
+        dt = diff_table(repo, base_e, theirs_e, path, keys, method="regions", cache=cache)
+    except (_NeedFullParse, TableError):
+        return None
+    header = do.old_header
+    if not (do.new_header == header == dt.new_header == dt.old_header):
+        return None
+    stats = [0]
+    bc = _Chunks(repo, base_e, path, "base", cache, stats)
+    oc = _Chunks(repo, ours_e, path, "ours", cache, stats)
+    tc = _Chunks(repo, theirs_e, path, "theirs", cache, stats)
+    ostart = _header_of(oc, fmt)[1]
+    data = b"".join(oc.chunks(0, len(oc.ids)))
+    co = {r.key: r for r in do.rows}
+    jsonl = fmt == "jsonl"
+
+    def ours_end(y: int) -> int:
+        e = data.find(b"\n", y)
+        return len(data) if e < 0 else e + 1
+
+    def theirs_line(r) -> bytes:
+        b = _line_at(tc, r.new_offset)
+        return b if b.endswith(b"\n") else b + b"\n"
+
+    edits: list[tuple[int, int, bytes]] = []   # (start, end, replacement) on ours' bytes
+    appends: list[tuple[int, bytes]] = []      # (offset in theirs, line)
+    details: list[tuple[tuple, dict]] = []
+
+    def cells(key, order, db, do_, dt_) -> dict:
+        cols = list(do_) + [c for c in dt_ if c not in do_] + [c for c in db if c not in do_ and c not in dt_]
+        merged = {}
+        for c in cols:
+            b, o, t = db.get(c, _ABSENT), do_.get(c, _ABSENT), dt_.get(c, _ABSENT)
+            try:
+                v = _merge_value(b, o, t)
+            except LookupError:
+                if prefer is None:
+                    details.append((order, _detail(key, c, b, o, t)))
+                    continue
+                v = o if prefer == "ours" else t
+            if v is not _ABSENT:
+                merged[c] = v
+        return merged
+
+    # Theirs' changes to rows ours left alone: their lines in ours, found in base order.
+    wanted = sorted((r.old_offset, r) for r in dt.rows if r.key not in co and r.status != "added")
+    px = py = 0
+    for x, r in wanted:
+        line = _line_at(bc, x)
+        body = line[:-1] if line.endswith(b"\n") else line
+        y = _find_line(data, body, x + (py - px), ostart)
+        if y is None:
+            return None
+        px, py = x, y
+        edits.append((y, ours_end(y), theirs_line(r) if r.status == "changed" else b""))
+    for r in dt.rows:
+        ro = co.get(r.key)
+        if ro is None:
+            if r.status == "added":
+                appends.append((r.new_offset, theirs_line(r)))
+            continue
+        if ro.status == "removed" and r.status == "removed":
+            continue
+        if ro.status == "removed":  # theirs edited it
+            if prefer is None:
+                details.append(((1, r.new_offset), _detail(r.key, None, r.old, ro.new or _ABSENT, r.new,
+                                                           "deleted by ours, edited by theirs")))
+            elif prefer == "theirs":
+                appends.append((r.new_offset, theirs_line(r)))
+            continue
+        if r.status == "removed":  # ours edited it
+            if prefer is None:
+                details.append(((0, ro.new_offset), _detail(r.key, None, ro.old, ro.new, _ABSENT,
+                                                            "deleted by theirs, edited by ours")))
+            elif prefer == "theirs":
+                edits.append((ro.new_offset, ours_end(ro.new_offset), b""))
+            continue
+        if ro.new == r.new:
+            continue
+        merged = cells(r.key, (0, ro.new_offset), ro.old or {}, ro.new, r.new)
+        row = merged if jsonl else [_cell(merged.get(c)) for c in header]
+        edits.append((ro.new_offset, ours_end(ro.new_offset), b"".join(write_table(fmt, None, [row]))))
+    if details:
+        details.sort(key=lambda d: d[0])
+        conflict.details = [d for _, d in details]
+        conflict.note = f"{len(details)} conflicting cells/rows"
+        return conflict
+    edits.sort()
+    pieces: list[bytes] = []
+    pos = 0
+    for s, e, rep in edits:
+        if s < pos:
+            return None  # two edits of one line: cannot happen with unique keys; be safe
+        pieces.append(data[pos:s])
+        pieces.append(rep)
+        pos = e
+    pieces.append(data[pos:])
+    out = b"".join(pieces)
+    if out and not out.endswith(b"\n"):
+        out += b"\n"
+    if appends:
+        appends.sort()
+        out += b"".join(line for _, line in appends)
+    executable = conflict.ours.kind is Kind.EXEC
+    return NewFile(data=out, executable=executable, size=len(out))
 
 
 def _cell(v) -> str:
