@@ -9,14 +9,16 @@ cd "$(dirname "$0")/.."
 say() { echo "setup: $*" >&2; }
 
 need_apt=0
-# gcc and the Python headers build pyfuse3 and commitfs's two C modules (setup.py).
-for bin in fusermount3 pkg-config gcc; do command -v "$bin" >/dev/null || need_apt=1; done
+# gcc and the Python headers build pyfuse3 and commitfs's two C modules (setup.py);
+# rsync: tests/test_workspace_posix.py copies into a workspace with rsync -a.
+for bin in fusermount3 pkg-config gcc rsync; do command -v "$bin" >/dev/null || need_apt=1; done
 pkg-config --exists fuse3 2>/dev/null || need_apt=1
 if [ "$need_apt" = 1 ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-    say "installing system packages with apt-get: fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv"
+    say "installing system packages with apt-get: fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv rsync"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv \
+        rsync >/dev/null
 fi
 
 PY=${PYTHON:-python3}

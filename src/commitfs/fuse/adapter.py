@@ -31,6 +31,7 @@ from commitfs.vfs.errors import (
     BadHandleError,
     ExistsError,
     InvalidArgumentError,
+    NameTooLongError,
     NoSpaceError,
     NoSuchAttributeError,
     NotASymlinkError,
@@ -65,6 +66,7 @@ _QUIET = {
     NotPermittedError: errno.EPERM,
     UnsupportedError: errno.EOPNOTSUPP,
     InvalidArgumentError: errno.EINVAL,
+    NameTooLongError: errno.ENAMETOOLONG,
     NoSpaceError: errno.ENOSPC,
     InputError: errno.EINVAL,
 }
@@ -147,13 +149,17 @@ class Operations(pyfuse3.Operations):
         e.attr_timeout = a.attr_timeout
         e.st_mode = a.mode
         e.st_nlink = a.nlink
-        e.st_uid = self.uid
-        e.st_gid = self.gid
+        e.st_uid = self.uid if a.uid is None else a.uid
+        e.st_gid = self.gid if a.gid is None else a.gid
         e.st_rdev = 0
         e.st_size = a.size
         e.st_blksize = a.blksize
         e.st_blocks = (a.size + 511) // 512
         e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = a.mtime_ns
+        if a.atime_ns is not None:
+            e.st_atime_ns = a.atime_ns
+        if a.ctime_ns is not None:
+            e.st_ctime_ns = a.ctime_ns
         return e
 
     # --- names and attributes ------------------------------------------------------
@@ -260,6 +266,11 @@ class Operations(pyfuse3.Operations):
     removexattr = _read_only("removexattr")
 
 
+def _owner(ctx) -> tuple[int, int] | None:
+    """The creator of a new node (uid, gid of the request), or None without a context."""
+    return (ctx.uid, ctx.gid) if ctx is not None else None
+
+
 class WorkspaceOperations(Operations):
     """A writable workspace (vfs.workspace.WorkspaceFS): every write handler maps to
     the workspace; files are opened without keep_cache (their bytes can change)."""
@@ -270,7 +281,7 @@ class WorkspaceOperations(Operations):
 
     @_handler
     async def create(self, parent_inode, name, mode, flags, ctx=None):
-        fh, attr = await self.fs.create(parent_inode, name, mode, flags)
+        fh, attr = await self.fs.create(parent_inode, name, mode, flags, owner=_owner(ctx))
         return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._entry(attr)
 
     @_handler
@@ -296,6 +307,7 @@ class WorkspaceOperations(Operations):
             mode=attr.st_mode if fields.update_mode else None,
             size=attr.st_size if fields.update_size else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
             uid=attr.st_uid if fields.update_uid else None,
             gid=attr.st_gid if fields.update_gid else None,
             fh=fh)
@@ -303,15 +315,15 @@ class WorkspaceOperations(Operations):
 
     @_handler
     async def mkdir(self, parent_inode, name, mode, ctx=None):
-        return self._entry(await self.fs.mkdir(parent_inode, name, mode))
+        return self._entry(await self.fs.mkdir(parent_inode, name, mode, owner=_owner(ctx)))
 
     @_handler
     async def symlink(self, parent_inode, name, target, ctx=None):
-        return self._entry(await self.fs.symlink(parent_inode, name, target))
+        return self._entry(await self.fs.symlink(parent_inode, name, target, owner=_owner(ctx)))
 
     @_handler
     async def mknod(self, parent_inode, name, mode, rdev, ctx=None):
-        return self._entry(await self.fs.mknod(parent_inode, name, mode, rdev))
+        return self._entry(await self.fs.mknod(parent_inode, name, mode, rdev, owner=_owner(ctx)))
 
     @_handler
     async def link(self, inode, new_parent_inode, new_name, ctx=None):

@@ -56,3 +56,7 @@ class UnsupportedError(CommitfsError):
 
 class InvalidArgumentError(CommitfsError):
     """A request that cannot be right (a directory moved into itself)."""
+
+
+class NameTooLongError(CommitfsError):
+    """A new name longer than NAME_MAX (255 bytes), as ext4 refuses it."""

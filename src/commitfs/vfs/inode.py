@@ -68,6 +68,11 @@ class Attr:
     attr_timeout: float
     nlink: int = 1  # also for directories: "unknown", so find(1) does not skip any
     blksize: int = PREFERRED_IO_SIZE
+    #: Owner and the other two times of a workspace node (None: the mount's user, mtime).
+    uid: int | None = None
+    gid: int | None = None
+    atime_ns: int | None = None
+    ctime_ns: int | None = None
 
 
 class Node:

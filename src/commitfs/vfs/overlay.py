@@ -17,7 +17,9 @@ the *origin* (the base TreeEntry the node shows, if any: kind, size, id,
 target), ``materialized`` (for a directory: its entries are the rows whose
 parent it is; otherwise they are its origin tree's entries, lazily), ``upper``
 (for a file: its content is ``data/<upper>``; otherwise its origin's bytes),
-``mode``, ``mtime_ns`` and a symlink's ``target``.
+``mode``, ``mtime_ns``, a symlink's ``target``, and the owner (``uid``,
+``gid``) and ``atime_ns``/``ctime_ns`` (NULL: the mount's user, the mtime),
+which the workspace keeps but a commit does not record.
 
 Why rows per node rather than a path-keyed journal of whiteouts and renames:
 renames of directories, renames over existing targets and edits below a
@@ -90,13 +92,18 @@ CREATE TABLE IF NOT EXISTS nodes (
     upper TEXT,
     mode INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
-    target BLOB
+    target BLOB,
+    uid INTEGER, gid INTEGER, atime_ns INTEGER, ctime_ns INTEGER
 );
 CREATE UNIQUE INDEX IF NOT EXISTS nodes_by_name ON nodes(parent, name);
 """
 
 _COLUMNS = ("id", "parent", "name", "kind", "okind", "osize", "oid", "otarget", "materialized", "upper", "mode",
-            "mtime_ns", "target")
+            "mtime_ns", "target", "uid", "gid", "atime_ns", "ctime_ns")
+#: Columns added after version 1's first release (owner and times, never committed):
+#: an older overlay gains them on open (NULL: the mount's user, times from mtime).
+_ADDED_COLUMNS = ("uid", "gid", "atime_ns", "ctime_ns")
+_INSERT = f"INSERT INTO nodes ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 
 
 @dataclass
@@ -111,19 +118,26 @@ class Row:
     mode: int
     mtime_ns: int
     target: bytes | None
+    #: Owner and the other two times (None: the mount's user; mtime): kept by the
+    #: workspace, not by a commit (docs/SEMANTICS.md).
+    uid: int | None = None
+    gid: int | None = None
+    atime_ns: int | None = None
+    ctime_ns: int | None = None
 
     def values(self) -> tuple:
         o = self.origin
         return (self.id, self.parent, self.name, self.kind, o.kind.value if o else None, o.size if o else None,
                 o.id if o else None, o.target if o else None, int(self.materialized), self.upper, self.mode,
-                self.mtime_ns, self.target)
+                self.mtime_ns, self.target, self.uid, self.gid, self.atime_ns, self.ctime_ns)
 
 
 def _row(values) -> Row:
-    (id_, parent, name, kind, okind, osize, oid, otarget, mat, upper, mode, mtime, target) = values
+    (id_, parent, name, kind, okind, osize, oid, otarget, mat, upper, mode, mtime, target,
+     uid, gid, atime, ctime) = values
     origin = TreeEntry(name, Kind(bytes(okind)), osize, bytes(oid), bytes(otarget or b"")) if okind else None
     return Row(id_, parent, name, kind, origin, bool(mat), upper, mode, mtime,
-               bytes(target) if target is not None else None)
+               bytes(target) if target is not None else None, uid, gid, atime, ctime)
 
 
 class SpaceReleasedError(NoSpaceError):
@@ -159,6 +173,10 @@ class Overlay:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(_SCHEMA)
+            have = {r[1] for r in conn.execute("PRAGMA table_info(nodes)")}
+            for col in _ADDED_COLUMNS:
+                if col not in have:
+                    conn.execute(f"ALTER TABLE nodes ADD COLUMN {col} INTEGER")
         except (OSError, sqlite3.Error) as exc:
             raise CommitfsError(f"cannot open the workspace {path}: {exc}") from None
         ov = cls(path, conn)
@@ -256,7 +274,7 @@ class Overlay:
 
     def insert(self, rows: list[Row]) -> None:
         with self.batch():
-            self._conn.executemany(f"INSERT INTO nodes VALUES ({', '.join('?' * len(_COLUMNS))})",
+            self._conn.executemany(_INSERT,
                                    [r.values() for r in rows])
 
     def update(self, node_id: int, **fields) -> None:
@@ -289,7 +307,7 @@ class Overlay:
             self._conn.execute("DELETE FROM meta WHERE key = 'merge'")
             if merge is not None:
                 self._conn.execute("INSERT INTO meta VALUES ('merge', ?)", (merge,))
-            self._conn.execute(f"INSERT INTO nodes VALUES ({', '.join('?' * len(_COLUMNS))})", root.values())
+            self._conn.execute(_INSERT, root.values())
         self.sync_db()
         self.collect_garbage()
 

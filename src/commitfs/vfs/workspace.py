@@ -1,5 +1,15 @@
 """A writable view of a branch: the base commit's tree plus a persistent overlay.
 
+The modules
+-----------
+``WorkspaceFS`` (here: opening, and the POSIX request handlers) is composed
+of one mixin per concern, each in its own module: the node tree and its
+inode table (vfs/wstree.py), overlay persistence and copy-up
+(vfs/wsoverlay.py, over the database of vfs/overlay.py), commit
+preparation, rebase and crash recovery (vfs/wscommit.py) and the merge in
+progress (vfs/wsmerge.py).  The state lives in ``WorkspaceFS``; the mixins
+share it.
+
 The in-memory tree
 ------------------
 Every node the kernel knows about, and every node of the overlay, is a
@@ -23,8 +33,10 @@ changes, to a crash (one SQLite transaction), and to ``commit``, which holds
 the same lock while it snapshots the overlay.  Local reads and writes of
 overlay files are done inline, not in worker threads: they hit the page
 cache, and a thread hop per 128 KiB request would halve write throughput.
-Repository reads (trees, manifests, chunks, copy-up) run in worker threads,
-as in the read-only core.
+Repository reads (trees, manifests, chunks, copy-up) and fsync (of a data
+file, the data directory and the overlay database) run in worker threads
+under the loader's limiter and I/O timeout, as in the read-only core, so a
+slow disk's fsync does not stall every other request of the mount.
 
 Commit
 ------
@@ -67,8 +79,8 @@ from commitfs.errors import (
     NotADirectoryError_,
     PathNotFoundError,
 )
-from commitfs.model.draft import Draft, NewFile
-from commitfs.model.objects import EMPTY_MANIFEST, Commit, Kind, Tree, TreeEntry, symlink_entry
+from commitfs.model.draft import Draft
+from commitfs.model.objects import EMPTY_MANIFEST, Commit, TreeEntry
 from commitfs.repo.repository import Repository
 from commitfs.vfs import prefetch
 from commitfs.vfs.core import StatFs
@@ -83,20 +95,21 @@ from commitfs.vfs.errors import (
     NotPermittedError,
     UnsupportedError,
 )
-from commitfs.vfs.inode import PREFERRED_IO_SIZE, ROOT_INODE, XATTR_COMMIT, XATTR_REPO, Attr
-from commitfs.vfs.overlay import ROOT_ID, Overlay, Row, SpaceReleasedError, copy_up
+from commitfs.vfs.inode import ROOT_INODE, XATTR_COMMIT, XATTR_REPO, Attr
+from commitfs.vfs.overlay import ROOT_ID, Overlay, SpaceReleasedError, copy_up
+
+from commitfs.vfs.wscommit import CommitState, resolve_pending, root_row
+from commitfs.vfs.wsmerge import MergeState
+from commitfs.vfs.wsoverlay import OverlayStore
+from commitfs.vfs.wstree import WNode, NodeTree, _DirHandle, _Handle, _now
 
 log = logging.getLogger(__name__)
+
+__all__ = ["WorkspaceFS", "WorkspaceOptions", "resolve_pending"]
 
 XATTR_BRANCH = "user.commitfs.branch"
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
-#: How far back from the branch head ``resolve_pending`` looks for an interrupted commit.
-_PENDING_SEARCH = 100_000
-
-
-def _now() -> int:
-    return time.time_ns()
 
 
 def _retry_when_space_released(fn):
@@ -113,75 +126,6 @@ def _retry_when_space_released(fn):
     return wrapper
 
 
-class WNode:
-    __slots__ = ("ino", "oid", "parent", "name", "kind", "origin", "children", "lazy", "upper", "size", "mode",
-                 "mtime_ns", "target", "lookups", "opens", "fd", "dirty", "copying")
-
-    def __init__(self, ino: int, kind: str, name: str, parent: WNode | None):
-        self.ino = ino
-        self.oid: int | None = None  # overlay row id
-        self.parent = parent
-        self.name = name
-        self.kind = kind  # "dir" | "file" | "symlink"
-        self.origin: TreeEntry | None = None
-        self.children: dict[str, WNode] | None = None  # materialized listing
-        self.lazy: dict[str, WNode] = {}  # nodes looked up in a lazy directory
-        self.upper: str | None = None  # data file name
-        self.size = 0
-        self.mode = 0o644
-        self.mtime_ns = 0
-        self.target = b""
-        self.lookups = 0
-        self.opens = 0
-        self.fd: int | None = None
-        self.dirty = False  # mtime not yet written to the overlay
-        self.copying: trio.Event | None = None
-
-    @property
-    def is_dir(self) -> bool:
-        return self.kind == "dir"
-
-    def path(self) -> str:
-        parts = []
-        n = self
-        while n.parent is not None:
-            parts.append(n.name)
-            n = n.parent
-        return "/".join(reversed(parts))
-
-    def row(self) -> Row:
-        return Row(self.oid, self.parent.oid if self.parent else None, self.name, self.kind, self.origin,
-                   self.children is not None, self.upper, self.mode, self.mtime_ns,
-                   self.target if self.kind == "symlink" else None)
-
-
-def _kind_of(e: TreeEntry) -> str:
-    return "dir" if e.kind is Kind.DIR else "symlink" if e.kind is Kind.SYMLINK else "file"
-
-
-def _mode_of(e: TreeEntry) -> int:
-    if e.kind is Kind.DIR or e.kind is Kind.EXEC:
-        return 0o755
-    return 0o777 if e.kind is Kind.SYMLINK else 0o644
-
-
-class _Handle:
-    __slots__ = ("node", "reader", "reader_id")
-
-    def __init__(self, node: WNode):
-        self.node = node
-        self.reader: prefetch.Prefetcher | None = None
-        self.reader_id: bytes | None = None
-
-
-class _DirHandle:
-    __slots__ = ("node", "items")
-
-    def __init__(self, node: WNode, items: list):
-        self.node = node
-        self.items = items  # (name, node or TreeEntry)
-
-
 @dataclass
 class WorkspaceOptions:
     io_timeout_s: float = 60.0
@@ -191,31 +135,7 @@ class WorkspaceOptions:
     timeout_s: float = 0.0
 
 
-# --- the snapshot of an overlay ----------------------------------------------------------
-def _draft(node: WNode, data_path: Callable[[str], str]) -> Draft | None:
-    """The edited tree as the change engine sees it (taken under the lock): a Draft per
-    materialized directory, the origin TreeEntry of everything untouched (never opened),
-    a NewFile per copied-up or new file; None for a lazy (untouched) root."""
-    if node.children is None:
-        return None
-    out: dict = {}
-    for name, c in node.children.items():
-        if c.kind == "dir":
-            out[name] = _draft(c, data_path) if c.children is not None else c.origin
-        elif c.kind == "symlink":
-            out[name] = symlink_entry(name, c.target)
-        elif c.upper is not None:
-            out[name] = NewFile(source=data_path(c.upper), executable=bool(c.mode & 0o100), size=c.size)
-        else:
-            # Unchanged bytes: the origin entry itself when the executable bit
-            # is unchanged too (the common case; no new object per file).
-            o = c.origin
-            kind = Kind.EXEC if c.mode & 0o100 else Kind.FILE
-            out[name] = o if o.kind is kind else TreeEntry(name, kind, o.size, o.id)
-    return Draft(out)
-
-
-class WorkspaceFS:
+class WorkspaceFS(NodeTree, OverlayStore, CommitState, MergeState):
     """A writable workspace over ``branch``; the same request methods as vfs.FileSystem plus writes."""
 
     writable = True
@@ -280,24 +200,7 @@ class WorkspaceFS:
         """Whether the loaded overlay differs from its base (synchronous, before the loop)."""
         return not unchanged(self.repo, self.repo.load_commit(self.base).tree, self.draft())
 
-    @staticmethod
-    def _root_row(repo: Repository, cid: bytes) -> Row:
-        tree = repo.load_commit(cid).tree
-        return Row(ROOT_ID, None, "", "dir", TreeEntry("", Kind.DIR, 0, tree), False, None, 0o755, 0, None)
-
-    def _new(self, kind: str, name: str, parent: WNode | None) -> WNode:
-        node = WNode(self._next_ino, kind, name, parent)
-        self._next_ino += 1
-        return node
-
-    def _from_entry(self, parent: WNode, e: TreeEntry) -> WNode:
-        n = self._new(_kind_of(e), e.name, parent)
-        n.origin = e
-        n.size = e.size
-        n.mode = _mode_of(e)
-        n.mtime_ns = self.base_time_ns
-        n.target = e.target
-        return n
+    _root_row = staticmethod(root_row)
 
     def _load(self) -> None:
         """Build the in-memory tree from the overlay's rows."""
@@ -310,6 +213,7 @@ class WorkspaceFS:
             n = WNode(0, r.kind, r.name, None)
             n.oid, n.origin, n.upper, n.mode, n.target = r.id, r.origin, r.upper, r.mode, r.target or b""
             n.mtime_ns = r.mtime_ns or self.base_time_ns
+            n.uid, n.gid, n.atime_ns, n.ctime_ns = r.uid, r.gid, r.atime_ns, r.ctime_ns
             if r.materialized:
                 n.children = {}
             if r.kind == "file":
@@ -378,245 +282,6 @@ class WorkspaceFS:
             self._close_fd(n)
         self.overlay.close()
 
-    # --- nodes ---------------------------------------------------------------------------
-    def _node(self, ino: int) -> WNode:
-        n = self._inodes.get(ino)
-        if n is None:
-            from commitfs.vfs.errors import StaleInodeError
-
-            raise StaleInodeError(f"inode {ino} is not known")
-        return n
-
-    def _dir(self, ino: int) -> WNode:
-        n = self._node(ino)
-        if not n.is_dir:
-            raise NotADirectoryError_(f"inode {ino} is not a directory")
-        return n
-
-    def attr(self, n: WNode) -> Attr:
-        if n.kind == "dir":
-            mode, size = stat.S_IFDIR | n.mode, 0
-        elif n.kind == "symlink":
-            mode, size = stat.S_IFLNK | 0o777, len(n.target)
-        else:
-            mode, size = stat.S_IFREG | n.mode, n.size
-        return Attr(n.ino, mode, size, n.mtime_ns, self._t, self._t, 1, PREFERRED_IO_SIZE)
-
-    def _remember(self, n: WNode) -> Attr:
-        n.lookups += 1
-        self._inodes[n.ino] = n
-        return self.attr(n)
-
-    @staticmethod
-    def _name(name: bytes) -> str:
-        try:
-            text = name.decode()
-        except UnicodeDecodeError:
-            raise PathNotFoundError(f"{name!r}: no such entry (names are UTF-8)") from None
-        return text
-
-    @staticmethod
-    def _new_name(name: bytes) -> str:
-        try:
-            return name.decode()
-        except UnicodeDecodeError:
-            raise InvalidArgumentError(f"{name!r}: commitfs stores UTF-8 names only") from None
-
-    async def _child(self, d: WNode, name: str) -> WNode | None:
-        """The node named ``name`` in directory ``d``, or None."""
-        if d.children is not None:
-            return d.children.get(name)
-        n = d.lazy.get(name)
-        if n is not None:
-            return n
-        tree = await self.loader.tree(d.origin.id)
-        if d.children is not None:  # materialized meanwhile
-            return d.children.get(name)
-        e = tree.get(name)
-        if e is None:
-            return None
-        n = d.lazy.get(name)
-        if n is None:
-            n = d.lazy[name] = self._from_entry(d, e)
-        return n
-
-    async def _listing(self, d: WNode) -> list:
-        if d.children is not None:
-            return sorted(d.children.items(), key=lambda kv: kv[0].encode())
-        tree = await self.loader.tree(d.origin.id)
-        if d.children is not None:
-            return sorted(d.children.items(), key=lambda kv: kv[0].encode())
-        return [(e.name, e) for e in tree.entries]
-
-    async def _is_empty(self, d: WNode) -> bool:
-        if d.children is not None:
-            return not d.children
-        return not (await self.loader.tree(d.origin.id)).entries
-
-    def _maybe_drop(self, n: WNode) -> None:
-        """Forget a lazy node the kernel no longer knows (and lazy ancestors left unused)."""
-        while (n is not None and n.ino != ROOT_INODE and n.lookups <= 0 and n.opens <= 0 and n.oid is None
-               and not n.lazy and n.children is None):
-            self._inodes.pop(n.ino, None)
-            p = n.parent
-            if p is None or p.lazy.get(n.name) is not n:
-                return
-            del p.lazy[n.name]
-            n = p if p.ino not in self._inodes else None
-
-    # --- making changes persistent ---------------------------------------------------------
-    async def _persist(self, n: WNode) -> None:
-        """Give ``n`` an overlay row (materializing its ancestors)."""
-        if n.oid is not None:
-            return
-        if n.parent is None:
-            raise PathNotFoundError(f"{n.name}: it was deleted")
-        await self._persist(n.parent)
-        await self._materialize(n.parent)
-        if n.oid is None:
-            raise PathNotFoundError(f"{n.name}: it was deleted")
-
-    async def _materialize(self, d: WNode) -> None:
-        """Copy a lazy directory's listing into overlay rows (no file bytes read)."""
-        await self._persist(d)
-        if d.children is not None:
-            return
-        tree = await self.loader.tree(d.origin.id)
-        if d.children is not None:
-            return
-        kids = {}
-        for e in tree.entries:
-            n = d.lazy.get(e.name) or self._from_entry(d, e)
-            kids[e.name] = n
-        ids = [self.overlay.new_id() for _ in kids]
-        rows = []
-        for nid, n in zip(ids, kids.values()):
-            r = n.row()
-            r.id, r.parent = nid, d.oid
-            rows.append(r)
-        with self.overlay.batch():
-            self.overlay.insert(rows)
-            self.overlay.update(d.oid, materialized=1)
-        for nid, n in zip(ids, kids.values()):
-            n.oid = nid
-        d.children = kids
-        d.lazy = {}
-
-    def _touch(self, d: WNode) -> None:
-        d.mtime_ns = _now()
-        d.dirty = True
-
-    def _flush(self, n: WNode) -> None:
-        if n.dirty and n.oid is not None:
-            self.overlay.update(n.oid, mtime_ns=n.mtime_ns)
-        n.dirty = False
-
-    def _flush_all(self) -> None:
-        def walk(n: WNode):
-            self._flush(n)
-            for c in (n.children or {}).values():
-                walk(c)
-        if self.root is not None:
-            with self.overlay.batch():
-                walk(self.root)
-
-    def _close_fd(self, n: WNode) -> None:
-        if n.fd is not None:
-            try:
-                os.close(n.fd)
-            except OSError:
-                pass
-            n.fd = None
-
-    def _fd(self, n: WNode) -> int:
-        if n.fd is None:
-            n.fd = self.overlay.open_data(n.upper)
-        return n.fd
-
-    async def _ensure_upper(self, n: WNode, empty: bool = False) -> int:
-        """The writable file descriptor of ``n``, copying it up first if needed."""
-        while n.copying is not None:
-            await n.copying.wait()
-        if n.fd is not None and (n.upper is not None or n.oid is None):
-            return n.fd
-        if n.upper is not None:
-            return self._fd(n)
-        detached = n.parent is None
-        if not detached:
-            await self._persist(n)
-        if n.upper is not None or n.fd is not None:
-            return self._fd(n) if n.fd is None else n.fd
-        done = n.copying = trio.Event()
-        try:
-            name = str(n.oid) if not detached else None
-            fd = self.overlay.create_data(name) if name else self.overlay.anonymous_file(str(n.ino))
-            try:
-                size = 0
-                if not empty and n.origin is not None and n.origin.size:
-                    manifest = await self.loader.manifest(n.origin.id)
-                    size = await self.loader.io(f"copy-up of {n.path()}", copy_up, self.repo.load_chunks, manifest, fd)
-                if name and n.oid is not None:
-                    self.overlay.update(n.oid, upper=name)
-                    n.upper = name
-            except BaseException:
-                os.close(fd)
-                if name:
-                    self.overlay.remove_data(name)
-                raise
-            n.fd = fd
-            n.size = size
-            return fd
-        finally:
-            n.copying = None
-            done.set()
-
-    def _remove_subtree_rows(self, n: WNode, ids: list[int], data: list[str]) -> None:
-        if n.oid is not None:
-            ids.append(n.oid)
-        if n.upper is not None:
-            data.append(n.upper)
-        for c in (n.children or {}).values():
-            self._remove_subtree_rows(c, ids, data)
-
-    def _detach(self, n: WNode) -> None:
-        """``n`` left the tree (unlinked, replaced, reset): whoever has it open keeps its bytes."""
-        if n.upper is not None:
-            if n.opens > 0 and n.fd is None:
-                n.fd = self.overlay.open_data(n.upper)
-            elif n.opens <= 0:
-                self._close_fd(n)
-        for c in list((n.children or {}).values()):
-            self._detach(c)
-        n.parent = None
-        n.oid = None
-        n.upper = None
-        n.dirty = False
-        self._maybe_forget(n)
-
-    def _maybe_forget(self, n: WNode) -> None:
-        if n.lookups <= 0 and n.opens <= 0 and n.ino != ROOT_INODE:
-            self._inodes.pop(n.ino, None)
-            self._close_fd(n)
-
-    def _unlink_node(self, d: WNode, n: WNode) -> None:
-        """Remove ``n`` (persisted, in materialized ``d``) from the tree and the overlay."""
-        ids: list[int] = []
-        data: list[str] = []
-        self._remove_subtree_rows(n, ids, data)
-        self.overlay.delete(ids)
-        del d.children[n.name]
-        self._touch(d)
-        self._detach(n)
-        for name in data:
-            self.overlay.remove_data(name)
-        if data:
-            self.overlay.make_reserve()
-
-    async def _prepare_parent(self, parent_inode: int) -> WNode:
-        d = self._dir(parent_inode)
-        await self._materialize(d)
-        return d
-
     # --- requests: names and attributes ---------------------------------------------------------
     async def lookup(self, parent_inode: int, name: bytes) -> Attr:
         d = self._dir(parent_inode)
@@ -650,10 +315,10 @@ class WorkspaceFS:
     @_retry_when_space_released
     async def setattr(self, inode: int, *, mode: int | None = None, size: int | None = None,
                       mtime_ns: int | None = None, uid: int | None = None, gid: int | None = None,
-                      fh: int | None = None) -> Attr:
+                      fh: int | None = None, atime_ns: int | None = None) -> Attr:
+        """chmod, chown, truncate, utimensat.  Who may change the owner is checked by the
+        kernel (the mount uses default_permissions); every change moves the ctime."""
         n = self._node(inode)
-        if uid is not None and uid != os.getuid() or gid is not None and gid != os.getgid():
-            raise NotPermittedError("a workspace does not record owners")
         async with self._lock:
             if size is not None:
                 if n.is_dir:
@@ -665,19 +330,30 @@ class WorkspaceFS:
                 n.size = size
                 n.mtime_ns = _now()
                 n.dirty = True
-            if mode is not None or mtime_ns is not None:
+            if mode is not None or mtime_ns is not None or atime_ns is not None or uid is not None \
+                    or gid is not None:
                 if n.parent is not None:
                     await self._persist(n)
-                fields = {}
+                fields = {"ctime_ns": _now()}
                 if mode is not None and n.kind != "symlink":
                     fields["mode"] = stat.S_IMODE(mode) & 0o7777
                 if mtime_ns is not None:
                     fields["mtime_ns"] = mtime_ns
-                if n.oid is not None and fields:
+                if atime_ns is not None:
+                    fields["atime_ns"] = atime_ns
+                if uid is not None:
+                    fields["uid"] = uid
+                if gid is not None:
+                    fields["gid"] = gid
+                if n.oid is not None:
+                    if mtime_ns is None:
+                        fields["mtime_ns"] = n.mtime_ns  # a pending write's mtime
                     self.overlay.update(n.oid, **fields)
-                n.mode = fields.get("mode", n.mode)
-                n.mtime_ns = fields.get("mtime_ns", n.mtime_ns)
-                n.dirty = n.dirty and mtime_ns is None
+                for k, v in fields.items():
+                    setattr(n, k, v)
+                n.dirty = False if n.oid is not None else n.dirty
+            elif size is not None:
+                n.ctime_ns = n.mtime_ns
             return self.attr(n)
 
     async def readlink(self, inode: int) -> bytes:
@@ -707,47 +383,46 @@ class WorkspaceFS:
         return StatFs(st.f_frsize, st.f_blocks, len(self._inodes), free_blocks=st.f_bavail, free_files=st.f_favail)
 
     # --- requests: changing names ------------------------------------------------------------
-    def _add_child(self, d: WNode, n: WNode) -> None:
-        n.oid = self.overlay.new_id()
-        self.overlay.insert([n.row()])
-        d.children[n.name] = n
-        self._touch(d)
-
-    async def _create_node(self, parent_inode: int, name: bytes, kind: str, mode: int) -> WNode:
+    async def _create_node(self, parent_inode: int, name: bytes, kind: str, mode: int,
+                           owner: tuple[int, int] | None = None) -> WNode:
         text = self._new_name(name)
         d = await self._prepare_parent(parent_inode)
         if text in d.children:
             raise ExistsError(f"{text} exists")
         n = self._new(kind, text, d)
         n.mode = stat.S_IMODE(mode) & 0o7777 if kind != "symlink" else 0o777
-        n.mtime_ns = _now()
+        n.mtime_ns = n.atime_ns = n.ctime_ns = _now()
+        if owner is not None:
+            n.uid, n.gid = owner  # the creator (another user through --allow-other)
         if kind == "dir":
             n.children = {}
         return n
 
     @_retry_when_space_released
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int) -> Attr:
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, owner: tuple[int, int] | None = None) -> Attr:
         async with self._lock:
             d = self._dir(parent_inode)
-            n = await self._create_node(parent_inode, name, "dir", mode)
+            n = await self._create_node(parent_inode, name, "dir", mode, owner)
             self._add_child(d, n)
             return self._remember(n)
 
     @_retry_when_space_released
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes) -> Attr:
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      owner: tuple[int, int] | None = None) -> Attr:
         async with self._lock:
             d = self._dir(parent_inode)
-            n = await self._create_node(parent_inode, name, "symlink", 0o777)
+            n = await self._create_node(parent_inode, name, "symlink", 0o777, owner)
             n.target = target
             n.size = len(target)
             self._add_child(d, n)
             return self._remember(n)
 
     @_retry_when_space_released
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int) -> tuple[int, Attr]:
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     owner: tuple[int, int] | None = None) -> tuple[int, Attr]:
         async with self._lock:
             d = self._dir(parent_inode)
-            n = await self._create_node(parent_inode, name, "file", mode)
+            n = await self._create_node(parent_inode, name, "file", mode, owner)
             n.oid = self.overlay.new_id()
             n.upper = str(n.oid)
             fd = self.overlay.create_data(n.upper)  # before the row: a crash leaves only an orphan file
@@ -763,7 +438,8 @@ class WorkspaceFS:
             attr = self._remember(n)
             return self._open_handle(n), attr
 
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int) -> Attr:
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    owner: tuple[int, int] | None = None) -> Attr:
         raise NotPermittedError("a workspace holds regular files, directories and symlinks only")
 
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes) -> Attr:
@@ -853,6 +529,8 @@ class WorkspaceFS:
             del src.children[old]
             n.name = new
             n.parent = dst
+            n.ctime_ns = _now()  # a rename changes the moved node's status, as on ext4
+            n.dirty = True
             dst.children[new] = n
             self._touch(src)
             self._touch(dst)
@@ -896,7 +574,7 @@ class WorkspaceFS:
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         async with self._lock:
             self._flush_all()
-            self.overlay.sync()
+            await self._sync()
 
     # --- requests: files ----------------------------------------------------------------------
     def _open_handle(self, n: WNode) -> int:
@@ -957,7 +635,7 @@ class WorkspaceFS:
             written = os.pwrite(fd, buf, off)
             if off + written > n.size:
                 n.size = off + written
-            n.mtime_ns = _now()
+            n.mtime_ns = n.ctime_ns = _now()
             n.dirty = True
             return written
 
@@ -971,7 +649,7 @@ class WorkspaceFS:
         n = self._handle(fh).node
         async with self._lock:
             self._flush(n)
-            self.overlay.sync(n.fd)
+            await self._sync(n.fd)
 
     async def release(self, fh: int) -> None:
         h = self._files.pop(fh, None)
@@ -994,228 +672,3 @@ class WorkspaceFS:
         self._next_fh += 1
         return fh
 
-    # --- the control channel: status, reset, commit --------------------------------------------
-    @asynccontextmanager
-    async def paused(self):
-        """Hold off every change (the one lock) with pending metadata written.
-
-        The control channel (fuse/control.py) runs status and commit inside:
-        ``draft()`` to snapshot the edits, ``settle(cid)`` once the branch
-        reached a commit, ``set_pending`` around the compare-and-swap."""
-        async with self._lock:
-            self._flush_all()
-            yield self
-
-    def draft(self) -> Draft | TreeEntry | None:
-        """The edits as a Draft over the base commit (call inside ``paused``): None when
-        untouched; the root's TreeEntry when it shows another tree than the base's
-        (a merge in progress) and nothing was edited below it."""
-        if self.root.children is None:
-            o = self.root.origin
-            return o if o is not None and o.id != self.base_tree else None
-        return _draft(self.root, self.overlay.data_path)
-
-    @property
-    def merge_state(self) -> str | None:
-        """The merge in progress (JSON from the control channel), or None."""
-        return self.overlay.merge
-
-    async def show_merge(self, tree_id: bytes, state: str) -> list[int]:
-        """Show tree ``tree_id`` (a merge's result) as pending edits over the base and
-        record ``state`` with it, in one transaction (call inside ``paused``, on a
-        workspace without edits); inodes to invalidate."""
-        return await self._rebase_onto(self.base, clear=True, tree=tree_id, merge=state)
-
-    def set_pending(self, commit_id: bytes | None) -> None:
-        """Record the commit about to be compare-and-swapped (crash safety, vfs/overlay.py)."""
-        self.overlay.set_pending(commit_id)
-
-    async def settle(self, commit_id: bytes) -> list[int]:
-        """The branch reached ``commit_id``: clear the edits and show it, keeping the
-        node objects the kernel knows (call inside ``paused``); inodes to invalidate."""
-        return await self._rebase_onto(commit_id, clear=True)
-
-    async def reset(self, paths: list[str] | None = None) -> list[int]:
-        """Discard edits (all, or at and below ``paths``); return inodes whose contents changed."""
-        async with self._lock:
-            if not paths:
-                return await self._rebase_onto(self.base, clear=True)
-            changed: list[int] = []
-            for p in paths:
-                changed += await self._reset_path(p)
-            return changed
-
-    async def _reset_path(self, path: str) -> list[int]:
-        parts = [p for p in path.strip("/").split("/") if p and p != "."]
-        if not parts or ".." in parts:
-            raise InputError(f"cannot reset {path!r}: give a path inside the workspace")
-        # The base entry at the path.
-        base_tree = (await self.loader.io("base commit", self.repo.load_commit, self.base)).tree
-        entry: TreeEntry | None = TreeEntry("", Kind.DIR, 0, base_tree)
-        for name in parts:
-            if entry is None or not entry.is_dir:
-                entry = None
-                break
-            entry = (await self.loader.tree(entry.id)).get(name)
-        # Walk (and create, if the base has the path) the parents in the workspace.
-        d = self.root
-        for name in parts[:-1]:
-            c = await self._child(d, name)
-            if c is None:
-                if entry is None:
-                    return []
-                await self._materialize(d)
-                c = self._new("dir", name, d)
-                c.children, c.mode, c.mtime_ns = {}, 0o755, _now()
-                self._add_child(d, c)
-            elif not c.is_dir:
-                raise InputError(f"cannot reset {path}: {c.path()} is not a directory in the workspace "
-                                 "(reset that path instead)")
-            d = c
-        name = parts[-1]
-        current = await self._child(d, name)
-        if current is None and entry is None:
-            return []
-        if (current is not None and entry is not None and current.oid is None and current.origin == entry):
-            return []  # untouched
-        await self._materialize(d)
-        current = d.children.get(name)
-        changed = []
-        if current is not None:
-            changed = self._inos_below(current)
-            self._unlink_node(d, current)
-        if entry is not None:
-            n = self._from_entry(d, TreeEntry(name, entry.kind, entry.size, entry.id, entry.target))
-            self._add_child(d, n)
-        return changed
-
-    def _inos_below(self, n: WNode) -> list[int]:
-        out = [n.ino]
-        for c in list((n.children or {}).values()) + list(n.lazy.values()):
-            out += self._inos_below(c)
-        return out
-
-    async def _rebase_onto(self, cid: bytes, clear: bool, tree: bytes | None = None,
-                           merge: str | None = None) -> list[int]:
-        """Clear the overlay and show commit ``cid`` (or, over it, tree ``tree``: a merge
-        in progress, ``merge``), keeping the node objects the kernel knows."""
-        commit: Commit = await self.loader.io("commit", self.repo.load_commit, cid)
-        shown = tree or commit.tree
-        # The trees along every in-memory directory with nodes below it, loaded in a thread.
-        wanted: list[list[str]] = []
-
-        def collect(n: WNode, parts: list[str]) -> None:
-            kids = dict(n.lazy)
-            kids.update(n.children or {})
-            if kids:
-                wanted.append(parts)
-            for name, c in kids.items():
-                if c.is_dir:
-                    collect(c, parts + [name])
-        collect(self.root, [])
-        repo = self.repo
-
-        def load() -> dict[tuple, Tree | None]:
-            out: dict[tuple, Tree | None] = {}
-
-            def tree_at(parts: tuple) -> Tree | None:
-                if parts in out:
-                    return out[parts]
-                if not parts:
-                    t = repo.load_tree(shown)
-                else:
-                    parent = tree_at(parts[:-1])
-                    e = parent.get(parts[-1]) if parent is not None else None
-                    t = repo.load_tree(e.id) if e is not None and e.is_dir else None
-                out[parts] = t
-                return t
-            for parts in wanted:
-                tree_at(tuple(parts))
-            return out
-        trees = await trio.to_thread.run_sync(load)
-        root_row = Row(ROOT_ID, None, "", "dir", TreeEntry("", Kind.DIR, 0, shown), False, None,
-                       self.root.mode, 0, None)
-        old_data = []
-
-        def gather(n: WNode):
-            if n.upper is not None:
-                old_data.append(n)
-                if n.opens > 0 and n.fd is None:  # keep its bytes for whoever has it open
-                    n.fd = self.overlay.open_data(n.upper)
-            for c in (n.children or {}).values():
-                gather(c)
-        gather(self.root)
-        self.overlay.clear(cid, root_row, merge)  # the one atomic step
-        self.base = cid
-        self.base_tree = commit.tree
-        self.base_time_ns = commit.time * 1_000_000_000
-        invalidate: list[int] = []
-
-        def rebase(n: WNode, e: TreeEntry, parts: tuple) -> None:
-            changed = n.upper is not None or n.origin is None or n.origin.id != e.id or n.kind != _kind_of(e)
-            if n.kind == "file" and changed:
-                invalidate.append(n.ino)
-            if n.upper is not None:
-                n.upper = None
-                self._close_fd(n)
-            n.oid = None
-            n.origin = e
-            n.size = e.size
-            n.mode = _mode_of(e)
-            n.mtime_ns = self.base_time_ns
-            n.target = e.target
-            n.dirty = False
-            if not n.is_dir:
-                return
-            kids = dict(n.lazy)
-            kids.update(n.children or {})
-            n.children = None
-            n.lazy = {}
-            tree = trees.get(parts)
-            for name, c in kids.items():
-                ce = tree.get(name) if tree is not None else None
-                if ce is None or _kind_of(ce) != c.kind:
-                    invalidate.extend(self._inos_below(c))
-                    self._detach_all(c)
-                else:
-                    n.lazy[name] = c
-                    rebase(c, ce, parts + (name,))
-
-        rebase(self.root, root_row.origin, ())
-        self.root.oid = ROOT_ID
-        for n in old_data:
-            if n.fd is not None and n.parent is not None:
-                self._close_fd(n)
-        return invalidate
-
-    def _detach_all(self, n: WNode) -> None:
-        for c in list(n.lazy.values()):
-            self._detach_all(c)
-        n.lazy = {}
-        if n.upper is not None and n.opens > 0 and n.fd is None:
-            try:
-                n.fd = self.overlay.open_data(n.upper)
-            except OSError:
-                pass
-        self._detach(n)
-
-
-def resolve_pending(repo: Repository, overlay: Overlay, head: bytes | None) -> str | None:
-    """Settle a commit the daemon was killed in: see vfs/overlay.py.  Returns what was done."""
-    pending = overlay.pending
-    if pending is None:
-        return None
-    base = overlay.base
-    cid, steps = head, 0
-    while cid is not None and cid != base and steps < _PENDING_SEARCH:
-        if cid == pending:
-            log.info("workspace: the interrupted commit %s reached the branch; clearing its edits", pending.hex())
-            overlay.clear(pending, WorkspaceFS._root_row(repo, pending))
-            return "landed"
-        parents = repo.load_commit(cid).parents
-        cid = parents[0] if parents else None
-        steps += 1
-    log.info("workspace: the interrupted commit %s did not reach the branch; the edits stay pending",
-             pending.hex())
-    overlay.set_pending(None)
-    return "dropped"

@@ -1,0 +1,281 @@
+"""Commit preparation, rebase and crash recovery of a workspace (vfs/workspace.py).
+
+``draft`` snapshots the edits as a Draft (model/draft.py) for the change
+engine (the commit is composed in fuse/control.py: vfs does not import ops);
+``set_pending`` records the commit id before the branch's compare-and-swap;
+``settle``/``reset`` re-base the in-memory tree onto a commit keeping node
+objects (so the kernel's inode numbers stay valid); ``resolve_pending``
+settles a commit the daemon was killed in (see vfs/overlay.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+import trio
+
+from commitfs.errors import InputError
+from commitfs.model.draft import Draft, NewFile
+from commitfs.model.objects import Commit, Kind, Tree, TreeEntry, symlink_entry
+from commitfs.repo.repository import Repository
+from commitfs.vfs.overlay import ROOT_ID, Overlay, Row
+
+log = logging.getLogger(__name__)
+
+from commitfs.vfs.wstree import WNode, _kind_of, _mode_of, _now
+
+#: How far back from the branch head ``resolve_pending`` looks for an interrupted commit.
+_PENDING_SEARCH = 100_000
+
+
+# --- the snapshot of an overlay ----------------------------------------------------------
+def _draft(node: WNode, data_path: Callable[[str], str]) -> Draft | None:
+    """The edited tree as the change engine sees it (taken under the lock): a Draft per
+    materialized directory, the origin TreeEntry of everything untouched (never opened),
+    a NewFile per copied-up or new file; None for a lazy (untouched) root."""
+    if node.children is None:
+        return None
+    out: dict = {}
+    for name, c in node.children.items():
+        if c.kind == "dir":
+            out[name] = _draft(c, data_path) if c.children is not None else c.origin
+        elif c.kind == "symlink":
+            out[name] = symlink_entry(name, c.target)
+        elif c.upper is not None:
+            out[name] = NewFile(source=data_path(c.upper), executable=bool(c.mode & 0o100), size=c.size)
+        else:
+            # Unchanged bytes: the origin entry itself when the executable bit
+            # is unchanged too (the common case; no new object per file).
+            o = c.origin
+            kind = Kind.EXEC if c.mode & 0o100 else Kind.FILE
+            out[name] = o if o.kind is kind else TreeEntry(name, kind, o.size, o.id)
+    return Draft(out)
+
+
+
+def root_row(repo: Repository, cid: bytes) -> Row:
+    """The overlay row of a workspace root showing commit ``cid``."""
+    tree = repo.load_commit(cid).tree
+    return Row(ROOT_ID, None, "", "dir", TreeEntry("", Kind.DIR, 0, tree), False, None, 0o755, 0, None)
+
+
+class CommitState:
+    """Commit preparation and rebase of WorkspaceFS (a mixin: the state lives there)."""
+
+    @asynccontextmanager
+    async def paused(self):
+        """Hold off every change (the one lock) with pending metadata written.
+
+        The control channel (fuse/control.py) runs status and commit inside:
+        ``draft()`` to snapshot the edits, ``settle(cid)`` once the branch
+        reached a commit, ``set_pending`` around the compare-and-swap."""
+        async with self._lock:
+            self._flush_all()
+            yield self
+
+    def draft(self) -> Draft | TreeEntry | None:
+        """The edits as a Draft over the base commit (call inside ``paused``): None when
+        untouched; the root's TreeEntry when it shows another tree than the base's
+        (a merge in progress) and nothing was edited below it."""
+        if self.root.children is None:
+            o = self.root.origin
+            return o if o is not None and o.id != self.base_tree else None
+        return _draft(self.root, self.overlay.data_path)
+
+    def set_pending(self, commit_id: bytes | None) -> None:
+        """Record the commit about to be compare-and-swapped (crash safety, vfs/overlay.py)."""
+        self.overlay.set_pending(commit_id)
+
+    async def settle(self, commit_id: bytes) -> list[int]:
+        """The branch reached ``commit_id``: clear the edits and show it, keeping the
+        node objects the kernel knows (call inside ``paused``); inodes to invalidate."""
+        return await self._rebase_onto(commit_id, clear=True)
+
+    async def reset(self, paths: list[str] | None = None) -> list[int]:
+        """Discard edits (all, or at and below ``paths``); return inodes whose contents changed."""
+        async with self._lock:
+            if not paths:
+                return await self._rebase_onto(self.base, clear=True)
+            changed: list[int] = []
+            for p in paths:
+                changed += await self._reset_path(p)
+            return changed
+
+    async def _reset_path(self, path: str) -> list[int]:
+        parts = [p for p in path.strip("/").split("/") if p and p != "."]
+        if not parts or ".." in parts:
+            raise InputError(f"cannot reset {path!r}: give a path inside the workspace")
+        # The base entry at the path.
+        base_tree = (await self.loader.io("base commit", self.repo.load_commit, self.base)).tree
+        entry: TreeEntry | None = TreeEntry("", Kind.DIR, 0, base_tree)
+        for name in parts:
+            if entry is None or not entry.is_dir:
+                entry = None
+                break
+            entry = (await self.loader.tree(entry.id)).get(name)
+        # Walk (and create, if the base has the path) the parents in the workspace.
+        d = self.root
+        for name in parts[:-1]:
+            c = await self._child(d, name)
+            if c is None:
+                if entry is None:
+                    return []
+                await self._materialize(d)
+                c = self._new("dir", name, d)
+                c.children, c.mode, c.mtime_ns = {}, 0o755, _now()
+                self._add_child(d, c)
+            elif not c.is_dir:
+                raise InputError(f"cannot reset {path}: {c.path()} is not a directory in the workspace "
+                                 "(reset that path instead)")
+            d = c
+        name = parts[-1]
+        current = await self._child(d, name)
+        if current is None and entry is None:
+            return []
+        if (current is not None and entry is not None and current.oid is None and current.origin == entry):
+            return []  # untouched
+        await self._materialize(d)
+        current = d.children.get(name)
+        changed = []
+        if current is not None:
+            changed = self._inos_below(current)
+            self._unlink_node(d, current)
+        if entry is not None:
+            n = self._from_entry(d, TreeEntry(name, entry.kind, entry.size, entry.id, entry.target))
+            self._add_child(d, n)
+        return changed
+
+    def _inos_below(self, n: WNode) -> list[int]:
+        out = [n.ino]
+        for c in list((n.children or {}).values()) + list(n.lazy.values()):
+            out += self._inos_below(c)
+        return out
+
+    async def _rebase_onto(self, cid: bytes, clear: bool, tree: bytes | None = None,
+                           merge: str | None = None) -> list[int]:
+        """Clear the overlay and show commit ``cid`` (or, over it, tree ``tree``: a merge
+        in progress, ``merge``), keeping the node objects the kernel knows."""
+        commit: Commit = await self.loader.io("commit", self.repo.load_commit, cid)
+        shown = tree or commit.tree
+        # The trees along every in-memory directory with nodes below it, loaded in a thread.
+        wanted: list[list[str]] = []
+
+        def collect(n: WNode, parts: list[str]) -> None:
+            kids = dict(n.lazy)
+            kids.update(n.children or {})
+            if kids:
+                wanted.append(parts)
+            for name, c in kids.items():
+                if c.is_dir:
+                    collect(c, parts + [name])
+        collect(self.root, [])
+        repo = self.repo
+
+        def load() -> dict[tuple, Tree | None]:
+            out: dict[tuple, Tree | None] = {}
+
+            def tree_at(parts: tuple) -> Tree | None:
+                if parts in out:
+                    return out[parts]
+                if not parts:
+                    t = repo.load_tree(shown)
+                else:
+                    parent = tree_at(parts[:-1])
+                    e = parent.get(parts[-1]) if parent is not None else None
+                    t = repo.load_tree(e.id) if e is not None and e.is_dir else None
+                out[parts] = t
+                return t
+            for parts in wanted:
+                tree_at(tuple(parts))
+            return out
+        trees = await trio.to_thread.run_sync(load)
+        root_row = Row(ROOT_ID, None, "", "dir", TreeEntry("", Kind.DIR, 0, shown), False, None,
+                       self.root.mode, 0, None)
+        old_data = []
+
+        def gather(n: WNode):
+            if n.upper is not None:
+                old_data.append(n)
+                if n.opens > 0 and n.fd is None:  # keep its bytes for whoever has it open
+                    n.fd = self.overlay.open_data(n.upper)
+            for c in (n.children or {}).values():
+                gather(c)
+        gather(self.root)
+        self.overlay.clear(cid, root_row, merge)  # the one atomic step
+        self.base = cid
+        self.base_tree = commit.tree
+        self.base_time_ns = commit.time * 1_000_000_000
+        invalidate: list[int] = []
+
+        def rebase(n: WNode, e: TreeEntry, parts: tuple) -> None:
+            changed = n.upper is not None or n.origin is None or n.origin.id != e.id or n.kind != _kind_of(e)
+            if n.kind == "file" and changed:
+                invalidate.append(n.ino)
+            if n.upper is not None:
+                n.upper = None
+                self._close_fd(n)
+            n.oid = None
+            n.origin = e
+            n.size = e.size
+            n.mode = _mode_of(e)
+            n.mtime_ns = self.base_time_ns
+            n.target = e.target
+            n.dirty = False
+            n.uid = n.gid = n.atime_ns = n.ctime_ns = None  # a commit records neither
+            if not n.is_dir:
+                return
+            kids = dict(n.lazy)
+            kids.update(n.children or {})
+            n.children = None
+            n.lazy = {}
+            tree = trees.get(parts)
+            for name, c in kids.items():
+                ce = tree.get(name) if tree is not None else None
+                if ce is None or _kind_of(ce) != c.kind:
+                    invalidate.extend(self._inos_below(c))
+                    self._detach_all(c)
+                else:
+                    n.lazy[name] = c
+                    rebase(c, ce, parts + (name,))
+
+        rebase(self.root, root_row.origin, ())
+        self.root.oid = ROOT_ID
+        for n in old_data:
+            if n.fd is not None and n.parent is not None:
+                self._close_fd(n)
+        return invalidate
+
+    def _detach_all(self, n: WNode) -> None:
+        for c in list(n.lazy.values()):
+            self._detach_all(c)
+        n.lazy = {}
+        if n.upper is not None and n.opens > 0 and n.fd is None:
+            try:
+                n.fd = self.overlay.open_data(n.upper)
+            except OSError:
+                pass
+        self._detach(n)
+
+
+def resolve_pending(repo: Repository, overlay: Overlay, head: bytes | None) -> str | None:
+    """Settle a commit the daemon was killed in: see vfs/overlay.py.  Returns what was done."""
+    pending = overlay.pending
+    if pending is None:
+        return None
+    base = overlay.base
+    cid, steps = head, 0
+    while cid is not None and cid != base and steps < _PENDING_SEARCH:
+        if cid == pending:
+            log.info("workspace: the interrupted commit %s reached the branch; clearing its edits", pending.hex())
+            overlay.clear(pending, root_row(repo, pending))
+            return "landed"
+        parents = repo.load_commit(cid).parents
+        cid = parents[0] if parents else None
+        steps += 1
+    log.info("workspace: the interrupted commit %s did not reach the branch; the edits stay pending",
+             pending.hex())
+    overlay.set_pending(None)
+    return "dropped"

@@ -1,0 +1,194 @@
+"""Making a workspace's changes persistent (vfs/workspace.py): rows and copy-up.
+
+Each change writes its overlay rows (vfs/overlay.py) before it changes the
+in-memory tree.  ``_persist`` gives a node a row (materializing its
+ancestors), ``_materialize`` copies a lazy directory's listing into rows (no
+file bytes read), ``_ensure_upper`` copies a file up on its first write, and
+``_unlink_node``/``_detach`` take a node out of the tree while whoever has it
+open keeps its bytes.  Blocking durability work (fsync of the data files, the
+data directory and the overlay database) runs in a worker thread under the
+loader's limiter and I/O timeout (``_sync``), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import trio
+
+from commitfs.errors import PathNotFoundError
+from commitfs.vfs.inode import ROOT_INODE
+from commitfs.vfs.overlay import copy_up
+
+log = logging.getLogger(__name__)
+
+from commitfs.vfs.wstree import WNode, _now
+
+
+class OverlayStore:
+    """Rows and data files of WorkspaceFS (a mixin: the state lives there)."""
+
+    async def _persist(self, n: WNode) -> None:
+        """Give ``n`` an overlay row (materializing its ancestors)."""
+        if n.oid is not None:
+            return
+        if n.parent is None:
+            raise PathNotFoundError(f"{n.name}: it was deleted")
+        await self._persist(n.parent)
+        await self._materialize(n.parent)
+        if n.oid is None:
+            raise PathNotFoundError(f"{n.name}: it was deleted")
+
+    async def _materialize(self, d: WNode) -> None:
+        """Copy a lazy directory's listing into overlay rows (no file bytes read)."""
+        await self._persist(d)
+        if d.children is not None:
+            return
+        tree = await self.loader.tree(d.origin.id)
+        if d.children is not None:
+            return
+        kids = {}
+        for e in tree.entries:
+            n = d.lazy.get(e.name) or self._from_entry(d, e)
+            kids[e.name] = n
+        ids = [self.overlay.new_id() for _ in kids]
+        rows = []
+        for nid, n in zip(ids, kids.values()):
+            r = n.row()
+            r.id, r.parent = nid, d.oid
+            rows.append(r)
+        with self.overlay.batch():
+            self.overlay.insert(rows)
+            self.overlay.update(d.oid, materialized=1)
+        for nid, n in zip(ids, kids.values()):
+            n.oid = nid
+        d.children = kids
+        d.lazy = {}
+
+    def _touch(self, d: WNode) -> None:
+        """A directory's entries changed: its mtime and ctime move (written at flush)."""
+        d.mtime_ns = d.ctime_ns = _now()
+        d.dirty = True
+
+    def _flush(self, n: WNode) -> None:
+        if n.dirty and n.oid is not None:
+            self.overlay.update(n.oid, mtime_ns=n.mtime_ns, ctime_ns=n.ctime_ns)
+        n.dirty = False
+
+    def _flush_all(self) -> None:
+        def walk(n: WNode):
+            self._flush(n)
+            for c in (n.children or {}).values():
+                walk(c)
+        if self.root is not None:
+            with self.overlay.batch():
+                walk(self.root)
+
+    def _close_fd(self, n: WNode) -> None:
+        if n.fd is not None:
+            try:
+                os.close(n.fd)
+            except OSError:
+                pass
+            n.fd = None
+
+    def _fd(self, n: WNode) -> int:
+        if n.fd is None:
+            n.fd = self.overlay.open_data(n.upper)
+        return n.fd
+
+    async def _ensure_upper(self, n: WNode, empty: bool = False) -> int:
+        """The writable file descriptor of ``n``, copying it up first if needed."""
+        while n.copying is not None:
+            await n.copying.wait()
+        if n.fd is not None and (n.upper is not None or n.oid is None):
+            return n.fd
+        if n.upper is not None:
+            return self._fd(n)
+        detached = n.parent is None
+        if not detached:
+            await self._persist(n)
+        if n.upper is not None or n.fd is not None:
+            return self._fd(n) if n.fd is None else n.fd
+        done = n.copying = trio.Event()
+        try:
+            name = str(n.oid) if not detached else None
+            fd = self.overlay.create_data(name) if name else self.overlay.anonymous_file(str(n.ino))
+            try:
+                size = 0
+                if not empty and n.origin is not None and n.origin.size:
+                    manifest = await self.loader.manifest(n.origin.id)
+                    size = await self.loader.io(f"copy-up of {n.path()}", copy_up, self.repo.load_chunks, manifest, fd)
+                if name and n.oid is not None:
+                    self.overlay.update(n.oid, upper=name)
+                    n.upper = name
+            except BaseException:
+                os.close(fd)
+                if name:
+                    self.overlay.remove_data(name)
+                raise
+            n.fd = fd
+            n.size = size
+            return fd
+        finally:
+            n.copying = None
+            done.set()
+
+    def _remove_subtree_rows(self, n: WNode, ids: list[int], data: list[str]) -> None:
+        if n.oid is not None:
+            ids.append(n.oid)
+        if n.upper is not None:
+            data.append(n.upper)
+        for c in (n.children or {}).values():
+            self._remove_subtree_rows(c, ids, data)
+
+    def _detach(self, n: WNode) -> None:
+        """``n`` left the tree (unlinked, replaced, reset): whoever has it open keeps its bytes."""
+        if n.upper is not None:
+            if n.opens > 0 and n.fd is None:
+                n.fd = self.overlay.open_data(n.upper)
+            elif n.opens <= 0:
+                self._close_fd(n)
+        for c in list((n.children or {}).values()):
+            self._detach(c)
+        n.parent = None
+        n.oid = None
+        n.upper = None
+        n.dirty = False
+        self._maybe_forget(n)
+
+    def _maybe_forget(self, n: WNode) -> None:
+        if n.lookups <= 0 and n.opens <= 0 and n.ino != ROOT_INODE:
+            self._inodes.pop(n.ino, None)
+            self._close_fd(n)
+
+    def _unlink_node(self, d: WNode, n: WNode) -> None:
+        """Remove ``n`` (persisted, in materialized ``d``) from the tree and the overlay."""
+        ids: list[int] = []
+        data: list[str] = []
+        self._remove_subtree_rows(n, ids, data)
+        self.overlay.delete(ids)
+        del d.children[n.name]
+        self._touch(d)
+        self._detach(n)
+        for name in data:
+            self.overlay.remove_data(name)
+        if data:
+            self.overlay.make_reserve()
+
+    async def _prepare_parent(self, parent_inode: int) -> WNode:
+        d = self._dir(parent_inode)
+        await self._materialize(d)
+        return d
+
+    def _add_child(self, d: WNode, n: WNode) -> None:
+        n.oid = self.overlay.new_id()
+        self.overlay.insert([n.row()])
+        d.children[n.name] = n
+        self._touch(d)
+
+    async def _sync(self, fd: int | None = None) -> None:
+        """fsync (``fd``'s data, the data directory, the database) in a worker thread
+        under the loader's limiter and I/O timeout: never on the event loop."""
+        await self.loader.io("fsync of the workspace overlay", self.overlay.sync, fd)

@@ -1,0 +1,227 @@
+"""The node tree of a writable workspace (vfs/workspace.py): nodes, their kinds, lookup.
+
+A node's identity is the object, not its path (a rename moves the object, so
+the inode number the kernel holds stays right).  A directory is either
+materialized (``children``, backed by overlay rows) or lazy (its listing is
+its origin tree; nodes looked up in it are cached in ``lazy``).  Inode numbers
+come from one counter; lookup counts are kept per node, as in the read-only
+core (vfs/inode.py), and a node leaves the table when the kernel forgets it
+and nothing (a row, an open handle) keeps it.
+
+The node kinds are the overlay's row kinds (``DIR``, ``FILE``, ``SYMLINK``
+below, with ``kind_of`` mapping the model's Kind onto them: an executable
+file is a ``FILE`` with an executable mode).
+"""
+
+from __future__ import annotations
+
+import logging
+import stat
+import time
+
+import trio
+
+from commitfs.errors import NotADirectoryError_, PathNotFoundError
+from commitfs.model.objects import Kind, TreeEntry
+from commitfs.vfs import prefetch
+from commitfs.vfs.errors import InvalidArgumentError, NameTooLongError
+from commitfs.vfs.inode import PREFERRED_IO_SIZE, ROOT_INODE, Attr
+from commitfs.vfs.overlay import Row
+
+log = logging.getLogger(__name__)
+
+
+#: The longest name ext4 (and Linux's NAME_MAX) allows, in bytes.
+NAME_MAX = 255
+DIR, FILE, SYMLINK = "dir", "file", "symlink"
+
+
+def _now() -> int:
+    return time.time_ns()
+
+
+
+class WNode:
+    __slots__ = ("ino", "oid", "parent", "name", "kind", "origin", "children", "lazy", "upper", "size", "mode",
+                 "mtime_ns", "target", "lookups", "opens", "fd", "dirty", "copying", "uid", "gid", "atime_ns",
+                 "ctime_ns")
+
+    def __init__(self, ino: int, kind: str, name: str, parent: WNode | None):
+        self.ino = ino
+        self.oid: int | None = None  # overlay row id
+        self.parent = parent
+        self.name = name
+        self.kind = kind  # "dir" | "file" | "symlink"
+        self.origin: TreeEntry | None = None
+        self.children: dict[str, WNode] | None = None  # materialized listing
+        self.lazy: dict[str, WNode] = {}  # nodes looked up in a lazy directory
+        self.upper: str | None = None  # data file name
+        self.size = 0
+        self.mode = 0o644
+        self.mtime_ns = 0
+        self.target = b""
+        self.lookups = 0
+        self.opens = 0
+        self.fd: int | None = None
+        self.dirty = False  # mtime not yet written to the overlay
+        self.copying: trio.Event | None = None
+        # Owner and the other two times: None shows the mount's user and the mtime.
+        self.uid: int | None = None
+        self.gid: int | None = None
+        self.atime_ns: int | None = None
+        self.ctime_ns: int | None = None
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == "dir"
+
+    def path(self) -> str:
+        parts = []
+        n = self
+        while n.parent is not None:
+            parts.append(n.name)
+            n = n.parent
+        return "/".join(reversed(parts))
+
+    def row(self) -> Row:
+        return Row(self.oid, self.parent.oid if self.parent else None, self.name, self.kind, self.origin,
+                   self.children is not None, self.upper, self.mode, self.mtime_ns,
+                   self.target if self.kind == "symlink" else None, self.uid, self.gid, self.atime_ns,
+                   self.ctime_ns)
+
+
+def _kind_of(e: TreeEntry) -> str:
+    return "dir" if e.kind is Kind.DIR else "symlink" if e.kind is Kind.SYMLINK else "file"
+
+
+def _mode_of(e: TreeEntry) -> int:
+    if e.kind is Kind.DIR or e.kind is Kind.EXEC:
+        return 0o755
+    return 0o777 if e.kind is Kind.SYMLINK else 0o644
+
+
+class _Handle:
+    __slots__ = ("node", "reader", "reader_id")
+
+    def __init__(self, node: WNode):
+        self.node = node
+        self.reader: prefetch.Prefetcher | None = None
+        self.reader_id: bytes | None = None
+
+
+class _DirHandle:
+    __slots__ = ("node", "items")
+
+    def __init__(self, node: WNode, items: list):
+        self.node = node
+        self.items = items  # (name, node or TreeEntry)
+
+
+
+
+class NodeTree:
+    """The node tree and inode table of WorkspaceFS (a mixin: the state lives there)."""
+
+    def _new(self, kind: str, name: str, parent: WNode | None) -> WNode:
+        node = WNode(self._next_ino, kind, name, parent)
+        self._next_ino += 1
+        return node
+
+    def _from_entry(self, parent: WNode, e: TreeEntry) -> WNode:
+        n = self._new(_kind_of(e), e.name, parent)
+        n.origin = e
+        n.size = e.size
+        n.mode = _mode_of(e)
+        n.mtime_ns = self.base_time_ns
+        n.target = e.target
+        return n
+
+    # --- nodes ---------------------------------------------------------------------------
+    def _node(self, ino: int) -> WNode:
+        n = self._inodes.get(ino)
+        if n is None:
+            from commitfs.vfs.errors import StaleInodeError
+
+            raise StaleInodeError(f"inode {ino} is not known")
+        return n
+
+    def _dir(self, ino: int) -> WNode:
+        n = self._node(ino)
+        if not n.is_dir:
+            raise NotADirectoryError_(f"inode {ino} is not a directory")
+        return n
+
+    def attr(self, n: WNode) -> Attr:
+        if n.kind == "dir":
+            mode, size = stat.S_IFDIR | n.mode, 0
+        elif n.kind == "symlink":
+            mode, size = stat.S_IFLNK | 0o777, len(n.target)
+        else:
+            mode, size = stat.S_IFREG | n.mode, n.size
+        return Attr(n.ino, mode, size, n.mtime_ns, self._t, self._t, 1, PREFERRED_IO_SIZE,
+                    n.uid, n.gid, n.atime_ns, n.ctime_ns)
+
+    def _remember(self, n: WNode) -> Attr:
+        n.lookups += 1
+        self._inodes[n.ino] = n
+        return self.attr(n)
+
+    @staticmethod
+    def _name(name: bytes) -> str:
+        try:
+            text = name.decode()
+        except UnicodeDecodeError:
+            raise PathNotFoundError(f"{name!r}: no such entry (names are UTF-8)") from None
+        return text
+
+    @staticmethod
+    def _new_name(name: bytes) -> str:
+        if len(name) > NAME_MAX:
+            raise NameTooLongError(f"{name[:40]!r}...: a name is at most {NAME_MAX} bytes")
+        try:
+            return name.decode()
+        except UnicodeDecodeError:
+            raise InvalidArgumentError(f"{name!r}: commitfs stores UTF-8 names only") from None
+
+    async def _child(self, d: WNode, name: str) -> WNode | None:
+        """The node named ``name`` in directory ``d``, or None."""
+        if d.children is not None:
+            return d.children.get(name)
+        n = d.lazy.get(name)
+        if n is not None:
+            return n
+        tree = await self.loader.tree(d.origin.id)
+        if d.children is not None:  # materialized meanwhile
+            return d.children.get(name)
+        e = tree.get(name)
+        if e is None:
+            return None
+        n = d.lazy.get(name)
+        if n is None:
+            n = d.lazy[name] = self._from_entry(d, e)
+        return n
+
+    async def _listing(self, d: WNode) -> list:
+        if d.children is not None:
+            return sorted(d.children.items(), key=lambda kv: kv[0].encode())
+        tree = await self.loader.tree(d.origin.id)
+        if d.children is not None:
+            return sorted(d.children.items(), key=lambda kv: kv[0].encode())
+        return [(e.name, e) for e in tree.entries]
+
+    async def _is_empty(self, d: WNode) -> bool:
+        if d.children is not None:
+            return not d.children
+        return not (await self.loader.tree(d.origin.id)).entries
+
+    def _maybe_drop(self, n: WNode) -> None:
+        """Forget a lazy node the kernel no longer knows (and lazy ancestors left unused)."""
+        while (n is not None and n.ino != ROOT_INODE and n.lookups <= 0 and n.opens <= 0 and n.oid is None
+               and not n.lazy and n.children is None):
+            self._inodes.pop(n.ino, None)
+            p = n.parent
+            if p is None or p.lazy.get(n.name) is not n:
+                return
+            del p.lazy[n.name]
+            n = p if p.ino not in self._inodes else None
+
