@@ -211,3 +211,32 @@ def test_commit_json_bytes_stored_is_the_repository_growth(local_url, tmp_path):
     out = json.loads(cli_ok("-r", local_url, "commit", str(src), "-m", "one", "--json").stdout)
     growth = _growth(before, store_state(local_url))
     assert out["bytes_stored"] == growth
+
+
+def test_writer_checkpoints_bound_its_session_and_keep_the_repository_valid(local_repo, tmp_path, monkeypatch):
+    """A commit of many blobs indexes what it added every _CHECKPOINT_BLOBS blobs (several
+    segments, the writer's session never larger than that), and the result reads back whole."""
+    from commitfs.ops import snapshot
+    from core_fixtures import assert_fsck_clean
+
+    monkeypatch.setattr(snapshot, "_CHECKPOINT_BLOBS", 10)
+    sizes = []
+    add = BlobWriter.add
+
+    def watching_add(writer, *a, **kw):
+        sizes.append(len(writer._session))
+        return add(writer, *a, **kw)
+
+    monkeypatch.setattr(BlobWriter, "add", watching_add)
+    src = tmp_path / "src"
+    _tree(src, random.Random(6), dirs=6, files=10)
+    age_tree(src)
+    segments = len(list(local_repo.index.segments()))
+    made = commit_directory(local_repo, src, message="many")
+    assert max(sizes) <= 10 and len(sizes) > 60
+    assert len(list(reopen(local_repo.url).index.segments())) > segments + 1  # merged or not: more than one
+    assert made.tree_id == _fresh_tree_id(tmp_path, src)
+    out = tmp_path / "out"
+    checkout(reopen(local_repo.url), made.commit_id, out)
+    assert describe(out) == describe(src)
+    assert_fsck_clean(local_repo.url)

@@ -41,6 +41,10 @@ _SMALL_FILE = 32 * 1024 * 1024
 # Bound on file bytes read ahead by the pool and not yet packed.
 _READ_AHEAD_BYTES = 256 * 1024 * 1024
 _READ_THREADS = 4
+# Blobs after which the writer indexes what it added and forgets it (BlobWriter.checkpoint):
+# bounds its memory (~250 B a blob) at any file count.  Safe: files are stored chunks first,
+# trees bottom-up.
+_CHECKPOINT_BLOBS = 100_000
 
 
 def default_author() -> str:
@@ -198,7 +202,7 @@ def store_stream(writer: BlobWriter, stream, on_bytes: Callable[[int], None] | N
 _STAT_KIND = {Kind.FILE: 0, Kind.EXEC: 1, Kind.SYMLINK: 2, Kind.DIR: 3}
 
 
-def _scan(root: str, cache: StatCache, warnings: list[str]) -> tuple[list[_Dir], list[tuple[_Dir, int, str, os.stat_result]]]:
+def _scan(root: str, cache: StatCache, warnings: list[str]) -> tuple[list[_Dir], list[tuple[_Dir, int, str, int]]]:
     """Walk ``root``; return directories (parents before children) and files to read.
 
     A directory whose entries all stat as the stat cache recorded them keeps
@@ -249,7 +253,8 @@ def _scan(root: str, cache: StatCache, warnings: list[str]) -> tuple[list[_Dir],
             elif statmod.S_ISREG(mode):
                 kind = Kind.EXEC if mode & statmod.S_IXUSR else Kind.FILE
                 files.append(len(d.entries))
-                d.entries.append((name, kind, (None, st.st_size, st)))
+                # (file id, size, mtime_ns): no stat_result kept (~600 B each, per file)
+                d.entries.append((name, kind, (None, st.st_size, st.st_mtime_ns)))
                 stat.append((name, _STAT_KIND[kind], st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
             else:
                 what = ("socket" if statmod.S_ISSOCK(mode) else "FIFO" if statmod.S_ISFIFO(mode)
@@ -262,13 +267,13 @@ def _scan(root: str, cache: StatCache, warnings: list[str]) -> tuple[list[_Dir],
             continue
         known = cached.file_ids() if cached is not None else {}
         for slot in files:
-            name, kind, (_, size, st) = d.entries[slot]
+            name, kind, (_, size, mtime) = d.entries[slot]
             hit = known.get(name)
             if hit is not None and hit[1] != UNTRUSTED and hit[0] == stat[slot + 1]:
-                d.entries[slot] = (name, kind, (hit[1], size, st))
+                d.entries[slot] = (name, kind, (hit[1], size, mtime))
             else:
                 rel = f"{d.rel}/{name}" if d.rel else name
-                to_read.append((d, slot, rel, st))
+                to_read.append((d, slot, rel, size))
     return dirs, to_read
 
 
@@ -323,9 +328,9 @@ def commit_directory(
     warnings: list[str] = []
     dirs, to_read = _scan(root, cache, warnings)
 
-    prog = Progress(files_total=len(to_read), bytes_total=sum(st.st_size for *_, st in to_read))
+    prog = Progress(files_total=len(to_read), bytes_total=sum(size for *_, size in to_read))
     result_files = sum(1 for d in dirs for _, k, _ in d.entries if k.is_file)
-    with repo.writer() as writer:
+    with repo.writer(checkpoint_blobs=_CHECKPOINT_BLOBS) as writer:
         _read_changed(writer, to_read, prog, progress)
         tree_id = _build_trees(writer, dirs, cache, scan_start)
     result = CommitResult(b"", tree_id, False, files=result_files, files_read=len(to_read),
@@ -374,29 +379,29 @@ def _read_changed(writer, to_read, prog: Progress, progress) -> None:
     with ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="commitfs-read") as pool:
         def drain_one() -> None:
             nonlocal inflight
-            d, slot, st, fut = pending.popleft()
+            d, slot, st_size, fut = pending.popleft()
             prepared = fut.result()
             fid = store_prepared(writer, prepared)
             size = prepared.size
-            inflight -= st.st_size
+            inflight -= st_size
             name, kind, _ = d.entries[slot]
-            d.entries[slot] = (name, kind, (fid, size, st))
+            d.entries[slot] = (name, kind, (fid, size, d.entries[slot][2][2]))
             done(size, 1)
 
-        for d, slot, rel, st in to_read:
-            if st.st_size > _SMALL_FILE:
+        for d, slot, rel, st_size in to_read:
+            if st_size > _SMALL_FILE:
                 while pending:
                     drain_one()
                 path = os.path.join(d.path, d.entries[slot][0])
                 fid, size = store_large_file(pool, writer, path, done)
                 name, kind, _ = d.entries[slot]
-                d.entries[slot] = (name, kind, (fid, size, st))
+                d.entries[slot] = (name, kind, (fid, size, d.entries[slot][2][2]))
                 done(0, 1)
                 continue
-            while pending and inflight + st.st_size > _READ_AHEAD_BYTES:
+            while pending and inflight + st_size > _READ_AHEAD_BYTES:
                 drain_one()
-            pending.append((d, slot, st, pool.submit(prepare_file, os.path.join(d.path, d.entries[slot][0]))))
-            inflight += st.st_size
+            pending.append((d, slot, st_size, pool.submit(prepare_file, os.path.join(d.path, d.entries[slot][0]))))
+            inflight += st_size
         while pending:
             drain_one()
 
@@ -413,6 +418,7 @@ def _build_trees(writer: BlobWriter, dirs: list[_Dir], cache: StatCache, scan_st
                 del built[id(c)]
             cache.keep(d.rel)
             built[id(d)] = (d.cached.tree, d.cached.size, True)
+            d.entries = d.stat = d.subdirs = d.cached = None  # done with: release as we go
             continue
         entries = []
         ids = []
@@ -426,11 +432,11 @@ def _build_trees(writer: BlobWriter, dirs: list[_Dir], cache: StatCache, scan_st
             elif kind is Kind.SYMLINK:
                 entries.append(symlink_entry(name, payload))
             else:
-                fid, size, st = payload
+                fid, size, mtime = payload
                 if fid is None:  # unchanged in a matched directory
                     fid = cached_ids[k * ID_SIZE:(k + 1) * ID_SIZE]
                 k += 1
-                if trusted(st.st_mtime_ns, scan_start):
+                if trusted(mtime, scan_start):
                     ids.append(fid)
                 else:
                     ids.append(UNTRUSTED)
@@ -443,4 +449,5 @@ def _build_trees(writer: BlobWriter, dirs: list[_Dir], cache: StatCache, scan_st
         tid = writer.add_tree(tree)
         cache.record_dir(d.rel, d.stat, b"".join(ids), tid if all_trusted else None, tree.size)
         built[id(d)] = (tid, tree.size, False)
+        d.entries = d.stat = d.subdirs = d.cached = None
     return built[id(dirs[0])][0]

@@ -431,8 +431,8 @@ class Repository:
         raise RevisionError(f"unknown revision {name!r} (not a branch, tag, alias or commit id)")
 
     # --- writing ----------------------------------------------------------------
-    def writer(self) -> BlobWriter:
-        return BlobWriter(self)
+    def writer(self, checkpoint_blobs: int | None = None) -> BlobWriter:
+        return BlobWriter(self, checkpoint_blobs)
 
 
 @dataclass
@@ -468,12 +468,14 @@ class BlobWriter:
     UPLOAD_THREADS = 4
     _META_BUFFER = 1024 * 1024  # initial pack buffer; packs grow from it
 
-    def __init__(self, repo: Repository):
+    def __init__(self, repo: Repository, checkpoint_blobs: int | None = None):
         self.repo = repo
         # Deduplicate against the index as it is now, not as this process
         # last listed it: a gc may have replaced segments since.
         repo.index.refresh()
         self.stats = WriteStats()
+        # Index what was added every this many blobs (see checkpoint); None: only at the end.
+        self._checkpoint_blobs = checkpoint_blobs
         self._free: list[bytearray] = []
         # Both start small and grow: a commit of a few files must not pay for
         # a full pack buffer; full-size buffers are then recycled (_upload).
@@ -518,7 +520,39 @@ class BlobWriter:
         self.stats.bytes_new_stored += len(stored)
         if len(builder) >= TARGET_PACK_SIZE:
             self._flush(builder)
+        if self._checkpoint_blobs is not None and len(self._session) >= self._checkpoint_blobs:
+            self.checkpoint()
         return True
+
+    def checkpoint(self) -> None:
+        """Index every blob added so far and forget them: packs sealed (both,
+        even part-full), uploads awaited, one index segment written.  Bounds
+        the writer's memory (its session holds ~250 B per blob) at any blob
+        count.  Safe for the write order only when every object is added after
+        the objects beneath it (as a commit of a directory does): then a
+        segment never names a tree whose subtree is indexed later.  Blobs it
+        indexed stay if the writer then fails (unreferenced: gc's to remove)."""
+        for builder in list(self._builders.values()):
+            self._flush(builder)
+        for f in self._uploads:
+            f.result()
+        self._uploads.clear()
+        with self._lock:
+            batch, self._uploaded = self._uploaded, []
+        try:
+            self._index([e for _, entries in batch for e in entries])
+        except BaseException:
+            with self._lock:
+                self._uploaded[:0] = batch  # not indexed: removed by _discard_uploaded
+            raise
+        with self._lock:
+            self._session.clear()
+
+    def _index(self, entries: list) -> None:
+        before = self.repo.index.bytes_added
+        self.repo.index.add_segment(entries)
+        self.stats.bytes_stored += self.repo.index.bytes_added - before
+        self.repo.note_own_blobs(oid for oid, _ in entries)
 
     def add_tree(self, tree: Tree) -> bytes:
         data = tree.encode()
@@ -547,9 +581,12 @@ class BlobWriter:
         # Bound the packs held in memory: wait for the oldest upload first.
         while len([f for f in self._uploads if not f.done()]) >= self.UPLOAD_THREADS:
             next(f for f in self._uploads if not f.done()).result()
+        for f in [f for f in self._uploads if f.done()]:
+            f.result()  # raises a failed upload's error now
+            self._uploads.remove(f)
         self._uploads.append(self._pool.submit(self._upload, builder, view))
 
-    def _upload(self, builder: PackBuilder, view: memoryview) -> list:
+    def _upload(self, builder: PackBuilder, view: memoryview) -> None:
         pack_id = hash_bytes(view)  # here, not in the producing thread: blake3 runs without the GIL
         made = builder.entries
         if pack_id in self.repo.gc.condemned_packs():
@@ -579,7 +616,6 @@ class BlobWriter:
                 self._session[oid] = loc
             if len(builder.buf) >= TARGET_PACK_SIZE:
                 self._free.append(builder.take_buffer())
-        return entries
 
     def finish(self) -> int:
         """Upload what remains, wait, then index the new blobs; return their count."""
@@ -587,16 +623,14 @@ class BlobWriter:
             try:
                 for builder in list(self._builders.values()):
                     self._flush(builder)
-                entries = []
                 for f in self._uploads:
-                    entries.extend(f.result())
+                    f.result()
             finally:
                 self._pool.shutdown(wait=True, cancel_futures=True)
             self._uploads.clear()
-            before = self.repo.index.bytes_added
-            self.repo.index.add_segment(entries)
-            self.stats.bytes_stored += self.repo.index.bytes_added - before
-            self.repo.note_own_blobs(oid for oid, _ in entries)
+            with self._lock:
+                entries = [e for _, es in self._uploaded for e in es]
+            self._index(entries)
         except BaseException:
             self._discard_uploaded()
             raise
