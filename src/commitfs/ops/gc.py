@@ -525,9 +525,11 @@ class Collector:
             self.store.save_object(key, data)
             written_segments.append(key)
         _step("indexed")
+        dropped_from = {loc.pack for oid, locs in by_oid.items() if oid not in live for loc in locs
+                        if loc.pack in packs and loc.pack not in condemned}
         complete = Record(new_record_key(), rec.time, rec.grace, rec.owner, rec.packs, rec.commits,
                           [s.key for s in segs if s.key not in written_segments], written_segments, written,
-                          complete=True)
+                          complete=True, dropped_from=dropped_from)
         self.store.save_object(complete.key, complete.encode())
         _step("completed")
         self.store.remove_object(rec.key)
@@ -567,14 +569,17 @@ class Collector:
         # Tables of the condemned packs: where their blobs lie, for the mark.
         tables: dict[bytes, list[tuple[bytes, Location]]] = {}
         in_condemned: dict[bytes, Location] = {}
-        for pid in rec.packs:
+        # Condemned packs first: a blob also in a kept pack is then found there.
+        for pid in [*sorted(rec.packs), *sorted(rec.dropped_from - rec.packs)]:
             try:
-                tables[pid] = load_pack_table(self.store, pid)
+                table = load_pack_table(self.store, pid)
             except ObjectNotFoundError:
                 continue  # deleted by an earlier, killed sweep
             except CorruptObjectError:
-                tables[pid] = []
-            for oid, loc in tables[pid]:
+                table = []
+            if pid in rec.packs:
+                tables[pid] = table
+            for oid, loc in table:
                 in_condemned.setdefault(oid, loc)
         index = Index(self.store)
         outside: dict[bytes, Location] = {}
@@ -608,13 +613,19 @@ class Collector:
         # progress (or its abandoned attempt): what they reach is kept, but
         # what they lack is not damage.
         marker.mark(commits, roots, strict=False)
-        spared: dict[bytes, list[tuple[bytes, Location]]] = {}
+        spared: dict[bytes, list[tuple[bytes, Location]]] = {}  # pack: blobs indexed again
         for oid, loc in in_condemned.items():
             if oid in marker.live and oid not in outside:
+                # Resurrected (a writer that did not check, say): indexed again,
+                # and a condemned pack holding it is not deleted.
                 spared.setdefault(loc.pack, []).append((oid, loc))
-        if spared:
-            self.report.packs_spared += len(spared)
-            self.report.notes.append(f"{len(spared)} condemned packs were spared: a writer needed them again")
+        spared_condemned = [p for p in spared if p in rec.packs]
+        if spared_condemned:
+            self.report.packs_spared += len(spared_condemned)
+            self.report.notes.append(f"{len(spared_condemned)} condemned packs were spared: "
+                                     "a writer needed them again")
+        if len(spared) > len(spared_condemned):
+            self.report.notes.append("blobs gc had dropped from the index were needed again: indexed again")
         doomed = {p for p in rec.packs if p not in spared and p in tables}
         rewrite = [e for es in spared.values() for e in es]
         rewrite += [(oid, loc) for entries in touching.values() for oid, loc in entries if loc.pack not in doomed]

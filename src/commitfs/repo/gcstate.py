@@ -53,6 +53,9 @@ class Record:
     #: False until its index segment is written: a record left incomplete (gc
     #: killed) is dropped by the next run, which deletes nothing it names.
     complete: bool = False
+    #: Kept packs some of whose (dead) blobs the new index no longer names:
+    #: the sweep looks there too for what a writer resurrected.
+    dropped_from: set[bytes] = field(default_factory=set)
 
     @property
     def due(self) -> float:
@@ -62,7 +65,8 @@ class Record:
         doc = {"type": RECORD_TYPE, "time": self.time, "grace": self.grace, "owner": self.owner,
                "packs": sorted(p.hex() for p in self.packs), "commits": sorted(c.hex() for c in self.commits),
                "removed_segments": self.removed_segments, "written_segments": self.written_segments,
-               "written_packs": [p.hex() for p in self.written_packs], "complete": self.complete}
+               "written_packs": [p.hex() for p in self.written_packs], "complete": self.complete,
+               "dropped_from": sorted(p.hex() for p in self.dropped_from)}
         return json.dumps(doc, sort_keys=True).encode() + b"\n"
 
     @classmethod
@@ -74,7 +78,8 @@ class Record:
             return cls(key, float(doc["time"]), float(doc["grace"]), str(doc["owner"]),
                        {bytes.fromhex(p) for p in doc["packs"]}, {bytes.fromhex(c) for c in doc["commits"]},
                        [str(k) for k in doc["removed_segments"]], [str(k) for k in doc["written_segments"]],
-                       [bytes.fromhex(p) for p in doc["written_packs"]], doc.get("complete") is True)
+                       [bytes.fromhex(p) for p in doc["written_packs"]], doc.get("complete") is True,
+                       {bytes.fromhex(p) for p in doc.get("dropped_from", ())})
         except (ValueError, KeyError, TypeError, AttributeError):
             raise CommitfsError(f"gc record {key} is unreadable (remove it to let gc run again)") from None
 
