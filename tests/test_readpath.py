@@ -156,7 +156,7 @@ def test_directory_read_ahead_fetches_the_next_small_files_together_and_a_jump_c
             assert ahead.jumps == 1 and all(s.cancel_called for s in scopes) and not old.scopes
             state = next(iter(ahead._states.values()))
             assert state.first == 2 and state.until <= 2 + 1 + dirahead.AHEAD_FILES
-            assert ahead.files_started - started <= dirahead.AHEAD_FILES  # bounded
+            assert ahead.files_started == started  # one read is no stream: a shuffled reader fetches nothing ahead
             for name in names[24:]:  # everything still exact, wherever it came from
                 assert await vfs_read_all(fs, inos[name]) == files[name]
             return in_order

@@ -240,3 +240,26 @@ def test_writer_checkpoints_bound_its_session_and_keep_the_repository_valid(loca
     checkout(reopen(local_repo.url), made.commit_id, out)
     assert describe(out) == describe(src)
     assert_fsck_clean(local_repo.url)
+
+
+def test_decoded_tree_cache_is_capped_by_bytes(local_repo, monkeypatch):
+    """Trees of big directories cost their entries: the cache keeps at most its byte cap,
+    however few trees that is (it was 4,096 trees whatever their size), and never one
+    tree larger than the whole cache."""
+    from commitfs.model.objects import Kind, TreeEntry
+    from commitfs.repo import repository
+
+    monkeypatch.setattr(repository, "TREE_CACHE_BYTES", 2 * 1024 * 1024)
+    repo = Repository.open(local_repo.url)
+    try:
+        for t in range(40):
+            entries = tuple(TreeEntry(f"f{i:05d}", Kind.FILE, 1, bytes([t]) * 32) for i in range(1000))
+            repo.remember_tree(bytes([t]) * 32, Tree(entries))
+        assert repo._trees.currsize <= 2 * 1024 * 1024
+        kept = len(repo._trees)
+        assert 0 < kept < 40
+        huge = Tree(tuple(TreeEntry(f"g{i:06d}", Kind.FILE, 1, bytes(32)) for i in range(20_000)))
+        repo.remember_tree(b"\xff" * 32, huge)  # larger than the whole cache: not kept, nothing evicted
+        assert b"\xff" * 32 not in repo._trees and len(repo._trees) == kept
+    finally:
+        repo.close()

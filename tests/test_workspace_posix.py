@@ -166,3 +166,61 @@ def test_rsync_tar_and_cp_as_root_succeed_and_commit_what_a_directory_would(ws, 
     for dest in ("r", "t", "c"):
         compare_trees(out / dest, plain / dest, modes=False)
 
+
+
+@needs_root
+def test_fifos_sockets_devices_and_regular_mknod_are_kept_and_skipped_by_a_commit(ws, tmp_path):
+    import socket
+    import stat
+
+    mnt = ws.mount()
+    os.mkfifo(mnt / "fifo", 0o640)
+    os.mknod(mnt / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    os.mknod(mnt / "plain", 0o600 | stat.S_IFREG)  # mknod of a regular file
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.bind(str(mnt / "sock"))
+    finally:
+        s.close()
+    st = os.lstat(mnt / "fifo")
+    assert stat.S_ISFIFO(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o640
+    st = os.lstat(mnt / "null")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
+    assert stat.S_ISSOCK(os.lstat(mnt / "sock").st_mode)
+    st = os.lstat(mnt / "plain")
+    assert stat.S_ISREG(st.st_mode) and st.st_size == 0 and stat.S_IMODE(st.st_mode) == 0o600
+    (mnt / "plain").write_bytes(b"regular")
+    os.chmod(mnt / "fifo", 0o600)
+    assert stat.S_ISFIFO(os.lstat(mnt / "fifo").st_mode)  # chmod keeps the type
+    # A FIFO works as one (the kernel serves it), and all of them survive a remount.
+    ws.umount(mnt)
+    mnt = ws.mount()
+    assert stat.S_ISFIFO(os.lstat(mnt / "fifo").st_mode)
+    assert os.lstat(mnt / "null").st_rdev == os.makedev(1, 3)
+    os.unlink(mnt / "sock")
+    assert not os.path.lexists(mnt / "sock")
+    # A commit skips the special files (the format holds files, directories, symlinks).
+    ws.cli("commit", str(mnt), "-m", "specials").check_returncode()
+    out = tmp_path / "co"
+    ws.cli("-r", ws.url, "checkout", "main", str(out)).check_returncode()
+    assert (out / "plain").read_bytes() == b"regular"
+    assert not os.path.lexists(out / "fifo") and not os.path.lexists(out / "null")
+
+
+def test_unlinked_open_file_has_nlink_0_and_symlink_xattrs_are_consistent(ws):
+    mnt = ws.mount()
+    (mnt / "f").write_bytes(b"x")
+    with open(mnt / "f", "rb") as f:
+        assert os.fstat(f.fileno()).st_nlink == 1
+        os.unlink(mnt / "f")
+        assert os.fstat(f.fileno()).st_nlink == 0
+        assert f.read() == b"x"
+    with open(mnt / "fixed" / "big.bin", "rb") as f:  # an untouched file
+        os.unlink(mnt / "fixed" / "big.bin")
+        assert os.fstat(f.fileno()).st_nlink == 0
+    os.symlink("target", mnt / "sl")
+    for link in [mnt / "sl"] + [p for p in mnt.rglob("*") if p.is_symlink()]:
+        for name in os.listxattr(link, follow_symlinks=False):
+            os.getxattr(link, name, follow_symlinks=False)  # every listed name is readable
+    assert os.listxattr(mnt / "sl", follow_symlinks=False) == []
+    assert os.getxattr(mnt, "user.commitfs.branch") == b"main"

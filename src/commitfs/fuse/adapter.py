@@ -151,7 +151,7 @@ class Operations(pyfuse3.Operations):
         e.st_nlink = a.nlink
         e.st_uid = self.uid if a.uid is None else a.uid
         e.st_gid = self.gid if a.gid is None else a.gid
-        e.st_rdev = 0
+        e.st_rdev = a.rdev
         e.st_size = a.size
         e.st_blksize = a.blksize
         e.st_blocks = (a.size + 511) // 512

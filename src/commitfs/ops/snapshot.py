@@ -40,6 +40,9 @@ from commitfs.repo.repository import BlobWriter, Repository, WriteStats
 _SMALL_FILE = 32 * 1024 * 1024
 # Bound on file bytes read ahead by the pool and not yet packed.
 _READ_AHEAD_BYTES = 256 * 1024 * 1024
+# ... and on files: a million 1 KB files fit the bytes bound, but each prepared file
+# costs ~1 KB of objects beside its bytes.
+_READ_AHEAD_FILES = 4096
 _READ_THREADS = 4
 # Blobs after which the writer indexes what it added and forgets it (BlobWriter.checkpoint):
 # bounds its memory (~250 B a blob) at any file count.  Safe: files are stored chunks first,
@@ -398,7 +401,7 @@ def _read_changed(writer, to_read, prog: Progress, progress) -> None:
                 d.entries[slot] = (name, kind, (fid, size, d.entries[slot][2][2]))
                 done(0, 1)
                 continue
-            while pending and inflight + st_size > _READ_AHEAD_BYTES:
+            while pending and (inflight + st_size > _READ_AHEAD_BYTES or len(pending) >= _READ_AHEAD_FILES):
                 drain_one()
             pending.append((d, slot, st_size, pool.submit(prepare_file, os.path.join(d.path, d.entries[slot][0]))))
             inflight += st_size

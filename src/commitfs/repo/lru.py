@@ -13,8 +13,12 @@ from cachetools import LRUCache
 
 
 class LockedLRU(LRUCache):
-    def __init__(self, maxsize: int):
-        super().__init__(maxsize=maxsize)
+    """``maxsize`` counts entries, or with ``getsizeof`` (an estimate of an
+    entry's bytes) bytes: a cache of trees must not hold 4,096 trees of a
+    million entries each.  An entry larger than the whole cache is not kept."""
+
+    def __init__(self, maxsize: int, getsizeof=None):
+        super().__init__(maxsize=maxsize, getsizeof=getsizeof)
         self._lock = threading.Lock()
 
     def get(self, key, default=None):
@@ -23,4 +27,6 @@ class LockedLRU(LRUCache):
 
     def __setitem__(self, key, value) -> None:
         with self._lock:
+            if self.getsizeof(value) > self.maxsize:
+                return
             super().__setitem__(key, value)

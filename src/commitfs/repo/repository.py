@@ -70,6 +70,21 @@ def commit_key(cid: bytes) -> str:
     return COMMITS_PREFIX + cid.hex()
 
 
+#: Bytes of decoded trees and manifests a repository object keeps (estimates:
+#: tree_cost, manifest_cost).
+TREE_CACHE_BYTES = 64 * 1024 * 1024
+MANIFEST_CACHE_BYTES = 32 * 1024 * 1024
+
+
+def tree_cost(tree) -> int:
+    """A decoded tree's memory, roughly: a TreeEntry with its name and id is ~200 B."""
+    return 200 + 200 * len(tree.entries)
+
+
+def manifest_cost(manifest) -> int:
+    return 200 + 100 * len(manifest.chunk_ids)
+
+
 class Repository:
     """Access to one repository's stored format."""
 
@@ -98,8 +113,10 @@ class Repository:
         self._own_segments: set[str] = set()  # index segments it wrote (one per checkpoint)
         self._hit_segments: frozenset[str] | None = None
         self._gc_seen: tuple[int, bool] | None = None  # lease_state when tracking began
-        self._trees = LockedLRU(maxsize=4096)
-        self._manifests = LockedLRU(maxsize=16384)
+        # Capped by (estimated) bytes, not entries: one tree of a flat directory
+        # of a million files is ~200 MB of objects.
+        self._trees = LockedLRU(maxsize=TREE_CACHE_BYTES, getsizeof=tree_cost)
+        self._manifests = LockedLRU(maxsize=MANIFEST_CACHE_BYTES, getsizeof=manifest_cost)
         self._commits = LockedLRU(maxsize=4096)
 
     # --- opening ----------------------------------------------------------------

@@ -616,6 +616,10 @@ class FileSystem:
             return await self.loader.manifest(node.entry.id)
         if self._dir_ahead is not None and 0 < node.entry.size <= self.options.whole_file_bytes:
             self._dir_ahead.on_read(node.parent, tree.entries, pos)
+            fetching = self._dir_ahead.pending(node.entry.id)
+            if fetching is not None:  # its chunks are on the way: wait, bounded
+                with trio.move_on_after(self.options.io_timeout_s):
+                    await fetching.wait()
         return await self.loader.manifest(node.entry.id, self._neighbours(tree, pos, node))
 
     def _place(self, node: FileNode) -> tuple[Tree | None, int]:

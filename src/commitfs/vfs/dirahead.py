@@ -14,17 +14,22 @@ How
 One state per directory (its inode), at most ``MAX_DIRS``, the least recent
 dropped.  A cold read of a small file at position ``pos`` of its directory's
 tree either *follows* the state (``pos`` lies in the window the state has
-started, at most ``BACK_FILES`` behind the furthest file read: the reader goes
-on in directory order) or *jumps* (anywhere else, or a directory without a
-state).  A jump cancels the state's fetches (a fetch
-already in a worker thread cannot be stopped: it finishes and its chunks still
-land in the chunk cache, bounded by its cap) and starts a new window at
-``pos``.  Either way, when fewer than half of ``AHEAD_FILES`` started files lie
-ahead of ``pos``, the window is topped up to ``AHEAD_FILES`` small files or
-``AHEAD_BYTES`` bytes past ``pos``, fetched by one task: their manifests (one
+started, or at most ``FOLLOW_GAP`` files past the furthest read, and at most
+``BACK_FILES`` behind it: the reader goes on in directory order) or *jumps*
+(anywhere else, or a directory without a state).  A jump cancels the state's
+fetches (a fetch already in a worker thread cannot be stopped: it finishes
+and its chunks still land in the chunk cache, bounded by its cap) and starts
+a new state at ``pos`` that fetches nothing yet: one read is no stream, so a
+shuffled reader (a DataLoader's) costs no read-ahead.  A following read
+doubles the state's window (from ``AHEAD_FILES / 4`` files up to
+``AHEAD_FILES``) and, when fewer than half a window of started files lie
+ahead of ``pos``, tops it up to a window of small files (at most
+``AHEAD_BYTES`` bytes) past ``pos``, fetched by one task: their manifests (one
 ranged read, Loader.manifest with neighbours), then their chunks (one
 Repository.load_chunks call: neighbours coalesced, each chunk verified, into
-the chunk cache).  The reads that come then find the chunks in the cache.
+the chunk cache).  The reads that come then find the chunks in the cache; one
+that comes while its file's fetch is still running waits for it (``pending``)
+instead of fetching the same bytes beside it.
 
 Bounds: at most ``AHEAD_BYTES`` of small files' bytes in flight per directory
 and ``MAX_DIRS`` directories; fetched bytes live in the chunk cache, whose cap
@@ -49,6 +54,11 @@ log = logging.getLogger(__name__)
 AHEAD_FILES = 32
 #: Bytes of small files fetched ahead of a reader, at most.
 AHEAD_BYTES = 8 * 1024 * 1024
+#: A read at most this many files past the furthest one follows it even beyond
+#: what was started.  1: only the next file.  A reader taking every Nth file
+#: gets no read-ahead (it would fetch N times what it reads: measured slower in
+#: scripts/bench.py's s3 section, which reads every 4th image).
+FOLLOW_GAP = 1
 #: A read this many files behind the furthest one still follows (readers in
 #: parallel, a DataLoader's workers, finish their files slightly out of order).
 BACK_FILES = 4
@@ -57,10 +67,11 @@ MAX_DIRS = 8
 
 
 class _State:
-    __slots__ = ("first", "last", "until", "scopes")
+    __slots__ = ("first", "last", "until", "window", "scopes")
 
     def __init__(self, pos: int):
         self.first = pos
+        self.window = AHEAD_FILES // 4  # files; doubles with each following read
         self.last = pos  # the furthest file read
         self.until = pos + 1  # entries [first, until) are read or started
         self.scopes: list[trio.CancelScope] = []
@@ -77,6 +88,7 @@ class DirReadAhead:
         self._nursery = nursery
         self._small = small_bytes
         self._states: OrderedDict[int, _State] = OrderedDict()
+        self._pending: dict[bytes, trio.Event] = {}  # file id -> its read-ahead's end
         #: For tests and the log: files fetched ahead, windows cancelled by a jump.
         self.files_started = 0
         self.jumps = 0
@@ -86,12 +98,19 @@ class DirReadAhead:
             state.cancel()
         self._states.clear()
 
+    def pending(self, fid: bytes) -> trio.Event | None:
+        """Set when the read-ahead fetching ``fid`` ends, if one is: a read of it
+        waits for that rather than fetch the same bytes beside it."""
+        return self._pending.get(fid)
+
     def on_read(self, dir_ino: int, entries: Sequence[TreeEntry], pos: int) -> None:
         """A cold read of the small file ``entries[pos]`` (no awaits)."""
         state = self._states.get(dir_ino)
-        if state is not None and max(state.first, state.last - BACK_FILES) <= pos < state.until:
+        if state is not None and max(state.first, state.last - BACK_FILES) <= pos \
+                and pos < max(state.until, state.last + 1 + FOLLOW_GAP):
             self._states.move_to_end(dir_ino)
             state.last = max(state.last, pos)
+            state.window = min(state.window * 2, AHEAD_FILES)
         else:
             if state is not None:
                 self.jumps += 1
@@ -100,11 +119,12 @@ class DirReadAhead:
             self._states.move_to_end(dir_ino)
             while len(self._states) > MAX_DIRS:
                 self._states.popitem(last=False)[1].cancel()
+            return  # one read is no stream yet: a shuffled reader costs no read-ahead
         ahead = sum(1 for e in entries[pos + 1:state.until] if self._wanted(e))
-        if ahead >= AHEAD_FILES // 2:
+        if ahead >= state.window // 2:
             return
         batch, nbytes, j = [], 0, max(state.until, pos + 1)
-        while j < len(entries) and ahead + len(batch) < AHEAD_FILES and nbytes < AHEAD_BYTES:
+        while j < len(entries) and ahead + len(batch) < state.window and nbytes < AHEAD_BYTES:
             e = entries[j]
             if self._wanted(e):
                 batch.append(e.id)
@@ -115,19 +135,28 @@ class DirReadAhead:
             scope = trio.CancelScope()
             state.scopes.append(scope)
             self.files_started += len(batch)
-            self._nursery.start_soon(self._fetch, scope, batch)
+            done = trio.Event()
+            for fid in batch:
+                self._pending.setdefault(fid, done)
+            self._nursery.start_soon(self._fetch, scope, batch, done)
 
     def _wanted(self, e: TreeEntry) -> bool:
         return e.kind.is_file and 0 < e.size <= self._small
 
-    async def _fetch(self, scope: trio.CancelScope, fids: list[bytes]) -> None:
-        with scope:
-            try:
-                ids: list[bytes] = []
-                for fid in fids:
-                    manifest = await self._loader.manifest(fid, fids)
-                    ids.extend(manifest.chunk_ids)
-                if ids:
-                    await self._loader.chunks(ids)
-            except Exception as exc:  # the file's own read meets it and reports it
-                log.debug("directory read-ahead of %d files failed: %s", len(fids), exc)
+    async def _fetch(self, scope: trio.CancelScope, fids: list[bytes], done: trio.Event) -> None:
+        try:
+            with scope:
+                try:
+                    ids: list[bytes] = []
+                    for fid in fids:
+                        manifest = await self._loader.manifest(fid, fids)
+                        ids.extend(manifest.chunk_ids)
+                    if ids:
+                        await self._loader.chunks(ids)
+                except Exception as exc:  # the file's own read meets it and reports it
+                    log.debug("directory read-ahead of %d files failed: %s", len(fids), exc)
+        finally:
+            for fid in fids:
+                if self._pending.get(fid) is done:
+                    del self._pending[fid]
+            done.set()

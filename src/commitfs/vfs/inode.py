@@ -73,6 +73,7 @@ class Attr:
     gid: int | None = None
     atime_ns: int | None = None
     ctime_ns: int | None = None
+    rdev: int = 0
 
 
 class Node:

@@ -12,7 +12,7 @@ a *workspace directory* (default under the cache directory) holding
 The database has two tables.  ``meta`` holds key/values: the repository URL,
 the branch, the base commit (hex) and ``pending`` (a commit this workspace is
 about to move the branch to, see below).  ``nodes`` holds one row per node of
-the overlay tree: ``id``, ``parent``, ``name``, ``kind`` (dir/file/symlink),
+the overlay tree: ``id``, ``parent``, ``name``, ``kind`` (dir/file/symlink/special),
 the *origin* (the base TreeEntry the node shows, if any: kind, size, id,
 target), ``materialized`` (for a directory: its entries are the rows whose
 parent it is; otherwise they are its origin tree's entries, lazily), ``upper``
@@ -93,16 +93,16 @@ CREATE TABLE IF NOT EXISTS nodes (
     mode INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
     target BLOB,
-    uid INTEGER, gid INTEGER, atime_ns INTEGER, ctime_ns INTEGER
+    uid INTEGER, gid INTEGER, atime_ns INTEGER, ctime_ns INTEGER, rdev INTEGER
 );
 CREATE UNIQUE INDEX IF NOT EXISTS nodes_by_name ON nodes(parent, name);
 """
 
 _COLUMNS = ("id", "parent", "name", "kind", "okind", "osize", "oid", "otarget", "materialized", "upper", "mode",
-            "mtime_ns", "target", "uid", "gid", "atime_ns", "ctime_ns")
+            "mtime_ns", "target", "uid", "gid", "atime_ns", "ctime_ns", "rdev")
 #: Columns added after version 1's first release (owner and times, never committed):
 #: an older overlay gains them on open (NULL: the mount's user, times from mtime).
-_ADDED_COLUMNS = ("uid", "gid", "atime_ns", "ctime_ns")
+_ADDED_COLUMNS = ("uid", "gid", "atime_ns", "ctime_ns", "rdev")
 _INSERT = f"INSERT INTO nodes ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 
 
@@ -124,20 +124,22 @@ class Row:
     gid: int | None = None
     atime_ns: int | None = None
     ctime_ns: int | None = None
+    #: A special file's device number (kind "special": FIFO, socket, device; mode has its type).
+    rdev: int | None = None
 
     def values(self) -> tuple:
         o = self.origin
         return (self.id, self.parent, self.name, self.kind, o.kind.value if o else None, o.size if o else None,
                 o.id if o else None, o.target if o else None, int(self.materialized), self.upper, self.mode,
-                self.mtime_ns, self.target, self.uid, self.gid, self.atime_ns, self.ctime_ns)
+                self.mtime_ns, self.target, self.uid, self.gid, self.atime_ns, self.ctime_ns, self.rdev)
 
 
 def _row(values) -> Row:
     (id_, parent, name, kind, okind, osize, oid, otarget, mat, upper, mode, mtime, target,
-     uid, gid, atime, ctime) = values
+     uid, gid, atime, ctime, rdev) = values
     origin = TreeEntry(name, Kind(bytes(okind)), osize, bytes(oid), bytes(otarget or b"")) if okind else None
     return Row(id_, parent, name, kind, origin, bool(mat), upper, mode, mtime,
-               bytes(target) if target is not None else None, uid, gid, atime, ctime)
+               bytes(target) if target is not None else None, uid, gid, atime, ctime, rdev)
 
 
 class SpaceReleasedError(NoSpaceError):

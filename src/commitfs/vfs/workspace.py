@@ -101,7 +101,7 @@ from commitfs.vfs.overlay import ROOT_ID, Overlay, SpaceReleasedError, copy_up
 from commitfs.vfs.wscommit import CommitState, resolve_pending, root_row
 from commitfs.vfs.wsmerge import MergeState
 from commitfs.vfs.wsoverlay import OverlayStore
-from commitfs.vfs.wstree import WNode, NodeTree, _DirHandle, _Handle, _now
+from commitfs.vfs.wstree import SPECIAL, NodeTree, WNode, _DirHandle, _Handle, _now
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +214,7 @@ class WorkspaceFS(NodeTree, OverlayStore, CommitState, MergeState):
             n.oid, n.origin, n.upper, n.mode, n.target = r.id, r.origin, r.upper, r.mode, r.target or b""
             n.mtime_ns = r.mtime_ns or self.base_time_ns
             n.uid, n.gid, n.atime_ns, n.ctime_ns = r.uid, r.gid, r.atime_ns, r.ctime_ns
+            n.rdev = r.rdev or 0
             if r.materialized:
                 n.children = {}
             if r.kind == "file":
@@ -337,6 +338,8 @@ class WorkspaceFS(NodeTree, OverlayStore, CommitState, MergeState):
                 fields = {"ctime_ns": _now()}
                 if mode is not None and n.kind != "symlink":
                     fields["mode"] = stat.S_IMODE(mode) & 0o7777
+                    if n.kind == SPECIAL:
+                        fields["mode"] |= stat.S_IFMT(n.mode)  # keep its type
                 if mtime_ns is not None:
                     fields["mtime_ns"] = mtime_ns
                 if atime_ns is not None:
@@ -363,6 +366,10 @@ class WorkspaceFS(NodeTree, OverlayStore, CommitState, MergeState):
         return n.target
 
     def _xattrs(self, n: WNode) -> dict[bytes, bytes]:
+        if n.kind not in ("dir", "file"):
+            # The kernel refuses user.* attributes on symlinks and special files, so
+            # listing one there would name an attribute getxattr cannot return.
+            return {}
         out = {XATTR_REPO.encode(): self._repo_url}
         if n is self.root:
             out[XATTR_COMMIT.encode()] = self.base.hex().encode()
@@ -440,7 +447,26 @@ class WorkspaceFS(NodeTree, OverlayStore, CommitState, MergeState):
 
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     owner: tuple[int, int] | None = None) -> Attr:
-        raise NotPermittedError("a workspace holds regular files, directories and symlinks only")
+        """mknod: a regular file (as create, not opened), or a FIFO, socket or device
+        node, which the workspace keeps and a commit skips (docs/SEMANTICS.md)."""
+        if stat.S_ISREG(mode) or stat.S_IFMT(mode) == 0:
+            fh, attr = await self.create(parent_inode, name, mode, os.O_WRONLY, owner)
+            await self.release(fh)
+            return attr
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode)):
+            raise InvalidArgumentError(f"mknod: unknown file type {stat.S_IFMT(mode):o}")
+        return await self._mknod_special(parent_inode, name, mode, rdev, owner)
+
+    @_retry_when_space_released
+    async def _mknod_special(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                             owner: tuple[int, int] | None) -> Attr:
+        async with self._lock:
+            d = self._dir(parent_inode)
+            n = await self._create_node(parent_inode, name, SPECIAL, mode, owner)
+            n.mode = stat.S_IFMT(mode) | (stat.S_IMODE(mode) & 0o7777)
+            n.rdev = rdev if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else 0
+            self._add_child(d, n)
+            return self._remember(n)
 
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes) -> Attr:
         raise NotPermittedError("a workspace does not support hard links")

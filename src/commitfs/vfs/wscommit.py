@@ -25,7 +25,7 @@ from commitfs.vfs.overlay import ROOT_ID, Overlay, Row
 
 log = logging.getLogger(__name__)
 
-from commitfs.vfs.wstree import WNode, _kind_of, _mode_of, _now
+from commitfs.vfs.wstree import SPECIAL, WNode, _kind_of, _mode_of, _now
 
 #: How far back from the branch head ``resolve_pending`` looks for an interrupted commit.
 _PENDING_SEARCH = 100_000
@@ -40,6 +40,10 @@ def _draft(node: WNode, data_path: Callable[[str], str]) -> Draft | None:
         return None
     out: dict = {}
     for name, c in node.children.items():
+        if c.kind == SPECIAL:
+            log.warning("workspace: commit skips the special file %s (FIFO, socket or device: "
+                        "a commit holds files, directories and symlinks)", c.path())
+            continue
         if c.kind == "dir":
             out[name] = _draft(c, data_path) if c.children is not None else c.origin
         elif c.kind == "symlink":

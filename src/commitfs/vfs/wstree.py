@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 #: The longest name ext4 (and Linux's NAME_MAX) allows, in bytes.
 NAME_MAX = 255
 DIR, FILE, SYMLINK = "dir", "file", "symlink"
+#: A FIFO, socket or device node: kept by the workspace, skipped by a commit (the
+#: format has no such kind); its mode holds its type bits.
+SPECIAL = "special"
 
 
 def _now() -> int:
@@ -44,7 +47,7 @@ def _now() -> int:
 class WNode:
     __slots__ = ("ino", "oid", "parent", "name", "kind", "origin", "children", "lazy", "upper", "size", "mode",
                  "mtime_ns", "target", "lookups", "opens", "fd", "dirty", "copying", "uid", "gid", "atime_ns",
-                 "ctime_ns")
+                 "ctime_ns", "rdev")
 
     def __init__(self, ino: int, kind: str, name: str, parent: WNode | None):
         self.ino = ino
@@ -70,6 +73,7 @@ class WNode:
         self.gid: int | None = None
         self.atime_ns: int | None = None
         self.ctime_ns: int | None = None
+        self.rdev = 0  # a special file's device number
 
     @property
     def is_dir(self) -> bool:
@@ -87,7 +91,7 @@ class WNode:
         return Row(self.oid, self.parent.oid if self.parent else None, self.name, self.kind, self.origin,
                    self.children is not None, self.upper, self.mode, self.mtime_ns,
                    self.target if self.kind == "symlink" else None, self.uid, self.gid, self.atime_ns,
-                   self.ctime_ns)
+                   self.ctime_ns, self.rdev if self.kind == SPECIAL else None)
 
 
 def _kind_of(e: TreeEntry) -> str:
@@ -156,10 +160,14 @@ class NodeTree:
             mode, size = stat.S_IFDIR | n.mode, 0
         elif n.kind == "symlink":
             mode, size = stat.S_IFLNK | 0o777, len(n.target)
+        elif n.kind == SPECIAL:
+            mode, size = n.mode, 0
         else:
             mode, size = stat.S_IFREG | n.mode, n.size
-        return Attr(n.ino, mode, size, n.mtime_ns, self._t, self._t, 1, PREFERRED_IO_SIZE,
-                    n.uid, n.gid, n.atime_ns, n.ctime_ns)
+        # st_nlink: 0 once unlinked (still open), as on ext4; else 1 (directories: "unknown").
+        nlink = 0 if n.parent is None and n is not self.root else 1
+        return Attr(n.ino, mode, size, n.mtime_ns, self._t, self._t, nlink, PREFERRED_IO_SIZE,
+                    n.uid, n.gid, n.atime_ns, n.ctime_ns, n.rdev)
 
     def _remember(self, n: WNode) -> Attr:
         n.lookups += 1
