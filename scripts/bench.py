@@ -23,7 +23,8 @@ Sections.  A section is a function ``(Bench) -> SectionResult`` registered
 with ``@section(name, help)``; ``--section all`` runs every registered one:
 ``core`` (commits), ``mount`` (reads, listings and memory of FUSE mounts,
 beside the files and scripts/nullfs.py), ``s3`` (push, clone and a mount of
-an S3 repository on a moto server, beside plain boto3), ``lineage``
+an S3 repository on a moto server, beside plain boto3; ``s3rver``: the same
+on an s3rver server, installed with npm, which serves a range at its cost), ``lineage``
 (downstream queries beside ``log``), ``ui`` (the review UI's pages beside
 ``commitfs ls``, cold thumbnails), ``diff`` (keyed row diffs and tensor
 diffs beside reading the file once), ``scale`` (a million small files: commits,

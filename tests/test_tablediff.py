@@ -292,3 +292,37 @@ def test_a_block_moved_far_is_moved(local_repo, versions):
     d = diff_table(local_repo, old, new, "t.csv")
     assert d.method == "regions" and summary(d) == {"moved": 10}
     assert {r.old["path"] for r in d.rows} == {b[0] for b in block}
+
+
+def _as_set(d):
+    return sorted((r.status, r.key, r.old_offset, r.new_offset, tuple((c.column, c.old, c.new) for c in r.cells))
+                  for r in d.rows)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("nedits", [40, 3000])
+def test_scattered_keyed_edits_regions_agree_with_the_full_parse(local_repo, versions, nedits):
+    """Edits scattered over a multi-chunk table (few: regions of one edit each,
+    trimmed to the lines between their common first and last lines; many:
+    every chunk changed): the region path gives the full parse's rows."""
+    rng = random.Random(nedits)
+    rows = big_csv(60_000, seed=3)
+    old = versions("labels.csv", encode(rows))
+    picked = rng.sample(range(60_000), nedits + 20)
+    for i in picked[:nedits]:
+        rows[i][rng.choice((1, 2))] = rng.choice(["zebra", "0.5", "ox"])
+    gone = set(picked[nedits:nedits + 10])
+    rows = [r for i, r in enumerate(rows) if i not in gone]
+    for n in range(10):
+        rows.insert(rng.randrange(len(rows)), [f"img/new{n}.jpg", "ant", "0.1"])
+    new = versions("labels.csv", encode(rows))
+    d = diff_table(local_repo, old, new, "labels.csv", keys=["path"])
+    full = diff_table(local_repo, old, new, "labels.csv", keys=["path"], method="full")
+    assert d.method == "regions" and full.method == "full"
+    assert summary(d) == summary(full) and summary(d)["added"] == 10 and summary(d)["removed"] == 10
+    assert _as_set(d) == _as_set(full)
+    # A key again on a line both versions have, next to a changed row, is still found.
+    dup = list(rows)
+    dup[30_001] = [dup[30_000][0], "dup", "0.2"]
+    with pytest.raises(TableKeyError, match="is not unique"):
+        diff_table(local_repo, new, versions("labels.csv", encode(dup)), "labels.csv", keys=["path"])

@@ -12,11 +12,18 @@ A file's manifest lists its chunk ids.  The two lists are aligned
 (difflib's SequenceMatcher on ids, a few thousand entries even for a 10M-row
 table); runs of chunks equal on both sides hold the same bytes and so the
 same rows, and are neither read nor parsed.  Each run that differs becomes a
-*region* on each side, widened to whole lines: back to the last line break
+*region* on each side, widened to whole lines: where the bytes before the
+first line break of the run's first chunks are equal on both sides (and
+likewise after the last line break of its last chunks), the line crossing
+the boundary is the same on both and the region starts (ends) at that line
+break, without reading the neighbour; otherwise back to the last line break
 of the chunks before it and on to the first line break after it (reading at
 most the neighbouring chunks, themselves equal on both sides); regions that
 meet are merged.  Inside a pair of regions the lines are compared as bytes
-first (split and hashed in C); only lines that differ are parsed.
+first (split and hashed in C); only lines that differ are parsed.  Keyed,
+the whole lines a region pair begins and ends with in common (found by a
+binary search over slices, memcmp in C) are not even split: a region with
+one edit splits a line or two.
 
 * Unkeyed: lines are aligned per region pair: by sets when every line is
   unique and the common lines keep their order (the usual case, in C), by
@@ -36,11 +43,11 @@ table with 100 rows changed in one place reads a few hundred KiB and parses
 some 200 rows as records; 100 rows scattered at random change up to 200
 chunks, which are read and split, but still only ~200 rows are parsed.
 Duplicate keys are found among the lines of the regions: a differing row's
-key again on any region line (for one key column of unquoted CSV/TSV by
-counting each line's key field in one regular-expression pass; otherwise by
-a byte search for the key values, parsing the lines found), and among every
-row on the full path below; a duplicate with no copy in a changed region is
-unchanged on both sides and is not reported.  Row positions are byte offsets
+key again on a line of the region where its old or new line lies (by a byte
+search for the key value in that region, parsing the lines found; for many
+keys in a large region, one key column of unquoted CSV/TSV, by counting each
+line's key field in one regular-expression pass), and among every row on the
+full path below; a duplicate with no copy in that region is not reported.  Row positions are byte offsets
 (``old_offset``/``new_offset``); line numbers are known on the full path and
 in a region that starts right after the header (elsewhere counting them
 would read every chunk before).
@@ -469,8 +476,8 @@ def _diff_regions(diff: TableDiff, old: _Side, new: _Side, keys: tuple[str, ...]
     for tag, i1, i2, j1, j2 in SequenceMatcher(None, old.ids, new.ids, autojunk=False).get_opcodes():
         if tag == "equal":
             continue
-        r = [max(old.line_start_before(i1), old_start), max(old.line_end_after(i2), old_start),
-             max(new.line_start_before(j1), new_start), max(new.line_end_after(j2), new_start)]
+        r = [*_bounds(old, new, i1, j1, i2, j2)]
+        r = [max(r[0], old_start), max(r[1], old_start), max(r[2], new_start), max(r[3], new_start)]
         if regions and (r[0] <= regions[-1][1] or r[2] <= regions[-1][3]):
             regions[-1][1] = max(regions[-1][1], r[1])
             regions[-1][3] = max(regions[-1][3], r[3])
@@ -536,39 +543,48 @@ def _diff_regions(diff: TableDiff, old: _Side, new: _Side, keys: tuple[str, ...]
     # Keyed: the lines of each region not on the other side (as bytes: split
     # and hashed in C), pooled over all regions (a row that moved between
     # regions is unchanged), then parsed and matched by key.
-    datas: list[tuple[_Side, bytes, int]] = []
-    only: dict[int, dict[bytes, tuple[int, int | None]]] = {id(old): {}, id(new): {}}
-    for r in regions:
+    datas_old: list[tuple[bytes, int]] = []  # each region's old bytes and start
+    only: dict[int, dict[bytes, tuple[int, int | None, int]]] = {id(old): {}, id(new): {}}
+    for ri, r in enumerate(regions):
         pair = []
         for side, start, end in ((old, r[0], r[1]), (new, r[2], r[3])):
             data = side.read(start, end)
             if quoted and b'"' in data and any(ln.count(b'"') % 2 for ln in data.split(b"\n") if b'"' in ln):
                 raise _NeedFullParse  # a quoted field spans lines
-            lines = data.split(b"\n")
+            pair.append([side, data, start])
+        datas_old.append((pair[0][1], pair[0][2]))
+        # The whole lines both sides begin and end with are the same rows: only
+        # the middle is split into lines and compared as sets.
+        a_data, b_data = pair[0][1], pair[1][1]
+        p, qa, qb = _middle(a_data, b_data)
+        for entry, q in ((pair[0], qa), (pair[1], qb)):
+            mid = entry[1][p:q]
+            lines = mid.split(b"\n")
             uniq = set(lines)
             uniq.discard(b"")
             if len(uniq) != len(lines) - lines.count(b""):
                 raise _NeedFullParse  # the same line twice: let the full path judge (duplicate keys)
-            pair.append(uniq)
-            datas.append((side, data, start))
-            if side is old:
-                lines_a = lines
-        for side, mine, theirs, lines, (_, data, start) in ((old, pair[0], pair[1], lines_a, datas[-2]),
-                                                            (new, pair[1], pair[0], lines, datas[-1])):
-            lineno0 = first_line[id(side)] if start == data_start[id(side)] else None
-            differ = mine - theirs
+            entry += [lines, uniq]
+            entry[1], entry[2] = mid, entry[2] + p
+        for (side, data, start, lines, mine), other in ((pair[0], pair[1]), (pair[1], pair[0])):
+            differ = mine - other[4]
             if not differ:
                 continue
+            lineno0 = first_line[id(side)] if start - p == data_start[id(side)] else None
+            if lineno0 is not None and p:
+                lineno0 += side.read(start - p, start).count(b"\n")
+            pool = only[id(side)]
             at = [i for i, ln in enumerate(lines) if ln in differ]
             ends = list(itertools.accumulate(map(len, lines)))  # + i line breaks before line i
             for i in at:
-                only[id(side)][lines[i]] = (start + (ends[i - 1] + i if i else 0),
-                                            None if lineno0 is None else lineno0 + i)
+                pool[lines[i]] = (start + (ends[i - 1] + i if i else 0), None if lineno0 is None else lineno0 + i, ri)
     pool_old, pool_new = only[id(old)], only[id(new)]
     for ln in pool_old.keys() & pool_new.keys():  # moved from one region to another
         del pool_old[ln], pool_new[ln]
+    # The regions holding each differing row's old or new line (its duplicates are searched there).
+    wanted: dict[int, set] = defaultdict(set)
     by_key_old: dict[tuple, Row] = {}
-    for ln, (off, no) in sorted(pool_old.items(), key=lambda kv: kv[1][0]):
+    for ln, (off, no, ri) in sorted(pool_old.items(), key=lambda kv: kv[1][0]):
         row = parse(old, ln, off, no, width_old)
         if row is None:
             continue
@@ -576,8 +592,9 @@ def _diff_regions(diff: TableDiff, old: _Side, new: _Side, keys: tuple[str, ...]
         if k in by_key_old:
             raise _duplicate(old, k, row)
         by_key_old[k] = row
+        wanted[ri].add(k[0])
     seen_new: dict[tuple, Row] = {}
-    for ln, (off, no) in sorted(pool_new.items(), key=lambda kv: kv[1][0]):
+    for ln, (off, no, ri) in sorted(pool_new.items(), key=lambda kv: kv[1][0]):
         row = parse(new, ln, off, no, width_new)
         if row is None:
             continue
@@ -585,27 +602,27 @@ def _diff_regions(diff: TableDiff, old: _Side, new: _Side, keys: tuple[str, ...]
         if k in seen_new:
             raise _duplicate(new, k, row)
         seen_new[k] = row
-    # A key of a differing row again on another line of a region is a
+        wanted[ri].add(k[0])
+    # A key of a differing row again on another line of its region is a
     # duplicate too.  Such a line is on both sides (only the differing lines
-    # are not), so the old side's regions are searched, for the keys' first
-    # values as bytes (a C search), and only the lines found are parsed.
-    wanted = {k[0] for k in itertools.chain(by_key_old, seen_new)}
-    old_datas = [(side, data, start) for side, data, start in datas if side is old]
-    if wanted and len(old_cols) == 1 and diff.format in _DELIMS and not any(b'"' in d for _, d, _ in old_datas):
-        # One key column, no quotes: count each key field of the regions' old
-        # lines in one regular-expression pass per region.
-        col = diff.old_header.index(old_cols[0])
-        fields = Counter()
-        for _, data, _ in old_datas:
-            fields.update(_key_field_pattern(diff.format, col).findall(data))
-        for v in wanted:
-            n = fields.get(str(v).encode(), 0) - ((v,) in by_key_old)
-            if n > 0:
-                raise _duplicate(old if (v,) in by_key_old else new, (v,), None)
-        old_datas = []
+    # are not), so the region's old bytes are searched for the key's first
+    # value (a C search), and only the lines found are parsed.
     budget = 100_000
-    for side, data, start in old_datas:
-        for v in wanted:
+    for ri, values in wanted.items():
+        data, start = datas_old[ri]
+        if len(values) * len(data) > 32 * 1024 * 1024:  # many keys in a large region: one pass
+            if len(old_cols) != 1 or diff.format not in _DELIMS or b'"' in data:
+                raise _NeedFullParse  # the full path checks every row
+            # One key column, no quotes: count each line's key field in one
+            # regular-expression pass.
+            fields = Counter(_key_field_pattern(diff.format, diff.old_header.index(old_cols[0])).findall(data))
+            for v in values:
+                n = fields.get(str(v).encode(), 0) - ((v,) in by_key_old and by_key_old[(v,)].start >= start
+                                                      and by_key_old[(v,)].start < start + len(data))
+                if n > 0:
+                    raise _duplicate(old if (v,) in by_key_old else new, (v,), None)
+            continue
+        for v in values:
             needle = _needle(v, diff.format)
             at = data.find(needle)
             while at >= 0:
@@ -616,7 +633,7 @@ def _diff_regions(diff: TableDiff, old: _Side, new: _Side, keys: tuple[str, ...]
                 le = data.find(b"\n", at)
                 le = len(data) if le < 0 else le
                 ln = data[ls:le]
-                if ln not in pool_old:
+                if pool_old.get(ln, (None,))[0] != start + ls:  # not the differing line itself
                     row = parse(old, ln, start + ls, None, width_old)
                     if row is not None:
                         k = _key_of(row, old_cols, diff.old_header, old)
@@ -634,6 +651,72 @@ def _diff_regions(diff: TableDiff, old: _Side, new: _Side, keys: tuple[str, ...]
 
 
 _DELIMS = {"csv": b",", "tsv": b"\t"}
+
+
+def _middle(a: bytes, b: bytes) -> tuple[int, int, int]:
+    """(p, qa, qb): a[:p] == b[:p] and a[qa:] == b[qb:] are the longest runs of
+    whole lines the two begin and end with (not overlapping); found by binary
+    search over slices (memcmp in C), so a region with one edit costs a few
+    comparisons, not a walk over its lines."""
+    n = min(len(a), len(b))
+    lo, hi = 0, n
+    if a[:n] != b[:n]:
+        while hi - lo > 1:  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+            m = (lo + hi) // 2
+            if a[lo:m] == b[lo:m]:
+                lo = m
+            else:
+                hi = m
+    else:
+        lo = n
+    p = a.rfind(b"\n", 0, lo) + 1
+    la, lb = len(a), len(b)
+    room = min(la, lb) - p
+    lo, hi = 0, room  # common suffix length, within what follows p on both sides
+    if a[la - room:] != b[lb - room:]:
+        while hi - lo > 1:
+            m = (lo + hi) // 2
+            if a[la - m:la - lo] == b[lb - m:lb - lo]:
+                lo = m
+            else:
+                hi = m
+    else:
+        lo = room
+    qa = la - lo
+    if qa > p and a[qa - 1] != 10:  # forward to a line start (the same bytes on both sides)
+        nl = a.find(b"\n", qa)
+        qa = la if nl < 0 else nl + 1
+    return p, qa, lb - (la - qa)
+
+
+def _bounds(old: _Side, new: _Side, i1: int, j1: int, i2: int, j2: int) -> tuple[int, int, int, int]:
+    """A changed chunk run (old i1..i2, new j1..j2) widened to whole lines.
+
+    The line crossing into the run's first chunk from the equal chunk before
+    it is the same on both sides when the bytes up to the first line break
+    of the two first chunks are: the region then starts after that line
+    break, and the neighbouring chunk is not read.  The same at the end with
+    the bytes after the last line break.  Otherwise (or for a run only one
+    side has) the region reaches back into the neighbours, which are equal
+    on both sides."""
+    a0 = b0 = None
+    if i1 < i2 and j1 < j2 and i1 and j1:
+        a0, b0 = old.chunks(i1, i1 + 1)[0], new.chunks(j1, j1 + 1)[0]
+        pa, pb = a0.find(b"\n"), b0.find(b"\n")
+        if pa >= 0 and pa == pb and a0[:pa] == b0[:pb]:
+            start_a, start_b = old.start(i1) + pa + 1, new.start(j1) + pb + 1
+        else:
+            a0 = None
+    if a0 is None:
+        start_a, start_b = old.line_start_before(i1), new.line_start_before(j1)
+    if i1 < i2 and j1 < j2 and i2 < len(old.ids) and j2 < len(new.ids):
+        a1, b1 = old.chunks(i2 - 1, i2)[0], new.chunks(j2 - 1, j2)[0]
+        pa, pb = a1.rfind(b"\n"), b1.rfind(b"\n")
+        if pa >= 0 and pb >= 0 and a1[pa:] == b1[pb:]:
+            end_a, end_b = old.start(i2 - 1) + pa + 1, new.start(j2 - 1) + pb + 1
+            if end_a >= start_a and end_b >= start_b:
+                return start_a, end_a, start_b, end_b
+    return start_a, old.line_end_after(i2), start_b, new.line_end_after(j2)
 
 
 @functools.lru_cache(maxsize=64)
