@@ -101,3 +101,40 @@ def test_crash_before_the_branch_moved_keeps_the_edits(repo_and_base, tmp_path, 
     assert repo.refs.lookup_branch("main") == outcome.commit_id
     names = {e.name for e in repo.load_tree(repo.load_commit(outcome.commit_id).tree).entries}
     assert {"new.txt", "made"} <= names
+
+
+def test_fsync_runs_in_a_worker_thread_and_other_requests_go_on(repo_and_base, tmp_path, monkeypatch):
+    """fsync of the overlay (data file, data directory, database) is blocking disk work:
+    it runs in a worker thread (the loader's limiter), so a slow fsync does not stall
+    the event loop, and so every other request of the mount."""
+    import threading
+
+    repo, _ = repo_and_base
+    fs = _open(repo, tmp_path / "ws")
+    release = threading.Event()
+    threads = []
+    real_sync = Overlay.sync
+
+    def slow_sync(self, fd=None):
+        threads.append(threading.current_thread() is threading.main_thread())
+        assert release.wait(30), "never released"
+        real_sync(self, fd)
+    monkeypatch.setattr(Overlay, "sync", slow_sync)
+
+    async def main():
+        async with fs.running():
+            fh, _ = await fs.create(1, b"f", 0o644, os.O_RDWR)
+            await fs.write(fh, 0, b"data")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fs.fsync, fh, False)
+                with trio.fail_after(30):
+                    while not threads:  # until the fsync started (and blocks in its thread)
+                        await trio.sleep(0.01)
+                assert threads == [False]
+                # The loop is free: reads and lookups answer while the fsync waits.
+                assert await fs.read(fh, 0, 4) == b"data"
+                assert (await fs.lookup(1, b"f")).size == 4
+                release.set()
+            await fs.release(fh)
+    trio.run(main)
+    assert threads == [False]
