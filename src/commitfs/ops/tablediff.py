@@ -22,8 +22,10 @@ most the neighbouring chunks, themselves equal on both sides); regions that
 meet are merged.  Inside a pair of regions the lines are compared as bytes
 first (split and hashed in C); only lines that differ are parsed.  Keyed,
 the whole lines a region pair begins and ends with in common (found by a
-binary search over slices, memcmp in C) are not even split: a region with
-one edit splits a line or two.
+binary search over slices, memcmp in C) are not even split, and a long
+middle is cut at a line found once on the other side and each half trimmed
+again (_spans): a region with one edit splits a line or two, a region with
+many edits a few short spans.
 
 * Unkeyed: lines are aligned per region pair: by sets when every line is
   unique and the common lines keep their order (the usual case, in C), by
@@ -556,28 +558,33 @@ def _diff_regions(diff: TableDiff, old: _Side, new: _Side, keys: tuple[str, ...]
         # The whole lines both sides begin and end with are the same rows: only
         # the middle is split into lines and compared as sets.
         a_data, b_data = pair[0][1], pair[1][1]
-        p, qa, qb = _middle(a_data, b_data)
-        for entry, q in ((pair[0], qa), (pair[1], qb)):
-            mid = entry[1][p:q]
-            lines = mid.split(b"\n")
-            uniq = set(lines)
-            uniq.discard(b"")
-            if len(uniq) != len(lines) - lines.count(b""):
-                raise _NeedFullParse  # the same line twice: let the full path judge (duplicate keys)
-            entry += [lines, uniq]
-            entry[1], entry[2] = mid, entry[2] + p
-        for (side, data, start, lines, mine), other in ((pair[0], pair[1]), (pair[1], pair[0])):
-            differ = mine - other[4]
-            if not differ:
-                continue
-            lineno0 = first_line[id(side)] if start - p == data_start[id(side)] else None
-            if lineno0 is not None and p:
-                lineno0 += side.read(start - p, start).count(b"\n")
-            pool = only[id(side)]
-            at = [i for i, ln in enumerate(lines) if ln in differ]
-            ends = list(itertools.accumulate(map(len, lines)))  # + i line breaks before line i
-            for i in at:
-                pool[lines[i]] = (start + (ends[i - 1] + i if i else 0), None if lineno0 is None else lineno0 + i, ri)
+        a_start, b_start = pair[0][2], pair[1][2]
+        counted = {id(old): [0, 0], id(new): [0, 0]}  # line breaks before an offset, counted once (spans sorted)
+        for a0, a1, b0, b1 in _spans(a_data, b_data):
+            halves = []
+            for side, data, start, lo, hi in ((old, a_data, a_start, a0, a1), (new, b_data, b_start, b0, b1)):
+                lines = data[lo:hi].split(b"\n")
+                uniq = set(lines)
+                uniq.discard(b"")
+                if len(uniq) != len(lines) - lines.count(b""):
+                    raise _NeedFullParse  # the same line twice: let the full path judge (duplicate keys)
+                halves.append((side, data, start, lo, lines, uniq))
+            for (side, data, start, lo, lines, mine), other in ((halves[0], halves[1]), (halves[1], halves[0])):
+                differ = mine - other[5]
+                if not differ:
+                    continue
+                lineno0 = first_line[id(side)] if start == data_start[id(side)] else None
+                if lineno0 is not None and lo:
+                    c = counted[id(side)]
+                    c[1] += data.count(b"\n", c[0], lo)
+                    c[0] = lo
+                    lineno0 += c[1]
+                pool = only[id(side)]
+                at = [i for i, ln in enumerate(lines) if ln in differ]
+                ends = list(itertools.accumulate(map(len, lines)))  # + i line breaks before line i
+                for i in at:
+                    pool[lines[i]] = (start + lo + (ends[i - 1] + i if i else 0),
+                                      None if lineno0 is None else lineno0 + i, ri)
     pool_old, pool_new = only[id(old)], only[id(new)]
     for ln in pool_old.keys() & pool_new.keys():  # moved from one region to another
         del pool_old[ln], pool_new[ln]
@@ -651,6 +658,49 @@ def _diff_regions(diff: TableDiff, old: _Side, new: _Side, keys: tuple[str, ...]
 
 
 _DELIMS = {"csv": b",", "tsv": b"\t"}
+
+
+def _spans(a: bytes, b: bytes, small: int = 16384) -> list[tuple[int, int, int, int]]:
+    """(a0, a1, b0, b1): the spans of whole lines of a region pair that may
+    differ; everything outside them is the same lines in the same order.  The
+    common first and last lines are trimmed (_middle); a long middle is cut at
+    a line of ``a`` near its centre found again in ``b`` (bytes searched in
+    C), and each half trimmed again, so that scattered edits leave a few
+    short spans instead of one long one."""
+    out = []
+    todo = [(0, len(a), 0, len(b))]
+    while todo:
+        a0, a1, b0, b1 = todo.pop()
+        p, qa, qb = _middle(a[a0:a1], b[b0:b1])
+        a0, a1, b0, b1 = a0 + p, a0 + qa, b0 + p, b0 + qb
+        if a1 - a0 < small or b1 - b0 < small:
+            if a1 > a0 or b1 > b0:
+                out.append((a0, a1, b0, b1))
+            continue
+        cut = None
+        at = a.rfind(b"\n", a0, (a0 + a1) // 2) + 1 or a0
+        for _ in range(8):  # the line at the centre, or one of the next ones if it changed
+            end = a.find(b"\n", at, a1)
+            if end < 0:
+                break
+            line = a[at:end + 1]
+            if at > a0:
+                if b[b0:b0 + len(line)] == line:
+                    pos = b0
+                else:
+                    pos = b.find(b"\n" + line, b0, b1)
+                    pos = pos + 1 if pos >= 0 else -1
+                if pos > b0 and b.find(b"\n" + line, pos, b1) < 0:  # once in b's span
+                    cut = (at, pos)
+                    break
+            at = end + 1
+        if cut is None:
+            out.append((a0, a1, b0, b1))
+            continue
+        todo.append((cut[0], a1, cut[1], b1))
+        todo.append((a0, cut[0], b0, cut[1]))
+    out.sort()
+    return out
 
 
 def _middle(a: bytes, b: bytes) -> tuple[int, int, int]:
