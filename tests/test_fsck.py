@@ -213,6 +213,9 @@ def test_leftovers_of_an_interrupted_commit_are_not_problems(sample):
     repo.store.save_object(pack_key(pid), bytes(data))
     after = fsck(reopen(repo.url), read_data=True)
     assert after.ok
+    assert before.unreferenced == {"commits": 0, "blobs": 0, "packs": 0}
+    assert after.unreferenced["commits"] == 1 and after.unreferenced["blobs"] == 1  # counted, for gc
+    assert after.unreferenced["packs"] == 2  # the indexed leftover pack and the unindexed one
     assert (after.commits, after.files, after.chunks) == (before.commits, before.files, before.chunks)
     assert after.packs == before.packs + 2  # read_data hashes every pack, referenced or not
     assert len(Index(repo.store).segments()) >= 2

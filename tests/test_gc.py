@@ -212,6 +212,28 @@ def test_a_reader_opened_before_gc_reads_what_gc_moved(repo, tmp_path):
     assert b"".join(stale.load_chunks(ids)) == shared
 
 
+def test_a_storage_error_mid_gc_stops_it_and_a_rerun_finishes(two_branches, tmp_path):
+    from commitfs.errors import StorageError
+    repo, main, x, x_packs, main_files, _ = two_branches
+    repo.refs.set_branch_if_equals("x", None, x)
+    stopped = 0
+    for method in ("load_object", "save_object", "remove_object", "load_range", "iter_keys"):
+        faulty = faulty_repository(repo.url)
+        faulty.store.fail_on, faulty.store.fail_count = {method}, 1  # the next such call fails
+        try:
+            collect(faulty, grace=0, force=True)
+        except StorageError as exc:
+            assert "injected failure" in str(exc)
+            stopped += 1
+        assert_fsck_clean(repo.url, head=main)  # nothing still needed was deleted
+        _readback(repo.url, main, main_files, tmp_path)
+    assert stopped >= 3
+    _gc(repo.url)
+    assert not any(k in _packs(repo.url) for k in x_packs)
+    assert not list(repo.store.iter_keys("gc/records/"))
+    assert_fsck_clean(repo.url, head=main)
+
+
 def test_second_gc_is_refused_and_a_dead_lease_expires(repo, monkeypatch):
     held = Lease(repo.store, ttl=30)
     held.acquire()

@@ -121,6 +121,17 @@ def cmd_log(args) -> int:
         if args.rev:
             raise UsageError("log --all takes no REV")
         span = (history.all_heads(repo), [])
+    if args.graph:
+        if args.json or args.stat or args.paths:
+            raise UsageError("log --graph takes no --json, --stat or -- PATH")
+        include, exclude = span if span is not None else ([repo.resolve(args.rev or "main")], [])
+        for prefix, item in history.graph(history.topo_walk(repo, include, exclude), args.limit):
+            if item is None:
+                print(prefix)
+            else:
+                cid, c = item
+                print(f"{prefix} {cid.hex()[:12]} {c.message.splitlines()[0] if c.message else ''}".rstrip())
+        return 0
     if span is not None:
         start = None
         items = history.walk(repo, span[0], span[1], args.limit)
@@ -350,6 +361,8 @@ def register(sub, common) -> None:
     p.add_argument("--all", action="store_true", help="every commit a branch or tag reaches, newest first")
     p.add_argument("-n", "--limit", type=_count, metavar="N", help="at most N commits")
     p.add_argument("--oneline", action="store_true")
+    p.add_argument("--graph", action="store_true",
+                   help="every parent, drawn as lanes (one line per commit; merges open a lane)")
     p.add_argument("--json", action="store_true")
     add_log_options(p)  # --stat, -- PATH
 

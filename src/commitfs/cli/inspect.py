@@ -215,7 +215,7 @@ def add_log_options(p) -> None:
     """log's --stat and ``-- PATH...`` (the parser is core's)."""
     _with_paths(p)
     p.add_argument("--stat", action="store_true", help="the files each commit changed, with counts")
-    p.usage = "%(prog)s [REV] [-n N] [--oneline] [--stat] [--json] [-- PATH...]"
+    p.usage = "%(prog)s [REV] [-n N] [--oneline] [--graph] [--stat] [--json] [-- PATH...]"
 
 
 def print_log(args, repo, start: bytes, print_commit, items=None) -> int:

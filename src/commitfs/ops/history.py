@@ -91,3 +91,91 @@ def commit_json(cid: bytes, commit: Commit) -> dict:
         "message": commit.message,
         "metadata": commit.metadata,
     }
+
+
+def topo_walk(repo: Repository, include, exclude=()) -> list[tuple[bytes, Commit]]:
+    """The commits ``walk`` finds, ordered so that every commit comes before its
+    parents (newest first among those ready), for ``log --graph``; it reads
+    every commit reachable before returning."""
+    found = list(walk(repo, include, exclude))
+    rank = {cid: i for i, (cid, _) in enumerate(found)}
+    children = dict.fromkeys(rank, 0)
+    for _, c in found:
+        for p in dict.fromkeys(c.parents):
+            if p in children:
+                children[p] += 1
+    ready = [(rank[cid], cid) for cid, n in children.items() if n == 0]
+    heapq.heapify(ready)
+    out = []
+    while ready:
+        _, cid = heapq.heappop(ready)
+        c = found[rank[cid]][1]
+        out.append((cid, c))
+        for p in dict.fromkeys(c.parents):
+            if p in children:
+                children[p] -= 1
+                if children[p] == 0:
+                    heapq.heappush(ready, (rank[p], p))
+    return out
+
+
+def graph(items, limit: int | None = None) -> Iterator[tuple[str, tuple[bytes, Commit] | None]]:
+    """An ASCII graph of commits in topological order (children first), as git's
+    ``log --graph``: (prefix, (cid, commit)) for a commit's line, whose ``*``
+    stands in its lane, and (prefix, None) for a line that only draws edges:
+    ``\\`` where a merge opens a lane for its second parent, ``/`` where a lane
+    joins another (two children of one parent) or closes, ``|`` lanes that go
+    on.  Lanes hold the commit each one waits for; the first parent keeps the
+    commit's lane, so the first-parent chain stays in one column."""
+    lanes: list[bytes] = []
+    n = 0
+    for cid, c in items:
+        if limit is not None and n >= limit:
+            return
+        n += 1
+        at = [i for i, x in enumerate(lanes) if x == cid]
+        if not at:
+            lanes.append(cid)
+            at = [len(lanes) - 1]
+        col = at[0]
+        while len(at) > 1:  # other lanes waited for this commit too: they join it, one a line
+            yield _shift_left(len(lanes), at[1]), None
+            del lanes[at[1]]
+            at = [i for i, x in enumerate(lanes) if x == cid]
+        yield " ".join("*" if i == col else "|" for i in range(len(lanes))), (cid, c)
+        parents = list(dict.fromkeys(c.parents))
+        if not parents:
+            if col < len(lanes) - 1:
+                yield _shift_left(len(lanes), col + 1, blank={col}), None
+            del lanes[col]
+            continue
+        lanes[col] = parents[0]
+        for k, p in enumerate(parents[1:]):
+            at_new = col + 1 + k
+            yield _opening(len(lanes), at_new), None
+            lanes.insert(at_new, p)
+
+
+def _shift_left(width: int, first: int, blank=()) -> str:
+    """Lanes from ``first`` on move one column left (``/``); ``blank`` lanes end."""
+    row = [" "] * (2 * width)
+    for i in range(width):
+        if i in blank:
+            continue
+        if i < first:
+            row[2 * i] = "|"
+        else:
+            row[2 * i - 1] = "/"
+    return "".join(row).rstrip()
+
+
+def _opening(width: int, at: int) -> str:
+    """A lane opening at column ``at`` (``\\`` from the merge's column); lanes
+    from ``at`` on move one column right."""
+    row = [" "] * (2 * width + 2)
+    for i in range(at):
+        row[2 * i] = "|"
+    row[2 * at - 1] = "\\"
+    for i in range(at, width):
+        row[2 * i + 1] = "\\"
+    return "".join(row).rstrip()

@@ -437,8 +437,7 @@ def _copy_whole_packs(src: Repository, dst: Repository, plan: _Plan, stats: Sync
     def index() -> None:
         nonlocal pending, pending_bytes
         if pending:
-            dst.index.add_segment(pending)  # after the packs it names are stored
-            dst.note_own_blobs(oid for oid, _ in pending)
+            dst.note_own_segment(dst.index.add_segment(pending))  # after the packs it names are stored
             stats.segments += 1
         pending, pending_bytes = [], 0
 

@@ -110,7 +110,7 @@ class Repository:
         self._hits: set[bytes] = set()
         self._commit_hits: set[bytes] = set()
         self._own_packs: set[bytes] = set()
-        self._own_blobs: set[bytes] = set()
+        self._own_segments: set[str] = set()  # index segments it wrote (one per checkpoint)
         self._hit_segments: frozenset[str] | None = None
         self._gc_seen: tuple[int, bool] | None = None  # lease_state when tracking began
         # Capped by (estimated) bytes, not entries: one tree of a flat directory
@@ -214,12 +214,16 @@ class Repository:
         with self._track_lock:
             self._own_packs.add(pack)
 
-    def note_own_blobs(self, oids) -> None:
-        """Blobs this process stored and indexed (a gc replacing the index
-        under a writer could drop them: checked before a ref moves)."""
+    def note_own_segment(self, key: str | None) -> None:
+        """An index segment this process wrote (a gc replacing the index under
+        a writer could drop what it names: checked before a ref moves).  The
+        segment, not its blobs: a commit of millions of files keeps one key
+        per checkpoint, not an id per blob."""
+        if key is None:
+            return
         self._start_tracking()
         with self._track_lock:
-            self._own_blobs.update(oids)
+            self._own_segments.add(key)
 
     def check_publishable(self, cid: bytes) -> None:
         """Before a ref is set to ``cid``: nothing it needs is being collected.
@@ -232,7 +236,7 @@ class Repository:
         segments seen still listed, costs two listings."""
         with self._track_lock:
             hits, commits, packs = set(self._hits), set(self._commit_hits), set(self._own_packs)
-            own = set(self._own_blobs)
+            own = set(self._own_segments)
             seen = self._hit_segments
             began = self._gc_seen
         records = self.gc.records()
@@ -265,11 +269,17 @@ class Repository:
         if hits or (own and gc_about):
             self.index.refresh()
             listed = {s.key for s in self.index.segments()}
+            # Segments a gc is replacing do not count: what it keeps is in the new ones.
+            replaced = frozenset(k for r in records for k in r.removed_segments)
+            if gc_about and any(k in replaced or k not in listed for k in own):
+                # A gc rewrote the index under this writer: what it stored may be
+                # out of it (conservative: a merge by another writer looks the same).
+                raise GcInterferenceError(
+                    "a concurrent gc rewrote the index while this operation was storing data: nothing was "
+                    "published; run it again (what is still stored is not sent twice)")
             if gc_about or (seen is not None and not seen <= listed):
                 self.index.forget_answers()
-                # Segments a gc is replacing do not count: what it keeps is in the new ones.
-                replaced = frozenset(k for r in records for k in r.removed_segments)
-                for oid in hits | (own if gc_about else set()):
+                for oid in hits:
                     if self.index.lookup_fresh(oid, condemned, replaced) is None:
                         raise GcInterferenceError(
                             f"a concurrent gc removed blob {oid.hex()}, which this operation relies on: "
@@ -278,10 +288,10 @@ class Repository:
             self._hits.difference_update(hits)
             self._commit_hits.difference_update(commits)
             self._own_packs.difference_update(packs)
-            self._own_blobs.difference_update(own)
+            self._own_segments.difference_update(own)
             if not self._hits:
                 self._hit_segments = None
-            if not (self._hits or self._own_packs or self._commit_hits or self._own_blobs):
+            if not (self._hits or self._own_packs or self._commit_hits or self._own_segments):
                 self._gc_seen = None
 
 
@@ -567,9 +577,9 @@ class BlobWriter:
 
     def _index(self, entries: list) -> None:
         before = self.repo.index.bytes_added
-        self.repo.index.add_segment(entries)
+        key = self.repo.index.add_segment(entries)
         self.stats.bytes_stored += self.repo.index.bytes_added - before
-        self.repo.note_own_blobs(oid for oid, _ in entries)
+        self.repo.note_own_segment(key)
 
     def add_tree(self, tree: Tree) -> bytes:
         data = tree.encode()
