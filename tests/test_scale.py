@@ -263,3 +263,39 @@ def test_decoded_tree_cache_is_capped_by_bytes(local_repo, monkeypatch):
         assert b"\xff" * 32 not in repo._trees and len(repo._trees) == kept
     finally:
         repo.close()
+
+
+def test_a_commit_failing_after_some_checkpoints_leaves_the_repository_valid(local_repo, tmp_path, monkeypatch):
+    """The third index segment of a checkpointing commit cannot be stored: the commit
+    fails, the branch stays, fsck finds the segments already written harmless
+    (they name complete, unreferenced subtrees), and a re-run completes."""
+    from commitfs.errors import StorageError
+    from commitfs.ops import snapshot
+    from core_fixtures import assert_fsck_clean, faulty_repository
+
+    src = tmp_path / "src"
+    write_file(src / "seed.bin", b"seed")
+    age_tree(src)
+    head = commit_directory(local_repo, src, message="v1").commit_id
+    _tree(src, random.Random(7), dirs=6, files=10)
+    age_tree(src)
+    monkeypatch.setattr(snapshot, "_CHECKPOINT_BLOBS", 10)
+    faulty = faulty_repository(local_repo.url)
+    segments = []
+
+    def third_segment(key: str) -> bool:
+        if key.startswith("index/"):
+            segments.append(key)
+            return len(segments) == 3
+        return False
+
+    faulty.store.fail_on = {"save_object"}
+    faulty.store.fail_keys = third_segment
+    faulty.store.error = lambda message: StorageError(f"no space left on device ({message})")
+    with pytest.raises(StorageError, match="no space left"):
+        commit_directory(faulty, src, message="fails")
+    assert len(segments) == 3
+    assert_fsck_clean(local_repo.url, head=head)
+    made = commit_directory(reopen(local_repo.url), src, message="v2")
+    assert made.tree_id == _fresh_tree_id(tmp_path, src)
+    assert_fsck_clean(local_repo.url, head=made.commit_id)

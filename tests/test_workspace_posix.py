@@ -224,3 +224,18 @@ def test_unlinked_open_file_has_nlink_0_and_symlink_xattrs_are_consistent(ws):
             os.getxattr(link, name, follow_symlinks=False)  # every listed name is readable
     assert os.listxattr(mnt / "sl", follow_symlinks=False) == []
     assert os.getxattr(mnt, "user.commitfs.branch") == b"main"
+
+
+def test_st_blocks_is_what_the_overlay_holds(ws, tmp_path):
+    mnt = ws.mount()
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for root in (mnt, plain):
+        with open(root / "sparse", "wb") as f:
+            f.seek(64 << 20)
+            f.write(b"end")  # 64 MiB of hole, then 3 bytes
+    st, ref = os.stat(mnt / "sparse"), os.stat(plain / "sparse")
+    assert st.st_size == ref.st_size == (64 << 20) + 3
+    assert st.st_blocks < 1024, st.st_blocks  # not 64 MiB / 512: the hole takes nothing
+    (mnt / "dense").write_bytes(os.urandom(1 << 20))
+    assert os.stat(mnt / "dense").st_blocks >= (1 << 20) // 512

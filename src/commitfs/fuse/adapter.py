@@ -154,7 +154,7 @@ class Operations(pyfuse3.Operations):
         e.st_rdev = a.rdev
         e.st_size = a.size
         e.st_blksize = a.blksize
-        e.st_blocks = (a.size + 511) // 512
+        e.st_blocks = (a.size + 511) // 512 if a.blocks is None else a.blocks
         e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = a.mtime_ns
         if a.atime_ns is not None:
             e.st_atime_ns = a.atime_ns

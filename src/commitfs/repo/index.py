@@ -421,18 +421,25 @@ class Index:
         makes no storage request per chunk."""
         if self._answers.get(oid) is not None:
             return True
-        def has(seg: Segment) -> bool:
+        def has(seg: Segment, last: bool) -> bool:
             try:
                 return seg.contains(oid)
             except CorruptObjectError:
                 return False  # a damaged segment: the writer stores the blob again
-
-        for attempt in range(2):
-            try:
-                return any(has(seg) for seg in self.segments())
             except ObjectNotFoundError:
-                if attempt:
-                    raise
+                if last:
+                    return False  # still merging away under us: at worst the blob is stored again
+                raise
+
+        # Concurrent writers merge segments all the time: one listed a moment ago
+        # may be gone.  Re-list and ask again; a segment that keeps vanishing on the
+        # last try costs a blob stored twice, never a failed commit.
+        attempts = 4
+        for attempt in range(attempts):
+            last = attempt == attempts - 1
+            try:
+                return any(has(seg, last) for seg in self.segments())
+            except ObjectNotFoundError:
                 self.refresh()  # a merge removed a segment under us
         return False
 

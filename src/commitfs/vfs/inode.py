@@ -74,6 +74,8 @@ class Attr:
     atime_ns: int | None = None
     ctime_ns: int | None = None
     rdev: int = 0
+    #: st_blocks when known (a workspace's overlay file: what the disk holds); else from the size.
+    blocks: int | None = None
 
 
 class Node:

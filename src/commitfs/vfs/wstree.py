@@ -16,6 +16,7 @@ file is a ``FILE`` with an executable mode).
 from __future__ import annotations
 
 import logging
+import os
 import stat
 import time
 
@@ -167,7 +168,19 @@ class NodeTree:
         # st_nlink: 0 once unlinked (still open), as on ext4; else 1 (directories: "unknown").
         nlink = 0 if n.parent is None and n is not self.root else 1
         return Attr(n.ino, mode, size, n.mtime_ns, self._t, self._t, nlink, PREFERRED_IO_SIZE,
-                    n.uid, n.gid, n.atime_ns, n.ctime_ns, n.rdev)
+                    n.uid, n.gid, n.atime_ns, n.ctime_ns, n.rdev, self._blocks(n))
+
+    def _blocks(self, n: WNode) -> int | None:
+        """st_blocks of a file in the overlay: what its data file really holds (a sparse
+        file's holes take none); None (from the size) for the others."""
+        try:
+            if n.fd is not None:
+                return os.fstat(n.fd).st_blocks
+            if n.upper is not None:
+                return os.stat(self.overlay.data_path(n.upper)).st_blocks
+        except OSError:
+            pass
+        return None
 
     def _remember(self, n: WNode) -> Attr:
         n.lookups += 1
