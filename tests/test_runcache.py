@@ -130,8 +130,10 @@ def test_a_cached_commit_removed_by_gc_is_not_a_hit(setup):
     assert _ran(s) == 1
     hit, _ = _run(s, "--cache-from", other)
     assert (hit["cache"], hit["id"], hit["cached_repo"], _ran(s)) == ("hit", first["id"], other, 1)
-    # What gc does to it: the branch goes, then the commit object (unreachable).
+    # The branch goes, and a real gc removes the commit nothing reaches any more
+    # (--grace 0 --force: nothing else writes to this repository).
     cfs("-r", other, "branch", "-d", "main")
-    os.unlink(os.path.join(other, "commits", first["id"]))
+    cfs("-r", other, "gc", "--grace", "0", "--force")
+    assert not os.path.exists(os.path.join(other, "commits", first["id"]))
     again, _ = _run(s, "--cache-from", other)
     assert again["cache"] == "miss" and again["id"] != first["id"] and _ran(s) == 2
