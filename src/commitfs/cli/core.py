@@ -7,7 +7,7 @@ import datetime as dt
 import sys
 
 from commitfs.cli.inspect import add_log_options, show_changes_for
-from commitfs.cli.output import ProgressBar, human_size, print_json, warn
+from commitfs.cli.output import ProgressBar, count_of, human_size, print_json, warn
 from commitfs.errors import CommitfsError, InputError, NothingToCommitError, RevisionError, UsageError
 from commitfs.model.objects import Kind
 from commitfs.ops import browse, history, refnames
@@ -324,16 +324,6 @@ def cmd_fsck(args) -> int:
     return 0 if report.ok else 1
 
 
-def _count(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of commits (0 or more), got {text!r}")
-    return n
-
-
 def register(sub, common) -> None:
     def add(name, handler, help_, **kw):
         p = sub.add_parser(name, parents=[common], help=help_, description=help_, **kw)
@@ -359,7 +349,7 @@ def register(sub, common) -> None:
                    help="where history starts (default: main), following first parents; or A..B: the "
                         "commits B reaches and A does not, through every parent, newest first")
     p.add_argument("--all", action="store_true", help="every commit a branch or tag reaches, newest first")
-    p.add_argument("-n", "--limit", type=_count, metavar="N", help="at most N commits")
+    p.add_argument("-n", "--limit", type=count_of("commits"), metavar="N", help="at most N commits")
     p.add_argument("--oneline", action="store_true")
     p.add_argument("--graph", action="store_true",
                    help="every parent, drawn as lanes (one line per commit; merges open a lane)")

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from commitfs.cli.output import human_size, print_json
+from commitfs.cli.output import count_of, human_size, print_json
 from commitfs.errors import AttributesError, TableError, UsageError
 from commitfs.ops import contentdiff, history
 from commitfs.ops.contentdiff import FileDiff
@@ -337,16 +337,6 @@ def cmd_stats(args) -> int:
     return 0
 
 
-def _count(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of rows (0 or more), got {text!r}")
-    return n
-
-
 def register(sub, common) -> None:
     p = sub.add_parser("diff", parents=[common], help="what changed between two revisions, and inside files",
                        description="Files added, removed and modified from A to B (B omitted: from A's first "
@@ -363,7 +353,7 @@ def register(sub, common) -> None:
                    help="match table rows by this column (repeatable: a compound key); implies --rows")
     p.add_argument("--values", action="store_true",
                    help="read changed tensors: max abs difference, relative L2 (needs numpy); implies --rows")
-    p.add_argument("--max-rows", type=_count, default=20, metavar="N",
+    p.add_argument("--max-rows", type=count_of("rows"), default=20, metavar="N",
                    help="rows (and tensors) printed per file, default 20 (--json gives all)")
     p.add_argument("--json", action="store_true")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -77,3 +78,17 @@ class ProgressBar:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def count_of(what: str):
+    """An argparse ``type`` for a count of ``what`` (0 or more): anything else is a
+    usage error (exit 2) naming what was expected."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = -1
+        if n < 0:
+            raise argparse.ArgumentTypeError(f"expected a number of {what} (0 or more), got {text!r}")
+        return n
+    return parse
