@@ -6,7 +6,6 @@ held at once)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
