@@ -50,6 +50,7 @@ step commitfs tag v1 main~1
 step commitfs log --oneline
 step commitfs ls main
 step commitfs diff v1 main
+step commitfs diff v1 main --rows -- labels.csv   # which rows of the label table changed
 step commitfs cat main:labels.csv | head -n 6
 
 if commitfs mount --help >/dev/null 2>&1; then
