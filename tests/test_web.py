@@ -387,6 +387,48 @@ def test_slow_storage_times_out_the_page_and_serves_others(ui_sample, cache_home
         assert "cat_0.png" in ui.text("/tree/main/images")
 
 
+@pytest.mark.parametrize("url, first_part, missing_id, missing_what, shown", [
+    ("/commit/main", "commit_meta", "missing-changes", "the list of changed paths", 'id="commit-meta"'),
+    ("/", "refs", "missing-commits", "the recent commits on main", 'id="branches"'),
+])
+def test_slow_storage_after_the_first_part_shows_it_and_says_what_is_missing(
+        ui_sample, cache_home, tmp_path, url, first_part, missing_id, missing_what, shown):
+    from commitfs.web import routes
+
+    # The keys the page's first part reads (its metadata, its references); every
+    # other read stalls, so the part after it times out.
+    probe = faulty_repository(ui_sample.url)
+    if first_part == "commit_meta":
+        routes._commit_meta(probe, "main")
+    else:
+        routes._refs_data(probe, None)
+    first_keys = set(probe.store.keys_read)
+    assert first_keys
+    repo = faulty_repository(ui_sample.url)
+    with serve_ui(repo, cache_dir=tmp_path / "thumbs", timeout=2) as ui:
+        repo.store.stall_keys = lambda key: key not in first_keys
+        repo.store.stall_s = 60
+        try:
+            status, _, body = ui.get(url)
+            page = body.decode()
+            assert status == 200, page[:300]
+            assert 'id="partial-notice"' in page and shown in page
+            m = re.search(rf'id="{missing_id}">(.*?)</p>', page, re.S)
+            assert m, page
+            assert html.unescape(m.group(1)) == (f"the repository did not answer within 2 s: {missing_what} "
+                                                 "is missing; reload to try again")
+            if url == "/":
+                assert "main" in "".join(rows(page, "branches")) and 'id="commits"' not in page
+            else:
+                assert ui_sample.v2 in page and 'id="parents"' in page and "v2: relabel cat_1" in page
+            assert ui.get("/style.css")[0] == 200  # the stalled read holds up no other page
+        finally:
+            repo.store.release()
+        page = ui.text(url)
+        assert 'id="partial-notice"' not in page and missing_id not in page
+        assert "v1: first labels" in "".join(rows(page, "commits")) if url == "/" else "labels.csv" in page
+
+
 # --- the command line --------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:

@@ -5,7 +5,9 @@
     store.fail_keys = lambda key: key.startswith("packs/")   # ...of these keys
     store.fail_count = 2                       # ...twice, then works again
     store.stall_s, store.stall_timeout_s = 60, 0.2   # reads hang, then time out
+    store.stall_keys = lambda key: key in slow     # ...only the reads of these keys
     store.calls["load_range"]                  # how many ranged reads happened
+    store.keys_read                            # which keys were read (objects and ranges)
     store.cut_probability = 0.3                # reads return a random prefix of the truth
                                                # (a response cut short, unnoticed)
     store.bytes_read                           # bytes returned by load_object/load_range
@@ -32,6 +34,8 @@ class FaultyStore(Store):
         self.url = inner.url
         #: Calls made so far, by method name (faulty ones included).
         self.calls: Counter[str] = Counter()
+        #: Keys read so far (load_object, load_range, faulty ones included).
+        self.keys_read: set[str] = set()
         #: Bytes returned by load_object and load_range so far.
         self.bytes_read = 0
         #: Method names that raise ``error``; ``fail_keys`` narrows them to
@@ -46,6 +50,8 @@ class FaultyStore(Store):
         #: raise StorageTimeoutError, as a client's read timeout would.
         self.stall_s = 0.0
         self.stall_timeout_s: float | None = None
+        #: Narrows the stalls to the reads of these keys (None: every read).
+        self.stall_keys: Callable[[str], bool] | None = None
         #: Reads (load_object, load_range, load_ref) return a random prefix of
         #: their answer with this probability (seeded by ``cut_seed``): what a
         #: backend that missed a cut connection would hand on.  calls["cut"]
@@ -67,6 +73,8 @@ class FaultyStore(Store):
     def _enter(self, method: str, key: str) -> None:
         with self._lock:
             self.calls[method] += 1
+            if method in _READS:
+                self.keys_read.add(key)
             fail = method in self.fail_on and (self.fail_keys is None or self.fail_keys(key))
             if fail and self.fail_count is not None:
                 if self.fail_count > 0:
@@ -75,7 +83,7 @@ class FaultyStore(Store):
                     fail = False
         if fail:
             raise self.error(f"injected failure: {method}({key})")
-        if method in _READS and self.stall_s > 0:
+        if method in _READS and self.stall_s > 0 and (self.stall_keys is None or self.stall_keys(key)):
             limit = self.stall_s if self.stall_timeout_s is None else min(self.stall_s, self.stall_timeout_s)
             if not self._unstall.wait(limit) and limit < self.stall_s:
                 raise StorageTimeoutError(f"injected stall: {method}({key}) timed out after {limit:g}s")

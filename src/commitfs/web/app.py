@@ -157,6 +157,17 @@ class UI:
                 threading.Thread(target=run, name="commitfs-ui-call", daemon=True).start()
                 return await asyncio.shield(done)
 
+    async def section(self, what: str, fn, *args, **kwargs):
+        """``(fn(*args), None)``, or ``(None, message)`` when the repository did
+        not answer within the deadline: a page built from several calls shows
+        the parts it has and this message where ``what`` would be."""
+        try:
+            return await self.call(fn, *args, **kwargs), None
+        except TimeoutError:
+            log.warning("%s: timed out after %.0f s", what, self.timeout)
+            return None, (f"the repository did not answer within {self.timeout:g} s: {what} is missing; "
+                          "reload to try again")
+
     def render(self, name: str, status: int = 200, headers=None, **context) -> HTMLResponse:
         return HTMLResponse(self.env.get_template(name).render(**context), status_code=status, headers=headers)
 

@@ -52,31 +52,40 @@ def _breadcrumb(rev: str, path: str) -> list[tuple[str, str]]:
 
 
 # --- repository ----------------------------------------------------------------
-def _repository_data(repo, branch: str | None):
+def _head(repo, cid):
+    c = repo.load_commit(cid)
+    return {"id": cid.hex(), "summary": c.message.splitlines()[0] if c.message else "", "time": c.time}
+
+
+def _refs_data(repo, branch: str | None):
     branches = repo.refs.branches()
     tags = repo.refs.tags()
     if branch is None:
         branch = "main" if "main" in branches else (sorted(branches)[0] if branches else None)
+    return (branch, {n: _head(repo, c) for n, c in sorted(branches.items())},
+            {n: _head(repo, c) for n, c in sorted(tags.items())})
+
+
+def _recent_commits(repo, branch: str):
     commits = []
-    if branch is not None:
-        for cid, c in history.log(repo, repo.resolve(branch), RECENT):
-            commits.append({"id": cid.hex(), "author": c.author, "time": c.time,
-                            "summary": c.message.splitlines()[0] if c.message else "",
-                            "size": repo.load_tree(c.tree).size, "parents": len(c.parents)})
-
-    def head(cid):
-        c = repo.load_commit(cid)
-        return {"id": cid.hex(), "summary": c.message.splitlines()[0] if c.message else "", "time": c.time}
-
-    return (branch, {n: head(c) for n, c in sorted(branches.items())},
-            {n: head(c) for n, c in sorted(tags.items())}, commits)
+    for cid, c in history.log(repo, repo.resolve(branch), RECENT):
+        commits.append({"id": cid.hex(), "author": c.author, "time": c.time,
+                        "summary": c.message.splitlines()[0] if c.message else "",
+                        "size": repo.load_tree(c.tree).size, "parents": len(c.parents)})
+    return commits
 
 
 async def repository(ui: UI, request: Request) -> Response:
+    """Two calls, each with its own deadline: the references (nothing to show
+    without them: a timeout is a 504 page), then the recent commits (a timeout
+    leaves the references shown and a message in their place)."""
     branch = request.query_params.get("branch")
-    branch, branches, tags, commits = await ui.call(_repository_data, ui.repo, branch)
+    branch, branches, tags = await ui.call(_refs_data, ui.repo, branch)
+    commits, missing = [], None
+    if branch is not None:
+        commits, missing = await ui.section(f"the recent commits on {branch}", _recent_commits, ui.repo, branch)
     return ui.render("repository.html", title=ui.repo.url, branch=branch, branches=branches, tags=tags,
-                     commits=commits)
+                     commits=commits or [], missing_commits=missing, partial=missing is not None)
 
 
 # --- commit --------------------------------------------------------------------
@@ -90,7 +99,7 @@ def _changes(repo, old_tree: bytes | None, new_tree: bytes):
     return counts, shown
 
 
-def _commit_data(repo, rev: str):
+def _commit_meta(repo, rev: str):
     from commitfs.ops import lineage
 
     cid = repo.resolve(rev)
@@ -98,9 +107,8 @@ def _commit_data(repo, rev: str):
     parents = []
     for p in c.parents:
         pc = repo.load_commit(p)
-        parents.append({"id": p.hex(), "summary": pc.message.splitlines()[0] if pc.message else ""})
-    base = repo.load_commit(c.parents[0]).tree if c.parents else None
-    counts, shown = _changes(repo, base, c.tree)
+        parents.append({"id": p.hex(), "summary": pc.message.splitlines()[0] if pc.message else "",
+                        "tree": pc.tree})
     parsed = lineage.parse_lineage(c.metadata)
     inputs = []
     for inp in parsed.inputs:
@@ -108,16 +116,23 @@ def _commit_data(repo, rev: str):
         inputs.append({"name": inp.name, "rev": inp.rev, "url": inp.url, "id": inp.commit.hex(), "here": here})
     meta = {k: v for k, v in sorted(c.metadata.items()) if not k.startswith("lineage.input.")}
     return {"id": cid.hex(), "commit": c, "size": repo.load_tree(c.tree).size, "parents": parents,
-            "counts": counts, "changes": shown, "inputs": inputs, "meta": meta,
-            "problems": parsed.problems}
+            "inputs": inputs, "meta": meta, "problems": parsed.problems}
 
 
 async def commit(ui: UI, request: Request) -> Response:
+    """Two calls, each with its own deadline: the metadata (a timeout is a 504
+    page), then the changed paths (a timeout leaves the metadata shown and a
+    message in their place)."""
     rev, path = rev_and_path(request, "commit")
     if path:
         raise BadURLError("a commit URL is /commit/REV")
-    data = await ui.call(_commit_data, ui.repo, rev)
-    return ui.render("commit.html", title=f"commit {data['id'][:12]}", rev=rev, **data)
+    data = await ui.call(_commit_meta, ui.repo, rev)
+    parents = data["parents"]
+    changed, missing = await ui.section("the list of changed paths", _changes, ui.repo,
+                                        parents[0]["tree"] if parents else None, data["commit"].tree)
+    counts, shown = changed if changed is not None else ({"added": 0, "removed": 0, "modified": 0}, [])
+    return ui.render("commit.html", title=f"commit {data['id'][:12]}", rev=rev, counts=counts, changes=shown,
+                     missing_changes=missing, partial=missing is not None, **data)
 
 
 # --- trees ---------------------------------------------------------------------
