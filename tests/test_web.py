@@ -429,6 +429,29 @@ def test_slow_storage_after_the_first_part_shows_it_and_says_what_is_missing(
         assert "v1: first labels" in "".join(rows(page, "commits")) if url == "/" else "labels.csv" in page
 
 
+def test_slow_storage_under_a_grid_gives_its_thumbnails_a_timed_out_placeholder(ui_sample, cache_home, tmp_path):
+    from commitfs.web import routes
+
+    probe = faulty_repository(ui_sample.url)
+    routes._tree_data(probe, "main", "images", 0, True)
+    listing_keys = set(probe.store.keys_read)  # what the grid page reads: its entries
+    repo = faulty_repository(ui_sample.url)
+    with serve_ui(repo, cache_dir=tmp_path / "thumbs", timeout=2) as ui:
+        repo.store.stall_keys = lambda key: key not in listing_keys  # the images' bytes stall
+        repo.store.stall_s = 60
+        try:
+            page = ui.text("/tree/main/images?view=grid")
+            assert "cat_0.png" in page
+            status, headers, body = ui.get("/thumb/main/images/cat_0.png?size=128")
+            assert status == 504 and headers["content-type"].startswith("image/svg+xml")
+            assert b"timed out" in body and "did not answer within 2 s" in headers["x-commitfs-placeholder"]
+            assert headers["cache-control"] == "no-store"
+        finally:
+            repo.store.release()
+        status, headers, body = ui.get("/thumb/main/images/cat_0.png?size=128")
+        assert status == 200 and headers["content-type"] == "image/jpeg"
+
+
 # --- the command line --------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
