@@ -390,6 +390,7 @@ def test_slow_storage_times_out_the_page_and_serves_others(ui_sample, cache_home
 @pytest.mark.parametrize("url, first_part, missing_id, missing_what, shown", [
     ("/commit/main", "commit_meta", "missing-changes", "the list of changed paths", 'id="commit-meta"'),
     ("/", "refs", "missing-commits", "the recent commits on main", 'id="branches"'),
+    ("/compare/v1/main", "compare_changes", "missing-diffs", "the table and tensor diffs", "labels.csv"),
 ])
 def test_slow_storage_after_the_first_part_shows_it_and_says_what_is_missing(
         ui_sample, cache_home, tmp_path, url, first_part, missing_id, missing_what, shown):
@@ -400,6 +401,8 @@ def test_slow_storage_after_the_first_part_shows_it_and_says_what_is_missing(
     probe = faulty_repository(ui_sample.url)
     if first_part == "commit_meta":
         routes._commit_meta(probe, "main")
+    elif first_part == "compare_changes":
+        routes._compare_changes(probe, "v1", "main")
     else:
         routes._refs_data(probe, None)
     first_keys = set(probe.store.keys_read)
@@ -419,6 +422,8 @@ def test_slow_storage_after_the_first_part_shows_it_and_says_what_is_missing(
                                                  "is missing; reload to try again")
             if url == "/":
                 assert "main" in "".join(rows(page, "branches")) and 'id="commits"' not in page
+            elif url.startswith("/compare/"):
+                assert 'class="rowdiff"' not in page
             else:
                 assert ui_sample.v2 in page and 'id="parents"' in page and "v2: relabel cat_1" in page
             assert ui.get("/style.css")[0] == 200  # the stalled read holds up no other page
@@ -426,7 +431,12 @@ def test_slow_storage_after_the_first_part_shows_it_and_says_what_is_missing(
             repo.store.release()
         page = ui.text(url)
         assert 'id="partial-notice"' not in page and missing_id not in page
-        assert "v1: first labels" in "".join(rows(page, "commits")) if url == "/" else "labels.csv" in page
+        if url == "/":
+            assert "v1: first labels" in "".join(rows(page, "commits"))
+        elif url.startswith("/compare/"):
+            assert 'class="rowdiff"' in page
+        else:
+            assert "labels.csv" in page
 
 
 def test_slow_storage_under_a_grid_gives_its_thumbnails_a_timed_out_placeholder(ui_sample, cache_home, tmp_path):

@@ -334,10 +334,14 @@ async def raw(ui: UI, request: Request) -> Response:
 
 
 # --- compare -------------------------------------------------------------------
-def _compare_data(repo, old: str, new: str):
+def _compare_changes(repo, old: str, new: str):
     a, b = repo.resolve(old), repo.resolve(new)
     counts, shown = _changes(repo, repo.load_commit(a).tree, repo.load_commit(b).tree)
     images = [ch for ch in shown if is_image_name(ch.path)][:IMAGES_SHOWN]
+    return {"old_id": a.hex(), "new_id": b.hex(), "counts": counts, "changes": shown, "images": images}
+
+
+def _compare_diffs(repo, shown):
     tables, tensors = [], []
     for ch in shown:
         kind = file_kind(ch.path)
@@ -348,17 +352,24 @@ def _compare_data(repo, old: str, new: str):
                 tables.append((ch, None, str(exc)))
         elif kind == "safetensors" and len(tensors) < TENSORS_DIFFED:
             tensors.append((ch, diff_safetensors(repo, ch.old, ch.new)))
-    return {"old_id": a.hex(), "new_id": b.hex(), "counts": counts, "changes": shown, "images": images,
-            "tables": tables, "tensors": tensors}
+    return tables, tensors
 
 
 async def compare(ui: UI, request: Request) -> Response:
+    """Two calls, each with its own deadline: the changed paths (a timeout is
+    a 504 page), then the table and tensor diffs (a timeout leaves the changed
+    paths and images shown and a message in place of the diffs)."""
     parts = split_segments(request.scope.get("raw_path") or request.url.path.encode(), "compare")
     if len(parts) != 2:
         raise BadURLError("a compare URL is /compare/OLD/NEW")
     old, new = parts
-    data = await ui.call(_compare_data, ui.repo, old, new)
-    return ui.render("compare.html", title=f"{old}..{new}", old=old, new=new, **data)
+    data = await ui.call(_compare_changes, ui.repo, old, new)
+    diffs, missing = (([], []), None)
+    if any(file_kind(ch.path) in ("table", "safetensors") for ch in data["changes"]):
+        got, missing = await ui.section("the table and tensor diffs", _compare_diffs, ui.repo, data["changes"])
+        diffs = got if got is not None else diffs
+    return ui.render("compare.html", title=f"{old}..{new}", old=old, new=new, tables=diffs[0], tensors=diffs[1],
+                     missing_diffs=missing, partial=missing is not None, **data)
 
 
 # --- lineage -------------------------------------------------------------------
