@@ -490,6 +490,8 @@ def test_a_find_on_a_mount_of_a_tree_dag_stays_bounded(local_url, tmp_path, cach
 def _clone_states(dest: Path, src: str):
     """What a clone killed at each point leaves in ``dest`` (made by the same steps)."""
     yield "nothing yet", lambda: dest.mkdir()
+    yield "its origin being recorded", lambda: (  # the compare-and-swap's lock made, no record yet
+        (dest / "refs").mkdir(parents=True), (dest / "refs" / ".lock").touch())
     yield "its origin", lambda: Remotes(open_store(str(dest))).add("origin", src)
     yield "its origin and a config being written", lambda: (
         Remotes(open_store(str(dest))).add("origin", src),

@@ -687,7 +687,10 @@ def open_clone_destination(dest: str, source_url: str, endpoint_url: str | None 
                 raise InputError(f"{shown} exists and is not an empty directory")
             names = os.listdir(dest)
             leftovers = [n for n in names if n.startswith(".tmp-")]
-            if any(n not in leftovers and not (resuming and n == "refs") for n in names):
+            # refs/ with no ref in it (its .lock, a .tmp- record) is what a clone
+            # killed while recording its origin leaves: the record is made again.
+            refs_ok = resuming or not any(True for _ in store.iter_keys("refs/"))
+            if any(n not in leftovers and not (refs_ok and n == "refs") for n in names):
                 raise InputError(f"{shown} exists and is not an empty directory")
         for n in leftovers:  # a config being written when the clone was killed
             try:
