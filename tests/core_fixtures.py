@@ -80,6 +80,28 @@ def local_repo(local_url):
     r.close()
 
 
+@pytest.fixture
+def versions(local_repo, tmp_path):
+    """commit(name, data) -> the TreeEntry of that file in a new commit of local_repo."""
+    import shutil
+
+    from commitfs.ops.browse import lookup_path
+    from commitfs.ops.snapshot import commit_directory
+
+    n = [0]
+
+    def commit(name: str, data: bytes):
+        n[0] += 1
+        d = tmp_path / f"v{n[0]}"
+        d.mkdir()
+        (d / name).write_bytes(data)
+        cid = commit_directory(local_repo, d, message=f"v{n[0]}").commit_id
+        shutil.rmtree(d)
+        return lookup_path(local_repo, cid, name)
+
+    return commit
+
+
 @contextlib.contextmanager
 def mounted_tmpfs(where, size: str):
     """A tmpfs of ``size`` at ``where`` (the machine runs as root); always unmounted."""

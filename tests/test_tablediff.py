@@ -5,34 +5,15 @@ from __future__ import annotations
 
 import io
 import random
-import shutil
 
 import pytest
 from core_fixtures import faulty_repository
 
 from commitfs.errors import TableKeyError, TableParseError
-from commitfs.ops.browse import lookup_path
-from commitfs.ops.snapshot import commit_directory
 from commitfs.ops.tablediff import diff_table
 
 pytestmark = pytest.mark.timeout(60)
 
-
-@pytest.fixture
-def versions(local_repo, tmp_path):
-    """commit(name, data) -> the TreeEntry of that file in a new commit."""
-    n = [0]
-
-    def commit(name: str, data: bytes):
-        n[0] += 1
-        d = tmp_path / f"v{n[0]}"
-        d.mkdir()
-        (d / name).write_bytes(data)
-        cid = commit_directory(local_repo, d, message=f"v{n[0]}").commit_id
-        shutil.rmtree(d)
-        return lookup_path(local_repo, cid, name)
-
-    return commit
 
 
 def summary(d):

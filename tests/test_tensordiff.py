@@ -3,7 +3,6 @@ reshaped, edited in place; unchanged tensors are not read (bytes counted)."""
 
 from __future__ import annotations
 
-import shutil
 import struct
 
 import pytest
@@ -19,21 +18,6 @@ st_numpy = pytest.importorskip("safetensors.numpy")
 pytestmark = pytest.mark.timeout(60)
 MiB = 1024 * 1024
 
-
-@pytest.fixture
-def versions(local_repo, tmp_path):
-    n = [0]
-
-    def commit(name: str, data: bytes):
-        n[0] += 1
-        d = tmp_path / f"v{n[0]}"
-        d.mkdir()
-        (d / name).write_bytes(data)
-        cid = commit_directory(local_repo, d, message=f"v{n[0]}").commit_id
-        shutil.rmtree(d)
-        return lookup_path(local_repo, cid, name)
-
-    return commit
 
 
 def weights(seed: int = 0) -> dict:
