@@ -138,3 +138,29 @@ def test_fsync_runs_in_a_worker_thread_and_other_requests_go_on(repo_and_base, t
             await fs.release(fh)
     trio.run(main)
     assert threads == [False]
+
+
+# --- found by the reference model (tests/test_workspace_model.py), kernel-free -------------
+def _session(repo, ws):
+    from wsharness import Session
+    return Session(repo, ws)
+
+
+def test_a_base_node_keeps_its_atime_when_its_mtime_moves(repo_and_base, tmp_path):
+    """The mount is noatime: a new entry (a directory's mtime) or a write (a file's)
+    leaves the atime alone; it used to show the mtime, so it moved with it."""
+    repo, base = repo_and_base
+    base_ns = repo.load_commit(base).time * 1_000_000_000
+
+    async def main():
+        async with _session(repo, tmp_path / "ws") as k:
+            await k.write_file("new.txt", b"new")
+            fh = await k.open("fixed/run.sh", os.O_WRONLY)
+            await k.pwrite(fh, 0, b"#")
+            await k.close(fh)
+            for p in ("", "fixed/run.sh"):
+                st = await k.lstat(p)
+                assert st.st_atime_ns == base_ns, p
+                assert st.st_mtime_ns > base_ns and st.st_ctime_ns > base_ns, p
+    trio.run(main)
+
