@@ -164,3 +164,23 @@ def test_a_base_node_keeps_its_atime_when_its_mtime_moves(repo_and_base, tmp_pat
                 assert st.st_mtime_ns > base_ns and st.st_ctime_ns > base_ns, p
     trio.run(main)
 
+
+def test_open_with_o_trunc_truncates_in_any_access_mode_and_moves_ctime(repo_and_base, tmp_path):
+    """open(O_TRUNC) truncates also with O_RDONLY (Linux does; FUSE passes O_TRUNC to
+    OPEN: atomic_o_trunc), and moves the ctime with the mtime."""
+    repo, base = repo_and_base
+
+    async def main():
+        async with _session(repo, tmp_path / "ws") as k:
+            await k.write_file("f", b"some bytes")
+            await k.utime("f", 1_000_000_000_000_000_000, 1_000_000_000_000_000_000)
+            before = await k.lstat("f")
+            fh = await k.open("f", os.O_RDONLY | os.O_TRUNC)
+            await k.close(fh)
+            st = await k.lstat("f")
+            assert st.st_size == 0 and await k.read_file("f") == b""
+            assert st.st_mtime_ns > before.st_ctime_ns and st.st_ctime_ns == st.st_mtime_ns
+            fh = await k.open("fixed/big.bin", os.O_RDONLY | os.O_TRUNC)  # a base file
+            await k.close(fh)
+            assert (await k.lstat("fixed/big.bin")).st_size == 0
+    trio.run(main)

@@ -616,12 +616,12 @@ class WorkspaceFS(NodeTree, OverlayStore, CommitState, MergeState):
             raise IsADirectoryError_(f"inode {inode} is a directory")
         if n.kind != "file":
             raise InvalidArgumentError(f"inode {inode} is not a regular file")
-        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+        if flags & os.O_TRUNC:  # whatever the access mode, as Linux does (the kernel checked write permission)
             async with self._lock:
                 fd = await self._ensure_upper(n, empty=True)
                 os.ftruncate(fd, 0)
                 n.size = 0
-                n.mtime_ns = _now()
+                n.mtime_ns = n.ctime_ns = _now()  # a truncation is a status change too
                 n.dirty = True
         return self._open_handle(n)
 
