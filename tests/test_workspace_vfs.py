@@ -184,3 +184,22 @@ def test_open_with_o_trunc_truncates_in_any_access_mode_and_moves_ctime(repo_and
             await k.close(fh)
             assert (await k.lstat("fixed/big.bin")).st_size == 0
     trio.run(main)
+
+
+def test_an_unlinked_open_file_keeps_its_atime_across_a_commit(repo_and_base, tmp_path):
+    """A file unlinked while open keeps its times: a commit (a new base) does not move them."""
+    from wsharness import commit
+    repo, base = repo_and_base
+
+    async def main():
+        async with _session(repo, tmp_path / "ws") as k:
+            fh = await k.open("fixed/run.sh", os.O_RDONLY)
+            before = await k.fstat(fh)
+            await k.unlink("fixed/run.sh")
+            await trio.sleep(1.1)  # commit times are in seconds
+            assert await commit(k) is not None
+            st = await k.fstat(fh)
+            assert st.st_nlink == 0 and st.st_atime_ns == before.st_atime_ns
+            assert await k.read_all(fh) == b"#!/bin/sh\necho hi\n"
+            await k.close(fh)
+    trio.run(main)

@@ -152,6 +152,8 @@ class OverlayStore:
                 self._close_fd(n)
         for c in list((n.children or {}).values()):
             self._detach(c)
+        if n.atime_ns is None:  # its own from now on, not the next base commit's time
+            n.atime_ns = self.base_time_ns
         n.parent = None
         n.oid = None
         n.upper = None
