@@ -2,7 +2,7 @@
 
 Random system calls (create, open with O_TRUNC, write at any offset, read,
 truncate, close, fsync, mkdir, rmdir, unlink, rename with and without
-RENAME_NOREPLACE, symlink, mknod, link, chmod, chown, utimens, xattrs) are
+RENAME_NOREPLACE, symlink, mknod, hard links, chmod, chown, utimens, xattrs) are
 applied to a workspace through the pyfuse3 adapter (``Kernel``) and to a
 plain in-memory model of what ext4 would do; after every call the outcome
 (value or errno) must agree, and the touched paths' attributes too.  Every
@@ -63,10 +63,15 @@ class MNode:
         self.target = ""
         self.rdev = 0
         self.children: dict[str, MNode] = {}
-        self.nlink = 1  # names it has (files); 0 once unlinked
+        # Its names, oldest first, as [directory, name] (a directory: one); none once removed.
+        self.names: list[list] = []
         # Times: ("exact", ns) | ("ge", ns) | None (unknown).
         self.mtime = self.atime = self.ctime = t
         self.ino: int | None = None
+
+    @property
+    def nlink(self) -> int:
+        return len(self.names)
 
 
 class Model:
@@ -74,6 +79,7 @@ class Model:
 
     def __init__(self, hardlinks: bool):
         self.root = MNode("dir", 0o755, None)
+        self.root.names = [[None, ""]]
         self.hardlinks = hardlinks
         self.handles: dict[int, tuple[MNode, int]] = {}  # fh -> (node, flags)
 
@@ -114,6 +120,18 @@ class Model:
         return d, name
 
     @staticmethod
+    def attach(d: MNode, name: str, n: MNode) -> MNode:
+        d.children[name] = n
+        n.names.append([d, name])
+        return n
+
+    @staticmethod
+    def detach(d: MNode, name: str) -> MNode:
+        n = d.children.pop(name)
+        n.names = [x for x in n.names if not (x[0] is d and x[1] == name)]
+        return n
+
+    @staticmethod
     def touch(d: MNode, t) -> None:
         d.mtime = d.ctime = t
 
@@ -137,7 +155,7 @@ class Model:
             if not flags & os.O_CREAT:
                 raise OSError(errno.ENOENT, path)
             d, name = self.new_entry(path)
-            n = d.children[name] = MNode("file", mode, ("ge", t))
+            n = self.attach(d, name, MNode("file", mode, ("ge", t)))
             n.uid, n.gid = owner
             self.touch(d, ("ge", t))
         else:
@@ -182,13 +200,13 @@ class Model:
 
     def mkdir(self, path: str, mode: int, t, owner) -> None:
         d, name = self.new_entry(path)
-        n = d.children[name] = MNode("dir", mode, ("ge", t))
+        n = self.attach(d, name, MNode("dir", mode, ("ge", t)))
         n.uid, n.gid = owner
         self.touch(d, ("ge", t))
 
     def symlink(self, target: str, path: str, t, owner) -> None:
         d, name = self.new_entry(path)
-        n = d.children[name] = MNode("link", 0o777, ("ge", t))
+        n = self.attach(d, name, MNode("link", 0o777, ("ge", t)))
         n.target = target
         n.uid, n.gid = owner
         self.touch(d, ("ge", t))
@@ -201,7 +219,7 @@ class Model:
             n = MNode("special", mode, ("ge", t))
             n.rdev = rdev if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else 0
         n.uid, n.gid = owner
-        d.children[name] = n
+        self.attach(d, name, n)
         self.touch(d, ("ge", t))
 
     def link(self, src: str, dst: str, t) -> None:
@@ -215,16 +233,9 @@ class Model:
             raise OSError(errno.EPERM, "the workspace does not support hard links")
         if len(name.encode()) > NAME_MAX:
             raise OSError(errno.ENAMETOOLONG, dst)
-        d.children[name] = n
-        n.nlink += 1
+        self.attach(d, name, n)
         n.ctime = ("ge", t)
         self.touch(d, ("ge", t))
-
-    def _drop(self, n: MNode) -> None:
-        n.nlink -= 1
-        if n.kind == "dir":
-            for c in list(n.children.values()):
-                self._drop(c)
 
     def unlink(self, path: str, t) -> None:
         d, name = self.parent(path)
@@ -233,8 +244,7 @@ class Model:
             raise OSError(errno.ENOENT, path)
         if n.kind == "dir":
             raise OSError(errno.EISDIR, path)
-        del d.children[name]
-        n.nlink -= 1
+        self.detach(d, name)
         n.ctime = ("ge", t)
         self.touch(d, ("ge", t))
 
@@ -247,8 +257,7 @@ class Model:
             raise OSError(errno.ENOTDIR, path)
         if n.children:
             raise OSError(errno.ENOTEMPTY, path)
-        del d.children[name]
-        n.nlink = 0
+        self.detach(d, name)
         self.touch(d, ("ge", t))
 
     def rename(self, src: str, dst: str, flags: int, t) -> None:
@@ -277,7 +286,11 @@ class Model:
         if len(dn.encode()) > NAME_MAX:
             raise OSError(errno.ENAMETOOLONG, dst)
         if target is not None:
-            self._drop(target)
+            self.detach(dd, dn)  # (a directory: empty)
+            target.ctime = ("ge", t)
+        for x in n.names:  # the name keeps its place among the node's names
+            if x[0] is sd and x[1] == sn:
+                x[0], x[1] = dd, dn
         del sd.children[sn]
         dd.children[dn] = n
         n.ctime = ("ge", t)
@@ -341,9 +354,15 @@ class Model:
             d.mode, d.uid, d.gid, d.mtime, d.atime, d.ctime = 0o755, None, None, t, t, t
             for name, c in list(d.children.items()):
                 if c.kind == "special":
-                    del d.children[name]
-                    c.nlink = 0
+                    self.detach(d, name)
                     continue
+                if c.nlink > 1 and c.names[0] != [d, name]:
+                    # A hard link's other names are separate files in the commit (and so in
+                    # the workspace after it); the oldest name keeps the node.
+                    self.detach(d, name)
+                    copy = self.attach(d, name, MNode(c.kind, c.mode, t))
+                    copy.data, copy.target = bytearray(c.data), c.target
+                    c = copy
                 c.uid = c.gid = None
                 c.mtime = c.atime = c.ctime = t
                 if c.kind == "file":
@@ -365,6 +384,7 @@ class Model:
 
 def load_base(src) -> MNode:
     root = MNode("dir", 0o755, None)
+    root.names = [[None, ""]]
 
     def walk(d: MNode, path):
         for entry in sorted(os.scandir(path), key=lambda e: e.name):
@@ -379,7 +399,7 @@ def load_base(src) -> MNode:
                 c = MNode("file", 0o755 if st.st_mode & 0o100 else 0o644, None)
                 with open(entry.path, "rb") as f:
                     c.data = bytearray(f.read())
-            d.children[entry.name] = c
+            Model.attach(d, entry.name, c)
     walk(root, src)
     return root
 
@@ -492,7 +512,7 @@ class Run:
         op = r.choices(
             ["open", "write", "read", "close", "truncate", "ftruncate", "fsync", "mkdir", "rmdir", "unlink",
              "rename", "symlink", "mknod", "link", "chmod", "chown", "utime", "xattr", "create"],
-            weights=[8, 10, 5, 6, 3, 2, 1, 4, 3, 4, 7, 2, 1, 2, 2, 1, 2, 1, 2])[0]
+            weights=[8, 10, 5, 6, 3, 2, 1, 4, 3, 4, 7, 2, 1, 4, 2, 1, 2, 1, 2])[0]
         owner = (k.ctx.uid, k.ctx.gid)
         if op in ("open", "create"):
             p = self.any_path((("file",) if r.random() < 0.8 else ("file", "dir", "link")) if op == "open" else None)
@@ -566,7 +586,8 @@ class Run:
             await self.both(f"mknod {p!r} {mode:o}", lambda: k.mknod(p, mode, rdev),
                             lambda t: m.mknod(p, mode, rdev, t, owner))
         elif op == "link":
-            src, dst = self.any_path(), self.any_path() if r.random() < 0.3 else self.new_path()
+            src = self.any_path(("file", "link", "special") if r.random() < 0.8 else None)
+            dst = self.any_path() if r.random() < 0.3 else self.new_path()
             await self.both(f"link {src!r} {dst!r}", lambda: k.link(src, dst), lambda t: m.link(src, dst, t))
         elif op == "chmod":
             p, mode = self.any_path(("file", "dir", "special")), r.choice([0o644, 0o755, 0o600, 0o700, 0o4755])
@@ -648,7 +669,8 @@ class Run:
                 f"{where}: mode {stat.S_IMODE(e.st_mode):o}, model {n.mode:o}; {self.where()}"
         if n.kind == "file":
             assert e.st_size == len(n.data), f"{where}: size {e.st_size}, model {len(n.data)}; {self.where()}"
-            assert e.st_nlink == max(n.nlink, 0), f"{where}: nlink {e.st_nlink}, model {n.nlink}; {self.where()}"
+        if n.kind != "dir":
+            assert e.st_nlink == n.nlink, f"{where}: nlink {e.st_nlink}, model {n.nlink}; {self.where()}"
         elif n.kind == "link":
             assert e.st_size == len(n.target.encode()), f"{where}: size; {self.where()}"
         assert (e.st_uid, e.st_gid) == (os.getuid() if n.uid is None else n.uid,
@@ -754,7 +776,7 @@ def error_log():
 def test_random_calls_match_the_model(base, tmp_path, seed, error_log):
     repo, src, cid = base
     run = Run(seed, repo, tmp_path / f"ws{seed}", load_base(src), repo.load_commit(cid).time * 1_000_000_000,
-              hardlinks=False)
+              hardlinks=True)
     run.errors = error_log
     trio.run(run.run, STEPS)
     assert run.steps_done == STEPS and run.commits >= 1
@@ -771,7 +793,7 @@ def test_drawn_calls_match_the_model(base, tmp_path, data, error_log):
     repo, src, cid = base
     repo.refs.set_branch_if_equals("main", cid, repo.refs.lookup_branch("main"))
     run = Run(0, repo, tmp_path / f"hws-{os.urandom(4).hex()}", load_base(src),
-              repo.load_commit(cid).time * 1_000_000_000, hardlinks=False)
+              repo.load_commit(cid).time * 1_000_000_000, hardlinks=True)
     run.rng = DrawnChoices(data)
     run.errors = error_log
     trio.run(run.run, 60)
