@@ -54,8 +54,8 @@ def load() -> None:
     try:
         from commitfs.fuse import _noopen
     except ImportError:
-        _why_not = ("commitfs was installed without its C module commitfs.fuse._noopen "
-                    "(it needs a C compiler and libfuse3-dev when pip builds commitfs)")
+        _why_not = ("commitfs was installed without its C module commitfs.fuse._noopen, which needs "
+                    "a C compiler and libfuse3-dev when pip builds commitfs")
         return
     finally:
         sys.setdlopenflags(flags)
