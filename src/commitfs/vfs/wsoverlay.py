@@ -20,6 +20,7 @@ import os
 
 from commitfs.errors import PathNotFoundError
 from commitfs.vfs.inode import ROOT_INODE
+from commitfs.vfs.overlay import SpaceReleasedError
 from commitfs.vfs.wscow import Cow
 from commitfs.vfs.wstree import WNode, _now
 
@@ -72,7 +73,15 @@ class OverlayStore:
         d.dirty = True
 
     def _flush(self, n: WNode) -> None:
-        """Write a node's pending metadata: its times and a copy-on-write file's ranges."""
+        """Write a node's pending metadata: its times and a copy-on-write file's ranges.
+        On a full disk the overlay's reserve is released and it is written once more
+        (a few pages: the written bytes already have their blocks)."""
+        try:
+            self._write_pending(n)
+        except SpaceReleasedError:
+            self._write_pending(n)
+
+    def _write_pending(self, n: WNode) -> None:
         cow = n.cow
         if n.oid is not None and (n.dirty or (cow is not None and cow.dirty)):
             with self.overlay.batch():
