@@ -68,6 +68,10 @@ class MNode:
         # Times: ("exact", ns) | ("ge", ns) | None (unknown).
         self.mtime = self.atime = self.ctime = t
         self.ino: int | None = None
+        # The bytes at the last point a crash cannot go behind (fsync, close, truncate,
+        # commit, unmount), while writes since are not there yet; else None.  A write into
+        # a committed file keeps its ranges in memory until then (vfs/wscow.py).
+        self.synced: bytes | None = None
 
     @property
     def nlink(self) -> int:
@@ -169,6 +173,7 @@ class Model:
                 raise OSError(errno.EINVAL, path)
             if flags & os.O_TRUNC:  # Linux truncates whatever the access mode (it needs write permission)
                 n.data = bytearray()
+                n.synced = None
                 n.mtime = n.ctime = ("ge", t)
         self.handles[fh] = (n, flags)
 
@@ -176,6 +181,8 @@ class Model:
         n, flags = self.handles[fh]
         if flags & os.O_ACCMODE == os.O_RDONLY:
             raise OSError(errno.EBADF, "read-only handle")
+        if n.synced is None:
+            n.synced = bytes(n.data)
         if off > len(n.data):
             n.data.extend(bytes(off - len(n.data)))
         n.data[off:off + len(data)] = data
@@ -197,6 +204,7 @@ class Model:
         else:
             n.data.extend(bytes(size - len(n.data)))
         n.mtime = n.ctime = ("ge", t)
+        n.synced = None  # a truncate writes the ranges at once
 
     def mkdir(self, path: str, mode: int, t, owner) -> None:
         d, name = self.new_entry(path)
@@ -328,6 +336,12 @@ class Model:
         return out
 
     # --- commit and remount ------------------------------------------------------------
+    def all_synced(self) -> None:
+        for n in self.paths().values():
+            n.synced = None
+        for n, _ in self.handles.values():
+            n.synced = None
+
     def committed(self) -> dict[str, tuple]:
         """What a commit records (wsharness.committed's shape): no special files, the executable bit."""
         out = {}
@@ -372,7 +386,11 @@ class Model:
         walk(self.root)
 
     def after_remount(self, crashed: bool) -> None:
-        """Open files are closed (an unlinked one is gone); a crash may lose times not yet written."""
+        """Open files are closed (an unlinked one is gone); a crash may lose times not yet written,
+        and writes not yet synced (see ``MNode.synced``)."""
+        for n, _ in self.handles.values():
+            if not crashed:
+                n.synced = None
         self.handles.clear()
         if crashed:
             for n in [self.root] + list(self.paths().values()):
@@ -551,10 +569,14 @@ class Run:
                 await self.both(f"ftruncate fh{fh} {size}", lambda: k.ftruncate(fh, size),
                                 lambda t: m.truncate(m.handles[fh][0], size, t))
             elif op == "fsync":
-                await self.both(f"fsync fh{fh}", lambda: k.fsync(fh), lambda t: None)
+                def synced(t):
+                    m.handles[fh][0].synced = None
+                await self.both(f"fsync fh{fh}", lambda: k.fsync(fh), synced)
             else:
                 self.fhs.remove(fh)
-                await self.both(f"close fh{fh}", lambda: k.close(fh), lambda t: m.handles.pop(fh) and None)
+                def closed(t):
+                    m.handles.pop(fh)[0].synced = None  # release writes the ranges
+                await self.both(f"close fh{fh}", lambda: k.close(fh), closed)
         elif op == "truncate":
             p, size = self.any_path(("file",) if r.random() < 0.8 else ("file", "dir", "special")), r.choice(SIZES)
             await self.both(f"truncate {p!r} {size}", lambda: k.truncate(p, size),
@@ -697,6 +719,25 @@ class Run:
             if n.ino == ino:
                 n.ino = None
 
+    async def after_crash(self) -> None:
+        """A file written since its last sync point shows, at every offset, the bytes
+        written or those before (fsync'd ones are all there); the model takes what it shows."""
+        seen = set()
+        for p, n in sorted(self.model.paths().items()):
+            if n.synced is None or id(n) in seen:
+                continue
+            seen.add(id(n))
+            got = await self.k.read_file(p)
+            cur, old = bytes(n.data), n.synced
+            assert len(got) in (len(cur), len(old)), f"{p!r} after a crash: {len(got)} bytes; {self.where()}"
+            for i in range(len(got)):
+                if got[i] != (cur[i] if i < len(cur) else 0) and got[i] != (old[i] if i < len(old) else 0):
+                    raise AssertionError(f"{p!r} after a crash: byte {i} is neither written nor before; "
+                                         f"{self.where()}")
+            n.data = bytearray(got)
+            n.synced = None
+            self.log.append(f"(after the crash {p!r} shows {'the writes' if got == cur else 'not all writes'})")
+
     # --- commit, remount ---------------------------------------------------------------
     async def commit(self) -> None:
         self.log.append("commit")
@@ -712,6 +753,7 @@ class Run:
         for p in want:
             assert got[p] == want[p], f"commit: {p!r} differs; {self.where()}"
         assert self.repo.refs.lookup_branch("main") == cid and self.k.fs.base == cid
+        self.model.all_synced()  # (the commit flushed every pending range)
         if not nothing:
             self.model.after_commit(self.repo.load_commit(cid).time * 1_000_000_000)
         assert not self.errors.take()
@@ -724,6 +766,8 @@ class Run:
             session = Session(self.repo, self.wsdir)
             async with session as self.k:
                 self.model.after_remount(crashed)
+                if crashed:
+                    await self.after_crash()
                 await self.compare()
                 while i < steps:
                     await self.step()
@@ -739,6 +783,8 @@ class Run:
                         await self.compare()
                     elif roll < 0.04:
                         crashed = session.crash = r.random() < 0.4
+                        if not crashed:
+                            self.model.all_synced()
                         self.log.append("crash and remount" if crashed else "unmount and remount")
                         break
                 else:
