@@ -235,8 +235,10 @@ class Loader:
         if len(ids) > RECENT_FETCH_CHUNKS:
             return
         for oid, c in zip(ids, chunks):
-            # A slice of a larger buffer would keep all of it: keep a copy.
-            self._recent[oid] = bytes(c) if isinstance(c, memoryview) else c
+            # A slice of a larger buffer would keep all of it: keep a copy of that.
+            if isinstance(c, memoryview) and c.nbytes != memoryview(c.obj).nbytes:
+                c = bytes(c)
+            self._recent[oid] = c
 
     def file_now(self, fid: bytes):
         """A whole file's bytes if they are in memory, else None (the read
