@@ -9,7 +9,7 @@ a *workspace directory* (default under the cache directory) holding
   tree, and
 * ``data/``: one file per copied-up or new regular file, named by its node id.
 
-The database has two tables.  ``meta`` holds key/values: the repository URL,
+The database has three tables.  ``meta`` holds key/values: the repository URL,
 the branch, the base commit (hex) and ``pending`` (a commit this workspace is
 about to move the branch to, see below).  ``nodes`` holds one row per node of
 the overlay tree: ``id``, ``parent``, ``name``, ``kind`` (dir/file/symlink/special),
@@ -19,7 +19,15 @@ parent it is; otherwise they are its origin tree's entries, lazily), ``upper``
 (for a file: its content is ``data/<upper>``; otherwise its origin's bytes),
 ``mode``, ``mtime_ns``, a symlink's ``target``, and the owner (``uid``,
 ``gid``) and ``atime_ns``/``ctime_ns`` (NULL: the mount's user, the mtime),
-which the workspace keeps but a commit does not record.
+which the workspace keeps but a commit does not record.  ``links`` holds the
+extra names of hard-linked nodes: ``id``, ``parent`` (a materialized
+directory's row), ``name`` and ``node`` (the row of the node it names).  A
+node's own row holds its first name and everything else; unlinking that name
+while links remain moves the oldest link's name into the node row and
+deletes the link, in one transaction, so a node has a row as long as it has
+a name.  Version 2 of the overlay (meta ``version``) added the table; a
+version-1 overlay gains it, empty, on open, and an overlay of a version this
+code does not know is refused.
 
 Why rows per node rather than a path-keyed journal of whiteouts and renames:
 renames of directories, renames over existing targets and edits below a
@@ -71,7 +79,9 @@ from commitfs.errors import CommitfsError, InputError
 from commitfs.model.objects import FileManifest, Kind, TreeEntry, check_chunk_sizes
 from commitfs.vfs.errors import NoSpaceError
 
-SCHEMA_VERSION = "1"
+#: 2: the ``links`` table (hard links).  A version-1 overlay gains it (empty) on open.
+SCHEMA_VERSION = "2"
+_KNOWN_VERSIONS = ("1", "2")
 ROOT_ID = 1
 #: Space kept in reserve (a file) so that deleting files still works on a full disk:
 #: SQLite needs a few pages to record a deletion.  Released when a transaction finds
@@ -96,6 +106,13 @@ CREATE TABLE IF NOT EXISTS nodes (
     uid INTEGER, gid INTEGER, atime_ns INTEGER, ctime_ns INTEGER, rdev INTEGER
 );
 CREATE UNIQUE INDEX IF NOT EXISTS nodes_by_name ON nodes(parent, name);
+CREATE TABLE IF NOT EXISTS links (
+    id INTEGER PRIMARY KEY,
+    parent INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    node INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS links_by_name ON links(parent, name);
 """
 
 _COLUMNS = ("id", "parent", "name", "kind", "okind", "osize", "oid", "otarget", "materialized", "upper", "mode",
@@ -134,6 +151,16 @@ class Row:
                 self.mtime_ns, self.target, self.uid, self.gid, self.atime_ns, self.ctime_ns, self.rdev)
 
 
+@dataclass
+class Link:
+    """An extra name of a hard-linked node: ``name`` in directory row ``parent`` is node
+    row ``node`` too (whose own row holds its first name, its data and metadata)."""
+    id: int
+    parent: int
+    name: str
+    node: int
+
+
 def _row(values) -> Row:
     (id_, parent, name, kind, okind, osize, oid, otarget, mat, upper, mode, mtime, target,
      uid, gid, atime, ctime, rdev) = values
@@ -163,7 +190,8 @@ class Overlay:
         self.data = path / "data"
         self._conn = conn
         self._batch = 0
-        self._next_id = (conn.execute("SELECT max(id) FROM nodes").fetchone()[0] or ROOT_ID) + 1
+        self._next_id = max(conn.execute("SELECT max(id) FROM nodes").fetchone()[0] or ROOT_ID,
+                            conn.execute("SELECT max(id) FROM links").fetchone()[0] or ROOT_ID) + 1
 
     # --- opening ---------------------------------------------------------------
     @classmethod
@@ -193,6 +221,15 @@ class Overlay:
             conn.close()
             raise WorkspaceMismatchError(
                 f"workspace {path} belongs to branch {br!r} of {repo}, not {branch!r} of {repo_url}")
+        else:
+            version = ov.get_meta("version") or "1"
+            if version not in _KNOWN_VERSIONS:
+                conn.close()
+                raise WorkspaceMismatchError(
+                    f"workspace {path} has overlay format {version!r}; this commitfs reads "
+                    f"{', '.join(_KNOWN_VERSIONS)} (a newer commitfs wrote it)")
+            if version != SCHEMA_VERSION:
+                ov.set_meta("version", SCHEMA_VERSION)  # the links table was created above
         return ov
 
     def close(self) -> None:
@@ -287,6 +324,22 @@ class Overlay:
         with self.batch():
             self._conn.executemany("DELETE FROM nodes WHERE id = ?", [(i,) for i in ids])
 
+    # --- links: the extra names of hard-linked nodes -------------------------------------
+    def links(self) -> list[Link]:
+        cur = self._conn.execute("SELECT id, parent, name, node FROM links ORDER BY id")
+        return [Link(*v) for v in cur]
+
+    def insert_link(self, link: Link) -> None:
+        self._exec("INSERT INTO links (id, parent, name, node) VALUES (?, ?, ?, ?)",
+                   (link.id, link.parent, link.name, link.node))
+
+    def update_link(self, link_id: int, parent: int, name: str) -> None:
+        self._exec("UPDATE links SET parent = ?, name = ? WHERE id = ?", (parent, name, link_id))
+
+    def delete_links(self, ids: list[int]) -> None:
+        with self.batch():
+            self._conn.executemany("DELETE FROM links WHERE id = ?", [(i,) for i in ids])
+
     def is_clean(self) -> bool:
         """No edits: only an unmaterialized root row (or none), and no merge in progress."""
         n = self._conn.execute("SELECT count(*), max(materialized) FROM nodes").fetchone()
@@ -304,6 +357,7 @@ class Overlay:
         root row then names the merged tree); without it any merge is over."""
         with self.batch():
             self._conn.execute("DELETE FROM nodes")
+            self._conn.execute("DELETE FROM links")
             self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('base', ?)", (base.hex(),))
             self._conn.execute("DELETE FROM meta WHERE key = 'pending'")
             self._conn.execute("DELETE FROM meta WHERE key = 'merge'")

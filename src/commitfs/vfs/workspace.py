@@ -99,9 +99,10 @@ from commitfs.vfs.inode import ROOT_INODE, XATTR_COMMIT, XATTR_REPO, Attr
 from commitfs.vfs.overlay import ROOT_ID, Overlay, SpaceReleasedError, copy_up
 
 from commitfs.vfs.wscommit import CommitState, resolve_pending, root_row
+from commitfs.vfs.wslink import LinkNames
 from commitfs.vfs.wsmerge import MergeState
 from commitfs.vfs.wsoverlay import OverlayStore
-from commitfs.vfs.wstree import SPECIAL, NodeTree, WNode, _DirHandle, _Handle, _now
+from commitfs.vfs.wstree import SPECIAL, NodeTree, WLink, WNode, _DirHandle, _Handle, _now
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ class WorkspaceOptions:
     timeout_s: float = 0.0
 
 
-class WorkspaceFS(NodeTree, OverlayStore, CommitState, MergeState):
+class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
     """A writable workspace over ``branch``; the same request methods as vfs.FileSystem plus writes."""
 
     writable = True
@@ -244,6 +245,14 @@ class WorkspaceFS(NodeTree, OverlayStore, CommitState, MergeState):
                 continue
             n.parent = parent
             parent.children[r.name] = n
+        for link in self.overlay.links():  # the extra names of hard-linked nodes
+            parent, n = by_id.get(link.parent), by_id.get(link.node)
+            if (parent is None or parent.children is None or n is None or n.parent is None or n.is_dir
+                    or link.name in parent.children):
+                log.error("workspace link %d (%s) names no node or a taken name; ignored", link.id, link.name)
+                continue
+            n.links = (n.links or []) + [WLink(link.id, parent, link.name)]
+            parent.children[link.name] = n
         # Inode numbers: root is 1, the others are handed out as the kernel meets them.
         for n in by_id.values():
             if n is root:
@@ -468,8 +477,22 @@ class WorkspaceFS(NodeTree, OverlayStore, CommitState, MergeState):
             self._add_child(d, n)
             return self._remember(n)
 
+    @_retry_when_space_released
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes) -> Attr:
-        raise NotPermittedError("a workspace does not support hard links")
+        """A hard link: one more name of a file, symlink or special file (vfs/wslink.py)."""
+        async with self._lock:
+            n = self._node(inode)
+            if n.is_dir:
+                raise NotPermittedError(f"{n.name} is a directory (directories cannot be hard-linked)")
+            text = self._new_name(new_name)
+            d = await self._prepare_parent(new_parent_inode)
+            if n.parent is None:
+                raise PathNotFoundError(f"{n.name}: it was deleted")
+            if text in d.children:
+                raise ExistsError(f"{text} exists")
+            await self._persist(n)
+            self._add_link(n, d, text)
+            return self._remember(n)
 
     @_retry_when_space_released
     async def unlink(self, parent_inode: int, name: bytes) -> None:
@@ -482,10 +505,9 @@ class WorkspaceFS(NodeTree, OverlayStore, CommitState, MergeState):
             if n.is_dir:
                 raise IsADirectoryError_(f"{text} is a directory")
             await self._materialize(d)
-            n = d.children.get(text)
-            if n is None:
+            if d.children.get(text) is None:
                 raise PathNotFoundError(f"{text}: no such entry")
-            self._unlink_node(d, n)
+            self._unlink_node(d, text)
 
     @_retry_when_space_released
     async def rmdir(self, parent_inode: int, name: bytes) -> None:
@@ -500,10 +522,9 @@ class WorkspaceFS(NodeTree, OverlayStore, CommitState, MergeState):
             if not await self._is_empty(n):
                 raise NotEmptyError(f"{text} is not empty")
             await self._materialize(d)
-            n = d.children.get(text)
-            if n is None:
+            if d.children.get(text) is None:
                 raise PathNotFoundError(f"{text}: no such entry")
-            self._unlink_node(d, n)
+            self._unlink_node(d, text)
 
     @_retry_when_space_released
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
@@ -540,21 +561,27 @@ class WorkspaceFS(NodeTree, OverlayStore, CommitState, MergeState):
             target = dst.children.get(new)
             if n is None:
                 raise PathNotFoundError(f"{old}: no such entry")
+            if target is n:  # two names of one node (a hard link): nothing to do, as on ext4
+                return
             ids: list[int] = []
             data: list[str] = []
-            if target is not None:
-                self._remove_subtree_rows(target, ids, data)
+            drop_target = None
             with self.overlay.batch():
-                self.overlay.delete(ids)
-                self.overlay.update(n.oid, parent=dst.oid, name=new)
-            if target is not None:
+                if target is not None and target.links:
+                    drop_target = self._drop_name_rows(dst, new, target)  # one of its names goes
+                elif target is not None:
+                    self._remove_subtree_rows(target, ids, data)
+                    self.overlay.delete(ids)
+                move = self._move_name_rows(n, src, old, dst, new)
+            if drop_target is not None:
+                drop_target()
+            elif target is not None:
                 del dst.children[new]
                 self._detach(target)
                 for name in data:
                     self.overlay.remove_data(name)
             del src.children[old]
-            n.name = new
-            n.parent = dst
+            move()
             n.ctime_ns = _now()  # a rename changes the moved node's status, as on ext4
             n.dirty = True
             dst.children[new] = n

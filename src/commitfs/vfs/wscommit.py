@@ -146,7 +146,7 @@ class CommitState:
         changed = []
         if current is not None:
             changed = self._inos_below(current)
-            self._unlink_node(d, current)
+            self._unlink_node(d, name)
         if entry is not None:
             n = self._from_entry(d, TreeEntry(name, entry.kind, entry.size, entry.id, entry.target))
             self._add_child(d, n)
@@ -209,10 +209,10 @@ class CommitState:
                 gather(c)
         gather(self.root)
         self.overlay.clear(cid, root_row, merge)  # the one atomic step
+        invalidate: list[int] = self._unlink_extra_names(self.root)  # hard links: names apart now
         self.base = cid
         self.base_tree = commit.tree
         self.base_time_ns = commit.time * 1_000_000_000
-        invalidate: list[int] = []
 
         def rebase(n: WNode, e: TreeEntry, parts: tuple) -> None:
             changed = n.upper is not None or n.origin is None or n.origin.id != e.id or n.kind != _kind_of(e)

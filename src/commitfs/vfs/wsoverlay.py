@@ -153,6 +153,7 @@ class OverlayStore:
         for c in list((n.children or {}).values()):
             self._detach(c)
         n.parent = None
+        n.links = None
         n.oid = None
         n.upper = None
         n.dirty = False
@@ -163,13 +164,22 @@ class OverlayStore:
             self._inodes.pop(n.ino, None)
             self._close_fd(n)
 
-    def _unlink_node(self, d: WNode, n: WNode) -> None:
-        """Remove ``n`` (persisted, in materialized ``d``) from the tree and the overlay."""
+    def _unlink_node(self, d: WNode, name: str) -> None:
+        """Remove the entry ``name`` of materialized ``d`` from the tree and the overlay: one
+        name of a hard-linked node (vfs/wslink.py), else the node and its subtree."""
+        n = d.children[name]
+        if n.links:
+            with self.overlay.batch():
+                apply = self._drop_name_rows(d, name, n)
+            apply()
+            return
+        if n.is_dir:
+            self._unlink_linked_below(n)
         ids: list[int] = []
         data: list[str] = []
         self._remove_subtree_rows(n, ids, data)
         self.overlay.delete(ids)
-        del d.children[n.name]
+        del d.children[name]
         self._touch(d)
         self._detach(n)
         for name in data:

@@ -45,10 +45,21 @@ def _now() -> int:
 
 
 
+class WLink:
+    """One more name of a hard-linked node: ``name`` in directory ``parent`` (overlay row ``id``
+    of the ``links`` table)."""
+    __slots__ = ("id", "parent", "name")
+
+    def __init__(self, id_: int, parent: WNode, name: str):
+        self.id = id_
+        self.parent = parent
+        self.name = name
+
+
 class WNode:
     __slots__ = ("ino", "oid", "parent", "name", "kind", "origin", "children", "lazy", "upper", "size", "mode",
                  "mtime_ns", "target", "lookups", "opens", "fd", "dirty", "copying", "uid", "gid", "atime_ns",
-                 "ctime_ns", "rdev")
+                 "ctime_ns", "rdev", "links")
 
     def __init__(self, ino: int, kind: str, name: str, parent: WNode | None):
         self.ino = ino
@@ -75,6 +86,8 @@ class WNode:
         self.atime_ns: int | None = None
         self.ctime_ns: int | None = None
         self.rdev = 0  # a special file's device number
+        # Hard links: the node's names besides (parent, name), oldest first (vfs/wslink.py).
+        self.links: list[WLink] | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -165,8 +178,12 @@ class NodeTree:
             mode, size = n.mode, 0
         else:
             mode, size = stat.S_IFREG | n.mode, n.size
-        # st_nlink: 0 once unlinked (still open), as on ext4; else 1 (directories: "unknown").
-        nlink = 0 if n.parent is None and n is not self.root else 1
+        # st_nlink: 0 once unlinked (still open), as on ext4; else its names (directories: 1,
+        # "unknown").
+        if n.parent is None and n is not self.root:
+            nlink = 0
+        else:
+            nlink = 1 + len(n.links) if n.links else 1
         return Attr(n.ino, mode, size, n.mtime_ns, self._t, self._t, nlink, PREFERRED_IO_SIZE,
                     n.uid, n.gid, n.atime_ns, n.ctime_ns, n.rdev, self._blocks(n))
 
