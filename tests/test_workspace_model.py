@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import logging
 import os
 import random
 import stat
@@ -37,8 +38,6 @@ from wsharness import RENAME_NOREPLACE, ErrorLog, Kernel, Session, commit, commi
 from commitfs.ops.snapshot import commit_directory
 from commitfs.repo.repository import Repository
 from commitfs.vfs.inode import XATTR_COMMIT, XATTR_REPO
-
-import logging
 
 NAME_MAX = 255
 ENOATTR = errno.ENODATA

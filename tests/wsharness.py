@@ -33,7 +33,6 @@ import errno
 import logging
 import os
 import stat
-from contextlib import asynccontextmanager
 from types import SimpleNamespace
 
 import pyfuse3
