@@ -304,6 +304,14 @@ def _hard_link_story(root: Path) -> list:
     return seen
 
 
+def _exchange(a: Path, b: Path) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2) != 0:  # AT_FDCWD, RENAME_EXCHANGE
+        raise OSError(ctypes.get_errno(), "renameat2")
+
+
 def test_hard_links_behave_as_on_ext4_and_survive_remount_and_a_crash(ws, tmp_path):
     mnt = ws.mount()
     plain = tmp_path / "plain"
@@ -325,8 +333,15 @@ def test_hard_links_behave_as_on_ext4_and_survive_remount_and_a_crash(ws, tmp_pa
     ws.umount(ro)
     inos = {p: os.stat(mnt / p).st_ino for p in ("keep", "keep2")}
     assert inos["keep"] == inos["keep2"]
+    # rename(RENAME_EXCHANGE) of a linked file and a directory is kept too.
+    (mnt / "xd").mkdir()
+    (mnt / "xd" / "in").write_bytes(b"in")
+    os.link(mnt / "keep2", mnt / "xf")
+    _exchange(mnt / "xf", mnt / "xd")
+    os.unlink(mnt / "xd")
     ws.umount(mnt)
     mnt = ws.mount()
+    assert (mnt / "xf" / "in").read_bytes() == b"in" and not os.path.exists(mnt / "xd")
     for pair in (("keep", "keep2"), ("fixed/big.bin", "big-link"), ("sl", "sl2")):
         a, b = (os.lstat(mnt / p) for p in pair)
         assert a.st_ino == b.st_ino and a.st_nlink == b.st_nlink == 2, pair
