@@ -342,6 +342,7 @@ def test_hard_links_behave_as_on_ext4_and_survive_remount_and_a_crash(ws, tmp_pa
     ws.umount(mnt)
     mnt = ws.mount()
     assert (mnt / "xf" / "in").read_bytes() == b"in" and not os.path.exists(mnt / "xd")
+    assert (mnt / "big-link").read_bytes() == b"EDIT" + base[4:]  # the write through the link, kept
     for pair in (("keep", "keep2"), ("fixed/big.bin", "big-link"), ("sl", "sl2")):
         a, b = (os.lstat(mnt / p) for p in pair)
         assert a.st_ino == b.st_ino and a.st_nlink == b.st_nlink == 2, pair
