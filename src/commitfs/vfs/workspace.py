@@ -93,7 +93,6 @@ from commitfs.vfs.errors import (
     BadHandleError,
     ExistsError,
     InvalidArgumentError,
-    NameTooLongError,
     NoSuchAttributeError,
     NotASymlinkError,
     NotEmptyError,
@@ -107,7 +106,7 @@ from commitfs.vfs.wscommit import CommitState, resolve_pending, root_row
 from commitfs.vfs.wslink import LinkNames
 from commitfs.vfs.wsmerge import MergeState
 from commitfs.vfs.wsoverlay import OverlayStore
-from commitfs.vfs.wstree import NAME_MAX, SPECIAL, NodeTree, WLink, WNode, _DirHandle, _Handle, _now
+from commitfs.vfs.wstree import SPECIAL, NodeTree, WLink, WNode, _DirHandle, _Handle, _now
 
 log = logging.getLogger(__name__)
 
@@ -309,8 +308,6 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
             return self._remember(d)
         if name == b"..":
             return self._remember(d.parent or self.root)
-        if len(name) > NAME_MAX:  # as ext4 answers (FUSE passes names up to 1,024 bytes)
-            raise NameTooLongError(f"{name[:40]!r}...: a name is at most {NAME_MAX} bytes")
         text = self._name(name)
         n = await self._child(d, text)
         if n is None:
