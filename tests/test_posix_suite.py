@@ -834,6 +834,23 @@ def _param(name: str):
     return pytest.param(name, marks=marks, id=name)
 
 
+def test_the_workspace_is_mounted_allow_other_as_root_without_user_allow_other(roots):
+    """--allow-other as root: the kernel shows allow_other on the mount, and root needs no
+    ``user_allow_other`` in /etc/fuse.conf (only fusermount3, for other users, reads it)."""
+    plain, mnt = roots
+    with open("/proc/mounts") as f:
+        opts = next(line.split()[3] for line in f if line.split()[1] == str(mnt))
+    assert "allow_other" in opts.split(","), opts
+    try:
+        conf = Path("/etc/fuse.conf").read_text()
+    except FileNotFoundError:
+        conf = ""
+    lines = [line.strip() for line in conf.splitlines() if not line.strip().startswith("#")]
+    if "user_allow_other" not in lines:
+        # This machine does not allow it, and the mount above still got allow_other.
+        assert as_nobody(lambda: sorted(os.listdir(mnt))) == sorted(os.listdir(mnt))
+
+
 @pytest.mark.parametrize("name", [_param(n) for n in CASES])
 def test_posix_case_matches_the_local_disk(roots, name):
     plain, mnt = roots

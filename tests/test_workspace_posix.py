@@ -416,3 +416,26 @@ def test_cp_al_into_a_workspace_succeeds_and_commits_what_a_directory_would(ws, 
     ws.cli("-r", ws.url, "checkout", "main", str(out)).check_returncode()
     for dest in ("c", "l"):
         compare_trees(out / dest, plain / dest, modes=False)
+
+
+def test_reset_of_a_path_takes_out_only_the_names_below_it(ws):
+    mnt = ws.mount()
+    (mnt / "d").mkdir()
+    (mnt / "d" / "f").write_bytes(b"linked")
+    os.link(mnt / "d" / "f", mnt / "outside")  # one name inside d, one outside
+    os.link(mnt / "d" / "f", mnt / "d" / "g")  # two names inside d
+    (mnt / "d" / "only").write_bytes(b"only")
+    os.link(mnt / "d" / "only", mnt / "d" / "only2")
+    os.link(mnt / "fixed" / "big.bin", mnt / "big-link")
+    # reset of a directory the base does not have: it goes, the name outside stays
+    ws.cli("reset", str(mnt), "d").check_returncode()
+    assert not os.path.exists(mnt / "d")
+    assert (mnt / "outside").read_bytes() == b"linked" and os.stat(mnt / "outside").st_nlink == 1
+    # reset of one name of a committed file: the link name goes, the base file is itself again
+    ws.cli("reset", str(mnt), "big-link").check_returncode()
+    assert not os.path.exists(mnt / "big-link") and os.stat(mnt / "fixed" / "big.bin").st_nlink == 1
+    ws.umount(mnt)
+    mnt = ws.mount()
+    assert (mnt / "outside").read_bytes() == b"linked" and not os.path.exists(mnt / "d")
+    status = json.loads(ws.cli("status", str(mnt), "--json").stdout)["changes"]
+    assert [c["path"] for c in status] == ["outside"]
