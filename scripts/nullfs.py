@@ -30,7 +30,7 @@ import stat
 import sys
 import time
 
-from commitfs.fuse import fastpath  # isort: skip  (first: it must load before pyfuse3)
+from commitfs.fuse import fastpath  # isort: skip  (first: it loads its C module before pyfuse3)
 import pyfuse3
 import trio
 

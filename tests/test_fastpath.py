@@ -148,8 +148,9 @@ def test_a_pip_installed_commitfs_mounts_with_the_fast_path(installed, mounts, l
     assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode().startswith(str(installed.venv))
     (m,) = [m for m in json.loads(installed.run("mounts", "--json").stdout) if m["mountpoint"] == str(mnt)]
     assert m["fast_open"] is True and m["fast_path_missing"] is None
-    listing = installed.run("mounts")
-    assert "without the fast path" not in listing.stdout and "fast path" not in listing.stderr
+    listing = installed.run("mounts")  # other mounts of the machine are listed too
+    (line,) = [x for x in listing.stdout.splitlines() if x.startswith(f"{mnt}: ")]
+    assert "(read-only)" in line and str(mnt) not in listing.stderr
 
     _read_everything(mnt, files)  # first read
     _read_everything(mnt, files)  # warm re-read: the kernel's alone
@@ -187,3 +188,25 @@ def test_a_pip_installed_commitfs_without_the_fast_path_warns(installed, mounts,
     assert "WARNING" in text and "files are opened by the daemon" in text
     assert _logged(text, "OPEN requests: ") >= opened
     assert _logged(text, "READs by inode (fast path): ") == 0
+
+
+@pytest.mark.timeout(60)
+def test_the_fast_path_is_engaged_only_when_pyfuse3s_session_went_through_it():
+    """fastpath.engage() is decided from the fact: with pyfuse3 imported before
+    commitfs.fuse.fastpath the hook cannot take effect and it says so; with the hook
+    loaded but no FUSE session made through it, it refuses too; and nothing of it is
+    loaded by `import commitfs` (no fuse_session_new of commitfs's in the global scope
+    of processes that do not serve a mount)."""
+    cases = {
+        "import pyfuse3\nfrom commitfs.fuse import fastpath\nprint(fastpath.engage())":
+            "pyfuse3 was imported before commitfs.fuse",
+        "from commitfs.fuse import fastpath\nimport pyfuse3\nprint(fastpath.engage())":
+            "pyfuse3's FUSE session did not go through commitfs.fuse._noopen",
+        "import sys, commitfs, commitfs.api, commitfs.fuse.lifecycle, commitfs.cli.mount, commitfs.cli.mounts\n"
+        "print(sorted(m for m in sys.modules if 'noopen' in m or 'fastpath' in m))":
+            "[]",
+    }
+    for code, want in cases.items():
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == want, code

@@ -9,7 +9,7 @@
  * This module puts the inode back without touching pyfuse3.  It defines
  * fuse_session_new (libfuse's public, ABI-stable entry point, the one call
  * pyfuse3.init makes to hand libfuse its table of callbacks).  Loaded with
- * RTLD_GLOBAL before pyfuse3 (commitfs/fuse/__init__.py does it), this
+ * RTLD_GLOBAL before pyfuse3 (fuse/fastpath.py, in the daemon only), this
  * definition is the one pyfuse3's reference binds to: the dynamic linker looks
  * in the global scope before a library's own dependencies.  The wrapper copies
  * the table, puts read_shim in the read slot and calls libfuse's own

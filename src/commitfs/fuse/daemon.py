@@ -28,12 +28,12 @@ import signal
 import sys
 from collections.abc import Callable
 
+from commitfs.fuse import fastpath  # isort: skip  (first: it loads its C module before pyfuse3)
 import pyfuse3
 import trio
 
 from commitfs.cache import DiskChunkCache
 from commitfs.errors import CommitfsError, MountError
-from commitfs.fuse import fastpath
 from commitfs.fuse.adapter import Operations, WorkspaceOperations
 from commitfs.fuse.lifecycle import DaemonConfig, control_socket_path, remove_record, slow_open, write_record
 from commitfs.ops.root import open_repository

@@ -14,8 +14,11 @@ pyfuse3 with the inode as its handle.  pyfuse3 itself is untouched, any
 release of it works, and nothing is built or patched at install time beyond
 commitfs's own extension.
 
-``load()`` runs when the package commitfs.fuse is imported (its
-``__init__``), so before any module of it imports pyfuse3.  ``engage()``
+``load()`` runs when this module is imported, which the daemon
+(fuse/daemon.py) does before it imports pyfuse3; only a process that serves
+a mount imports it, so no other process gets a ``fuse_session_new`` of
+commitfs's in its global symbol scope (where it would also catch, say, a
+libfuse 2 binding's own calls).  ``engage()``
 runs after ``pyfuse3.init`` and turns the mode on only if the session really
 went through the wrapper; otherwise it says why not, and the mount answers
 every OPEN (one round trip per file, the same bytes), which the daemon's
@@ -83,3 +86,6 @@ def disengage() -> None:
 def reads_by_inode() -> int:
     """READs whose handle 0 was replaced by the inode so far (0 without the module)."""
     return _shim.rewritten() if _shim is not None else 0
+
+
+load()  # at import: before pyfuse3 (see the module docstring)
