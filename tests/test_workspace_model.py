@@ -96,6 +96,8 @@ class Model:
         for name in self.split(path):
             if n.kind != "dir":
                 raise OSError(errno.ENOTDIR, path)
+            if len(name.encode()) > NAME_MAX:  # ext4's lookup answers this before ENOENT
+                raise OSError(errno.ENAMETOOLONG, path)
             c = n.children.get(name)
             if c is None:
                 raise OSError(errno.ENOENT, path)
@@ -108,12 +110,21 @@ class Model:
         except OSError:
             return None
 
-    def parent(self, path: str) -> tuple[MNode, str]:
+    def parent(self, path: str, look_up: bool = True) -> tuple[MNode, str]:
+        """The directory and last name of ``path``; ``look_up``: the kernel looks that
+        name up next (ext4: ENAMETOOLONG over NAME_MAX)."""
         parts = self.split(path)
         d = self.lookup("/".join(parts[:-1]))
         if d.kind != "dir":
             raise OSError(errno.ENOTDIR, path)
-        return d, parts[-1]
+        return d, self.looked_up(parts[-1], path) if look_up else parts[-1]
+
+    @staticmethod
+    def looked_up(name: str, path: str) -> str:
+        """The kernel looks a call's last name up (ext4: ENAMETOOLONG over NAME_MAX)."""
+        if len(name.encode()) > NAME_MAX:
+            raise OSError(errno.ENAMETOOLONG, path)
+        return name
 
     def new_entry(self, path: str) -> tuple[MNode, str]:
         d, name = self.parent(path)
@@ -233,6 +244,7 @@ class Model:
     def link(self, src: str, dst: str, t) -> None:
         n = self.lookup(src)
         d, name = self.parent(dst)
+        self.looked_up(name, dst)
         if name in d.children:
             raise OSError(errno.EEXIST, dst)
         if n.kind == "dir":
@@ -247,7 +259,7 @@ class Model:
 
     def unlink(self, path: str, t) -> None:
         d, name = self.parent(path)
-        n = d.children.get(name)
+        n = d.children.get(self.looked_up(name, path))
         if n is None:
             raise OSError(errno.ENOENT, path)
         if n.kind == "dir":
@@ -258,7 +270,7 @@ class Model:
 
     def rmdir(self, path: str, t) -> None:
         d, name = self.parent(path)
-        n = d.children.get(name)
+        n = d.children.get(self.looked_up(name, path))
         if n is None:
             raise OSError(errno.ENOENT, path)
         if n.kind != "dir":
@@ -270,11 +282,11 @@ class Model:
 
     def rename(self, src: str, dst: str, flags: int, t) -> None:
         sd, sn = self.parent(src)
-        dd, dn = self.parent(dst)
-        n = sd.children.get(sn)
+        dd, dn = self.parent(dst, look_up=False)  # after the source's name
+        n = sd.children.get(self.looked_up(sn, src))
         if n is None:
             raise OSError(errno.ENOENT, src)
-        target = dd.children.get(dn)
+        target = dd.children.get(self.looked_up(dn, dst))
         if flags & RENAME_NOREPLACE and target is not None:
             raise OSError(errno.EEXIST, dst)
         s, d = self.split(src), self.split(dst)

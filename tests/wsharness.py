@@ -347,7 +347,8 @@ class Kernel:
         dp, dn = await self.parent_of(dst)
         s, d = self.split(src), self.split(dst)
         await self.resolve(src)  # ENOENT first, as lookup of the source is
-        if flags & RENAME_NOREPLACE and await self._lookup_or_none(dp, dn) is not None:
+        target = await self._lookup_or_none(dp, dn)  # then the new name's (ENAMETOOLONG)
+        if flags & RENAME_NOREPLACE and target is not None:
             raise _err(errno.EEXIST, dst)
         if d[:len(s)] == s and len(d) > len(s):
             raise _err(errno.EINVAL, f"{src} -> {dst}")
