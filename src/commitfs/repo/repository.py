@@ -16,7 +16,6 @@ import re
 import threading
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from commitfs.errors import (
@@ -27,7 +26,6 @@ from commitfs.errors import (
     RepositoryNotFoundError,
     RevisionError,
 )
-from commitfs.model import chunker
 from commitfs.model.ids import HEX_SIZE, hash_bytes, is_hex
 from commitfs.model.objects import Commit, DecodeError, FileManifest, Tree
 from commitfs.repo.engine import ReadEngine
@@ -129,6 +127,8 @@ class Repository:
     # --- opening ----------------------------------------------------------------
     @classmethod
     def init(cls, url: str, **store_options) -> Repository:
+        from commitfs.model import chunker  # (pyfastcdc: not on a reader's start-up path)
+
         store = open_store(url, **store_options)
         if store.lookup_size(CONFIG_KEY) is not None:
             raise RepositoryError(f"{url} is already a commitfs repository")
@@ -531,8 +531,10 @@ class BlobWriter:
         self._builders = {"data": PackBuilder(bytearray(self._META_BUFFER)),
                           "meta": PackBuilder(bytearray(self._META_BUFFER))}
         self._session: dict[bytes, Location] = {}
+        from concurrent.futures import ThreadPoolExecutor  # (writers only: not on a mount's start-up path)
+
         self._pool = ThreadPoolExecutor(self.UPLOAD_THREADS, thread_name_prefix="commitfs-upload")
-        self._uploads: list[Future] = []
+        self._uploads: list = []  # concurrent.futures.Future
         self._uploaded: list[tuple[bytes, list]] = []  # packs stored, not yet indexed
         self._lock = threading.Lock()
 
