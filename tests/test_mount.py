@@ -144,14 +144,10 @@ def _files_of(root) -> list[str]:
 
 
 def test_read_only_mounts_let_the_kernel_open_files(dataset, mounts, tmp_path):
-    """With the patched pyfuse3 (which CI must have installed: scripts/setup.sh), the first
-    OPEN is answered ENOSYS and the kernel opens every later file itself: one OPEN request
-    at most, however many files are opened, and every byte right."""
-    import pyfuse3
-
-    from commitfs.fuse.adapter import READ_FH_ZERO_IS_INODE
-
-    assert pyfuse3.READ_FH_ZERO_IS_INODE is True and READ_FH_ZERO_IS_INODE
+    """With commitfs's fast path (fuse/fastpath.py: its C module must be built, as setup.py
+    does wherever pyfuse3 builds), the first OPEN is answered ENOSYS and the kernel opens
+    every later file itself: one OPEN request at most, however many files are opened,
+    every read arriving by inode, and every byte right."""
     ref = checked_out(dataset, tmp_path)
     log = tmp_path / "mount.log"
     mnt = mounts.mountpoint()
@@ -174,7 +170,10 @@ def test_read_only_mounts_let_the_kernel_open_files(dataset, mounts, tmp_path):
     assert run_commitfs("umount", str(mnt)).returncode == 0
     text = log.read_text()
     assert "files are opened by the kernel alone" in text and "opened by the daemon" not in text
+    assert "without commitfs's fast path" not in text
     assert _open_requests(log) <= 1
+    (by_inode,) = [int(x.rsplit(": ", 1)[1]) for x in text.splitlines() if "READs by inode (fast path): " in x]
+    assert by_inode >= len(files)
 
 
 def test_a_warm_reopen_and_reread_makes_no_request(dataset, mounts):
@@ -201,6 +200,52 @@ def test_a_warm_reopen_and_reread_makes_no_request(dataset, mounts):
         finally:
             os.kill(pid, signal.SIGCONT)
         assert proc.returncode == 0 and proc.stdout.split()[0].decode() == want
+
+
+def test_a_random_reads_chunk_goes_to_the_page_cache_whole(dataset, mounts):
+    """A random 4 KiB read of a large file makes the daemon fetch and verify the whole
+    chunk holding it; the daemon hands the chunk to the kernel's page cache (FUSE
+    notify-store), so its pages before the read (which no kernel read-ahead asks
+    for) become resident, and reading them again makes no request: they read right
+    with the daemon stopped (SIGSTOP)."""
+    import mmap
+
+    from test_readpath import _resident_pages_of
+
+    mnt = mounts.mountpoint()
+    mounts.mount(dataset.url, mnt, rev="v1")
+    pid = lookup_daemon_pid(mnt)
+    with Repository.open(dataset.url) as repo:
+        sizes = repo.load_manifest(lookup_path(repo, dataset.commit, "fixed/big.bin").id).chunk_sizes
+    k = len(sizes) // 2
+    start, size = sum(sizes[:k]), sizes[k]
+    page = mmap.PAGESIZE
+    first = (start + page - 1) // page * page  # the chunk's first whole page
+    at = (start + size * 3 // 4) // page * page  # the read, late in the chunk
+    assert at - first >= 4 * page
+    path = mnt / "fixed" / "big.bin"
+    want = (dataset.src / "fixed" / "big.bin").read_bytes()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4096, at) == want[at:at + 4096]
+        deadline = time.monotonic() + 10
+        while _resident_pages_of(fd, first, at - first) < (at - first) // page:
+            assert time.monotonic() < deadline, "the chunk's earlier pages never reached the page cache"
+            time.sleep(0.02)
+    finally:
+        os.close(fd)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        code = ("import os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                "sys.stdout.buffer.write(os.pread(fd, int(sys.argv[3]), int(sys.argv[2])))")
+        # A bound on a hang, not a speed goal: a request to the stopped daemon never returns.
+        proc = subprocess.run([sys.executable, "-c", code, str(path), str(first), str(at - first)],
+                              capture_output=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("re-reading pages of a random read's chunk waited for the daemon")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert proc.returncode == 0 and proc.stdout == want[first:at]
 
 
 def test_without_no_open_the_daemon_opens_files_and_serves_the_same_bytes(dataset, mounts, tmp_path):

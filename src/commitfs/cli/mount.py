@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from commitfs.cache import DEFAULT_MAX_BYTES, parse_size
-from commitfs.cli.core import open_repo, repo_url
+from commitfs.cli.repo import open_repo, repo_url
 from commitfs.cli.output import warn
 from commitfs.ops.root import cache_root
 from commitfs.errors import InputError, UsageError
@@ -90,7 +90,7 @@ def cmd_mount(args) -> int:
     lifecycle.start_daemon(config)
     record = lifecycle.lookup_record(mountpoint)
     if record is not None and record.get("fast_open") is False:
-        warn(lifecycle.SLOW_OPEN)
+        warn(lifecycle.slow_open(record.get("fast_path_missing") or "see its log"))
     return 0
 
 
