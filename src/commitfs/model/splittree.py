@@ -52,6 +52,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from commitfs.errors import CorruptObjectError
 from commitfs.model.ids import ID_SIZE, hash_bytes
 from commitfs.model.objects import (
     TREE_MAGIC,
@@ -349,9 +350,9 @@ class SplitTree:
         return self.root.size
 
     def child(self, parent: TreeIndex, i: int, upper: bytes | None):
-        node = self._load(parent.children[i].id)
-        check_child(parent, i, node, upper)
-        return node
+        """Child ``i`` of ``parent``, loaded and checked (CorruptObjectError if it
+        is not what its index entry says: a malformed tree, never a wrong answer)."""
+        return _load_checked(self._load, parent, i, upper, self.id)
 
     def leaf_for(self, name: str) -> Tree | None:
         """The leaf chunk whose range holds ``name`` (loading one chunk per level), or None."""
@@ -454,6 +455,15 @@ def differing_leaves(a_id: bytes, a: Tree | TreeIndex, b_id: bytes, b: Tree | Tr
 def _item_node(it, load):
     node = it[2]
     if node is None:
-        node = load(it[0])
-        check_child(it[3], it[4], node, it[5])
+        node = _load_checked(load, it[3], it[4], it[5], None)
+    return node
+
+
+def _load_checked(load, parent: TreeIndex, i: int, upper: bytes | None, tid: bytes | None):
+    node = load(parent.children[i].id)
+    try:
+        check_child(parent, i, node, upper)
+    except DecodeError as exc:
+        what = f"split tree {tid.hex()}" if tid is not None else "a split tree"
+        raise CorruptObjectError(f"{what} is malformed: {exc}") from None
     return node
