@@ -493,3 +493,38 @@ def test_a_hostile_split_tree_is_malformed_never_a_wrong_answer(small_split, tmp
                             await fs.lookup(big.ino, e.name.encode())
                         await vfs_listdir(fs, big.ino)
         trio.run(main)
+
+
+def test_a_merge_of_split_directories_reads_the_chunks_that_changed(small_split, tmp_path, cache_home):
+    from commitfs.ops.changes import dir_entry, merge
+
+    url = str(tmp_path / "repo")
+    src = _big_dir(tmp_path, 400)
+    with Repository.init(url) as r:
+        base = commit_directory(r, src, message="base").tree_id
+        write_file(src / "big" / "file-00010.txt", b"ours")
+        (src / "big" / "file-00200.txt").unlink()
+        ours = commit_directory(r, src, message="ours").tree_id
+        write_file(src / "big" / "file-00010.txt", b"10\n")
+        write_file(src / "big" / "file-00200.txt", b"200\n")
+        write_file(src / "big" / "file-00390.txt", b"theirs")
+        write_file(src / "big" / "file-00390.txt+", b"theirs, new")
+        theirs = commit_directory(r, src, message="theirs").tree_id
+    with reopen(url) as r:
+        loads = []
+        load_node = r.load_tree_node
+        r.load_tree_node = lambda oid, *a, **k: (loads.append(oid), load_node(oid, *a, **k))[1]
+        conflicts = []
+        merged = merge(r, dir_entry(base), dir_entry(ours), dir_entry(theirs), conflicts=conflicts)
+        assert conflicts == []
+        leaves = {o for o in loads if isinstance(objects_of(r, o), Tree)}
+        assert len(leaves) <= 12, "the merge reads the chunks around the changes"
+        with r.writer() as w:
+            tid = build(r, w, merged).id
+    expected = _big_dir(tmp_path / "expected", 400)
+    write_file(expected / "big" / "file-00010.txt", b"ours")
+    (expected / "big" / "file-00200.txt").unlink()
+    write_file(expected / "big" / "file-00390.txt", b"theirs")
+    write_file(expected / "big" / "file-00390.txt+", b"theirs, new")
+    with Repository.init(str(tmp_path / "fresh")) as r:
+        assert commit_directory(r, expected, message="expected").tree_id == tid

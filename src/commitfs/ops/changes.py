@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from commitfs.errors import InputError
 from commitfs.model.draft import Draft, NewFile, Side
 from commitfs.model.objects import Kind, Tree, TreeEntry
-from commitfs.model.splittree import differing_leaves
+from commitfs.model.splittree import TreeIndex, differing_leaves
 from commitfs.repo.repository import BlobWriter, Repository
 
 
@@ -201,6 +201,9 @@ def merge(repo: Repository, base: Side, ours: Side, theirs: Side, path: str = ""
     if same(base, theirs) or (base is None and theirs is None):
         return ours
     if is_dir(ours) and is_dir(theirs):
+        split = _merge_split(repo, base, ours, theirs, path, resolve, conflicts)
+        if split is not None:
+            return split
         lb = listing(repo, base) if is_dir(base) else {}
         lo, lt = listing(repo, ours), listing(repo, theirs)
         entries: dict[str, Side] = {}
@@ -229,6 +232,34 @@ def merge(repo: Repository, base: Side, ours: Side, theirs: Side, path: str = ""
             conflicts.append(resolved)
         return ours
     return resolved
+
+
+def _merge_split(repo: Repository, base: Side, ours: Side, theirs: Side, path: str,
+                 resolve: Resolver | None, conflicts: list[Conflict] | None) -> Draft | TreeEntry | None:
+    """The merge of three stored directories of which one at least is split
+    (docs/FORMAT.md, "Split trees"), reading only the chunks where ours or
+    theirs differs from base, or None for any other case (merged name by name).
+
+    A name in no chunk that differs, base to ours or base to theirs, is the
+    same on all three sides: the result keeps ours for it (a Draft over ours)."""
+    if not all(isinstance(s, TreeEntry) and s.kind is Kind.DIR for s in (base, ours, theirs)):
+        return None
+    if not any(isinstance(repo.load_tree_node(s.id), TreeIndex) for s in (base, ours, theirs)):
+        return None
+    bo_b, bo_o = _differing_entries(repo, base.id, ours.id)
+    bt_b, bt_t = _differing_entries(repo, base.id, theirs.id)
+    entries: dict[str, Side] = {}
+    for name in sorted(bo_b.keys() | bo_o.keys() | bt_b.keys() | bt_t.keys(), key=_key):
+        # Outside the chunks that differ from base, a side holds what base holds.
+        b = bo_b.get(name, bt_b.get(name))
+        o = bo_o.get(name) if name in bo_o or name in bo_b else b
+        t = bt_t.get(name) if name in bt_t or name in bt_b else b
+        s = merge(repo, b, o, t, _join(path, name), resolve, conflicts)
+        if not same(s, o) and not (s is None and o is None):
+            entries[name] = s
+    if not entries:
+        return ours
+    return Draft(entries, ours.id)
 
 
 # --- apply ------------------------------------------------------------------------------------
