@@ -239,3 +239,164 @@ def test_st_blocks_is_what_the_overlay_holds(ws, tmp_path):
     assert st.st_blocks < 1024, st.st_blocks  # not 64 MiB / 512: the hole takes nothing
     (mnt / "dense").write_bytes(os.urandom(1 << 20))
     assert os.stat(mnt / "dense").st_blocks >= (1 << 20) // 512
+
+
+# --- hard links ----------------------------------------------------------------------------
+def _hard_link_story(root: Path) -> list:
+    """The same hard-link operations on a workspace and on a plain directory; what
+    every step observes (errnos, link counts, which names share an inode, bytes)."""
+    seen: list = []
+
+    def names(*paths) -> tuple:
+        sts = [os.lstat(root / p) for p in paths]
+        return tuple(st.st_nlink for st in sts), tuple(st.st_ino == sts[0].st_ino for st in sts)
+
+    (root / "sub").mkdir()
+    (root / "f").write_bytes(b"first")
+    os.link(root / "f", root / "g")
+    os.link(root / "g", root / "sub" / "h")
+    seen.append(("linked", names("f", "g", "sub/h")))
+    with open(root / "g", "ab") as out:  # a write through one name shows through the others
+        out.write(b"+g")
+    os.chmod(root / "sub" / "h", 0o600)
+    seen.append(("shared", (root / "f").read_bytes(), (root / "sub" / "h").read_bytes(),
+                 oct(os.stat(root / "f").st_mode)))
+    seen.append(("errnos", errno_of(lambda: os.link(root / "sub", root / "dirlink")),
+                 errno_of(lambda: os.link(root / "f", root / "g")),
+                 errno_of(lambda: os.link(root / "nope", root / "x")),
+                 errno_of(lambda: os.link(root / "f", root / "nodir" / "x")),
+                 errno_of(lambda: os.link(root / "f", root / ("n" * 256)))))
+    os.unlink(root / "f")  # the first name goes: the data stays for the others
+    seen.append(("unlinked first", names("g", "sub/h"), (root / "g").read_bytes(),
+                 os.path.exists(root / "f")))
+    # rename over a hard link: only that name is replaced
+    (root / "other").write_bytes(b"other")
+    os.rename(root / "other", root / "g")
+    seen.append(("renamed over", names("sub/h"), (root / "g").read_bytes(), (root / "sub" / "h").read_bytes()))
+    # rename of one name onto another name of the same node: nothing happens (POSIX)
+    os.link(root / "sub" / "h", root / "h2")
+    os.rename(root / "h2", root / "sub" / "h")
+    seen.append(("same node", names("sub/h", "h2")))
+    os.rename(root / "h2", root / "moved")  # renaming a link keeps the node
+    seen.append(("moved", names("sub/h", "moved"), (root / "moved").read_bytes()))
+    # a symlink and a FIFO can be linked too; the link is of the symlink itself
+    os.symlink("moved", root / "sl")
+    os.link(root / "sl", root / "sl2", follow_symlinks=False)
+    os.mkfifo(root / "fifo")
+    os.link(root / "fifo", root / "fifo2")
+    seen.append(("kinds", names("sl", "sl2"), os.readlink(root / "sl2"), names("fifo", "fifo2")))
+    # an open file keeps working while its names go one by one
+    with open(root / "moved", "r+b") as f:
+        os.unlink(root / "moved")
+        seen.append(("open", os.fstat(f.fileno()).st_nlink, names("sub/h")))
+        os.unlink(root / "sub" / "h")
+        f.write(b"W")
+        f.seek(0)
+        seen.append(("last", os.fstat(f.fileno()).st_nlink, f.read()))
+    # rmdir of a directory holding one name of a linked file leaves the other name
+    (root / "d2").mkdir()
+    (root / "keep").write_bytes(b"keep")
+    os.link(root / "keep", root / "d2" / "k")
+    os.unlink(root / "d2" / "k")
+    os.rmdir(root / "d2")
+    seen.append(("rmdir", names("keep"), (root / "keep").read_bytes()))
+    os.link(root / "keep", root / "keep2")
+    return seen
+
+
+def test_hard_links_behave_as_on_ext4_and_survive_remount_and_a_crash(ws, tmp_path):
+    mnt = ws.mount()
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert _hard_link_story(mnt) == _hard_link_story(plain)
+    # A committed, untouched file: linked without a copy-up, then written through the link.
+    base = (ws.src / "fixed" / "big.bin").read_bytes()
+    os.link(mnt / "fixed" / "big.bin", mnt / "big-link")
+    assert os.stat(mnt / "fixed" / "big.bin").st_nlink == 2
+    assert (mnt / "big-link").read_bytes() == base
+    with open(mnt / "big-link", "r+b") as f:
+        f.write(b"EDIT")
+    assert (mnt / "fixed" / "big.bin").read_bytes() == b"EDIT" + base[4:]
+    # A link from another mount (a read-only mount of the same branch) is EXDEV, the kernel's answer.
+    ro = ws.mounts.mountpoint("ro")
+    ws.mounts.mount(ws.url, ro, rev="main")
+    assert errno_of(lambda: os.link(ro / "fixed" / "big.bin", mnt / "from-ro")) == errno.EXDEV
+    assert errno_of(lambda: os.link(mnt / "keep", tmp_path / "plain" / "to-tmp")) == errno.EXDEV
+    ws.umount(ro)
+    inos = {p: os.stat(mnt / p).st_ino for p in ("keep", "keep2")}
+    assert inos["keep"] == inos["keep2"]
+    ws.umount(mnt)
+    mnt = ws.mount()
+    for pair in (("keep", "keep2"), ("fixed/big.bin", "big-link"), ("sl", "sl2")):
+        a, b = (os.lstat(mnt / p) for p in pair)
+        assert a.st_ino == b.st_ino and a.st_nlink == b.st_nlink == 2, pair
+    # A link made and fsync'd just before the daemon is killed is there after the crash.
+    os.link(mnt / "keep", mnt / "keep3")
+    os.unlink(mnt / "keep")  # the first name goes: "keep2" holds the node's row now
+    dfd = os.open(mnt, os.O_RDONLY)
+    os.fsync(dfd)
+    os.close(dfd)
+    ws.kill(mnt)
+    mnt = ws.mount()
+    a, b = os.stat(mnt / "keep2"), os.stat(mnt / "keep3")
+    assert a.st_ino == b.st_ino and a.st_nlink == 2 and not os.path.exists(mnt / "keep")
+    with open(mnt / "keep3", "ab") as f:
+        f.write(b"!")
+    assert (mnt / "keep2").read_bytes() == b"keep!"
+
+
+def test_a_commit_records_a_hard_link_as_two_entries_with_one_content_id(ws, tmp_path):
+    from commitfs.ops.browse import lookup_path
+    from commitfs.repo.repository import Repository
+
+    mnt = ws.mount()
+    (mnt / "data.bin").write_bytes(os.urandom(300_000))
+    os.mkdir(mnt / "again")
+    os.link(mnt / "data.bin", mnt / "again" / "data.bin")
+    os.link(mnt / "fixed" / "big.bin", mnt / "big-link")  # an untouched file: re-linked by id
+    ws.cli("commit", str(mnt), "-m", "hard links").check_returncode()
+    with Repository.open(ws.url) as repo:
+        head = repo.refs.lookup_branch("main")
+        e1, e2 = (lookup_path(repo, head, p) for p in ("data.bin", "again/data.bin"))
+        b1, b2 = (lookup_path(repo, head, p) for p in ("fixed/big.bin", "big-link"))
+    assert e1.id == e2.id and e1.size == 300_000
+    assert b1.id == b2.id
+    out = tmp_path / "co"
+    ws.cli("-r", ws.url, "checkout", "main", str(out)).check_returncode()
+    assert (out / "data.bin").read_bytes() == (out / "again" / "data.bin").read_bytes()
+    # The workspace now shows the commit, where the names are two files (the format has
+    # no hard links): link count 1 each, and a write to one leaves the other alone.
+    a, b = os.stat(mnt / "data.bin"), os.stat(mnt / "again" / "data.bin")
+    assert a.st_nlink == b.st_nlink == 1 and a.st_ino != b.st_ino
+    with open(mnt / "data.bin", "r+b") as f:
+        f.write(b"X")
+    assert (mnt / "again" / "data.bin").read_bytes() == (out / "data.bin").read_bytes()
+    status = json.loads(ws.cli("status", str(mnt), "--json").stdout)["changes"]
+    assert [c["path"] for c in status] == ["data.bin"]
+
+
+@needs_root
+def test_cp_al_into_a_workspace_succeeds_and_commits_what_a_directory_would(ws, tmp_path):
+    src = tmp_path / "batch"
+    src.mkdir()
+    _owned_tree(src)
+    mnt = ws.mount()
+    proc = subprocess.run(["cp", "-a", str(src), str(mnt / "c")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    proc = subprocess.run(["cp", "-al", str(mnt / "c"), str(mnt / "l")], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    compare_trees(mnt / "l", src)
+    for rel in ("d/a.txt", "d/e/b.bin", "run.sh"):
+        a, b = os.lstat(mnt / "c" / rel), os.lstat(mnt / "l" / rel)
+        assert a.st_ino == b.st_ino and a.st_nlink == 2, rel
+    assert _owners(mnt / "l") == _owners(src)
+    ws.cli("commit", str(mnt), "-m", "cp -al").check_returncode()
+    plain = tmp_path / "plain"
+    for dest in ("c", "l"):
+        shutil.copytree(src, plain / dest, symlinks=True)
+    normalize_modes(plain)
+    out = tmp_path / "co"
+    ws.cli("-r", ws.url, "checkout", "main", str(out)).check_returncode()
+    for dest in ("c", "l"):
+        compare_trees(out / dest, plain / dest, modes=False)

@@ -6,7 +6,9 @@ A *side* of a path is one of:
 * a ``TreeEntry``: something stored, named by id (a file, a symlink, a whole
   directory), reused as it is;
 * a ``NewFile``: file bytes not stored yet (a local file to chunk, or bytes
-  in memory such as a merged table);
+  in memory such as a merged table); an ``EditedFile`` is one whose bytes are
+  a stored file's with ranges written over it (a workspace's copy-on-write
+  file: only the windows around the ranges are chunked again);
 * a ``Draft``: a directory being edited, its listing in memory: ``entries``
   over the listing of an optional ``base`` tree (a ``None`` entry deletes a
   base name).  With ``base`` None, ``entries`` is the whole listing.
@@ -30,6 +32,18 @@ class NewFile:
     data: bytes | None = None
     executable: bool = False
     size: int = 0
+
+
+@dataclass(frozen=True)
+class EditedFile(NewFile):
+    """A stored file (``base``, its id) written in place: its first ``base_until``
+    bytes are the base's except in ``ranges`` ((start, end) pairs, sorted,
+    disjoint), which, like every byte from ``base_until`` to ``size``, are the
+    bytes of local file ``source`` at the same offsets (vfs/wscow.py)."""
+
+    base: bytes = b""
+    base_until: int = 0
+    ranges: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass

@@ -18,7 +18,8 @@ Cost follows the change, because a stored subtree is named by its id:
   content and its executable bit merge separately.  What is left is a
   ``Conflict`` (kinds below), handed to a resolver (strategy, per-glob rule,
   row-level table merge: ops/merge.py) that returns a side or leaves it.
-* ``build(draft)`` stores what a side holds: NewFiles are chunked, Drafts
+* ``build(draft)`` stores what a side holds: NewFiles are chunked (an
+  EditedFile only around its edits, ops/rechunk.py), Drafts
   become trees, and every TreeEntry keeps its id (nothing below it is read
   or written again).
 
@@ -36,7 +37,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from commitfs.errors import InputError
-from commitfs.model.draft import Draft, NewFile, Side
+from commitfs.model.draft import Draft, EditedFile, NewFile, Side
 from commitfs.model.objects import Kind, Tree, TreeEntry
 from commitfs.model.splittree import TreeIndex, differing_leaves
 from commitfs.repo.repository import BlobWriter, Repository
@@ -296,7 +297,11 @@ def draft_from_paths(repo: Repository, base_tree: bytes | None, changes: Mapping
 def _store_new_file(repo: Repository, writer: BlobWriter, name: str, f: NewFile) -> TreeEntry:
     from commitfs.ops.snapshot import store_stream
 
-    if f.data is not None:
+    if isinstance(f, EditedFile):
+        from commitfs.ops.rechunk import store_edited_file
+
+        fid, size = store_edited_file(repo, writer, f)
+    elif f.data is not None:
         import io
 
         fid, size = store_stream(writer, io.BytesIO(f.data))

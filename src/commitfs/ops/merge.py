@@ -385,13 +385,16 @@ def _side_at(repo: Repository, root, path: str):
 def unresolved(repo: Repository, root, conflicts: list[dict]) -> list[str]:
     """The conflict paths of a workspace merge still unresolved in ``root`` (its draft):
     markers left in the file, or a .theirs/.base file still there."""
-    from commitfs.model.draft import NewFile
+    from commitfs.model.draft import EditedFile, NewFile
+    from commitfs.ops.rechunk import read_edited_file
 
     left = []
     for c in conflicts:
         if c["style"] == "markers":
             side = _side_at(repo, root, c["path"])
-            if isinstance(side, NewFile) and side.source is None:
+            if isinstance(side, EditedFile):
+                data = read_edited_file(repo, side)
+            elif isinstance(side, NewFile) and side.source is None:
                 data = side.data or b""
             elif isinstance(side, NewFile):
                 with open(side.source, "rb") as f:

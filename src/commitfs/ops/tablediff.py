@@ -175,12 +175,11 @@ class _Side:
         m = repo.load_manifest(entry.id) if entry is not None else EMPTY_MANIFEST
         self.manifest = m
         self.ids = list(m.chunk_ids)
-        self.ends = list(itertools.accumulate(m.chunk_sizes))
-        self.size = self.ends[-1] if self.ends else 0
+        self.size = m.size
         self._cache, self._stats = cache, stats
 
     def start(self, i: int) -> int:
-        return self.ends[i - 1] if i else 0
+        return self.manifest.chunk_start(i)
 
     def chunks(self, i1: int, i2: int) -> list[bytes]:
         missing = [oid for oid in dict.fromkeys(self.ids[i1:i2]) if oid not in self._cache]
@@ -195,10 +194,7 @@ class _Side:
     def read(self, start: int, end: int) -> bytes:
         if end <= start:
             return b""
-        import bisect
-
-        i1 = bisect.bisect_right(self.ends, start)
-        i2 = bisect.bisect_left(self.ends, end) + 1
+        i1, i2 = self.manifest.chunk_range(start, end - start)
         data = b"".join(self.chunks(i1, i2))
         base = self.start(i1)
         return data[start - base:end - base]

@@ -28,8 +28,6 @@ A file whose header does not parse is reported as a plain binary change
 
 from __future__ import annotations
 
-import bisect
-import itertools
 import json
 import struct
 from dataclasses import dataclass, field
@@ -108,18 +106,16 @@ class _File:
     def __init__(self, repo: Repository, entry: TreeEntry | None, stats: list):
         self.repo = repo
         m = repo.load_manifest(entry.id) if entry is not None else EMPTY_MANIFEST
+        self.manifest = m
         self.ids = m.chunk_ids
-        self.ends = list(itertools.accumulate(m.chunk_sizes))
-        self.size = self.ends[-1] if self.ends else 0
+        self.size = m.size
         self._stats = stats
 
     def chunk_span(self, start: int, end: int) -> tuple[int, int]:
-        if end <= start:
-            return 0, 0
-        return bisect.bisect_right(self.ends, start), bisect.bisect_left(self.ends, end) + 1
+        return self.manifest.chunk_range(start, end - start)
 
     def chunk_start(self, i: int) -> int:
-        return self.ends[i - 1] if i else 0
+        return self.manifest.chunk_start(i)
 
     def read(self, start: int, end: int) -> bytes:
         i1, i2 = self.chunk_span(start, min(end, self.size))
@@ -180,11 +176,11 @@ class _File:
         """The chunks wholly inside a tensor as (id, offset from the tensor's
         start), and the byte range [head_end, tail_start) they span."""
         i1, i2 = self.chunk_span(t.start, t.end)
-        inner = [i for i in range(i1, i2) if self.chunk_start(i) >= t.start and self.ends[i] <= t.end]
+        inner = [i for i in range(i1, i2) if self.chunk_start(i) >= t.start and self.manifest.ends[i] <= t.end]
         if not inner:
             return (), t.end, t.end
         return (tuple((self.ids[i], self.chunk_start(i) - t.start) for i in inner),
-                self.chunk_start(inner[0]), self.ends[inner[-1]])
+                self.chunk_start(inner[0]), self.manifest.ends[inner[-1]])
 
 
 # A tensor within no whole chunk, but this small, is compared by its bytes

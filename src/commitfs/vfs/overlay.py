@@ -9,7 +9,7 @@ a *workspace directory* (default under the cache directory) holding
   tree, and
 * ``data/``: one file per copied-up or new regular file, named by its node id.
 
-The database has two tables.  ``meta`` holds key/values: the repository URL,
+The database has three tables.  ``meta`` holds key/values: the repository URL,
 the branch, the base commit (hex) and ``pending`` (a commit this workspace is
 about to move the branch to, see below).  ``nodes`` holds one row per node of
 the overlay tree: ``id``, ``parent``, ``name``, ``kind`` (dir/file/symlink/special),
@@ -19,7 +19,15 @@ parent it is; otherwise they are its origin tree's entries, lazily), ``upper``
 (for a file: its content is ``data/<upper>``; otherwise its origin's bytes),
 ``mode``, ``mtime_ns``, a symlink's ``target``, and the owner (``uid``,
 ``gid``) and ``atime_ns``/``ctime_ns`` (NULL: the mount's user, the mtime),
-which the workspace keeps but a commit does not record.
+which the workspace keeps but a commit does not record.  ``links`` holds the
+extra names of hard-linked nodes: ``id``, ``parent`` (a materialized
+directory's row), ``name`` and ``node`` (the row of the node it names).  A
+node's own row holds its first name and everything else; unlinking that name
+while links remain moves the oldest link's name into the node row and
+deletes the link, in one transaction, so a node has a row as long as it has
+a name.  Version 2 of the overlay (meta ``version``) added the table; a
+version-1 overlay gains it, empty, on open, and an overlay of a version this
+code does not know is refused.
 
 Why rows per node rather than a path-keyed journal of whiteouts and renames:
 renames of directories, renames over existing targets and edits below a
@@ -43,10 +51,17 @@ durable against power loss too.  Files of ``data/`` no row names (a copy-up
 or create interrupted before its row was written, or an unlinked file) are
 deleted on open.
 
-Copy-up is whole-file for now (``copy_up``, the one function to replace with
-chunk-level copy-on-write): the first write to an untouched file copies its
-bytes from the repository into ``data/``; truncation to zero and creation
-copy nothing.
+Copy-on-write is chunk-level (vfs/wscow.py): the first write to an
+untouched committed file copies nothing.  Its data file is made sparse at
+the file's size and holds only what is written since; the row names the
+base file (``cow_base``, its id) and how far the base shows through
+(``cow_until``), and the ``ranges`` table (``node``, ``start``, ``end``)
+holds the written ranges below that.  A row without ``cow_base`` whose file
+has a data file is the data file's bytes alone (a new file, or one
+truncated to zero).  Ranges are written at flush, release and fsync (after
+the data file's fsync) and a truncate at once, after the data file's
+ftruncate: a range without its row (the daemon killed before) reads as the
+base again, and on open ``cow_until`` is clamped to the data file's size.
 
 Committing.  Before moving the branch, the workspace records the new commit
 id as ``pending`` (durably); after the branch moved, ``clear`` deletes every
@@ -62,23 +77,26 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from commitfs.errors import CommitfsError, InputError
-from commitfs.model.objects import FileManifest, Kind, TreeEntry, check_chunk_sizes
+from commitfs.model.objects import Kind, TreeEntry
 from commitfs.vfs.errors import NoSpaceError
 
-SCHEMA_VERSION = "1"
+#: 2: the ``links`` table (hard links).  3: chunk-level copy-on-write (the ``ranges``
+#: table, ``cow_base``/``cow_until``): a data file may hold only part of its file, so
+#: a commitfs that reads 1 or 2 only must not open it.  An older overlay gains the
+#: tables (empty) and columns (NULL) on open.
+SCHEMA_VERSION = "3"
+_KNOWN_VERSIONS = ("1", "2", "3")
 ROOT_ID = 1
 #: Space kept in reserve (a file) so that deleting files still works on a full disk:
 #: SQLite needs a few pages to record a deletion.  Released when a transaction finds
 #: the disk full (the request is then retried once), re-made when space is back.
 RESERVE_BYTES = 256 * 1024
-#: Chunks fetched per repository call during a copy-up (bounded memory for huge files).
-_COPY_BATCH = 64
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -93,16 +111,28 @@ CREATE TABLE IF NOT EXISTS nodes (
     mode INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
     target BLOB,
-    uid INTEGER, gid INTEGER, atime_ns INTEGER, ctime_ns INTEGER, rdev INTEGER
+    uid INTEGER, gid INTEGER, atime_ns INTEGER, ctime_ns INTEGER, rdev INTEGER,
+    cow_base BLOB, cow_until INTEGER
 );
 CREATE UNIQUE INDEX IF NOT EXISTS nodes_by_name ON nodes(parent, name);
+CREATE TABLE IF NOT EXISTS ranges (node INTEGER NOT NULL, start INTEGER NOT NULL, "end" INTEGER NOT NULL,
+                                   PRIMARY KEY (node, start));
+CREATE TABLE IF NOT EXISTS links (
+    id INTEGER PRIMARY KEY,
+    parent INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    node INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS links_by_name ON links(parent, name);
 """
 
 _COLUMNS = ("id", "parent", "name", "kind", "okind", "osize", "oid", "otarget", "materialized", "upper", "mode",
-            "mtime_ns", "target", "uid", "gid", "atime_ns", "ctime_ns", "rdev")
-#: Columns added after version 1's first release (owner and times, never committed):
-#: an older overlay gains them on open (NULL: the mount's user, times from mtime).
-_ADDED_COLUMNS = ("uid", "gid", "atime_ns", "ctime_ns", "rdev")
+            "mtime_ns", "target", "uid", "gid", "atime_ns", "ctime_ns", "rdev", "cow_base", "cow_until")
+#: Columns added after version 1's first release (owner and times, never committed;
+#: the copy-on-write base): an older overlay gains them on open (NULL: the mount's
+#: user, times from mtime, a data file holding the whole file).
+_ADDED_COLUMNS = {"uid": "INTEGER", "gid": "INTEGER", "atime_ns": "INTEGER", "ctime_ns": "INTEGER",
+                  "rdev": "INTEGER", "cow_base": "BLOB", "cow_until": "INTEGER"}
 _INSERT = f"INSERT INTO nodes ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 
 
@@ -126,20 +156,36 @@ class Row:
     ctime_ns: int | None = None
     #: A special file's device number (kind "special": FIFO, socket, device; mode has its type).
     rdev: int | None = None
+    #: Chunk-level copy-on-write (vfs/wscow.py): the base file's id and how far it
+    #: shows through; None: the data file (if any) holds the whole file.
+    cow_base: bytes | None = None
+    cow_until: int | None = None
 
     def values(self) -> tuple:
         o = self.origin
         return (self.id, self.parent, self.name, self.kind, o.kind.value if o else None, o.size if o else None,
                 o.id if o else None, o.target if o else None, int(self.materialized), self.upper, self.mode,
-                self.mtime_ns, self.target, self.uid, self.gid, self.atime_ns, self.ctime_ns, self.rdev)
+                self.mtime_ns, self.target, self.uid, self.gid, self.atime_ns, self.ctime_ns, self.rdev,
+                self.cow_base, self.cow_until)
+
+
+@dataclass
+class Link:
+    """An extra name of a hard-linked node: ``name`` in directory row ``parent`` is node
+    row ``node`` too (whose own row holds its first name, its data and metadata)."""
+    id: int
+    parent: int
+    name: str
+    node: int
 
 
 def _row(values) -> Row:
     (id_, parent, name, kind, okind, osize, oid, otarget, mat, upper, mode, mtime, target,
-     uid, gid, atime, ctime, rdev) = values
+     uid, gid, atime, ctime, rdev, cow_base, cow_until) = values
     origin = TreeEntry(name, Kind(bytes(okind)), osize, bytes(oid), bytes(otarget or b"")) if okind else None
     return Row(id_, parent, name, kind, origin, bool(mat), upper, mode, mtime,
-               bytes(target) if target is not None else None, uid, gid, atime, ctime, rdev)
+               bytes(target) if target is not None else None, uid, gid, atime, ctime, rdev,
+               bytes(cow_base) if cow_base is not None else None, cow_until)
 
 
 class SpaceReleasedError(NoSpaceError):
@@ -163,7 +209,8 @@ class Overlay:
         self.data = path / "data"
         self._conn = conn
         self._batch = 0
-        self._next_id = (conn.execute("SELECT max(id) FROM nodes").fetchone()[0] or ROOT_ID) + 1
+        self._next_id = max(conn.execute("SELECT max(id) FROM nodes").fetchone()[0] or ROOT_ID,
+                            conn.execute("SELECT max(id) FROM links").fetchone()[0] or ROOT_ID) + 1
 
     # --- opening ---------------------------------------------------------------
     @classmethod
@@ -176,9 +223,9 @@ class Overlay:
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(_SCHEMA)
             have = {r[1] for r in conn.execute("PRAGMA table_info(nodes)")}
-            for col in _ADDED_COLUMNS:
+            for col, type_ in _ADDED_COLUMNS.items():
                 if col not in have:
-                    conn.execute(f"ALTER TABLE nodes ADD COLUMN {col} INTEGER")
+                    conn.execute(f"ALTER TABLE nodes ADD COLUMN {col} {type_}")
         except (OSError, sqlite3.Error) as exc:
             raise CommitfsError(f"cannot open the workspace {path}: {exc}") from None
         ov = cls(path, conn)
@@ -193,6 +240,15 @@ class Overlay:
             conn.close()
             raise WorkspaceMismatchError(
                 f"workspace {path} belongs to branch {br!r} of {repo}, not {branch!r} of {repo_url}")
+        else:
+            version = ov.get_meta("version") or "1"
+            if version not in _KNOWN_VERSIONS:
+                conn.close()
+                raise WorkspaceMismatchError(
+                    f"workspace {path} has overlay format {version!r}; this commitfs reads "
+                    f"{', '.join(_KNOWN_VERSIONS)} (a newer commitfs wrote it)")
+            if version != SCHEMA_VERSION:
+                ov.set_meta("version", SCHEMA_VERSION)  # the new tables were created above
         return ov
 
     def close(self) -> None:
@@ -286,6 +342,37 @@ class Overlay:
     def delete(self, ids: list[int]) -> None:
         with self.batch():
             self._conn.executemany("DELETE FROM nodes WHERE id = ?", [(i,) for i in ids])
+            self._conn.executemany("DELETE FROM ranges WHERE node = ?", [(i,) for i in ids])
+
+    def load_ranges(self) -> dict[int, list[tuple[int, int]]]:
+        """The written ranges of every copy-on-write file, by node id, in order."""
+        out: dict[int, list[tuple[int, int]]] = {}
+        for node, a, b in self._conn.execute('SELECT node, start, "end" FROM ranges ORDER BY node, start'):
+            out.setdefault(node, []).append((a, b))
+        return out
+
+    def set_ranges(self, node_id: int, ranges: list[tuple[int, int]]) -> None:
+        """Replace a node's written ranges (vfs/wscow.py)."""
+        with self.batch():
+            self._conn.execute("DELETE FROM ranges WHERE node = ?", (node_id,))
+            self._conn.executemany('INSERT INTO ranges (node, start, "end") VALUES (?, ?, ?)',
+                                   [(node_id, a, b) for a, b in ranges])
+
+    # --- links: the extra names of hard-linked nodes -------------------------------------
+    def links(self) -> list[Link]:
+        cur = self._conn.execute("SELECT id, parent, name, node FROM links ORDER BY id")
+        return [Link(*v) for v in cur]
+
+    def insert_link(self, link: Link) -> None:
+        self._exec("INSERT INTO links (id, parent, name, node) VALUES (?, ?, ?, ?)",
+                   (link.id, link.parent, link.name, link.node))
+
+    def update_link(self, link_id: int, parent: int, name: str) -> None:
+        self._exec("UPDATE links SET parent = ?, name = ? WHERE id = ?", (parent, name, link_id))
+
+    def delete_links(self, ids: list[int]) -> None:
+        with self.batch():
+            self._conn.executemany("DELETE FROM links WHERE id = ?", [(i,) for i in ids])
 
     def is_clean(self) -> bool:
         """No edits: only an unmaterialized root row (or none), and no merge in progress."""
@@ -304,6 +391,8 @@ class Overlay:
         root row then names the merged tree); without it any merge is over."""
         with self.batch():
             self._conn.execute("DELETE FROM nodes")
+            self._conn.execute("DELETE FROM ranges")
+            self._conn.execute("DELETE FROM links")
             self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('base', ?)", (base.hex(),))
             self._conn.execute("DELETE FROM meta WHERE key = 'pending'")
             self._conn.execute("DELETE FROM meta WHERE key = 'merge'")
@@ -397,22 +486,3 @@ class Overlay:
             os.close(dfd)
         self.sync_db()
 
-
-def copy_up(load_chunks: Callable[[list[bytes]], list[bytes]], manifest: FileManifest, fd: int) -> int:
-    """Write a file's whole content from the repository into ``fd``; return its size.
-
-    Whole-file copy-up: the one place to replace with chunk-level
-    copy-on-write (keep the manifest, store only the chunks written to).
-    Runs in a worker thread."""
-    ids = list(manifest.chunk_ids)
-    off = 0
-    for i in range(0, len(ids), _COPY_BATCH):
-        batch = load_chunks(ids[i:i + _COPY_BATCH])
-        check_chunk_sizes(ids[i:i + _COPY_BATCH], manifest.chunk_sizes[i:i + _COPY_BATCH], batch)
-        for chunk in batch:
-            view = memoryview(chunk)
-            while view:
-                n = os.pwrite(fd, view, off)
-                off += n
-                view = view[n:]
-    return off

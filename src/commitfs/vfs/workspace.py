@@ -21,8 +21,10 @@ rows of the overlay, vfs/overlay.py) or *lazy* (its listing is its origin
 tree in the repository; nodes looked up in it are cached in ``lazy``).  The
 first change inside a directory materializes it and its ancestors (rows for
 their entries, no file bytes read); the first write to an untouched file
-copies it up (``overlay.copy_up``, whole file for now).  Nodes with rows stay
-in memory for the mount's life; lazy ones leave when the kernel forgets them.
+copies nothing: chunk-level copy-on-write (vfs/wscow.py) keeps only the
+written ranges in the overlay, and reads merge them with the base file's
+chunks, read as the read-only mount reads them.  Nodes with rows stay in
+memory for the mount's life; lazy ones leave when the kernel forgets them.
 
 Concurrency
 -----------
@@ -45,7 +47,9 @@ here: vfs does not import ops.  Inside ``paused`` (the one lock, so no change
 runs meanwhile) ``draft`` snapshots the edits as a Draft (model/draft.py):
 untouched subtrees are their origin TreeEntries (not visited; a moved
 untouched file or directory is re-linked by id without reading bytes), only
-copied-up or new files are NewFiles to chunk.  ops.changeset.commit_draft
+written or new files are NewFiles to chunk (a committed file written in place
+is an EditedFile: only the windows around its ranges are re-chunked,
+ops/rechunk.py).  ops.changeset.commit_draft
 stores it and moves the branch by compare-and-swap, rebasing onto a moved
 branch with the change engine's three-way merge; ``set_pending`` is its
 callback just before the compare-and-swap, recording the commit id in the
@@ -80,7 +84,7 @@ from commitfs.errors import (
     PathNotFoundError,
 )
 from commitfs.model.draft import Draft
-from commitfs.model.objects import EMPTY_MANIFEST, Commit, TreeEntry
+from commitfs.model.objects import Commit, TreeEntry
 from commitfs.repo.repository import Repository
 from commitfs.vfs import prefetch
 from commitfs.vfs.core import StatFs
@@ -96,12 +100,14 @@ from commitfs.vfs.errors import (
     UnsupportedError,
 )
 from commitfs.vfs.inode import ROOT_INODE, XATTR_COMMIT, XATTR_REPO, Attr
-from commitfs.vfs.overlay import ROOT_ID, Overlay, SpaceReleasedError, copy_up
+from commitfs.vfs.overlay import ROOT_ID, Overlay, SpaceReleasedError
+from commitfs.vfs.wscow import Cow
 
 from commitfs.vfs.wscommit import CommitState, resolve_pending, root_row
+from commitfs.vfs.wslink import LinkNames
 from commitfs.vfs.wsmerge import MergeState
 from commitfs.vfs.wsoverlay import OverlayStore
-from commitfs.vfs.wstree import SPECIAL, NodeTree, WNode, _DirHandle, _Handle, _now
+from commitfs.vfs.wstree import SPECIAL, NodeTree, WLink, WNode, _DirHandle, _Handle, _now
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +141,7 @@ class WorkspaceOptions:
     timeout_s: float = 0.0
 
 
-class WorkspaceFS(NodeTree, OverlayStore, CommitState, MergeState):
+class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
     """A writable workspace over ``branch``; the same request methods as vfs.FileSystem plus writes."""
 
     writable = True
@@ -208,6 +214,7 @@ class WorkspaceFS(NodeTree, OverlayStore, CommitState, MergeState):
         self.base_time_ns = commit.time * 1_000_000_000
         self.base_tree = commit.tree
         rows = self.overlay.rows()
+        ranges = self.overlay.load_ranges()
         by_id: dict[int, WNode] = {}
         for r in rows:
             n = WNode(0, r.kind, r.name, None)
@@ -227,6 +234,10 @@ class WorkspaceFS(NodeTree, OverlayStore, CommitState, MergeState):
                         n.fd = self.overlay.create_data(r.upper)
                         os.close(n.fd)
                         n.fd = None
+                    if r.cow_base is not None and n.size:
+                        # A truncate the daemon was killed in may have reached the data
+                        # file and not the row: the data file's size is the file's.
+                        n.cow = Cow(r.cow_base, min(r.cow_until or 0, n.size), ranges.get(r.id, ()))
                 else:
                     n.size = r.origin.size if r.origin else 0
             elif r.kind == "symlink":
@@ -244,6 +255,14 @@ class WorkspaceFS(NodeTree, OverlayStore, CommitState, MergeState):
                 continue
             n.parent = parent
             parent.children[r.name] = n
+        for link in self.overlay.links():  # the extra names of hard-linked nodes
+            parent, n = by_id.get(link.parent), by_id.get(link.node)
+            if (parent is None or parent.children is None or n is None or n.parent is None or n.is_dir
+                    or link.name in parent.children):
+                log.error("workspace link %d (%s) names no node or a taken name; ignored", link.id, link.name)
+                continue
+            n.links = (n.links or []) + [WLink(link.id, parent, link.name)]
+            parent.children[link.name] = n
         # Inode numbers: root is 1, the others are handed out as the kernel meets them.
         for n in by_id.values():
             if n is root:
@@ -327,10 +346,7 @@ class WorkspaceFS(NodeTree, OverlayStore, CommitState, MergeState):
                 if n.kind != "file":
                     raise InvalidArgumentError(f"{n.name} is not a regular file")
                 fd = await self._ensure_upper(n, empty=size == 0)
-                os.ftruncate(fd, size)
-                n.size = size
-                n.mtime_ns = _now()
-                n.dirty = True
+                self._truncate(n, fd, size)
             if mode is not None or mtime_ns is not None or atime_ns is not None or uid is not None \
                     or gid is not None:
                 if n.parent is not None:
@@ -468,8 +484,22 @@ class WorkspaceFS(NodeTree, OverlayStore, CommitState, MergeState):
             self._add_child(d, n)
             return self._remember(n)
 
+    @_retry_when_space_released
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes) -> Attr:
-        raise NotPermittedError("a workspace does not support hard links")
+        """A hard link: one more name of a file, symlink or special file (vfs/wslink.py)."""
+        async with self._lock:
+            n = self._node(inode)
+            if n.is_dir:
+                raise NotPermittedError(f"{n.name} is a directory (directories cannot be hard-linked)")
+            text = self._new_name(new_name)
+            d = await self._prepare_parent(new_parent_inode)
+            if n.parent is None:
+                raise PathNotFoundError(f"{n.name}: it was deleted")
+            if text in d.children:
+                raise ExistsError(f"{text} exists")
+            await self._persist(n)
+            self._add_link(n, d, text)
+            return self._remember(n)
 
     @_retry_when_space_released
     async def unlink(self, parent_inode: int, name: bytes) -> None:
@@ -482,10 +512,9 @@ class WorkspaceFS(NodeTree, OverlayStore, CommitState, MergeState):
             if n.is_dir:
                 raise IsADirectoryError_(f"{text} is a directory")
             await self._materialize(d)
-            n = d.children.get(text)
-            if n is None:
+            if d.children.get(text) is None:
                 raise PathNotFoundError(f"{text}: no such entry")
-            self._unlink_node(d, n)
+            self._unlink_node(d, text)
 
     @_retry_when_space_released
     async def rmdir(self, parent_inode: int, name: bytes) -> None:
@@ -500,10 +529,9 @@ class WorkspaceFS(NodeTree, OverlayStore, CommitState, MergeState):
             if not await self._is_empty(n):
                 raise NotEmptyError(f"{text} is not empty")
             await self._materialize(d)
-            n = d.children.get(text)
-            if n is None:
+            if d.children.get(text) is None:
                 raise PathNotFoundError(f"{text}: no such entry")
-            self._unlink_node(d, n)
+            self._unlink_node(d, text)
 
     @_retry_when_space_released
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
@@ -540,21 +568,27 @@ class WorkspaceFS(NodeTree, OverlayStore, CommitState, MergeState):
             target = dst.children.get(new)
             if n is None:
                 raise PathNotFoundError(f"{old}: no such entry")
+            if target is n:  # two names of one node (a hard link): nothing to do, as on ext4
+                return
             ids: list[int] = []
             data: list[str] = []
-            if target is not None:
-                self._remove_subtree_rows(target, ids, data)
+            drop_target = None
             with self.overlay.batch():
-                self.overlay.delete(ids)
-                self.overlay.update(n.oid, parent=dst.oid, name=new)
-            if target is not None:
+                if target is not None and target.links:
+                    drop_target = self._drop_name_rows(dst, new, target)  # one of its names goes
+                elif target is not None:
+                    self._remove_subtree_rows(target, ids, data)
+                    self.overlay.delete(ids)
+                move = self._move_name_rows(n, src, old, dst, new)
+            if drop_target is not None:
+                drop_target()
+            elif target is not None:
                 del dst.children[new]
                 self._detach(target)
                 for name in data:
                     self.overlay.remove_data(name)
             del src.children[old]
-            n.name = new
-            n.parent = dst
+            move()
             n.ctime_ns = _now()  # a rename changes the moved node's status, as on ext4
             n.dirty = True
             dst.children[new] = n
@@ -619,10 +653,7 @@ class WorkspaceFS(NodeTree, OverlayStore, CommitState, MergeState):
         if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
             async with self._lock:
                 fd = await self._ensure_upper(n, empty=True)
-                os.ftruncate(fd, 0)
-                n.size = 0
-                n.mtime_ns = _now()
-                n.dirty = True
+                self._truncate(n, fd, 0)
         return self._open_handle(n)
 
     def _handle(self, fh: int) -> _Handle:
@@ -631,27 +662,66 @@ class WorkspaceFS(NodeTree, OverlayStore, CommitState, MergeState):
             raise BadHandleError(f"file handle {fh} is not open")
         return h
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        h = self._handle(fh)
-        n = h.node
-        while n.copying is not None:
-            await n.copying.wait()
-        if n.fd is not None or n.upper is not None:
-            return os.pread(self._fd(n), size, off)
-        if n.origin is None or n.origin.size == 0:
-            return b""
-        if h.reader is None or h.reader_id != n.origin.id:
-            if h.reader is not None:
-                h.reader.close()
-            manifest = await self.loader.manifest(n.origin.id) if n.origin.size else EMPTY_MANIFEST
-            if h.reader is None or h.reader_id != n.origin.id:
+    async def _reader(self, h: _Handle, fid: bytes) -> prefetch.Prefetcher:
+        """The handle's prefetcher over committed file ``fid`` (the read-only mount's
+        read engine: verified chunks, a growing read window)."""
+        if h.reader is None or h.reader_id != fid:
+            manifest = await self.loader.manifest(fid)
+            if h.reader is None or h.reader_id != fid:
+                if h.reader is not None:
+                    h.reader.close()
                 assert self._nursery is not None
                 h.reader = prefetch.Prefetcher(manifest, self.loader.chunks, self._nursery,
                                                fetch_now=self.loader.chunks_now)
-                h.reader_id = n.origin.id
-        if n.fd is not None or n.upper is not None:  # copied up meanwhile
-            return os.pread(self._fd(n), size, off)
-        return await h.reader.read(off, size)
+                h.reader_id = fid
+        return h.reader
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self._handle(fh)
+        n = h.node
+        while True:
+            if n.fd is not None or n.upper is not None:
+                cow = n.cow
+                if cow is None:
+                    return os.pread(self._fd(n), size, off)
+                got = await self._read_cow(h, n, cow, off, size)
+                if got is not None:
+                    return got
+                continue  # truncated, committed or reset meanwhile: read again
+            origin = n.origin
+            if origin is None or origin.size == 0:
+                return b""
+            reader = await self._reader(h, origin.id)
+            if n.fd is not None or n.upper is not None:  # written meanwhile
+                continue
+            return await reader.read(off, size)
+
+    async def _read_cow(self, h: _Handle, n: WNode, cow: Cow, off: int, size: int) -> bytes | None:
+        """Bytes of a copy-on-write file: its written ranges from the data file, the
+        rest from the base; None if the file changed shape while the base was read."""
+        end = min(off + size, n.size)
+        if off >= end:
+            return b""
+        until = cow.until
+        segments = cow.segments(off, end)
+        if len(segments) == 1 and segments[0][2]:
+            return os.pread(self._fd(n), end - off, off)
+        base: dict[int, bytes] = {}
+        for a, b, mine in segments:
+            if not mine:
+                reader = await self._reader(h, cow.base)
+                base[a] = await reader.read(a, b - a)
+        if n.cow is not cow or cow.until != until or (n.fd is None and n.upper is None):
+            return None
+        fd = self._fd(n)
+        # The data file last (no await after): a range written meanwhile is read whole.
+        parts = []
+        for a, b, mine in segments:
+            if not mine:
+                parts.append(base[a])
+            else:
+                parts.append(os.pread(fd, b - a, a))
+        return b"".join(parts)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         h = self._handle(fh)
@@ -659,6 +729,8 @@ class WorkspaceFS(NodeTree, OverlayStore, CommitState, MergeState):
         async with self._lock:
             fd = await self._ensure_upper(n)
             written = os.pwrite(fd, buf, off)
+            if n.cow is not None:
+                n.cow.add(off, off + written)
             if off + written > n.size:
                 n.size = off + written
             n.mtime_ns = n.ctime_ns = _now()
@@ -667,13 +739,17 @@ class WorkspaceFS(NodeTree, OverlayStore, CommitState, MergeState):
 
     async def flush(self, fh: int) -> None:
         n = self._handle(fh).node
-        if n.dirty:
+        if n.dirty or (n.cow is not None and n.cow.dirty):
             async with self._lock:
                 self._flush(n)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         n = self._handle(fh).node
         async with self._lock:
+            if n.cow is not None and n.cow.dirty and n.fd is not None:
+                # The written bytes first, then the ranges naming them (so no range
+                # is durable before its bytes), then the database.
+                await self.loader.io("fsync of a workspace file", os.fsync, n.fd)
             self._flush(n)
             await self._sync(n.fd)
 
@@ -685,7 +761,7 @@ class WorkspaceFS(NodeTree, OverlayStore, CommitState, MergeState):
             h.reader.close()
         n = h.node
         n.opens -= 1
-        if n.dirty:
+        if n.dirty or (n.cow is not None and n.cow.dirty):
             async with self._lock:
                 self._flush(n)
         if n.opens <= 0:

@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from commitfs.errors import InputError
-from commitfs.model.draft import Draft, NewFile
+from commitfs.model.draft import Draft, EditedFile, NewFile
 from commitfs.model.objects import Commit, Kind, Tree, TreeEntry, symlink_entry
 from commitfs.repo.repository import Repository
 from commitfs.vfs.overlay import ROOT_ID, Overlay, Row
@@ -35,7 +35,8 @@ _PENDING_SEARCH = 100_000
 def _draft(node: WNode, data_path: Callable[[str], str]) -> Draft | None:
     """The edited tree as the change engine sees it (taken under the lock): a Draft per
     materialized directory, the origin TreeEntry of everything untouched (never opened),
-    a NewFile per copied-up or new file; None for a lazy (untouched) root."""
+    a NewFile per new file, an EditedFile per committed file written in place; None
+    for a lazy (untouched) root."""
     if node.children is None:
         return None
     out: dict = {}
@@ -48,6 +49,9 @@ def _draft(node: WNode, data_path: Callable[[str], str]) -> Draft | None:
             out[name] = _draft(c, data_path) if c.children is not None else c.origin
         elif c.kind == "symlink":
             out[name] = symlink_entry(name, c.target)
+        elif c.upper is not None and c.cow is not None:
+            out[name] = EditedFile(source=data_path(c.upper), executable=bool(c.mode & 0o100), size=c.size,
+                                   base=c.cow.base, base_until=c.cow.until, ranges=tuple(c.cow.ranges()))
         elif c.upper is not None:
             out[name] = NewFile(source=data_path(c.upper), executable=bool(c.mode & 0o100), size=c.size)
         else:
@@ -146,7 +150,7 @@ class CommitState:
         changed = []
         if current is not None:
             changed = self._inos_below(current)
-            self._unlink_node(d, current)
+            self._unlink_node(d, name)
         if entry is not None:
             n = self._from_entry(d, TreeEntry(name, entry.kind, entry.size, entry.id, entry.target))
             self._add_child(d, n)
@@ -209,10 +213,10 @@ class CommitState:
                 gather(c)
         gather(self.root)
         self.overlay.clear(cid, root_row, merge)  # the one atomic step
+        invalidate: list[int] = self._unlink_extra_names(self.root)  # hard links: names apart now
         self.base = cid
         self.base_tree = commit.tree
         self.base_time_ns = commit.time * 1_000_000_000
-        invalidate: list[int] = []
 
         def rebase(n: WNode, e: TreeEntry, parts: tuple) -> None:
             changed = n.upper is not None or n.origin is None or n.origin.id != e.id or n.kind != _kind_of(e)
@@ -221,6 +225,7 @@ class CommitState:
             if n.upper is not None:
                 n.upper = None
                 self._close_fd(n)
+            n.cow = None
             n.oid = None
             n.origin = e
             n.size = e.size

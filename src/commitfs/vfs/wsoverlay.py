@@ -1,9 +1,11 @@
-"""Making a workspace's changes persistent (vfs/workspace.py): rows and copy-up.
+"""Making a workspace's changes persistent (vfs/workspace.py): rows and copy-on-write.
 
 Each change writes its overlay rows (vfs/overlay.py) before it changes the
 in-memory tree.  ``_persist`` gives a node a row (materializing its
 ancestors), ``_materialize`` copies a lazy directory's listing into rows (no
-file bytes read), ``_ensure_upper`` copies a file up on its first write, and
+file bytes read), ``_ensure_upper`` gives a file its data file on its first
+write (a committed file's copies nothing: chunk-level copy-on-write,
+vfs/wscow.py; ``_truncate`` and ``_flush`` keep its ranges), and
 ``_unlink_node``/``_detach`` take a node out of the tree while whoever has it
 open keeps its bytes.  Blocking durability work (fsync of the data files, the
 data directory and the overlay database) runs in a worker thread under the
@@ -15,15 +17,14 @@ from __future__ import annotations
 import logging
 import os
 
-import trio
 
 from commitfs.errors import PathNotFoundError
 from commitfs.vfs.inode import ROOT_INODE
-from commitfs.vfs.overlay import copy_up
+from commitfs.vfs.overlay import SpaceReleasedError
+from commitfs.vfs.wscow import Cow
+from commitfs.vfs.wstree import WNode, _now
 
 log = logging.getLogger(__name__)
-
-from commitfs.vfs.wstree import WNode, _now
 
 
 class OverlayStore:
@@ -72,8 +73,24 @@ class OverlayStore:
         d.dirty = True
 
     def _flush(self, n: WNode) -> None:
-        if n.dirty and n.oid is not None:
-            self.overlay.update(n.oid, mtime_ns=n.mtime_ns, ctime_ns=n.ctime_ns)
+        """Write a node's pending metadata: its times and a copy-on-write file's ranges.
+        On a full disk the overlay's reserve is released and it is written once more
+        (a few pages: the written bytes already have their blocks)."""
+        try:
+            self._write_pending(n)
+        except SpaceReleasedError:
+            self._write_pending(n)
+
+    def _write_pending(self, n: WNode) -> None:
+        cow = n.cow
+        if n.oid is not None and (n.dirty or (cow is not None and cow.dirty)):
+            with self.overlay.batch():
+                if n.dirty:
+                    self.overlay.update(n.oid, mtime_ns=n.mtime_ns, ctime_ns=n.ctime_ns)
+                if cow is not None and cow.dirty:
+                    self.overlay.set_ranges(n.oid, cow.ranges())
+            if cow is not None:
+                cow.dirty = False
         n.dirty = False
 
     def _flush_all(self) -> None:
@@ -99,9 +116,11 @@ class OverlayStore:
         return n.fd
 
     async def _ensure_upper(self, n: WNode, empty: bool = False) -> int:
-        """The writable file descriptor of ``n``, copying it up first if needed."""
-        while n.copying is not None:
-            await n.copying.wait()
+        """The writable file descriptor of ``n``, giving it a data file first if needed.
+
+        A committed file copies nothing (vfs/wscow.py): its data file is made
+        sparse at its size and its row names the base; ``empty`` (a truncation
+        to zero follows) leaves no base."""
         if n.fd is not None and (n.upper is not None or n.oid is None):
             return n.fd
         if n.upper is not None:
@@ -111,29 +130,45 @@ class OverlayStore:
             await self._persist(n)
         if n.upper is not None or n.fd is not None:
             return self._fd(n) if n.fd is None else n.fd
-        done = n.copying = trio.Event()
+        name = str(n.oid) if not detached else None
+        fd = self.overlay.create_data(name) if name else self.overlay.anonymous_file(str(n.ino))
         try:
-            name = str(n.oid) if not detached else None
-            fd = self.overlay.create_data(name) if name else self.overlay.anonymous_file(str(n.ino))
-            try:
-                size = 0
-                if not empty and n.origin is not None and n.origin.size:
-                    manifest = await self.loader.manifest(n.origin.id)
-                    size = await self.loader.io(f"copy-up of {n.path()}", copy_up, self.repo.load_chunks, manifest, fd)
-                if name and n.oid is not None:
-                    self.overlay.update(n.oid, upper=name)
-                    n.upper = name
-            except BaseException:
-                os.close(fd)
-                if name:
-                    self.overlay.remove_data(name)
-                raise
-            n.fd = fd
-            n.size = size
-            return fd
-        finally:
-            n.copying = None
-            done.set()
+            cow = None
+            if not empty and n.origin is not None and n.origin.size:
+                os.ftruncate(fd, n.origin.size)  # sparse: the base shows through its holes
+                cow = Cow(n.origin.id, n.origin.size)
+            if name and n.oid is not None:
+                self.overlay.update(n.oid, upper=name, cow_base=cow.base if cow else None,
+                                    cow_until=cow.until if cow else None)
+                n.upper = name
+        except BaseException:
+            os.close(fd)
+            if name:
+                self.overlay.remove_data(name)
+            raise
+        n.fd = fd
+        n.cow = cow
+        n.size = cow.until if cow is not None else 0
+        return fd
+
+    def _truncate(self, n: WNode, fd: int, size: int) -> None:
+        """Set a file's size (its data file's first, then the base's extent: a crash
+        between leaves a row that ``_load`` clamps to the data file's size)."""
+        os.ftruncate(fd, size)
+        n.size = size
+        cow = n.cow
+        if cow is not None and size < cow.until:
+            cow.truncate(size)
+            if cow.until == 0:
+                n.cow = None  # nothing of the base left: the data file is the file
+            if n.oid is not None:
+                with self.overlay.batch():
+                    self.overlay.update(n.oid, cow_base=cow.base if n.cow else None,
+                                        cow_until=cow.until if n.cow else None)
+                    self.overlay.set_ranges(n.oid, cow.ranges())
+                cow.dirty = False
+        n.mtime_ns = _now()
+        n.dirty = True
 
     def _remove_subtree_rows(self, n: WNode, ids: list[int], data: list[str]) -> None:
         if n.oid is not None:
@@ -153,6 +188,7 @@ class OverlayStore:
         for c in list((n.children or {}).values()):
             self._detach(c)
         n.parent = None
+        n.links = None
         n.oid = None
         n.upper = None
         n.dirty = False
@@ -163,13 +199,22 @@ class OverlayStore:
             self._inodes.pop(n.ino, None)
             self._close_fd(n)
 
-    def _unlink_node(self, d: WNode, n: WNode) -> None:
-        """Remove ``n`` (persisted, in materialized ``d``) from the tree and the overlay."""
+    def _unlink_node(self, d: WNode, name: str) -> None:
+        """Remove the entry ``name`` of materialized ``d`` from the tree and the overlay: one
+        name of a hard-linked node (vfs/wslink.py), else the node and its subtree."""
+        n = d.children[name]
+        if n.links:
+            with self.overlay.batch():
+                apply = self._drop_name_rows(d, name, n)
+            apply()
+            return
+        if n.is_dir:
+            self._unlink_linked_below(n)
         ids: list[int] = []
         data: list[str] = []
         self._remove_subtree_rows(n, ids, data)
         self.overlay.delete(ids)
-        del d.children[n.name]
+        del d.children[name]
         self._touch(d)
         self._detach(n)
         for name in data:

@@ -20,14 +20,13 @@ import os
 import stat
 import time
 
-import trio
-
 from commitfs.errors import NotADirectoryError_, PathNotFoundError
 from commitfs.model.objects import Kind, TreeEntry
 from commitfs.vfs import prefetch
 from commitfs.vfs.errors import InvalidArgumentError, NameTooLongError
 from commitfs.vfs.inode import PREFERRED_IO_SIZE, ROOT_INODE, Attr
 from commitfs.vfs.overlay import Row
+from commitfs.vfs.wscow import Cow
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +44,21 @@ def _now() -> int:
 
 
 
+class WLink:
+    """One more name of a hard-linked node: ``name`` in directory ``parent`` (overlay row ``id``
+    of the ``links`` table)."""
+    __slots__ = ("id", "parent", "name")
+
+    def __init__(self, id_: int, parent: WNode, name: str):
+        self.id = id_
+        self.parent = parent
+        self.name = name
+
+
 class WNode:
     __slots__ = ("ino", "oid", "parent", "name", "kind", "origin", "children", "lazy", "upper", "size", "mode",
-                 "mtime_ns", "target", "lookups", "opens", "fd", "dirty", "copying", "uid", "gid", "atime_ns",
-                 "ctime_ns", "rdev")
+                 "mtime_ns", "target", "lookups", "opens", "fd", "dirty", "uid", "gid", "atime_ns",
+                 "ctime_ns", "rdev", "cow", "links")
 
     def __init__(self, ino: int, kind: str, name: str, parent: WNode | None):
         self.ino = ino
@@ -68,13 +78,17 @@ class WNode:
         self.opens = 0
         self.fd: int | None = None
         self.dirty = False  # mtime not yet written to the overlay
-        self.copying: trio.Event | None = None
         # Owner and the other two times: None shows the mount's user and the mtime.
         self.uid: int | None = None
         self.gid: int | None = None
         self.atime_ns: int | None = None
         self.ctime_ns: int | None = None
         self.rdev = 0  # a special file's device number
+        #: A committed file written in place: where its bytes come from (vfs/wscow.py);
+        #: None: the data file (if ``upper``) holds them all, else the origin.
+        self.cow: Cow | None = None
+        # Hard links: the node's names besides (parent, name), oldest first (vfs/wslink.py).
+        self.links: list[WLink] | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -92,7 +106,9 @@ class WNode:
         return Row(self.oid, self.parent.oid if self.parent else None, self.name, self.kind, self.origin,
                    self.children is not None, self.upper, self.mode, self.mtime_ns,
                    self.target if self.kind == "symlink" else None, self.uid, self.gid, self.atime_ns,
-                   self.ctime_ns, self.rdev if self.kind == SPECIAL else None)
+                   self.ctime_ns, self.rdev if self.kind == SPECIAL else None,
+                   cow_base=self.cow.base if self.cow is not None else None,
+                   cow_until=self.cow.until if self.cow is not None else None)
 
 
 def _kind_of(e: TreeEntry) -> str:
@@ -165,8 +181,12 @@ class NodeTree:
             mode, size = n.mode, 0
         else:
             mode, size = stat.S_IFREG | n.mode, n.size
-        # st_nlink: 0 once unlinked (still open), as on ext4; else 1 (directories: "unknown").
-        nlink = 0 if n.parent is None and n is not self.root else 1
+        # st_nlink: 0 once unlinked (still open), as on ext4; else its names (directories: 1,
+        # "unknown").
+        if n.parent is None and n is not self.root:
+            nlink = 0
+        else:
+            nlink = 1 + len(n.links) if n.links else 1
         return Attr(n.ino, mode, size, n.mtime_ns, self._t, self._t, nlink, PREFERRED_IO_SIZE,
                     n.uid, n.gid, n.atime_ns, n.ctime_ns, n.rdev, self._blocks(n))
 

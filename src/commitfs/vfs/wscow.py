@@ -1,0 +1,112 @@
+"""Chunk-level copy-on-write of a committed file in a workspace: a base file plus written ranges.
+
+Design
+------
+The first write into a committed file does not copy it.  The file gets a
+data file in the overlay (``data/<id>``, vfs/overlay.py) of the file's
+logical size, sparse: it holds only the bytes written since, at their own
+offsets.  A ``Cow`` says where the rest comes from:
+
+* ``base``: the committed file's id (its bytes are read through the read-only
+  mount's read engine, verified, lazily: the loader and the prefetcher);
+* ``until``: the base shows through only below this offset.  It starts at the
+  base's size; a truncate below it lowers it (a truncate never raises it:
+  bytes past a truncation read as zeros, as on any file system);
+* ``ranges``: the written ranges below ``until``, sorted, disjoint and not
+  touching (neighbours merge), as two parallel lists of starts and ends.
+
+A byte at offset ``p`` of the file (``p`` below its size) is the data file's
+when ``p`` is in a range or at or above ``until`` (appended bytes, the zeros
+of an extension: the data file's holes read as zeros), else the base's.  So
+truncate and append copy nothing, and the overlay holds about what was
+written.
+
+Persistence: ``base`` and ``until`` are columns of the node's row, the ranges
+rows of the overlay's ``ranges`` table (vfs/overlay.py, docs/FORMAT.md).  A
+write changes only the in-memory ranges (``dirty``); the workspace writes
+them at flush, release and fsync (after the data file's own fsync), and a
+truncate at once (after the data file's ftruncate).  A range whose row was
+not written yet when the daemon died reads as the base again: fsync'd ranges
+are never lost (tests/test_workspace_cow.py).
+
+The commit (ops/rechunk.py) re-chunks only around the ranges and reuses the
+base's other chunks.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+
+class Cow:
+    """Where a partially written committed file's bytes come from (see the module doc)."""
+
+    __slots__ = ("base", "until", "starts", "ends", "dirty")
+
+    def __init__(self, base: bytes, until: int, ranges=()):
+        self.base = base
+        self.until = until
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.dirty = False
+        for a, b in ranges:
+            self.add(a, b)
+        self.dirty = False
+
+    def ranges(self) -> list[tuple[int, int]]:
+        return list(zip(self.starts, self.ends))
+
+    @property
+    def written(self) -> int:
+        """Bytes of the ranges (below ``until``)."""
+        return sum(b - a for a, b in zip(self.starts, self.ends))
+
+    def add(self, a: int, b: int) -> None:
+        """Bytes [a, b) were written into the data file."""
+        b = min(b, self.until)
+        if a >= b:
+            return
+        starts, ends = self.starts, self.ends
+        if ends and ends[-1] == a:  # the common case: a sequential writer
+            ends[-1] = b
+            self.dirty = True
+            return
+        i = bisect.bisect_left(ends, a)  # the first range ending at or after a
+        j = bisect.bisect_right(starts, b)  # ranges [i, j) touch [a, b)
+        if i < j:
+            a = min(a, starts[i])
+            b = max(b, ends[j - 1])
+        starts[i:j] = [a]
+        ends[i:j] = [b]
+        self.dirty = True
+
+    def truncate(self, size: int) -> None:
+        """The file was truncated to ``size`` bytes: the base shows through below it only."""
+        if size >= self.until:
+            return
+        self.until = size
+        i = bisect.bisect_left(self.starts, size)
+        del self.starts[i:], self.ends[i:]
+        if self.ends and self.ends[-1] > size:
+            self.ends[-1] = size
+        self.dirty = True
+
+    def segments(self, a: int, b: int) -> list[tuple[int, int, bool]]:
+        """[a, b) as (start, end, from the data file) pieces, in order."""
+        out: list[tuple[int, int, bool]] = []
+        starts, ends, until = self.starts, self.ends, self.until
+        i = bisect.bisect_right(ends, a)  # the first range ending after a
+        p = a
+        while p < b:
+            if p >= until:
+                out.append((p, b, True))
+                break
+            if i < len(starts) and starts[i] <= p:
+                e = min(ends[i], b)
+                out.append((p, e, True))
+                i += 1
+            else:
+                e = min(b, until, starts[i] if i < len(starts) else b)
+                out.append((p, e, False))
+            p = e
+        return out
