@@ -11,9 +11,9 @@ what commitfs's daemon gets: the same mount options (commitfs.fuse.daemon),
 the same ``pyfuse3.main`` task limits and kernel read-ahead
 (commitfs.fuse.lifecycle.DaemonConfig),
 day-long entry and attribute timeouts, ``keep_cache`` on open, flush and
-fsync left to ENOSYS, and, with commitfs's patched pyfuse3, the kernel
-opening files itself (OPEN answered ENOSYS; reads then name the inode, which
-is also nullfs's file handle).  So what scripts/bench.py reads through it is what the
+fsync left to ENOSYS, and, with commitfs's fast path (commitfs.fuse.fastpath),
+the kernel opening files itself (OPEN answered ENOSYS; reads then name the
+inode, which is also nullfs's file handle).  So what scripts/bench.py reads through it is what the
 framework (kernel round trips, pyfuse3, trio) costs per file, and a commitfs
 mount of the same files can be judged against it.
 
@@ -30,10 +30,10 @@ import stat
 import sys
 import time
 
+from commitfs.fuse import fastpath  # isort: skip  (first: it loads its C module before pyfuse3)
 import pyfuse3
 import trio
 
-from commitfs.fuse.adapter import READ_FH_ZERO_IS_INODE
 from commitfs.fuse.daemon import mount_options, set_read_ahead
 from commitfs.fuse.lifecycle import DaemonConfig
 
@@ -53,6 +53,7 @@ class NullFS(pyfuse3.Operations):
         self.listing: dict[int, list[tuple[bytes, int]]] = {}
         self.mtime_ns = time.time_ns()
         self.uid, self.gid = os.getuid(), os.getgid()
+        self.no_open = False  # set once the fast path is engaged (main)
         next_ino = pyfuse3.ROOT_INODE + 1
         for rel, data in sorted(files.items()):
             parent = pyfuse3.ROOT_INODE
@@ -123,7 +124,7 @@ class NullFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & os.O_ACCMODE != os.O_RDONLY:
             raise pyfuse3.FUSEError(errno.EROFS)
-        if READ_FH_ZERO_IS_INODE:
+        if self.no_open:
             raise pyfuse3.FUSEError(errno.ENOSYS)  # as commitfs: the kernel opens files itself
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
@@ -176,7 +177,12 @@ def main(argv: list[str]) -> int:
     config = DaemonConfig(repo="", mountpoint=mountpoint, cache_dir="", log_file="")
     options = {o for o in mount_options(config) if not o.startswith(("fsname=", "subtype="))}
     options |= {"fsname=nullfs", "subtype=nullfs"}
-    pyfuse3.init(NullFS(files), mountpoint, options)
+    fs = NullFS(files)
+    pyfuse3.init(fs, mountpoint, options)
+    missing = fastpath.engage()
+    fs.no_open = missing is None
+    if missing is not None:
+        print(f"nullfs: warning: no fast path ({missing}): every open() is a round trip", file=sys.stderr)
     try:
         trio.run(_serve, mountpoint, config.max_tasks, config.read_ahead_kb)
     finally:

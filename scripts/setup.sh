@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 say() { echo "setup: $*" >&2; }
 
 need_apt=0
-# gcc and the Python headers build pyfuse3 and commitfs's two C modules (setup.py);
+# gcc, libfuse3-dev and the Python headers build pyfuse3 and commitfs's three C modules
+# (setup.py; commitfs.fuse._noopen is the mount's fast path, fuse/fastpath.py);
 # rsync: tests/test_workspace_posix.py copies into a workspace with rsync -a.
 for bin in fusermount3 pkg-config gcc rsync; do command -v "$bin" >/dev/null || need_apt=1; done
 pkg-config --exists fuse3 2>/dev/null || need_apt=1
@@ -27,21 +28,6 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-# pyfuse3 built with commitfs's one-hunk patch: without it a read-only mount pays
-# a round trip for every open() (scripts/pyfuse3/patch.py says why).  Built before
-# commitfs is installed, so pip never builds the stock release too.
-PYFUSE3=3.5.0  # the release the patch is written for; pyproject.toml pins the same
-patched='import pyfuse3, sys; sys.exit(not getattr(pyfuse3, "READ_FH_ZERO_IS_INODE", False))'
-if ! .venv/bin/python -c "$patched" 2>/dev/null; then
-    say "building pyfuse3 $PYFUSE3 from source with commitfs's patch (about a minute)"
-    work=$(mktemp -d)
-    trap 'rm -rf "$work"' EXIT
-    .venv/bin/python -m pip download -q --no-deps --no-binary :all: "pyfuse3==$PYFUSE3" -d "$work"
-    tar -C "$work" -xzf "$work/pyfuse3-$PYFUSE3.tar.gz"
-    .venv/bin/python scripts/pyfuse3/patch.py "$work/pyfuse3-$PYFUSE3"
-    .venv/bin/python -m pip install -q --force-reinstall --no-deps "$work/pyfuse3-$PYFUSE3"
-fi
-
 # The UI's browser tests drive Debian's chromium through its chromedriver
 # (nothing downloads a browser at run time).
 if [ "${1:-}" = "test" ] && { ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; }; then
@@ -59,9 +45,8 @@ extra="[ui]"
 say "installing commitfs with ${extra} and its Python dependencies into .venv (pip)"
 .venv/bin/python -m pip install -q -e ".${extra}"
 # The C modules are optional to pip (a machine without a compiler still installs);
-# here they must have been built.
-.venv/bin/python -c 'import commitfs.model._fastdecode, commitfs.repo._fastread' \
+# here they must have been built: without commitfs.fuse._noopen read-only mounts
+# answer every open() (a round trip per file; they warn).
+.venv/bin/python -c 'import commitfs.model._fastdecode, commitfs.repo._fastread, commitfs.fuse._noopen' \
     || { echo "setup: commitfs's C modules did not build (see setup.py)" >&2; exit 1; }
-# pyfuse3 imports trio, which commitfs's install has just brought: check the build now.
-.venv/bin/python -c "$patched" || { echo "setup: pyfuse3 is not commitfs's patched build" >&2; exit 1; }
 say "done: .venv/bin/commitfs"

@@ -4,7 +4,10 @@ through a store wrapper: what a cold read or a commit costs in storage requests.
 from __future__ import annotations
 
 import json
+import os
 import random
+import threading
+import time
 from collections import Counter
 
 import pytest
@@ -13,7 +16,9 @@ from core_fixtures import _FreshView, shared_store, write_file
 from commitfs.ops.snapshot import commit_directory
 from commitfs.repo import index as index_mod
 from commitfs.repo.repository import CONFIG_KEY, Repository
+from commitfs.repo.resident import ResidentReader
 from commitfs.storage.faulty import FaultyStore
+from commitfs.storage.local import LocalStore
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -177,3 +182,160 @@ def test_the_limiter_is_sized_for_the_storage(store_url, cache_home):
         want = loader.LOCAL_IO_THREADS if repo.is_local else loader.REMOTE_IO_THREADS
         assert got == want and loader.REMOTE_IO_THREADS > loader.LOCAL_IO_THREADS
         assert loader.Loader(repo, 5, 10.0)._limiter.total_tokens == 5
+
+
+# --- reads from memory: the page cache of a local repository's packs (repo/resident.py) ---
+def _resident_pages(path) -> int:
+    """How many of a file's pages are in the page cache (mincore(2) on a mapping)."""
+    import ctypes
+    import mmap
+
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as m:
+        start = ctypes.c_char.from_buffer(m)  # a private mapping: writable, so ctypes can take its address
+        vec = ctypes.create_string_buffer((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE)
+        failed = libc.mincore(ctypes.c_void_p(ctypes.addressof(start)), ctypes.c_size_t(size), vec)
+        del start  # releases the buffer, so the mapping can close
+    if failed:
+        raise OSError(ctypes.get_errno(), "mincore")
+    return sum(b & 1 for b in vec.raw)
+
+
+def _evict(path) -> None:
+    """Drop a file's pages from the page cache, and check that they went.
+
+    POSIX_FADV_DONTNEED skips a page that is busy at that instant (still in a per-CPU
+    LRU batch, say), so it is retried, then backed by a global drop of clean pages."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # written back first, so the pages can go
+        for attempt in range(50):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if _resident_pages(path) == 0:
+                return
+            if attempt >= 2:
+                with open("/proc/sys/vm/drop_caches", "w") as f:
+                    f.write("1")
+            time.sleep(0.02)
+    finally:
+        os.close(fd)
+    raise AssertionError(f"{path}: {_resident_pages(path)} pages still in the page cache after eviction")
+
+
+
+def test_resident_reads_serve_only_what_is_in_memory(tmp_path):
+    """The engine's memory path reads a local pack's bytes only if the page cache
+    holds them all; anything else is None (the caller goes to a worker thread)."""
+    store = LocalStore(tmp_path)
+    data = os.urandom(256 * 1024)
+    store.save_object("packs/ab/abcdef", data)
+    # Not opened yet, but its name and bytes are in memory (just written): opened on the spot.
+    first = ResidentReader(store)
+    assert bytes(first.load_range("packs/ab/abcdef", 10, 20)) == data[10:30]
+    first.close()  # an open descriptor would pin the name in the cache
+    # Names dropped from the dentry cache: opening would read a directory, so it is refused.
+    fresh = ResidentReader(store)
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2")
+    assert fresh.load_range("packs/ab/abcdef", 0, 10) is None
+    assert store.load_range("packs/ab/abcdef", 0, len(data)) == data
+    reader = ResidentReader(store)
+    assert bytes(reader.load_range("packs/ab/abcdef", 1000, 5000)) == data[1000:6000]
+    _evict(store.local_path("packs/ab/abcdef"))
+    assert reader.load_range("packs/ab/abcdef", 100_000, 5000) is None  # on disk, not in memory
+    assert store.load_range("packs/ab/abcdef", 100_000, 5000) == data[100_000:105_000]
+    assert reader.load_range("packs/ab/abcdef", len(data) - 10, 20) is None  # past the end: the store answers
+    assert reader.load_range("packs/ab/missing", 0, 10) is None
+    # A store that is not a local directory (the test wrapper counts every read) has nothing in memory.
+    assert ResidentReader(FaultyStore(store)).load_range("packs/ab/abcdef", 0, 3) is None
+    reader.close()
+    store.close()
+
+
+def test_resident_reads_from_many_threads_through_few_descriptors_get_the_right_bytes(tmp_path, monkeypatch):
+    from commitfs.repo import resident
+    monkeypatch.setattr(resident, "MAX_OPEN", 2)  # far fewer descriptors than objects: constant eviction
+    store = LocalStore(tmp_path)
+    objects = {f"packs/{i:02d}/obj": bytes([i]) * 65536 + os.urandom(4096) for i in range(12)}
+    for key, data in objects.items():
+        store.save_object(key, data)
+    reader = ResidentReader(store)
+    before = len(os.listdir("/proc/self/fd"))
+    errors, served = [], []
+
+    def read(seed: int) -> None:
+        rng = random.Random(seed)
+        keys = sorted(objects)
+        for _ in range(1500):
+            key = rng.choice(keys)
+            off = rng.randrange(0, 60000)
+            try:
+                got = reader.load_range(key, off, 1000)
+                if got is not None:
+                    served.append(1)
+                    if bytes(got) != objects[key][off:off + 1000]:
+                        errors.append(f"wrong bytes from {key}")
+            except Exception as exc:  # a closed or reused descriptor
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and served
+    assert len(reader._fds) <= 2
+    reader.close()
+    store.close()
+    assert len(os.listdir("/proc/self/fd")) <= before  # nothing leaked
+
+
+# --- random reads of a large file: recently verified chunks kept (vfs/loader.py) --------
+def test_random_small_reads_within_a_few_chunks_fetch_and_verify_each_chunk_once(tmp_path, cache_home,
+                                                                               monkeypatch):
+    """2,000 random 4 KiB reads (by inode, as the kernel sends them) within a few
+    chunks of a large file: each chunk is fetched and hashed once, not once per
+    read; the bytes are exact."""
+    import trio
+
+    from mount_fixtures import fs_of
+    from test_vfs import lookup_path_ino
+    from commitfs.repo import engine as engine_mod
+
+    data = random.Random(45).randbytes(6 * 1024 * 1024)
+    write_file(tmp_path / "src" / "weights.bin", data)
+    url = str(tmp_path / "repo")
+    with Repository.init(url) as repo:
+        commit = commit_directory(repo, tmp_path / "src", message="m").commit_id
+    repo = counting_repository(url)  # nothing of it is in memory: every fetch is a storage read
+    verified = Counter()
+    verify = engine_mod.verify_blob
+
+    def counting_verify(oid, loc, stored):
+        verified[oid] += 1
+        return verify(oid, loc, stored)
+    monkeypatch.setattr(engine_mod, "verify_blob", counting_verify)
+
+    async def main():
+        async with fs_of(repo, commit) as fs:
+            ino = await lookup_path_ino(fs, "weights.bin")
+            manifest = await fs.loader.manifest(fs._node(ino).entry.id)
+            ends = [sum(manifest.chunk_sizes[:i + 1]) for i in range(len(manifest.chunk_sizes))]
+            k = 4  # the reads fall in chunks 10..13
+            lo, hi = ends[9], ends[9 + k]
+            chunks = set(manifest.chunk_ids[10:10 + k])
+            verified.clear()
+            before = repo.store.reads_of["packs"]
+            rng = random.Random(46)
+            for _ in range(2000):
+                off = rng.randrange(lo, hi - 4096)
+                assert await fs.read_inode(ino, off, 4096) == data[off:off + 4096]
+            return repo.store.reads_of["packs"] - before, chunks
+    pack_reads, chunks = trio.run(main)
+    # Each chunk hashed once (besides the few reads' chunks, read-ahead of a read that
+    # looked sequential to a stream may hash the chunks after them, once too).
+    assert chunks <= set(verified) and all(n == 1 for n in verified.values()), sorted(verified.values())
+    assert pack_reads <= 2 * len(chunks), pack_reads

@@ -15,7 +15,6 @@ from commitfs.errors import (
     RepositoryError,
     RepositoryNotFoundError,
     RevisionError,
-    WouldBlock,
 )
 from commitfs.cache.disk import DiskChunkCache
 from commitfs.model.ids import hash_bytes
@@ -322,39 +321,37 @@ def test_flipped_pack_byte_raises_corrupt_object_error(local_repo, tmp_path, con
     assert repo.load_chunks([manifest.chunk_ids[-1]])[0] == data[-manifest.chunk_sizes[-1]:]
 
 
-def test_nowait_reads_give_the_same_verified_bytes_or_would_block(local_repo, tmp_path):
-    """The event loop's reads (nowait=True) answer from memory exactly what the blocking
-    reads answer, verified the same way; anything not in memory raises WouldBlock."""
+def test_reads_from_memory_give_the_same_verified_bytes_or_none(local_repo, tmp_path):
+    """The event loop's reads (``*_from_memory``) answer from memory exactly what the
+    blocking reads answer, verified the same way; anything not in memory is None."""
     data = random.Random(14).randbytes(400_000)
     res = _commit_tree(local_repo, tmp_path / "d", {"f": data, "g": b"small"})
     fid = lookup_path(local_repo, res.commit_id, "f").id
     repo = reopen(local_repo.url)
-    with pytest.raises(WouldBlock):  # nothing read yet: the index segment is not loaded
-        repo.load_manifest(fid, nowait=True)
+    assert repo.manifest_from_memory(fid) is None  # nothing read yet: the index segment is not loaded
     manifest = repo.load_manifest(fid)
     ids = list(manifest.chunk_ids)
     repo.load_chunks(ids[:1])  # opens the pack; the page cache holds it (just written)
     fresh = reopen(local_repo.url)
     fresh.load_chunks(ids[:1])
-    assert fresh.load_manifest(fid, nowait=True) == manifest
-    got = fresh.load_chunks(ids, nowait=True)
+    assert fresh.manifest_from_memory(fid) == manifest
+    got = fresh.chunks_from_memory(ids)
     assert b"".join(got) == data
-    # A chunk cache lives on disk: with one, nowait reads always go to a thread.
+    # A chunk cache lives on disk: with one, reads from memory always go to a thread.
     fresh.chunk_cache = DiskChunkCache(tmp_path / "cache", 1 << 20)
-    with pytest.raises(WouldBlock):
-        fresh.load_chunks(ids, nowait=True)
+    assert fresh.chunks_from_memory(ids) is None
     # Corruption is caught on this path too: an error, never wrong bytes.
     loc = repo.locate(ids[1])
     _flip(repo.store.local_path(pack_key(loc.pack)), loc.offset + 5)
     again = reopen(local_repo.url)
     again.load_chunks(ids[:1])
     with pytest.raises(CorruptObjectError, match=ids[1].hex()):
-        again.load_chunks(ids, nowait=True)
+        again.chunks_from_memory(ids)
 
 
 @pytest.fixture(params=["compiled", "python"])
 def load_file_path(request, monkeypatch):
-    """Repository.load_file with its compiled nowait path (commitfs.repo._fastread),
+    """Repository.file_from_memory with its compiled path (commitfs.repo._fastread),
     counting the calls it answers, then without it."""
     answered = []
     if request.param == "python":
@@ -377,7 +374,7 @@ def test_load_file_reads_a_whole_file_in_one_ranged_read_verified(repo, tmp_path
     """Repository.load_file: a file's chunks lying uncompressed one after another in
     one pack are one ranged read, checked chunk by chunk; anything else (compressed,
     or a chunk stored by an earlier commit) still gives the file's exact bytes.  The
-    nowait form (a mount's) gives the same bytes, compiled or not."""
+    form from memory (a mount's) gives the same bytes, compiled or not."""
     path_name, answered = load_file_path
     rng = random.Random(15)
     shared = rng.randbytes(300_000)
@@ -399,16 +396,16 @@ def test_load_file_reads_a_whole_file_in_one_ranged_read_verified(repo, tmp_path
         if name == "solo.bin":
             assert len(manifest.chunk_ids) > 1
             assert counted.store.calls["load_range"] == 1, counted.store.calls  # every chunk in one read
-        if local:  # the nowait form reads the page cache (a remote store always says WouldBlock)
+        if local:  # the form from memory reads the page cache (a remote store's: always None)
             fresh = reopen(repo.url)
             fresh.load_file(fid)  # loads the index segment, and the bytes into the page cache
             answered.clear()
-            assert bytes(fresh.load_file(fid, nowait=True)) == data, name
+            assert bytes(fresh.file_from_memory(fid)) == data, name
             if path_name == "compiled":
                 # The compiled path takes the one-read case (new.bin shares chunks stored
                 # with mixed.bin) and leaves the rest to Python.
                 assert answered == [name == "solo.bin"], name
-    # A flipped byte in any chunk fails the whole file, never wrong bytes; on the nowait path too.
+    # A flipped byte in any chunk fails the whole file, never wrong bytes; from memory too.
     fid = lookup_path(repo, res.commit_id, "solo.bin").id
     ids = repo.load_manifest(fid).chunk_ids
     locs = [repo.locate(c) for c in ids]  # the one-read case: uncompressed, one after another
@@ -424,7 +421,7 @@ def test_load_file_reads_a_whole_file_in_one_ranged_read_verified(repo, tmp_path
         fresh.load_file(fid)
     answered.clear()
     with pytest.raises(CorruptObjectError, match=ids[-1].hex()):
-        fresh.load_file(fid, nowait=True)
+        fresh.file_from_memory(fid)
     if path_name == "compiled":
         assert answered == [False]  # the compiled path declined; Python's reported it
 
@@ -443,7 +440,7 @@ def test_compiled_load_file_declines_anything_it_cannot_verify(local_repo, tmp_p
     repo.load_file(fid)  # loads the index segment; the packs are in the page cache
     segments = repo.index.loaded_segments()
     assert segments
-    read_into, hasher = repo.reads._read_pack_into_nowait, engine_mod.HASHER
+    read_into, hasher = repo.reads._read_pack_resident, engine_mod.HASHER
     assert fast.load_file(fid, segments, read_into, hasher) == data
     assert fast.load_file(bytes(32), segments, read_into, hasher) is None  # not in the index
     assert fast.load_file(fid, (), read_into, hasher) is None  # no segment held in memory
@@ -453,8 +450,8 @@ def test_compiled_load_file_declines_anything_it_cannot_verify(local_repo, tmp_p
     assert fast.load_file(fid, segments, garbage, hasher) is None
 
     def failing(pack, offset, buf):
-        raise WouldBlock("pack")
-    with pytest.raises(WouldBlock):
+        raise engine_mod.NotInMemory("pack")
+    with pytest.raises(engine_mod.NotInMemory):
         fast.load_file(fid, segments, failing, hasher)
 
     # Segments of random bytes, with fan-out and entry offsets in and out of range.
@@ -479,9 +476,9 @@ def test_compiled_load_file_declines_anything_it_cannot_verify(local_repo, tmp_p
     fresh = reopen(local_repo.url)
     with pytest.raises(CorruptObjectError):
         fresh.load_file(fid)
-    assert fast.load_file(fid, fresh.index.loaded_segments(), fresh.reads._read_pack_into_nowait, hasher) is None
+    assert fast.load_file(fid, fresh.index.loaded_segments(), fresh.reads._read_pack_resident, hasher) is None
     with pytest.raises(CorruptObjectError):
-        fresh.load_file(fid, nowait=True)
+        fresh.file_from_memory(fid)
 
 
 def test_truncated_pack_raises_corrupt_object_error(local_repo, tmp_path):

@@ -352,8 +352,15 @@ def test_the_mount_looks_a_name_up_and_lists_pages_loading_only_the_chunks_they_
     async def main():
         with reopen(url) as r:
             loads = []
-            load_node = r.load_tree_node
+            load_node, node_now = r.load_tree_node, r.tree_node_from_memory
             r.load_tree_node = lambda oid, *a, **k: (loads.append(oid), load_node(oid, *a, **k))[1]
+
+            def from_memory(oid):
+                got = node_now(oid)
+                if got is not None:
+                    loads.append(oid)
+                return got
+            r.tree_node_from_memory = from_memory
             async with fs_of(r, cid) as fs:
                 big = await fs.lookup(1, b"big")
                 attr = await fs.lookup(big.ino, b"file-00321.txt")

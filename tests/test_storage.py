@@ -18,7 +18,6 @@ from commitfs.errors import (
     RepositoryNotFoundError,
     StorageError,
     StorageTimeoutError,
-    WouldBlock,
 )
 from commitfs.storage.url import open_store
 from commitfs.storage.faulty import FaultyStore
@@ -58,76 +57,6 @@ def test_load_range(store):
     assert store.load_range("k", 2, 0) == b""
     store.save_object("empty", b"")
     assert store.load_range("empty", 0, 5) == b""
-
-
-def _resident_pages(path) -> int:
-    """How many of a file's pages are in the page cache (mincore(2) on a mapping)."""
-    import ctypes
-    import mmap
-
-    size = os.path.getsize(path)
-    if size == 0:
-        return 0
-    libc = ctypes.CDLL(None, use_errno=True)
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as m:
-        start = ctypes.c_char.from_buffer(m)  # a private mapping: writable, so ctypes can take its address
-        vec = ctypes.create_string_buffer((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE)
-        failed = libc.mincore(ctypes.c_void_p(ctypes.addressof(start)), ctypes.c_size_t(size), vec)
-        del start  # releases the buffer, so the mapping can close
-    if failed:
-        raise OSError(ctypes.get_errno(), "mincore")
-    return sum(b & 1 for b in vec.raw)
-
-
-def _evict(path) -> None:
-    """Drop a file's pages from the page cache, and check that they went.
-
-    POSIX_FADV_DONTNEED skips a page that is busy at that instant (still in a per-CPU
-    LRU batch, say), so it is retried, then backed by a global drop of clean pages."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # written back first, so the pages can go
-        for attempt in range(50):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            if _resident_pages(path) == 0:
-                return
-            if attempt >= 2:
-                with open("/proc/sys/vm/drop_caches", "w") as f:
-                    f.write("1")
-            time.sleep(0.02)
-    finally:
-        os.close(fd)
-    raise AssertionError(f"{path}: {_resident_pages(path)} pages still in the page cache after eviction")
-
-
-def test_load_range_nowait_serves_only_what_is_in_memory(store):
-    data = os.urandom(256 * 1024)
-    store.save_object("packs/ab/abcdef", data)
-    if not isinstance(store, LocalStore):  # a remote store always has to be waited for
-        with pytest.raises(WouldBlock):
-            store.load_range_nowait("packs/ab/abcdef", 0, 10)
-        return
-    # Not opened yet, but its name and bytes are in memory (just written): opened on the spot.
-    first = LocalStore(store.root)
-    assert bytes(first.load_range_nowait("packs/ab/abcdef", 10, 20)) == data[10:30]
-    first.close()  # an open descriptor would pin the name in the cache
-    # Names dropped from the dentry cache: opening would read a directory, so it is refused.
-    fresh = LocalStore(store.root)
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("2")
-    with pytest.raises(WouldBlock):
-        fresh.load_range_nowait("packs/ab/abcdef", 0, 10)
-    assert store.load_range("packs/ab/abcdef", 0, len(data)) == data
-    assert bytes(store.load_range_nowait("packs/ab/abcdef", 1000, 5000)) == data[1000:6000]
-    _evict(store.local_path("packs/ab/abcdef"))
-    with pytest.raises(WouldBlock):  # on disk, not in memory: the caller goes to a thread
-        store.load_range_nowait("packs/ab/abcdef", 100_000, 5000)
-    assert store.load_range("packs/ab/abcdef", 100_000, 5000) == data[100_000:105_000]
-    with pytest.raises(WouldBlock):  # past the end: the blocking form answers that
-        store.load_range_nowait("packs/ab/abcdef", len(data) - 10, 20)
-    assert FaultyStore(store).load_range("packs/ab/abcdef", 0, 3) == data[:3]
-    with pytest.raises(WouldBlock):  # the test wrapper counts every read: it never answers nowait
-        FaultyStore(store).load_range_nowait("packs/ab/abcdef", 0, 3)
 
 
 def _is_open(fd: int) -> bool:
@@ -180,10 +109,7 @@ def test_reads_from_many_threads_through_a_small_descriptor_table_get_the_right_
             key = rng.choice(keys)
             off = rng.randrange(0, 60000)
             try:
-                try:
-                    got = bytes(store.load_range_nowait(key, off, 1000))
-                except WouldBlock:
-                    got = store.load_range(key, off, 1000)
+                got = store.load_range(key, off, 1000)
                 if got != objects[key][off:off + 1000]:
                     errors.append(f"wrong bytes from {key}")
             except Exception as exc:  # a closed or reused descriptor

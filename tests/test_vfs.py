@@ -168,14 +168,13 @@ def test_lazy_loading_and_reads_fetch_only_what_they_need(dataset):
     data = (dataset.src / "fixed" / "big.bin").read_bytes()
 
     async def main():
-        repo = faulty_repository(dataset.url)  # a FaultyStore never answers nowait: every fetch is a call
+        repo = faulty_repository(dataset.url)  # nothing of a FaultyStore is in memory: every fetch is a call
         fetched: list[list[bytes]] = []
         load_chunks = repo.load_chunks
 
-        def recording(ids, nowait=False):
-            if not nowait:
-                fetched.append(list(ids))
-            return load_chunks(ids, nowait=nowait)
+        def recording(ids):
+            fetched.append(list(ids))
+            return load_chunks(ids)
 
         repo.load_chunks = recording
         try:
@@ -220,7 +219,7 @@ def test_lazy_loading_and_reads_fetch_only_what_they_need(dataset):
 
 def test_bytes_in_memory_are_served_on_the_event_loop(dataset):
     """A local repository's pages in the page cache are read without a worker thread
-    (nowait reads): the same bytes, and only a pack's first touch takes a thread."""
+    (reads from memory): the same bytes, and only a pack's first touch takes a thread."""
     src = dataset.src / "fixed" / "big.bin"
 
     async def main():
@@ -228,10 +227,9 @@ def test_bytes_in_memory_are_served_on_the_event_loop(dataset):
             loads = []
             load_chunks = repo.load_chunks
 
-            def recording(ids, nowait=False):
-                if not nowait:
-                    loads.append(ids)
-                return load_chunks(ids, nowait)
+            def recording(ids):  # the worker thread's load; memory is asked first
+                loads.append(ids)
+                return load_chunks(ids)
 
             repo.load_chunks = recording
             async with fs_of(repo, dataset.commit) as fs:

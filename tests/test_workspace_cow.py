@@ -408,3 +408,38 @@ def _enospc(cws, mnt, small_tmpfs):
     cws.umount(mnt)
     cws.mounts.mount(cws.url, mnt, *opts, rev="main")
     assert (mnt / "big.bin").read_bytes() == bytes(want)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_daemon_killed_while_committing_a_partial_file(cws, seed):
+    """Crash recovery understands partial files: killed during the commit, the branch is
+    at the old commit with the ranges still pending, or at the new one with none."""
+    import subprocess
+    import sys
+    import time
+
+    rng = random.Random(seed)
+    mnt = cws.mount()
+    ref = cws.reference()
+    for root in (mnt, ref):
+        with open(root / "big.bin", "r+b") as f:
+            for off in (BIG // 4, BIG // 2, BIG - 100):
+                f.seek(off)
+                f.write(random.Random(off).randbytes(200_000))
+        (root / "small.txt").write_bytes(b"edited\n")
+    proc = subprocess.Popen([sys.executable, "-m", "commitfs", "commit", str(mnt), "-m", "killed"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(rng.uniform(0.0, 0.5))
+    cws.kill(mnt)
+    proc.communicate(timeout=60)
+    mnt = cws.mount()
+    status = json.loads(cws.cli("status", str(mnt), "--json").stdout)["changes"]
+    assert bool(status) == (cws.head() == cws.base)
+    compare_trees(mnt, ref)
+    if status:
+        head = _commit(cws, mnt, "again")
+    else:
+        head = cws.head()
+    with Repository.open(cws.url) as repo:
+        assert lookup_path(repo, head, "big.bin").id == _plain_id(cws, ref, "big.bin")
+    compare_trees(mnt, ref)

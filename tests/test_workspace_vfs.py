@@ -138,3 +138,68 @@ def test_fsync_runs_in_a_worker_thread_and_other_requests_go_on(repo_and_base, t
             await fs.release(fh)
     trio.run(main)
     assert threads == [False]
+
+
+# --- found by the reference model (tests/test_workspace_model.py), kernel-free -------------
+def _session(repo, ws):
+    from wsharness import Session
+    return Session(repo, ws)
+
+
+def test_a_base_node_keeps_its_atime_when_its_mtime_moves(repo_and_base, tmp_path):
+    """The mount is noatime: a new entry (a directory's mtime) or a write (a file's)
+    leaves the atime alone; it used to show the mtime, so it moved with it."""
+    repo, base = repo_and_base
+    base_ns = repo.load_commit(base).time * 1_000_000_000
+
+    async def main():
+        async with _session(repo, tmp_path / "ws") as k:
+            await k.write_file("new.txt", b"new")
+            fh = await k.open("fixed/run.sh", os.O_WRONLY)
+            await k.pwrite(fh, 0, b"#")
+            await k.close(fh)
+            for p in ("", "fixed/run.sh"):
+                st = await k.lstat(p)
+                assert st.st_atime_ns == base_ns, p
+                assert st.st_mtime_ns > base_ns and st.st_ctime_ns > base_ns, p
+    trio.run(main)
+
+
+def test_open_with_o_trunc_truncates_in_any_access_mode_and_moves_ctime(repo_and_base, tmp_path):
+    """open(O_TRUNC) truncates also with O_RDONLY (Linux does; FUSE passes O_TRUNC to
+    OPEN: atomic_o_trunc), and moves the ctime with the mtime."""
+    repo, base = repo_and_base
+
+    async def main():
+        async with _session(repo, tmp_path / "ws") as k:
+            await k.write_file("f", b"some bytes")
+            await k.utime("f", 1_000_000_000_000_000_000, 1_000_000_000_000_000_000)
+            before = await k.lstat("f")
+            fh = await k.open("f", os.O_RDONLY | os.O_TRUNC)
+            await k.close(fh)
+            st = await k.lstat("f")
+            assert st.st_size == 0 and await k.read_file("f") == b""
+            assert st.st_mtime_ns > before.st_ctime_ns and st.st_ctime_ns == st.st_mtime_ns
+            fh = await k.open("fixed/big.bin", os.O_RDONLY | os.O_TRUNC)  # a base file
+            await k.close(fh)
+            assert (await k.lstat("fixed/big.bin")).st_size == 0
+    trio.run(main)
+
+
+def test_an_unlinked_open_file_keeps_its_atime_across_a_commit(repo_and_base, tmp_path):
+    """A file unlinked while open keeps its times: a commit (a new base) does not move them."""
+    from wsharness import commit
+    repo, base = repo_and_base
+
+    async def main():
+        async with _session(repo, tmp_path / "ws") as k:
+            fh = await k.open("fixed/run.sh", os.O_RDONLY)
+            before = await k.fstat(fh)
+            await k.unlink("fixed/run.sh")
+            await trio.sleep(1.1)  # commit times are in seconds
+            assert await commit(k) is not None
+            st = await k.fstat(fh)
+            assert st.st_nlink == 0 and st.st_atime_ns == before.st_atime_ns
+            assert await k.read_all(fh) == b"#!/bin/sh\necho hi\n"
+            await k.close(fh)
+    trio.run(main)

@@ -10,17 +10,6 @@ class CommitfsError(Exception):
     """Base of every expected, user-facing error."""
 
 
-class WouldBlock(Exception):
-    """Not an error: a ``nowait`` read found its bytes not in memory.
-
-    The ``nowait=True`` forms of reads (Store.load_range_nowait,
-    Repository.load_chunks/load_manifest/load_tree) never wait for a disk or
-    a network; they raise this instead, and the caller repeats the call
-    without ``nowait`` in a worker thread.  The mount's event loop uses them
-    to serve bytes already in the page cache without a thread hop.  Never
-    reaches a user."""
-
-
 # --- storage -------------------------------------------------------------
 class StorageError(CommitfsError):
     """The storage backend failed (I/O error, network, permissions)."""

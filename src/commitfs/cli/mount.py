@@ -90,7 +90,7 @@ def cmd_mount(args) -> int:
     lifecycle.start_daemon(config)
     record = lifecycle.lookup_record(mountpoint)
     if record is not None and record.get("fast_open") is False:
-        warn(lifecycle.SLOW_OPEN)
+        warn(lifecycle.slow_open(record.get("fast_path_missing") or "see its log"))
     return 0
 
 

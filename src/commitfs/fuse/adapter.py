@@ -44,12 +44,6 @@ from commitfs.vfs.errors import (
 
 log = logging.getLogger(__name__)
 
-#: True when this pyfuse3 is built with commitfs's patch (scripts/pyfuse3/): a READ
-#: whose file handle is 0 reaches ``read()`` with the inode in its place.  Stock
-#: pyfuse3 drops the inode libfuse gives it, which makes the no-open mode below
-#: impossible: every read would arrive as "file handle 0".
-READ_FH_ZERO_IS_INODE: bool = bool(getattr(pyfuse3, "READ_FH_ZERO_IS_INODE", False))
-
 # Conditions a caller causes and expects to see: no log line.
 _QUIET = {
     PathNotFoundError: errno.ENOENT,
@@ -117,7 +111,8 @@ def _read_only(name: str):
 class Operations(pyfuse3.Operations):
     """The read-only mount.
 
-    With ``no_open`` (which needs READ_FH_ZERO_IS_INODE), the first OPEN is
+    With ``no_open`` (set by the daemon once fastpath.engage() succeeded, after
+    pyfuse3.init and before the first request), the first OPEN is
     answered ENOSYS once it has passed the checks a real open makes: the kernel
     then opens every file of the mount itself, with no round trip, keeping
     its page cache (FOPEN_KEEP_CACHE), and sends no RELEASE.  A warm re-read
@@ -131,12 +126,10 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, fs: FileSystem, *, no_open: bool = False):
+    def __init__(self, fs: FileSystem):
         super().__init__()
-        if no_open and not READ_FH_ZERO_IS_INODE:
-            raise ValueError("no_open needs the patched pyfuse3 (READ_FH_ZERO_IS_INODE)")
         self.fs = fs
-        self.no_open = no_open
+        self.no_open = False  # see the class docstring
         self.opens = 0  # OPEN requests received (in no-open mode: 1 at most, the first)
         self.uid = os.getuid()
         self.gid = os.getgid()
@@ -237,7 +230,7 @@ class Operations(pyfuse3.Operations):
     async def read(self, fh, off, size):
         try:
             if self.no_open:
-                return await self.fs.read_inode(fh, off, size)  # fh is the inode (see the class)
+                return await self.fs.read_inode(fh, off, size)  # fh is the inode (fuse/fastpath.py)
             return await self.fs.read(fh, off, size)
         except pyfuse3.FUSEError:
             raise

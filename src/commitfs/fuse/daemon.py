@@ -28,13 +28,14 @@ import signal
 import sys
 from collections.abc import Callable
 
+from commitfs.fuse import fastpath  # isort: skip  (first: it loads its C module before pyfuse3)
 import pyfuse3
 import trio
 
 from commitfs.cache import DiskChunkCache
 from commitfs.errors import CommitfsError, MountError
-from commitfs.fuse.adapter import READ_FH_ZERO_IS_INODE, Operations, WorkspaceOperations
-from commitfs.fuse.lifecycle import SLOW_OPEN, DaemonConfig, control_socket_path, remove_record, write_record
+from commitfs.fuse.adapter import Operations, WorkspaceOperations
+from commitfs.fuse.lifecycle import DaemonConfig, control_socket_path, remove_record, slow_open, write_record
 from commitfs.ops.root import open_repository
 from commitfs.vfs import FileSystem, VfsOptions
 
@@ -118,29 +119,33 @@ def serve(config: DaemonConfig, report: Report) -> int:
         return 1
     try:
         try:
-            if config.writable:
-                ops = WorkspaceOperations(fs)
-            else:
-                no_open = config.no_open and READ_FH_ZERO_IS_INODE
-                if config.no_open and not no_open:
-                    log.warning(SLOW_OPEN)
-                ops = Operations(fs, no_open=no_open)
-                log.info("files are opened by %s", "the kernel alone" if no_open else "the daemon")
+            ops = WorkspaceOperations(fs) if config.writable else Operations(fs)
             pyfuse3.init(ops, config.mountpoint, mount_options(config))
         except RuntimeError as exc:
             if config.writable:
                 fs.shutdown()
             report(f"error: cannot mount at {config.mountpoint} ({exc}; see {config.log_file})")
             return 1
+        # Read-only: the kernel opens files itself once the fast path is on (before the
+        # first request: pyfuse3.main has not started).
+        missing = None
+        if not config.writable:
+            missing = fastpath.engage() if config.no_open else "no_open is off in the daemon's configuration"
+            ops.no_open = missing is None
+            if missing is not None and config.no_open:
+                log.warning(slow_open(missing))
+            log.info("files are opened by %s", "the kernel alone" if ops.no_open else "the daemon")
         try:
-            trio.run(_main, fs, config, report)
+            trio.run(_main, fs, config, report, missing)
         finally:
             pyfuse3.close(unmount=True)
+            fastpath.disengage()
             remove_record(config.mountpoint)
         log.info("unmounted %s; repository loads: %d from memory on the event loop, %d in worker threads",
                  config.mountpoint, fs.loader.inline, fs.loader.in_threads)
         if not config.writable:
             log.info("OPEN requests: %d", ops.opens)
+            log.info("READs by inode (fast path): %d", fastpath.reads_by_inode())
         cache = repo.chunk_cache
         if isinstance(cache, DiskChunkCache):
             st = cache.stats
@@ -151,15 +156,16 @@ def serve(config: DaemonConfig, report: Report) -> int:
         repo.close()
 
 
-async def _main(fs, config: DaemonConfig, report: Report) -> None:
+async def _main(fs, config: DaemonConfig, report: Report, fast_path_missing: str | None) -> None:
     async with fs.running():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_on_signals)
             # What `commitfs mounts` lists (lifecycle.list_mounts).
             extra = {"repo": config.repo, "rev": config.rev, "commit": config.commit, "path": config.path,
                      "writable": config.writable,
-                     # False: a read-only mount answering every open (stock pyfuse3): slow.
-                     "fast_open": config.writable or not config.no_open or READ_FH_ZERO_IS_INODE,
+                     # False: a read-only mount answering every open (no fast path): slow.
+                     "fast_open": config.writable or not config.no_open or fast_path_missing is None,
+                     "fast_path_missing": None if config.writable or not config.no_open else fast_path_missing,
                      "cache": None if not config.disk_cache or fs.repo.is_local else config.cache_dir,
                      "cache_size": config.cache_size}
             if config.writable:

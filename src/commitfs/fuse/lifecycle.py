@@ -67,7 +67,7 @@ class DaemonConfig:
     #: The kernel's read-ahead for the mount (KiB); 0 keeps the kernel's default (128).
     read_ahead_kb: int = 1024
     #: Read-only mounts: let the kernel open files without asking (fuse/adapter.py,
-    #: Operations).  Taken only with the patched pyfuse3 that setup installs.
+    #: Operations), when the fast path is there (fuse/fastpath.py); False: never.
     no_open: bool = True
     #: A writable workspace over the branch ``rev`` whose overlay lives in ``workspace``.
     writable: bool = False
@@ -152,17 +152,18 @@ def enclosing_mount(path: str | os.PathLike) -> MountInfo | None:
     return found if found is not None and found.fstype == FSTYPE else None
 
 
-#: A read-only mount without commitfs's patched pyfuse3 answers every open():
-#: one round trip per file opened, a warm re-read at about a third of the speed.
-SLOW_OPEN = ("this mount runs without commitfs's patched pyfuse3: every open() is a round trip to the "
-             "daemon (warm re-reads about 3x slower); install it with scripts/setup.sh "
-             "(scripts/pyfuse3/patch.py)")
+def slow_open(why: str) -> str:
+    """The warning of a read-only mount without the fast path (fuse/fastpath.py): it
+    answers every open(), one round trip per file, a warm re-read at about a third of
+    the speed.  ``why``: what fastpath.engage() said."""
+    return (f"this mount runs without commitfs's fast path ({why}): every open() is a round trip "
+            "to the daemon (warm re-reads about 3x slower)")
 
 
 def list_mounts() -> list[dict]:
     """The commitfs mounts of this machine (in this mount namespace), each with what its
-    daemon recorded: mountpoint, repo, rev, commit, path, writable, pid, cache, log;
-    ``stale`` when the daemon is gone (its record, if any, no longer matches a live one)."""
+    daemon recorded: mountpoint, repo, rev, commit, path, writable, pid, cache, log,
+    fast_open and fast_path_missing (why not, or None); ``stale`` when the daemon is gone (its record, if any, no longer matches a live one)."""
     out = []
     for m in iter_mounts():
         if m.fstype != FSTYPE:
@@ -175,6 +176,7 @@ def list_mounts() -> list[dict]:
             "writable": bool(record.get("writable", False)), "pid": record.get("pid"),
             "cache": record.get("cache"), "cache_size": record.get("cache_size"), "log": record.get("log"),
             "stale": stale, "fast_open": bool(record.get("fast_open", True)),
+            "fast_path_missing": record.get("fast_path_missing"),
         })
     return out
 

@@ -1,12 +1,12 @@
-/* The hot path of a mount's first read of a small file, compiled.
-
-   Repository.load_file does, per file: an index lookup of the file's manifest,
+/* The hot path of a mount's first read of a small file, compiled: the read
+   engine's file_from_memory (repo/engine.py), which does, per file: an index lookup of the file's manifest,
    a ranged read, a hash check and a decode of the manifest, an index lookup per
    chunk, one ranged read of the chunks and a hash check per chunk.  In Python
    that is some 25 calls and 100-200 us a file, most of it the interpreter's;
    this module does the same steps in one call, with the storage read and the
-   hash still done by Python objects passed in (the store's read_into_nowait,
-   which fills a bytes object made here, and BLAKE3).
+   hash still done by Python objects passed in (the engine's read of cached
+   pack pages, repo/resident.py, which fills a bytes object made here, and
+   BLAKE3).
 
    It handles only the case that matters and is always safe: a manifest found in
    a segment held in memory, its chunks stored uncompressed one after another in
@@ -269,7 +269,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "commitfs.repo._fastread",
-    "A compiled hot path for a mount's first read of a small file (see Repository.load_file).", -1, methods,
+    "A compiled hot path for a mount's first read of a small file (see ReadEngine.file_from_memory).", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 

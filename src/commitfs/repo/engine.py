@@ -6,8 +6,7 @@ loader and prefetcher, fsck), and sync's transfer.  A read has three steps,
 each written once, here:
 
 1. *Locate* every wanted blob: the chunk cache first (a remote repository's
-   verified disk cache), then the index (segments held in memory; a
-   ``nowait`` read refuses to fetch one).
+   verified disk cache), then the index (Index.lookup).
 2. *Plan* runs: blobs of one pack sorted by offset, neighbours closer than
    ``COALESCE_GAP`` joined (the gap is read and dropped: cheaper than a
    second request to S3), a run at most ``max_run`` bytes (sync bounds its
@@ -17,14 +16,25 @@ each written once, here:
    the lengths a file manifest declares (model.check_chunk_sizes).  Verified
    chunks go to the chunk cache.
 
+*From memory.*  The same steps run against memory alone in the
+``*_from_memory`` functions, which the mount's event loop calls before it
+sends a load to a worker thread (vfs/loader.py): blobs located in index
+segments held in memory (Index.lookup_in_memory), bytes read from the page
+cache of a local repository's pack files (repo/resident.py).  They return
+None wherever an answer would need storage (a segment not loaded, a pack not
+cached, a remote store, a chunk cache on disk), and the caller then takes
+the blocking form in a thread, which decides, errors included.  What either
+source returns is verified the same way: the steps are written once, over a
+*source* (``_Storage`` or ``_Memory``: where locations and bytes come from).
+
 ``read_file`` is the hot call of a mount's first read of a small file: one
 manifest, one run, and when the run is a file's chunks stored uncompressed
 one after another (a file written by one commit) the run's buffer is the
 file, returned as it is with no copy or join.  The compiled module
-``_fastread`` accelerates exactly that case (a manifest in a segment held in
-memory, a nowait read, no chunk cache); it returns None for anything else,
-and the steps above then decide, errors included.  Its differential tests
-(tests/test_repo.py) hold it to this module.
+``_fastread`` accelerates exactly that case of ``file_from_memory`` (a
+manifest in a segment held in memory, cached pack pages, no chunk cache); it
+returns None for anything else, and the steps above then decide.  Its
+differential tests (tests/test_repo.py) hold it to this module.
 """
 
 from __future__ import annotations
@@ -32,11 +42,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from commitfs.errors import CommitfsError, ObjectNotFoundError, WouldBlock
+from commitfs.errors import CommitfsError, ObjectNotFoundError
 from commitfs.model.ids import HASHER
 from commitfs.model.objects import FileManifest, check_chunk_sizes
 from commitfs.repo.index import Index
 from commitfs.repo.pack import Compression, Location, pack_key, verify_blob
+from commitfs.repo.resident import ResidentReader
 from commitfs.storage.base import Store
 
 try:
@@ -51,6 +62,9 @@ COALESCE_GAP = 256 * 1024
 #: Neighbouring manifests are read with a file's when within this many bytes of
 #: it in its pack (ReadEngine.read_blob_and_neighbours): one small ranged read.
 NEIGHBOUR_SPAN = 64 * 1024
+
+#: A key to ask Store.local_path whether the store is a local directory.
+_ANY_KEY = "config"
 
 #: (index in the caller's list, blob id, location)
 Item = tuple[int, bytes, Location]
@@ -91,6 +105,54 @@ def plan_runs(items: list[Item], *, gap: int = COALESCE_GAP, max_run: int | None
     return runs
 
 
+class NotInMemory(Exception):
+    """A memory read met something only storage has (caught in this module:
+    the ``*_from_memory`` functions then return None)."""
+
+
+class _Storage:
+    """A source that waits for storage: the index as a whole, the store's ranged reads."""
+
+    __slots__ = ("engine",)
+
+    def __init__(self, engine: ReadEngine):
+        self.engine = engine
+
+    @property
+    def cache(self):
+        return self.engine.chunk_cache
+
+    def locate(self, oid: bytes) -> Location:
+        return self.engine.locate(oid)
+
+    def range(self, key: str, offset: int, length: int):
+        return self.engine.store.load_range(key, offset, length)
+
+
+class _Memory:
+    """A source that never waits: segments held in memory, cached pack pages."""
+
+    __slots__ = ("engine", "resident")
+
+    cache = None  # a chunk cache lives on disk
+
+    def __init__(self, engine: ReadEngine, resident: ResidentReader | None):
+        self.engine = engine
+        self.resident = resident
+
+    def locate(self, oid: bytes) -> Location:
+        loc = self.engine.index.lookup_in_memory(oid)
+        if loc is None:
+            raise NotInMemory(oid.hex())
+        return loc
+
+    def range(self, key: str, offset: int, length: int):
+        got = None if self.resident is None else self.resident.load_range(key, offset, length)
+        if got is None:
+            raise NotInMemory(key)
+        return got
+
+
 class ReadEngine:
     """Locates, plans and reads verified blobs of one repository (module doc)."""
 
@@ -99,60 +161,118 @@ class ReadEngine:
         self.index = index
         #: What the engine asks of a chunk cache: get(id) -> bytes | None, put(id, bytes).
         self.chunk_cache = chunk_cache
+        self._storage = _Storage(self)
+        # Only a local store has pages to find in memory (a remote one's keys never are).
+        self._resident = ResidentReader(store) if store.local_path(_ANY_KEY) is not None else None
+        self._memory = _Memory(self, self._resident)
+
+    def close(self) -> None:
+        if self._resident is not None:
+            self._resident.close()
 
     # --- step 1: locate -------------------------------------------------------------
-    def locate(self, oid: bytes, nowait: bool = False) -> Location:
-        loc = self.index.lookup(oid, nowait=nowait)
+    def locate(self, oid: bytes) -> Location:
+        loc = self.index.lookup(oid)
         if loc is None:
             raise ObjectNotFoundError(f"object {oid.hex()} is not in the repository index")
         return loc
 
     # --- step 3: read ---------------------------------------------------------------
-    def _range(self, key: str, offset: int, length: int, nowait: bool):
-        if nowait:
-            return self.store.load_range_nowait(key, offset, length)
-        return self.store.load_range(key, offset, length)
-
-    def read_run(self, run: Run, nowait: bool = False) -> Iterator[tuple[Item, object, object]]:
+    def read_run(self, run: Run) -> Iterator[tuple[Item, object, object]]:
         """Read one run; yield (item, verified data, stored bytes) per blob."""
-        return _verify(run, self._range(run.key, run.start, run.size, nowait))
+        return _verify(run, self.store.load_range(run.key, run.start, run.size))
 
-    def read_located(self, items: list[Item], out: list, nowait: bool = False, *, cached: bool = True) -> None:
+    def read_located(self, items: list[Item], out: list, *, cached: bool = True) -> None:
         """Read and verify located blobs into ``out[i]`` (and the chunk cache
         unless not ``cached``: metadata blobs)."""
-        cache = self.chunk_cache if cached else None
+        self._read_located(self._storage, items, out, self.chunk_cache if cached else None)
+
+    @staticmethod
+    def _read_located(src, items: list[Item], out: list, cache) -> None:
         for run in plan_runs(items):
-            for (i, oid, _), data, _ in self.read_run(run, nowait):
+            for (i, oid, _), data, _ in _verify(run, src.range(run.key, run.start, run.size)):
                 if cache is not None:
                     cache.put(oid, data)
                 out[i] = data
 
-    # --- the entry points -----------------------------------------------------------
-    def read_blob(self, oid: bytes, nowait: bool = False):
+    # --- the entry points: waiting for storage --------------------------------------
+    def read_blob(self, oid: bytes):
         """One blob's raw bytes, verified (no chunk cache: trees, manifests)."""
-        loc = self.locate(oid, nowait)
-        return verify_blob(oid, loc, self._range(pack_key(loc.pack), loc.offset, loc.stored, nowait))
+        return self._read_blob(self._storage, oid)
+
+    def read_chunks(self, oids: list[bytes], sizes=None) -> list:
+        """Chunks by id, verified; ``sizes``: the lengths a manifest declares, checked too."""
+        return self._read_chunks(self._storage, oids, sizes)
+
+    def read_file(self, manifest: FileManifest):
+        """A whole file's bytes, verified (module doc): one run when its chunks
+        lie one after another, its buffer returned as it is."""
+        return self._read_file(self._storage, manifest)
+
+    # --- the entry points: from memory, or None -------------------------------------
+    def blob_from_memory(self, oid: bytes):
+        """``read_blob`` if memory has what it needs, else None (module doc)."""
+        try:
+            return self._read_blob(self._memory, oid)
+        except NotInMemory:
+            return None
+
+    def chunks_from_memory(self, oids: list[bytes], sizes=None) -> list | None:
+        """``read_chunks`` if memory has what it needs, else None (module doc)."""
+        if self.chunk_cache is not None:
+            return None
+        try:
+            return self._read_chunks(self._memory, oids, sizes)
+        except NotInMemory:
+            return None
+
+    def file_from_memory(self, fid: bytes, manifest: FileManifest | None = None):
+        """The bytes of file ``fid`` (whose manifest the caller may hold) if
+        memory has what they need, else None: compiled first (module doc)."""
+        if self.chunk_cache is not None or self._resident is None:
+            return None
+        if _fastread is not None:
+            try:
+                got = _fastread.load_file(fid, self.index.loaded_segments(), self._read_pack_resident, HASHER)
+            except NotInMemory:
+                return None
+            if got is not None:
+                return got
+        try:
+            if manifest is None:
+                manifest = FileManifest.decode(bytes(self._read_blob(self._memory, fid)))
+            return self._read_file(self._memory, manifest)
+        except NotInMemory:
+            return None
+
+    def _read_pack_resident(self, pack: bytes, offset: int, buf) -> None:
+        """_fastread's read_into: cached pages of a pack, or NotInMemory."""
+        if not self._resident.read_into(pack_key(pack), offset, buf):
+            raise NotInMemory(pack.hex())
+
+    # --- the steps, over a source ----------------------------------------------------
+    @staticmethod
+    def _read_blob(src, oid: bytes):
+        loc = src.locate(oid)
+        return verify_blob(oid, loc, src.range(pack_key(loc.pack), loc.offset, loc.stored))
 
     def read_blob_and_neighbours(self, oid: bytes, neighbours: list[bytes], span: int = NEIGHBOUR_SPAN):
         """A metadata blob (a manifest), verified, and those of ``neighbours``
         lying within ``span`` bytes of it in the same pack, read in the same
         ranged read: (its bytes, {neighbour id: bytes}).  Neighbours are located
-        from segments in memory only and are dropped where that would wait, or
+        from segments in memory only and are dropped where they are not, or
         where they fail their check (their own read then reports it)."""
         loc = self.locate(oid)
         items: list[Item] = [(0, oid, loc)]
         for nid in neighbours:
-            try:
-                nloc = self.index.lookup(nid, refresh=False, nowait=True)
-            except WouldBlock:
-                continue
+            nloc = self.index.lookup_in_memory(nid)
             if nloc is not None and nloc.pack == loc.pack and abs(nloc.offset - loc.offset) <= span:
                 items.append((len(items), nid, nloc))
         if len(items) == 1:
             return self.read_blob(oid), {}
         start = min(i[2].offset for i in items)
         end = max(i[2].offset + i[2].stored for i in items)
-        buf = self._range(pack_key(loc.pack), start, end - start, False)
+        buf = self.store.load_range(pack_key(loc.pack), start, end - start)
         others = {}
         rel = loc.offset - start
         mine = verify_blob(oid, loc, buf[rel:rel + loc.stored])
@@ -164,11 +284,8 @@ class ReadEngine:
                 continue
         return mine, others
 
-    def read_chunks(self, oids: list[bytes], nowait: bool = False, sizes=None) -> list:
-        """Chunks by id, verified; ``sizes``: the lengths a manifest declares, checked too."""
-        cache = self.chunk_cache
-        if nowait and cache is not None:
-            raise WouldBlock("the chunk cache is on disk")
+    def _read_chunks(self, src, oids: list[bytes], sizes) -> list:
+        cache = src.cache
         out: list = [None] * len(oids)
         todo: list[Item] = []
         for i, oid in enumerate(oids):
@@ -177,43 +294,30 @@ class ReadEngine:
                 if hit is not None:
                     out[i] = hit
                     continue
-            todo.append((i, oid, self.locate(oid, nowait)))
-        self.read_located(todo, out, nowait)
+            todo.append((i, oid, src.locate(oid)))
+        self._read_located(src, todo, out, cache)
         if sizes is not None:
             check_chunk_sizes(oids, sizes, out)
         return out
 
-    def read_file_now(self, fid: bytes):
-        """``read_file`` of the file ``fid`` done by the compiled module: its
-        bytes if its manifest and chunks are in memory and plain (module doc),
-        else None (the caller then takes read_file, which decides)."""
-        if _fastread is None or self.chunk_cache is not None:
-            return None
-        return _fastread.load_file(fid, self.index.loaded_segments(), self._read_pack_into_nowait, HASHER)
-
-    def read_file(self, manifest: FileManifest, nowait: bool = False):
-        """A whole file's bytes, verified (module doc): one run when its chunks
-        lie one after another, its buffer returned as it is."""
+    def _read_file(self, src, manifest: FileManifest):
         ids = manifest.chunk_ids
         if not ids:
             return b""
-        if self.chunk_cache is not None:
-            chunks = self.read_chunks(list(ids), nowait, manifest.chunk_sizes)
+        if src.cache is not None:
+            chunks = self._read_chunks(src, list(ids), manifest.chunk_sizes)
         else:
-            items = [(i, oid, self.locate(oid, nowait)) for i, oid in enumerate(ids)]
+            items = [(i, oid, src.locate(oid)) for i, oid in enumerate(ids)]
             run = _contiguous(items)
             if run is not None:
-                buf = self._range(run.key, run.start, run.size, nowait)
+                buf = src.range(run.key, run.start, run.size)
                 for ((_, oid, _), data, _), size in zip(_verify(run, buf), manifest.chunk_sizes):
                     check_chunk_sizes((oid,), (size,), (data,))
                 return buf
             chunks = [None] * len(ids)  # located already: no second index lookup
-            self.read_located(items, chunks, nowait)
+            self._read_located(src, items, chunks, None)
             check_chunk_sizes(ids, manifest.chunk_sizes, chunks)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-    def _read_pack_into_nowait(self, pack: bytes, offset: int, buf) -> None:
-        self.store.read_into_nowait(pack_key(pack), offset, buf)
 
 
 def _verify(run: Run, buf) -> Iterator[tuple[Item, object, object]]:

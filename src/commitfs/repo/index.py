@@ -26,7 +26,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 
-from commitfs.errors import CorruptObjectError, ObjectNotFoundError, WouldBlock
+from commitfs.errors import CorruptObjectError, ObjectNotFoundError
 from commitfs.model.ids import ID_SIZE, hash_bytes
 from commitfs.repo.gcstate import lease_active
 from commitfs.repo.lru import LockedLRU
@@ -213,19 +213,14 @@ class Segment:
         except IndexError:
             raise CorruptObjectError(f"index segment {self.key} has a malformed entry") from None
 
-    def _read(self, offset: int, length: int, nowait: bool = False) -> bytes:
+    def _read(self, offset: int, length: int) -> bytes:
         if self._data is not None:
             return self._data[offset:offset + length]
-        if nowait:
-            return bytes(self.store.load_range_nowait(self.key, offset, length))
         return self.store.load_range(self.key, offset, length)
 
-    def lookup(self, oid: bytes, nowait: bool = False) -> Location | None:
-        """The blob's location in this segment, or None.  ``nowait``: raise
-        WouldBlock rather than wait for storage (see commitfs.errors)."""
+    def lookup(self, oid: bytes) -> Location | None:
+        """The blob's location in this segment, or None."""
         if self._packs is None:
-            if nowait:
-                raise WouldBlock(self.key)
             self.load_header()
         if self.loaded is not None:
             return self.lookup_loaded(oid)
@@ -233,14 +228,14 @@ class Segment:
         fan = self._fanout_at()
         if b == 0:
             lo = 0
-            (hi,) = FANOUT.unpack(self._read(fan, FANOUT.size, nowait))
+            (hi,) = FANOUT.unpack(self._read(fan, FANOUT.size))
         else:
-            lo, hi = _FANOUT_PAIR.unpack(self._read(fan + (b - 1) * FANOUT.size, 2 * FANOUT.size, nowait))
+            lo, hi = _FANOUT_PAIR.unpack(self._read(fan + (b - 1) * FANOUT.size, 2 * FANOUT.size))
         if lo >= hi:
             return None
         if hi > self.count:
             raise CorruptObjectError(f"index segment {self.key} has a malformed fan-out table")
-        data = self._read(self._entries_at() + lo * ENTRY.size, (hi - lo) * ENTRY.size, nowait)
+        data = self._read(self._entries_at() + lo * ENTRY.size, (hi - lo) * ENTRY.size)
         at = _find_record(data, oid, 0, len(data))
         return None if at is None else self._location(ENTRY.unpack_from(data, at))
 
@@ -340,25 +335,27 @@ class Index:
             self._segments.pop(key, None)
             self._snapshot = tuple(self._segments.values())
 
-    def lookup(self, oid: bytes, *, refresh: bool = True, nowait: bool = False,
-               strict: bool = True) -> Location | None:
-        """The blob's location, or None; on a miss, re-list once (if ``refresh``).
-
-        A damaged segment is skipped (it costs only the lookups it holds); a
-        blob found in no readable segment while one is damaged raises
-        CorruptObjectError naming it, unless ``strict`` is False (a writer then
-        simply stores the blob again).
-
-        ``nowait``: raise WouldBlock (commitfs.errors) where storage would have
-        to be waited for, including any re-listing."""
-        # Segments held in memory first: a lookup there is cheaper than the
-        # answer cache, which only keeps what cost storage reads.
+    def lookup_in_memory(self, oid: bytes) -> Location | None:
+        """The blob's location if memory answers it (a segment held whole, or
+        a recent answer), else None: the blob may still be in a segment not
+        loaded yet, or in one not listed yet (``lookup`` then tells)."""
         for seg in self._snapshot:
             if seg.loaded is not None:
                 loc = seg.lookup_loaded(oid)
                 if loc is not None:
                     return loc
-        loc = self._answers.get(oid)
+        return self._answers.get(oid)
+
+    def lookup(self, oid: bytes, *, refresh: bool = True, strict: bool = True) -> Location | None:
+        """The blob's location, or None; on a miss, re-list once (if ``refresh``).
+
+        A damaged segment is skipped (it costs only the lookups it holds); a
+        blob found in no readable segment while one is damaged raises
+        CorruptObjectError naming it, unless ``strict`` is False (a writer then
+        simply stores the blob again)."""
+        # Memory first: a segment held whole is cheaper than the answer cache,
+        # which only keeps what cost storage reads.
+        loc = self.lookup_in_memory(oid)
         if loc is not None:
             return loc
         damaged: Segment | None = None
@@ -366,7 +363,7 @@ class Index:
             try:
                 for seg in self.segments():
                     try:
-                        loc = seg.lookup(oid, nowait)
+                        loc = seg.lookup(oid)
                     except CorruptObjectError:
                         damaged = seg  # costs only the lookups it holds: go on
                         continue
@@ -375,14 +372,10 @@ class Index:
                             self._answers[oid] = loc
                         return loc
             except ObjectNotFoundError:
-                if nowait:
-                    raise WouldBlock(oid.hex()) from None
                 self.refresh()  # a merge removed a segment under us
                 continue
             if not refresh or attempt:
                 break
-            if nowait:
-                raise WouldBlock(oid.hex())
             self.refresh()
         if damaged is not None and strict:
             raise CorruptObjectError(

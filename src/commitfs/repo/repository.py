@@ -71,6 +71,13 @@ class ChunkCache:
         raise NotImplementedError
 
 
+def _decode(decode, raw, what: str, oid: bytes):
+    try:
+        return decode(bytes(raw))
+    except DecodeError as exc:
+        raise CorruptObjectError(f"{what} {oid.hex()} is malformed: {exc}") from None
+
+
 def commit_key(cid: bytes) -> str:
     return COMMITS_PREFIX + cid.hex()
 
@@ -170,6 +177,7 @@ class Repository:
         return self.store.local_path(CONFIG_KEY) is not None
 
     def close(self) -> None:
+        self.reads.close()
         self.store.close()
 
     def __enter__(self) -> Repository:
@@ -187,8 +195,8 @@ class Repository:
     def chunk_cache(self, cache: ChunkCache | None) -> None:
         self.reads.chunk_cache = cache
 
-    def locate(self, oid: bytes, nowait: bool = False) -> Location:
-        return self.reads.locate(oid, nowait)
+    def locate(self, oid: bytes) -> Location:
+        return self.reads.locate(oid)
 
     def has_blob(self, oid: bytes) -> bool:
         """Whether a writer may deduplicate against a stored copy of the blob.
@@ -304,73 +312,61 @@ class Repository:
                 self._gc_seen = None
 
 
-    def _pack_gone(self, nowait: bool) -> None:
+    def _pack_gone(self) -> None:
         """A pack the index named is gone: gc repacked or removed it.  Re-list
         the index and drop cached answers, so the caller looks again once."""
-        if nowait:
-            raise WouldBlock("the index must be re-listed")
         self.index.refresh()
         self.index.forget_answers()
 
-    def load_blob(self, oid: bytes, nowait: bool = False) -> bytes:
-        """A blob's raw bytes, verified.  ``nowait`` (here and below): raise
-        WouldBlock (commitfs.errors) instead of waiting for storage; the result
-        may then be a read-only memoryview rather than bytes."""
+    def load_blob(self, oid: bytes) -> bytes:
+        """A blob's raw bytes, verified."""
         try:
-            return self.reads.read_blob(oid, nowait)
+            return self.reads.read_blob(oid)
         except ObjectNotFoundError:
-            self._pack_gone(nowait)
-            return self.reads.read_blob(oid, nowait)
+            self._pack_gone()
+            return self.reads.read_blob(oid)
 
-    def load_chunks(self, oids: list[bytes], nowait: bool = False, sizes=None) -> list[bytes]:
+    def load_chunks(self, oids: list[bytes], sizes=None) -> list[bytes]:
         """Chunks by id, verified; neighbours in one pack share one ranged read.
         ``sizes``: the lengths a file manifest declares for them, checked too."""
         try:
-            return self.reads.read_chunks(oids, nowait, sizes)
+            return self.reads.read_chunks(oids, sizes)
         except ObjectNotFoundError:
-            self._pack_gone(nowait)
-            return self.reads.read_chunks(oids, nowait, sizes)
+            self._pack_gone()
+            return self.reads.read_chunks(oids, sizes)
 
-    def load_file(self, fid: bytes, nowait: bool = False) -> bytes | memoryview:
+    def load_file(self, fid: bytes) -> bytes | memoryview:
         """A whole file's bytes, verified (a mount reads a small file whole):
-        the read engine's read_file, accelerated on the nowait path by its
-        compiled read_file_now (repo/engine.py)."""
-        if nowait:
-            got = self.reads.read_file_now(fid)
-            if got is not None:
-                return got
+        the read engine's read_file (repo/engine.py)."""
         try:
-            return self.reads.read_file(self.load_manifest(fid, nowait, keep=False), nowait)
+            return self.reads.read_file(self.load_manifest(fid, keep=False))
         except ObjectNotFoundError:
-            self._pack_gone(nowait)
-            return self.reads.read_file(self.load_manifest(fid, nowait, keep=False), nowait)
+            self._pack_gone()
+            return self.reads.read_file(self.load_manifest(fid, keep=False))
 
-    def _load_decoded(self, cache, oid: bytes, decode, what: str, nowait: bool, keep: bool):
+    def _load_decoded(self, cache, oid: bytes, decode, what: str, keep: bool):
         obj = cache.get(oid)
         if obj is None:
-            try:
-                obj = decode(bytes(self.load_blob(oid, nowait)))
-            except DecodeError as exc:
-                raise CorruptObjectError(f"{what} {oid.hex()} is malformed: {exc}") from None
+            obj = _decode(decode, self.load_blob(oid), what, oid)
             if keep:
                 cache[oid] = obj
         return obj
 
-    def load_tree(self, tid: bytes, nowait: bool = False, keep: bool = True) -> Tree | SplitTree:
+    def load_tree(self, tid: bytes, keep: bool = True) -> Tree | SplitTree:
         """A directory's tree, decoded.  ``keep=False``: not added to this
         repository's cache (a caller with its own, as the mount's Loader,
         would hold it twice).  A split directory (docs/FORMAT.md, "Split
         trees") is a SplitTree: its root only, its chunks loaded (and kept)
         as its readers ask for them."""
-        node = self._load_decoded(self._trees, tid, decode_tree_node, "tree", nowait, keep)
+        node = self._load_decoded(self._trees, tid, decode_tree_node, "tree", keep)
         if isinstance(node, TreeIndex):
             return SplitTree(tid, node, self.load_tree_node)
         return node
 
-    def load_tree_node(self, tid: bytes, nowait: bool = False, keep: bool = True) -> Tree | TreeIndex:
+    def load_tree_node(self, tid: bytes, keep: bool = True) -> Tree | TreeIndex:
         """A stored tree object as it is: a plain tree (a directory or a leaf
         chunk of a split one) or an index node of a split directory."""
-        return self._load_decoded(self._trees, tid, decode_tree_node, "tree", nowait, keep)
+        return self._load_decoded(self._trees, tid, decode_tree_node, "tree", keep)
 
     @property
     def version(self) -> int:
@@ -394,8 +390,41 @@ class Repository:
         """Keep a tree this process built (its id is its content's hash)."""
         self._trees[tid] = tree
 
-    def load_manifest(self, fid: bytes, nowait: bool = False, keep: bool = True) -> FileManifest:
-        return self._load_decoded(self._manifests, fid, FileManifest.decode, "file manifest", nowait, keep)
+    def load_manifest(self, fid: bytes, keep: bool = True) -> FileManifest:
+        return self._load_decoded(self._manifests, fid, FileManifest.decode, "file manifest", keep)
+
+    # --- the same from memory, or None (the mount's event loop: repo/engine.py) --
+    def _decoded_from_memory(self, cache, oid: bytes, decode, what: str):
+        obj = cache.get(oid)
+        if obj is None:
+            raw = self.reads.blob_from_memory(oid)
+            if raw is not None:
+                obj = _decode(decode, raw, what, oid)
+        return obj
+
+    def tree_from_memory(self, tid: bytes) -> Tree | SplitTree | None:
+        """``load_tree(tid, keep=False)`` if memory has what it needs, else None."""
+        node = self._decoded_from_memory(self._trees, tid, decode_tree_node, "tree")
+        if isinstance(node, TreeIndex):
+            return SplitTree(tid, node, self.load_tree_node)
+        return node
+
+    def tree_node_from_memory(self, tid: bytes) -> Tree | TreeIndex | None:
+        """``load_tree_node(tid, keep=False)`` if memory has what it needs, else None."""
+        return self._decoded_from_memory(self._trees, tid, decode_tree_node, "tree")
+
+    def manifest_from_memory(self, fid: bytes) -> FileManifest | None:
+        """``load_manifest(fid, keep=False)`` if memory has what it needs, else None."""
+        return self._decoded_from_memory(self._manifests, fid, FileManifest.decode, "file manifest")
+
+    def chunks_from_memory(self, oids: list[bytes], sizes=None) -> list[bytes] | None:
+        """``load_chunks`` if memory has what it needs, else None."""
+        return self.reads.chunks_from_memory(oids, sizes)
+
+    def file_from_memory(self, fid: bytes, manifest: FileManifest | None = None) -> bytes | memoryview | None:
+        """``load_file`` if memory has what it needs, else None (``manifest``:
+        the file's, if the caller holds it)."""
+        return self.reads.file_from_memory(fid, manifest)
 
     # --- commits ----------------------------------------------------------------
     def load_commit(self, cid: bytes) -> Commit:

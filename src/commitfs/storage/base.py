@@ -21,8 +21,6 @@ import abc
 from collections.abc import Iterator
 from pathlib import Path
 
-from commitfs.errors import WouldBlock
-
 
 def valid_key(key: str) -> bool:
     """True if ``key`` (a name read from storage) is one commitfs could have written."""
@@ -50,19 +48,6 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def load_range(self, key: str, offset: int, length: int) -> bytes:
         """Return ``length`` bytes from ``offset``; fewer only at the object's end."""
-
-    def load_range_nowait(self, key: str, offset: int, length: int) -> bytes:
-        """``load_range`` if the bytes are already in memory, without waiting for
-        a disk or a network; else raise WouldBlock (commitfs.errors).  The
-        default (remote stores) always raises it."""
-        raise WouldBlock(key)
-
-    def read_into_nowait(self, key: str, offset: int, buf) -> None:
-        """Fill the writable buffer ``buf`` with the bytes at ``offset``, as
-        ``load_range_nowait`` would return them (WouldBlock unless they are in
-        memory, or if the object ends first); saves a buffer to a caller that
-        has one.  The default (remote stores) always raises WouldBlock."""
-        raise WouldBlock(key)
 
     @abc.abstractmethod
     def lookup_size(self, key: str) -> int | None:

@@ -10,7 +10,6 @@ place, never copied.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
@@ -20,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
-from commitfs.errors import ObjectNotFoundError, RefConflictError, StorageError, WouldBlock
+from commitfs.errors import ObjectNotFoundError, RefConflictError, StorageError
 from commitfs.storage.base import Store
 
 _REFS = "refs"
@@ -108,46 +107,6 @@ def _close_all(fds: list[int]) -> None:
                 pass
 
 
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-_SYS_OPENAT2 = 437  # the same number on every Linux architecture (added in 5.6)
-_RESOLVE_CACHED = 0x20  # Linux 5.12: fail with EAGAIN unless the path resolves from the dentry cache
-_AT_FDCWD = -100
-
-
-class _CachedOpener:
-    """open(2) that never waits for the disk: ``openat2(RESOLVE_CACHED)``, which
-    fails with EAGAIN when resolving the path would need a directory read.
-    Lets a nowait read open a pack file on the event loop (a new mount, or a
-    pack the descriptor cache let go) instead of in a worker thread."""
-
-    def __init__(self):
-        try:
-            self._syscall = ctypes.CDLL(None, use_errno=True).syscall
-        except (OSError, AttributeError):
-            self._syscall = None
-        self._how = _OpenHow(os.O_RDONLY | os.O_CLOEXEC, 0, _RESOLVE_CACHED)
-        self._how_ref = ctypes.byref(self._how)
-        self._how_size = ctypes.sizeof(self._how)
-
-    def __call__(self, path: bytes) -> int | None:
-        """A descriptor for ``path``, or None if opening it might block (or the
-        kernel lacks openat2/RESOLVE_CACHED, which is then not tried again)."""
-        if self._syscall is None:
-            return None
-        fd = self._syscall(_SYS_OPENAT2, _AT_FDCWD, path, self._how_ref, self._how_size)
-        if fd >= 0:
-            return fd
-        if ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL, errno.E2BIG):
-            self._syscall = None  # an older kernel: the blocking open in a thread it is
-        return None
-
-
-_open_cached = _CachedOpener()
-
-
 def _storage_error(exc: OSError, what: str, root: Path | None = None) -> StorageError:
     if exc.errno == errno.ENOSPC:
         return StorageError(f"no space left on device while writing {what}")
@@ -230,32 +189,6 @@ class LocalStore(Store):
             raise _storage_error(exc, key, self.root) from exc
         finally:
             self._fds.release(d)
-
-    def load_range_nowait(self, key: str, offset: int, length: int) -> bytes:
-        if length <= 0:
-            raise WouldBlock(key)
-        buf = bytearray(length)
-        self.read_into_nowait(key, offset, buf)
-        return memoryview(buf).toreadonly()
-
-    def read_into_nowait(self, key: str, offset: int, buf) -> None:
-        # preadv2(RWF_NOWAIT): the page cache's bytes, or EAGAIN rather than a
-        # disk read; a descriptor not yet open is opened only if its path is in
-        # the dentry cache (_open_cached).
-        d = self._fds.acquire(key)
-        if d is None:
-            fd = _open_cached(os.fsencode(self._path(key)))
-            if fd is None:
-                raise WouldBlock(key)
-            d = self._fds.add(key, fd)
-        try:
-            n = os.preadv(d.fd, [buf], offset, os.RWF_NOWAIT)
-        except OSError as exc:  # EAGAIN; or EOPNOTSUPP: the blocking form will tell
-            raise WouldBlock(key) from exc
-        finally:
-            self._fds.release(d)
-        if n != len(buf):  # partly cached (or the end of the object): let the blocking form decide
-            raise WouldBlock(key)
 
     def lookup_size(self, key: str) -> int | None:
         try:

@@ -3,12 +3,13 @@
 Both file systems (vfs/core.py, the read-only views; vfs/workspace.py, the
 writable overlay) load trees, manifests, commits and chunks through a Loader:
 
-* *From memory, on the event loop.*  Every load is first tried with
-  ``nowait=True`` (Repository, then Store.load_range_nowait: for a local
-  repository preadv2 with RWF_NOWAIT, which reads the page cache or refuses).
-  A hop to a worker thread and back costs about 100 µs of CPU here, more
-  than reading and verifying a cached image, so bytes in memory never take
-  one.
+* *From memory, on the event loop.*  Every load is first asked of memory,
+  once: this loader's caches, then the repository's ``*_from_memory`` forms
+  (repo/engine.py: index segments held in memory, and for a local repository
+  the page cache's pack pages), which return None instead of waiting for
+  storage.  A hop to a worker thread and back costs about 100 µs of CPU
+  here, more than reading and verifying a cached image, so bytes in memory
+  never take one.
 * *Else in a worker thread* (``trio.to_thread.run_sync``) under one
   CapacityLimiter, within ``io_timeout_s``: a stalled store makes the request
   fail with StorageTimeoutError (EIO) instead of hanging the reader.  Worker
@@ -19,8 +20,13 @@ writable overlay) load trees, manifests, commits and chunks through a Loader:
 
 Trees, manifests and commits are kept in size-bounded LRU caches, and each
 miss is loaded once however many requests want it at the same moment
-(single flight).  Chunks are not cached here: the kernel's page cache keeps
-what was read, and the chunk cache (commitfs.cache) what was downloaded.
+(single flight).  Of chunks, only those of small fetches are kept, in a
+byte-capped LRU (``RECENT_CHUNK_BYTES``): a random reader of a large file
+asks the kernel for a few KiB, the daemon fetches and verifies the whole
+chunk holding them, and the next read nearby then finds it here instead of
+fetching and hashing it again.  Chunks of read-ahead parts are not kept: a
+sequential reader does not come back, and the kernel's page cache keeps what
+it read (the chunk cache, commitfs.cache, what was downloaded).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import trio
 from cachetools import LRUCache
 
-from commitfs.errors import StorageTimeoutError, WouldBlock
+from commitfs.errors import StorageTimeoutError
 from commitfs.model.objects import Commit, DecodeError, FileManifest, Tree
 from commitfs.model.splittree import SplitTree, TreeIndex
 from commitfs.repo.repository import Repository
@@ -40,6 +46,13 @@ from commitfs.vfs.errors import ShuttingDownError
 
 #: Neighbouring manifests read with a file's (Loader.manifest): a few KiB of one pack.
 MANIFEST_BATCH = 128
+
+#: Bytes of recently verified chunks kept (Loader.chunks): some hundreds of
+#: chunks, what a random reader of a large file comes back to.
+RECENT_CHUNK_BYTES = 32 * 1024 * 1024
+#: Fetches of at most this many chunks keep theirs: a random read's (the chunk
+#: or two it overlaps), not a read-ahead part's (up to PART_BYTES of them).
+RECENT_FETCH_CHUNKS = 4
 
 
 #: Storage calls in flight at once.  A local disk is saturated by a few, and
@@ -142,6 +155,8 @@ class Loader:
         self._load_tree_node = functools.partial(repo.load_tree_node, keep=False)
         self._manifests = SingleFlight(LRUCache(maxsize=4_000_000, getsizeof=lambda m: len(m.chunk_ids) + 1))
         self._commits = SingleFlight(LRUCache(maxsize=4096))
+        #: Recently verified chunks by id (module doc); only the event loop touches it.
+        self._recent: LRUCache = LRUCache(maxsize=RECENT_CHUNK_BYTES, getsizeof=len)
         # Kept here, not also in the repository's own caches.
         self._load_tree = functools.partial(repo.load_tree, keep=False)
         self._load_manifest = functools.partial(repo.load_manifest, keep=False)
@@ -154,24 +169,16 @@ class Loader:
         self.in_threads += 1
         return await run_blocking(self._limiter, self.io_timeout_s, f"{what} of {self.repo.url}", fn, *args)
 
-    def now(self, fn, *args):
-        """``fn(*args, nowait=True)`` here, on the event loop, or None if it would
-        wait for storage (the caller then goes to a worker thread)."""
-        try:
-            value = fn(*args, nowait=True)
-        except WouldBlock:
-            return None
-        self.inline += 1
-        return value
-
-    async def _cached(self, flights: SingleFlight, key: bytes, fn, what: str):
+    async def _cached(self, flights: SingleFlight, key: bytes, from_memory, load, what: str):
+        """From this loader's cache, else from memory (here), else ``load`` in a thread."""
         value = flights.cache.get(key)
         if value is None:
-            value = self.now(fn, key)
+            value = from_memory(key)
             if value is not None:
+                self.inline += 1
                 flights.put(key, value)
             else:
-                value = await flights.get(key, lambda: self.io(f"{what} {key.hex()}", fn, key))
+                value = await flights.get(key, lambda: self.io(f"{what} {key.hex()}", load, key))
         return value
 
     def tree_cached(self, tid: bytes) -> Tree | None:
@@ -179,7 +186,7 @@ class Loader:
         return self._trees.cache.get(tid)
 
     async def tree(self, tid: bytes) -> Tree:
-        return await self._cached(self._trees, tid, self._load_tree, "tree")
+        return await self._cached(self._trees, tid, self.repo.tree_from_memory, self._load_tree, "tree")
 
     async def tree_get(self, tree: Tree | SplitTree, name: str):
         """``tree.get(name)``; for a split directory in a worker thread (it may
@@ -200,7 +207,8 @@ class Loader:
     async def tree_node(self, tid: bytes) -> Tree | TreeIndex:
         """A chunk or index node of a split directory (not checked against its
         parent: the caller does, with model.splittree.check_child)."""
-        return await self._cached(self._tree_nodes, tid, self._load_tree_node, "tree chunk")
+        return await self._cached(self._tree_nodes, tid, self.repo.tree_node_from_memory, self._load_tree_node,
+                                  "tree chunk")
 
     async def manifest(self, fid: bytes, neighbours: Sequence[bytes] = ()) -> FileManifest:
         """A file's manifest.  ``neighbours``: the manifests of the files around it in
@@ -213,7 +221,13 @@ class Loader:
             return value
         wanted = [n for n in neighbours if n != fid and self._manifests.cache.get(n) is None][:MANIFEST_BATCH]
         if not wanted:
-            return await self._cached(self._manifests, fid, self._load_manifest, "file")
+            return await self._cached(self._manifests, fid, self.repo.manifest_from_memory,
+                                      self._load_manifest, "file")
+        value = self.repo.manifest_from_memory(fid)
+        if value is not None:
+            self.inline += 1
+            self._manifests.put(fid, value)
+            return value
 
         async def load():
             manifest, others = await self.io(f"file {fid.hex()}", self._load_manifests, fid, wanted)
@@ -240,31 +254,55 @@ class Loader:
         return await self._commits.get(cid, lambda: self.io(f"commit {cid.hex()}", self.repo.load_commit, cid))
 
     async def chunks(self, ids: list[bytes]) -> list[bytes]:
-        """Chunks by id, in a worker thread (the prefetcher's ``fetch``)."""
-        return await self.io(f"{len(ids)} chunks", self.repo.load_chunks, ids)
+        """Chunks by id (the prefetcher's ``fetch``): those kept (module doc)
+        from here, the others in a worker thread."""
+        recent = self._recent
+        got = [recent.get(i) for i in ids]
+        missing = [i for i, c in zip(ids, got) if c is None]
+        if not missing:
+            return got
+        fetched = await self.io(f"{len(missing)} chunks", self.repo.load_chunks, missing)
+        self._keep(missing, fetched)
+        if len(missing) == len(ids):
+            return fetched
+        it = iter(fetched)
+        return [c if c is not None else next(it) for c in got]
+
+    def _keep(self, ids: list[bytes], chunks: list) -> None:
+        if len(ids) > RECENT_FETCH_CHUNKS:
+            return
+        for oid, c in zip(ids, chunks):
+            # A slice of a larger buffer would keep all of it: keep a copy of that.
+            if isinstance(c, memoryview) and c.nbytes != memoryview(c.obj).nbytes:
+                c = bytes(c)
+            self._recent[oid] = c
 
     def file_now(self, fid: bytes):
         """A whole file's bytes if they are in memory, else None (the read
-        engine's read_file, compiled first).  A manifest read on the way to a
-        miss is kept, so that the worker thread the miss goes to does not read
-        it again; on a hit it is not (its file is read: it is not needed).
-        (``now`` written out: this is the hot call of a first read.)"""
-        reads = self.repo.reads
-        fresh = None  # a manifest read here, not yet in the cache
-        try:
-            got = reads.read_file_now(fid)
-            if got is None:
-                manifest = self._manifests.cache.get(fid)
-                if manifest is None:
-                    manifest = fresh = self._load_manifest(fid, nowait=True)
-                got = reads.read_file(manifest, nowait=True)
-        except WouldBlock:
-            if fresh is not None:
-                self._manifests.put(fid, fresh)
+        engine's file_from_memory, compiled first).  A manifest found on the
+        way to a miss is kept, so that the worker thread the miss goes to does
+        not read it again."""
+        repo = self.repo
+        manifest = self._manifests.cache.get(fid)
+        got = repo.file_from_memory(fid, manifest)
+        if got is None:
+            if manifest is None:
+                manifest = repo.manifest_from_memory(fid)
+                if manifest is not None:
+                    self._manifests.put(fid, manifest)
             return None
         self.inline += 1
         return got
 
     def chunks_now(self, ids: list[bytes]) -> list[bytes] | None:
         """Chunks by id if they are in memory, else None (the prefetcher's ``fetch_now``)."""
-        return self.now(self.repo.load_chunks, ids)
+        recent = self._recent
+        got = [recent.get(i) for i in ids]
+        if None not in got:
+            self.inline += 1
+            return got
+        got = self.repo.chunks_from_memory(ids)
+        if got is not None:
+            self.inline += 1
+            self._keep(ids, got)
+        return got

@@ -51,7 +51,7 @@ On each read at ``off``:
    by about ``max_window + back_tolerance + part_bytes``.
 
 A part a read is waiting for is first fetched inline with ``fetch_now``
-(the file system's nowait load: bytes in memory, no worker thread, no
+(the file system's load from memory: bytes at hand, no worker thread, no
 task); only if that would block does it become a task.  Read-ahead parts
 are always tasks, so the reader never waits for bytes it has not asked for.
 ``prime()`` starts the initial window at a file's first open.

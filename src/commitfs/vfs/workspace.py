@@ -650,7 +650,7 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
             raise IsADirectoryError_(f"inode {inode} is a directory")
         if n.kind != "file":
             raise InvalidArgumentError(f"inode {inode} is not a regular file")
-        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+        if flags & os.O_TRUNC:  # whatever the access mode, as Linux does (the kernel checked write permission)
             async with self._lock:
                 fd = await self._ensure_upper(n, empty=True)
                 self._truncate(n, fd, 0)

@@ -167,7 +167,7 @@ class OverlayStore:
                                         cow_until=cow.until if n.cow else None)
                     self.overlay.set_ranges(n.oid, cow.ranges())
                 cow.dirty = False
-        n.mtime_ns = _now()
+        n.mtime_ns = n.ctime_ns = _now()  # a truncation is a status change too
         n.dirty = True
 
     def _remove_subtree_rows(self, n: WNode, ids: list[int], data: list[str]) -> None:
@@ -187,6 +187,8 @@ class OverlayStore:
                 self._close_fd(n)
         for c in list((n.children or {}).values()):
             self._detach(c)
+        if n.atime_ns is None:  # its own from now on, not the next base commit's time
+            n.atime_ns = self.base_time_ns
         n.parent = None
         n.links = None
         n.oid = None

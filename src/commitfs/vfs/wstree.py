@@ -187,8 +187,11 @@ class NodeTree:
             nlink = 0
         else:
             nlink = 1 + len(n.links) if n.links else 1
+        # A node never given an atime (a base node; the mount is noatime) keeps the base
+        # commit's time as its atime, not its mtime: a write or a new entry moves the mtime only.
+        atime = n.atime_ns if n.atime_ns is not None else self.base_time_ns
         return Attr(n.ino, mode, size, n.mtime_ns, self._t, self._t, nlink, PREFERRED_IO_SIZE,
-                    n.uid, n.gid, n.atime_ns, n.ctime_ns, n.rdev, self._blocks(n))
+                    n.uid, n.gid, atime, n.ctime_ns, n.rdev, self._blocks(n))
 
     def _blocks(self, n: WNode) -> int | None:
         """st_blocks of a file in the overlay: what its data file really holds (a sparse

@@ -1,0 +1,91 @@
+"""The fast path of read-only mounts: FUSE's no-open mode, with the pyfuse3 pip installs.
+
+A read-only mount answers the first OPEN with ENOSYS; the kernel then opens
+every file of the mount itself: no round trip per ``open()``, page cache kept,
+so a warm re-read costs no request at all (fuse/adapter.py, Operations).  In
+that mode every READ carries file handle 0, and stock pyfuse3 passes
+``read()`` only ``(fh, off, size)``: the inode is lost.  commitfs's own C
+module ``commitfs.fuse._noopen`` (built by setup.py, like the other two C
+modules, against libfuse3's headers) puts it back: loaded with RTLD_GLOBAL
+before pyfuse3, its ``fuse_session_new`` is the one pyfuse3's ``init()``
+calls; it hands libfuse pyfuse3's callbacks with the READ callback wrapped,
+and once the daemon ``engage()``\\ s it, a READ with handle 0 reaches
+pyfuse3 with the inode as its handle.  pyfuse3 itself is untouched, any
+release of it works, and nothing is built or patched at install time beyond
+commitfs's own extension.
+
+``load()`` runs when this module is imported, which the daemon
+(fuse/daemon.py) does before it imports pyfuse3; only a process that serves
+a mount imports it, so no other process gets a ``fuse_session_new`` of
+commitfs's in its global symbol scope (where it would also catch, say, a
+libfuse 2 binding's own calls).  ``engage()``
+runs after ``pyfuse3.init`` and turns the mode on only if the session really
+went through the wrapper; otherwise it says why not, and the mount answers
+every OPEN (one round trip per file, the same bytes), which the daemon's
+log, ``commitfs mount`` and ``commitfs mounts`` all say loudly.
+
+``COMMITFS_NO_FASTPATH=1`` forces that fallback (to compare, or to rule the
+fast path out when chasing a bug).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+#: Set to anything but "" or "0": mounts run without the fast path.
+DISABLE_ENV = "COMMITFS_NO_FASTPATH"
+
+_shim = None  # the loaded commitfs.fuse._noopen, or None
+_why_not: str | None = None  # why it is not loaded (None: loaded, or load() not run)
+
+
+def load() -> None:
+    """Load commitfs.fuse._noopen ahead of pyfuse3 (once; never raises)."""
+    global _shim, _why_not
+    if _shim is not None or _why_not is not None:
+        return
+    setting = os.environ.get(DISABLE_ENV, "")
+    if setting not in ("", "0"):
+        _why_not = f"{DISABLE_ENV}={setting} is set"
+        return
+    if "pyfuse3" in sys.modules:
+        _why_not = "pyfuse3 was imported before commitfs.fuse"
+        return
+    flags = sys.getdlopenflags()
+    sys.setdlopenflags(flags | os.RTLD_GLOBAL)  # see the module docstring
+    try:
+        from commitfs.fuse import _noopen
+    except ImportError:
+        _why_not = ("commitfs was installed without its C module commitfs.fuse._noopen, which needs "
+                    "a C compiler and libfuse3-dev when pip builds commitfs")
+        return
+    finally:
+        sys.setdlopenflags(flags)
+    _shim = _noopen
+
+
+def engage() -> str | None:
+    """After ``pyfuse3.init``: from now on READs with handle 0 carry the inode.
+    None when done, else why the fast path is not available (a short phrase)."""
+    load()
+    if _shim is None:
+        return _why_not
+    if not _shim.wrapped():
+        return "pyfuse3's FUSE session did not go through commitfs.fuse._noopen"
+    _shim.enable(True)
+    return None
+
+
+def disengage() -> None:
+    """Back to pyfuse3 as released (after the session is closed)."""
+    if _shim is not None:
+        _shim.enable(False)
+
+
+def reads_by_inode() -> int:
+    """READs whose handle 0 was replaced by the inode so far (0 without the module)."""
+    return _shim.rewritten() if _shim is not None else 0
+
+
+load()  # at import: before pyfuse3 (see the module docstring)
