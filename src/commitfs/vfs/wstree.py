@@ -212,6 +212,8 @@ class NodeTree:
 
     @staticmethod
     def _name(name: bytes) -> str:
+        if len(name) > NAME_MAX:  # no such name can exist: ENAMETOOLONG, as ext4's lookup answers
+            raise NameTooLongError(f"{name[:40]!r}...: a name is at most {NAME_MAX} bytes")
         try:
             text = name.decode()
         except UnicodeDecodeError:
