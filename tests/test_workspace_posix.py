@@ -119,18 +119,6 @@ def test_times_follow_posix(ws):
     assert (st.st_atime_ns, st.st_mtime_ns) == (1_300_000_000_000_000_000, 1_400_000_000_000_000_000)
 
 
-def test_names_over_name_max_are_enametoolong(ws):
-    mnt = ws.mount()
-    long = "n" * 256
-    assert errno_of(lambda: (mnt / long).write_bytes(b"x")) == errno.ENAMETOOLONG
-    assert errno_of(lambda: os.mkdir(mnt / long)) == errno.ENAMETOOLONG
-    assert errno_of(lambda: os.symlink("t", mnt / long)) == errno.ENAMETOOLONG
-    (mnt / "short").write_bytes(b"x")
-    assert errno_of(lambda: os.rename(mnt / "short", mnt / long)) == errno.ENAMETOOLONG
-    (mnt / ("m" * 255)).write_bytes(b"ok")  # NAME_MAX itself is fine
-    assert (mnt / ("m" * 255)).read_bytes() == b"ok"
-
-
 @needs_root
 def test_rsync_tar_and_cp_as_root_succeed_and_commit_what_a_directory_would(ws, tmp_path):
     src = tmp_path / "batch"

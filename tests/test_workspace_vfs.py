@@ -203,3 +203,51 @@ def test_an_unlinked_open_file_keeps_its_atime_across_a_commit(repo_and_base, tm
             assert await k.read_all(fh) == b"#!/bin/sh\necho hi\n"
             await k.close(fh)
     trio.run(main)
+
+
+# --- workspace logic once tested through a mount, now kernel-free (same assertions) ----------
+def test_a_file_unlinked_while_open_stays_readable(repo_and_base, tmp_path):
+    repo, _ = repo_and_base
+    big = (tmp_path / "src" / "fixed" / "big.bin").read_bytes()
+
+    async def main():
+        async with _session(repo, tmp_path / "ws") as k:
+            base_file = await k.open("fixed/big.bin")  # untouched: read from the repository
+            await k.write_file("scratch", b"local bytes")
+            local_file = await k.open("scratch", os.O_RDWR)  # in the overlay
+            await k.unlink("fixed/big.bin")
+            await k.unlink("scratch")
+            assert not await k.exists("scratch")
+            assert await k.read_all(base_file) == big
+            assert await k.read_all(local_file) == b"local bytes"
+            await k.pwrite(local_file, 11, b" and more")  # writes to the unlinked file work too
+            assert await k.read_all(local_file) == b"local bytes and more"
+            await k.close(base_file)
+            await k.close(local_file)
+            assert sorted(await k.listdir("fixed")).count("big.bin") == 0
+    trio.run(main)
+
+
+def test_names_over_name_max_are_enametoolong(repo_and_base, tmp_path):
+    import errno
+
+    repo, _ = repo_and_base
+
+    async def errno_of(coro) -> int | None:
+        try:
+            await coro
+        except OSError as exc:
+            return exc.errno
+        return None
+
+    async def main():
+        async with _session(repo, tmp_path / "ws") as k:
+            long = "n" * 256
+            assert await errno_of(k.write_file(long, b"x")) == errno.ENAMETOOLONG
+            assert await errno_of(k.mkdir(long)) == errno.ENAMETOOLONG
+            assert await errno_of(k.symlink("t", long)) == errno.ENAMETOOLONG
+            await k.write_file("short", b"x")
+            assert await errno_of(k.rename("short", long)) == errno.ENAMETOOLONG
+            await k.write_file("m" * 255, b"ok")  # NAME_MAX itself is fine
+            assert await k.read_file("m" * 255) == b"ok"
+    trio.run(main)

@@ -16,7 +16,6 @@ import re
 import threading
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from commitfs.errors import (
@@ -27,7 +26,6 @@ from commitfs.errors import (
     RepositoryNotFoundError,
     RevisionError,
 )
-from commitfs.model import chunker
 from commitfs.model.ids import HEX_SIZE, hash_bytes, is_hex
 from commitfs.model.objects import Commit, DecodeError, FileManifest, Tree
 from commitfs.repo.engine import ReadEngine
@@ -129,6 +127,8 @@ class Repository:
     # --- opening ----------------------------------------------------------------
     @classmethod
     def init(cls, url: str, **store_options) -> Repository:
+        from commitfs.model import chunker  # (pyfastcdc: not on a reader's start-up path)
+
         store = open_store(url, **store_options)
         if store.lookup_size(CONFIG_KEY) is not None:
             raise RepositoryError(f"{url} is already a commitfs repository")
@@ -480,8 +480,8 @@ class Repository:
         raise RevisionError(f"unknown revision {name!r} (not a branch, tag, alias or commit id)")
 
     # --- writing ----------------------------------------------------------------
-    def writer(self, checkpoint_blobs: int | None = None) -> BlobWriter:
-        return BlobWriter(self, checkpoint_blobs)
+    def writer(self, checkpoint_blobs: int | None = None, remember_trees: bool = True) -> BlobWriter:
+        return BlobWriter(self, checkpoint_blobs, remember_trees)
 
 
 @dataclass
@@ -513,12 +513,19 @@ class BlobWriter:
     """
 
     # Packs in flight at once: overlaps producing blobs with I/O, bounds memory
-    # (each in-flight data pack holds a ~34 MiB buffer).
+    # (each in-flight data pack holds a ~34 MiB buffer).  A local store writes a
+    # pack to the page cache faster than the pool produces the next one, so one
+    # in flight keeps up there, and the writer holds two data buffers, not five.
     UPLOAD_THREADS = 4
+    LOCAL_UPLOADS = 1
     _META_BUFFER = 1024 * 1024  # initial pack buffer; packs grow from it
 
-    def __init__(self, repo: Repository, checkpoint_blobs: int | None = None):
+    def __init__(self, repo: Repository, checkpoint_blobs: int | None = None, remember_trees: bool = True):
         self.repo = repo
+        #: Keep the trees added in the repository's decoded-tree cache (add_tree); a commit
+        #: of a directory says no: nothing reads its trees back, and a cache full of them
+        #: (64 MiB of a million files' entries, fragmenting the heap) is most of its memory.
+        self._remember_trees = remember_trees
         # Deduplicate against the index as it is now, not as this process
         # last listed it: a gc may have replaced segments since.
         repo.index.refresh()
@@ -531,8 +538,11 @@ class BlobWriter:
         self._builders = {"data": PackBuilder(bytearray(self._META_BUFFER)),
                           "meta": PackBuilder(bytearray(self._META_BUFFER))}
         self._session: dict[bytes, Location] = {}
-        self._pool = ThreadPoolExecutor(self.UPLOAD_THREADS, thread_name_prefix="commitfs-upload")
-        self._uploads: list[Future] = []
+        from concurrent.futures import ThreadPoolExecutor  # (writers only: not on a mount's start-up path)
+
+        self._max_uploads = self.LOCAL_UPLOADS if repo.is_local else self.UPLOAD_THREADS
+        self._pool = ThreadPoolExecutor(self._max_uploads, thread_name_prefix="commitfs-upload")
+        self._uploads: list = []  # concurrent.futures.Future
         self._uploaded: list[tuple[bytes, list]] = []  # packs stored, not yet indexed
         self._lock = threading.Lock()
 
@@ -609,7 +619,8 @@ class BlobWriter:
         self.add(tid, BlobKind.TREE, data)
         # The writer's process is the likeliest next reader of the trees it
         # writes (a workspace rebasing onto its new commit): spare it decoding.
-        self.repo.remember_tree(tid, tree)
+        if self._remember_trees:
+            self.repo.remember_tree(tid, tree)
         return tid
 
     def add_manifest(self, manifest: FileManifest) -> bytes:
@@ -628,7 +639,7 @@ class BlobWriter:
                     buf = self._free.pop() if self._free and name == "data" else None
                 self._builders[name] = PackBuilder(buf if name == "data" else bytearray(self._META_BUFFER))
         # Bound the packs held in memory: wait for the oldest upload first.
-        while len([f for f in self._uploads if not f.done()]) >= self.UPLOAD_THREADS:
+        while len([f for f in self._uploads if not f.done()]) >= self._max_uploads:
             next(f for f in self._uploads if not f.done()).result()
         for f in [f for f in self._uploads if f.done()]:
             f.result()  # raises a failed upload's error now

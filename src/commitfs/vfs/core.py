@@ -36,6 +36,7 @@ into errno values.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -90,6 +91,11 @@ log = logging.getLogger(__name__)
 #: Read streams one inode's read state tracks at most (FileSystem._stream): enough for
 #: the few readers that share one file in practice; each costs at most one read-ahead window.
 MAX_STREAMS = 4
+#: Hand-offs of verified chunks to the kernel's page cache in flight at once
+#: (FileSystem._publish); more are dropped, never queued.
+_PAGE_STORES = 2
+#: (inode, offset) of the chunks published lately, not published again.
+_PUBLISHED_KEYS = 4096
 
 MakeNode = Callable[[], Node]
 
@@ -247,6 +253,12 @@ class FileSystem:
         self._repo_url = repo.url.encode()
         self.readlog = ReadLog(options.record_reads) if options.record_reads else None
         self._dir_ahead: DirReadAhead | None = None
+        #: Gives verified bytes of a file to the kernel's page cache: (inode, offset,
+        #: data), blocking (it runs in a worker thread).  Set by the FUSE adapter
+        #: (pyfuse3.notify_store); None: random reads publish nothing (prefetch.py).
+        self.page_store: Callable[[int, int, bytes], None] | None = None
+        self._stores_pending = 0
+        self._published: OrderedDict[tuple[int, int], None] = OrderedDict()
 
     @asynccontextmanager
     async def running(self):
@@ -673,9 +685,36 @@ class FileSystem:
     def _new_reader(self, h: _FileHandle) -> prefetch.Prefetcher:
         assert self._nursery is not None and h.manifest is not None
         o = self.options
+        publish = None if self.page_store is None else functools.partial(self._publish, h.node.ino)
         return prefetch.Prefetcher(h.manifest, self.loader.chunks, self._nursery,
-                                   fetch_now=self.loader.chunks_now, initial_window=o.initial_window,
+                                   fetch_now=self.loader.chunks_now, publish=publish,
+                                   initial_window=o.initial_window,
                                    max_window=o.max_window, part_bytes=o.part_bytes)
+
+    def _publish(self, ino: int, offset: int, chunks: list) -> None:
+        """Hand verified chunks of file ``ino`` at ``offset`` to ``page_store``, in
+        a worker thread after the read that fetched them is answered (the store
+        may wait for pages the kernel has locked for that read).  At most
+        ``_PAGE_STORES`` at once, the rest dropped (the chunks stay in the
+        loader's memory); a chunk published lately is not published again."""
+        key = (ino, offset)
+        if self._stores_pending >= _PAGE_STORES or key in self._published:
+            return
+        self._published[key] = None
+        if len(self._published) > _PUBLISHED_KEYS:
+            self._published.popitem(last=False)
+        self._stores_pending += 1
+        assert self._nursery is not None
+        self._nursery.start_soon(self._store_pages, ino, offset, chunks)
+
+    async def _store_pages(self, ino: int, offset: int, chunks: list) -> None:
+        try:
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            await trio.to_thread.run_sync(self.page_store, ino, offset, data, abandon_on_cancel=True)
+        except Exception as exc:  # the kernel keeps what it has: only a lost shortcut
+            log.debug("handing %d bytes of inode %d to the page cache failed: %s", sum(map(len, chunks)), ino, exc)
+        finally:
+            self._stores_pending -= 1
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self._files.get(fh)
