@@ -314,20 +314,30 @@ def _store_new_file(repo: Repository, writer: BlobWriter, name: str, f: NewFile)
     return TreeEntry(name, Kind.EXEC if f.executable else Kind.FILE, size, fid)
 
 
-def build(repo: Repository, writer: BlobWriter, side: Side, name: str = "") -> TreeEntry | None:
+def build(repo: Repository, writer: BlobWriter, side: Side, name: str = "",
+          _stored: dict | None = None) -> TreeEntry | None:
     """Store ``side`` and return its entry named ``name``: NewFiles are chunked, Drafts
-    written as trees, TreeEntries reused by id (nothing below them is read)."""
+    written as trees, TreeEntries reused by id (nothing below them is read).  A local
+    file named twice (a workspace's hard link: the same NewFile under two names) is
+    chunked once."""
     if side is None:
         return None
     if isinstance(side, TreeEntry):
         return side if side.name == name else TreeEntry(name, side.kind, side.size, side.id, side.target)
+    if _stored is None:
+        _stored = {}
     if isinstance(side, NewFile):
-        return _store_new_file(repo, writer, name, side)
+        if side.source is None:
+            return _store_new_file(repo, writer, name, side)
+        e = _stored.get(side)
+        if e is None:
+            e = _stored[side] = _store_new_file(repo, writer, name, side)
+        return e if e.name == name else e._replace(name=name)
     if side.base is not None and not side.entries:
         return dir_entry(side.base, name)._replace(size=repo.load_tree(side.base).size)
     built = []
     for child_name, child in listing(repo, side).items():
-        e = build(repo, writer, child, child_name)
+        e = build(repo, writer, child, child_name, _stored)
         if e is not None:
             built.append(e)
     tree = Tree.build(built)
