@@ -480,3 +480,35 @@ def test_options_may_stand_between_operands():
     assert (args.rev, args.mountpoint) == (None, "/mnt/x")
     args = parser.parse_args(["diff", "v1", "--json", "main"])
     assert (args.old, args.new, args.json) == ("v1", "main", True)
+
+
+def test_a_mount_command_imports_only_what_a_mount_needs():
+    """`commitfs mount` is on the way to a mount's first `ls` (issue 19: under 0.3 s):
+    its process imports the mount verbs and the repository, not the other verbs'
+    modules (diffs, merges, fsck, the Python API); `import commitfs` alone imports
+    no API.  Any other command line still sees every verb."""
+    import sys
+
+    from commitfs.cli import VERB_MODULES, verb_modules
+
+    code = ("import sys\n"
+            "import commitfs\n"
+            "assert 'commitfs.api' not in sys.modules, 'import commitfs imported the API'\n"
+            "from commitfs.cli import main\n"
+            "try:\n"
+            "    main(['-r', '/nonexistent', 'mount', '--help'])\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "heavy = [m for m in ('commitfs.api', 'commitfs.ops.contentdiff', 'commitfs.ops.merge', 'commitfs.ops.fsck',"
+            " 'commitfs.ops.snapshot', 'commitfs.cli.core', 'commitfs.model.chunker', 'boto3', 'trio')"
+            " if m in sys.modules]\n"
+            "print(repr(heavy))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+    assert verb_modules(["--repo", "x", "mount", "main", "/mnt"]) == ["commitfs.cli.mount"]
+    assert verb_modules(["umount", "/mnt"]) == ["commitfs.cli.mount"]
+    for argv in ([], ["--help"], ["-r", "mount", "log"], ["log"], ["--version", "mount"], ["mounts"]):
+        assert verb_modules(argv) == VERB_MODULES, argv
+    assert commitfs.Repository is not None and commitfs.run is not None  # the API, on first use

@@ -202,6 +202,52 @@ def test_a_warm_reopen_and_reread_makes_no_request(dataset, mounts):
         assert proc.returncode == 0 and proc.stdout.split()[0].decode() == want
 
 
+def test_a_random_reads_chunk_goes_to_the_page_cache_whole(dataset, mounts):
+    """A random 4 KiB read of a large file makes the daemon fetch and verify the whole
+    chunk holding it; the daemon hands the chunk to the kernel's page cache (FUSE
+    notify-store), so its pages before the read (which no kernel read-ahead asks
+    for) become resident, and reading them again makes no request: they read right
+    with the daemon stopped (SIGSTOP)."""
+    import mmap
+
+    from test_readpath import _resident_pages_of
+
+    mnt = mounts.mountpoint()
+    mounts.mount(dataset.url, mnt, rev="v1")
+    pid = lookup_daemon_pid(mnt)
+    with Repository.open(dataset.url) as repo:
+        sizes = repo.load_manifest(lookup_path(repo, dataset.commit, "fixed/big.bin").id).chunk_sizes
+    k = len(sizes) // 2
+    start, size = sum(sizes[:k]), sizes[k]
+    page = mmap.PAGESIZE
+    first = (start + page - 1) // page * page  # the chunk's first whole page
+    at = (start + size * 3 // 4) // page * page  # the read, late in the chunk
+    assert at - first >= 4 * page
+    path = mnt / "fixed" / "big.bin"
+    want = (dataset.src / "fixed" / "big.bin").read_bytes()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4096, at) == want[at:at + 4096]
+        deadline = time.monotonic() + 10
+        while _resident_pages_of(fd, first, at - first) < (at - first) // page:
+            assert time.monotonic() < deadline, "the chunk's earlier pages never reached the page cache"
+            time.sleep(0.02)
+    finally:
+        os.close(fd)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        code = ("import os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                "sys.stdout.buffer.write(os.pread(fd, int(sys.argv[3]), int(sys.argv[2])))")
+        # A bound on a hang, not a speed goal: a request to the stopped daemon never returns.
+        proc = subprocess.run([sys.executable, "-c", code, str(path), str(first), str(at - first)],
+                              capture_output=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("re-reading pages of a random read's chunk waited for the daemon")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert proc.returncode == 0 and proc.stdout == want[first:at]
+
+
 def test_without_no_open_the_daemon_opens_files_and_serves_the_same_bytes(dataset, mounts, tmp_path):
     """The fallback (a stock pyfuse3, or no_open=False): every open is an OPEN request
     answered by the daemon, with keep_cache; the bytes are the same."""

@@ -204,6 +204,23 @@ def _resident_pages(path) -> int:
     return sum(b & 1 for b in vec.raw)
 
 
+def _resident_pages_of(fd: int, offset: int, length: int) -> int:
+    """How many pages of [offset, offset + length) of an open file are in the page cache
+    (``offset`` page-aligned; mincore(2) on a private mapping, which reads nothing)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    with mmap.mmap(fd, length, access=mmap.ACCESS_COPY, offset=offset) as m:
+        start = ctypes.c_char.from_buffer(m)
+        vec = ctypes.create_string_buffer((length + mmap.PAGESIZE - 1) // mmap.PAGESIZE)
+        failed = libc.mincore(ctypes.c_void_p(ctypes.addressof(start)), ctypes.c_size_t(length), vec)
+        del start
+    if failed:
+        raise OSError(ctypes.get_errno(), "mincore")
+    return sum(b & 1 for b in vec.raw)
+
+
 def _evict(path) -> None:
     """Drop a file's pages from the page cache, and check that they went.
 
@@ -339,3 +356,50 @@ def test_random_small_reads_within_a_few_chunks_fetch_and_verify_each_chunk_once
     # looked sequential to a stream may hash the chunks after them, once too).
     assert chunks <= set(verified) and all(n == 1 for n in verified.values()), sorted(verified.values())
     assert pack_reads <= 2 * len(chunks), pack_reads
+
+
+def test_random_reads_publish_their_verified_chunks_and_sequential_reads_do_not(tmp_path, cache_home):
+    """A read away from a stream fetches the chunk it overlaps whole; the file system
+    hands those verified bytes, at their file offset, to ``page_store`` (the FUSE
+    adapter's notify-store) in a worker thread, once per chunk; a sequential reader
+    publishes nothing (the kernel's read-ahead has what it reads)."""
+    import trio
+
+    from mount_fixtures import fs_of
+    from test_vfs import lookup_path_ino
+
+    data = random.Random(47).randbytes(6 * 1024 * 1024)
+    write_file(tmp_path / "src" / "weights.bin", data)
+    url = str(tmp_path / "repo")
+    with Repository.init(url) as repo:
+        commit = commit_directory(repo, tmp_path / "src", message="m").commit_id
+    stored: list[tuple[int, int, bytes]] = []
+
+    async def main():
+        with Repository.open(url) as repo:
+            async with fs_of(repo, commit) as fs:
+                fs.page_store = lambda ino, off, got: stored.append((ino, off, bytes(got)))
+                ino = await lookup_path_ino(fs, "weights.bin")
+                for off in range(0, len(data), 128 * 1024):  # a sequential reader
+                    assert await fs.read_inode(ino, off, 128 * 1024) == data[off:off + 128 * 1024]
+                await trio.sleep(0.2)
+                assert stored == []
+                manifest = await fs.loader.manifest(fs._node(ino).entry.id)
+                ends = [sum(manifest.chunk_sizes[:i + 1]) for i in range(len(manifest.chunk_sizes))]
+                fs._close(fs._by_inode.pop(ino))  # a new read state: the next reads are seeks
+                # Seeks (more than the back tolerance and a window apart), and one read
+                # close after the first (it continues that stream: sequential).
+                offs = [ends[5] + 100, ends[40] + 5000, ends[5] + 7000, ends[70] + 1]
+                for off in offs:
+                    assert await fs.read_inode(ino, off, 4096) == data[off:off + 4096]
+                    await trio.sleep(0.05)
+                with trio.fail_after(10):
+                    while len(stored) < 3:
+                        await trio.sleep(0.01)
+                await trio.sleep(0.1)
+                return ino, ends
+    ino, ends = trio.run(main)
+    # Chunks 6, 41 and 71, each once; the read close after the first publishes nothing.
+    assert sorted(off for _, off, _ in stored) == [ends[5], ends[40], ends[70]], stored
+    for i, off, got in stored:
+        assert i == ino and got == data[off:off + len(got)] and len(got) >= 1024

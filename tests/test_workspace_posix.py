@@ -119,18 +119,6 @@ def test_times_follow_posix(ws):
     assert (st.st_atime_ns, st.st_mtime_ns) == (1_300_000_000_000_000_000, 1_400_000_000_000_000_000)
 
 
-def test_names_over_name_max_are_enametoolong(ws):
-    mnt = ws.mount()
-    long = "n" * 256
-    assert errno_of(lambda: (mnt / long).write_bytes(b"x")) == errno.ENAMETOOLONG
-    assert errno_of(lambda: os.mkdir(mnt / long)) == errno.ENAMETOOLONG
-    assert errno_of(lambda: os.symlink("t", mnt / long)) == errno.ENAMETOOLONG
-    (mnt / "short").write_bytes(b"x")
-    assert errno_of(lambda: os.rename(mnt / "short", mnt / long)) == errno.ENAMETOOLONG
-    (mnt / ("m" * 255)).write_bytes(b"ok")  # NAME_MAX itself is fine
-    assert (mnt / ("m" * 255)).read_bytes() == b"ok"
-
-
 @needs_root
 def test_rsync_tar_and_cp_as_root_succeed_and_commit_what_a_directory_would(ws, tmp_path):
     src = tmp_path / "batch"
@@ -304,6 +292,14 @@ def _hard_link_story(root: Path) -> list:
     return seen
 
 
+def _exchange(a: Path, b: Path) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2) != 0:  # AT_FDCWD, RENAME_EXCHANGE
+        raise OSError(ctypes.get_errno(), "renameat2")
+
+
 def test_hard_links_behave_as_on_ext4_and_survive_remount_and_a_crash(ws, tmp_path):
     mnt = ws.mount()
     plain = tmp_path / "plain"
@@ -325,8 +321,16 @@ def test_hard_links_behave_as_on_ext4_and_survive_remount_and_a_crash(ws, tmp_pa
     ws.umount(ro)
     inos = {p: os.stat(mnt / p).st_ino for p in ("keep", "keep2")}
     assert inos["keep"] == inos["keep2"]
+    # rename(RENAME_EXCHANGE) of a linked file and a directory is kept too.
+    (mnt / "xd").mkdir()
+    (mnt / "xd" / "in").write_bytes(b"in")
+    os.link(mnt / "keep2", mnt / "xf")
+    _exchange(mnt / "xf", mnt / "xd")
+    os.unlink(mnt / "xd")
     ws.umount(mnt)
     mnt = ws.mount()
+    assert (mnt / "xf" / "in").read_bytes() == b"in" and not os.path.exists(mnt / "xd")
+    assert (mnt / "big-link").read_bytes() == b"EDIT" + base[4:]  # the write through the link, kept
     for pair in (("keep", "keep2"), ("fixed/big.bin", "big-link"), ("sl", "sl2")):
         a, b = (os.lstat(mnt / p) for p in pair)
         assert a.st_ino == b.st_ino and a.st_nlink == b.st_nlink == 2, pair
@@ -400,3 +404,33 @@ def test_cp_al_into_a_workspace_succeeds_and_commits_what_a_directory_would(ws, 
     ws.cli("-r", ws.url, "checkout", "main", str(out)).check_returncode()
     for dest in ("c", "l"):
         compare_trees(out / dest, plain / dest, modes=False)
+
+
+def test_reset_of_a_path_takes_out_only_the_names_below_it(ws):
+    mnt = ws.mount()
+    (mnt / "d").mkdir()
+    (mnt / "d" / "f").write_bytes(b"linked")
+    os.link(mnt / "d" / "f", mnt / "outside")  # one name inside d, one outside
+    os.link(mnt / "d" / "f", mnt / "d" / "g")  # two names inside d
+    (mnt / "d" / "only").write_bytes(b"only")
+    os.link(mnt / "d" / "only", mnt / "d" / "only2")
+    os.link(mnt / "fixed" / "big.bin", mnt / "big-link")
+    # reset of a directory the base does not have: it goes, the name outside stays
+    ws.cli("reset", str(mnt), "d").check_returncode()
+    assert not os.path.exists(mnt / "d")
+    assert (mnt / "outside").read_bytes() == b"linked" and os.stat(mnt / "outside").st_nlink == 1
+    # reset of one name of a committed file: the link name goes, the base file is itself again
+    ws.cli("reset", str(mnt), "big-link").check_returncode()
+    assert not os.path.exists(mnt / "big-link") and os.stat(mnt / "fixed" / "big.bin").st_nlink == 1
+    ws.umount(mnt)
+    mnt = ws.mount()
+    assert (mnt / "outside").read_bytes() == b"linked" and not os.path.exists(mnt / "d")
+    status = json.loads(ws.cli("status", str(mnt), "--json").stdout)["changes"]
+    assert [c["path"] for c in status] == ["outside"]
+    # reset of everything drops every name the base does not have, links included
+    os.link(mnt / "outside", mnt / "fixed" / "inside")
+    os.link(mnt / "fixed" / "run.sh", mnt / "run-link")
+    ws.cli("reset", str(mnt)).check_returncode()
+    assert not any(os.path.exists(mnt / p) for p in ("outside", "fixed/inside", "run-link"))
+    assert os.stat(mnt / "fixed" / "run.sh").st_nlink == 1
+    assert json.loads(ws.cli("status", str(mnt), "--json").stdout)["changes"] == []

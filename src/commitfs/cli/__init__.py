@@ -21,6 +21,31 @@ VERB_MODULES = ["commitfs.cli.core", "commitfs.cli.inspect", "commitfs.cli.mount
                 "commitfs.cli.gc"]
 
 
+#: Verbs for which only their own module is imported when the command line names
+#: them: `commitfs mount` is on the way to a mount's first `ls` (the other verb
+#: modules import most of commitfs).
+FAST_VERBS = {"mount": "commitfs.cli.mount", "umount": "commitfs.cli.mount"}
+_GLOBAL_OPTIONS_WITH_VALUE = ("-r", "--repo", "--endpoint-url")
+
+
+def verb_modules(argv: list[str]) -> list[str]:
+    """The verb modules to build the parser from: the named verb's alone if it
+    is one of FAST_VERBS, else all (any help, the version, any other verb)."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in _GLOBAL_OPTIONS_WITH_VALUE:
+            i += 2
+        elif arg.startswith("-"):
+            if arg in ("-h", "--help", "--version"):
+                break
+            i += 1
+        else:
+            fast = FAST_VERBS.get(arg)
+            return [fast] if fast is not None else VERB_MODULES
+    return VERB_MODULES
+
+
 class _Parser(argparse.ArgumentParser):
     _intermixing = False
 
@@ -43,7 +68,7 @@ class _Parser(argparse.ArgumentParser):
             self._intermixing = False
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(modules: list[str] = VERB_MODULES) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-r", "--repo", default=argparse.SUPPRESS,
                         help="repository URL: a path or s3://BUCKET/PREFIX (default: $COMMITFS_REPO)")
@@ -58,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     import importlib
 
-    for name in VERB_MODULES:
+    for name in modules:
         try:
             module = importlib.import_module(name)
         except ImportError as exc:
@@ -118,7 +143,9 @@ def _silence_stdout() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(verb_modules(argv))
     args = parser.parse_args(argv)
     real_stdout = sys.stdout
     sys.stdout = _GuardedOutput(real_stdout)

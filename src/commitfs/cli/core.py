@@ -7,34 +7,15 @@ import sys
 
 from commitfs.cli.inspect import add_log_options, show_changes_for
 from commitfs.cli.output import ProgressBar, count_of, human_size, print_json, warn
+from commitfs.cli.repo import open_repo, open_url, repo_url, store_options  # noqa: F401 (verbs import them from here)
 from commitfs.errors import CommitfsError, InputError, NothingToCommitError, RevisionError, UsageError
 from commitfs.model.objects import Kind
 from commitfs.ops import browse, history, refnames
 from commitfs.ops.checkout import checkout
 from commitfs.ops.fsck import fsck
-from commitfs.ops.root import init_repository, open_repository
+from commitfs.ops.root import init_repository
 from commitfs.ops.snapshot import check_commit_text, commit_directory
 from commitfs.repo.repository import Repository
-
-
-def repo_url(args) -> str:
-    if not args.repo:
-        raise CommitfsError("no repository given: use -r/--repo URL or set COMMITFS_REPO")
-    return args.repo
-
-
-def store_options(args) -> dict:
-    return {"endpoint_url": args.endpoint_url} if getattr(args, "endpoint_url", None) else {}
-
-
-def open_url(args, url: str, endpoint_url: str | None = None) -> Repository:
-    """The repository at ``url`` through the one composition root (ops/root.py);
-    one-shot commands keep no chunk cache."""
-    return open_repository(url, cache_dir=False, endpoint_url=endpoint_url or getattr(args, "endpoint_url", None))
-
-
-def open_repo(args) -> Repository:
-    return open_url(args, repo_url(args))
 
 
 def parse_meta(items: list[str] | None) -> dict[str, str]:

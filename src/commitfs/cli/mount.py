@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from commitfs.cache import DEFAULT_MAX_BYTES, parse_size
-from commitfs.cli.core import open_repo, repo_url
+from commitfs.cli.repo import open_repo, repo_url
 from commitfs.cli.output import warn
 from commitfs.ops.root import cache_root
 from commitfs.errors import InputError, UsageError

@@ -131,6 +131,10 @@ class Operations(pyfuse3.Operations):
         self.fs = fs
         self.no_open = False  # see the class docstring
         self.opens = 0  # OPEN requests received (in no-open mode: 1 at most, the first)
+        if isinstance(fs, FileSystem):
+            # Verified chunks a random read fetched whole go to the kernel's page cache,
+            # so the next reads in them make no request (vfs/prefetch.py, publishing).
+            fs.page_store = store_pages
         self.uid = os.getuid()
         self.gid = os.getgid()
 
@@ -339,6 +343,16 @@ class WorkspaceOperations(Operations):
 
     setxattr = _unsupported
     removexattr = _unsupported
+
+
+def store_pages(inode: int, offset: int, data) -> None:
+    """Put a file's verified bytes into the kernel's page cache (FUSE notify-store;
+    blocking: called in a worker thread).  The kernel keeps only whole pages; an
+    inode it has forgotten, or an old kernel, is not an error."""
+    try:
+        pyfuse3.notify_store(inode, offset, data)
+    except OSError as exc:
+        log.debug("notify_store of inode %d failed: %s", inode, exc)
 
 
 def invalidate(inodes) -> None:

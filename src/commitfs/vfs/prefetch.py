@@ -56,6 +56,13 @@ task); only if that would block does it become a task.  Read-ahead parts
 are always tasks, so the reader never waits for bytes it has not asked for.
 ``prime()`` starts the initial window at a file's first open.
 
+*Publishing.*  A read that is not sequential fetches the chunk or two it
+overlaps, whole (no byte leaves unverified), for the few KiB the kernel asked
+for.  With ``publish`` set, the chunks of such a demand part are handed to it
+with their file offset once verified: the file system gives them to the
+kernel's page cache (FUSE's notify-store), so the next random reads in the
+same chunks are the kernel's alone, with no request at all.
+
 A failed part raises its error to every read that needs it (the kernel
 returns EIO) and is forgotten, so the next read of that range tries again.
 Failures of parts no read needs are only logged.
@@ -89,16 +96,19 @@ BACK_TOLERANCE = 1024 * 1024
 Fetch = Callable[[list[bytes]], Awaitable[list[bytes]]]
 #: Chunks now, without waiting for storage, or None if they are not in memory.
 FetchNow = Callable[[list[bytes]], "list[bytes] | None"]
+#: Verified chunks a random read fetched, with the file offset of the first (module doc).
+Publish = Callable[[int, list], None]
 
 
 class _Part:
     """A fetch of chunks [first, last) of one file."""
 
-    __slots__ = ("first", "last", "done", "chunks", "error")
+    __slots__ = ("first", "last", "done", "chunks", "error", "publish")
 
-    def __init__(self, first: int, last: int):
+    def __init__(self, first: int, last: int, publish: bool = False):
         self.first = first
         self.last = last
+        self.publish = publish  # hand its chunks to ``publish`` once fetched (module doc)
         self.done = trio.Event()
         self.chunks: list[bytes] | None = None
         self.error: BaseException | None = None
@@ -108,7 +118,7 @@ class Prefetcher:
     """Reads of one open file, with read-ahead."""
 
     def __init__(self, manifest: FileManifest, fetch: Fetch, nursery: trio.Nursery, *,
-                 fetch_now: FetchNow | None = None,
+                 fetch_now: FetchNow | None = None, publish: Publish | None = None,
                  initial_window: int = INITIAL_WINDOW, max_window: int = MAX_WINDOW,
                  part_bytes: int = PART_BYTES, back_tolerance: int = BACK_TOLERANCE):
         self.layout = manifest  # offsets to chunks: its prefix sums
@@ -117,6 +127,8 @@ class Prefetcher:
         self._sizes = manifest.chunk_sizes
         self._fetch = fetch
         self._fetch_now = fetch_now
+        self._publish = publish
+        self._seeking = False  # the read being scheduled is not sequential
         self._nursery = nursery
         self.initial_window = initial_window
         self.max_window = max(max_window, initial_window)
@@ -211,7 +223,11 @@ class Prefetcher:
                 if part.last <= first or part.first >= last:
                     self._drop(part)
         if not sequential:
-            self._start_missing(first, last, demand_end=last)  # a seek fetches only what it needs
+            self._seeking = True
+            try:
+                self._start_missing(first, last, demand_end=last)  # a seek fetches only what it needs
+            finally:
+                self._seeking = False
             return
         # Demand and read-ahead, in the same parts where they are neighbours.  The
         # read-ahead is topped up only when less than half a window is left ahead of
@@ -256,7 +272,7 @@ class Prefetcher:
         """A part for chunks [first, last): fetched here and now if a read waits
         for it and its bytes are in memory (no task, no worker thread), else by a
         task."""
-        part = _Part(first, last)
+        part = _Part(first, last, publish=demand and self._seeking and self._publish is not None)
         for i in range(first, last):
             self._parts[i] = part
         self._live.add(part)
@@ -266,6 +282,7 @@ class Prefetcher:
                 part.chunks = self._fetch_now(list(self._ids[first:last]))
                 if part.chunks is not None:
                     self._check(part)
+                    self._published(part)
             except Exception as exc:  # handed to the read, as a task's failure would be
                 part.error = exc
             if part.chunks is not None or part.error is not None:
@@ -284,6 +301,10 @@ class Prefetcher:
             part.chunks = None
             raise
 
+    def _published(self, part: _Part) -> None:
+        if part.publish and not self._closed:
+            self._publish(self.layout.chunk_start(part.first), part.chunks)
+
     def _drop(self, part: _Part) -> None:
         self._live.discard(part)
         for i in range(part.first, part.last):
@@ -294,6 +315,7 @@ class Prefetcher:
         try:
             part.chunks = await self._fetch(list(self._ids[part.first:part.last]))
             self._check(part)
+            self._published(part)
         except Exception as exc:  # handed to the reads that wait for this part
             part.error = exc
             if not self._closed:

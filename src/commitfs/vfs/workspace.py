@@ -97,7 +97,6 @@ from commitfs.vfs.errors import (
     NotASymlinkError,
     NotEmptyError,
     NotPermittedError,
-    UnsupportedError,
 )
 from commitfs.vfs.inode import ROOT_INODE, XATTR_COMMIT, XATTR_REPO, Attr
 from commitfs.vfs.overlay import ROOT_ID, Overlay, SpaceReleasedError
@@ -417,6 +416,12 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
         n.mtime_ns = n.atime_ns = n.ctime_ns = _now()
         if owner is not None:
             n.uid, n.gid = owner  # the creator (another user through --allow-other)
+        if d.mode & stat.S_ISGID:
+            # A setgid directory gives its group to what is made in it, and its setgid
+            # bit to new directories, as on ext4.
+            n.gid = d.gid if d.gid is not None else os.getgid()
+            if kind == "dir":
+                n.mode |= stat.S_ISGID
         if kind == "dir":
             n.children = {}
         return n
@@ -537,7 +542,7 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
                      flags: int = 0) -> None:
         if flags & RENAME_EXCHANGE:
-            raise UnsupportedError("RENAME_EXCHANGE is not supported")
+            return await self._exchange(parent_inode_old, name_old, parent_inode_new, name_new)
         async with self._lock:
             old, new = self._name(name_old), self._new_name(name_new)
             src, dst = self._dir(parent_inode_old), self._dir(parent_inode_new)
@@ -557,11 +562,7 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
                 if target.is_dir and not await self._is_empty(target):
                     raise NotEmptyError(f"{new} is not empty")
             if n.is_dir:
-                p = dst
-                while p is not None:
-                    if p is n:
-                        raise InvalidArgumentError("cannot move a directory into itself")
-                    p = p.parent
+                self._check_not_below(dst, n)
             await self._materialize(src)
             await self._materialize(dst)
             n = src.children.get(old)
@@ -592,6 +593,48 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
             n.ctime_ns = _now()  # a rename changes the moved node's status, as on ext4
             n.dirty = True
             dst.children[new] = n
+            self._touch(src)
+            self._touch(dst)
+
+    @staticmethod
+    def _check_not_below(d: WNode, n: WNode) -> None:
+        p = d
+        while p is not None:
+            if p is n:
+                raise InvalidArgumentError("cannot move a directory into itself")
+            p = p.parent
+
+    async def _exchange(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                        name_new: bytes) -> None:
+        """rename(RENAME_EXCHANGE): the two names swap nodes, atomically."""
+        async with self._lock:
+            old, new = self._name(name_old), self._name(name_new)
+            src, dst = self._dir(parent_inode_old), self._dir(parent_inode_new)
+            n, m = await self._child(src, old), await self._child(dst, new)
+            if n is None or m is None:
+                raise PathNotFoundError(f"{old if n is None else new}: no such entry")
+            if n is m:
+                return
+            if n.is_dir:
+                self._check_not_below(dst, n)
+            if m.is_dir:
+                self._check_not_below(src, m)
+            await self._materialize(src)
+            await self._materialize(dst)
+            n, m = src.children.get(old), dst.children.get(new)
+            if n is None or m is None:
+                raise PathNotFoundError(f"{old if n is None else new}: no such entry")
+            # Names are unique per directory in the overlay: n goes through a name no
+            # directory can hold (a slash) while m takes its place.
+            with self.overlay.batch():
+                self._move_name_rows(n, src, old, dst, "/exchange")
+                move_m = self._move_name_rows(m, dst, new, src, old)
+                move_n = self._move_name_rows(n, src, old, dst, new)
+            move_m()
+            move_n()
+            src.children[old], dst.children[new] = m, n
+            n.ctime_ns = m.ctime_ns = _now()
+            n.dirty = m.dirty = True
             self._touch(src)
             self._touch(dst)
 
@@ -654,6 +697,7 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
             async with self._lock:
                 fd = await self._ensure_upper(n, empty=True)
                 self._truncate(n, fd, 0)
+                n.ctime_ns = n.mtime_ns
         return self._open_handle(n)
 
     def _handle(self, fh: int) -> _Handle:
