@@ -460,7 +460,8 @@ def stop_mount(mnt: Path) -> None:
 
 @contextmanager
 def commitfs_mount(repo_url: str, mnt: Path, cache_dir: Path, rev: str = "main",
-                   endpoint_url: str | None = None, extra: tuple[str, ...] = ()) -> Iterator[Mounted]:
+                   endpoint_url: str | None = None, extra: tuple[str, ...] = (),
+                   env: dict[str, str] | None = None) -> Iterator[Mounted]:
     """`commitfs mount` (a daemon, as a user runs it) for the block; unmounted after it, even on error."""
     cmd = commitfs_command() + ["mount", "-r", repo_url, "--cache-dir", str(cache_dir), *extra]
     if endpoint_url:
@@ -468,7 +469,7 @@ def commitfs_mount(repo_url: str, mnt: Path, cache_dir: Path, rev: str = "main",
     cmd += [rev, str(mnt)]
     try:
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"commitfs mount failed: {proc.stderr.strip()}")
         os.listdir(mnt)
@@ -683,6 +684,10 @@ def section(name: str, help_: str) -> Callable[[SectionFn], SectionFn]:
     return register
 
 
+#: Issue 19: the first commit of the sample dataset peaks under this (restic 135 MB, borg 84 MB).
+FIRST_COMMIT_MEMORY_LIMIT = 200 * MiB
+
+
 @section("core", "commit throughput, incremental commits, bytes stored per edit (local repository)")
 def bench_core(b: Bench) -> SectionResult:
     ds = b.dataset()
@@ -755,6 +760,17 @@ def bench_core(b: Bench) -> SectionResult:
     for name, res in (("weights edit", w), ("CSV append", c)):
         if res.files_read != 1:
             notes.append(f"WARNING: the {name} commit read {res.files_read} files, expected 1")
+
+    # 3b. Peak memory of a first commit (issue 19), as a user runs it, beside the
+    # interpreter's own with commitfs's CLI imported.
+    mem_repo = b.scratch("repo-memory")
+    Repository.init(str(mem_repo)).close()
+    b.log("first commit as `commitfs commit` in a subprocess, for its peak memory")
+    _, base_rss, _ = _run_measured(commitfs_command() + ["--version"])
+    mem_s, mem_rss, _ = _run_measured(commitfs_command() + ["commit", "-r", str(mem_repo), str(ds.root), "-m", "mem"])
+    shutil.rmtree(mem_repo)
+    out.rows.append(Row("first commit peak memory (ru_maxrss of `commitfs commit`) vs `commitfs --version`",
+                        mem_rss, base_rss, "B", limit=("<=", FIRST_COMMIT_MEMORY_LIMIT)))
 
     # 4. Shape of the first commit.
     nobjects = sum(counts.values())
@@ -925,6 +941,10 @@ def _mount_reads(b: Bench, ds: Dataset, repo_url: str, out: SectionResult) -> No
             b.log("warm re-reads through the same mount (median of 3)")
             warm_s = statistics.median(read_all(mnt) for _ in range(3))
             warm_w_s = statistics.median(timed(read_to_devnull, mnt, [ds.WEIGHTS])[0] for _ in range(3))
+        b.log("the same warm re-reads through a mount without the fast path (COMMITFS_NO_FASTPATH=1)")
+        with commitfs_mount(repo_url, mnt, cache_dir, env=dict(os.environ, COMMITFS_NO_FASTPATH="1")):
+            read_all(mnt)
+            slow_warm_s = statistics.median(read_all(mnt) for _ in range(3))
         b.log("nullfs serving every file from memory: the same warm re-reads (the framework's ceiling)")
         with nullfs_mount(ds.root, paths, mnt, b.scratch("nullfs")):
             null_first_s = read_all(mnt)
@@ -948,6 +968,8 @@ def _mount_reads(b: Bench, ds: Dataset, repo_url: str, out: SectionResult) -> No
         Row("warm re-read of every file through the mount vs the files (warm)",
             nbytes / warm_s, nbytes / disk_s, "B/s", (">=", 0.8)),
         Row("  same, vs nullfs serving every file (warm)", nbytes / warm_s, nbytes / null_warm_s, "B/s"),
+        Row("  same, vs a mount without the fast path (COMMITFS_NO_FASTPATH=1: every open() a round trip)",
+            nbytes / warm_s, nbytes / slow_warm_s, "B/s"),
         Row("  the framework's ceiling: nullfs (warm) vs the files (warm)", nbytes / null_warm_s, nbytes / disk_s,
             "B/s"),
         Row(f"  same, the {human(wbytes, 'B')} weights file alone", wbytes / warm_w_s, wbytes / disk_w_s, "B/s",
@@ -962,6 +984,7 @@ def _mount_reads(b: Bench, ds: Dataset, repo_url: str, out: SectionResult) -> No
         Row("  same, vs a new nullfs serving the weights from memory", first_rand_s, null_rand_s, "s"),
     ]
     details = {"disk_s": disk_s, "warm_s": warm_s, "first_s": first_s, "disk_weights_s": disk_w_s,
+               "warm_without_fast_path_s": slow_warm_s, "fast_path_missing": mounted.fast_path_missing,
                "nullfs_first_s": null_first_s, "nullfs_warm_s": null_warm_s,
                "nullfs_warm_weights_s": null_warm_w_s,
                "warm_weights_s": warm_w_s, "first_weights_s": first_w_s, "disk_parallel_s": disk_par_s,
@@ -2607,7 +2630,20 @@ def bench_scale(b: Bench) -> SectionResult:
     finally:
         shutil.rmtree(repo_dir, ignore_errors=True)
 
-    # One file added to a flat directory.
+    _bench_flat_add(b, out, flat_n)
+    out.notes.append(
+        f"{n:,} files in {dirs:,} directories of {per_dir:,}, {SCALE_FILE_SIZE} B each, in {files.root}; every "
+        "commit is `commitfs commit --json` in a subprocess (interpreter start-up included), its peak memory "
+        "from wait4's ru_maxrss; find baselines are medians of 3 warm runs; the mount is `commitfs mount` of "
+        "the first commit")
+    return out
+
+
+
+def _bench_flat_add(b: Bench, out: SectionResult, flat_n: int) -> None:
+    """One 9-byte file added to a ``flat_n``-entry flat directory: the bytes the
+    re-commit stores (a split tree rewrites a leaf chunk and one index node
+    per level, docs/FORMAT.md "Split trees"), beside the file's 9 bytes."""
     flat = SmallFiles(b.workdir / f"scale-flat-{b.scale.name}", 1, flat_n, flat=True)
     flat.ensure(b.log)
     repo_dir = b.scratch("repo-scale-flat")
@@ -2627,11 +2663,16 @@ def bench_scale(b: Bench) -> SectionResult:
     finally:
         shutil.rmtree(repo_dir, ignore_errors=True)
         (flat.root / "added.bin").unlink(missing_ok=True)
-    out.notes.append(
-        f"{n:,} files in {dirs:,} directories of {per_dir:,}, {SCALE_FILE_SIZE} B each, in {files.root}; every "
-        "commit is `commitfs commit --json` in a subprocess (interpreter start-up included), its peak memory "
-        "from wait4's ru_maxrss; find baselines are medians of 3 warm runs; the flat directory is "
-        f"{flat_n:,} files in {flat.root}; the mount is `commitfs mount` of the first commit")
+    out.notes.append(f"the flat directory is {flat_n:,} files of {SCALE_FILE_SIZE} B in {flat.root}, committed "
+                     "with `commitfs commit` in a subprocess; the figure is the repository's growth on disk")
+
+
+@section("flat", "the scale section's flat-directory figure alone (split trees): bytes stored for one file "
+                 "added; COMMITFS_BENCH_FLAT_FILES=N sets the directory's size (default: the scale's)")
+def bench_flat(b: Bench) -> SectionResult:
+    out = SectionResult()
+    flat_n = int(os.environ.get("COMMITFS_BENCH_FLAT_FILES") or SCALE_FILES[b.scale.name][2])
+    _bench_flat_add(b, out, flat_n)
     return out
 
 
@@ -2669,7 +2710,7 @@ def main(argv: list[str] | None = None) -> int:
     # A SIGTERM unwinds like Ctrl-C, so that every mount and process a section started is stopped.
     signal.signal(signal.SIGTERM, _exit_on_signal)
     bench = Bench(SCALES[args.scale], args.workdir.absolute(), args.profile)
-    names = list(SECTIONS) if args.section == "all" else [args.section]
+    names = [n for n in SECTIONS if n != "flat"] if args.section == "all" else [args.section]  # scale has it
     results: dict[str, SectionResult] = {}
     for name in names:
         bench.log(f"section {name}")

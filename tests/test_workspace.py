@@ -101,27 +101,6 @@ def test_every_operation_matches_a_plain_directory(ws):
     compare_trees(mnt, ref)
 
 
-def test_a_file_unlinked_while_open_stays_readable(ws):
-    mnt = ws.mount()
-    big = (ws.src / "fixed" / "big.bin").read_bytes()
-    base_file = open(mnt / "fixed" / "big.bin", "rb")  # untouched: read from the repository
-    (mnt / "scratch").write_bytes(b"local bytes")
-    local_file = open(mnt / "scratch", "r+b")  # in the overlay
-    try:
-        os.unlink(mnt / "fixed" / "big.bin")
-        os.unlink(mnt / "scratch")
-        assert not (mnt / "scratch").exists()
-        assert base_file.read() == big
-        assert local_file.read() == b"local bytes"
-        local_file.write(b" and more")  # writes to the unlinked file work too
-        local_file.seek(0)
-        assert local_file.read() == b"local bytes and more"
-    finally:
-        base_file.close()
-        local_file.close()
-    assert sorted(os.listdir(mnt / "fixed")).count("big.bin") == 0
-
-
 # --- status, commit, reset ------------------------------------------------------------
 def test_status_commit_and_reset(ws):
     mnt = ws.mount()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import logging
 import os
 import random
 import stat
@@ -37,8 +38,6 @@ from wsharness import RENAME_NOREPLACE, ErrorLog, Kernel, Session, commit, commi
 from commitfs.ops.snapshot import commit_directory
 from commitfs.repo.repository import Repository
 from commitfs.vfs.inode import XATTR_COMMIT, XATTR_REPO
-
-import logging
 
 NAME_MAX = 255
 ENOATTR = errno.ENODATA
@@ -541,10 +540,12 @@ class Run:
         r, k, m = self.rng, self.k, self.model
         op = r.choices(
             ["open", "write", "read", "close", "truncate", "ftruncate", "fsync", "mkdir", "rmdir", "unlink",
-             "rename", "symlink", "mknod", "link", "chmod", "chown", "utime", "xattr", "create"],
-            weights=[8, 10, 5, 6, 3, 2, 1, 4, 3, 4, 7, 2, 1, 4, 2, 1, 2, 1, 2])[0]
+             "rename", "symlink", "mknod", "link", "chmod", "chown", "utime", "xattr", "create", "readdir"],
+            weights=[8, 10, 5, 6, 3, 2, 1, 4, 3, 4, 7, 2, 1, 4, 2, 1, 2, 1, 2, 2])[0]
         owner = (k.ctx.uid, k.ctx.gid)
-        if op in ("open", "create"):
+        if op == "readdir":
+            await self.readdir_while_changing()
+        elif op in ("open", "create"):
             p = self.any_path((("file",) if r.random() < 0.8 else ("file", "dir", "link")) if op == "open" else None)
             if op == "create":
                 flags, mode = os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644
@@ -660,6 +661,50 @@ class Run:
                         raise OSError(ENOATTR, name)
                     return v
                 await self.both(f"getxattr {p!r} {name}", lambda: k.getxattr(p, name), get)
+
+    async def readdir_while_changing(self) -> None:
+        """A directory listed in small batches while its entries change between them: every
+        entry there before and after (the same node) is listed exactly once, and nothing
+        listed was never there (POSIX leaves entries added or removed meanwhile open)."""
+        r, k, m = self.rng, self.k, self.model
+        path = r.choice([""] + [p for p, n in m.paths().items() if n.kind == "dir"])
+        d = m.lookup(path)
+        self.log.append(f"readdir {path!r} while changing")
+        fh = await k.opendir(path)
+        listed: list[str] = []
+        try:
+            before = dict(d.children)
+            got = await k.readdir(fh, 0, r.choice([1, 2, 3]))
+            listed += [name for name, _, _ in got]
+            start = got[-1][2] if got else 0
+            for _ in range(r.choice([1, 2, 3])):
+                names = sorted(d.children)
+                child = f"{path}/{r.choice(names)}" if names and r.random() < 0.7 else None
+                new = f"{path}/{r.choice(NEW_NAMES)}" if path else r.choice(NEW_NAMES)
+                if child is None or r.random() < 0.3:
+                    await self.both(f"  mkdir {new!r}", lambda: k.mkdir(new), lambda t: m.mkdir(new, 0o755, t, (
+                        k.ctx.uid, k.ctx.gid)))
+                elif r.random() < 0.5:
+                    await self.both(f"  rename {child!r} {new!r}", lambda: k.rename(child, new),
+                                    lambda t: m.rename(child, new, 0, t))
+                else:
+                    await self.both(f"  unlink {child!r}", lambda: k.unlink(child), lambda t: m.unlink(child, t))
+            if start or not got:
+                while True:
+                    got = await k.readdir(fh, start, r.choice([None, 1, 4]))
+                    if not got:
+                        break
+                    listed += [name for name, _, _ in got]
+                    start = got[-1][2]
+        finally:
+            await k.releasedir(fh)
+        after = dict(d.children)
+        assert len(listed) == len(set(listed)), f"readdir listed {listed}: a name twice; {self.where()}"
+        stayed = {name for name, n in before.items() if after.get(name) is n}
+        assert stayed <= set(listed), \
+            f"readdir missed {sorted(stayed - set(listed))}, there all along; {self.where()}"
+        assert set(listed) <= set(before) | set(after), \
+            f"readdir listed {sorted(set(listed) - set(before) - set(after))}, never there; {self.where()}"
 
     # --- whole-tree comparison ----------------------------------------------------------
     async def compare(self, contents: bool = True) -> None:

@@ -119,18 +119,6 @@ def test_times_follow_posix(ws):
     assert (st.st_atime_ns, st.st_mtime_ns) == (1_300_000_000_000_000_000, 1_400_000_000_000_000_000)
 
 
-def test_names_over_name_max_are_enametoolong(ws):
-    mnt = ws.mount()
-    long = "n" * 256
-    assert errno_of(lambda: (mnt / long).write_bytes(b"x")) == errno.ENAMETOOLONG
-    assert errno_of(lambda: os.mkdir(mnt / long)) == errno.ENAMETOOLONG
-    assert errno_of(lambda: os.symlink("t", mnt / long)) == errno.ENAMETOOLONG
-    (mnt / "short").write_bytes(b"x")
-    assert errno_of(lambda: os.rename(mnt / "short", mnt / long)) == errno.ENAMETOOLONG
-    (mnt / ("m" * 255)).write_bytes(b"ok")  # NAME_MAX itself is fine
-    assert (mnt / ("m" * 255)).read_bytes() == b"ok"
-
-
 @needs_root
 def test_rsync_tar_and_cp_as_root_succeed_and_commit_what_a_directory_would(ws, tmp_path):
     src = tmp_path / "batch"
@@ -439,3 +427,10 @@ def test_reset_of_a_path_takes_out_only_the_names_below_it(ws):
     assert (mnt / "outside").read_bytes() == b"linked" and not os.path.exists(mnt / "d")
     status = json.loads(ws.cli("status", str(mnt), "--json").stdout)["changes"]
     assert [c["path"] for c in status] == ["outside"]
+    # reset of everything drops every name the base does not have, links included
+    os.link(mnt / "outside", mnt / "fixed" / "inside")
+    os.link(mnt / "fixed" / "run.sh", mnt / "run-link")
+    ws.cli("reset", str(mnt)).check_returncode()
+    assert not any(os.path.exists(mnt / p) for p in ("outside", "fixed/inside", "run-link"))
+    assert os.stat(mnt / "fixed" / "run.sh").st_nlink == 1
+    assert json.loads(ws.cli("status", str(mnt), "--json").stdout)["changes"] == []

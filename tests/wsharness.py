@@ -33,7 +33,6 @@ import errno
 import logging
 import os
 import stat
-from contextlib import asynccontextmanager
 from types import SimpleNamespace
 
 import pyfuse3
@@ -163,25 +162,40 @@ class Kernel:
         try:
             start = 0
             while True:
-                got: list = []
-
-                def reply(name: bytes, attr, next_id: int) -> bool:
-                    if batch is not None and len(got) >= batch:
-                        return False
-                    got.append((name, self.ops._entry(attr), next_id))
-                    return True
-                await self._call(path, self.fs.readdir, fh, start, reply)
+                got = await self.readdir(fh, start, batch)
                 if not got:
                     break
-                for name, e, next_id in got:
-                    self._count(e)  # readdirplus: every entry replied counts a lookup
-                    text = name.decode()
+                for text, e, next_id in got:
                     assert text not in out, f"readdir of {path!r} returned {text!r} twice"
                     out[text] = e
                     start = next_id
         finally:
-            await self._call(path, self.ops.releasedir, fh)
+            await self.releasedir(fh)
         return out
+
+    async def opendir(self, path: str) -> int:
+        ino, entry = await self.resolve(path)
+        if entry is not None and not stat.S_ISDIR(entry.st_mode):
+            raise _err(errno.ENOTDIR, path)
+        return await self._call(path, self.ops.opendir, ino, self.ctx)
+
+    async def readdir(self, fh: int, start: int, batch: int | None = None) -> list[tuple]:
+        """One READDIRPLUS request from offset ``start``: [(name, entry, next offset)],
+        at most ``batch`` of them (the kernel's buffer); each entry counts a lookup."""
+        got: list = []
+
+        def reply(name: bytes, attr, next_id: int) -> bool:
+            if batch is not None and len(got) >= batch:
+                return False
+            got.append((name.decode(), self.ops._entry(attr), next_id))
+            return True
+        await self._call("readdir", self.fs.readdir, fh, start, reply)
+        for _, e, _ in got:
+            self._count(e)
+        return got
+
+    async def releasedir(self, fh: int) -> None:
+        await self._call("releasedir", self.ops.releasedir, fh)
 
     async def open(self, path: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
         """open(2): O_CREAT creates when absent (O_EXCL: EEXIST when present), O_TRUNC truncates."""

@@ -8,7 +8,9 @@
  *
  * This module puts the inode back without touching pyfuse3.  It defines
  * fuse_session_new (libfuse's public, ABI-stable entry point, the one call
- * pyfuse3.init makes to hand libfuse its table of callbacks).  Loaded with
+ * pyfuse3.init makes to hand libfuse its table of callbacks; and
+ * fuse_session_new_versioned, which that call becomes with libfuse >= 3.17's
+ * headers: untested here, where Debian 12 has 3.14).  Loaded with
  * RTLD_GLOBAL before pyfuse3 (fuse/fastpath.py, in the daemon only), this
  * definition is the one pyfuse3's reference binds to: the dynamic linker looks
  * in the global scope before a library's own dependencies.  The wrapper copies
@@ -65,18 +67,42 @@ static void read_shim(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, st
     pyfuse3_read(req, ino, size, off, fi);
 }
 
-/* libfuse's own fuse_session_new: looked up in the libfuse3 this module links
-   (found from one of its functions), the same file pyfuse3 links. */
-static new_fn libfuse_session_new(void) {
+/* libfuse's own definition of NAME: looked up in the libfuse3 this module links
+   (found from one of its functions), the same file pyfuse3 links; never this
+   module's own (a library handle's lookup does not search the global scope). */
+static void *libfuse_symbol(const char *name) {
     Dl_info info;
     if (!dladdr((void *)fuse_session_unmount, &info) || info.dli_fname == NULL)
         return NULL;
     void *lib = dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD);
     if (lib == NULL)
         return NULL;
-    new_fn real = (new_fn)dlsym(lib, "fuse_session_new");
+    void *sym = dlsym(lib, name);
     dlclose(lib);  /* still loaded: this module links it */
-    return real == fuse_session_new ? NULL : real;
+    return sym;
+}
+
+/* The table to hand libfuse in place of ``op``: a copy with read_shim in the READ
+   slot, or ``op`` itself when there is nothing to wrap (no read callback, a table
+   too short to have one, or one already wrapped: libfuse's compatibility entry
+   points may call the versioned one below). */
+static const struct fuse_lowlevel_ops *wrap_table(const struct fuse_lowlevel_ops *op, size_t op_size) {
+    static struct fuse_lowlevel_ops *table = NULL;  /* libfuse copies it into the session */
+    static size_t table_size = 0;
+    if (op == NULL || op_size < offsetof(struct fuse_lowlevel_ops, read) + sizeof(read_fn)
+            || op->read == NULL || op->read == read_shim)
+        return op;
+    if (table_size < op_size) {
+        struct fuse_lowlevel_ops *grown = realloc(table, op_size);
+        if (grown == NULL)
+            return op;
+        table = grown;
+        table_size = op_size;
+    }
+    memcpy(table, op, op_size);
+    pyfuse3_read = op->read;
+    table->read = read_shim;
+    return table;
 }
 
 __attribute__((visibility("default")))
@@ -84,28 +110,41 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
                                       size_t op_size, void *userdata) {
     static new_fn real = NULL;
     if (real == NULL)
-        real = libfuse_session_new();
-    if (real == NULL)
+        real = (new_fn)libfuse_symbol("fuse_session_new");
+    if (real == NULL || real == fuse_session_new)
         return NULL;  /* no libfuse behind this one: pyfuse3.init fails loudly */
     wrapped = 0;
-    if (op == NULL || op_size < offsetof(struct fuse_lowlevel_ops, read) + sizeof(read_fn)
-            || op->read == NULL || op->read == read_shim)
-        return real(args, op, op_size, userdata);
-    /* libfuse copies the table into the session; this copy lives as long anyway. */
-    static struct fuse_lowlevel_ops *table = NULL;
-    static size_t table_size = 0;
-    if (table_size < op_size) {
-        struct fuse_lowlevel_ops *grown = realloc(table, op_size);
-        if (grown == NULL)
-            return real(args, op, op_size, userdata);
-        table = grown;
-        table_size = op_size;
-    }
-    memcpy(table, op, op_size);
-    pyfuse3_read = op->read;
-    table->read = read_shim;
+    const struct fuse_lowlevel_ops *table = wrap_table(op, op_size);
     struct fuse_session *se = real(args, table, op_size, userdata);
-    wrapped = se != NULL;
+    if (table != op)
+        wrapped = se != NULL;
+    return se;
+}
+
+/* libfuse >= 3.17's headers make fuse_session_new an inline function that calls
+   this one (with the library version the caller was built against); a pyfuse3
+   built against them references it instead.  Same wrapper. */
+struct libfuse_version;
+typedef struct fuse_session *(*new_versioned_fn)(struct fuse_args *, const struct fuse_lowlevel_ops *, size_t,
+                                                 struct libfuse_version *, void *);
+struct fuse_session *fuse_session_new_versioned(struct fuse_args *args, const struct fuse_lowlevel_ops *op,
+                                                size_t op_size, struct libfuse_version *version,
+                                                void *userdata);
+
+__attribute__((visibility("default")))
+struct fuse_session *fuse_session_new_versioned(struct fuse_args *args, const struct fuse_lowlevel_ops *op,
+                                                size_t op_size, struct libfuse_version *version,
+                                                void *userdata) {
+    static new_versioned_fn real = NULL;
+    if (real == NULL)
+        real = (new_versioned_fn)libfuse_symbol("fuse_session_new_versioned");
+    if (real == NULL || real == fuse_session_new_versioned)
+        return NULL;  /* not reached with a libfuse older than 3.17: nothing references it */
+    wrapped = 0;
+    const struct fuse_lowlevel_ops *table = wrap_table(op, op_size);
+    struct fuse_session *se = real(args, table, op_size, version, userdata);
+    if (table != op)
+        wrapped = se != NULL;
     return se;
 }
 
