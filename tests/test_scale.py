@@ -299,3 +299,47 @@ def test_a_commit_failing_after_some_checkpoints_leaves_the_repository_valid(loc
     made = commit_directory(reopen(local_repo.url), src, message="v2")
     assert made.tree_id == _fresh_tree_id(tmp_path, src)
     assert_fsck_clean(local_repo.url, head=made.commit_id)
+
+
+def test_first_commit_streams_directory_by_directory(local_repo, tmp_path, monkeypatch):
+    """Trees go out as the walk finishes each directory (post-order): at no point are
+    the entries of more directories held than the current path and the read-ahead
+    window reach (the whole dataset's entries were held until the last tree before),
+    and the stat cache's rows are staged as they are recorded."""
+    from commitfs.ops import snapshot
+    from commitfs.ops.statcache import StatCache
+
+    monkeypatch.setattr(snapshot, "_READ_AHEAD_FILES", 3)
+    src = tmp_path / "src"
+    rng = random.Random(8)
+    for i in range(40):
+        for j in range(5):
+            write_file(src / f"d{i:02d}" / f"e{j}" / f"f{j}.bin", rng.randbytes(rng.choice([0, 9, 700])))
+    age_tree(src)
+    scanned, live = [], []
+    scan_dir = snapshot._scan_dir
+
+    def watching_scan(d, *a, **kw):
+        scanned.append(d)
+        live.append(sum(1 for x in scanned if x.entries is not None))
+        return scan_dir(d, *a, **kw)
+
+    staged = []
+    stage = StatCache._stage
+
+    def watching_stage(cache):
+        staged.append(len(cache._pending))
+        return stage(cache)
+
+    monkeypatch.setattr(snapshot, "_scan_dir", watching_scan)
+    monkeypatch.setattr(StatCache, "_stage", watching_stage)
+    monkeypatch.setattr("commitfs.ops.statcache._BATCH_ROWS", 16)
+    made = commit_directory(local_repo, src, message="streamed")
+    assert len(scanned) == 1 + 40 + 200
+    # The root, the dNN being walked and the one before it (waiting for its last reads),
+    # the eN whose files are among the 3 read ahead, the one being scanned: 7 of 241.
+    assert max(live) <= 1 + 2 + 3 + 1
+    assert max(staged) <= 16 and len(staged) > 241 // 16
+    assert made.tree_id == _fresh_tree_id(tmp_path, src)
+    again = commit_directory(reopen(local_repo.url), src, message="again", allow_empty=True)
+    assert again.files_read == 0 and again.tree_id == made.tree_id

@@ -1,18 +1,24 @@
 """Commit a directory: scan, chunk what changed, build trees, move the branch.
 
-Three passes:
+One depth-first walk (names in sorted order) does it all, streaming:
 
-1. scan the directory (metadata only), asking the stat cache which files are
-   unchanged since the last commit made from this directory;
-2. read and chunk the changed files: small files in a bounded thread pool
-   (hashing and reading overlap; results consumed in file order so a file's
-   chunks lie together in a pack), large files streamed;
-3. build trees bottom-up, then the commit, then move the branch by
-   compare-and-swap.
+1. each directory is listed and its entries stat'ed (metadata only), asking
+   the stat cache whether they are unchanged since the last commit made from
+   this directory; the files that changed are handed to a bounded thread
+   pool to be read, cut, hashed and compressed (results consumed in walk
+   order, so a directory's files lie together in a pack), large files
+   streamed;
+2. as soon as a directory's files are stored and its subdirectories built
+   (post-order), its tree is built and stored, its stat-cache row recorded
+   and its entries released;
+3. then the commit, and the branch moves by compare-and-swap.
 
-The cost is a metadata scan plus the changed bytes.  If the branch moved
-meanwhile, the caller gets RefConflictError and every blob stays stored and
-indexed, so a retry uploads nothing again.
+Memory follows the walk, not the dataset: the entries of the directories on
+the current path, the read-ahead window (bounded in bytes and files) and the
+writer's session (bounded by checkpoints).  The cost is a metadata scan plus
+the changed bytes.  If the branch moved meanwhile, the caller gets
+RefConflictError and every blob stays stored and indexed, so a retry uploads
+nothing again.
 """
 
 from __future__ import annotations
@@ -38,8 +44,10 @@ from commitfs.repo.repository import BlobWriter, Repository, WriteStats
 
 # Files up to this size are read whole by pool threads; larger ones stream.
 _SMALL_FILE = 32 * 1024 * 1024
-# Bound on file bytes read ahead by the pool and not yet packed.
-_READ_AHEAD_BYTES = 256 * 1024 * 1024
+# Bound on file bytes read ahead by the pool and not yet packed: hundreds of
+# images ahead of the packing thread keep four readers busy; it is most of a
+# commit's memory beside the pack buffers (issue 19: under 200 MiB in all).
+_READ_AHEAD_BYTES = 64 * 1024 * 1024
 # ... and on files: a million 1 KB files fit the bytes bound, but each prepared file
 # costs ~1 KB of objects beside its bytes.
 _READ_AHEAD_FILES = 4096
@@ -81,15 +89,20 @@ class CommitResult:
     warnings: list[str] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Dir:
     rel: str
     path: str
     own: tuple = ()  # the directory's own (mtime_ns, inode)
-    entries: list = field(default_factory=list)  # (name, kind, payload)
+    entries: list = field(default_factory=list)  # (name, kind, payload); a subdirectory's payload is its _Dir
     stat: list = field(default_factory=list)  # what the stat cache compares (statcache.py)
     cached: CachedDir | None = None  # the stat cache's row, when it matches ``stat``
     subdirs: list = field(default_factory=list)
+    parent: _Dir | None = None
+    #: What this directory's tree waits for: its own scan, each file being read, each subdirectory.
+    left: int = 1
+    #: Once built: (tree id, size, reused from the stat cache as it was).
+    built: tuple | None = None
 
 
 def _display(path: str) -> str:
@@ -205,79 +218,70 @@ def store_stream(writer: BlobWriter, stream, on_bytes: Callable[[int], None] | N
 _STAT_KIND = {Kind.FILE: 0, Kind.EXEC: 1, Kind.SYMLINK: 2, Kind.DIR: 3}
 
 
-def _scan(root: str, cache: StatCache, warnings: list[str]) -> tuple[list[_Dir], list[tuple[_Dir, int, str, int]]]:
-    """Walk ``root``; return directories (parents before children) and files to read.
+def _scan_dir(d: _Dir, cache: StatCache, warnings: list[str]) -> list[int]:
+    """List and stat directory ``d``: fill its entries, stat list and subdirectories;
+    return the slots of the files to read.
 
     A directory whose entries all stat as the stat cache recorded them keeps
     its cached row (``_Dir.cached``) and none of its files is looked up or
     read; in any other directory each file is looked up by name.
     """
-    dirs: list[_Dir] = []
-    to_read = []
     try:
-        rst = os.stat(root)
+        with os.scandir(d.path) as it:
+            items = sorted(it, key=lambda e: e.name)
     except OSError as exc:
-        raise _read_error(root, exc) from None
-    stack = [_Dir("", root, (rst.st_mtime_ns, rst.st_ino))]
-    while stack:
-        d = stack.pop()
-        dirs.append(d)
+        raise InputError(f"cannot list {_display(d.path)}: {exc.strerror or exc}") from None
+    stat = d.stat
+    stat.append(("", -1, *d.own))
+    files = []
+    for e in items:
+        name = e.name
+        if not name.isascii():
+            _check_utf8(name, d.path)
         try:
-            with os.scandir(d.path) as it:
-                items = sorted(it, key=lambda e: e.name)
+            st = e.stat(follow_symlinks=False)
         except OSError as exc:
-            raise InputError(f"cannot list {_display(d.path)}: {exc.strerror or exc}") from None
-        stat = d.stat
-        stat.append(("", -1, *d.own))
-        files = []
-        for e in items:
-            name = e.name
-            if not name.isascii():
-                _check_utf8(name, d.path)
+            raise _read_error(e.path, exc) from None
+        mode = st.st_mode
+        if statmod.S_ISDIR(mode):
+            rel = f"{d.rel}/{name}" if d.rel else name
+            child = _Dir(rel, e.path, (st.st_mtime_ns, st.st_ino))
+            child.parent = d
+            d.entries.append((name, Kind.DIR, child))
+            stat.append((name, 3, st.st_mtime_ns, st.st_ino))
+            d.subdirs.append(child)
+        elif statmod.S_ISLNK(mode):
             try:
-                st = e.stat(follow_symlinks=False)
+                target = os.readlink(os.fsencode(e.path))
             except OSError as exc:
                 raise _read_error(e.path, exc) from None
-            mode = st.st_mode
-            if statmod.S_ISDIR(mode):
-                rel = f"{d.rel}/{name}" if d.rel else name
-                child = _Dir(rel, e.path, (st.st_mtime_ns, st.st_ino))
-                d.entries.append((name, Kind.DIR, child))
-                stat.append((name, 3, st.st_mtime_ns, st.st_ino))
-                d.subdirs.append(child)
-                stack.append(child)
-            elif statmod.S_ISLNK(mode):
-                try:
-                    target = os.readlink(os.fsencode(e.path))
-                except OSError as exc:
-                    raise _read_error(e.path, exc) from None
-                d.entries.append((name, Kind.SYMLINK, target))
-                stat.append((name, 2, target))
-            elif statmod.S_ISREG(mode):
-                kind = Kind.EXEC if mode & statmod.S_IXUSR else Kind.FILE
-                files.append(len(d.entries))
-                # (file id, size, mtime_ns): no stat_result kept (~600 B each, per file)
-                d.entries.append((name, kind, (None, st.st_size, st.st_mtime_ns)))
-                stat.append((name, _STAT_KIND[kind], st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
-            else:
-                what = ("socket" if statmod.S_ISSOCK(mode) else "FIFO" if statmod.S_ISFIFO(mode)
-                        else "device" if statmod.S_ISCHR(mode) or statmod.S_ISBLK(mode) else "special file")
-                warnings.append(f"skipped {what} {_display(e.path)}")
-        cached = cache.take(d.rel)
-        if cached is not None and cached.stat == stat and len(cached.ids) == ID_SIZE * len(files) \
-                and UNTRUSTED not in _id_slots(cached.ids):
-            d.cached = cached  # every file unchanged: ids come from the row
-            continue
-        known = cached.file_ids() if cached is not None else {}
-        for slot in files:
-            name, kind, (_, size, mtime) = d.entries[slot]
-            hit = known.get(name)
-            if hit is not None and hit[1] != UNTRUSTED and hit[0] == stat[slot + 1]:
-                d.entries[slot] = (name, kind, (hit[1], size, mtime))
-            else:
-                rel = f"{d.rel}/{name}" if d.rel else name
-                to_read.append((d, slot, rel, size))
-    return dirs, to_read
+            d.entries.append((name, Kind.SYMLINK, target))
+            stat.append((name, 2, target))
+        elif statmod.S_ISREG(mode):
+            kind = Kind.EXEC if mode & statmod.S_IXUSR else Kind.FILE
+            files.append(len(d.entries))
+            # (file id, size, mtime_ns): no stat_result kept (~600 B each, per file)
+            d.entries.append((name, kind, (None, st.st_size, st.st_mtime_ns)))
+            stat.append((name, _STAT_KIND[kind], st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
+        else:
+            what = ("socket" if statmod.S_ISSOCK(mode) else "FIFO" if statmod.S_ISFIFO(mode)
+                    else "device" if statmod.S_ISCHR(mode) or statmod.S_ISBLK(mode) else "special file")
+            warnings.append(f"skipped {what} {_display(e.path)}")
+    cached = cache.take(d.rel)
+    if cached is not None and cached.stat == stat and len(cached.ids) == ID_SIZE * len(files) \
+            and UNTRUSTED not in _id_slots(cached.ids):
+        d.cached = cached  # every file unchanged: ids come from the row
+        return []
+    known = cached.file_ids() if cached is not None else {}
+    to_read = []
+    for slot in files:
+        name, kind, (_, size, mtime) = d.entries[slot]
+        hit = known.get(name)
+        if hit is not None and hit[1] != UNTRUSTED and hit[0] == stat[slot + 1]:
+            d.entries[slot] = (name, kind, (hit[1], size, mtime))
+        else:
+            to_read.append(slot)
+    return to_read
 
 
 def _id_slots(ids: bytes):
@@ -329,14 +333,11 @@ def commit_directory(
         cache.load()
     scan_start = time.time_ns()
     warnings: list[str] = []
-    dirs, to_read = _scan(root, cache, warnings)
-
-    prog = Progress(files_total=len(to_read), bytes_total=sum(size for *_, size in to_read))
-    result_files = sum(1 for d in dirs for _, k, _ in d.entries if k.is_file)
-    with repo.writer(checkpoint_blobs=_CHECKPOINT_BLOBS) as writer:
-        _read_changed(writer, to_read, prog, progress)
-        tree_id = _build_trees(writer, dirs, cache, scan_start)
-    result = CommitResult(b"", tree_id, False, files=result_files, files_read=len(to_read),
+    prog = Progress()
+    with repo.writer(checkpoint_blobs=_CHECKPOINT_BLOBS, remember_trees=False) as writer:
+        walk = _Walk(writer, cache, scan_start, warnings, prog, progress)
+        tree_id = walk.run(root)
+    result = CommitResult(b"", tree_id, False, files=walk.files, files_read=prog.files_done,
                           bytes_read=prog.bytes_done, write=writer.stats, warnings=warnings)
 
     if head is not None and repo.load_commit(head).tree == tree_id and not allow_empty:
@@ -370,67 +371,122 @@ def commit_directory(
     return result
 
 
-def _read_changed(writer, to_read, prog: Progress, progress) -> None:
-    def done(nbytes: int, files: int = 0) -> None:
-        prog.bytes_done += nbytes
-        prog.files_done += files
-        if progress:
-            progress(prog)
-
-    pending: deque = deque()
-    inflight = 0
-    with ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="commitfs-read") as pool:
-        def drain_one() -> None:
-            nonlocal inflight
-            d, slot, st_size, fut = pending.popleft()
-            prepared = fut.result()
-            fid = store_prepared(writer, prepared)
-            size = prepared.size
-            inflight -= st_size
-            name, kind, _ = d.entries[slot]
-            d.entries[slot] = (name, kind, (fid, size, d.entries[slot][2][2]))
-            done(size, 1)
-
-        for d, slot, rel, st_size in to_read:
-            if st_size > _SMALL_FILE:
-                while pending:
-                    drain_one()
-                path = os.path.join(d.path, d.entries[slot][0])
-                fid, size = store_large_file(pool, writer, path, done)
-                name, kind, _ = d.entries[slot]
-                d.entries[slot] = (name, kind, (fid, size, d.entries[slot][2][2]))
-                done(0, 1)
-                continue
-            while pending and (inflight + st_size > _READ_AHEAD_BYTES or len(pending) >= _READ_AHEAD_FILES):
-                drain_one()
-            pending.append((d, slot, st_size, pool.submit(prepare_file, os.path.join(d.path, d.entries[slot][0]))))
-            inflight += st_size
-        while pending:
-            drain_one()
+def store_tree(writer: BlobWriter, entries: list[TreeEntry]) -> tuple[bytes, int]:
+    """Store the tree of one directory from its entries (canonical: sorted,
+    valid names); its (id, size).  Every tree of a commit is built here."""
+    tree = Tree(tuple(entries))
+    return writer.add_tree(tree), tree.size
 
 
-def _build_trees(writer: BlobWriter, dirs: list[_Dir], cache: StatCache, scan_start: int) -> bytes:
-    """Build trees bottom-up.  A directory the stat cache matched whose
-    subdirectories were all reused is reused too: its cached tree id is taken
-    as it is (nothing built, encoded or stored); the others are built and
-    their rows recorded."""
-    built: dict[int, tuple[bytes, int, bool]] = {}
-    for d in reversed(dirs):  # children before parents
-        if d.cached is not None and d.cached.tree is not None and all(built[id(c)][2] for c in d.subdirs):
-            for c in d.subdirs:
-                del built[id(c)]
-            cache.keep(d.rel)
-            built[id(d)] = (d.cached.tree, d.cached.size, True)
-            d.entries = d.stat = d.subdirs = d.cached = None  # done with: release as we go
-            continue
+class _Walk:
+    """The commit's one streaming pass (see the module's docstring).
+
+    Reads of changed small files queue in ``pending`` in walk order, each
+    waiting in the pool; the committing thread stores results from the head
+    of the queue whenever the read-ahead bound is reached, and builds a
+    directory's tree the moment nothing is left for it (``_Dir.left``): its
+    files stored and its subdirectories built, so objects are always added
+    after the objects beneath them (what the writer's checkpoints need)."""
+
+    def __init__(self, writer: BlobWriter, cache: StatCache, scan_start: int, warnings: list[str],
+                 prog: Progress, progress: Callable[[Progress], None] | None):
+        self.writer, self.cache, self.scan_start, self.warnings = writer, cache, scan_start, warnings
+        self.prog, self.progress = prog, progress
+        self.pending: deque = deque()  # (dir, slot, st_size, future)
+        self.inflight = 0  # st_size bytes of ``pending``
+        self.files = 0  # files in the commit
+        self.pool: ThreadPoolExecutor | None = None
+
+    def _done(self, nbytes: int, files: int = 0) -> None:
+        self.prog.bytes_done += nbytes
+        self.prog.files_done += files
+        if self.progress:
+            self.progress(self.prog)
+
+    def run(self, root: str) -> bytes:
+        try:
+            rst = os.stat(root)
+        except OSError as exc:
+            raise _read_error(root, exc) from None
+        top = _Dir("", root, (rst.st_mtime_ns, rst.st_ino))
+        with ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="commitfs-read") as self.pool:
+            stack = [top]
+            while stack:
+                d = stack.pop()
+                for slot in _scan_dir(d, self.cache, self.warnings):
+                    self._read(d, slot)
+                self.files += sum(1 for _, k, _ in d.entries if k.is_file)
+                stack.extend(reversed(d.subdirs))  # popped in name order: the stat cache's key order
+                d.left += len(d.subdirs)
+                self._settle(d)  # its scan is done
+            while self.pending:
+                self._drain_one()
+        assert top.built is not None
+        return top.built[0]
+
+    def _read(self, d: _Dir, slot: int) -> None:
+        name, _, (_, st_size, _) = d.entries[slot]
+        path = os.path.join(d.path, name)
+        self.prog.files_total += 1
+        self.prog.bytes_total += st_size
+        d.left += 1
+        if st_size > _SMALL_FILE:
+            while self.pending:
+                self._drain_one()
+            fid, size = store_large_file(self.pool, self.writer, path, self._done)
+            self._stored(d, slot, fid, size, 0)  # its bytes counted as they were stored
+            return
+        while self.pending and (self.inflight + st_size > _READ_AHEAD_BYTES
+                                or len(self.pending) >= _READ_AHEAD_FILES):
+            self._drain_one()
+        self.pending.append((d, slot, st_size, self.pool.submit(prepare_file, path)))
+        self.inflight += st_size
+
+    def _drain_one(self) -> None:
+        d, slot, st_size, fut = self.pending.popleft()
+        prepared = fut.result()
+        fid = store_prepared(self.writer, prepared)
+        self.inflight -= st_size
+        self._stored(d, slot, fid, prepared.size, prepared.size)
+
+    def _stored(self, d: _Dir, slot: int, fid: bytes, size: int, nbytes: int) -> None:
+        name, kind, (_, _, mtime) = d.entries[slot]
+        d.entries[slot] = (name, kind, (fid, size, mtime))
+        self._done(nbytes, 1)
+        self._settle(d, 1)
+
+    def _settle(self, d: _Dir, n: int = 1) -> None:
+        """``n`` things directory ``d`` waited for are done; build what is complete."""
+        d.left -= n
+        while d is not None and d.left == 0:
+            self._build(d)
+            d = d.parent
+            if d is not None:
+                d.left -= 1
+
+    def _build(self, d: _Dir) -> None:
+        """Build directory ``d``'s tree.  A directory the stat cache matched whose
+        subdirectories were all reused is reused too: its cached tree id is taken
+        as it is (nothing built, encoded or stored); the others are built and
+        their rows recorded.  Then its entries are released."""
+        if d.cached is not None and d.cached.tree is not None and all(c.built[2] for c in d.subdirs):
+            self.cache.keep(d.rel)
+            d.built = (d.cached.tree, d.cached.size, True)
+        else:
+            d.built = self._build_tree(d)
+        d.entries = d.stat = d.subdirs = d.cached = None  # done with: release as we go
+
+    def _build_tree(self, d: _Dir) -> tuple[bytes, int, bool]:
         entries = []
         ids = []
         all_trusted = True
         cached_ids = d.cached.ids if d.cached is not None else None
         k = 0
+        scan_start = self.scan_start
         for name, kind, payload in d.entries:
             if kind is Kind.DIR:
-                tid, size, _ = built.pop(id(payload))
+                tid, size, _ = payload.built
+                payload.parent = payload.built = None
                 entries.append(TreeEntry(name, Kind.DIR, size, tid))
             elif kind is Kind.SYMLINK:
                 entries.append(symlink_entry(name, payload))
@@ -448,9 +504,6 @@ def _build_trees(writer: BlobWriter, dirs: list[_Dir], cache: StatCache, scan_st
         # Already canonical: names come from the file system (never empty, '.',
         # '..', nor containing '/' or NUL), were checked as UTF-8 by the scan,
         # and are in code point order, which is UTF-8 byte order.
-        tree = Tree(tuple(entries))
-        tid = writer.add_tree(tree)
-        cache.record_dir(d.rel, d.stat, b"".join(ids), tid if all_trusted else None, tree.size)
-        built[id(d)] = (tid, tree.size, False)
-        d.entries = d.stat = d.subdirs = d.cached = None
-    return built[id(dirs[0])][0]
+        tid, size = store_tree(self.writer, entries)
+        self.cache.record_dir(d.rel, d.stat, b"".join(ids), tid if all_trusted else None, size)
+        return tid, size, False

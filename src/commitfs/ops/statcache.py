@@ -23,9 +23,19 @@ entry is unchanged keeps its id and only the others are read.
 Racy entries are not trusted: a file modified within two seconds before the
 scan that recorded it could change again without its mtime moving, so such
 entries are stored without an id and re-read next time (git's "racy clean"
-rule).  The cache is advisory: deleting it only costs a full re-read.  It is
-read in one query and written in one transaction holding only the rows of
-the directories that changed.
+rule).  The cache is advisory: deleting it only costs a full re-read.
+
+Memory does not grow with the dataset: rows are keyed by the directory's
+path with NUL for '/' (``_key``), so key order is the order a depth-first
+walk visiting names in sorted order meets directories (ops/snapshot.py walks
+so).  ``load`` opens one cursor over the rows in that order and ``take``
+advances it in step with the walk (a merge join: rows skipped are
+directories that are gone), so only the row at hand is in memory.  Rows of
+the directories that changed go to a staging table in batches as the commit
+records them; ``save`` moves them in and deletes the gone rows in one
+transaction, once the commit exists.  So a scan costs one query, writes cost
+one statement per batch of rows, and a commit that fails leaves the cache as
+it was.
 """
 
 from __future__ import annotations
@@ -66,6 +76,17 @@ def trusted(mtime_ns: int, scan_start_ns: int) -> bool:
     return mtime_ns < scan_start_ns - _RACY_NS
 
 
+#: Rows staged per INSERT statement (and at most this many held in memory).
+_BATCH_ROWS = 512
+
+
+def _key(rel: str) -> bytes:
+    """A directory's row key: its path, NUL for '/'.  Names hold no NUL, so the
+    byte order of keys is the component-wise order of paths: parents before
+    children, siblings by name bytes (a sorted depth-first walk's order)."""
+    return rel.encode("utf-8", "surrogateescape").replace(b"/", b"\0")
+
+
 class StatCache:
     def __init__(self, repo_id: str, directory: Path):
         key = hash_bytes(f"{repo_id}\0{directory}".encode()).hex()[:32]
@@ -73,39 +94,60 @@ class StatCache:
         self._db: sqlite3.Connection | None = None
         self._pending: list[tuple] = []
         self.commit_id: bytes | None = None
-        self._rows: dict[str, tuple] = {}
-        self._known: set[str] = set()
+        self._cursor: sqlite3.Cursor | None = None
+        self._next: tuple | None = None  # the cursor's row at hand, not taken yet
+        self._gone: list[tuple[bytes]] = []  # keys of rows the walk passed by: directories gone
         self._loaded = False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path)
             self._db.execute("DROP TABLE IF EXISTS files")  # the per-file rows of older versions
+            self._db.execute("DROP TABLE IF EXISTS dirs")  # rows keyed by path (read all at once)
             self._db.execute(
-                "CREATE TABLE IF NOT EXISTS dirs (path TEXT PRIMARY KEY, stat BLOB, ids BLOB, tree BLOB, size INT)"
+                "CREATE TABLE IF NOT EXISTS dirs2 (key BLOB PRIMARY KEY, stat BLOB, ids BLOB, tree BLOB, size INT)"
             )
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB)")
+            self._db.execute("DROP TABLE IF EXISTS staged")  # a killed commit's
+            self._db.execute(
+                "CREATE TABLE staged (key BLOB PRIMARY KEY, stat BLOB, ids BLOB, tree BLOB, size INT)")
+            self._db.commit()
             row = self._db.execute("SELECT v FROM meta WHERE k='commit'").fetchone()
             self.commit_id = row[0] if row else None
         except (sqlite3.Error, OSError):
             self._db = None  # an unusable cache only costs re-reading
 
     def load(self) -> None:
-        """Read every row (one query); rows are decoded one directory at a time by take."""
+        """Start reading the rows, in key order, as ``take`` asks for them (one query)."""
         if self._db is None:
             return
         try:
-            self._rows = {p: (s, i, t, z) for p, s, i, t, z in self._db.execute("SELECT * FROM dirs")}
+            self._cursor = self._db.execute("SELECT key, stat, ids, tree, size FROM dirs2 ORDER BY key")
+            self._cursor.arraysize = _BATCH_ROWS
             self._loaded = True
         except sqlite3.Error:
-            self._rows = {}
-        self._known = set(self._rows)
+            self._cursor = None
+
+    def _advance(self) -> tuple | None:
+        if self._next is None and self._cursor is not None:
+            try:
+                self._next = self._cursor.fetchone()
+            except sqlite3.Error:
+                self._next = None
+            if self._next is None:
+                self._cursor = None
+        return self._next
 
     def take(self, rel: str) -> CachedDir | None:
-        """The row of directory ``rel`` (once: its memory is released)."""
-        row = self._rows.pop(rel, None)
-        if row is None:
+        """The row of directory ``rel``; directories must be asked for in key
+        order (``_key``), each once."""
+        want = _key(rel)
+        while (row := self._advance()) is not None and row[0] < want:
+            self._gone.append((row[0],))  # passed by: that directory is gone
+            self._next = None
+        if row is None or row[0] != want:
             return None
-        stat, ids, tree, size = row
+        self._next = None
+        _, stat, ids, tree, size = row
         try:
             decoded = marshal.loads(stat)
             if not isinstance(decoded, list) or len(ids) % ID_SIZE:
@@ -115,34 +157,48 @@ class StatCache:
         return CachedDir(decoded, ids, tree if tree and len(tree) == ID_SIZE else None, size or 0)
 
     def record_dir(self, rel: str, stat: list, ids: bytes, tree: bytes | None, size: int) -> None:
-        """Remember a directory whose tree was built by this commit."""
-        self._pending.append((rel, marshal.dumps(stat), ids, tree, size))
+        """Remember a directory whose tree was built by this commit (staged in
+        batches; made the cache's by ``save``)."""
+        self._pending.append((_key(rel), marshal.dumps(stat), ids, tree, size))
+        if len(self._pending) >= _BATCH_ROWS:
+            self._stage()
+
+    def _stage(self) -> None:
+        rows, self._pending = self._pending, []
+        if self._db is None or not rows:
+            return
+        try:
+            self._db.executemany("INSERT OR REPLACE INTO staged VALUES (?, ?, ?, ?, ?)", rows)
+        except sqlite3.Error:
+            self.close()  # unusable: this commit records nothing, the next one reads again
 
     def keep(self, rel: str) -> None:
         """Directory ``rel`` is unchanged: its row stays as it is."""
-        self._known.discard(rel)
 
     def save(self, commit_id: bytes) -> None:
-        """Make the cache describe the commit just made: write the rows that
-        changed and delete those of directories that are gone."""
+        """Make the cache describe the commit just made: the staged rows
+        replace theirs, rows of directories that are gone are deleted."""
         if self._db is None:
             return
-        written = {row[0] for row in self._pending}
-        gone = [(p,) for p in self._known - written]
+        while self._advance() is not None:  # rows after the last directory walked: gone
+            self._gone.append((self._next[0],))
+            self._next = None
+        self._stage()
         try:
             with self._db:
                 if not self._loaded:  # not loaded (or stale): start afresh
-                    self._db.execute("DELETE FROM dirs")
-                self._db.executemany("DELETE FROM dirs WHERE path = ?", gone)
-                self._db.executemany("INSERT OR REPLACE INTO dirs VALUES (?, ?, ?, ?, ?)", self._pending)
+                    self._db.execute("DELETE FROM dirs2")
+                self._db.executemany("DELETE FROM dirs2 WHERE key = ?", self._gone)
+                self._db.execute("INSERT OR REPLACE INTO dirs2 SELECT * FROM staged")
+                self._db.execute("DELETE FROM staged")
                 self._db.execute("INSERT OR REPLACE INTO meta VALUES ('commit', ?)", (commit_id,))
         except (sqlite3.Error, OSError):
             pass
-        self._pending = []
-        self._known = set()
+        self._gone = []
         self._loaded = True
 
     def close(self) -> None:
+        self._cursor = self._next = None
         if self._db is not None:
             self._db.close()
             self._db = None

@@ -45,6 +45,14 @@ _MAX_BITS = 24
 # Segments up to this size are loaded whole (one read) and kept in memory.
 _WHOLE_LOAD_LIMIT = 4 * 1024 * 1024
 _MERGE_FANIN = 8
+# A segment this writer adds puts its answers in the answer cache up to this many
+# entries (a small commit's, read back at once by the same process); a commit's
+# checkpoint segment of 100k blobs would fill it (~300 B an answer) for nothing.
+_ANSWERED_SEGMENT = 4096
+# Bytes of each id a large segment keeps in memory for writers' dedup questions
+# (Segment.contains): a prefix this long names one blob among billions, and a
+# match is confirmed by a lookup, so 8 B a blob instead of 32.
+_ID_PREFIX = 8
 
 
 def _fanout_bits(n: int) -> int:
@@ -120,8 +128,8 @@ class Segment:
         #: (data, packs, fan-out offset, entries offset, bits) of a segment held in
         #: memory, published in one assignment once loaded (see lookup_loaded).
         self.loaded: tuple | None = None
-        #: A segment too large to hold whole: its ids alone, sorted, once a
-        #: writer asked (``contains``); 32 bytes a blob.
+        #: A segment too large to hold whole: the first _ID_PREFIX bytes of its
+        #: ids, sorted, once a writer asked (``contains``); 8 bytes a blob.
         self._ids: bytes | None = None
         self.bits = 0
         self.count = 0
@@ -246,8 +254,10 @@ class Segment:
         two ranged reads per question (``lookup``), one after another on the
         committing thread: a commit of N new chunks to S3 would wait for 2N
         round trips per large segment.  So its ids are read once, in one ranged
-        read of its entries, and kept as one sorted table of ids (32 bytes a
-        blob, against the 52 of an entry), searched in memory from then on."""
+        read of its entries, and kept as one sorted table of id prefixes (8
+        bytes a blob, against the 52 of an entry), searched in memory from
+        then on; only a prefix that matches costs the lookup that confirms it
+        (a blob already stored)."""
         if self._packs is None:
             self.load_header()
         if self.loaded is not None:
@@ -259,15 +269,16 @@ class Segment:
                     raw = self.store.load_range(self.key, self._entries_at(), self.count * ENTRY.size)
                     if len(raw) != self.count * ENTRY.size:
                         raise CorruptObjectError(f"index segment {self.key} is truncated")
-                    self._ids = b"".join(raw[i:i + ID_SIZE] for i in range(0, len(raw), ENTRY.size))
+                    self._ids = b"".join(raw[i:i + _ID_PREFIX] for i in range(0, len(raw), ENTRY.size))
                 ids = self._ids
-        lo, hi = 0, len(ids) // ID_SIZE
+        want = oid[:_ID_PREFIX]
+        lo, hi = 0, len(ids) // _ID_PREFIX
         while lo < hi:
             mid = (lo + hi) // 2
-            got = ids[mid * ID_SIZE:(mid + 1) * ID_SIZE]
-            if got == oid:
-                return True
-            if got < oid:
+            got = ids[mid * _ID_PREFIX:(mid + 1) * _ID_PREFIX]
+            if got == want:
+                return self.lookup(oid) is not None  # the prefix of one: is it this blob?
+            if got < want:
                 lo = mid + 1
             else:
                 hi = mid
@@ -446,8 +457,9 @@ class Index:
         self.store.save_object(key, data)
         self.bytes_added += len(data)
         self._add(key, len(data))
-        for oid, loc in entries:
-            self._answers[oid] = loc
+        if len(entries) <= _ANSWERED_SEGMENT:
+            for oid, loc in entries:
+                self._answers[oid] = loc
         self.merge_if_due()
         return key
 

@@ -9,7 +9,8 @@ a *workspace directory* (default under the cache directory) holding
   tree, and
 * ``data/``: one file per copied-up or new regular file, named by its node id.
 
-The database has three tables.  ``meta`` holds key/values: the repository URL,
+The database has four tables (``ranges``, of copy-on-write, is described
+below).  ``meta`` holds key/values: the repository URL,
 the branch, the base commit (hex) and ``pending`` (a commit this workspace is
 about to move the branch to, see below).  ``nodes`` holds one row per node of
 the overlay tree: ``id``, ``parent``, ``name``, ``kind`` (dir/file/symlink/special),
@@ -25,9 +26,9 @@ directory's row), ``name`` and ``node`` (the row of the node it names).  A
 node's own row holds its first name and everything else; unlinking that name
 while links remain moves the oldest link's name into the node row and
 deletes the link, in one transaction, so a node has a row as long as it has
-a name.  Version 2 of the overlay (meta ``version``) added the table; a
-version-1 overlay gains it, empty, on open, and an overlay of a version this
-code does not know is refused.
+a name.  Version 2 of the overlay (meta ``version``) added the table; an
+older overlay gains it, empty, on open, and an overlay of a version this
+code does not know is refused (``SCHEMA_VERSION``).
 
 Why rows per node rather than a path-keyed journal of whiteouts and renames:
 renames of directories, renames over existing targets and edits below a

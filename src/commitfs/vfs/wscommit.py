@@ -123,7 +123,7 @@ class CommitState:
             if entry is None or not entry.is_dir:
                 entry = None
                 break
-            entry = (await self.loader.tree(entry.id)).get(name)
+            entry = await self.loader.tree_get(await self.loader.tree(entry.id), name)
         # Walk (and create, if the base has the path) the parents in the workspace.
         d = self.root
         for name in parts[:-1]:
