@@ -133,3 +133,28 @@ def test_a_new_directory_with_changes_beneath_it(setup):
 
     assert open_file(repo, result.commit_id, "newdir/sub/inside.txt").read() == b"inside\n"
     assert sorted(i.entry.name for i in list_dir(repo, result.commit_id, "newdir")) == ["empty", "sub"]
+
+
+def test_one_local_file_under_two_names_is_chunked_once(setup, monkeypatch):
+    """A workspace's hard link reaches the commit as one NewFile under two names: it is
+    read and chunked once, and both entries get its one content id."""
+    import commitfs.ops.snapshot as snapshot
+
+    repo, _src, base, tmp = setup
+    f = tmp / "linked.bin"
+    f.write_bytes(os.urandom(200_000))
+    calls = []
+    real = snapshot.store_stream
+
+    def spy(writer, stream, *args, **kwargs):
+        calls.append(stream)
+        return real(writer, stream, *args, **kwargs)
+
+    monkeypatch.setattr(snapshot, "store_stream", spy)
+    res = commit_changes(repo, "main", base, {"a/linked.bin": Change("file", source=str(f)),
+                                              "b/linked.bin": Change("file", source=str(f)),
+                                              "top.csv": Change("file", source=str(f))}, message="links")
+    assert len(calls) == 1
+    ids = {lookup_path(repo, res.commit_id, p).id for p in ("a/linked.bin", "b/linked.bin", "top.csv")}
+    assert len(ids) == 1
+    assert lookup_path(repo, res.commit_id, "b/linked.bin").name == "linked.bin"

@@ -340,6 +340,16 @@ def link_permissions_for_another_user(t):
 
 
 @case
+def link_of_an_unlinked_open_file_is_enoent(t):
+    f = t.file("f")
+    fd = os.open(f, os.O_RDONLY)
+    os.unlink(f)
+    out = E(lambda: os.link(f"/proc/self/fd/{fd}", t / "back", follow_symlinks=True))
+    os.close(fd)
+    return [out, os.path.exists(t / "back")]
+
+
+@case
 def link_then_unlink_keeps_the_data(t):
     f = t.file("f", b"bytes")
     os.link(f, t / "g")
@@ -826,6 +836,60 @@ def writes_by_another_user_clear_setuid(t):
         with open(f, "ab") as out:
             out.write(b"y")
     return [t.nobody(write), mode(f), t.nobody(lambda: os.truncate(g, 0)), mode(g)]
+
+
+# open files, symlinks followed, special files --------------------------------------------------
+@case
+def open_creat_through_a_dangling_symlink_makes_its_target(t):
+    os.symlink("made", t / "dangling")
+    os.close(os.open(t / "dangling", os.O_CREAT | os.O_WRONLY, 0o600))
+    return [os.path.exists(t / "made"), mode(t / "made"), os.path.islink(t / "dangling")]
+
+
+@case
+def status_changes_of_an_unlinked_open_file(t):
+    f = t.file("f", b"0123456789")
+    fd = os.open(f, os.O_RDWR)
+    os.unlink(f)
+    os.fchmod(fd, 0o600)
+    os.fchown(fd, 1234, 5678)
+    os.utime(fd, ns=(7_000_000_000, 8_000_000_000))
+    os.ftruncate(fd, 4)
+    st = os.fstat(fd)
+    out = [oct(st.st_mode), (st.st_uid, st.st_gid), st.st_atime_ns, st.st_size, st.st_nlink, os.pread(fd, 9, 0)]
+    os.close(fd)
+    return out
+
+
+@case
+def special_files_keep_their_type_through_chmod_chown_and_rename(t):
+    os.mkfifo(t / "p", 0o644)
+    os.mknod(t / "c", 0o600 | stat.S_IFCHR, os.makedev(1, 5))
+    os.chmod(t / "p", 0o600)
+    os.chown(t / "c", 12, 34)
+    os.rename(t / "c", t / "c2")
+    os.link(t / "p", t / "p2")
+    return [mode(t / "p"), mode(t / "c2"), os.lstat(t / "c2").st_rdev, owner(t / "c2"), nlinks(t / "p", t / "p2")]
+
+
+@case
+def moving_a_directory_to_another_parent_needs_write_permission_on_it(t):
+    pub = t.pub()
+    a = t.pub("a")
+    theirs = t.dir("pub/theirs", 0o755, owner=(NOBODY, NOGROUP))
+    closed = t.dir("pub/roots", 0o755)  # nobody may not rewrite its ".."
+    return [t.nobody(lambda: os.rename(closed, a / "roots")), t.nobody(lambda: os.rename(theirs, a / "theirs")),
+            sorted(os.listdir(pub)), sorted(os.listdir(a))]
+
+
+@case
+def rename_over_an_ancestor_and_trailing_slashes(t):
+    d = t.dir("d")
+    t.dir("d/sub")
+    f = t.file("f")
+    return [E(lambda: os.rename(d / "sub", d)), E(lambda: os.stat(str(f) + "/")),
+            E(lambda: os.open(d, os.O_CREAT | os.O_WRONLY)), E(lambda: os.rename(f, str(t / "g") + "/")),
+            E(lambda: os.symlink("", t / "empty"))]
 
 
 # --- the test ---------------------------------------------------------------------------------

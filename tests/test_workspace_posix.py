@@ -427,3 +427,10 @@ def test_reset_of_a_path_takes_out_only_the_names_below_it(ws):
     assert (mnt / "outside").read_bytes() == b"linked" and not os.path.exists(mnt / "d")
     status = json.loads(ws.cli("status", str(mnt), "--json").stdout)["changes"]
     assert [c["path"] for c in status] == ["outside"]
+    # reset of everything drops every name the base does not have, links included
+    os.link(mnt / "outside", mnt / "fixed" / "inside")
+    os.link(mnt / "fixed" / "run.sh", mnt / "run-link")
+    ws.cli("reset", str(mnt)).check_returncode()
+    assert not any(os.path.exists(mnt / p) for p in ("outside", "fixed/inside", "run-link"))
+    assert os.stat(mnt / "fixed" / "run.sh").st_nlink == 1
+    assert json.loads(ws.cli("status", str(mnt), "--json").stdout)["changes"] == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import stat
 
 import pytest
 import trio
@@ -205,6 +206,29 @@ def test_an_unlinked_open_file_keeps_its_atime_across_a_commit(repo_and_base, tm
     trio.run(main)
 
 
+
+def test_reset_of_an_unchanged_path_next_to_an_edit_changes_nothing(repo_and_base, tmp_path):
+    """An edit in a directory gives its entries rows; resetting an unchanged sibling then
+    keeps its node (same inode; a file open below it keeps its name) and the parent's
+    mtime, as resetting any unchanged path does. Found by the reference model."""
+    repo, base = repo_and_base
+    base_ns = repo.load_commit(base).time * 1_000_000_000
+
+    async def main():
+        async with _session(repo, tmp_path / "ws") as k:
+            fh = await k.open("fixed/n1/n2/n3/n4/leaf.txt")
+            ino = (await k.lstat("fixed/n1")).st_ino
+            await k.chown("fixed/run.sh", 1234, None)  # an edit next to fixed/n1
+            await k.fs.reset(["fixed/n1"])
+            assert (await k.lstat("fixed/n1")).st_ino == ino
+            assert (await k.fstat(fh)).st_nlink == 1
+            assert (await k.lstat("fixed")).st_mtime_ns == base_ns
+            await k.close(fh)
+            await k.chmod("fixed/n1/n2", 0o700)  # a change of its own: the reset replaces it
+            await k.fs.reset(["fixed/n1"])
+            assert stat.S_IMODE((await k.lstat("fixed/n1/n2")).st_mode) == 0o755
+    trio.run(main)
+
 # --- workspace logic once tested through a mount, now kernel-free (same assertions) ----------
 def test_a_file_unlinked_while_open_stays_readable(repo_and_base, tmp_path):
     repo, _ = repo_and_base
@@ -251,3 +275,92 @@ def test_names_over_name_max_are_enametoolong(repo_and_base, tmp_path):
             await k.write_file("m" * 255, b"ok")  # NAME_MAX itself is fine
             assert await k.read_file("m" * 255) == b"ok"
     trio.run(main)
+
+
+def test_an_older_overlay_gains_the_links_table_and_a_newer_one_is_refused(repo_and_base, tmp_path):
+    """Overlay format versions (vfs/overlay.py): a version-1 overlay (no links, no
+    owners, no copy-on-write) opens with its edits and can take a hard link; an overlay
+    of a version this commitfs does not know is a one-line error, nothing changed."""
+    import sqlite3
+
+    from commitfs.vfs.overlay import SCHEMA_VERSION, WorkspaceMismatchError
+
+    repo, base = repo_and_base
+    ws = tmp_path / "ws"
+    (ws / "data").mkdir(parents=True)
+    (ws / "data" / "2").write_bytes(b"version one")
+    tree = repo.load_commit(base).tree
+    db = sqlite3.connect(str(ws / "overlay.db"))
+    db.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
+        CREATE TABLE nodes (id INTEGER PRIMARY KEY, parent INTEGER, name TEXT NOT NULL, kind TEXT NOT NULL,
+            okind BLOB, osize INTEGER, oid BLOB, otarget BLOB, materialized INTEGER NOT NULL DEFAULT 0,
+            upper TEXT, mode INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, target BLOB);
+        CREATE UNIQUE INDEX nodes_by_name ON nodes(parent, name);
+    """)
+    db.executemany("INSERT INTO meta VALUES (?, ?)", [("version", "1"), ("repo", repo.url), ("branch", "main"),
+                                                      ("base", base.hex())])
+    # The root, materialized, holding only one new file (every base entry deleted).
+    db.execute("INSERT INTO nodes VALUES (1, NULL, '', 'dir', ?, 0, ?, NULL, 1, NULL, 493, 0, NULL)",
+               (b"d", tree))
+    db.execute("INSERT INTO nodes VALUES (2, 1, 'old.txt', 'file', NULL, NULL, NULL, NULL, 0, '2', 420, 1, NULL)")
+    db.commit()
+    db.close()
+
+    async def link_it(fs: WorkspaceFS) -> None:
+        async with fs.running():
+            a = await fs.lookup(1, b"old.txt")
+            await fs.link(a.ino, 1, b"again.txt")
+
+    fs = _open(repo, ws)
+    assert fs.overlay.get_meta("version") == SCHEMA_VERSION
+    trio.run(link_it, fs)
+    fs = _open(repo, ws)
+    names = {name: n for name, n in fs.root.children.items()}
+    assert sorted(names) == ["again.txt", "old.txt"] and names["again.txt"] is names["old.txt"]
+    assert fs.attr(names["old.txt"]).nlink == 2
+    fs.overlay.close()
+
+    db = sqlite3.connect(str(ws / "overlay.db"))
+    db.execute("UPDATE meta SET value = '99' WHERE key = 'version'")
+    db.commit()
+    db.close()
+    before = (ws / "overlay.db").read_bytes()
+    with pytest.raises(WorkspaceMismatchError, match=r"overlay format '99'.*newer commitfs") as info:
+        _open(repo, ws)
+    assert "\n" not in str(info.value)
+    assert (ws / "overlay.db").read_bytes() == before
+
+
+def test_crash_after_the_branch_moved_with_hard_links(repo_and_base, tmp_path, monkeypatch):
+    """A commit of hard-linked files killed after the branch moved: reopening clears
+    the links with the other edits; the commit holds both names with one content id."""
+    from commitfs.ops.browse import lookup_path
+
+    repo, base = repo_and_base
+    ws = tmp_path / "ws"
+    fs = _open(repo, ws)
+
+    async def link_and_commit(fs: WorkspaceFS) -> None:
+        async with fs.running():
+            fh, a = await fs.create(1, b"one.bin", 0o644, os.O_WRONLY)
+            await fs.write(fh, 0, b"linked bytes")
+            await fs.release(fh)
+            d = await fs.mkdir(1, b"sub", 0o755)
+            await fs.link(a.ino, d.ino, b"two.bin")
+            await control.commit(fs, "links")
+
+    def crash(*args, **kwargs):
+        raise Crash()
+    monkeypatch.setattr(Overlay, "clear", crash)
+    run_until_crash(link_and_commit, fs)
+    monkeypatch.undo()
+    ov = Overlay.open(ws, repo.url, "main")
+    assert ov.links() and ov.pending is not None  # what a SIGKILL leaves
+    ov.close()
+    fs = _open(repo, ws)
+    head = repo.refs.lookup_branch("main")
+    assert fs.base == head and fs.overlay.is_clean() and fs.overlay.links() == []
+    e1, e2 = lookup_path(repo, head, "one.bin"), lookup_path(repo, head, "sub/two.bin")
+    assert e1.id == e2.id and e1.size == len(b"linked bytes")
+    fs.overlay.close()

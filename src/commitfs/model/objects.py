@@ -266,6 +266,11 @@ class Tree:
     def size(self) -> int:
         return sum(e.size for e in self.entries if e.kind is not Kind.SYMLINK)
 
+    @property
+    def count(self) -> int:
+        """The number of entries (as SplitTree.count, without loading its chunks)."""
+        return len(self.entries)
+
     def encode(self) -> bytes:
         out = bytearray(TREE_MAGIC)
         _put_uvarint(out, len(self.entries))

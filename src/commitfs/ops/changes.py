@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from commitfs.errors import InputError
 from commitfs.model.draft import Draft, EditedFile, NewFile, Side
 from commitfs.model.objects import Kind, Tree, TreeEntry
+from commitfs.model.splittree import TreeIndex, differing_leaves
 from commitfs.repo.repository import BlobWriter, Repository
 
 
@@ -93,11 +94,28 @@ def iter_changes(repo: Repository, old: Side, new: Side, path: str = "") -> Iter
     if same(old, new) or (old is None and new is None):
         return
     if is_dir(old) and is_dir(new):
-        a, b = listing(repo, old), listing(repo, new)
+        if isinstance(old, TreeEntry) and isinstance(new, TreeEntry):
+            a, b = _differing_entries(repo, old.id, new.id)
+        else:
+            a, b = listing(repo, old), listing(repo, new)
         for name in sorted(a.keys() | b.keys(), key=_key):
             yield from iter_changes(repo, a.get(name), b.get(name), _join(path, name))
         return
     yield path, old, new
+
+
+def _differing_entries(repo: Repository, a: bytes, b: bytes) -> tuple[dict[str, TreeEntry], dict[str, TreeEntry]]:
+    """The entries of two stored directories, by name, less those in chunks
+    both share: split directories (docs/FORMAT.md, "Split trees") are
+    compared chunk by chunk, a chunk or index node with the same id on both
+    sides skipped unopened, so a diff of a huge directory reads the chunks
+    around its changes."""
+    na, nb = repo.load_tree_node(a), repo.load_tree_node(b)
+    if isinstance(na, Tree) and isinstance(nb, Tree):
+        return {e.name: e for e in na.entries}, {e.name: e for e in nb.entries}
+    la, lb = differing_leaves(a, na, b, nb, repo.load_tree_node)
+    return ({e.name: e for leaf in la for e in leaf.entries},
+            {e.name: e for leaf in lb for e in leaf.entries})
 
 
 def unchanged(repo: Repository, old: Side, new: Side) -> bool:
@@ -184,6 +202,9 @@ def merge(repo: Repository, base: Side, ours: Side, theirs: Side, path: str = ""
     if same(base, theirs) or (base is None and theirs is None):
         return ours
     if is_dir(ours) and is_dir(theirs):
+        split = _merge_split(repo, base, ours, theirs, path, resolve, conflicts)
+        if split is not None:
+            return split
         lb = listing(repo, base) if is_dir(base) else {}
         lo, lt = listing(repo, ours), listing(repo, theirs)
         entries: dict[str, Side] = {}
@@ -212,6 +233,34 @@ def merge(repo: Repository, base: Side, ours: Side, theirs: Side, path: str = ""
             conflicts.append(resolved)
         return ours
     return resolved
+
+
+def _merge_split(repo: Repository, base: Side, ours: Side, theirs: Side, path: str,
+                 resolve: Resolver | None, conflicts: list[Conflict] | None) -> Draft | TreeEntry | None:
+    """The merge of three stored directories of which one at least is split
+    (docs/FORMAT.md, "Split trees"), reading only the chunks where ours or
+    theirs differs from base, or None for any other case (merged name by name).
+
+    A name in no chunk that differs, base to ours or base to theirs, is the
+    same on all three sides: the result keeps ours for it (a Draft over ours)."""
+    if not all(isinstance(s, TreeEntry) and s.kind is Kind.DIR for s in (base, ours, theirs)):
+        return None
+    if not any(isinstance(repo.load_tree_node(s.id), TreeIndex) for s in (base, ours, theirs)):
+        return None
+    bo_b, bo_o = _differing_entries(repo, base.id, ours.id)
+    bt_b, bt_t = _differing_entries(repo, base.id, theirs.id)
+    entries: dict[str, Side] = {}
+    for name in sorted(bo_b.keys() | bo_o.keys() | bt_b.keys() | bt_t.keys(), key=_key):
+        # Outside the chunks that differ from base, a side holds what base holds.
+        b = bo_b.get(name, bt_b.get(name))
+        o = bo_o.get(name) if name in bo_o or name in bo_b else b
+        t = bt_t.get(name) if name in bt_t or name in bt_b else b
+        s = merge(repo, b, o, t, _join(path, name), resolve, conflicts)
+        if not same(s, o) and not (s is None and o is None):
+            entries[name] = s
+    if not entries:
+        return ours
+    return Draft(entries, ours.id)
 
 
 # --- apply ------------------------------------------------------------------------------------
@@ -265,20 +314,30 @@ def _store_new_file(repo: Repository, writer: BlobWriter, name: str, f: NewFile)
     return TreeEntry(name, Kind.EXEC if f.executable else Kind.FILE, size, fid)
 
 
-def build(repo: Repository, writer: BlobWriter, side: Side, name: str = "") -> TreeEntry | None:
+def build(repo: Repository, writer: BlobWriter, side: Side, name: str = "",
+          _stored: dict | None = None) -> TreeEntry | None:
     """Store ``side`` and return its entry named ``name``: NewFiles are chunked, Drafts
-    written as trees, TreeEntries reused by id (nothing below them is read)."""
+    written as trees, TreeEntries reused by id (nothing below them is read).  A local
+    file named twice (a workspace's hard link: the same NewFile under two names) is
+    chunked once."""
     if side is None:
         return None
     if isinstance(side, TreeEntry):
         return side if side.name == name else TreeEntry(name, side.kind, side.size, side.id, side.target)
+    if _stored is None:
+        _stored = {}
     if isinstance(side, NewFile):
-        return _store_new_file(repo, writer, name, side)
+        if side.source is None:
+            return _store_new_file(repo, writer, name, side)
+        e = _stored.get(side)
+        if e is None:
+            e = _stored[side] = _store_new_file(repo, writer, name, side)
+        return e if e.name == name else e._replace(name=name)
     if side.base is not None and not side.entries:
         return dir_entry(side.base, name)._replace(size=repo.load_tree(side.base).size)
     built = []
     for child_name, child in listing(repo, side).items():
-        e = build(repo, writer, child, child_name)
+        e = build(repo, writer, child, child_name, _stored)
         if e is not None:
             built.append(e)
     tree = Tree.build(built)

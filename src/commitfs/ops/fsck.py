@@ -38,12 +38,38 @@ from dataclasses import dataclass, field
 
 from commitfs.errors import CommitfsError, CorruptObjectError, ObjectNotFoundError, ReadSetError, StorageError
 from commitfs.model.ids import HEX_SIZE, hash_bytes, is_hex
-from commitfs.model.objects import Kind
+from commitfs.model.objects import DecodeError, Kind
+from commitfs.model import splittree
+from commitfs.model.splittree import SplitTree, tree_id_of
 from commitfs.ops import readset
 from commitfs.repo.gcstate import LEASE_REF
 from commitfs.repo.index import Index, encode_segment, segment_key
 from commitfs.repo.pack import load_pack_table, pack_id_from_key, pack_key
 from commitfs.repo.repository import Repository
+
+def _check_split_tree(repo: Repository, tid: bytes, tree: SplitTree, locate_problem, seen: set[bytes],
+                      notes: list[str]) -> tuple:
+    """A split tree's entries, every chunk and index node located and checked
+    against the index entry naming it (order, ranges, counts, sizes: a
+    CorruptObjectError naming the chunk otherwise), and its boundaries the
+    canonical ones (a note otherwise: its content reads right, but its id is
+    not the one this content has, docs/FORMAT.md "Split trees")."""
+    def load(oid: bytes):
+        why = locate_problem(oid)
+        if why is not None:
+            raise CorruptObjectError(f"chunk {oid.hex()} of the split tree: {why}")
+        seen.add(oid)
+        return repo.load_tree_node(oid)
+
+    try:
+        entries = SplitTree(tid, tree.root, load).entries
+    except DecodeError as exc:
+        raise CorruptObjectError(f"split tree is malformed: {exc}") from None
+    if len(entries) <= splittree.SPLIT_ENTRIES or tree_id_of(entries) != tid:
+        notes.append(f"tree {tid.hex()}: split tree of {len(entries)} entries is not split as the format "
+                     "says (its boundaries are not the canonical ones; the same content has another id)")
+    return entries
+
 
 #: Commit/path pairs named per damaged object; the rest are counted.
 _REACH_SHOWN = 3
@@ -290,6 +316,7 @@ def _check(repo: Repository, rep: FsckReport, read_data: bool, progress) -> None
     chunk_damage: dict[bytes, str] = {}
     chunk_sizes: dict[bytes, int] = {}
     children: dict[bytes, list[tuple[str, bool, bytes]]] = {}  # tree: (name, is_dir, id)
+    seen_nodes: set[bytes] = set()  # chunks and index nodes of split trees
     trees = [t for _, t in commit_trees]
     while trees:
         tid = trees.pop()
@@ -302,13 +329,16 @@ def _check(repo: Repository, rep: FsckReport, read_data: bool, progress) -> None
             continue
         try:
             tree = repo.load_tree(tid)
+            entries = tree.entries
+            if isinstance(tree, SplitTree):
+                entries = _check_split_tree(repo, tid, tree, locate_problem, seen_nodes, tree_notes)
         except CommitfsError as exc:
             guard(exc)
             tree_damage[tid] = str(exc)
             continue
         rep.trees += 1
         kids = children[tid] = []
-        for e in tree.entries:
+        for e in entries:
             if e.kind is Kind.DIR:
                 kids.append((e.name, True, e.id))
                 trees.append(e.id)
@@ -431,7 +461,7 @@ def _check(repo: Repository, rep: FsckReport, read_data: bool, progress) -> None
     try:
         listed = {cid for cid in repo.iter_commit_ids()}
         rep.unreferenced["commits"] = len(listed - seen_commits)
-        live = seen_trees | seen_files | seen_chunks
+        live = seen_trees | seen_files | seen_chunks | seen_nodes
         live_packs: set[bytes] = set()
         indexed_packs: set[bytes] = set()
         dead_blobs: set[bytes] = set()

@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 
 from commitfs.errors import CommitfsError, CorruptObjectError, GcStoppedError, InputError, ObjectNotFoundError
 from commitfs.model.ids import HEX_SIZE, is_hex
-from commitfs.model.objects import DecodeError, FileManifest, Kind, Tree
+from commitfs.model.objects import DecodeError, FileManifest
+from commitfs.model.splittree import decode_tree_node, node_children
 from commitfs.repo.gcstate import LEASE_REF, Lease, Record, new_record_key
 from commitfs.repo.index import INDEX_PREFIX, Index, encode_segment, segment_key
 from commitfs.repo.pack import (
@@ -263,9 +264,9 @@ class _Marker:
             try:
                 data = self._read(oid, loc)
                 if loc.kind is BlobKind.TREE:
-                    for e in Tree.decode(data).entries:
-                        if e.kind is not Kind.SYMLINK and e.id not in live:
-                            todo.append(e.id)
+                    # A directory's entries, or a split directory's chunks
+                    # (docs/FORMAT.md, "Split trees"): marked like subtrees.
+                    todo.extend(k for k in node_children(decode_tree_node(data)) if k not in live)
                 else:
                     live.update(FileManifest.decode(data).chunk_ids)
             except (CommitfsError, DecodeError) as exc:

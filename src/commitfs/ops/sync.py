@@ -73,7 +73,8 @@ from dataclasses import dataclass, field
 from commitfs.errors import (CorruptObjectError, InputError, ObjectNotFoundError, RefConflictError,
                              RepositoryNotFoundError, RevisionError)
 from commitfs.model.ids import ID_SIZE, hash_bytes, is_hex
-from commitfs.model.objects import Commit, DecodeError, FileManifest, Tree
+from commitfs.model.objects import Commit, DecodeError, FileManifest
+from commitfs.model.splittree import TreeIndex, decode_tree_node
 from commitfs.repo.engine import Run, plan_runs
 from commitfs.repo.pack import TARGET_PACK_SIZE, BlobKind, Location, pack_key, parse_pack_table
 from commitfs.repo.aliases import AliasState
@@ -226,6 +227,7 @@ class _Plan:
     chunks: list[tuple[bytes, Location]] = field(default_factory=list)
     manifests: list[tuple[bytes, Location, bytes]] = field(default_factory=list)
     trees: list[tuple[bytes, Location, bytes]] = field(default_factory=list)  # by increasing height
+    split_trees: bool = False  # sends index nodes of split trees (needs format version 2)
 
     @property
     def blob_count(self) -> int:
@@ -341,11 +343,22 @@ def _plan(src: Repository, dst: Repository, tips: list[bytes], threads: int,
         fetched = list(_iter_blobs(src, [(t, src.locate(t)) for t in level], threads))
         for tid, loc, data, _ in fetched:
             try:
-                tree = Tree.decode(data)
+                tree = decode_tree_node(data)
             except DecodeError as exc:
                 raise CorruptObjectError(f"tree {tid.hex()} is malformed: {exc}") from None
             tree_data[tid] = (loc, data)
             kids = children[tid] = []
+            if isinstance(tree, TreeIndex):
+                # A split directory's node: its chunks are trees to send too,
+                # before it (docs/FORMAT.md, "Split trees").
+                plan.split_trees = True
+                for c in tree.children:
+                    if wanted(c.id, tree_seen):
+                        next_level.append(c.id)
+                        tree_send.add(c.id)
+                    if c.id in tree_send:
+                        kids.append(c.id)
+                continue
             for e in tree.entries:
                 if e.is_dir:
                     if wanted(e.id, tree_seen):
@@ -535,6 +548,8 @@ def transfer(src: Repository, dst: Repository, tips: Iterable[bytes], *, threads
         sent_many(1, loc.stored)
 
     batch_bytes = batch_bytes or BATCH_BYTES
+    if plan.split_trees:
+        dst.upgrade_format()  # a version-1 destination says version 2 before it holds one
     # Chunks first (whole packs, then one by one), then what refers to them.
     _copy_whole_packs(src, dst, plan, stats, batch_bytes, threads, sent_many)
     out = _BatchWriter(dst, stats, batch_bytes)

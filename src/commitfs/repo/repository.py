@@ -28,6 +28,7 @@ from commitfs.errors import (
 )
 from commitfs.model.ids import HEX_SIZE, hash_bytes, is_hex
 from commitfs.model.objects import Commit, DecodeError, FileManifest, Tree
+from commitfs.model.splittree import SplitTree, TreeIndex, decode_tree_node, split_nodes
 from commitfs.repo.engine import ReadEngine
 from commitfs.repo.gcstate import GcState, lease_state
 from commitfs.repo.index import Index
@@ -47,7 +48,11 @@ from commitfs.storage.base import Store
 from commitfs.storage.url import open_store
 
 FORMAT_NAME = "commitfs"
-FORMAT_VERSION = 1
+#: Version 2 adds split trees (docs/FORMAT.md, "Split trees"); a version-1
+#: repository is read as it is, and upgraded in place by the first writer
+#: that stores a split tree in it (``upgrade_format``).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 CONFIG_KEY = "config"
 COMMITS_PREFIX = "commits/"
 MIN_PREFIX = 4
@@ -82,7 +87,10 @@ MANIFEST_CACHE_BYTES = 32 * 1024 * 1024
 
 
 def tree_cost(tree) -> int:
-    """A decoded tree's memory, roughly: a TreeEntry with its name and id is ~200 B."""
+    """A decoded tree's memory, roughly: a TreeEntry with its name and id is
+    ~200 B, an index node's child ~150 B."""
+    if isinstance(tree, TreeIndex):
+        return 200 + 150 * len(tree.children)
     return 200 + 200 * len(tree.entries)
 
 
@@ -157,9 +165,10 @@ class Repository:
             raise RepositoryError(f"{url}: the repository config is unreadable") from None
         if name != FORMAT_NAME:
             raise RepositoryError(f"{url} is not a commitfs repository")
-        if version != FORMAT_VERSION:
+        if type(version) is not int or version not in READABLE_VERSIONS:
             raise RepositoryError(
-                f"{url} has format version {version}; this commitfs reads version {FORMAT_VERSION} (upgrade commitfs)"
+                f"{url} has format version {version}; this commitfs reads format version "
+                f"{' or '.join(map(str, READABLE_VERSIONS))} (upgrade commitfs)"
             )
         return cls(store, config, chunk_cache)
 
@@ -343,10 +352,39 @@ class Repository:
                 cache[oid] = obj
         return obj
 
-    def load_tree(self, tid: bytes, keep: bool = True) -> Tree:
-        """A tree, decoded.  ``keep=False``: not added to this repository's cache
-        (a caller with its own, as the mount's Loader, would hold it twice)."""
-        return self._load_decoded(self._trees, tid, Tree.decode, "tree", keep)
+    def load_tree(self, tid: bytes, keep: bool = True) -> Tree | SplitTree:
+        """A directory's tree, decoded.  ``keep=False``: not added to this
+        repository's cache (a caller with its own, as the mount's Loader,
+        would hold it twice).  A split directory (docs/FORMAT.md, "Split
+        trees") is a SplitTree: its root only, its chunks loaded (and kept)
+        as its readers ask for them."""
+        node = self._load_decoded(self._trees, tid, decode_tree_node, "tree", keep)
+        if isinstance(node, TreeIndex):
+            return SplitTree(tid, node, self.load_tree_node)
+        return node
+
+    def load_tree_node(self, tid: bytes, keep: bool = True) -> Tree | TreeIndex:
+        """A stored tree object as it is: a plain tree (a directory or a leaf
+        chunk of a split one) or an index node of a split directory."""
+        return self._load_decoded(self._trees, tid, decode_tree_node, "tree", keep)
+
+    @property
+    def version(self) -> int:
+        return self.config.get("version", FORMAT_VERSION)
+
+    def upgrade_format(self) -> None:
+        """Mark a version-1 repository version 2, before the first split tree
+        is stored in it (docs/FORMAT.md, "Split trees"): an older commitfs
+        then refuses it by name rather than meeting a tree it cannot read.
+        The config changes only its version; rewriting it is idempotent."""
+        if self.config.get("version", FORMAT_VERSION) >= 2:
+            return
+        raw = self.store.load_object(CONFIG_KEY)
+        config = json.loads(raw)
+        if config.get("version") == 1:
+            config["version"] = 2
+            self.store.save_object(CONFIG_KEY, json.dumps(config, sort_keys=True, indent=1).encode() + b"\n")
+        self.config = dict(self.config, version=2)
 
     def remember_tree(self, tid: bytes, tree: Tree) -> None:
         """Keep a tree this process built (its id is its content's hash)."""
@@ -364,9 +402,16 @@ class Repository:
                 obj = _decode(decode, raw, what, oid)
         return obj
 
-    def tree_from_memory(self, tid: bytes) -> Tree | None:
+    def tree_from_memory(self, tid: bytes) -> Tree | SplitTree | None:
         """``load_tree(tid, keep=False)`` if memory has what it needs, else None."""
-        return self._decoded_from_memory(self._trees, tid, Tree.decode, "tree")
+        node = self._decoded_from_memory(self._trees, tid, decode_tree_node, "tree")
+        if isinstance(node, TreeIndex):
+            return SplitTree(tid, node, self.load_tree_node)
+        return node
+
+    def tree_node_from_memory(self, tid: bytes) -> Tree | TreeIndex | None:
+        """``load_tree_node(tid, keep=False)`` if memory has what it needs, else None."""
+        return self._decoded_from_memory(self._trees, tid, decode_tree_node, "tree")
 
     def manifest_from_memory(self, fid: bytes) -> FileManifest | None:
         """``load_manifest(fid, keep=False)`` if memory has what it needs, else None."""
@@ -614,14 +659,19 @@ class BlobWriter:
         self.repo.note_own_segment(key)
 
     def add_tree(self, tree: Tree) -> bytes:
-        data = tree.encode()
-        tid = hash_bytes(data)
-        self.add(tid, BlobKind.TREE, data)
-        # The writer's process is the likeliest next reader of the trees it
-        # writes (a workspace rebasing onto its new commit): spare it decoding.
-        if self._remember_trees:
-            self.repo.remember_tree(tid, tree)
-        return tid
+        """Store a directory (any Tree, or SplitTree): one plain tree, or, past
+        model.splittree.SPLIT_ENTRIES entries, its chunks and index nodes,
+        children first (the one builder every commit path uses)."""
+        nodes = split_nodes(tree.entries)
+        if len(nodes) > 1 and self.repo.version < 2:
+            self.repo.upgrade_format()
+        for oid, data, node in nodes:
+            self.add(oid, BlobKind.TREE, data)
+            # The writer's process is the likeliest next reader of the trees it
+            # writes (a workspace rebasing onto its new commit): spare it decoding.
+            if self._remember_trees:
+                self.repo.remember_tree(oid, node)
+        return nodes[-1][0]
 
     def add_manifest(self, manifest: FileManifest) -> bytes:
         data = manifest.encode()

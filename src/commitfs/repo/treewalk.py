@@ -77,10 +77,10 @@ def _count(repo, root: bytes) -> tuple[int, int]:
                 continue
             if tid in on_path:  # impossible with honest hashes; cheap to refuse
                 raise CorruptObjectError(f"tree {tid.hex()} contains itself")
-            tree = repo.load_tree(tid)
-            entries += len(tree.entries)
-            kids = [(e.id) for e in tree.entries if e.kind is Kind.DIR]
-            stack[-1] = (tid, [len(tree.entries), kids])
+            listed = repo.load_tree(tid).entries  # a split directory's: every chunk's (once)
+            entries += len(listed)
+            kids = [(e.id) for e in listed if e.kind is Kind.DIR]
+            stack[-1] = (tid, [len(listed), kids])
             on_path.add(tid)
             stack.extend((k, None) for k in dict.fromkeys(kids) if k not in memo)
             continue

@@ -48,13 +48,15 @@ from dataclasses import dataclass
 import trio
 
 from commitfs.errors import (
+    CorruptObjectError,
     IsADirectoryError_,
     NotADirectoryError_,
     PathNotFoundError,
     RevisionError,
 )
 from commitfs.model.ids import HEX_SIZE, is_hex
-from commitfs.model.objects import EMPTY_MANIFEST, Commit, FileManifest, Kind, Tree, TreeEntry
+from commitfs.model.objects import EMPTY_MANIFEST, Commit, DecodeError, FileManifest, Kind, Tree, TreeEntry
+from commitfs.model.splittree import SplitTree, TreeIndex, check_child
 from commitfs.repo.repository import MIN_PREFIX, Repository
 from commitfs.repo.treewalk import check_expansion
 from commitfs.vfs import prefetch
@@ -161,6 +163,13 @@ class Listing:
     def child(self, i: int) -> tuple[str, tuple, MakeNode]:
         raise NotImplementedError
 
+    def needs_load(self, i: int) -> bool:
+        """Whether ``child(i)`` must wait for ``load(i)`` first (a split directory's page)."""
+        return False
+
+    async def load(self, i: int) -> None:
+        pass
+
 
 class _StaticListing(Listing):
     def __init__(self, items: list[tuple[str, tuple, MakeNode]]):
@@ -185,6 +194,33 @@ class _TreeListing(Listing):
 
     def child(self, i: int) -> tuple[str, tuple, MakeNode]:
         e = self.entries[i]
+        return e.name, entry_identity(e), lambda: node_for_entry(self.view, e)
+
+
+class _SplitListing(Listing):
+    """A split directory (model/splittree.py): entry ``i`` is in the leaf chunk
+    holding position ``i``, loaded when a readdir page reaches it; the leaf
+    read last is kept, so a page costs the chunks it shows, not the directory."""
+
+    def __init__(self, fs: FileSystem, view: View, tree: SplitTree):
+        self.fs = fs
+        self.view = view
+        self.tree = tree
+        self.base = 0
+        self.leaf: Tree | None = None
+
+    def __len__(self) -> int:
+        return self.tree.count
+
+    def needs_load(self, i: int) -> bool:
+        return self.leaf is None or not self.base <= i < self.base + len(self.leaf.entries)
+
+    async def load(self, i: int) -> None:
+        self.base, self.leaf = await self.fs._split_leaf_at(self.tree, i)
+
+    def child(self, i: int) -> tuple[str, tuple, MakeNode]:
+        assert self.leaf is not None
+        e = self.leaf.entries[i - self.base]
         return e.name, entry_identity(e), lambda: node_for_entry(self.view, e)
 
 
@@ -377,7 +413,11 @@ class FileSystem:
         """Identity and maker of ``parent``'s child ``name``, or None."""
         if isinstance(parent, TreeDir):
             tree = self.loader.tree_cached(parent.entry.id) or await self.loader.tree(parent.entry.id)
-            e = tree.get(name)
+            if isinstance(tree, SplitTree):
+                leaf = await self._split_leaf_for(tree, name)
+                e = leaf.get(name) if leaf is not None else None
+            else:
+                e = tree.get(name)
             if e is None:
                 return None
             view = parent.view
@@ -433,7 +473,10 @@ class FileSystem:
                 # rule of repo.treewalk refuses it (counted once per tree id),
                 # so a find(1) of a hostile DAG stays bounded.
                 await self.loader.io(f"the path count of tree {tid.hex()}", check_expansion, self.repo, tid)
-            return _TreeListing(node.view, await self.loader.tree(tid))
+            tree = await self.loader.tree(tid)
+            if isinstance(tree, SplitTree):
+                return _SplitListing(self, node.view, tree)
+            return _TreeListing(node.view, tree)
         if isinstance(node, RootDir):
             return _StaticListing(self._root_items())
         if isinstance(node, RefDir):
@@ -458,6 +501,54 @@ class FileSystem:
                               (lambda c=cid, cm=commit: self._view_root(c, cm, self._long))))
             return _StaticListing(items)
         raise AssertionError(f"unknown directory node {node!r}")
+
+    # --- split directories: one chunk per level, loaded as a lookup or a page needs it
+    async def _split_child(self, tree: SplitTree, parent: TreeIndex, i: int, upper: bytes | None):
+        cid = parent.children[i].id
+        node = self.loader.tree_node_cached(cid) or await self.loader.tree_node(cid)
+        try:
+            check_child(parent, i, node, upper)
+        except DecodeError as exc:
+            raise CorruptObjectError(f"split tree {tree.id.hex()} is malformed: {exc}") from None
+        return node
+
+    async def _split_leaf_for(self, tree: SplitTree, name: str) -> Tree | None:
+        """The leaf chunk of ``tree`` whose range holds ``name``, or None."""
+        raw = name.encode()
+        node, upper = tree.root, None
+        while isinstance(node, TreeIndex):
+            i = node.find(raw)
+            if i is None:
+                return None
+            upper = node.firsts[i + 1] if i + 1 < len(node.children) else upper
+            node = await self._split_child(tree, node, i, upper)
+        return node
+
+    async def _split_leaf_at(self, tree: SplitTree, pos: int) -> tuple[int, Tree]:
+        """(position of its first entry, the leaf chunk) holding entry ``pos``."""
+        node, upper, base = tree.root, None, 0
+        while isinstance(node, TreeIndex):
+            for i, c in enumerate(node.children):
+                if pos < base + c.count:
+                    break
+                base += c.count
+            upper = node.firsts[i + 1] if i + 1 < len(node.children) else upper
+            node = await self._split_child(tree, node, i, upper)
+        return base, node
+
+    def _split_leaf_cached(self, tree: SplitTree, name: str) -> Tree | None:
+        """The leaf chunk holding ``name`` if every node on its path is in memory
+        (checked when it was loaded), else None."""
+        raw = name.encode()
+        node = tree.root
+        while isinstance(node, TreeIndex):
+            i = node.find(raw)
+            if i is None:
+                return None
+            node = self.loader.tree_node_cached(node.children[i].id)
+            if node is None:
+                return None
+        return node
 
     async def _commits_of(self, cids: set[bytes]) -> dict[bytes, Commit]:
         """Load commits concurrently; leave out (and log) those that fail."""
@@ -559,6 +650,8 @@ class FileSystem:
         assert self.table is not None
         listing = h.listing
         for i in range(start_id, len(listing)):
+            if listing.needs_load(i):
+                await listing.load(i)
             name, identity, make = listing.child(i)
             node = self.table.ensure(h.node, name, identity, make)
             if not reply(name.encode(), node.attr(self.mount_time_ns), i + 1):
@@ -642,6 +735,8 @@ class FileSystem:
             return None, 0
         entry = getattr(parent, "entry", None)
         tree = self.loader.tree_cached(entry.id) if entry is not None and entry.is_dir else None
+        if isinstance(tree, SplitTree):  # its leaf: neighbours are read within it
+            tree = self._split_leaf_cached(tree, node.name)
         if tree is None:
             return None, 0
         pos = tree.position(node.name)

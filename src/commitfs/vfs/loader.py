@@ -39,6 +39,7 @@ from cachetools import LRUCache
 
 from commitfs.errors import StorageTimeoutError
 from commitfs.model.objects import Commit, DecodeError, FileManifest, Tree
+from commitfs.model.splittree import SplitTree, TreeIndex
 from commitfs.repo.repository import Repository
 from commitfs.vfs.errors import ShuttingDownError
 
@@ -130,6 +131,16 @@ class SingleFlight:
             flight.done.set()
 
 
+def _tree_weight(t) -> int:
+    """A cached tree's weight in entries: a split directory's root and an index
+    node count their children, never what lies below them."""
+    if isinstance(t, SplitTree):
+        t = t.root
+    if isinstance(t, TreeIndex):
+        return len(t.children) + 1
+    return len(t.entries) + 1
+
+
 class Loader:
     """Repository loads for a file system running under trio."""
 
@@ -137,7 +148,11 @@ class Loader:
         self.repo = repo
         self.io_timeout_s = io_timeout_s
         self._limiter = trio.CapacityLimiter(io_threads or default_io_threads(repo))
-        self._trees = SingleFlight(LRUCache(maxsize=1_000_000, getsizeof=lambda t: len(t.entries) + 1))
+        self._trees = SingleFlight(LRUCache(maxsize=1_000_000, getsizeof=_tree_weight))
+        # Chunks and index nodes of split directories (model/splittree.py), by
+        # their own ids: a lookup loads one per level, a listing page its leaf.
+        self._tree_nodes = SingleFlight(LRUCache(maxsize=1_000_000, getsizeof=_tree_weight))
+        self._load_tree_node = functools.partial(repo.load_tree_node, keep=False)
         self._manifests = SingleFlight(LRUCache(maxsize=4_000_000, getsizeof=lambda m: len(m.chunk_ids) + 1))
         self._commits = SingleFlight(LRUCache(maxsize=4096))
         #: Recently verified chunks by id (module doc); only the event loop touches it.
@@ -172,6 +187,28 @@ class Loader:
 
     async def tree(self, tid: bytes) -> Tree:
         return await self._cached(self._trees, tid, self.repo.tree_from_memory, self._load_tree, "tree")
+
+    async def tree_get(self, tree: Tree | SplitTree, name: str):
+        """``tree.get(name)``; for a split directory in a worker thread (it may
+        load a chunk per level)."""
+        if isinstance(tree, SplitTree):
+            return await self.io(f"a lookup in tree {tree.id.hex()}", tree.get, name)
+        return tree.get(name)
+
+    async def tree_entries(self, tree: Tree | SplitTree):
+        """``tree.entries``; for a split directory in a worker thread (every chunk)."""
+        if isinstance(tree, SplitTree):
+            return await self.io(f"the entries of tree {tree.id.hex()}", lambda: tree.entries)
+        return tree.entries
+
+    def tree_node_cached(self, tid: bytes) -> Tree | TreeIndex | None:
+        return self._tree_nodes.cache.get(tid)
+
+    async def tree_node(self, tid: bytes) -> Tree | TreeIndex:
+        """A chunk or index node of a split directory (not checked against its
+        parent: the caller does, with model.splittree.check_child)."""
+        return await self._cached(self._tree_nodes, tid, self.repo.tree_node_from_memory, self._load_tree_node,
+                                  "tree chunk")
 
     async def manifest(self, fid: bytes, neighbours: Sequence[bytes] = ()) -> FileManifest:
         """A file's manifest.  ``neighbours``: the manifests of the files around it in

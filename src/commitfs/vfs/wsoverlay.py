@@ -50,7 +50,7 @@ class OverlayStore:
         if d.children is not None:
             return
         kids = {}
-        for e in tree.entries:
+        for e in await self.loader.tree_entries(tree):
             n = d.lazy.get(e.name) or self._from_entry(d, e)
             kids[e.name] = n
         ids = [self.overlay.new_id() for _ in kids]

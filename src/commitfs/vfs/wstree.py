@@ -239,7 +239,7 @@ class NodeTree:
         tree = await self.loader.tree(d.origin.id)
         if d.children is not None:  # materialized meanwhile
             return d.children.get(name)
-        e = tree.get(name)
+        e = await self.loader.tree_get(tree, name)
         if e is None:
             return None
         n = d.lazy.get(name)
@@ -253,12 +253,12 @@ class NodeTree:
         tree = await self.loader.tree(d.origin.id)
         if d.children is not None:
             return sorted(d.children.items(), key=lambda kv: kv[0].encode())
-        return [(e.name, e) for e in tree.entries]
+        return [(e.name, e) for e in await self.loader.tree_entries(tree)]
 
     async def _is_empty(self, d: WNode) -> bool:
         if d.children is not None:
             return not d.children
-        return not (await self.loader.tree(d.origin.id)).entries
+        return not (await self.loader.tree(d.origin.id)).count
 
     def _maybe_drop(self, n: WNode) -> None:
         """Forget a lazy node the kernel no longer knows (and lazy ancestors left unused)."""

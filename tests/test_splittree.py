@@ -1,0 +1,537 @@
+"""Split trees (issue 21): large directories stored as chunks under index nodes.
+
+docs/FORMAT.md, "Split trees", is the contract; model/splittree.py the code.
+Most tests shrink the thresholds (``small_split``: a directory of more than
+32 entries splits, leaves of 4-16 entries, index nodes of 2-6 children), so
+that a few hundred entries make a tree of several levels; the tests named
+``..._at_the_real_threshold`` use the format's own values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+import trio
+
+from commitfs.errors import CorruptObjectError
+from commitfs.model import splittree
+from commitfs.model.draft import NewFile
+from commitfs.model.ids import hash_bytes
+from commitfs.model.objects import EMPTY_MANIFEST, Commit, Kind, Tree, TreeEntry, symlink_entry
+from commitfs.model.splittree import SplitTree, TreeIndex, decode_tree_node, split_nodes, tree_id_of
+from commitfs.ops import sync
+from commitfs.ops.changes import build, draft_from_paths
+from commitfs.ops.checkout import checkout
+from commitfs.ops.diff import diff_trees
+from commitfs.ops.fsck import fsck
+from commitfs.ops.gc import collect
+from commitfs.ops.snapshot import commit_directory
+from commitfs.repo.pack import BlobKind
+from commitfs.repo.repository import CONFIG_KEY, Repository
+from commitfs.repo.treewalk import check_expansion
+from core_fixtures import assert_fsck_clean, cli_ok, describe, reopen, write_file
+from mount_fixtures import fs_of, vfs_listdir, vfs_walk
+
+
+@pytest.fixture
+def small_split(monkeypatch):
+    """Thresholds small enough for a few hundred entries to make several levels."""
+    for name, value in (("SPLIT_ENTRIES", 32), ("LEAF_MIN", 4), ("LEAF_BITS", 2), ("LEAF_MAX", 16),
+                        ("INDEX_MIN", 2), ("INDEX_BITS", 1), ("INDEX_MAX", 6)):
+        monkeypatch.setattr(splittree, name, value)
+
+
+def _name(rng: random.Random) -> str:
+    alphabet = "abcdefghij_.-0123456789é"
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) + str(rng.randrange(1 << 20))
+
+
+def random_entries(rng: random.Random, n: int) -> list[TreeEntry]:
+    names = set()
+    while len(names) < n:
+        names.add(_name(rng))
+    out = []
+    for name in sorted(names):  # (a set's order changes with the process's hash seed)
+        r = rng.random()
+        if r < 0.1:
+            out.append(symlink_entry(name, f"target-{rng.randrange(99)}".encode()))
+        elif r < 0.2:
+            out.append(TreeEntry(name, Kind.DIR, rng.randrange(1 << 20), hash_bytes(name.encode() + b"d")))
+        else:
+            kind = Kind.EXEC if r < 0.25 else Kind.FILE
+            out.append(TreeEntry(name, kind, rng.randrange(1 << 30), hash_bytes(name.encode())))
+    return sorted(out, key=lambda e: e.name.encode())
+
+
+def _store(entries) -> tuple[bytes, dict[bytes, object]]:
+    nodes = split_nodes(entries)
+    return nodes[-1][0], {oid: decode_tree_node(data) for oid, data, _ in nodes}
+
+
+def _read(tid: bytes, objects: dict, loads: list | None = None):
+    node = objects[tid]
+    if isinstance(node, Tree):
+        return node
+
+    def load(oid):
+        if loads is not None:
+            loads.append(oid)
+        return objects[oid]
+    return SplitTree(tid, node, load)
+
+
+def _levels(objects) -> set[int]:
+    return {n.level for n in objects.values() if isinstance(n, TreeIndex)}
+
+
+# --- the model -------------------------------------------------------------------------
+def test_small_directories_keep_the_version_1_encoding_and_ids_at_the_real_threshold():
+    rng = random.Random(1)
+    entries = random_entries(rng, splittree.SPLIT_ENTRIES + 1)
+    plain = entries[:splittree.SPLIT_ENTRIES]
+    nodes = split_nodes(plain)
+    assert len(nodes) == 1 and nodes[0][1] == Tree(tuple(plain)).encode()
+    assert nodes[0][0] == Tree(tuple(plain)).id
+    split = split_nodes(entries)
+    assert len(split) > 2 and isinstance(split[-1][2], TreeIndex)
+    leaves = [n for _, _, n in split if isinstance(n, Tree)]
+    assert all(splittree.LEAF_MIN <= len(t.entries) <= splittree.LEAF_MAX for t in leaves[:-1])
+    assert tuple(e for t in leaves for e in t.entries) == tuple(entries)
+
+
+@pytest.mark.parametrize("n", [0, 1, 31, 32, 33, 34, 47, 48, 63, 64, 65, 100, 257, 600])
+def test_random_directories_round_trip_around_the_thresholds(small_split, n):
+    rng = random.Random(n)
+    entries = random_entries(rng, n)
+    tid, objects = _store(entries)
+    tree = _read(tid, objects)
+    assert isinstance(tree, SplitTree) == (n > 32)
+    assert tree.entries == tuple(entries)
+    assert tree.count == n and tree.size == sum(e.size for e in entries if e.kind is not Kind.SYMLINK)
+    for i, e in enumerate(entries):
+        assert tree.get(e.name) == e
+        assert tree.position(e.name) == i
+    for absent in ("", "\x01", "~~~~", entries[0].name + "\x00" if entries else "x"):
+        if absent:
+            assert tree.get(absent) is None and tree.position(absent) is None
+    if isinstance(tree, SplitTree):
+        assert len(_levels(objects)) >= (2 if n >= 257 else 1)
+        for i in range(n):
+            base, leaf = tree.leaf_at(i)
+            assert leaf.entries[i - base] == entries[i]
+        # Every encoding decodes to itself, and nothing else decodes.
+        for oid, node in objects.items():
+            assert node.id == oid
+            assert decode_tree_node(node.encode()) == node
+
+
+def test_edits_at_chunk_boundaries_give_the_ids_of_the_final_directory(small_split):
+    rng = random.Random(7)
+    entries = random_entries(rng, 400)
+    tid, objects = _store(entries)
+    leaves = [n for n in objects.values() if isinstance(n, Tree)]
+    firsts = [t.entries[0] for t in leaves]
+    lasts = [t.entries[-1] for t in leaves]
+    current = {e.name: e for e in entries}
+    for step in range(60):
+        pick = rng.choice(firsts + lasts)
+        action = rng.choice(["remove", "add", "rename", "change"])
+        if action == "remove":
+            current.pop(pick.name, None)
+        elif action == "add":
+            name = pick.name + rng.choice(["", "0", "~"]) + "+"
+            current[name] = TreeEntry(name, Kind.FILE, 5, hash_bytes(name.encode()))
+        elif action == "rename" and pick.name in current:
+            e = current.pop(pick.name)
+            current[pick.name + "-renamed"] = e._replace(name=pick.name + "-renamed")
+        elif pick.name in current and current[pick.name].kind.is_file:
+            current[pick.name] = current[pick.name]._replace(size=step, id=hash_bytes(bytes([step])))
+        final = sorted(current.values(), key=lambda e: e.name.encode())
+        new_tid, new_objects = _store(final)
+        assert _read(new_tid, new_objects).entries == tuple(final)
+        # What an edit rewrites is near it: most chunks are shared with the original.
+        if step < 3:
+            assert len(set(new_objects) - set(objects)) <= 2 * (len(_levels(new_objects)) + 2)
+
+
+def test_one_entry_added_to_a_big_directory_rewrites_o_log_n_small_objects_at_the_real_threshold(repo):
+    rng = random.Random(3)
+    entries = [TreeEntry(f"img_{i:06d}.jpg", Kind.FILE, 1000 + i, hash_bytes(b"%d" % i)) for i in range(60_000)]
+    with repo.writer() as w:
+        first = w.add_tree(Tree(tuple(entries)))
+    whole = w.stats.bytes_new_raw
+    assert whole > 2_500_000
+    for _ in range(3):
+        extra = TreeEntry(f"img_{rng.randrange(60_000):06d}.jpg+new", Kind.FILE, 9, hash_bytes(b"new"))
+        edited = Tree.build([*entries, extra])
+        with repo.writer() as w:
+            tid = w.add_tree(edited)
+        assert tid != first
+        height = repo.load_tree(tid).root.level
+        # A leaf, maybe its neighbour, one node per level: O(log n) objects, a few KiB each.
+        assert w.stats.blobs_new <= 2 + 2 * height, w.stats
+        assert w.stats.bytes_new_raw < 64 * 1024, w.stats
+        assert w.stats.bytes_new_raw < whole / 50
+        assert repo.load_tree(tid).get(extra.name) == extra
+
+
+def test_the_same_directory_gets_the_same_id_whatever_its_history(small_split, tmp_path, cache_home):
+    """Built by different edit sequences, through the commit of a directory and
+    through the change engine (merges and workspace commits), one id."""
+    rng = random.Random(11)
+    names = [f"f{i:04d}-{_name(rng)}" for i in range(300)]
+    final = set(rng.sample(names, 220))
+
+    def fill(root: Path, present):
+        for n in names:
+            p = root / "big" / n
+            if n in present:
+                write_file(p, n.encode())
+            elif p.exists():
+                p.unlink()
+        write_file(root / "small.txt", b"small")
+
+    ids = []
+    for seed in range(2):  # two different histories into two repositories
+        srng = random.Random(seed)
+        url = str(tmp_path / f"repo{seed}")
+        with Repository.init(url) as r:
+            work = tmp_path / f"work{seed}"
+            for _ in range(3):
+                fill(work, set(srng.sample(names, srng.randrange(50, 300))))
+                commit_directory(r, work, message="step", allow_empty=True)
+            fill(work, final)
+            ids.append(commit_directory(r, work, message="final", allow_empty=True).tree_id)
+    fresh = tmp_path / "fresh"
+    fill(fresh, final)
+    with Repository.init(str(tmp_path / "repo-fresh")) as r:
+        ids.append(commit_directory(r, fresh, message="fresh").tree_id)
+        # The change engine: the first history's tree, edited into the final one.
+        start = commit_directory(r, tmp_path / "work0", message="again", allow_empty=True).tree_id
+        fill(tmp_path / "work0", set(names[:40]))
+        base = commit_directory(r, tmp_path / "work0", message="other", allow_empty=True).tree_id
+        changes = {f"big/{n}": NewFile(data=n.encode()) for n in final if n not in names[:40]}
+        changes.update({f"big/{n}": None for n in names[:40] if n not in final})
+        with r.writer() as w:
+            built = build(r, w, draft_from_paths(r, base, changes))
+        ids.append(built.id)
+        assert start == ids[0]
+    assert len(set(ids)) == 1
+    with Repository.open(str(tmp_path / "repo-fresh")) as r:
+        big = r.load_tree(r.load_tree(ids[0]).get("big").id)
+        assert isinstance(big, SplitTree) and big.count == len(final)
+
+
+# --- the repository: writers, readers, format version ------------------------------------
+def _commit_tree(repo: Repository, top: list[TreeEntry], nodes=None, branch="main") -> bytes:
+    with repo.writer() as w:
+        w.add_manifest(EMPTY_MANIFEST)
+        for oid, data in nodes or ():
+            w.add(oid, BlobKind.TREE, data)
+        tid = w.add_tree(Tree.build(top))
+    cid = repo.save_commit(Commit(tid, (), "t", 0, "m"))
+    repo.refs.set_branch_if_equals(branch, cid, repo.refs.lookup_branch(branch))
+    return cid
+
+
+def _big_dir(tmp_path: Path, n: int, name="big") -> Path:
+    src = tmp_path / "src"
+    for i in range(n):
+        write_file(src / name / f"file-{i:05d}.txt", b"%d\n" % i, executable=i % 17 == 0)
+    write_file(src / "top.txt", b"top")
+    os.symlink("top.txt", src / name / "link")
+    return src
+
+
+def test_new_repositories_are_version_2_and_version_1_ones_read_and_upgrade_in_place(small_split, tmp_path,
+                                                                                   cache_home):
+    url = str(tmp_path / "repo")
+    Repository.init(url).close()
+    assert json.loads(Path(url, CONFIG_KEY).read_bytes())["version"] == 2
+    config = json.loads(Path(url, CONFIG_KEY).read_bytes())
+    config["version"] = 1
+    Path(url, CONFIG_KEY).write_text(json.dumps(config))
+    small = tmp_path / "small"
+    write_file(small / "a", b"a")
+    with Repository.open(url) as r:
+        commit_directory(r, small, message="small")
+    assert json.loads(Path(url, CONFIG_KEY).read_bytes())["version"] == 1  # nothing split: left as it was
+    src = _big_dir(tmp_path, 100)
+    with Repository.open(url) as r:
+        commit_directory(r, src, message="big")
+    after = json.loads(Path(url, CONFIG_KEY).read_bytes())
+    assert after == dict(config, version=2)
+    assert_fsck_clean(url)
+
+
+def test_a_split_directory_reads_through_checkout_diff_and_fsck(small_split, tmp_path, cache_home):
+    url = str(tmp_path / "repo")
+    src = _big_dir(tmp_path, 300)
+    with Repository.init(url) as r:
+        first = commit_directory(r, src, message="v1")
+        write_file(src / "big" / "file-00150.txt", b"changed")
+        write_file(src / "big" / "file-00150.txt+", b"added")
+        (src / "big" / "file-00007.txt").unlink()
+        second = commit_directory(r, src, message="v2")
+    with reopen(url) as r:
+        big = r.load_tree(r.load_tree(second.tree_id).get("big").id)
+        assert isinstance(big, SplitTree) and big.root.level >= 2
+        out = tmp_path / "out"
+        checkout(r, second.commit_id, out)
+        assert describe(out) == describe(src)
+    with reopen(url) as r:
+        loads = []
+        load_node = r.load_tree_node
+        r.load_tree_node = lambda oid, *a, **k: (loads.append(oid), load_node(oid, *a, **k))[1]
+        changes = [(c.status, c.path) for c in diff_trees(r, first.tree_id, second.tree_id)]
+        assert sorted(changes) == [("added", "big/file-00150.txt+"), ("modified", "big/file-00150.txt"),
+                                   ("removed", "big/file-00007.txt")]
+        leaves = [o for o in set(loads) if isinstance(objects_of(r, o), Tree)]
+        assert len(leaves) <= 8, "a diff reads the chunks around its changes, not the directory"
+        assert len(set(loads)) < len(big.entries) // 8
+    assert_fsck_clean(url)
+
+
+def objects_of(repo, oid):
+    return decode_tree_node(bytes(repo.load_blob(oid)))
+
+
+def test_gc_keeps_a_split_directory_readable_and_frees_one_no_ref_reaches(small_split, tmp_path, cache_home):
+    url = str(tmp_path / "repo")
+    src = _big_dir(tmp_path, 250)
+    with Repository.init(url) as r:
+        kept = commit_directory(r, src, message="kept").commit_id
+        other = _big_dir(tmp_path / "o", 120, name="other")
+        commit_directory(r, other, branch="doomed", message="doomed")
+        r.refs.set_branch_if_equals("doomed", None, r.refs.lookup_branch("doomed"))
+    report = collect(reopen(url), grace=0.0, force=True)
+    assert report is not None
+    with reopen(url) as r:
+        out = tmp_path / "out"
+        checkout(r, kept, out)
+        assert describe(out) == describe(src)
+    assert_fsck_clean(url)
+    with reopen(url) as r:
+        assert fsck(r).unreferenced["blobs"] == 0
+
+
+def test_sync_copies_split_trees_local_to_s3_and_back(small_split, tmp_path, s3_url, cache_home):
+    url = str(tmp_path / "repo")
+    src = _big_dir(tmp_path, 200)
+    with Repository.init(url) as r:
+        cid = commit_directory(r, src, message="v1").commit_id
+    with Repository.init(s3_url) as remote:
+        # A version-1 destination is upgraded before it holds a split tree.
+        raw = json.loads(remote.store.load_object(CONFIG_KEY))
+        remote.store.save_object(CONFIG_KEY, json.dumps(dict(raw, version=1)).encode())
+    with reopen(url) as local, Repository.open(s3_url) as remote:
+        sync.push(local, remote, "main")
+        assert json.loads(remote.store.load_object(CONFIG_KEY))["version"] == 2
+    assert_fsck_clean(s3_url)
+    with reopen(s3_url) as remote:
+        out = tmp_path / "out"
+        checkout(remote, cid, out)
+        assert describe(out) == describe(src)
+    clone = tmp_path / "clone"
+    cli_ok("clone", s3_url, str(clone))
+    assert_fsck_clean(str(clone))
+
+
+def test_the_mount_looks_a_name_up_and_lists_pages_loading_only_the_chunks_they_need(small_split, tmp_path,
+                                                                                    cache_home):
+    url = str(tmp_path / "repo")
+    src = _big_dir(tmp_path, 400)
+    with Repository.init(url) as r:
+        cid = commit_directory(r, src, message="v1").commit_id
+
+    async def main():
+        with reopen(url) as r:
+            loads = []
+            load_node, node_now = r.load_tree_node, r.tree_node_from_memory
+            r.load_tree_node = lambda oid, *a, **k: (loads.append(oid), load_node(oid, *a, **k))[1]
+
+            def from_memory(oid):
+                got = node_now(oid)
+                if got is not None:
+                    loads.append(oid)
+                return got
+            r.tree_node_from_memory = from_memory
+            async with fs_of(r, cid) as fs:
+                big = await fs.lookup(1, b"big")
+                attr = await fs.lookup(big.ino, b"file-00321.txt")
+                assert await fs.readlink((await fs.lookup(big.ino, b"link")).ino) == b"top.txt"
+                height = r.load_tree(r.load_tree(r.load_commit(cid).tree).get("big").id).root.level
+                assert len(set(loads)) <= 2 * height, "a lookup loads one chunk per level"
+                fh = await fs.open(attr.ino, os.O_RDONLY)
+                assert await fs.read(fh, 0, 100) == b"321\n"
+                await fs.release(fh)
+                with pytest.raises(Exception):
+                    await fs.lookup(big.ino, b"file-99999.txt")
+                # One readdir page: the leaves it shows (and the path to them), not the directory.
+                loads.clear()
+                dh = await fs.opendir(big.ino)
+                got = []
+                await fs.readdir(dh, 0, lambda name, a, nxt: len(got) < 5 and (got.append(name) or True))
+                await fs.releasedir(dh)
+                assert got == [b"file-00000.txt", b"file-00001.txt", b"file-00002.txt", b"file-00003.txt",
+                               b"file-00004.txt"]
+                assert len(set(loads)) <= 2 * height
+                # The whole listing, in pages, and the whole tree, as on disk.
+                names = [n for n, _ in await vfs_listdir(fs, big.ino)]
+                assert names == sorted(os.listdir(src / "big"), key=str.encode)
+                assert await vfs_walk(fs) == describe(src)
+    trio.run(main)
+
+
+def test_a_real_mount_of_a_split_directory_at_the_real_threshold(tmp_path, cache_home, mounts):
+    url = str(tmp_path / "repo")
+    src = tmp_path / "src"
+    (src / "flat").mkdir(parents=True)
+    n = splittree.SPLIT_ENTRIES + 1500
+    for i in range(n):
+        (src / "flat" / f"{i:06d}.txt").write_bytes(b"%d" % i)
+    cli_ok("-r", url, "init")
+    cli_ok("-r", url, "commit", str(src), "-m", "flat")
+    with reopen(url) as r:
+        head = r.load_commit(r.refs.lookup_branch("main"))
+        assert isinstance(r.load_tree(r.load_tree(head.tree).get("flat").id), SplitTree)
+    mp = mounts.mountpoint()
+    mounts.mount(url, mp, rev="main")
+    flat = mp / "flat"
+    assert (flat / "004321.txt").read_bytes() == b"4321"
+    assert sorted(os.listdir(flat)) == sorted(os.listdir(src / "flat"))
+    assert os.stat(flat / f"{n - 1:06d}.txt").st_size == len(b"%d" % (n - 1))
+    assert not (flat / "nope.txt").exists()
+
+
+def test_treewalk_counts_the_entries_of_a_split_directory(small_split, tmp_path, cache_home):
+    url = str(tmp_path / "repo")
+    src = _big_dir(tmp_path, 150)
+    with Repository.init(url) as r:
+        result = commit_directory(r, src, message="v1")
+    with reopen(url) as r:
+        assert check_expansion(r, result.tree_id) == 1 + 151 + 1  # big/, its 150 files and link, top.txt
+
+
+# --- hostile repositories: malformed, never a wrong answer ----------------------------------
+def _tamper(objects: dict, root: TreeIndex, how: str):
+    """A copy of a split tree with one fault; returns (root id, [(id, bytes)] to store)."""
+    kids = list(root.children)
+    extra: list[tuple[bytes, bytes]] = []
+    if how == "unsorted":
+        kids[0], kids[1] = kids[1], kids[0]
+    elif how == "count":
+        kids[1] = kids[1]._replace(count=kids[1].count + 1)
+    elif how == "size":
+        kids[0] = kids[0]._replace(size=kids[0].size + 1)
+    elif how == "level":  # a level-2 node below a level-2 node: the nearest thing to a cycle
+        node = TreeIndex(root.level + 1, tuple(kids))
+        return node, extra
+    elif how == "overlap":
+        # The first chunk's last subtree also takes the second chunk's first entry.
+        first = objects[kids[0].id]
+        while isinstance(first, TreeIndex):
+            first = objects[first.children[-1].id]
+        second = objects[kids[1].id]
+        while isinstance(second, TreeIndex):
+            second = objects[second.children[0].id]
+        grown = Tree(first.entries + second.entries[:1])
+        extra.append((grown.id, grown.encode()))
+        if root.level == 1:
+            kids[0] = kids[0]._replace(id=grown.id, count=kids[0].count + 1,
+                                       size=kids[0].size + second.entries[0].size)
+        else:
+            raise AssertionError("the tampered tree is built of one level")
+    elif how == "noncanonical":
+        a, b = objects[kids[0].id], objects[kids[1].id]
+        merged = Tree(a.entries + b.entries)
+        extra.append((merged.id, merged.encode()))
+        kids[0:2] = [kids[0]._replace(count=kids[0].count + kids[1].count, size=kids[0].size + kids[1].size,
+                                      id=merged.id)]
+    return TreeIndex(root.level, tuple(kids)), extra
+
+
+@pytest.mark.parametrize("how", ["unsorted", "count", "size", "level", "overlap", "noncanonical"])
+def test_a_hostile_split_tree_is_malformed_never_a_wrong_answer(small_split, tmp_path, cache_home, how,
+                                                                monkeypatch):
+    monkeypatch.setattr(splittree, "INDEX_MAX", 1000)  # one level: every fault sits in the root
+    monkeypatch.setattr(splittree, "INDEX_BITS", 30)
+    rng = random.Random(5)
+    entries = [TreeEntry(f"n{i:04d}", Kind.FILE, 0, EMPTY_MANIFEST.id) for i in range(120)]
+    nodes = split_nodes(entries)
+    objects = {oid: node for oid, _, node in nodes}
+    root = nodes[-1][2]
+    assert root.level == 1
+    bad, extra = _tamper(objects, root, how)
+    stored = [(oid, data) for oid, data, _ in nodes[:-1]] + extra + [(hash_bytes(bad.encode()), bad.encode())]
+    url = str(tmp_path / "repo")
+    with Repository.init(url) as r:
+        _commit_tree(r, [TreeEntry("big", Kind.DIR, 0, stored[-1][0])], stored)
+    with reopen(url) as r:
+        head = r.load_commit(r.refs.lookup_branch("main"))
+        top = r.load_tree(head.tree)
+        answers = 0
+        try:
+            big = r.load_tree(top.get("big").id)
+            for e in rng.sample(entries, 40) + entries[:3] + entries[-3:]:
+                got = big.get(e.name)
+                assert got == e  # right, or an error: never another entry, never "absent"
+                answers += 1
+            assert big.entries == tuple(entries)
+        except CorruptObjectError:
+            assert how != "noncanonical"
+        else:
+            assert how == "noncanonical" and answers
+        problems = fsck(r).problems
+    assert problems and any(("malformed" in p or "not split as the format says" in p) for p in problems)
+    if how != "noncanonical":
+        # The mount says EIO (a CorruptObjectError), and lists nothing it cannot vouch for.
+        async def main():
+            with reopen(url) as r:
+                async with fs_of(r, r.refs.lookup_branch("main")) as fs:
+                    big = await fs.lookup(1, b"big")
+                    with pytest.raises(CorruptObjectError):
+                        for e in entries:
+                            await fs.lookup(big.ino, e.name.encode())
+                        await vfs_listdir(fs, big.ino)
+        trio.run(main)
+
+
+def test_a_merge_of_split_directories_reads_the_chunks_that_changed(small_split, tmp_path, cache_home):
+    from commitfs.ops.changes import dir_entry, merge
+
+    url = str(tmp_path / "repo")
+    src = _big_dir(tmp_path, 400)
+    with Repository.init(url) as r:
+        base = commit_directory(r, src, message="base").tree_id
+        write_file(src / "big" / "file-00010.txt", b"ours")
+        (src / "big" / "file-00200.txt").unlink()
+        ours = commit_directory(r, src, message="ours").tree_id
+        write_file(src / "big" / "file-00010.txt", b"10\n")
+        write_file(src / "big" / "file-00200.txt", b"200\n")
+        write_file(src / "big" / "file-00390.txt", b"theirs")
+        write_file(src / "big" / "file-00390.txt+", b"theirs, new")
+        theirs = commit_directory(r, src, message="theirs").tree_id
+    with reopen(url) as r:
+        loads = []
+        load_node = r.load_tree_node
+        r.load_tree_node = lambda oid, *a, **k: (loads.append(oid), load_node(oid, *a, **k))[1]
+        conflicts = []
+        merged = merge(r, dir_entry(base), dir_entry(ours), dir_entry(theirs), conflicts=conflicts)
+        assert conflicts == []
+        leaves = {o for o in loads if isinstance(objects_of(r, o), Tree)}
+        assert len(leaves) <= 12, "the merge reads the chunks around the changes"
+        with r.writer() as w:
+            tid = build(r, w, merged).id
+    expected = _big_dir(tmp_path / "expected", 400)
+    write_file(expected / "big" / "file-00010.txt", b"ours")
+    (expected / "big" / "file-00200.txt").unlink()
+    write_file(expected / "big" / "file-00390.txt", b"theirs")
+    write_file(expected / "big" / "file-00390.txt+", b"theirs, new")
+    with Repository.init(str(tmp_path / "fresh")) as r:
+        assert commit_directory(r, expected, message="expected").tree_id == tid
