@@ -427,6 +427,7 @@ def _stop_pid(pid: int) -> None:
 def daemon_pids(mnt: Path) -> list[int]:
     """Mount daemons started for ``mnt`` (found by their command line), mounted yet or not."""
     needle = json.dumps({"mountpoint": canonical(mnt)})[1:-1].encode()  # as in the daemon's JSON config
+    spawned = b"\0--mountpoint\0" + canonical(mnt).encode() + b"\0"  # a daemon started before its config
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -435,7 +436,8 @@ def daemon_pids(mnt: Path) -> list[int]:
                     cmdline = f.read()
             except OSError:
                 continue
-            if b"commitfs.fuse.daemon" in cmdline and needle in cmdline and _pid_alive(int(entry)):
+            if b"commitfs.fuse.daemon" in cmdline and (needle in cmdline or spawned in cmdline + b"\0") \
+                    and _pid_alive(int(entry)):
                 pids.append(int(entry))
     return pids
 
