@@ -536,8 +536,8 @@ def test_a_mount_starts_its_daemon_before_its_checks_and_a_failed_check_stops_it
     spawned = []
     spawn = lifecycle.spawn_daemon
 
-    def recording():
-        spawned.append(spawn())
+    def recording(mountpoint=None):
+        spawned.append(spawn(mountpoint))
         return spawned[-1]
     monkeypatch.setattr(lifecycle, "spawn_daemon", recording)
     mnt = mounts.mountpoint()
@@ -547,6 +547,9 @@ def test_a_mount_starts_its_daemon_before_its_checks_and_a_failed_check_stops_it
     try:
         assert len(spawned) == 2 and spawned[1].proc.poll() is None and find_mount(mnt) is not None
         assert lookup_daemon_pid(mnt) == spawned[1].proc.pid
+        # (named on its command line from the start, for ps and scripts/bench.py)
+        with open(f"/proc/{spawned[1].proc.pid}/cmdline", "rb") as f:
+            assert str(mnt).encode() in f.read()
         assert (mnt / "fixed" / "big.bin").read_bytes() == (dataset.src / "fixed" / "big.bin").read_bytes()
     finally:
         assert run_commitfs("umount", str(mnt)).returncode == 0

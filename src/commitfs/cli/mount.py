@@ -33,7 +33,7 @@ def cmd_mount(args) -> int:
         return _mount(args, None)
     # The daemon starts now, importing what it serves with while this process
     # checks the command line and the repository (issue 19: mount to first ls).
-    pending = lifecycle.spawn_daemon()
+    pending = lifecycle.spawn_daemon(args.mountpoint)
     try:
         return _mount(args, pending)
     except BaseException:

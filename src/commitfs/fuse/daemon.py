@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config-fd", type=int,
                         help="read CONFIG_JSON from this descriptor (lifecycle.spawn_daemon: the daemon is "
                              "started before its configuration is known); none: exit")
+    parser.add_argument("--mountpoint", help="(with --config-fd) the mount it is for, for ps; the config decides")
     parser.add_argument("config", nargs="?")
     args = parser.parse_args(argv)
     if args.config_fd is not None:

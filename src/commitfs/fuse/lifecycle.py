@@ -377,18 +377,20 @@ def start_daemon(config: DaemonConfig, timeout_s: float = START_TIMEOUT_S) -> in
     return spawn_daemon().start(config, timeout_s)
 
 
-def spawn_daemon() -> PendingDaemon:
+def spawn_daemon(mountpoint: str | None = None) -> PendingDaemon:
     """A daemon process started now, before its configuration is known: it imports
     what it serves with (pyfuse3, trio, the file system: most of a mount's start-up)
     while the caller still checks the command line and the repository, then waits
-    for ``PendingDaemon.start`` (or exits at ``cancel``, doing nothing)."""
-    return PendingDaemon()
+    for ``PendingDaemon.start`` (or exits at ``cancel``, doing nothing).
+    ``mountpoint``: named on its command line (for ps, and scripts that look for
+    a mount's daemon there); its configuration decides."""
+    return PendingDaemon(mountpoint)
 
 
 class PendingDaemon:
     """A daemon process waiting for its configuration (``spawn_daemon``)."""
 
-    def __init__(self):
+    def __init__(self, mountpoint: str | None = None):
         self._done = False  # started or cancelled: its descriptors are closed
         config_r, self._config_w = os.pipe()
         self._ready_r, ready_w = os.pipe()
@@ -398,7 +400,8 @@ class PendingDaemon:
                 # sends its stdout and stderr to the configured one (daemon.main).
                 self.proc = subprocess.Popen(
                     [sys.executable, "-m", "commitfs.fuse.daemon", "--ready-fd", str(ready_w),
-                     "--config-fd", str(config_r)],
+                     "--config-fd", str(config_r),
+                     *(["--mountpoint", canonical(mountpoint)] if mountpoint else [])],
                     stdin=devnull, stdout=out, stderr=out, pass_fds=(ready_w, config_r), start_new_session=True,
                 )
         except OSError as exc:
