@@ -67,8 +67,8 @@ class MNode:
         # Times: ("exact", ns) | ("ge", ns) | None (unknown).
         self.mtime = self.atime = self.ctime = t
         self.ino: int | None = None
-        # The bytes at the last point a crash cannot go behind (fsync, close, truncate,
-        # commit, unmount), while writes since are not there yet; else None.  A write into
+        # The bytes at the last point a crash cannot go behind (fsync, close, truncation
+        # to 0, commit, unmount), while writes since are not there yet; else None.  A write into
         # a committed file keeps its ranges in memory until then (vfs/wscow.py).
         self.synced: bytes | None = None
 
@@ -214,7 +214,8 @@ class Model:
         else:
             n.data.extend(bytes(size - len(n.data)))
         n.mtime = n.ctime = ("ge", t)
-        n.synced = None  # a truncate writes the ranges at once
+        if size == 0:
+            n.synced = None  # nothing of the base is left (a truncate below it writes the ranges at once)
 
     def mkdir(self, path: str, mode: int, t, owner) -> None:
         d, name = self.new_entry(path)
@@ -646,6 +647,7 @@ class Run:
             res = await self.both(f"{op} {p!r} {flags:o} {mode:o}", ws,
                                   lambda t: m.open(-1, p, flags, mode, t, owner))
             if res[0] == "ok":
+                self.log[-1] += f" -> fh{box['fh']}"
                 m.handles[box["fh"]] = m.handles.pop(-1)
                 self.fhs.append(box["fh"])
         elif op in ("write", "read", "close", "ftruncate", "fsync"):
