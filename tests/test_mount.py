@@ -524,6 +524,37 @@ def test_mount_errors(dataset, mounts, tmp_path):
     assert find_mount(other) is None
 
 
+def test_a_mount_starts_its_daemon_before_its_checks_and_a_failed_check_stops_it(dataset, mounts, tmp_path,
+                                                                                  monkeypatch):
+    """`commitfs mount` starts the daemon process first (it imports pyfuse3, trio and
+    the file system while the command checks its arguments and the repository:
+    lifecycle.spawn_daemon); a check that fails stops it, and it exits having
+    done nothing; a check that passes hands it its configuration and it mounts."""
+    from commitfs.cli import main
+    from commitfs.fuse import lifecycle
+
+    spawned = []
+    spawn = lifecycle.spawn_daemon
+
+    def recording(mountpoint=None):
+        spawned.append(spawn(mountpoint))
+        return spawned[-1]
+    monkeypatch.setattr(lifecycle, "spawn_daemon", recording)
+    mnt = mounts.mountpoint()
+    assert main(["-r", dataset.url, "mount", "--cache-dir", str(tmp_path / "c"), "no-such-branch", str(mnt)]) == 1
+    assert len(spawned) == 1 and spawned[0].proc.returncode == 0 and find_mount(mnt) is None
+    assert main(["-r", dataset.url, "mount", "--cache-dir", str(tmp_path / "c"), "v1", str(mnt)]) == 0
+    try:
+        assert len(spawned) == 2 and spawned[1].proc.poll() is None and find_mount(mnt) is not None
+        assert lookup_daemon_pid(mnt) == spawned[1].proc.pid
+        # (named on its command line from the start, for ps and scripts/bench.py)
+        with open(f"/proc/{spawned[1].proc.pid}/cmdline", "rb") as f:
+            assert str(mnt).encode() in f.read()
+        assert (mnt / "fixed" / "big.bin").read_bytes() == (dataset.src / "fixed" / "big.bin").read_bytes()
+    finally:
+        assert run_commitfs("umount", str(mnt)).returncode == 0
+
+
 def test_daemon_start_failure_reaches_the_caller(dataset, mounts, tmp_path):
     """Errors found by the daemon itself come back through the readiness pipe."""
     mnt = mounts.mountpoint()

@@ -67,8 +67,8 @@ class MNode:
         # Times: ("exact", ns) | ("ge", ns) | None (unknown).
         self.mtime = self.atime = self.ctime = t
         self.ino: int | None = None
-        # The bytes at the last point a crash cannot go behind (fsync, close, truncate,
-        # commit, unmount), while writes since are not there yet; else None.  A write into
+        # The bytes at the last point a crash cannot go behind (fsync, close, truncation
+        # to 0, commit, unmount), while writes since are not there yet; else None.  A write into
         # a committed file keeps its ranges in memory until then (vfs/wscow.py).
         self.synced: bytes | None = None
 
@@ -214,7 +214,8 @@ class Model:
         else:
             n.data.extend(bytes(size - len(n.data)))
         n.mtime = n.ctime = ("ge", t)
-        n.synced = None  # a truncate writes the ranges at once
+        if size == 0:
+            n.synced = None  # nothing of the base is left (a truncate below it writes the ranges at once)
 
     def mkdir(self, path: str, mode: int, t, owner) -> None:
         d, name = self.new_entry(path)
@@ -280,8 +281,8 @@ class Model:
         self.touch(d, ("ge", t))
 
     def rename(self, src: str, dst: str, flags: int, t) -> None:
-        sd, sn = self.parent(src)
-        dd, dn = self.parent(dst, look_up=False)  # after the source's name
+        sd, sn = self.parent(src, look_up=False)  # both parents first, as do_renameat2 does
+        dd, dn = self.parent(dst, look_up=False)  # (the new name is looked up after the source's)
         n = sd.children.get(self.looked_up(sn, src))
         if n is None:
             raise OSError(errno.ENOENT, src)
@@ -346,6 +347,79 @@ class Model:
             out["user.commitfs.branch"] = b"main"
         return out
 
+    def path_of(self, n: MNode) -> str | None:
+        """The path of a node's first name (None: not in the tree)."""
+        parts = []
+        while n is not self.root:
+            if not n.names:
+                return None
+            d, name = n.names[0]
+            parts.append(name)
+            n = d
+        return "/".join(reversed(parts))
+
+    # --- reset -------------------------------------------------------------------------------
+    @staticmethod
+    def copy_tree(n: MNode, t) -> MNode:
+        """A fresh copy of a base subtree (what a reset brings back), times ``t``."""
+        c = MNode(n.kind, n.mode, t)
+        c.data, c.target = bytearray(n.data), n.target
+        for name, child in n.children.items():
+            Model.attach(c, name, Model.copy_tree(child, t))
+        return c
+
+    def remove_subtree(self, d: MNode, name: str) -> list[MNode]:
+        """Take ``name`` out of ``d`` with everything below (hard-linked nodes keep their
+        names elsewhere); the nodes that left."""
+        n = d.children[name]
+        out = [n]
+        if n.kind == "dir":
+            for c in list(n.children):
+                out += self.remove_subtree(n, c)
+        self.detach(d, name)
+        return out
+
+    @staticmethod
+    def same(a: MNode, b: MNode) -> bool:
+        """Whether subtree ``a`` shows exactly what base subtree ``b`` does."""
+        if (a.kind, a.mode, bytes(a.data), a.target, a.uid, a.gid) != (b.kind, b.mode, bytes(b.data), b.target,
+                                                                      None, None):
+            return False
+        return a.children.keys() == b.children.keys() and all(
+            Model.same(c, b.children[name]) for name, c in a.children.items())
+
+    def reset(self, path: str, base: MNode, base_t, kept: bool = False) -> list[MNode]:
+        """``commitfs reset PATH`` (vfs/wscommit.py): the path shows its base version again
+        (or disappears); its parents are made if the base has the path. EINVAL stands for
+        the control channel's error (a parent that is not a directory in the workspace)."""
+        parts = self.split(path)
+        entry: MNode | None = base
+        for name in parts:
+            entry = entry.children.get(name) if entry is not None and entry.kind == "dir" else None
+        d = self.root
+        for name in parts[:-1]:
+            c = d.children.get(name)
+            if c is None:
+                if entry is None:
+                    return []
+                c = self.attach(d, name, MNode("dir", 0o755, None))
+                d.mtime = d.ctime = None
+            elif c.kind != "dir":
+                raise OSError(errno.EINVAL, f"cannot reset {path}")
+            d = c
+        name = parts[-1]
+        gone = []
+        current = d.children.get(name)
+        if kept and current is not None and entry is not None and self.same(current, entry):
+            return []  # untouched since the base: the workspace keeps it as it is
+        if name in d.children:
+            gone = self.remove_subtree(d, name)
+        if entry is not None:
+            self.attach(d, name, self.copy_tree(entry, base_t))
+        if gone or entry is not None:
+            d.mtime = d.ctime = None  # moved, or not if the path was untouched
+        return gone
+
     # --- commit and remount ------------------------------------------------------------
     def all_synced(self) -> None:
         for n in self.paths().values():
@@ -409,6 +483,12 @@ class Model:
                     if getattr(n, f) is not None and getattr(n, f)[0] == "ge":
                         setattr(n, f, None)
                 n.ctime = None
+
+
+def _subtree(n: MNode):
+    for c in n.children.values():
+        yield c
+        yield from _subtree(c)
 
 
 def load_base(src) -> MNode:
@@ -486,6 +566,8 @@ class Run:
         for n in [base_root] + list(self.model.paths().values()):
             n.mtime = n.atime = n.ctime = ("exact", base_time)
         self.base = repo.refs.lookup_branch("main")
+        self.base_model = Model.copy_tree(base_root, None)
+        self.base_t = ("exact", base_time)
         self.k: Kernel | None = None
         self.log: list[str] = []
         self.known: dict[int, MNode] = {}  # ino -> model node, while the kernel holds it
@@ -540,11 +622,14 @@ class Run:
         r, k, m = self.rng, self.k, self.model
         op = r.choices(
             ["open", "write", "read", "close", "truncate", "ftruncate", "fsync", "mkdir", "rmdir", "unlink",
-             "rename", "symlink", "mknod", "link", "chmod", "chown", "utime", "xattr", "create", "readdir"],
-            weights=[8, 10, 5, 6, 3, 2, 1, 4, 3, 4, 7, 2, 1, 4, 2, 1, 2, 1, 2, 2])[0]
+             "rename", "symlink", "mknod", "link", "chmod", "chown", "utime", "xattr", "create", "readdir",
+             "reset"],
+            weights=[8, 10, 5, 6, 3, 2, 1, 4, 3, 4, 7, 2, 1, 4, 2, 1, 2, 1, 2, 2, 2])[0]
         owner = (k.ctx.uid, k.ctx.gid)
         if op == "readdir":
             await self.readdir_while_changing()
+        elif op == "reset":
+            await self.reset()
         elif op in ("open", "create"):
             p = self.any_path((("file",) if r.random() < 0.8 else ("file", "dir", "link")) if op == "open" else None)
             if op == "create":
@@ -562,6 +647,7 @@ class Run:
             res = await self.both(f"{op} {p!r} {flags:o} {mode:o}", ws,
                                   lambda t: m.open(-1, p, flags, mode, t, owner))
             if res[0] == "ok":
+                self.log[-1] += f" -> fh{box['fh']}"
                 m.handles[box["fh"]] = m.handles.pop(-1)
                 self.fhs.append(box["fh"])
         elif op in ("write", "read", "close", "ftruncate", "fsync"):
@@ -661,6 +747,64 @@ class Run:
                         raise OSError(ENOATTR, name)
                     return v
                 await self.both(f"getxattr {p!r} {name}", lambda: k.getxattr(p, name), get)
+
+    async def reset(self) -> None:
+        """``reset PATH`` (and now and then ``reset`` of everything) on both sides."""
+        r, k, m = self.rng, self.k, self.model
+        if r.random() < 0.1:
+            async def ws_all():
+                await k.fs.reset(None)
+
+            def model_all(t):
+                # Nodes the base has at their (first) path, of the same kind, are kept and
+                # show the base again (open files included: the edits are discarded in
+                # place); the others leave the tree (open files keep their bytes).
+                kept = {}
+                for fh, (n, flags) in m.handles.items():
+                    p = m.path_of(n)
+                    if p is not None:
+                        kept[fh] = (p, n.kind, flags)
+                for n in [m.root] + list(m.paths().values()):
+                    n.names = []
+                root = Model.copy_tree(self.base_model, self.base_t)
+                root.names = [[None, ""]]
+                m.root = root
+                for fh, (p, kind, flags) in kept.items():
+                    b = m.find(p)
+                    if b is not None and b.kind == kind:
+                        m.handles[fh] = (b, flags)
+            await self.both("reset everything", ws_all, model_all)
+            gone = None
+        else:
+            p = self.any_path()
+            if not Model.split(p):
+                return
+            box = {}
+
+            async def ws():
+                from commitfs.errors import InputError
+                below = m.find(p)
+                inside = set() if below is None else {id(n) for n in [below, *_subtree(below)]}
+                fhs = [fh for fh, (n, _) in m.handles.items() if id(n) in inside]
+                try:
+                    await k.fs.reset([p])
+                except InputError as exc:
+                    raise OSError(errno.EINVAL, str(exc)) from None
+                # An untouched path is left as it is (the same nodes), a touched one replaced
+                # (open files keep the old bytes): when the path shows its base exactly,
+                # only an open file tells which happened.
+                links = [(await k.fstat(fh)).st_nlink for fh in fhs]
+                box["kept"] = bool(links) and all(n > 0 for n in links)
+
+            def model(t):
+                box["gone"] = m.reset(p, self.base_model, self.base_t, kept=box.get("kept", False))
+            await self.both(f"reset {p!r}", ws, model)
+            gone = box.get("gone", [])
+        # A reset node is a new one or the same (untouched): forget what identity says of it.
+        for ino, n in list(self.known.items()):
+            if gone is None or any(n is g for g in gone):
+                del self.known[ino]
+                n.ino = None
 
     async def readdir_while_changing(self) -> None:
         """A directory listed in small batches while its entries change between them: every
@@ -812,7 +956,9 @@ class Run:
         assert self.repo.refs.lookup_branch("main") == cid and self.k.fs.base == cid
         self.model.all_synced()  # (the commit flushed every pending range)
         if not nothing:
-            self.model.after_commit(self.repo.load_commit(cid).time * 1_000_000_000)
+            self.base_t = ("exact", self.repo.load_commit(cid).time * 1_000_000_000)
+            self.model.after_commit(self.base_t[1])
+            self.base_model = Model.copy_tree(self.model.root, None)
         assert not self.errors.take()
 
     async def run(self, steps: int) -> None:

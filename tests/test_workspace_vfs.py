@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import stat
 
 import pytest
 import trio
@@ -204,6 +205,50 @@ def test_an_unlinked_open_file_keeps_its_atime_across_a_commit(repo_and_base, tm
             await k.close(fh)
     trio.run(main)
 
+
+
+def test_reset_of_an_unchanged_path_next_to_an_edit_changes_nothing(repo_and_base, tmp_path):
+    """An edit in a directory gives its entries rows; resetting an unchanged sibling then
+    keeps its node (same inode; a file open below it keeps its name) and the parent's
+    mtime, as resetting any unchanged path does. Found by the reference model."""
+    repo, base = repo_and_base
+    base_ns = repo.load_commit(base).time * 1_000_000_000
+
+    async def main():
+        async with _session(repo, tmp_path / "ws") as k:
+            fh = await k.open("fixed/n1/n2/n3/n4/leaf.txt")
+            ino = (await k.lstat("fixed/n1")).st_ino
+            await k.chown("fixed/run.sh", 1234, None)  # an edit next to fixed/n1
+            await k.fs.reset(["fixed/n1"])
+            assert (await k.lstat("fixed/n1")).st_ino == ino
+            assert (await k.fstat(fh)).st_nlink == 1
+            assert (await k.lstat("fixed")).st_mtime_ns == base_ns
+            await k.close(fh)
+            await k.chmod("fixed/n1/n2", 0o700)  # a change of its own: the reset replaces it
+            await k.fs.reset(["fixed/n1"])
+            assert stat.S_IMODE((await k.lstat("fixed/n1/n2")).st_mode) == 0o755
+    trio.run(main)
+
+
+def test_a_file_open_below_a_reset_directory_is_unlinked(repo_and_base, tmp_path):
+    """reset PATH replacing a changed directory takes out every node below it, also those
+    of untouched (lazy) directories: a file open there has st_nlink 0 and keeps its bytes
+    (it showed 1, as if still named). Found by the reference model."""
+    repo, _ = repo_and_base
+    leaf = "fixed/n1/n2/n3/n4/leaf.txt"
+
+    async def main():
+        async with _session(repo, tmp_path / "ws") as k:
+            fh = await k.open(leaf)
+            await k.chmod("fixed/n1", 0o700)  # a change of its own: the reset replaces it
+            await k.fs.reset(["fixed/n1"])
+            st = await k.fstat(fh)
+            assert st.st_nlink == 0
+            assert await k.read_all(fh) == "feuille ✓\n".encode()
+            await k.close(fh)
+            assert (await k.lstat(leaf)).st_nlink == 1
+            assert await k.read_file(leaf) == "feuille ✓\n".encode()
+    trio.run(main)
 
 # --- workspace logic once tested through a mount, now kernel-free (same assertions) ----------
 def test_a_file_unlinked_while_open_stays_readable(repo_and_base, tmp_path):

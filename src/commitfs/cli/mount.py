@@ -12,13 +12,10 @@ import os
 import re
 from pathlib import Path
 
-from commitfs.cache import DEFAULT_MAX_BYTES, parse_size
 from commitfs.cli.repo import open_repo, repo_url
 from commitfs.cli.output import warn
-from commitfs.ops.root import cache_root
 from commitfs.errors import InputError, UsageError
 from commitfs.fuse import lifecycle
-from commitfs.ops import browse
 
 
 def _positive(text: str, what: str) -> float:
@@ -32,6 +29,24 @@ def _positive(text: str, what: str) -> float:
 
 
 def cmd_mount(args) -> int:
+    if args.foreground:
+        return _mount(args, None)
+    # The daemon starts now, importing what it serves with while this process
+    # checks the command line and the repository (issue 19: mount to first ls).
+    pending = lifecycle.spawn_daemon(args.mountpoint)
+    try:
+        return _mount(args, pending)
+    except BaseException:
+        pending.cancel()
+        raise
+
+
+def _mount(args, pending) -> int:
+    # Imported here, once the daemon is on its way (cmd_mount): the repository layers.
+    from commitfs.cache import DEFAULT_MAX_BYTES, parse_size
+    from commitfs.ops import browse
+    from commitfs.ops.root import cache_root
+
     url = repo_url(args)
     refresh = _positive(args.refresh, "--refresh")
     io_timeout = _positive(args.io_timeout, "--io-timeout")
@@ -83,11 +98,11 @@ def cmd_mount(args) -> int:
         writable=args.writable, workspace=workspace, path=path, tree=tree, disk_cache=not args.no_disk_cache,
         record_reads=str(Path(args.record_reads).expanduser().absolute()) if args.record_reads else None,
     )
-    if args.foreground:
+    if pending is None:
         from commitfs.fuse.daemon import run_foreground
 
         return run_foreground(config)
-    lifecycle.start_daemon(config)
+    pending.start(config)
     record = lifecycle.lookup_record(mountpoint)
     if record is not None and record.get("fast_open") is False:
         warn(lifecycle.slow_open(record.get("fast_path_missing") or "see its log"))

@@ -222,6 +222,22 @@ def run_foreground(config: DaemonConfig) -> int:
     return code
 
 
+def _read_all(fd: int) -> str:
+    parts = []
+    with os.fdopen(fd, "rb") as f:
+        while chunk := f.read(65536):
+            parts.append(chunk)
+    return b"".join(parts).decode()
+
+
+def _log_to(path: str) -> None:
+    """Send stdout and stderr to the mount's log (as lifecycle.start_daemon once did)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
@@ -230,9 +246,22 @@ def _setup_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="commitfs.fuse.daemon")
     parser.add_argument("--ready-fd", type=int)
-    parser.add_argument("config")
+    parser.add_argument("--config-fd", type=int,
+                        help="read CONFIG_JSON from this descriptor (lifecycle.spawn_daemon: the daemon is "
+                             "started before its configuration is known); none: exit")
+    parser.add_argument("--mountpoint", help="(with --config-fd) the mount it is for, for ps; the config decides")
+    parser.add_argument("config", nargs="?")
     args = parser.parse_args(argv)
-    config = DaemonConfig.from_json(args.config)
+    if args.config_fd is not None:
+        text = _read_all(args.config_fd)
+        if not text:
+            return 0  # the caller gave up on the mount (PendingDaemon.cancel)
+        config = DaemonConfig.from_json(text)
+        _log_to(config.log_file)
+    elif args.config is not None:
+        config = DaemonConfig.from_json(args.config)
+    else:
+        parser.error("CONFIG_JSON or --config-fd is required")
     _setup_logging()
     os.chdir("/")  # hold no directory of the caller busy
 

@@ -374,43 +374,97 @@ def _prune_logs(logs: Path, keep_s: float = LOG_KEEP_S) -> None:
 
 def start_daemon(config: DaemonConfig, timeout_s: float = START_TIMEOUT_S) -> int:
     """Start the daemon in the background; return its pid once the mount is live."""
-    try:
-        Path(config.log_file).parent.mkdir(parents=True, exist_ok=True)
-        log = open(config.log_file, "ab")
-    except OSError as exc:
-        raise MountError(f"cannot write the mount log {config.log_file}: {exc.strerror or exc}") from None
-    _prune_logs(Path(config.log_file).parent)
-    read_fd, write_fd = os.pipe()
-    try:
-        with log, open(os.devnull, "rb") as devnull:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "commitfs.fuse.daemon", "--ready-fd", str(write_fd), config.to_json()],
-                stdin=devnull, stdout=log, stderr=log, pass_fds=(write_fd,), start_new_session=True,
-            )
-    except OSError as exc:
-        os.close(read_fd)
-        os.close(write_fd)
-        raise MountError(f"cannot start the mount daemon: {exc}") from None
-    os.close(write_fd)
-    try:
-        message = _read_report(read_fd, timeout_s)
-    finally:
-        os.close(read_fd)
-    if message == "ok":
-        return proc.pid
-    if message is None:
-        proc.kill()
-        proc.wait()
-        raise MountError(f"the mount daemon did not become ready within {timeout_s:g}s (log: {config.log_file})")
-    try:
-        code = proc.wait(timeout=EXIT_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        code = proc.wait()
-    if message.startswith("error: "):
-        raise MountError(message[len("error: "):])
-    raise MountError(f"the mount daemon exited with status {code} before the mount was ready "
-                     f"(log: {config.log_file})")
+    return spawn_daemon().start(config, timeout_s)
+
+
+def spawn_daemon(mountpoint: str | None = None) -> PendingDaemon:
+    """A daemon process started now, before its configuration is known: it imports
+    what it serves with (pyfuse3, trio, the file system: most of a mount's start-up)
+    while the caller still checks the command line and the repository, then waits
+    for ``PendingDaemon.start`` (or exits at ``cancel``, doing nothing).
+    ``mountpoint``: named on its command line (for ps, and scripts that look for
+    a mount's daemon there); its configuration decides."""
+    return PendingDaemon(mountpoint)
+
+
+class PendingDaemon:
+    """A daemon process waiting for its configuration (``spawn_daemon``)."""
+
+    def __init__(self, mountpoint: str | None = None):
+        self._done = False  # started or cancelled: its descriptors are closed
+        config_r, self._config_w = os.pipe()
+        self._ready_r, ready_w = os.pipe()
+        try:
+            with open(os.devnull, "rb") as devnull, open(os.devnull, "wb") as out:
+                # Until it has its configuration the daemon writes to no log; it then
+                # sends its stdout and stderr to the configured one (daemon.main).
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "commitfs.fuse.daemon", "--ready-fd", str(ready_w),
+                     "--config-fd", str(config_r),
+                     *(["--mountpoint", canonical(mountpoint)] if mountpoint else [])],
+                    stdin=devnull, stdout=out, stderr=out, pass_fds=(ready_w, config_r), start_new_session=True,
+                )
+        except OSError as exc:
+            for fd in (config_r, self._config_w, self._ready_r, ready_w):
+                os.close(fd)
+            raise MountError(f"cannot start the mount daemon: {exc}") from None
+        finally:
+            if hasattr(self, "proc"):
+                os.close(config_r)
+                os.close(ready_w)
+
+    def start(self, config: DaemonConfig, timeout_s: float = START_TIMEOUT_S) -> int:
+        """Hand the daemon ``config``; return its pid once the mount is live."""
+        try:
+            Path(config.log_file).parent.mkdir(parents=True, exist_ok=True)
+            open(config.log_file, "ab").close()
+        except OSError as exc:
+            self.cancel()
+            raise MountError(f"cannot write the mount log {config.log_file}: {exc.strerror or exc}") from None
+        _prune_logs(Path(config.log_file).parent)
+        self._done = True
+        proc, read_fd = self.proc, self._ready_r
+        try:
+            try:
+                os.write(self._config_w, config.to_json().encode())
+            except OSError:
+                pass  # it died already: its report (none) says so below
+            finally:
+                os.close(self._config_w)
+            message = _read_report(read_fd, timeout_s)
+        finally:
+            os.close(read_fd)
+        if message == "ok":
+            return proc.pid
+        if message is None:
+            proc.kill()
+            proc.wait()
+            raise MountError(f"the mount daemon did not become ready within {timeout_s:g}s (log: {config.log_file})")
+        try:
+            code = proc.wait(timeout=EXIT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+        if message.startswith("error: "):
+            raise MountError(message[len("error: "):])
+        raise MountError(f"the mount daemon exited with status {code} before the mount was ready "
+                         f"(log: {config.log_file})")
+
+    def cancel(self) -> None:
+        """The mount is not going ahead: the daemon exits without doing anything."""
+        if self._done:
+            return
+        self._done = True
+        for fd in (self._config_w, self._ready_r):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout=EXIT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def _read_report(fd: int, timeout_s: float) -> str | None:

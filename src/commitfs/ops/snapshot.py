@@ -47,7 +47,7 @@ _SMALL_FILE = 32 * 1024 * 1024
 # Bound on file bytes read ahead by the pool and not yet packed: hundreds of
 # images ahead of the packing thread keep four readers busy; it is most of a
 # commit's memory beside the pack buffers (issue 19: under 200 MiB in all).
-_READ_AHEAD_BYTES = 64 * 1024 * 1024
+_READ_AHEAD_BYTES = 32 * 1024 * 1024
 # ... and on files: a million 1 KB files fit the bytes bound, but each prepared file
 # costs ~1 KB of objects beside its bytes.
 _READ_AHEAD_FILES = 4096
@@ -192,7 +192,7 @@ def store_large_file(pool: ThreadPoolExecutor, writer: BlobWriter, path: str,
         with open(path, "rb", buffering=0) as f:
             for batch in chunker.iter_chunk_batches(f):
                 pending.append(pool.submit(prepare_chunks, batch))
-                if len(pending) > 2 * _READ_THREADS:
+                if len(pending) > _READ_THREADS:  # bounded: ~5 windows of 8 MiB in memory
                     drain()
     except OSError as exc:
         raise _read_error(path, exc) from None

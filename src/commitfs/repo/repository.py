@@ -683,17 +683,19 @@ class BlobWriter:
         if not builder.entries:
             return
         view = builder.seal()
-        for name, b in self._builders.items():
-            if b is builder:
-                with self._lock:
-                    buf = self._free.pop() if self._free and name == "data" else None
-                self._builders[name] = PackBuilder(buf if name == "data" else bytearray(self._META_BUFFER))
-        # Bound the packs held in memory: wait for the oldest upload first.
+        # Bound the packs held in memory: wait for the oldest upload first, and
+        # only then pick the next buffer, so that the one just uploaded is reused
+        # (picked before, a new one was allocated while it was still in flight).
         while len([f for f in self._uploads if not f.done()]) >= self._max_uploads:
             next(f for f in self._uploads if not f.done()).result()
         for f in [f for f in self._uploads if f.done()]:
             f.result()  # raises a failed upload's error now
             self._uploads.remove(f)
+        for name, b in self._builders.items():
+            if b is builder:
+                with self._lock:
+                    buf = self._free.pop() if self._free and name == "data" else None
+                self._builders[name] = PackBuilder(buf if name == "data" else bytearray(self._META_BUFFER))
         self._uploads.append(self._pool.submit(self._upload, builder, view))
 
     def _upload(self, builder: PackBuilder, view: memoryview) -> None:

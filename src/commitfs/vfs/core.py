@@ -85,6 +85,7 @@ from commitfs.vfs.inode import (
     SymlinkNode,
     TreeDir,
     View,
+    ViewRoot,
     entry_identity,
     node_for_entry,
 )
@@ -184,17 +185,16 @@ class _StaticListing(Listing):
 class _TreeListing(Listing):
     """A commit directory: the tree's entries, already sorted by name bytes."""
 
-    def __init__(self, view: View, tree: Tree, timeout: float):
+    def __init__(self, view: View, tree: Tree):
         self.view = view
         self.entries = tree.entries
-        self.timeout = timeout
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def child(self, i: int) -> tuple[str, tuple, MakeNode]:
         e = self.entries[i]
-        return e.name, entry_identity(e), lambda: node_for_entry(self.view, e, self.timeout)
+        return e.name, entry_identity(e), lambda: node_for_entry(self.view, e)
 
 
 class _SplitListing(Listing):
@@ -202,11 +202,10 @@ class _SplitListing(Listing):
     holding position ``i``, loaded when a readdir page reaches it; the leaf
     read last is kept, so a page costs the chunks it shows, not the directory."""
 
-    def __init__(self, fs: FileSystem, view: View, tree: SplitTree, timeout: float):
+    def __init__(self, fs: FileSystem, view: View, tree: SplitTree):
         self.fs = fs
         self.view = view
         self.tree = tree
-        self.timeout = timeout
         self.base = 0
         self.leaf: Tree | None = None
 
@@ -222,7 +221,7 @@ class _SplitListing(Listing):
     def child(self, i: int) -> tuple[str, tuple, MakeNode]:
         assert self.leaf is not None
         e = self.leaf.entries[i - self.base]
-        return e.name, entry_identity(e), lambda: node_for_entry(self.view, e, self.timeout)
+        return e.name, entry_identity(e), lambda: node_for_entry(self.view, e)
 
 
 class _FileHandle:
@@ -381,9 +380,9 @@ class FileSystem:
         return found[0] if len(found) == 1 else None
 
     # --- nodes ---------------------------------------------------------------------
-    def _view_root(self, cid: bytes, commit: Commit, timeout: float, tree: bytes | None = None) -> TreeDir:
-        view = View(cid, commit.tree, commit.time * 1_000_000_000)
-        return TreeDir(view, TreeEntry("", Kind.DIR, 0, tree or commit.tree), timeout, timeout)
+    def _view_root(self, cid: bytes, commit: Commit, timeout: float, tree: bytes | None = None) -> ViewRoot:
+        view = View(cid, commit.tree, commit.time * 1_000_000_000, self._long)
+        return ViewRoot(view, TreeEntry("", Kind.DIR, 0, tree or commit.tree), timeout)
 
     def _node(self, inode: int) -> Node:
         assert self.table is not None, "use the file system inside `async with fs.running()`"
@@ -421,8 +420,8 @@ class FileSystem:
                 e = tree.get(name)
             if e is None:
                 return None
-            view, timeout = parent.view, self._long
-            return entry_identity(e), lambda: node_for_entry(view, e, timeout)
+            view = parent.view
+            return entry_identity(e), lambda: node_for_entry(view, e)
         if isinstance(parent, RootDir):
             for child_name, identity, make in self._root_items():
                 if child_name == name:
@@ -476,8 +475,8 @@ class FileSystem:
                 await self.loader.io(f"the path count of tree {tid.hex()}", check_expansion, self.repo, tid)
             tree = await self.loader.tree(tid)
             if isinstance(tree, SplitTree):
-                return _SplitListing(self, node.view, tree, self._long)
-            return _TreeListing(node.view, tree, self._long)
+                return _SplitListing(self, node.view, tree)
+            return _TreeListing(node.view, tree)
         if isinstance(node, RootDir):
             return _StaticListing(self._root_items())
         if isinstance(node, RefDir):
@@ -682,7 +681,7 @@ class FileSystem:
         n: Node = node
         try:
             while n.ino != ROOT_INODE:
-                names.append(n.key[1])
+                names.append(n.name)
                 n = self.table.get(n.parent)
         except StaleInodeError:  # a parent forgotten meanwhile: keep what is known
             names.append("?")
@@ -737,10 +736,10 @@ class FileSystem:
         entry = getattr(parent, "entry", None)
         tree = self.loader.tree_cached(entry.id) if entry is not None and entry.is_dir else None
         if isinstance(tree, SplitTree):  # its leaf: neighbours are read within it
-            tree = self._split_leaf_cached(tree, node.key[1])
+            tree = self._split_leaf_cached(tree, node.name)
         if tree is None:
             return None, 0
-        pos = tree.position(node.key[1])
+        pos = tree.position(node.name)
         return (tree, pos) if pos is not None else (None, 0)
 
     @staticmethod

@@ -18,8 +18,15 @@ silently make two files one):
   the table (except the root), so the table shrinks back after an
   ``ls -R`` of a huge dataset once the kernel drops its dentries.
 
-Nodes are plain data.  What they show (attributes, extended attributes) is
-computed from the immutable TreeEntry and the View (commit) they belong to.
+Nodes are plain data, and small: the kernel may hold millions of inodes, and
+the daemon must keep a node for each until the kernel forgets it.  A node
+inside a commit keeps its inode number, its parent's, its lookup count, its
+View and its TreeEntry (shared with the decoded tree while that is cached),
+nothing else: its name is the entry's, its identity is computed from the
+entry, and its timeouts are its View's.  The table finds a child by name in
+one dict per parent directory (no key tuple per node).  What nodes show
+(attributes, extended attributes) is computed from the immutable TreeEntry
+and the View (commit) they belong to.
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ class View:
     commit_id: bytes
     tree_id: bytes
     time_ns: int
+    #: How long the kernel may trust entries and attributes of the nodes inside it.
+    timeout: float = 86400.0
 
 
 @dataclass(slots=True)
@@ -81,16 +90,21 @@ class Attr:
 class Node:
     """A file, directory or symlink of the mount."""
 
-    __slots__ = ("ino", "parent", "key", "lookups", "entry_timeout", "attr_timeout")
+    __slots__ = ("ino", "parent", "lookups")
     is_dir = False
 
-    def __init__(self, entry_timeout: float, attr_timeout: float):
+    def __init__(self):
         self.ino = 0
         self.parent = 0
-        self.key: tuple = ()
         self.lookups = 0
-        self.entry_timeout = entry_timeout
-        self.attr_timeout = attr_timeout
+
+    @property
+    def name(self) -> str:
+        raise NotImplementedError
+
+    def identity(self) -> tuple:
+        """What else besides (parent, name) makes this node what it is (module docstring)."""
+        raise NotImplementedError
 
     @property
     def mode(self) -> int:
@@ -121,13 +135,33 @@ class DirNode(Node):
         return DIR_MODE
 
 
-class RootDir(DirNode):
+class _NamedDir(DirNode):
+    """A directory outside any commit (few of them): name, identity and timeouts kept."""
+
+    __slots__ = ("_name", "_identity", "entry_timeout", "attr_timeout")
+
+    def __init__(self, entry_timeout: float, attr_timeout: float):
+        super().__init__()
+        self._name = ""
+        self._identity: tuple = ()
+        self.entry_timeout = entry_timeout
+        self.attr_timeout = attr_timeout
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def identity(self) -> tuple:
+        return self._identity
+
+
+class RootDir(_NamedDir):
     """The root of a mount without REV: branches/, tags/, commits/."""
 
     __slots__ = ()
 
 
-class RefDir(DirNode):
+class RefDir(_NamedDir):
     """``branches/``, ``tags/`` or ``aliases/``, or a namespace below them (``branches/team/``)."""
 
     __slots__ = ("kind", "prefix")
@@ -138,7 +172,7 @@ class RefDir(DirNode):
         self.prefix = prefix  # "" or "team/"
 
 
-class CommitsDir(DirNode):
+class CommitsDir(_NamedDir):
     """``commits/``: lists branch and tag tips, resolves any (prefix of a) commit id."""
 
     __slots__ = ()
@@ -149,10 +183,25 @@ class ViewNode(Node):
 
     __slots__ = ("view", "entry")
 
-    def __init__(self, view: View, entry: TreeEntry, entry_timeout: float, attr_timeout: float):
-        super().__init__(entry_timeout, attr_timeout)
+    def __init__(self, view: View, entry: TreeEntry):
+        super().__init__()
         self.view = view
         self.entry = entry
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    def identity(self) -> tuple:
+        return entry_identity(self.entry)
+
+    @property
+    def entry_timeout(self) -> float:
+        return self.view.timeout
+
+    @property
+    def attr_timeout(self) -> float:
+        return self.view.timeout
 
     def mtime_ns(self, mount_time_ns: int) -> int:
         return self.view.time_ns
@@ -162,9 +211,31 @@ class ViewNode(Node):
 
 
 class TreeDir(ViewNode, DirNode):
-    """A directory of a commit (a view's root has an entry named '')."""
+    """A directory of a commit."""
 
     __slots__ = ()
+
+
+class ViewRoot(TreeDir):
+    """The root of a view (its entry is named ''): shown under a ref directory, or
+    as the mount's root, with the name, identity and timeouts of where it is shown
+    (a branch's root is trusted briefly, what is inside it for long)."""
+
+    __slots__ = ("_name", "_identity", "entry_timeout", "attr_timeout")
+
+    def __init__(self, view: View, entry: TreeEntry, timeout: float):
+        super().__init__(view, entry)
+        self._name = ""
+        self._identity: tuple = ()
+        self.entry_timeout = timeout
+        self.attr_timeout = timeout
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def identity(self) -> tuple:
+        return self._identity
 
 
 class FileNode(ViewNode):
@@ -173,8 +244,8 @@ class FileNode(ViewNode):
     #: a first open is worth reading ahead for (vfs/core.py, FileSystem.open).
     __slots__ = ("opened",)
 
-    def __init__(self, view: View, entry: TreeEntry, entry_timeout: float, attr_timeout: float):
-        super().__init__(view, entry, entry_timeout, attr_timeout)
+    def __init__(self, view: View, entry: TreeEntry):
+        super().__init__(view, entry)
         self.opened = False
 
     @property
@@ -198,13 +269,13 @@ class SymlinkNode(ViewNode):
         return len(self.entry.target)
 
 
-def node_for_entry(view: View, entry: TreeEntry, timeout: float) -> ViewNode:
+def node_for_entry(view: View, entry: TreeEntry) -> ViewNode:
     """The node showing one entry of a commit's tree."""
     if entry.kind is Kind.DIR:
-        return TreeDir(view, entry, timeout, timeout)
+        return TreeDir(view, entry)
     if entry.kind is Kind.SYMLINK:
-        return SymlinkNode(view, entry, timeout, timeout)
-    return FileNode(view, entry, timeout, timeout)
+        return SymlinkNode(view, entry)
+    return FileNode(view, entry)
 
 
 def entry_identity(entry: TreeEntry) -> tuple:
@@ -217,11 +288,11 @@ class InodeTable:
     def __init__(self, root: Node):
         root.ino = ROOT_INODE
         root.parent = ROOT_INODE
-        root.key = ("root",)
         self.root = root
         self._next = ROOT_INODE + 1
         self._by_ino: dict[int, Node] = {ROOT_INODE: root}
-        self._by_key: dict[tuple, Node] = {root.key: root}
+        #: parent inode -> {name: node}: one dict per directory with known children.
+        self._children: dict[int, dict[str, Node]] = {}
 
     def __len__(self) -> int:
         return len(self._by_ino)
@@ -240,17 +311,22 @@ class InodeTable:
 
         A new node starts with lookup count 0: the caller must either count
         the kernel's reference (``remember``) or ``discard`` it, before any
-        other task runs (no await in between)."""
-        key = (parent.ino, name, identity)
-        node = self._by_key.get(key)
-        if node is None:
+        other task runs (no await in between).  A new node under a name whose
+        node has another identity (a branch that moved) takes the name; the
+        old node lives on for whoever holds it, until forgotten."""
+        children = self._children.get(parent.ino)
+        node = children.get(name) if children is not None else None
+        if node is None or node.identity() != identity:
             node = make()
             node.ino = self._next
             self._next += 1
             node.parent = parent.ino
-            node.key = key
+            if name != node.name or identity != node.identity():
+                node._name, node._identity = name, identity  # a ref's view root, a ref directory
             self._by_ino[node.ino] = node
-            self._by_key[key] = node
+            if children is None:
+                children = self._children[parent.ino] = {}
+            children[name] = node
         return node
 
     def remember(self, node: Node, n: int = 1) -> None:
@@ -271,5 +347,8 @@ class InodeTable:
 
     def _remove(self, node: Node) -> None:
         self._by_ino.pop(node.ino, None)
-        if self._by_key.get(node.key) is node:
-            del self._by_key[node.key]
+        children = self._children.get(node.parent)
+        if children is not None and children.get(node.name) is node:
+            del children[node.name]
+            if not children:
+                del self._children[node.parent]

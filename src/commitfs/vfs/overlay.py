@@ -7,7 +7,8 @@ a *workspace directory* (default under the cache directory) holding
 
 * ``overlay.db``: an SQLite database (WAL journal) describing the overlay
   tree, and
-* ``data/``: one file per copied-up or new regular file, named by its node id.
+* ``data/``: one file per written or new regular file, named by its node id
+  (sparse for a committed file written in place: copy-on-write, below).
 
 The database has four tables (``ranges``, of copy-on-write, is described
 below).  ``meta`` holds key/values: the repository URL,
@@ -41,15 +42,15 @@ one per entry, no file bytes read) the first time something inside it
 changes; untouched subtrees stay lazy and cost nothing.  The root is row 1.
 
 Crash safety.  Every metadata change (create, mkdir, unlink, rename, chmod,
-materialize, copy-up) is one SQLite transaction, written before the
+materialize, a first write, a truncate) is one SQLite transaction, written before the
 in-memory tree changes, so a killed daemon leaves the database at a
 transaction boundary; WAL mode commits survive SIGKILL (the WAL is in the OS
 page cache).  Data files are written in place with pwrite; their sizes are
 taken from the files themselves on open, so a write that reached the kernel
 is never lost to a crash of the daemon.  ``sync`` (the fsync handler) fsyncs
 the file, the data directory and the WAL, which makes everything up to then
-durable against power loss too.  Files of ``data/`` no row names (a copy-up
-or create interrupted before its row was written, or an unlinked file) are
+durable against power loss too.  Files of ``data/`` no row names (a first
+write or create interrupted before its row was written, or an unlinked file) are
 deleted on open.
 
 Copy-on-write is chunk-level (vfs/wscow.py): the first write to an
@@ -63,6 +64,9 @@ truncated to zero).  Ranges are written at flush, release and fsync (after
 the data file's fsync) and a truncate at once, after the data file's
 ftruncate: a range without its row (the daemon killed before) reads as the
 base again, and on open ``cow_until`` is clamped to the data file's size.
+Version 3 of the overlay added them (an older overlay gains the table,
+empty, and the columns, NULL, on open): a commitfs that reads only 1 or 2
+refuses it rather than show a partial data file as the whole file.
 
 Committing.  Before moving the branch, the workspace records the new commit
 id as ``pending`` (durably); after the branch moved, ``clear`` deletes every

@@ -4,7 +4,7 @@ The modules
 -----------
 ``WorkspaceFS`` (here: opening, and the POSIX request handlers) is composed
 of one mixin per concern, each in its own module: the node tree and its
-inode table (vfs/wstree.py), overlay persistence and copy-up
+inode table (vfs/wstree.py), overlay persistence and copy-on-write
 (vfs/wsoverlay.py, over the database of vfs/overlay.py), commit
 preparation, rebase and crash recovery (vfs/wscommit.py) and the merge in
 progress (vfs/wsmerge.py).  The state lives in ``WorkspaceFS``; the mixins
@@ -35,7 +35,7 @@ changes, to a crash (one SQLite transaction), and to ``commit``, which holds
 the same lock while it snapshots the overlay.  Local reads and writes of
 overlay files are done inline, not in worker threads: they hit the page
 cache, and a thread hop per 128 KiB request would halve write throughput.
-Repository reads (trees, manifests, chunks, copy-up) and fsync (of a data
+Repository reads (trees, manifests, chunks) and fsync (of a data
 file, the data directory and the overlay database) run in worker threads
 under the loader's limiter and I/O timeout, as in the read-only core, so a
 slow disk's fsync does not stall every other request of the mount.

@@ -143,8 +143,8 @@ class CommitState:
         current = await self._child(d, name)
         if current is None and entry is None:
             return []
-        if (current is not None and entry is not None and current.oid is None and current.origin == entry):
-            return []  # untouched
+        if current is not None and entry is not None and await self._untouched(current, entry):
+            return []  # untouched: the same node stays (open files, a shell's directory below it)
         await self._materialize(d)
         current = d.children.get(name)
         changed = []
@@ -155,6 +155,23 @@ class CommitState:
             n = self._from_entry(d, TreeEntry(name, entry.kind, entry.size, entry.id, entry.target))
             self._add_child(d, n)
         return changed
+
+    async def _untouched(self, n: WNode, e: TreeEntry) -> bool:
+        """Whether ``n`` shows exactly base entry ``e`` (a row made when its directory was
+        materialized, for an edit next to it, is no change of its own)."""
+        if (n.origin != e or n.kind != _kind_of(e) or n.upper is not None or n.cow is not None or n.links
+                or n.dirty or n.mode != _mode_of(e) or n.mtime_ns != self.base_time_ns
+                or (n.uid, n.gid, n.atime_ns, n.ctime_ns) != (None, None, None, None)):
+            return False
+        if not n.is_dir or n.children is None:
+            return True
+        tree = await self.loader.tree(e.id)
+        if sorted(n.children) != sorted(c.name for c in tree.entries):
+            return False
+        for c in tree.entries:
+            if not await self._untouched(n.children[c.name], c):
+                return False
+        return True
 
     def _inos_below(self, n: WNode) -> list[int]:
         out = [n.ino]

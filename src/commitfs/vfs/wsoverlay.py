@@ -185,8 +185,9 @@ class OverlayStore:
                 n.fd = self.overlay.open_data(n.upper)
             elif n.opens <= 0:
                 self._close_fd(n)
-        for c in list((n.children or {}).values()):
-            self._detach(c)
+        for c in list((n.children or {}).values()) + list(n.lazy.values()):
+            self._detach(c)  # lazy ones too: a file open below an untouched directory leaves with it
+        n.lazy = {}
         if n.atime_ns is None:  # its own from now on, not the next base commit's time
             n.atime_ns = self.base_time_ns
         n.parent = None
