@@ -535,3 +535,40 @@ def test_a_merge_of_split_directories_reads_the_chunks_that_changed(small_split,
     write_file(expected / "big" / "file-00390.txt+", b"theirs, new")
     with Repository.init(str(tmp_path / "fresh")) as r:
         assert commit_directory(r, expected, message="expected").tree_id == tid
+
+
+@pytest.mark.parametrize("fail", ["config", "packs/", "index/", "commits/"])
+def test_a_failed_commit_of_a_split_directory_leaves_the_repository_valid(small_split, tmp_path, cache_home,
+                                                                          fail):
+    """Into a version-1 repository: the upgrade comes before any pack, so a
+    repository holding a split tree always says version 2; a commit failing
+    at any write leaves the branch where it was, fsck clean, and a re-run
+    completes."""
+    from commitfs.errors import StorageError
+    from core_fixtures import faulty_repository
+
+    url = str(tmp_path / "repo")
+    small = tmp_path / "small"
+    write_file(small / "a", b"a")
+    with Repository.init(url) as r:
+        raw = json.loads(r.store.load_object(CONFIG_KEY))
+        r.store.save_object(CONFIG_KEY, json.dumps(dict(raw, version=1)).encode())
+    with Repository.open(url) as r:
+        head = commit_directory(r, small, message="small").commit_id
+    src = _big_dir(tmp_path, 200)
+    faulty = faulty_repository(url)
+    faulty.store.fail_on = {"save_object"}
+    faulty.store.fail_keys = lambda key: key.startswith(fail)
+    with pytest.raises(StorageError):
+        commit_directory(faulty, src, message="fails")
+    version = json.loads(Path(url, CONFIG_KEY).read_bytes())["version"]
+    assert version == (1 if fail == "config" else 2)
+    assert_fsck_clean(url, head=head)
+    with reopen(url) as r:
+        done = commit_directory(r, src, message="works")
+    assert json.loads(Path(url, CONFIG_KEY).read_bytes())["version"] == 2
+    assert_fsck_clean(url, head=done.commit_id)
+    with reopen(url) as r:
+        out = tmp_path / "out"
+        checkout(r, done.commit_id, out)
+        assert describe(out) == describe(src)
