@@ -572,3 +572,27 @@ def test_a_failed_commit_of_a_split_directory_leaves_the_repository_valid(small_
         out = tmp_path / "out"
         checkout(r, done.commit_id, out)
         assert describe(out) == describe(src)
+
+
+def test_a_page_of_a_split_directory_loads_its_leaves_only(small_split, tmp_path, cache_home):
+    from commitfs.ops.browse import list_page
+
+    url = str(tmp_path / "repo")
+    src = _big_dir(tmp_path, 400)
+    with Repository.init(url) as r:
+        cid = commit_directory(r, src, message="v1").commit_id
+    names = sorted(os.listdir(src / "big"), key=str.encode)
+    with reopen(url) as r:
+        loads = []
+        load_node = r.load_tree_node
+        r.load_tree_node = lambda oid, *a, **k: (loads.append(oid), load_node(oid, *a, **k))[1]
+        page = list_page(r, cid, "big", offset=150, limit=20)
+        assert [i.path for i in page.items] == [f"big/{n}" for n in names[150:170]]
+        assert page.total == len(names) and page.next_offset == 170
+        leaves = {o for o in loads if isinstance(objects_of(r, o), Tree)}
+        assert len(leaves) <= 6
+        last = list_page(r, cid, "big", offset=len(names) - 3, limit=20)
+        assert [i.path for i in last.items] == [f"big/{n}" for n in names[-3:]] and last.next_offset is None
+        assert list_page(r, cid, "big", offset=5000, limit=20).items == []
+        odd = list_page(r, cid, "big", offset=0, limit=500, match=lambda e: e.name.endswith("1.txt"))
+        assert [i.path for i in odd.items] == [f"big/{n}" for n in names if n.endswith("1.txt")]
