@@ -105,3 +105,32 @@ def test_forget_never_raises_and_writes_are_erofs(caplog):
         assert attr.st_blocks == 1 and attr.st_blksize == 128 * 1024
     trio.run(main)
     assert any("forget failed" in r.getMessage() for r in caplog.records)
+
+
+def test_unmount_waits_for_page_cache_hand_offs_and_refuses_new_ones(monkeypatch):
+    """A notify-store in a worker thread must not run into pyfuse3.close: the
+    daemon's end_page_stores waits (bounded) for one in flight, then later ones do
+    nothing."""
+    import threading
+
+    from commitfs.fuse import adapter
+
+    monkeypatch.setattr(adapter, "_stores_open", True)
+    monkeypatch.setattr(adapter, "_stores_running", 0)
+    entered, release, calls = threading.Event(), threading.Event(), []
+
+    def notify_store(inode, offset, data):
+        calls.append(inode)
+        entered.set()
+        release.wait(10)
+
+    monkeypatch.setattr(adapter.pyfuse3, "notify_store", notify_store)
+    t = threading.Thread(target=adapter.store_pages, args=(7, 0, b"x"))
+    t.start()
+    assert entered.wait(10)
+    assert adapter.end_page_stores(timeout=0.2) is False  # still in flight: bounded wait
+    release.set()
+    t.join(10)
+    assert adapter.end_page_stores(timeout=5) is True
+    adapter.store_pages(8, 0, b"y")  # after the door closed: not handed to the kernel
+    assert calls == [7]

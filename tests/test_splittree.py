@@ -535,3 +535,125 @@ def test_a_merge_of_split_directories_reads_the_chunks_that_changed(small_split,
     write_file(expected / "big" / "file-00390.txt+", b"theirs, new")
     with Repository.init(str(tmp_path / "fresh")) as r:
         assert commit_directory(r, expected, message="expected").tree_id == tid
+
+
+@pytest.mark.parametrize("fail", ["config", "packs/", "index/", "commits/"])
+def test_a_failed_commit_of_a_split_directory_leaves_the_repository_valid(small_split, tmp_path, cache_home,
+                                                                          fail):
+    """Into a version-1 repository: the upgrade comes before any pack, so a
+    repository holding a split tree always says version 2; a commit failing
+    at any write leaves the branch where it was, fsck clean, and a re-run
+    completes."""
+    from commitfs.errors import StorageError
+    from core_fixtures import faulty_repository
+
+    url = str(tmp_path / "repo")
+    small = tmp_path / "small"
+    write_file(small / "a", b"a")
+    with Repository.init(url) as r:
+        raw = json.loads(r.store.load_object(CONFIG_KEY))
+        r.store.save_object(CONFIG_KEY, json.dumps(dict(raw, version=1)).encode())
+    with Repository.open(url) as r:
+        head = commit_directory(r, small, message="small").commit_id
+    src = _big_dir(tmp_path, 200)
+    faulty = faulty_repository(url)
+    faulty.store.fail_on = {"save_object"}
+    faulty.store.fail_keys = lambda key: key.startswith(fail)
+    with pytest.raises(StorageError):
+        commit_directory(faulty, src, message="fails")
+    version = json.loads(Path(url, CONFIG_KEY).read_bytes())["version"]
+    assert version == (1 if fail == "config" else 2)
+    assert_fsck_clean(url, head=head)
+    with reopen(url) as r:
+        done = commit_directory(r, src, message="works")
+    assert json.loads(Path(url, CONFIG_KEY).read_bytes())["version"] == 2
+    assert_fsck_clean(url, head=done.commit_id)
+    with reopen(url) as r:
+        out = tmp_path / "out"
+        checkout(r, done.commit_id, out)
+        assert describe(out) == describe(src)
+
+
+def test_a_page_of_a_split_directory_loads_its_leaves_only(small_split, tmp_path, cache_home):
+    from commitfs.ops.browse import list_page
+
+    url = str(tmp_path / "repo")
+    src = _big_dir(tmp_path, 400)
+    with Repository.init(url) as r:
+        cid = commit_directory(r, src, message="v1").commit_id
+    names = sorted(os.listdir(src / "big"), key=str.encode)
+    with reopen(url) as r:
+        loads = []
+        load_node = r.load_tree_node
+        r.load_tree_node = lambda oid, *a, **k: (loads.append(oid), load_node(oid, *a, **k))[1]
+        page = list_page(r, cid, "big", offset=150, limit=20)
+        assert [i.path for i in page.items] == [f"big/{n}" for n in names[150:170]]
+        assert page.total == len(names) and page.next_offset == 170
+        leaves = {o for o in loads if isinstance(objects_of(r, o), Tree)}
+        assert len(leaves) <= 6
+        last = list_page(r, cid, "big", offset=len(names) - 3, limit=20)
+        assert [i.path for i in last.items] == [f"big/{n}" for n in names[-3:]] and last.next_offset is None
+        assert list_page(r, cid, "big", offset=5000, limit=20).items == []
+        odd = list_page(r, cid, "big", offset=0, limit=500, match=lambda e: e.name.endswith("1.txt"))
+        assert [i.path for i in odd.items] == [f"big/{n}" for n in names if n.endswith("1.txt")]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_an_edit_of_a_split_tree_cuts_what_a_fresh_split_cuts_reading_the_leaves_it_touches(small_split, seed):
+    from commitfs.model.splittree import split_edit
+
+    rng = random.Random(seed)
+    entries = random_entries(rng, rng.choice([40, 120, 400, 900]))
+    tid, objects = _store(entries)
+    current = {e.name: e for e in entries}
+    edits: dict = {}
+    for _ in range(rng.choice([1, 2, 5, 30, 200])):
+        r = rng.random()
+        if r < 0.35 and current:
+            name = rng.choice(sorted(current))
+            edits[name] = None
+            current.pop(name)
+        elif r < 0.7:
+            base = rng.choice(entries).name
+            name = base + rng.choice(["", "0", "~", "\x7f"]) + str(rng.randrange(9))
+            e = TreeEntry(name, Kind.FILE, rng.randrange(99), hash_bytes(name.encode()))
+            edits[name] = current[name] = e
+        elif current:
+            name = rng.choice(sorted(current))
+            if current[name].kind.is_file:
+                e = current[name]._replace(size=rng.randrange(99), id=hash_bytes(rng.randbytes(4)))
+                edits[name] = current[name] = e
+    final = sorted(current.values(), key=lambda e: e.name.encode())
+    loads = []
+    nodes = split_edit(_read(tid, objects, loads), edits)
+    want = split_nodes(final)
+    assert nodes[-1][0] == want[-1][0]
+    assert {oid for oid, _, _ in nodes} <= {oid for oid, _, _ in want}
+    if len(final) > splittree.SPLIT_ENTRIES:
+        leaves_read = [o for o in loads if isinstance(objects[o], Tree)]
+        assert len(leaves_read) <= 3 * len(edits) + 2
+
+
+def test_a_few_edits_to_a_split_directory_through_the_change_engine_read_the_leaves_they_touch(
+        small_split, tmp_path, cache_home):
+    """A workspace commit, a merge: a Draft over a split directory is stored by
+    re-cutting around its edits, with the ids a fresh commit gives."""
+    url = str(tmp_path / "repo")
+    src = _big_dir(tmp_path, 600)
+    with Repository.init(url) as r:
+        base = commit_directory(r, src, message="v1").tree_id
+    changes = {"big/file-00300.txt+": NewFile(data=b"new"), "big/file-00003.txt": None,
+               "big/file-00500.txt": NewFile(data=b"changed", executable=True)}
+    with reopen(url) as r:
+        loads = []
+        load_node = r.load_tree_node
+        r.load_tree_node = lambda oid, *a, **k: (loads.append(oid), load_node(oid, *a, **k))[1]
+        with r.writer() as w:
+            tid = build(r, w, draft_from_paths(r, base, changes)).id
+        leaves = {o for o in loads if isinstance(objects_of(r, o), Tree)}
+        assert len(leaves) <= 8, "the edits' leaves (and a neighbour where a cut moved), not the directory"
+    write_file(src / "big" / "file-00300.txt+", b"new")
+    (src / "big" / "file-00003.txt").unlink()
+    write_file(src / "big" / "file-00500.txt", b"changed", executable=True)
+    with Repository.init(str(tmp_path / "fresh")) as r:
+        assert commit_directory(r, src, message="fresh").tree_id == tid

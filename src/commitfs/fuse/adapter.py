@@ -13,6 +13,7 @@ import errno
 import functools
 import logging
 import os
+import threading
 
 import pyfuse3
 
@@ -345,14 +346,46 @@ class WorkspaceOperations(Operations):
     removexattr = _unsupported
 
 
+# A page-cache hand-off runs in a worker thread the event loop may abandon at
+# unmount, and the session it writes to is freed by pyfuse3.close.  Hand-offs are
+# counted under this condition; end_page_stores (called before pyfuse3.close)
+# closes the door and waits for those in flight, so none runs during the close.
+_stores = threading.Condition()
+_stores_running = 0
+_stores_open = True
+
+
 def store_pages(inode: int, offset: int, data) -> None:
     """Put a file's verified bytes into the kernel's page cache (FUSE notify-store;
     blocking: called in a worker thread).  The kernel keeps only whole pages; an
-    inode it has forgotten, or an old kernel, is not an error."""
+    inode it has forgotten, or an old kernel, is not an error.  After
+    end_page_stores it does nothing."""
+    global _stores_running
+    with _stores:
+        if not _stores_open:
+            return
+        _stores_running += 1
     try:
         pyfuse3.notify_store(inode, offset, data)
     except OSError as exc:
         log.debug("notify_store of inode %d failed: %s", inode, exc)
+    finally:
+        with _stores:
+            _stores_running -= 1
+            _stores.notify_all()
+
+
+def end_page_stores(timeout: float = 5.0) -> bool:
+    """Refuse new page-cache hand-offs and wait (bounded) for those in flight.
+    False if one still ran at the timeout: the close then goes ahead, since a
+    hang at unmount would be worse."""
+    global _stores_open
+    with _stores:
+        _stores_open = False
+        done = _stores.wait_for(lambda: _stores_running == 0, timeout=timeout)
+    if not done:
+        log.warning("a page-cache hand-off was still running %.0f s into the unmount", timeout)
+    return done
 
 
 def invalidate(inodes) -> None:

@@ -34,7 +34,7 @@ import trio
 
 from commitfs.cache import DiskChunkCache
 from commitfs.errors import CommitfsError, MountError
-from commitfs.fuse.adapter import Operations, WorkspaceOperations
+from commitfs.fuse.adapter import Operations, WorkspaceOperations, end_page_stores
 from commitfs.fuse.lifecycle import DaemonConfig, control_socket_path, remove_record, slow_open, write_record
 from commitfs.ops.root import open_repository
 from commitfs.vfs import FileSystem, VfsOptions
@@ -138,6 +138,7 @@ def serve(config: DaemonConfig, report: Report) -> int:
         try:
             trio.run(_main, fs, config, report, missing)
         finally:
+            end_page_stores()
             pyfuse3.close(unmount=True)
             fastpath.disengage()
             remove_record(config.mountpoint)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from commitfs.errors import IsADirectoryError_, NotADirectoryError_, PathNotFoundError
 from commitfs.model.objects import Kind, Tree, TreeEntry
+from commitfs.model.splittree import SplitTree
 from commitfs.repo.reader import FileObject, FileReader
 from commitfs.repo.repository import Repository
 from commitfs.repo.treewalk import check_expansion
@@ -114,10 +115,21 @@ def list_page(repo: Repository, commit_id: bytes, path: str = "", offset: int = 
     entry = lookup_path(repo, commit_id, path)
     if not entry.is_dir:
         raise NotADirectoryError_(f"{path} is not a directory in {commit_id.hex()[:12]}")
-    entries = repo.load_tree(entry.id).entries
+    tree = repo.load_tree(entry.id)
+    offset = max(0, offset)
+    prefix = f"{path}/" if path else ""
+    if match is None and isinstance(tree, SplitTree):
+        # A split directory (docs/FORMAT.md, "Split trees"): the page's leaf chunks only.
+        picked: list = []
+        pos, total = offset, tree.count
+        while len(picked) < limit and pos < total:
+            base, leaf = tree.leaf_at(pos)
+            got = leaf.entries[pos - base:pos - base + limit - len(picked)]
+            picked.extend(got)
+            pos += len(got)
+        return DirPage(path, [WalkItem(prefix + e.name, e) for e in picked], offset, limit, total)
+    entries = tree.entries
     if match is not None:
         entries = [e for e in entries if match(e)]
-    offset = max(0, offset)
     chosen = entries[offset:offset + limit]
-    prefix = f"{path}/" if path else ""
     return DirPage(path, [WalkItem(prefix + e.name, e) for e in chosen], offset, limit, len(entries))

@@ -39,7 +39,12 @@ from dataclasses import dataclass, field
 from commitfs.errors import InputError
 from commitfs.model.draft import Draft, EditedFile, NewFile, Side
 from commitfs.model.objects import Kind, Tree, TreeEntry
-from commitfs.model.splittree import TreeIndex, differing_leaves
+from commitfs.model.splittree import SplitTree, TreeIndex, differing_leaves
+
+#: A Draft over a split directory editing fewer than 1/EDIT_SHARE of its
+#: entries is stored by re-cutting the chunks around the edits (split_edit);
+#: more, by splitting its whole listing again (the same ids either way).
+EDIT_SHARE = 8
 from commitfs.repo.repository import BlobWriter, Repository
 
 
@@ -335,6 +340,13 @@ def build(repo: Repository, writer: BlobWriter, side: Side, name: str = "",
         return e if e.name == name else e._replace(name=name)
     if side.base is not None and not side.entries:
         return dir_entry(side.base, name)._replace(size=repo.load_tree(side.base).size)
+    if side.base is not None:
+        base = repo.load_tree(side.base)
+        if isinstance(base, SplitTree) and len(side.entries) * EDIT_SHARE < base.count:
+            # A few edits in a split directory: re-cut around them only.
+            edits = {n: build(repo, writer, c, n, _stored) for n, c in side.entries.items()}
+            tid, size = writer.add_tree_edit(base, edits)
+            return TreeEntry(name, Kind.DIR, size, tid)
     built = []
     for child_name, child in listing(repo, side).items():
         e = build(repo, writer, child, child_name, _stored)

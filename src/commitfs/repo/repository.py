@@ -28,7 +28,7 @@ from commitfs.errors import (
 )
 from commitfs.model.ids import HEX_SIZE, hash_bytes, is_hex
 from commitfs.model.objects import Commit, DecodeError, FileManifest, Tree
-from commitfs.model.splittree import SplitTree, TreeIndex, decode_tree_node, split_nodes
+from commitfs.model.splittree import SplitTree, TreeIndex, decode_tree_node, split_edit, split_nodes
 from commitfs.repo.engine import ReadEngine
 from commitfs.repo.gcstate import GcState, lease_state
 from commitfs.repo.index import Index
@@ -672,6 +672,18 @@ class BlobWriter:
             if self._remember_trees:
                 self.repo.remember_tree(oid, node)
         return nodes[-1][0]
+
+    def add_tree_edit(self, base: SplitTree, edits) -> tuple[bytes, int]:
+        """Store split directory ``base`` with ``edits`` (name: entry or None)
+        applied, re-cutting only around them (model.splittree.split_edit: the
+        ids add_tree would give the edited directory); (tree id, size)."""
+        nodes = split_edit(base, edits)
+        for oid, data, node in nodes:
+            self.add(oid, BlobKind.TREE, data)
+            if self._remember_trees:
+                self.repo.remember_tree(oid, node)
+        root = nodes[-1][2]
+        return nodes[-1][0], root.size
 
     def add_manifest(self, manifest: FileManifest) -> bytes:
         data = manifest.encode()
