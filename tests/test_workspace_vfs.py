@@ -250,6 +250,22 @@ def test_a_file_open_below_a_reset_directory_is_unlinked(repo_and_base, tmp_path
             assert await k.read_file(leaf) == "feuille ✓\n".encode()
     trio.run(main)
 
+
+def test_an_mtime_of_0_survives_a_remount(repo_and_base, tmp_path):
+    """utimensat to the epoch is kept across a remount (a row's 0 read as "the base's
+    time"). Found by the reference model (hypothesis)."""
+    repo, _ = repo_and_base
+
+    async def main():
+        async with _session(repo, tmp_path / "ws") as k:
+            await k.utime("fixed/run.sh", 0, 0)
+            await k.utime("fixed", None, 0)
+        async with _session(repo, tmp_path / "ws") as k:
+            assert (await k.lstat("fixed/run.sh")).st_mtime_ns == 0
+            assert (await k.lstat("fixed/run.sh")).st_atime_ns == 0
+            assert (await k.lstat("fixed")).st_mtime_ns == 0
+    trio.run(main)
+
 # --- workspace logic once tested through a mount, now kernel-free (same assertions) ----------
 def test_a_file_unlinked_while_open_stays_readable(repo_and_base, tmp_path):
     repo, _ = repo_and_base

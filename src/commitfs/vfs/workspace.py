@@ -218,7 +218,9 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
         for r in rows:
             n = WNode(0, r.kind, r.name, None)
             n.oid, n.origin, n.upper, n.mode, n.target = r.id, r.origin, r.upper, r.mode, r.target or b""
-            n.mtime_ns = r.mtime_ns or self.base_time_ns
+            # 0 in the root row a clear writes means "the base commit's time"; any other
+            # row's 0 is a real mtime (utimensat to the epoch), kept as it is.
+            n.mtime_ns = r.mtime_ns if r.mtime_ns or r.id != ROOT_ID else self.base_time_ns
             n.uid, n.gid, n.atime_ns, n.ctime_ns = r.uid, r.gid, r.atime_ns, r.ctime_ns
             n.rdev = r.rdev or 0
             if r.materialized:
