@@ -115,7 +115,7 @@ def _segment_records(seg: Segment, k: int) -> Iterator[tuple[bytes, int, bytes, 
             yield rec[:ID_SIZE], k, packs[packno], rec
 
 
-def merge_segments(group: list[Segment]) -> bytes:
+def merge_segments(group: list[Segment]) -> bytearray:
     """The segment encode_segment would make of the group's entries (of duplicates the
     first segment's kept), streamed: the inputs are read a block at a time and merged
     in id order twice (once for the pack table and count, once to write), so memory
@@ -152,7 +152,7 @@ def merge_segments(group: list[Segment]) -> bytes:
         total += c
         FANOUT.pack_into(out, fan_at + b * FANOUT.size, total)
     out += hash_bytes(out)
-    return bytes(out)
+    return out  # not bytes(out): a copy would double the merge's memory
 
 
 def segment_key(data: bytes) -> str:
