@@ -136,22 +136,28 @@ def merge_segments(group: list[Segment]) -> bytearray:
         packs.setdefault(pack, len(packs))
         n += 1
     bits = _fanout_bits(n)
-    out = bytearray(HEADER.pack(SEG_MAGIC, len(packs), bits, n))
-    for pid in packs:
-        out += pid
-    fan_at = len(out)
-    out += bytes((1 << bits) * FANOUT.size)
+    fan_at = HEADER.size + len(packs) * ID_SIZE
+    at = fan_at + (1 << bits) * FANOUT.size
+    # Allocated once at its final size: grown by appends, each reallocation
+    # would hold the old buffer and the new one at once.
+    out = bytearray(at + n * ENTRY.size + ID_SIZE)
+    HEADER.pack_into(out, 0, SEG_MAGIC, len(packs), bits, n)
+    for i, pid in enumerate(packs):
+        out[HEADER.size + i * ID_SIZE:HEADER.size + (i + 1) * ID_SIZE] = pid
     counts = [0] * (1 << bits)
+    tail = ID_SIZE + _PACKNO.size
     for oid, pack, rec in merged():
         counts[_bucket(oid, bits)] += 1
-        out += oid
-        out += _PACKNO.pack(packs[pack])
-        out += rec[ID_SIZE + _PACKNO.size:]
+        out[at:at + ID_SIZE] = oid
+        _PACKNO.pack_into(out, at + ID_SIZE, packs[pack])
+        out[at + tail:at + ENTRY.size] = rec[tail:]
+        at += ENTRY.size
     total = 0
     for b, c in enumerate(counts):
         total += c
         FANOUT.pack_into(out, fan_at + b * FANOUT.size, total)
-    out += hash_bytes(out)
+    with memoryview(out) as view:
+        out[at:] = hash_bytes(view[:at])
     return out  # not bytes(out): a copy would double the merge's memory
 
 
