@@ -271,7 +271,7 @@ def _detail(key, column, b, o, t, what="cell") -> dict:
 # --- keyed, through the row diff's regions ---------------------------------------------------
 def _line_at(side, off: int) -> bytes:
     """The line of a tablediff side starting at ``off``, with its line break (if any)."""
-    i = bisect.bisect_right(side.ends, off)
+    i = bisect.bisect_right(side.manifest.ends, off)
     while i < len(side.ids):
         s = side.start(i)
         pos = side.chunks(i, i + 1)[0].find(b"\n", max(off - s, 0))
