@@ -21,6 +21,7 @@ from commitfs.errors import CommitfsError, CorruptObjectError, StorageError
 from commitfs.model import objects as objects_mod
 from commitfs.model.ids import hash_bytes
 from commitfs.model.objects import Commit, DecodeError, FileManifest, Kind, Tree, TreeEntry, symlink_entry
+from commitfs.model.splittree import IndexEntry, TreeIndex, decode_tree_node
 from commitfs.ops.browse import lookup_path, walk
 from commitfs.ops.fsck import fsck
 from commitfs.ops.snapshot import commit_directory
@@ -44,6 +45,7 @@ def _valid_samples() -> list[bytes]:
         Tree.build(e).encode(),
         FileManifest((b"\4" * 32, b"\5" * 32), (100, 2_000_000)).encode(),
         Commit(b"\6" * 32, (b"\7" * 32,), "a", 1, "m\u00e9", {"k": "v"}).encode(),
+        TreeIndex(2, (IndexEntry("a", 70, 300, b"\10" * 32), IndexEntry("m\u00e9", 1, 2_000_000, b"\11" * 32))).encode(),
     ]
 
 
@@ -75,7 +77,7 @@ def test_every_object_decoder_on_random_and_mutated_bytes(raw, seed):
     rnd = random.Random(seed)
     samples = [raw, *(mutated(v, rnd) for v in _valid_samples())]
     for data in samples:
-        for decode in (Tree.decode, FileManifest.decode, Commit.decode):
+        for decode in (Tree.decode, FileManifest.decode, Commit.decode, TreeIndex.decode, decode_tree_node):
             _decodes_canonically_or_refuses(decode, data)
         # The compiled tree decoder decides nothing: same entries, or None.
         if objects_mod._fastdecode is not None:

@@ -20,6 +20,7 @@ that find a segment gone re-list and retry.
 
 from __future__ import annotations
 
+import heapq
 import math
 import struct
 import threading
@@ -92,11 +93,80 @@ def encode_segment(entries: Iterable[tuple[bytes, Location]]) -> bytes:
     return bytes(out)
 
 
+# Records a merge reads of each input at a time (ranged reads of a large segment).
+_MERGE_BLOCK = 16_384
+
+
+def _segment_records(seg: Segment, k: int) -> Iterator[tuple[bytes, int, bytes, bytes]]:
+    """(id, k, pack id, record) of a segment's entries in id order, read a block at a time."""
+    seg.load_header()
+    base, size, packs, data = seg._entries_at(), ENTRY.size, seg._packs, seg._data
+    for start in range(0, seg.count, _MERGE_BLOCK):
+        n = min(_MERGE_BLOCK, seg.count - start)
+        at = base + start * size
+        raw = data[at:at + n * size] if data is not None else seg.store.load_range(seg.key, at, n * size)
+        if len(raw) != n * size:
+            raise CorruptObjectError(f"index segment {seg.key} is truncated")
+        for i in range(0, n * size, size):
+            rec = raw[i:i + size]
+            packno, kind, comp = _PACKNO.unpack_from(rec, ID_SIZE)[0], rec[48], rec[49]
+            if packno >= len(packs) or kind >= len(_KINDS) or comp >= len(_COMPRESSIONS):
+                raise CorruptObjectError(f"index segment {seg.key} has a malformed entry")
+            yield rec[:ID_SIZE], k, packs[packno], rec
+
+
+def merge_segments(group: list[Segment]) -> bytearray:
+    """The segment encode_segment would make of the group's entries (of duplicates the
+    first segment's kept), streamed: the inputs are read a block at a time and merged
+    in id order twice (once for the pack table and count, once to write), so memory
+    holds the output (52 B an entry), never a Python object per entry."""
+    def merged():
+        last = None
+        for oid, _, pack, rec in heapq.merge(*(_segment_records(seg, k) for k, seg in enumerate(group))):
+            if oid == last:
+                continue
+            if last is not None and oid < last:
+                raise CorruptObjectError("an index segment being merged is not sorted")
+            last = oid
+            yield oid, pack, rec
+
+    packs: dict[bytes, int] = {}
+    n = 0
+    for _, pack, _ in merged():
+        packs.setdefault(pack, len(packs))
+        n += 1
+    bits = _fanout_bits(n)
+    fan_at = HEADER.size + len(packs) * ID_SIZE
+    at = fan_at + (1 << bits) * FANOUT.size
+    # Allocated once at its final size: grown by appends, each reallocation
+    # would hold the old buffer and the new one at once.
+    out = bytearray(at + n * ENTRY.size + ID_SIZE)
+    HEADER.pack_into(out, 0, SEG_MAGIC, len(packs), bits, n)
+    for i, pid in enumerate(packs):
+        out[HEADER.size + i * ID_SIZE:HEADER.size + (i + 1) * ID_SIZE] = pid
+    counts = [0] * (1 << bits)
+    tail = ID_SIZE + _PACKNO.size
+    for oid, pack, rec in merged():
+        counts[_bucket(oid, bits)] += 1
+        out[at:at + ID_SIZE] = oid
+        _PACKNO.pack_into(out, at + ID_SIZE, packs[pack])
+        out[at + tail:at + ENTRY.size] = rec[tail:]
+        at += ENTRY.size
+    total = 0
+    for b, c in enumerate(counts):
+        total += c
+        FANOUT.pack_into(out, fan_at + b * FANOUT.size, total)
+    with memoryview(out) as view:
+        out[at:] = hash_bytes(view[:at])
+    return out  # not bytes(out): a copy would double the merge's memory
+
+
 def segment_key(data: bytes) -> str:
     return INDEX_PREFIX + hash_bytes(data).hex()
 
 
 _FANOUT_PAIR = struct.Struct("<II")
+_PACKNO = struct.Struct("<I")
 _ENTRY_SIZE = ENTRY.size
 _new_tuple = tuple.__new__  # a Location without the named tuple's Python-level constructor
 _KINDS = tuple(BlobKind)  # by value: 0, 1, 2
@@ -486,10 +556,9 @@ class Index:
         if len(group) < 2:
             return False
         try:
-            entries = [e for seg in group for e in seg.iter_entries()]
+            data = merge_segments(list(group))
         except ObjectNotFoundError:
             return False  # another writer merged these first
-        data = encode_segment(entries)
         key = segment_key(data)
         self.store.save_object(key, data)
         self.bytes_added += len(data)
