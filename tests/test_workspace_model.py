@@ -785,16 +785,17 @@ class Run:
                 from commitfs.errors import InputError
                 below = m.find(p)
                 inside = set() if below is None else {id(n) for n in [below, *_subtree(below)]}
-                fhs = [fh for fh, (n, _) in m.handles.items() if id(n) in inside]
+                fhs = {fh: n.nlink for fh, (n, _) in m.handles.items() if id(n) in inside}
                 try:
                     await k.fs.reset([p])
                 except InputError as exc:
                     raise OSError(errno.EINVAL, str(exc)) from None
                 # An untouched path is left as it is (the same nodes), a touched one replaced
                 # (open files keep the old bytes): when the path shows its base exactly,
-                # only an open file tells which happened.
-                links = [(await k.fstat(fh)).st_nlink for fh in fhs]
-                box["kept"] = bool(links) and all(n > 0 for n in links)
+                # only an open file's link count tells which happened.
+                # (Replaced, an open node has lost the names below the path: fewer links.)
+                same = [(await k.fstat(fh)).st_nlink == nlink for fh, nlink in fhs.items()]
+                box["kept"] = bool(same) and all(same)
 
             def model(t):
                 box["gone"] = m.reset(p, self.base_model, self.base_t, kept=box.get("kept", False))
