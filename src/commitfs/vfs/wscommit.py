@@ -165,10 +165,10 @@ class CommitState:
             return False
         if not n.is_dir or n.children is None:
             return True
-        tree = await self.loader.tree(e.id)
-        if sorted(n.children) != sorted(c.name for c in tree.entries):
+        entries = await self.loader.tree_entries(await self.loader.tree(e.id))
+        if sorted(n.children) != sorted(c.name for c in entries):
             return False
-        for c in tree.entries:
+        for c in entries:
             if not await self._untouched(n.children[c.name], c):
                 return False
         return True

@@ -94,13 +94,25 @@ class OverlayStore:
         n.dirty = False
 
     def _flush_all(self) -> None:
+        # One transaction for all: a node's flags are cleared as it is written, so if
+        # the transaction fails they are set again (a later fsync must still write it).
+        cleared: list[tuple[WNode, bool, bool]] = []
+
         def walk(n: WNode):
+            cleared.append((n, n.dirty, n.cow is not None and n.cow.dirty))
             self._flush(n)
             for c in (n.children or {}).values():
                 walk(c)
         if self.root is not None:
-            with self.overlay.batch():
-                walk(self.root)
+            try:
+                with self.overlay.batch():
+                    walk(self.root)
+            except BaseException:
+                for n, dirty, cow_dirty in cleared:
+                    n.dirty = n.dirty or dirty
+                    if cow_dirty and n.cow is not None:
+                        n.cow.dirty = True
+                raise
 
     def _close_fd(self, n: WNode) -> None:
         if n.fd is not None:
@@ -158,15 +170,17 @@ class OverlayStore:
         n.size = size
         cow = n.cow
         if cow is not None and size < cow.until:
-            cow.truncate(size)
-            if cow.until == 0:
-                n.cow = None  # nothing of the base left: the data file is the file
+            # The row first, memory after: if the transaction fails (a full disk, then
+            # a retry of the whole call) the retry still sees the base's old extent.
+            cut = Cow(cow.base, cow.until, cow.ranges())
+            cut.truncate(size)
             if n.oid is not None:
                 with self.overlay.batch():
-                    self.overlay.update(n.oid, cow_base=cow.base if n.cow else None,
-                                        cow_until=cow.until if n.cow else None)
-                    self.overlay.set_ranges(n.oid, cow.ranges())
-                cow.dirty = False
+                    self.overlay.update(n.oid, cow_base=cut.base if cut.until else None,
+                                        cow_until=cut.until if cut.until else None)
+                    self.overlay.set_ranges(n.oid, cut.ranges())
+            cut.dirty = False
+            n.cow = cut if cut.until else None  # nothing of the base left: the data file is the file
         n.mtime_ns = n.ctime_ns = _now()  # a truncation is a status change too
         n.dirty = True
 
