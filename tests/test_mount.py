@@ -633,3 +633,24 @@ def test_foreground_mount_serves_until_unmounted(dataset, mounts, tmp_path):
             force_unmount(str(mnt))
             proc.kill()
             proc.wait()
+
+
+def test_a_daemon_that_dies_before_its_log_leaves_its_traceback_there(dataset, mounts, tmp_path, monkeypatch):
+    """A daemon started before its configuration (spawn_daemon) has no log yet: what
+    it writes then (here: an import that fails) is copied into the mount's log, and
+    its last line ends the caller's one-line error, instead of vanishing."""
+    from commitfs.fuse import lifecycle
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "pyfuse3.py").write_text("raise ImportError('pyfuse3 cannot load here')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(broken), os.environ.get("PYTHONPATH", "")]))
+    mnt = mounts.mountpoint()
+    log_file = tmp_path / "d.log"
+    config = DaemonConfig(repo=dataset.url, mountpoint=str(mnt), cache_dir=str(tmp_path / "c"),
+                          log_file=str(log_file), commit="ab" * 32)
+    pending = lifecycle.spawn_daemon(str(mnt))
+    with pytest.raises(MountError, match="exited with status 1 before the mount was ready: "
+                                         "ImportError: pyfuse3 cannot load here"):
+        pending.start(config)
+    assert "Traceback" in log_file.read_text() and find_mount(mnt) is None

@@ -375,6 +375,13 @@ def store_pages(inode: int, offset: int, data) -> None:
             _stores.notify_all()
 
 
+def reopen_page_stores() -> None:
+    """Let hand-offs through again, for a new session in this process."""
+    global _stores_open
+    with _stores:
+        _stores_open = True
+
+
 def end_page_stores(timeout: float = 5.0) -> bool:
     """Refuse new page-cache hand-offs and wait (bounded) for those in flight.
     False if one still ran at the timeout: the close then goes ahead, since a

@@ -34,7 +34,7 @@ import trio
 
 from commitfs.cache import DiskChunkCache
 from commitfs.errors import CommitfsError, MountError
-from commitfs.fuse.adapter import Operations, WorkspaceOperations, end_page_stores
+from commitfs.fuse.adapter import Operations, WorkspaceOperations, end_page_stores, reopen_page_stores
 from commitfs.fuse.lifecycle import DaemonConfig, control_socket_path, remove_record, slow_open, write_record
 from commitfs.ops.root import open_repository
 from commitfs.vfs import FileSystem, VfsOptions
@@ -119,6 +119,7 @@ def serve(config: DaemonConfig, report: Report) -> int:
         return 1
     try:
         try:
+            reopen_page_stores()  # a process may serve one mount after another (--foreground in tests)
             ops = WorkspaceOperations(fs) if config.writable else Operations(fs)
             pyfuse3.init(ops, config.mountpoint, mount_options(config))
         except RuntimeError as exc:

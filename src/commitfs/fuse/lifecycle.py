@@ -29,6 +29,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -394,19 +395,24 @@ class PendingDaemon:
         self._done = False  # started or cancelled: its descriptors are closed
         config_r, self._config_w = os.pipe()
         self._ready_r, ready_w = os.pipe()
+        # Until it has its configuration the daemon has no log: it writes to this
+        # unnamed file (an import failure's traceback, say), which start() copies
+        # into the mount log if the daemon dies before it is ready; it then sends its
+        # stdout and stderr to the configured log (daemon.main).
+        self._early = tempfile.TemporaryFile()
         try:
-            with open(os.devnull, "rb") as devnull, open(os.devnull, "wb") as out:
-                # Until it has its configuration the daemon writes to no log; it then
-                # sends its stdout and stderr to the configured one (daemon.main).
+            with open(os.devnull, "rb") as devnull:
                 self.proc = subprocess.Popen(
                     [sys.executable, "-m", "commitfs.fuse.daemon", "--ready-fd", str(ready_w),
                      "--config-fd", str(config_r),
                      *(["--mountpoint", canonical(mountpoint)] if mountpoint else [])],
-                    stdin=devnull, stdout=out, stderr=out, pass_fds=(ready_w, config_r), start_new_session=True,
+                    stdin=devnull, stdout=self._early, stderr=self._early, pass_fds=(ready_w, config_r),
+                    start_new_session=True,
                 )
         except OSError as exc:
             for fd in (config_r, self._config_w, self._ready_r, ready_w):
                 os.close(fd)
+            self._early.close()
             raise MountError(f"cannot start the mount daemon: {exc}") from None
         finally:
             if hasattr(self, "proc"):
@@ -435,26 +441,45 @@ class PendingDaemon:
         finally:
             os.close(read_fd)
         if message == "ok":
+            self._early.close()
             return proc.pid
         if message is None:
             proc.kill()
             proc.wait()
+            self._keep_early_output(config.log_file)
             raise MountError(f"the mount daemon did not become ready within {timeout_s:g}s (log: {config.log_file})")
         try:
             code = proc.wait(timeout=EXIT_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             proc.kill()
             code = proc.wait()
+        last = self._keep_early_output(config.log_file)
         if message.startswith("error: "):
             raise MountError(message[len("error: "):])
-        raise MountError(f"the mount daemon exited with status {code} before the mount was ready "
-                         f"(log: {config.log_file})")
+        raise MountError(f"the mount daemon exited with status {code} before the mount was ready"
+                         f"{': ' + last if last else ''} (log: {config.log_file})")
+
+    def _keep_early_output(self, log_file: str) -> str:
+        """Copy what the daemon wrote before it had its log into the log; its last line."""
+        try:
+            self._early.seek(0)
+            early = self._early.read()
+            if early:
+                with open(log_file, "ab") as log_out:
+                    log_out.write(early)
+        except OSError:
+            early = b""
+        finally:
+            self._early.close()
+        lines = early.decode(errors="replace").strip().splitlines()
+        return lines[-1][:300] if lines else ""
 
     def cancel(self) -> None:
         """The mount is not going ahead: the daemon exits without doing anything."""
         if self._done:
             return
         self._done = True
+        self._early.close()
         for fd in (self._config_w, self._ready_r):
             try:
                 os.close(fd)

@@ -302,8 +302,13 @@ class Prefetcher:
             raise
 
     def _published(self, part: _Part) -> None:
+        # A hand-off to the page cache is only a shortcut: its failure (a nursery
+        # closing at shutdown) never fails the read of bytes already verified.
         if part.publish and not self._closed:
-            self._publish(self.layout.chunk_start(part.first), part.chunks)
+            try:
+                self._publish(self.layout.chunk_start(part.first), part.chunks)
+            except Exception as exc:
+                log.debug("handing chunks %d..%d to the page cache failed: %s", part.first, part.last, exc)
 
     def _drop(self, part: _Part) -> None:
         self._live.discard(part)
