@@ -547,7 +547,12 @@ class Index:
                 # then could put back entries gc removed (docs/FORMAT.md).
                 if lease_active(self.store):
                     return False
-                return self.merge(classes[cls])
+                try:
+                    return self.merge(classes[cls])
+                except CorruptObjectError:
+                    # A damaged segment stays as it is (lookups treat it as damaged,
+                    # fsck reports it): the commit that added a segment still succeeds.
+                    return False
         return False
 
     def merge(self, group: list[Segment] | None = None) -> bool:

@@ -10,6 +10,7 @@ complete commit.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -360,7 +361,7 @@ class Repository:
         as its readers ask for them."""
         node = self._load_decoded(self._trees, tid, decode_tree_node, "tree", keep)
         if isinstance(node, TreeIndex):
-            return SplitTree(tid, node, self.load_tree_node)
+            return SplitTree(tid, node, functools.partial(self.load_tree_node, keep=keep))
         return node
 
     def load_tree_node(self, tid: bytes, keep: bool = True) -> Tree | TreeIndex:
@@ -406,7 +407,7 @@ class Repository:
         """``load_tree(tid, keep=False)`` if memory has what it needs, else None."""
         node = self._decoded_from_memory(self._trees, tid, decode_tree_node, "tree")
         if isinstance(node, TreeIndex):
-            return SplitTree(tid, node, self.load_tree_node)
+            return SplitTree(tid, node, functools.partial(self.load_tree_node, keep=False))
         return node
 
     def tree_node_from_memory(self, tid: bytes) -> Tree | TreeIndex | None:
