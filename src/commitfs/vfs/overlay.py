@@ -65,8 +65,10 @@ the data file's fsync) and a truncate at once, after the data file's
 ftruncate: a range without its row (the daemon killed before) reads as the
 base again, and on open ``cow_until`` is clamped to the data file's size.
 Version 3 of the overlay added them (an older overlay gains the table,
-empty, and the columns, NULL, on open): a commitfs that reads only 1 or 2
-refuses it rather than show a partial data file as the whole file.
+empty, and the columns, NULL, on open).  A commitfs that reads only version 2
+refuses it rather than show a partial data file as the whole file; one from
+before version 2 never checked the version and would misread it, so a
+workspace must not be opened with a commitfs older than the one that made it.
 
 Committing.  Before moving the branch, the workspace records the new commit
 id as ``pending`` (durably); after the branch moved, ``clear`` deletes every
