@@ -238,10 +238,6 @@ def decode_tree_node(data: bytes) -> Tree | TreeIndex:
     return Tree.decode(data)
 
 
-def is_index_data(data) -> bool:
-    return bytes(data[:len(TREE_INDEX_MAGIC)]) == TREE_INDEX_MAGIC
-
-
 def node_children(node: Tree | TreeIndex) -> list[bytes]:
     """The ids of the objects a tree object names: an index node's chunks, a
     tree's directories and files (what gc marks and sync sends)."""
@@ -335,7 +331,7 @@ def split_edit(tree: SplitTree, edits: Mapping[str, TreeEntry | None]) -> list[t
             while p < len(pending) and (upper is None or pending[p][0] < upper):
                 mine.append(pending[p])
                 p += 1
-            for e in _merged(tree.child_at(leaves, j).entries, mine):
+            for e in _merged(tree.child_at(j).entries, mine):
                 cur.append(e)
                 n = len(cur)
                 if n >= LEAF_MAX or (n >= LEAF_MIN and _leaf_cut(name_hash(e.name.encode()))):
@@ -452,15 +448,15 @@ class SplitTree:
         self._load = load
         self._bounds = None  # (level-1 entries, their upper bounds): set by split_edit
 
-    def child_at(self, leaves: list[IndexEntry], j: int) -> Tree:
-        """Leaf ``j`` of ``leaves`` (as _leaf_entries listed them), loaded and checked."""
+    def child_at(self, j: int) -> Tree:
+        """Leaf ``j`` of the level-1 entries split_edit listed, loaded and checked."""
         entries, bounds = self._bounds
         parent = TreeIndex(1, (entries[j],))
         return _load_checked(self._load, parent, 0, bounds[j], self.id)
 
     def load_leaf(self, c: IndexEntry) -> Tree:
         entries, _ = self._bounds
-        return self.child_at(entries, entries.index(c))
+        return self.child_at(entries.index(c))
 
     @property
     def count(self) -> int:

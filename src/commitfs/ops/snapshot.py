@@ -470,7 +470,6 @@ class _Walk:
         as it is (nothing built, encoded or stored); the others are built and
         their rows recorded.  Then its entries are released."""
         if d.cached is not None and d.cached.tree is not None and all(c.built[2] for c in d.subdirs):
-            self.cache.keep(d.rel)
             d.built = (d.cached.tree, d.cached.size, True)
         else:
             d.built = self._build_tree(d)

@@ -172,9 +172,6 @@ class StatCache:
         except sqlite3.Error:
             self.close()  # unusable: this commit records nothing, the next one reads again
 
-    def keep(self, rel: str) -> None:
-        """Directory ``rel`` is unchanged: its row stays as it is."""
-
     def save(self, commit_id: bytes) -> None:
         """Make the cache describe the commit just made: the staged rows
         replace theirs, rows of directories that are gone are deleted."""

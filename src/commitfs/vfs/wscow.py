@@ -56,11 +56,6 @@ class Cow:
     def ranges(self) -> list[tuple[int, int]]:
         return list(zip(self.starts, self.ends))
 
-    @property
-    def written(self) -> int:
-        """Bytes of the ranges (below ``until``)."""
-        return sum(b - a for a, b in zip(self.starts, self.ends))
-
     def add(self, a: int, b: int) -> None:
         """Bytes [a, b) were written into the data file."""
         b = min(b, self.until)
