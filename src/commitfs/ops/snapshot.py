@@ -36,10 +36,10 @@ from pathlib import Path
 
 from commitfs.errors import InputError, NothingToCommitError, RefConflictError
 from commitfs.model import chunker
-from commitfs.model.ids import hash_bytes
-from commitfs.model.objects import Commit, FileManifest, Kind, Tree, TreeEntry, symlink_entry
+from commitfs.model.ids import HASHER, hash_bytes
+from commitfs.model.objects import MANIFEST_MAGIC, Commit, FileManifest, Kind, Tree, TreeEntry, _put_uvarint, symlink_entry
 from commitfs.ops.statcache import ID_SIZE, UNTRUSTED, CachedDir, StatCache, trusted
-from commitfs.repo.pack import BlobKind, maybe_compress
+from commitfs.repo.pack import BlobKind, Compression, maybe_compress
 from commitfs.repo.repository import BlobWriter, Repository, WriteStats
 
 # Files up to this size are read whole by pool threads; larger ones stream.
@@ -52,6 +52,10 @@ _READ_AHEAD_BYTES = 32 * 1024 * 1024
 # costs ~1 KB of objects beside its bytes.
 _READ_AHEAD_FILES = 4096
 _READ_THREADS = 4
+# Small files go to the pool in batches of this many files (or bytes): a future per
+# 1 KB file cost more than reading it (a million-file commit is mostly small files).
+_BATCH_FILES = 64
+_BATCH_BYTES = 1024 * 1024
 # Blobs after which the writer indexes what it added and forgets it (BlobWriter.checkpoint):
 # bounds its memory (~250 B a blob) at any file count.  Safe: files are stored chunks first,
 # trees bottom-up.
@@ -162,6 +166,45 @@ def prepare_file(path: str) -> PreparedFile:
     except OSError as exc:
         raise _read_error(path, exc) from None
     return prepare_chunks(chunker.cut(data))
+
+
+_ONE_CHUNK = MANIFEST_MAGIC + b"\x01"  # a manifest of one chunk starts so (FileManifest.encode)
+
+
+def _read_whole(path: str) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            parts = []
+            while part := os.read(fd, 1 << 20):
+                parts.append(part)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise _read_error(path, exc) from None
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def prepare_batch(paths: list[str]) -> list:
+    """``prepare_file`` of each small file of ``paths``, in one pool task.  A file
+    of one chunk (up to chunker.MIN_SIZE: most files of a million-file commit) is
+    prepared as a tuple (chunk id, chunk, stored, compression, file id, manifest
+    encoding), its manifest encoded and hashed here; any other as a PreparedFile."""
+    out = []
+    for path in paths:
+        data = _read_whole(path)
+        n = len(data)
+        if 0 < n <= chunker.MIN_SIZE:
+            cid = HASHER(data).digest()
+            stored, comp = maybe_compress(data, BlobKind.CHUNK)
+            mdata = bytearray(_ONE_CHUNK)
+            mdata += cid
+            _put_uvarint(mdata, n)
+            mdata = bytes(mdata)
+            out.append((cid, data, stored, comp, HASHER(mdata).digest(), mdata))
+        else:
+            out.append(prepare_chunks(chunker.cut(data)))
+    return out
 
 
 def store_prepared(writer: BlobWriter, prepared: PreparedFile, manifest: bool = True) -> bytes | None:
@@ -392,8 +435,11 @@ class _Walk:
                  prog: Progress, progress: Callable[[Progress], None] | None):
         self.writer, self.cache, self.scan_start, self.warnings = writer, cache, scan_start, warnings
         self.prog, self.progress = prog, progress
-        self.pending: deque = deque()  # (dir, slot, st_size, future)
-        self.inflight = 0  # st_size bytes of ``pending``
+        self.pending: deque = deque()  # (files: [(dir, slot)], st_size bytes, future), in walk order
+        self.queued = 0  # files of ``pending``
+        self.batch: list = []  # small files not submitted yet: (dir, slot, path)
+        self.batch_bytes = 0
+        self.inflight = 0  # st_size bytes of ``pending`` and ``batch``
         self.files = 0  # files in the commit
         self.pool: ThreadPoolExecutor | None = None
 
@@ -419,6 +465,7 @@ class _Walk:
                 stack.extend(reversed(d.subdirs))  # popped in name order: the stat cache's key order
                 d.left += len(d.subdirs)
                 self._settle(d)  # its scan is done
+            self._submit()
             while self.pending:
                 self._drain_one()
         assert top.built is not None
@@ -431,23 +478,55 @@ class _Walk:
         self.prog.bytes_total += st_size
         d.left += 1
         if st_size > _SMALL_FILE:
+            self._submit()
             while self.pending:
                 self._drain_one()
             fid, size = store_large_file(self.pool, self.writer, path, self._done)
             self._stored(d, slot, fid, size, 0)  # its bytes counted as they were stored
             return
-        while self.pending and (self.inflight + st_size > _READ_AHEAD_BYTES
-                                or len(self.pending) >= _READ_AHEAD_FILES):
+        while (self.pending or self.batch) and (self.inflight + st_size > _READ_AHEAD_BYTES
+                                 or self.queued + len(self.batch) >= _READ_AHEAD_FILES):
+            if not self.pending:
+                self._submit()
             self._drain_one()
-        self.pending.append((d, slot, st_size, self.pool.submit(prepare_file, path)))
+        self.batch.append((d, slot, path))
+        self.batch_bytes += st_size
         self.inflight += st_size
+        if len(self.batch) >= _BATCH_FILES or self.batch_bytes >= _BATCH_BYTES:
+            self._submit()
+
+    def _submit(self) -> None:
+        """Hand the batch of small files to the pool."""
+        if not self.batch:
+            return
+        batch, nbytes = self.batch, self.batch_bytes
+        self.batch, self.batch_bytes = [], 0
+        fut = self.pool.submit(prepare_batch, [path for _, _, path in batch])
+        self.pending.append(([(d, slot) for d, slot, _ in batch], nbytes, fut))
+        self.queued += len(batch)
 
     def _drain_one(self) -> None:
-        d, slot, st_size, fut = self.pending.popleft()
-        prepared = fut.result()
-        fid = store_prepared(self.writer, prepared)
-        self.inflight -= st_size
-        self._stored(d, slot, fid, prepared.size, prepared.size)
+        files, st_bytes, fut = self.pending.popleft()
+        results = fut.result()
+        writer = self.writer
+        add = writer.add
+        nbytes = 0
+        for (d, slot), prepared in zip(files, results):
+            if type(prepared) is tuple:  # one chunk (prepare_batch)
+                cid, chunk, stored, comp, fid, mdata = prepared
+                add(cid, BlobKind.CHUNK, chunk, stored=stored, compression=comp)
+                add(fid, BlobKind.MANIFEST, mdata, stored=mdata, compression=Compression.NONE)
+                size = len(chunk)
+            else:
+                fid = store_prepared(writer, prepared)
+                size = prepared.size
+            nbytes += size
+            name, kind, (_, _, mtime) = d.entries[slot]
+            d.entries[slot] = (name, kind, (fid, size, mtime))
+            self._settle(d)
+        self.inflight -= st_bytes
+        self.queued -= len(files)
+        self._done(nbytes, len(files))
 
     def _stored(self, d: _Dir, slot: int, fid: bytes, size: int, nbytes: int) -> None:
         name, kind, (_, _, mtime) = d.entries[slot]
