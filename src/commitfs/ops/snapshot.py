@@ -171,28 +171,32 @@ def prepare_file(path: str) -> PreparedFile:
 _ONE_CHUNK = MANIFEST_MAGIC + b"\x01"  # a manifest of one chunk starts so (FileManifest.encode)
 
 
-def _read_whole(path: str) -> bytes:
+def _read_whole(path: str, size: int) -> bytes:
+    """The bytes of file ``path``, which stat'ed as ``size`` bytes (read whole if it grew)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            parts = []
-            while part := os.read(fd, 1 << 20):
-                parts.append(part)
+            data = os.read(fd, size + 1)  # a regular file's short read is its end
+            if len(data) > size:
+                parts = [data]
+                while part := os.read(fd, 1 << 20):
+                    parts.append(part)
+                data = b"".join(parts)
         finally:
             os.close(fd)
     except OSError as exc:
         raise _read_error(path, exc) from None
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+    return data
 
 
-def prepare_batch(paths: list[str]) -> list:
-    """``prepare_file`` of each small file of ``paths``, in one pool task.  A file
+def prepare_batch(files: list[tuple[str, int]]) -> list:
+    """``prepare_file`` of each small file of ``files`` (path, st_size), in one pool task.  A file
     of one chunk (up to chunker.MIN_SIZE: most files of a million-file commit) is
     prepared as a tuple (chunk id, chunk, stored, compression, file id, manifest
     encoding), its manifest encoded and hashed here; any other as a PreparedFile."""
     out = []
-    for path in paths:
-        data = _read_whole(path)
+    for path, size in files:
+        data = _read_whole(path, size)
         n = len(data)
         if 0 < n <= chunker.MIN_SIZE:
             cid = HASHER(data).digest()
@@ -437,7 +441,7 @@ class _Walk:
         self.prog, self.progress = prog, progress
         self.pending: deque = deque()  # (files: [(dir, slot)], st_size bytes, future), in walk order
         self.queued = 0  # files of ``pending``
-        self.batch: list = []  # small files not submitted yet: (dir, slot, path)
+        self.batch: list = []  # small files not submitted yet: (dir, slot, path, st_size)
         self.batch_bytes = 0
         self.inflight = 0  # st_size bytes of ``pending`` and ``batch``
         self.files = 0  # files in the commit
@@ -489,7 +493,7 @@ class _Walk:
             if not self.pending:
                 self._submit()
             self._drain_one()
-        self.batch.append((d, slot, path))
+        self.batch.append((d, slot, path, st_size))
         self.batch_bytes += st_size
         self.inflight += st_size
         if len(self.batch) >= _BATCH_FILES or self.batch_bytes >= _BATCH_BYTES:
@@ -501,8 +505,8 @@ class _Walk:
             return
         batch, nbytes = self.batch, self.batch_bytes
         self.batch, self.batch_bytes = [], 0
-        fut = self.pool.submit(prepare_batch, [path for _, _, path in batch])
-        self.pending.append(([(d, slot) for d, slot, _ in batch], nbytes, fut))
+        fut = self.pool.submit(prepare_batch, [(path, size) for _, _, path, size in batch])
+        self.pending.append(([(d, slot) for d, slot, _, _ in batch], nbytes, fut))
         self.queued += len(batch)
 
     def _drain_one(self) -> None:

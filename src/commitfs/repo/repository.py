@@ -29,7 +29,8 @@ from commitfs.errors import (
 )
 from commitfs.model.ids import HEX_SIZE, hash_bytes, is_hex
 from commitfs.model.objects import Commit, DecodeError, FileManifest, Tree
-from commitfs.model.splittree import SplitTree, TreeIndex, decode_tree_node, split_edit, split_nodes
+from commitfs.model import splittree
+from commitfs.model.splittree import SplitTree, TreeIndex, decode_tree_node, iter_split_nodes, split_edit
 from commitfs.repo.engine import ReadEngine
 from commitfs.repo.gcstate import GcState, lease_state
 from commitfs.repo.index import Index
@@ -663,16 +664,15 @@ class BlobWriter:
         """Store a directory (any Tree, or SplitTree): one plain tree, or, past
         model.splittree.SPLIT_ENTRIES entries, its chunks and index nodes,
         children first (the one builder every commit path uses)."""
-        nodes = split_nodes(tree.entries)
-        if len(nodes) > 1 and self.repo.version < 2:
+        if len(tree.entries) > splittree.SPLIT_ENTRIES and self.repo.version < 2:
             self.repo.upgrade_format()
-        for oid, data, node in nodes:
+        for oid, data, node in iter_split_nodes(tree.entries):  # each stored as it is made
             self.add(oid, BlobKind.TREE, data)
             # The writer's process is the likeliest next reader of the trees it
             # writes (a workspace rebasing onto its new commit): spare it decoding.
             if self._remember_trees:
                 self.repo.remember_tree(oid, node)
-        return nodes[-1][0]
+        return oid
 
     def add_tree_edit(self, base: SplitTree, edits) -> tuple[bytes, int]:
         """Store split directory ``base`` with ``edits`` (name: entry or None)
