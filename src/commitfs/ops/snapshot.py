@@ -24,6 +24,7 @@ nothing again.
 from __future__ import annotations
 
 import getpass
+import operator
 import os
 import socket
 import stat as statmod
@@ -107,6 +108,7 @@ class _Dir:
     left: int = 1
     #: Once built: (tree id, size, reused from the stat cache as it was).
     built: tuple | None = None
+    nfiles: int = 0  # its files (of either kind)
 
 
 def _display(path: str) -> str:
@@ -171,10 +173,13 @@ def prepare_file(path: str) -> PreparedFile:
 _ONE_CHUNK = MANIFEST_MAGIC + b"\x01"  # a manifest of one chunk starts so (FileManifest.encode)
 
 
+_open_fd = os.open  # (a test makes it fail)
+
+
 def _read_whole(path: str, size: int) -> bytes:
     """The bytes of file ``path``, which stat'ed as ``size`` bytes (read whole if it grew)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = _open_fd(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             data = os.read(fd, size + 1)  # a regular file's short read is its end
             if len(data) > size:
@@ -261,8 +266,7 @@ def store_stream(writer: BlobWriter, stream, on_bytes: Callable[[int], None] | N
     return writer.add_manifest(FileManifest(tuple(ids), tuple(sizes))), sum(sizes)
 
 
-# Entry kinds in the stat cache's lists (statcache.py).
-_STAT_KIND = {Kind.FILE: 0, Kind.EXEC: 1, Kind.SYMLINK: 2, Kind.DIR: 3}
+# Entry kinds in the stat cache's lists (statcache.py): file 0, executable 1, symlink 2, directory 3.
 
 
 def _scan_dir(d: _Dir, cache: StatCache, warnings: list[str]) -> list[int]:
@@ -273,14 +277,34 @@ def _scan_dir(d: _Dir, cache: StatCache, warnings: list[str]) -> list[int]:
     its cached row (``_Dir.cached``) and none of its files is looked up or
     read; in any other directory each file is looked up by name.
     """
+    # Listed through a descriptor: each entry is then stat'ed by its name relative to
+    # it (fstatat, as find does), not by its whole path walked again from the root.
     try:
-        with os.scandir(d.path) as it:
-            items = sorted(it, key=lambda e: e.name)
+        fd = os.open(d.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise InputError(f"cannot list {_display(d.path)}: {exc.strerror or exc}") from None
+    try:
+        return _scan_fd(d, fd, cache, warnings)
+    finally:
+        os.close(fd)
+
+
+_by_name = operator.attrgetter("name")
+
+
+def _scan_fd(d: _Dir, fd: int, cache: StatCache, warnings: list[str]) -> list[int]:
+    try:
+        with os.scandir(fd) as it:
+            items = sorted(it, key=_by_name)
     except OSError as exc:
         raise InputError(f"cannot list {_display(d.path)}: {exc.strerror or exc}") from None
     stat = d.stat
     stat.append(("", -1, *d.own))
+    entries = d.entries
     files = []
+    join = os.path.join
+    S_ISREG, S_ISDIR, S_ISLNK, S_IXUSR = statmod.S_ISREG, statmod.S_ISDIR, statmod.S_ISLNK, statmod.S_IXUSR
+    FILE, EXEC = Kind.FILE, Kind.EXEC
     for e in items:
         name = e.name
         if not name.isascii():
@@ -288,35 +312,38 @@ def _scan_dir(d: _Dir, cache: StatCache, warnings: list[str]) -> list[int]:
         try:
             st = e.stat(follow_symlinks=False)
         except OSError as exc:
-            raise _read_error(e.path, exc) from None
+            raise _read_error(join(d.path, name), exc) from None
         mode = st.st_mode
-        if statmod.S_ISDIR(mode):
+        if S_ISREG(mode):
+            kind = EXEC if mode & S_IXUSR else FILE
+            files.append(len(entries))
+            mtime = st.st_mtime_ns
+            # (file id, size, mtime_ns): no stat_result kept (~600 B each, per file)
+            entries.append((name, kind, (None, st.st_size, mtime)))
+            stat.append((name, 1 if kind is EXEC else 0, st.st_size, mtime, st.st_ino, st.st_ctime_ns))
+        elif S_ISDIR(mode):
             rel = f"{d.rel}/{name}" if d.rel else name
-            child = _Dir(rel, e.path, (st.st_mtime_ns, st.st_ino))
+            child = _Dir(rel, join(d.path, name), (st.st_mtime_ns, st.st_ino))
             child.parent = d
-            d.entries.append((name, Kind.DIR, child))
+            entries.append((name, Kind.DIR, child))
             stat.append((name, 3, st.st_mtime_ns, st.st_ino))
             d.subdirs.append(child)
-        elif statmod.S_ISLNK(mode):
+        elif S_ISLNK(mode):
             try:
-                target = os.readlink(os.fsencode(e.path))
+                target = os.readlink(os.fsencode(name), dir_fd=fd)
             except OSError as exc:
-                raise _read_error(e.path, exc) from None
-            d.entries.append((name, Kind.SYMLINK, target))
+                raise _read_error(join(d.path, name), exc) from None
+            entries.append((name, Kind.SYMLINK, target))
             stat.append((name, 2, target))
-        elif statmod.S_ISREG(mode):
-            kind = Kind.EXEC if mode & statmod.S_IXUSR else Kind.FILE
-            files.append(len(d.entries))
-            # (file id, size, mtime_ns): no stat_result kept (~600 B each, per file)
-            d.entries.append((name, kind, (None, st.st_size, st.st_mtime_ns)))
-            stat.append((name, _STAT_KIND[kind], st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
         else:
             what = ("socket" if statmod.S_ISSOCK(mode) else "FIFO" if statmod.S_ISFIFO(mode)
                     else "device" if statmod.S_ISCHR(mode) or statmod.S_ISBLK(mode) else "special file")
-            warnings.append(f"skipped {what} {_display(e.path)}")
+            warnings.append(f"skipped {what} {_display(join(d.path, name))}")
+    d.nfiles = len(files)
     cached = cache.take(d.rel)
+    # (A row with a tree id has every file trusted: record_dir.)
     if cached is not None and cached.stat == stat and len(cached.ids) == ID_SIZE * len(files) \
-            and UNTRUSTED not in _id_slots(cached.ids):
+            and (cached.tree is not None or UNTRUSTED not in _id_slots(cached.ids)):
         d.cached = cached  # every file unchanged: ids come from the row
         return []
     known = cached.file_ids() if cached is not None else {}
@@ -465,7 +492,7 @@ class _Walk:
                 d = stack.pop()
                 for slot in _scan_dir(d, self.cache, self.warnings):
                     self._read(d, slot)
-                self.files += sum(1 for _, k, _ in d.entries if k.is_file)
+                self.files += d.nfiles
                 stack.extend(reversed(d.subdirs))  # popped in name order: the stat cache's key order
                 d.left += len(d.subdirs)
                 self._settle(d)  # its scan is done
