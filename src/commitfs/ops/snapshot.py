@@ -35,8 +35,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from commitfs.errors import InputError, NothingToCommitError, RefConflictError
-from commitfs.model import chunker
+from commitfs.errors import (
+    CorruptObjectError,
+    InputError,
+    NothingToCommitError,
+    ObjectNotFoundError,
+    RefConflictError,
+)
+from commitfs.model import chunker, splittree
 from commitfs.model.ids import HASHER, hash_bytes
 from commitfs.model.objects import MANIFEST_MAGIC, Commit, FileManifest, Kind, Tree, TreeEntry, _put_uvarint, symlink_entry
 from commitfs.ops.statcache import ID_SIZE, UNTRUSTED, CachedDir, StatCache, trusted
@@ -109,6 +115,7 @@ class _Dir:
     #: Once built: (tree id, size, reused from the stat cache as it was).
     built: tuple | None = None
     nfiles: int = 0  # its files (of either kind)
+    prev: CachedDir | None = None  # the stat cache's row of a large directory that changed
 
 
 def _display(path: str) -> str:
@@ -346,6 +353,8 @@ def _scan_fd(d: _Dir, fd: int, cache: StatCache, warnings: list[str]) -> list[in
             and (cached.tree is not None or UNTRUSTED not in _id_slots(cached.ids)):
         d.cached = cached  # every file unchanged: ids come from the row
         return []
+    if cached is not None and cached.tree is not None and len(cached.stat) > splittree.SPLIT_ENTRIES + 1:
+        d.prev = cached  # a large directory that changed: its tree is edited (_Walk._edit_tree)
     known = cached.file_ids() if cached is not None else {}
     to_read = []
     for slot in files:
@@ -583,10 +592,11 @@ class _Walk:
             d.built = (d.cached.tree, d.cached.size, True)
         else:
             d.built = self._build_tree(d)
-        d.entries = d.stat = d.subdirs = d.cached = None  # done with: release as we go
+        d.entries = d.stat = d.subdirs = d.cached = d.prev = None  # done with: release as we go
 
     def _build_tree(self, d: _Dir) -> tuple[bytes, int, bool]:
         entries = []
+        changed_dirs = self._changed_dirs = []  # slots of the subdirectories built anew
         ids = []
         all_trusted = True
         cached_ids = d.cached.ids if d.cached is not None else None
@@ -594,7 +604,9 @@ class _Walk:
         scan_start = self.scan_start
         for name, kind, payload in d.entries:
             if kind is Kind.DIR:
-                tid, size, _ = payload.built
+                tid, size, reused = payload.built
+                if not reused:
+                    changed_dirs.append(len(entries))
                 payload.parent = payload.built = None
                 entries.append(TreeEntry(name, Kind.DIR, size, tid))
             elif kind is Kind.SYMLINK:
@@ -613,6 +625,36 @@ class _Walk:
         # Already canonical: names come from the file system (never empty, '.',
         # '..', nor containing '/' or NUL), were checked as UTF-8 by the scan,
         # and are in code point order, which is UTF-8 byte order.
-        tid, size = store_tree(self.writer, entries)
+        edited = self._edit_tree(d, entries) if d.prev is not None else None
+        tid, size = edited or store_tree(self.writer, entries)
         self.cache.record_dir(d.rel, d.stat, b"".join(ids), tid if all_trusted else None, size)
         return tid, size, False
+
+    def _edit_tree(self, d: _Dir, entries: list[TreeEntry]) -> tuple[bytes, int] | None:
+        """Store large directory ``d``'s new tree as an edit of the tree its stat-cache
+        row names (model.splittree.split_edit: only the leaves near the changes are
+        re-cut and re-encoded, and the index nodes above them; the same ids as
+        encoding it whole).  The edits: the entries whose stat changed or that are
+        new, the names gone, and the subdirectories built anew.  None (encode it
+        whole) if that tree is not a split one or cannot be read."""
+        prev = d.prev
+        old, new = set(prev.stat[1:]), set(d.stat[1:])
+        changed = {t[0] for t in new - old}
+        gone = {t[0] for t in old - new} - changed
+        changed.update(entries[slot].name for slot in self._changed_dirs)
+        if not changed and not gone:
+            return prev.tree, prev.size
+        try:
+            base = self.writer.repo.load_tree(prev.tree, keep=False)
+        except (ObjectNotFoundError, CorruptObjectError):
+            return None  # gone or damaged: encoded whole
+        if not isinstance(base, splittree.SplitTree):
+            return None
+        edits: dict[str, TreeEntry | None] = dict.fromkeys(gone)
+        for e in entries:
+            if e.name in changed:
+                edits[e.name] = e
+        try:
+            return self.writer.add_tree_edit(base, edits)
+        except (ObjectNotFoundError, CorruptObjectError):  # a leaf of it
+            return None

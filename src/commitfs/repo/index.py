@@ -25,8 +25,10 @@ import heapq
 import itertools
 import math
 import struct
+import sys
 import tempfile
 import threading
+from array import array
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
@@ -205,6 +207,16 @@ def _find_record(data: bytes, oid: bytes, start: int, end: int) -> int | None:
     return None
 
 
+def _prefix_table(raw: bytes) -> array:
+    """The first _ID_PREFIX bytes of each ENTRY record of ``raw`` (sorted by id), as
+    big-endian unsigned integers: sorted the same way, searched by bisect in C."""
+    table = array("Q")
+    table.frombytes(b"".join([raw[i:i + _ID_PREFIX] for i in range(0, len(raw), ENTRY.size)]))
+    if sys.byteorder == "little":
+        table.byteswap()
+    return table
+
+
 class Segment:
     """One index segment, read lazily through the store."""
 
@@ -219,7 +231,7 @@ class Segment:
         self.loaded: tuple | None = None
         #: A segment too large to hold whole: the first _ID_PREFIX bytes of its
         #: ids, sorted, once a writer asked (``contains``); 8 bytes a blob.
-        self._ids: bytes | None = None
+        self._ids: array | None = None
         self.bits = 0
         self.count = 0
         #: Why this segment cannot be read (checksum, magic), once found: it is
@@ -358,19 +370,12 @@ class Segment:
                     raw = self.store.load_range(self.key, self._entries_at(), self.count * ENTRY.size)
                     if len(raw) != self.count * ENTRY.size:
                         raise CorruptObjectError(f"index segment {self.key} is truncated")
-                    self._ids = b"".join(raw[i:i + _ID_PREFIX] for i in range(0, len(raw), ENTRY.size))
+                    self._ids = _prefix_table(raw)
                 ids = self._ids
-        want = oid[:_ID_PREFIX]
-        lo, hi = 0, len(ids) // _ID_PREFIX
-        while lo < hi:
-            mid = (lo + hi) // 2
-            got = ids[mid * _ID_PREFIX:(mid + 1) * _ID_PREFIX]
-            if got == want:
-                return self.lookup(oid) is not None  # the prefix of one: is it this blob?
-            if got < want:
-                lo = mid + 1
-            else:
-                hi = mid
+        want = int.from_bytes(oid[:_ID_PREFIX], "big")
+        i = bisect.bisect_left(ids, want)  # in C: a million-file commit asks millions of times
+        if i < len(ids) and ids[i] == want:
+            return self.lookup(oid) is not None  # the prefix of one: is it this blob?
         return False
 
     def _location(self, rec) -> Location:
