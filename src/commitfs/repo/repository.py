@@ -566,6 +566,9 @@ class BlobWriter:
     UPLOAD_THREADS = 4
     LOCAL_UPLOADS = 1
     _META_BUFFER = 1024 * 1024  # initial pack buffer; packs grow from it
+    #: Metadata packs (manifests, trees) close at this size: a million-file commit's
+    #: ~100 MB of them filled two 34 MiB buffers (one uploading), grown by reallocation.
+    META_PACK_SIZE = 8 * 1024 * 1024
 
     def __init__(self, repo: Repository, checkpoint_blobs: int | None = None, remember_trees: bool = True):
         self.repo = repo
@@ -618,13 +621,14 @@ class BlobWriter:
             return False
         if stored is None:
             stored, compression = maybe_compress(data, kind)
-        builder = self._builders["data" if kind is BlobKind.CHUNK else "meta"]
+        chunk = kind is BlobKind.CHUNK
+        builder = self._builders["data" if chunk else "meta"]
         offset = builder.add(oid, kind, stored, compression, len(data))
         self._session[oid] = Location(b"", offset, len(stored), len(data), kind, compression)
         self.stats.blobs_new += 1
         self.stats.bytes_new_raw += len(data)
         self.stats.bytes_new_stored += len(stored)
-        if len(builder) >= TARGET_PACK_SIZE:
+        if len(builder) >= (TARGET_PACK_SIZE if chunk else self.META_PACK_SIZE):
             self._flush(builder)
         if self._checkpoint_blobs is not None and len(self._session) >= self._checkpoint_blobs:
             self.checkpoint()
