@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import threading
+from collections.abc import Callable
 
 import pyfuse3
 
@@ -350,6 +351,11 @@ class WorkspaceOperations(Operations):
 # unmount, and the session it writes to is freed by pyfuse3.close.  Hand-offs are
 # counted under this condition; end_page_stores (called before pyfuse3.close)
 # closes the door and waits for those in flight, so none runs during the close.
+# One can wait in the kernel for as long as a READ of a page it stores is not
+# answered (the kernel locks the page for that READ), and once the request loop
+# has stopped none is: the daemon then aborts the FUSE connection, which ends
+# every request and so the wait, and if even that fails it does not free the
+# session at all (daemon.py, _close).
 _stores = threading.Condition()
 _stores_running = 0
 _stores_open = True
@@ -382,17 +388,33 @@ def reopen_page_stores() -> None:
         _stores_open = True
 
 
-def end_page_stores(timeout: float = 5.0) -> bool:
+#: After the FUSE connection is aborted, a hand-off ends at once (its request ended): the wait then.
+ABORTED_WAIT_S = 5.0
+
+
+def end_page_stores(timeout: float = 5.0, abort: Callable[[], str | None] | None = None) -> bool:
     """Refuse new page-cache hand-offs and wait (bounded) for those in flight.
-    False if one still ran at the timeout: the close then goes ahead, since a
-    hang at unmount would be worse."""
+    If one still runs at ``timeout``, ``abort()`` (the FUSE connection's: None
+    when done, else why not) and wait ``ABORTED_WAIT_S`` more.  True: none runs
+    now, the session may be freed; False: one still does, it must not be."""
     global _stores_open
+    idle = lambda: _stores_running == 0  # noqa: E731
     with _stores:
         _stores_open = False
-        done = _stores.wait_for(lambda: _stores_running == 0, timeout=timeout)
-    if not done:
-        log.warning("a page-cache hand-off was still running %.0f s into the unmount", timeout)
-    return done
+        done = _stores.wait_for(idle, timeout=timeout)
+    if done:
+        return True
+    why_not = "nothing to abort it with" if abort is None else abort()
+    if why_not is None:
+        log.warning("a page-cache hand-off was still running %.0f s into the unmount: FUSE connection aborted",
+                    timeout)
+        with _stores:
+            done = _stores.wait_for(idle, timeout=ABORTED_WAIT_S)
+        if done:
+            return True
+    log.error("a page-cache hand-off is still running %.0f s into the unmount (%s): the FUSE session is "
+              "left allocated, not freed under it", timeout, why_not or "after the connection was aborted")
+    return False
 
 
 def invalidate(inodes) -> None:
