@@ -13,6 +13,7 @@ import errno
 import functools
 import logging
 import os
+import queue
 import threading
 from collections.abc import Callable
 
@@ -136,7 +137,7 @@ class Operations(pyfuse3.Operations):
         if isinstance(fs, FileSystem):
             # Verified chunks a random read fetched whole go to the kernel's page cache,
             # so the next reads in them make no request (vfs/prefetch.py, publishing).
-            fs.page_store = store_pages
+            fs.page_store = page_storer
         self.uid = os.getuid()
         self.gid = os.getgid()
 
@@ -379,6 +380,57 @@ def store_pages(inode: int, offset: int, data) -> None:
         with _stores:
             _stores_running -= 1
             _stores.notify_all()
+
+
+#: Bytes queued for the page-store thread at most; more are dropped, never waited for.
+PAGE_STORE_QUEUE_BYTES = 16 * 1024 * 1024
+
+
+class PageStorer:
+    """``store_pages`` in one thread of its own, fed without waiting: the event
+    loop only queues (``__call__``), so a random read's hand-off costs it no task
+    and no thread hop.  A store may wait for a page the kernel has locked for a
+    READ being answered (that READ's own pages, say): only this thread waits, until
+    the event loop has replied.  Queued bytes are bounded; past the bound a
+    hand-off is dropped (False).  After end_page_stores what is still queued is
+    dropped too (store_pages does nothing)."""
+
+    def __init__(self, max_bytes: int = PAGE_STORE_QUEUE_BYTES):
+        self.max_bytes = max_bytes
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._queued = 0  # bytes
+        self._thread: threading.Thread | None = None
+        #: Hand-offs dropped for a full queue (the log, tests).
+        self.dropped = 0
+
+    def __call__(self, inode: int, offset: int, data) -> bool:
+        n = len(data)
+        with self._lock:
+            if not _stores_open or self._queued + n > self.max_bytes:
+                self.dropped += 1
+                return False
+            self._queued += n
+            if self._thread is None:
+                # A daemon thread: a store stuck at exit must not keep the process (adapter doc).
+                self._thread = threading.Thread(target=self._run, name="commitfs-page-store", daemon=True)
+                self._thread.start()
+        self._queue.put((inode, offset, data))
+        return True
+
+    def _run(self) -> None:
+        while True:
+            inode, offset, data = self._queue.get()
+            try:
+                store_pages(inode, offset, data)
+            except Exception:  # never ends the thread: a lost shortcut only
+                log.debug("page-cache hand-off of inode %d failed", inode, exc_info=True)
+            finally:
+                with self._lock:
+                    self._queued -= len(data)
+
+
+page_storer = PageStorer()
 
 
 def reopen_page_stores() -> None:
