@@ -657,3 +657,51 @@ def test_a_few_edits_to_a_split_directory_through_the_change_engine_read_the_lea
     write_file(src / "big" / "file-00500.txt", b"changed", executable=True)
     with Repository.init(str(tmp_path / "fresh")) as r:
         assert commit_directory(r, src, message="fresh").tree_id == tid
+
+
+def test_directory_read_ahead_follows_a_reader_across_the_leaves_of_a_split_directory(small_split, tmp_path,
+                                                                                      cache_home):
+    """vfs/dirahead.py keeps one state per directory; in a split directory the
+    reader's file is found in one leaf chunk at a time, so positions must be the
+    directory's, not the leaf's: a reader going through the files in order
+    follows its read-ahead from one leaf into the next (no jump at a boundary),
+    and what is fetched ahead is files after the one read, in every leaf."""
+    from commitfs.cache import DiskChunkCache
+
+    url = str(tmp_path / "repo")
+    src = _big_dir(tmp_path, 200)
+    with Repository.init(url) as r:
+        cid = commit_directory(r, src, message="v1").commit_id
+    names = sorted((n for n in os.listdir(src / "big") if n != "link"), key=str.encode)
+
+    async def main():
+        with reopen(url) as r:
+            r.chunk_cache = DiskChunkCache(tmp_path / "cache")
+            async with fs_of(r, cid) as fs:
+                big = await fs.lookup(1, b"big")
+                tree = await fs.loader.tree(r.load_tree(r.load_commit(cid).tree).get("big").id)
+                assert isinstance(tree, SplitTree)
+                inos = [(await fs.lookup(big.ino, n.encode())).ino for n in names]
+                ahead = fs._dir_ahead
+                fetched = []
+                start_fetch = ahead._fetch
+
+                async def recording(scope, fids, done):
+                    fetched.extend(fids)
+                    await start_fetch(scope, fids, done)
+                ahead._fetch = recording
+                leaves = set()
+                for name, ino in zip(names[:120], inos):
+                    await fs._manifest(fs._node(ino))
+                    leaves.add(tree.leaf_for(name).entries[0].name)
+                    await trio.sleep(0)
+                assert len(leaves) >= 4  # the reader crossed several leaf boundaries
+                assert ahead.jumps == 0
+                state = ahead._states[big.ino]
+                assert state.first == 0 and state.last == 119
+                ids = [tree.get(n).id for n in names]
+                assert fetched and set(fetched) <= set(ids[1:])
+                # Ahead in every leaf, not only the first (a leaf's first file is read
+                # before its leaf is held: what is fetched ahead stays within one leaf).
+                assert {ids[i] for i in range(20, 110) if names[i] not in leaves} <= set(fetched)
+    trio.run(main)

@@ -56,7 +56,7 @@ from commitfs.errors import (
 )
 from commitfs.model.ids import HEX_SIZE, is_hex
 from commitfs.model.objects import EMPTY_MANIFEST, Commit, DecodeError, FileManifest, Kind, Tree, TreeEntry
-from commitfs.model.splittree import SplitTree, TreeIndex, check_child
+from commitfs.model.splittree import SplitTree, TreeIndex, check_child, path_to_name, path_to_position, walk
 from commitfs.repo.repository import MIN_PREFIX, Repository
 from commitfs.repo.treewalk import check_expansion
 from commitfs.vfs import prefetch
@@ -512,43 +512,36 @@ class FileSystem:
             raise CorruptObjectError(f"split tree {tree.id.hex()} is malformed: {exc}") from None
         return node
 
+    async def _split_walk(self, tree: SplitTree, steps):
+        """Drive a walk of model/splittree.py (``path_to_*``) on the event loop:
+        each node from memory or a worker thread (Loader.tree_node), checked."""
+        try:
+            step = next(steps)
+            while True:
+                step = steps.send(await self._split_child(tree, *step))
+        except StopIteration as done:
+            return done.value
+
     async def _split_leaf_for(self, tree: SplitTree, name: str) -> Tree | None:
         """The leaf chunk of ``tree`` whose range holds ``name``, or None."""
-        raw = name.encode()
-        node, upper = tree.root, None
-        while isinstance(node, TreeIndex):
-            i = node.find(raw)
-            if i is None:
-                return None
-            upper = node.firsts[i + 1] if i + 1 < len(node.children) else upper
-            node = await self._split_child(tree, node, i, upper)
-        return node
+        return (await self._split_walk(tree, path_to_name(tree.root, name.encode())))[1]
 
     async def _split_leaf_at(self, tree: SplitTree, pos: int) -> tuple[int, Tree]:
         """(position of its first entry, the leaf chunk) holding entry ``pos``."""
-        node, upper, base = tree.root, None, 0
-        while isinstance(node, TreeIndex):
-            for i, c in enumerate(node.children):
-                if pos < base + c.count:
-                    break
-                base += c.count
-            upper = node.firsts[i + 1] if i + 1 < len(node.children) else upper
-            node = await self._split_child(tree, node, i, upper)
-        return base, node
+        return await self._split_walk(tree, path_to_position(tree.root, pos))
 
-    def _split_leaf_cached(self, tree: SplitTree, name: str) -> Tree | None:
-        """The leaf chunk holding ``name`` if every node on its path is in memory
-        (checked when it was loaded), else None."""
-        raw = name.encode()
-        node = tree.root
-        while isinstance(node, TreeIndex):
-            i = node.find(raw)
-            if i is None:
-                return None
-            node = self.loader.tree_node_cached(node.children[i].id)
+    def _split_leaf_cached(self, tree: SplitTree, name: str) -> tuple[int, Tree | None]:
+        """(base, the leaf chunk holding ``name``) if every node on its path is in
+        memory (checked when it was loaded), else (0, None)."""
+        def cached(parent: TreeIndex, i: int, upper) -> Tree | TreeIndex:
+            node = self.loader.tree_node_cached(parent.children[i].id)
             if node is None:
-                return None
-        return node
+                raise LookupError
+            return node
+        try:
+            return walk(path_to_name(tree.root, name.encode()), cached)
+        except LookupError:
+            return 0, None
 
     async def _commits_of(self, cids: set[bytes]) -> dict[bytes, Commit]:
         """Load commits concurrently; leave out (and log) those that fail."""
@@ -716,31 +709,34 @@ class FileSystem:
         ranged read (Loader.manifest), and a small file's read moves the
         directory read-ahead (vfs/dirahead.py): reading a directory's small
         files from S3 costs one request per many files."""
-        tree, pos = self._place(node)
+        tree, pos, base = self._place(node)
         if tree is None:
             return await self.loader.manifest(node.entry.id)
         if self._dir_ahead is not None and 0 < node.entry.size <= self.options.whole_file_bytes:
-            self._dir_ahead.on_read(node.parent, tree.entries, pos)
+            self._dir_ahead.on_read(node.parent, tree.entries, base + pos, base)
             fetching = self._dir_ahead.pending(node.entry.id)
             if fetching is not None:  # its chunks are on the way: wait, bounded
                 with trio.move_on_after(self.options.io_timeout_s):
                     await fetching.wait()
         return await self.loader.manifest(node.entry.id, self._neighbours(tree, pos, node))
 
-    def _place(self, node: FileNode) -> tuple[Tree | None, int]:
-        """The tree of ``node``'s directory (if held in memory) and its position there."""
+    def _place(self, node: FileNode) -> tuple[Tree | None, int, int]:
+        """The tree of ``node``'s directory if held in memory (of a split
+        directory: the leaf chunk holding it), ``node``'s position in that tree,
+        and the position of the tree's first entry in the directory."""
         try:
             parent = self.table.get(node.parent)
         except StaleInodeError:
-            return None, 0
+            return None, 0, 0
         entry = getattr(parent, "entry", None)
         tree = self.loader.tree_cached(entry.id) if entry is not None and entry.is_dir else None
+        base = 0
         if isinstance(tree, SplitTree):  # its leaf: neighbours are read within it
-            tree = self._split_leaf_cached(tree, node.name)
+            base, tree = self._split_leaf_cached(tree, node.name)
         if tree is None:
-            return None, 0
+            return None, 0, 0
         pos = tree.position(node.name)
-        return (tree, pos) if pos is not None else (None, 0)
+        return (tree, pos, base) if pos is not None else (None, 0, 0)
 
     @staticmethod
     def _neighbours(tree: Tree, i: int, node: FileNode) -> list[bytes]:
