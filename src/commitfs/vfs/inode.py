@@ -394,8 +394,10 @@ class ChildBlock:
         self.live -= 1
 
     def mark_opened(self, pos: int) -> bool:
-        """Note an open of entry ``pos`` (held); whether it had been opened before."""
-        page = self.pages[pos >> PAGE_BITS]
+        """Note an open of entry ``pos``; whether it had been opened before."""
+        page = self.pages.get(pos >> PAGE_BITS)
+        if page is None:  # forgotten meanwhile (the kernel holds what it opens: not seen)
+            return False
         i = pos & (PAGE - 1)
         k = page.kinds[i]
         page.kinds[i] = k | _OPENED
