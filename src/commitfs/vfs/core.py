@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from itertools import islice
 import os
 import time
 from collections import OrderedDict
@@ -166,26 +167,21 @@ class Listing:
     """The entries of an open directory: names in a fixed order, nodes made on demand.
 
     readdir offsets are indices + 1 into this order, stable for the handle's life.
-    A commit directory's listing (``view`` set) gives TreeEntries (``entry``);
-    the others (name, identity, maker) triples (``child``)."""
+    A commit directory's listing (``view`` set) gives its TreeEntries a tree
+    (or a split directory's leaf) at a time (``span``); the others (name,
+    identity, maker) triples (``child``)."""
 
     view: View | None = None
 
     def __len__(self) -> int:
         raise NotImplementedError
 
-    def entry(self, i: int) -> TreeEntry:
+    async def span(self, i: int) -> tuple[int, Sequence[TreeEntry]]:
+        """(position of the first, entries) of the tree holding entry ``i``."""
         raise NotImplementedError
 
     def child(self, i: int) -> tuple[str, tuple, MakeNode]:
         raise NotImplementedError
-
-    def needs_load(self, i: int) -> bool:
-        """Whether ``child(i)`` must wait for ``load(i)`` first (a split directory's page)."""
-        return False
-
-    async def load(self, i: int) -> None:
-        pass
 
 
 class _StaticListing(Listing):
@@ -209,8 +205,8 @@ class _TreeListing(Listing):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def entry(self, i: int) -> TreeEntry:
-        return self.entries[i]
+    async def span(self, i: int) -> tuple[int, Sequence[TreeEntry]]:
+        return 0, self.entries
 
 
 class _SplitListing(Listing):
@@ -228,15 +224,10 @@ class _SplitListing(Listing):
     def __len__(self) -> int:
         return self.tree.count
 
-    def needs_load(self, i: int) -> bool:
-        return self.leaf is None or not self.base <= i < self.base + len(self.leaf.entries)
-
-    async def load(self, i: int) -> None:
-        self.base, self.leaf = await self.fs._split_leaf_at(self.tree, i)
-
-    def entry(self, i: int) -> TreeEntry:
-        assert self.leaf is not None
-        return self.leaf.entries[i - self.base]
+    async def span(self, i: int) -> tuple[int, Sequence[TreeEntry]]:
+        if self.leaf is None or not self.base <= i < self.base + len(self.leaf.entries):
+            self.base, self.leaf = await self.fs._split_leaf_at(self.tree, i)
+        return self.base, self.leaf.entries
 
 
 class _FileHandle:
@@ -746,37 +737,41 @@ class FileSystem:
         page_of, first = block.page, block.first
         page, page_no = None, -1
         FILE, EXEC, DIR = Kind.FILE, Kind.EXEC, Kind.DIR
-        for i in range(start_id, len(listing)):
-            if listing.needs_load(i):
-                await listing.load(i)
-            e = listing.entry(i)
-            kind = e.kind
-            if kind is DIR:
-                node = table.ensure(parent, e.name, entry_identity(e), lambda: TreeDir(view, e))
-                if not reply(e.name.encode(), node.attr(self.mount_time_ns), i + 1):
-                    table.discard(node)
+        i, n = start_id, len(listing)
+        while i < n:
+            first_pos, entries = await listing.span(i)
+            if not 0 <= i - first_pos < len(entries):  # (a checked split tree cannot do this)
+                raise CorruptObjectError(f"tree {parent.entry.id.hex()} has no entry {i} of {n}")
+            for e in islice(entries, i - first_pos, None):
+                kind = e.kind
+                if kind is DIR:
+                    node = table.ensure(parent, e.name, entry_identity(e), lambda e=e: TreeDir(view, e))
+                    if not reply(e.name.encode(), node.attr(self.mount_time_ns), i + 1):
+                        table.discard(node)
+                        table.discard_block(block)
+                        return
+                    table.remember(node)
+                    i += 1
+                    continue
+                if kind is FILE:
+                    mode, code = FILE_MODE, _FILE
+                elif kind is EXEC:
+                    mode, code = EXEC_MODE, _EXEC
+                else:
+                    mode, code = SYMLINK_MODE, _SYMLINK
+                size = e.size
+                if not reply(e.name.encode(), Attr(base + i, mode, size, mtime, timeout, timeout), i + 1):
                     table.discard_block(block)
                     return
-                table.remember(node)
-                continue
-            if kind is FILE:
-                mode, code = FILE_MODE, _FILE
-            elif kind is EXEC:
-                mode, code = EXEC_MODE, _EXEC
-            else:
-                mode, code = SYMLINK_MODE, _SYMLINK
-            size = e.size
-            if not reply(e.name.encode(), Attr(base + i, mode, size, mtime, timeout, timeout), i + 1):
-                table.discard_block(block)
-                return
-            if i >> PAGE_BITS != page_no:  # (BlockPage.remember, inlined: once per entry of a listing)
-                page_no = i >> PAGE_BITS
-                page = page_of(i)
-            j = i & (PAGE - 1)
-            c = page.counts[j]
-            if not c:
-                first(page, j, code, size)
-            page.counts[j] = c + 1
+                if i >> PAGE_BITS != page_no:  # (ChildBlock.remember, inlined: once per entry listed)
+                    page_no = i >> PAGE_BITS
+                    page = page_of(i)
+                j = i & (PAGE - 1)
+                c = page.counts[j]
+                if not c:
+                    first(page, j, code, size)
+                page.counts[j] = c + 1
+                i += 1
 
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
