@@ -96,17 +96,20 @@ class OverlayStore:
     def _flush_all(self) -> None:
         # One transaction for all: a node's flags are cleared as it is written, so if
         # the transaction fails they are set again (a later fsync must still write it).
+        # The walk is lean (no call per clean node): it visits every materialized node.
         cleared: list[tuple[WNode, bool, bool]] = []
-
-        def walk(n: WNode):
-            cleared.append((n, n.dirty, n.cow is not None and n.cow.dirty))
-            self._flush(n)
-            for c in (n.children or {}).values():
-                walk(c)
         if self.root is not None:
             try:
                 with self.overlay.batch():
-                    walk(self.root)
+                    stack = [self.root]
+                    while stack:
+                        n = stack.pop()
+                        cow = n.cow
+                        if n.dirty or (cow is not None and cow.dirty):
+                            cleared.append((n, n.dirty, cow is not None and cow.dirty))
+                            self._flush(n)
+                        if n.children:
+                            stack.extend(n.children.values())
             except BaseException:
                 for n, dirty, cow_dirty in cleared:
                     n.dirty = n.dirty or dirty
