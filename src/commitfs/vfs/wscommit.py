@@ -52,8 +52,20 @@ def _draft(node: WNode, data_path: Callable[[str], str],
         if isinstance(t, Tree):
             base = t
     base_get = base.get if base is not None else None
+    exec_kind = Kind.EXEC
     out: dict = {}
     for name, c in node.children.items():
+        o = c.origin
+        if (base_get is not None and o is not None and c.upper is None and c.children is None
+                and base_get(name) is o):
+            # The common case, first and cheap: the base's own entry, untouched (a file
+            # keeping its executable bit, a lazy directory, a symlink).
+            k = c.kind
+            if k == "file":
+                if (o.kind is exec_kind) == bool(c.mode & 0o100):
+                    continue
+            elif k != SPECIAL:
+                continue
         if c.kind == SPECIAL:
             log.warning("workspace: commit skips the special file %s (FIFO, socket or device: "
                         "a commit holds files, directories and symlinks)", c.path())
@@ -223,8 +235,11 @@ class CommitState:
         # materialized.  The trees along the directories that stay are loaded in a thread.
         inodes = self._inodes
         # A listing an open directory handle still hands out names its nodes: they stay too.
-        listed = {id(item) for h in self._dirs.values() for _, item in h.items if isinstance(item, WNode)}
-        keep: set[int] = set()  # id() of the nodes that stay
+        # Nodes the kernel knows: those it holds (the inode table) and those an open
+        # directory handle's listing still hands out.
+        known = set(inodes.values())
+        known.update(item for h in self._dirs.values() for _, item in h.items if isinstance(item, WNode))
+        keep: set[WNode] = set()  # the nodes that stay
         wanted: list[tuple] = []
         old_data: list[WNode] = []
         linked: list[WNode] = []
@@ -236,23 +251,25 @@ class CommitState:
                     n.fd = self.overlay.open_data(n.upper)
             if n.links:
                 linked.append(n)
-            kept = n.lookups > 0 or n.opens > 0 or n.ino in inodes or id(n) in listed
+            kept = n.lookups > 0 or n.opens > 0 or n in known
             if n.kind == "dir":
                 below = False
                 for kids in (n.lazy, n.children):
                     for name, c in (kids or {}).items():
-                        if (c.kind == "dir" or c.upper is not None or c.links or c.opens > 0 or c.lookups > 0
-                                or c.ino in inodes or id(c) in listed):
-                            if survey(c, parts + (name,) if c.kind == "dir" else parts):
+                        if c.kind == "dir":
+                            if survey(c, parts + (name,)):
+                                below = True
+                        elif c.upper is not None or c.links or c in known or c.opens > 0 or c.lookups > 0:
+                            if survey(c, parts):
                                 below = True
                 if below:
                     wanted.append(parts)
                     kept = True
             if kept:
-                keep.add(id(n))
+                keep.add(n)
             return kept
         survey(self.root, ())
-        keep.add(id(self.root))
+        keep.add(self.root)
         repo = self.repo
 
         def load() -> dict[tuple, Tree | None]:
@@ -305,7 +322,7 @@ class CommitState:
             n.lazy = {}
             tree = trees.get(parts)
             for name, c in kids.items():
-                if id(c) not in keep:  # unknown to the kernel: made again from the new tree
+                if c not in keep:  # unknown to the kernel: made again from the new tree
                     if c.fd is not None:
                         self._close_fd(c)
                     continue
