@@ -144,6 +144,7 @@ class DiskChunkCache:
         self.stats = CacheStats()
         self._root = self.path / LAYOUT
         self._tmp = self._root / "tmp"
+        self._root_s, self._tmp_s = str(self._root), str(self._tmp)
         self._lock = threading.Lock()
         self._evicting = threading.Lock()
         self._size: int | None = None  # estimate; None until the first scan
@@ -167,8 +168,12 @@ class DiskChunkCache:
         return f"DiskChunkCache({str(self.path)!r}, max_bytes={self.max_bytes})"
 
     def _file(self, oid: bytes) -> Path:
+        return Path(self._name(oid))
+
+    def _name(self, oid: bytes) -> str:
+        """The chunk's file, as a string (pathlib costs ~30 µs a call on the read path)."""
         name = oid.hex()
-        return self._root / name[:2] / name
+        return f"{self._root_s}/{name[:2]}/{name}"
 
     # --- write-behind --------------------------------------------------------
     def write_behind(self, max_pending: int = WRITE_BEHIND_BYTES) -> None:
@@ -239,7 +244,7 @@ class DiskChunkCache:
             if data is not None:  # verified when fetched, not written yet
                 self.stats.hits += 1
                 return data
-        path = self._file(oid)
+        path = self._name(oid)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -274,7 +279,7 @@ class DiskChunkCache:
 
     def __contains__(self, oid: bytes) -> bool:
         pending = self._pending
-        return (pending is not None and oid in pending) or self._file(oid).exists()
+        return (pending is not None and oid in pending) or os.path.exists(self._name(oid))
 
     # --- writing -------------------------------------------------------------
     def put(self, oid: bytes, data: bytes) -> None:
@@ -285,8 +290,8 @@ class DiskChunkCache:
         self._put_now(oid, data)
 
     def _put_now(self, oid: bytes, data: bytes) -> None:
-        path = self._file(oid)
-        if path.exists():
+        path = self._name(oid)
+        if os.path.exists(path):
             return
         if self._size is None:
             self._rescan_size()
@@ -313,8 +318,8 @@ class DiskChunkCache:
         if self._size > self.max_bytes:
             self.evict()
 
-    def _write(self, path: Path, data: bytes) -> None:
-        tmp = self._tmp / f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
+    def _write(self, path: str, data: bytes) -> None:
+        tmp = f"{self._tmp_s}/{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         except FileNotFoundError:  # the cache directory was removed under us
@@ -330,7 +335,7 @@ class DiskChunkCache:
             try:
                 os.rename(tmp, path)
             except FileNotFoundError:
-                path.parent.mkdir(exist_ok=True)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
                 os.rename(tmp, path)
         except BaseException:
             self._unlink(tmp)
