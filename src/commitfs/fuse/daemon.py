@@ -91,6 +91,7 @@ def _open(config: DaemonConfig):
         cache = repo.chunk_cache
         if isinstance(cache, DiskChunkCache):
             log.info("chunk cache %s, capped at %d bytes", cache.path, cache.max_bytes)
+            cache.write_behind()  # a read does not wait for its chunks' files (cache/disk.py)
         elif repo.is_local:
             log.info("repository %s is local: read in place, no chunk cache", repo.url)
         else:
@@ -160,11 +161,14 @@ def serve(config: DaemonConfig, report: Report) -> int:
             log.info("READs by inode (fast path): %d", fastpath.reads_by_inode())
         cache = repo.chunk_cache
         if isinstance(cache, DiskChunkCache):
+            cache.close()  # the chunks still pending are written
             st = cache.stats
             log.info("chunk cache: hits=%d misses=%d puts=%d corrupt=%d evictions=%d evicted_files=%d",
                      st.hits, st.misses, st.puts, st.corrupt, st.evictions, st.evicted_files)
         return 0
     finally:
+        if isinstance(repo.chunk_cache, DiskChunkCache):
+            repo.chunk_cache.close()
         repo.close()
 
 

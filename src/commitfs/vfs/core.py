@@ -836,6 +836,9 @@ class FileSystem:
             if fetching is not None:  # its chunks are on the way: wait, bounded
                 with trio.move_on_after(self.options.io_timeout_s):
                     await fetching.wait()
+        cached = self.loader.manifest_cached(node.entry.id)  # (most reads: spares listing neighbours)
+        if cached is not None:
+            return cached
         return await self.loader.manifest(node.entry.id, self._neighbours(tree, pos, node))
 
     def _place(self, node: FileNode) -> tuple[Tree | None, int, int]:
