@@ -56,10 +56,14 @@ _MERGE_FANIN = 8
 # entries (a small commit's, read back at once by the same process); a commit's
 # checkpoint segment of 100k blobs would fill it (~300 B an answer) for nothing.
 _ANSWERED_SEGMENT = 4096
-# Bytes of each id a large segment keeps in memory for writers' dedup questions
-# (Segment.contains): a prefix this long names one blob among billions, and a
-# match is confirmed by a lookup, so 8 B a blob instead of 32.
+# Bytes of each id a large segment of a local store keeps in memory for writers'
+# dedup questions (Segment.contains): a prefix this long names one blob among
+# billions, and a match is confirmed by a lookup (two preads of the page
+# cache), so 8 B a blob instead of 32.  Over a remote store a confirmation is
+# two ranged GETs one after another, for every chunk of data already stored,
+# so there the whole ids are kept and a match needs no confirmation.
 _ID_PREFIX = 8
+_ID_REST = 32 - _ID_PREFIX
 
 
 def _fanout_bits(n: int) -> int:
@@ -224,9 +228,11 @@ class Segment:
         #: (data, packs, fan-out offset, entries offset, bits) of a segment held in
         #: memory, published in one assignment once loaded (see lookup_loaded).
         self.loaded: tuple | None = None
-        #: A segment too large to hold whole: the first _ID_PREFIX bytes of its
-        #: ids, sorted, once a writer asked (``contains``); 8 bytes a blob.
+        #: A segment too large to hold whole: its ids, sorted, once a writer asked
+        #: (``contains``): their first _ID_PREFIX bytes as integers (8 bytes a blob),
+        #: and over a remote store the rest of each id too (24 more: ``_id_rests``).
         self._ids: array | None = None
+        self._id_rests: bytes | None = None
         self.bits = 0
         self.count = 0
         #: Why this segment cannot be read (checksum, magic), once found: it is
@@ -349,11 +355,15 @@ class Segment:
         A segment held in memory answers from memory.  A large one would cost
         two ranged reads per question (``lookup``), one after another on the
         committing thread: a commit of N new chunks to S3 would wait for 2N
-        round trips per large segment.  So its ids are read once, in one ranged
-        read of its entries, and kept as one sorted table of id prefixes (8
-        bytes a blob, against the 52 of an entry), searched in memory from
-        then on; only a prefix that matches costs the lookup that confirms it
-        (a blob already stored)."""
+        round trips per large segment.  So its ids are read once (ranged reads
+        of a block of entries each), and kept as one sorted table searched in
+        memory (by bisection, in C) from then on.  Over a local store the table holds id prefixes (8 bytes
+        a blob, against the 52 of an entry) and a prefix that matches costs the
+        lookup that confirms it (a blob already stored: two preads).  Over a
+        remote store that lookup would be two ranged GETs one after another
+        for every chunk of data the repository already holds (a re-commit, a
+        push), so the table holds whole ids (32 bytes a blob) and a match is
+        the answer."""
         if self._packs is None:
             self.load_header()
         if self.loaded is not None:
@@ -362,20 +372,28 @@ class Segment:
         if ids is None:
             with self._lock:
                 if self._ids is None:
-                    self._ids = self._prefix_table()
+                    whole = self.store.local_path(self.key) is None
+                    self._ids, self._id_rests = self._prefix_table(whole)
                 ids = self._ids
+        rests = self._id_rests
         want = int.from_bytes(oid[:_ID_PREFIX], "big")
         i = bisect.bisect_left(ids, want)  # in C: a million-file commit asks millions of times
-        if i < len(ids) and ids[i] == want:
-            return self.lookup(oid) is not None  # the prefix of one: is it this blob?
+        while i < len(ids) and ids[i] == want:
+            if rests is None:
+                return self.lookup(oid) is not None  # the prefix of one: is it this blob?
+            if rests[i * _ID_REST:(i + 1) * _ID_REST] == oid[_ID_PREFIX:]:
+                return True  # the whole id: no lookup to confirm it
+            i += 1
         return False
 
-    def _prefix_table(self) -> array:
+    def _prefix_table(self, whole: bool) -> tuple[array, bytes | None]:
         """The first _ID_PREFIX bytes of every entry's id, as big-endian unsigned
-        integers (sorted as the ids are, searched by bisect in C), read a block of
-        _MERGE_BLOCK entries at a time: the whole entry table of an 800k-entry
-        segment is 42 MB, and a bytes object per prefix 33 MB more."""
+        integers (sorted as the ids are, searched by bisect in C), and if
+        ``whole`` the rest of each id (_ID_REST bytes each, in the same order);
+        read a block of _MERGE_BLOCK entries at a time: the whole entry table of
+        an 800k-entry segment is 42 MB, and a bytes object per prefix 33 MB more."""
         table = array("Q")
+        rests = []
         base, size = self._entries_at(), ENTRY.size
         for start in range(0, self.count, _MERGE_BLOCK):
             n = min(_MERGE_BLOCK, self.count - start)
@@ -383,9 +401,11 @@ class Segment:
             if len(raw) != n * size:
                 raise CorruptObjectError(f"index segment {self.key} is truncated")
             table.frombytes(b"".join([raw[i:i + _ID_PREFIX] for i in range(0, len(raw), size)]))
+            if whole:
+                rests.append(b"".join([raw[i + _ID_PREFIX:i + ID_SIZE] for i in range(0, len(raw), size)]))
         if sys.byteorder == "little":
             table.byteswap()
-        return table
+        return table, (b"".join(rests) if whole else None)
 
     def _location(self, rec) -> Location:
         _, packno, off, stored, raw, kind, comp = rec
