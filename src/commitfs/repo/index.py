@@ -26,7 +26,6 @@ import itertools
 import math
 import struct
 import sys
-import tempfile
 import threading
 from array import array
 from collections import defaultdict
@@ -615,6 +614,8 @@ class Index:
             return False
         # The output goes to a temporary file and is stored from it (Store.save_object_from):
         # a merge's memory does not grow with the segments merged.
+        import tempfile  # (here: it imports random, which a mount's start-up does not need)
+
         with tempfile.TemporaryFile(prefix="commitfs-merge-") as f:
             try:
                 size, digest = merge_segments(list(group), f)
