@@ -32,36 +32,79 @@ _PENDING_SEARCH = 100_000
 
 
 # --- the snapshot of an overlay ----------------------------------------------------------
-def _draft(node: WNode, data_path: Callable[[str], str]) -> Draft | None:
+def _draft(node: WNode, data_path: Callable[[str], str],
+           tree_cached: Callable[[bytes], object] | None = None) -> Draft | None:
     """The edited tree as the change engine sees it (taken under the lock): a Draft per
     materialized directory, the origin TreeEntry of everything untouched (never opened),
     a NewFile per new file, an EditedFile per committed file written in place; None
-    for a lazy (untouched) root."""
+    for a lazy (untouched) root.
+
+    A directory whose origin tree ``tree_cached`` still holds (decoded, plain) is a
+    Draft over it holding only the names whose entry differs (a None for a name gone),
+    so the change engine's work follows the edits, not the directory's size; a
+    directory edited back to its origin is its origin's entry.  Without it, the Draft
+    lists every entry."""
     if node.children is None:
         return None
+    base = None
+    if tree_cached is not None and node.origin is not None and node.origin.kind is Kind.DIR:
+        t = tree_cached(node.origin.id)
+        if isinstance(t, Tree):
+            base = t
+    base_get = base.get if base is not None else None
+    exec_kind = Kind.EXEC
     out: dict = {}
     for name, c in node.children.items():
+        o = c.origin
+        if (base_get is not None and o is not None and c.upper is None and c.children is None
+                and base_get(name) is o):
+            # The common case, first and cheap: the base's own entry, untouched (a file
+            # keeping its executable bit, a lazy directory, a symlink).
+            k = c.kind
+            if k == "file":
+                if (o.kind is exec_kind) == bool(c.mode & 0o100):
+                    continue
+            elif k != SPECIAL:
+                continue
         if c.kind == SPECIAL:
             log.warning("workspace: commit skips the special file %s (FIFO, socket or device: "
                         "a commit holds files, directories and symlinks)", c.path())
+            if base_get is not None and base_get(name) is not None:
+                out[name] = None  # it replaced a base entry: that one is gone
             continue
         if c.kind == "dir":
-            out[name] = _draft(c, data_path) if c.children is not None else c.origin
+            if c.children is None:
+                side = c.origin
+            else:
+                side = _draft(c, data_path, tree_cached)
+                if isinstance(side, Draft) and side.base is not None and not side.entries:
+                    side = c.origin  # materialized, nothing differs: its origin as it is
         elif c.kind == "symlink":
-            out[name] = symlink_entry(name, c.target)
+            side = symlink_entry(name, c.target)
         elif c.upper is not None and c.cow is not None:
-            out[name] = EditedFile(source=data_path(c.upper), executable=bool(c.mode & 0o100), size=c.size,
-                                   base=c.cow.base, base_until=c.cow.until, ranges=tuple(c.cow.ranges()))
+            side = EditedFile(source=data_path(c.upper), executable=bool(c.mode & 0o100), size=c.size,
+                              base=c.cow.base, base_until=c.cow.until, ranges=tuple(c.cow.ranges()))
         elif c.upper is not None:
-            out[name] = NewFile(source=data_path(c.upper), executable=bool(c.mode & 0o100), size=c.size)
+            side = NewFile(source=data_path(c.upper), executable=bool(c.mode & 0o100), size=c.size)
         else:
             # Unchanged bytes: the origin entry itself when the executable bit
             # is unchanged too (the common case; no new object per file).
             o = c.origin
             kind = Kind.EXEC if c.mode & 0o100 else Kind.FILE
-            out[name] = o if o.kind is kind else TreeEntry(name, kind, o.size, o.id)
-    return Draft(out)
-
+            side = o if o.kind is kind else TreeEntry(name, kind, o.size, o.id)
+        if base_get is not None and isinstance(side, TreeEntry):
+            b = base_get(name)
+            if b is side or (b is not None and b.kind is side.kind and b.id == side.id
+                             and b.target == side.target):
+                continue  # the base's own entry
+        out[name] = side
+    if base is None:
+        return Draft(out)
+    children = node.children
+    for e in base.entries:
+        if e.name not in children:
+            out[e.name] = None
+    return Draft(out, node.origin.id)
 
 
 def root_row(repo: Repository, cid: bytes) -> Row:
@@ -91,7 +134,7 @@ class CommitState:
         if self.root.children is None:
             o = self.root.origin
             return o if o is not None and o.id != self.base_tree else None
-        return _draft(self.root, self.overlay.data_path)
+        return _draft(self.root, self.overlay.data_path, self.loader.tree_cached)
 
     def set_pending(self, commit_id: bytes | None) -> None:
         """Record the commit about to be compare-and-swapped (crash safety, vfs/overlay.py)."""
@@ -185,18 +228,48 @@ class CommitState:
         in progress, ``merge``), keeping the node objects the kernel knows."""
         commit: Commit = await self.loader.io("commit", self.repo.load_commit, cid)
         shown = tree or commit.tree
-        # The trees along every in-memory directory with nodes below it, loaded in a thread.
-        wanted: list[list[str]] = []
+        # One pass over the in-memory tree.  Only nodes the kernel knows (it holds a
+        # lookup or an open file), and the directories above them, stay: every other
+        # node (most of a materialized directory's) is made again from the new tree
+        # when looked up, so the rebase costs what the kernel holds, not what was
+        # materialized.  The trees along the directories that stay are loaded in a thread.
+        inodes = self._inodes
+        # A listing an open directory handle still hands out names its nodes: they stay too.
+        # Nodes the kernel knows: those it holds (the inode table) and those an open
+        # directory handle's listing still hands out.
+        known = set(inodes.values())
+        known.update(item for h in self._dirs.values() for _, item in h.items if isinstance(item, WNode))
+        keep: set[WNode] = set()  # the nodes that stay
+        wanted: list[tuple] = []
+        old_data: list[WNode] = []
+        linked: list[WNode] = []
 
-        def collect(n: WNode, parts: list[str]) -> None:
-            kids = dict(n.lazy)
-            kids.update(n.children or {})
-            if kids:
-                wanted.append(parts)
-            for name, c in kids.items():
-                if c.is_dir:
-                    collect(c, parts + [name])
-        collect(self.root, [])
+        def survey(n: WNode, parts: tuple) -> bool:
+            if n.upper is not None:
+                old_data.append(n)
+                if n.opens > 0 and n.fd is None:  # keep its bytes for whoever has it open
+                    n.fd = self.overlay.open_data(n.upper)
+            if n.links:
+                linked.append(n)
+            kept = n.lookups > 0 or n.opens > 0 or n in known
+            if n.kind == "dir":
+                below = False
+                for kids in (n.lazy, n.children):
+                    for name, c in (kids or {}).items():
+                        if c.kind == "dir":
+                            if survey(c, parts + (name,)):
+                                below = True
+                        elif c.upper is not None or c.links or c in known or c.opens > 0 or c.lookups > 0:
+                            if survey(c, parts):
+                                below = True
+                if below:
+                    wanted.append(parts)
+                    kept = True
+            if kept:
+                keep.add(n)
+            return kept
+        survey(self.root, ())
+        keep.add(self.root)
         repo = self.repo
 
         def load() -> dict[tuple, Tree | None]:
@@ -219,18 +292,8 @@ class CommitState:
         trees = await trio.to_thread.run_sync(load)
         root_row = Row(ROOT_ID, None, "", "dir", TreeEntry("", Kind.DIR, 0, shown), False, None,
                        self.root.mode, 0, None)
-        old_data = []
-
-        def gather(n: WNode):
-            if n.upper is not None:
-                old_data.append(n)
-                if n.opens > 0 and n.fd is None:  # keep its bytes for whoever has it open
-                    n.fd = self.overlay.open_data(n.upper)
-            for c in (n.children or {}).values():
-                gather(c)
-        gather(self.root)
         self.overlay.clear(cid, root_row, merge)  # the one atomic step
-        invalidate: list[int] = self._unlink_extra_names(self.root)  # hard links: names apart now
+        invalidate: list[int] = self._unlink_extra_names(linked)  # hard links: names apart now
         self.base = cid
         self.base_tree = commit.tree
         self.base_time_ns = commit.time * 1_000_000_000
@@ -259,6 +322,10 @@ class CommitState:
             n.lazy = {}
             tree = trees.get(parts)
             for name, c in kids.items():
+                if c not in keep:  # unknown to the kernel: made again from the new tree
+                    if c.fd is not None:
+                        self._close_fd(c)
+                    continue
                 ce = tree.get(name) if tree is not None else None
                 if ce is None or _kind_of(ce) != c.kind:
                     invalidate.extend(self._inos_below(c))
