@@ -27,6 +27,7 @@ from commitfs.repo.pack import pack_key
 from commitfs.repo.repository import Repository
 from commitfs.vfs import ROOT_INODE, XATTR_COMMIT, XATTR_ID, XATTR_REPO
 from commitfs.vfs.errors import NoSuchAttributeError, ReadOnlyError
+from commitfs.vfs.inode import ChildBlock, InodeTable, RootDir
 
 
 async def lookup_path_ino(fs, path: str) -> int:
@@ -105,6 +106,59 @@ def test_inode_numbers_are_stable_and_the_table_shrinks(dataset):
                 # A new lookup gives a new number: the old ones are never reused.
                 assert (await fs.lookup(ROOT_INODE, b"fixed")).ino > max(a.ino for a in listed.values())
     trio.run(main)
+
+
+def test_the_blocks_of_inode_numbers_stay_right_through_a_forget_storm():
+    """The blocks of numbers of commit directories' files (vfs/inode.py), driven
+    against a model: many blocks reserved, their entries counted and forgotten in
+    random order, new ones reserved meanwhile (a forget storm after ``ls -R``
+    while another listing runs).  Every number the kernel holds is located in
+    its block at its position, every other one is unknown, the table's length
+    is what the kernel holds, and a dropped block's slots do not pile up."""
+    rng = random.Random(7)
+    table = InodeTable(RootDir(1.0, 1.0))
+    held: dict[int, tuple[ChildBlock, int, int]] = {}  # ino -> (block, pos, count)
+    gone: list[int] = []
+    dirs = []
+
+    def reserve(k: int) -> None:
+        for _ in range(k):
+            d = table.ensure(table.root, f"d{len(dirs)}", ("d",), lambda: RootDir(1.0, 1.0))
+            table.remember(d)
+            dirs.append(d)
+            count = rng.randint(0, 600)
+            b = table.block(d, count)
+            for pos in rng.sample(range(count), min(count, rng.randint(1, 3))):
+                n = rng.randint(1, 3)
+                b.remember(pos, 1, pos * 10, n)
+                held[b.base + pos] = (b, pos, n)
+            table.discard_block(b)  # (a block none of whose numbers were handed out)
+
+    def check() -> None:
+        assert len(table) == 1 + len(dirs) + len(held)
+        for ino, (b, pos, _) in rng.sample(sorted(held.items()), min(200, len(held))):
+            assert table.locate(ino) == (b, pos) and ino in table and b.size(pos) == pos * 10
+        for ino in rng.sample(gone, min(200, len(gone))):
+            assert table.locate(ino) is None and ino not in table
+        live = len({id(b) for b, _, _ in held.values()})
+        assert len(table._block_list) <= 2 * live + 17
+
+    reserve(3000)
+    check()
+    while held:
+        for ino in rng.sample(sorted(held), min(len(held), rng.randint(1, 400))):
+            b, pos, n = held[ino]
+            m = rng.randint(1, n)
+            table.forget(ino, m)
+            if m == n:
+                del held[ino]
+                gone.append(ino)
+            else:
+                held[ino] = (b, pos, n - m)
+        if rng.random() < 0.3 and len(dirs) < 4000:
+            reserve(rng.randint(1, 50))
+        check()
+    assert not table._blocks and not table._block_list and len(table) == 1 + len(dirs)
 
 
 def test_readdir_counts_only_accepted_entries(dataset):
