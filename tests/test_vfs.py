@@ -26,6 +26,7 @@ from commitfs.ops.snapshot import commit_directory
 from commitfs.repo.pack import pack_key
 from commitfs.repo.repository import Repository
 from commitfs.vfs import ROOT_INODE, XATTR_COMMIT, XATTR_ID, XATTR_REPO
+from commitfs.vfs import core as vfs_core
 from commitfs.vfs.errors import NoSuchAttributeError, ReadOnlyError
 from commitfs.vfs.inode import ChildBlock, InodeTable, RootDir
 
@@ -653,6 +654,49 @@ def test_a_small_files_read_state_is_dropped_once_all_its_bytes_are_returned(tmp
                 for off in (150_000, 150_001, 1 << 20):
                     assert bytes(await fs.read_inode(b, off, 4096)) == b""
                 assert b not in fs._by_inode and fs.loader.inline + fs.loader.in_threads == loads
+    trio.run(main)
+
+
+def test_two_first_reads_of_a_file_at_once_share_one_read_state(tmp_path, cache_home, monkeypatch):
+    """Two READs of a file nobody has read yet, arriving together while its
+    entry is still being read from its directory's tree (FileSystem._full
+    awaits), make one read state between them: a second would be dropped from
+    the table unclosed, its read-ahead fetching on for nobody."""
+    rng = random.Random(8)
+    files = {"a.bin": rng.randbytes(3 << 20)}
+    url, commit = _files_repo(tmp_path, files)
+    made = []
+
+    class Counted(vfs_core._FileHandle):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+    monkeypatch.setattr(vfs_core, "_FileHandle", Counted)
+
+    async def main():
+        with Repository.open(url) as repo:
+            async with fs_of(repo, commit) as fs:
+                ino = await lookup_path_ino(fs, "a.bin")
+                full, both_in = fs._full, trio.Event()
+                waiting = []
+
+                async def slow_full(node):  # (the two reads' first calls wait for each other)
+                    if not both_in.is_set():
+                        waiting.append(node)
+                        if len(waiting) == 2:
+                            both_in.set()
+                        await both_in.wait()
+                    return await full(node)
+                fs._full = slow_full
+                got = {}
+
+                async def read(off):
+                    got[off] = bytes(await fs.read_inode(ino, off, 65536))
+                async with trio.open_nursery() as n:
+                    n.start_soon(read, 0)
+                    n.start_soon(read, 65536)
+                assert got == {0: files["a.bin"][:65536], 65536: files["a.bin"][65536:131072]}
+                assert len(waiting) == 2 and len(made) == 1 and fs._by_inode[ino] is made[0]
     trio.run(main)
 
 

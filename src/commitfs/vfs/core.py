@@ -950,6 +950,11 @@ class FileSystem:
                     raise IsADirectoryError_(f"inode {inode} is a directory")
                 raise PathNotFoundError(f"inode {inode} is not a regular file")
             node = await self._full(node)
+            # A concurrent read of the file may have made its state while the entry
+            # loaded: share it (a second one would never be closed, its read-ahead
+            # fetching on).
+            h = self._by_inode.get(inode)
+        if h is None:
             if self.readlog is not None:
                 self._record_read(node)
             fsize = node.entry.size
