@@ -38,13 +38,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from itertools import islice
 import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from itertools import islice
 
 import trio
 
@@ -852,8 +852,6 @@ class FileSystem:
         """The tree of ``node``'s directory if held in memory (of a split
         directory: the leaf chunk holding it), ``node``'s position in that tree,
         and the position of the tree's first entry in the directory."""
-        if node.block is None:
-            return None, 0, 0
         base, tree = self._tree_at_now(node.block.dir.entry.id, node.pos)  # of a split tree: its leaf
         return (tree, node.pos - base, base) if tree is not None else (None, 0, 0)
 

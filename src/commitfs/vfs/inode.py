@@ -257,8 +257,7 @@ class _BlockEntry(ViewNode):
 
     __slots__ = ("block", "pos", "partial")
 
-    def __init__(self, view: View, entry: TreeEntry, block: ChildBlock | None = None, pos: int = 0,
-                 partial: bool = False):
+    def __init__(self, view: View, entry: TreeEntry, block: ChildBlock, pos: int, partial: bool = False):
         super().__init__(view, entry)
         self.block = block
         self.pos = pos
