@@ -508,3 +508,94 @@ def test_an_open_overlay_is_locked_against_a_second_opener(repo_and_base, tmp_pa
     fs.overlay.close()
     ov = Overlay.open(ws, repo.url, "main")
     ov.close()
+
+
+def _version_3_layout(repo, ws) -> None:
+    """A workspace as a version-3 commitfs leaves it: the database overlay.db, no placeholder."""
+    import sqlite3
+
+    Overlay.open(ws, repo.url, "main").close()
+    (ws / "overlay.db").unlink()
+    (ws / "overlay.sqlite").rename(ws / "overlay.db")
+    db = sqlite3.connect(str(ws / "overlay.db"))
+    db.execute("UPDATE meta SET value = '3' WHERE key = 'version'")
+    db.execute("INSERT INTO meta VALUES ('marker', 'edits of version 3')")
+    db.commit()
+    db.close()
+
+
+def test_the_upgrade_always_leaves_an_overlay_db_and_never_overwrites_a_database(repo_and_base, tmp_path,
+                                                                                 monkeypatch):
+    """Moving a version-3 overlay (vfs/overlay.py, docs/FORMAT.md): killed after the
+    database got its new name, overlay.db is still that same database (so an older
+    commitfs does not start an empty one), and what an older commitfs wrote through
+    it then is kept by the next open; a database overlay.db beside a different
+    overlay.sqlite is a one-line error, both left as they are."""
+    import sqlite3
+
+    import commitfs.vfs.overlay as overlay_mod
+    from commitfs.errors import CommitfsError
+    from commitfs.vfs.overlay import PLACEHOLDER
+
+    repo, _ = repo_and_base
+    ws = tmp_path / "ws"
+    _version_3_layout(repo, ws)
+
+    def crash(path):
+        raise Crash()
+    monkeypatch.setattr(overlay_mod, "_fsync_dir", crash)  # killed right after the database's new name
+    with pytest.raises(Crash):
+        Overlay.open(ws, repo.url, "main")
+    monkeypatch.undo()
+    assert os.path.samefile(ws / "overlay.db", ws / "overlay.sqlite")
+    old = sqlite3.connect(str(ws / "overlay.db"))  # an older commitfs, in the window
+    old.execute("PRAGMA journal_mode=WAL")
+    old.execute("INSERT INTO meta VALUES ('older', 'written through overlay.db')")
+    old.commit()
+    old.close()
+    ov = Overlay.open(ws, repo.url, "main")
+    assert ov.get_meta("marker") == "edits of version 3" and ov.get_meta("older") == "written through overlay.db"
+    assert ov.get_meta("version") == "4"
+    ov.close()
+    assert (ws / "overlay.db").read_bytes() == PLACEHOLDER
+
+    # An older commitfs made a fresh overlay.db beside the moved database: an error, nothing overwritten.
+    (ws / "overlay.db").unlink()
+    other = sqlite3.connect(str(ws / "overlay.db"))
+    other.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+    other.commit()
+    other.close()
+    before = {name: (ws / name).read_bytes() for name in ("overlay.db", "overlay.sqlite")}
+    with pytest.raises(CommitfsError, match="two different overlay databases") as info:
+        Overlay.open(ws, repo.url, "main")
+    assert "\n" not in str(info.value)
+    assert {name: (ws / name).read_bytes() for name in before} == before
+
+
+@pytest.mark.parametrize("placeholder", [True, False])
+def test_a_newer_overlay_is_refused_with_nothing_changed(repo_and_base, tmp_path, placeholder):
+    """An overlay of a format this commitfs does not know (a made-up format 5: its own
+    placeholder, a table this one would ALTER) is refused with the version message
+    before anything is written: no journal mode, schema, columns, data/, reserve or
+    placeholder of this commitfs (docs/FORMAT.md)."""
+    import sqlite3
+
+    from commitfs.vfs.overlay import WorkspaceMismatchError
+
+    repo, _ = repo_and_base
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    if placeholder:
+        (ws / "overlay.db").write_bytes(b"commitfs workspace overlay, format 5: see overlay.sqlite\n")
+    db = sqlite3.connect(str(ws / "overlay.sqlite"))
+    db.executescript("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT); "
+                     "CREATE TABLE nodes (id INTEGER PRIMARY KEY, v5col TEXT);")
+    db.executemany("INSERT INTO meta VALUES (?, ?)", [("version", "5"), ("repo", repo.url), ("branch", "main")])
+    db.commit()
+    db.close()
+    before = {p.name: p.read_bytes() for p in ws.iterdir()}
+    with pytest.raises(WorkspaceMismatchError, match=r"overlay format '5'.*newer commitfs") as info:
+        Overlay.open(ws, repo.url, "main")
+    assert "\n" not in str(info.value)
+    after = {p.name: p.read_bytes() for p in ws.iterdir() if p.name != "lock"}
+    assert after == before

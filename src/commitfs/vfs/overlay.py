@@ -78,9 +78,12 @@ data files as whole files, so version 4 moved the database: it is
 ``overlay.sqlite``, and ``overlay.db``, the name every older commitfs opens,
 is a placeholder that is not a database, which they refuse ("file is not a
 database").  A version 1-3 overlay is moved to this layout when opened (its
-WAL folded into the database, the database renamed, then the placeholder
-written: each step atomic, redone by the next open after a crash); an
-overlay of a version this code does not know is refused.
+WAL folded into the database, the database hard-linked as ``overlay.sqlite``,
+the directory fsync'd, then the placeholder renamed over ``overlay.db``: so
+``overlay.db`` always exists, and until the placeholder it is the same
+database; each step is redone by the next open after a crash, see
+``_adopt_legacy``).  An overlay of a version this code does not know is
+refused, its version read (read-only) before anything is written.
 
 Committing.  Before moving the branch, the workspace records the new commit
 id as ``pending`` (durably); after the branch moved, ``clear`` deletes every
@@ -98,6 +101,7 @@ import fcntl
 import os
 import sqlite3
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -284,36 +288,87 @@ def _lock(path: Path) -> int:
     return fd
 
 
+def _sqlite_uri(file: Path, mode: str) -> str:
+    return f"file:{urllib.parse.quote(str(file))}?mode={mode}"
+
+
+def _read_version(file: Path) -> str | None:
+    """``meta.version`` of an overlay database, read-only, leaving nothing behind (the
+    ``-wal``/``-shm`` a read-only connection makes are removed); None: no database,
+    no meta or no version in it."""
+    if not file.exists():
+        return None
+    extra = [Path(f"{file}{suffix}") for suffix in ("-wal", "-shm")]
+    had = [p.exists() for p in extra]
+    conn = sqlite3.connect(_sqlite_uri(file, "ro"), uri=True)
+    try:
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone():
+            return None
+        row = conn.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
+        return row[0] if row else None
+    finally:
+        conn.close()
+        for p, existed in zip(extra, had):
+            if not existed:  # made by this read (the caller holds the lock: no one else has it open)
+                try:
+                    p.unlink()
+                except FileNotFoundError:
+                    pass
+
+
+def _check_version(path: Path, version: str | None) -> None:
+    """Refuse an overlay of a version this commitfs does not know (before anything is written)."""
+    if version is not None and version not in _KNOWN_VERSIONS:
+        raise WorkspaceMismatchError(
+            f"workspace {path} has overlay format {version!r}; this commitfs reads "
+            f"{', '.join(_KNOWN_VERSIONS)} (a newer commitfs wrote it)")
+
+
 def _adopt_legacy(path: Path) -> None:
     """The layout of version 4 (see SCHEMA_VERSION), made in place from an older one.
 
     A version 1-3 database (``overlay.db``) has its WAL folded in (journal mode
-    DELETE) and is renamed to DB_NAME; then the placeholder takes its name.  Each
-    step is atomic and the next open redoes what a crash left undone (a missing
-    placeholder; a database not yet renamed)."""
+    DELETE) and is hard-linked as DB_NAME (never over an existing one), the
+    directory fsync'd; then the placeholder replaces ``overlay.db`` (a temporary
+    file, fsync'd, renamed over it).  At every point ``overlay.db`` exists: before
+    the placeholder it is the same database as DB_NAME, which an older commitfs
+    still reads as its own, and the next open redoes every step (the WAL such a
+    commitfs left beside ``overlay.db`` is folded in again).  A database
+    ``overlay.db`` beside a *different* DB_NAME is an error, never overwritten.
+    Anything else that is not a database beside DB_NAME (a newer format's
+    placeholder) is left alone: the caller reads DB_NAME's version before it
+    writes anything."""
     db, legacy = path / DB_NAME, path / LEGACY_DB_NAME
     head = _head(legacy, len(PLACEHOLDER))
     if head == PLACEHOLDER:
         return
-    if not db.exists() and head and head.startswith(_SQLITE_MAGIC):
+    if head is not None and head.startswith(_SQLITE_MAGIC):
+        if db.exists() and not os.path.samefile(legacy, db):
+            raise CommitfsError(
+                f"cannot open the workspace {path}: {LEGACY_DB_NAME} and {DB_NAME} are two different overlay "
+                f"databases (an older commitfs opened it during an upgrade?): keep the one with the edits "
+                f"(format 4 and later: {DB_NAME}) and move the other away")
+        version = _read_version(legacy) or "1"
+        if version not in _LEGACY_VERSIONS:
+            raise WorkspaceMismatchError(
+                f"workspace {path} has overlay format {version!r} in {LEGACY_DB_NAME}; this commitfs reads "
+                f"{', '.join(_LEGACY_VERSIONS)} there (something else wrote it)")
         # mode=rw: a database that vanished is an error, never a new empty one.
-        conn = sqlite3.connect(f"file:{legacy}?mode=rw", uri=True, isolation_level=None)
+        conn = sqlite3.connect(_sqlite_uri(legacy, "rw"), uri=True, isolation_level=None)
         try:
-            has_meta = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
-            row = conn.execute("SELECT value FROM meta WHERE key = 'version'").fetchone() if has_meta else None
-            version = row[0] if row else "1"
-            if version not in _LEGACY_VERSIONS:
-                raise WorkspaceMismatchError(
-                    f"workspace {path} has overlay format {version!r} in {LEGACY_DB_NAME}; this commitfs reads "
-                    f"{', '.join(_LEGACY_VERSIONS)} there (something else wrote it)")
             conn.execute("PRAGMA journal_mode=DELETE")  # the WAL folded into the database, removed
         finally:
             conn.close()
-        os.link(legacy, db)  # never over an existing DB_NAME (EEXIST)
+        if not db.exists():
+            os.link(legacy, db)  # never over an existing DB_NAME (EEXIST)
         _fsync_dir(path)
-    elif head and not db.exists():
+    elif head is not None:
+        if db.exists():
+            return  # not ours (a newer format's placeholder): the caller reads DB_NAME's version
         raise CommitfsError(f"cannot open the workspace {path}: {LEGACY_DB_NAME} is neither an overlay "
                             f"database nor the placeholder of one")
+    else:
+        _check_version(path, _read_version(db))  # no placeholder yet: nothing written for a newer one
     tmp = path / (LEGACY_DB_NAME + ".tmp")
     with open(tmp, "wb") as f:
         f.write(PLACEHOLDER)
@@ -358,8 +413,11 @@ class Overlay:
     def _open_locked(cls, path: Path, lock_fd: int) -> Overlay:
         conn = None
         try:
-            (path / "data").mkdir(parents=True, exist_ok=True)
             _adopt_legacy(path)
+            # A newer overlay is refused before anything is written (journal mode,
+            # schema, columns, data/, the reserve).
+            _check_version(path, _read_version(path / DB_NAME))
+            (path / "data").mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(str(path / DB_NAME), isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -392,10 +450,7 @@ class Overlay:
                 f"workspace {path} belongs to branch {br!r} of {repo}, not {branch!r} of {repo_url}")
         else:
             version = ov.get_meta("version") or "1"
-            if version not in _KNOWN_VERSIONS:
-                raise WorkspaceMismatchError(
-                    f"workspace {path} has overlay format {version!r}; this commitfs reads "
-                    f"{', '.join(_KNOWN_VERSIONS)} (a newer commitfs wrote it)")
+            _check_version(path, version)
             if version != SCHEMA_VERSION:
                 ov.set_meta("version", SCHEMA_VERSION)  # the new tables were created above
 
