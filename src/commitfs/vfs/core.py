@@ -78,12 +78,12 @@ from commitfs.vfs.inode import (
     CommitsDir,
     DirNode,
     FileNode,
-    InodeTable,
     Node,
     RefDir,
     RootDir,
     SymlinkNode,
     TreeDir,
+    TreeInodeTable,
     View,
     ViewRoot,
     entry_identity,
@@ -285,7 +285,7 @@ class FileSystem:
         self._dirs: dict[int, _DirHandle] = {}
         self._next_fh = 1
         self._nursery: trio.Nursery | None = None
-        self.table: InodeTable | None = None
+        self.table: TreeInodeTable | None = None
         self._repo_url = repo.url.encode()
         self.readlog = ReadLog(options.record_reads) if options.record_reads else None
         self._dir_ahead: DirReadAhead | None = None
@@ -307,7 +307,7 @@ class FileSystem:
             else:
                 commit = await self.loader.commit(self.root_commit)
                 root = self._view_root(self.root_commit, commit, self._long, self.root_tree)
-            self.table = InodeTable(root)
+            self.table = TreeInodeTable(root)
             try:
                 yield self
             finally:

@@ -21,11 +21,11 @@ from commitfs.errors import InputError
 from commitfs.model.draft import Draft, EditedFile, NewFile
 from commitfs.model.objects import Commit, Kind, Tree, TreeEntry, symlink_entry
 from commitfs.repo.repository import Repository
+from commitfs.vfs.inode import NodeKind
 from commitfs.vfs.overlay import ROOT_ID, Overlay, Row
+from commitfs.vfs.wstree import WNode, _mode_of, _now
 
 log = logging.getLogger(__name__)
-
-from commitfs.vfs.wstree import SPECIAL, WNode, _kind_of, _mode_of, _now
 
 #: How far back from the branch head ``resolve_pending`` looks for an interrupted commit.
 _PENDING_SEARCH = 100_000
@@ -41,13 +41,13 @@ def _draft(node: WNode, data_path: Callable[[str], str]) -> Draft | None:
         return None
     out: dict = {}
     for name, c in node.children.items():
-        if c.kind == SPECIAL:
+        if c.kind is NodeKind.SPECIAL:
             log.warning("workspace: commit skips the special file %s (FIFO, socket or device: "
                         "a commit holds files, directories and symlinks)", c.path())
             continue
-        if c.kind == "dir":
+        if c.kind is NodeKind.DIR:
             out[name] = _draft(c, data_path) if c.children is not None else c.origin
-        elif c.kind == "symlink":
+        elif c.kind is NodeKind.SYMLINK:
             out[name] = symlink_entry(name, c.target)
         elif c.upper is not None and c.cow is not None:
             out[name] = EditedFile(source=data_path(c.upper), executable=bool(c.mode & 0o100), size=c.size,
@@ -67,7 +67,7 @@ def _draft(node: WNode, data_path: Callable[[str], str]) -> Draft | None:
 def root_row(repo: Repository, cid: bytes) -> Row:
     """The overlay row of a workspace root showing commit ``cid``."""
     tree = repo.load_commit(cid).tree
-    return Row(ROOT_ID, None, "", "dir", TreeEntry("", Kind.DIR, 0, tree), False, None, 0o755, 0, None)
+    return Row(ROOT_ID, None, "", NodeKind.DIR, TreeEntry("", Kind.DIR, 0, tree), False, None, 0o755, 0, None)
 
 
 class CommitState:
@@ -132,7 +132,7 @@ class CommitState:
                 if entry is None:
                     return []
                 await self._materialize(d)
-                c = self._new("dir", name, d)
+                c = self._new(NodeKind.DIR, name, d)
                 c.children, c.mode, c.mtime_ns = {}, 0o755, _now()
                 self._add_child(d, c)
             elif not c.is_dir:
@@ -159,7 +159,7 @@ class CommitState:
     async def _untouched(self, n: WNode, e: TreeEntry) -> bool:
         """Whether ``n`` shows exactly base entry ``e`` (a row made when its directory was
         materialized, for an edit next to it, is no change of its own)."""
-        if (n.origin != e or n.kind != _kind_of(e) or n.upper is not None or n.cow is not None or n.links
+        if (n.origin != e or n.kind is not NodeKind.of(e.kind) or n.upper is not None or n.cow is not None or n.links
                 or n.dirty or n.mode != _mode_of(e) or n.mtime_ns != self.base_time_ns
                 or (n.uid, n.gid, n.atime_ns, n.ctime_ns) != (None, None, None, None)):
             return False
@@ -217,7 +217,7 @@ class CommitState:
                 tree_at(tuple(parts))
             return out
         trees = await trio.to_thread.run_sync(load)
-        root_row = Row(ROOT_ID, None, "", "dir", TreeEntry("", Kind.DIR, 0, shown), False, None,
+        root_row = Row(ROOT_ID, None, "", NodeKind.DIR, TreeEntry("", Kind.DIR, 0, shown), False, None,
                        self.root.mode, 0, None)
         old_data = []
 
@@ -236,8 +236,8 @@ class CommitState:
         self.base_time_ns = commit.time * 1_000_000_000
 
         def rebase(n: WNode, e: TreeEntry, parts: tuple) -> None:
-            changed = n.upper is not None or n.origin is None or n.origin.id != e.id or n.kind != _kind_of(e)
-            if n.kind == "file" and changed:
+            changed = n.upper is not None or n.origin is None or n.origin.id != e.id or n.kind is not NodeKind.of(e.kind)
+            if n.kind is NodeKind.FILE and changed:
                 invalidate.append(n.ino)
             if n.upper is not None:
                 n.upper = None
@@ -260,7 +260,7 @@ class CommitState:
             tree = trees.get(parts)
             for name, c in kids.items():
                 ce = tree.get(name) if tree is not None else None
-                if ce is None or _kind_of(ce) != c.kind:
+                if ce is None or NodeKind.of(ce.kind) is not c.kind:
                     invalidate.extend(self._inos_below(c))
                     self._detach_all(c)
                 else:
