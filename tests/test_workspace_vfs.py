@@ -401,3 +401,55 @@ def test_crash_after_the_branch_moved_with_hard_links(repo_and_base, tmp_path, m
     e1, e2 = lookup_path(repo, head, "one.bin"), lookup_path(repo, head, "sub/two.bin")
     assert e1.id == e2.id and e1.size == len(b"linked bytes")
     fs.overlay.close()
+
+
+def test_a_rebase_resolves_split_directories_before_it_clears(tmp_path, cache_home, monkeypatch):
+    """A reset (or a commit's settle) re-bases every in-memory node onto the new tree: a
+    split directory's lookups (model/splittree.py: a leaf load each) run in a worker
+    thread before the overlay is cleared, so a storage error there leaves the edits and
+    the nodes as they were (it came after the clear, on the event loop: nodes
+    half-rebased onto a cleared overlay)."""
+    import threading
+
+    from commitfs.errors import StorageError
+    from commitfs.model import splittree
+    from wsharness import Session
+
+    for name, value in (("SPLIT_ENTRIES", 32), ("LEAF_MIN", 4), ("LEAF_BITS", 2), ("LEAF_MAX", 16),
+                        ("INDEX_MIN", 2), ("INDEX_BITS", 1), ("INDEX_MAX", 6)):
+        monkeypatch.setattr(splittree, name, value)
+    src = tmp_path / "src"
+    (src / "big").mkdir(parents=True)
+    for i in range(200):
+        (src / "big" / f"f{i:03}.txt").write_bytes(b"base %d\n" % i)
+    repo = Repository.init(str(tmp_path / "repo"))
+    commit_directory(repo, src, message="base")
+    assert isinstance(repo.load_tree(repo.load_tree(repo.load_commit(repo.refs.lookup_branch("main")).tree)
+                                     .get("big").id), splittree.SplitTree)
+    calls: list[bool] = []
+    real_get = splittree.SplitTree.get
+
+    def failing_get(self, name):
+        calls.append(threading.current_thread() is threading.main_thread())
+        raise StorageError("a leaf of the split directory cannot be read")
+
+    async def main():
+        async with Session(repo, tmp_path / "ws") as k:
+            await k.write_file("big/f007.txt", b"edited\n")
+            fh = await k.open("big/f150.txt")  # a lazy node below the split directory
+            ino = (await k.lstat("big/f007.txt")).st_ino
+            monkeypatch.setattr(splittree.SplitTree, "get", failing_get)
+            with pytest.raises(StorageError):
+                await k.fs.reset(None)
+            assert calls and not any(calls), "a split directory's get ran on the event loop"
+            monkeypatch.setattr(splittree.SplitTree, "get", real_get)
+            assert not k.fs.overlay.is_clean()
+            assert (await k.lstat("big/f007.txt")).st_ino == ino
+            assert await k.read_file("big/f007.txt") == b"edited\n"
+            assert await k.read_all(fh) == b"base 150\n"
+            await k.fs.reset(None)  # the storage is back: the reset goes through
+            assert k.fs.overlay.is_clean() and await k.read_file("big/f007.txt") == b"base 7\n"
+            assert (await k.lstat("big/f007.txt")).st_ino == ino
+            await k.close(fh)
+    trio.run(main)
+    repo.close()

@@ -11,11 +11,8 @@ settles a commit the daemon was killed in (see vfs/overlay.py).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-
-import trio
 
 from commitfs.errors import InputError
 from commitfs.model.draft import Draft, EditedFile, NewFile
@@ -185,38 +182,51 @@ class CommitState:
         in progress, ``merge``), keeping the node objects the kernel knows."""
         commit: Commit = await self.loader.io("commit", self.repo.load_commit, cid)
         shown = tree or commit.tree
-        # The trees along every in-memory directory with nodes below it, loaded in a thread.
-        wanted: list[list[str]] = []
-
-        def collect(n: WNode, parts: list[str]) -> None:
-            kids = dict(n.lazy)
-            kids.update(n.children or {})
-            if kids:
-                wanted.append(parts)
-            for name, c in kids.items():
-                if c.is_dir:
-                    collect(c, parts + [name])
-        collect(self.root, [])
+        # The entries of the new tree at every in-memory node, resolved in a worker thread
+        # before anything changes: a split directory's ``get`` may load a leaf, which may
+        # fail (the overlay and the nodes are then left as they were) or be slow.  Nodes a
+        # lookup made meanwhile are resolved in one more round, so none is missed.
+        entries: dict[tuple, dict[str, TreeEntry | None]] = {}
         repo = self.repo
 
-        def load() -> dict[tuple, Tree | None]:
-            out: dict[tuple, Tree | None] = {}
+        def missing() -> list[tuple[tuple, list[str]]]:
+            out = []
+
+            def collect(n: WNode, parts: tuple) -> None:
+                kids = dict(n.lazy)
+                kids.update(n.children or {})
+                known = entries.get(parts, {})
+                names = [name for name in kids if name not in known]
+                if names:
+                    out.append((parts, names))
+                for name, c in kids.items():
+                    if c.is_dir:
+                        collect(c, parts + (name,))
+            collect(self.root, ())
+            return out
+
+        def load(wanted: list[tuple[tuple, list[str]]]) -> dict[tuple, dict[str, TreeEntry | None]]:
+            trees: dict[tuple, Tree | None] = {}
 
             def tree_at(parts: tuple) -> Tree | None:
-                if parts in out:
-                    return out[parts]
+                if parts in trees:
+                    return trees[parts]
                 if not parts:
                     t = repo.load_tree(shown)
                 else:
                     parent = tree_at(parts[:-1])
                     e = parent.get(parts[-1]) if parent is not None else None
                     t = repo.load_tree(e.id) if e is not None and e.is_dir else None
-                out[parts] = t
+                trees[parts] = t
                 return t
-            for parts in wanted:
-                tree_at(tuple(parts))
+            out = {}
+            for parts, names in wanted:
+                t = tree_at(parts)
+                out[parts] = {name: t.get(name) if t is not None else None for name in names}
             return out
-        trees = await trio.to_thread.run_sync(load)
+        while wanted := missing():
+            for parts, found in (await self.loader.io("trees of the new base", load, wanted)).items():
+                entries.setdefault(parts, {}).update(found)
         root_row = Row(ROOT_ID, None, "", NodeKind.DIR, TreeEntry("", Kind.DIR, 0, shown), False, None,
                        self.root.mode, 0, None)
         old_data = []
@@ -257,9 +267,9 @@ class CommitState:
             kids.update(n.children or {})
             n.children = None
             n.lazy = {}
-            tree = trees.get(parts)
+            below = entries.get(parts, {})
             for name, c in kids.items():
-                ce = tree.get(name) if tree is not None else None
+                ce = below.get(name)
                 if ce is None or NodeKind.of(ce.kind) is not c.kind:
                     invalidate.extend(self._inos_below(c))
                     self._detach_all(c)
