@@ -230,24 +230,39 @@ def test_reset_of_an_unchanged_path_next_to_an_edit_changes_nothing(repo_and_bas
     trio.run(main)
 
 
-def test_a_file_open_below_a_reset_directory_is_unlinked(repo_and_base, tmp_path):
-    """reset PATH replacing a changed directory takes out every node below it, also those
-    of untouched (lazy) directories: a file open there has st_nlink 0 and keeps its bytes
-    (it showed 1, as if still named). Found by the reference model."""
+@pytest.mark.parametrize("everything", [False, True])
+def test_reset_discards_edits_in_place_for_an_open_file(repo_and_base, tmp_path, everything):
+    """``reset PATH`` and ``reset`` of everything agree: a node the base has at its path
+    (the same kind) keeps its inode and shows the base again, so an editor holding the
+    file reads the base's bytes through its descriptor, and a file open below a reset
+    directory keeps its name (reset PATH replaced the node: the descriptor kept the
+    edited bytes, st_nlink 0, and a file below an untouched directory was unlinked)."""
     repo, _ = repo_and_base
     leaf = "fixed/n1/n2/n3/n4/leaf.txt"
+    base_leaf = "feuille ✓\n".encode()
 
     async def main():
         async with _session(repo, tmp_path / "ws") as k:
-            fh = await k.open(leaf)
-            await k.chmod("fixed/n1", 0o700)  # a change of its own: the reset replaces it
-            await k.fs.reset(["fixed/n1"])
+            base_run = await k.read_file("fixed/run.sh")
+            fh = await k.open("fixed/run.sh", os.O_RDWR)
+            await k.pwrite(fh, 0, b"edited, and more bytes than the base has\n")
+            ino = (await k.fstat(fh)).st_ino
+            below = await k.open(leaf)
+            await k.chmod("fixed/n1", 0o700)  # a change of its own
+            await k.write_file("fixed/n1/new.txt", b"new")
+            await k.fs.reset(None if everything else ["fixed/run.sh", "fixed/n1"])
             st = await k.fstat(fh)
-            assert st.st_nlink == 0
-            assert await k.read_all(fh) == "feuille ✓\n".encode()
+            assert st.st_ino == ino and st.st_nlink == 1 and st.st_size == len(base_run)
+            assert await k.read_all(fh) == base_run
+            assert (await k.lstat("fixed/run.sh")).st_ino == ino
+            assert (await k.fstat(below)).st_nlink == 1 and await k.read_all(below) == base_leaf
+            assert stat.S_IMODE((await k.lstat("fixed/n1")).st_mode) == 0o755
+            assert not await k.exists("fixed/n1/new.txt")
+            await k.pwrite(fh, 0, b"#")  # the open file is the workspace's file again
             await k.close(fh)
-            assert (await k.lstat(leaf)).st_nlink == 1
-            assert await k.read_file(leaf) == "feuille ✓\n".encode()
+            assert (await k.read_file("fixed/run.sh"))[:1] == b"#"
+            await k.close(below)
+            assert await k.read_file(leaf) == base_leaf
     trio.run(main)
 
 

@@ -144,14 +144,56 @@ class CommitState:
             return []  # untouched: the same node stays (open files, a shell's directory below it)
         await self._materialize(d)
         current = d.children.get(name)
+        if entry is not None:
+            entry = TreeEntry(name, entry.kind, entry.size, entry.id, entry.target)
+        if (current is not None and entry is not None and not current.links
+                and current.kind is NodeKind.of(entry.kind)):
+            return await self._reset_in_place(d, current, entry)
+        # Another kind, or a name of a hard-linked node (its other names keep it): replaced.
         changed = []
         if current is not None:
             changed = self._inos_below(current)
             self._unlink_node(d, name)
         if entry is not None:
-            n = self._from_entry(d, TreeEntry(name, entry.kind, entry.size, entry.id, entry.target))
-            self._add_child(d, n)
+            self._add_child(d, self._from_entry(d, entry))
         return changed
+
+    async def _reset_in_place(self, d: WNode, n: WNode, e: TreeEntry) -> list[int]:
+        """``reset PATH`` of a node the base has (the same kind, one name): its edits are
+        discarded in place, as a reset of everything does, so the node and its inode stay
+        (a file open on it reads the base's bytes, a shell inside it stays where it is),
+        and so does every in-memory node below it the base has; the others leave (open
+        ones keep their bytes).  Inodes whose contents changed."""
+        entries = await self._resolve(n, e.id) if n.is_dir else {}  # before any change
+        # A hard-linked node below loses every name inside the path (fresh base nodes take
+        # them) and keeps those outside: which of its names would keep it is no rule.
+        linked: set[int] = set()
+
+        def find_linked(c: WNode) -> None:
+            for x in (c.children or {}).values():
+                if x.is_dir:
+                    find_linked(x)
+                elif x.links:
+                    linked.add(id(x))
+        find_linked(n)
+        if linked:
+            self._unlink_linked_below(n)
+        ids: list[int] = []
+        data: list[str] = []
+        self._remove_subtree_rows(n, ids, data)
+        row = Row(n.oid, d.oid, n.name, n.kind, e, False, None, _mode_of(e), self.base_time_ns,
+                  e.target if n.kind is NodeKind.SYMLINK else None)
+        with self.overlay.batch():
+            self.overlay.delete(ids)  # its row (and written ranges) too, then the base's
+            self.overlay.insert([row])
+        invalidate: list[int] = []
+        self._rebase_node(n, e, (), entries, invalidate, linked)
+        n.oid = row.id
+        for name in data:
+            self.overlay.remove_data(name)
+        if data:
+            self.overlay.make_reserve()
+        return invalidate
 
     async def _untouched(self, n: WNode, e: TreeEntry) -> bool:
         """Whether ``n`` shows exactly base entry ``e`` (a row made when its directory was
@@ -182,51 +224,7 @@ class CommitState:
         in progress, ``merge``), keeping the node objects the kernel knows."""
         commit: Commit = await self.loader.io("commit", self.repo.load_commit, cid)
         shown = tree or commit.tree
-        # The entries of the new tree at every in-memory node, resolved in a worker thread
-        # before anything changes: a split directory's ``get`` may load a leaf, which may
-        # fail (the overlay and the nodes are then left as they were) or be slow.  Nodes a
-        # lookup made meanwhile are resolved in one more round, so none is missed.
-        entries: dict[tuple, dict[str, TreeEntry | None]] = {}
-        repo = self.repo
-
-        def missing() -> list[tuple[tuple, list[str]]]:
-            out = []
-
-            def collect(n: WNode, parts: tuple) -> None:
-                kids = dict(n.lazy)
-                kids.update(n.children or {})
-                known = entries.get(parts, {})
-                names = [name for name in kids if name not in known]
-                if names:
-                    out.append((parts, names))
-                for name, c in kids.items():
-                    if c.is_dir:
-                        collect(c, parts + (name,))
-            collect(self.root, ())
-            return out
-
-        def load(wanted: list[tuple[tuple, list[str]]]) -> dict[tuple, dict[str, TreeEntry | None]]:
-            trees: dict[tuple, Tree | None] = {}
-
-            def tree_at(parts: tuple) -> Tree | None:
-                if parts in trees:
-                    return trees[parts]
-                if not parts:
-                    t = repo.load_tree(shown)
-                else:
-                    parent = tree_at(parts[:-1])
-                    e = parent.get(parts[-1]) if parent is not None else None
-                    t = repo.load_tree(e.id) if e is not None and e.is_dir else None
-                trees[parts] = t
-                return t
-            out = {}
-            for parts, names in wanted:
-                t = tree_at(parts)
-                out[parts] = {name: t.get(name) if t is not None else None for name in names}
-            return out
-        while wanted := missing():
-            for parts, found in (await self.loader.io("trees of the new base", load, wanted)).items():
-                entries.setdefault(parts, {}).update(found)
+        entries = await self._resolve(self.root, shown)
         root_row = Row(ROOT_ID, None, "", NodeKind.DIR, TreeEntry("", Kind.DIR, 0, shown), False, None,
                        self.root.mode, 0, None)
         old_data = []
@@ -244,45 +242,101 @@ class CommitState:
         self.base = cid
         self.base_tree = commit.tree
         self.base_time_ns = commit.time * 1_000_000_000
-
-        def rebase(n: WNode, e: TreeEntry, parts: tuple) -> None:
-            changed = n.upper is not None or n.origin is None or n.origin.id != e.id or n.kind is not NodeKind.of(e.kind)
-            if n.kind is NodeKind.FILE and changed:
-                invalidate.append(n.ino)
-            if n.upper is not None:
-                n.upper = None
-                self._close_fd(n)
-            n.cow = None
-            n.oid = None
-            n.origin = e
-            n.size = e.size
-            n.mode = _mode_of(e)
-            n.mtime_ns = self.base_time_ns
-            n.target = e.target
-            n.dirty = False
-            n.uid = n.gid = n.atime_ns = n.ctime_ns = None  # a commit records neither
-            if not n.is_dir:
-                return
-            kids = dict(n.lazy)
-            kids.update(n.children or {})
-            n.children = None
-            n.lazy = {}
-            below = entries.get(parts, {})
-            for name, c in kids.items():
-                ce = below.get(name)
-                if ce is None or NodeKind.of(ce.kind) is not c.kind:
-                    invalidate.extend(self._inos_below(c))
-                    self._detach_all(c)
-                else:
-                    n.lazy[name] = c
-                    rebase(c, ce, parts + (name,))
-
-        rebase(self.root, root_row.origin, ())
+        self._rebase_node(self.root, root_row.origin, (), entries, invalidate)
         self.root.oid = ROOT_ID
         for n in old_data:
             if n.fd is not None and n.parent is not None:
                 self._close_fd(n)
         return invalidate
+
+    async def _resolve(self, top: WNode, tree_id: bytes) -> dict[tuple, dict[str, TreeEntry | None]]:
+        """The entries of tree ``tree_id`` (and its subtrees) at every in-memory node below
+        ``top``: {path below top: {name: entry or None}}.
+
+        Resolved in a worker thread before anything changes: a split directory's
+        ``get`` may load a leaf, which may fail (the overlay and the nodes are then
+        left as they were) or be slow.  Nodes a lookup made meanwhile are resolved in
+        one more round, so none is missed."""
+        entries: dict[tuple, dict[str, TreeEntry | None]] = {}
+        repo = self.repo
+
+        def missing() -> list[tuple[tuple, list[str]]]:
+            out = []
+
+            def collect(n: WNode, parts: tuple) -> None:
+                kids = dict(n.lazy)
+                kids.update(n.children or {})
+                known = entries.get(parts, {})
+                names = [name for name in kids if name not in known]
+                if names:
+                    out.append((parts, names))
+                for name, c in kids.items():
+                    if c.is_dir:
+                        collect(c, parts + (name,))
+            collect(top, ())
+            return out
+
+        def load(wanted: list[tuple[tuple, list[str]]]) -> dict[tuple, dict[str, TreeEntry | None]]:
+            trees: dict[tuple, Tree | None] = {}
+
+            def tree_at(parts: tuple) -> Tree | None:
+                if parts in trees:
+                    return trees[parts]
+                if not parts:
+                    t = repo.load_tree(tree_id)
+                else:
+                    parent = tree_at(parts[:-1])
+                    e = parent.get(parts[-1]) if parent is not None else None
+                    t = repo.load_tree(e.id) if e is not None and e.is_dir else None
+                trees[parts] = t
+                return t
+            out = {}
+            for parts, names in wanted:
+                t = tree_at(parts)
+                out[parts] = {name: t.get(name) if t is not None else None for name in names}
+            return out
+        while wanted := missing():
+            for parts, found in (await self.loader.io("trees of the new base", load, wanted)).items():
+                entries.setdefault(parts, {}).update(found)
+        return entries
+
+    def _rebase_node(self, n: WNode, e: TreeEntry, parts: tuple, entries: dict[tuple, dict],
+                     invalidate: list[int], replace: set[int] = frozenset()) -> None:
+        """Show entry ``e`` at node ``n`` keeping the node object, and below it, each
+        in-memory node the new tree has (same name, same kind, not in ``replace``: ids)
+        likewise; the others leave the tree (whoever has one open keeps its bytes).
+        In memory only (the rows are the caller's); ``entries`` from ``_resolve``;
+        inodes whose contents changed are added to ``invalidate``."""
+        changed = n.upper is not None or n.origin is None or n.origin.id != e.id or n.kind is not NodeKind.of(e.kind)
+        if n.kind is NodeKind.FILE and changed:
+            invalidate.append(n.ino)
+        if n.upper is not None:
+            n.upper = None
+            self._close_fd(n)
+        n.cow = None
+        n.oid = None
+        n.origin = e
+        n.size = e.size
+        n.mode = _mode_of(e)
+        n.mtime_ns = self.base_time_ns
+        n.target = e.target
+        n.dirty = False
+        n.uid = n.gid = n.atime_ns = n.ctime_ns = None  # a commit records neither
+        if not n.is_dir:
+            return
+        kids = dict(n.lazy)
+        kids.update(n.children or {})
+        n.children = None
+        n.lazy = {}
+        below = entries.get(parts, {})
+        for name, c in kids.items():
+            ce = below.get(name)
+            if ce is None or NodeKind.of(ce.kind) is not c.kind or id(c) in replace:
+                invalidate.extend(self._inos_below(c))
+                self._detach_all(c)
+            else:
+                n.lazy[name] = c
+                self._rebase_node(c, ce, parts + (name,), entries, invalidate, replace)
 
     def _detach_all(self, n: WNode) -> None:
         for c in list(n.lazy.values()):
