@@ -268,17 +268,19 @@ def test_reset_discards_edits_in_place_for_an_open_file(repo_and_base, tmp_path,
 
 def test_an_mtime_of_0_survives_a_remount(repo_and_base, tmp_path):
     """utimensat to the epoch is kept across a remount (a row's 0 read as "the base's
-    time"). Found by the reference model (hypothesis)."""
+    time"), the root's too. Found by the reference model (hypothesis)."""
     repo, _ = repo_and_base
 
     async def main():
         async with _session(repo, tmp_path / "ws") as k:
             await k.utime("fixed/run.sh", 0, 0)
             await k.utime("fixed", None, 0)
+            await k.utime("", None, 0)  # the root's row too (its 0 once meant the base's time)
         async with _session(repo, tmp_path / "ws") as k:
             assert (await k.lstat("fixed/run.sh")).st_mtime_ns == 0
             assert (await k.lstat("fixed/run.sh")).st_atime_ns == 0
             assert (await k.lstat("fixed")).st_mtime_ns == 0
+            assert (await k.lstat("")).st_mtime_ns == 0
     trio.run(main)
 
 # --- workspace logic once tested through a mount, now kernel-free (same assertions) ----------

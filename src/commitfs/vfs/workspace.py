@@ -219,9 +219,10 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
         for r in rows:
             n = WNode(0, r.kind, r.name, None)
             n.oid, n.origin, n.upper, n.mode, n.target = r.id, r.origin, r.upper, r.mode, r.target or b""
-            # 0 in the root row a clear writes means "the base commit's time"; any other
-            # row's 0 is a real mtime (utimensat to the epoch), kept as it is.
-            n.mtime_ns = r.mtime_ns if r.mtime_ns or r.id != ROOT_ID else self.base_time_ns
+            # 0 in the root row a clear writes (no ctime) means "the base commit's time";
+            # any other 0 is a real mtime (utimensat to the epoch, which sets the ctime too).
+            n.mtime_ns = r.mtime_ns if r.mtime_ns or r.id != ROOT_ID or r.ctime_ns is not None \
+                else self.base_time_ns
             n.uid, n.gid, n.atime_ns, n.ctime_ns = r.uid, r.gid, r.atime_ns, r.ctime_ns
             n.rdev = r.rdev or 0
             if r.materialized:
@@ -329,10 +330,14 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
     @_retry_when_space_released
     async def setattr(self, inode: int, *, mode: int | None = None, size: int | None = None,
                       mtime_ns: int | None = None, uid: int | None = None, gid: int | None = None,
-                      fh: int | None = None, atime_ns: int | None = None) -> Attr:
+                      fh: int | None = None, atime_ns: int | None = None, ctime_ns: int | None = None) -> Attr:
         """chmod, chown, truncate, utimensat.  Who may change the owner is checked by the
-        kernel (the mount uses default_permissions); every change moves the ctime."""
+        kernel (the mount uses default_permissions); every change moves the ctime, one
+        that changes nothing too (chown(-1, -1): the kernel asks with no field set), as
+        on ext4; to ``ctime_ns`` when the kernel gives its own (FATTR_CTIME)."""
         n = self._node(inode)
+        status_only = size is None and mode is None and mtime_ns is None and atime_ns is None \
+            and uid is None and gid is None
         async with self._lock:
             if size is not None:
                 if n.is_dir:
@@ -342,10 +347,10 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
                 fd = await self._ensure_upper(n, empty=size == 0)
                 self._truncate(n, fd, size)
             if mode is not None or mtime_ns is not None or atime_ns is not None or uid is not None \
-                    or gid is not None:
+                    or gid is not None or status_only:
                 if n.parent is not None:
                     await self._persist(n)
-                fields = {"ctime_ns": _now()}
+                fields = {"ctime_ns": ctime_ns if ctime_ns is not None else _now()}
                 if mode is not None and n.kind is not NodeKind.SYMLINK:
                     fields["mode"] = stat.S_IMODE(mode) & 0o7777
                     if n.kind is NodeKind.SPECIAL:
