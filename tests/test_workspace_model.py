@@ -729,9 +729,7 @@ class Run:
                             lambda t: m.chmod(m.lookup(p), mode, t))
         elif op == "chown":
             p = self.any_path()
-            uid, gid = r.choice([None, 0, 1234]), r.choice([None, 0, 5678])
-            if uid is None and gid is None:
-                gid = 0  # chown(-1, -1) sends no SETATTR field through FUSE (only ext4 moves its ctime)
+            uid, gid = r.choice([None, 0, 1234]), r.choice([None, 0, 5678])  # (-1, -1): a SETATTR of nothing
             await self.both(f"chown {p!r} {uid} {gid}", lambda: k.chown(p, uid, gid),
                             lambda t: m.chown(m.lookup(p), uid, gid, t))
         elif op == "utime":

@@ -3,8 +3,9 @@
 The modules
 -----------
 ``WorkspaceFS`` (here: opening, and the POSIX request handlers) is composed
-of one mixin per concern, each in its own module: the node tree and its
-inode table (vfs/wstree.py), overlay persistence and copy-on-write
+of one mixin per concern, each in its own module: the node tree
+(vfs/wstree.py; its inode numbers and lookup counts are the read-only
+core's ``InodeTable``, vfs/inode.py), overlay persistence and copy-on-write
 (vfs/wsoverlay.py, over the database of vfs/overlay.py), commit
 preparation, rebase and crash recovery (vfs/wscommit.py) and the merge in
 progress (vfs/wsmerge.py).  The state lives in ``WorkspaceFS``; the mixins
