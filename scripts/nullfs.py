@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """A do-nothing read-only pyfuse3 file system: the ceiling of any pyfuse3 mount.
 
-    scripts/nullfs.py SRC_DIR LIST_FILE MOUNTPOINT
+    scripts/nullfs.py [--sizes-only] SRC_DIR LIST_FILE MOUNTPOINT
 
 Loads the files named in LIST_FILE (paths relative to SRC_DIR, one a line)
-into memory, mounts them at MOUNTPOINT with the same directory layout and
+into memory (with --sizes-only only their sizes, for listing benchmarks: reads
+return zeros, and a million files start in seconds, not minutes), mounts them at MOUNTPOINT with the same directory layout and
 serves lookup, getattr, opendir/readdir, open/read/release from dicts: no
 storage, no hashing, no caches of its own.  Everything else pyfuse3 gets is
 what commitfs's daemon gets: the same mount options (commitfs.fuse.daemon),
@@ -163,7 +164,25 @@ async def _serve(mountpoint: str, max_tasks: int, read_ahead_kb: int) -> None:
         nursery.cancel_scope.cancel()
 
 
+class _Zeros:
+    """A file's size without its bytes (--sizes-only): reads return zeros."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, s: slice) -> bytes:
+        return bytes(len(range(*s.indices(self.size))))
+
+
 def main(argv: list[str]) -> int:
+    sizes_only = argv[:1] == ["--sizes-only"]
+    if sizes_only:
+        argv = argv[1:]
     if len(argv) != 3:
         print(__doc__.split("\n\n")[1], file=sys.stderr)
         return 2
@@ -172,6 +191,9 @@ def main(argv: list[str]) -> int:
         rels = [line.rstrip("\n") for line in f if line.strip()]
     files = {}
     for rel in rels:
+        if sizes_only:
+            files[rel] = _Zeros(os.lstat(os.path.join(src, rel)).st_size)
+            continue
         with open(os.path.join(src, rel), "rb") as f:
             files[rel] = f.read()
     config = DaemonConfig(repo="", mountpoint=mountpoint, cache_dir="", log_file="")

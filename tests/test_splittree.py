@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import stat
 import subprocess
 from pathlib import Path
 
@@ -657,3 +658,99 @@ def test_a_few_edits_to_a_split_directory_through_the_change_engine_read_the_lea
     write_file(src / "big" / "file-00500.txt", b"changed", executable=True)
     with Repository.init(str(tmp_path / "fresh")) as r:
         assert commit_directory(r, src, message="fresh").tree_id == tid
+
+
+def test_directory_read_ahead_follows_a_reader_across_the_leaves_of_a_split_directory(small_split, tmp_path,
+                                                                                      cache_home):
+    """vfs/dirahead.py keeps one state per directory; in a split directory the
+    reader's file is found in one leaf chunk at a time, so positions must be the
+    directory's, not the leaf's: a reader going through the files in order
+    follows its read-ahead from one leaf into the next (no jump at a boundary),
+    and what is fetched ahead is files after the one read, in every leaf."""
+    from commitfs.cache import DiskChunkCache
+
+    url = str(tmp_path / "repo")
+    src = _big_dir(tmp_path, 200)
+    with Repository.init(url) as r:
+        cid = commit_directory(r, src, message="v1").commit_id
+    names = sorted((n for n in os.listdir(src / "big") if n != "link"), key=str.encode)
+
+    async def main():
+        with reopen(url) as r:
+            r.chunk_cache = DiskChunkCache(tmp_path / "cache")
+            async with fs_of(r, cid) as fs:
+                big = await fs.lookup(1, b"big")
+                tree = await fs.loader.tree(r.load_tree(r.load_commit(cid).tree).get("big").id)
+                assert isinstance(tree, SplitTree)
+                inos = [(await fs.lookup(big.ino, n.encode())).ino for n in names]
+                ahead = fs._dir_ahead
+                fetched = []
+                start_fetch = ahead._fetch
+
+                async def recording(scope, fids, done):
+                    fetched.extend(fids)
+                    await start_fetch(scope, fids, done)
+                ahead._fetch = recording
+                leaves = set()
+                for name, ino in zip(names[:120], inos):
+                    await fs._manifest(fs._node(ino))
+                    leaves.add(tree.leaf_for(name).entries[0].name)
+                    await trio.sleep(0)
+                assert len(leaves) >= 4  # the reader crossed several leaf boundaries
+                assert ahead.jumps == 0
+                state = ahead._states[big.ino]
+                assert state.first == 0 and state.last == 119
+                ids = [tree.get(n).id for n in names]
+                assert fetched and set(fetched) <= set(ids[1:])
+                # Ahead in every leaf, not only the first (a leaf's first file is read
+                # before its leaf is held: what is fetched ahead stays within one leaf).
+                assert {ids[i] for i in range(20, 110) if names[i] not in leaves} <= set(fetched)
+    trio.run(main)
+
+
+def test_what_the_kernel_holds_reads_the_same_after_the_trees_left_the_daemons_caches(small_split, tmp_path,
+                                                                                     cache_home):
+    """vfs/inode.py: a file or symlink the kernel holds is a count, kind and size in
+    its directory's block, not a node keeping its TreeEntry; once the decoded trees
+    and chunks are evicted, its attributes, bytes, target and extended attributes
+    come back from the tree read again, as they were, in a plain directory and in
+    a split one; the inode numbers a listing gave are those lookups give."""
+    url = str(tmp_path / "repo")
+    src = _big_dir(tmp_path, 400)
+    with Repository.init(url) as r:
+        cid = commit_directory(r, src, message="v1").commit_id
+
+    async def main():
+        with reopen(url) as r:
+            async with fs_of(r, cid) as fs:
+                def evict():
+                    fs.loader._trees.cache.clear()
+                    fs.loader._tree_nodes.cache.clear()
+
+                big = await fs.lookup(1, b"big")
+                listed = dict(await vfs_listdir(fs, big.ino))
+                names = [(1, "top.txt"), (big.ino, "file-00321.txt"), (big.ino, "file-00017.txt"),
+                         (big.ino, "link")]
+                before = {}
+                for parent, name in names:
+                    a = await fs.lookup(parent, name.encode())
+                    if parent == big.ino:
+                        assert listed[name].ino == a.ino
+                    before[name] = (a, {x: await fs.getxattr(a.ino, x) for x in await fs.listxattr(a.ino)})
+                assert stat.S_IMODE(before["file-00017.txt"][0].mode) == 0o555  # executable
+                for name, (a, xattrs) in before.items():
+                    evict()
+                    assert await fs.getattr(a.ino) == a
+                    evict()
+                    assert {x: await fs.getxattr(a.ino, x) for x in await fs.listxattr(a.ino)} == xattrs
+                    evict()
+                    if name == "link":
+                        assert await fs.readlink(a.ino) == b"top.txt"
+                        continue
+                    want = (src / ("big" if name != "top.txt" else "") / name).read_bytes()
+                    fh = await fs.open(a.ino, os.O_RDONLY)
+                    assert await fs.read(fh, 0, 1 << 16) == want
+                    await fs.release(fh)
+                    evict()
+                    assert await fs.read_inode(a.ino, 0, 1 << 16) == want
+    trio.run(main)

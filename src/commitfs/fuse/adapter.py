@@ -212,8 +212,28 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def readdir(self, fh, start_id, token):
+        # One EntryAttributes for the whole reply (readdir_reply copies it into the
+        # kernel's buffer): the entries of a commit directory differ only in inode,
+        # mode and size, so after the first only those are set (a readdirplus
+        # reply holds hundreds of entries; a full _entry is most of their cost).
+        e = None
+        last: Attr | None = None
+
         def reply(name: bytes, attr: Attr, next_id: int) -> bool:
-            return pyfuse3.readdir_reply(token, name, self._entry(attr), next_id)
+            nonlocal e, last
+            if (last is not None and attr.mtime_ns == last.mtime_ns and attr.entry_timeout == last.entry_timeout
+                    and attr.attr_timeout == last.attr_timeout and attr.uid is None and attr.gid is None
+                    and attr.atime_ns is None and attr.ctime_ns is None and attr.blocks is None
+                    and attr.nlink == last.nlink and attr.rdev == last.rdev and attr.blksize == last.blksize):
+                e.st_ino = attr.ino
+                e.st_mode = attr.mode
+                e.st_size = attr.size
+                e.st_blocks = (attr.size + 511) // 512
+            else:
+                e = self._entry(attr)
+                last = attr if attr.uid is None and attr.gid is None and attr.atime_ns is None \
+                    and attr.ctime_ns is None and attr.blocks is None else None
+            return pyfuse3.readdir_reply(token, name, e, next_id)
 
         await self.fs.readdir(fh, start_id, reply)
 

@@ -435,6 +435,58 @@ def _upper(parent: TreeIndex, i: int, upper: bytes | None) -> bytes | None:
     return parent.firsts[i + 1] if i + 1 < len(parent.children) else upper
 
 
+# --- the one walk down a split tree ---------------------------------------------------
+# "The leaf for a name" and "the leaf at a position" are written once, as generators
+# that yield each step down, (parent, i, upper): the node's child ``i``, with the
+# upper bound of its names, is wanted next; whoever drives the walk loads that child,
+# checks it (check_child) and sends it back in.  So the same walk runs synchronously
+# (``walk``: SplitTree, ops) and on the daemon's event loop (vfs/core.py drives it
+# with awaits, loading nodes in worker threads); the walk returns (base, leaf):
+# the position of the leaf's first entry and the leaf, or (base, None).
+Step = tuple[TreeIndex, int, "bytes | None"]
+
+
+def path_to_name(root: Tree | TreeIndex, raw: bytes):
+    """The walk to the leaf whose range holds the name ``raw`` (bytes): returns
+    (base, leaf), leaf None if the name sorts before every entry."""
+    node, upper, base = root, None, 0
+    while isinstance(node, TreeIndex):
+        i = node.find(raw)
+        if i is None:
+            return base, None
+        base += sum(c.count for c in node.children[:i])
+        upper = _upper(node, i, upper)
+        node = yield node, i, upper
+    return base, node
+
+
+def path_to_position(root: Tree | TreeIndex, pos: int):
+    """The walk to the leaf holding entry ``pos`` (IndexError outside 0..count-1):
+    returns (base, leaf)."""
+    if not 0 <= pos < (root.count if isinstance(root, TreeIndex) else len(root.entries)):
+        raise IndexError(pos)
+    node, upper, base = root, None, 0
+    while isinstance(node, TreeIndex):
+        for i, c in enumerate(node.children):
+            if pos < base + c.count:
+                break
+            base += c.count
+        upper = _upper(node, i, upper)
+        node = yield node, i, upper
+    return base, node
+
+
+def walk(steps, child: Callable[[TreeIndex, int, "bytes | None"], object]):
+    """Drive a walk (``path_to_*``) synchronously: ``child(parent, i, upper)``
+    loads and checks each node on the way."""
+    try:
+        step = next(steps)
+        while True:
+            step = steps.send(child(*step))
+    except StopIteration as done:
+        return done.value
+
+
 class SplitTree:
     """A split directory, read through ``load(id) -> Tree | TreeIndex`` (verified,
     cached by the caller).  Quacks like a Tree for readers: ``get``,
@@ -473,15 +525,7 @@ class SplitTree:
 
     def leaf_for(self, name: str) -> Tree | None:
         """The leaf chunk whose range holds ``name`` (loading one chunk per level), or None."""
-        raw = name.encode()
-        node, upper = self.root, None
-        while isinstance(node, TreeIndex):
-            i = node.find(raw)
-            if i is None:
-                return None
-            upper = _upper(node, i, upper)
-            node = self.child(node, i, upper)
-        return node
+        return walk(path_to_name(self.root, name.encode()), self.child)[1]
 
     def get(self, name: str) -> TreeEntry | None:
         leaf = self.leaf_for(name)
@@ -489,31 +533,13 @@ class SplitTree:
 
     def position(self, name: str) -> int | None:
         """The index of ``name`` among all the directory's entries, or None."""
-        raw = name.encode()
-        node, upper, base = self.root, None, 0
-        while isinstance(node, TreeIndex):
-            i = node.find(raw)
-            if i is None:
-                return None
-            base += sum(c.count for c in node.children[:i])
-            upper = _upper(node, i, upper)
-            node = self.child(node, i, upper)
-        p = node.position(name)
+        base, leaf = walk(path_to_name(self.root, name.encode()), self.child)
+        p = leaf.position(name) if leaf is not None else None
         return None if p is None else base + p
 
     def leaf_at(self, pos: int) -> tuple[int, Tree]:
         """(position of its first entry, the leaf chunk) holding entry ``pos``."""
-        if not 0 <= pos < self.count:
-            raise IndexError(pos)
-        node, upper, base = self.root, None, 0
-        while isinstance(node, TreeIndex):
-            for i, c in enumerate(node.children):
-                if pos < base + c.count:
-                    break
-                base += c.count
-            upper = _upper(node, i, upper)
-            node = self.child(node, i, upper)
-        return base, node
+        return walk(path_to_position(self.root, pos), self.child)
 
     def iter_leaves(self) -> Iterator[Tree]:
         """Every leaf chunk in order, each checked against its index entry."""

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from itertools import islice
 import os
 import time
 from collections import OrderedDict
@@ -56,7 +57,7 @@ from commitfs.errors import (
 )
 from commitfs.model.ids import HEX_SIZE, is_hex
 from commitfs.model.objects import EMPTY_MANIFEST, Commit, DecodeError, FileManifest, Kind, Tree, TreeEntry
-from commitfs.model.splittree import SplitTree, TreeIndex, check_child
+from commitfs.model.splittree import SplitTree, TreeIndex, check_child, path_to_name, path_to_position, walk
 from commitfs.repo.repository import MIN_PREFIX, Repository
 from commitfs.repo.treewalk import check_expansion
 from commitfs.vfs import prefetch
@@ -76,6 +77,15 @@ from commitfs.vfs.inode import (
     XATTR_REPO,
     Attr,
     CommitsDir,
+    EXEC_MODE,
+    FILE_MODE,
+    SYMLINK_MODE,
+    PAGE,
+    PAGE_BITS,
+    _EXEC,
+    _FILE,
+    _SYMLINK,
+    ChildBlock,
     DirNode,
     FileNode,
     Node,
@@ -86,8 +96,9 @@ from commitfs.vfs.inode import (
     TreeInodeTable,
     View,
     ViewRoot,
+    _BlockEntry,
     entry_identity,
-    node_for_entry,
+    kind_code,
 )
 
 log = logging.getLogger(__name__)
@@ -155,20 +166,22 @@ class _Refs:
 class Listing:
     """The entries of an open directory: names in a fixed order, nodes made on demand.
 
-    readdir offsets are indices + 1 into this order, stable for the handle's life."""
+    readdir offsets are indices + 1 into this order, stable for the handle's life.
+    A commit directory's listing (``view`` set) gives its TreeEntries a tree
+    (or a split directory's leaf) at a time (``span``); the others (name,
+    identity, maker) triples (``child``)."""
+
+    view: View | None = None
 
     def __len__(self) -> int:
         raise NotImplementedError
 
-    def child(self, i: int) -> tuple[str, tuple, MakeNode]:
+    async def span(self, i: int) -> tuple[int, Sequence[TreeEntry]]:
+        """(position of the first, entries) of the tree holding entry ``i``."""
         raise NotImplementedError
 
-    def needs_load(self, i: int) -> bool:
-        """Whether ``child(i)`` must wait for ``load(i)`` first (a split directory's page)."""
-        return False
-
-    async def load(self, i: int) -> None:
-        pass
+    def child(self, i: int) -> tuple[str, tuple, MakeNode]:
+        raise NotImplementedError
 
 
 class _StaticListing(Listing):
@@ -192,9 +205,8 @@ class _TreeListing(Listing):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def child(self, i: int) -> tuple[str, tuple, MakeNode]:
-        e = self.entries[i]
-        return e.name, entry_identity(e), lambda: node_for_entry(self.view, e)
+    async def span(self, i: int) -> tuple[int, Sequence[TreeEntry]]:
+        return 0, self.entries
 
 
 class _SplitListing(Listing):
@@ -212,16 +224,10 @@ class _SplitListing(Listing):
     def __len__(self) -> int:
         return self.tree.count
 
-    def needs_load(self, i: int) -> bool:
-        return self.leaf is None or not self.base <= i < self.base + len(self.leaf.entries)
-
-    async def load(self, i: int) -> None:
-        self.base, self.leaf = await self.fs._split_leaf_at(self.tree, i)
-
-    def child(self, i: int) -> tuple[str, tuple, MakeNode]:
-        assert self.leaf is not None
-        e = self.leaf.entries[i - self.base]
-        return e.name, entry_identity(e), lambda: node_for_entry(self.view, e)
+    async def span(self, i: int) -> tuple[int, Sequence[TreeEntry]]:
+        if self.leaf is None or not self.base <= i < self.base + len(self.leaf.entries):
+            self.base, self.leaf = await self.fs._split_leaf_at(self.tree, i)
+        return self.base, self.leaf.entries
 
 
 class _FileHandle:
@@ -307,7 +313,7 @@ class FileSystem:
             else:
                 commit = await self.loader.commit(self.root_commit)
                 root = self._view_root(self.root_commit, commit, self._long, self.root_tree)
-            self.table = TreeInodeTable(root)
+            self.table = TreeInodeTable(root, self._block_node)
             try:
                 yield self
             finally:
@@ -409,19 +415,78 @@ class FileSystem:
         timeout = self._long if node.kind == "tags" else self._short  # branches and aliases move
         return ("commit", cid), lambda: self._view_root(cid, commit, timeout)
 
-    async def _child(self, parent: DirNode, name: str) -> tuple[tuple, MakeNode] | None:
-        """Identity and maker of ``parent``'s child ``name``, or None."""
-        if isinstance(parent, TreeDir):
-            tree = self.loader.tree_cached(parent.entry.id) or await self.loader.tree(parent.entry.id)
-            if isinstance(tree, SplitTree):
-                leaf = await self._split_leaf_for(tree, name)
-                e = leaf.get(name) if leaf is not None else None
-            else:
-                e = tree.get(name)
-            if e is None:
-                return None
+    async def _tree_child(self, parent: TreeDir, name: str) -> tuple[TreeEntry, int, int] | None:
+        """(entry, its position, the directory's entry count) of ``parent``'s child ``name``, or None."""
+        tree = self.loader.tree_cached(parent.entry.id) or await self.loader.tree(parent.entry.id)
+        if isinstance(tree, SplitTree):
+            base, leaf = await self._split_leaf_for_base(tree, name)
+            pos = leaf.position(name) if leaf is not None else None
+            return None if pos is None else (leaf.entries[pos], base + pos, tree.count)
+        pos = tree.position(name)
+        return None if pos is None else (tree.entries[pos], pos, len(tree.entries))
+
+    def _view_child(self, parent: TreeDir, e: TreeEntry, pos: int, count: int) -> Node:
+        """The node of entry ``e`` at ``pos`` of ``parent``'s tree, not counted yet:
+        a directory's node object (counted with ``table.remember``), else the
+        file's or symlink's place in its directory's block, counted here."""
+        assert self.table is not None
+        if e.kind is Kind.DIR:
             view = parent.view
-            return entry_identity(e), lambda: node_for_entry(view, e)
+            return self.table.ensure(parent, e.name, entry_identity(e), lambda: TreeDir(view, e))
+        b = self.table.block(parent, count)
+        node = (SymlinkNode if e.kind is Kind.SYMLINK else FileNode)(parent.view, e, b, pos)
+        node.ino, node.parent = b.base + pos, parent.ino
+        return node
+
+    def _remember(self, node: Node) -> None:
+        assert self.table is not None
+        if isinstance(node, _BlockEntry):
+            node.block.remember(node.pos, kind_code(node.entry.kind), node.entry.size)
+        else:
+            self.table.remember(node)
+
+    def _block_node(self, b: ChildBlock, pos: int) -> Node:
+        """The node of entry ``pos`` of block ``b`` (TreeInodeTable.get): its whole entry
+        if the directory's tree (or the leaf holding it) is in memory, else partial."""
+        d = b.dir
+        e = self._entry_now(d.entry.id, pos)
+        kind = b.kind(pos)
+        partial = e is None
+        if partial:
+            e = TreeEntry("", kind, b.size(pos), b"")
+        node = (SymlinkNode if kind is Kind.SYMLINK else FileNode)(d.view, e, b, pos, partial)
+        node.ino, node.parent = b.base + pos, d.ino
+        return node
+
+    def _entry_now(self, tid: bytes, pos: int) -> TreeEntry | None:
+        """Entry ``pos`` of tree ``tid`` if it is in memory, else None."""
+        base, tree = self._tree_at_now(tid, pos)
+        return tree.entries[pos - base] if tree is not None else None
+
+    def _tree_at_now(self, tid: bytes, pos: int) -> tuple[int, Tree | None]:
+        """(base, the tree holding entry ``pos`` of directory ``tid``: the tree
+        itself, or the leaf chunk of a split one) if in memory, else (0, None)."""
+        tree = self.loader.tree_cached(tid)
+        if isinstance(tree, SplitTree):
+            return self._split_cached(tree, path_to_position(tree.root, pos))
+        return (0, tree) if tree is not None and pos < len(tree.entries) else (0, None)
+
+    async def _full(self, node: Node) -> Node:
+        """``node`` with its whole entry (a partial one's read from its directory's tree)."""
+        if not isinstance(node, _BlockEntry) or not node.partial:
+            return node
+        tid, pos = node.block.dir.entry.id, node.pos
+        tree = await self.loader.tree(tid)
+        if isinstance(tree, SplitTree):
+            base, leaf = await self._split_leaf_at(tree, pos)
+            e = leaf.entries[pos - base]
+        else:
+            e = tree.entries[pos]
+        node.entry, node.partial = e, False
+        return node
+
+    async def _child(self, parent: DirNode, name: str) -> tuple[tuple, MakeNode] | None:
+        """Identity and maker of ``parent``'s child ``name`` (not a commit directory), or None."""
         if isinstance(parent, RootDir):
             for child_name, identity, make in self._root_items():
                 if child_name == name:
@@ -512,43 +577,37 @@ class FileSystem:
             raise CorruptObjectError(f"split tree {tree.id.hex()} is malformed: {exc}") from None
         return node
 
-    async def _split_leaf_for(self, tree: SplitTree, name: str) -> Tree | None:
-        """The leaf chunk of ``tree`` whose range holds ``name``, or None."""
-        raw = name.encode()
-        node, upper = tree.root, None
-        while isinstance(node, TreeIndex):
-            i = node.find(raw)
-            if i is None:
-                return None
-            upper = node.firsts[i + 1] if i + 1 < len(node.children) else upper
-            node = await self._split_child(tree, node, i, upper)
-        return node
+    async def _split_walk(self, tree: SplitTree, steps):
+        """Drive a walk of model/splittree.py (``path_to_*``) on the event loop:
+        each node from memory or a worker thread (Loader.tree_node), checked."""
+        try:
+            step = next(steps)
+            while True:
+                step = steps.send(await self._split_child(tree, *step))
+        except StopIteration as done:
+            return done.value
+
+    async def _split_leaf_for_base(self, tree: SplitTree, name: str) -> tuple[int, Tree | None]:
+        """(position of its first entry, the leaf chunk of ``tree`` whose range holds ``name``, or None)."""
+        return await self._split_walk(tree, path_to_name(tree.root, name.encode()))
 
     async def _split_leaf_at(self, tree: SplitTree, pos: int) -> tuple[int, Tree]:
         """(position of its first entry, the leaf chunk) holding entry ``pos``."""
-        node, upper, base = tree.root, None, 0
-        while isinstance(node, TreeIndex):
-            for i, c in enumerate(node.children):
-                if pos < base + c.count:
-                    break
-                base += c.count
-            upper = node.firsts[i + 1] if i + 1 < len(node.children) else upper
-            node = await self._split_child(tree, node, i, upper)
-        return base, node
+        return await self._split_walk(tree, path_to_position(tree.root, pos))
 
-    def _split_leaf_cached(self, tree: SplitTree, name: str) -> Tree | None:
-        """The leaf chunk holding ``name`` if every node on its path is in memory
-        (checked when it was loaded), else None."""
-        raw = name.encode()
-        node = tree.root
-        while isinstance(node, TreeIndex):
-            i = node.find(raw)
-            if i is None:
-                return None
-            node = self.loader.tree_node_cached(node.children[i].id)
+    def _split_cached(self, tree: SplitTree, steps) -> tuple[int, Tree | None]:
+        """Drive a walk of ``tree`` (``path_to_*``) through memory alone: (base,
+        leaf) if every node on its path is in memory (checked when it was
+        loaded), else (0, None)."""
+        def cached(parent: TreeIndex, i: int, upper) -> Tree | TreeIndex:
+            node = self.loader.tree_node_cached(parent.children[i].id)
             if node is None:
-                return None
-        return node
+                raise LookupError
+            return node
+        try:
+            return walk(steps, cached)
+        except LookupError:
+            return 0, None
 
     async def _commits_of(self, cids: set[bytes]) -> dict[bytes, Commit]:
         """Load commits concurrently; leave out (and log) those that fail."""
@@ -581,12 +640,18 @@ class FileSystem:
                 text = name.decode()
             except UnicodeDecodeError:
                 raise PathNotFoundError(f"{name!r}: no such entry (names are UTF-8)") from None
-            child = await self._child(parent, text)
-            if child is None:
-                raise PathNotFoundError(f"{text}: no such entry")
-            identity, make = child
-            node = self.table.ensure(parent, text, identity, make)
-        self.table.remember(node)
+            if isinstance(parent, TreeDir):
+                found = await self._tree_child(parent, text)
+                if found is None:
+                    raise PathNotFoundError(f"{text}: no such entry")
+                node = self._view_child(parent, *found)
+            else:
+                child = await self._child(parent, text)
+                if child is None:
+                    raise PathNotFoundError(f"{text}: no such entry")
+                identity, make = child
+                node = self.table.ensure(parent, text, identity, make)
+        self._remember(node)
         return node.attr(self.mount_time_ns)
 
     def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -603,16 +668,16 @@ class FileSystem:
         node = self._node(inode)
         if not isinstance(node, SymlinkNode):
             raise NotASymlinkError(f"inode {inode} is not a symbolic link")
-        return node.entry.target
+        return (await self._full(node)).entry.target
 
     async def getxattr(self, inode: int, name: bytes) -> bytes:
-        value = self._xattrs(self._node(inode)).get(name)
+        value = self._xattrs(await self._full(self._node(inode))).get(name)
         if value is None:
             raise NoSuchAttributeError(f"no extended attribute {name!r}")
         return value
 
     async def listxattr(self, inode: int) -> list[bytes]:
-        return sorted(self._xattrs(self._node(inode)))
+        return sorted(self._xattrs(await self._full(self._node(inode))))
 
     def _xattrs(self, node: Node) -> dict[bytes, bytes]:
         out = {k.encode(): v for k, v in node.xattrs().items()}
@@ -649,15 +714,64 @@ class FileSystem:
             raise BadHandleError(f"directory handle {fh} is not open")
         assert self.table is not None
         listing = h.listing
+        view = listing.view
+        table = self.table
+        if view is not None:
+            assert isinstance(h.node, TreeDir)
+            await self._readdir_view(h.node, listing, view, start_id, reply)
+            return
         for i in range(start_id, len(listing)):
-            if listing.needs_load(i):
-                await listing.load(i)
             name, identity, make = listing.child(i)
-            node = self.table.ensure(h.node, name, identity, make)
+            node = table.ensure(h.node, name, identity, make)
             if not reply(name.encode(), node.attr(self.mount_time_ns), i + 1):
-                self.table.discard(node)
+                table.discard(node)
                 return
-            self.table.remember(node)
+            table.remember(node)
+
+    async def _readdir_view(self, parent: TreeDir, listing: Listing, view: View, start_id: int, reply) -> None:
+        """readdir of a commit directory: a subdirectory is a node object, a file
+        or symlink only a count in its directory's block (vfs/inode.py)."""
+        table = self.table
+        block = table.block(parent, len(listing))
+        base, timeout, mtime = block.base, view.timeout, view.time_ns
+        page_of, first = block.page, block.first
+        page, page_no = None, -1
+        FILE, EXEC, DIR = Kind.FILE, Kind.EXEC, Kind.DIR
+        i, n = start_id, len(listing)
+        while i < n:
+            first_pos, entries = await listing.span(i)
+            if not 0 <= i - first_pos < len(entries):  # (a checked split tree cannot do this)
+                raise CorruptObjectError(f"tree {parent.entry.id.hex()} has no entry {i} of {n}")
+            for e in islice(entries, i - first_pos, None):
+                kind = e.kind
+                if kind is DIR:
+                    node = table.ensure(parent, e.name, entry_identity(e), lambda e=e: TreeDir(view, e))
+                    if not reply(e.name.encode(), node.attr(self.mount_time_ns), i + 1):
+                        table.discard(node)
+                        table.discard_block(block)
+                        return
+                    table.remember(node)
+                    i += 1
+                    continue
+                if kind is FILE:
+                    mode, code = FILE_MODE, _FILE
+                elif kind is EXEC:
+                    mode, code = EXEC_MODE, _EXEC
+                else:
+                    mode, code = SYMLINK_MODE, _SYMLINK
+                size = e.size
+                if not reply(e.name.encode(), Attr(base + i, mode, size, mtime, timeout, timeout), i + 1):
+                    table.discard_block(block)
+                    return
+                if i >> PAGE_BITS != page_no:  # (ChildBlock.remember, inlined: once per entry listed)
+                    page_no = i >> PAGE_BITS
+                    page = page_of(i)
+                j = i & (PAGE - 1)
+                c = page.counts[j]
+                if not c:
+                    first(page, j, code, size)
+                page.counts[j] = c + 1
+                i += 1
 
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
@@ -688,16 +802,15 @@ class FileSystem:
         self.readlog.record(node.entry.id, "/".join(reversed(names)))
 
     async def open(self, inode: int, flags: int) -> int:
-        node = self.check_open(inode, flags)
+        node = await self._full(self.check_open(inode, flags))
         if self.readlog is not None:
             self._record_read(node)
         h = _FileHandle(node, EMPTY_MANIFEST if node.entry.size == 0 else None)
-        if not node.opened:
+        if not node.block.mark_opened(node.pos):
             # A first open is nearly always followed by a read from offset 0, so the
             # reading starts now.  Later opens find the bytes in the kernel's page
             # cache (kept while the kernel keeps the inode), so they start nothing,
             # not even the manifest: a read that does come loads it.
-            node.opened = True
             if 0 < node.entry.size <= self.options.whole_file_bytes:
                 h.data = self._whole_file_now(node.entry.id)
             if h.data is None:
@@ -716,31 +829,26 @@ class FileSystem:
         ranged read (Loader.manifest), and a small file's read moves the
         directory read-ahead (vfs/dirahead.py): reading a directory's small
         files from S3 costs one request per many files."""
-        tree, pos = self._place(node)
+        node = await self._full(node)
+        tree, pos, base = self._place(node)
         if tree is None:
             return await self.loader.manifest(node.entry.id)
         if self._dir_ahead is not None and 0 < node.entry.size <= self.options.whole_file_bytes:
-            self._dir_ahead.on_read(node.parent, tree.entries, pos)
+            self._dir_ahead.on_read(node.parent, tree.entries, base + pos, base)
             fetching = self._dir_ahead.pending(node.entry.id)
             if fetching is not None:  # its chunks are on the way: wait, bounded
                 with trio.move_on_after(self.options.io_timeout_s):
                     await fetching.wait()
         return await self.loader.manifest(node.entry.id, self._neighbours(tree, pos, node))
 
-    def _place(self, node: FileNode) -> tuple[Tree | None, int]:
-        """The tree of ``node``'s directory (if held in memory) and its position there."""
-        try:
-            parent = self.table.get(node.parent)
-        except StaleInodeError:
-            return None, 0
-        entry = getattr(parent, "entry", None)
-        tree = self.loader.tree_cached(entry.id) if entry is not None and entry.is_dir else None
-        if isinstance(tree, SplitTree):  # its leaf: neighbours are read within it
-            tree = self._split_leaf_cached(tree, node.name)
-        if tree is None:
-            return None, 0
-        pos = tree.position(node.name)
-        return (tree, pos) if pos is not None else (None, 0)
+    def _place(self, node: FileNode) -> tuple[Tree | None, int, int]:
+        """The tree of ``node``'s directory if held in memory (of a split
+        directory: the leaf chunk holding it), ``node``'s position in that tree,
+        and the position of the tree's first entry in the directory."""
+        if node.block is None:
+            return None, 0, 0
+        base, tree = self._tree_at_now(node.block.dir.entry.id, node.pos)  # of a split tree: its leaf
+        return (tree, node.pos - base, base) if tree is not None else (None, 0, 0)
 
     @staticmethod
     def _neighbours(tree: Tree, i: int, node: FileNode) -> list[bytes]:
@@ -842,6 +950,7 @@ class FileSystem:
                 if node.is_dir:
                     raise IsADirectoryError_(f"inode {inode} is a directory")
                 raise PathNotFoundError(f"inode {inode} is not a regular file")
+            node = await self._full(node)
             if self.readlog is not None:
                 self._record_read(node)
             fsize = node.entry.size

@@ -12,8 +12,10 @@ after this one's: one coalesced ranged read fetches many of them.
 How
 ---
 One state per directory (its inode), at most ``MAX_DIRS``, the least recent
-dropped.  A cold read of a small file at position ``pos`` of its directory's
-tree either *follows* the state (``pos`` lies in the window the state has
+dropped, and positions are the directory's (in a split directory, whose reader
+holds one leaf chunk at a time, the leaf's first position plus the position in
+the leaf).  A cold read of a small file at position ``pos`` of its directory
+either *follows* the state (``pos`` lies in the window the state has
 started, or at most ``FOLLOW_GAP`` files past the furthest read, and at most
 ``BACK_FILES`` behind it: the reader goes on in directory order) or *jumps*
 (anywhere else, or a directory without a state).  A jump cancels the state's
@@ -103,8 +105,13 @@ class DirReadAhead:
         waits for that rather than fetch the same bytes beside it."""
         return self._pending.get(fid)
 
-    def on_read(self, dir_ino: int, entries: Sequence[TreeEntry], pos: int) -> None:
-        """A cold read of the small file ``entries[pos]`` (no awaits)."""
+    def on_read(self, dir_ino: int, entries: Sequence[TreeEntry], pos: int, base: int = 0) -> None:
+        """A cold read of the small file at position ``pos`` of its directory (no
+        awaits).  ``entries`` are those the caller holds, the directory's from
+        position ``base`` on: all of them for a plain tree (base 0), one leaf chunk
+        of a split directory (model/splittree.py).  Positions are the directory's
+        throughout, so a reader that goes on from one leaf into the next follows
+        its state; what is fetched ahead stays within ``entries``."""
         state = self._states.get(dir_ino)
         if state is not None and max(state.first, state.last - BACK_FILES) <= pos \
                 and pos < max(state.until, state.last + 1 + FOLLOW_GAP):
@@ -120,12 +127,13 @@ class DirReadAhead:
             while len(self._states) > MAX_DIRS:
                 self._states.popitem(last=False)[1].cancel()
             return  # one read is no stream yet: a shuffled reader costs no read-ahead
-        ahead = sum(1 for e in entries[pos + 1:state.until] if self._wanted(e))
+        end = base + len(entries)
+        ahead = sum(1 for e in entries[pos + 1 - base:max(state.until - base, 0)] if self._wanted(e))
         if ahead >= state.window // 2:
             return
         batch, nbytes, j = [], 0, max(state.until, pos + 1)
-        while j < len(entries) and ahead + len(batch) < state.window and nbytes < AHEAD_BYTES:
-            e = entries[j]
+        while j < end and ahead + len(batch) < state.window and nbytes < AHEAD_BYTES:
+            e = entries[j - base]
             if self._wanted(e):
                 batch.append(e.id)
                 nbytes += e.size

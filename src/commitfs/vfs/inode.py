@@ -18,25 +18,36 @@ silently make two files one):
   the table (except the root), so the table shrinks back after an
   ``ls -R`` of a huge dataset once the kernel drops its dentries.
 
+The kernel may hold millions of inodes, and the daemon must keep what it
+needs of each until the kernel forgets it, so the files and symlinks of a
+commit have no node object at all while the kernel holds them.  A commit's
+directory is immutable, so an entry is named by its directory and its
+position there: the first time one of a directory's files or symlinks is
+handed out, the table reserves a *block* of inode numbers, one per entry
+(``ChildBlock``: base + position), and keeps for each entry handed out only
+its lookup count, kind and size, in arrays of 64-bit ints (16 bytes an
+entry, in pages of ``PAGE`` positions made as they are needed).  What else a
+request needs of the entry (its id, name, target) is read again from the
+directory's tree (the loader's byte-capped cache, or the repository): the
+daemon keeps no TreeEntry alive once a tree is evicted.  An inode number
+stays the same while its block lives; a block leaves the table when the
+kernel has forgotten all of its entries (a later lookup gets a new block,
+new numbers).  Directories, view roots and the ref directories are node
+objects (few: a directory per hundreds of files), keyed by name in one dict
+per parent.  What nodes show (attributes, extended attributes) is computed
+from the immutable TreeEntry and the View (commit) they belong to.
+
 The counting and numbering (``InodeTable``) is the workspace's too
 (vfs/wstree.py), whose nodes are identified by the object rather than by a
-key (a rename moves the object); the key lookup is the read-only core's
-(``TreeInodeTable``).  ``NodeKind`` names what a node is, for both.
-
-Nodes are plain data, and small: the kernel may hold millions of inodes, and
-the daemon must keep a node for each until the kernel forgets it.  A node
-inside a commit keeps its inode number, its parent's, its lookup count, its
-View and its TreeEntry (shared with the decoded tree while that is cached),
-nothing else: its name is the entry's, its identity is computed from the
-entry, and its timeouts are its View's.  The table finds a child by name in
-one dict per parent directory (no key tuple per node).  What nodes show
-(attributes, extended attributes) is computed from the immutable TreeEntry
-and the View (commit) they belong to.
+key (a rename moves the object); the keys and the blocks are the read-only
+core's (``TreeInodeTable``).  ``NodeKind`` names what a node is, for both.
 """
 
 from __future__ import annotations
 
+import bisect
 import stat
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -265,15 +276,24 @@ class ViewRoot(TreeDir):
         return self._identity
 
 
-class FileNode(ViewNode):
-    #: ``opened``: some handle has been opened on this node.  The kernel keeps a
-    #: file's pages for as long as it keeps the inode (and this node), so only
-    #: a first open is worth reading ahead for (vfs/core.py, FileSystem.open).
-    __slots__ = ("opened",)
+class _BlockEntry(ViewNode):
+    """A file or symlink of a commit, made for one request from its block
+    (``block``, ``pos``: ChildBlock), not kept.  Its ``entry`` is the whole
+    TreeEntry when the directory's tree was in memory, else ``partial``: only
+    kind and size (enough for attributes; vfs/core.py reads the rest)."""
 
-    def __init__(self, view: View, entry: TreeEntry):
+    __slots__ = ("block", "pos", "partial")
+
+    def __init__(self, view: View, entry: TreeEntry, block: ChildBlock | None = None, pos: int = 0,
+                 partial: bool = False):
         super().__init__(view, entry)
-        self.opened = False
+        self.block = block
+        self.pos = pos
+        self.partial = partial
+
+
+class FileNode(_BlockEntry):
+    __slots__ = ()
 
     @property
     def mode(self) -> int:
@@ -284,7 +304,7 @@ class FileNode(ViewNode):
         return self.entry.size
 
 
-class SymlinkNode(ViewNode):
+class SymlinkNode(_BlockEntry):
     __slots__ = ()
 
     @property
@@ -293,7 +313,7 @@ class SymlinkNode(ViewNode):
 
     @property
     def size(self) -> int:
-        return len(self.entry.target)
+        return self.entry.size  # the target's length (model/objects.py checks it)
 
 
 def node_for_entry(view: View, entry: TreeEntry) -> ViewNode:
@@ -309,9 +329,111 @@ def entry_identity(entry: TreeEntry) -> tuple:
     return (entry.kind.value, entry.id)
 
 
+#: Positions per page of a ChildBlock's arrays: a lookup in a huge directory
+#: costs a page (~4 KiB), a listing 17 bytes an entry.
+PAGE_BITS = 8
+PAGE = 1 << PAGE_BITS
+#: Kind codes of the entries a block holds (never directories: those are nodes);
+#: a code's high bit says the entry has been opened.
+_FILE, _EXEC, _SYMLINK = 1, 2, 3
+_OPENED = 0x80
+_CODE_KIND = {_FILE: Kind.FILE, _EXEC: Kind.EXEC, _SYMLINK: Kind.SYMLINK}
+
+
+def kind_code(kind: Kind) -> int:
+    return _FILE if kind is Kind.FILE else _EXEC if kind is Kind.EXEC else _SYMLINK
+
+
+class BlockPage:
+    """``PAGE`` positions of a block: lookup counts, kind codes, sizes."""
+
+    __slots__ = ("counts", "kinds", "sizes", "live")
+
+    def __init__(self):
+        self.counts = array("Q", bytes(8 * PAGE))
+        self.kinds = array("B", bytes(PAGE))
+        self.sizes = array("Q", bytes(8 * PAGE))
+        self.live = 0  # positions with a count
+
+
+class ChildBlock:
+    """The inode numbers ``base .. base + count - 1`` of the entries of one
+    commit directory (``dir``, its node), by position; for each entry the
+    kernel holds, its lookup count, kind and size (module docstring)."""
+
+    __slots__ = ("base", "count", "dir", "pages", "live")
+
+    def __init__(self, base: int, count: int, dir: Node):
+        self.base = base
+        self.count = count
+        self.dir = dir
+        self.pages: dict[int, BlockPage] = {}  # page number (position >> PAGE_BITS) -> page
+        self.live = 0  # entries the kernel holds
+
+    def page(self, pos: int) -> BlockPage:
+        """The page of position ``pos``, made if new."""
+        page = self.pages.get(pos >> PAGE_BITS)
+        if page is None:
+            page = self.pages[pos >> PAGE_BITS] = BlockPage()
+        return page
+
+    def held(self, pos: int) -> bool:
+        page = self.pages.get(pos >> PAGE_BITS)
+        return page is not None and page.counts[pos & (PAGE - 1)] > 0
+
+    def kind(self, pos: int) -> Kind:
+        return _CODE_KIND[self.pages[pos >> PAGE_BITS].kinds[pos & (PAGE - 1)] & ~_OPENED]
+
+    def size(self, pos: int) -> int:
+        return self.pages[pos >> PAGE_BITS].sizes[pos & (PAGE - 1)]
+
+    def remember(self, pos: int, code: int, size: int, n: int = 1) -> None:
+        """Count ``n`` kernel references to entry ``pos`` (kind_code ``code``, ``size``)."""
+        page = self.page(pos)
+        i = pos & (PAGE - 1)
+        c = page.counts[i]
+        if not c:
+            self.first(page, i, code, size)
+        page.counts[i] = c + n
+
+    def first(self, page: BlockPage, i: int, code: int, size: int) -> None:
+        """Entry ``i`` of ``page`` is held from now on (its count is set by the caller)."""
+        page.kinds[i] = (page.kinds[i] & _OPENED) | code
+        page.sizes[i] = size
+        page.live += 1
+        self.live += 1
+
+    def forget(self, pos: int, n: int) -> None:
+        """Drop ``n`` references to entry ``pos``."""
+        page = self.pages.get(pos >> PAGE_BITS)
+        i = pos & (PAGE - 1)
+        if page is None or not page.counts[i]:
+            return
+        c = page.counts[i]
+        if c > n:
+            page.counts[i] = c - n
+            return
+        page.counts[i] = 0
+        page.kinds[i] = 0
+        page.live -= 1
+        if not page.live:
+            del self.pages[pos >> PAGE_BITS]
+        self.live -= 1
+
+    def mark_opened(self, pos: int) -> bool:
+        """Note an open of entry ``pos``; whether it had been opened before."""
+        page = self.pages.get(pos >> PAGE_BITS)
+        if page is None:  # forgotten meanwhile (the kernel holds what it opens: not seen)
+            return False
+        i = pos & (PAGE - 1)
+        k = page.kinds[i]
+        page.kinds[i] = k | _OPENED
+        return bool(k & _OPENED)
+
+
 class InodeTable:
     """Inode numbers <-> nodes, with the kernel's lookup counts: the one table of
-    both mounts (the read-only core's, ``TreeInodeTable``, and the workspace's).
+    both mounts (the read-only core's is ``TreeInodeTable``, the workspace's this).
 
     A node is anything with ``ino`` and ``lookups`` slots.  Numbers come from one
     counter and only ever grow (``new_number``), so a number the kernel forgot is
@@ -337,6 +459,7 @@ class InodeTable:
         return ino in self._by_ino
 
     def nodes(self) -> list:
+        """The node objects in the table."""
         return list(self._by_ino.values())
 
     def get(self, ino: int):
@@ -346,7 +469,7 @@ class InodeTable:
         return node
 
     def new_number(self) -> int:
-        """A number never handed out before (the node enters the table at ``remember``)."""
+        """A number never handed out before (its node enters the table at ``remember``)."""
         ino = self._next
         self._next += 1
         return ino
@@ -377,14 +500,72 @@ class InodeTable:
 
 
 class TreeInodeTable(InodeTable):
-    """The read-only core's table: nodes keyed by (parent inode, name, identity)
-    (the module docstring), found or made by ``ensure``."""
+    """The read-only core's table: nodes keyed by (parent inode, name, identity),
+    found or made by ``ensure``, and the blocks of numbers of commit directories'
+    files and symlinks (module docstring).
 
-    def __init__(self, root: Node):
+    ``make_child(block, pos)``: the node of a block's entry, made for a
+    request (the file system reads the entry from the directory's tree)."""
+
+    def __init__(self, root: Node, make_child: Callable[[ChildBlock, int], Node] | None = None):
         super().__init__(root)
         root.parent = ROOT_INODE
         #: parent inode -> {name: node}: one dict per directory with known children.
         self._children: dict[int, dict[str, Node]] = {}
+        self._make_child = make_child
+        #: Directory inode -> the block of its entries; the live blocks by base, in order.
+        self._blocks: dict[int, ChildBlock] = {}
+        self._bases: list[int] = []
+        self._block_list: list[ChildBlock] = []
+
+    def __len__(self) -> int:
+        return len(self._by_ino) + sum(b.live for b in self._block_list)
+
+    def __contains__(self, ino: int) -> bool:
+        return ino in self._by_ino or self.locate(ino) is not None
+
+    def get(self, ino: int) -> Node:
+        node = self._by_ino.get(ino)
+        if node is None:
+            found = self.locate(ino)
+            if found is None or self._make_child is None:
+                raise StaleInodeError(f"inode {ino} is not known (forgotten or never handed out)")
+            node = self._make_child(*found)
+        return node
+
+    # --- blocks: the files and symlinks of commit directories -------------------------
+    def block(self, dir: Node, count: int) -> ChildBlock:
+        """The block of directory node ``dir``'s ``count`` entries, reserved if new."""
+        b = self._blocks.get(dir.ino)
+        if b is None:
+            b = self._blocks[dir.ino] = ChildBlock(self._next, count, dir)
+            self._next += max(count, 1)
+            self._bases.append(b.base)  # numbers only grow: the list stays sorted
+            self._block_list.append(b)
+        return b
+
+    def locate(self, ino: int) -> tuple[ChildBlock, int] | None:
+        """(block, position) of a block entry the kernel holds, or None."""
+        i = bisect.bisect_right(self._bases, ino) - 1
+        if i < 0:
+            return None
+        b = self._block_list[i]
+        pos = ino - b.base
+        return (b, pos) if pos < b.count and b.held(pos) else None
+
+
+    def discard_block(self, b: ChildBlock) -> None:
+        """Drop a block none of whose entries the kernel holds (a refused readdir entry)."""
+        if not b.live:
+            self._drop_block(b)
+
+    def _drop_block(self, b: ChildBlock) -> None:
+        if self._blocks.get(b.dir.ino) is b:
+            del self._blocks[b.dir.ino]
+        i = bisect.bisect_left(self._bases, b.base)
+        if i < len(self._bases) and self._block_list[i] is b:
+            del self._bases[i]
+            del self._block_list[i]
 
     def ensure(self, parent: Node, name: str, identity: tuple, make: Callable[[], Node]) -> Node:
         """The node under ``parent`` with this name and identity, created if new.
@@ -407,6 +588,21 @@ class TreeInodeTable(InodeTable):
                 children = self._children[parent.ino] = {}
             children[name] = node
         return node
+
+    def remember(self, node: Node, n: int = 1) -> None:
+        node.lookups += n  # ``ensure`` put it in the table
+
+    def forget(self, ino: int, n: int):
+        node = self._by_ino.get(ino)
+        if node is None:
+            found = self.locate(ino)
+            if found is not None:
+                b, pos = found
+                b.forget(pos, n)
+                if not b.live:
+                    self._drop_block(b)
+            return None
+        return super().forget(ino, n)
 
     def _remove(self, node: Node) -> None:
         self._by_ino.pop(node.ino, None)

@@ -18,7 +18,8 @@ writable overlay) load trees, manifests, commits and chunks through a Loader:
   unbounded threads either.  Retrying transient failures is the store's
   business (storage/retry.py), not repeated here.
 
-Trees, manifests and commits are kept in size-bounded LRU caches, and each
+Trees, manifests and commits are kept in LRU caches capped by (estimated)
+bytes, and each
 miss is loaded once however many requests want it at the same moment
 (single flight).  Of chunks, only those of small fetches are kept, in a
 byte-capped LRU (``RECENT_CHUNK_BYTES``): a random reader of a large file
@@ -40,7 +41,7 @@ from cachetools import LRUCache
 from commitfs.errors import StorageTimeoutError
 from commitfs.model.objects import Commit, DecodeError, FileManifest, Tree
 from commitfs.model.splittree import SplitTree, TreeIndex
-from commitfs.repo.repository import Repository
+from commitfs.repo.repository import Repository, manifest_cost, tree_cost
 from commitfs.vfs.errors import ShuttingDownError
 
 
@@ -131,14 +132,25 @@ class SingleFlight:
             flight.done.set()
 
 
-def _tree_weight(t) -> int:
-    """A cached tree's weight in entries: a split directory's root and an index
+#: Bytes of decoded trees (and split directories' chunks), and of manifests, a
+#: Loader keeps (estimates: _tree_bytes, repository.manifest_cost).  By bytes,
+#: not entries: the daemon's memory must not grow with the dataset.
+TREE_CACHE_BYTES = 48 * 1024 * 1024
+TREE_NODE_CACHE_BYTES = 32 * 1024 * 1024
+MANIFEST_CACHE_BYTES = 32 * 1024 * 1024
+#: A decoded TreeEntry with its name, id and size (~270 B) and its slot in the
+#: tree's name index (built by the first lookup).
+_ENTRY_BYTES = 350
+
+
+def _tree_bytes(t) -> int:
+    """A cached tree's memory, roughly: a split directory's root and an index
     node count their children, never what lies below them."""
     if isinstance(t, SplitTree):
         t = t.root
     if isinstance(t, TreeIndex):
-        return len(t.children) + 1
-    return len(t.entries) + 1
+        return tree_cost(t)
+    return 200 + _ENTRY_BYTES * len(t.entries)
 
 
 class Loader:
@@ -148,12 +160,12 @@ class Loader:
         self.repo = repo
         self.io_timeout_s = io_timeout_s
         self._limiter = trio.CapacityLimiter(io_threads or default_io_threads(repo))
-        self._trees = SingleFlight(LRUCache(maxsize=1_000_000, getsizeof=_tree_weight))
+        self._trees = SingleFlight(LRUCache(maxsize=TREE_CACHE_BYTES, getsizeof=_tree_bytes))
         # Chunks and index nodes of split directories (model/splittree.py), by
         # their own ids: a lookup loads one per level, a listing page its leaf.
-        self._tree_nodes = SingleFlight(LRUCache(maxsize=1_000_000, getsizeof=_tree_weight))
+        self._tree_nodes = SingleFlight(LRUCache(maxsize=TREE_NODE_CACHE_BYTES, getsizeof=_tree_bytes))
         self._load_tree_node = functools.partial(repo.load_tree_node, keep=False)
-        self._manifests = SingleFlight(LRUCache(maxsize=4_000_000, getsizeof=lambda m: len(m.chunk_ids) + 1))
+        self._manifests = SingleFlight(LRUCache(maxsize=MANIFEST_CACHE_BYTES, getsizeof=manifest_cost))
         self._commits = SingleFlight(LRUCache(maxsize=4096))
         #: Recently verified chunks by id (module doc); only the event loop touches it.
         self._recent: LRUCache = LRUCache(maxsize=RECENT_CHUNK_BYTES, getsizeof=len)
