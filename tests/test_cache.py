@@ -81,6 +81,41 @@ def test_eviction_keeps_recently_used(tmp_path):
     assert cache.get(extra[-1][0]) == extra[-1][1]  # just written: kept
 
 
+def test_write_behind_serves_pending_chunks_from_memory_and_writes_them_all(tmp_path, monkeypatch):
+    """A write-behind put returns before the chunk's file exists; the chunk is served
+    (and counted a hit) from memory until written; beyond ``max_pending`` bytes a put
+    writes in the caller's thread; close writes everything pending."""
+    import threading
+
+    cache = DiskChunkCache(tmp_path / "c", max_bytes=1 << 20)
+    gate = threading.Event()
+    real = cache._put_now
+
+    def held(oid, data):
+        assert gate.wait(60)
+        real(oid, data)
+    monkeypatch.setattr(cache, "_put_now", held)
+    cache.write_behind(max_pending=25_000)  # two 10 kB chunks wait, the third is written at once
+    chunks = [chunk(i) for i in range(3)]
+    for oid, data in chunks[:2]:
+        cache.put(oid, data)
+        assert not cache._file(oid).exists()  # the writer is held: only memory has it
+        assert oid in cache and cache.get(oid) == data
+    assert cache.stats.hits == 2 and cache.stats.puts == 0
+    monkeypatch.setattr(cache, "_put_now", real)  # the caller's own write is not held
+    cache.put(*chunks[2])
+    assert cache._file(chunks[2][0]).exists() and cache.stats.puts == 1
+    gate.set()
+    cache.close()
+    assert cache.stats.puts == 3 and cache._pending is None
+    fresh = DiskChunkCache(tmp_path / "c", max_bytes=1 << 20)
+    assert all(fresh.get(oid) == data for oid, data in chunks)
+    # Closed: puts write in the caller's thread again.
+    oid, data = chunk(9)
+    cache.put(oid, data)
+    assert cache._file(oid).exists()
+
+
 def test_chunk_larger_than_a_quarter_of_the_cap_is_not_cached(tmp_path):
     cache = DiskChunkCache(tmp_path, max_bytes=30_000)
     oid, data = chunk(3, 10_000)

@@ -210,3 +210,63 @@ def test_the_fast_path_is_engaged_only_when_pyfuse3s_session_went_through_it():
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip() == want, code
+
+
+@pytest.mark.timeout(120)
+def test_a_libfuse_whose_own_session_function_cannot_be_found_mounts_without_the_fast_path(
+        mounts, local_url, tmp_path):
+    """The C module is made global only once it has found libfuse's own fuse_session_new
+    (the function its wrapper calls).  Where it cannot (COMMITFS_TEST_LIBFUSE_SYMBOL names a
+    function libfuse does not have), the mount is still made, by pyfuse3 with libfuse's own
+    function: every byte right, one OPEN per open, and the warning that says why, at
+    `commitfs mount` and in the log.  (It once failed the mount: the wrapper, already
+    global, returned no session.)"""
+    from core_fixtures import cli_env
+    from mount_fixtures import run_commitfs
+
+    files = _data(tmp_path / "data")
+    with Repository.init(local_url) as repo:
+        commit_directory(repo, tmp_path / "data", message="one")
+    mnt, log = mounts.mountpoint(), tmp_path / "mount.log"
+    env = dict(cli_env(), COMMITFS_TEST_LIBFUSE_SYMBOL="commitfs_no_such_libfuse_function")
+    proc = mounts.mount(local_url, mnt, "--log-file", str(log), rev="main", env=env, check=False)
+    assert proc.returncode == 0, proc.stderr
+    why = "libfuse's own commitfs_no_such_libfuse_function was not found"
+    assert proc.stderr.startswith("commitfs: warning: this mount runs without commitfs's fast path"), proc.stderr
+    assert why in proc.stderr
+    opened = _read_everything(mnt, files) + _read_everything(mnt, files)
+    assert run_commitfs("umount", str(mnt)).returncode == 0
+    text = log.read_text()
+    assert "WARNING" in text and why in text and "files are opened by the daemon" in text
+    assert _logged(text, "OPEN requests: ") >= opened
+    assert _logged(text, "READs by inode (fast path): ") == 0
+
+
+@pytest.mark.timeout(60)
+def test_the_c_module_joins_the_global_scope_only_after_binding_libfuse():
+    """bind() finds libfuse's own fuse_session_new (not the module's own definition) and
+    refuses a name libfuse does not have, and then fastpath says why it is off;
+    make_global() is refused before a successful bind() and done after one."""
+    code = (
+        "import os, sys\n"
+        "from commitfs.fuse import fastpath, _noopen as n\n"
+        "print(n.bind('commitfs_no_such_libfuse_function'))\n"
+        "try:\n"
+        "    n.make_global()\n"
+        "except RuntimeError:\n"
+        "    print('refused')\n"
+        "print(fastpath.engage())\n")
+    env = dict(os.environ, COMMITFS_TEST_LIBFUSE_SYMBOL="commitfs_no_such_libfuse_function")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "False", "refused",
+        "libfuse's own commitfs_no_such_libfuse_function was not found beside the libfuse3 "
+        "commitfs.fuse._noopen links"]
+    env.pop("COMMITFS_TEST_LIBFUSE_SYMBOL")
+    env.pop("COMMITFS_NO_FASTPATH", None)
+    proc = subprocess.run([sys.executable, "-c", "from commitfs.fuse import _noopen as n\n"
+                           "print(n.bind('fuse_session_new'), n.make_global())"],
+                          capture_output=True, text=True, timeout=30, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "True"]

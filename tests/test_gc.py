@@ -7,6 +7,7 @@ Grace periods here are a fraction of a second, with ``force`` (the CLI's
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -210,6 +211,59 @@ def test_a_reader_opened_before_gc_reads_what_gc_moved(repo, tmp_path):
     assert report.packs_repacked >= 1 and shared_store(repo.url).lookup_size(pack_key(old_pack)) is None
     assert bytes(reader.load_file(fid)) == shared
     assert b"".join(stale.load_chunks(ids)) == shared
+
+
+def _held(path: str) -> list[str]:
+    """What this process's open descriptors name at ``path`` (" (deleted)" once removed)."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(path):
+            out.append(target)
+    return out
+
+
+def test_a_reader_lets_go_of_the_packs_gc_removed(local_repo, tmp_path, monkeypatch):
+    """A long-lived reader of a local repository (a mount's) keeps pack descriptors
+    open: the store's for its reads (storage/local.py), the resident reader's for reads
+    from the page cache (repo/resident.py).  Once gc in another process has removed a
+    pack, the reader's next reads (RECHECK_S later; 0 here) close both, so the pack's
+    space is freed while the reader lives on, and the file still reads right, now
+    from its new pack."""
+    from commitfs.repo import resident
+    from commitfs.storage import local
+
+    monkeypatch.setattr(resident, "RECHECK_S", 0.0)
+    monkeypatch.setattr(local, "RECHECK_S", 0.0)
+    repo = local_repo
+    rng = random.Random(24)
+    x_dir, main_dir = tmp_path / "x", tmp_path / "main"
+    shared = rng.randbytes(MiB)
+    write_file(x_dir / "shared.bin", shared)
+    write_file(x_dir / "dead.bin", rng.randbytes(2 * MiB))
+    x = commit_directory(repo, x_dir, branch="x", message="x").commit_id
+    write_file(main_dir / "shared.bin", shared)
+    main = commit_directory(repo, main_dir, message="main").commit_id
+    repo.refs.set_branch_if_equals("x", None, x)
+    with Repository.open(repo.url) as reader:  # its own store, as a mount's daemon has
+        fid = reader.load_tree(reader.load_commit(main).tree).get("shared.bin").id
+        ids = list(reader.load_manifest(fid).chunk_ids)
+        assert b"".join(reader.load_chunks(ids)) == shared  # by the store's descriptor
+        old_pack = reader.locate(ids[0]).pack
+        path = str(reader.store.local_path(pack_key(old_pack)))
+        got = reader.file_from_memory(fid)  # the page cache's bytes, by the resident reader's
+        assert got is not None and bytes(got) == shared
+        assert _held(path) == [path, path]
+        cli_ok("-r", repo.url, "gc", "--force", "--grace", "0s", "--repack-below", "0.9")
+        assert not os.path.exists(path)
+        assert _held(path) == [path + " (deleted)"] * 2  # the space is still allocated
+        assert reader.file_from_memory(fid) is None  # the old pack is gone: the blocking path decides
+        assert b"".join(reader.load_chunks(ids)) == shared
+        assert _held(path) == []
+        assert reader.locate(ids[0]).pack != old_pack
 
 
 def test_a_storage_error_mid_gc_stops_it_and_a_rerun_finishes(two_branches, tmp_path):

@@ -611,6 +611,55 @@ def test_sigterm_stops_the_daemon_and_unmounts(dataset, mounts):
     assert lookup_daemon_pid(mnt) is None
 
 
+def test_sigterm_mid_random_reads_ends_page_cache_hand_offs_before_the_close(dataset, mounts, tmp_path):
+    """Random reads hand verified chunks to the page cache from worker threads; a SIGTERM
+    while they run ends those hand-offs while requests are still answered (one may wait
+    for a READ of a page it stores), then unmounts: the daemon exits cleanly, without
+    the 5 s timeout's warning or an abandoned session, and the mount is gone.  The
+    connection the daemon would abort is the mount's own (found without a request)."""
+    import random
+    import threading
+
+    from commitfs.fuse.lifecycle import fuse_connection
+
+    log = tmp_path / "mount.log"
+    mnt = mounts.mountpoint()
+    mounts.mount(dataset.url, mnt, "--log-file", str(log), rev="v1")
+    assert fuse_connection(mnt) == f"/sys/fs/fuse/connections/{os.stat(mnt).st_dev}"
+    pid = lookup_daemon_pid(mnt)
+    path = mnt / "fixed" / "big.bin"
+    size = path.stat().st_size
+    stop = threading.Event()
+
+    def reads():
+        rng = random.Random(3)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                while not stop.is_set():
+                    os.pread(fd, 4096, rng.randrange(size - 4096))
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # the mount went away under the reader
+
+    readers = [threading.Thread(target=reads) for _ in range(2)]
+    for t in readers:
+        t.start()
+    try:
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGTERM)
+        assert wait_gone(pid)
+    finally:
+        stop.set()
+        for t in readers:
+            t.join(30)
+    assert find_mount(mnt) is None
+    text = log.read_text()
+    assert "SIGTERM: stopping" in text and "unmounted" in text
+    assert "page-cache hand-off" not in text
+
+
 def test_foreground_mount_serves_until_unmounted(dataset, mounts, tmp_path):
     mnt = mounts.mountpoint()
     proc = subprocess.Popen(

@@ -134,3 +134,81 @@ def test_unmount_waits_for_page_cache_hand_offs_and_refuses_new_ones(monkeypatch
     assert adapter.end_page_stores(timeout=5) is True
     adapter.store_pages(8, 0, b"y")  # after the door closed: not handed to the kernel
     assert calls == [7]
+
+
+def _blocked_hand_off(monkeypatch):
+    """A hand-off stuck in notify_store until ``release`` is set (as one waiting for a
+    page a READ nobody answers holds locked); returns (thread, release, calls)."""
+    import threading
+
+    from commitfs.fuse import adapter
+
+    monkeypatch.setattr(adapter, "_stores_open", True)
+    monkeypatch.setattr(adapter, "_stores_running", 0)
+    monkeypatch.setattr(adapter, "ABORTED_WAIT_S", 5.0)
+    entered, release, calls = threading.Event(), threading.Event(), []
+
+    def notify_store(inode, offset, data):
+        calls.append(inode)
+        entered.set()
+        release.wait(20)
+
+    monkeypatch.setattr(adapter.pyfuse3, "notify_store", notify_store)
+    t = threading.Thread(target=adapter.store_pages, args=(7, 0, b"x"))
+    t.start()
+    assert entered.wait(10)
+    return t, release, calls
+
+
+def test_a_hand_off_still_running_at_unmount_is_ended_by_aborting_the_connection(monkeypatch, caplog):
+    """A hand-off still in flight at the timeout: the FUSE connection is aborted (which
+    ends the READ it waits for: here, the stand-in's release), then the wait goes on,
+    bounded, and the session may be freed."""
+    from commitfs.fuse import adapter
+
+    t, release, calls = _blocked_hand_off(monkeypatch)
+    aborted = []
+
+    def abort():
+        aborted.append(True)
+        release.set()
+        return None
+
+    with caplog.at_level(logging.WARNING, logger="commitfs.fuse.adapter"):
+        assert adapter.end_page_stores(timeout=0.2, abort=abort) is True
+    t.join(10)
+    assert aborted == [True] and calls == [7]
+    assert any("FUSE connection aborted" in r.getMessage() for r in caplog.records)
+
+
+def test_a_hand_off_that_outlives_the_abort_keeps_the_session_allocated(monkeypatch, caplog):
+    """Where the connection cannot be aborted (not root, no fusectl), or the hand-off
+    still runs after it, end_page_stores says so (False, an ERROR naming why), and the
+    daemon's close then only detaches the mount: pyfuse3.close, which frees the session
+    the hand-off writes to, is not called."""
+    from commitfs.fuse import adapter, daemon
+    from commitfs.fuse.lifecycle import DaemonConfig
+
+    t, release, _ = _blocked_hand_off(monkeypatch)
+    monkeypatch.setattr(adapter, "ABORTED_WAIT_S", 0.2)
+    try:
+        with caplog.at_level(logging.ERROR, logger="commitfs.fuse.adapter"):
+            assert adapter.end_page_stores(timeout=0.2, abort=lambda: "cannot abort it here") is False
+        assert any("cannot abort it here" in r.getMessage() and "left allocated" in r.getMessage()
+                   for r in caplog.records)
+        closed, detached = [], []
+        monkeypatch.setattr(daemon.pyfuse3, "close", lambda unmount=True: closed.append(unmount))
+        monkeypatch.setattr(daemon, "detach", detached.append)
+        monkeypatch.setattr(daemon, "end_page_stores", lambda abort=None: adapter.end_page_stores(0.2, abort))
+        config = DaemonConfig(repo="/nonexistent/repo", mountpoint="/nonexistent/mnt", cache_dir="/nonexistent",
+                              log_file="/dev/null")
+        daemon._close(config, "/nonexistent/connection")  # its abort fails: no such file
+        assert closed == [] and detached == ["/nonexistent/mnt"]
+        release.set()
+        t.join(10)
+        daemon._close(config, None)  # nothing in flight: closed as usual
+        assert closed == [True]
+    finally:
+        release.set()
+        t.join(10)
+

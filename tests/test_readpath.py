@@ -80,6 +80,37 @@ def test_a_commit_to_s3_makes_no_index_request_per_new_chunk(store_url, tmp_path
 
 
 @pytest.mark.parametrize("store_url", ["s3"], indirect=True)
+def test_a_commit_to_s3_of_data_already_stored_makes_no_index_request_per_chunk(
+        store_url, tmp_path, cache_home, monkeypatch):
+    """A commit of data the repository already holds (a re-commit, a copy, a push)
+    asks a large segment about every chunk and every answer is yes: that costs the
+    one ranged read of its ids for the whole commit, not a lookup per chunk to
+    confirm a matching id prefix (two ranged GETs one after another)."""
+    monkeypatch.setattr(index_mod, "_WHOLE_LOAD_LIMIT", 256)  # every segment here is "large"
+    rng = random.Random(42)
+    n = 30
+    with Repository.init(store_url) as repo:
+        _files(tmp_path / "a", rng, n)
+        commit_directory(repo, tmp_path / "a", message="first")
+    # The same files under new names, and a few new ones.
+    for i in range(n):
+        write_file(tmp_path / "b" / f"copy{i:03}.bin", (tmp_path / "a" / f"f{i:03}.bin").read_bytes())
+    _files(tmp_path / "b", rng, 3, prefix="new")
+    repo = counting_repository(store_url)
+    stats = commit_directory(repo, tmp_path / "b", message="second").write
+    assert stats.blobs_dedup >= n, stats  # every old chunk was found stored
+    segments = len(repo.index.segments())
+    index_reads = repo.store.reads_of["index"]
+    assert index_reads <= 3 * segments, (index_reads, segments)
+    assert index_reads < n
+    with Repository.open(store_url) as fresh:
+        tree = fresh.load_tree(fresh.load_commit(fresh.resolve("main")).tree)
+        assert len(tree.entries) == n + 3
+        entry = next(e for e in tree.entries if e.name == "copy007.bin")
+        assert bytes(fresh.load_file(entry.id)) == (tmp_path / "a" / "f007.bin").read_bytes()
+
+
+@pytest.mark.parametrize("store_url", ["s3"], indirect=True)
 def test_a_cold_s3_read_of_a_directorys_small_files_costs_one_request_each(store_url, tmp_path, cache_home):
     """Through the file-system core over S3 with a chunk cache, as a mount reads:
     the first file's manifest read brings its directory neighbours' manifests in the

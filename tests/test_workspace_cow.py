@@ -60,6 +60,40 @@ def _apply(model: bytearray, data: bytearray, cow: Cow, rng: random.Random, size
     return s
 
 
+def test_incremental_changes_keep_the_stored_rows_equal_to_the_ranges():
+    """What a flush stores (``changes``: rows to write, starts to delete) keeps the
+    ranges table equal to the ranges after any writes and truncations; a Cow made from stored rows it must clamp stores them again."""
+    rng = random.Random(11)
+    for _ in range(300):
+        until = rng.randrange(1, 5000)
+        cow = Cow(b"x", until)
+        stored: dict[int, int] = {}
+        for _ in range(rng.randrange(1, 40)):
+            if rng.random() < 0.85:
+                a = rng.randrange(0, 5200)
+                cow.add(a, a + rng.randrange(1, 300))
+            else:
+                cow.truncate(rng.randrange(0, 5200))
+            if rng.random() < 0.3:
+                put, gone = cow.changes()
+                for a in gone:
+                    stored.pop(a, None)
+                stored.update(put)
+                cow.stored()
+                assert stored == dict(cow.ranges())
+                assert cow.changes() == ([], []) and not cow.dirty
+        put, gone = cow.changes()
+        for a in gone:
+            stored.pop(a, None)
+        stored.update(put)
+        assert stored == dict(cow.ranges())
+    rows = [(0, 10), (20, 40), (50, 60)]
+    clamped = Cow(b"x", 30, rows)  # a truncation to 30 reached the data file, not the rows
+    assert clamped.ranges() == [(0, 10), (20, 30)] and clamped.dirty
+    assert clamped.changes() == ([(20, 30)], [50])
+    assert not Cow(b"x", 100, rows).dirty
+
+
 def test_extents_merge_and_segments_match_a_model():
     rng = random.Random(7)
     for _ in range(300):

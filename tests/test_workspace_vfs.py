@@ -337,7 +337,7 @@ def test_an_older_overlay_gains_the_links_table_and_a_newer_one_is_refused(repo_
     of a version this commitfs does not know is a one-line error, nothing changed."""
     import sqlite3
 
-    from commitfs.vfs.overlay import SCHEMA_VERSION, WorkspaceMismatchError
+    from commitfs.vfs.overlay import PLACEHOLDER, SCHEMA_VERSION, WorkspaceMismatchError
 
     repo, base = repo_and_base
     ws = tmp_path / "ws"
@@ -368,6 +368,8 @@ def test_an_older_overlay_gains_the_links_table_and_a_newer_one_is_refused(repo_
 
     fs = _open(repo, ws)
     assert fs.overlay.get_meta("version") == SCHEMA_VERSION
+    # Moved to version 4's layout: the database renamed, a placeholder in its place.
+    assert (ws / "overlay.sqlite").exists() and (ws / "overlay.db").read_bytes() == PLACEHOLDER
     trio.run(link_it, fs)
     fs = _open(repo, ws)
     names = {name: n for name, n in fs.root.children.items()}
@@ -375,15 +377,15 @@ def test_an_older_overlay_gains_the_links_table_and_a_newer_one_is_refused(repo_
     assert fs.attr(names["old.txt"]).nlink == 2
     fs.overlay.close()
 
-    db = sqlite3.connect(str(ws / "overlay.db"))
+    db = sqlite3.connect(str(ws / "overlay.sqlite"))
     db.execute("UPDATE meta SET value = '99' WHERE key = 'version'")
     db.commit()
     db.close()
-    before = (ws / "overlay.db").read_bytes()
+    before = (ws / "overlay.sqlite").read_bytes()
     with pytest.raises(WorkspaceMismatchError, match=r"overlay format '99'.*newer commitfs") as info:
         _open(repo, ws)
     assert "\n" not in str(info.value)
-    assert (ws / "overlay.db").read_bytes() == before
+    assert (ws / "overlay.sqlite").read_bytes() == before
 
 
 def test_crash_after_the_branch_moved_with_hard_links(repo_and_base, tmp_path, monkeypatch):
@@ -421,8 +423,8 @@ def test_crash_after_the_branch_moved_with_hard_links(repo_and_base, tmp_path, m
 
 
 def test_a_rebase_resolves_split_directories_before_it_clears(tmp_path, cache_home, monkeypatch):
-    """A reset (or a commit's settle) re-bases every in-memory node onto the new tree: a
-    split directory's lookups (model/splittree.py: a leaf load each) run in a worker
+    """A reset (or a commit's settle) re-bases every node the kernel knows onto the new
+    tree: a split directory's lookups (model/splittree.py: a leaf load each) run in a worker
     thread before the overlay is cleared, so a storage error there leaves the edits and
     the nodes as they were (it came after the clear, on the event loop: nodes
     half-rebased onto a cleared overlay)."""
@@ -470,3 +472,87 @@ def test_a_rebase_resolves_split_directories_before_it_clears(tmp_path, cache_ho
             await k.close(fh)
     trio.run(main)
     repo.close()
+
+
+def test_a_flush_writes_only_the_ranges_that_changed_in_a_worker_thread(repo_and_base, tmp_path):
+    """Copy-on-write ranges (vfs/wscow.py) are stored incrementally: after a file with
+    many written ranges was flushed, one more small write costs a flush of one row,
+    not of every range; and the rows are written in a worker thread (the loader's
+    limiter and I/O timeout), never on the event loop.  It used to delete and insert
+    all of a file's ranges on the event loop at every flush."""
+    import threading
+
+    repo, _ = repo_and_base
+    statements: list[tuple[str, bool]] = []
+
+    async def main():
+        async with _session(repo, tmp_path / "ws") as k:
+            conn = k.fs.overlay._conn
+            fh = await k.open("fixed/big.bin", os.O_RDWR)
+            for i in range(200):  # 200 ranges apart from each other
+                await k.pwrite(fh, i * 400, b"w")
+            await k.fsync(fh)
+            assert len(k.fs.overlay.load_ranges()[k.fs._node(k.handles[fh]).oid]) == 200
+            conn.set_trace_callback(lambda sql: statements.append(
+                (sql, threading.current_thread() is threading.main_thread())))
+            await k.pwrite(fh, 50, b"x")  # a new range
+            await k.pwrite(fh, 400, b"yy")  # one that grows
+            await k.fsync(fh)
+            conn.set_trace_callback(None)
+            await k.close(fh)
+            assert await k.read_file("fixed/big.bin") == expected
+    base = bytearray((tmp_path / "src" / "fixed" / "big.bin").read_bytes())
+    for i in range(200):
+        base[i * 400] = ord("w")
+    base[50:51], base[400:402] = b"x", b"yy"
+    expected = bytes(base)
+    trio.run(main)
+    ranges = [(sql, main) for sql, main in statements if "ranges" in sql]
+    assert 1 <= len(ranges) <= 4, ranges
+    assert not any(main for _, main in ranges), ranges
+
+
+def test_a_version_3_overlay_moves_in_place_and_older_commitfs_refuse_it(repo_and_base, tmp_path):
+    """Version 4's layout (vfs/overlay.py, docs/FORMAT.md): a version-3 overlay (its
+    database overlay.db, a sparse copy-on-write data file) opens with every edit and
+    range, its database moved to overlay.sqlite; overlay.db is then a placeholder no
+    older commitfs can open as a database (they all start with its journal mode), so
+    they refuse the workspace instead of reading the sparse data file as the file."""
+    import sqlite3
+
+    from commitfs.vfs.overlay import PLACEHOLDER
+
+    repo, _ = repo_and_base
+    ws = tmp_path / "ws"
+    big = (tmp_path / "src" / "fixed" / "big.bin").read_bytes()
+    want = b"EDIT" + big[4:50_000] + b"more" + big[50_004:]
+
+    async def edit():
+        async with _session(repo, ws) as k:
+            fh = await k.open("fixed/big.bin", os.O_RDWR)
+            await k.pwrite(fh, 0, b"EDIT")
+            await k.pwrite(fh, 50_000, b"more")
+            await k.close(fh)
+            await k.write_file("new.txt", b"new")
+    trio.run(edit)
+    # Back to version 3's layout, as the commitfs before this one left it.
+    (ws / "overlay.db").unlink()
+    (ws / "overlay.sqlite").rename(ws / "overlay.db")
+    db = sqlite3.connect(str(ws / "overlay.db"))
+    db.execute("UPDATE meta SET value = '3' WHERE key = 'version'")
+    db.commit()
+    db.close()
+
+    async def check():
+        async with _session(repo, ws) as k:
+            assert await k.read_file("fixed/big.bin") == want
+            assert await k.read_file("new.txt") == b"new"
+            assert k.fs.overlay.get_meta("version") == "4"
+    trio.run(check)
+    assert (ws / "overlay.db").read_bytes() == PLACEHOLDER
+    assert not (ws / "overlay.db-wal").exists()
+    old = sqlite3.connect(str(ws / "overlay.db"))  # what every older commitfs does first
+    with pytest.raises(sqlite3.DatabaseError, match="not a database"):
+        old.execute("PRAGMA journal_mode=WAL")
+    old.close()
+    trio.run(check)  # and opened again, as it is

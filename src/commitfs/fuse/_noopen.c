@@ -10,8 +10,8 @@
  * fuse_session_new (libfuse's public, ABI-stable entry point, the one call
  * pyfuse3.init makes to hand libfuse its table of callbacks; and
  * fuse_session_new_versioned, which that call becomes with libfuse >= 3.17's
- * headers: untested here, where Debian 12 has 3.14).  Loaded with
- * RTLD_GLOBAL before pyfuse3 (fuse/fastpath.py, in the daemon only), this
+ * headers: untested here, where Debian 12 has 3.14).  Made global before
+ * pyfuse3 is loaded (fuse/fastpath.py, in the daemon only), this
  * definition is the one pyfuse3's reference binds to: the dynamic linker looks
  * in the global scope before a library's own dependencies.  The wrapper copies
  * the table, puts read_shim in the read slot and calls libfuse's own
@@ -19,6 +19,12 @@
  * read_shim, once enable(True) was called, replaces a file handle of 0 by the
  * inode and calls pyfuse3's read callback: pyfuse3's Python read() gets the
  * inode as fh, which is what Operations.read expects in no-open mode.
+ *
+ * The module is imported without RTLD_GLOBAL (its definitions then catch
+ * nothing) and first bind()s: it finds libfuse's own fuse_session_new.  Only
+ * if that succeeds does fastpath.py make_global() it; otherwise pyfuse3 binds
+ * libfuse's function directly and the mount runs as with pyfuse3 alone (one
+ * round trip per open, with the WARNING), never fails for want of it.
  *
  * Nothing is decided here blindly: wrapped() says whether the last
  * fuse_session_new went through the wrapper (it does not if pyfuse3 was loaded
@@ -105,17 +111,16 @@ static const struct fuse_lowlevel_ops *wrap_table(const struct fuse_lowlevel_ops
     return table;
 }
 
+static new_fn real_new = NULL;  /* libfuse's own fuse_session_new (bind) */
+
 __attribute__((visibility("default")))
 struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op,
                                       size_t op_size, void *userdata) {
-    static new_fn real = NULL;
-    if (real == NULL)
-        real = (new_fn)libfuse_symbol("fuse_session_new");
-    if (real == NULL || real == fuse_session_new)
-        return NULL;  /* no libfuse behind this one: pyfuse3.init fails loudly */
+    if (real_new == NULL)
+        return NULL;  /* not reached: fastpath.py makes this module global only after bind() */
     wrapped = 0;
     const struct fuse_lowlevel_ops *table = wrap_table(op, op_size);
-    struct fuse_session *se = real(args, table, op_size, userdata);
+    struct fuse_session *se = real_new(args, table, op_size, userdata);
     if (table != op)
         wrapped = se != NULL;
     return se;
@@ -139,13 +144,46 @@ struct fuse_session *fuse_session_new_versioned(struct fuse_args *args, const st
     if (real == NULL)
         real = (new_versioned_fn)libfuse_symbol("fuse_session_new_versioned");
     if (real == NULL || real == fuse_session_new_versioned)
-        return NULL;  /* not reached with a libfuse older than 3.17: nothing references it */
+        return NULL;  /* not reached with a libfuse older than 3.17: nothing references it
+                         (and bind() refuses a libfuse that has neither function) */
     wrapped = 0;
     const struct fuse_lowlevel_ops *table = wrap_table(op, op_size);
     struct fuse_session *se = real(args, table, op_size, version, userdata);
     if (table != op)
         wrapped = se != NULL;
     return se;
+}
+
+/* bind(name): find libfuse's own function NAME (fuse_session_new), the one the
+   wrapper calls.  False if there is none but this module's own (a libfuse
+   linked some other way): the module must then stay out of the global scope. */
+static PyObject *py_bind(PyObject *self, PyObject *arg) {
+    const char *name = PyUnicode_AsUTF8(arg);
+    if (name == NULL)
+        return NULL;
+    void *sym = libfuse_symbol(name);
+    if (sym == NULL || sym == (void *)fuse_session_new || sym == (void *)fuse_session_new_versioned)
+        return PyBool_FromLong(0);
+    real_new = (new_fn)sym;
+    return PyBool_FromLong(1);
+}
+
+/* make_global(): this module (loaded without RTLD_GLOBAL) joins the global scope,
+   so a library loaded after it (pyfuse3) binds fuse_session_new to the wrapper.
+   Refused before a successful bind(). */
+static PyObject *py_make_global(PyObject *self, PyObject *unused) {
+    Dl_info info;
+    if (real_new == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "bind() did not find libfuse's fuse_session_new");
+        return NULL;
+    }
+    if (!dladdr((void *)py_make_global, &info) || info.dli_fname == NULL)
+        return PyBool_FromLong(0);
+    void *own = dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_GLOBAL);
+    if (own == NULL)
+        return PyBool_FromLong(0);
+    dlclose(own);  /* still loaded: Python holds it */
+    return PyBool_FromLong(1);
 }
 
 static PyObject *py_wrapped(PyObject *self, PyObject *unused) {
@@ -169,6 +207,12 @@ static PyObject *py_rewritten(PyObject *self, PyObject *unused) {
 }
 
 static PyMethodDef methods[] = {
+    {"bind", py_bind, METH_O,
+     "bind(name) -> bool: libfuse's own function NAME (\"fuse_session_new\") was found; the wrapper "
+     "calls it.  False: leave this module out of the global scope (fastpath.py)."},
+    {"make_global", py_make_global, METH_NOARGS,
+     "make_global() -> bool: this module is now in the global symbol scope, so a library loaded "
+     "later (pyfuse3) calls its fuse_session_new (RuntimeError before a successful bind())."},
     {"wrapped", py_wrapped, METH_NOARGS,
      "wrapped() -> bool: the last FUSE session was made through this module's fuse_session_new "
      "(its READs pass read_shim)."},

@@ -13,7 +13,9 @@ import errno
 import functools
 import logging
 import os
+import queue
 import threading
+from collections.abc import Callable
 
 import pyfuse3
 
@@ -135,7 +137,7 @@ class Operations(pyfuse3.Operations):
         if isinstance(fs, FileSystem):
             # Verified chunks a random read fetched whole go to the kernel's page cache,
             # so the next reads in them make no request (vfs/prefetch.py, publishing).
-            fs.page_store = store_pages
+            fs.page_store = page_storer
         self.uid = os.getuid()
         self.gid = os.getgid()
 
@@ -371,6 +373,11 @@ class WorkspaceOperations(Operations):
 # unmount, and the session it writes to is freed by pyfuse3.close.  Hand-offs are
 # counted under this condition; end_page_stores (called before pyfuse3.close)
 # closes the door and waits for those in flight, so none runs during the close.
+# One can wait in the kernel for as long as a READ of a page it stores is not
+# answered (the kernel locks the page for that READ), and once the request loop
+# has stopped none is: the daemon then aborts the FUSE connection, which ends
+# every request and so the wait, and if even that fails it does not free the
+# session at all (daemon.py, _close).
 _stores = threading.Condition()
 _stores_running = 0
 _stores_open = True
@@ -396,6 +403,57 @@ def store_pages(inode: int, offset: int, data) -> None:
             _stores.notify_all()
 
 
+#: Bytes queued for the page-store thread at most; more are dropped, never waited for.
+PAGE_STORE_QUEUE_BYTES = 16 * 1024 * 1024
+
+
+class PageStorer:
+    """``store_pages`` in one thread of its own, fed without waiting: the event
+    loop only queues (``__call__``), so a random read's hand-off costs it no task
+    and no thread hop.  A store may wait for a page the kernel has locked for a
+    READ being answered (that READ's own pages, say): only this thread waits, until
+    the event loop has replied.  Queued bytes are bounded; past the bound a
+    hand-off is dropped (False).  After end_page_stores what is still queued is
+    dropped too (store_pages does nothing)."""
+
+    def __init__(self, max_bytes: int = PAGE_STORE_QUEUE_BYTES):
+        self.max_bytes = max_bytes
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._queued = 0  # bytes
+        self._thread: threading.Thread | None = None
+        #: Hand-offs dropped for a full queue (the log, tests).
+        self.dropped = 0
+
+    def __call__(self, inode: int, offset: int, data) -> bool:
+        n = len(data)
+        with self._lock:
+            if not _stores_open or self._queued + n > self.max_bytes:
+                self.dropped += 1
+                return False
+            self._queued += n
+            if self._thread is None:
+                # A daemon thread: a store stuck at exit must not keep the process (adapter doc).
+                self._thread = threading.Thread(target=self._run, name="commitfs-page-store", daemon=True)
+                self._thread.start()
+        self._queue.put((inode, offset, data))
+        return True
+
+    def _run(self) -> None:
+        while True:
+            inode, offset, data = self._queue.get()
+            try:
+                store_pages(inode, offset, data)
+            except Exception:  # never ends the thread: a lost shortcut only
+                log.debug("page-cache hand-off of inode %d failed", inode, exc_info=True)
+            finally:
+                with self._lock:
+                    self._queued -= len(data)
+
+
+page_storer = PageStorer()
+
+
 def reopen_page_stores() -> None:
     """Let hand-offs through again, for a new session in this process."""
     global _stores_open
@@ -403,17 +461,33 @@ def reopen_page_stores() -> None:
         _stores_open = True
 
 
-def end_page_stores(timeout: float = 5.0) -> bool:
+#: After the FUSE connection is aborted, a hand-off ends at once (its request ended): the wait then.
+ABORTED_WAIT_S = 5.0
+
+
+def end_page_stores(timeout: float = 5.0, abort: Callable[[], str | None] | None = None) -> bool:
     """Refuse new page-cache hand-offs and wait (bounded) for those in flight.
-    False if one still ran at the timeout: the close then goes ahead, since a
-    hang at unmount would be worse."""
+    If one still runs at ``timeout``, ``abort()`` (the FUSE connection's: None
+    when done, else why not) and wait ``ABORTED_WAIT_S`` more.  True: none runs
+    now, the session may be freed; False: one still does, it must not be."""
     global _stores_open
+    idle = lambda: _stores_running == 0  # noqa: E731
     with _stores:
         _stores_open = False
-        done = _stores.wait_for(lambda: _stores_running == 0, timeout=timeout)
-    if not done:
-        log.warning("a page-cache hand-off was still running %.0f s into the unmount", timeout)
-    return done
+        done = _stores.wait_for(idle, timeout=timeout)
+    if done:
+        return True
+    why_not = "nothing to abort it with" if abort is None else abort()
+    if why_not is None:
+        log.warning("a page-cache hand-off was still running %.0f s into the unmount: FUSE connection aborted",
+                    timeout)
+        with _stores:
+            done = _stores.wait_for(idle, timeout=ABORTED_WAIT_S)
+        if done:
+            return True
+    log.error("a page-cache hand-off is still running %.0f s into the unmount (%s): the FUSE session is "
+              "left allocated, not freed under it", timeout, why_not or "after the connection was aborted")
+    return False
 
 
 def invalidate(inodes) -> None:

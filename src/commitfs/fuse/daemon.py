@@ -22,6 +22,7 @@ Run as ``python -m commitfs.fuse.daemon [--ready-fd N] CONFIG_JSON``
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import signal
@@ -35,7 +36,16 @@ import trio
 from commitfs.cache import DiskChunkCache
 from commitfs.errors import CommitfsError, MountError
 from commitfs.fuse.adapter import Operations, WorkspaceOperations, end_page_stores, reopen_page_stores
-from commitfs.fuse.lifecycle import DaemonConfig, control_socket_path, remove_record, slow_open, write_record
+from commitfs.fuse.lifecycle import (
+    DaemonConfig,
+    abort_connection,
+    control_socket_path,
+    detach,
+    fuse_connection,
+    remove_record,
+    slow_open,
+    write_record,
+)
 from commitfs.ops.root import open_repository
 from commitfs.vfs import FileSystem, VfsOptions
 
@@ -81,6 +91,7 @@ def _open(config: DaemonConfig):
         cache = repo.chunk_cache
         if isinstance(cache, DiskChunkCache):
             log.info("chunk cache %s, capped at %d bytes", cache.path, cache.max_bytes)
+            cache.write_behind()  # a read does not wait for its chunks' files (cache/disk.py)
         elif repo.is_local:
             log.info("repository %s is local: read in place, no chunk cache", repo.url)
         else:
@@ -136,11 +147,11 @@ def serve(config: DaemonConfig, report: Report) -> int:
             if missing is not None and config.no_open:
                 log.warning(slow_open(missing))
             log.info("files are opened by %s", "the kernel alone" if ops.no_open else "the daemon")
+        connection = fuse_connection(config.mountpoint)
         try:
             trio.run(_main, fs, config, report, missing)
         finally:
-            end_page_stores()
-            pyfuse3.close(unmount=True)
+            _close(config, connection)
             fastpath.disengage()
             remove_record(config.mountpoint)
         log.info("unmounted %s; repository loads: %d from memory on the event loop, %d in worker threads",
@@ -150,12 +161,28 @@ def serve(config: DaemonConfig, report: Report) -> int:
             log.info("READs by inode (fast path): %d", fastpath.reads_by_inode())
         cache = repo.chunk_cache
         if isinstance(cache, DiskChunkCache):
+            cache.close()  # the chunks still pending are written
             st = cache.stats
             log.info("chunk cache: hits=%d misses=%d puts=%d corrupt=%d evictions=%d evicted_files=%d",
                      st.hits, st.misses, st.puts, st.corrupt, st.evictions, st.evicted_files)
         return 0
     finally:
+        if isinstance(repo.chunk_cache, DiskChunkCache):
+            repo.chunk_cache.close()
         repo.close()
+
+
+def _close(config: DaemonConfig, connection: str | None) -> None:
+    """Unmount and free the FUSE session, once no page-cache hand-off can touch it.
+    A stop by signal ended them while requests were still answered (_on_signals);
+    one that still runs 5 s into the unmount waits for a READ nobody answers any
+    more, so the connection is aborted (that READ fails, the hand-off ends); if
+    it still runs, the session is left allocated (the process is ending) and the
+    mount only detached, never freed under it (adapter.py, end_page_stores)."""
+    if end_page_stores(abort=functools.partial(abort_connection, connection)):
+        pyfuse3.close(unmount=True)
+    else:
+        detach(config.mountpoint)
 
 
 async def _main(fs, config: DaemonConfig, report: Report, fast_path_missing: str | None) -> None:
@@ -205,6 +232,9 @@ async def _on_signals() -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("%s: stopping", signal.Signals(signum).name)
+            # The page-cache hand-offs end first, while requests are still answered: one
+            # may wait for a READ of a page it stores (adapter.py, end_page_stores).
+            await trio.to_thread.run_sync(end_page_stores, abandon_on_cancel=True)
             pyfuse3.terminate()
             return
 

@@ -6,8 +6,8 @@ so a warm re-read costs no request at all (fuse/adapter.py, Operations).  In
 that mode every READ carries file handle 0, and stock pyfuse3 passes
 ``read()`` only ``(fh, off, size)``: the inode is lost.  commitfs's own C
 module ``commitfs.fuse._noopen`` (built by setup.py, like the other two C
-modules, against libfuse3's headers) puts it back: loaded with RTLD_GLOBAL
-before pyfuse3, its ``fuse_session_new`` is the one pyfuse3's ``init()``
+modules, against libfuse3's headers) puts it back: made global before
+pyfuse3 is loaded, its ``fuse_session_new`` is the one pyfuse3's ``init()``
 calls; it hands libfuse pyfuse3's callbacks with the READ callback wrapped,
 and once the daemon ``engage()``\\ s it, a READ with handle 0 reaches
 pyfuse3 with the inode as its handle.  pyfuse3 itself is untouched, any
@@ -24,6 +24,11 @@ went through the wrapper; otherwise it says why not, and the mount answers
 every OPEN (one round trip per file, the same bytes), which the daemon's
 log, ``commitfs mount`` and ``commitfs mounts`` all say loudly.
 
+The module is imported in the local symbol scope and made global only once it
+has found libfuse's own ``fuse_session_new`` (the function its wrapper calls):
+where it cannot (a libfuse linked some other way), pyfuse3 binds libfuse's
+function directly and the mount runs in the same fallback, never fails.
+
 ``COMMITFS_NO_FASTPATH=1`` forces that fallback (to compare, or to rule the
 fast path out when chasing a bug).
 """
@@ -35,6 +40,9 @@ import sys
 
 #: Set to anything but "" or "0": mounts run without the fast path.
 DISABLE_ENV = "COMMITFS_NO_FASTPATH"
+#: For tests only: the name under which load() looks for libfuse's own
+#: fuse_session_new (one that does not exist stands for a libfuse it cannot find).
+LIBFUSE_SYMBOL_ENV = "COMMITFS_TEST_LIBFUSE_SYMBOL"
 
 _shim = None  # the loaded commitfs.fuse._noopen, or None
 _why_not: str | None = None  # why it is not loaded (None: loaded, or load() not run)
@@ -52,16 +60,21 @@ def load() -> None:
     if "pyfuse3" in sys.modules:
         _why_not = "pyfuse3 was imported before commitfs.fuse"
         return
-    flags = sys.getdlopenflags()
-    sys.setdlopenflags(flags | os.RTLD_GLOBAL)  # see the module docstring
     try:
-        from commitfs.fuse import _noopen
+        from commitfs.fuse import _noopen  # local scope: its fuse_session_new catches nothing yet
     except ImportError:
         _why_not = ("commitfs was installed without its C module commitfs.fuse._noopen, which needs "
                     "a C compiler and libfuse3-dev when pip builds commitfs")
         return
-    finally:
-        sys.setdlopenflags(flags)
+    # Global (so pyfuse3 binds to its wrapper) only once it has libfuse's own function
+    # to call: else pyfuse3 keeps libfuse's and the mount runs without the fast path.
+    name = os.environ.get(LIBFUSE_SYMBOL_ENV) or "fuse_session_new"
+    if not _noopen.bind(name):
+        _why_not = f"libfuse's own {name} was not found beside the libfuse3 commitfs.fuse._noopen links"
+        return
+    if not _noopen.make_global():
+        _why_not = "commitfs.fuse._noopen could not join the global symbol scope"
+        return
     _shim = _noopen
 
 

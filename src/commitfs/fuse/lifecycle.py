@@ -511,6 +511,40 @@ def _read_report(fd: int, timeout_s: float) -> str | None:
 
 
 # --- unmounting -------------------------------------------------------------------------
+def fuse_connection(path: str | os.PathLike) -> str | None:
+    """The FUSE connection of the mount at ``path`` (its directory under
+    /sys/fs/fuse/connections, named by the mount's device number), from
+    /proc/self/mountinfo: no request to the mount.  None if nothing is mounted there."""
+    target = canonical(path)
+    found = None
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f.read().decode(errors="surrogateescape").splitlines():
+            fields = line.partition(" - ")[0].split(" ")
+            if len(fields) >= 5 and _unescape(fields[4]) == target and ":" in fields[2]:
+                major, _, minor = fields[2].partition(":")
+                found = f"/sys/fs/fuse/connections/{os.makedev(int(major), int(minor))}"
+    return found
+
+
+def abort_connection(connection: str | None) -> str | None:
+    """End every request of a FUSE connection (fuse_connection) with an error, as
+    the kernel does when a daemon dies: what waits for one stops waiting.  None if
+    done, else why not (needs root, or the fusectl file system)."""
+    if connection is None:
+        return "its FUSE connection is not known"
+    try:
+        with open(f"{connection}/abort", "w") as f:
+            f.write("1\n")
+    except OSError as exc:
+        return f"cannot abort {connection}: {exc.strerror or exc}"
+    return None
+
+
+def detach(path: str | os.PathLike) -> None:
+    """Lazily detach whatever is mounted at ``path`` (never raises, never waits for it)."""
+    _detach(canonical(path), lazy=True)
+
+
 def _fusermount() -> list[str]:
     for name in ("fusermount3", "fusermount"):
         path = shutil.which(name)

@@ -33,12 +33,13 @@ disagrees while the content agrees).
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from commitfs.errors import InputError
 from commitfs.model.draft import Draft, EditedFile, NewFile, Side
-from commitfs.model.objects import Kind, Tree, TreeEntry
+from commitfs.model.objects import Kind, Tree, TreeEntry, check_name
 from commitfs.model.splittree import SplitTree, TreeIndex, differing_leaves
 
 #: A Draft over a split directory editing fewer than 1/EDIT_SHARE of its
@@ -54,6 +55,10 @@ def _join(prefix: str, name: str) -> str:
 
 def _key(name: str) -> bytes:
     return name.encode()
+
+
+def _entry_key(e: TreeEntry) -> bytes:
+    return e.name.encode()
 
 
 def is_dir(side: Side) -> bool:
@@ -99,6 +104,13 @@ def iter_changes(repo: Repository, old: Side, new: Side, path: str = "") -> Iter
     if same(old, new) or (old is None and new is None):
         return
     if is_dir(old) and is_dir(new):
+        if isinstance(new, Draft) and isinstance(old, TreeEntry) and new.base is not None and new.base == old.id:
+            # A Draft over old's own tree: only the names it edits can differ.
+            if new.entries:
+                tree = repo.load_tree(old.id)
+                for name in sorted(new.entries, key=_key):
+                    yield from iter_changes(repo, tree.get(name), new.entries[name], _join(path, name))
+            return
         if isinstance(old, TreeEntry) and isinstance(new, TreeEntry):
             a, b = _differing_entries(repo, old.id, new.id)
         else:
@@ -347,6 +359,17 @@ def build(repo: Repository, writer: BlobWriter, side: Side, name: str = "",
             edits = {n: build(repo, writer, c, n, _stored) for n, c in side.entries.items()}
             tid, size = writer.add_tree_edit(base, edits)
             return TreeEntry(name, Kind.DIR, size, tid)
+        if isinstance(base, Tree):
+            # The base's sorted entries with the edited names replaced: work per edit
+            # (and one pass to drop the edited names), not per entry.
+            edits = {n: build(repo, writer, c, n, _stored) for n, c in side.entries.items()}
+            kept = [e for e in base.entries if e.name not in edits]
+            for e in edits.values():
+                if e is not None:
+                    check_name(e.name)
+                    bisect.insort(kept, e, key=_entry_key)
+            tree = Tree(tuple(kept))
+            return TreeEntry(name, Kind.DIR, tree.size, writer.add_tree(tree))
     built = []
     for child_name, child in listing(repo, side).items():
         e = build(repo, writer, child, child_name, _stored)

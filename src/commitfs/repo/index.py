@@ -50,9 +50,12 @@ _MERGE_FANIN = 8
 # entries (a small commit's, read back at once by the same process); a commit's
 # checkpoint segment of 100k blobs would fill it (~300 B an answer) for nothing.
 _ANSWERED_SEGMENT = 4096
-# Bytes of each id a large segment keeps in memory for writers' dedup questions
-# (Segment.contains): a prefix this long names one blob among billions, and a
-# match is confirmed by a lookup, so 8 B a blob instead of 32.
+# Bytes of each id a large segment of a local store keeps in memory for writers'
+# dedup questions (Segment.contains): a prefix this long names one blob among
+# billions, and a match is confirmed by a lookup (two preads of the page
+# cache), so 8 B a blob instead of 32.  Over a remote store a confirmation is
+# two ranged GETs one after another, for every chunk of data already stored,
+# so there the whole ids are kept and a match needs no confirmation.
 _ID_PREFIX = 8
 
 
@@ -198,9 +201,11 @@ class Segment:
         #: (data, packs, fan-out offset, entries offset, bits) of a segment held in
         #: memory, published in one assignment once loaded (see lookup_loaded).
         self.loaded: tuple | None = None
-        #: A segment too large to hold whole: the first _ID_PREFIX bytes of its
-        #: ids, sorted, once a writer asked (``contains``); 8 bytes a blob.
+        #: A segment too large to hold whole: its ids, sorted, once a writer asked
+        #: (``contains``): the first _ID_PREFIX bytes of each over a local store
+        #: (8 bytes a blob), whole over a remote one (32); ``_id_width`` tells.
         self._ids: bytes | None = None
+        self._id_width = ID_SIZE
         self.bits = 0
         self.count = 0
         #: Why this segment cannot be read (checksum, magic), once found: it is
@@ -324,10 +329,14 @@ class Segment:
         two ranged reads per question (``lookup``), one after another on the
         committing thread: a commit of N new chunks to S3 would wait for 2N
         round trips per large segment.  So its ids are read once, in one ranged
-        read of its entries, and kept as one sorted table of id prefixes (8
-        bytes a blob, against the 52 of an entry), searched in memory from
-        then on; only a prefix that matches costs the lookup that confirms it
-        (a blob already stored)."""
+        read of its entries, and kept as one sorted table searched in memory
+        from then on.  Over a local store the table holds id prefixes (8 bytes
+        a blob, against the 52 of an entry) and a prefix that matches costs the
+        lookup that confirms it (a blob already stored: two preads).  Over a
+        remote store that lookup would be two ranged GETs one after another
+        for every chunk of data the repository already holds (a re-commit, a
+        push), so the table holds whole ids (32 bytes a blob) and a match is
+        the answer."""
         if self._packs is None:
             self.load_header()
         if self.loaded is not None:
@@ -339,14 +348,19 @@ class Segment:
                     raw = self.store.load_range(self.key, self._entries_at(), self.count * ENTRY.size)
                     if len(raw) != self.count * ENTRY.size:
                         raise CorruptObjectError(f"index segment {self.key} is truncated")
-                    self._ids = b"".join(raw[i:i + _ID_PREFIX] for i in range(0, len(raw), ENTRY.size))
+                    width = _ID_PREFIX if self.store.local_path(self.key) is not None else ID_SIZE
+                    self._id_width = width
+                    self._ids = b"".join(raw[i:i + width] for i in range(0, len(raw), ENTRY.size))
                 ids = self._ids
-        want = oid[:_ID_PREFIX]
-        lo, hi = 0, len(ids) // _ID_PREFIX
+        width = self._id_width
+        want = oid[:width]
+        lo, hi = 0, len(ids) // width
         while lo < hi:
             mid = (lo + hi) // 2
-            got = ids[mid * _ID_PREFIX:(mid + 1) * _ID_PREFIX]
+            got = ids[mid * width:(mid + 1) * width]
             if got == want:
+                if width == ID_SIZE:
+                    return True  # the whole id: no lookup to confirm it
                 return self.lookup(oid) is not None  # the prefix of one: is it this blob?
             if got < want:
                 lo = mid + 1

@@ -12,6 +12,15 @@ kernel's page cache, so the read engine's memory path (repo/engine.py,
   fails rather than read a directory from disk (Linux 5.12; an older kernel:
   a pack's first touch then always takes the thread path).
 
+Open descriptors are kept (up to ``MAX_OPEN``), so a pack gc has deleted or
+replaced would stay allocated on disk, held by its descriptor, until the mount
+ends.  So at most every ``RECHECK_S`` a read first checks the descriptors it
+keeps (``fstat``: no disk I/O) and closes those whose file has no name left
+(``st_nlink == 0``): the next read of that key opens it again by name, which
+fails for a deleted pack and takes the blocking path, where the repository
+re-lists the index and reads the blob at its new place (docs/SEMANTICS.md,
+garbage collection).
+
 Anything short of that (not cached, partly cached, past the end, the file
 gone, no such syscall) is ``None``: the caller takes the blocking path in a
 worker thread, which reads through the store and reports errors.  Storage
@@ -26,12 +35,16 @@ import ctypes
 import errno
 import os
 import threading
+import time
 from collections import OrderedDict
 
 from commitfs.storage.base import Store
 
 #: Pack descriptors kept open: packs are large, a few dozen cover a working set.
 MAX_OPEN = 64
+#: Seconds between checks for kept descriptors of packs gc removed (module doc):
+#: the most a removed pack's space stays held past a read of the mount.
+RECHECK_S = 2.0
 
 
 class _OpenHow(ctypes.Structure):
@@ -80,11 +93,39 @@ class ResidentReader:
         # Held across a read: a descriptor is never closed (and its number
         # reused for another file) under a reader.  Every call is non-blocking.
         self._lock = threading.Lock()
+        self._checked = time.monotonic()  # the last release_removed()
+        #: Descriptors closed because their pack file was removed (tests, the log).
+        self.released = 0
+
+    def release_removed(self) -> int:
+        """Close the kept descriptors whose file no longer has a name (deleted or
+        replaced by gc); how many.  Never blocks (fstat of open files)."""
+        with self._lock:
+            return self._release_removed()
+
+    def _release_removed(self) -> int:
+        self._checked = time.monotonic()
+        gone = []
+        for key, fd in self._fds.items():
+            try:
+                if os.fstat(fd).st_nlink == 0:
+                    gone.append(key)
+            except OSError:
+                gone.append(key)
+        for key in gone:
+            try:
+                os.close(self._fds.pop(key))
+            except OSError:
+                pass
+        self.released += len(gone)
+        return len(gone)
 
     def read_into(self, key: str, offset: int, buf) -> bool:
         """Fill the writable buffer ``buf`` with the bytes at ``offset`` of
         ``key`` if the page cache holds all of them; False otherwise."""
         with self._lock:
+            if self._fds and time.monotonic() - self._checked >= RECHECK_S:
+                self._release_removed()
             fd = self._fds.get(key)
             if fd is None:
                 path = self.store.local_path(key)

@@ -14,6 +14,7 @@ import errno
 import fcntl
 import os
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -26,6 +27,9 @@ _REFS = "refs"
 # Open descriptors kept for pread; packs are large, so a few hundred cover a
 # working set while staying far below the usual 1024-descriptor limit.
 _FD_CACHE_SIZE = 256
+#: Seconds between checks for kept descriptors of files removed behind the store's
+#: back (another process's gc): the most their space stays held past a read.
+RECHECK_S = 2.0
 
 
 class _Descriptor:
@@ -43,20 +47,45 @@ class _FdTable:
     go while a read holds it is closed when that read ends: a descriptor number
     is never closed under a reader, where another thread could reopen it for
     another file and the read would return that file's bytes (which the hash
-    check would then report as corruption)."""
+    check would then report as corruption).
+
+    A file removed by another process (a pack gc deleted or replaced) would stay
+    allocated on disk while its descriptor is kept: at most every ``RECHECK_S``
+    an ``acquire`` first lets go of those whose file has no name left (fstat's
+    ``st_nlink == 0``); a later read of the key opens it by name again, and
+    finds it gone (ObjectNotFoundError) or replaced."""
 
     def __init__(self, size: int):
         self.size = size
         self._lock = threading.Lock()
         self._by_key: OrderedDict[str, _Descriptor] = OrderedDict()
+        self._checked = time.monotonic()
+
+    def _let_go_of_removed(self) -> list[int]:
+        """(Under the lock.) Retire descriptors of files with no name left; the fds to close."""
+        self._checked = time.monotonic()
+        gone = []
+        for key, d in self._by_key.items():
+            try:
+                if os.fstat(d.fd).st_nlink == 0:
+                    gone.append(key)
+            except OSError:
+                gone.append(key)
+        return [self._retire(self._by_key.pop(key)) for key in gone]
 
     def acquire(self, key: str) -> _Descriptor | None:
-        with self._lock:
-            d = self._by_key.get(key)
-            if d is not None:
-                self._by_key.move_to_end(key)
-                d.users += 1
-            return d
+        closing: list[int] = []
+        try:
+            with self._lock:
+                if self._by_key and time.monotonic() - self._checked >= RECHECK_S:
+                    closing = self._let_go_of_removed()
+                d = self._by_key.get(key)
+                if d is not None:
+                    self._by_key.move_to_end(key)
+                    d.users += 1
+                return d
+        finally:
+            _close_all(closing)
 
     def add(self, key: str, fd: int) -> _Descriptor:
         """Keep a descriptor just opened (or use one another thread added first), acquired."""

@@ -105,9 +105,6 @@ log = logging.getLogger(__name__)
 #: Read streams one inode's read state tracks at most (FileSystem._stream): enough for
 #: the few readers that share one file in practice; each costs at most one read-ahead window.
 MAX_STREAMS = 4
-#: Hand-offs of verified chunks to the kernel's page cache in flight at once
-#: (FileSystem._publish); more are dropped, never queued.
-_PAGE_STORES = 2
 #: (inode, offset) of the chunks published lately, not published again.
 _PUBLISHED_KEYS = 4096
 
@@ -296,10 +293,10 @@ class FileSystem:
         self.readlog = ReadLog(options.record_reads) if options.record_reads else None
         self._dir_ahead: DirReadAhead | None = None
         #: Gives verified bytes of a file to the kernel's page cache: (inode, offset,
-        #: data), blocking (it runs in a worker thread).  Set by the FUSE adapter
-        #: (pyfuse3.notify_store); None: random reads publish nothing (prefetch.py).
-        self.page_store: Callable[[int, int, bytes], None] | None = None
-        self._stores_pending = 0
+        #: data), never blocking: it queues them for its own thread (the FUSE
+        #: adapter's PageStorer, pyfuse3.notify_store) and returns False if it
+        #: dropped them (a full queue).  None: random reads publish nothing (prefetch.py).
+        self.page_store: Callable[[int, int, bytes], bool | None] | None = None
         self._published: OrderedDict[tuple[int, int], None] = OrderedDict()
 
     @asynccontextmanager
@@ -839,6 +836,9 @@ class FileSystem:
             if fetching is not None:  # its chunks are on the way: wait, bounded
                 with trio.move_on_after(self.options.io_timeout_s):
                     await fetching.wait()
+        cached = self.loader.manifest_cached(node.entry.id)  # (most reads: spares listing neighbours)
+        if cached is not None:
+            return cached
         return await self.loader.manifest(node.entry.id, self._neighbours(tree, pos, node))
 
     def _place(self, node: FileNode) -> tuple[Tree | None, int, int]:
@@ -895,29 +895,21 @@ class FileSystem:
                                    max_window=o.max_window, part_bytes=o.part_bytes)
 
     def _publish(self, ino: int, offset: int, chunks: list) -> None:
-        """Hand verified chunks of file ``ino`` at ``offset`` to ``page_store``, in
-        a worker thread after the read that fetched them is answered (the store
-        may wait for pages the kernel has locked for that read).  At most
-        ``_PAGE_STORES`` at once, the rest dropped (the chunks stay in the
-        loader's memory); a chunk published lately is not published again."""
+        """Hand verified chunks of file ``ino`` at ``offset`` to ``page_store``,
+        which queues them for its own thread without waiting (no task, no thread
+        hop: on a loaded machine a hop took longer than the next READ, and the
+        hand-offs it held up were dropped).  A chunk published lately is not
+        published again; one the store dropped (its queue full) stays in the
+        loader's memory."""
         key = (ino, offset)
-        if self._stores_pending >= _PAGE_STORES or key in self._published:
+        if key in self._published:
+            return
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if self.page_store(ino, offset, data) is False:
             return
         self._published[key] = None
         if len(self._published) > _PUBLISHED_KEYS:
             self._published.popitem(last=False)
-        self._stores_pending += 1
-        assert self._nursery is not None
-        self._nursery.start_soon(self._store_pages, ino, offset, chunks)
-
-    async def _store_pages(self, ino: int, offset: int, chunks: list) -> None:
-        try:
-            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            await trio.to_thread.run_sync(self.page_store, ino, offset, data, abandon_on_cancel=True)
-        except Exception as exc:  # the kernel keeps what it has: only a lost shortcut
-            log.debug("handing %d bytes of inode %d to the page cache failed: %s", sum(map(len, chunks)), ino, exc)
-        finally:
-            self._stores_pending -= 1
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self._files.get(fh)

@@ -222,6 +222,10 @@ class Loader:
         return await self._cached(self._tree_nodes, tid, self.repo.tree_node_from_memory, self._load_tree_node,
                                   "tree chunk")
 
+    def manifest_cached(self, fid: bytes) -> FileManifest | None:
+        """A manifest this loader holds, or None."""
+        return self._manifests.cache.get(fid)
+
     async def manifest(self, fid: bytes, neighbours: Sequence[bytes] = ()) -> FileManifest:
         """A file's manifest.  ``neighbours``: the manifests of the files around it in
         its directory (directory order is write order, so they lie next to it in a

@@ -5,10 +5,12 @@ Design
 A workspace shows a base commit's tree plus local edits.  The edits live in
 a *workspace directory* (default under the cache directory) holding
 
-* ``overlay.db``: an SQLite database (WAL journal) describing the overlay
-  tree, and
+* ``overlay.sqlite``: an SQLite database (WAL journal) describing the overlay
+  tree,
 * ``data/``: one file per written or new regular file, named by its node id
-  (sparse for a committed file written in place: copy-on-write, below).
+  (sparse for a committed file written in place: copy-on-write, below), and
+* ``overlay.db``: a placeholder, not a database (the name older commitfs open;
+  see the versions below).
 
 The database has four tables (``ranges``, of copy-on-write, is described
 below).  ``meta`` holds key/values: the repository URL,
@@ -65,10 +67,15 @@ the data file's fsync) and a truncate at once, after the data file's
 ftruncate: a range without its row (the daemon killed before) reads as the
 base again, and on open ``cow_until`` is clamped to the data file's size.
 Version 3 of the overlay added them (an older overlay gains the table,
-empty, and the columns, NULL, on open).  A commitfs that reads only version 2
-refuses it rather than show a partial data file as the whole file; one from
-before version 2 never checked the version and would misread it, so a
-workspace must not be opened with a commitfs older than the one that made it.
+empty, and the columns, NULL, on open).  A commitfs from before version 2
+never checked the version and would have read a version-3 overlay's sparse
+data files as whole files, so version 4 moved the database: it is
+``overlay.sqlite``, and ``overlay.db``, the name every older commitfs opens,
+is a placeholder that is not a database, which they refuse ("file is not a
+database").  A version 1-3 overlay is moved to this layout when opened (its
+WAL folded into the database, the database renamed, then the placeholder
+written: each step atomic, redone by the next open after a crash); an
+overlay of a version this code does not know is refused.
 
 Committing.  Before moving the branch, the workspace records the new commit
 id as ``pending`` (durably); after the branch moved, ``clear`` deletes every
@@ -84,6 +91,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -96,10 +104,22 @@ from commitfs.vfs.inode import NodeKind
 
 #: 2: the ``links`` table (hard links).  3: chunk-level copy-on-write (the ``ranges``
 #: table, ``cow_base``/``cow_until``): a data file may hold only part of its file, so
-#: a commitfs that reads 1 or 2 only must not open it.  An older overlay gains the
-#: tables (empty) and columns (NULL) on open.
-SCHEMA_VERSION = "3"
-_KNOWN_VERSIONS = ("1", "2", "3")
+#: a commitfs that reads 1 or 2 only must not open it.  4: the database is
+#: ``overlay.sqlite`` and ``overlay.db`` a placeholder that is not a database, so
+#: every older commitfs refuses the workspace (one before version 2 never checked the
+#: version and would have read a version-3 overlay's sparse data files as whole
+#: files).  An older overlay is moved to this layout and gains the tables (empty) and
+#: columns (NULL) on open.
+SCHEMA_VERSION = "4"
+_KNOWN_VERSIONS = ("1", "2", "3", "4")
+#: Versions whose database is ``overlay.db`` (moved to DB_NAME on open).
+_LEGACY_VERSIONS = ("1", "2", "3")
+DB_NAME = "overlay.sqlite"
+LEGACY_DB_NAME = "overlay.db"
+_SQLITE_MAGIC = b"SQLite format 3\0"
+PLACEHOLDER = (b"commitfs workspace overlay, format 4 or later: the database is overlay.sqlite.\n"
+               b"This file is not a database, so a commitfs older than format 4 refuses the workspace\n"
+               b"instead of misreading it.\n")
 ROOT_ID = 1
 #: Space kept in reserve (a file) so that deleting files still works on a full disk:
 #: SQLite needs a few pages to record a deletion.  Released when a transaction finds
@@ -209,6 +229,60 @@ def _full(exc: sqlite3.Error) -> bool:
     return "full" in text or "disk i/o" in text
 
 
+def _head(path: Path, n: int) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except FileNotFoundError:
+        return None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _adopt_legacy(path: Path) -> None:
+    """The layout of version 4 (see SCHEMA_VERSION), made in place from an older one.
+
+    A version 1-3 database (``overlay.db``) has its WAL folded in (journal mode
+    DELETE) and is renamed to DB_NAME; then the placeholder takes its name.  Each
+    step is atomic and the next open redoes what a crash left undone (a missing
+    placeholder; a database not yet renamed)."""
+    db, legacy = path / DB_NAME, path / LEGACY_DB_NAME
+    head = _head(legacy, len(PLACEHOLDER))
+    if head == PLACEHOLDER:
+        return
+    if not db.exists() and head and head.startswith(_SQLITE_MAGIC):
+        conn = sqlite3.connect(str(legacy), isolation_level=None)
+        try:
+            has_meta = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
+            row = conn.execute("SELECT value FROM meta WHERE key = 'version'").fetchone() if has_meta else None
+            version = row[0] if row else "1"
+            if version not in _LEGACY_VERSIONS:
+                raise WorkspaceMismatchError(
+                    f"workspace {path} has overlay format {version!r} in {LEGACY_DB_NAME}; this commitfs reads "
+                    f"{', '.join(_LEGACY_VERSIONS)} there (something else wrote it)")
+            conn.execute("PRAGMA journal_mode=DELETE")  # the WAL folded into the database, removed
+        finally:
+            conn.close()
+        os.rename(legacy, db)
+        _fsync_dir(path)
+    elif head and not db.exists():
+        raise CommitfsError(f"cannot open the workspace {path}: {LEGACY_DB_NAME} is neither an overlay "
+                            f"database nor the placeholder of one")
+    tmp = path / (LEGACY_DB_NAME + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(PLACEHOLDER)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, legacy)
+    _fsync_dir(path)
+
+
 class Overlay:
     """The on-disk state of one workspace (see the module doc)."""
 
@@ -217,6 +291,8 @@ class Overlay:
         self.data = path / "data"
         self._conn = conn
         self._batch = 0
+        self._mutex = threading.Lock()
+        self._owner: int | None = None  # the thread whose transaction is open
         self._next_id = max(conn.execute("SELECT max(id) FROM nodes").fetchone()[0] or ROOT_ID,
                             conn.execute("SELECT max(id) FROM links").fetchone()[0] or ROOT_ID) + 1
 
@@ -226,7 +302,8 @@ class Overlay:
         path = Path(path)
         try:
             (path / "data").mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(str(path / "overlay.db"), isolation_level=None, check_same_thread=False)
+            _adopt_legacy(path)
+            conn = sqlite3.connect(str(path / DB_NAME), isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(_SCHEMA)
@@ -269,14 +346,20 @@ class Overlay:
     # --- transactions -------------------------------------------------------------
     @contextmanager
     def batch(self) -> Iterator[None]:
-        """Group statements into one transaction (nested batches join the outer one)."""
-        if self._batch:
+        """Group statements into one transaction (nested batches join the outer one).
+
+        The event loop and worker threads (a flush of a file's ranges) share the
+        connection: a transaction holds the overlay's mutex from BEGIN to COMMIT,
+        so one thread's statements never land in another's transaction."""
+        if self._batch and self._owner == threading.get_ident():
             self._batch += 1
             try:
                 yield
             finally:
                 self._batch -= 1
             return
+        self._mutex.acquire()
+        self._owner = threading.get_ident()
         self._batch = 1
         try:
             self._conn.execute("BEGIN IMMEDIATE")
@@ -298,6 +381,8 @@ class Overlay:
             raise CommitfsError(f"workspace database {self.path}: {exc}") from None
         finally:
             self._batch = 0
+            self._owner = None
+            self._mutex.release()
 
     def _exec(self, sql: str, args=()) -> sqlite3.Cursor:
         with self.batch():
@@ -359,12 +444,16 @@ class Overlay:
             out.setdefault(node, []).append((a, b))
         return out
 
-    def set_ranges(self, node_id: int, ranges: list[tuple[int, int]]) -> None:
-        """Replace a node's written ranges (vfs/wscow.py)."""
+    def update_ranges(self, node_id: int, put: list[tuple[int, int]], gone: list[int]) -> None:
+        """Change a node's written ranges (vfs/wscow.py): the rows of ``put`` (start,
+        end) written, those starting at ``gone`` deleted; the others stay as they are."""
         with self.batch():
-            self._conn.execute("DELETE FROM ranges WHERE node = ?", (node_id,))
-            self._conn.executemany('INSERT INTO ranges (node, start, "end") VALUES (?, ?, ?)',
-                                   [(node_id, a, b) for a, b in ranges])
+            if gone:
+                self._conn.executemany("DELETE FROM ranges WHERE node = ? AND start = ?",
+                                       [(node_id, a) for a in gone])
+            if put:
+                self._conn.executemany('INSERT OR REPLACE INTO ranges (node, start, "end") VALUES (?, ?, ?)',
+                                       [(node_id, a, b) for a, b in put])
 
     # --- links: the extra names of hard-linked nodes -------------------------------------
     def links(self) -> list[Link]:
@@ -475,7 +564,7 @@ class Overlay:
         """Make every committed transaction durable (fsync the WAL)."""
         for suffix in ("-wal", ""):
             try:
-                fd = os.open(str(self.path / "overlay.db") + suffix, os.O_RDONLY)
+                fd = os.open(str(self.path / DB_NAME) + suffix, os.O_RDONLY)
             except FileNotFoundError:
                 continue
             try:

@@ -786,7 +786,7 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
         n = self._handle(fh).node
         if n.dirty or (n.cow is not None and n.cow.dirty):
             async with self._lock:
-                self._flush(n)
+                await self._flush_file(n)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         n = self._handle(fh).node
@@ -795,7 +795,7 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
                 # The written bytes first, then the ranges naming them (so no range
                 # is durable before its bytes), then the database.
                 await self.loader.io("fsync of a workspace file", os.fsync, n.fd)
-            self._flush(n)
+            await self._flush_file(n)
             await self._sync(n.fd)
 
     async def release(self, fh: int) -> None:
@@ -806,13 +806,15 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
             h.reader.close()
         n = h.node
         n.opens -= 1
-        if n.dirty or (n.cow is not None and n.cow.dirty):
-            async with self._lock:
-                self._flush(n)
-        if n.opens <= 0:
-            self._close_fd(n)
-            if n.parent is None:
-                self._maybe_forget(n)
+        try:
+            if n.dirty or (n.cow is not None and n.cow.dirty):
+                async with self._lock:
+                    await self._flush_file(n)
+        finally:
+            if n.opens <= 0:
+                self._close_fd(n)
+                if n.parent is None:
+                    self._maybe_forget(n)
 
     def _new_fh(self) -> int:
         fh = self._next_fh

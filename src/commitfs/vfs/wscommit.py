@@ -29,36 +29,79 @@ _PENDING_SEARCH = 100_000
 
 
 # --- the snapshot of an overlay ----------------------------------------------------------
-def _draft(node: WNode, data_path: Callable[[str], str]) -> Draft | None:
+def _draft(node: WNode, data_path: Callable[[str], str],
+           tree_cached: Callable[[bytes], object] | None = None) -> Draft | None:
     """The edited tree as the change engine sees it (taken under the lock): a Draft per
     materialized directory, the origin TreeEntry of everything untouched (never opened),
     a NewFile per new file, an EditedFile per committed file written in place; None
-    for a lazy (untouched) root."""
+    for a lazy (untouched) root.
+
+    A directory whose origin tree ``tree_cached`` still holds (decoded, plain) is a
+    Draft over it holding only the names whose entry differs (a None for a name gone),
+    so the change engine's work follows the edits, not the directory's size; a
+    directory edited back to its origin is its origin's entry.  Without it, the Draft
+    lists every entry."""
     if node.children is None:
         return None
+    base = None
+    if tree_cached is not None and node.origin is not None and node.origin.kind is Kind.DIR:
+        t = tree_cached(node.origin.id)
+        if isinstance(t, Tree):
+            base = t
+    base_get = base.get if base is not None else None
+    exec_kind = Kind.EXEC
     out: dict = {}
     for name, c in node.children.items():
+        o = c.origin
+        if (base_get is not None and o is not None and c.upper is None and c.children is None
+                and base_get(name) is o):
+            # The common case, first and cheap: the base's own entry, untouched (a file
+            # keeping its executable bit, a lazy directory, a symlink).
+            k = c.kind
+            if k is NodeKind.FILE:
+                if (o.kind is exec_kind) == bool(c.mode & 0o100):
+                    continue
+            elif k is not NodeKind.SPECIAL:
+                continue
         if c.kind is NodeKind.SPECIAL:
             log.warning("workspace: commit skips the special file %s (FIFO, socket or device: "
                         "a commit holds files, directories and symlinks)", c.path())
+            if base_get is not None and base_get(name) is not None:
+                out[name] = None  # it replaced a base entry: that one is gone
             continue
         if c.kind is NodeKind.DIR:
-            out[name] = _draft(c, data_path) if c.children is not None else c.origin
+            if c.children is None:
+                side = c.origin
+            else:
+                side = _draft(c, data_path, tree_cached)
+                if isinstance(side, Draft) and side.base is not None and not side.entries:
+                    side = c.origin  # materialized, nothing differs: its origin as it is
         elif c.kind is NodeKind.SYMLINK:
-            out[name] = symlink_entry(name, c.target)
+            side = symlink_entry(name, c.target)
         elif c.upper is not None and c.cow is not None:
-            out[name] = EditedFile(source=data_path(c.upper), executable=bool(c.mode & 0o100), size=c.size,
-                                   base=c.cow.base, base_until=c.cow.until, ranges=tuple(c.cow.ranges()))
+            side = EditedFile(source=data_path(c.upper), executable=bool(c.mode & 0o100), size=c.size,
+                              base=c.cow.base, base_until=c.cow.until, ranges=tuple(c.cow.ranges()))
         elif c.upper is not None:
-            out[name] = NewFile(source=data_path(c.upper), executable=bool(c.mode & 0o100), size=c.size)
+            side = NewFile(source=data_path(c.upper), executable=bool(c.mode & 0o100), size=c.size)
         else:
             # Unchanged bytes: the origin entry itself when the executable bit
             # is unchanged too (the common case; no new object per file).
             o = c.origin
             kind = Kind.EXEC if c.mode & 0o100 else Kind.FILE
-            out[name] = o if o.kind is kind else TreeEntry(name, kind, o.size, o.id)
-    return Draft(out)
-
+            side = o if o.kind is kind else TreeEntry(name, kind, o.size, o.id)
+        if base_get is not None and isinstance(side, TreeEntry):
+            b = base_get(name)
+            if b is side or (b is not None and b.kind is side.kind and b.id == side.id
+                             and b.target == side.target):
+                continue  # the base's own entry
+        out[name] = side
+    if base is None:
+        return Draft(out)
+    children = node.children
+    for e in base.entries:
+        if e.name not in children:
+            out[e.name] = None
+    return Draft(out, node.origin.id)
 
 
 def root_row(repo: Repository, cid: bytes) -> Row:
@@ -88,7 +131,7 @@ class CommitState:
         if self.root.children is None:
             o = self.root.origin
             return o if o is not None and o.id != self.base_tree else None
-        return _draft(self.root, self.overlay.data_path)
+        return _draft(self.root, self.overlay.data_path, self.loader.tree_cached)
 
     def set_pending(self, commit_id: bytes | None) -> None:
         """Record the commit about to be compare-and-swapped (crash safety, vfs/overlay.py)."""
@@ -162,21 +205,22 @@ class CommitState:
         """``reset PATH`` of a node the base has (the same kind, one name): its edits are
         discarded in place, as a reset of everything does, so the node and its inode stay
         (a file open on it reads the base's bytes, a shell inside it stays where it is),
-        and so does every in-memory node below it the base has; the others leave (open
-        ones keep their bytes).  Inodes whose contents changed."""
-        entries = await self._resolve(n, e.id) if n.is_dir else {}  # before any change
+        and so does every node below it the kernel knows and the base has; the others
+        the kernel knows leave (open ones keep their bytes).  Inodes whose contents changed."""
+        survey = None
+
+        def wanted() -> list[tuple[tuple, list[str]]]:
+            nonlocal survey
+            survey = self._survey(n)
+            return survey[1]
+        entries = await self._resolve(e.id, wanted) if n.is_dir else {}  # before any change
+        if survey is None:
+            survey = self._survey(n)
+        keep, _, _, linked = survey
         # A hard-linked node below loses every name inside the path (fresh base nodes take
         # them) and keeps those outside: which of its names would keep it is no rule.
-        linked: set[int] = set()
-
-        def find_linked(c: WNode) -> None:
-            for x in (c.children or {}).values():
-                if x.is_dir:
-                    find_linked(x)
-                elif x.links:
-                    linked.add(id(x))
-        find_linked(n)
-        if linked:
+        replace = {id(x) for x in linked}
+        if replace:
             self._unlink_linked_below(n)
         ids: list[int] = []
         data: list[str] = []
@@ -187,7 +231,7 @@ class CommitState:
             self.overlay.delete(ids)  # its row (and written ranges) too, then the base's
             self.overlay.insert([row])
         invalidate: list[int] = []
-        self._rebase_node(n, e, (), entries, invalidate, linked)
+        self._rebase_node(n, e, (), entries, invalidate, keep, replace)
         n.oid = row.id
         for name in data:
             self.overlay.remove_data(name)
@@ -224,59 +268,88 @@ class CommitState:
         in progress, ``merge``), keeping the node objects the kernel knows."""
         commit: Commit = await self.loader.io("commit", self.repo.load_commit, cid)
         shown = tree or commit.tree
-        entries = await self._resolve(self.root, shown)
+        survey = None
+
+        def wanted() -> list[tuple[tuple, list[str]]]:
+            nonlocal survey
+            survey = self._survey(self.root)
+            return survey[1]
+        entries = await self._resolve(shown, wanted)
+        keep, _, old_data, linked = survey
+        for n in old_data:
+            if n.opens > 0 and n.fd is None:  # keep its bytes for whoever has it open
+                n.fd = self.overlay.open_data(n.upper)
         root_row = Row(ROOT_ID, None, "", NodeKind.DIR, TreeEntry("", Kind.DIR, 0, shown), False, None,
                        self.root.mode, 0, None)
-        old_data = []
-
-        def gather(n: WNode):
-            if n.upper is not None:
-                old_data.append(n)
-                if n.opens > 0 and n.fd is None:  # keep its bytes for whoever has it open
-                    n.fd = self.overlay.open_data(n.upper)
-            for c in (n.children or {}).values():
-                gather(c)
-        gather(self.root)
         self.overlay.clear(cid, root_row, merge)  # the one atomic step
-        invalidate: list[int] = self._unlink_extra_names(self.root)  # hard links: names apart now
+        invalidate: list[int] = self._unlink_extra_names(linked)  # hard links: names apart now
         self.base = cid
         self.base_tree = commit.tree
         self.base_time_ns = commit.time * 1_000_000_000
-        self._rebase_node(self.root, root_row.origin, (), entries, invalidate)
+        self._rebase_node(self.root, root_row.origin, (), entries, invalidate, keep)
         self.root.oid = ROOT_ID
         for n in old_data:
             if n.fd is not None and n.parent is not None:
                 self._close_fd(n)
         return invalidate
 
-    async def _resolve(self, top: WNode, tree_id: bytes) -> dict[tuple, dict[str, TreeEntry | None]]:
-        """The entries of tree ``tree_id`` (and its subtrees) at every in-memory node below
-        ``top``: {path below top: {name: entry or None}}.
+    def _survey(self, top: WNode) -> tuple[set[WNode], list[tuple[tuple, list[str]]], list[WNode], list[WNode]]:
+        """One pass over the in-memory tree at and below ``top``: (the nodes that stay in a
+        rebase, the names to look up in the new tree: [(path below top, names)], the nodes
+        with a data file, the nodes with more than one name).
 
-        Resolved in a worker thread before anything changes: a split directory's
+        Only nodes the kernel knows (it holds a lookup or an open file, or an open
+        directory handle's listing still hands them out), and the directories above
+        them, stay: every other node (most of a materialized directory's) is made again
+        from the new tree when looked up, so a rebase costs what the kernel holds, not
+        what was materialized."""
+        known = set(self.table.nodes())
+        known.update(item for h in self._dirs.values() for _, item in h.items if isinstance(item, WNode))
+        keep: set[WNode] = set()
+        wanted: list[tuple[tuple, list[str]]] = []
+        old_data: list[WNode] = []
+        linked: list[WNode] = []
+
+        def survey(n: WNode, parts: tuple) -> bool:
+            if n.upper is not None:
+                old_data.append(n)
+            if n.links:
+                linked.append(n)
+            kept = n.lookups > 0 or n.opens > 0 or n in known
+            if n.is_dir:
+                names = []
+                for kids in (n.lazy, n.children):
+                    for name, c in (kids or {}).items():
+                        if c.is_dir:
+                            if survey(c, parts + (name,)):
+                                names.append(name)
+                        elif c.upper is not None or c.links or c in known or c.opens > 0 or c.lookups > 0:
+                            if survey(c, parts):
+                                names.append(name)
+                if names:
+                    wanted.append((parts, names))
+                    kept = True
+            if kept:
+                keep.add(n)
+            return kept
+        survey(top, ())
+        keep.add(top)
+        return keep, wanted, old_data, linked
+
+    async def _resolve(self, tree_id: bytes, wanted: Callable[[], list[tuple[tuple, list[str]]]]
+                       ) -> dict[tuple, dict[str, TreeEntry | None]]:
+        """The entries of tree ``tree_id`` (and its subtrees) that ``wanted()`` names:
+        {path below the tree: {name: entry or None}}.
+
+        Looked up in a worker thread before anything changes: a split directory's
         ``get`` may load a leaf, which may fail (the overlay and the nodes are then
-        left as they were) or be slow.  Nodes a lookup made meanwhile are resolved in
-        one more round, so none is missed."""
+        left as they were) or be slow.  ``wanted()`` is asked again after each round
+        (nodes a lookup made meanwhile), until it names nothing new: so no await
+        comes between its last answer and the caller's changes."""
         entries: dict[tuple, dict[str, TreeEntry | None]] = {}
         repo = self.repo
 
-        def missing() -> list[tuple[tuple, list[str]]]:
-            out = []
-
-            def collect(n: WNode, parts: tuple) -> None:
-                kids = dict(n.lazy)
-                kids.update(n.children or {})
-                known = entries.get(parts, {})
-                names = [name for name in kids if name not in known]
-                if names:
-                    out.append((parts, names))
-                for name, c in kids.items():
-                    if c.is_dir:
-                        collect(c, parts + (name,))
-            collect(top, ())
-            return out
-
-        def load(wanted: list[tuple[tuple, list[str]]]) -> dict[tuple, dict[str, TreeEntry | None]]:
+        def load(todo: list[tuple[tuple, list[str]]]) -> dict[tuple, dict[str, TreeEntry | None]]:
             trees: dict[tuple, Tree | None] = {}
 
             def tree_at(parts: tuple) -> Tree | None:
@@ -291,22 +364,30 @@ class CommitState:
                 trees[parts] = t
                 return t
             out = {}
-            for parts, names in wanted:
+            for parts, names in todo:
                 t = tree_at(parts)
                 out[parts] = {name: t.get(name) if t is not None else None for name in names}
             return out
-        while wanted := missing():
-            for parts, found in (await self.loader.io("trees of the new base", load, wanted)).items():
+        while True:
+            todo = []
+            for parts, names in wanted():
+                known = entries.get(parts, {})
+                names = [name for name in names if name not in known]
+                if names:
+                    todo.append((parts, names))
+            if not todo:
+                return entries
+            for parts, found in (await self.loader.io("trees of the new base", load, todo)).items():
                 entries.setdefault(parts, {}).update(found)
-        return entries
 
     def _rebase_node(self, n: WNode, e: TreeEntry, parts: tuple, entries: dict[tuple, dict],
-                     invalidate: list[int], replace: set[int] = frozenset()) -> None:
-        """Show entry ``e`` at node ``n`` keeping the node object, and below it, each
-        in-memory node the new tree has (same name, same kind, not in ``replace``: ids)
-        likewise; the others leave the tree (whoever has one open keeps its bytes).
-        In memory only (the rows are the caller's); ``entries`` from ``_resolve``;
-        inodes whose contents changed are added to ``invalidate``."""
+                     invalidate: list[int], keep: set[WNode], replace: set[int] = frozenset()) -> None:
+        """Show entry ``e`` at node ``n`` keeping the node object, and below it, each node
+        of ``keep`` the new tree has (same name, same kind, not in ``replace``: ids)
+        likewise; the other kept ones leave the tree (whoever has one open keeps its
+        bytes), the rest is dropped (made again from the new tree when looked up).  In
+        memory only (the rows are the caller's); ``entries`` from ``_resolve``; inodes
+        whose contents changed are added to ``invalidate``."""
         changed = n.upper is not None or n.origin is None or n.origin.id != e.id or n.kind is not NodeKind.of(e.kind)
         if n.kind is NodeKind.FILE and changed:
             invalidate.append(n.ino)
@@ -330,13 +411,17 @@ class CommitState:
         n.lazy = {}
         below = entries.get(parts, {})
         for name, c in kids.items():
+            if c not in keep:  # unknown to the kernel: made again from the new tree
+                if c.fd is not None:
+                    self._close_fd(c)
+                continue
             ce = below.get(name)
             if ce is None or NodeKind.of(ce.kind) is not c.kind or id(c) in replace:
                 invalidate.extend(self._inos_below(c))
                 self._detach_all(c)
             else:
                 n.lazy[name] = c
-                self._rebase_node(c, ce, parts + (name,), entries, invalidate, replace)
+                self._rebase_node(c, ce, parts + (name,), entries, invalidate, keep, replace)
 
     def _detach_all(self, n: WNode) -> None:
         for c in list(n.lazy.values()):

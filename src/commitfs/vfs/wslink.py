@@ -111,20 +111,17 @@ class LinkNames:
                     apply = self._drop_name_rows(d, name, c)
                 apply()
 
-    def _unlink_extra_names(self, root: WNode) -> list[int]:
-        """The overlay was cleared: forget every name but the first of each node (the
-        new commit holds the names as separate files); return the nodes changed."""
+    def _unlink_extra_names(self, nodes: list[WNode]) -> list[int]:
+        """The overlay was cleared: forget every name but the first of each of ``nodes``
+        (the hard-linked ones: the new commit holds the names as separate files); return
+        the nodes changed."""
         changed: list[int] = []
-
-        def walk(d: WNode) -> None:
-            for c in list((d.children or {}).values()):
-                if c.is_dir:
-                    walk(c)
-                elif c.links:
-                    for link in c.links:
-                        if link.parent.children.get(link.name) is c:
-                            del link.parent.children[link.name]
-                    c.links = None
-                    changed.append(c.ino)
-        walk(root)
+        for c in nodes:
+            if c.is_dir or not c.links:
+                continue
+            for link in c.links:
+                if link.parent.children is not None and link.parent.children.get(link.name) is c:
+                    del link.parent.children[link.name]
+            c.links = None
+            changed.append(c.ino)
         return changed

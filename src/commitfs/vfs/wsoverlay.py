@@ -72,44 +72,71 @@ class OverlayStore:
         d.dirty = True
 
     def _flush(self, n: WNode) -> None:
-        """Write a node's pending metadata: its times and a copy-on-write file's ranges.
-        On a full disk the overlay's reserve is released and it is written once more
-        (a few pages: the written bytes already have their blocks)."""
-        try:
-            self._write_pending(n)
-        except SpaceReleasedError:
-            self._write_pending(n)
-
-    def _write_pending(self, n: WNode) -> None:
+        """Write a node's pending metadata: its times and a copy-on-write file's ranges
+        (those changed since the last flush: vfs/wscow.py).  On a full disk the
+        overlay's reserve is released and it is written once more (a few pages: the
+        written bytes already have their blocks)."""
         cow = n.cow
         if n.oid is not None and (n.dirty or (cow is not None and cow.dirty)):
-            with self.overlay.batch():
-                if n.dirty:
-                    self.overlay.update(n.oid, mtime_ns=n.mtime_ns, ctime_ns=n.ctime_ns)
-                if cow is not None and cow.dirty:
-                    self.overlay.set_ranges(n.oid, cow.ranges())
+            times = (n.mtime_ns, n.ctime_ns) if n.dirty else None
+            put, gone = cow.changes() if cow is not None and cow.dirty else ((), ())
+            self._store_pending(n.oid, times, put, gone)
             if cow is not None:
-                cow.dirty = False
+                cow.stored()
         n.dirty = False
+
+    async def _flush_file(self, n: WNode) -> None:
+        """``_flush`` of an open file (flush, release, fsync): a copy-on-write file's
+        ranges are written in a worker thread under the loader's limiter and I/O
+        timeout, never on the event loop (the caller holds the lock, so nothing
+        changes the node meanwhile)."""
+        cow = n.cow
+        if n.oid is None or cow is None or not cow.dirty:
+            self._flush(n)
+            return
+        times = (n.mtime_ns, n.ctime_ns) if n.dirty else None
+        put, gone = cow.changes()
+        await self.loader.io("ranges of a workspace file", self._store_pending, n.oid, times, put, gone)
+        cow.stored()
+        if times is not None and (n.mtime_ns, n.ctime_ns) == times:
+            n.dirty = False
+
+    def _store_pending(self, oid: int, times: tuple[int, int] | None, put, gone) -> None:
+        for attempt in (1, 2):
+            try:
+                with self.overlay.batch():
+                    if times is not None:
+                        self.overlay.update(oid, mtime_ns=times[0], ctime_ns=times[1])
+                    if put or gone:
+                        self.overlay.update_ranges(oid, put, gone)
+                return
+            except SpaceReleasedError:
+                if attempt == 2:
+                    raise
 
     def _flush_all(self) -> None:
         # One transaction for all: a node's flags are cleared as it is written, so if
         # the transaction fails they are set again (a later fsync must still write it).
-        cleared: list[tuple[WNode, bool, bool]] = []
-
-        def walk(n: WNode):
-            cleared.append((n, n.dirty, n.cow is not None and n.cow.dirty))
-            self._flush(n)
-            for c in (n.children or {}).values():
-                walk(c)
+        # The walk is lean (no call per clean node): it visits every materialized node.
+        cleared: list[tuple[WNode, bool, set | None]] = []
         if self.root is not None:
             try:
                 with self.overlay.batch():
-                    walk(self.root)
+                    stack = [self.root]
+                    while stack:
+                        n = stack.pop()
+                        cow = n.cow
+                        if n.dirty or (cow is not None and cow.dirty):
+                            cleared.append((n, n.dirty, set(cow.touched) if cow is not None and cow.dirty
+                                            else None))
+                            self._flush(n)
+                        if n.children:
+                            stack.extend(n.children.values())
             except BaseException:
-                for n, dirty, cow_dirty in cleared:
+                for n, dirty, touched in cleared:
                     n.dirty = n.dirty or dirty
-                    if cow_dirty and n.cow is not None:
+                    if touched is not None and n.cow is not None:
+                        n.cow.touched |= touched
                         n.cow.dirty = True
                 raise
 
@@ -171,14 +198,14 @@ class OverlayStore:
         if cow is not None and size < cow.until:
             # The row first, memory after: if the transaction fails (a full disk, then
             # a retry of the whole call) the retry still sees the base's old extent.
-            cut = Cow(cow.base, cow.until, cow.ranges())
+            cut = cow.copy()
             cut.truncate(size)
             if n.oid is not None:
                 with self.overlay.batch():
                     self.overlay.update(n.oid, cow_base=cut.base if cut.until else None,
                                         cow_until=cut.until if cut.until else None)
-                    self.overlay.set_ranges(n.oid, cut.ranges())
-            cut.dirty = False
+                    self.overlay.update_ranges(n.oid, *cut.changes())
+            cut.stored()
             n.cow = cut if cut.until else None  # nothing of the base left: the data file is the file
         n.mtime_ns = n.ctime_ns = _now()  # a truncation is a status change too
         n.dirty = True
