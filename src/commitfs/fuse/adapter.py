@@ -469,7 +469,8 @@ def end_page_stores(timeout: float = 5.0, abort: Callable[[], str | None] | None
     """Refuse new page-cache hand-offs and wait (bounded) for those in flight.
     If one still runs at ``timeout``, ``abort()`` (the FUSE connection's: None
     when done, else why not) and wait ``ABORTED_WAIT_S`` more.  True: none runs
-    now, the session may be freed; False: one still does, it must not be."""
+    now, the session may be freed; False: one still does, it must not be (without
+    ``abort``, False is said only to the caller, not logged)."""
     global _stores_open
     idle = lambda: _stores_running == 0  # noqa: E731
     with _stores:
@@ -477,7 +478,9 @@ def end_page_stores(timeout: float = 5.0, abort: Callable[[], str | None] | None
         done = _stores.wait_for(idle, timeout=timeout)
     if done:
         return True
-    why_not = "nothing to abort it with" if abort is None else abort()
+    if abort is None:
+        return False  # the caller tries again with one (daemon.py: _on_signals, then _close)
+    why_not = abort()
     if why_not is None:
         log.warning("a page-cache hand-off was still running %.0f s into the unmount: FUSE connection aborted",
                     timeout)

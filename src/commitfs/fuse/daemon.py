@@ -35,7 +35,13 @@ import trio
 
 from commitfs.cache import DiskChunkCache
 from commitfs.errors import CommitfsError, MountError
-from commitfs.fuse.adapter import Operations, WorkspaceOperations, end_page_stores, reopen_page_stores
+from commitfs.fuse.adapter import (
+    Operations,
+    WorkspaceOperations,
+    end_page_stores,
+    page_storer,
+    reopen_page_stores,
+)
 from commitfs.fuse.lifecycle import (
     DaemonConfig,
     abort_connection,
@@ -159,6 +165,7 @@ def serve(config: DaemonConfig, report: Report) -> int:
         if not config.writable:
             log.info("OPEN requests: %d", ops.opens)
             log.info("READs by inode (fast path): %d", fastpath.reads_by_inode())
+            log.info("page-cache hand-offs dropped (queue full): %d", page_storer.dropped)
         cache = repo.chunk_cache
         if isinstance(cache, DiskChunkCache):
             cache.close()  # the chunks still pending are written

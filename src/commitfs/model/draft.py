@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from commitfs.model.objects import TreeEntry
+from commitfs.model.objects import Tree, TreeEntry
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,9 @@ class Draft:
 
     entries: dict[str, TreeEntry | NewFile | Draft | None] = field(default_factory=dict)
     base: bytes | None = None
+    #: ``base`` decoded, when its maker holds it already (a workspace's mount does):
+    #: the change engine then reads it from here, not from the repository.
+    base_tree: Tree | None = field(default=None, compare=False, repr=False)
 
 
 Side = TreeEntry | NewFile | Draft | None

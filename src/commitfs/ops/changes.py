@@ -78,12 +78,19 @@ def dir_entry(tree_id: bytes, name: str = "") -> TreeEntry:
     return TreeEntry(name, Kind.DIR, 0, tree_id)
 
 
+def _base_of(repo: Repository, draft: Draft) -> Tree | SplitTree:
+    """A Draft's base tree: the decoded one it carries, else the repository's."""
+    if draft.base_tree is not None:
+        return draft.base_tree
+    return repo.load_tree(draft.base)
+
+
 def listing(repo: Repository, side: Side) -> dict[str, Side]:
     """The entries of a directory side, by name (an empty dict for anything else)."""
     if isinstance(side, Draft):
         out: dict[str, Side] = {}
         if side.base is not None:
-            out = {e.name: e for e in repo.load_tree(side.base).entries}
+            out = {e.name: e for e in _base_of(repo, side).entries}
         for name, s in side.entries.items():
             if s is None:
                 out.pop(name, None)
@@ -107,7 +114,7 @@ def iter_changes(repo: Repository, old: Side, new: Side, path: str = "") -> Iter
         if isinstance(new, Draft) and isinstance(old, TreeEntry) and new.base is not None and new.base == old.id:
             # A Draft over old's own tree: only the names it edits can differ.
             if new.entries:
-                tree = repo.load_tree(old.id)
+                tree = _base_of(repo, new)
                 for name in sorted(new.entries, key=_key):
                     yield from iter_changes(repo, tree.get(name), new.entries[name], _join(path, name))
             return
@@ -351,9 +358,9 @@ def build(repo: Repository, writer: BlobWriter, side: Side, name: str = "",
             e = _stored[side] = _store_new_file(repo, writer, name, side)
         return e if e.name == name else e._replace(name=name)
     if side.base is not None and not side.entries:
-        return dir_entry(side.base, name)._replace(size=repo.load_tree(side.base).size)
+        return dir_entry(side.base, name)._replace(size=_base_of(repo, side).size)
     if side.base is not None:
-        base = repo.load_tree(side.base)
+        base = _base_of(repo, side)
         if isinstance(base, SplitTree) and len(side.entries) * EDIT_SHARE < base.count:
             # A few edits in a split directory: re-cut around them only.
             edits = {n: build(repo, writer, c, n, _stored) for n, c in side.entries.items()}

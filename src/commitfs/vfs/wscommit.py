@@ -101,7 +101,7 @@ def _draft(node: WNode, data_path: Callable[[str], str],
     for e in base.entries:
         if e.name not in children:
             out[e.name] = None
-    return Draft(out, node.origin.id)
+    return Draft(out, node.origin.id, base)
 
 
 def root_row(repo: Repository, cid: bytes) -> Row:
