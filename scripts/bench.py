@@ -485,7 +485,8 @@ def commitfs_mount(repo_url: str, mnt: Path, cache_dir: Path, rev: str = "main",
 
 
 @contextmanager
-def nullfs_mount(src: Path, rels: list[str], mnt: Path, scratch: Path, sizes_only: bool = False) -> Iterator[int]:
+def nullfs_mount(src: Path, rels: list[str], mnt: Path, scratch: Path, sizes_only: bool = False,
+                 start_timeout_s: float = START_TIMEOUT_S) -> Iterator[int]:
     """scripts/nullfs.py serving ``rels`` of ``src`` (loaded into memory; ``sizes_only``: their
     sizes alone, for listings) at ``mnt``; yields its pid."""
     list_file, log_file = scratch / "nullfs-files.txt", scratch / "nullfs.log"
@@ -497,7 +498,7 @@ def nullfs_mount(src: Path, rels: list[str], mnt: Path, scratch: Path, sizes_onl
                                 start_new_session=True)
     try:
         assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT_S)
+        ready, _, _ = select.select([proc.stdout], [], [], start_timeout_s)
         if not ready or proc.stdout.readline().strip() != b"ready":
             raise RuntimeError(f"nullfs did not start (see {log_file})")
         yield proc.pid
@@ -2679,7 +2680,8 @@ def bench_scale(b: Bench) -> SectionResult:
             hwm = vm_hwm(m.pid) if m.pid else 0
         # The framework's ceiling: the same tree through nullfs (names and sizes in dicts).
         b.log("find over nullfs serving the same tree (sizes only)")
-        with nullfs_mount(files.root, list(files.rels()), mnt, b.scratch("nullfs-scale"), sizes_only=True):
+        with nullfs_mount(files.root, list(files.rels()), mnt, b.scratch("nullfs-scale"), sizes_only=True,
+                          start_timeout_s=20 * START_TIMEOUT_S):  # it stats a million files first
             null_find, _ = timed(subprocess.run, ["find", str(mnt)], stdout=subprocess.DEVNULL, check=True)
         out.rows.append(Row(f"`find` of the {n:,}-file mount vs `find` on disk (warm)", mount_find, disk_find,
                             "s", ("<=", 5.0)))

@@ -9,6 +9,7 @@ commit without any cache computes.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -20,7 +21,7 @@ from commitfs.model.objects import Tree
 from commitfs.ops.snapshot import commit_directory
 from commitfs.ops.statcache import cache_root
 from commitfs.repo.repository import BlobWriter, Repository
-from core_fixtures import age_tree, cli_ok, describe, reopen, store_state, write_file
+from core_fixtures import age_tree, assert_fsck_clean, cli_ok, describe, reopen, store_state, write_file
 from commitfs.ops.checkout import checkout
 
 pytestmark = pytest.mark.timeout(120)
@@ -111,6 +112,43 @@ def test_one_change_encodes_only_its_directory_and_ancestors(local_repo, tmp_pat
     assert counts.encodes == 4
     assert changed.write.blobs_new == 6  # one chunk, one manifest, four trees
     assert changed.tree_id == _fresh_tree_id(tmp_path, src)
+
+
+def test_a_changed_large_directory_re_cuts_only_near_its_changes(local_repo, tmp_path, monkeypatch):
+    """A split directory committed from disk is stored as an edit of its previous
+    tree (the stat cache's row names it): only the leaves near the changed, added
+    and removed entries, and a changed subdirectory, are encoded again, not all
+    of them; the ids are those of encoding it whole."""
+    from commitfs.model import splittree
+
+    for name, value in (("SPLIT_ENTRIES", 32), ("LEAF_MIN", 4), ("LEAF_BITS", 2), ("LEAF_MAX", 16),
+                        ("INDEX_MIN", 2), ("INDEX_BITS", 1), ("INDEX_MAX", 6)):
+        monkeypatch.setattr(splittree, name, value)
+    rng = random.Random(11)
+    src = tmp_path / "src"
+    big = src / "big"
+    for i in range(600):
+        write_file(big / f"f{i:04d}.bin", rng.randbytes(rng.randrange(50)))
+    write_file(big / "sub" / "x.bin", b"x")
+    age_tree(src)
+    first = commit_directory(local_repo, src, message="v1")
+    leaves = sum(1 for _ in local_repo.load_tree(local_repo.load_tree(first.tree_id).get("big").id).iter_leaves())
+    assert leaves > 40
+    (big / "f0100.bin").write_bytes(b"changed")
+    (big / "f0300.bin").unlink()
+    (big / "f0450x.bin").write_bytes(b"added")
+    (big / "sub" / "x.bin").write_bytes(b"y")
+    old = os.stat(big / "f0000.bin").st_mtime
+    for p in ("f0100.bin", "f0450x.bin", "sub/x.bin"):
+        os.utime(big / p, (old, old))
+    counts = Counts(monkeypatch)
+    changed = commit_directory(local_repo, src, message="v2")
+    assert changed.files_read == 3
+    # The root, sub, and the leaves near three edits (each perhaps with a neighbour),
+    # not the ~45 leaves of big.
+    assert counts.encodes <= 2 + 3 * 3
+    assert changed.tree_id == _fresh_tree_id(tmp_path, src)
+    assert_fsck_clean(local_repo.url)
 
 
 def _edits(src: os.PathLike):
@@ -367,7 +405,15 @@ def test_segment_merge_streams_and_equals_encoding_the_entries(local_repo, monke
     segs = [s for k in keys for s in local_repo.index.segments() if s.key == k]
     assert len(segs) == 4
     expected = index_mod.encode_segment([e for entries in groups for e in entries])
-    assert index_mod.merge_segments(segs) == expected
+
+    def merged(segments):  # the merge writes a file (stored with Store.save_object_from)
+        out = io.BytesIO(b"stale bytes of an earlier use " * 100)
+        size, digest = index_mod.merge_segments(segments, out)
+        data = out.getvalue()
+        assert size == len(data) and index_mod.INDEX_PREFIX + digest.hex() == index_mod.segment_key(data)
+        return data
+
+    assert merged(segs) == expected
     reads = []
     load_range = local_repo.store.load_range
 
@@ -376,7 +422,7 @@ def test_segment_merge_streams_and_equals_encoding_the_entries(local_repo, monke
         return load_range(key, off, length)
 
     monkeypatch.setattr(local_repo.store, "load_range", counting)
-    assert index_mod.merge_segments([index_mod.Segment(local_repo.store, k) for k in keys]) == expected
+    assert merged([index_mod.Segment(local_repo.store, k) for k in keys]) == expected
     assert reads and max(reads) <= 7 * index_mod.ENTRY.size + 4096
     assert local_repo.index.merge(segs)
     merged = [s for s in reopen(local_repo.url).index.segments()]

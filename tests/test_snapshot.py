@@ -406,6 +406,12 @@ def test_unreadable_file(committed, monkeypatch):
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(snapshot, "open", failing_open, raising=False)
+    def failing_open_fd(path, *args):  # small files' reads (snapshot._read_whole)
+        if os.fspath(path).endswith("secret.bin"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return os.open(path, *args)
+
+    monkeypatch.setattr(snapshot, "_open_fd", failing_open_fd)
     with pytest.raises(InputError, match=r"cannot read .*secret\.bin: Permission denied"):
         _commit(repo, src)
     monkeypatch.setattr(snapshot, "_SMALL_FILE", 10)  # the streaming path too

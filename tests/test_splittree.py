@@ -754,3 +754,46 @@ def test_what_the_kernel_holds_reads_the_same_after_the_trees_left_the_daemons_c
                     evict()
                     assert await fs.read_inode(a.ino, 0, 1 << 16) == want
     trio.run(main)
+
+
+def test_a_listing_that_outlives_what_the_kernel_forgot_hands_out_only_known_inodes(small_split, tmp_path,
+                                                                                     cache_home):
+    """A readdir page of a split directory awaits each leaf it reaches; if the
+    kernel forgets every entry of the directory meanwhile, the directory's block
+    of inode numbers leaves the table (vfs/inode.py), and the entries offered
+    after that must be counted in the table's block, not the dropped one: every
+    inode the kernel accepted is one the table knows."""
+    url = str(tmp_path / "repo")
+    src = _big_dir(tmp_path, 400)
+    with Repository.init(url) as r:
+        cid = commit_directory(r, src, message="v1").commit_id
+
+    async def main():
+        with reopen(url) as r:
+            async with fs_of(r, cid) as fs:
+                big = await fs.lookup(1, b"big")
+                held: list[int] = []
+                accepted: list[int] = []
+                leaf_at = fs._split_leaf_at
+
+                async def forgetting(tree, pos):
+                    got = await leaf_at(tree, pos)
+                    fs.forget([(ino, 1) for ino in held])  # the kernel let go of all it held
+                    held.clear()
+                    return got
+                fs._split_leaf_at = forgetting
+
+                def reply(name, attr, next_id):
+                    if len(accepted) == 100:
+                        return False
+                    held.append(attr.ino)
+                    accepted.append(attr.ino)
+                    return True
+                dh = await fs.opendir(big.ino)
+                await fs.readdir(dh, 0, reply)
+                await fs.releasedir(dh)
+                assert len(accepted) == 100 and held
+                for ino in held:  # those accepted since the last forget
+                    assert ino in fs.table
+                    await fs.getattr(ino)
+    trio.run(main)

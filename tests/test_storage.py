@@ -41,6 +41,26 @@ def test_round_trip(store):
     assert store.load_object("empty") == b""
 
 
+def test_streamed_save_from_a_file(store, tmp_path):
+    """save_object_from stores the first ``size`` bytes of a file (an index merge's
+    output): on S3 a multipart upload past one part (_PART_SIZE), locally a copy
+    a block at a time; whole or not at all, as save_object."""
+    from commitfs.storage import s3
+
+    rng = random.Random(4)
+    data = rng.randbytes(s3._PART_SIZE + 3 * 1024 * 1024 + 17)  # two parts on S3
+    with open(tmp_path / "out", "w+b") as f:
+        f.write(data + b"not stored")
+        store.save_object_from("index/big", f, len(data))
+        store.save_object_from("index/small", f, 1000)
+        with pytest.raises((ValueError, StorageError)):
+            store.save_object_from("index/short", f, len(data) + 100)  # the file ends first
+    assert store.load_object("index/big") == data
+    assert store.load_object("index/small") == data[:1000]
+    assert store.lookup_size("index/short") is None
+    assert sorted(store.iter_keys("index/")) == ["index/big", "index/small"]
+
+
 def test_rewriting_identical_data_is_harmless(store):
     store.save_object("k", b"same")
     store.save_object("k", b"same")

@@ -252,36 +252,61 @@ def split_nodes(entries: Sequence[TreeEntry]) -> list[tuple[bytes, bytes, Tree |
     (id, encoding, object), every object after those it names; the last is
     the directory's own (its tree id).  One plain tree up to SPLIT_ENTRIES
     entries, else leaf chunks and index levels (module doc)."""
-    entries = tuple(entries)
-    if len(entries) <= SPLIT_ENTRIES:
+    return list(iter_split_nodes(entries))
+
+
+def iter_split_nodes(entries: Sequence[TreeEntry]) -> Iterator[tuple[bytes, bytes, Tree | TreeIndex]]:
+    """``split_nodes``, each object yielded as soon as it is made: a writer stores
+    each leaf before the next is encoded (all the leaves of a million entries
+    are ~50 MB of encodings), and only the index entries are kept meanwhile."""
+    entries = entries if isinstance(entries, tuple) else tuple(entries)
+    n = len(entries)
+    if n <= SPLIT_ENTRIES:
         tree = Tree(entries)
         data = tree.encode()
-        return [(hash_bytes(data), data, tree)]
-    out: list[tuple[bytes, bytes, Tree | TreeIndex]] = []
-    raws = [e.name.encode() for e in entries]
+        yield hash_bytes(data), data, tree
+        return
     level: list[IndexEntry] = []
+    # _cuts over the names, each name hashed only where a cut may fall.
     start = 0
-    for end in _cuts(raws, LEAF_MIN, LEAF_MAX, _leaf_cut):
-        leaf = Tree(entries[start:end])
-        data = leaf.encode()
-        oid = hash_bytes(data)
-        out.append((oid, data, leaf))
-        level.append(IndexEntry(entries[start].name, end - start, _tree_size(leaf.entries), oid))
-        start = end
-    _index_levels(level, out)
-    return out
+    i = LEAF_MIN - 1
+    while i < n:
+        if i - start + 1 >= LEAF_MAX or _leaf_cut(name_hash(entries[i].name.encode())):
+            level.append((yield from _iter_leaf(entries[start:i + 1])))
+            start = i + 1
+            i = start + LEAF_MIN - 1
+        else:
+            i += 1
+    if start < n:
+        level.append((yield from _iter_leaf(entries[start:])))
+    yield from _iter_index_levels(level)
 
 
-def _leaf(entries, out: list) -> IndexEntry:
+def _iter_leaf(entries):
+    """Yield leaf chunk ``entries``'s object; return its index entry."""
     leaf = Tree(tuple(entries))
     data = leaf.encode()
     oid = hash_bytes(data)
-    out.append((oid, data, leaf))
-    return IndexEntry(entries[0].name, len(entries), _tree_size(entries), oid)
+    yield oid, data, leaf
+    return IndexEntry(leaf.entries[0].name, len(leaf.entries), _tree_size(leaf.entries), oid)
+
+
+def _leaf(entries, out: list) -> IndexEntry:
+    gen = _iter_leaf(entries)
+    out.append(next(gen))
+    try:
+        next(gen)
+    except StopIteration as stop:
+        return stop.value
+    raise AssertionError("a leaf is one object")
 
 
 def _index_levels(level: list[IndexEntry], out: list) -> None:
     """The index nodes above leaf chunks ``level``, appended to ``out``, the root last."""
+    out.extend(_iter_index_levels(level))
+
+
+def _iter_index_levels(level: list[IndexEntry]) -> Iterator[tuple[bytes, bytes, TreeIndex]]:
     depth = 1
     while True:  # index levels, until one node remains: the root
         firsts = [c.first.encode() for c in level]
@@ -291,7 +316,7 @@ def _index_levels(level: list[IndexEntry], out: list) -> None:
             node = TreeIndex(depth, tuple(level[start:end]))
             data = node.encode()
             oid = hash_bytes(data)
-            out.append((oid, data, node))
+            yield oid, data, node
             above.append(IndexEntry(level[start].first, node.count, node.size, oid))
             start = end
         if len(above) == 1:
@@ -399,7 +424,9 @@ def _leaf_entries(tree: SplitTree) -> list[IndexEntry]:
 
 def tree_id_of(entries: Sequence[TreeEntry]) -> bytes:
     """The canonical tree id of a directory of sorted ``entries``."""
-    return split_nodes(entries)[-1][0]
+    for oid, _, _ in iter_split_nodes(entries):
+        pass
+    return oid
 
 
 # --- reading -------------------------------------------------------------------------

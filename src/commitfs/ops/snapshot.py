@@ -24,6 +24,7 @@ nothing again.
 from __future__ import annotations
 
 import getpass
+import operator
 import os
 import socket
 import stat as statmod
@@ -34,12 +35,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from commitfs.errors import InputError, NothingToCommitError, RefConflictError
-from commitfs.model import chunker
-from commitfs.model.ids import hash_bytes
-from commitfs.model.objects import Commit, FileManifest, Kind, Tree, TreeEntry, symlink_entry
+from commitfs.errors import (
+    CorruptObjectError,
+    InputError,
+    NothingToCommitError,
+    ObjectNotFoundError,
+    RefConflictError,
+)
+from commitfs.model import chunker, splittree
+from commitfs.model.ids import HASHER, hash_bytes
+from commitfs.model.objects import MANIFEST_MAGIC, Commit, FileManifest, Kind, Tree, TreeEntry, _put_uvarint, symlink_entry
 from commitfs.ops.statcache import ID_SIZE, UNTRUSTED, CachedDir, StatCache, trusted
-from commitfs.repo.pack import BlobKind, maybe_compress
+from commitfs.repo.pack import BlobKind, Compression, maybe_compress
 from commitfs.repo.repository import BlobWriter, Repository, WriteStats
 
 # Files up to this size are read whole by pool threads; larger ones stream.
@@ -52,6 +59,10 @@ _READ_AHEAD_BYTES = 32 * 1024 * 1024
 # costs ~1 KB of objects beside its bytes.
 _READ_AHEAD_FILES = 4096
 _READ_THREADS = 4
+# Small files go to the pool in batches of this many files (or bytes): a future per
+# 1 KB file cost more than reading it (a million-file commit is mostly small files).
+_BATCH_FILES = 64
+_BATCH_BYTES = 1024 * 1024
 # Blobs after which the writer indexes what it added and forgets it (BlobWriter.checkpoint):
 # bounds its memory (~250 B a blob) at any file count.  Safe: files are stored chunks first,
 # trees bottom-up.
@@ -103,6 +114,8 @@ class _Dir:
     left: int = 1
     #: Once built: (tree id, size, reused from the stat cache as it was).
     built: tuple | None = None
+    nfiles: int = 0  # its files (of either kind)
+    prev: CachedDir | None = None  # the stat cache's row of a large directory that changed
 
 
 def _display(path: str) -> str:
@@ -164,6 +177,52 @@ def prepare_file(path: str) -> PreparedFile:
     return prepare_chunks(chunker.cut(data))
 
 
+_ONE_CHUNK = MANIFEST_MAGIC + b"\x01"  # a manifest of one chunk starts so (FileManifest.encode)
+
+
+_open_fd = os.open  # (a test makes it fail)
+
+
+def _read_whole(path: str, size: int) -> bytes:
+    """The bytes of file ``path``, which stat'ed as ``size`` bytes (read whole if it grew)."""
+    try:
+        fd = _open_fd(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.read(fd, size + 1)  # a regular file's short read is its end
+            if len(data) > size:
+                parts = [data]
+                while part := os.read(fd, 1 << 20):
+                    parts.append(part)
+                data = b"".join(parts)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise _read_error(path, exc) from None
+    return data
+
+
+def prepare_batch(files: list[tuple[str, int]]) -> list:
+    """``prepare_file`` of each small file of ``files`` (path, st_size), in one pool task.  A file
+    of one chunk (up to chunker.MIN_SIZE: most files of a million-file commit) is
+    prepared as a tuple (chunk id, chunk, stored, compression, file id, manifest
+    encoding), its manifest encoded and hashed here; any other as a PreparedFile."""
+    out = []
+    for path, size in files:
+        data = _read_whole(path, size)
+        n = len(data)
+        if 0 < n <= chunker.MIN_SIZE:
+            cid = HASHER(data).digest()
+            stored, comp = maybe_compress(data, BlobKind.CHUNK)
+            mdata = bytearray(_ONE_CHUNK)
+            mdata += cid
+            _put_uvarint(mdata, n)
+            mdata = bytes(mdata)
+            out.append((cid, data, stored, comp, HASHER(mdata).digest(), mdata))
+        else:
+            out.append(prepare_chunks(chunker.cut(data)))
+    return out
+
+
 def store_prepared(writer: BlobWriter, prepared: PreparedFile, manifest: bool = True) -> bytes | None:
     """Store a prepared file's chunks and (unless told not to) its manifest; return the file id."""
     for cid, chunk, stored, comp in zip(prepared.ids, prepared.chunks, prepared.stored, prepared.compression):
@@ -214,8 +273,7 @@ def store_stream(writer: BlobWriter, stream, on_bytes: Callable[[int], None] | N
     return writer.add_manifest(FileManifest(tuple(ids), tuple(sizes))), sum(sizes)
 
 
-# Entry kinds in the stat cache's lists (statcache.py).
-_STAT_KIND = {Kind.FILE: 0, Kind.EXEC: 1, Kind.SYMLINK: 2, Kind.DIR: 3}
+# Entry kinds in the stat cache's lists (statcache.py): file 0, executable 1, symlink 2, directory 3.
 
 
 def _scan_dir(d: _Dir, cache: StatCache, warnings: list[str]) -> list[int]:
@@ -226,14 +284,34 @@ def _scan_dir(d: _Dir, cache: StatCache, warnings: list[str]) -> list[int]:
     its cached row (``_Dir.cached``) and none of its files is looked up or
     read; in any other directory each file is looked up by name.
     """
+    # Listed through a descriptor: each entry is then stat'ed by its name relative to
+    # it (fstatat, as find does), not by its whole path walked again from the root.
     try:
-        with os.scandir(d.path) as it:
-            items = sorted(it, key=lambda e: e.name)
+        fd = os.open(d.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise InputError(f"cannot list {_display(d.path)}: {exc.strerror or exc}") from None
+    try:
+        return _scan_fd(d, fd, cache, warnings)
+    finally:
+        os.close(fd)
+
+
+_by_name = operator.attrgetter("name")
+
+
+def _scan_fd(d: _Dir, fd: int, cache: StatCache, warnings: list[str]) -> list[int]:
+    try:
+        with os.scandir(fd) as it:
+            items = sorted(it, key=_by_name)
     except OSError as exc:
         raise InputError(f"cannot list {_display(d.path)}: {exc.strerror or exc}") from None
     stat = d.stat
     stat.append(("", -1, *d.own))
+    entries = d.entries
     files = []
+    join = os.path.join
+    S_ISREG, S_ISDIR, S_ISLNK, S_IXUSR = statmod.S_ISREG, statmod.S_ISDIR, statmod.S_ISLNK, statmod.S_IXUSR
+    FILE, EXEC = Kind.FILE, Kind.EXEC
     for e in items:
         name = e.name
         if not name.isascii():
@@ -241,37 +319,42 @@ def _scan_dir(d: _Dir, cache: StatCache, warnings: list[str]) -> list[int]:
         try:
             st = e.stat(follow_symlinks=False)
         except OSError as exc:
-            raise _read_error(e.path, exc) from None
+            raise _read_error(join(d.path, name), exc) from None
         mode = st.st_mode
-        if statmod.S_ISDIR(mode):
+        if S_ISREG(mode):
+            kind = EXEC if mode & S_IXUSR else FILE
+            files.append(len(entries))
+            mtime = st.st_mtime_ns
+            # (file id, size, mtime_ns): no stat_result kept (~600 B each, per file)
+            entries.append((name, kind, (None, st.st_size, mtime)))
+            stat.append((name, 1 if kind is EXEC else 0, st.st_size, mtime, st.st_ino, st.st_ctime_ns))
+        elif S_ISDIR(mode):
             rel = f"{d.rel}/{name}" if d.rel else name
-            child = _Dir(rel, e.path, (st.st_mtime_ns, st.st_ino))
+            child = _Dir(rel, join(d.path, name), (st.st_mtime_ns, st.st_ino))
             child.parent = d
-            d.entries.append((name, Kind.DIR, child))
+            entries.append((name, Kind.DIR, child))
             stat.append((name, 3, st.st_mtime_ns, st.st_ino))
             d.subdirs.append(child)
-        elif statmod.S_ISLNK(mode):
+        elif S_ISLNK(mode):
             try:
-                target = os.readlink(os.fsencode(e.path))
+                target = os.readlink(os.fsencode(name), dir_fd=fd)
             except OSError as exc:
-                raise _read_error(e.path, exc) from None
-            d.entries.append((name, Kind.SYMLINK, target))
+                raise _read_error(join(d.path, name), exc) from None
+            entries.append((name, Kind.SYMLINK, target))
             stat.append((name, 2, target))
-        elif statmod.S_ISREG(mode):
-            kind = Kind.EXEC if mode & statmod.S_IXUSR else Kind.FILE
-            files.append(len(d.entries))
-            # (file id, size, mtime_ns): no stat_result kept (~600 B each, per file)
-            d.entries.append((name, kind, (None, st.st_size, st.st_mtime_ns)))
-            stat.append((name, _STAT_KIND[kind], st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
         else:
             what = ("socket" if statmod.S_ISSOCK(mode) else "FIFO" if statmod.S_ISFIFO(mode)
                     else "device" if statmod.S_ISCHR(mode) or statmod.S_ISBLK(mode) else "special file")
-            warnings.append(f"skipped {what} {_display(e.path)}")
+            warnings.append(f"skipped {what} {_display(join(d.path, name))}")
+    d.nfiles = len(files)
     cached = cache.take(d.rel)
+    # (A row with a tree id has every file trusted: record_dir.)
     if cached is not None and cached.stat == stat and len(cached.ids) == ID_SIZE * len(files) \
-            and UNTRUSTED not in _id_slots(cached.ids):
+            and (cached.tree is not None or UNTRUSTED not in _id_slots(cached.ids)):
         d.cached = cached  # every file unchanged: ids come from the row
         return []
+    if cached is not None and cached.tree is not None and len(cached.stat) > splittree.SPLIT_ENTRIES + 1:
+        d.prev = cached  # a large directory that changed: its tree is edited (_Walk._edit_tree)
     known = cached.file_ids() if cached is not None else {}
     to_read = []
     for slot in files:
@@ -392,8 +475,11 @@ class _Walk:
                  prog: Progress, progress: Callable[[Progress], None] | None):
         self.writer, self.cache, self.scan_start, self.warnings = writer, cache, scan_start, warnings
         self.prog, self.progress = prog, progress
-        self.pending: deque = deque()  # (dir, slot, st_size, future)
-        self.inflight = 0  # st_size bytes of ``pending``
+        self.pending: deque = deque()  # (files: [(dir, slot)], st_size bytes, future), in walk order
+        self.queued = 0  # files of ``pending``
+        self.batch: list = []  # small files not submitted yet: (dir, slot, path, st_size)
+        self.batch_bytes = 0
+        self.inflight = 0  # st_size bytes of ``pending`` and ``batch``
         self.files = 0  # files in the commit
         self.pool: ThreadPoolExecutor | None = None
 
@@ -415,10 +501,11 @@ class _Walk:
                 d = stack.pop()
                 for slot in _scan_dir(d, self.cache, self.warnings):
                     self._read(d, slot)
-                self.files += sum(1 for _, k, _ in d.entries if k.is_file)
+                self.files += d.nfiles
                 stack.extend(reversed(d.subdirs))  # popped in name order: the stat cache's key order
                 d.left += len(d.subdirs)
                 self._settle(d)  # its scan is done
+            self._submit()
             while self.pending:
                 self._drain_one()
         assert top.built is not None
@@ -431,23 +518,55 @@ class _Walk:
         self.prog.bytes_total += st_size
         d.left += 1
         if st_size > _SMALL_FILE:
+            self._submit()
             while self.pending:
                 self._drain_one()
             fid, size = store_large_file(self.pool, self.writer, path, self._done)
             self._stored(d, slot, fid, size, 0)  # its bytes counted as they were stored
             return
-        while self.pending and (self.inflight + st_size > _READ_AHEAD_BYTES
-                                or len(self.pending) >= _READ_AHEAD_FILES):
+        while (self.pending or self.batch) and (self.inflight + st_size > _READ_AHEAD_BYTES
+                                 or self.queued + len(self.batch) >= _READ_AHEAD_FILES):
+            if not self.pending:
+                self._submit()
             self._drain_one()
-        self.pending.append((d, slot, st_size, self.pool.submit(prepare_file, path)))
+        self.batch.append((d, slot, path, st_size))
+        self.batch_bytes += st_size
         self.inflight += st_size
+        if len(self.batch) >= _BATCH_FILES or self.batch_bytes >= _BATCH_BYTES:
+            self._submit()
+
+    def _submit(self) -> None:
+        """Hand the batch of small files to the pool."""
+        if not self.batch:
+            return
+        batch, nbytes = self.batch, self.batch_bytes
+        self.batch, self.batch_bytes = [], 0
+        fut = self.pool.submit(prepare_batch, [(path, size) for _, _, path, size in batch])
+        self.pending.append(([(d, slot) for d, slot, _, _ in batch], nbytes, fut))
+        self.queued += len(batch)
 
     def _drain_one(self) -> None:
-        d, slot, st_size, fut = self.pending.popleft()
-        prepared = fut.result()
-        fid = store_prepared(self.writer, prepared)
-        self.inflight -= st_size
-        self._stored(d, slot, fid, prepared.size, prepared.size)
+        files, st_bytes, fut = self.pending.popleft()
+        results = fut.result()
+        writer = self.writer
+        add = writer.add
+        nbytes = 0
+        for (d, slot), prepared in zip(files, results):
+            if type(prepared) is tuple:  # one chunk (prepare_batch)
+                cid, chunk, stored, comp, fid, mdata = prepared
+                add(cid, BlobKind.CHUNK, chunk, stored=stored, compression=comp)
+                add(fid, BlobKind.MANIFEST, mdata, stored=mdata, compression=Compression.NONE)
+                size = len(chunk)
+            else:
+                fid = store_prepared(writer, prepared)
+                size = prepared.size
+            nbytes += size
+            name, kind, (_, _, mtime) = d.entries[slot]
+            d.entries[slot] = (name, kind, (fid, size, mtime))
+            self._settle(d)
+        self.inflight -= st_bytes
+        self.queued -= len(files)
+        self._done(nbytes, len(files))
 
     def _stored(self, d: _Dir, slot: int, fid: bytes, size: int, nbytes: int) -> None:
         name, kind, (_, _, mtime) = d.entries[slot]
@@ -473,10 +592,11 @@ class _Walk:
             d.built = (d.cached.tree, d.cached.size, True)
         else:
             d.built = self._build_tree(d)
-        d.entries = d.stat = d.subdirs = d.cached = None  # done with: release as we go
+        d.entries = d.stat = d.subdirs = d.cached = d.prev = None  # done with: release as we go
 
     def _build_tree(self, d: _Dir) -> tuple[bytes, int, bool]:
         entries = []
+        changed_dirs = self._changed_dirs = []  # slots of the subdirectories built anew
         ids = []
         all_trusted = True
         cached_ids = d.cached.ids if d.cached is not None else None
@@ -484,7 +604,9 @@ class _Walk:
         scan_start = self.scan_start
         for name, kind, payload in d.entries:
             if kind is Kind.DIR:
-                tid, size, _ = payload.built
+                tid, size, reused = payload.built
+                if not reused:
+                    changed_dirs.append(len(entries))
                 payload.parent = payload.built = None
                 entries.append(TreeEntry(name, Kind.DIR, size, tid))
             elif kind is Kind.SYMLINK:
@@ -503,6 +625,36 @@ class _Walk:
         # Already canonical: names come from the file system (never empty, '.',
         # '..', nor containing '/' or NUL), were checked as UTF-8 by the scan,
         # and are in code point order, which is UTF-8 byte order.
-        tid, size = store_tree(self.writer, entries)
+        edited = self._edit_tree(d, entries) if d.prev is not None else None
+        tid, size = edited or store_tree(self.writer, entries)
         self.cache.record_dir(d.rel, d.stat, b"".join(ids), tid if all_trusted else None, size)
         return tid, size, False
+
+    def _edit_tree(self, d: _Dir, entries: list[TreeEntry]) -> tuple[bytes, int] | None:
+        """Store large directory ``d``'s new tree as an edit of the tree its stat-cache
+        row names (model.splittree.split_edit: only the leaves near the changes are
+        re-cut and re-encoded, and the index nodes above them; the same ids as
+        encoding it whole).  The edits: the entries whose stat changed or that are
+        new, the names gone, and the subdirectories built anew.  None (encode it
+        whole) if that tree is not a split one or cannot be read."""
+        prev = d.prev
+        old, new = set(prev.stat[1:]), set(d.stat[1:])
+        changed = {t[0] for t in new - old}
+        gone = {t[0] for t in old - new} - changed
+        changed.update(entries[slot].name for slot in self._changed_dirs)
+        if not changed and not gone:
+            return prev.tree, prev.size
+        try:
+            base = self.writer.repo.load_tree(prev.tree, keep=False)
+        except (ObjectNotFoundError, CorruptObjectError):
+            return None  # gone or damaged: encoded whole
+        if not isinstance(base, splittree.SplitTree):
+            return None
+        edits: dict[str, TreeEntry | None] = dict.fromkeys(gone)
+        for e in entries:
+            if e.name in changed:
+                edits[e.name] = e
+        try:
+            return self.writer.add_tree_edit(base, edits)
+        except (ObjectNotFoundError, CorruptObjectError):  # a leaf of it
+            return None

@@ -41,6 +41,7 @@ TARGET_PACK_SIZE = 32 * 1024 * 1024
 _PROBE_SIZE = 4096
 _PROBE_RATIO = 0.85
 _ZSTD_LEVEL = 3
+_PROBE_LEVEL = -1  # zstd's fast levels: a probe, not what is stored
 
 
 class BlobKind(IntEnum):
@@ -81,12 +82,15 @@ def pack_id_from_key(key: str) -> bytes:
 _local = threading.local()
 
 
-def _compressor() -> zstandard.ZstdCompressor:
+def _compressor(level: int = _ZSTD_LEVEL) -> zstandard.ZstdCompressor:
     # A compressor is not thread-safe, and making one costs more than
-    # compressing a small blob: keep one per thread.
-    comp = getattr(_local, "zstd", None)
+    # compressing a small blob: keep one per thread and level.
+    comps = getattr(_local, "zstd", None)
+    if comps is None:
+        comps = _local.zstd = {}
+    comp = comps.get(level)
     if comp is None:
-        comp = _local.zstd = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
+        comp = comps[level] = zstandard.ZstdCompressor(level=level)
     return comp
 
 
@@ -99,9 +103,15 @@ def maybe_compress(data, kind: BlobKind) -> tuple[bytes | memoryview, Compressio
     if len(data) < 64:
         return data, Compression.NONE
     comp = _compressor()
-    if kind is BlobKind.CHUNK and len(data) > _PROBE_SIZE * 2:
-        probe = comp.compress(data[:_PROBE_SIZE])
-        if len(probe) > _PROBE_SIZE * _PROBE_RATIO:
+    if kind is BlobKind.CHUNK:
+        if len(data) > _PROBE_SIZE * 2:
+            probe = comp.compress(data[:_PROBE_SIZE])
+            if len(probe) > _PROBE_SIZE * _PROBE_RATIO:
+                return data, Compression.NONE
+        elif len(_compressor(_PROBE_LEVEL).compress(data)) > len(data) * _PROBE_RATIO:
+            # A small chunk (a small file) is probed whole at zstd's fastest level, twice as
+            # fast as compressing it at _ZSTD_LEVEL: most small files of a dataset (images)
+            # do not compress, and a million of them cost seconds of probes.
             return data, Compression.NONE
     packed = comp.compress(data)
     if len(packed) < len(data) * _PROBE_RATIO:

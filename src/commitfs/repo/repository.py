@@ -29,7 +29,8 @@ from commitfs.errors import (
 )
 from commitfs.model.ids import HEX_SIZE, hash_bytes, is_hex
 from commitfs.model.objects import Commit, DecodeError, FileManifest, Tree
-from commitfs.model.splittree import SplitTree, TreeIndex, decode_tree_node, split_edit, split_nodes
+from commitfs.model import splittree
+from commitfs.model.splittree import SplitTree, TreeIndex, decode_tree_node, iter_split_nodes, split_edit
 from commitfs.repo.engine import ReadEngine
 from commitfs.repo.gcstate import GcState, lease_state
 from commitfs.repo.index import Index
@@ -565,6 +566,9 @@ class BlobWriter:
     UPLOAD_THREADS = 4
     LOCAL_UPLOADS = 1
     _META_BUFFER = 1024 * 1024  # initial pack buffer; packs grow from it
+    #: Metadata packs (manifests, trees) close at this size: a million-file commit's
+    #: ~100 MB of them filled two 34 MiB buffers (one uploading), grown by reallocation.
+    META_PACK_SIZE = 8 * 1024 * 1024
 
     def __init__(self, repo: Repository, checkpoint_blobs: int | None = None, remember_trees: bool = True):
         self.repo = repo
@@ -617,13 +621,14 @@ class BlobWriter:
             return False
         if stored is None:
             stored, compression = maybe_compress(data, kind)
-        builder = self._builders["data" if kind is BlobKind.CHUNK else "meta"]
+        chunk = kind is BlobKind.CHUNK
+        builder = self._builders["data" if chunk else "meta"]
         offset = builder.add(oid, kind, stored, compression, len(data))
         self._session[oid] = Location(b"", offset, len(stored), len(data), kind, compression)
         self.stats.blobs_new += 1
         self.stats.bytes_new_raw += len(data)
         self.stats.bytes_new_stored += len(stored)
-        if len(builder) >= TARGET_PACK_SIZE:
+        if len(builder) >= (TARGET_PACK_SIZE if chunk else self.META_PACK_SIZE):
             self._flush(builder)
         if self._checkpoint_blobs is not None and len(self._session) >= self._checkpoint_blobs:
             self.checkpoint()
@@ -663,16 +668,15 @@ class BlobWriter:
         """Store a directory (any Tree, or SplitTree): one plain tree, or, past
         model.splittree.SPLIT_ENTRIES entries, its chunks and index nodes,
         children first (the one builder every commit path uses)."""
-        nodes = split_nodes(tree.entries)
-        if len(nodes) > 1 and self.repo.version < 2:
+        if len(tree.entries) > splittree.SPLIT_ENTRIES and self.repo.version < 2:
             self.repo.upgrade_format()
-        for oid, data, node in nodes:
+        for oid, data, node in iter_split_nodes(tree.entries):  # each stored as it is made
             self.add(oid, BlobKind.TREE, data)
             # The writer's process is the likeliest next reader of the trees it
             # writes (a workspace rebasing onto its new commit): spare it decoding.
             if self._remember_trees:
                 self.repo.remember_tree(oid, node)
-        return nodes[-1][0]
+        return oid
 
     def add_tree_edit(self, base: SplitTree, edits) -> tuple[bytes, int]:
         """Store split directory ``base`` with ``edits`` (name: entry or None)

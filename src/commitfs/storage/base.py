@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 
 def valid_key(key: str) -> bool:
@@ -40,6 +41,17 @@ class Store(abc.ABC):
     def save_object(self, key: str, data: bytes) -> None:
         """Store ``data`` (any bytes-like object) under ``key`` atomically;
         rewriting identical data is harmless."""
+
+    def save_object_from(self, key: str, f: BinaryIO, size: int) -> None:
+        """Store the first ``size`` bytes of seekable binary file ``f`` under ``key``,
+        atomically as ``save_object``, for objects too large to hold in memory
+        (an index merge's output).  The default reads them whole; stores
+        override it with a streamed write."""
+        f.seek(0)
+        data = f.read(size)
+        if len(data) != size:
+            raise ValueError(f"{key}: the file holds {len(data)} bytes, not {size}")
+        self.save_object(key, data)
 
     @abc.abstractmethod
     def load_object(self, key: str) -> bytes:

@@ -107,6 +107,10 @@ class FaultyStore(Store):
         self._enter("save_object", key)
         self.inner.save_object(key, data)
 
+    def save_object_from(self, key: str, f, size: int) -> None:
+        self._enter("save_object", key)  # the same fault point as save_object
+        self.inner.save_object_from(key, f, size)
+
     def load_object(self, key: str) -> bytes:
         self._enter("load_object", key)
         data = self.inner.load_object(key)

@@ -19,6 +19,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from commitfs.errors import ObjectNotFoundError, RefConflictError, StorageError
 from commitfs.storage.base import Store
@@ -27,6 +28,8 @@ _REFS = "refs"
 # Open descriptors kept for pread; packs are large, so a few hundred cover a
 # working set while staying far below the usual 1024-descriptor limit.
 _FD_CACHE_SIZE = 256
+# Bytes copied at a time by a streamed save (save_object_from).
+_COPY_BLOCK = 1024 * 1024
 #: Seconds between checks for kept descriptors of files removed behind the store's
 #: back (another process's gc): the most their space stays held past a read.
 RECHECK_S = 2.0
@@ -168,16 +171,32 @@ class LocalStore(Store):
         path = self._path(key)
         self._write_atomic(path, data, what=key)
 
-    def _write_atomic(self, path: Path, data: bytes, what: str) -> None:
+    def save_object_from(self, key: str, f: BinaryIO, size: int) -> None:
+        """Streamed: copied a block at a time into the temporary file renamed into place."""
+        def blocks():
+            f.seek(0)
+            left = size
+            while left:
+                block = f.read(min(left, _COPY_BLOCK))
+                if not block:
+                    raise OSError(errno.EIO, f"the file to store as {key} ended {left} bytes early")
+                left -= len(block)
+                yield block
+        self._write_atomic(self._path(key), blocks(), what=key)
+
+    def _write_atomic(self, path: Path, data, what: str) -> None:
+        """Write ``data`` (bytes-like, or an iterator of bytes-like blocks) to ``path``
+        through a temporary file fsync'd and renamed into place."""
         tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
+                for block in (data if isinstance(data, Iterator) else (data,)):
+                    view = memoryview(block)
+                    while view:
+                        n = os.write(fd, view)
+                        view = view[n:]
                 os.fsync(fd)
             finally:
                 os.close(fd)

@@ -31,7 +31,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import boto3
 from botocore import exceptions as bx
@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 _REFS = "refs/"
+# Parts of a streamed save (save_object_from): S3 wants at least 5 MiB but for the last.
+_PART_SIZE = 8 * 1024 * 1024
 
 # Error codes meaning "your credentials are wrong or insufficient".
 _ACCESS_CODES = frozenset(
@@ -271,6 +273,41 @@ class S3Store(Store):
                 raise _incomplete("a PUT answer without an ETag")  # rewriting is harmless
 
         self._call("PUT", s3_key, put)
+
+    def save_object_from(self, key: str, f: BinaryIO, size: int) -> None:
+        """Streamed: a multipart upload of parts of _PART_SIZE read one at a time
+        (the object appears whole when the upload completes, or not at all; a
+        failed upload is aborted); an object of one part is one PUT."""
+        if size <= _PART_SIZE:
+            super().save_object_from(key, f, size)
+            return
+        s3_key = self._s3_key(key)
+        upload = self._call("POST", s3_key, lambda: self._client.create_multipart_upload(
+            Bucket=self.bucket, Key=s3_key))["UploadId"]
+        try:
+            parts = []
+            for number, offset in enumerate(range(0, size, _PART_SIZE), start=1):
+                f.seek(offset)
+                body = f.read(min(_PART_SIZE, size - offset))
+                if len(body) != min(_PART_SIZE, size - offset):
+                    raise ValueError(f"{key}: the file ended before {size} bytes")
+
+                def put(number=number, body=body) -> str:
+                    etag = self._client.upload_part(Bucket=self.bucket, Key=s3_key, UploadId=upload,
+                                                    PartNumber=number, Body=body).get("ETag")
+                    if not etag:
+                        raise _incomplete("an UploadPart answer without an ETag")
+                    return etag
+
+                parts.append({"PartNumber": number, "ETag": self._call("PUT", s3_key, put)})
+            self._call("POST", s3_key, lambda: self._client.complete_multipart_upload(
+                Bucket=self.bucket, Key=s3_key, UploadId=upload, MultipartUpload={"Parts": parts}))
+        except BaseException:
+            try:
+                self._client.abort_multipart_upload(Bucket=self.bucket, Key=s3_key, UploadId=upload)
+            except Exception:  # best effort: a bucket's lifecycle rule removes what is left
+                log.warning("could not abort the multipart upload of s3://%s/%s", self.bucket, s3_key)
+            raise
 
     def load_object(self, key: str) -> bytes:
         s3_key = self._s3_key(key)

@@ -729,16 +729,18 @@ class FileSystem:
         """readdir of a commit directory: a subdirectory is a node object, a file
         or symlink only a count in its directory's block (vfs/inode.py)."""
         table = self.table
-        block = table.block(parent, len(listing))
-        base, timeout, mtime = block.base, view.timeout, view.time_ns
-        page_of, first = block.page, block.first
-        page, page_no = None, -1
+        timeout, mtime = view.timeout, view.time_ns
         FILE, EXEC, DIR = Kind.FILE, Kind.EXEC, Kind.DIR
         i, n = start_id, len(listing)
+        block = None
         while i < n:
             first_pos, entries = await listing.span(i)
             if not 0 <= i - first_pos < len(entries):  # (a checked split tree cannot do this)
                 raise CorruptObjectError(f"tree {parent.entry.id.hex()} has no entry {i} of {n}")
+            # After the await: the kernel may have forgotten all of the block meanwhile.
+            block = table.block(parent, n)
+            base, page_of, first = block.base, block.page, block.first
+            page, page_no = None, -1
             for e in islice(entries, i - first_pos, None):
                 kind = e.kind
                 if kind is DIR:
@@ -769,6 +771,8 @@ class FileSystem:
                     first(page, j, code, size)
                 page.counts[j] = c + 1
                 i += 1
+        if block is not None:
+            table.discard_block(block)  # a listing of directories alone holds none of its numbers
 
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)

@@ -316,15 +316,6 @@ class SymlinkNode(_BlockEntry):
         return self.entry.size  # the target's length (model/objects.py checks it)
 
 
-def node_for_entry(view: View, entry: TreeEntry) -> ViewNode:
-    """The node showing one entry of a commit's tree."""
-    if entry.kind is Kind.DIR:
-        return TreeDir(view, entry)
-    if entry.kind is Kind.SYMLINK:
-        return SymlinkNode(view, entry)
-    return FileNode(view, entry)
-
-
 def entry_identity(entry: TreeEntry) -> tuple:
     return (entry.kind.value, entry.id)
 
