@@ -116,6 +116,46 @@ def test_write_behind_serves_pending_chunks_from_memory_and_writes_them_all(tmp_
     assert cache._file(oid).exists()
 
 
+
+def test_a_writer_close_gave_up_on_never_touches_the_next_writers_chunks(tmp_path, monkeypatch):
+    """close waits a bounded time for a writer stuck on the disk, then gives up on
+    what it still holds; write-behind turned on again gets a writer of its own.
+    When the stuck one comes back it must neither fail (its queue was cleared) nor
+    take the new writer's chunks: every chunk put after the restart is written."""
+    import threading
+
+    errors = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
+    cache = DiskChunkCache(tmp_path / "c", max_bytes=1 << 20)
+    stuck_oid, stuck_data = chunk(100)
+    entered, gate = threading.Event(), threading.Event()
+    real = cache._put_now
+
+    def held(oid, data):
+        if oid == stuck_oid:
+            entered.set()
+            assert gate.wait(60)
+        real(oid, data)
+    monkeypatch.setattr(cache, "_put_now", held)
+    cache.write_behind(max_pending=1 << 20)
+    cache.put(stuck_oid, stuck_data)
+    cache.put(*chunk(101))  # queued behind the stuck one: given up on at close
+    assert entered.wait(60)
+    cache.close(timeout_s=0.05)  # the writer is stuck: close gives up on it
+    cache.write_behind(max_pending=1 << 20)
+    later = [chunk(i) for i in range(5)]
+    for oid, data in later:
+        cache.put(oid, data)
+    gate.set()  # the stuck writer comes back
+    cache.close()
+    for t in threading.enumerate():
+        if t.name == "commitfs-cache-writer":
+            t.join(60)
+    assert not errors
+    fresh = DiskChunkCache(tmp_path / "c", max_bytes=1 << 20)
+    assert all(fresh.get(oid) == data for oid, data in later)
+    assert fresh.get(stuck_oid) == stuck_data  # (its write finished after all)
+
 def test_chunk_larger_than_a_quarter_of_the_cap_is_not_cached(tmp_path):
     cache = DiskChunkCache(tmp_path, max_bytes=30_000)
     oid, data = chunk(3, 10_000)

@@ -136,6 +136,45 @@ def test_unmount_waits_for_page_cache_hand_offs_and_refuses_new_ones(monkeypatch
     assert calls == [7]
 
 
+def test_hand_offs_queued_in_an_ended_session_never_reach_the_next_one(monkeypatch):
+    """A process may serve one mount after another (daemon.py: reopen_page_stores).
+    Hand-offs still queued for the PageStorer's thread when a session ends name
+    that session's inodes; in the next session the same numbers are other files,
+    so they are dropped, never stored into its page cache."""
+    import threading
+
+    from commitfs.fuse import adapter
+
+    monkeypatch.setattr(adapter, "_stores_open", True)
+    monkeypatch.setattr(adapter, "_stores_running", 0)
+    monkeypatch.setattr(adapter, "_session", 0)
+    storer = adapter.PageStorer()
+    monkeypatch.setattr(adapter, "page_storer", storer)
+    entered, release, done, calls = threading.Event(), threading.Event(), threading.Event(), []
+
+    def notify_store(inode, offset, data):
+        calls.append(inode)
+        if inode == 1:
+            entered.set()
+            release.wait(20)
+        if inode == 5:
+            done.set()
+
+    monkeypatch.setattr(adapter.pyfuse3, "notify_store", notify_store)
+    try:
+        assert storer(1, 0, b"a")
+        assert entered.wait(10)  # the thread is in the first hand-off: the next ones wait in the queue
+        assert storer(2, 0, b"b") and storer(3, 0, b"c")
+        assert adapter.end_page_stores(timeout=0.2) is False  # the first still in flight
+        adapter.reopen_page_stores()  # a new session in the same process
+        assert storer(4, 0, b"d")
+    finally:
+        release.set()
+    assert storer(5, 0, b"e")
+    assert done.wait(10)  # (the queue is in order: all before it were handled)
+    assert calls == [1, 4, 5] and storer._queued == 0
+
+
 def _blocked_hand_off(monkeypatch):
     """A hand-off stuck in notify_store until ``release`` is set (as one waiting for a
     page a READ nobody answers holds locked); returns (thread, release, calls)."""

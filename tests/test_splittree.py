@@ -797,3 +797,40 @@ def test_a_listing_that_outlives_what_the_kernel_forgot_hands_out_only_known_ino
                     assert ino in fs.table
                     await fs.getattr(ino)
     trio.run(main)
+
+
+def test_a_listing_that_fails_before_counting_any_file_leaves_no_block_behind(small_split, tmp_path,
+                                                                              cache_home):
+    """A readdir of a split directory reserves the directory's block of inode
+    numbers when it reaches a leaf; if the listing then fails (a leaf's load
+    raises) with none of the block's numbers handed out (its first leaves hold
+    directories alone), the block leaves the table: nothing the kernel holds
+    keeps it, and no later forget would ever drop it."""
+    url = str(tmp_path / "repo")
+    src = tmp_path / "src"
+    for i in range(60):
+        write_file(src / "big" / f"d-{i:03d}" / "f.txt", b"%d\n" % i)
+    with Repository.init(url) as r:
+        cid = commit_directory(r, src, message="v1").commit_id
+
+    async def main():
+        with reopen(url) as r:
+            async with fs_of(r, cid) as fs:
+                big = await fs.lookup(1, b"big")
+                leaf_at = fs._split_leaf_at
+                calls = []
+
+                async def failing(tree, pos):
+                    calls.append(pos)
+                    if len(calls) > 1:
+                        raise CorruptObjectError("a leaf that cannot be read")
+                    return await leaf_at(tree, pos)
+                fs._split_leaf_at = failing
+                listed = []
+                dh = await fs.opendir(big.ino)
+                with pytest.raises(CorruptObjectError):
+                    await fs.readdir(dh, 0, lambda name, attr, next_id: listed.append(name) or True)
+                await fs.releasedir(dh)
+                assert listed and len(calls) == 2  # a first leaf listed, the second failed
+                assert big.ino not in fs.table._blocks and not fs.table._bases
+    trio.run(main)

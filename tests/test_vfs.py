@@ -26,7 +26,9 @@ from commitfs.ops.snapshot import commit_directory
 from commitfs.repo.pack import pack_key
 from commitfs.repo.repository import Repository
 from commitfs.vfs import ROOT_INODE, XATTR_COMMIT, XATTR_ID, XATTR_REPO
+from commitfs.vfs import core as vfs_core
 from commitfs.vfs.errors import NoSuchAttributeError, ReadOnlyError
+from commitfs.vfs.inode import ChildBlock, InodeTable, RootDir
 
 
 async def lookup_path_ino(fs, path: str) -> int:
@@ -105,6 +107,59 @@ def test_inode_numbers_are_stable_and_the_table_shrinks(dataset):
                 # A new lookup gives a new number: the old ones are never reused.
                 assert (await fs.lookup(ROOT_INODE, b"fixed")).ino > max(a.ino for a in listed.values())
     trio.run(main)
+
+
+def test_the_blocks_of_inode_numbers_stay_right_through_a_forget_storm():
+    """The blocks of numbers of commit directories' files (vfs/inode.py), driven
+    against a model: many blocks reserved, their entries counted and forgotten in
+    random order, new ones reserved meanwhile (a forget storm after ``ls -R``
+    while another listing runs).  Every number the kernel holds is located in
+    its block at its position, every other one is unknown, the table's length
+    is what the kernel holds, and a dropped block's slots do not pile up."""
+    rng = random.Random(7)
+    table = InodeTable(RootDir(1.0, 1.0))
+    held: dict[int, tuple[ChildBlock, int, int]] = {}  # ino -> (block, pos, count)
+    gone: list[int] = []
+    dirs = []
+
+    def reserve(k: int) -> None:
+        for _ in range(k):
+            d = table.ensure(table.root, f"d{len(dirs)}", ("d",), lambda: RootDir(1.0, 1.0))
+            table.remember(d)
+            dirs.append(d)
+            count = rng.randint(0, 600)
+            b = table.block(d, count)
+            for pos in rng.sample(range(count), min(count, rng.randint(1, 3))):
+                n = rng.randint(1, 3)
+                b.remember(pos, 1, pos * 10, n)
+                held[b.base + pos] = (b, pos, n)
+            table.discard_block(b)  # (a block none of whose numbers were handed out)
+
+    def check() -> None:
+        assert len(table) == 1 + len(dirs) + len(held)
+        for ino, (b, pos, _) in rng.sample(sorted(held.items()), min(200, len(held))):
+            assert table.locate(ino) == (b, pos) and ino in table and b.size(pos) == pos * 10
+        for ino in rng.sample(gone, min(200, len(gone))):
+            assert table.locate(ino) is None and ino not in table
+        live = len({id(b) for b, _, _ in held.values()})
+        assert len(table._block_list) <= 2 * live + 17
+
+    reserve(3000)
+    check()
+    while held:
+        for ino in rng.sample(sorted(held), min(len(held), rng.randint(1, 400))):
+            b, pos, n = held[ino]
+            m = rng.randint(1, n)
+            table.forget(ino, m)
+            if m == n:
+                del held[ino]
+                gone.append(ino)
+            else:
+                held[ino] = (b, pos, n - m)
+        if rng.random() < 0.3 and len(dirs) < 4000:
+            reserve(rng.randint(1, 50))
+        check()
+    assert not table._blocks and not table._block_list and len(table) == 1 + len(dirs)
 
 
 def test_readdir_counts_only_accepted_entries(dataset):
@@ -599,6 +654,49 @@ def test_a_small_files_read_state_is_dropped_once_all_its_bytes_are_returned(tmp
                 for off in (150_000, 150_001, 1 << 20):
                     assert bytes(await fs.read_inode(b, off, 4096)) == b""
                 assert b not in fs._by_inode and fs.loader.inline + fs.loader.in_threads == loads
+    trio.run(main)
+
+
+def test_two_first_reads_of_a_file_at_once_share_one_read_state(tmp_path, cache_home, monkeypatch):
+    """Two READs of a file nobody has read yet, arriving together while its
+    entry is still being read from its directory's tree (FileSystem._full
+    awaits), make one read state between them: a second would be dropped from
+    the table unclosed, its read-ahead fetching on for nobody."""
+    rng = random.Random(8)
+    files = {"a.bin": rng.randbytes(3 << 20)}
+    url, commit = _files_repo(tmp_path, files)
+    made = []
+
+    class Counted(vfs_core._FileHandle):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+    monkeypatch.setattr(vfs_core, "_FileHandle", Counted)
+
+    async def main():
+        with Repository.open(url) as repo:
+            async with fs_of(repo, commit) as fs:
+                ino = await lookup_path_ino(fs, "a.bin")
+                full, both_in = fs._full, trio.Event()
+                waiting = []
+
+                async def slow_full(node):  # (the two reads' first calls wait for each other)
+                    if not both_in.is_set():
+                        waiting.append(node)
+                        if len(waiting) == 2:
+                            both_in.set()
+                        await both_in.wait()
+                    return await full(node)
+                fs._full = slow_full
+                got = {}
+
+                async def read(off):
+                    got[off] = bytes(await fs.read_inode(ino, off, 65536))
+                async with trio.open_nursery() as n:
+                    n.start_soon(read, 0)
+                    n.start_soon(read, 65536)
+                assert got == {0: files["a.bin"][:65536], 65536: files["a.bin"][65536:131072]}
+                assert len(waiting) == 2 and len(made) == 1 and fs._by_inode[ino] is made[0]
     trio.run(main)
 
 

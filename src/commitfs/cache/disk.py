@@ -150,15 +150,11 @@ class DiskChunkCache:
         self._size: int | None = None  # estimate; None until the first scan
         self._unscanned = 0  # bytes this process added since its last scan
         self._written = 0    # bytes this process ever added (an eviction's scan misses those written during it)
-        #: Write-behind (module doc): chunks waiting for the writer thread, by id, in
-        #: order; their bytes; the writer; None while puts write in the caller's thread.
+        #: Write-behind (module doc): the running writer's state, and its chunks waiting
+        #: by id (get reads it without the lock); None while puts write in the caller's thread.
+        self._behind: _WriteBehind | None = None
         self._pending: dict[bytes, bytes] | None = None
-        self._queue: deque[bytes] = deque()
-        self._pending_bytes = 0
-        self._max_pending = 0
         self._wake = threading.Condition(self._lock)
-        self._writer: threading.Thread | None = None
-        self._closing = False
         try:
             self._tmp.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -179,61 +175,67 @@ class DiskChunkCache:
     def write_behind(self, max_pending: int = WRITE_BEHIND_BYTES) -> None:
         """From now on a put returns before its chunk is written (module doc)."""
         with self._lock:
-            if self._writer is not None:
+            if self._behind is not None:
                 return
-            self._pending, self._max_pending, self._closing = {}, max_pending, False
-            self._writer = threading.Thread(target=self._write_pending, name="commitfs-cache-writer", daemon=True)
-            self._writer.start()
+            w = self._behind = _WriteBehind(max_pending)
+            self._pending = w.pending
+            w.thread = threading.Thread(target=self._write_pending, args=(w,), name="commitfs-cache-writer",
+                                        daemon=True)
+            w.thread.start()
 
     def close(self, timeout_s: float = _CLOSE_WAIT_S) -> None:
         """Write the chunks still pending (waiting at most ``timeout_s``) and
-        stop the writer; puts write in the caller's thread again."""
+        stop the writer; puts write in the caller's thread again.  A writer
+        still stuck after the wait (a stuck disk) drops what is left when it
+        comes back, and never touches a later writer's chunks."""
         with self._lock:
-            writer = self._writer
-            if writer is None:
+            w = self._behind
+            if w is None:
                 return
-            self._closing = True
+            w.closing = True
             self._wake.notify_all()
-        writer.join(timeout_s)
+        assert w.thread is not None
+        w.thread.join(timeout_s)
         with self._lock:
-            if writer.is_alive():  # a stuck disk: what is left is not cached (best effort)
-                log.warning("chunk cache: %d chunks not written at close", len(self._queue))
-                self._queue.clear()
-            self._pending, self._pending_bytes, self._writer = None, 0, None
+            if w.thread.is_alive():  # what is left is not cached (best effort)
+                log.warning("chunk cache: %d chunks not written at close", len(w.queue))
+                w.queue.clear()
+            self._behind = self._pending = None
 
-    def _write_pending(self) -> None:
+    def _write_pending(self, w: _WriteBehind) -> None:
+        """The writer thread of write-behind state ``w`` (its own queue and stop flag)."""
         while True:
             with self._lock:
-                while not self._queue and not self._closing:
+                while not w.queue and not w.closing:
                     self._wake.wait()
-                if not self._queue:
+                if not w.queue:
                     return
-                oid = self._queue[0]
-                data = self._pending[oid]  # type: ignore[index]
+                oid = w.queue[0]
+                data = w.pending[oid]
             try:
                 self._put_now(oid, data)
             except Exception as exc:  # best effort, as a put in the caller's thread is
                 log.warning("chunk cache: not caching %s: %s", oid.hex(), exc)
             with self._lock:
-                self._queue.popleft()
-                if self._pending is not None:
-                    del self._pending[oid]
-                self._pending_bytes -= len(data)
+                if w.queue and w.queue[0] == oid:  # (close cleared the queue if it gave up on us)
+                    w.queue.popleft()
+                if w.pending.pop(oid, None) is not None:
+                    w.bytes -= len(data)
 
     def _offer(self, oid: bytes, data) -> bool:
         """Hand a chunk to the writer; False if write-behind is off or full."""
         with self._lock:
-            pending = self._pending
-            if pending is None or self._closing:
+            w = self._behind
+            if w is None or w.closing:
                 return False
-            if oid in pending:
+            if oid in w.pending:
                 return True
-            if self._pending_bytes + len(data) > self._max_pending:
+            if w.bytes + len(data) > w.max_bytes:
                 return False
-            pending[oid] = data
-            self._queue.append(oid)
-            self._pending_bytes += len(data)
-            self._wake.notify()
+            w.pending[oid] = data
+            w.queue.append(oid)
+            w.bytes += len(data)
+            self._wake.notify_all()  # (a writer given up on by close may wait on it too)
             return True
 
     # --- reading -------------------------------------------------------------
@@ -453,6 +455,21 @@ class DiskChunkCache:
             return True
         except OSError:
             return False
+
+
+class _WriteBehind:
+    """One write-behind writer's state (DiskChunkCache.write_behind): the chunks
+    waiting, by id in order and with their bytes, and its stop flag."""
+
+    __slots__ = ("queue", "pending", "bytes", "max_bytes", "closing", "thread")
+
+    def __init__(self, max_bytes: int):
+        self.queue: deque[bytes] = deque()
+        self.pending: dict[bytes, bytes] = {}
+        self.bytes = 0
+        self.max_bytes = max_bytes
+        self.closing = False
+        self.thread: threading.Thread | None = None
 
 
 def _read_all(fd: int, size: int) -> bytes:

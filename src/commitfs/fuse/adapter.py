@@ -369,10 +369,13 @@ class WorkspaceOperations(Operations):
     removexattr = _unsupported
 
 
-# A page-cache hand-off runs in a worker thread the event loop may abandon at
-# unmount, and the session it writes to is freed by pyfuse3.close.  Hand-offs are
-# counted under this condition; end_page_stores (called before pyfuse3.close)
-# closes the door and waits for those in flight, so none runs during the close.
+# A page-cache hand-off runs in the PageStorer's thread, which the event loop
+# does not wait for at unmount, and the session it writes to is freed by
+# pyfuse3.close.  Hand-offs are counted under this condition; end_page_stores
+# (called before pyfuse3.close) closes the door and waits for those in flight,
+# so none runs during the close.  Each session of the process has a number
+# (``_session``, moved on by reopen_page_stores): a hand-off queued in one is
+# never delivered into a later one (another file may have its inode number).
 # One can wait in the kernel for as long as a READ of a page it stores is not
 # answered (the kernel locks the page for that READ), and once the request loop
 # has stopped none is: the daemon then aborts the FUSE connection, which ends
@@ -381,16 +384,18 @@ class WorkspaceOperations(Operations):
 _stores = threading.Condition()
 _stores_running = 0
 _stores_open = True
+_session = 0
 
 
-def store_pages(inode: int, offset: int, data) -> None:
+def store_pages(inode: int, offset: int, data, session: int | None = None) -> None:
     """Put a file's verified bytes into the kernel's page cache (FUSE notify-store;
-    blocking: called in a worker thread).  The kernel keeps only whole pages; an
-    inode it has forgotten, or an old kernel, is not an error.  After
-    end_page_stores it does nothing."""
+    blocking: called in the PageStorer's thread).  The kernel keeps only whole
+    pages; an inode it has forgotten, or an old kernel, is not an error.  After
+    end_page_stores, or when ``session`` (queued in) is not the current one, it
+    does nothing."""
     global _stores_running
     with _stores:
-        if not _stores_open:
+        if not _stores_open or (session is not None and session != _session):
             return
         _stores_running += 1
     try:
@@ -414,7 +419,8 @@ class PageStorer:
     READ being answered (that READ's own pages, say): only this thread waits, until
     the event loop has replied.  Queued bytes are bounded; past the bound a
     hand-off is dropped (False).  After end_page_stores what is still queued is
-    dropped too (store_pages does nothing)."""
+    dropped too (``clear``; and store_pages does nothing for a hand-off of an
+    earlier session)."""
 
     def __init__(self, max_bytes: int = PAGE_STORE_QUEUE_BYTES):
         self.max_bytes = max_bytes
@@ -432,18 +438,29 @@ class PageStorer:
                 self.dropped += 1
                 return False
             self._queued += n
+            session = _session
             if self._thread is None:
                 # A daemon thread: a store stuck at exit must not keep the process (adapter doc).
                 self._thread = threading.Thread(target=self._run, name="commitfs-page-store", daemon=True)
                 self._thread.start()
-        self._queue.put((inode, offset, data))
+        self._queue.put((session, inode, offset, data))
         return True
+
+    def clear(self) -> None:
+        """Drop what is queued (the session ended)."""
+        while True:
+            try:
+                _, _, _, data = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            with self._lock:
+                self._queued -= len(data)
 
     def _run(self) -> None:
         while True:
-            inode, offset, data = self._queue.get()
+            session, inode, offset, data = self._queue.get()
             try:
-                store_pages(inode, offset, data)
+                store_pages(inode, offset, data, session)
             except Exception:  # never ends the thread: a lost shortcut only
                 log.debug("page-cache hand-off of inode %d failed", inode, exc_info=True)
             finally:
@@ -455,9 +472,11 @@ page_storer = PageStorer()
 
 
 def reopen_page_stores() -> None:
-    """Let hand-offs through again, for a new session in this process."""
-    global _stores_open
+    """Let hand-offs through again, for a new session in this process (those
+    queued in an earlier one are dropped)."""
+    global _stores_open, _session
     with _stores:
+        _session += 1
         _stores_open = True
 
 
@@ -475,6 +494,8 @@ def end_page_stores(timeout: float = 5.0, abort: Callable[[], str | None] | None
     idle = lambda: _stores_running == 0  # noqa: E731
     with _stores:
         _stores_open = False
+    page_storer.clear()
+    with _stores:
         done = _stores.wait_for(idle, timeout=timeout)
     if done:
         return True

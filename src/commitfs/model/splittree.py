@@ -470,7 +470,6 @@ def _upper(parent: TreeIndex, i: int, upper: bytes | None) -> bytes | None:
 # (``walk``: SplitTree, ops) and on the daemon's event loop (vfs/core.py drives it
 # with awaits, loading nodes in worker threads); the walk returns (base, leaf):
 # the position of the leaf's first entry and the leaf, or (base, None).
-Step = tuple[TreeIndex, int, "bytes | None"]
 
 
 def path_to_name(root: Tree | TreeIndex, raw: bytes):

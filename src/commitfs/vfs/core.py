@@ -38,13 +38,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from itertools import islice
 import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from itertools import islice
 
 import trio
 
@@ -733,46 +733,49 @@ class FileSystem:
         FILE, EXEC, DIR = Kind.FILE, Kind.EXEC, Kind.DIR
         i, n = start_id, len(listing)
         block = None
-        while i < n:
-            first_pos, entries = await listing.span(i)
-            if not 0 <= i - first_pos < len(entries):  # (a checked split tree cannot do this)
-                raise CorruptObjectError(f"tree {parent.entry.id.hex()} has no entry {i} of {n}")
-            # After the await: the kernel may have forgotten all of the block meanwhile.
-            block = table.block(parent, n)
-            base, page_of, first = block.base, block.page, block.first
-            page, page_no = None, -1
-            for e in islice(entries, i - first_pos, None):
-                kind = e.kind
-                if kind is DIR:
-                    node = table.ensure(parent, e.name, entry_identity(e), lambda e=e: TreeDir(view, e))
-                    if not reply(e.name.encode(), node.attr(self.mount_time_ns), i + 1):
-                        table.discard(node)
-                        table.discard_block(block)
+        try:
+            while i < n:
+                first_pos, entries = await listing.span(i)
+                if not 0 <= i - first_pos < len(entries):  # (a checked split tree cannot do this)
+                    raise CorruptObjectError(f"tree {parent.entry.id.hex()} has no entry {i} of {n}")
+                # After the await: the kernel may have forgotten all of the block meanwhile.
+                block = table.block(parent, n)
+                base, page_of, first = block.base, block.page, block.first
+                page, page_no = None, -1
+                for e in islice(entries, i - first_pos, None):
+                    kind = e.kind
+                    if kind is DIR:
+                        node = table.ensure(parent, e.name, entry_identity(e), lambda e=e: TreeDir(view, e))
+                        if not reply(e.name.encode(), node.attr(self.mount_time_ns), i + 1):
+                            table.discard(node)
+                            return
+                        table.remember(node)
+                        i += 1
+                        continue
+                    if kind is FILE:
+                        mode, code = FILE_MODE, _FILE
+                    elif kind is EXEC:
+                        mode, code = EXEC_MODE, _EXEC
+                    else:
+                        mode, code = SYMLINK_MODE, _SYMLINK
+                    size = e.size
+                    if not reply(e.name.encode(), Attr(base + i, mode, size, mtime, timeout, timeout), i + 1):
                         return
-                    table.remember(node)
+                    if i >> PAGE_BITS != page_no:  # (ChildBlock.remember, inlined: once per entry listed)
+                        page_no = i >> PAGE_BITS
+                        page = page_of(i)
+                    j = i & (PAGE - 1)
+                    c = page.counts[j]
+                    if not c:
+                        first(page, j, code, size)
+                    page.counts[j] = c + 1
                     i += 1
-                    continue
-                if kind is FILE:
-                    mode, code = FILE_MODE, _FILE
-                elif kind is EXEC:
-                    mode, code = EXEC_MODE, _EXEC
-                else:
-                    mode, code = SYMLINK_MODE, _SYMLINK
-                size = e.size
-                if not reply(e.name.encode(), Attr(base + i, mode, size, mtime, timeout, timeout), i + 1):
-                    table.discard_block(block)
-                    return
-                if i >> PAGE_BITS != page_no:  # (ChildBlock.remember, inlined: once per entry listed)
-                    page_no = i >> PAGE_BITS
-                    page = page_of(i)
-                j = i & (PAGE - 1)
-                c = page.counts[j]
-                if not c:
-                    first(page, j, code, size)
-                page.counts[j] = c + 1
-                i += 1
-        if block is not None:
-            table.discard_block(block)  # a listing of directories alone holds none of its numbers
+        finally:
+            # A listing of directories alone, a refused entry, or one that failed
+            # (a leaf's load, a cancel) before counting any: none of the block's
+            # numbers are held, so the block (and the TreeDir it keeps) goes.
+            if block is not None:
+                table.discard_block(block)
 
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
@@ -849,8 +852,6 @@ class FileSystem:
         """The tree of ``node``'s directory if held in memory (of a split
         directory: the leaf chunk holding it), ``node``'s position in that tree,
         and the position of the tree's first entry in the directory."""
-        if node.block is None:
-            return None, 0, 0
         base, tree = self._tree_at_now(node.block.dir.entry.id, node.pos)  # of a split tree: its leaf
         return (tree, node.pos - base, base) if tree is not None else (None, 0, 0)
 
@@ -947,6 +948,11 @@ class FileSystem:
                     raise IsADirectoryError_(f"inode {inode} is a directory")
                 raise PathNotFoundError(f"inode {inode} is not a regular file")
             node = await self._full(node)
+            # A concurrent read of the file may have made its state while the entry
+            # loaded: share it (a second one would never be closed, its read-ahead
+            # fetching on).
+            h = self._by_inode.get(inode)
+        if h is None:
             if self.readlog is not None:
                 self._record_read(node)
             fsize = node.entry.size

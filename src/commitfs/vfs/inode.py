@@ -284,8 +284,7 @@ class _BlockEntry(ViewNode):
 
     __slots__ = ("block", "pos", "partial")
 
-    def __init__(self, view: View, entry: TreeEntry, block: ChildBlock | None = None, pos: int = 0,
-                 partial: bool = False):
+    def __init__(self, view: View, entry: TreeEntry, block: ChildBlock, pos: int, partial: bool = False):
         super().__init__(view, entry)
         self.block = block
         self.pos = pos
@@ -352,14 +351,16 @@ class ChildBlock:
     commit directory (``dir``, its node), by position; for each entry the
     kernel holds, its lookup count, kind and size (module docstring)."""
 
-    __slots__ = ("base", "count", "dir", "pages", "live")
+    __slots__ = ("base", "count", "dir", "pages", "live", "tally")
 
-    def __init__(self, base: int, count: int, dir: Node):
+    def __init__(self, base: int, count: int, dir: Node, tally: list[int] | None = None):
         self.base = base
         self.count = count
         self.dir = dir
         self.pages: dict[int, BlockPage] = {}  # page number (position >> PAGE_BITS) -> page
         self.live = 0  # entries the kernel holds
+        #: [entries the kernel holds in all blocks of the table], shared with the table.
+        self.tally = tally if tally is not None else [0]
 
     def page(self, pos: int) -> BlockPage:
         """The page of position ``pos``, made if new."""
@@ -393,6 +394,7 @@ class ChildBlock:
         page.sizes[i] = size
         page.live += 1
         self.live += 1
+        self.tally[0] += 1
 
     def forget(self, pos: int, n: int) -> None:
         """Drop ``n`` references to entry ``pos``."""
@@ -410,6 +412,7 @@ class ChildBlock:
         if not page.live:
             del self.pages[pos >> PAGE_BITS]
         self.live -= 1
+        self.tally[0] -= 1
 
     def mark_opened(self, pos: int) -> bool:
         """Note an open of entry ``pos``; whether it had been opened before."""
@@ -504,13 +507,16 @@ class TreeInodeTable(InodeTable):
         #: parent inode -> {name: node}: one dict per directory with known children.
         self._children: dict[int, dict[str, Node]] = {}
         self._make_child = make_child
-        #: Directory inode -> the block of its entries; the live blocks by base, in order.
+        #: Directory inode -> the block of its entries; the blocks by base, in order, a
+        #: dropped one None (``_dead`` of them) until ``_drop_block`` compacts the lists.
         self._blocks: dict[int, ChildBlock] = {}
         self._bases: list[int] = []
-        self._block_list: list[ChildBlock] = []
+        self._block_list: list[ChildBlock | None] = []
+        self._dead = 0
+        self._tally = [0]  # entries the kernel holds in all blocks (ChildBlock.tally)
 
     def __len__(self) -> int:
-        return len(self._by_ino) + sum(b.live for b in self._block_list)
+        return len(self._by_ino) + self._tally[0]
 
     def __contains__(self, ino: int) -> bool:
         return ino in self._by_ino or self.locate(ino) is not None
@@ -529,7 +535,7 @@ class TreeInodeTable(InodeTable):
         """The block of directory node ``dir``'s ``count`` entries, reserved if new."""
         b = self._blocks.get(dir.ino)
         if b is None:
-            b = self._blocks[dir.ino] = ChildBlock(self._next, count, dir)
+            b = self._blocks[dir.ino] = ChildBlock(self._next, count, dir, self._tally)
             self._next += max(count, 1)
             self._bases.append(b.base)  # numbers only grow: the list stays sorted
             self._block_list.append(b)
@@ -541,6 +547,8 @@ class TreeInodeTable(InodeTable):
         if i < 0:
             return None
         b = self._block_list[i]
+        if b is None:  # a dropped block's number (numbers are never reused)
+            return None
         pos = ino - b.base
         return (b, pos) if pos < b.count and b.held(pos) else None
 
@@ -553,10 +561,23 @@ class TreeInodeTable(InodeTable):
     def _drop_block(self, b: ChildBlock) -> None:
         if self._blocks.get(b.dir.ino) is b:
             del self._blocks[b.dir.ino]
-        i = bisect.bisect_left(self._bases, b.base)
-        if i < len(self._bases) and self._block_list[i] is b:
-            del self._bases[i]
-            del self._block_list[i]
+        # A forget storm (the kernel dropping what an ``ls -R`` gave it) drops blocks
+        # by the thousand on the event loop: a drop leaves a tombstone, O(log n), and
+        # the lists are compacted once most of them are dead (amortised O(1) a drop).
+        bases, blocks = self._bases, self._block_list
+        i = bisect.bisect_left(bases, b.base)
+        if i < len(bases) and blocks[i] is b:
+            blocks[i] = None
+            self._dead += 1
+            while blocks and blocks[-1] is None:  # the newest block, most often
+                blocks.pop()
+                bases.pop()
+                self._dead -= 1
+            if self._dead > 16 and 2 * self._dead > len(blocks):
+                keep = [j for j, x in enumerate(blocks) if x is not None]
+                self._bases = [bases[j] for j in keep]
+                self._block_list = [blocks[j] for j in keep]
+                self._dead = 0
 
     def ensure(self, parent: Node, name: str, identity: tuple, make: Callable[[], Node]) -> Node:
         """The node under ``parent`` with this name and identity, created if new.
