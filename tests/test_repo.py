@@ -708,3 +708,29 @@ def test_nested_ref_names_are_refused_clearly(store_url, cache_home, tmp_path):
         repo.refs.create_tag("v1", cid)
     assert set(repo.refs.branches()) == {"feature"}
     assert set(repo.refs.tags()) == {"v1/rc"}
+
+
+def test_a_merge_that_fails_in_the_store_fails_no_segment_addition(store, monkeypatch):
+    """A merge is an optimisation of segments already saved: a store that fails while it
+    saves the merged segment (or a full temporary disk) leaves every input segment in
+    place and every entry findable, and the addition that triggered it succeeds."""
+    from commitfs.errors import StorageError
+    rng = random.Random(5)
+    index = Index(store)
+    calls = []
+
+    def failing_save_from(key, f, size):
+        calls.append(key)
+        raise StorageError("the store said no")
+
+    monkeypatch.setattr(store, "save_object_from", failing_save_from)
+    all_entries = []
+    for _ in range(10):  # 8 of one size class: a merge is due (and fails) at the 8th
+        batch = _entries(rng, 10)
+        all_entries += batch
+        assert index.add_segment(batch) is not None
+    assert calls, "no merge was attempted: the test would prove nothing"
+    assert len(list(store.iter_keys(INDEX_PREFIX))) == 10  # no input removed
+    fresh = Index(store)
+    for oid, loc in all_entries:
+        assert fresh.lookup(oid) == loc

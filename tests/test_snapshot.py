@@ -520,3 +520,48 @@ def test_nothing_to_commit_still_reports_skipped_special_files(tmp_path, cache_h
     assert again.returncode == 0
     assert "nothing to commit" in again.stderr
     assert "warning: skipped FIFO" in again.stderr
+
+
+def test_short_reads_are_not_taken_for_the_end_of_a_file(tmp_path, cache_home, monkeypatch):
+    """POSIX lets read(2) return fewer bytes than asked before the end (a FUSE source with
+    direct_io, a network file system, a signal): a commit reads on, and stores the same
+    files as from a source that never reads short."""
+    src = tmp_path / "src"
+    for name, size in [("a.bin", 10), ("b.bin", 5000), ("c.bin", 200_000), ("d.bin", 3_000_000)]:
+        write_file(src / name, random.Random(size).randbytes(size))
+    plain = Repository.init(str(tmp_path / "plain"))
+    try:
+        want = plain.load_commit(commit_directory(plain, str(src), message="m").commit_id).tree
+    finally:
+        plain.close()
+    real_read = os.read
+    monkeypatch.setattr(os, "read", lambda fd, n: real_read(fd, min(n, 1000)))
+    shorty = Repository.init(str(tmp_path / "short"))
+    try:
+        got = shorty.load_commit(commit_directory(shorty, str(src), message="m").commit_id).tree
+        tree = shorty.load_tree(got)
+        assert {e.name: e.size for e in tree.entries} == {"a.bin": 10, "b.bin": 5000, "c.bin": 200_000,
+                                                          "d.bin": 3_000_000}
+    finally:
+        shorty.close()
+    assert got == want  # the same tree (commit ids differ by their time)
+
+
+def test_the_one_chunk_manifest_written_by_hand_is_the_model_s_encoding(tmp_path):
+    """prepare_batch encodes a one-chunk file's manifest itself (a million-file commit's
+    hot path); it must stay byte-identical to FileManifest.encode, or the same content
+    would get two ids depending on how it was committed."""
+    from commitfs.model import chunker
+    from commitfs.model.ids import HASHER
+    from commitfs.model.objects import FileManifest
+    sizes = sorted({1, 2, 127, 128, 129, 255, 256, chunker.MIN_SIZE - 1, chunker.MIN_SIZE})
+    paths = []
+    for n in sizes:
+        p = tmp_path / f"f{n}"
+        p.write_bytes(random.Random(n).randbytes(n))
+        paths.append((str(p), n))
+    for (path, n), prepared in zip(paths, snapshot.prepare_batch(paths)):
+        assert isinstance(prepared, tuple), f"a {n}-byte file took the general path"
+        cid, data, _stored, _comp, fid, mdata = prepared
+        want = FileManifest((cid,), (n,)).encode()
+        assert mdata == want and fid == HASHER(want).digest()

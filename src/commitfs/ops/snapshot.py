@@ -163,20 +163,6 @@ def prepare_chunks(chunks) -> PreparedFile:
     return prepared
 
 
-def prepare_file(path: str) -> PreparedFile:
-    """Read, cut, hash and compress a whole file; runs in pool threads.
-
-    Reading, cutting, hashing and zstd all release the GIL, so pool threads
-    run in parallel and the committing thread only packs.
-    """
-    try:
-        with open(path, "rb", buffering=0) as f:
-            data = f.read()
-    except OSError as exc:
-        raise _read_error(path, exc) from None
-    return prepare_chunks(chunker.cut(data))
-
-
 _ONE_CHUNK = MANIFEST_MAGIC + b"\x01"  # a manifest of one chunk starts so (FileManifest.encode)
 
 
@@ -188,8 +174,12 @@ def _read_whole(path: str, size: int) -> bytes:
     try:
         fd = _open_fd(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            data = os.read(fd, size + 1)  # a regular file's short read is its end
-            if len(data) > size:
+            data = os.read(fd, size + 1)
+            if len(data) != size:
+                # Grown, or a short read (which POSIX allows before the end: a FUSE
+                # source with direct_io, a network file system, a signal): read on to
+                # the end, so a short read is never taken for the file's end.  The
+                # common case, exactly ``size`` bytes, costs no further call.
                 parts = [data]
                 while part := os.read(fd, 1 << 20):
                     parts.append(part)
@@ -202,7 +192,9 @@ def _read_whole(path: str, size: int) -> bytes:
 
 
 def prepare_batch(files: list[tuple[str, int]]) -> list:
-    """``prepare_file`` of each small file of ``files`` (path, st_size), in one pool task.  A file
+    """Read, cut, hash and compress each small file of ``files`` (path, st_size), in one pool
+    task (reading, cutting, hashing and zstd release the GIL: pool threads run in parallel and
+    the committing thread only packs).  A file
     of one chunk (up to chunker.MIN_SIZE: most files of a million-file commit) is
     prepared as a tuple (chunk id, chunk, stored, compression, file id, manifest
     encoding), its manifest encoded and hashed here; any other as a PreparedFile."""

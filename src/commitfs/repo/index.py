@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
+import logging
 import math
 import struct
 import sys
@@ -32,12 +33,14 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
-from commitfs.errors import CorruptObjectError, ObjectNotFoundError
+from commitfs.errors import CorruptObjectError, ObjectNotFoundError, RepositoryError, StorageError
 from commitfs.model.ids import ID_SIZE, hash_bytes, new_hasher
 from commitfs.repo.gcstate import lease_active
 from commitfs.repo.lru import LockedLRU
 from commitfs.repo.pack import BlobKind, Compression, Location
 from commitfs.storage.base import Store
+
+log = logging.getLogger(__name__)
 
 SEG_MAGIC = b"CFIDX1\0\0"
 HEADER = struct.Struct("<8sIIQ")  # magic, pack count, fan-out bits, entry count
@@ -601,9 +604,14 @@ class Index:
                     return False
                 try:
                     return self.merge(classes[cls])
-                except CorruptObjectError:
-                    # A damaged segment stays as it is (lookups treat it as damaged,
-                    # fsck reports it): the commit that added a segment still succeeds.
+                except (StorageError, RepositoryError, OSError) as exc:
+                    # A merge is an optimisation of segments already stored: a damaged
+                    # segment stays as it is (lookups treat it as damaged, fsck reports
+                    # it), and a store or temporary file that fails here fails nothing
+                    # the commit that added a segment needs (a merge is tried again at
+                    # the next one).  The inputs are removed only after the output is
+                    # saved, so nothing is lost either way.
+                    log.warning("index merge skipped: %s", exc)
                     return False
         return False
 
