@@ -556,3 +556,24 @@ def test_a_version_3_overlay_moves_in_place_and_older_commitfs_refuse_it(repo_an
         old.execute("PRAGMA journal_mode=WAL")
     old.close()
     trio.run(check)  # and opened again, as it is
+
+
+def test_an_open_overlay_is_locked_against_a_second_opener(repo_and_base, tmp_path):
+    """One process at a time has an overlay open (vfs/overlay.py): a second opener (a
+    second mount of the workspace, or a second upgrade of a version 1-3 overlay racing
+    the first) gets a one-line error and changes nothing; after close it opens."""
+    from commitfs.vfs.overlay import WorkspaceBusyError
+
+    repo, _ = repo_and_base
+    ws = tmp_path / "ws"
+    fs = _open(repo, ws)
+    before = sorted(os.listdir(ws))
+    with pytest.raises(WorkspaceBusyError, match=r"in use by another commitfs \(process \d+\)") as info:
+        Overlay.open(ws, repo.url, "main")
+    assert "\n" not in str(info.value) and str(ws) in str(info.value)
+    with pytest.raises(WorkspaceBusyError):
+        _open(repo, ws)
+    assert sorted(os.listdir(ws)) == before
+    fs.overlay.close()
+    ov = Overlay.open(ws, repo.url, "main")
+    ov.close()

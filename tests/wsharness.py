@@ -482,6 +482,7 @@ def _crash_close(fs: WorkspaceFS) -> None:
             os.close(n.fd)
             n.fd = None
     fs.overlay._conn.close()
+    fs.overlay.unlock()  # the kernel drops a killed process's flock
 
 
 async def commit(k: Kernel, message: str = "model") -> bytes | None:
