@@ -198,6 +198,23 @@ def test_edits_survive_unmount_and_a_killed_daemon(ws):
     compare_trees(mnt, ref)
 
 
+def test_a_second_mount_of_a_mounted_workspace_is_refused_in_one_line(ws):
+    """Two daemons on one overlay would each keep their own tree and lose the other's
+    edits: the overlay is locked while open, a second mount gets a one-line error, and
+    the first one goes on; once it is gone (even killed) the workspace mounts again."""
+    mnt = ws.mount()
+    (mnt / "kept").write_bytes(b"first mount")
+    second = ws.mounts.mountpoint("second")
+    proc = ws.mounts.mount(ws.url, second, "--writable", "--workspace", str(ws.tmp / "ws"), rev="main",
+                           check=False)
+    line = assert_one_line_error(proc.returncode, proc.stderr)
+    assert "in use by another commitfs" in line and str(ws.tmp / "ws") in line, line
+    assert (mnt / "kept").read_bytes() == b"first mount"
+    ws.kill(mnt)  # the kernel drops the lock with the process
+    mnt = ws.mount()
+    assert (mnt / "kept").read_bytes() == b"first mount"
+
+
 def test_daemon_killed_during_writes(ws):
     """A writer fsyncs every record; whatever it fsync'd is there after SIGKILL + remount."""
     mnt = ws.mount()

@@ -10,7 +10,12 @@ a *workspace directory* (default under the cache directory) holding
 * ``data/``: one file per written or new regular file, named by its node id
   (sparse for a committed file written in place: copy-on-write, below), and
 * ``overlay.db``: a placeholder, not a database (the name older commitfs open;
-  see the versions below).
+  see the versions below), and
+* ``lock``: flocked (exclusive) by the process that has the overlay open, for
+  as long as it does (it holds that process's pid, for the error message).  A
+  second opener (a second mount of the workspace) is refused: two daemons on
+  one overlay would each keep their own in-memory tree and lose edits, and two
+  upgrades of an older layout at once could lose the database.
 
 The database has four tables (``ranges``, of copy-on-write, is described
 below).  ``meta`` holds key/values: the repository URL,
@@ -89,6 +94,7 @@ new one with none pending, never in between.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 import threading
@@ -100,6 +106,7 @@ from pathlib import Path
 from commitfs.errors import CommitfsError, InputError
 from commitfs.model.objects import Kind, TreeEntry
 from commitfs.vfs.errors import NoSpaceError
+from commitfs.vfs.inode import NodeKind
 
 #: 2: the ``links`` table (hard links).  3: chunk-level copy-on-write (the ``ranges``
 #: table, ``cow_base``/``cow_until``): a data file may hold only part of its file, so
@@ -115,6 +122,8 @@ _KNOWN_VERSIONS = ("1", "2", "3", "4")
 _LEGACY_VERSIONS = ("1", "2", "3")
 DB_NAME = "overlay.sqlite"
 LEGACY_DB_NAME = "overlay.db"
+#: Held (flock, exclusive) by the one process that has the overlay open, for as long as it does.
+LOCK_NAME = "lock"
 _SQLITE_MAGIC = b"SQLite format 3\0"
 PLACEHOLDER = (b"commitfs workspace overlay, format 4 or later: the database is overlay.sqlite.\n"
                b"This file is not a database, so a commitfs older than format 4 refuses the workspace\n"
@@ -168,7 +177,7 @@ class Row:
     id: int
     parent: int | None
     name: str
-    kind: str  # "dir", "file", "symlink"
+    kind: NodeKind  # stored as its value: "dir", "file", "symlink", "special"
     origin: TreeEntry | None
     materialized: bool
     upper: str | None
@@ -190,7 +199,7 @@ class Row:
 
     def values(self) -> tuple:
         o = self.origin
-        return (self.id, self.parent, self.name, self.kind, o.kind.value if o else None, o.size if o else None,
+        return (self.id, self.parent, self.name, self.kind.value, o.kind.value if o else None, o.size if o else None,
                 o.id if o else None, o.target if o else None, int(self.materialized), self.upper, self.mode,
                 self.mtime_ns, self.target, self.uid, self.gid, self.atime_ns, self.ctime_ns, self.rdev,
                 self.cow_base, self.cow_until)
@@ -210,7 +219,7 @@ def _row(values) -> Row:
     (id_, parent, name, kind, okind, osize, oid, otarget, mat, upper, mode, mtime, target,
      uid, gid, atime, ctime, rdev, cow_base, cow_until) = values
     origin = TreeEntry(name, Kind(bytes(okind)), osize, bytes(oid), bytes(otarget or b"")) if okind else None
-    return Row(id_, parent, name, kind, origin, bool(mat), upper, mode, mtime,
+    return Row(id_, parent, name, NodeKind(kind), origin, bool(mat), upper, mode, mtime,
                bytes(target) if target is not None else None, uid, gid, atime, ctime, rdev,
                bytes(cow_base) if cow_base is not None else None, cow_until)
 
@@ -221,6 +230,10 @@ class SpaceReleasedError(NoSpaceError):
 
 class WorkspaceMismatchError(InputError):
     """The workspace directory belongs to another repository or branch."""
+
+
+class WorkspaceBusyError(InputError):
+    """Another process has the workspace's overlay open (it holds the lock)."""
 
 
 def _full(exc: sqlite3.Error) -> bool:
@@ -244,6 +257,34 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _lock(path: Path) -> int:
+    """The workspace directory's lock file, open and flocked (exclusive): one process
+    at a time has an overlay open (a second mount of the workspace would lose edits).
+    The kernel drops the lock when the process dies, however it dies."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise CommitfsError(f"cannot open the workspace {path}: {exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise WorkspaceBusyError(f"the workspace {path} is in use by another commitfs"
+                                 f"{f' (process {holder})' if holder.isdigit() else ''}: "
+                                 f"is it mounted already?") from None
+    except OSError as exc:
+        os.close(fd)
+        raise CommitfsError(f"cannot lock the workspace {path}: {exc}") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for the message of whoever comes next
+    except OSError:
+        pass
+    return fd
+
+
 def _adopt_legacy(path: Path) -> None:
     """The layout of version 4 (see SCHEMA_VERSION), made in place from an older one.
 
@@ -256,7 +297,8 @@ def _adopt_legacy(path: Path) -> None:
     if head == PLACEHOLDER:
         return
     if not db.exists() and head and head.startswith(_SQLITE_MAGIC):
-        conn = sqlite3.connect(str(legacy), isolation_level=None)
+        # mode=rw: a database that vanished is an error, never a new empty one.
+        conn = sqlite3.connect(f"file:{legacy}?mode=rw", uri=True, isolation_level=None)
         try:
             has_meta = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
             row = conn.execute("SELECT value FROM meta WHERE key = 'version'").fetchone() if has_meta else None
@@ -268,7 +310,7 @@ def _adopt_legacy(path: Path) -> None:
             conn.execute("PRAGMA journal_mode=DELETE")  # the WAL folded into the database, removed
         finally:
             conn.close()
-        os.rename(legacy, db)
+        os.link(legacy, db)  # never over an existing DB_NAME (EEXIST)
         _fsync_dir(path)
     elif head and not db.exists():
         raise CommitfsError(f"cannot open the workspace {path}: {LEGACY_DB_NAME} is neither an overlay "
@@ -285,8 +327,9 @@ def _adopt_legacy(path: Path) -> None:
 class Overlay:
     """The on-disk state of one workspace (see the module doc)."""
 
-    def __init__(self, path: Path, conn: sqlite3.Connection):
+    def __init__(self, path: Path, conn: sqlite3.Connection, lock_fd: int | None = None):
         self.path = path
+        self._lock_fd = lock_fd
         self.data = path / "data"
         self._conn = conn
         self._batch = 0
@@ -299,6 +342,22 @@ class Overlay:
     @classmethod
     def open(cls, path: str | os.PathLike, repo_url: str, branch: str) -> Overlay:
         path = Path(path)
+        lock_fd = _lock(path)
+        try:
+            ov = cls._open_locked(path, lock_fd)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        try:
+            ov._settle_meta(repo_url, branch)
+        except BaseException:
+            ov.close()
+            raise
+        return ov
+
+    @classmethod
+    def _open_locked(cls, path: Path, lock_fd: int) -> Overlay:
+        conn = None
         try:
             (path / "data").mkdir(parents=True, exist_ok=True)
             _adopt_legacy(path)
@@ -311,8 +370,17 @@ class Overlay:
                 if col not in have:
                     conn.execute(f"ALTER TABLE nodes ADD COLUMN {col} {type_}")
         except (OSError, sqlite3.Error) as exc:
+            if conn is not None:
+                conn.close()
             raise CommitfsError(f"cannot open the workspace {path}: {exc}") from None
-        ov = cls(path, conn)
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
+        return cls(path, conn, lock_fd)
+
+    def _settle_meta(self, repo_url: str, branch: str) -> None:
+        ov, path = self, self.path
         ov.make_reserve()
         repo, br = ov.get_meta("repo"), ov.get_meta("branch")
         if repo is None:
@@ -321,26 +389,32 @@ class Overlay:
                 ov.set_meta("repo", repo_url)
                 ov.set_meta("branch", branch)
         elif repo != repo_url or br != branch:
-            conn.close()
             raise WorkspaceMismatchError(
                 f"workspace {path} belongs to branch {br!r} of {repo}, not {branch!r} of {repo_url}")
         else:
             version = ov.get_meta("version") or "1"
             if version not in _KNOWN_VERSIONS:
-                conn.close()
                 raise WorkspaceMismatchError(
                     f"workspace {path} has overlay format {version!r}; this commitfs reads "
                     f"{', '.join(_KNOWN_VERSIONS)} (a newer commitfs wrote it)")
             if version != SCHEMA_VERSION:
                 ov.set_meta("version", SCHEMA_VERSION)  # the new tables were created above
-        return ov
 
     def close(self) -> None:
         try:
-            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error:
-            pass
-        self._conn.close()
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass
+            self._conn.close()
+        finally:
+            self.unlock()
+
+    def unlock(self) -> None:
+        """Let another process open the overlay (``close`` does; the kernel does for a killed one)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # the flock goes with it
+            self._lock_fd = None
 
     # --- transactions -------------------------------------------------------------
     @contextmanager
