@@ -179,6 +179,17 @@ _libc = ctypes.CDLL(None, use_errno=True)
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 
 
+def utimensat_omit(p: Path) -> None:
+    """utimensat(p, {UTIME_OMIT, UTIME_OMIT}) (os.utime cannot omit both)."""
+    class Timespec(ctypes.Structure):
+        _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+    omit = (1 << 30) - 2
+    times = (Timespec * 2)(Timespec(0, omit), Timespec(0, omit))
+    if _libc.utimensat(-100, os.fsencode(p), times, 0) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
 def renameat2(old: Path, new: Path, flags: int) -> None:
     AT_FDCWD = -100
     if _libc.renameat2(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags) != 0:
@@ -263,6 +274,29 @@ def chown_sets_owner_and_moves_ctime(t):
     a = os.stat(f)
     os.chown(f, -1, -1)
     return [owner(f), owner(d), times_moved(b, a), owner(f)]
+
+
+@case
+def chown_to_the_same_owner_moves_ctime_utimensat_omitting_both_does_not(t):
+    """chown(-1, -1) is a status change (ctime moves, on ext4 too); utimensat with both
+    times UTIME_OMIT is nothing (the kernel returns before any file system sees it)."""
+    f, d = t.file("f"), t.dir("d")
+    os.symlink("f", t / "l")
+    out = []
+    for change in (lambda: os.chown(f, -1, -1), lambda: os.chown(d, -1, -1),
+                   lambda: os.lchown(t / "l", -1, -1), lambda: os.chown(f, *owner(f)),
+                   lambda: utimensat_omit(f), lambda: utimensat_omit(d)):
+        b = [os.lstat(p) for p in (f, d, t / "l")]
+        t.tick()
+        change()
+        out.append([times_moved(x, os.lstat(p)) for x, p in zip(b, (f, d, t / "l"))])
+    fd = os.open(f, os.O_RDONLY)
+    b = os.stat(f)
+    t.tick()
+    os.fchown(fd, -1, -1)
+    out.append(times_moved(b, os.stat(f)))
+    os.close(fd)
+    return out
 
 
 @case

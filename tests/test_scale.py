@@ -151,6 +151,39 @@ def test_a_changed_large_directory_re_cuts_only_near_its_changes(local_repo, tmp
     assert_fsck_clean(local_repo.url)
 
 
+def test_a_large_directory_whose_files_match_but_a_subdirectory_changed_is_edited_too(
+        local_repo, tmp_path, monkeypatch):
+    """Every file of a split directory unchanged, one of its subdirectories changed deep
+    down: the directory is still stored as an edit of its previous tree (the leaf naming
+    that subdirectory re-cut), not split whole again."""
+    from commitfs.model import splittree
+
+    for name, value in (("SPLIT_ENTRIES", 32), ("LEAF_MIN", 4), ("LEAF_BITS", 2), ("LEAF_MAX", 16),
+                        ("INDEX_MIN", 2), ("INDEX_BITS", 1), ("INDEX_MAX", 6)):
+        monkeypatch.setattr(splittree, name, value)
+    rng = random.Random(12)
+    src = tmp_path / "src"
+    big = src / "big"
+    for i in range(600):
+        write_file(big / f"f{i:04d}.bin", rng.randbytes(rng.randrange(50)))
+    write_file(big / "sub" / "deep" / "x.bin", b"x")
+    age_tree(src)
+    first = commit_directory(local_repo, src, message="v1")
+    leaves = sum(1 for _ in local_repo.load_tree(local_repo.load_tree(first.tree_id).get("big").id).iter_leaves())
+    assert leaves > 40
+    old = os.stat(big / "f0000.bin").st_mtime
+    (big / "sub" / "deep" / "x.bin").write_bytes(b"y")
+    os.utime(big / "sub" / "deep" / "x.bin", (old, old))
+    counts = Counts(monkeypatch)
+    changed = commit_directory(local_repo, src, message="v2")
+    assert changed.files_read == 1
+    # The root, sub, deep, and the leaf (perhaps with a neighbour) naming sub, and the
+    # index nodes above it: not the ~45 leaves of big.
+    assert counts.encodes <= 3 + 3 * 3, counts.encodes
+    assert changed.tree_id == _fresh_tree_id(tmp_path, src)
+    assert_fsck_clean(local_repo.url)
+
+
 def _edits(src: os.PathLike):
     """Changes a re-commit must see, each keeping sizes or names where it can."""
     def chmod_exec():

@@ -467,3 +467,24 @@ def test_faulty_release_ends_stall(faulty):
     faulty.release()
     reader.join(timeout=5)
     assert result == [b"0123456789"]
+
+
+def test_an_interrupted_streamed_save_leaves_no_temporary_file(tmp_path):
+    """A KeyboardInterrupt (or any exception) in the middle of a streamed save to a local
+    store removes its temporary file: nothing under the store's root is left behind."""
+    import io
+    from commitfs.storage.url import open_store
+    store = open_store(str(tmp_path / "store"))
+    try:
+        class Stop(io.BytesIO):
+            def read(self, n=-1):
+                if self.tell() >= 1 << 20:
+                    raise KeyboardInterrupt
+                return super().read(n)
+
+        src = Stop(b"x" * (4 << 20))
+        with pytest.raises(KeyboardInterrupt):
+            store.save_object_from("index/abc", src, 4 << 20)
+        assert [p.name for p in (tmp_path / "store").rglob("*") if p.is_file() and ".tmp-" in p.name] == []
+    finally:
+        store.close()

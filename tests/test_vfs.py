@@ -28,7 +28,7 @@ from commitfs.repo.repository import Repository
 from commitfs.vfs import ROOT_INODE, XATTR_COMMIT, XATTR_ID, XATTR_REPO
 from commitfs.vfs import core as vfs_core
 from commitfs.vfs.errors import NoSuchAttributeError, ReadOnlyError
-from commitfs.vfs.inode import ChildBlock, InodeTable, RootDir
+from commitfs.vfs.inode import ChildBlock, RootDir, TreeInodeTable
 
 
 async def lookup_path_ino(fs, path: str) -> int:
@@ -117,7 +117,7 @@ def test_the_blocks_of_inode_numbers_stay_right_through_a_forget_storm():
     its block at its position, every other one is unknown, the table's length
     is what the kernel holds, and a dropped block's slots do not pile up."""
     rng = random.Random(7)
-    table = InodeTable(RootDir(1.0, 1.0))
+    table = TreeInodeTable(RootDir(1.0, 1.0))
     held: dict[int, tuple[ChildBlock, int, int]] = {}  # ino -> (block, pos, count)
     gone: list[int] = []
     dirs = []

@@ -379,19 +379,31 @@ class Model:
         self.detach(d, name)
         return out
 
-    @staticmethod
-    def same(a: MNode, b: MNode) -> bool:
-        """Whether subtree ``a`` shows exactly what base subtree ``b`` does."""
-        if (a.kind, a.mode, bytes(a.data), a.target, a.uid, a.gid) != (b.kind, b.mode, bytes(b.data), b.target,
-                                                                      None, None):
-            return False
-        return a.children.keys() == b.children.keys() and all(
-            Model.same(c, b.children[name]) for name, c in a.children.items())
+    def reset_in_place(self, n: MNode, b: MNode, t, linked: set[int]) -> list[MNode]:
+        """Discard the edits of ``n`` in place: it shows base node ``b`` (times ``t``), and so
+        does every node below it the base has with its kind and one name (``linked``: ids
+        of nodes that had several: they lose every name here); the nodes that left."""
+        gone = []
+        n.mode, n.data, n.target, n.uid, n.gid, n.rdev = b.mode, bytearray(b.data), b.target, None, None, 0
+        n.mtime = n.atime = n.ctime = t
+        n.synced = None
+        for name in list(n.children):
+            c, bc = n.children[name], b.children.get(name)
+            if bc is not None and c.kind == bc.kind and id(c) not in linked:
+                gone += self.reset_in_place(c, bc, t, linked)
+            else:
+                gone += self.remove_subtree(n, name)
+        for name, bc in b.children.items():
+            if name not in n.children:
+                self.attach(n, name, self.copy_tree(bc, t))
+        return gone
 
-    def reset(self, path: str, base: MNode, base_t, kept: bool = False) -> list[MNode]:
+    def reset(self, path: str, base: MNode, base_t) -> list[MNode]:
         """``commitfs reset PATH`` (vfs/wscommit.py): the path shows its base version again
         (or disappears); its parents are made if the base has the path. EINVAL stands for
-        the control channel's error (a parent that is not a directory in the workspace)."""
+        the control channel's error (a parent that is not a directory in the workspace).
+        A node the base has at the path (its kind, one name) is reset in place, as a reset
+        of everything does (the same node: open files show the base); else replaced."""
         parts = self.split(path)
         entry: MNode | None = base
         for name in parts:
@@ -410,8 +422,9 @@ class Model:
         name = parts[-1]
         gone = []
         current = d.children.get(name)
-        if kept and current is not None and entry is not None and self.same(current, entry):
-            return []  # untouched since the base: the workspace keeps it as it is
+        if current is not None and entry is not None and current.kind == entry.kind and current.nlink == 1:
+            linked = {id(c) for c in _subtree(current) if c.kind != "dir" and c.nlink > 1}
+            return self.reset_in_place(current, entry, base_t, linked)
         if name in d.children:
             gone = self.remove_subtree(d, name)
         if entry is not None:
@@ -716,9 +729,7 @@ class Run:
                             lambda t: m.chmod(m.lookup(p), mode, t))
         elif op == "chown":
             p = self.any_path()
-            uid, gid = r.choice([None, 0, 1234]), r.choice([None, 0, 5678])
-            if uid is None and gid is None:
-                gid = 0  # chown(-1, -1) sends no SETATTR field through FUSE (only ext4 moves its ctime)
+            uid, gid = r.choice([None, 0, 1234]), r.choice([None, 0, 5678])  # (-1, -1): a SETATTR of nothing
             await self.both(f"chown {p!r} {uid} {gid}", lambda: k.chown(p, uid, gid),
                             lambda t: m.chown(m.lookup(p), uid, gid, t))
         elif op == "utime":
@@ -783,22 +794,13 @@ class Run:
 
             async def ws():
                 from commitfs.errors import InputError
-                below = m.find(p)
-                inside = set() if below is None else {id(n) for n in [below, *_subtree(below)]}
-                fhs = {fh: n.nlink for fh, (n, _) in m.handles.items() if id(n) in inside}
                 try:
                     await k.fs.reset([p])
                 except InputError as exc:
                     raise OSError(errno.EINVAL, str(exc)) from None
-                # An untouched path is left as it is (the same nodes), a touched one replaced
-                # (open files keep the old bytes): when the path shows its base exactly,
-                # only an open file's link count tells which happened.
-                # (Replaced, an open node has lost the names below the path: fewer links.)
-                same = [(await k.fstat(fh)).st_nlink == nlink for fh, nlink in fhs.items()]
-                box["kept"] = bool(same) and all(same)
 
             def model(t):
-                box["gone"] = m.reset(p, self.base_model, self.base_t, kept=box.get("kept", False))
+                box["gone"] = m.reset(p, self.base_model, self.base_t)
             await self.both(f"reset {p!r}", ws, model)
             gone = box.get("gone", [])
         # A reset node is a new one or the same (untouched): forget what identity says of it.

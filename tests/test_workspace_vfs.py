@@ -230,40 +230,57 @@ def test_reset_of_an_unchanged_path_next_to_an_edit_changes_nothing(repo_and_bas
     trio.run(main)
 
 
-def test_a_file_open_below_a_reset_directory_is_unlinked(repo_and_base, tmp_path):
-    """reset PATH replacing a changed directory takes out every node below it, also those
-    of untouched (lazy) directories: a file open there has st_nlink 0 and keeps its bytes
-    (it showed 1, as if still named). Found by the reference model."""
+@pytest.mark.parametrize("everything", [False, True])
+def test_reset_discards_edits_in_place_for_an_open_file(repo_and_base, tmp_path, everything):
+    """``reset PATH`` and ``reset`` of everything agree: a node the base has at its path
+    (the same kind) keeps its inode and shows the base again, so an editor holding the
+    file reads the base's bytes through its descriptor, and a file open below a reset
+    directory keeps its name (reset PATH replaced the node: the descriptor kept the
+    edited bytes, st_nlink 0, and a file below an untouched directory was unlinked)."""
     repo, _ = repo_and_base
     leaf = "fixed/n1/n2/n3/n4/leaf.txt"
+    base_leaf = "feuille ✓\n".encode()
 
     async def main():
         async with _session(repo, tmp_path / "ws") as k:
-            fh = await k.open(leaf)
-            await k.chmod("fixed/n1", 0o700)  # a change of its own: the reset replaces it
-            await k.fs.reset(["fixed/n1"])
+            base_run = await k.read_file("fixed/run.sh")
+            fh = await k.open("fixed/run.sh", os.O_RDWR)
+            await k.pwrite(fh, 0, b"edited, and more bytes than the base has\n")
+            ino = (await k.fstat(fh)).st_ino
+            below = await k.open(leaf)
+            await k.chmod("fixed/n1", 0o700)  # a change of its own
+            await k.write_file("fixed/n1/new.txt", b"new")
+            await k.fs.reset(None if everything else ["fixed/run.sh", "fixed/n1"])
             st = await k.fstat(fh)
-            assert st.st_nlink == 0
-            assert await k.read_all(fh) == "feuille ✓\n".encode()
+            assert st.st_ino == ino and st.st_nlink == 1 and st.st_size == len(base_run)
+            assert await k.read_all(fh) == base_run
+            assert (await k.lstat("fixed/run.sh")).st_ino == ino
+            assert (await k.fstat(below)).st_nlink == 1 and await k.read_all(below) == base_leaf
+            assert stat.S_IMODE((await k.lstat("fixed/n1")).st_mode) == 0o755
+            assert not await k.exists("fixed/n1/new.txt")
+            await k.pwrite(fh, 0, b"#")  # the open file is the workspace's file again
             await k.close(fh)
-            assert (await k.lstat(leaf)).st_nlink == 1
-            assert await k.read_file(leaf) == "feuille ✓\n".encode()
+            assert (await k.read_file("fixed/run.sh"))[:1] == b"#"
+            await k.close(below)
+            assert await k.read_file(leaf) == base_leaf
     trio.run(main)
 
 
 def test_an_mtime_of_0_survives_a_remount(repo_and_base, tmp_path):
     """utimensat to the epoch is kept across a remount (a row's 0 read as "the base's
-    time"). Found by the reference model (hypothesis)."""
+    time"), the root's too. Found by the reference model (hypothesis)."""
     repo, _ = repo_and_base
 
     async def main():
         async with _session(repo, tmp_path / "ws") as k:
             await k.utime("fixed/run.sh", 0, 0)
             await k.utime("fixed", None, 0)
+            await k.utime("", None, 0)  # the root's row too (its 0 once meant the base's time)
         async with _session(repo, tmp_path / "ws") as k:
             assert (await k.lstat("fixed/run.sh")).st_mtime_ns == 0
             assert (await k.lstat("fixed/run.sh")).st_atime_ns == 0
             assert (await k.lstat("fixed")).st_mtime_ns == 0
+            assert (await k.lstat("")).st_mtime_ns == 0
     trio.run(main)
 
 # --- workspace logic once tested through a mount, now kernel-free (same assertions) ----------
@@ -403,6 +420,58 @@ def test_crash_after_the_branch_moved_with_hard_links(repo_and_base, tmp_path, m
     e1, e2 = lookup_path(repo, head, "one.bin"), lookup_path(repo, head, "sub/two.bin")
     assert e1.id == e2.id and e1.size == len(b"linked bytes")
     fs.overlay.close()
+
+
+def test_a_rebase_resolves_split_directories_before_it_clears(tmp_path, cache_home, monkeypatch):
+    """A reset (or a commit's settle) re-bases every node the kernel knows onto the new
+    tree: a split directory's lookups (model/splittree.py: a leaf load each) run in a worker
+    thread before the overlay is cleared, so a storage error there leaves the edits and
+    the nodes as they were (it came after the clear, on the event loop: nodes
+    half-rebased onto a cleared overlay)."""
+    import threading
+
+    from commitfs.errors import StorageError
+    from commitfs.model import splittree
+    from wsharness import Session
+
+    for name, value in (("SPLIT_ENTRIES", 32), ("LEAF_MIN", 4), ("LEAF_BITS", 2), ("LEAF_MAX", 16),
+                        ("INDEX_MIN", 2), ("INDEX_BITS", 1), ("INDEX_MAX", 6)):
+        monkeypatch.setattr(splittree, name, value)
+    src = tmp_path / "src"
+    (src / "big").mkdir(parents=True)
+    for i in range(200):
+        (src / "big" / f"f{i:03}.txt").write_bytes(b"base %d\n" % i)
+    repo = Repository.init(str(tmp_path / "repo"))
+    commit_directory(repo, src, message="base")
+    assert isinstance(repo.load_tree(repo.load_tree(repo.load_commit(repo.refs.lookup_branch("main")).tree)
+                                     .get("big").id), splittree.SplitTree)
+    calls: list[bool] = []
+    real_get = splittree.SplitTree.get
+
+    def failing_get(self, name):
+        calls.append(threading.current_thread() is threading.main_thread())
+        raise StorageError("a leaf of the split directory cannot be read")
+
+    async def main():
+        async with Session(repo, tmp_path / "ws") as k:
+            await k.write_file("big/f007.txt", b"edited\n")
+            fh = await k.open("big/f150.txt")  # a lazy node below the split directory
+            ino = (await k.lstat("big/f007.txt")).st_ino
+            monkeypatch.setattr(splittree.SplitTree, "get", failing_get)
+            with pytest.raises(StorageError):
+                await k.fs.reset(None)
+            assert calls and not any(calls), "a split directory's get ran on the event loop"
+            monkeypatch.setattr(splittree.SplitTree, "get", real_get)
+            assert not k.fs.overlay.is_clean()
+            assert (await k.lstat("big/f007.txt")).st_ino == ino
+            assert await k.read_file("big/f007.txt") == b"edited\n"
+            assert await k.read_all(fh) == b"base 150\n"
+            await k.fs.reset(None)  # the storage is back: the reset goes through
+            assert k.fs.overlay.is_clean() and await k.read_file("big/f007.txt") == b"base 7\n"
+            assert (await k.lstat("big/f007.txt")).st_ino == ino
+            await k.close(fh)
+    trio.run(main)
+    repo.close()
 
 
 def test_a_flush_writes_only_the_ranges_that_changed_in_a_worker_thread(repo_and_base, tmp_path):

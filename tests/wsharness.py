@@ -477,7 +477,7 @@ class Session:
 
 def _crash_close(fs: WorkspaceFS) -> None:
     """What a SIGKILL leaves: the rows written so far, the data files; no flush of pending metadata."""
-    for n in list(fs._inodes.values()):
+    for n in fs.table.nodes():
         if n.fd is not None:
             os.close(n.fd)
             n.fd = None

@@ -330,6 +330,7 @@ class WorkspaceOperations(Operations):
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             uid=attr.st_uid if fields.update_uid else None,
             gid=attr.st_gid if fields.update_gid else None,
+            ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
             fh=fh)
         return self._entry(a)
 

@@ -580,15 +580,19 @@ class _Walk:
         subdirectories were all reused is reused too: its cached tree id is taken
         as it is (nothing built, encoded or stored); the others are built and
         their rows recorded.  Then its entries are released."""
-        if d.cached is not None and d.cached.tree is not None and all(c.built[2] for c in d.subdirs):
-            d.built = (d.cached.tree, d.cached.size, True)
+        cached = d.cached
+        if cached is not None and cached.tree is not None and all(c.built[2] for c in d.subdirs):
+            d.built = (cached.tree, cached.size, True)
         else:
+            if d.prev is None and cached is not None and cached.tree is not None \
+                    and len(cached.stat) > splittree.SPLIT_ENTRIES + 1:
+                d.prev = cached  # a large directory whose files matched, a subdirectory not: edited too
             d.built = self._build_tree(d)
         d.entries = d.stat = d.subdirs = d.cached = d.prev = None  # done with: release as we go
 
     def _build_tree(self, d: _Dir) -> tuple[bytes, int, bool]:
         entries = []
-        changed_dirs = self._changed_dirs = []  # slots of the subdirectories built anew
+        changed_dirs = []  # slots of the subdirectories built anew
         ids = []
         all_trusted = True
         cached_ids = d.cached.ids if d.cached is not None else None
@@ -617,12 +621,12 @@ class _Walk:
         # Already canonical: names come from the file system (never empty, '.',
         # '..', nor containing '/' or NUL), were checked as UTF-8 by the scan,
         # and are in code point order, which is UTF-8 byte order.
-        edited = self._edit_tree(d, entries) if d.prev is not None else None
+        edited = self._edit_tree(d, entries, changed_dirs) if d.prev is not None else None
         tid, size = edited or store_tree(self.writer, entries)
         self.cache.record_dir(d.rel, d.stat, b"".join(ids), tid if all_trusted else None, size)
         return tid, size, False
 
-    def _edit_tree(self, d: _Dir, entries: list[TreeEntry]) -> tuple[bytes, int] | None:
+    def _edit_tree(self, d: _Dir, entries: list[TreeEntry], changed_dirs: list[int]) -> tuple[bytes, int] | None:
         """Store large directory ``d``'s new tree as an edit of the tree its stat-cache
         row names (model.splittree.split_edit: only the leaves near the changes are
         re-cut and re-encoded, and the index nodes above them; the same ids as
@@ -633,7 +637,7 @@ class _Walk:
         old, new = set(prev.stat[1:]), set(d.stat[1:])
         changed = {t[0] for t in new - old}
         gone = {t[0] for t in old - new} - changed
-        changed.update(entries[slot].name for slot in self._changed_dirs)
+        changed.update(entries[slot].name for slot in changed_dirs)
         if not changed and not gone:
             return prev.tree, prev.size
         try:

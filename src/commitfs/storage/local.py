@@ -201,12 +201,14 @@ class LocalStore(Store):
             finally:
                 os.close(fd)
             os.rename(tmp, path)
-        except OSError as exc:
+        except BaseException as exc:  # a Ctrl-C in a long streamed copy too: no .tmp- file left
             try:
                 tmp.unlink()
             except OSError:
                 pass
-            raise _storage_error(exc, what, self.root) from exc
+            if isinstance(exc, OSError):
+                raise _storage_error(exc, what, self.root) from exc
+            raise
 
     def _acquire(self, key: str) -> _Descriptor:
         """``key``'s descriptor, opened if need be; give it back with ``self._fds.release``."""

@@ -88,12 +88,12 @@ from commitfs.vfs.inode import (
     ChildBlock,
     DirNode,
     FileNode,
-    InodeTable,
     Node,
     RefDir,
     RootDir,
     SymlinkNode,
     TreeDir,
+    TreeInodeTable,
     View,
     ViewRoot,
     _BlockEntry,
@@ -288,7 +288,7 @@ class FileSystem:
         self._dirs: dict[int, _DirHandle] = {}
         self._next_fh = 1
         self._nursery: trio.Nursery | None = None
-        self.table: InodeTable | None = None
+        self.table: TreeInodeTable | None = None
         self._repo_url = repo.url.encode()
         self.readlog = ReadLog(options.record_reads) if options.record_reads else None
         self._dir_ahead: DirReadAhead | None = None
@@ -310,7 +310,7 @@ class FileSystem:
             else:
                 commit = await self.loader.commit(self.root_commit)
                 root = self._view_root(self.root_commit, commit, self._long, self.root_tree)
-            self.table = InodeTable(root, self._block_node)
+            self.table = TreeInodeTable(root, self._block_node)
             try:
                 yield self
             finally:
@@ -443,7 +443,7 @@ class FileSystem:
             self.table.remember(node)
 
     def _block_node(self, b: ChildBlock, pos: int) -> Node:
-        """The node of entry ``pos`` of block ``b`` (InodeTable.get): its whole entry
+        """The node of entry ``pos`` of block ``b`` (TreeInodeTable.get): its whole entry
         if the directory's tree (or the leaf holding it) is in memory, else partial."""
         d = b.dir
         e = self._entry_now(d.entry.id, pos)

@@ -36,6 +36,11 @@ new numbers).  Directories, view roots and the ref directories are node
 objects (few: a directory per hundreds of files), keyed by name in one dict
 per parent.  What nodes show (attributes, extended attributes) is computed
 from the immutable TreeEntry and the View (commit) they belong to.
+
+The counting and numbering (``InodeTable``) is the workspace's too
+(vfs/wstree.py), whose nodes are identified by the object rather than by a
+key (a rename moves the object); the keys and the blocks are the read-only
+core's (``TreeInodeTable``).  ``NodeKind`` names what a node is, for both.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import stat
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 
 from commitfs.model.objects import Kind, TreeEntry
 from commitfs.vfs.errors import StaleInodeError
@@ -63,6 +69,27 @@ PREFERRED_IO_SIZE = 128 * 1024
 XATTR_COMMIT = "user.commitfs.commit"
 XATTR_ID = "user.commitfs.id"
 XATTR_REPO = "user.commitfs.repo"
+
+
+class NodeKind(Enum):
+    """What a node of a mount is: the kind of a commit's entry (model/objects.Kind)
+    without the executable bit, which a writable node keeps in its mode, plus the
+    workspace's special files (FIFO, socket, device node: a commit holds none).
+    The values are the workspace overlay's stored encoding (vfs/overlay.py)."""
+
+    DIR = "dir"
+    FILE = "file"
+    SYMLINK = "symlink"
+    SPECIAL = "special"
+
+    @staticmethod
+    def of(kind: Kind) -> NodeKind:
+        """The node kind showing an entry of this kind."""
+        return _NODE_KIND[kind]
+
+
+_NODE_KIND = {Kind.DIR: NodeKind.DIR, Kind.FILE: NodeKind.FILE, Kind.EXEC: NodeKind.FILE,
+              Kind.SYMLINK: NodeKind.SYMLINK}
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,17 +426,84 @@ class ChildBlock:
 
 
 class InodeTable:
-    """Inode numbers <-> nodes, with the kernel's lookup counts.
+    """Inode numbers <-> nodes, with the kernel's lookup counts: the one table of
+    both mounts (the read-only core's is ``TreeInodeTable``, the workspace's this).
+
+    A node is anything with ``ino`` and ``lookups`` slots.  Numbers come from one
+    counter and only ever grow (``new_number``), so a number the kernel forgot is
+    never handed to another node.  A node is in the table while the kernel holds
+    a lookup on it (``remember`` puts it back in if it had left, under its own
+    number) or ``held(node)`` says something else keeps it (the workspace: an
+    open handle), and always the root.  The table holds no names: the
+    workspace's renames, hard links (one node under several names) and unlinks
+    of nodes the kernel still holds change a node's names, never its number or
+    its count."""
+
+    def __init__(self, root, held: Callable[[object], bool] | None = None):
+        root.ino = ROOT_INODE
+        self.root = root
+        self._held = held
+        self._next = ROOT_INODE + 1
+        self._by_ino: dict[int, object] = {ROOT_INODE: root}
+
+    def __len__(self) -> int:
+        return len(self._by_ino)
+
+    def __contains__(self, ino: int) -> bool:
+        return ino in self._by_ino
+
+    def nodes(self) -> list:
+        """The node objects in the table."""
+        return list(self._by_ino.values())
+
+    def get(self, ino: int):
+        node = self._by_ino.get(ino)
+        if node is None:
+            raise StaleInodeError(f"inode {ino} is not known (forgotten or never handed out)")
+        return node
+
+    def new_number(self) -> int:
+        """A number never handed out before (its node enters the table at ``remember``)."""
+        ino = self._next
+        self._next += 1
+        return ino
+
+    def remember(self, node, n: int = 1) -> None:
+        """The kernel took ``n`` references (0: something else holds the node, see ``held``)."""
+        node.lookups += n
+        self._by_ino[node.ino] = node
+
+    def discard(self, node) -> bool:
+        """Drop a node the kernel does not hold (a refused readdir entry, a workspace node
+        unlinked and closed); whether it left (or was not in the table)."""
+        if node.lookups <= 0 and node is not self.root and not (self._held is not None and self._held(node)):
+            self._remove(node)
+            return True
+        return False
+
+    def forget(self, ino: int, n: int):
+        """The kernel dropped ``n`` references; the node if that made it leave the table."""
+        node = self._by_ino.get(ino)
+        if node is None:
+            return None
+        node.lookups -= n
+        return node if self.discard(node) else None
+
+    def _remove(self, node) -> None:
+        self._by_ino.pop(node.ino, None)
+
+
+class TreeInodeTable(InodeTable):
+    """The read-only core's table: nodes keyed by (parent inode, name, identity),
+    found or made by ``ensure``, and the blocks of numbers of commit directories'
+    files and symlinks (module docstring).
 
     ``make_child(block, pos)``: the node of a block's entry, made for a
     request (the file system reads the entry from the directory's tree)."""
 
     def __init__(self, root: Node, make_child: Callable[[ChildBlock, int], Node] | None = None):
-        root.ino = ROOT_INODE
+        super().__init__(root)
         root.parent = ROOT_INODE
-        self.root = root
-        self._next = ROOT_INODE + 1
-        self._by_ino: dict[int, Node] = {ROOT_INODE: root}
         #: parent inode -> {name: node}: one dict per directory with known children.
         self._children: dict[int, dict[str, Node]] = {}
         self._make_child = make_child
@@ -497,8 +591,7 @@ class InodeTable:
         node = children.get(name) if children is not None else None
         if node is None or node.identity() != identity:
             node = make()
-            node.ino = self._next
-            self._next += 1
+            node.ino = self.new_number()
             node.parent = parent.ino
             if name != node.name or identity != node.identity():
                 node._name, node._identity = name, identity  # a ref's view root, a ref directory
@@ -509,14 +602,9 @@ class InodeTable:
         return node
 
     def remember(self, node: Node, n: int = 1) -> None:
-        node.lookups += n
+        node.lookups += n  # ``ensure`` put it in the table
 
-    def discard(self, node: Node) -> None:
-        """Drop a node the kernel was never told about (a refused readdir entry)."""
-        if node.lookups <= 0 and node is not self.root:
-            self._remove(node)
-
-    def forget(self, ino: int, n: int) -> None:
+    def forget(self, ino: int, n: int):
         node = self._by_ino.get(ino)
         if node is None:
             found = self.locate(ino)
@@ -525,10 +613,8 @@ class InodeTable:
                 b.forget(pos, n)
                 if not b.live:
                     self._drop_block(b)
-            return
-        node.lookups -= n
-        if node.lookups <= 0 and node is not self.root:
-            self._remove(node)
+            return None
+        return super().forget(ino, n)
 
     def _remove(self, node: Node) -> None:
         self._by_ino.pop(node.ino, None)

@@ -110,6 +110,7 @@ from pathlib import Path
 from commitfs.errors import CommitfsError, InputError
 from commitfs.model.objects import Kind, TreeEntry
 from commitfs.vfs.errors import NoSpaceError
+from commitfs.vfs.inode import NodeKind
 
 #: 2: the ``links`` table (hard links).  3: chunk-level copy-on-write (the ``ranges``
 #: table, ``cow_base``/``cow_until``): a data file may hold only part of its file, so
@@ -180,7 +181,7 @@ class Row:
     id: int
     parent: int | None
     name: str
-    kind: str  # "dir", "file", "symlink"
+    kind: NodeKind  # stored as its value: "dir", "file", "symlink", "special"
     origin: TreeEntry | None
     materialized: bool
     upper: str | None
@@ -202,7 +203,7 @@ class Row:
 
     def values(self) -> tuple:
         o = self.origin
-        return (self.id, self.parent, self.name, self.kind, o.kind.value if o else None, o.size if o else None,
+        return (self.id, self.parent, self.name, self.kind.value, o.kind.value if o else None, o.size if o else None,
                 o.id if o else None, o.target if o else None, int(self.materialized), self.upper, self.mode,
                 self.mtime_ns, self.target, self.uid, self.gid, self.atime_ns, self.ctime_ns, self.rdev,
                 self.cow_base, self.cow_until)
@@ -222,7 +223,7 @@ def _row(values) -> Row:
     (id_, parent, name, kind, okind, osize, oid, otarget, mat, upper, mode, mtime, target,
      uid, gid, atime, ctime, rdev, cow_base, cow_until) = values
     origin = TreeEntry(name, Kind(bytes(okind)), osize, bytes(oid), bytes(otarget or b"")) if okind else None
-    return Row(id_, parent, name, kind, origin, bool(mat), upper, mode, mtime,
+    return Row(id_, parent, name, NodeKind(kind), origin, bool(mat), upper, mode, mtime,
                bytes(target) if target is not None else None, uid, gid, atime, ctime, rdev,
                bytes(cow_base) if cow_base is not None else None, cow_until)
 

@@ -3,8 +3,9 @@
 The modules
 -----------
 ``WorkspaceFS`` (here: opening, and the POSIX request handlers) is composed
-of one mixin per concern, each in its own module: the node tree and its
-inode table (vfs/wstree.py), overlay persistence and copy-on-write
+of one mixin per concern, each in its own module: the node tree
+(vfs/wstree.py; its inode numbers and lookup counts are the read-only
+core's ``InodeTable``, vfs/inode.py), overlay persistence and copy-on-write
 (vfs/wsoverlay.py, over the database of vfs/overlay.py), commit
 preparation, rebase and crash recovery (vfs/wscommit.py) and the merge in
 progress (vfs/wsmerge.py).  The state lives in ``WorkspaceFS``; the mixins
@@ -98,7 +99,7 @@ from commitfs.vfs.errors import (
     NotEmptyError,
     NotPermittedError,
 )
-from commitfs.vfs.inode import ROOT_INODE, XATTR_COMMIT, XATTR_REPO, Attr
+from commitfs.vfs.inode import XATTR_COMMIT, XATTR_REPO, Attr, InodeTable, NodeKind
 from commitfs.vfs.overlay import ROOT_ID, Overlay, SpaceReleasedError
 from commitfs.vfs.wscow import Cow
 
@@ -106,7 +107,7 @@ from commitfs.vfs.wscommit import CommitState, resolve_pending, root_row
 from commitfs.vfs.wslink import LinkNames
 from commitfs.vfs.wsmerge import MergeState
 from commitfs.vfs.wsoverlay import OverlayStore
-from commitfs.vfs.wstree import SPECIAL, NodeTree, WLink, WNode, _DirHandle, _Handle, _now
+from commitfs.vfs.wstree import NodeTree, WLink, WNode, _DirHandle, _Handle, _now
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +156,9 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
         self._t = options.timeout_s
         self.loader = Loader(repo, options.io_threads, options.io_timeout_s)
         self._lock = trio.Lock()
-        self._next_ino = ROOT_INODE
-        self._inodes: dict[int, WNode] = {}
+        #: The kernel's inode numbers and lookup counts (vfs/inode.py); an open handle
+        #: keeps a node in it too.  Made with the root, by ``_load``.
+        self.table: InodeTable | None = None
         self._files: dict[int, _Handle] = {}
         self._dirs: dict[int, _DirHandle] = {}
         self._next_fh = 1
@@ -218,14 +220,15 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
         for r in rows:
             n = WNode(0, r.kind, r.name, None)
             n.oid, n.origin, n.upper, n.mode, n.target = r.id, r.origin, r.upper, r.mode, r.target or b""
-            # 0 in the root row a clear writes means "the base commit's time"; any other
-            # row's 0 is a real mtime (utimensat to the epoch), kept as it is.
-            n.mtime_ns = r.mtime_ns if r.mtime_ns or r.id != ROOT_ID else self.base_time_ns
+            # 0 in the root row a clear writes (no ctime) means "the base commit's time";
+            # any other 0 is a real mtime (utimensat to the epoch, which sets the ctime too).
+            n.mtime_ns = r.mtime_ns if r.mtime_ns or r.id != ROOT_ID or r.ctime_ns is not None \
+                else self.base_time_ns
             n.uid, n.gid, n.atime_ns, n.ctime_ns = r.uid, r.gid, r.atime_ns, r.ctime_ns
             n.rdev = r.rdev or 0
             if r.materialized:
                 n.children = {}
-            if r.kind == "file":
+            if r.kind is NodeKind.FILE:
                 if r.upper is not None:
                     try:
                         n.size = os.stat(self.overlay.data_path(r.upper)).st_size
@@ -241,7 +244,7 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
                         n.cow = Cow(r.cow_base, min(r.cow_until or 0, n.size), ranges.get(r.id, ()))
                 else:
                     n.size = r.origin.size if r.origin else 0
-            elif r.kind == "symlink":
+            elif r.kind is NodeKind.SYMLINK:
                 n.size = len(n.target)
             by_id[r.id] = n
         root = by_id.get(ROOT_ID)
@@ -264,18 +267,14 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
                 continue
             n.links = (n.links or []) + [WLink(link.id, parent, link.name)]
             parent.children[link.name] = n
-        # Inode numbers: root is 1, the others are handed out as the kernel meets them.
-        for n in by_id.values():
-            if n is root:
-                n.ino = ROOT_INODE
-                self._next_ino = ROOT_INODE + 1
+        # Inode numbers: the root's is 1; each node is numbered in the table, which it
+        # enters when the kernel meets it.
+        self.table = InodeTable(root, held=lambda n: n.opens > 0)
         for n in by_id.values():
             if n is not root:
-                n.ino = self._next_ino
-                self._next_ino += 1
+                n.ino = self.table.new_number()
         root.parent = None
         self.root = root
-        self._inodes[ROOT_INODE] = root
         removed = self.overlay.collect_garbage()
         if removed:
             log.info("workspace: removed %d unreferenced data files", removed)
@@ -299,7 +298,7 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
         for h in self._files.values():
             if h.reader:
                 h.reader.close()
-        for n in list(self._inodes.values()):
+        for n in self.table.nodes():
             self._close_fd(n)
         self.overlay.close()
 
@@ -318,17 +317,13 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
 
     def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, nlookup in inode_list:
-            n = self._inodes.get(ino)
-            if n is None or ino == ROOT_INODE:
+            n = self.table.forget(ino, nlookup)
+            if n is None:  # still held (or unknown)
                 continue
-            n.lookups -= nlookup
-            if n.lookups <= 0 and n.opens <= 0:
-                if n.parent is None:
-                    self._maybe_forget(n)
-                elif n.oid is None:
-                    self._maybe_drop(n)
-                else:
-                    self._inodes.pop(ino, None)
+            if n.parent is None:  # out of the tree: its bytes go with it
+                self._close_fd(n)
+            elif n.oid is None:  # lazy: out of its directory's cache too
+                self._maybe_drop(n)
 
     async def getattr(self, inode: int) -> Attr:
         return self.attr(self._node(inode))
@@ -336,26 +331,30 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
     @_retry_when_space_released
     async def setattr(self, inode: int, *, mode: int | None = None, size: int | None = None,
                       mtime_ns: int | None = None, uid: int | None = None, gid: int | None = None,
-                      fh: int | None = None, atime_ns: int | None = None) -> Attr:
+                      fh: int | None = None, atime_ns: int | None = None, ctime_ns: int | None = None) -> Attr:
         """chmod, chown, truncate, utimensat.  Who may change the owner is checked by the
-        kernel (the mount uses default_permissions); every change moves the ctime."""
+        kernel (the mount uses default_permissions); every change moves the ctime, one
+        that changes nothing too (chown(-1, -1): the kernel asks with no field set), as
+        on ext4; to ``ctime_ns`` when the kernel gives its own (FATTR_CTIME)."""
         n = self._node(inode)
+        status_only = size is None and mode is None and mtime_ns is None and atime_ns is None \
+            and uid is None and gid is None
         async with self._lock:
             if size is not None:
                 if n.is_dir:
                     raise IsADirectoryError_(f"{n.name} is a directory")
-                if n.kind != "file":
+                if n.kind is not NodeKind.FILE:
                     raise InvalidArgumentError(f"{n.name} is not a regular file")
                 fd = await self._ensure_upper(n, empty=size == 0)
                 self._truncate(n, fd, size)
             if mode is not None or mtime_ns is not None or atime_ns is not None or uid is not None \
-                    or gid is not None:
+                    or gid is not None or status_only:
                 if n.parent is not None:
                     await self._persist(n)
-                fields = {"ctime_ns": _now()}
-                if mode is not None and n.kind != "symlink":
+                fields = {"ctime_ns": ctime_ns if ctime_ns is not None else _now()}
+                if mode is not None and n.kind is not NodeKind.SYMLINK:
                     fields["mode"] = stat.S_IMODE(mode) & 0o7777
-                    if n.kind == SPECIAL:
+                    if n.kind is NodeKind.SPECIAL:
                         fields["mode"] |= stat.S_IFMT(n.mode)  # keep its type
                 if mtime_ns is not None:
                     fields["mtime_ns"] = mtime_ns
@@ -378,12 +377,12 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
 
     async def readlink(self, inode: int) -> bytes:
         n = self._node(inode)
-        if n.kind != "symlink":
+        if n.kind is not NodeKind.SYMLINK:
             raise NotASymlinkError(f"inode {inode} is not a symbolic link")
         return n.target
 
     def _xattrs(self, n: WNode) -> dict[bytes, bytes]:
-        if n.kind not in ("dir", "file"):
+        if n.kind is not NodeKind.DIR and n.kind is not NodeKind.FILE:
             # The kernel refuses user.* attributes on symlinks and special files, so
             # listing one there would name an attribute getxattr cannot return.
             return {}
@@ -404,17 +403,17 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
 
     async def statfs(self) -> StatFs:
         st = os.statvfs(self.overlay.path)
-        return StatFs(st.f_frsize, st.f_blocks, len(self._inodes), free_blocks=st.f_bavail, free_files=st.f_favail)
+        return StatFs(st.f_frsize, st.f_blocks, len(self.table), free_blocks=st.f_bavail, free_files=st.f_favail)
 
     # --- requests: changing names ------------------------------------------------------------
-    async def _create_node(self, parent_inode: int, name: bytes, kind: str, mode: int,
+    async def _create_node(self, parent_inode: int, name: bytes, kind: NodeKind, mode: int,
                            owner: tuple[int, int] | None = None) -> WNode:
         text = self._new_name(name)
         d = await self._prepare_parent(parent_inode)
         if text in d.children:
             raise ExistsError(f"{text} exists")
         n = self._new(kind, text, d)
-        n.mode = stat.S_IMODE(mode) & 0o7777 if kind != "symlink" else 0o777
+        n.mode = stat.S_IMODE(mode) & 0o7777 if kind is not NodeKind.SYMLINK else 0o777
         n.mtime_ns = n.atime_ns = n.ctime_ns = _now()
         if owner is not None:
             n.uid, n.gid = owner  # the creator (another user through --allow-other)
@@ -422,9 +421,9 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
             # A setgid directory gives its group to what is made in it, and its setgid
             # bit to new directories, as on ext4.
             n.gid = d.gid if d.gid is not None else os.getgid()
-            if kind == "dir":
+            if kind is NodeKind.DIR:
                 n.mode |= stat.S_ISGID
-        if kind == "dir":
+        if kind is NodeKind.DIR:
             n.children = {}
         return n
 
@@ -432,7 +431,7 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, owner: tuple[int, int] | None = None) -> Attr:
         async with self._lock:
             d = self._dir(parent_inode)
-            n = await self._create_node(parent_inode, name, "dir", mode, owner)
+            n = await self._create_node(parent_inode, name, NodeKind.DIR, mode, owner)
             self._add_child(d, n)
             return self._remember(n)
 
@@ -441,7 +440,7 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
                       owner: tuple[int, int] | None = None) -> Attr:
         async with self._lock:
             d = self._dir(parent_inode)
-            n = await self._create_node(parent_inode, name, "symlink", 0o777, owner)
+            n = await self._create_node(parent_inode, name, NodeKind.SYMLINK, 0o777, owner)
             n.target = target
             n.size = len(target)
             self._add_child(d, n)
@@ -452,7 +451,7 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
                      owner: tuple[int, int] | None = None) -> tuple[int, Attr]:
         async with self._lock:
             d = self._dir(parent_inode)
-            n = await self._create_node(parent_inode, name, "file", mode, owner)
+            n = await self._create_node(parent_inode, name, NodeKind.FILE, mode, owner)
             n.oid = self.overlay.new_id()
             n.upper = str(n.oid)
             fd = self.overlay.create_data(n.upper)  # before the row: a crash leaves only an orphan file
@@ -485,7 +484,7 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
                              owner: tuple[int, int] | None) -> Attr:
         async with self._lock:
             d = self._dir(parent_inode)
-            n = await self._create_node(parent_inode, name, SPECIAL, mode, owner)
+            n = await self._create_node(parent_inode, name, NodeKind.SPECIAL, mode, owner)
             n.mode = stat.S_IFMT(mode) | (stat.S_IMODE(mode) & 0o7777)
             n.rdev = rdev if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else 0
             self._add_child(d, n)
@@ -666,7 +665,7 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
                         n = d.lazy[name] = self._from_entry(d, item)
             else:
                 n = item
-            fresh = n.ino not in self._inodes
+            fresh = n.ino not in self.table
             if not reply(name.encode(), self.attr(n), i + 1):
                 if fresh and n.oid is None and n.parent is not None:
                     self._maybe_drop(n)
@@ -684,7 +683,7 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
     # --- requests: files ----------------------------------------------------------------------
     def _open_handle(self, n: WNode) -> int:
         n.opens += 1
-        self._inodes[n.ino] = n
+        self.table.remember(n, 0)  # held while open (the kernel holds a lookup too)
         fh = self._new_fh()
         self._files[fh] = _Handle(n)
         return fh
@@ -693,7 +692,7 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
         n = self._node(inode)
         if n.is_dir:
             raise IsADirectoryError_(f"inode {inode} is a directory")
-        if n.kind != "file":
+        if n.kind is not NodeKind.FILE:
             raise InvalidArgumentError(f"inode {inode} is not a regular file")
         if flags & os.O_TRUNC:  # whatever the access mode, as Linux does (the kernel checked write permission)
             async with self._lock:

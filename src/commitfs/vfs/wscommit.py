@@ -11,21 +11,18 @@ settles a commit the daemon was killed in (see vfs/overlay.py).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-
-import trio
 
 from commitfs.errors import InputError
 from commitfs.model.draft import Draft, EditedFile, NewFile
 from commitfs.model.objects import Commit, Kind, Tree, TreeEntry, symlink_entry
 from commitfs.repo.repository import Repository
+from commitfs.vfs.inode import NodeKind
 from commitfs.vfs.overlay import ROOT_ID, Overlay, Row
+from commitfs.vfs.wstree import WNode, _mode_of, _now
 
 log = logging.getLogger(__name__)
-
-from commitfs.vfs.wstree import SPECIAL, WNode, _kind_of, _mode_of, _now
 
 #: How far back from the branch head ``resolve_pending`` looks for an interrupted commit.
 _PENDING_SEARCH = 100_000
@@ -61,25 +58,25 @@ def _draft(node: WNode, data_path: Callable[[str], str],
             # The common case, first and cheap: the base's own entry, untouched (a file
             # keeping its executable bit, a lazy directory, a symlink).
             k = c.kind
-            if k == "file":
+            if k is NodeKind.FILE:
                 if (o.kind is exec_kind) == bool(c.mode & 0o100):
                     continue
-            elif k != SPECIAL:
+            elif k is not NodeKind.SPECIAL:
                 continue
-        if c.kind == SPECIAL:
+        if c.kind is NodeKind.SPECIAL:
             log.warning("workspace: commit skips the special file %s (FIFO, socket or device: "
                         "a commit holds files, directories and symlinks)", c.path())
             if base_get is not None and base_get(name) is not None:
                 out[name] = None  # it replaced a base entry: that one is gone
             continue
-        if c.kind == "dir":
+        if c.kind is NodeKind.DIR:
             if c.children is None:
                 side = c.origin
             else:
                 side = _draft(c, data_path, tree_cached)
                 if isinstance(side, Draft) and side.base is not None and not side.entries:
                     side = c.origin  # materialized, nothing differs: its origin as it is
-        elif c.kind == "symlink":
+        elif c.kind is NodeKind.SYMLINK:
             side = symlink_entry(name, c.target)
         elif c.upper is not None and c.cow is not None:
             side = EditedFile(source=data_path(c.upper), executable=bool(c.mode & 0o100), size=c.size,
@@ -110,7 +107,7 @@ def _draft(node: WNode, data_path: Callable[[str], str],
 def root_row(repo: Repository, cid: bytes) -> Row:
     """The overlay row of a workspace root showing commit ``cid``."""
     tree = repo.load_commit(cid).tree
-    return Row(ROOT_ID, None, "", "dir", TreeEntry("", Kind.DIR, 0, tree), False, None, 0o755, 0, None)
+    return Row(ROOT_ID, None, "", NodeKind.DIR, TreeEntry("", Kind.DIR, 0, tree), False, None, 0o755, 0, None)
 
 
 class CommitState:
@@ -175,7 +172,7 @@ class CommitState:
                 if entry is None:
                     return []
                 await self._materialize(d)
-                c = self._new("dir", name, d)
+                c = self._new(NodeKind.DIR, name, d)
                 c.children, c.mode, c.mtime_ns = {}, 0o755, _now()
                 self._add_child(d, c)
             elif not c.is_dir:
@@ -190,19 +187,62 @@ class CommitState:
             return []  # untouched: the same node stays (open files, a shell's directory below it)
         await self._materialize(d)
         current = d.children.get(name)
+        if entry is not None:
+            entry = TreeEntry(name, entry.kind, entry.size, entry.id, entry.target)
+        if (current is not None and entry is not None and not current.links
+                and current.kind is NodeKind.of(entry.kind)):
+            return await self._reset_in_place(d, current, entry)
+        # Another kind, or a name of a hard-linked node (its other names keep it): replaced.
         changed = []
         if current is not None:
             changed = self._inos_below(current)
             self._unlink_node(d, name)
         if entry is not None:
-            n = self._from_entry(d, TreeEntry(name, entry.kind, entry.size, entry.id, entry.target))
-            self._add_child(d, n)
+            self._add_child(d, self._from_entry(d, entry))
         return changed
+
+    async def _reset_in_place(self, d: WNode, n: WNode, e: TreeEntry) -> list[int]:
+        """``reset PATH`` of a node the base has (the same kind, one name): its edits are
+        discarded in place, as a reset of everything does, so the node and its inode stay
+        (a file open on it reads the base's bytes, a shell inside it stays where it is),
+        and so does every node below it the kernel knows and the base has; the others
+        the kernel knows leave (open ones keep their bytes).  Inodes whose contents changed."""
+        survey = None
+
+        def wanted() -> list[tuple[tuple, list[str]]]:
+            nonlocal survey
+            survey = self._survey(n)
+            return survey[1]
+        entries = await self._resolve(e.id, wanted) if n.is_dir else {}  # before any change
+        if survey is None:
+            survey = self._survey(n)
+        keep, _, _, linked = survey
+        # A hard-linked node below loses every name inside the path (fresh base nodes take
+        # them) and keeps those outside: which of its names would keep it is no rule.
+        replace = {id(x) for x in linked}
+        if replace:
+            self._unlink_linked_below(n)
+        ids: list[int] = []
+        data: list[str] = []
+        self._remove_subtree_rows(n, ids, data)
+        row = Row(n.oid, d.oid, n.name, n.kind, e, False, None, _mode_of(e), self.base_time_ns,
+                  e.target if n.kind is NodeKind.SYMLINK else None)
+        with self.overlay.batch():
+            self.overlay.delete(ids)  # its row (and written ranges) too, then the base's
+            self.overlay.insert([row])
+        invalidate: list[int] = []
+        self._rebase_node(n, e, (), entries, invalidate, keep, replace)
+        n.oid = row.id
+        for name in data:
+            self.overlay.remove_data(name)
+        if data:
+            self.overlay.make_reserve()
+        return invalidate
 
     async def _untouched(self, n: WNode, e: TreeEntry) -> bool:
         """Whether ``n`` shows exactly base entry ``e`` (a row made when its directory was
         materialized, for an edit next to it, is no change of its own)."""
-        if (n.origin != e or n.kind != _kind_of(e) or n.upper is not None or n.cow is not None or n.links
+        if (n.origin != e or n.kind is not NodeKind.of(e.kind) or n.upper is not None or n.cow is not None or n.links
                 or n.dirty or n.mode != _mode_of(e) or n.mtime_ns != self.base_time_ns
                 or (n.uid, n.gid, n.atime_ns, n.ctime_ns) != (None, None, None, None)):
             return False
@@ -228,118 +268,160 @@ class CommitState:
         in progress, ``merge``), keeping the node objects the kernel knows."""
         commit: Commit = await self.loader.io("commit", self.repo.load_commit, cid)
         shown = tree or commit.tree
-        # One pass over the in-memory tree.  Only nodes the kernel knows (it holds a
-        # lookup or an open file), and the directories above them, stay: every other
-        # node (most of a materialized directory's) is made again from the new tree
-        # when looked up, so the rebase costs what the kernel holds, not what was
-        # materialized.  The trees along the directories that stay are loaded in a thread.
-        inodes = self._inodes
-        # A listing an open directory handle still hands out names its nodes: they stay too.
-        # Nodes the kernel knows: those it holds (the inode table) and those an open
-        # directory handle's listing still hands out.
-        known = set(inodes.values())
-        known.update(item for h in self._dirs.values() for _, item in h.items if isinstance(item, WNode))
-        keep: set[WNode] = set()  # the nodes that stay
-        wanted: list[tuple] = []
-        old_data: list[WNode] = []
-        linked: list[WNode] = []
+        survey = None
 
-        def survey(n: WNode, parts: tuple) -> bool:
-            if n.upper is not None:
-                old_data.append(n)
-                if n.opens > 0 and n.fd is None:  # keep its bytes for whoever has it open
-                    n.fd = self.overlay.open_data(n.upper)
-            if n.links:
-                linked.append(n)
-            kept = n.lookups > 0 or n.opens > 0 or n in known
-            if n.kind == "dir":
-                below = False
-                for kids in (n.lazy, n.children):
-                    for name, c in (kids or {}).items():
-                        if c.kind == "dir":
-                            if survey(c, parts + (name,)):
-                                below = True
-                        elif c.upper is not None or c.links or c in known or c.opens > 0 or c.lookups > 0:
-                            if survey(c, parts):
-                                below = True
-                if below:
-                    wanted.append(parts)
-                    kept = True
-            if kept:
-                keep.add(n)
-            return kept
-        survey(self.root, ())
-        keep.add(self.root)
-        repo = self.repo
-
-        def load() -> dict[tuple, Tree | None]:
-            out: dict[tuple, Tree | None] = {}
-
-            def tree_at(parts: tuple) -> Tree | None:
-                if parts in out:
-                    return out[parts]
-                if not parts:
-                    t = repo.load_tree(shown)
-                else:
-                    parent = tree_at(parts[:-1])
-                    e = parent.get(parts[-1]) if parent is not None else None
-                    t = repo.load_tree(e.id) if e is not None and e.is_dir else None
-                out[parts] = t
-                return t
-            for parts in wanted:
-                tree_at(tuple(parts))
-            return out
-        trees = await trio.to_thread.run_sync(load)
-        root_row = Row(ROOT_ID, None, "", "dir", TreeEntry("", Kind.DIR, 0, shown), False, None,
+        def wanted() -> list[tuple[tuple, list[str]]]:
+            nonlocal survey
+            survey = self._survey(self.root)
+            return survey[1]
+        entries = await self._resolve(shown, wanted)
+        keep, _, old_data, linked = survey
+        for n in old_data:
+            if n.opens > 0 and n.fd is None:  # keep its bytes for whoever has it open
+                n.fd = self.overlay.open_data(n.upper)
+        root_row = Row(ROOT_ID, None, "", NodeKind.DIR, TreeEntry("", Kind.DIR, 0, shown), False, None,
                        self.root.mode, 0, None)
         self.overlay.clear(cid, root_row, merge)  # the one atomic step
         invalidate: list[int] = self._unlink_extra_names(linked)  # hard links: names apart now
         self.base = cid
         self.base_tree = commit.tree
         self.base_time_ns = commit.time * 1_000_000_000
-
-        def rebase(n: WNode, e: TreeEntry, parts: tuple) -> None:
-            changed = n.upper is not None or n.origin is None or n.origin.id != e.id or n.kind != _kind_of(e)
-            if n.kind == "file" and changed:
-                invalidate.append(n.ino)
-            if n.upper is not None:
-                n.upper = None
-                self._close_fd(n)
-            n.cow = None
-            n.oid = None
-            n.origin = e
-            n.size = e.size
-            n.mode = _mode_of(e)
-            n.mtime_ns = self.base_time_ns
-            n.target = e.target
-            n.dirty = False
-            n.uid = n.gid = n.atime_ns = n.ctime_ns = None  # a commit records neither
-            if not n.is_dir:
-                return
-            kids = dict(n.lazy)
-            kids.update(n.children or {})
-            n.children = None
-            n.lazy = {}
-            tree = trees.get(parts)
-            for name, c in kids.items():
-                if c not in keep:  # unknown to the kernel: made again from the new tree
-                    if c.fd is not None:
-                        self._close_fd(c)
-                    continue
-                ce = tree.get(name) if tree is not None else None
-                if ce is None or _kind_of(ce) != c.kind:
-                    invalidate.extend(self._inos_below(c))
-                    self._detach_all(c)
-                else:
-                    n.lazy[name] = c
-                    rebase(c, ce, parts + (name,))
-
-        rebase(self.root, root_row.origin, ())
+        self._rebase_node(self.root, root_row.origin, (), entries, invalidate, keep)
         self.root.oid = ROOT_ID
         for n in old_data:
             if n.fd is not None and n.parent is not None:
                 self._close_fd(n)
         return invalidate
+
+    def _survey(self, top: WNode) -> tuple[set[WNode], list[tuple[tuple, list[str]]], list[WNode], list[WNode]]:
+        """One pass over the in-memory tree at and below ``top``: (the nodes that stay in a
+        rebase, the names to look up in the new tree: [(path below top, names)], the nodes
+        with a data file, the nodes with more than one name).
+
+        Only nodes the kernel knows (it holds a lookup or an open file, or an open
+        directory handle's listing still hands them out), and the directories above
+        them, stay: every other node (most of a materialized directory's) is made again
+        from the new tree when looked up, so a rebase costs what the kernel holds, not
+        what was materialized."""
+        known = set(self.table.nodes())
+        known.update(item for h in self._dirs.values() for _, item in h.items if isinstance(item, WNode))
+        keep: set[WNode] = set()
+        wanted: list[tuple[tuple, list[str]]] = []
+        old_data: list[WNode] = []
+        linked: list[WNode] = []
+
+        def survey(n: WNode, parts: tuple) -> bool:
+            if n.upper is not None:
+                old_data.append(n)
+            if n.links:
+                linked.append(n)
+            kept = n.lookups > 0 or n.opens > 0 or n in known
+            if n.is_dir:
+                names = []
+                for kids in (n.lazy, n.children):
+                    for name, c in (kids or {}).items():
+                        if c.is_dir:
+                            if survey(c, parts + (name,)):
+                                names.append(name)
+                        elif c.upper is not None or c.links or c in known or c.opens > 0 or c.lookups > 0:
+                            if survey(c, parts):
+                                names.append(name)
+                if names:
+                    wanted.append((parts, names))
+                    kept = True
+            if kept:
+                keep.add(n)
+            return kept
+        survey(top, ())
+        keep.add(top)
+        return keep, wanted, old_data, linked
+
+    async def _resolve(self, tree_id: bytes, wanted: Callable[[], list[tuple[tuple, list[str]]]]
+                       ) -> dict[tuple, dict[str, TreeEntry | None]]:
+        """The entries of tree ``tree_id`` (and its subtrees) that ``wanted()`` names:
+        {path below the tree: {name: entry or None}}.
+
+        Looked up in a worker thread before anything changes: a split directory's
+        ``get`` may load a leaf, which may fail (the overlay and the nodes are then
+        left as they were) or be slow.  ``wanted()`` is asked again after each round
+        (nodes a lookup made meanwhile), until it names nothing new: so no await
+        comes between its last answer and the caller's changes."""
+        entries: dict[tuple, dict[str, TreeEntry | None]] = {}
+        repo = self.repo
+
+        def load(todo: list[tuple[tuple, list[str]]]) -> dict[tuple, dict[str, TreeEntry | None]]:
+            trees: dict[tuple, Tree | None] = {}
+
+            def tree_at(parts: tuple) -> Tree | None:
+                if parts in trees:
+                    return trees[parts]
+                if not parts:
+                    t = repo.load_tree(tree_id)
+                else:
+                    parent = tree_at(parts[:-1])
+                    e = parent.get(parts[-1]) if parent is not None else None
+                    t = repo.load_tree(e.id) if e is not None and e.is_dir else None
+                trees[parts] = t
+                return t
+            out = {}
+            for parts, names in todo:
+                t = tree_at(parts)
+                out[parts] = {name: t.get(name) if t is not None else None for name in names}
+            return out
+        while True:
+            todo = []
+            for parts, names in wanted():
+                known = entries.get(parts, {})
+                names = [name for name in names if name not in known]
+                if names:
+                    todo.append((parts, names))
+            if not todo:
+                return entries
+            for parts, found in (await self.loader.io("trees of the new base", load, todo)).items():
+                entries.setdefault(parts, {}).update(found)
+
+    def _rebase_node(self, n: WNode, e: TreeEntry, parts: tuple, entries: dict[tuple, dict],
+                     invalidate: list[int], keep: set[WNode], replace: set[int] = frozenset()) -> None:
+        """Show entry ``e`` at node ``n`` keeping the node object, and below it, each node
+        of ``keep`` the new tree has (same name, same kind, not in ``replace``: ids)
+        likewise; the other kept ones leave the tree (whoever has one open keeps its
+        bytes), the rest is dropped (made again from the new tree when looked up).  In
+        memory only (the rows are the caller's); ``entries`` from ``_resolve``; inodes
+        whose contents changed are added to ``invalidate``."""
+        changed = n.upper is not None or n.origin is None or n.origin.id != e.id or n.kind is not NodeKind.of(e.kind)
+        if n.kind is NodeKind.FILE and changed:
+            invalidate.append(n.ino)
+        if n.upper is not None:
+            n.upper = None
+            self._close_fd(n)
+        n.cow = None
+        n.oid = None
+        n.origin = e
+        n.size = e.size
+        n.mode = _mode_of(e)
+        n.mtime_ns = self.base_time_ns
+        n.target = e.target
+        n.dirty = False
+        n.uid = n.gid = n.atime_ns = n.ctime_ns = None  # a commit records neither
+        if not n.is_dir:
+            return
+        kids = dict(n.lazy)
+        kids.update(n.children or {})
+        n.children = None
+        n.lazy = {}
+        below = entries.get(parts, {})
+        for name, c in kids.items():
+            if c not in keep:  # unknown to the kernel: made again from the new tree
+                if c.fd is not None:
+                    self._close_fd(c)
+                continue
+            ce = below.get(name)
+            if ce is None or NodeKind.of(ce.kind) is not c.kind or id(c) in replace:
+                invalidate.extend(self._inos_below(c))
+                self._detach_all(c)
+            else:
+                n.lazy[name] = c
+                self._rebase_node(c, ce, parts + (name,), entries, invalidate, keep, replace)
 
     def _detach_all(self, n: WNode) -> None:
         for c in list(n.lazy.values()):

@@ -19,7 +19,6 @@ import os
 
 
 from commitfs.errors import PathNotFoundError
-from commitfs.vfs.inode import ROOT_INODE
 from commitfs.vfs.overlay import SpaceReleasedError
 from commitfs.vfs.wscow import Cow
 from commitfs.vfs.wstree import WNode, _now
@@ -239,8 +238,9 @@ class OverlayStore:
         self._maybe_forget(n)
 
     def _maybe_forget(self, n: WNode) -> None:
-        if n.lookups <= 0 and n.opens <= 0 and n.ino != ROOT_INODE:
-            self._inodes.pop(n.ino, None)
+        """A node out of the tree leaves the inode table once nothing holds it (its bytes
+        with it)."""
+        if self.table.discard(n):
             self._close_fd(n)
 
     def _unlink_node(self, d: WNode, name: str) -> None:

@@ -4,13 +4,16 @@ A node's identity is the object, not its path (a rename moves the object, so
 the inode number the kernel holds stays right).  A directory is either
 materialized (``children``, backed by overlay rows) or lazy (its listing is
 its origin tree; nodes looked up in it are cached in ``lazy``).  Inode numbers
-come from one counter; lookup counts are kept per node, as in the read-only
-core (vfs/inode.py), and a node leaves the table when the kernel forgets it
-and nothing (a row, an open handle) keeps it.
+and lookup counts are the read-only core's inode table (vfs/inode.py,
+``InodeTable``): a node is in it while the kernel holds a lookup on it or a
+handle is open on it, and leaves when the kernel forgets it; a node with a row
+stays in the tree (under the same number when the kernel meets it again), a
+lazy one leaves its directory's cache too.  A node's number is given when the
+node is made and lasts for the mount's life (not across a remount).
 
-The node kinds are the overlay's row kinds (``DIR``, ``FILE``, ``SYMLINK``
-below, with ``kind_of`` mapping the model's Kind onto them: an executable
-file is a ``FILE`` with an executable mode).
+A node's kind is vfs/inode.py's ``NodeKind``, the model's Kind seen by a mount
+(an executable file is a ``FILE`` with an executable mode; ``SPECIAL`` is a
+FIFO, socket or device node, whose mode holds its type bits).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from commitfs.errors import NotADirectoryError_, PathNotFoundError
 from commitfs.model.objects import Kind, TreeEntry
 from commitfs.vfs import prefetch
 from commitfs.vfs.errors import InvalidArgumentError, NameTooLongError
-from commitfs.vfs.inode import PREFERRED_IO_SIZE, ROOT_INODE, Attr
+from commitfs.vfs.inode import PREFERRED_IO_SIZE, Attr, NodeKind
 from commitfs.vfs.overlay import Row
 from commitfs.vfs.wscow import Cow
 
@@ -33,10 +36,6 @@ log = logging.getLogger(__name__)
 
 #: The longest name ext4 (and Linux's NAME_MAX) allows, in bytes.
 NAME_MAX = 255
-DIR, FILE, SYMLINK = "dir", "file", "symlink"
-#: A FIFO, socket or device node: kept by the workspace, skipped by a commit (the
-#: format has no such kind); its mode holds its type bits.
-SPECIAL = "special"
 
 
 def _now() -> int:
@@ -60,12 +59,12 @@ class WNode:
                  "mtime_ns", "target", "lookups", "opens", "fd", "dirty", "uid", "gid", "atime_ns",
                  "ctime_ns", "rdev", "cow", "links")
 
-    def __init__(self, ino: int, kind: str, name: str, parent: WNode | None):
+    def __init__(self, ino: int, kind: NodeKind, name: str, parent: WNode | None):
         self.ino = ino
         self.oid: int | None = None  # overlay row id
         self.parent = parent
         self.name = name
-        self.kind = kind  # "dir" | "file" | "symlink"
+        self.kind = kind
         self.origin: TreeEntry | None = None
         self.children: dict[str, WNode] | None = None  # materialized listing
         self.lazy: dict[str, WNode] = {}  # nodes looked up in a lazy directory
@@ -92,7 +91,7 @@ class WNode:
 
     @property
     def is_dir(self) -> bool:
-        return self.kind == "dir"
+        return self.kind is NodeKind.DIR
 
     def path(self) -> str:
         parts = []
@@ -105,14 +104,10 @@ class WNode:
     def row(self) -> Row:
         return Row(self.oid, self.parent.oid if self.parent else None, self.name, self.kind, self.origin,
                    self.children is not None, self.upper, self.mode, self.mtime_ns,
-                   self.target if self.kind == "symlink" else None, self.uid, self.gid, self.atime_ns,
-                   self.ctime_ns, self.rdev if self.kind == SPECIAL else None,
+                   self.target if self.kind is NodeKind.SYMLINK else None, self.uid, self.gid, self.atime_ns,
+                   self.ctime_ns, self.rdev if self.kind is NodeKind.SPECIAL else None,
                    cow_base=self.cow.base if self.cow is not None else None,
                    cow_until=self.cow.until if self.cow is not None else None)
-
-
-def _kind_of(e: TreeEntry) -> str:
-    return "dir" if e.kind is Kind.DIR else "symlink" if e.kind is Kind.SYMLINK else "file"
 
 
 def _mode_of(e: TreeEntry) -> int:
@@ -141,15 +136,14 @@ class _DirHandle:
 
 
 class NodeTree:
-    """The node tree and inode table of WorkspaceFS (a mixin: the state lives there)."""
+    """The node tree of WorkspaceFS (a mixin: the state lives there; its inode table is
+    ``self.table``, vfs/inode.py's)."""
 
-    def _new(self, kind: str, name: str, parent: WNode | None) -> WNode:
-        node = WNode(self._next_ino, kind, name, parent)
-        self._next_ino += 1
-        return node
+    def _new(self, kind: NodeKind, name: str, parent: WNode | None) -> WNode:
+        return WNode(self.table.new_number(), kind, name, parent)
 
     def _from_entry(self, parent: WNode, e: TreeEntry) -> WNode:
-        n = self._new(_kind_of(e), e.name, parent)
+        n = self._new(NodeKind.of(e.kind), e.name, parent)
         n.origin = e
         n.size = e.size
         n.mode = _mode_of(e)
@@ -159,12 +153,7 @@ class NodeTree:
 
     # --- nodes ---------------------------------------------------------------------------
     def _node(self, ino: int) -> WNode:
-        n = self._inodes.get(ino)
-        if n is None:
-            from commitfs.vfs.errors import StaleInodeError
-
-            raise StaleInodeError(f"inode {ino} is not known")
-        return n
+        return self.table.get(ino)
 
     def _dir(self, ino: int) -> WNode:
         n = self._node(ino)
@@ -173,11 +162,11 @@ class NodeTree:
         return n
 
     def attr(self, n: WNode) -> Attr:
-        if n.kind == "dir":
+        if n.kind is NodeKind.DIR:
             mode, size = stat.S_IFDIR | n.mode, 0
-        elif n.kind == "symlink":
+        elif n.kind is NodeKind.SYMLINK:
             mode, size = stat.S_IFLNK | 0o777, len(n.target)
-        elif n.kind == SPECIAL:
+        elif n.kind is NodeKind.SPECIAL:
             mode, size = n.mode, 0
         else:
             mode, size = stat.S_IFREG | n.mode, n.size
@@ -206,8 +195,7 @@ class NodeTree:
         return None
 
     def _remember(self, n: WNode) -> Attr:
-        n.lookups += 1
-        self._inodes[n.ino] = n
+        self.table.remember(n)
         return self.attr(n)
 
     @staticmethod
@@ -261,13 +249,14 @@ class NodeTree:
         return not (await self.loader.tree(d.origin.id)).count
 
     def _maybe_drop(self, n: WNode) -> None:
-        """Forget a lazy node the kernel no longer knows (and lazy ancestors left unused)."""
-        while (n is not None and n.ino != ROOT_INODE and n.lookups <= 0 and n.opens <= 0 and n.oid is None
-               and not n.lazy and n.children is None):
-            self._inodes.pop(n.ino, None)
+        """Forget a lazy node the kernel no longer knows (and lazy ancestors left unused):
+        out of the table and out of its directory's cache, so memory follows what the
+        kernel holds."""
+        while (n is not None and n.oid is None and not n.lazy and n.children is None
+               and self.table.discard(n)):
             p = n.parent
             if p is None or p.lazy.get(n.name) is not n:
                 return
             del p.lazy[n.name]
-            n = p if p.ino not in self._inodes else None
+            n = p if p.ino not in self.table else None
 
