@@ -668,3 +668,51 @@ def test_a_newer_overlay_is_refused_with_nothing_changed(repo_and_base, tmp_path
     assert "\n" not in str(info.value)
     after = {p.name: p.read_bytes() for p in ws.iterdir() if p.name != "lock"}
     assert after == before
+
+
+def test_range_rows_are_written_only_after_their_bytes_are_durable(repo_and_base, tmp_path, monkeypatch):
+    """A copy-on-write file's range rows (vfs/wscow.py) name bytes of its data file: the
+    data file is fdatasync'd before any transaction writing such rows commits (at
+    flush, close, truncation, fsyncdir), in the worker thread for a file's flush, so
+    a later WAL fsync (another file's fsync, a checkpoint) never makes a row durable
+    before its bytes (after a power loss the range read as zeros)."""
+    import threading
+
+    repo, _ = repo_and_base
+    events: list[tuple[str, object, bool]] = []
+    real_datasync, real_update = os.fdatasync, Overlay.update_ranges
+
+    def datasync(fd):
+        events.append(("datasync", os.readlink(f"/proc/self/fd/{fd}"), threading.current_thread()
+                       is threading.main_thread()))
+        return real_datasync(fd)
+
+    def update_ranges(self, node_id, put, gone):
+        events.append(("rows", list(put), threading.current_thread() is threading.main_thread()))
+        return real_update(self, node_id, put, gone)
+    monkeypatch.setattr(os, "fdatasync", datasync)
+    monkeypatch.setattr(Overlay, "update_ranges", update_ranges)
+    big = (tmp_path / "src" / "fixed" / "big.bin").read_bytes()
+
+    async def main():
+        async with _session(repo, tmp_path / "ws") as k:
+            fh = await k.open("fixed/big.bin", os.O_RDWR)
+            await k.pwrite(fh, 10, b"one")
+            await k.close(fh)  # the flush of a closing file
+            fh = await k.open("fixed/big.bin", os.O_RDWR)
+            await k.pwrite(fh, 60_000, b"two")
+            await k.ftruncate(fh, 60_001)  # clips the range written, not yet stored
+            await k.pwrite(fh, 1000, b"three")
+            await k.fsync(fh)
+            await k.close(fh)
+            assert await k.read_file("fixed/big.bin") == \
+                big[:10] + b"one" + big[13:1000] + b"three" + big[1005:60_000] + b"t"
+    trio.run(main)
+    puts = [i for i, e in enumerate(events) if e[0] == "rows" and e[1]]
+    assert puts, events
+    for i in puts:
+        before = events[:i]
+        last_rows = max([j for j, e in enumerate(before) if e[0] == "rows" and e[1]], default=-1)
+        synced = [e for e in before[last_rows + 1:] if e[0] == "datasync" and "/data/" in e[1]]
+        assert synced, (i, events)
+        assert not events[i][2] and not synced[-1][2], events  # both in a worker thread

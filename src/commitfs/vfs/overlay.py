@@ -67,8 +67,9 @@ base file (``cow_base``, its id) and how far the base shows through
 (``cow_until``), and the ``ranges`` table (``node``, ``start``, ``end``)
 holds the written ranges below that.  A row without ``cow_base`` whose file
 has a data file is the data file's bytes alone (a new file, or one
-truncated to zero).  Ranges are written at flush, release and fsync (after
-the data file's fsync) and a truncate at once, after the data file's
+truncated to zero).  Ranges are written at flush, release and fsync, each
+time after an fdatasync of the data file (no row is durable before its
+bytes), and a truncate's deletions at once, after the data file's
 ftruncate: a range without its row (the daemon killed before) reads as the
 base again, and on open ``cow_until`` is clamped to the data file's size.
 Version 3 of the overlay added them (an older overlay gains the table,

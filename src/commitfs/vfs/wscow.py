@@ -27,9 +27,11 @@ write changes only the in-memory ranges (``dirty``), and remembers the starts
 of the ranges it made or merged away (``touched``); the workspace writes the
 rows of those starts only (``changes``: the ranges to write, the starts to
 delete), so a flush costs what changed since the last one, not the file's
-whole list of ranges.  It writes them at flush, release and fsync (after
-the data file's own fsync; in a worker thread), and a truncate at once
-(after the data file's ftruncate).  A range whose row was
+whole list of ranges.  It writes them at flush, release and fsync (in a
+worker thread), always after an fdatasync of the data file, so no row is
+durable before its bytes; a truncate deletes the rows it cut at once (after
+the data file's ftruncate) and leaves the rows it clipped to the next flush.
+A range whose row was
 not written yet when the daemon died reads as the base again: fsync'd ranges
 are never lost (tests/test_workspace_cow.py).
 

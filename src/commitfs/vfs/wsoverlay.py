@@ -80,7 +80,7 @@ class OverlayStore:
         if n.oid is not None and (n.dirty or (cow is not None and cow.dirty)):
             times = (n.mtime_ns, n.ctime_ns) if n.dirty else None
             put, gone = cow.changes() if cow is not None and cow.dirty else ((), ())
-            self._store_pending(n.oid, times, put, gone)
+            self._store_pending(n.oid, times, put, gone, n.fd, n.upper)
             if cow is not None:
                 cow.stored()
         n.dirty = False
@@ -96,12 +96,28 @@ class OverlayStore:
             return
         times = (n.mtime_ns, n.ctime_ns) if n.dirty else None
         put, gone = cow.changes()
-        await self.loader.io("ranges of a workspace file", self._store_pending, n.oid, times, put, gone)
+        await self.loader.io("ranges of a workspace file", self._store_pending, n.oid, times, put, gone,
+                             n.fd, n.upper)
         cow.stored()
         if times is not None and (n.mtime_ns, n.ctime_ns) == times:
             n.dirty = False
 
-    def _store_pending(self, oid: int, times: tuple[int, int] | None, put, gone) -> None:
+    def _store_pending(self, oid: int, times: tuple[int, int] | None, put, gone, fd: int | None = None,
+                       upper: str | None = None) -> None:
+        """Write a node's times and range rows in one transaction.  The bytes the
+        rows of ``put`` name are made durable first (fdatasync of the data file:
+        ``fd``, else ``upper`` opened for it), so no range row is ever durable
+        before its bytes (a later fsync of the WAL, by any file's fsync or a
+        checkpoint, would make it so: after a power loss it would read as zeros)."""
+        if put and (fd is not None or upper is not None):
+            own = fd is None
+            if own:
+                fd = self.overlay.open_data(upper)
+            try:
+                os.fdatasync(fd)
+            finally:
+                if own:
+                    os.close(fd)
         for attempt in (1, 2):
             try:
                 with self.overlay.batch():
@@ -200,12 +216,19 @@ class OverlayStore:
             # a retry of the whole call) the retry still sees the base's old extent.
             cut = cow.copy()
             cut.truncate(size)
+            # Only the rows that go (and the base's extent) are written now; a range
+            # still to write (clipped, or written since the last flush) stays dirty for
+            # the next flush, which makes its bytes durable first (_store_pending).
+            put, gone = cut.changes()
             if n.oid is not None:
                 with self.overlay.batch():
                     self.overlay.update(n.oid, cow_base=cut.base if cut.until else None,
                                         cow_until=cut.until if cut.until else None)
-                    self.overlay.update_ranges(n.oid, *cut.changes())
+                    self.overlay.update_ranges(n.oid, [], gone)
             cut.stored()
+            if n.oid is not None and put:
+                cut.touched = {a for a, _ in put}
+                cut.dirty = True
             n.cow = cut if cut.until else None  # nothing of the base left: the data file is the file
         n.mtime_ns = n.ctime_ns = _now()  # a truncation is a status change too
         n.dirty = True
