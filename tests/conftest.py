@@ -67,3 +67,12 @@ def store_url(request, tmp_path):
 # ============================================================================
 # (end of storage backend fixtures)
 # ============================================================================
+
+
+@pytest.fixture
+def small_split(monkeypatch):
+    """Split-tree thresholds small enough for a few hundred entries to make several levels."""
+    from commitfs.model import splittree
+    for name, value in (("SPLIT_ENTRIES", 32), ("LEAF_MIN", 4), ("LEAF_BITS", 2), ("LEAF_MAX", 16),
+                        ("INDEX_MIN", 2), ("INDEX_BITS", 1), ("INDEX_MAX", 6)):
+        monkeypatch.setattr(splittree, name, value)

@@ -114,16 +114,12 @@ def test_one_change_encodes_only_its_directory_and_ancestors(local_repo, tmp_pat
     assert changed.tree_id == _fresh_tree_id(tmp_path, src)
 
 
-def test_a_changed_large_directory_re_cuts_only_near_its_changes(local_repo, tmp_path, monkeypatch):
+def test_a_changed_large_directory_re_cuts_only_near_its_changes(local_repo, tmp_path, monkeypatch,
+                                                                 small_split):
     """A split directory committed from disk is stored as an edit of its previous
     tree (the stat cache's row names it): only the leaves near the changed, added
     and removed entries, and a changed subdirectory, are encoded again, not all
     of them; the ids are those of encoding it whole."""
-    from commitfs.model import splittree
-
-    for name, value in (("SPLIT_ENTRIES", 32), ("LEAF_MIN", 4), ("LEAF_BITS", 2), ("LEAF_MAX", 16),
-                        ("INDEX_MIN", 2), ("INDEX_BITS", 1), ("INDEX_MAX", 6)):
-        monkeypatch.setattr(splittree, name, value)
     rng = random.Random(11)
     src = tmp_path / "src"
     big = src / "big"
@@ -152,15 +148,10 @@ def test_a_changed_large_directory_re_cuts_only_near_its_changes(local_repo, tmp
 
 
 def test_a_large_directory_whose_files_match_but_a_subdirectory_changed_is_edited_too(
-        local_repo, tmp_path, monkeypatch):
+        local_repo, tmp_path, monkeypatch, small_split):
     """Every file of a split directory unchanged, one of its subdirectories changed deep
     down: the directory is still stored as an edit of its previous tree (the leaf naming
     that subdirectory re-cut), not split whole again."""
-    from commitfs.model import splittree
-
-    for name, value in (("SPLIT_ENTRIES", 32), ("LEAF_MIN", 4), ("LEAF_BITS", 2), ("LEAF_MAX", 16),
-                        ("INDEX_MIN", 2), ("INDEX_BITS", 1), ("INDEX_MAX", 6)):
-        monkeypatch.setattr(splittree, name, value)
     rng = random.Random(12)
     src = tmp_path / "src"
     big = src / "big"

@@ -39,14 +39,6 @@ from core_fixtures import assert_fsck_clean, cli_ok, describe, reopen, write_fil
 from mount_fixtures import fs_of, vfs_listdir, vfs_walk
 
 
-@pytest.fixture
-def small_split(monkeypatch):
-    """Thresholds small enough for a few hundred entries to make several levels."""
-    for name, value in (("SPLIT_ENTRIES", 32), ("LEAF_MIN", 4), ("LEAF_BITS", 2), ("LEAF_MAX", 16),
-                        ("INDEX_MIN", 2), ("INDEX_BITS", 1), ("INDEX_MAX", 6)):
-        monkeypatch.setattr(splittree, name, value)
-
-
 def _name(rng: random.Random) -> str:
     alphabet = "abcdefghij_.-0123456789é"
     return "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) + str(rng.randrange(1 << 20))
