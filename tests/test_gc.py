@@ -187,11 +187,10 @@ def test_a_ref_set_behind_gcs_back_keeps_everything_it_reaches(repo, tmp_path):
     assert_fsck_clean(repo.url, head=x, branch="back")
 
 
-def test_a_reader_opened_before_gc_reads_what_gc_moved(repo, tmp_path):
-    """A long-lived reader (a mount's repository) holds index segments and
-    answers from before gc: when a pack it names is gone, it re-lists and reads
-    the blob at its new place."""
-    rng = random.Random(22)
+def _shared_with_a_dropped_branch(repo, tmp_path, seed: int) -> tuple[bytes, bytes]:
+    """Branch x holds shared.bin (1 MiB) and dead.bin (2 MiB); main holds shared.bin; then
+    x is deleted, so gc repacks dead.bin's pack away.  Returns (main's commit, shared)."""
+    rng = random.Random(seed)
     x_dir, main_dir = tmp_path / "x", tmp_path / "main"
     shared = rng.randbytes(MiB)
     write_file(x_dir / "shared.bin", shared)
@@ -200,6 +199,14 @@ def test_a_reader_opened_before_gc_reads_what_gc_moved(repo, tmp_path):
     write_file(main_dir / "shared.bin", shared)
     main = commit_directory(repo, main_dir, message="main").commit_id
     repo.refs.set_branch_if_equals("x", None, x)
+    return main, shared
+
+
+def test_a_reader_opened_before_gc_reads_what_gc_moved(repo, tmp_path):
+    """A long-lived reader (a mount's repository) holds index segments and
+    answers from before gc: when a pack it names is gone, it re-lists and reads
+    the blob at its new place."""
+    main, shared = _shared_with_a_dropped_branch(repo, tmp_path, 22)
     reader = reopen(repo.url)
     fid = reader.load_tree(reader.load_commit(main).tree).get("shared.bin").id
     assert bytes(reader.load_file(fid)) == shared  # segments loaded, locations known
@@ -239,15 +246,7 @@ def test_a_reader_lets_go_of_the_packs_gc_removed(local_repo, tmp_path, monkeypa
     monkeypatch.setattr(resident, "RECHECK_S", 0.0)
     monkeypatch.setattr(local, "RECHECK_S", 0.0)
     repo = local_repo
-    rng = random.Random(24)
-    x_dir, main_dir = tmp_path / "x", tmp_path / "main"
-    shared = rng.randbytes(MiB)
-    write_file(x_dir / "shared.bin", shared)
-    write_file(x_dir / "dead.bin", rng.randbytes(2 * MiB))
-    x = commit_directory(repo, x_dir, branch="x", message="x").commit_id
-    write_file(main_dir / "shared.bin", shared)
-    main = commit_directory(repo, main_dir, message="main").commit_id
-    repo.refs.set_branch_if_equals("x", None, x)
+    main, shared = _shared_with_a_dropped_branch(repo, tmp_path, 24)
     with Repository.open(repo.url) as reader:  # its own store, as a mount's daemon has
         fid = reader.load_tree(reader.load_commit(main).tree).get("shared.bin").id
         ids = list(reader.load_manifest(fid).chunk_ids)

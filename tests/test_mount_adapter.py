@@ -111,23 +111,9 @@ def test_unmount_waits_for_page_cache_hand_offs_and_refuses_new_ones(monkeypatch
     """A notify-store in a worker thread must not run into pyfuse3.close: the
     daemon's end_page_stores waits (bounded) for one in flight, then later ones do
     nothing."""
-    import threading
-
     from commitfs.fuse import adapter
 
-    monkeypatch.setattr(adapter, "_stores_open", True)
-    monkeypatch.setattr(adapter, "_stores_running", 0)
-    entered, release, calls = threading.Event(), threading.Event(), []
-
-    def notify_store(inode, offset, data):
-        calls.append(inode)
-        entered.set()
-        release.wait(10)
-
-    monkeypatch.setattr(adapter.pyfuse3, "notify_store", notify_store)
-    t = threading.Thread(target=adapter.store_pages, args=(7, 0, b"x"))
-    t.start()
-    assert entered.wait(10)
+    t, release, calls = _blocked_hand_off(monkeypatch)
     assert adapter.end_page_stores(timeout=0.2) is False  # still in flight: bounded wait
     release.set()
     t.join(10)

@@ -241,6 +241,14 @@ def _big_dir(tmp_path: Path, n: int, name="big") -> Path:
     return src
 
 
+def _committed_big(tmp_path: Path, n: int) -> tuple[str, Path, bytes]:
+    """A new repository with ``_big_dir(tmp_path, n)`` committed: (url, source, commit id)."""
+    url = str(tmp_path / "repo")
+    src = _big_dir(tmp_path, n)
+    with Repository.init(url) as r:
+        return url, src, commit_directory(r, src, message="v1").commit_id
+
+
 def test_new_repositories_are_version_2_and_version_1_ones_read_and_upgrade_in_place(small_split, tmp_path,
                                                                                    cache_home):
     url = str(tmp_path / "repo")
@@ -314,10 +322,7 @@ def test_gc_keeps_a_split_directory_readable_and_frees_one_no_ref_reaches(small_
 
 
 def test_sync_copies_split_trees_local_to_s3_and_back(small_split, tmp_path, s3_url, cache_home):
-    url = str(tmp_path / "repo")
-    src = _big_dir(tmp_path, 200)
-    with Repository.init(url) as r:
-        cid = commit_directory(r, src, message="v1").commit_id
+    url, src, cid = _committed_big(tmp_path, 200)
     with Repository.init(s3_url) as remote:
         # A version-1 destination is upgraded before it holds a split tree.
         raw = json.loads(remote.store.load_object(CONFIG_KEY))
@@ -337,10 +342,7 @@ def test_sync_copies_split_trees_local_to_s3_and_back(small_split, tmp_path, s3_
 
 def test_the_mount_looks_a_name_up_and_lists_pages_loading_only_the_chunks_they_need(small_split, tmp_path,
                                                                                     cache_home):
-    url = str(tmp_path / "repo")
-    src = _big_dir(tmp_path, 400)
-    with Repository.init(url) as r:
-        cid = commit_directory(r, src, message="v1").commit_id
+    url, src, cid = _committed_big(tmp_path, 400)
 
     async def main():
         with reopen(url) as r:
@@ -570,10 +572,7 @@ def test_a_failed_commit_of_a_split_directory_leaves_the_repository_valid(small_
 def test_a_page_of_a_split_directory_loads_its_leaves_only(small_split, tmp_path, cache_home):
     from commitfs.ops.browse import list_page
 
-    url = str(tmp_path / "repo")
-    src = _big_dir(tmp_path, 400)
-    with Repository.init(url) as r:
-        cid = commit_directory(r, src, message="v1").commit_id
+    url, src, cid = _committed_big(tmp_path, 400)
     names = sorted(os.listdir(src / "big"), key=str.encode)
     with reopen(url) as r:
         loads = []
@@ -661,10 +660,7 @@ def test_directory_read_ahead_follows_a_reader_across_the_leaves_of_a_split_dire
     and what is fetched ahead is files after the one read, in every leaf."""
     from commitfs.cache import DiskChunkCache
 
-    url = str(tmp_path / "repo")
-    src = _big_dir(tmp_path, 200)
-    with Repository.init(url) as r:
-        cid = commit_directory(r, src, message="v1").commit_id
+    url, src, cid = _committed_big(tmp_path, 200)
     names = sorted((n for n in os.listdir(src / "big") if n != "link"), key=str.encode)
 
     async def main():
@@ -707,10 +703,7 @@ def test_what_the_kernel_holds_reads_the_same_after_the_trees_left_the_daemons_c
     and chunks are evicted, its attributes, bytes, target and extended attributes
     come back from the tree read again, as they were, in a plain directory and in
     a split one; the inode numbers a listing gave are those lookups give."""
-    url = str(tmp_path / "repo")
-    src = _big_dir(tmp_path, 400)
-    with Repository.init(url) as r:
-        cid = commit_directory(r, src, message="v1").commit_id
+    url, src, cid = _committed_big(tmp_path, 400)
 
     async def main():
         with reopen(url) as r:
@@ -755,10 +748,7 @@ def test_a_listing_that_outlives_what_the_kernel_forgot_hands_out_only_known_ino
     of inode numbers leaves the table (vfs/inode.py), and the entries offered
     after that must be counted in the table's block, not the dropped one: every
     inode the kernel accepted is one the table knows."""
-    url = str(tmp_path / "repo")
-    src = _big_dir(tmp_path, 400)
-    with Repository.init(url) as r:
-        cid = commit_directory(r, src, message="v1").commit_id
+    url, src, cid = _committed_big(tmp_path, 400)
 
     async def main():
         with reopen(url) as r:
