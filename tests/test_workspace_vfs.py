@@ -716,3 +716,191 @@ def test_range_rows_are_written_only_after_their_bytes_are_durable(repo_and_base
         synced = [e for e in before[last_rows + 1:] if e[0] == "datasync" and "/data/" in e[1]]
         assert synced, (i, events)
         assert not events[i][2] and not synced[-1][2], events  # both in a worker thread
+
+
+# --- blocking work off the event loop (review findings) -----------------------------------
+async def _open_big(fs: WorkspaceFS) -> int:
+    d = await fs.lookup(1, b"fixed")
+    f = await fs.lookup(d.ino, b"big.bin")
+    return await fs.open(f.ino, os.O_RDWR)
+
+
+async def _max_gap_while(fn, *args) -> tuple[float, object]:
+    """Run ``fn(*args)`` beside a task ticking every 10 ms: (the longest the event loop
+    went without a tick, what ``fn`` returned or raised)."""
+    import time
+    gaps = [0.0]
+    done = trio.Event()
+
+    async def tick():
+        last = time.monotonic()
+        while not done.is_set():
+            await trio.sleep(0.01)
+            now = time.monotonic()
+            gaps[0] = max(gaps[0], now - last)
+            last = now
+    outcome = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tick)
+        await trio.sleep(0.05)
+        try:
+            outcome = await fn(*args)
+        except Exception as exc:
+            outcome = exc
+        done.set()
+    return gaps[0], outcome
+
+
+def test_a_status_syncs_a_writers_ranges_in_a_worker_thread_and_answers_a_disk_error(repo_and_base, tmp_path,
+                                                                                      monkeypatch):
+    """A writer holds a copy-on-write file with ranges not yet recorded: a status (and
+    a commit: both flush under ``paused``) fdatasyncs its data file in a worker thread,
+    so a slow disk does not stall the mount, and an I/O error there is a one-line
+    error answer, the edits kept (docs/SEMANTICS.md)."""
+    import threading
+
+    repo, _ = repo_and_base
+    fs = _open(repo, tmp_path / "ws")
+    calls: list[bool] = []
+    fail = []
+    real = os.fdatasync
+
+    def slow_datasync(fd):
+        calls.append(threading.current_thread() is threading.main_thread())
+        threading.Event().wait(1.0)  # a slow disk
+        if fail:
+            raise OSError(5, "Input/output error")
+        return real(fd)
+    monkeypatch.setattr(os, "fdatasync", slow_datasync)
+
+    async def main():
+        async with fs.running():
+            fh = await _open_big(fs)
+            await fs.write(fh, 10, b"edit")  # ranges in memory only: the writer keeps it open
+            gap, answer = await _max_gap_while(control.handle, fs, {"op": "status"})
+            assert answer["ok"], answer
+            assert [c["path"] for c in answer["changes"]] == ["fixed/big.bin"]
+            assert calls and not any(calls), calls  # in a worker thread
+            assert gap < 0.5, gap  # the loop went on meanwhile
+            await fs.write(fh, 20_000, b"more")
+            fail.append(True)
+            answer = await control.handle(fs, {"op": "status"})
+            assert answer["ok"] is False and answer["kind"] == "error", answer
+            assert "Input/output error" in answer["error"] and "\n" not in answer["error"], answer
+            assert "daemon failed" not in answer["error"], answer  # an expected fault, not a crash
+            assert fs._handle(fh).node.cow.dirty  # not recorded: tried again at the next flush
+            fail.clear()
+            answer = await control.handle(fs, {"op": "status"})
+            assert answer["ok"], answer
+            assert not fs._handle(fh).node.cow.dirty
+            assert await fs.read(fh, 0, 30_000) == big[:10] + b"edit" + big[14:20_000] + b"more" + big[20_004:30_000]
+            await fs.release(fh)
+    big = (tmp_path / "src" / "fixed" / "big.bin").read_bytes()
+    trio.run(main)
+
+
+def test_closing_a_new_file_records_its_row_in_a_worker_thread(repo_and_base, tmp_path, monkeypatch):
+    """The close of a new file (no copy-on-write) writes its times' row in a worker
+    thread, not on the event loop."""
+    import threading
+
+    repo, _ = repo_and_base
+    fs = _open(repo, tmp_path / "ws")
+    updates: list[tuple[dict, bool]] = []
+    real = Overlay.update
+
+    def update(self, node_id, **fields):
+        updates.append((fields, threading.current_thread() is threading.main_thread()))
+        return real(self, node_id, **fields)
+    monkeypatch.setattr(Overlay, "update", update)
+
+    async def main():
+        async with fs.running():
+            fh, _ = await fs.create(1, b"new.txt", 0o644, os.O_WRONLY)
+            await fs.write(fh, 0, b"new bytes")
+            updates.clear()
+            await fs.release(fh)
+            closing = list(updates)
+            return closing, (await fs.lookup(1, b"new.txt")).mtime_ns
+    closing, mtime = trio.run(main)
+    assert [u for u in closing if u[0].get("mtime_ns") == mtime], closing
+    assert all(not on_loop for _, on_loop in closing), closing
+    fs = _open(repo, tmp_path / "ws")
+    try:
+        assert fs.root.children["new.txt"].mtime_ns == mtime  # the row was written
+    finally:
+        fs.shutdown()
+
+
+def test_a_slow_overlay_write_past_the_timeout_never_blocks_the_loop(repo_and_base, tmp_path, monkeypatch):
+    """A flush's overlay write in a worker thread that outlives the I/O timeout is
+    abandoned while it holds the overlay's database: the next change on the event
+    loop is EIO at once (OverlayBusyError) instead of waiting for the thread with
+    the whole mount stalled; once the thread finishes, changes work again."""
+    import threading
+
+    from commitfs.vfs.errors import OverlayBusyError
+    from commitfs.vfs.workspace import WorkspaceOptions
+
+    repo, _ = repo_and_base
+    fs = WorkspaceFS.open_workspace(repo, str(tmp_path / "ws"), "main", WorkspaceOptions(io_timeout_s=0.3))
+    release = threading.Event()
+    real = Overlay.update_ranges
+
+    def slow_update_ranges(self, node_id, put, gone):
+        if threading.current_thread() is not threading.main_thread():
+            release.wait(3.0)  # a stalled disk, inside the transaction (the mutex held)
+        return real(self, node_id, put, gone)
+    monkeypatch.setattr(Overlay, "update_ranges", slow_update_ranges)
+
+    async def main():
+        async with fs.running():
+            fh = await _open_big(fs)
+            await fs.write(fh, 10, b"edit")
+            with pytest.raises(Exception) as info:
+                await fs.flush(fh)
+            assert "no answer within" in str(info.value)  # the I/O timeout: EIO
+            gap, outcome = await _max_gap_while(fs.mkdir, 1, b"made", 0o755)
+            assert gap < 1.0, gap  # never waited on the abandoned thread's mutex
+            assert isinstance(outcome, OverlayBusyError), outcome
+            release.set()
+            with trio.fail_after(10):
+                while True:  # until the abandoned thread let go
+                    try:
+                        await fs.mkdir(1, b"made", 0o755)
+                        break
+                    except OverlayBusyError:
+                        await trio.sleep(0.05)
+            await fs.flush(fh)
+            await fs.release(fh)
+    trio.run(main)
+
+
+def test_the_roots_mode_after_a_commit_or_reset_is_the_stored_one(repo_and_base, tmp_path):
+    """chmod of the root, then a commit (or a reset): the root shows a directory's
+    mode as the commit gives it (0755, a commit records no directory modes), in
+    memory and in its stored row, so a remount shows the same."""
+    repo, _ = repo_and_base
+
+    async def chmod_then(what: str) -> tuple[int, int]:
+        fs = _open(repo, tmp_path / "ws")
+        async with fs.running():
+            await fs.setattr(1, mode=0o700)
+            before = (await fs.getattr(1)).mode
+            if what == "commit":
+                fh, _ = await fs.create(1, f"{what}.txt".encode(), 0o644, os.O_WRONLY)
+                await fs.release(fh)
+                await control.commit(fs, "with a chmod of the root")
+            else:
+                await fs.reset()
+            return before, (await fs.getattr(1)).mode
+
+    for what in ("commit", "reset"):
+        before, after = trio.run(chmod_then, what)
+        assert stat.S_IMODE(before) == 0o700
+        fs = _open(repo, tmp_path / "ws")
+        try:
+            remounted = fs.attr(fs.root).mode
+        finally:
+            fs.shutdown()
+        assert stat.S_IMODE(after) == stat.S_IMODE(remounted) == 0o755, (what, oct(after), oct(remounted))

@@ -5,7 +5,7 @@ general ones: PathNotFoundError, NotADirectoryError_, IsADirectoryError_,
 StorageError, CorruptObjectError...) to errno values in one place.
 """
 
-from commitfs.errors import CommitfsError
+from commitfs.errors import CommitfsError, StorageError
 
 
 class ReadOnlyError(CommitfsError):
@@ -60,3 +60,12 @@ class InvalidArgumentError(CommitfsError):
 
 class NameTooLongError(CommitfsError):
     """A new name longer than NAME_MAX (255 bytes), as ext4 refuses it."""
+
+
+class WorkspaceIOError(StorageError):
+    """The workspace's own disk failed (an fdatasync of a data file): EIO, one line."""
+
+
+class OverlayBusyError(WorkspaceIOError):
+    """A worker thread abandoned after an I/O timeout still holds the overlay's
+    database: a change on the event loop is refused (EIO) rather than wait for it."""

@@ -110,7 +110,7 @@ from pathlib import Path
 
 from commitfs.errors import CommitfsError, InputError
 from commitfs.model.objects import Kind, TreeEntry
-from commitfs.vfs.errors import NoSpaceError
+from commitfs.vfs.errors import NoSpaceError, OverlayBusyError
 from commitfs.vfs.inode import NodeKind
 
 #: 2: the ``links`` table (hard links).  3: chunk-level copy-on-write (the ``ranges``
@@ -391,6 +391,9 @@ class Overlay:
         self._batch = 0
         self._mutex = threading.Lock()
         self._owner: int | None = None  # the thread whose transaction is open
+        #: The event loop's thread while a workspace runs on it (WorkspaceFS.running):
+        #: a transaction there never waits for the mutex (see ``batch``).
+        self.loop_thread: int | None = None
         self._next_id = max(conn.execute("SELECT max(id) FROM nodes").fetchone()[0] or ROOT_ID,
                             conn.execute("SELECT max(id) FROM links").fetchone()[0] or ROOT_ID) + 1
 
@@ -479,15 +482,27 @@ class Overlay:
 
         The event loop and worker threads (a flush of a file's ranges) share the
         connection: a transaction holds the overlay's mutex from BEGIN to COMMIT,
-        so one thread's statements never land in another's transaction."""
-        if self._batch and self._owner == threading.get_ident():
+        so one thread's statements never land in another's transaction.
+
+        On the event loop's thread (``loop_thread``) the mutex is only tried: the
+        loop's changes run one at a time under the workspace's lock, so a thread
+        holding it there is one abandoned after the I/O timeout (loader.io), which
+        may hold it for as long as the disk stalls; the change is then refused
+        (OverlayBusyError, EIO) instead of blocking every request of the mount."""
+        me = threading.get_ident()
+        if self._batch and self._owner == me:
             self._batch += 1
             try:
                 yield
             finally:
                 self._batch -= 1
             return
-        self._mutex.acquire()
+        if me == self.loop_thread:
+            if not self._mutex.acquire(blocking=False):
+                raise OverlayBusyError(f"the workspace {self.path}: an earlier write to its database "
+                                       "has not finished (the disk is not answering)")
+        else:
+            self._mutex.acquire()
         self._owner = threading.get_ident()
         self._batch = 1
         try:

@@ -71,6 +71,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
@@ -283,6 +284,7 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
     async def running(self):
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            self.overlay.loop_thread = threading.get_ident()  # its transactions never wait (Overlay.batch)
             try:
                 yield self
             finally:
@@ -677,7 +679,7 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         async with self._lock:
-            self._flush_all()
+            await self._flush_pending()
             await self._sync()
 
     # --- requests: files ----------------------------------------------------------------------

@@ -121,7 +121,7 @@ class CommitState:
         ``draft()`` to snapshot the edits, ``settle(cid)`` once the branch
         reached a commit, ``set_pending`` around the compare-and-swap."""
         async with self._lock:
-            self._flush_all()
+            await self._flush_pending()
             yield self
 
     def draft(self) -> Draft | TreeEntry | None:
@@ -279,8 +279,10 @@ class CommitState:
         for n in old_data:
             if n.opens > 0 and n.fd is None:  # keep its bytes for whoever has it open
                 n.fd = self.overlay.open_data(n.upper)
-        root_row = Row(ROOT_ID, None, "", NodeKind.DIR, TreeEntry("", Kind.DIR, 0, shown), False, None,
-                       self.root.mode, 0, None)
+        # The root shows a directory's mode as the commit gives it (_rebase_node), and
+        # its row says the same: a chmod of the root is an edit, which this clears.
+        root_entry = TreeEntry("", Kind.DIR, 0, shown)
+        root_row = Row(ROOT_ID, None, "", NodeKind.DIR, root_entry, False, None, _mode_of(root_entry), 0, None)
         self.overlay.clear(cid, root_row, merge)  # the one atomic step
         invalidate: list[int] = self._unlink_extra_names(linked)  # hard links: names apart now
         self.base = cid

@@ -9,7 +9,9 @@ vfs/wscow.py; ``_truncate`` and ``_flush`` keep its ranges), and
 ``_unlink_node``/``_detach`` take a node out of the tree while whoever has it
 open keeps its bytes.  Blocking durability work (fsync of the data files, the
 data directory and the overlay database) runs in a worker thread under the
-loader's limiter and I/O timeout (``_sync``), never on the event loop.
+loader's limiter and I/O timeout (``_sync``; a flush of everything,
+``_flush_pending``, fdatasyncs the data files there before it writes their
+range rows), never on the event loop.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 
 
 from commitfs.errors import PathNotFoundError
+from commitfs.vfs.errors import WorkspaceIOError
 from commitfs.vfs.overlay import SpaceReleasedError
 from commitfs.vfs.wscow import Cow
 from commitfs.vfs.wstree import WNode, _now
@@ -71,7 +74,7 @@ class OverlayStore:
         d.mtime_ns = d.ctime_ns = _now()
         d.dirty = True
 
-    def _flush(self, n: WNode) -> None:
+    def _flush(self, n: WNode, synced: bool = False) -> None:
         """Write a node's pending metadata: its times and a copy-on-write file's ranges
         (those changed since the last flush: vfs/wscow.py).  On a full disk the
         overlay's reserve is released and it is written once more (a few pages: the
@@ -80,27 +83,43 @@ class OverlayStore:
         if n.oid is not None and (n.dirty or (cow is not None and cow.dirty)):
             times = (n.mtime_ns, n.ctime_ns) if n.dirty else None
             put, gone = cow.changes() if cow is not None and cow.dirty else ((), ())
-            self._store_pending(n.oid, times, put, gone, n.fd, n.upper)
+            if synced:  # its data file was fdatasync'd just before (_flush_pending)
+                self._store_pending(n.oid, times, put, gone)
+            else:
+                self._store_pending(n.oid, times, put, gone, n.fd, n.upper)
             if cow is not None:
                 cow.stored()
         n.dirty = False
 
     async def _flush_file(self, n: WNode) -> None:
-        """``_flush`` of an open file (flush, release, fsync): a copy-on-write file's
-        ranges are written in a worker thread under the loader's limiter and I/O
-        timeout, never on the event loop (the caller holds the lock, so nothing
-        changes the node meanwhile)."""
+        """``_flush`` of an open file (flush, release, fsync): its times and a
+        copy-on-write file's ranges are written in a worker thread under the
+        loader's limiter and I/O timeout, never on the event loop (the caller
+        holds the lock, so nothing changes the node meanwhile).  The thread gets
+        its own descriptor of the data file (a dup), so a close on the loop after
+        a timeout cannot pull the file out from under it."""
         cow = n.cow
-        if n.oid is None or cow is None or not cow.dirty:
-            self._flush(n)
+        has_ranges = cow is not None and cow.dirty
+        if n.oid is None or not (n.dirty or has_ranges):
+            n.dirty = False
             return
         times = (n.mtime_ns, n.ctime_ns) if n.dirty else None
-        put, gone = cow.changes()
-        await self.loader.io("ranges of a workspace file", self._store_pending, n.oid, times, put, gone,
-                             n.fd, n.upper)
-        cow.stored()
+        put, gone = cow.changes() if has_ranges else ((), ())
+        fd = os.dup(n.fd) if put and n.fd is not None else None
+        await self.loader.io("metadata of a workspace file", self._store_pending_own_fd, n.oid, times, put, gone,
+                             fd, n.upper if put else None)
+        if has_ranges:
+            cow.stored()
         if times is not None and (n.mtime_ns, n.ctime_ns) == times:
             n.dirty = False
+
+    def _store_pending_own_fd(self, oid: int, times, put, gone, fd: int | None, upper: str | None) -> None:
+        """``_store_pending`` in a worker thread, closing ``fd`` (the thread's own dup) after."""
+        try:
+            self._store_pending(oid, times, put, gone, fd, upper)
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     def _store_pending(self, oid: int, times: tuple[int, int] | None, put, gone, fd: int | None = None,
                        upper: str | None = None) -> None:
@@ -130,7 +149,64 @@ class OverlayStore:
                 if attempt == 2:
                     raise
 
-    def _flush_all(self) -> None:
+    async def _flush_pending(self) -> None:
+        """``_flush_all`` from the event loop (status, commit, fsyncdir; the caller holds
+        the lock): the data files whose ranges it will write are fdatasync'd first,
+        in a worker thread under the loader's limiter and I/O timeout, so a slow or
+        failing disk never stalls the loop, and no range row is durable before its
+        bytes.  A disk error is a WorkspaceIOError (EIO, a one-line answer)."""
+        files = self._unsynced_files()
+        synced: set[int] = set()
+        if files:
+            fds = []
+            try:
+                for n in files:
+                    fds.append((os.dup(n.fd), None) if n.fd is not None else (None, n.upper))
+            except OSError as exc:
+                for fd, _ in fds:
+                    if fd is not None:
+                        os.close(fd)
+                raise WorkspaceIOError(f"the workspace {self.overlay.path}: {exc.strerror or exc}") from None
+            await self.loader.io("fdatasync of workspace files", self._datasync, fds)
+            synced = {id(n) for n in files}
+        self._flush_all(synced)
+
+    def _unsynced_files(self) -> list[WNode]:
+        """The copy-on-write files whose next flush writes range rows (bytes to make durable first)."""
+        out = []
+        stack = [self.root] if self.root is not None else []
+        while stack:
+            n = stack.pop()
+            cow = n.cow
+            if cow is not None and cow.dirty and n.oid is not None and (n.fd is not None or n.upper is not None):
+                out.append(n)
+            if n.children:
+                stack.extend(n.children.values())
+        return out
+
+    def _datasync(self, files: list[tuple[int | None, str | None]]) -> None:
+        """fdatasync each (fd, closed after; else the data file ``upper``, opened for it)
+        (worker thread)."""
+        error = None
+        for fd, upper in files:
+            try:
+                if fd is None:
+                    fd = self.overlay.open_data(upper)
+                os.fdatasync(fd)
+            except OSError as exc:
+                error = error or exc
+            finally:
+                if fd is not None:
+                    os.close(fd)
+        if error is not None:
+            raise WorkspaceIOError(f"the workspace {self.overlay.path}: cannot sync a data file: "
+                                   f"{error.strerror or error}")
+
+    def _flush_all(self, synced: set[int] = frozenset()) -> None:
+        """Write every node's pending metadata in one transaction (on the calling thread:
+        the event loop's callers use ``_flush_pending``, which fdatasyncs the data
+        files first, in a worker thread: ``synced``, the ids of those nodes, are not
+        synced again here)."""
         # One transaction for all: a node's flags are cleared as it is written, so if
         # the transaction fails they are set again (a later fsync must still write it).
         # The walk is lean (no call per clean node): it visits every materialized node.
@@ -145,7 +221,7 @@ class OverlayStore:
                         if n.dirty or (cow is not None and cow.dirty):
                             cleared.append((n, n.dirty, set(cow.touched) if cow is not None and cow.dirty
                                             else None))
-                            self._flush(n)
+                            self._flush(n, id(n) in synced)
                         if n.children:
                             stack.extend(n.children.values())
             except BaseException:
