@@ -21,16 +21,30 @@ VERB_MODULES = ["commitfs.cli.core", "commitfs.cli.inspect", "commitfs.cli.mount
                 "commitfs.cli.gc"]
 
 
-#: Verbs for which only their own module is imported when the command line names
-#: them: `commitfs mount` is on the way to a mount's first `ls` (the other verb
-#: modules import most of commitfs).
-FAST_VERBS = {"mount": "commitfs.cli.mount", "umount": "commitfs.cli.mount"}
+#: Each verb's module: when the command line names a verb, only its module is
+#: imported to build the parser (a verb module imports its operations in its
+#: handlers), so `commitfs commit` does not pay for diff's, merge's or the
+#: mount's imports, and `commitfs mount` is quick on the way to a mount's first
+#: `ls`.  Help, --version and an unknown verb build the parser from every module
+#: (tests/test_cli.py checks this table against what the modules register).
+VERBS = {
+    **dict.fromkeys(("init", "commit", "log", "show", "ls", "cat", "branch", "tag", "checkout", "fsck"),
+                    "commitfs.cli.core"),
+    "diff": "commitfs.cli.inspect", "stats": "commitfs.cli.inspect",
+    "mount": "commitfs.cli.mount", "umount": "commitfs.cli.mount",
+    "status": "commitfs.cli.workspace", "reset": "commitfs.cli.workspace",
+    **dict.fromkeys(("clone", "remote", "push", "pull"), "commitfs.cli.remote"),
+    "run": "commitfs.cli.lineage", "lineage": "commitfs.cli.lineage",
+    "alias": "commitfs.cli.alias", "ui": "commitfs.cli.ui", "find": "commitfs.cli.find",
+    "mounts": "commitfs.cli.mounts", "completion": "commitfs.cli.shell", "merge": "commitfs.cli.merge",
+    "gc": "commitfs.cli.gc",
+}
 _GLOBAL_OPTIONS_WITH_VALUE = ("-r", "--repo", "--endpoint-url")
 
 
 def verb_modules(argv: list[str]) -> list[str]:
-    """The verb modules to build the parser from: the named verb's alone if it
-    is one of FAST_VERBS, else all (any help, the version, any other verb)."""
+    """The verb modules to build the parser from: the named verb's alone, else
+    all (any help before the verb, the version, an unknown verb)."""
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -41,8 +55,8 @@ def verb_modules(argv: list[str]) -> list[str]:
                 break
             i += 1
         else:
-            fast = FAST_VERBS.get(arg)
-            return [fast] if fast is not None else VERB_MODULES
+            module = VERBS.get(arg)
+            return [module] if module is not None else VERB_MODULES
     return VERB_MODULES
 
 

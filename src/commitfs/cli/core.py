@@ -5,20 +5,19 @@ from __future__ import annotations
 import datetime as dt
 import sys
 
-from commitfs.cli.inspect import add_log_options, show_changes_for
 from commitfs.cli.output import ProgressBar, count_of, human_size, print_json, warn
 from commitfs.cli.repo import open_repo, open_url, repo_url, store_options  # noqa: F401 (verbs import them from here)
 from commitfs.errors import CommitfsError, InputError, NothingToCommitError, RevisionError, UsageError
-from commitfs.model.objects import Kind
-from commitfs.ops import browse, history, refnames
-from commitfs.ops.checkout import checkout
-from commitfs.ops.fsck import fsck
-from commitfs.ops.root import init_repository
-from commitfs.ops.snapshot import check_commit_text, commit_directory
-from commitfs.repo.repository import Repository
+
+# The operations are imported by the handlers that use them, not here: the
+# parser is built from this module for every one of its verbs, and a
+# `commitfs commit` should not pay for fsck's, diff's and checkout's imports
+# (tests/test_cli.py, test_a_verb_imports_only_what_it_needs).
 
 
 def parse_meta(items: list[str] | None) -> dict[str, str]:
+    from commitfs.ops.snapshot import check_commit_text
+
     meta = {}
     for item in items or []:
         key, sep, value = item.partition("=")
@@ -35,6 +34,8 @@ def _time(ts: int) -> str:
 
 # --- verbs ------------------------------------------------------------------------
 def cmd_init(args) -> int:
+    from commitfs.ops.root import init_repository
+
     repo = init_repository(repo_url(args), endpoint_url=getattr(args, "endpoint_url", None))
     print(f"initialized commitfs repository at {repo.url}")
     return 0
@@ -42,6 +43,7 @@ def cmd_init(args) -> int:
 
 def cmd_commit(args) -> int:
     from commitfs.cli.workspace import commit_workspace
+    from commitfs.ops.snapshot import check_commit_text, commit_directory
 
     check_commit_text(args.message)
     if (code := commit_workspace(args, parse_meta(args.meta))) is not None:
@@ -88,6 +90,8 @@ def cmd_commit(args) -> int:
 
 
 def cmd_log(args) -> int:
+    from commitfs.ops import history
+
     repo = open_repo(args)
     if args.rev is None and not args.all and not repo.refs.branches():
         # A fresh repository: an empty history, not an unknown revision.
@@ -137,6 +141,9 @@ def cmd_log(args) -> int:
 
 
 def cmd_show(args) -> int:
+    from commitfs.cli.inspect import show_changes_for
+    from commitfs.ops import history
+
     repo = open_repo(args)
     cid = repo.resolve(args.rev)
     c = repo.load_commit(cid)
@@ -173,6 +180,8 @@ def _print_commit(cid: bytes, c, ids: list[str] = (), fields: list[str] = ()) ->
 
 
 def _entry_json(path: str, e) -> dict:
+    from commitfs.model.objects import Kind
+
     out = {"path": path, "name": e.name, "kind": "file" if e.kind.is_file else e.kind.name.lower(),
            "executable": e.executable, "size": e.size, "id": e.id.hex()}
     if e.kind is Kind.SYMLINK:
@@ -181,6 +190,8 @@ def _entry_json(path: str, e) -> dict:
 
 
 def _entry_line(path: str, e) -> str:
+    from commitfs.model.objects import Kind
+
     mode = {Kind.DIR: "drwxr-xr-x", Kind.EXEC: "-rwxr-xr-x", Kind.FILE: "-rw-r--r--",
             Kind.SYMLINK: "lrwxrwxrwx"}[e.kind]
     suffix = "/" if e.is_dir else ""
@@ -190,6 +201,8 @@ def _entry_line(path: str, e) -> str:
 
 
 def cmd_ls(args) -> int:
+    from commitfs.ops import browse
+
     repo = open_repo(args)
     rev, path = browse.split_rev_path(args.spec)
     cid = repo.resolve(rev)
@@ -203,6 +216,8 @@ def cmd_ls(args) -> int:
 
 
 def cmd_cat(args) -> int:
+    from commitfs.ops import browse
+
     repo = open_repo(args)
     rev, path = browse.split_rev_path(args.spec)
     if not path:
@@ -216,6 +231,8 @@ def cmd_cat(args) -> int:
 
 
 def cmd_branch(args) -> int:
+    from commitfs.ops import refnames
+
     repo = open_repo(args)
     if args.move:
         if args.delete or args.name is None or args.rev_given is None:
@@ -248,6 +265,8 @@ def cmd_branch(args) -> int:
 
 
 def cmd_tag(args) -> int:
+    from commitfs.ops import refnames
+
     repo = open_repo(args)
     if args.delete:
         if args.name is not None:
@@ -272,6 +291,9 @@ def cmd_tag(args) -> int:
 
 
 def cmd_checkout(args) -> int:
+    from commitfs.ops import browse
+    from commitfs.ops.checkout import checkout
+
     repo = open_repo(args)
     rev, path = browse.split_rev_path(args.spec)
     cid = repo.resolve(rev)
@@ -285,6 +307,8 @@ def cmd_checkout(args) -> int:
 
 
 def cmd_fsck(args) -> int:
+    from commitfs.ops.fsck import fsck
+
     repo = open_repo(args)
     report = fsck(repo, read_data=args.read_data, repair=args.repair)
     if args.json:
@@ -305,6 +329,8 @@ def cmd_fsck(args) -> int:
 
 
 def register(sub, common) -> None:
+    from commitfs.cli.inspect import add_log_options
+
     def add(name, handler, help_, **kw):
         p = sub.add_parser(name, parents=[common], help=help_, description=help_, **kw)
         p.set_defaults(handler=handler)

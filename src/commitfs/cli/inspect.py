@@ -11,10 +11,9 @@ import sys
 
 from commitfs.cli.output import count_of, human_size, print_json
 from commitfs.errors import AttributesError, TableError, UsageError
-from commitfs.ops import contentdiff, history
-from commitfs.ops.contentdiff import FileDiff
-from commitfs.ops.stats import commit_stats, repository_stats
-from commitfs.ops.tablediff import diff_table
+
+# The operations are imported where used: core's parser takes add_log_options
+# from here for every verb of core (`commitfs commit` included).
 
 _SIGN = {"added": "A", "removed": "D", "modified": "M"}
 _ROW_SIGN = {"added": "+", "removed": "-", "changed": "~", "moved": ">"}
@@ -158,6 +157,8 @@ def _report_errors(errors: list[str]) -> int:
 
 # --- verbs ------------------------------------------------------------------------
 def cmd_diff(args) -> int:
+    from commitfs.ops import contentdiff
+
     from commitfs.cli.core import open_repo
 
     repo = open_repo(args)
@@ -219,6 +220,8 @@ def add_log_options(p) -> None:
 
 def print_log(args, repo, start: bytes, print_commit, items=None) -> int:
     """log with --stat or -- PATH...; ``items``: the commits of a range or --all."""
+    from commitfs.ops import contentdiff, history
+
     paths = [p.strip("/") for p in args.paths]
     if len(paths) > 1:
         raise UsageError("log -- PATH takes one path")
@@ -259,6 +262,10 @@ def _indent(text: str, by: str) -> str:
 def _write_file_json(repo, change, contents: bool, args, errors: list[str], key_of) -> None:
     """One file of ``diff --json``; a table's rows are written as the diff
     finds them, never all held (ops/tablediff.py's on_row)."""
+    from commitfs.ops import contentdiff
+    from commitfs.ops.contentdiff import FileDiff
+    from commitfs.ops.tablediff import diff_table
+
     out = sys.stdout
     keys = args.key or ()
     if key_of is not None and contentdiff.content_kind(change.path) == "table":
@@ -297,6 +304,8 @@ def _write_file_json(repo, change, contents: bool, args, errors: list[str], key_
 
 
 def show_changes_for(repo, cid: bytes, c, paths, json_out: bool):
+    from commitfs.ops import contentdiff
+
     old = c.parents[0] if c.parents else None
     diffs = contentdiff.iter_file_diffs(repo, old, cid, paths, max_rows=0)
     if json_out:
@@ -307,6 +316,8 @@ def show_changes_for(repo, cid: bytes, c, paths, json_out: bool):
 
 
 def cmd_stats(args) -> int:
+    from commitfs.ops.stats import commit_stats, repository_stats
+
     from commitfs.cli.core import open_repo
 
     repo = open_repo(args)
