@@ -34,14 +34,39 @@
  * OPEN see pyfuse3 exactly as released.  Depends on libfuse3's public ABI
  * only: the offset of `read` in struct fuse_lowlevel_ops and of `fh` in
  * struct fuse_file_info, both fixed within libfuse 3 (the structs only grow
- * at the end).  Only the READ callback is touched; pyfuse3 runs its requests
- * on one thread (trio), so the flags below need no lock. */
+ * at the end).  pyfuse3 runs its requests on one thread (trio), so the flags
+ * below need no lock.
+ *
+ * Directory listings (fastpath.engage_listings, the daemon of a read-only
+ * mount).  pyfuse3 turns the kernel's adaptive readdirplus off (its init
+ * clears FUSE_CAP_READDIRPLUS_AUTO: every listing is READDIRPLUS, each entry
+ * a dentry and inode the kernel makes) and cannot mark a listing cacheable.
+ * The same wrapper also puts
+ *   - init_shim in the INIT slot: after pyfuse3's init, it asks for
+ *     READDIRPLUS | READDIRPLUS_AUTO (once listings(True) was called) and for
+ *     whatever request_capabilities(mask) asked, each only if the kernel has it;
+ *   - readdir_shim in the plain READDIR slot, which pyfuse3 leaves empty (with
+ *     AUTO the kernel sends plain READDIR once a listing is past its first
+ *     request and nobody looks its entries up, as find(1) does): it calls
+ *     pyfuse3's readdirplus callback with PLAIN_FH set in the handle, so the
+ *     Python readdir knows that the kernel takes no reference to the entries
+ *     (it counts none), and remembers the request: this module's
+ *     fuse_add_direntry_plus (the function pyfuse3's readdir_reply calls)
+ *     writes a plain entry for it, until its fuse_reply_buf/fuse_reply_err;
+ *   - in fuse_reply_open (pyfuse3's OPENDIR reply): a handle with CACHE_FH set
+ *     (the Python opendir of a commit directory, whose entries never change)
+ *     loses that bit and gets cache_readdir and keep_cache: the kernel keeps
+ *     the listing in its page cache and serves later listings from it.
+ * Those three libfuse functions are wrapped like fuse_session_new (this
+ * module's definitions, global, call libfuse's own, found by bind()); they
+ * pass everything else through untouched. */
 
 #define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <dlfcn.h>
 #include <stddef.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -57,12 +82,111 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
                                       size_t op_size, void *userdata);
 
 typedef void (*read_fn)(fuse_req_t, fuse_ino_t, size_t, off_t, struct fuse_file_info *);
+typedef void (*init_fn)(void *, struct fuse_conn_info *);
 typedef struct fuse_session *(*new_fn)(struct fuse_args *, const struct fuse_lowlevel_ops *, size_t, void *);
+typedef size_t (*add_plus_fn)(fuse_req_t, char *, size_t, const char *, const struct fuse_entry_param *, off_t);
+typedef size_t (*add_fn)(fuse_req_t, char *, size_t, const char *, const struct stat *, off_t);
+typedef int (*reply_buf_fn)(fuse_req_t, const char *, size_t);
+typedef int (*reply_err_fn)(fuse_req_t, int);
+typedef int (*reply_open_fn)(fuse_req_t, const struct fuse_file_info *);
+
+/* Handle bits: PLAIN_FH set by readdir_shim for the Python readdir, CACHE_FH by the Python
+   opendir for fuse_reply_open (cleared there: the kernel never sees it).  The Python side's
+   handles are small counters (vfs/core.py), far below either bit. */
+#define PLAIN_FH (1ULL << 63)
+#define CACHE_FH (1ULL << 62)
 
 static read_fn pyfuse3_read = NULL;  /* pyfuse3's own read callback */
 static int wrapped = 0;              /* the last fuse_session_new went through the wrapper */
 static int enabled = 0;              /* rewrite fh 0 to the inode (no-open mode is on) */
 static unsigned long long rewritten = 0;  /* READs whose fh 0 became the inode */
+
+static init_fn pyfuse3_init = NULL;          /* pyfuse3's own init callback */
+static read_fn pyfuse3_readdirplus = NULL;   /* pyfuse3's own readdirplus callback */
+static int listings = 0;                     /* init_shim asks for READDIRPLUS_AUTO */
+static unsigned extra_caps = 0;              /* request_capabilities() */
+static long long granted = -1;               /* conn->want after init_shim (-1: no INIT yet) */
+static unsigned long long plain_readdirs = 0, cached_opendirs = 0;
+
+/* libfuse's own definitions of the functions this module wraps (bind()). */
+static add_plus_fn real_add_plus = NULL;
+static add_fn real_add = NULL;
+static reply_buf_fn real_reply_buf = NULL;
+static reply_err_fn real_reply_err = NULL;
+static reply_open_fn real_reply_open = NULL;
+
+/* The plain READDIR requests not replied to yet (a handful: one per request task). */
+#define MAX_PLAIN 256
+static fuse_req_t plain_reqs[MAX_PLAIN];
+static int nplain = 0;
+
+static int plain_index(fuse_req_t req) {
+    for (int i = 0; i < nplain; i++)
+        if (plain_reqs[i] == req)
+            return i;
+    return -1;
+}
+
+static void plain_done(fuse_req_t req) {
+    int i = plain_index(req);
+    if (i >= 0)
+        plain_reqs[i] = plain_reqs[--nplain];
+}
+
+static void init_shim(void *userdata, struct fuse_conn_info *conn) {
+    pyfuse3_init(userdata, conn);
+    if (listings)
+        conn->want |= conn->capable & (FUSE_CAP_READDIRPLUS | FUSE_CAP_READDIRPLUS_AUTO);
+    conn->want |= conn->capable & extra_caps;
+    granted = conn->want;
+}
+
+static void readdir_shim(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
+    /* Only reached with READDIRPLUS_AUTO, which only init_shim asks for.  fi is libfuse's own,
+       for this call only (do_readdir), as in read_shim. */
+    if (nplain == MAX_PLAIN)  /* not reached: one is replied to before a task takes another */
+        nplain--;
+    plain_reqs[nplain++] = req;
+    plain_readdirs++;
+    if (fi != NULL)
+        fi->fh |= PLAIN_FH;
+    pyfuse3_readdirplus(req, ino, size, off, fi);
+}
+
+__attribute__((visibility("default")))
+size_t fuse_add_direntry_plus(fuse_req_t req, char *buf, size_t bufsize, const char *name,
+                              const struct fuse_entry_param *e, off_t off) {
+    if (nplain && plain_index(req) >= 0)
+        return real_add(req, buf, bufsize, name, &e->attr, off);  /* st_ino, st_mode: a plain entry */
+    return real_add_plus(req, buf, bufsize, name, e, off);
+}
+
+__attribute__((visibility("default")))
+int fuse_reply_buf(fuse_req_t req, const char *buf, size_t size) {
+    if (nplain)
+        plain_done(req);
+    return real_reply_buf(req, buf, size);
+}
+
+__attribute__((visibility("default")))
+int fuse_reply_err(fuse_req_t req, int err) {
+    if (nplain)
+        plain_done(req);
+    return real_reply_err(req, err);
+}
+
+__attribute__((visibility("default")))
+int fuse_reply_open(fuse_req_t req, const struct fuse_file_info *fi) {
+    if (fi != NULL && (fi->fh & CACHE_FH)) {
+        struct fuse_file_info copy = *fi;
+        copy.fh &= ~CACHE_FH;
+        copy.cache_readdir = 1;
+        copy.keep_cache = 1;
+        cached_opendirs++;
+        return real_reply_open(req, &copy);
+    }
+    return real_reply_open(req, fi);
+}
 
 static void read_shim(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
     /* fi is libfuse's own, on its stack for this call only (do_read). */
@@ -108,6 +232,19 @@ static const struct fuse_lowlevel_ops *wrap_table(const struct fuse_lowlevel_ops
     memcpy(table, op, op_size);
     pyfuse3_read = op->read;
     table->read = read_shim;
+    pyfuse3_init = NULL;
+    if (op->init != NULL) {
+        pyfuse3_init = op->init;
+        table->init = init_shim;
+    }
+    pyfuse3_readdirplus = NULL;
+    if (op_size >= offsetof(struct fuse_lowlevel_ops, readdirplus) + sizeof(read_fn)
+            && op->readdir == NULL && op->readdirplus != NULL) {
+        pyfuse3_readdirplus = op->readdirplus;
+        table->readdir = readdir_shim;
+    }
+    granted = -1;
+    nplain = 0;
     return table;
 }
 
@@ -154,6 +291,23 @@ struct fuse_session *fuse_session_new_versioned(struct fuse_args *args, const st
     return se;
 }
 
+/* libfuse's own definitions of the reply functions this module also defines.  Resolved when
+   the module is loaded, before anything can call them: libfuse3, loaded as this module's
+   dependency, binds its own calls of them to this module's definitions too (a dlopen'ed
+   object's dependencies look in its local scope, where this module comes first), made
+   global or not, so they must always reach libfuse's.  0 if one is missing. */
+static int resolve_reals(void) {
+    real_add_plus = (add_plus_fn)libfuse_symbol("fuse_add_direntry_plus");
+    real_add = (add_fn)libfuse_symbol("fuse_add_direntry");
+    real_reply_buf = (reply_buf_fn)libfuse_symbol("fuse_reply_buf");
+    real_reply_err = (reply_err_fn)libfuse_symbol("fuse_reply_err");
+    real_reply_open = (reply_open_fn)libfuse_symbol("fuse_reply_open");
+    return real_add_plus != NULL && real_add_plus != fuse_add_direntry_plus && real_add != NULL
+        && real_reply_buf != NULL && real_reply_buf != fuse_reply_buf
+        && real_reply_err != NULL && real_reply_err != fuse_reply_err
+        && real_reply_open != NULL && real_reply_open != fuse_reply_open;
+}
+
 /* bind(name): find libfuse's own function NAME (fuse_session_new), the one the
    wrapper calls.  False if there is none but this module's own (a libfuse
    linked some other way): the module must then stay out of the global scope. */
@@ -164,6 +318,9 @@ static PyObject *py_bind(PyObject *self, PyObject *arg) {
     void *sym = libfuse_symbol(name);
     if (sym == NULL || sym == (void *)fuse_session_new || sym == (void *)fuse_session_new_versioned)
         return PyBool_FromLong(0);
+    if (real_add_plus == NULL || real_add == NULL || real_reply_buf == NULL || real_reply_err == NULL
+            || real_reply_open == NULL)
+        return PyBool_FromLong(0);  /* not reached: PyInit__noopen refuses the import then */
     real_new = (new_fn)sym;
     return PyBool_FromLong(1);
 }
@@ -206,7 +363,51 @@ static PyObject *py_rewritten(PyObject *self, PyObject *unused) {
     return PyLong_FromUnsignedLongLong(rewritten);
 }
 
+static PyObject *py_listings(PyObject *self, PyObject *arg) {
+    int on = PyObject_IsTrue(arg);
+    if (on < 0)
+        return NULL;
+    if (on && !wrapped) {
+        PyErr_SetString(PyExc_RuntimeError, "no FUSE session went through commitfs's fuse_session_new");
+        return NULL;
+    }
+    listings = on;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_request_capabilities(PyObject *self, PyObject *arg) {
+    unsigned long mask = PyLong_AsUnsignedLong(arg);
+    if (mask == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    if (mask > 0xffffffffUL) {
+        PyErr_SetString(PyExc_ValueError, "FUSE capabilities are 32 bits (fuse_conn_info.want)");
+        return NULL;
+    }
+    extra_caps = (unsigned)mask;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_granted(PyObject *self, PyObject *unused) {
+    if (granted < 0)
+        Py_RETURN_NONE;
+    return PyLong_FromLongLong(granted);
+}
+
+static PyObject *py_counts(PyObject *self, PyObject *unused) {
+    return Py_BuildValue("(KK)", plain_readdirs, cached_opendirs);
+}
+
 static PyMethodDef methods[] = {
+    {"listings", py_listings, METH_O,
+     "listings(on): the next INIT asks for READDIRPLUS_AUTO (adaptive readdirplus; plain READDIRs "
+     "reach readdir() with PLAIN_FH in the handle); RuntimeError unless wrapped()."},
+    {"request_capabilities", py_request_capabilities, METH_O,
+     "request_capabilities(mask): the next INIT also asks for these FUSE_CAP_* bits (those the "
+     "kernel has); 0 asks for none."},
+    {"granted", py_granted, METH_NOARGS,
+     "granted() -> int | None: conn->want after the last INIT went through the wrapper (None before)."},
+    {"counts", py_counts, METH_NOARGS,
+     "counts() -> (plain READDIRs, OPENDIRs answered with cache_readdir and keep_cache)."},
     {"bind", py_bind, METH_O,
      "bind(name) -> bool: libfuse's own function NAME (\"fuse_session_new\") was found; the wrapper "
      "calls it.  False: leave this module out of the global scope (fastpath.py)."},
@@ -230,5 +431,19 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__noopen(void) {
-    return PyModule_Create(&module);
+    if (!resolve_reals()) {
+        /* Not reached with a libfuse 3 (they are all public API); the process then has no
+           way to use the module's definitions safely, so it must not run a FUSE session. */
+        fprintf(stderr, "commitfs.fuse._noopen: libfuse's own reply functions were not found\n");
+        abort();
+    }
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObject(m, "PLAIN_FH", PyLong_FromUnsignedLongLong(PLAIN_FH)) < 0
+            || PyModule_AddObject(m, "CACHE_FH", PyLong_FromUnsignedLongLong(CACHE_FH)) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -47,6 +47,18 @@ from commitfs.vfs.errors import (
 
 log = logging.getLogger(__name__)
 
+#: Handle bits shared with commitfs.fuse._noopen (its PLAIN_FH and CACHE_FH; fuse/fastpath.py,
+#: not imported here: it must be loaded before pyfuse3, and in the daemon only): a plain
+#: READDIR, set by the C module; an OPENDIR whose listing the kernel may cache, set by opendir.
+PLAIN_FH = 1 << 63
+CACHE_FH = 1 << 62
+#: With adaptive readdirplus (cache_listings), the READDIRPLUS that begins a listing gives at
+#: most this many entries: the kernel asks for the rest as plain READDIR unless something
+#: looks the entries up meanwhile (then as READDIRPLUS, in full).  A smaller directory is all
+#: READDIRPLUS (`ls -l` of it looks nothing up); a walk that looks no file up (find(1))
+#: makes the kernel build no dentry and inode per entry.
+FIRST_PLUS_ENTRIES = 64
+
 # Conditions a caller causes and expects to see: no log line.
 _QUIET = {
     PathNotFoundError: errno.ENOENT,
@@ -134,6 +146,12 @@ class Operations(pyfuse3.Operations):
         self.fs = fs
         self.no_open = False  # see the class docstring
         self.opens = 0  # OPEN requests received (in no-open mode: 1 at most, the first)
+        #: Set by the daemon once fastpath.engage_listings() succeeded (adaptive readdirplus
+        #: asked for): a commit directory's listing is handed to the kernel to cache
+        #: (CACHE_FH on OPENDIR) and the READDIRPLUS beginning a listing is kept short.
+        self.cache_listings = False
+        self.readdirs = 0  # READDIR and READDIRPLUS requests received
+        self.plain_readdirs = 0  # ...of which plain READDIR (PLAIN_FH)
         if isinstance(fs, FileSystem):
             # Verified chunks a random read fetched whole go to the kernel's page cache,
             # so the next reads in them make no request (vfs/prefetch.py, publishing).
@@ -210,10 +228,28 @@ class Operations(pyfuse3.Operations):
     # --- directories -------------------------------------------------------------
     @_handler
     async def opendir(self, inode, ctx=None):
-        return await self.fs.opendir(inode)
+        fh = await self.fs.opendir(inode)
+        if self.cache_listings and self.fs.listing_fixed(fh):
+            return fh | CACHE_FH  # the C module clears it and sets cache_readdir + keep_cache
+        return fh
 
     @_handler
     async def readdir(self, fh, start_id, token):
+        self.readdirs += 1
+        if fh & PLAIN_FH:
+            # A plain READDIR (fuse/fastpath.py): pyfuse3's reply writes only the name, st_ino
+            # and the type of st_mode (the C module), and the kernel takes no reference.
+            self.plain_readdirs += 1
+            p = pyfuse3.EntryAttributes()
+            add = pyfuse3.readdir_reply
+
+            def plain(name: bytes, ino: int, mode: int, next_id: int) -> bool:
+                p.st_ino = ino
+                p.st_mode = mode
+                return add(token, name, p, next_id)
+
+            await self.fs.readdir_plain(fh & ~PLAIN_FH, start_id, plain)
+            return
         # One EntryAttributes for the whole reply (readdir_reply copies it into the
         # kernel's buffer): the entries of a commit directory differ only in inode,
         # mode and size, so after the first only those are set (a readdirplus
@@ -236,6 +272,17 @@ class Operations(pyfuse3.Operations):
                 last = attr if attr.uid is None and attr.gid is None and attr.atime_ns is None \
                     and attr.ctime_ns is None and attr.blocks is None else None
             return pyfuse3.readdir_reply(token, name, e, next_id)
+
+        if self.cache_listings and start_id == 0:
+            left = FIRST_PLUS_ENTRIES
+            full = reply
+
+            def reply(name: bytes, attr: Attr, next_id: int) -> bool:  # noqa: F811
+                nonlocal left
+                if left <= 0:
+                    return False
+                left -= 1
+                return full(name, attr, next_id)
 
         await self.fs.readdir(fh, start_id, reply)
 

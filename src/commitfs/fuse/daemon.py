@@ -153,6 +153,15 @@ def serve(config: DaemonConfig, report: Report) -> int:
             if missing is not None and config.no_open:
                 log.warning(slow_open(missing))
             log.info("files are opened by %s", "the kernel alone" if ops.no_open else "the daemon")
+            # Adaptive readdirplus and the kernel's cache of commit directories' listings
+            # (fuse/fastpath.py), asked for at the kernel's INIT, in pyfuse3.main.
+            unlisted = (fastpath.engage_listings() if config.no_open
+                        else "no_open is off in the daemon's configuration")
+            ops.cache_listings = unlisted is None
+            if unlisted is None:
+                log.info("directory listings: adaptive readdirplus, commit directories cached by the kernel")
+            else:
+                log.warning("directory listings are READDIRPLUS only and never cached by the kernel (%s)", unlisted)
         connection = fuse_connection(config.mountpoint)
         try:
             trio.run(_main, fs, config, report, missing)
@@ -165,6 +174,8 @@ def serve(config: DaemonConfig, report: Report) -> int:
         if not config.writable:
             log.info("OPEN requests: %d", ops.opens)
             log.info("READs by inode (fast path): %d", fastpath.reads_by_inode())
+            log.info("READDIR requests: %d (plain: %d); OPENDIRs answered cacheable: %d",
+                     ops.readdirs, ops.plain_readdirs, fastpath.listing_counts()[1])
             log.info("page-cache hand-offs dropped (queue full): %d", page_storer.dropped)
         cache = repo.chunk_cache
         if isinstance(cache, DiskChunkCache):
@@ -230,6 +241,9 @@ async def _announce(config: DaemonConfig, report: Report, extra: dict) -> None:
             log.info("read-ahead left at the kernel's default (%s)", why_not)
         else:
             log.info("read-ahead %d KiB", config.read_ahead_kb)
+    granted = fastpath.granted_capabilities()  # the INIT is done: the stat was answered
+    if granted is not None:
+        log.info("FUSE capabilities granted: 0x%x", granted)
     write_record(config.mountpoint, config.log_file, **extra)
     log.info("ready")
     report("ok")

@@ -31,6 +31,22 @@ function directly and the mount runs in the same fallback, never fails.
 
 ``COMMITFS_NO_FASTPATH=1`` forces that fallback (to compare, or to rule the
 fast path out when chasing a bug).
+
+Directory listings (``engage_listings()``, read-only mounts): the same wrapper
+lets the kernel use adaptive readdirplus (READDIRPLUS_AUTO, which pyfuse3's
+init turns off: plain READDIR once a listing is past its first request and
+nobody looks its entries up, as in find(1), so the kernel makes no dentry and
+inode per entry and the daemon counts no reference), and marks the listings of
+commit directories cacheable (``cache_readdir`` and ``keep_cache`` on OPENDIR:
+a directory listed again is served from the kernel's page cache, no READDIR).
+A plain READDIR reaches ``Operations.readdir`` with ``PLAIN_FH`` set in its
+handle; ``Operations.opendir`` sets ``CACHE_FH`` in the handle of a listing
+that never changes, which the C module turns into the two flags (the kernel
+never sees the bit).  Without the C module listings are READDIRPLUS and never
+cached, as with pyfuse3 alone (the same WARNING as for the opens says why).
+``request_capabilities(mask)`` asks the kernel for more FUSE_CAP_* bits at the
+same INIT (for a writable mount too), ``granted_capabilities()`` tells what it
+agreed to.
 """
 
 from __future__ import annotations
@@ -90,10 +106,49 @@ def engage() -> str | None:
     return None
 
 
+def engage_listings() -> str | None:
+    """After ``pyfuse3.init``, before ``pyfuse3.main`` (the kernel's INIT): ask for
+    adaptive readdirplus; Operations may then mark fixed listings with CACHE_FH and
+    gets plain READDIRs with PLAIN_FH.  None when done, else why not (as ``engage``)."""
+    load()
+    if _shim is None:
+        return _why_not
+    if not _shim.wrapped():
+        return "pyfuse3's FUSE session did not go through commitfs.fuse._noopen"
+    _shim.listings(True)
+    return None
+
+
+def request_capabilities(mask: int) -> str | None:
+    """After ``pyfuse3.init``, before ``pyfuse3.main``: the kernel's INIT also asks for
+    these FUSE_CAP_* bits (those it has; see ``granted_capabilities``).  None when the
+    request will be made, else why not."""
+    load()
+    if _shim is None:
+        return _why_not
+    if not _shim.wrapped():
+        return "pyfuse3's FUSE session did not go through commitfs.fuse._noopen"
+    _shim.request_capabilities(mask)
+    return None
+
+
+def granted_capabilities() -> int | None:
+    """The FUSE_CAP_* bits the last INIT agreed to (conn->want), None before it or
+    without the C module."""
+    return _shim.granted() if _shim is not None else None
+
+
+def listing_counts() -> tuple[int, int]:
+    """(plain READDIRs, OPENDIRs answered with cache_readdir) so far ((0, 0) without the module)."""
+    return _shim.counts() if _shim is not None else (0, 0)
+
+
 def disengage() -> None:
     """Back to pyfuse3 as released (after the session is closed)."""
     if _shim is not None:
         _shim.enable(False)
+        _shim.listings(False)
+        _shim.request_capabilities(0)
 
 
 def reads_by_inode() -> int:

@@ -77,6 +77,7 @@ from commitfs.vfs.inode import (
     XATTR_REPO,
     Attr,
     CommitsDir,
+    DIR_MODE,
     EXEC_MODE,
     FILE_MODE,
     SYMLINK_MODE,
@@ -699,6 +700,64 @@ class FileSystem:
         fh = self._new_fh()
         self._dirs[fh] = _DirHandle(node, listing)
         return fh
+
+    def listing_fixed(self, fh: int) -> bool:
+        """Whether the listing of directory handle ``fh`` can never change: a commit
+        directory's (the kernel may cache it, fuse/fastpath.py); not the root's, a ref
+        directory's or ``commits/``'s, which follow the refs."""
+        h = self._dirs.get(fh)
+        return h is not None and h.listing.view is not None
+
+    async def readdir_plain(self, fh: int, start_id: int, reply: Callable[[bytes, int, int, int], bool]) -> None:
+        """A plain READDIR (fuse/fastpath.py): offer ``reply(name, ino, mode, next_id)``
+        entries from ``start_id`` until it refuses one, as ``readdir`` does, but the
+        kernel keeps only names, numbers and types: no entry counts a reference.  A
+        file's or symlink's number is its place in its directory's block, the one a
+        lookup gives while the kernel holds any entry of the block (it holds the first
+        entries, from the READDIRPLUS that began the listing); a subdirectory's is its
+        node's if the table has one, else the number reserved for its place in the
+        block (which names nothing else; a later lookup gives the node a number of
+        its own).  Nothing is made: a plain listing leaves the table as it was."""
+        h = self._dirs.get(fh)
+        if h is None:
+            raise BadHandleError(f"directory handle {fh} is not open")
+        assert self.table is not None
+        listing, table, parent = h.listing, self.table, h.node
+        view = listing.view
+        if view is None:  # the root, a ref directory, commits/: a handful of directories
+            for i in range(start_id, len(listing)):
+                name, identity, make = listing.child(i)
+                node = table.ensure(parent, name, identity, make)
+                ok = reply(name.encode(), node.ino, node.attr(self.mount_time_ns).mode, i + 1)
+                table.discard(node)
+                if not ok:
+                    return
+            return
+        assert isinstance(parent, TreeDir)
+        DIR, FILE, EXEC = Kind.DIR, Kind.FILE, Kind.EXEC
+        i, n = start_id, len(listing)
+        block = None
+        try:
+            while i < n:
+                first_pos, entries = await listing.span(i)
+                if not 0 <= i - first_pos < len(entries):
+                    raise CorruptObjectError(f"tree {parent.entry.id.hex()} has no entry {i} of {n}")
+                block = table.block(parent, n)  # after the await, as in _readdir_view
+                base = block.base
+                for e in islice(entries, i - first_pos, None):
+                    kind = e.kind
+                    if kind is DIR:
+                        node = table.known(parent, e.name, entry_identity(e))
+                        ok = reply(e.name.encode(), base + i if node is None else node.ino, DIR_MODE, i + 1)
+                    else:
+                        ok = reply(e.name.encode(), base + i,
+                                   FILE_MODE if kind is FILE else EXEC_MODE if kind is EXEC else SYMLINK_MODE, i + 1)
+                    if not ok:
+                        return
+                    i += 1
+        finally:
+            if block is not None:
+                table.discard_block(block)  # none of its numbers held: it goes (as in _readdir_view)
 
     async def readdir(self, fh: int, start_id: int, reply: Callable[[bytes, Attr, int], bool]) -> None:
         """Offer entries from ``start_id`` to ``reply(name, attr, next_id)`` until it refuses one.

@@ -601,6 +601,12 @@ class TreeInodeTable(InodeTable):
             children[name] = node
         return node
 
+    def known(self, parent: Node, name: str, identity: tuple) -> Node | None:
+        """The node ``ensure`` would return, if it is in the table already (else None: nothing made)."""
+        children = self._children.get(parent.ino)
+        node = children.get(name) if children is not None else None
+        return node if node is not None and node.identity() == identity else None
+
     def remember(self, node: Node, n: int = 1) -> None:
         node.lookups += n  # ``ensure`` put it in the table
 
