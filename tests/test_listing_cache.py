@@ -23,8 +23,8 @@ from commitfs.repo.repository import Repository
 from commitfs.vfs import ROOT_INODE
 
 #: Files of the big directory: past the READDIRPLUS that begins a listing
-#: (adapter.FIRST_PLUS_ENTRIES) and past one 32 KiB plain READDIR, so a listing is
-#: READDIRPLUS, then plain READDIRs.
+#: (adapter.FIRST_PLUS_ENTRIES) and past one 32 KiB plain READDIR, so an adaptive
+#: listing is READDIRPLUS, then plain READDIRs.
 BIG = 2_500
 FUSE_CAP_READDIRPLUS_AUTO = 1 << 14
 
@@ -64,24 +64,33 @@ def _mount_and_list(mounts, url, tmp_path, name: str, times: int, rev: str | Non
     return listings, log
 
 
-def test_a_commit_directory_listed_three_times_costs_the_readdirs_of_one_listing(tree, mounts, tmp_path):
+def _granted(log) -> int:
+    (granted,) = re.findall(r"FUSE capabilities granted: 0x([0-9a-f]+)", log.read_text())
+    return int(granted, 16)
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["readdirplus", "adaptive"])
+def test_a_commit_directory_listed_three_times_costs_the_readdirs_of_one_listing(tree, mounts, tmp_path,
+                                                                                adaptive):
     """The kernel keeps a commit directory's listing (cache_readdir and keep_cache on its
     OPENDIR): listing it three times makes as many READDIR requests as listing it once
-    (without the C module's OPENDIR flags: three times as many). Listings start with a
-    READDIRPLUS and go on in plain READDIRs (adaptive readdirplus, asked for at INIT)."""
+    (without the C module's OPENDIR flags: three times as many). By default every
+    listing is READDIRPLUS (adaptive readdirplus not asked for at INIT); with
+    COMMITFS_READDIRPLUS_AUTO=1 one starts with a READDIRPLUS and goes on in plain READDIRs."""
     url, src = tree
-    (once,), log1 = _mount_and_list(mounts, url, tmp_path, "once", 1)
-    thrice, log3 = _mount_and_list(mounts, url, tmp_path, "thrice", 3)
+    env = cli_env(COMMITFS_READDIRPLUS_AUTO="1" if adaptive else "0")
+    (once,), log1 = _mount_and_list(mounts, url, tmp_path, "once", 1, env=env)
+    thrice, log3 = _mount_and_list(mounts, url, tmp_path, "thrice", 3, env=env)
     want = sorted(os.listdir(src / "big"))
     assert [n for n, _, _ in once] == want
     assert all(x == once for x in thrice)
     n1, plain1, cacheable1 = _counts(log1)
     n3, plain3, cacheable3 = _counts(log3)
-    assert n1 >= 3 and plain1 >= 1 and cacheable1 >= 1
+    assert n1 >= 3 and cacheable1 >= 1
+    assert (plain1 >= 1) == adaptive
     assert n3 == n1 and plain3 == plain1
     assert cacheable3 >= 3  # every OPENDIR of the directory was answered cacheable
-    (granted,) = re.findall(r"FUSE capabilities granted: 0x([0-9a-f]+)", log3.read_text())
-    assert int(granted, 16) & FUSE_CAP_READDIRPLUS_AUTO
+    assert bool(_granted(log3) & FUSE_CAP_READDIRPLUS_AUTO) == adaptive
 
 
 def test_ref_directories_are_not_cached_by_the_kernel(tree, mounts, tmp_path):
@@ -94,14 +103,15 @@ def test_ref_directories_are_not_cached_by_the_kernel(tree, mounts, tmp_path):
 
 
 def test_inode_numbers_stay_the_same_through_plain_listings(tree, mounts, tmp_path):
-    """A file looked up before a listing keeps its number through the listing's plain
-    READDIRs (which count no reference, so forget nothing the kernel holds); every
-    d_ino a listing shows is the st_ino stat gives, before and after; every file the
-    kernel holds reads right by its inode."""
+    """With adaptive readdirplus (COMMITFS_READDIRPLUS_AUTO=1): a file looked up before a
+    listing keeps its number through the listing's plain READDIRs (which count no
+    reference, so forget nothing the kernel holds); every d_ino a listing shows is the
+    st_ino stat gives, before and after; every file the kernel holds reads right by
+    its inode."""
     url, src = tree
     log = tmp_path / "m.log"
     mnt = mounts.mountpoint()
-    mounts.mount(url, mnt, "--log-file", str(log), rev="main")
+    mounts.mount(url, mnt, "--log-file", str(log), rev="main", env=cli_env(COMMITFS_READDIRPLUS_AUTO="1"))
     late = mnt / "big" / f"f{BIG - 3:05d}.bin"  # in the plain part of the listing
     before = os.stat(late).st_ino
     listed = _listing(mnt / "big")
@@ -125,9 +135,9 @@ def test_inode_numbers_stay_the_same_through_plain_listings(tree, mounts, tmp_pa
 
 def test_without_the_c_module_listings_are_right_and_not_cached(tree, mounts, tmp_path):
     """COMMITFS_NO_FASTPATH=1: READDIRPLUS only, nothing cached, the same listing; the
-    log says why (a WARNING)."""
+    log says why (a WARNING). Also when adaptive readdirplus is asked for."""
     url, src = tree
-    env = cli_env(COMMITFS_NO_FASTPATH="1")
+    env = cli_env(COMMITFS_NO_FASTPATH="1", COMMITFS_READDIRPLUS_AUTO="1")
     listings, log = _mount_and_list(mounts, url, tmp_path, "slow", 3, env=env)
     assert all([n for n, _, _ in x] == sorted(os.listdir(src / "big")) for x in listings)
     assert all(x == listings[0] for x in listings)

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 #: READDIR, set by the C module; an OPENDIR whose listing the kernel may cache, set by opendir.
 PLAIN_FH = 1 << 63
 CACHE_FH = 1 << 62
-#: With adaptive readdirplus (cache_listings), the READDIRPLUS that begins a listing gives at
+#: With adaptive readdirplus (adaptive_listings), the READDIRPLUS that begins a listing gives at
 #: most this many entries: the kernel asks for the rest as plain READDIR unless something
 #: looks the entries up meanwhile (then as READDIRPLUS, in full).  A smaller directory is all
 #: READDIRPLUS (`ls -l` of it looks nothing up); a walk that looks no file up (find(1))
@@ -146,10 +146,11 @@ class Operations(pyfuse3.Operations):
         self.fs = fs
         self.no_open = False  # see the class docstring
         self.opens = 0  # OPEN requests received (in no-open mode: 1 at most, the first)
-        #: Set by the daemon once fastpath.engage_listings() succeeded (adaptive readdirplus
-        #: asked for): a commit directory's listing is handed to the kernel to cache
-        #: (CACHE_FH on OPENDIR) and the READDIRPLUS beginning a listing is kept short.
+        #: Set by the daemon once fastpath.engage_listings() succeeded: a commit directory's
+        #: listing is handed to the kernel to cache (CACHE_FH on OPENDIR)...
         self.cache_listings = False
+        #: ...and, with adaptive readdirplus asked for, the READDIRPLUS beginning a listing is short.
+        self.adaptive_listings = False
         self.readdirs = 0  # READDIR and READDIRPLUS requests received
         self.plain_readdirs = 0  # ...of which plain READDIR (PLAIN_FH)
         if isinstance(fs, FileSystem):
@@ -273,7 +274,7 @@ class Operations(pyfuse3.Operations):
                     and attr.ctime_ns is None and attr.blocks is None else None
             return pyfuse3.readdir_reply(token, name, e, next_id)
 
-        if self.cache_listings and start_id == 0:
+        if self.adaptive_listings and start_id == 0:
             left = FIRST_PLUS_ENTRIES
             full = reply
 

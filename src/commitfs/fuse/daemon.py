@@ -153,13 +153,16 @@ def serve(config: DaemonConfig, report: Report) -> int:
             if missing is not None and config.no_open:
                 log.warning(slow_open(missing))
             log.info("files are opened by %s", "the kernel alone" if ops.no_open else "the daemon")
-            # Adaptive readdirplus and the kernel's cache of commit directories' listings
-            # (fuse/fastpath.py), asked for at the kernel's INIT, in pyfuse3.main.
-            unlisted = (fastpath.engage_listings() if config.no_open
+            # The kernel's cache of commit directories' listings, and adaptive readdirplus if
+            # asked for (fuse/fastpath.py), both settled at the kernel's INIT, in pyfuse3.main.
+            adaptive = fastpath.adaptive_asked()
+            unlisted = (fastpath.engage_listings(adaptive) if config.no_open
                         else "no_open is off in the daemon's configuration")
             ops.cache_listings = unlisted is None
+            ops.adaptive_listings = unlisted is None and adaptive
             if unlisted is None:
-                log.info("directory listings: adaptive readdirplus, commit directories cached by the kernel")
+                log.info("directory listings: commit directories cached by the kernel, %s",
+                         "adaptive readdirplus" if adaptive else "READDIRPLUS only")
             else:
                 log.warning("directory listings are READDIRPLUS only and never cached by the kernel (%s)", unlisted)
         connection = fuse_connection(config.mountpoint)

@@ -33,20 +33,22 @@ function directly and the mount runs in the same fallback, never fails.
 fast path out when chasing a bug).
 
 Directory listings (``engage_listings()``, read-only mounts): the same wrapper
-lets the kernel use adaptive readdirplus (READDIRPLUS_AUTO, which pyfuse3's
-init turns off: plain READDIR once a listing is past its first request and
-nobody looks its entries up, as in find(1), so the kernel makes no dentry and
-inode per entry and the daemon counts no reference), and marks the listings of
-commit directories cacheable (``cache_readdir`` and ``keep_cache`` on OPENDIR:
-a directory listed again is served from the kernel's page cache, no READDIR).
-A plain READDIR reaches ``Operations.readdir`` with ``PLAIN_FH`` set in its
-handle; ``Operations.opendir`` sets ``CACHE_FH`` in the handle of a listing
-that never changes, which the C module turns into the two flags (the kernel
-never sees the bit).  Without the C module listings are READDIRPLUS and never
-cached, as with pyfuse3 alone (the same WARNING as for the opens says why).
-``request_capabilities(mask)`` asks the kernel for more FUSE_CAP_* bits at the
-same INIT (for a writable mount too), ``granted_capabilities()`` tells what it
-agreed to.
+marks the listings of commit directories cacheable (``cache_readdir`` and
+``keep_cache`` on OPENDIR, which pyfuse3's opendir cannot set: a directory
+listed again is served from the kernel's page cache, no READDIR), and, asked
+for with ``COMMITFS_READDIRPLUS_AUTO=1``, lets the kernel use adaptive
+readdirplus (READDIRPLUS_AUTO, which pyfuse3's init turns off: plain READDIR
+once a listing is past its first request and nobody looked its entries up, as
+in find(1), so the kernel makes no dentry and inode per entry and the daemon
+counts no reference; but a tool that lists a large directory before it stats
+or opens its files then sends a LOOKUP per file, docs/SEMANTICS.md).  A plain
+READDIR reaches ``Operations.readdir`` with ``PLAIN_FH`` set in its handle;
+``Operations.opendir`` sets ``CACHE_FH`` in the handle of a listing that never
+changes, which the C module turns into the two flags (the kernel never sees
+the bit).  Without the C module listings are READDIRPLUS and never cached, as
+with pyfuse3 alone (a WARNING says why).  ``request_capabilities(mask)`` asks
+the kernel for more FUSE_CAP_* bits at the same INIT (for a writable mount
+too), ``granted_capabilities()`` tells what it agreed to.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ import sys
 
 #: Set to anything but "" or "0": mounts run without the fast path.
 DISABLE_ENV = "COMMITFS_NO_FASTPATH"
+#: Set to anything but "" or "0": read-only mounts ask for adaptive readdirplus (engage_listings).
+ADAPTIVE_ENV = "COMMITFS_READDIRPLUS_AUTO"
 #: For tests only: the name under which load() looks for libfuse's own
 #: fuse_session_new (one that does not exist stands for a libfuse it cannot find).
 LIBFUSE_SYMBOL_ENV = "COMMITFS_TEST_LIBFUSE_SYMBOL"
@@ -106,16 +110,22 @@ def engage() -> str | None:
     return None
 
 
-def engage_listings() -> str | None:
-    """After ``pyfuse3.init``, before ``pyfuse3.main`` (the kernel's INIT): ask for
-    adaptive readdirplus; Operations may then mark fixed listings with CACHE_FH and
-    gets plain READDIRs with PLAIN_FH.  None when done, else why not (as ``engage``)."""
+def adaptive_asked() -> bool:
+    """``COMMITFS_READDIRPLUS_AUTO`` is set (to anything but "" or "0")."""
+    return os.environ.get(ADAPTIVE_ENV, "") not in ("", "0")
+
+
+def engage_listings(adaptive: bool = False) -> str | None:
+    """After ``pyfuse3.init``, before ``pyfuse3.main`` (the kernel's INIT): Operations may
+    mark fixed listings with CACHE_FH; with ``adaptive`` the INIT also asks for adaptive
+    readdirplus, and plain READDIRs then reach Operations with PLAIN_FH.  None when
+    done, else why not (as ``engage``)."""
     load()
     if _shim is None:
         return _why_not
     if not _shim.wrapped():
         return "pyfuse3's FUSE session did not go through commitfs.fuse._noopen"
-    _shim.listings(True)
+    _shim.listings(adaptive)
     return None
 
 
