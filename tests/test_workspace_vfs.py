@@ -799,6 +799,88 @@ def test_a_status_syncs_a_writers_ranges_in_a_worker_thread_and_answers_a_disk_e
     trio.run(main)
 
 
+def test_a_commit_or_reset_syncs_the_cleared_overlay_in_a_worker_thread(repo_and_base, tmp_path, monkeypatch,
+                                                                         caplog):
+    """A commit's and a reset's clearing of the overlay fsyncs the WAL and removes the
+    data files in a worker thread under the loader's limiter and I/O timeout: a slow
+    disk there does not stall the mount, and a disk error there is logged, the commit
+    made and the edits gone as it says (docs/SEMANTICS.md)."""
+    import logging
+    import threading
+
+    repo, _ = repo_and_base
+    ws = tmp_path / "ws"
+    fs = _open(repo, ws)
+    syncs: list[bool] = []  # on the loop's thread?
+    unlinks: list[bool] = []
+    fail = []
+    real_fsync, real_unlink = os.fsync, os.unlink
+
+    def slow_fsync(fd):
+        syncs.append(threading.current_thread() is threading.main_thread())
+        threading.Event().wait(0.4)  # a slow disk
+        if fail:
+            raise OSError(5, "Input/output error")
+        return real_fsync(fd)
+
+    def unlink(path, *args, **kwargs):
+        if str(ws / "data") in str(path):
+            unlinks.append(threading.current_thread() is threading.main_thread())
+        return real_unlink(path, *args, **kwargs)
+
+    async def edit(name: bytes) -> None:
+        fh, _ = await fs.create(1, name, 0o644, os.O_WRONLY)
+        await fs.write(fh, 0, b"bytes of " + name)
+        await fs.release(fh)
+
+    async def main():
+        async with fs.running():
+            await edit(b"one.txt")
+            monkeypatch.setattr(os, "fsync", slow_fsync)
+            monkeypatch.setattr(os, "unlink", unlink)
+            gap, outcome = await _max_gap_while(control.commit, fs, "one")
+            assert not isinstance(outcome, Exception), outcome
+            assert syncs and not any(syncs), syncs  # the WAL's fsync: in a worker thread
+            assert unlinks and not any(unlinks), unlinks  # and the data file's removal
+            assert gap < 0.3, gap  # the loop went on meanwhile
+            assert os.listdir(ws / "data") == []
+            committed = outcome.commit_id
+
+            monkeypatch.undo()
+            await edit(b"two.txt")
+            syncs.clear(), unlinks.clear()
+            monkeypatch.setattr(os, "fsync", slow_fsync)
+            monkeypatch.setattr(os, "unlink", unlink)
+            gap, outcome = await _max_gap_while(fs.reset)
+            assert not isinstance(outcome, Exception), outcome
+            assert syncs and not any(syncs), syncs
+            assert unlinks and not any(unlinks), unlinks
+            assert gap < 0.3, gap
+            assert await fs.lookup(1, b"one.txt") and fs.overlay.is_clean()
+
+            monkeypatch.undo()
+            await edit(b"three.txt")
+            monkeypatch.setattr(os, "fsync", slow_fsync)
+            real_finish = Overlay.finish_clear
+
+            def failing_finish(self, below):
+                fail.append(True)  # only the clear's fsync fails (not the pending id's)
+                return real_finish(self, below)
+            monkeypatch.setattr(Overlay, "finish_clear", failing_finish)
+            with caplog.at_level(logging.WARNING):
+                outcome = await control.commit(fs, "three")  # the branch moved: no error
+            monkeypatch.undo()
+            assert "not yet synced" in caplog.text and "Input/output error" in caplog.text
+            assert repo.refs.lookup_branch("main") == outcome.commit_id != committed
+            assert fs.base == outcome.commit_id and fs.overlay.is_clean()
+    trio.run(main)
+    fs = _open(repo, ws)  # what was committed is the base, the data directory empty
+    try:
+        assert fs.overlay.is_clean() and os.listdir(ws / "data") == []
+    finally:
+        fs.shutdown()
+
+
 def test_closing_a_new_file_records_its_row_in_a_worker_thread(repo_and_base, tmp_path, monkeypatch):
     """The close of a new file (no copy-on-write) writes its times' row in a worker
     thread, not on the event loop."""
