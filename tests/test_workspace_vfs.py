@@ -881,6 +881,32 @@ def test_a_commit_or_reset_syncs_the_cleared_overlay_in_a_worker_thread(repo_and
         fs.shutdown()
 
 
+def test_only_a_write_only_open_of_a_file_without_set_id_bits_writes_direct(repo_and_base, tmp_path):
+    """WorkspaceFS.writes_direct (FOPEN_DIRECT_IO, fuse/adapter.py): a write-only open,
+    never one that reads (it could map the file), nor one of a set-id file (a direct
+    write leaves clearing the set-id bits to the server, which pyfuse3 cannot see)."""
+    repo, _ = repo_and_base
+    fs = _open(repo, tmp_path / "ws")
+
+    async def main():
+        async with fs.running():
+            fh, attr = await fs.create(1, b"new.txt", 0o644, os.O_WRONLY | os.O_CREAT)
+            assert fs.writes_direct(fh, os.O_WRONLY | os.O_CREAT)
+            await fs.release(fh)
+            out = []
+            for flags in (os.O_WRONLY, os.O_WRONLY | os.O_APPEND, os.O_RDWR, os.O_RDONLY):
+                fh = await fs.open(attr.ino, flags)
+                out.append(fs.writes_direct(fh, flags))
+                await fs.release(fh)
+            for mode in (0o4755, 0o2755):
+                await fs.setattr(attr.ino, mode=stat.S_IFREG | mode)
+                fh = await fs.open(attr.ino, os.O_WRONLY)
+                out.append(fs.writes_direct(fh, os.O_WRONLY))
+                await fs.release(fh)
+            return out
+    assert trio.run(main) == [True, True, False, False, False, False]
+
+
 def test_closing_a_new_file_records_its_row_in_a_worker_thread(repo_and_base, tmp_path, monkeypatch):
     """The close of a new file (no copy-on-write) writes its times' row in a worker
     thread, not on the event loop."""

@@ -703,6 +703,19 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
                 n.ctime_ns = n.mtime_ns
         return self._open_handle(n)
 
+    def writes_direct(self, fh: int, flags: int) -> bool:
+        """Whether the kernel should open ``fh`` direct (FOPEN_DIRECT_IO): a write-only
+        open of a file without set-id bits.  Its writes then skip the kernel's page
+        cache of the mount (the bytes are kept once, in the overlay's data file, not
+        twice) and the kernel asks no ``security.capability`` before each write; a
+        write-only descriptor can neither read nor be mmapped, so nothing is lost, and
+        the kernel drops the written range from the cache other descriptors read.  A
+        set-id file keeps the cached path: on a direct write the kernel leaves
+        clearing the set-id bits to the server (FUSE_WRITE_KILL_SUIDGID), which
+        pyfuse3 does not pass on."""
+        n = self._handle(fh).node
+        return (flags & os.O_ACCMODE) == os.O_WRONLY and not n.mode & (stat.S_ISUID | stat.S_ISGID)
+
     def _handle(self, fh: int) -> _Handle:
         h = self._files.get(fh)
         if h is None:
