@@ -217,3 +217,64 @@ def test_after_a_random_read_a_neighbouring_chunk_is_read_without_the_daemon(tmp
         os.kill(pid, signal.SIGCONT)
     assert proc.returncode == 0 and proc.stdout == data[at:at + 4096]
     assert run_commitfs("umount", str(mnt)).returncode == 0
+
+
+def test_page_store_jobs_run_in_its_thread_in_order_and_yield_to_hand_offs(monkeypatch):
+    """PageStorer.later: a job runs in the page-store thread, in queue order with
+    the plain hand-offs, and what it yields is stored; it is queued only while
+    the queue holds less than PAGE_STORE_JOB_SHARE of its bound, where a plain
+    hand-off still fits; and end_page_stores waits for a job that is running."""
+    import threading
+
+    from commitfs.fuse import adapter
+
+    monkeypatch.setattr(adapter, "_stores_open", True)
+    monkeypatch.setattr(adapter, "_stores_running", 0)
+    monkeypatch.setattr(adapter, "_session", 0)
+    storer = adapter.PageStorer(max_bytes=1000)
+    entered, release, done, calls = threading.Event(), threading.Event(), threading.Event(), []
+    threads = set()
+
+    def notify_store(inode, offset, data):
+        calls.append((inode, offset, bytes(data)))
+        threads.add(threading.current_thread().name)
+        if inode == 1:
+            entered.set()
+            release.wait(20)
+        if inode == 9:
+            done.set()
+
+    def job():
+        yield 0, b"j0"
+        yield 4096, b"j1"
+
+    monkeypatch.setattr(adapter.pyfuse3, "notify_store", notify_store)
+    try:
+        assert storer(1, 0, b"a" * 100)
+        assert entered.wait(10)  # the thread holds the first: the rest wait in the queue
+        assert storer.later(2, job, 300)
+        assert not storer.later(3, job, 200)  # 600 queued would pass half the bound
+        assert storer(4, 0, b"d" * 400)  # a hand-off still fits
+        assert not storer(5, 0, b"e" * 201)  # past the whole bound (800 queued)
+    finally:
+        release.set()
+    assert storer(9, 0, b"z")
+    assert done.wait(10)
+    assert calls == [(1, 0, b"a" * 100), (2, 0, b"j0"), (2, 4096, b"j1"), (4, 0, b"d" * 400), (9, 0, b"z")]
+    assert threads == {"commitfs-page-store"} and storer._queued == 0 and storer.dropped == 2
+
+    # A job in flight holds up end_page_stores (bounded), as a hand-off does.
+    entered.clear()
+    gate = threading.Event()
+
+    def slow_job():
+        entered.set()
+        gate.wait(20)
+        yield 0, b"late"
+
+    assert storer.later(6, slow_job, 10)
+    assert entered.wait(10)
+    assert adapter.end_page_stores(timeout=0.2) is False
+    gate.set()
+    assert adapter.end_page_stores(timeout=10) is True
+    assert (6, 0, b"late") not in calls  # the door closed while it ran: nothing stored after

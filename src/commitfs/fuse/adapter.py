@@ -420,6 +420,10 @@ def store_pages(inode: int, offset: int | None, data, session: int | None = None
 
 #: Bytes queued for the page-store thread at most; more are dropped, never waited for.
 PAGE_STORE_QUEUE_BYTES = 16 * 1024 * 1024
+#: Jobs (PageStorer.later) are queued only while the queue holds less than this
+#: share of PAGE_STORE_QUEUE_BYTES: a lagging thread drops neighbours first, never
+#: the chunk a read just verified.
+PAGE_STORE_JOB_SHARE = 0.5
 
 
 class PageStorer:
@@ -431,7 +435,8 @@ class PageStorer:
     function that reads and verifies them in this thread (a random read's
     neighbouring chunks, vfs/core.py), so that work leaves the event loop too.
     Queued bytes (a job's: those it will store) are bounded; past the bound a
-    hand-off is dropped (False).  After end_page_stores what is still queued is
+    hand-off is dropped (False), and a job already past half of it (jobs are
+    only a head start; the bytes a read just verified come first).  After end_page_stores what is still queued is
     dropped too (``clear``; and store_pages does nothing for a hand-off of an
     earlier session)."""
 
@@ -445,16 +450,16 @@ class PageStorer:
         self.dropped = 0
 
     def __call__(self, inode: int, offset: int, data) -> bool:
-        return self._put(inode, offset, data, len(data))
+        return self._put(inode, offset, data, len(data), self.max_bytes)
 
     def later(self, inode: int, job: Callable[[], Iterable[tuple[int, object]]], nbytes: int) -> bool:
         """Queue ``job``: called in this thread, it yields (offset, verified bytes)
         of file ``inode`` to store, about ``nbytes`` in all; False if dropped."""
-        return self._put(inode, None, job, nbytes)
+        return self._put(inode, None, job, nbytes, int(self.max_bytes * PAGE_STORE_JOB_SHARE))
 
-    def _put(self, inode: int, offset: int | None, data, n: int) -> bool:
+    def _put(self, inode: int, offset: int | None, data, n: int, limit: int) -> bool:
         with self._lock:
-            if not _stores_open or self._queued + n > self.max_bytes:
+            if not _stores_open or self._queued + n > limit:
                 self.dropped += 1
                 return False
             self._queued += n
