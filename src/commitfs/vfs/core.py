@@ -945,8 +945,8 @@ class FileSystem:
         the event loop only picks the chunks, skipping those published lately.
         Each run of them reaches one chunk into a published neighbour, so the
         page across their boundary is whole in one hand-off (the kernel keeps
-        only whole pages).  Bytes the thread does not find in memory (read_engine's
-        span_from_memory), or that fail verification, are not published: a read
+        only whole pages).  Bytes the thread does not find in memory (the read
+        engine's span_from_memory), or that fail verification, are not published: a read
         of them fetches and verifies them as any other."""
         sizes, n = manifest.chunk_sizes, len(manifest.chunk_sizes)
         lo, budget = first, PUBLISH_AROUND_BYTES

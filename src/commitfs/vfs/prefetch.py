@@ -125,7 +125,8 @@ class Prefetcher:
 
     def __init__(self, manifest: FileManifest, fetch: Fetch, nursery: trio.Nursery, *,
                  fetch_now: FetchNow | None = None, publish: Publish | None = None,
-                 publish_around: PublishAround | None = None, initial_window: int = INITIAL_WINDOW, max_window: int = MAX_WINDOW,
+                 publish_around: PublishAround | None = None,
+                 initial_window: int = INITIAL_WINDOW, max_window: int = MAX_WINDOW,
                  part_bytes: int = PART_BYTES, back_tolerance: int = BACK_TOLERANCE):
         self.layout = manifest  # offsets to chunks: its prefix sums
         self.size = self.layout.size
