@@ -632,7 +632,9 @@ class _Walk:
         re-cut and re-encoded, and the index nodes above them; the same ids as
         encoding it whole).  The edits: the entries whose stat changed or that are
         new, the names gone, and the subdirectories built anew.  None (encode it
-        whole) if that tree is not a split one or cannot be read."""
+        whole) if that tree is not a split one or cannot be read, or if the edits
+        fall in more than half of its leaves (splittree.edit_pays, from its index
+        nodes alone: then encoding it whole costs less, and reads no old leaf)."""
         prev = d.prev
         old, new = set(prev.stat[1:]), set(d.stat[1:])
         changed = {t[0] for t in new - old}
@@ -646,11 +648,14 @@ class _Walk:
             return None  # gone or damaged: encoded whole
         if not isinstance(base, splittree.SplitTree):
             return None
-        edits: dict[str, TreeEntry | None] = dict.fromkeys(gone)
-        for e in entries:
-            if e.name in changed:
-                edits[e.name] = e
         try:
+            # Edits in most of its leaves (a touch of every file): encoded whole, no old leaf read.
+            if not splittree.edit_pays(base, changed | gone):
+                return None
+            edits: dict[str, TreeEntry | None] = dict.fromkeys(gone)
+            for e in entries:
+                if e.name in changed:
+                    edits[e.name] = e
             return self.writer.add_tree_edit(base, edits)
-        except (ObjectNotFoundError, CorruptObjectError):  # a leaf of it
+        except (ObjectNotFoundError, CorruptObjectError):  # an index node or leaf of it
             return None
