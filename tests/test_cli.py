@@ -482,6 +482,22 @@ def test_options_may_stand_between_operands():
     assert (args.old, args.new, args.json) == ("v1", "main", True)
 
 
+def _imported_after(argv, heavy, before=""):
+    """Run ``commitfs ARGV`` (its ``--help``, say) in a fresh interpreter; its last
+    line of output lists which of the ``heavy`` modules it imported."""
+    import sys
+
+    code = ("import sys\n" + before +
+            "from commitfs.cli import main\n"
+            "try:\n"
+            f"    main({list(argv)!r})\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            f"print(repr([m for m in {tuple(heavy)!r} if m in sys.modules]))\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+
 def test_a_verb_imports_only_what_it_needs():
     """Every verb builds its parser from its own module alone (issue 21: a
     no-change re-commit paid ~0.2 s for every verb module's imports): `commit
@@ -499,19 +515,10 @@ def test_a_verb_imports_only_what_it_needs():
         importlib.import_module(name).register(sub, argparse.ArgumentParser(add_help=False))
         registered.update(dict.fromkeys(sub.choices, name))
     assert registered == VERBS
-    code = ("import sys\n"
-            "from commitfs.cli import main\n"
-            "try:\n"
-            "    main(['commit', '--help'])\n"
-            "except SystemExit:\n"
-            "    pass\n"
-            "heavy = [m for m in ('commitfs.ops.contentdiff', 'commitfs.ops.merge', 'commitfs.ops.fsck',"
-            " 'commitfs.ops.sync', 'commitfs.ops.lineage', 'commitfs.ops.gc', 'commitfs.ops.snapshot',"
-            " 'commitfs.repo.repository', 'commitfs.fuse.lifecycle', 'commitfs.cli.remote', 'commitfs.api')"
-            " if m in sys.modules]\n"
-            "print(repr(heavy))\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    proc = _imported_after(["commit", "--help"], (
+        "commitfs.ops.contentdiff", "commitfs.ops.merge", "commitfs.ops.fsck", "commitfs.ops.sync",
+        "commitfs.ops.lineage", "commitfs.ops.gc", "commitfs.ops.snapshot", "commitfs.repo.repository",
+        "commitfs.fuse.lifecycle", "commitfs.cli.remote", "commitfs.api"))
     assert proc.returncode == 0, proc.stderr
     assert "usage: commitfs commit" in proc.stdout
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
@@ -526,20 +533,11 @@ def test_a_mount_command_imports_only_what_a_mount_needs():
 
     from commitfs.cli import VERB_MODULES, verb_modules
 
-    code = ("import sys\n"
-            "import commitfs\n"
-            "assert 'commitfs.api' not in sys.modules, 'import commitfs imported the API'\n"
-            "from commitfs.cli import main\n"
-            "try:\n"
-            "    main(['-r', '/nonexistent', 'mount', '--help'])\n"
-            "except SystemExit:\n"
-            "    pass\n"
-            "heavy = [m for m in ('commitfs.api', 'commitfs.ops.contentdiff', 'commitfs.ops.merge', 'commitfs.ops.fsck',"
-            " 'commitfs.ops.snapshot', 'commitfs.cli.core', 'commitfs.model.chunker', 'boto3', 'trio')"
-            " if m in sys.modules]\n"
-            "print(repr(heavy))\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    proc = _imported_after(["-r", "/nonexistent", "mount", "--help"], (
+        "commitfs.api", "commitfs.ops.contentdiff", "commitfs.ops.merge", "commitfs.ops.fsck",
+        "commitfs.ops.snapshot", "commitfs.cli.core", "commitfs.model.chunker", "boto3", "trio"),
+        before="import commitfs\n"
+               "assert 'commitfs.api' not in sys.modules, 'import commitfs imported the API'\n")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
     assert verb_modules(["--repo", "x", "mount", "main", "/mnt"]) == ["commitfs.cli.mount"]
