@@ -608,8 +608,8 @@ class _Walk:
                         self.open_dirs[id(d)] = d
                     d.reads = len(to_read)
                     self.files += d.nfiles
-                    for slot in to_read:
-                        self._read(d, slot)
+                    if to_read:
+                        self._read_all(d, to_read)
                     stack.extend(reversed(d.subdirs))  # popped in name order: the stat cache's key order
                     d.left += len(d.subdirs)
                     self._settle(d)  # its scan is done
@@ -623,6 +623,32 @@ class _Walk:
             self.open_dirs.clear()
         assert top.built is not None
         return top.built[0]
+
+    def _read_all(self, d: _Dir, slots: list[int]) -> None:
+        """``_read`` each of ``slots``; small files in a loop of its own (once per file
+        of a first commit: the directory's attributes read once, no os.path.join)."""
+        prefix = d.path if d.path.endswith("/") else d.path + "/"
+        entries, stat, fd, dev, prog = d.entries, d.stat, d.fd, d.dev, self.prog
+        for slot in slots:
+            name, _, (_, st_size, _) = entries[slot]
+            if st_size > _SMALL_FILE:
+                self._read(d, slot)
+                continue
+            prog.files_total += 1
+            prog.bytes_total += st_size
+            d.left += 1
+            while (self.pending or self.batch) and (self.inflight + st_size > _READ_AHEAD_BYTES
+                                                    or self.queued + len(self.batch) >= _READ_AHEAD_FILES):
+                if not self.pending:
+                    self._submit()
+                self._drain_one()
+            # Opened as the scan saw it: relative to the directory's descriptor, that inode.
+            batch = self.batch
+            batch.append((d, slot, prefix + name, st_size, (fd, name, dev, stat[slot + 1][4])))
+            self.batch_bytes += st_size
+            self.inflight += st_size
+            if len(batch) >= _BATCH_FILES or self.batch_bytes >= _BATCH_BYTES:
+                self._submit()
 
     def _read(self, d: _Dir, slot: int) -> None:
         name, _, (_, st_size, _) = d.entries[slot]
