@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import random
 import stat
@@ -245,6 +246,52 @@ def test_daemon_killed_during_writes(ws):
     assert records >= acked + 1
     for i in range(records):
         assert data[i * 4096:i * 4096 + 8] == b"%08d" % i
+
+
+def _daemon_reads(mnt) -> int:
+    """How many read system calls the mount's daemon has made (one per FUSE request it takes)."""
+    from commitfs.fuse.lifecycle import lookup_daemon_pid
+
+    with open(f"/proc/{lookup_daemon_pid(mnt)}/io") as f:
+        return int(next(line for line in f if line.startswith("syscr:")).split()[1])
+
+
+def test_a_write_only_descriptor_writes_direct_and_readers_see_its_bytes(ws):
+    """A write-only open of a workspace file is direct (FOPEN_DIRECT_IO): each write is
+    one request to the daemon, not two (the kernel asks no security.capability first,
+    and copies the bytes once), and a descriptor reading the file meanwhile sees what
+    it wrote, through read and through a mapping; an open for reading and writing
+    stays cached (its writes still cost the kernel's extra request)."""
+    mnt = ws.mount()
+    n = 32
+    buf = mmap.mmap(-1, 1 << 20)  # page-aligned: a direct write of it is one request
+    buf.write(os.urandom(1 << 20))
+    data = bytes(buf)
+    for name, flags, direct in (("wronly.bin", os.O_WRONLY, True), ("rdwr.bin", os.O_RDWR, False)):
+        p = mnt / name
+        p.write_bytes(b"")
+        r = os.open(p, os.O_RDONLY)
+        try:
+            w = os.open(p, flags)
+            try:
+                before = _daemon_reads(mnt)
+                for i in range(n):
+                    assert os.pwrite(w, buf, i << 20) == len(data)
+                requests = _daemon_reads(mnt) - before
+                assert (requests < 1.5 * n) == direct, (name, requests)
+                assert os.pread(r, len(data), (n - 1) << 20) == data
+                with mmap.mmap(r, len(data), access=mmap.ACCESS_READ) as m:
+                    assert m[:4096] == data[:4096]
+                    os.pwrite(w, b"new bytes", 10)
+                    assert m[:20] == data[:10] + b"new bytes" + data[19:20]  # the mapping sees the write
+            finally:
+                os.close(w)
+        finally:
+            os.close(r)
+        with open(p, "rb") as f:
+            assert f.read(1 << 20) == data[:10] + b"new bytes" + data[19:]
+            assert os.fstat(f.fileno()).st_size == n << 20
+    buf.close()
 
 
 def test_full_overlay_disk_is_enospc_and_loses_nothing(ws, small_tmpfs):

@@ -799,6 +799,114 @@ def test_a_status_syncs_a_writers_ranges_in_a_worker_thread_and_answers_a_disk_e
     trio.run(main)
 
 
+def test_a_commit_or_reset_syncs_the_cleared_overlay_in_a_worker_thread(repo_and_base, tmp_path, monkeypatch,
+                                                                         caplog):
+    """A commit's and a reset's clearing of the overlay fsyncs the WAL and removes the
+    data files in a worker thread under the loader's limiter and I/O timeout: a slow
+    disk there does not stall the mount, and a disk error there is logged, the commit
+    made and the edits gone as it says (docs/SEMANTICS.md)."""
+    import logging
+    import threading
+
+    repo, _ = repo_and_base
+    ws = tmp_path / "ws"
+    fs = _open(repo, ws)
+    syncs: list[bool] = []  # on the loop's thread?
+    unlinks: list[bool] = []
+    fail = []
+    real_fsync, real_unlink = os.fsync, os.unlink
+
+    def slow_fsync(fd):
+        syncs.append(threading.current_thread() is threading.main_thread())
+        threading.Event().wait(0.4)  # a slow disk
+        if fail:
+            raise OSError(5, "Input/output error")
+        return real_fsync(fd)
+
+    def unlink(path, *args, **kwargs):
+        if str(ws / "data") in str(path):
+            unlinks.append(threading.current_thread() is threading.main_thread())
+        return real_unlink(path, *args, **kwargs)
+
+    async def edit(name: bytes) -> None:
+        fh, _ = await fs.create(1, name, 0o644, os.O_WRONLY)
+        await fs.write(fh, 0, b"bytes of " + name)
+        await fs.release(fh)
+
+    async def main():
+        async with fs.running():
+            await edit(b"one.txt")
+            monkeypatch.setattr(os, "fsync", slow_fsync)
+            monkeypatch.setattr(os, "unlink", unlink)
+            gap, outcome = await _max_gap_while(control.commit, fs, "one")
+            assert not isinstance(outcome, Exception), outcome
+            assert syncs and not any(syncs), syncs  # the WAL's fsync: in a worker thread
+            assert unlinks and not any(unlinks), unlinks  # and the data file's removal
+            assert gap < 0.3, gap  # the loop went on meanwhile
+            assert os.listdir(ws / "data") == []
+            committed = outcome.commit_id
+
+            monkeypatch.undo()
+            await edit(b"two.txt")
+            syncs.clear(), unlinks.clear()
+            monkeypatch.setattr(os, "fsync", slow_fsync)
+            monkeypatch.setattr(os, "unlink", unlink)
+            gap, outcome = await _max_gap_while(fs.reset)
+            assert not isinstance(outcome, Exception), outcome
+            assert syncs and not any(syncs), syncs
+            assert unlinks and not any(unlinks), unlinks
+            assert gap < 0.3, gap
+            assert await fs.lookup(1, b"one.txt") and fs.overlay.is_clean()
+
+            monkeypatch.undo()
+            await edit(b"three.txt")
+            monkeypatch.setattr(os, "fsync", slow_fsync)
+            real_finish = Overlay.finish_clear
+
+            def failing_finish(self, below):
+                fail.append(True)  # only the clear's fsync fails (not the pending id's)
+                return real_finish(self, below)
+            monkeypatch.setattr(Overlay, "finish_clear", failing_finish)
+            with caplog.at_level(logging.WARNING):
+                outcome = await control.commit(fs, "three")  # the branch moved: no error
+            monkeypatch.undo()
+            assert "not yet synced" in caplog.text and "Input/output error" in caplog.text
+            assert repo.refs.lookup_branch("main") == outcome.commit_id != committed
+            assert fs.base == outcome.commit_id and fs.overlay.is_clean()
+    trio.run(main)
+    fs = _open(repo, ws)  # what was committed is the base, the data directory empty
+    try:
+        assert fs.overlay.is_clean() and os.listdir(ws / "data") == []
+    finally:
+        fs.shutdown()
+
+
+def test_only_a_write_only_open_of_a_file_without_set_id_bits_writes_direct(repo_and_base, tmp_path):
+    """WorkspaceFS.writes_direct (FOPEN_DIRECT_IO, fuse/adapter.py): a write-only open,
+    never one that reads (it could map the file), nor one of a set-id file (a direct
+    write leaves clearing the set-id bits to the server, which pyfuse3 cannot see)."""
+    repo, _ = repo_and_base
+    fs = _open(repo, tmp_path / "ws")
+
+    async def main():
+        async with fs.running():
+            fh, attr = await fs.create(1, b"new.txt", 0o644, os.O_WRONLY | os.O_CREAT)
+            assert fs.writes_direct(fh, os.O_WRONLY | os.O_CREAT)
+            await fs.release(fh)
+            out = []
+            for flags in (os.O_WRONLY, os.O_WRONLY | os.O_APPEND, os.O_RDWR, os.O_RDONLY):
+                fh = await fs.open(attr.ino, flags)
+                out.append(fs.writes_direct(fh, flags))
+                await fs.release(fh)
+            for mode in (0o4755, 0o2755):
+                await fs.setattr(attr.ino, mode=stat.S_IFREG | mode)
+                fh = await fs.open(attr.ino, os.O_WRONLY)
+                out.append(fs.writes_direct(fh, os.O_WRONLY))
+                await fs.release(fh)
+            return out
+    assert trio.run(main) == [True, True, False, False, False, False]
+
+
 def test_closing_a_new_file_records_its_row_in_a_worker_thread(repo_and_base, tmp_path, monkeypatch):
     """The close of a new file (no copy-on-write) writes its times' row in a worker
     thread, not on the event loop."""

@@ -293,16 +293,18 @@ def _owner(ctx) -> tuple[int, int] | None:
 
 class WorkspaceOperations(Operations):
     """A writable workspace (vfs.workspace.WorkspaceFS): every write handler maps to
-    the workspace; files are opened without keep_cache (their bytes can change)."""
+    the workspace; files are opened without keep_cache (their bytes can change), and
+    write-only ones direct (WorkspaceFS.writes_direct)."""
 
     @_handler
     async def open(self, inode, flags, ctx=None):
-        return pyfuse3.FileInfo(fh=await self.fs.open(inode, flags), keep_cache=False)
+        fh = await self.fs.open(inode, flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=self.fs.writes_direct(fh, flags))
 
     @_handler
     async def create(self, parent_inode, name, mode, flags, ctx=None):
         fh, attr = await self.fs.create(parent_inode, name, mode, flags, owner=_owner(ctx))
-        return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._entry(attr)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=self.fs.writes_direct(fh, flags)), self._entry(attr)
 
     @_handler
     async def write(self, fh, off, buf):

@@ -625,11 +625,15 @@ class Overlay:
         """The merge in progress (a JSON document the control channel wrote), or None."""
         return self.get_meta("merge")
 
-    def clear(self, base: bytes, root: Row, merge: str | None = None) -> None:
+    def clear(self, base: bytes, root: Row, merge: str | None = None, finish: bool = True) -> int:
         """Drop every edit and make ``base`` the base, in one transaction; then delete data files.
 
         ``merge``: a merge in progress to record in the same transaction (the
-        root row then names the merged tree); without it any merge is over."""
+        root row then names the merged tree); without it any merge is over.
+
+        ``finish=False`` (a running workspace, on the event loop) stops after the
+        transaction: the caller then runs ``finish_clear`` of the returned bound in
+        a worker thread (the WAL's fsync and the data files' removal block)."""
         with self.batch():
             self._conn.execute("DELETE FROM nodes")
             self._conn.execute("DELETE FROM ranges")
@@ -640,8 +644,27 @@ class Overlay:
             if merge is not None:
                 self._conn.execute("INSERT INTO meta VALUES ('merge', ?)", (merge,))
             self._conn.execute(_INSERT, root.values())
+        below = self._next_id
+        if finish:
+            self.sync_db()
+            self.collect_garbage()
+        return below
+
+    def finish_clear(self, below: int) -> int:
+        """The blocking half of a ``clear(finish=False)`` (any thread; no database
+        access): fsync the WAL, then delete the cleared rows' data files, those named
+        by a node id below ``below`` (a file created after the clear, for a new node,
+        has a higher id, so a late run never takes it).  Returns how many."""
         self.sync_db()
-        self.collect_garbage()
+        removed = 0
+        for entry in os.scandir(self.data):
+            if entry.name.isdigit() and int(entry.name) < below:
+                try:
+                    os.unlink(entry.path)
+                    removed += 1
+                except OSError:
+                    pass
+        return removed
 
     # --- the reserve ----------------------------------------------------------------
     def make_reserve(self) -> None:

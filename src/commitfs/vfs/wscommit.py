@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
-from commitfs.errors import InputError
+from commitfs.errors import InputError, StorageError
 from commitfs.model.draft import Draft, EditedFile, NewFile
 from commitfs.model.objects import Commit, Kind, Tree, TreeEntry, symlink_entry
 from commitfs.repo.repository import Repository
@@ -283,7 +283,10 @@ class CommitState:
         # its row says the same: a chmod of the root is an edit, which this clears.
         root_entry = TreeEntry("", Kind.DIR, 0, shown)
         root_row = Row(ROOT_ID, None, "", NodeKind.DIR, root_entry, False, None, _mode_of(root_entry), 0, None)
-        self.overlay.clear(cid, root_row, merge)  # the one atomic step
+        # The one atomic step: its transaction here, so nothing runs between the survey
+        # and the changes below; the WAL's fsync and the data files' removal after
+        # them, in a worker thread (_finish_clear).
+        below = self.overlay.clear(cid, root_row, merge, finish=False)
         invalidate: list[int] = self._unlink_extra_names(linked)  # hard links: names apart now
         self.base = cid
         self.base_tree = commit.tree
@@ -293,7 +296,20 @@ class CommitState:
         for n in old_data:
             if n.fd is not None and n.parent is not None:
                 self._close_fd(n)
+        await self._finish_clear(below)
         return invalidate
+
+    async def _finish_clear(self, below: int) -> None:
+        """``Overlay.finish_clear`` in a worker thread under the loader's limiter and I/O
+        timeout (the caller holds the lock: no file is created meanwhile).  A disk error
+        or timeout there is logged, not raised: the clear is committed (it survives a
+        killed daemon), the in-memory tree already shows it, and for a commit the
+        pending id recorded before the branch moved settles it again after a power
+        loss (resolve_pending); a data file left behind is removed at the next open."""
+        try:
+            await self.loader.io("fsync of the cleared workspace overlay", self.overlay.finish_clear, below)
+        except (OSError, StorageError) as exc:
+            log.warning("workspace %s: the cleared overlay is not yet synced to disk: %s", self.overlay.path, exc)
 
     def _survey(self, top: WNode) -> tuple[set[WNode], list[tuple[tuple, list[str]]], list[WNode], list[WNode]]:
         """One pass over the in-memory tree at and below ``top``: (the nodes that stay in a
