@@ -30,7 +30,9 @@ on an s3rver server, installed with npm, which serves a range at its cost), ``li
 diffs beside reading the file once), ``scale`` (a million small files: commits,
 re-commits, a flat directory, a mount's find, memory), ``gc`` (gc of a half-dead
 repository beside copying its live packs once, locally and on S3, with the
-requests it makes per GiB reclaimed).  A section gets the dataset, pristine,
+requests it makes per GiB reclaimed); ``randread`` runs the mount section's
+random-read row alone and ``flat`` the scale section's flat directory alone
+(``all`` leaves those two out).  A section gets the dataset, pristine,
 from ``bench.dataset()`` and empty scratch directories from
 ``bench.scratch(name)``, and uses the helpers below (``timed``,
 ``read_to_devnull``, ``drop_caches``, ``commit_in_process``, ``commit_cli``,
@@ -924,15 +926,6 @@ def _mount_reads(b: Bench, ds: Dataset, repo_url: str, out: SectionResult) -> No
             raise RuntimeError(f"read {n} bytes under {root}, expected {nbytes}")
         return s
 
-    def random_reads(path: Path, count: int = 2000, size: int = 4 * KiB) -> int:
-        rng = random.Random(7)
-        length = path.stat().st_size
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            return sum(len(os.pread(fd, size, rng.randrange(length - size))) for _ in range(count))
-        finally:
-            os.close(fd)
-
     b.log("warming the page cache, then timing the read into /dev/null (median of 3)")
     read_to_devnull(ds.root, paths)
     disk_s = statistics.median(read_all(ds.root) for _ in range(3))
@@ -963,17 +956,7 @@ def _mount_reads(b: Bench, ds: Dataset, repo_url: str, out: SectionResult) -> No
             first_par_s, n = readers.read(mnt, paths)
             if n != nbytes:
                 raise RuntimeError(f"{READERS} readers read {n} bytes through the mount, expected {nbytes}")
-        # One sample of each side, minutes apart, varied 2-3x on a loaded 2-core VM (2.55x
-        # in one run, 1.28x and 1.41x in A/B rounds): rounds of a new mount and a new nullfs
-        # in turn, as the sample figures do, so drifts hit both sides; medians.
-        b.log(f"2000 random 4 KiB reads of the weights: {SAMPLE_ROUNDS} rounds of a new commitfs mount, "
-              "then a new nullfs serving the weights")
-        rand_runs: dict[str, list[float]] = {"commitfs": [], "nullfs": []}
-        for _ in range(SAMPLE_ROUNDS):
-            with mount():
-                rand_runs["commitfs"].append(timed(random_reads, mnt / ds.WEIGHTS)[0])
-            with nullfs_mount(ds.root, [ds.WEIGHTS], mnt, b.scratch("nullfs")):
-                rand_runs["nullfs"].append(timed(random_reads, mnt / ds.WEIGHTS)[0])
+        rand_runs = _random_read_rounds(b, ds, mount, mnt)
         first_rand_s = statistics.median(rand_runs["commitfs"])
         null_rand_s = statistics.median(rand_runs["nullfs"])
     out.rows += [
@@ -992,9 +975,7 @@ def _mount_reads(b: Bench, ds: Dataset, repo_url: str, out: SectionResult) -> No
         Row("  same, the weights file alone", wbytes / first_w_s, wbytes / disk_w_s, "B/s"),
         Row(f"first read by {READERS} processes through a new mount vs {READERS} processes reading the files",
             nbytes / first_par_s, nbytes / disk_par_s, "B/s"),
-        Row("2000 random 4 KiB reads of the weights, new mount vs the file", first_rand_s, disk_rand_s, "s"),
-        Row("  same, vs a new nullfs serving the weights from memory", first_rand_s, null_rand_s, "s",
-            ("<=", 1.5)),
+        *_random_read_rows(first_rand_s, disk_rand_s, null_rand_s),
     ]
     details = {"disk_s": disk_s, "warm_s": warm_s, "first_s": first_s, "disk_weights_s": disk_w_s,
                "warm_without_fast_path_s": slow_warm_s, "fast_path_missing": mounted.fast_path_missing,
@@ -1033,6 +1014,65 @@ def _mount_reads(b: Bench, ds: Dataset, repo_url: str, out: SectionResult) -> No
             f" (NOT here: the mount ran without the fast path, {mounted.fast_path_missing}; every open() was a "
             "round trip)"),
     ]
+
+
+def random_reads(path: Path, count: int = 2000, size: int = 4 * KiB) -> int:
+    """``count`` seeded random ``size``-byte preads of ``path`` (a model's weights, read at random)."""
+    rng = random.Random(7)
+    length = path.stat().st_size
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return sum(len(os.pread(fd, size, rng.randrange(length - size))) for _ in range(count))
+    finally:
+        os.close(fd)
+
+
+def _random_read_rounds(b: Bench, ds: Dataset, mount: Callable, mnt: Path) -> dict[str, list[float]]:
+    """Seconds of ``random_reads`` of the weights through a new mount and a new nullfs, per round."""
+    # One sample of each side, minutes apart, varied 2-3x on a loaded 2-core VM (2.55x
+    # in one run, 1.28x and 1.41x in A/B rounds): rounds of a new mount and a new nullfs
+    # in turn, as the sample figures do, so drifts hit both sides; medians.
+    b.log(f"2000 random 4 KiB reads of the weights: {SAMPLE_ROUNDS} rounds of a new commitfs mount, "
+          "then a new nullfs serving the weights")
+    rand_runs: dict[str, list[float]] = {"commitfs": [], "nullfs": []}
+    for _ in range(SAMPLE_ROUNDS):
+        with mount():
+            rand_runs["commitfs"].append(timed(random_reads, mnt / ds.WEIGHTS)[0])
+        with nullfs_mount(ds.root, [ds.WEIGHTS], mnt, b.scratch("nullfs")):
+            rand_runs["nullfs"].append(timed(random_reads, mnt / ds.WEIGHTS)[0])
+    return rand_runs
+
+
+def _random_read_rows(first_rand_s: float, disk_rand_s: float, null_rand_s: float) -> list[Row]:
+    return [
+        Row("2000 random 4 KiB reads of the weights, new mount vs the file", first_rand_s, disk_rand_s, "s"),
+        Row("  same, vs a new nullfs serving the weights from memory", first_rand_s, null_rand_s, "s",
+            ("<=", 1.5)),
+    ]
+
+
+@section("randread", "the mount section's random-read row alone (2000 random 4 KiB reads of the weights)")
+def bench_randread(b: Bench) -> SectionResult:
+    ds = b.dataset()
+    out = SectionResult()
+    repo_dir = b.scratch("repo-mount")
+    Repository.init(str(repo_dir)).close()
+    b.log("committing the dataset")
+    commit_in_process(str(repo_dir), ds.root, "mount bench")
+    mnt, cache_dir = b.scratch("mnt"), b.scratch("mount-cache")
+    weights = ds.root / ds.WEIGHTS
+    try:
+        random_reads(weights)  # the file's pages into the page cache, as the mount section has them
+        disk_rand_s, _ = timed(random_reads, weights)
+        rand_runs = _random_read_rounds(b, ds, lambda: commitfs_mount(str(repo_dir), mnt, cache_dir), mnt)
+    finally:
+        shutil.rmtree(repo_dir)
+    out.rows += _random_read_rows(statistics.median(rand_runs["commitfs"]), disk_rand_s,
+                                  statistics.median(rand_runs["nullfs"]))
+    out.details["random_rounds_s"] = rand_runs
+    out.notes.append("the same rounds as the mount section's row (medians of "
+                     f"{SAMPLE_ROUNDS} new mounts per side); `--section all` leaves this section out")
+    return out
 
 
 def _mount_sample(b: Bench, ds: Dataset, repo_url: str, out: SectionResult) -> None:
@@ -2800,7 +2840,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_signal)
     bytecode_note = with_bytecode_caches()
     bench = Bench(SCALES[args.scale], args.workdir.absolute(), args.profile)
-    names = [n for n in SECTIONS if n != "flat"] if args.section == "all" else [args.section]  # scale has it
+    names = [n for n in SECTIONS if n not in ("flat", "randread")] if args.section == "all" else [args.section]  # scale has it
     results: dict[str, SectionResult] = {}
     for name in names:
         bench.log(f"section {name}")

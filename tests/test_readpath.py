@@ -203,6 +203,75 @@ def test_directory_read_ahead_fetches_the_next_small_files_together_and_a_jump_c
     assert dirahead.AHEAD_FILES >= 16
 
 
+def _read_in_order(store_url, tmp_path, files, commit, order, **options):
+    """Read ``order`` (names in train/) through the file-system core over the counting
+    S3 store with a chunk cache, one file at a time as a shuffled reader does:
+    (pack reads, the directory read-ahead's counters, pack bytes read)."""
+    import trio
+
+    from mount_fixtures import fs_of, vfs_read_all
+    from test_vfs import lookup_path_ino
+    from commitfs.cache import DiskChunkCache
+
+    repo = counting_repository(store_url)
+    repo.chunk_cache = DiskChunkCache(tmp_path / "cache")
+
+    async def main():
+        async with fs_of(repo, commit, **options) as fs:
+            inos = {name: await lookup_path_ino(fs, f"train/{name}") for name in order}
+            before, bytes_before = repo.store.reads_of["packs"], repo.store.bytes_read
+            for name in order:
+                assert await vfs_read_all(fs, inos[name]) == files[name]
+                await trio.sleep(0)
+            ahead = fs._dir_ahead
+            never_read = sum(s.outstanding for s in ahead._sweeps.values())  # swept, and not read
+            return (repo.store.reads_of["packs"] - before, (ahead.sweeps, ahead.swept_files, never_read),
+                    repo.store.bytes_read - bytes_before)
+    return trio.run(main)
+
+
+@pytest.mark.parametrize("store_url", ["s3"], indirect=True)
+def test_a_shuffled_reader_of_a_directory_gets_its_files_swept_in_blocks(store_url, tmp_path, cache_home):
+    """A reader of all of a directory's small files in a shuffled order (a DataLoader's)
+    jumps at every read: after dirahead.SWEEP_AFTER_JUMPS jumps, a jump fetches the
+    aligned block of SWEEP_FILES files around it in one task (coalesced ranged reads
+    into the chunk cache), so the reads cost far fewer requests than files (one each
+    without: test_a_cold_s3_read_of_a_directorys_small_files_costs_one_request_each)."""
+    from commitfs.vfs import dirahead
+
+    n = 128
+    files, commit = _dir_repo(store_url, tmp_path, n, size=6_000)
+    order = sorted(files)
+    random.Random(5).shuffle(order)
+    pack_reads, (sweeps, swept, never_read), _ = _read_in_order(store_url, tmp_path, files, commit, order)
+    assert sweeps >= 4 and swept >= 4 * (dirahead.SWEEP_FILES // 2), (sweeps, swept)
+    assert never_read == 0  # it read them all
+    # The first SWEEP_AFTER_JUMPS reads cost one request each, then blocks come whole.
+    assert pack_reads <= n // 2, (pack_reads, sweeps, swept)
+
+
+@pytest.mark.parametrize("store_url", ["s3"], indirect=True)
+def test_a_sparse_reader_of_a_directory_gets_a_bounded_overfetch(store_url, tmp_path, cache_home):
+    """A shuffled reader of a random eighth of a directory's files would have sweeps
+    fetch nearly every file of the directory (each block eight times what it reads):
+    swept files not read yet stay within PROBE_FILES + SWEPT_PER_READ x the files read
+    (vfs/dirahead.py, "Density"), so what it fetched and never read stays within that
+    plus one block, in files and in bytes."""
+    from commitfs.vfs import dirahead
+
+    n, size = 1024, 2_000
+    files, commit = _dir_repo(store_url, tmp_path, n, size=size)
+    order = random.Random(6).sample(sorted(files), n // 8)
+    pack_reads, (sweeps, swept, never_read), got = _read_in_order(store_url, tmp_path, files, commit, order)
+    bound = dirahead.PROBE_FILES + dirahead.SWEEP_FILES + dirahead.SWEPT_PER_READ * len(order)
+    assert sweeps >= 1 and never_read <= swept  # it did sweep
+    assert never_read <= bound, (sweeps, swept, never_read, bound)
+    wanted = sum(len(files[name]) for name in order)
+    # (+ the manifests' reads: up to MANIFEST_BATCH neighbours' per miss, a few hundred bytes each)
+    assert got <= wanted + bound * (size + n) + 512 * 1024, (got, wanted)
+    assert pack_reads <= len(order) + 8  # and it costs no more requests than without sweeps
+
+
 def test_the_limiter_is_sized_for_the_storage(store_url, cache_home):
     """Many storage calls in flight for S3 (latency-bound), fewer for a local disk."""
     from commitfs.vfs import loader

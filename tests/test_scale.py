@@ -175,6 +175,100 @@ def test_a_large_directory_whose_files_match_but_a_subdirectory_changed_is_edite
     assert_fsck_clean(local_repo.url)
 
 
+def _big_with_every_file_touched(root, seed: int):
+    """A split directory ``root/big`` of 600 small files committed once, then every
+    file touched (new mtime, same bytes): a re-commit's edits fall in every leaf."""
+    rng = random.Random(seed)
+    big = root / "big"
+    for i in range(600):
+        write_file(big / f"f{i:04d}.bin", rng.randbytes(rng.randrange(50)))
+    age_tree(root)
+    return big
+
+
+def _touch_all(big):
+    t = os.stat(big / "f0000.bin").st_mtime - 60  # still out of the racy window
+    for p in big.iterdir():
+        os.utime(p, (t, t))
+
+
+def _old_leaf_loads(repo, monkeypatch, tree_id: bytes) -> list:
+    """Record every load of a leaf of ``big`` in commit ``tree_id`` from now on."""
+    old = {leaf_id for leaf_id in _leaf_ids(repo, repo.load_tree(tree_id).get("big").id)}
+    loads = []
+    load_node = Repository.load_tree_node
+
+    def counting(self, oid, *a, **kw):
+        if oid in old:
+            loads.append(oid)
+        return load_node(self, oid, *a, **kw)
+    monkeypatch.setattr(Repository, "load_tree_node", counting)
+    return loads
+
+
+def _leaf_ids(repo, big_id: bytes) -> set:
+    """The ids of split directory ``big_id``'s leaves, from its index nodes."""
+    out, todo = set(), [repo.load_tree(big_id).root]
+    while todo:
+        node = todo.pop()
+        for c in node.children:
+            if node.level == 1:
+                out.add(c.id)
+            else:
+                todo.append(repo.load_tree_node(c.id))
+    assert len(out) > 20
+    return out
+
+
+def test_a_touch_of_every_file_of_a_large_directory_splits_it_whole_loading_no_old_leaf(
+        local_repo, tmp_path, monkeypatch, small_split):
+    """A re-commit whose edits fall in most leaves of a split directory (every file
+    touched) encodes it whole (splittree.edit_pays, decided from its index nodes):
+    no old leaf is loaded (over S3 an edit would GET every one), and the ids are
+    those of a commit without any cache."""
+    src = tmp_path / "src"
+    big = _big_with_every_file_touched(src, 13)
+    first = commit_directory(local_repo, src, message="v1")
+    _touch_all(big)
+    loads = _old_leaf_loads(local_repo, monkeypatch, first.tree_id)
+    again = commit_directory(local_repo, src, message="v2", allow_empty=True)
+    assert again.files_read == 600
+    assert loads == []
+    assert again.tree_id == first.tree_id == _fresh_tree_id(tmp_path, src)
+
+
+def test_a_large_directory_edited_or_encoded_whole_gets_the_same_ids(tmp_path, monkeypatch, small_split,
+                                                                      cache_home):
+    """The same re-commit (edits in every leaf, and a few files changed, added and
+    removed), once forced to edit the old tree and once to encode it whole: the
+    same tree ids, those of a commit without any cache; only the edit loads old leaves."""
+    from commitfs.model import splittree
+
+    src = tmp_path / "src"
+    big = _big_with_every_file_touched(src, 14)
+    repos = [Repository.init(str(tmp_path / name)) for name in ("edit", "whole")]
+    try:
+        firsts = [commit_directory(r, src, message="v1") for r in repos]
+        _touch_all(big)
+        (big / "f0100.bin").write_bytes(b"changed")
+        (big / "f0300.bin").unlink()
+        (big / "f0450x.bin").write_bytes(b"added")
+        t = os.stat(big / "f0000.bin").st_mtime
+        for p in ("f0100.bin", "f0450x.bin"):
+            os.utime(big / p, (t, t))
+        got = []
+        for r, first, pays in zip(repos, firsts, (True, False)):
+            with monkeypatch.context() as m:
+                m.setattr(splittree, "edit_pays", lambda tree, names, pays=pays: pays)
+                loads = _old_leaf_loads(r, m, first.tree_id)
+                got.append(commit_directory(r, src, message="v2").tree_id)
+            assert (len(loads) > 0) is pays, (pays, len(loads))
+        assert got[0] == got[1] == _fresh_tree_id(tmp_path, src)
+    finally:
+        for r in repos:
+            r.close()
+
+
 def _edits(src: os.PathLike):
     """Changes a re-commit must see, each keeping sizes or names where it can."""
     def chmod_exec():

@@ -406,10 +406,10 @@ def test_unreadable_file(committed, monkeypatch):
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(snapshot, "open", failing_open, raising=False)
-    def failing_open_fd(path, *args):  # small files' reads (snapshot._read_whole)
+    def failing_open_fd(path, *args, **kwargs):  # every file's open (snapshot._open_checked)
         if os.fspath(path).endswith("secret.bin"):
             raise PermissionError(13, "Permission denied", os.fspath(path))
-        return os.open(path, *args)
+        return os.open(path, *args, **kwargs)
 
     monkeypatch.setattr(snapshot, "_open_fd", failing_open_fd)
     with pytest.raises(InputError, match=r"cannot read .*secret\.bin: Permission denied"):
@@ -418,6 +418,85 @@ def test_unreadable_file(committed, monkeypatch):
     with pytest.raises(InputError, match=r"secret\.bin"):
         _commit(repo, src)
     _still_valid(repo, head)
+
+
+def _fifo_watchdog(fifo, done):
+    """Only if a reader blocks in open() on ``fifo`` (a commit without the O_NONBLOCK
+    open) and the commit has not returned within 10 s: open its other end and close it,
+    so that the reader gets an end of file and the test fails instead of hanging."""
+    import threading
+
+    def unblock():
+        if done.wait(10):
+            return
+        while not done.is_set():
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # no reader (yet), or the FIFO gone
+                pass
+            done.wait(0.05)
+    t = threading.Thread(target=unblock, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("large", [False, True])
+def test_a_file_swapped_between_the_scan_and_its_read_is_taken_as_what_it_became(repo, tmp_path, monkeypatch,
+                                                                                 large):
+    """Between the scan's stat and the open of a file, it is swapped for a FIFO, a
+    symlink, another file: the read opens it with O_NOFOLLOW|O_NONBLOCK relative to the
+    directory's descriptor and checks the descriptor (fstat) is the regular file the scan
+    saw; it is not, so the commit stats it again: the FIFO is skipped with the scan's
+    warning (never waited on), the symlink recorded as a symlink (never followed), the
+    new file read.  The same tree as a commit of the directory as it now is; and the
+    stat cache agrees: committing again finds nothing changed."""
+    import threading
+
+    if large:
+        monkeypatch.setattr(snapshot, "_SMALL_FILE", 10)  # the streaming path
+    src = tmp_path / "src"
+    for name in ("a.bin", "b.bin", "c.bin", "d.bin"):
+        write_file(src / name, name.encode() * 20)
+    scan_dir = snapshot._scan_dir
+
+    def swapping_scan(d, *a, **kw):
+        to_read = scan_dir(d, *a, **kw)
+        if d.rel == "":
+            assert len(to_read) == 4
+            os.unlink(src / "a.bin")
+            os.mkfifo(src / "a.bin")
+            os.unlink(src / "b.bin")
+            os.symlink("c.bin", src / "b.bin")
+            write_file(src / "d.new", b"another file" * 10)
+            os.rename(src / "d.new", src / "d.bin")
+        return to_read
+
+    monkeypatch.setattr(snapshot, "_scan_dir", swapping_scan)
+    done = threading.Event()
+    watchdog = _fifo_watchdog(str(src / "a.bin"), done)
+    try:
+        res = _commit(repo, src)
+    finally:
+        done.set()
+        watchdog.join()
+    monkeypatch.setattr(snapshot, "_scan_dir", scan_dir)
+    assert [w for w in res.warnings if w.startswith("skipped FIFO")] == [f"skipped FIFO {src / 'a.bin'}"]
+    tree = repo.load_tree(repo.load_commit(res.commit_id).tree)
+    assert [e.name for e in tree.entries] == ["b.bin", "c.bin", "d.bin"]
+    assert tree.get("b.bin").kind is Kind.SYMLINK
+    assert res.files == 2
+    out = tmp_path / "out"
+    checkout(repo, res.commit_id, out)
+    assert os.readlink(out / "b.bin") == "c.bin"
+    assert (out / "d.bin").read_bytes() == b"another file" * 10
+    with Repository.init(str(tmp_path / "fresh")) as fresh:
+        assert _commit(fresh, src).tree_id == res.tree_id
+    age_tree(src)
+    with pytest.raises(NothingToCommitError):
+        _commit(repo, src)
+    again = _commit(repo, src, allow_empty=True)
+    assert again.files_read == 0 and again.tree_id == res.tree_id
+    assert not [p for p in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{p}") == str(src)]
 
 
 def test_fifo_and_socket_are_skipped_with_a_warning(committed, monkeypatch):

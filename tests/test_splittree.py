@@ -816,3 +816,27 @@ def test_a_listing_that_fails_before_counting_any_file_leaves_no_block_behind(sm
                 assert listed and len(calls) == 2  # a first leaf listed, the second failed
                 assert big.ino not in fs.table._blocks and not fs.table._bases
     trio.run(main)
+
+
+def test_whether_an_edit_pays_is_decided_from_the_index_nodes_alone(small_split):
+    """splittree.edit_pays: edits in at most half of a split directory's leaves are
+    worth an edit, more are not (encoding it whole reads no old leaf); it loads no
+    leaf, and split_edit after it reuses the index nodes it read."""
+    from commitfs.model.splittree import edit_pays, split_edit
+
+    entries = random_entries(random.Random(5), 600)
+    tid, objects = _store(entries)
+    loads = []
+    tree = _read(tid, objects, loads)
+    nleaves = sum(1 for o in objects.values() if isinstance(o, Tree))
+    assert nleaves > 20
+    firsts = [e.name for o in objects.values() if isinstance(o, Tree) for e in o.entries[:1]]
+    assert not edit_pays(tree, [e.name for e in entries])
+    assert not edit_pays(tree, sorted(firsts)[:nleaves // 2 + 1])
+    assert edit_pays(tree, sorted(firsts)[:nleaves // 2])
+    assert edit_pays(tree, [entries[7].name, entries[7].name + "~"])  # both in one leaf
+    assert not [o for o in loads if isinstance(objects[o], Tree)], "no leaf loaded"
+    index_loads = len(loads)
+    edits = {entries[7].name: None}
+    assert split_edit(tree, edits)[-1][0] == split_nodes(entries[:7] + entries[8:])[-1][0]
+    assert not [o for o in loads[index_loads:] if isinstance(objects[o], TreeIndex)]

@@ -15,7 +15,7 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import pyfuse3
 
@@ -136,8 +136,10 @@ class Operations(pyfuse3.Operations):
         self.opens = 0  # OPEN requests received (in no-open mode: 1 at most, the first)
         if isinstance(fs, FileSystem):
             # Verified chunks a random read fetched whole go to the kernel's page cache,
-            # so the next reads in them make no request (vfs/prefetch.py, publishing).
+            # so the next reads in them make no request (vfs/prefetch.py, publishing),
+            # and so do their neighbours, read and verified in the page-store thread.
             fs.page_store = page_storer
+            fs.page_store_later = page_storer.later
         self.uid = os.getuid()
         self.gid = os.getgid()
 
@@ -389,19 +391,27 @@ _stores_open = True
 _session = 0
 
 
-def store_pages(inode: int, offset: int, data, session: int | None = None) -> None:
+def store_pages(inode: int, offset: int | None, data, session: int | None = None) -> None:
     """Put a file's verified bytes into the kernel's page cache (FUSE notify-store;
     blocking: called in the PageStorer's thread).  The kernel keeps only whole
-    pages; an inode it has forgotten, or an old kernel, is not an error.  After
-    end_page_stores, or when ``session`` (queued in) is not the current one, it
-    does nothing."""
+    pages; an inode it has forgotten, or an old kernel, is not an error.  With
+    ``offset`` None, ``data`` is a job (PageStorer.later): called here, it yields
+    (offset, verified bytes) to store, and it counts as in flight until it ends
+    (end_page_stores waits for it).  After end_page_stores, or when ``session``
+    (queued in) is not the current one, it does nothing."""
     global _stores_running
     with _stores:
         if not _stores_open or (session is not None and session != _session):
             return
         _stores_running += 1
     try:
-        pyfuse3.notify_store(inode, offset, data)
+        if offset is None:  # a job (PageStorer.later): it reads and verifies the bytes here
+            for offset, data in data():
+                if not _stores_open:
+                    break
+                pyfuse3.notify_store(inode, offset, data)
+        else:
+            pyfuse3.notify_store(inode, offset, data)
     except OSError as exc:
         log.debug("notify_store of inode %d failed: %s", inode, exc)
     finally:
@@ -412,6 +422,10 @@ def store_pages(inode: int, offset: int, data, session: int | None = None) -> No
 
 #: Bytes queued for the page-store thread at most; more are dropped, never waited for.
 PAGE_STORE_QUEUE_BYTES = 16 * 1024 * 1024
+#: Jobs (PageStorer.later) are queued only while the queue holds less than this
+#: share of PAGE_STORE_QUEUE_BYTES: a lagging thread drops neighbours first, never
+#: the chunk a read just verified.
+PAGE_STORE_JOB_SHARE = 0.5
 
 
 class PageStorer:
@@ -419,8 +433,12 @@ class PageStorer:
     loop only queues (``__call__``), so a random read's hand-off costs it no task
     and no thread hop.  A store may wait for a page the kernel has locked for a
     READ being answered (that READ's own pages, say): only this thread waits, until
-    the event loop has replied.  Queued bytes are bounded; past the bound a
-    hand-off is dropped (False).  After end_page_stores what is still queued is
+    the event loop has replied.  ``later`` queues a job instead of bytes: a
+    function that reads and verifies them in this thread (a random read's
+    neighbouring chunks, vfs/core.py), so that work leaves the event loop too.
+    Queued bytes (a job's: those it will store) are bounded; past the bound a
+    hand-off is dropped (False), and a job already past half of it (jobs are
+    only a head start; the bytes a read just verified come first).  After end_page_stores what is still queued is
     dropped too (``clear``; and store_pages does nothing for a hand-off of an
     earlier session)."""
 
@@ -434,9 +452,16 @@ class PageStorer:
         self.dropped = 0
 
     def __call__(self, inode: int, offset: int, data) -> bool:
-        n = len(data)
+        return self._put(inode, offset, data, len(data), self.max_bytes)
+
+    def later(self, inode: int, job: Callable[[], Iterable[tuple[int, object]]], nbytes: int) -> bool:
+        """Queue ``job``: called in this thread, it yields (offset, verified bytes)
+        of file ``inode`` to store, about ``nbytes`` in all; False if dropped."""
+        return self._put(inode, None, job, nbytes, int(self.max_bytes * PAGE_STORE_JOB_SHARE))
+
+    def _put(self, inode: int, offset: int | None, data, n: int, limit: int) -> bool:
         with self._lock:
-            if not _stores_open or self._queued + n > self.max_bytes:
+            if not _stores_open or self._queued + n > limit:
                 self.dropped += 1
                 return False
             self._queued += n
@@ -445,29 +470,30 @@ class PageStorer:
                 # A daemon thread: a store stuck at exit must not keep the process (adapter doc).
                 self._thread = threading.Thread(target=self._run, name="commitfs-page-store", daemon=True)
                 self._thread.start()
-        self._queue.put((session, inode, offset, data))
+        self._queue.put((session, inode, offset, data, n))
         return True
 
     def clear(self) -> None:
         """Drop what is queued (the session ended)."""
         while True:
             try:
-                _, _, _, data = self._queue.get_nowait()
+                _, _, _, _, n = self._queue.get_nowait()
             except queue.Empty:
                 return
             with self._lock:
-                self._queued -= len(data)
+                self._queued -= n
 
     def _run(self) -> None:
         while True:
-            session, inode, offset, data = self._queue.get()
+            session, inode, offset, data, n = self._queue.get()
             try:
                 store_pages(inode, offset, data, session)
             except Exception:  # never ends the thread: a lost shortcut only
                 log.debug("page-cache hand-off of inode %d failed", inode, exc_info=True)
             finally:
+                data = None  # not kept while the thread waits for the next
                 with self._lock:
-                    self._queued -= len(data)
+                    self._queued -= n
 
 
 page_storer = PageStorer()

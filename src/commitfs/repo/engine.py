@@ -170,6 +170,11 @@ class ReadEngine:
         if self._resident is not None:
             self._resident.close()
 
+    @property
+    def reads_from_memory(self) -> bool:
+        """Whether chunks can come from memory at all (a local store, no chunk cache)."""
+        return self.chunk_cache is None and self._resident is not None
+
     # --- step 1: locate -------------------------------------------------------------
     def locate(self, oid: bytes) -> Location:
         loc = self.index.lookup(oid)
@@ -300,23 +305,38 @@ class ReadEngine:
             check_chunk_sizes(oids, sizes, out)
         return out
 
+    def span_from_memory(self, oids, sizes):
+        """The bytes of consecutive chunks of a file (``sizes``: their lengths in
+        its manifest), verified, as one buffer, if memory has what they need,
+        else None: read_file's steps for part of a file (one run, its buffer
+        returned as it is when they lie one after another uncompressed).  The
+        mount hands a random read's neighbours to the page cache with it."""
+        if self.chunk_cache is not None:
+            return None
+        try:
+            return self._read_span(self._memory, oids, sizes)
+        except NotInMemory:
+            return None
+
     def _read_file(self, src, manifest: FileManifest):
-        ids = manifest.chunk_ids
+        return self._read_span(src, manifest.chunk_ids, manifest.chunk_sizes)
+
+    def _read_span(self, src, ids, sizes):
         if not ids:
             return b""
         if src.cache is not None:
-            chunks = self._read_chunks(src, list(ids), manifest.chunk_sizes)
+            chunks = self._read_chunks(src, list(ids), sizes)
         else:
             items = [(i, oid, src.locate(oid)) for i, oid in enumerate(ids)]
             run = _contiguous(items)
             if run is not None:
                 buf = src.range(run.key, run.start, run.size)
-                for ((_, oid, _), data, _), size in zip(_verify(run, buf), manifest.chunk_sizes):
+                for ((_, oid, _), data, _), size in zip(_verify(run, buf), sizes):
                     check_chunk_sizes((oid,), (size,), (data,))
                 return buf
             chunks = [None] * len(ids)  # located already: no second index lookup
             self._read_located(src, items, chunks, None)
-            check_chunk_sizes(ids, manifest.chunk_sizes, chunks)
+            check_chunk_sizes(ids, sizes, chunks)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 

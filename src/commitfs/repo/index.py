@@ -548,18 +548,13 @@ class Index:
         """True if the blob is indexed, without re-listing (a writer's dedup
         question): segments answer from memory (Segment.contains), so a commit
         makes no storage request per chunk."""
-        if self._answers.get(oid) is not None:
+        # (Asked once per blob a commit adds: no lock, closure or generator on the way.
+        # A plain dict lookup is atomic, and an answer's presence is all that counts here.)
+        if oid in self._answers:
             return True
-        def has(seg: Segment, last: bool) -> bool:
-            try:
-                return seg.contains(oid)
-            except CorruptObjectError:
-                return False  # a damaged segment: the writer stores the blob again
-            except ObjectNotFoundError:
-                if last:
-                    return False  # still merging away under us: at worst the blob is stored again
-                raise
-
+        segments = self._snapshot
+        if not segments:
+            return False
         # Concurrent writers merge segments all the time: one listed a moment ago
         # may be gone.  Re-list and ask again; a segment that keeps vanishing on the
         # last try costs a blob stored twice, never a failed commit.
@@ -567,9 +562,20 @@ class Index:
         for attempt in range(attempts):
             last = attempt == attempts - 1
             try:
-                return any(has(seg, last) for seg in self.segments())
+                for seg in segments:
+                    try:
+                        if seg.contains(oid):
+                            return True
+                    except CorruptObjectError:
+                        pass  # a damaged segment: the writer stores the blob again
+                    except ObjectNotFoundError:
+                        if not last:
+                            raise
+                        # still merging away under us: at worst the blob is stored again
+                return False
             except ObjectNotFoundError:
                 self.refresh()  # a merge removed a segment under us
+                segments = self._snapshot
         return False
 
     def add_segment(self, entries: Iterable[tuple[bytes, Location]]) -> str | None:

@@ -176,9 +176,15 @@ class PackBuilder:
         self.size = end
 
     def add(self, oid: bytes, kind: BlobKind, stored, compression: Compression, raw: int) -> int:
-        offset = self.size
-        self._put(stored)
-        self.entries.append((oid, kind, compression, offset, len(stored), raw))
+        offset = self.size  # (_put inlined: once per blob of a commit)
+        n = len(stored)
+        end = offset + n
+        buf = self.buf
+        if end > len(buf):
+            buf.extend(bytes(max(end - len(buf), len(buf) // 2)))
+        buf[offset:end] = stored
+        self.size = end
+        self.entries.append((oid, kind, compression, offset, n, raw))
         return offset
 
     def seal(self) -> memoryview:

@@ -544,6 +544,10 @@ class WriteStats:
     bytes_stored: int = 0
 
 
+_CHUNK = BlobKind.CHUNK
+_tuple_new = tuple.__new__
+
+
 class BlobWriter:
     """Adds blobs to a repository: dedups, compresses, packs, uploads, indexes.
 
@@ -609,28 +613,38 @@ class BlobWriter:
     def has(self, oid: bytes) -> bool:
         return oid in self._session or self.repo.has_blob(oid)
 
-    def add(self, oid: bytes, kind: BlobKind, data, *, stored=None, compression: Compression | None = None) -> bool:
+    def add(self, oid: bytes, kind: BlobKind, data, *, stored=None, compression: Compression | None = None,
+            above_new: bool = False) -> bool:
         """Store a blob unless present; return True if it was new.
 
         ``data`` is the raw bytes (any bytes-like object; its length is the raw
         size).  Pass ``stored`` and ``compression`` if already decided by
-        maybe_compress, e.g. in a worker thread.
+        maybe_compress, e.g. in a worker thread.  ``above_new``: the blob names
+        one this writer just found new (a file's manifest after its one chunk),
+        so the repository cannot hold it but by a damage or a gc's condemned
+        pack, where a copy stored twice is harmless: only this session is asked
+        (half a commit's dedup questions, for a commit of small files).
         """
-        if self.has(oid):
+        # (Once per blob of a commit: module constants for enum members, tuple.__new__ for
+        # the Location; a namedtuple's __new__ and an enum's attribute are Python calls.)
+        session = self._session
+        if oid in session if above_new else (oid in session or self.repo.has_blob(oid)):
             self.stats.blobs_dedup += 1
             return False
         if stored is None:
             stored, compression = maybe_compress(data, kind)
-        chunk = kind is BlobKind.CHUNK
+        chunk = kind is _CHUNK
         builder = self._builders["data" if chunk else "meta"]
         offset = builder.add(oid, kind, stored, compression, len(data))
-        self._session[oid] = Location(b"", offset, len(stored), len(data), kind, compression)
-        self.stats.blobs_new += 1
-        self.stats.bytes_new_raw += len(data)
-        self.stats.bytes_new_stored += len(stored)
-        if len(builder) >= (TARGET_PACK_SIZE if chunk else self.META_PACK_SIZE):
+        raw, nstored = len(data), len(stored)
+        session[oid] = _tuple_new(Location, (b"", offset, nstored, raw, kind, compression))
+        stats = self.stats
+        stats.blobs_new += 1
+        stats.bytes_new_raw += raw
+        stats.bytes_new_stored += nstored
+        if builder.size >= (TARGET_PACK_SIZE if chunk else self.META_PACK_SIZE):
             self._flush(builder)
-        if self._checkpoint_blobs is not None and len(self._session) >= self._checkpoint_blobs:
+        if self._checkpoint_blobs is not None and len(session) >= self._checkpoint_blobs:
             self.checkpoint()
         return True
 
@@ -729,10 +743,12 @@ class BlobWriter:
             view.release()
             made = salted.entries
             pack_id, view = salted.finish()
-        entries = [
-            (oid, Location(pack_id, off, stored, raw, BlobKind(kind), comp))
-            for oid, kind, comp, off, stored, raw in made
-        ]
+        # Per blob of the pack, on this thread, holding the GIL the committing thread needs:
+        # Locations made by tuple.__new__ (a namedtuple's own __new__ is a Python function),
+        # from the builder's kinds, which are BlobKinds already (no enum call).
+        new = tuple.__new__
+        entries = [(oid, new(Location, (pack_id, off, stored, raw, kind, comp)))
+                   for oid, kind, comp, off, stored, raw in made]
         self.repo.note_own_pack(pack_id)
         self.repo.store.save_object(pack_key(pack_id), view)
         size = len(view)
@@ -741,8 +757,7 @@ class BlobWriter:
             self._uploaded.append((pack_id, entries))
             self.stats.packs += 1
             self.stats.bytes_stored += size
-            for oid, loc in entries:
-                self._session[oid] = loc
+            self._session.update(entries)
             if len(builder.buf) >= TARGET_PACK_SIZE:
                 self._free.append(builder.take_buffer())
 

@@ -107,8 +107,22 @@ log = logging.getLogger(__name__)
 MAX_STREAMS = 4
 #: (inode, offset) of the chunks published lately, not published again.
 _PUBLISHED_KEYS = 4096
+#: Bytes on each side of a random read's chunks that are read, verified and handed
+#: to the page cache in the page-store thread (FileSystem._publish_around): a
+#: random reader's later reads near this one then make no request.  Each chunk
+#: is queued once while its key is remembered (_PUBLISHED_KEYS), so for a file of
+#: up to that many chunks, however many random reads come, this costs at most
+#: about one verified read of the file.
+PUBLISH_AROUND_BYTES = 1024 * 1024
 
 MakeNode = Callable[[], Node]
+
+
+def _remember(keys: OrderedDict, key) -> None:
+    """Add ``key`` to a bounded record of keys (the oldest forgotten past _PUBLISHED_KEYS)."""
+    keys[key] = None
+    if len(keys) > _PUBLISHED_KEYS:
+        keys.popitem(last=False)
 
 
 @dataclass(frozen=True)
@@ -298,6 +312,11 @@ class FileSystem:
         #: dropped them (a full queue).  None: random reads publish nothing (prefetch.py).
         self.page_store: Callable[[int, int, bytes], bool | None] | None = None
         self._published: OrderedDict[tuple[int, int], None] = OrderedDict()
+        #: Queues a job for that thread: (inode, job, bytes), the job yielding
+        #: (offset, verified bytes) to store; False if dropped.  None: a random
+        #: read's neighbours are not published (``_publish_around``).
+        self.page_store_later: Callable[[int, Callable, int], bool] | None = None
+        self._published_around: OrderedDict[tuple[int, int], None] = OrderedDict()
 
     @asynccontextmanager
     async def running(self):
@@ -894,8 +913,11 @@ class FileSystem:
         assert self._nursery is not None and h.manifest is not None
         o = self.options
         publish = None if self.page_store is None else functools.partial(self._publish, h.node.ino)
+        around = None
+        if publish is not None and self.page_store_later is not None and self.repo.reads.reads_from_memory:
+            around = functools.partial(self._publish_around, h.node.ino, h.manifest)
         return prefetch.Prefetcher(h.manifest, self.loader.chunks, self._nursery,
-                                   fetch_now=self.loader.chunks_now, publish=publish,
+                                   fetch_now=self.loader.chunks_now, publish=publish, publish_around=around,
                                    initial_window=o.initial_window,
                                    max_window=o.max_window, part_bytes=o.part_bytes)
 
@@ -912,9 +934,66 @@ class FileSystem:
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if self.page_store(ino, offset, data) is False:
             return
-        self._published[key] = None
-        if len(self._published) > _PUBLISHED_KEYS:
-            self._published.popitem(last=False)
+        for c in chunks:
+            _remember(self._published, (ino, offset))
+            offset += len(c)
+
+    def _publish_around(self, ino: int, manifest: FileManifest, first: int, last: int) -> None:
+        """Have the chunks within ``PUBLISH_AROUND_BYTES`` of chunks [first, last)
+        of file ``ino`` (a random read's, just published) read, verified and
+        handed to the page cache, in the page-store thread (``page_store_later``):
+        the event loop only picks the chunks, skipping those published lately.
+        Each run of them reaches one chunk into a published neighbour, so the
+        page across their boundary is whole in one hand-off (the kernel keeps
+        only whole pages).  Bytes the thread does not find in memory (the read
+        engine's span_from_memory), or that fail verification, are not published: a read
+        of them fetches and verifies them as any other."""
+        sizes, n = manifest.chunk_sizes, len(manifest.chunk_sizes)
+        lo, budget = first, PUBLISH_AROUND_BYTES
+        while lo > 0 and budget > 0:
+            lo -= 1
+            budget -= sizes[lo]
+        hi, budget = last, PUBLISH_AROUND_BYTES
+        while hi < n and budget > 0:
+            budget -= sizes[hi]
+            hi += 1
+        start = manifest.chunk_start
+        done, around = self._published, self._published_around
+
+        def todo(i: int) -> bool:
+            key = (ino, start(i))
+            return key not in done and key not in around
+        runs: list[tuple[int, int]] = []
+        i = lo
+        while i < hi:
+            if not todo(i):
+                i += 1
+                continue
+            j = i + 1
+            while j < hi and todo(j):
+                j += 1
+            runs.append((i, j))
+            i = j
+        if not runs:
+            return
+        spans = [(a - 1 if a > 0 and not todo(a - 1) else a, b + 1 if b < n and not todo(b) else b)
+                 for a, b in runs]
+        ids, reads = manifest.chunk_ids, self.repo.reads
+
+        def job():
+            for a, b in spans:
+                try:
+                    data = reads.span_from_memory(ids[a:b], sizes[a:b])
+                except Exception as exc:  # not published; a read of these chunks reports it
+                    log.debug("chunks %d..%d of inode %d not published: %s", a, b, ino, exc)
+                    continue
+                if data is not None:
+                    yield start(a), data
+        if self.page_store_later(ino, job, sum(start(b) - start(a) for a, b in spans)) is False:
+            return
+        for a, b in runs:
+            for i in range(a, b):
+                _remember(around, (ino, start(i)))
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self._files.get(fh)

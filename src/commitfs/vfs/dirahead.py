@@ -33,11 +33,40 @@ the chunk cache).  The reads that come then find the chunks in the cache; one
 that comes while its file's fetch is still running waits for it (``pending``)
 instead of fetching the same bytes beside it.
 
+Sweeps: shuffled readers
+------------------------
+A DataLoader reads a directory's files in a shuffled order: every read is a
+jump, and the window above never grows.  Yet it reads every file in the end,
+and neighbours in the directory are neighbours in a pack.  So each directory
+(at most ``SWEEP_DIRS``, the least recent dropped) also counts its jumps, and
+after ``SWEEP_AFTER_JUMPS`` of them a jump to position ``pos`` *sweeps* the
+aligned block of ``SWEEP_FILES`` files around it (``pos // SWEEP_FILES``),
+the jumping file included: their manifests and chunks in one task as above,
+so one coalesced ranged read brings the block, and the reads that come to the
+block's other files later find them in the chunk cache.  A block is swept once;
+at most ``MAX_SWEEPS`` sweeps are in flight (a jump finding none free sweeps
+nothing); a jump does not cancel sweeps (jumping is what a shuffled reader does).
+
+Density.  A reader of a random *subset* of a directory would have a sweep
+fetch ``SWEEP_FILES`` times what it reads.  Its reads cannot tell it from a
+reader of every file until it stops: the first ``k`` reads of a shuffled
+reader of a random ``k`` files and of a shuffled reader of all of them are
+alike (each read a uniformly random file not read yet), so a swept file is
+as likely to be read next by either, and a share of swept files read so far
+is the same for both.  What can be bounded is what sweeps fetch *ahead* of
+the reader: a directory sweeps only while its swept files not read yet are
+fewer than ``PROBE_FILES`` plus ``SWEPT_PER_READ`` times the files read in
+it.  A reader of all of the directory soon has most of it read or swept; a
+reader of a subset, when it stops, has had at most about ``PROBE_FILES +
+SWEEP_FILES + SWEPT_PER_READ x (files it read)`` files fetched that it never
+read, per directory state (about the whole directory without the check).
+
 Bounds: at most ``AHEAD_BYTES`` of small files' bytes in flight per directory
-and ``MAX_DIRS`` directories; fetched bytes live in the chunk cache, whose cap
-holds.  Errors of a read-ahead are only logged: the file's own read meets and
-reports them.  Only a remote repository with a chunk cache reads ahead (a local
-one is read in place: the page cache is its read-ahead).
+and ``MAX_DIRS`` directories; ``MAX_SWEEPS`` blocks of ``SWEEP_FILES`` small
+files in flight; fetched bytes live in the chunk cache, whose cap holds.
+Errors of a read-ahead are only logged: the file's own read meets and reports
+them.  Only a remote repository with a chunk cache reads ahead (a local one is
+read in place: the page cache is its read-ahead).
 """
 
 from __future__ import annotations
@@ -67,6 +96,19 @@ BACK_FILES = 4
 #: Directories read ahead at once; the least recent is dropped.
 MAX_DIRS = 8
 
+#: Files in a swept block (aligned: block ``pos // SWEEP_FILES``).
+SWEEP_FILES = 16
+#: Jumps within a directory before its jumps sweep.
+SWEEP_AFTER_JUMPS = 16
+#: Sweeps in flight at once, over all directories.
+MAX_SWEEPS = 8
+#: Directories whose jumps and sweeps are tracked; the least recent is dropped.
+SWEEP_DIRS = 256
+#: Swept files not read yet a directory may have beyond SWEPT_PER_READ per file read (module doc).
+PROBE_FILES = 64
+#: Swept files not read yet a directory may have per file read in it.
+SWEPT_PER_READ = 1
+
 
 class _State:
     __slots__ = ("first", "last", "until", "window", "scopes")
@@ -84,6 +126,40 @@ class _State:
         self.scopes.clear()
 
 
+class _Sweeps:
+    """A directory's jumps and sweeps (module doc, "Sweeps")."""
+
+    __slots__ = ("jumps", "reads", "read", "swept", "unread", "outstanding")
+
+    def __init__(self):
+        self.jumps = 0
+        self.reads = 0  # distinct small files read
+        self.read: dict[int, int] = {}  # block -> bit mask of the positions read
+        self.swept: set[int] = set()  # blocks swept
+        self.unread: dict[int, int] = {}  # block -> bit mask of swept positions not read yet
+        self.outstanding = 0  # their number
+
+    def saw(self, pos: int) -> None:
+        """Count a read of ``pos`` (once per position)."""
+        block, bit = divmod(pos, SWEEP_FILES)
+        mask = self.read.get(block, 0)
+        if mask >> bit & 1:
+            return
+        self.read[block] = mask | 1 << bit
+        self.reads += 1
+        unread = self.unread.get(block, 0)
+        if unread >> bit & 1:
+            self.outstanding -= 1
+            if unread == 1 << bit:
+                del self.unread[block]
+            else:
+                self.unread[block] = unread & ~(1 << bit)
+
+    def dense(self) -> bool:
+        """Whether the directory may sweep: few enough swept files not read yet."""
+        return self.outstanding < PROBE_FILES + SWEPT_PER_READ * self.reads
+
+
 class DirReadAhead:
     def __init__(self, loader, nursery: trio.Nursery, small_bytes: int):
         self._loader = loader
@@ -91,14 +167,22 @@ class DirReadAhead:
         self._small = small_bytes
         self._states: OrderedDict[int, _State] = OrderedDict()
         self._pending: dict[bytes, trio.Event] = {}  # file id -> its read-ahead's end
-        #: For tests and the log: files fetched ahead, windows cancelled by a jump.
+        self._sweeps: OrderedDict[int, _Sweeps] = OrderedDict()
+        self._sweep_scopes: set[trio.CancelScope] = set()
+        #: For tests and the log: files fetched ahead, windows cancelled by a jump,
+        #: blocks swept and their files (module doc).
         self.files_started = 0
         self.jumps = 0
+        self.sweeps = 0
+        self.swept_files = 0
 
     def close(self) -> None:
         for state in self._states.values():
             state.cancel()
         self._states.clear()
+        for scope in self._sweep_scopes:
+            scope.cancel()
+        self._sweeps.clear()
 
     def pending(self, fid: bytes) -> trio.Event | None:
         """Set when the read-ahead fetching ``fid`` ends, if one is: a read of it
@@ -112,6 +196,14 @@ class DirReadAhead:
         of a split directory (model/splittree.py).  Positions are the directory's
         throughout, so a reader that goes on from one leaf into the next follows
         its state; what is fetched ahead stays within ``entries``."""
+        sweeps = self._sweeps.get(dir_ino)
+        if sweeps is None:
+            sweeps = self._sweeps[dir_ino] = _Sweeps()
+            while len(self._sweeps) > SWEEP_DIRS:
+                self._sweeps.popitem(last=False)  # (its sweeps in flight finish: MAX_SWEEPS bounds them)
+        else:
+            self._sweeps.move_to_end(dir_ino)
+        sweeps.saw(pos)
         state = self._states.get(dir_ino)
         if state is not None and max(state.first, state.last - BACK_FILES) <= pos \
                 and pos < max(state.until, state.last + 1 + FOLLOW_GAP):
@@ -126,7 +218,11 @@ class DirReadAhead:
             self._states.move_to_end(dir_ino)
             while len(self._states) > MAX_DIRS:
                 self._states.popitem(last=False)[1].cancel()
-            return  # one read is no stream yet: a shuffled reader costs no read-ahead
+            # One read is no stream yet: a shuffled reader costs no window; many jumps sweep.
+            sweeps.jumps += 1
+            if sweeps.jumps > SWEEP_AFTER_JUMPS:
+                self._sweep(sweeps, entries, pos, base)
+            return
         end = base + len(entries)
         ahead = sum(1 for e in entries[pos + 1 - base:max(state.until - base, 0)] if self._wanted(e))
         if ahead >= state.window // 2:
@@ -147,6 +243,42 @@ class DirReadAhead:
             for fid in batch:
                 self._pending.setdefault(fid, done)
             self._nursery.start_soon(self._fetch, scope, batch, done)
+
+    def _sweep(self, sweeps: _Sweeps, entries: Sequence[TreeEntry], pos: int, base: int) -> None:
+        """Fetch the block of files around ``pos`` if the directory still sweeps (module doc)."""
+        block = pos // SWEEP_FILES
+        if block in sweeps.swept or len(self._sweep_scopes) >= MAX_SWEEPS or not sweeps.dense():
+            return
+        sweeps.swept.add(block)
+        read = sweeps.read.get(block, 0)
+        batch, unread = [], 0
+        for p in range(max(block * SWEEP_FILES, base), min((block + 1) * SWEEP_FILES, base + len(entries))):
+            e = entries[p - base]
+            if not self._wanted(e) or (p != pos and (read >> p % SWEEP_FILES & 1 or e.id in self._pending)):
+                continue
+            batch.append(e.id)
+            if p != pos:
+                unread |= 1 << p % SWEEP_FILES
+        if len(batch) <= 1:
+            return  # nothing beside the file's own read
+        count = bin(unread).count("1")
+        if count:
+            sweeps.unread[block] = sweeps.unread.get(block, 0) | unread
+            sweeps.outstanding += count
+        self.sweeps += 1
+        self.swept_files += count
+        scope = trio.CancelScope()
+        self._sweep_scopes.add(scope)
+        done = trio.Event()
+        for fid in batch:
+            self._pending.setdefault(fid, done)
+        self._nursery.start_soon(self._swept, scope, batch, done)
+
+    async def _swept(self, scope: trio.CancelScope, fids: list[bytes], done: trio.Event) -> None:
+        try:
+            await self._fetch(scope, fids, done)
+        finally:
+            self._sweep_scopes.discard(scope)
 
     def _wanted(self, e: TreeEntry) -> bool:
         return e.kind.is_file and 0 < e.size <= self._small

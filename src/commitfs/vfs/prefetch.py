@@ -61,7 +61,11 @@ overlaps, whole (no byte leaves unverified), for the few KiB the kernel asked
 for.  With ``publish`` set, the chunks of such a demand part are handed to it
 with their file offset once verified: the file system gives them to the
 kernel's page cache (FUSE's notify-store), so the next random reads in the
-same chunks are the kernel's alone, with no request at all.
+same chunks are the kernel's alone, with no request at all.  With
+``publish_around`` set as well, it is then told the part's chunk range: the
+file system has the chunks around it read, verified and published too, off
+the event loop (vfs/core.py, ``_publish_around``), so that a random reader's
+next reads near earlier ones find the page cache filled ahead of them.
 
 A failed part raises its error to every read that needs it (the kernel
 returns EIO) and is forgotten, so the next read of that range tries again.
@@ -98,6 +102,8 @@ Fetch = Callable[[list[bytes]], Awaitable[list[bytes]]]
 FetchNow = Callable[[list[bytes]], "list[bytes] | None"]
 #: Verified chunks a random read fetched, with the file offset of the first (module doc).
 Publish = Callable[[int, list], None]
+#: The chunk range [first, last) of a random read's published part (module doc).
+PublishAround = Callable[[int, int], None]
 
 
 class _Part:
@@ -119,6 +125,7 @@ class Prefetcher:
 
     def __init__(self, manifest: FileManifest, fetch: Fetch, nursery: trio.Nursery, *,
                  fetch_now: FetchNow | None = None, publish: Publish | None = None,
+                 publish_around: PublishAround | None = None,
                  initial_window: int = INITIAL_WINDOW, max_window: int = MAX_WINDOW,
                  part_bytes: int = PART_BYTES, back_tolerance: int = BACK_TOLERANCE):
         self.layout = manifest  # offsets to chunks: its prefix sums
@@ -128,6 +135,7 @@ class Prefetcher:
         self._fetch = fetch
         self._fetch_now = fetch_now
         self._publish = publish
+        self._publish_around = publish_around
         self._seeking = False  # the read being scheduled is not sequential
         self._nursery = nursery
         self.initial_window = initial_window
@@ -307,6 +315,8 @@ class Prefetcher:
         if part.publish and not self._closed:
             try:
                 self._publish(self.layout.chunk_start(part.first), part.chunks)
+                if self._publish_around is not None:
+                    self._publish_around(part.first, part.last)
             except Exception as exc:
                 log.debug("handing chunks %d..%d to the page cache failed: %s", part.first, part.last, exc)
 
