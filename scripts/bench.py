@@ -1984,8 +1984,12 @@ def bench_workspace(b: Bench) -> SectionResult:
                 os.fsync(f.fileno())
 
         b.log(f"sequential write of {human(size, 'B')} (1 MiB writes, then fsync): plain directory vs workspace")
-        plain_s = statistics.median(timed(write_file, plain / f"seq{i}.bin")[0] for i in range(3))
-        ws_s = statistics.median(timed(write_file, mnt / f"seq{i}.bin")[0] for i in range(3))
+        plain_runs: list[float] = []
+        ws_runs: list[float] = []
+        for i in range(5):  # interleaved, so a change in the machine's load meets both sides alike
+            plain_runs.append(timed(write_file, plain / f"seq{i}.bin")[0])
+            ws_runs.append(timed(write_file, mnt / f"seq{i}.bin")[0])
+        plain_s, ws_s = statistics.median(plain_runs), statistics.median(ws_runs)
     finally:
         proc = subprocess.run(commitfs_command() + ["umount", str(mnt)], capture_output=True, text=True)
         if proc.returncode != 0:
@@ -2008,7 +2012,8 @@ def bench_workspace(b: Bench) -> SectionResult:
         "it into the overlay file); both sides end with fsync, so on a busy disk the fsync dominates both",
     ]
     out.details.update({"files": nfiles, "full_commit_s": full_s, "workspace_commit_s": commit_s,
-                        "plain_write_s": plain_s, "workspace_write_s": ws_s, "write_bytes": size})
+                        "plain_write_s": plain_s, "workspace_write_s": ws_s, "write_bytes": size,
+                        "plain_write_runs_s": plain_runs, "workspace_write_runs_s": ws_runs})
     return out
 
 
