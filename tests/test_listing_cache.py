@@ -205,3 +205,33 @@ def test_the_handle_bits_match_the_c_module():
     assert (adapter.PLAIN_FH, adapter.CACHE_FH) == (noopen.PLAIN_FH, noopen.CACHE_FH)
     with pytest.raises(ValueError):
         noopen.request_capabilities(1 << 32)
+
+
+@pytest.mark.timeout(60)
+def test_a_c_module_built_from_an_older_source_leaves_listings_as_pyfuse3_has_them():
+    """An in-place build not redone after an update: the module loads (the no-open mode
+    still works) but has no listing functions; engage_listings says why instead of failing
+    the mount, and the counts are zeros (in a subprocess: fastpath loads the module into
+    the global scope of the process that imports it)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("commitfs.fuse._noopen")
+    code = (
+        "from commitfs.fuse import fastpath\n"
+        "class Old:\n"
+        "    def wrapped(self): return True\n"
+        "    def enable(self, on): pass\n"
+        "fastpath._shim = Old()\n"
+        "print(fastpath.engage_listings(True))\n"
+        "print(fastpath.request_capabilities(1))\n"
+        "print(fastpath.granted_capabilities(), fastpath.listing_counts())\n"
+        "fastpath.disengage()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                         env=cli_env())
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == lines[1] == ("commitfs.fuse._noopen was built from an older source "
+                                    "(rebuild it: setup.py build_ext)")
+    assert lines[2] == "None (0, 0)"

@@ -110,6 +110,18 @@ def engage() -> str | None:
     return None
 
 
+#: What engage_listings and its neighbours call: a module built from an older _noopen.c
+#: (an in-place build not redone) has none of them, and then only the no-open mode is used.
+_LISTING_API = ("listings", "request_capabilities", "granted", "counts")
+
+
+def _listing_shim():
+    """The loaded module if it has the listing functions, else None."""
+    if _shim is None or not all(hasattr(_shim, name) for name in _LISTING_API):
+        return None
+    return _shim
+
+
 def adaptive_asked() -> bool:
     """``COMMITFS_READDIRPLUS_AUTO`` is set (to anything but "" or "0")."""
     return os.environ.get(ADAPTIVE_ENV, "") not in ("", "0")
@@ -123,6 +135,8 @@ def engage_listings(adaptive: bool = False) -> str | None:
     load()
     if _shim is None:
         return _why_not
+    if _listing_shim() is None:
+        return "commitfs.fuse._noopen was built from an older source (rebuild it: setup.py build_ext)"
     if not _shim.wrapped():
         return "pyfuse3's FUSE session did not go through commitfs.fuse._noopen"
     _shim.listings(adaptive)
@@ -136,6 +150,8 @@ def request_capabilities(mask: int) -> str | None:
     load()
     if _shim is None:
         return _why_not
+    if _listing_shim() is None:
+        return "commitfs.fuse._noopen was built from an older source (rebuild it: setup.py build_ext)"
     if not _shim.wrapped():
         return "pyfuse3's FUSE session did not go through commitfs.fuse._noopen"
     _shim.request_capabilities(mask)
@@ -145,18 +161,21 @@ def request_capabilities(mask: int) -> str | None:
 def granted_capabilities() -> int | None:
     """The FUSE_CAP_* bits the last INIT agreed to (conn->want), None before it or
     without the C module."""
-    return _shim.granted() if _shim is not None else None
+    shim = _listing_shim()
+    return shim.granted() if shim is not None else None
 
 
 def listing_counts() -> tuple[int, int]:
     """(plain READDIRs, OPENDIRs answered with cache_readdir) so far ((0, 0) without the module)."""
-    return _shim.counts() if _shim is not None else (0, 0)
+    shim = _listing_shim()
+    return shim.counts() if shim is not None else (0, 0)
 
 
 def disengage() -> None:
     """Back to pyfuse3 as released (after the session is closed)."""
     if _shim is not None:
         _shim.enable(False)
+    if _listing_shim() is not None:
         _shim.listings(False)
         _shim.request_capabilities(0)
 
