@@ -1012,3 +1012,75 @@ def test_the_roots_mode_after_a_commit_or_reset_is_the_stored_one(repo_and_base,
         finally:
             fs.shutdown()
         assert stat.S_IMODE(after) == stat.S_IMODE(remounted) == 0o755, (what, oct(after), oct(remounted))
+
+
+class _CountingDict(dict):
+    """A materialized directory's listing that counts the entries anything walks over."""
+    walked = 0
+
+    def _count(self, n: int) -> None:
+        _CountingDict.walked += n
+
+    def __iter__(self):
+        self._count(len(self))
+        return super().__iter__()
+
+    def keys(self):
+        self._count(len(self))
+        return super().keys()
+
+    def values(self):
+        self._count(len(self))
+        return super().values()
+
+    def items(self):
+        self._count(len(self))
+        return super().items()
+
+
+def test_a_commit_after_a_few_edits_visits_the_edits_not_the_materialized_tree(tmp_path, cache_home):
+    """Cost follows the change (issue 18): three files written in three directories of
+    2,000 each materialize 6,000 nodes, and the commit (draft, flush, the survey and
+    rebase of settle) walks none of their listings; its tree is the edits'."""
+    src = tmp_path / "src"
+    ndirs, per_dir = 4, 2000
+    for d in range(ndirs):
+        (src / f"d{d}").mkdir(parents=True)
+        for i in range(per_dir):
+            (src / f"d{d}" / f"f{i:04d}").write_bytes(b"%d/%d\n" % (d, i))
+    repo = Repository.init(str(tmp_path / "repo"))
+    try:
+        commit_directory(repo, src, message="base")
+        fs = _open(repo, tmp_path / "ws")
+        edits = {f"d{d}/f{d * 7:04d}": b"changed %d\n" % d for d in range(3)}
+
+        async def main():
+            async with fs.running():
+                for path, data in edits.items():
+                    dname, fname = path.split("/")
+                    d = await fs.lookup(1, dname.encode())
+                    f = await fs.lookup(d.ino, fname.encode())
+                    fh = await fs.open(f.ino, os.O_WRONLY)
+                    await fs.write(fh, 0, data)
+                    await fs.release(fh)
+                materialized = [c for c in fs.root.children.values() if c.children is not None]
+                assert sum(len(c.children) for c in materialized) == 3 * per_dir
+                for c in materialized + [fs.root]:
+                    c.children = _CountingDict(c.children)
+                _CountingDict.walked = 0
+                outcome = await control.commit(fs, "three files")
+                walked = _CountingDict.walked
+                return outcome, walked
+        outcome, walked = trio.run(main)
+        assert outcome.changes == 3
+        # The root's listing (4 entries) at most, never a materialized directory's 2,000.
+        assert walked <= 2 * ndirs, walked
+        tree = repo.load_commit(outcome.commit_id).tree
+        for d in range(ndirs):
+            sub = repo.load_tree(repo.load_tree(tree).get(f"d{d}").id)
+            assert sub.count == per_dir
+            for i in (0, d * 7, per_dir - 1):
+                want = edits.get(f"d{d}/f{i:04d}", b"%d/%d\n" % (d, i))
+                assert bytes(repo.load_file(sub.get(f"f{i:04d}").id)) == want
+    finally:
+        repo.close()

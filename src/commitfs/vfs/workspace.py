@@ -174,6 +174,9 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
         self.base_time_ns = 0
         self.base_tree: bytes = b""
         self.root: WNode | None = None
+        #: What changed since the last commit or reset (vfs/wstree.py, ``_mark``).
+        self._marks: dict[WNode, set[str] | None] = {}
+        self._unflushed: set[WNode] = set()
 
     # --- opening a workspace (synchronous, before the loop) ---------------------------------
     @classmethod
@@ -281,6 +284,11 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
                 n.ino = self.table.new_number()
         root.parent = None
         self.root = root
+        # What changed, rebuilt from the rows: any entry of a materialized directory
+        # may differ from its origin (the rows do not say which), so the first commit
+        # after a remount looks at every one; later ones follow the edits again.
+        self._marks = {n: None for n in by_id.values() if n.children is not None}
+        self._unflushed = {n for n in by_id.values() if n.dirty or (n.cow is not None and n.cow.dirty)}
         removed = self.overlay.collect_garbage()
         if removed:
             log.info("workspace: removed %d unreferenced data files", removed)
@@ -378,6 +386,8 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
                 for k, v in fields.items():
                     setattr(n, k, v)
                 n.dirty = False if n.oid is not None else n.dirty
+                if "mode" in fields:
+                    self._mark_node(n)  # the executable bit is committed
             elif size is not None:
                 n.ctime_ns = n.mtime_ns
             return self.attr(n)
@@ -470,7 +480,7 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
                 raise
             n.fd = fd
             d.children[n.name] = n
-            self._touch(d)
+            self._touch(d, n.name)
             attr = self._remember(n)
             return self._open_handle(n), attr
 
@@ -599,10 +609,10 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
             del src.children[old]
             move()
             n.ctime_ns = _now()  # a rename changes the moved node's status, as on ext4
-            n.dirty = True
+            self._dirtied(n)
             dst.children[new] = n
-            self._touch(src)
-            self._touch(dst)
+            self._touch(src, old)
+            self._touch(dst, new)
 
     @staticmethod
     def _check_not_below(d: WNode, n: WNode) -> None:
@@ -642,9 +652,10 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
             move_n()
             src.children[old], dst.children[new] = m, n
             n.ctime_ns = m.ctime_ns = _now()
-            n.dirty = m.dirty = True
-            self._touch(src)
-            self._touch(dst)
+            self._dirtied(n)
+            self._dirtied(m)
+            self._touch(src, old)
+            self._touch(dst, new)
 
     # --- requests: directories ---------------------------------------------------------------
     async def opendir(self, inode: int) -> int:
@@ -799,7 +810,7 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
             if off + written > n.size:
                 n.size = off + written
             n.mtime_ns = n.ctime_ns = _now()
-            n.dirty = True
+            self._dirtied(n)
             return written
 
     async def flush(self, fh: int) -> None:

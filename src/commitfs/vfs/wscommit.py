@@ -30,7 +30,8 @@ _PENDING_SEARCH = 100_000
 
 # --- the snapshot of an overlay ----------------------------------------------------------
 def _draft(node: WNode, data_path: Callable[[str], str],
-           tree_cached: Callable[[bytes], object] | None = None) -> Draft | None:
+           tree_cached: Callable[[bytes], object] | None = None,
+           visit: dict[WNode, set[str] | None] | None = None) -> Draft | None:
     """The edited tree as the change engine sees it (taken under the lock): a Draft per
     materialized directory, the origin TreeEntry of everything untouched (never opened),
     a NewFile per new file, an EditedFile per committed file written in place; None
@@ -40,7 +41,13 @@ def _draft(node: WNode, data_path: Callable[[str], str],
     Draft over it holding only the names whose entry differs (a None for a name gone),
     so the change engine's work follows the edits, not the directory's size; a
     directory edited back to its origin is its origin's entry.  Without it, the Draft
-    lists every entry."""
+    lists every entry.
+
+    ``visit`` (``NodeTree._marked_paths``: the names that may have changed, per
+    directory, and the directories above them) limits the walk to those: a directory
+    it does not name is its origin's entry, and in one it names, with its origin
+    tree cached, only the names it gives are looked at; so a commit after a few
+    edits costs the edits, not the tree.  None: every node is looked at."""
     if node.children is None:
         return None
     base = None
@@ -51,7 +58,13 @@ def _draft(node: WNode, data_path: Callable[[str], str],
     base_get = base.get if base is not None else None
     exec_kind = Kind.EXEC
     out: dict = {}
-    for name, c in node.children.items():
+    children = node.children
+    names = None if visit is None else visit.get(node, set())
+    if names is None or base is None:
+        items = children.items()
+    else:
+        items = [(name, children[name]) for name in names if name in children]
+    for name, c in items:
         o = c.origin
         if (base_get is not None and o is not None and c.upper is None and c.children is None
                 and base_get(name) is o):
@@ -70,10 +83,11 @@ def _draft(node: WNode, data_path: Callable[[str], str],
                 out[name] = None  # it replaced a base entry: that one is gone
             continue
         if c.kind is NodeKind.DIR:
-            if c.children is None:
-                side = c.origin
+            if c.children is None or (visit is not None and c not in visit and c.origin is not None
+                                      and c.origin.kind is Kind.DIR):
+                side = c.origin  # untouched below (a materialized one: nothing marked in it)
             else:
-                side = _draft(c, data_path, tree_cached)
+                side = _draft(c, data_path, tree_cached, visit)
                 if isinstance(side, Draft) and side.base is not None and not side.entries:
                     side = c.origin  # materialized, nothing differs: its origin as it is
         elif c.kind is NodeKind.SYMLINK:
@@ -97,10 +111,14 @@ def _draft(node: WNode, data_path: Callable[[str], str],
         out[name] = side
     if base is None:
         return Draft(out)
-    children = node.children
-    for e in base.entries:
-        if e.name not in children:
-            out[e.name] = None
+    if names is None:
+        for e in base.entries:
+            if e.name not in children:
+                out[e.name] = None
+    else:  # a name gone was marked when it went
+        for name in names:
+            if name not in children and base_get(name) is not None:
+                out[name] = None
     return Draft(out, node.origin.id, base)
 
 
@@ -131,7 +149,7 @@ class CommitState:
         if self.root.children is None:
             o = self.root.origin
             return o if o is not None and o.id != self.base_tree else None
-        return _draft(self.root, self.overlay.data_path, self.loader.tree_cached)
+        return _draft(self.root, self.overlay.data_path, self.loader.tree_cached, self._marked_paths(self.root))
 
     def set_pending(self, commit_id: bytes | None) -> None:
         """Record the commit about to be compare-and-swapped (crash safety, vfs/overlay.py)."""
@@ -233,6 +251,9 @@ class CommitState:
         invalidate: list[int] = []
         self._rebase_node(n, e, (), entries, invalidate, keep, replace)
         n.oid = row.id
+        for x in survey[2]:  # dropped nodes with a data file (kept ones are rebased or detached)
+            if x.fd is not None and x not in keep:
+                self._close_fd(x)
         for name in data:
             self.overlay.remove_data(name)
         if data:
@@ -287,6 +308,7 @@ class CommitState:
         # and the changes below; the WAL's fsync and the data files' removal after
         # them, in a worker thread (_finish_clear).
         below = self.overlay.clear(cid, root_row, merge, finish=False)
+        self._marks = {}  # nothing differs from the new base now (marks from here on are new edits)
         invalidate: list[int] = self._unlink_extra_names(linked)  # hard links: names apart now
         self.base = cid
         self.base_tree = commit.tree
@@ -312,7 +334,8 @@ class CommitState:
             log.warning("workspace %s: the cleared overlay is not yet synced to disk: %s", self.overlay.path, exc)
 
     def _survey(self, top: WNode) -> tuple[set[WNode], list[tuple[tuple, list[str]]], list[WNode], list[WNode]]:
-        """One pass over the in-memory tree at and below ``top``: (the nodes that stay in a
+        """What a rebase at and below ``top`` needs, from the marks and the inode table (not
+        a walk of the tree: its cost follows the edits and what the kernel holds): (the nodes that stay in a
         rebase, the names to look up in the new tree: [(path below top, names)], the nodes
         with a data file, the nodes with more than one name).
 
@@ -323,35 +346,56 @@ class CommitState:
         what was materialized."""
         known = set(self.table.nodes())
         known.update(item for h in self._dirs.values() for _, item in h.items if isinstance(item, WNode))
-        keep: set[WNode] = set()
-        wanted: list[tuple[tuple, list[str]]] = []
+        # Not a walk of the tree: the nodes with a data file or more than one name are
+        # among the marked names (each was marked when it got either: vfs/wstree.py),
+        # the kept ones are those the kernel knows, each with the directories above it.
         old_data: list[WNode] = []
         linked: list[WNode] = []
+        seen: set[int] = set()
+        for d, names in self._marks.items():
+            kids = d.children if d.children is not None else d.lazy
+            if not kids or not self._below(d, top):
+                continue
+            for name in (list(kids) if names is None else names):
+                c = kids.get(name)
+                if c is None or (c.upper is None and not c.links) or id(c) in seen:
+                    continue
+                seen.add(id(c))
+                if c.upper is not None:
+                    old_data.append(c)
+                if c.links:
+                    linked.append(c)
+        keep: set[WNode] = {top}
+        names_in: dict[WNode, list[str]] = {}
+        for k in known:
+            if k is top:
+                continue
+            places = [(k.parent, k.name)] + [(link.parent, link.name) for link in k.links or ()]
+            for p, name in places:
+                if p is None or not self._held_by(p, name, k) or not self._below(p, top):
+                    continue
+                keep.add(k)
+                x, xname = p, name
+                while True:
+                    got = names_in.get(x)
+                    if got is None:
+                        names_in[x] = [xname]
+                    elif xname in got:
+                        break  # the way up from here is there already
+                    else:
+                        got.append(xname)
+                    keep.add(x)
+                    if x is top:
+                        break
+                    x, xname = x.parent, x.name
+        parts_of: dict[WNode, tuple] = {top: ()}
 
-        def survey(n: WNode, parts: tuple) -> bool:
-            if n.upper is not None:
-                old_data.append(n)
-            if n.links:
-                linked.append(n)
-            kept = n.lookups > 0 or n.opens > 0 or n in known
-            if n.is_dir:
-                names = []
-                for kids in (n.lazy, n.children):
-                    for name, c in (kids or {}).items():
-                        if c.is_dir:
-                            if survey(c, parts + (name,)):
-                                names.append(name)
-                        elif c.upper is not None or c.links or c in known or c.opens > 0 or c.lookups > 0:
-                            if survey(c, parts):
-                                names.append(name)
-                if names:
-                    wanted.append((parts, names))
-                    kept = True
-            if kept:
-                keep.add(n)
-            return kept
-        survey(top, ())
-        keep.add(top)
+        def parts(x: WNode) -> tuple:
+            got = parts_of.get(x)
+            if got is None:
+                got = parts_of[x] = parts(x.parent) + (x.name,)
+            return got
+        wanted = [(parts(x), names) for x, names in names_in.items()]
         return keep, wanted, old_data, linked
 
     async def _resolve(self, tree_id: bytes, wanted: Callable[[], list[tuple[tuple, list[str]]]]
@@ -423,15 +467,18 @@ class CommitState:
         n.uid = n.gid = n.atime_ns = n.ctime_ns = None  # a commit records neither
         if not n.is_dir:
             return
-        kids = dict(n.lazy)
-        kids.update(n.children or {})
+        children, lazy = n.children or {}, n.lazy
         n.children = None
         n.lazy = {}
         below = entries.get(parts, {})
-        for name, c in kids.items():
-            if c not in keep:  # unknown to the kernel: made again from the new tree
-                if c.fd is not None:
-                    self._close_fd(c)
+        # Only the names looked up (those of its kept nodes: _survey), not every child:
+        # the others, unknown to the kernel, are made again from the new tree (their
+        # data files' descriptors are the caller's to close: _survey's old_data).
+        for name in below:
+            c = children.get(name)
+            if c is None:
+                c = lazy.get(name)
+            if c is None or c not in keep:
                 continue
             ce = below.get(name)
             if ce is None or NodeKind.of(ce.kind) is not c.kind or id(c) in replace:

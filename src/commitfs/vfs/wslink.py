@@ -46,8 +46,8 @@ class LinkNames:
         n.links.append(link)
         d.children[name] = n
         n.ctime_ns = _now()  # a link is a status change of the node, as on ext4
-        n.dirty = True
-        self._touch(d)
+        self._dirtied(n)
+        self._touch(d, name)
 
     def _drop_name_rows(self, d: WNode, name: str, n: WNode) -> Callable[[], None]:
         """Remove one of several names of ``n`` (``name`` in ``d``): rows now, memory later."""
@@ -74,8 +74,8 @@ class LinkNames:
                 n.links = None
             del d.children[name]
             n.ctime_ns = _now()
-            n.dirty = True
-            self._touch(d)
+            self._dirtied(n)
+            self._touch(d, name)
         return apply
 
     def _move_name_rows(self, n: WNode, src: WNode, old: str, dst: WNode, new: str) -> Callable[[], None]:

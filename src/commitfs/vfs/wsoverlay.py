@@ -69,10 +69,12 @@ class OverlayStore:
         d.children = kids
         d.lazy = {}
 
-    def _touch(self, d: WNode) -> None:
-        """A directory's entries changed: its mtime and ctime move (written at flush)."""
+    def _touch(self, d: WNode, *names: str) -> None:
+        """A directory's entries ``names`` changed: its mtime and ctime move (written at
+        flush), and a commit looks at those names (``_mark``)."""
         d.mtime_ns = d.ctime_ns = _now()
-        d.dirty = True
+        self._dirtied(d)
+        self._mark(d, *names)
 
     def _flush(self, n: WNode, synced: bool = False) -> None:
         """Write a node's pending metadata: its times and a copy-on-write file's ranges
@@ -174,14 +176,10 @@ class OverlayStore:
     def _unsynced_files(self) -> list[WNode]:
         """The copy-on-write files whose next flush writes range rows (bytes to make durable first)."""
         out = []
-        stack = [self.root] if self.root is not None else []
-        while stack:
-            n = stack.pop()
+        for n in self._unflushed:  # a superset of the nodes with something to write (wstree.py)
             cow = n.cow
             if cow is not None and cow.dirty and n.oid is not None and (n.fd is not None or n.upper is not None):
                 out.append(n)
-            if n.children:
-                stack.extend(n.children.values())
         return out
 
     def _datasync(self, files: list[tuple[int | None, str | None]]) -> None:
@@ -209,21 +207,19 @@ class OverlayStore:
         synced again here)."""
         # One transaction for all: a node's flags are cleared as it is written, so if
         # the transaction fails they are set again (a later fsync must still write it).
-        # The walk is lean (no call per clean node): it visits every materialized node.
+        # It visits the nodes dirtied since (``_unflushed``, wstree.py), not the tree:
+        # those with a row (a node without one is not in the tree: a detached file's
+        # times are its own) stay there while they have something left to write.
         cleared: list[tuple[WNode, bool, set | None]] = []
-        if self.root is not None:
+        if self.root is not None and self._unflushed:
             try:
                 with self.overlay.batch():
-                    stack = [self.root]
-                    while stack:
-                        n = stack.pop()
+                    for n in self._unflushed:
                         cow = n.cow
-                        if n.dirty or (cow is not None and cow.dirty):
+                        if n.oid is not None and (n.dirty or (cow is not None and cow.dirty)):
                             cleared.append((n, n.dirty, set(cow.touched) if cow is not None and cow.dirty
                                             else None))
                             self._flush(n, id(n) in synced)
-                        if n.children:
-                            stack.extend(n.children.values())
             except BaseException:
                 for n, dirty, touched in cleared:
                     n.dirty = n.dirty or dirty
@@ -231,6 +227,8 @@ class OverlayStore:
                         n.cow.touched |= touched
                         n.cow.dirty = True
                 raise
+            self._unflushed = {n for n in self._unflushed
+                               if n.dirty or (n.cow is not None and n.cow.dirty)}
 
     def _close_fd(self, n: WNode) -> None:
         if n.fd is not None:
@@ -279,6 +277,7 @@ class OverlayStore:
         n.fd = fd
         n.cow = cow
         n.size = cow.until if cow is not None else 0
+        self._mark_node(n)  # its bytes are the data file's (and the base's) now
         return fd
 
     def _truncate(self, n: WNode, fd: int, size: int) -> None:
@@ -307,7 +306,7 @@ class OverlayStore:
                 cut.dirty = True
             n.cow = cut if cut.until else None  # nothing of the base left: the data file is the file
         n.mtime_ns = n.ctime_ns = _now()  # a truncation is a status change too
-        n.dirty = True
+        self._dirtied(n)
 
     def _remove_subtree_rows(self, n: WNode, ids: list[int], data: list[str]) -> None:
         if n.oid is not None:
@@ -358,7 +357,7 @@ class OverlayStore:
         self._remove_subtree_rows(n, ids, data)
         self.overlay.delete(ids)
         del d.children[name]
-        self._touch(d)
+        self._touch(d, name)
         self._detach(n)
         for name in data:
             self.overlay.remove_data(name)
@@ -374,7 +373,7 @@ class OverlayStore:
         n.oid = self.overlay.new_id()
         self.overlay.insert([n.row()])
         d.children[n.name] = n
-        self._touch(d)
+        self._touch(d, n.name)
 
     async def _sync(self, fd: int | None = None) -> None:
         """fsync (``fd``'s data, the data directory, the database) in a worker thread

@@ -34,6 +34,8 @@ from commitfs.vfs.wscow import Cow
 log = logging.getLogger(__name__)
 
 
+_ABSENT = object()
+
 #: The longest name ext4 (and Linux's NAME_MAX) allows, in bytes.
 NAME_MAX = 255
 
@@ -150,6 +152,81 @@ class NodeTree:
         n.mtime_ns = self.base_time_ns
         n.target = e.target
         return n
+
+    # --- what changed since the last commit or reset ---------------------------------------
+    # Kept as edits happen, so a commit, status or flush visits what changed, not the
+    # whole tree: ``self._marks`` maps a directory to the names in it whose entry may
+    # differ from its origin's (None: any name, after a remount), ``self._unflushed``
+    # holds the nodes whose times or written ranges may be unwritten (``dirty``).  Both
+    # may name more than changed (a name edited back, a node gone since): whoever
+    # reads them checks each; a change left out of them would be lost from a commit.
+    def _mark(self, d: WNode, *names: str) -> None:
+        """The entries ``names`` of directory ``d`` may have changed."""
+        marks = self._marks
+        if d in marks:
+            got = marks[d]
+            if got is not None:
+                got.update(names)
+        else:
+            marks[d] = set(names)
+
+    def _mark_node(self, n: WNode) -> None:
+        """Node ``n`` itself changed (its bytes, mode or kind): each of its names."""
+        if n.parent is not None:
+            self._mark(n.parent, n.name)
+        for link in n.links or ():
+            self._mark(link.parent, link.name)
+
+    def _dirtied(self, n: WNode) -> None:
+        """``n`` has times (or written ranges) to write at the next flush."""
+        n.dirty = True
+        self._unflushed.add(n)
+
+    def _marked_paths(self, top: WNode) -> dict[WNode, set[str] | None]:
+        """The directories at and below ``top`` to visit for what changed: each marked one
+        with its marked names (None: all), and each directory above one with the names
+        leading down to it.  Marks on nodes no longer in the tree below ``top`` (every
+        step up is checked: the parent still holds the node under its name) are left out."""
+        out: dict[WNode, set[str] | None] = {}
+        for d, names in self._marks.items():
+            if not self._below(d, top):
+                continue
+            if d in out:
+                got = out[d]
+                if got is not None:
+                    if names is None:
+                        out[d] = None
+                    else:
+                        got.update(names)
+            else:
+                out[d] = None if names is None else set(names)
+            n = d
+            while n is not top:
+                p = n.parent
+                got = out.get(p, _ABSENT)
+                if got is _ABSENT:
+                    out[p] = {n.name}
+                elif got is not None:
+                    if n.name in got:
+                        break  # the rest of the way up is there already
+                    got.add(n.name)
+                n = p
+        return out
+
+    @staticmethod
+    def _held_by(p: WNode, name: str, n: WNode) -> bool:
+        """Whether directory ``p`` holds ``n`` under ``name`` (materialized or looked up)."""
+        kids = p.children if p.children is not None else p.lazy
+        return kids.get(name) is n
+
+    def _below(self, n: WNode, top: WNode) -> bool:
+        """Whether ``n`` is ``top`` or in the tree below it (by its first name)."""
+        while n is not top:
+            p = n.parent
+            if p is None or not self._held_by(p, n.name, n):
+                return False
+            n = p
+        return True
 
     # --- nodes ---------------------------------------------------------------------------
     def _node(self, ino: int) -> WNode:
