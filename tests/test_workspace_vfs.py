@@ -1038,10 +1038,19 @@ class _CountingDict(dict):
         return super().items()
 
 
-def test_a_commit_after_a_few_edits_visits_the_edits_not_the_materialized_tree(tmp_path, cache_home):
+def test_a_commit_after_a_few_edits_visits_the_edits_not_the_materialized_tree(tmp_path, cache_home,
+                                                                                monkeypatch):
     """Cost follows the change (issue 18): three files written in three directories of
     2,000 each materialize 6,000 nodes, and the commit (draft, flush, the survey and
-    rebase of settle) walks none of their listings; its tree is the edits'."""
+    rebase of settle) walks none of their listings; only the trees on the changed
+    paths are encoded (the untouched directory keeps its id); its tree is the edits'."""
+    from commitfs.repo.repository import BlobWriter
+    encoded: list[int] = []
+    add_tree = BlobWriter.add_tree
+
+    def counting_add_tree(self, tree):
+        encoded.append(len(tree.entries))
+        return add_tree(self, tree)
     src = tmp_path / "src"
     ndirs, per_dir = 4, 2000
     for d in range(ndirs):
@@ -1068,6 +1077,7 @@ def test_a_commit_after_a_few_edits_visits_the_edits_not_the_materialized_tree(t
                 for c in materialized + [fs.root]:
                     c.children = _CountingDict(c.children)
                 _CountingDict.walked = 0
+                monkeypatch.setattr(BlobWriter, "add_tree", counting_add_tree)
                 outcome = await control.commit(fs, "three files")
                 walked = _CountingDict.walked
                 return outcome, walked
@@ -1075,6 +1085,7 @@ def test_a_commit_after_a_few_edits_visits_the_edits_not_the_materialized_tree(t
         assert outcome.changes == 3
         # The root's listing (4 entries) at most, never a materialized directory's 2,000.
         assert walked <= 2 * ndirs, walked
+        assert sorted(encoded) == [ndirs, per_dir, per_dir, per_dir], encoded  # the root, the three edited
         tree = repo.load_commit(outcome.commit_id).tree
         for d in range(ndirs):
             sub = repo.load_tree(repo.load_tree(tree).get(f"d{d}").id)

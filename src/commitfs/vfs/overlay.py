@@ -426,6 +426,12 @@ class Overlay:
             conn = sqlite3.connect(str(path / DB_NAME), isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
+            # Deleted rows are not zeroed at the cost of extra writes (SQLite builds
+            # may default to secure_delete=ON): a commit's clear of a 100k-row overlay
+            # wrote 10 MB of zeroed pages to the WAL, 120 ms on the event loop, against
+            # 25 ms (measured with 100k rows of this schema's shape).  The rows hold
+            # names and metadata of the workspace, whose bytes lie in data/ anyway.
+            conn.execute("PRAGMA secure_delete=FAST")
             conn.executescript(_SCHEMA)
             have = {r[1] for r in conn.execute("PRAGMA table_info(nodes)")}
             for col, type_ in _ADDED_COLUMNS.items():
