@@ -9,6 +9,7 @@ answered cacheable: K".
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -62,6 +63,13 @@ def _mount_and_list(mounts, url, tmp_path, name: str, times: int, rev: str | Non
     listings = [_listing(mnt / sub) for _ in range(times)]
     assert run_commitfs("umount", str(mnt)).returncode == 0
     return listings, log
+
+
+def _answered(log) -> tuple[int, int, int, int]:
+    """(LOOKUPs answered from memory, by pyfuse3's coroutine, GETXATTRs answered in C, by the coroutine)."""
+    (m,) = re.findall(r"LOOKUP requests: (\d+) answered from memory, (\d+) by the coroutine; GETXATTR requests: "
+                      r"(\d+) answered ENODATA in C, (\d+) by the coroutine", log.read_text())
+    return tuple(int(x) for x in m)
 
 
 def _granted(log) -> int:
@@ -210,9 +218,9 @@ def test_the_handle_bits_match_the_c_module():
 @pytest.mark.timeout(60)
 def test_a_c_module_built_from_an_older_source_leaves_listings_as_pyfuse3_has_them():
     """An in-place build not redone after an update: the module loads (the no-open mode
-    still works) but has no listing functions; engage_listings says why instead of failing
-    the mount, and the counts are zeros (in a subprocess: fastpath loads the module into
-    the global scope of the process that imports it)."""
+    still works) but has no listing functions; engage_listings (and engage_answers) says
+    why instead of failing the mount, and the counts are zeros (in a subprocess: fastpath
+    loads the module into the global scope of the process that imports it)."""
     import subprocess
     import sys
 
@@ -226,6 +234,8 @@ def test_a_c_module_built_from_an_older_source_leaves_listings_as_pyfuse3_has_th
         "print(fastpath.engage_listings(True))\n"
         "print(fastpath.request_capabilities(1))\n"
         "print(fastpath.granted_capabilities(), fastpath.listing_counts())\n"
+        "print(fastpath.engage_answers(print, b'user.commitfs.'))\n"
+        "print(fastpath.answered())\n"
         "fastpath.disengage()\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
@@ -235,3 +245,58 @@ def test_a_c_module_built_from_an_older_source_leaves_listings_as_pyfuse3_has_th
     assert lines[0] == lines[1] == ("commitfs.fuse._noopen was built from an older source "
                                     "(rebuild it: setup.py build_ext)")
     assert lines[2] == "None (0, 0)"
+    assert lines[3] == lines[0]  # LOOKUPs and GETXATTRs all go through pyfuse3's coroutine
+    assert lines[4] == "(0, 0)"
+
+
+def test_lookups_after_a_plain_listing_are_answered_from_memory(tree, mounts, tmp_path):
+    """With adaptive readdirplus a stat of every file listed costs a LOOKUP per file past
+    the first READDIRPLUS: each is answered by Operations.lookup_now, called by the C
+    module outside pyfuse3's request coroutine, with the attributes and number the
+    listing showed."""
+    url, src = tree
+    log = tmp_path / "m.log"
+    mnt = mounts.mountpoint()
+    mounts.mount(url, mnt, "--log-file", str(log), rev="main", env=cli_env(COMMITFS_READDIRPLUS_AUTO="1"))
+    listed = [(n, i) for n, i, is_dir in _listing(mnt / "big") if not is_dir]
+    assert len(listed) == BIG
+    mtime = os.stat(mnt / "big" / listed[0][0]).st_mtime_ns
+    for name, ino in listed:
+        st = os.stat(mnt / "big" / name)
+        assert (st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_nlink) == \
+            (ino, stat.S_IFREG | 0o444, (src / "big" / name).stat().st_size, mtime, 1), name
+        assert (st.st_uid, st.st_gid, st.st_blocks, st.st_blksize) == (os.getuid(), os.getgid(), 1, 128 * 1024)
+    for name, _ in listed[::301]:
+        assert (mnt / "big" / name).read_bytes() == (src / "big" / name).read_bytes()
+    assert run_commitfs("umount", str(mnt)).returncode == 0
+    now, coroutine, _, _ = _answered(log)
+    assert _counts(log)[1] >= 1  # plain READDIRs: the kernel looked the later files up
+    assert now >= BIG - 2 * 64  # adapter.FIRST_PLUS_ENTRIES came with the listing
+    assert coroutine <= 3  # big itself (a directory: the coroutine answers those)
+
+
+def test_getxattr_of_a_name_a_commit_never_has_is_answered_in_c(tree, mounts, tmp_path):
+    """ls(1) asks for security.selinux and an ACL of every file it lists, and the kernel
+    caches no answer: a name outside user.commitfs. is ENODATA from the C module, never
+    a request of pyfuse3's; the mount's own attributes still come from the file system."""
+    url, src = tree
+    log = tmp_path / "m.log"
+    mnt = mounts.mountpoint()
+    mounts.mount(url, mnt, "--log-file", str(log), rev="main")
+    files = sorted(os.listdir(mnt / "big"))[:100]
+    for name in files:
+        for attr in ("security.selinux", "user.other", "trusted.x", "system.posix_acl_access"):
+            with pytest.raises(OSError) as err:
+                os.getxattr(mnt / "big" / name, attr, follow_symlinks=False)
+            assert err.value.errno == errno.ENODATA, (name, attr)
+    path = mnt / "big" / files[0]
+    assert os.getxattr(path, "user.commitfs.repo") == url.encode()
+    assert len(os.getxattr(path, "user.commitfs.id")) == len(os.getxattr(path, "user.commitfs.commit"))
+    assert sorted(os.listxattr(path)) == ["user.commitfs.commit", "user.commitfs.id", "user.commitfs.repo"]
+    with pytest.raises(OSError) as err:
+        os.getxattr(path, "user.commitfs.other")
+    assert err.value.errno == errno.ENODATA
+    assert run_commitfs("umount", str(mnt)).returncode == 0
+    _, _, in_c, coroutine = _answered(log)
+    assert in_c >= 3 * len(files)  # system.posix_acl_access may stop in the kernel
+    assert coroutine == 4
