@@ -53,7 +53,8 @@ from commitfs.fuse.lifecycle import (
     write_record,
 )
 from commitfs.ops.root import open_repository
-from commitfs.vfs import XATTR_PREFIX, FileSystem, VfsOptions
+from commitfs.vfs import FileSystem, VfsOptions
+from commitfs.vfs.inode import XATTR_PREFIX
 
 log = logging.getLogger("commitfs.mount")
 
