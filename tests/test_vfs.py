@@ -20,7 +20,6 @@ from commitfs.errors import (
     StorageError,
     StorageTimeoutError,
 )
-from commitfs.model.splittree import SplitTree
 from commitfs.model.objects import EMPTY_MANIFEST, Commit, Kind, Tree, TreeEntry
 from commitfs.ops.browse import lookup_path
 from commitfs.ops.snapshot import commit_directory
@@ -338,65 +337,6 @@ def test_xattrs_and_read_only(dataset):
                         await fs.open(ino, flags)
                 with pytest.raises(ReadOnlyError):
                     fs.refuse_write("unlink")
-    trio.run(main)
-
-
-def test_lookup_now_answers_from_memory_or_leaves_the_lookup_to_the_coroutine(dataset):
-    """FileSystem.lookup_now (the LOOKUP the FUSE adapter answers outside pyfuse3's
-    coroutine): for a file or symlink of a directory whose tree is in memory, the
-    attributes ``lookup`` gives, one kernel reference counted as ``lookup`` counts it;
-    None for anything ``lookup`` must answer (a tree not loaded, a directory, a name
-    not there or not UTF-8, a parent that is no commit directory)."""
-    async def main():
-        with Repository.open(dataset.url) as repo:
-            async with fs_of(repo, dataset.commit) as fs:
-                assert fs.lookup_now(ROOT_INODE, b"fixed") is None  # a directory
-                fixed = await lookup_path_ino(fs, "fixed")
-                assert fs.loader.tree_cached(fs._node(fixed).entry.id) is None
-                assert fs.lookup_now(fixed, b"run.sh") is None  # its tree is not in memory yet
-                want = await fs.lookup(fixed, b"run.sh")  # loads it
-                got = fs.lookup_now(fixed, b"run.sh")
-                assert got == want and await fs.getattr(got.ino) == want
-                link = fs.lookup_now(fixed, b"link-to-big")
-                assert link == await fs.lookup(fixed, b"link-to-big")
-                assert stat.S_ISLNK(link.mode) and await fs.readlink(link.ino) == os.readlink(
-                    dataset.src / "fixed" / "link-to-big").encode()
-                for name in (b"missing", b"\xff", b"."):
-                    assert fs.lookup_now(fixed, name) is None
-                assert fs.lookup_now(got.ino, b"x") is None  # not a directory
-                assert fs.lookup_now(12345678, b"x") is None  # not a known inode
-                # Two references to run.sh (lookup and lookup_now): the first forget keeps it.
-                fs.forget([(got.ino, 1)])
-                assert (await fs.getattr(got.ino)) == want
-                fs.forget([(got.ino, 1)])
-                assert got.ino not in fs.table
-    trio.run(main)
-
-
-def test_lookup_now_in_a_split_directory(small_split, tmp_path, cache_home):
-    """lookup_now in a split directory (model/splittree.py): from memory once the leaf
-    holding the name is loaded, the same attributes and number ``lookup`` gives."""
-    src = tmp_path / "src"
-    for i in range(300):
-        write_file(src / "flat" / f"n{i:04d}", b"%d" % i)
-    url = str(tmp_path / "repo")
-    with Repository.init(url) as repo:
-        cid = commit_directory(repo, src, message="split").commit_id
-
-    async def main():
-        with Repository.open(url) as repo:
-            async with fs_of(repo, cid) as fs:
-                flat = await lookup_path_ino(fs, "flat")
-                want = await fs.lookup(flat, b"n0150")
-                assert isinstance(fs.loader.tree_cached(fs._node(flat).entry.id), SplitTree)
-                assert fs.lookup_now(flat, b"n0150") == want
-                assert fs.lookup_now(flat, b"n9999") is None
-                for i in range(0, 300, 7):
-                    name = b"n%04d" % i
-                    now = fs.lookup_now(flat, name)
-                    full = await fs.lookup(flat, name)
-                    assert now is None or now == full
-                    assert fs.lookup_now(flat, name) == full  # its leaf is in memory now
     trio.run(main)
 
 

@@ -61,17 +61,13 @@
  * module's definitions, global, call libfuse's own, found by bind()); they
  * pass everything else through untouched.
  *
- * Requests answered without pyfuse3's coroutine (fastpath.engage_answers, the
- * daemon of a read-only mount; until answers() is called both pass straight
- * to pyfuse3's callbacks):
- *   - lookup_shim in the LOOKUP slot offers the request to a plain Python
- *     function first (Operations.lookup_now: a file of a commit directory whose
- *     tree is in memory), which answers from memory and counts the reference;
- *     only when it returns None does pyfuse3's callback run (its coroutine, a
- *     trio task's worth of scheduling per request: most of a LOOKUP's cost);
- *   - getxattr_shim in the GETXATTR slot answers ENODATA for a name outside
- *     the one prefix a read-only mount has attributes under ("user.commitfs."),
- *     as the Python getxattr would: ls(1) asks for two such names per file. */
+ * GETXATTR (fastpath.engage_xattrs, the daemon of a read-only mount; until
+ * xattrs() is called every request passes straight to pyfuse3's callback):
+ * getxattr_shim in the GETXATTR slot answers ENODATA for a name outside the
+ * one prefix a read-only mount has attributes under ("user.commitfs."), as the
+ * Python getxattr would, without pyfuse3's coroutine and the file system's
+ * exception: ls(1) asks for two such names of every file it lists, and the
+ * kernel caches no answer. */
 
 #define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
@@ -102,7 +98,6 @@ typedef size_t (*add_fn)(fuse_req_t, char *, size_t, const char *, const struct 
 typedef int (*reply_buf_fn)(fuse_req_t, const char *, size_t);
 typedef int (*reply_err_fn)(fuse_req_t, int);
 typedef int (*reply_open_fn)(fuse_req_t, const struct fuse_file_info *);
-typedef void (*lookup_fn)(fuse_req_t, fuse_ino_t, const char *);
 typedef void (*getxattr_fn)(fuse_req_t, fuse_ino_t, const char *, size_t);
 
 /* Handle bits: PLAIN_FH set by readdir_shim for the Python readdir, CACHE_FH by the Python
@@ -123,13 +118,11 @@ static unsigned extra_caps = 0;              /* request_capabilities() */
 static long long granted = -1;               /* conn->want after init_shim (-1: no INIT yet) */
 static unsigned long long plain_readdirs = 0, cached_opendirs = 0;
 
-/* Requests answered here (fastpath.engage_answers, read-only mounts). */
-static lookup_fn pyfuse3_lookup = NULL;      /* pyfuse3's own lookup callback */
+/* GETXATTRs answered here (fastpath.engage_xattrs, read-only mounts). */
 static getxattr_fn pyfuse3_getxattr = NULL;  /* pyfuse3's own getxattr callback */
-static PyObject *lookup_now = NULL;          /* answers(): the Python lookup that never waits */
-static char *xattr_prefix = NULL;            /* answers(): names outside it are ENODATA here */
+static char *xattr_prefix = NULL;            /* xattrs(): names outside it are ENODATA here */
 static size_t xattr_prefix_len = 0;
-static unsigned long long lookups_now = 0, xattrs_refused = 0;
+static unsigned long long xattrs_refused = 0;
 
 /* libfuse's own definitions of the functions this module wraps (bind()). */
 static add_plus_fn real_add_plus = NULL;
@@ -211,53 +204,6 @@ int fuse_reply_open(fuse_req_t req, const struct fuse_file_info *fi) {
     return real_reply_open(req, fi);
 }
 
-/* LOOKUP: asked first of lookup_now(parent, name), a plain function of the file system
-   (called here, on the request loop's thread, holding the GIL as every pyfuse3 callback
-   does); it answers from memory and counts the kernel's reference itself, returning
-   (ino, mode, size, mtime_ns, timeout, nlink, uid, gid, blksize), or None when the
-   answer needs the full path (a tree to load, an error to raise): then pyfuse3's own
-   callback runs, and its coroutine.  So an answer from memory costs no task, no
-   coroutine and no trio scheduling beyond the request loop's read. */
-static void lookup_shim(fuse_req_t req, fuse_ino_t parent, const char *name) {
-    if (lookup_now != NULL) {
-        PyObject *r = PyObject_CallFunction(lookup_now, "Ky", (unsigned long long)parent, name);
-        if (r == NULL) {
-            PyErr_WriteUnraisable(lookup_now);  /* not reached: lookup_now catches everything */
-        } else if (r != Py_None) {
-            unsigned long long ino, size, mtime_ns;
-            unsigned int mode, nlink, uid, gid, blksize;
-            double timeout;
-            struct fuse_entry_param e;
-            int ok = PyArg_ParseTuple(r, "KIKKdIIII", &ino, &mode, &size, &mtime_ns, &timeout,
-                                      &nlink, &uid, &gid, &blksize);
-            Py_DECREF(r);
-            if (ok) {
-                memset(&e, 0, sizeof e);
-                e.ino = ino;
-                e.attr.st_ino = ino;
-                e.attr.st_mode = mode;
-                e.attr.st_nlink = nlink;
-                e.attr.st_uid = uid;
-                e.attr.st_gid = gid;
-                e.attr.st_size = (off_t)size;
-                e.attr.st_blksize = blksize;
-                e.attr.st_blocks = (blkcnt_t)((size + 511) / 512);
-                e.attr.st_mtim.tv_sec = (time_t)(mtime_ns / 1000000000ULL);
-                e.attr.st_mtim.tv_nsec = (long)(mtime_ns % 1000000000ULL);
-                e.attr.st_atim = e.attr.st_ctim = e.attr.st_mtim;
-                e.entry_timeout = e.attr_timeout = timeout;
-                lookups_now++;
-                fuse_reply_entry(req, &e);
-                return;
-            }
-            PyErr_WriteUnraisable(lookup_now);  /* not reached: the tuple is built by fastpath.py */
-        } else {
-            Py_DECREF(r);
-        }
-    }
-    pyfuse3_lookup(req, parent, name);
-}
-
 /* GETXATTR: a name outside xattr_prefix (the only attributes a read-only mount has,
    "user.commitfs.") is ENODATA here, as the Python getxattr would answer: ls(1) asks for
    security.selinux and system.posix_acl_access of every file it lists. */
@@ -325,9 +271,6 @@ static const struct fuse_lowlevel_ops *wrap_table(const struct fuse_lowlevel_ops
         pyfuse3_readdirplus = op->readdirplus;
         table->readdir = readdir_shim;
     }
-    pyfuse3_lookup = op->lookup;
-    if (op->lookup != NULL)
-        table->lookup = lookup_shim;
     pyfuse3_getxattr = NULL;
     if (op_size >= offsetof(struct fuse_lowlevel_ops, getxattr) + sizeof(getxattr_fn) && op->getxattr != NULL) {
         pyfuse3_getxattr = op->getxattr;
@@ -487,22 +430,15 @@ static PyObject *py_counts(PyObject *self, PyObject *unused) {
     return Py_BuildValue("(KK)", plain_readdirs, cached_opendirs);
 }
 
-static PyObject *py_answers(PyObject *self, PyObject *args) {
-    PyObject *lookup, *prefix;
-    if (!PyArg_ParseTuple(args, "OO", &lookup, &prefix))
-        return NULL;
-    if ((lookup != Py_None || prefix != Py_None) && !wrapped) {
-        PyErr_SetString(PyExc_RuntimeError, "no FUSE session went through commitfs's fuse_session_new");
-        return NULL;
-    }
-    if (lookup != Py_None && !PyCallable_Check(lookup)) {
-        PyErr_SetString(PyExc_TypeError, "answers(lookup, prefix): lookup must be callable or None");
-        return NULL;
-    }
+static PyObject *py_xattrs(PyObject *self, PyObject *prefix) {
     char *copy = NULL;
     if (prefix != Py_None) {
         char *bytes;
         Py_ssize_t n;
+        if (!wrapped) {
+            PyErr_SetString(PyExc_RuntimeError, "no FUSE session went through commitfs's fuse_session_new");
+            return NULL;
+        }
         if (PyBytes_AsStringAndSize(prefix, &bytes, &n) < 0)
             return NULL;
         copy = malloc((size_t)n + 1);
@@ -513,23 +449,19 @@ static PyObject *py_answers(PyObject *self, PyObject *args) {
     }
     free(xattr_prefix);
     xattr_prefix = copy;
-    Py_XINCREF(lookup == Py_None ? NULL : lookup);
-    Py_XDECREF(lookup_now);
-    lookup_now = lookup == Py_None ? NULL : lookup;
     Py_RETURN_NONE;
 }
 
-static PyObject *py_answered(PyObject *self, PyObject *unused) {
-    return Py_BuildValue("(KK)", lookups_now, xattrs_refused);
+static PyObject *py_xattrs_refused(PyObject *self, PyObject *unused) {
+    return PyLong_FromUnsignedLongLong(xattrs_refused);
 }
 
 static PyMethodDef methods[] = {
-    {"answers", py_answers, METH_VARARGS,
-     "answers(lookup, prefix): LOOKUPs are first offered to lookup(parent, name) (None: all go "
-     "to pyfuse3), GETXATTRs of names not starting with the bytes prefix answered ENODATA here "
-     "(None: all go to pyfuse3); RuntimeError unless wrapped() (or both None)."},
-    {"answered", py_answered, METH_NOARGS,
-     "answered() -> (LOOKUPs answered by lookup(), GETXATTRs answered ENODATA here)."},
+    {"xattrs", py_xattrs, METH_O,
+     "xattrs(prefix): from now on a GETXATTR of a name not starting with the bytes prefix is "
+     "answered ENODATA here (None: every one goes to pyfuse3); RuntimeError unless wrapped()."},
+    {"xattrs_refused", py_xattrs_refused, METH_NOARGS,
+     "xattrs_refused() -> int: GETXATTRs answered ENODATA here."},
     {"listings", py_listings, METH_O,
      "listings(on): the next INIT asks for READDIRPLUS_AUTO (adaptive readdirplus; plain READDIRs "
      "reach readdir() with PLAIN_FH in the handle); RuntimeError unless wrapped()."},

@@ -151,9 +151,7 @@ class Operations(pyfuse3.Operations):
         self.cache_listings = False
         #: ...and, with adaptive readdirplus asked for, the READDIRPLUS beginning a listing is short.
         self.adaptive_listings = False
-        self.lookups = 0  # LOOKUP requests answered by ``lookup`` (pyfuse3's coroutine)
-        self.lookups_now = 0  # ...and by ``lookup_now`` (from memory, fuse/fastpath.py)
-        self.getxattrs = 0  # GETXATTR requests that reached ``getxattr``
+        self.getxattrs = 0  # GETXATTR requests that reached ``getxattr`` (fastpath.engage_xattrs)
         self.readdirs = 0  # READDIR and READDIRPLUS requests received
         self.plain_readdirs = 0  # ...of which plain READDIR (PLAIN_FH)
         if isinstance(fs, FileSystem):
@@ -190,28 +188,12 @@ class Operations(pyfuse3.Operations):
     # lookup and read are the two requests of a training job's first read of each
     # file: _handler's work is written out in them, one coroutine layer fewer.
     async def lookup(self, parent_inode, name, ctx=None):
-        self.lookups += 1
         try:
             return self._entry(await self.fs.lookup(parent_inode, name))
         except pyfuse3.FUSEError:
             raise
         except Exception as exc:
             raise pyfuse3.FUSEError(errno_of(exc, "lookup")) from None
-
-    def lookup_now(self, parent_inode: int, name: bytes) -> tuple | None:
-        """A LOOKUP answered from memory, outside pyfuse3's request coroutine
-        (FileSystem.lookup_now; the C module calls this first, fuse/fastpath.py
-        ``engage_answers``): the entry's (ino, mode, size, mtime_ns, timeout, nlink,
-        uid, gid, blksize), or None, and then ``lookup`` answers.  Never raises."""
-        try:
-            a = self.fs.lookup_now(parent_inode, name)
-        except Exception:  # the full path answers it (and says what is wrong)
-            log.debug("lookup_now(%d, %r) failed", parent_inode, name, exc_info=True)
-            return None
-        if a is None:
-            return None
-        self.lookups_now += 1
-        return (a.ino, a.mode, a.size, a.mtime_ns, a.entry_timeout, a.nlink, self.uid, self.gid, a.blksize)
 
     async def forget(self, inode_list):
         try:

@@ -166,12 +166,12 @@ def serve(config: DaemonConfig, report: Report) -> int:
                          "adaptive readdirplus" if adaptive else "READDIRPLUS only")
             else:
                 log.warning("directory listings are READDIRPLUS only and never cached by the kernel (%s)", unlisted)
-            # LOOKUPs answered from memory outside pyfuse3's coroutine; GETXATTRs of the
-            # names a commit mount never has (ls(1)'s security.selinux, ACLs) in C.
-            unanswered = (fastpath.engage_answers(ops.lookup_now, XATTR_PREFIX.encode()) if config.no_open
+            # GETXATTRs of the names a commit mount never has (ls(1)'s security.selinux, ACLs)
+            # are answered in C.
+            unanswered = (fastpath.engage_xattrs(XATTR_PREFIX.encode()) if config.no_open
                           else "no_open is off in the daemon's configuration")
             if unanswered is not None:
-                log.warning("every LOOKUP and GETXATTR goes through pyfuse3's request coroutine (%s)", unanswered)
+                log.warning("every GETXATTR is answered by the file system (%s)", unanswered)
         connection = fuse_connection(config.mountpoint)
         try:
             trio.run(_main, fs, config, report, missing)
@@ -186,9 +186,8 @@ def serve(config: DaemonConfig, report: Report) -> int:
             log.info("READs by inode (fast path): %d", fastpath.reads_by_inode())
             log.info("READDIR requests: %d (plain: %d); OPENDIRs answered cacheable: %d",
                      ops.readdirs, ops.plain_readdirs, fastpath.listing_counts()[1])
-            log.info("LOOKUP requests: %d answered from memory, %d by the coroutine; GETXATTR requests: "
-                     "%d answered ENODATA in C, %d by the coroutine", ops.lookups_now, ops.lookups,
-                     fastpath.answered()[1], ops.getxattrs)
+            log.info("GETXATTR requests: %d answered ENODATA in C, %d by the file system",
+                     fastpath.xattrs_refused(), ops.getxattrs)
             log.info("page-cache hand-offs dropped (queue full): %d", page_storer.dropped)
         cache = repo.chunk_cache
         if isinstance(cache, DiskChunkCache):

@@ -50,11 +50,9 @@ with pyfuse3 alone (a WARNING says why).  ``request_capabilities(mask)`` asks
 the kernel for more FUSE_CAP_* bits at the same INIT (for a writable mount
 too), ``granted_capabilities()`` tells what it agreed to.
 
-Answers without pyfuse3's coroutine (``engage_answers()``, read-only mounts): a
-LOOKUP is first offered to ``Operations.lookup_now``, called by the C module as
-a plain function (a file whose directory's tree is in memory: no coroutine, no
-trio task), and a GETXATTR of a name outside ``user.commitfs.`` is answered
-ENODATA in C (``ls -l`` asks for two such names per file, docs/SEMANTICS.md).
+Extended attributes (``engage_xattrs()``, read-only mounts): a GETXATTR of a name
+outside ``user.commitfs.`` is answered ENODATA by the C module, without pyfuse3's
+coroutine (``ls -l`` asks for two such names of every file, docs/SEMANTICS.md).
 """
 
 from __future__ import annotations
@@ -177,42 +175,33 @@ def listing_counts() -> tuple[int, int]:
     return shim.counts() if shim is not None else (0, 0)
 
 
-#: What engage_answers calls (a module built before it has neither).
-_ANSWER_API = ("answers", "answered")
-
-
-def engage_answers(lookup, xattr_prefix: bytes | None) -> str | None:
-    """After ``pyfuse3.init`` (read-only mounts): every LOOKUP is first offered to
-    ``lookup(parent, name)``, a plain function called by the C module on the request
-    loop's thread (Operations.lookup_now: an answer from memory, or None for pyfuse3's
-    own coroutine to answer), and a GETXATTR of a name not starting with
-    ``xattr_prefix`` is answered ENODATA by the C module (no Python at all).  None
+def engage_xattrs(prefix: bytes) -> str | None:
+    """After ``pyfuse3.init`` (read-only mounts): a GETXATTR of a name not starting with
+    ``prefix`` (the only one a read-only mount has attributes under) is answered
+    ENODATA by the C module, without pyfuse3's coroutine or the file system.  None
     when done, else why not (as ``engage``)."""
     load()
     if _shim is None:
         return _why_not
-    if not all(hasattr(_shim, name) for name in _ANSWER_API):
+    if not hasattr(_shim, "xattrs"):
         return "commitfs.fuse._noopen was built from an older source (rebuild it: setup.py build_ext)"
     if not _shim.wrapped():
         return "pyfuse3's FUSE session did not go through commitfs.fuse._noopen"
-    _shim.answers(lookup, xattr_prefix)
+    _shim.xattrs(prefix)
     return None
 
 
-def answered() -> tuple[int, int]:
-    """(LOOKUPs answered by engage_answers' function, GETXATTRs answered ENODATA by the
-    C module) so far ((0, 0) without it)."""
-    if _shim is None or not hasattr(_shim, "answered"):
-        return (0, 0)
-    return _shim.answered()
+def xattrs_refused() -> int:
+    """GETXATTRs the C module answered ENODATA so far (0 without it)."""
+    return _shim.xattrs_refused() if _shim is not None and hasattr(_shim, "xattrs_refused") else 0
 
 
 def disengage() -> None:
     """Back to pyfuse3 as released (after the session is closed)."""
     if _shim is not None:
         _shim.enable(False)
-    if _shim is not None and hasattr(_shim, "answers"):
-        _shim.answers(None, None)
+    if _shim is not None and hasattr(_shim, "xattrs"):
+        _shim.xattrs(None)
     if _listing_shim() is not None:
         _shim.listings(False)
         _shim.request_capabilities(0)

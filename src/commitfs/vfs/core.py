@@ -671,45 +671,6 @@ class FileSystem:
         self._remember(node)
         return node.attr(self.mount_time_ns)
 
-    def lookup_now(self, parent_inode: int, name: bytes) -> Attr | None:
-        """``lookup`` of a file or symlink of a commit directory whose tree (or the leaf
-        of a split one holding the name) is in memory, answered without awaiting
-        anything, counting one kernel reference as ``lookup`` does; None when
-        ``lookup`` must answer (anything else: a directory, a name not there, a
-        tree to load, the root, a ref directory), which then costs nothing more
-        than this try.  The FUSE adapter offers every LOOKUP here first, outside
-        pyfuse3's request coroutine (fuse/fastpath.py, ``engage_answers``)."""
-        table = self.table
-        parent = table._by_ino.get(parent_inode) if table is not None else None
-        if not isinstance(parent, TreeDir):
-            return None
-        tree = self.loader.tree_cached(parent.entry.id)
-        if tree is None:
-            return None
-        try:
-            text = name.decode()
-        except UnicodeDecodeError:
-            return None
-        if isinstance(tree, SplitTree):
-            base, leaf = self._split_cached(tree, path_to_name(tree.root, name))
-            pos = leaf.position(text) if leaf is not None else None
-            if pos is None:
-                return None
-            e, pos, count = leaf.entries[pos], base + pos, tree.count
-        else:
-            pos = tree.position(text)
-            if pos is None:
-                return None
-            e, count = tree.entries[pos], len(tree.entries)
-        kind = e.kind
-        if kind is Kind.DIR:
-            return None
-        b = table.block(parent, count)
-        b.remember(pos, kind_code(kind), e.size)
-        timeout = parent.view.timeout
-        return Attr(b.base + pos, SYMLINK_MODE if kind is Kind.SYMLINK else EXEC_MODE if kind is Kind.EXEC
-                    else FILE_MODE, e.size, parent.view.time_ns, timeout, timeout)
-
     def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         assert self.table is not None
         for inode, nlookup in inode_list:
