@@ -224,7 +224,6 @@ def test_a_c_module_built_from_an_older_source_leaves_listings_as_pyfuse3_has_th
         "    def enable(self, on): pass\n"
         "fastpath._shim = Old()\n"
         "print(fastpath.engage_listings(True))\n"
-        "print(fastpath.request_capabilities(1))\n"
         "print(fastpath.granted_capabilities(), fastpath.listing_counts())\n"
         "fastpath.disengage()\n"
     )
@@ -232,6 +231,6 @@ def test_a_c_module_built_from_an_older_source_leaves_listings_as_pyfuse3_has_th
                          env=cli_env())
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0] == lines[1] == ("commitfs.fuse._noopen was built from an older source "
-                                    "(rebuild it: setup.py build_ext)")
-    assert lines[2] == "None (0, 0)"
+    assert lines[0] == ("commitfs.fuse._noopen was built from an older source "
+                        "(rebuild it: setup.py build_ext)")
+    assert lines[1] == "None (0, 0)"
