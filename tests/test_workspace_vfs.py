@@ -1095,3 +1095,39 @@ def test_a_commit_after_a_few_edits_visits_the_edits_not_the_materialized_tree(t
                 assert bytes(repo.load_file(sub.get(f"f{i:04d}").id)) == want
     finally:
         repo.close()
+
+
+def test_reset_of_a_path_in_a_merge_in_progress_is_committed(tmp_path, cache_home):
+    """``reset PATH`` during a merge shows the base's entry where the merged tree has
+    another: the commit records the base's (the reset's change is marked, though no
+    edit touched the name: the commit looks only at marked names, vfs/wstree.py)."""
+    from commitfs.ops.merge import MergeOptions
+    repo = Repository.init(str(tmp_path / "repo"))
+    try:
+        def tree(path, files):
+            for name, data in files.items():
+                (path / name).parent.mkdir(parents=True, exist_ok=True)
+                (path / name).write_bytes(data)
+            return path
+        c0 = commit_directory(repo, tree(tmp_path / "s0", {"sub/a": b"base\n", "sub/b": b"b\n", "top": b"0\n"}),
+                              message="base").commit_id
+        repo.refs.set_branch_if_equals("dev", c0, None)
+        commit_directory(repo, tree(tmp_path / "s1", {"sub/a": b"theirs\n", "sub/b": b"b\n", "top": b"0\n"}),
+                         branch="dev", message="theirs")
+        commit_directory(repo, tree(tmp_path / "s2", {"sub/a": b"base\n", "sub/b": b"b\n", "top": b"ours\n"}),
+                         message="ours")
+        fs = _open(repo, tmp_path / "ws")
+
+        async def main():
+            async with fs.running():
+                await control.merge(fs, "dev", MergeOptions())
+                await fs.reset(["sub/a"])
+                return await control.commit(fs, "merged, sub/a kept")
+        outcome = trio.run(main)
+        t = repo.load_tree(repo.load_commit(outcome.commit_id).tree)
+        sub = repo.load_tree(t.get("sub").id)
+        assert bytes(repo.load_file(sub.get("a").id)) == b"base\n"
+        assert bytes(repo.load_file(t.get("top").id)) == b"ours\n"
+        assert len(repo.load_commit(outcome.commit_id).parents) == 2
+    finally:
+        repo.close()

@@ -251,6 +251,9 @@ class CommitState:
         invalidate: list[int] = []
         self._rebase_node(n, e, (), entries, invalidate, keep, replace)
         n.oid = row.id
+        # Its entry in ``d`` is the base's now, which need not be ``d``'s origin's (a
+        # merge in progress shows another tree): a commit looks at it (vfs/wstree.py).
+        self._mark(d, n.name)
         for x in survey[2]:  # dropped nodes with a data file (kept ones are rebased or detached)
             if x.fd is not None and x not in keep:
                 self._close_fd(x)
