@@ -19,15 +19,12 @@ import socket
 import threading
 
 
-class CuttingProxy:
-    def __init__(self, target_port: int, *, probability: float, seed: int, max_cuts: int | None = None):
+class LocalProxy:
+    """A listener on 127.0.0.1 in front of ``target_port``: each connection is
+    handed to ``_serve`` in a daemon thread, from ``start`` (or ``with``) to ``stop``."""
+
+    def __init__(self, target_port: int):
         self.target = ("127.0.0.1", target_port)
-        self.probability = probability
-        self.max_cuts = max_cuts
-        self.cuts = 0
-        self.header_cuts = 0
-        self.connections = 0
-        self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -38,9 +35,12 @@ class CuttingProxy:
         self._stopped = False
         self._thread = threading.Thread(target=self._accept, daemon=True)
 
-    def __enter__(self) -> CuttingProxy:
+    def start(self):
         self._thread.start()
         return self
+
+    def __enter__(self):
+        return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
@@ -48,10 +48,12 @@ class CuttingProxy:
     def stop(self) -> None:
         self._stopped = True
         try:
-            self._listener.close()
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone does not)
         except OSError:
             pass
-        self._thread.join(timeout=5)
+        self._listener.close()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
 
     def _accept(self) -> None:
         while not self._stopped:
@@ -60,6 +62,20 @@ class CuttingProxy:
             except OSError:
                 return
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class CuttingProxy(LocalProxy):
+    def __init__(self, target_port: int, *, probability: float, seed: int, max_cuts: int | None = None):
+        self.probability = probability
+        self.max_cuts = max_cuts
+        self.cuts = 0
+        self.header_cuts = 0
+        self.connections = 0
+        self._rng = random.Random(seed)
+        super().__init__(target_port)
 
     def _decide(self, answer: bytes) -> int | None:
         """Where to cut ``answer`` (bytes to send), or None to send it whole."""

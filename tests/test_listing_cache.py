@@ -9,6 +9,7 @@ answered cacheable: K".
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -62,6 +63,12 @@ def _mount_and_list(mounts, url, tmp_path, name: str, times: int, rev: str | Non
     listings = [_listing(mnt / sub) for _ in range(times)]
     assert run_commitfs("umount", str(mnt)).returncode == 0
     return listings, log
+
+
+def _xattr_counts(log) -> tuple[int, int]:
+    """(GETXATTRs answered ENODATA by the C module, GETXATTRs that reached the file system)."""
+    (m,) = re.findall(r"GETXATTR requests: (\d+) answered ENODATA in C, (\d+) by the file system", log.read_text())
+    return tuple(int(x) for x in m)
 
 
 def _granted(log) -> int:
@@ -210,9 +217,9 @@ def test_the_handle_bits_match_the_c_module():
 @pytest.mark.timeout(60)
 def test_a_c_module_built_from_an_older_source_leaves_listings_as_pyfuse3_has_them():
     """An in-place build not redone after an update: the module loads (the no-open mode
-    still works) but has no listing functions; engage_listings says why instead of failing
-    the mount, and the counts are zeros (in a subprocess: fastpath loads the module into
-    the global scope of the process that imports it)."""
+    still works) but has no listing functions; engage_listings (and engage_xattrs) says
+    why instead of failing the mount, and the counts are zeros (in a subprocess: fastpath
+    loads the module into the global scope of the process that imports it)."""
     import subprocess
     import sys
 
@@ -224,14 +231,44 @@ def test_a_c_module_built_from_an_older_source_leaves_listings_as_pyfuse3_has_th
         "    def enable(self, on): pass\n"
         "fastpath._shim = Old()\n"
         "print(fastpath.engage_listings(True))\n"
-        "print(fastpath.request_capabilities(1))\n"
         "print(fastpath.granted_capabilities(), fastpath.listing_counts())\n"
+        "print(fastpath.engage_xattrs(b'user.commitfs.'))\n"
+        "print(fastpath.xattrs_refused())\n"
         "fastpath.disengage()\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
                          env=cli_env())
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0] == lines[1] == ("commitfs.fuse._noopen was built from an older source "
-                                    "(rebuild it: setup.py build_ext)")
-    assert lines[2] == "None (0, 0)"
+    assert lines[0] == ("commitfs.fuse._noopen was built from an older source "
+                        "(rebuild it: setup.py build_ext)")
+    assert lines[1] == "None (0, 0)"
+    assert lines[2] == lines[0]  # every GETXATTR then reaches the file system
+    assert lines[3] == "0"
+
+
+def test_getxattr_of_a_name_a_commit_never_has_is_answered_in_c(tree, mounts, tmp_path):
+    """ls(1) asks for security.selinux and an ACL of every file it lists, and the kernel
+    caches no answer: a name outside user.commitfs. is ENODATA from the C module, never
+    a request of pyfuse3's; the mount's own attributes still come from the file system."""
+    url, src = tree
+    log = tmp_path / "m.log"
+    mnt = mounts.mountpoint()
+    mounts.mount(url, mnt, "--log-file", str(log), rev="main")
+    files = sorted(os.listdir(mnt / "big"))[:100]
+    for name in files:
+        for attr in ("security.selinux", "user.other", "trusted.x", "system.posix_acl_access"):
+            with pytest.raises(OSError) as err:
+                os.getxattr(mnt / "big" / name, attr, follow_symlinks=False)
+            assert err.value.errno == errno.ENODATA, (name, attr)
+    path = mnt / "big" / files[0]
+    assert os.getxattr(path, "user.commitfs.repo") == url.encode()
+    assert len(os.getxattr(path, "user.commitfs.id")) == len(os.getxattr(path, "user.commitfs.commit"))
+    assert sorted(os.listxattr(path)) == ["user.commitfs.commit", "user.commitfs.id", "user.commitfs.repo"]
+    with pytest.raises(OSError) as err:
+        os.getxattr(path, "user.commitfs.other")
+    assert err.value.errno == errno.ENODATA
+    assert run_commitfs("umount", str(mnt)).returncode == 0
+    in_c, by_fs = _xattr_counts(log)
+    assert in_c >= 3 * len(files)  # system.posix_acl_access may stop in the kernel
+    assert by_fs == 4

@@ -8,7 +8,6 @@ import collections
 import datetime
 import random
 import socket
-import threading
 import time
 from urllib.parse import urlsplit
 
@@ -17,6 +16,8 @@ from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
+from cutproxy import LocalProxy
+
 from commitfs.errors import ObjectNotFoundError, RepositoryNotFoundError, StorageError
 from commitfs.storage import s3 as s3mod
 from commitfs.storage.s3 import S3Store
@@ -24,7 +25,7 @@ from commitfs.storage.s3 import S3Store
 pytestmark = pytest.mark.timeout(60)
 
 
-class FaultProxy:
+class FaultProxy(LocalProxy):
     """An HTTP proxy on 127.0.0.1 in front of the test S3 server.
 
     Each request is read whole, then answered by the next fault queued in
@@ -42,37 +43,12 @@ class FaultProxy:
     _ERRORS = {"500": (500, "InternalError"), "503": (503, "SlowDown"), "403": (403, "AccessDenied")}
 
     def __init__(self, target_port: int, match: str = ""):
-        self.target = ("127.0.0.1", target_port)
+        super().__init__(target_port)
         self.match = match
         self.faults: collections.deque[str] = collections.deque()
         self.requests: list[tuple[str, str]] = []
         self.heads: list[str] = []  # every request's line and headers, as sent
-        self._lock = threading.Lock()
-        self._listener = socket.socket()
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(64)
-        self.endpoint_url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
-        self._stopped = False
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopped = True
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone does not)
-        except OSError:
-            pass
-        self._listener.close()
-        self._thread.join(timeout=5)
-
-    def _accept(self) -> None:
-        while not self._stopped:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+        self.start()
 
     def _serve(self, client: socket.socket) -> None:
         client.settimeout(20)

@@ -59,12 +59,21 @@
  *     the listing in its page cache and serves later listings from it.
  * Those three libfuse functions are wrapped like fuse_session_new (this
  * module's definitions, global, call libfuse's own, found by bind()); they
- * pass everything else through untouched. */
+ * pass everything else through untouched.
+ *
+ * GETXATTR (fastpath.engage_xattrs, the daemon of a read-only mount; until
+ * xattrs() is called every request passes straight to pyfuse3's callback):
+ * getxattr_shim in the GETXATTR slot answers ENODATA for a name outside the
+ * one prefix a read-only mount has attributes under ("user.commitfs."), as the
+ * Python getxattr would, without pyfuse3's coroutine and the file system's
+ * exception: ls(1) asks for two such names of every file it lists, and the
+ * kernel caches no answer. */
 
 #define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <dlfcn.h>
+#include <errno.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -89,6 +98,7 @@ typedef size_t (*add_fn)(fuse_req_t, char *, size_t, const char *, const struct 
 typedef int (*reply_buf_fn)(fuse_req_t, const char *, size_t);
 typedef int (*reply_err_fn)(fuse_req_t, int);
 typedef int (*reply_open_fn)(fuse_req_t, const struct fuse_file_info *);
+typedef void (*getxattr_fn)(fuse_req_t, fuse_ino_t, const char *, size_t);
 
 /* Handle bits: PLAIN_FH set by readdir_shim for the Python readdir, CACHE_FH by the Python
    opendir for fuse_reply_open (cleared there: the kernel never sees it).  The Python side's
@@ -107,6 +117,12 @@ static int listings = 0;                     /* init_shim asks for READDIRPLUS_A
 static unsigned extra_caps = 0;              /* request_capabilities() */
 static long long granted = -1;               /* conn->want after init_shim (-1: no INIT yet) */
 static unsigned long long plain_readdirs = 0, cached_opendirs = 0;
+
+/* GETXATTRs answered here (fastpath.engage_xattrs, read-only mounts). */
+static getxattr_fn pyfuse3_getxattr = NULL;  /* pyfuse3's own getxattr callback */
+static char *xattr_prefix = NULL;            /* xattrs(): names outside it are ENODATA here */
+static size_t xattr_prefix_len = 0;
+static unsigned long long xattrs_refused = 0;
 
 /* libfuse's own definitions of the functions this module wraps (bind()). */
 static add_plus_fn real_add_plus = NULL;
@@ -188,6 +204,18 @@ int fuse_reply_open(fuse_req_t req, const struct fuse_file_info *fi) {
     return real_reply_open(req, fi);
 }
 
+/* GETXATTR: a name outside xattr_prefix (the only attributes a read-only mount has,
+   "user.commitfs.") is ENODATA here, as the Python getxattr would answer: ls(1) asks for
+   security.selinux and system.posix_acl_access of every file it lists. */
+static void getxattr_shim(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size) {
+    if (xattr_prefix != NULL && strncmp(name, xattr_prefix, xattr_prefix_len) != 0) {
+        xattrs_refused++;
+        real_reply_err(req, ENODATA);
+        return;
+    }
+    pyfuse3_getxattr(req, ino, name, size);
+}
+
 static void read_shim(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
     /* fi is libfuse's own, on its stack for this call only (do_read). */
     if (enabled && fi != NULL && fi->fh == 0) {
@@ -242,6 +270,11 @@ static const struct fuse_lowlevel_ops *wrap_table(const struct fuse_lowlevel_ops
             && op->readdir == NULL && op->readdirplus != NULL) {
         pyfuse3_readdirplus = op->readdirplus;
         table->readdir = readdir_shim;
+    }
+    pyfuse3_getxattr = NULL;
+    if (op_size >= offsetof(struct fuse_lowlevel_ops, getxattr) + sizeof(getxattr_fn) && op->getxattr != NULL) {
+        pyfuse3_getxattr = op->getxattr;
+        table->getxattr = getxattr_shim;
     }
     granted = -1;
     nplain = 0;
@@ -397,7 +430,38 @@ static PyObject *py_counts(PyObject *self, PyObject *unused) {
     return Py_BuildValue("(KK)", plain_readdirs, cached_opendirs);
 }
 
+static PyObject *py_xattrs(PyObject *self, PyObject *prefix) {
+    char *copy = NULL;
+    if (prefix != Py_None) {
+        char *bytes;
+        Py_ssize_t n;
+        if (!wrapped) {
+            PyErr_SetString(PyExc_RuntimeError, "no FUSE session went through commitfs's fuse_session_new");
+            return NULL;
+        }
+        if (PyBytes_AsStringAndSize(prefix, &bytes, &n) < 0)
+            return NULL;
+        copy = malloc((size_t)n + 1);
+        if (copy == NULL)
+            return PyErr_NoMemory();
+        memcpy(copy, bytes, (size_t)n + 1);
+        xattr_prefix_len = (size_t)n;
+    }
+    free(xattr_prefix);
+    xattr_prefix = copy;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_xattrs_refused(PyObject *self, PyObject *unused) {
+    return PyLong_FromUnsignedLongLong(xattrs_refused);
+}
+
 static PyMethodDef methods[] = {
+    {"xattrs", py_xattrs, METH_O,
+     "xattrs(prefix): from now on a GETXATTR of a name not starting with the bytes prefix is "
+     "answered ENODATA here (None: every one goes to pyfuse3); RuntimeError unless wrapped()."},
+    {"xattrs_refused", py_xattrs_refused, METH_NOARGS,
+     "xattrs_refused() -> int: GETXATTRs answered ENODATA here."},
     {"listings", py_listings, METH_O,
      "listings(on): the next INIT asks for READDIRPLUS_AUTO (adaptive readdirplus; plain READDIRs "
      "reach readdir() with PLAIN_FH in the handle); RuntimeError unless wrapped()."},

@@ -151,6 +151,7 @@ class Operations(pyfuse3.Operations):
         self.cache_listings = False
         #: ...and, with adaptive readdirplus asked for, the READDIRPLUS beginning a listing is short.
         self.adaptive_listings = False
+        self.getxattrs = 0  # GETXATTR requests that reached ``getxattr`` (fastpath.engage_xattrs)
         self.readdirs = 0  # READDIR and READDIRPLUS requests received
         self.plain_readdirs = 0  # ...of which plain READDIR (PLAIN_FH)
         if isinstance(fs, FileSystem):
@@ -210,6 +211,7 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def getxattr(self, inode, name, ctx=None):
+        self.getxattrs += 1
         return await self.fs.getxattr(inode, name)
 
     @_handler

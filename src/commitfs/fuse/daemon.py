@@ -54,6 +54,7 @@ from commitfs.fuse.lifecycle import (
 )
 from commitfs.ops.root import open_repository
 from commitfs.vfs import FileSystem, VfsOptions
+from commitfs.vfs.inode import XATTR_PREFIX
 
 log = logging.getLogger("commitfs.mount")
 
@@ -165,6 +166,12 @@ def serve(config: DaemonConfig, report: Report) -> int:
                          "adaptive readdirplus" if adaptive else "READDIRPLUS only")
             else:
                 log.warning("directory listings are READDIRPLUS only and never cached by the kernel (%s)", unlisted)
+            # GETXATTRs of the names a commit mount never has (ls(1)'s security.selinux, ACLs)
+            # are answered in C.
+            unanswered = (fastpath.engage_xattrs(XATTR_PREFIX.encode()) if config.no_open
+                          else "no_open is off in the daemon's configuration")
+            if unanswered is not None:
+                log.warning("every GETXATTR is answered by the file system (%s)", unanswered)
         connection = fuse_connection(config.mountpoint)
         try:
             trio.run(_main, fs, config, report, missing)
@@ -179,6 +186,8 @@ def serve(config: DaemonConfig, report: Report) -> int:
             log.info("READs by inode (fast path): %d", fastpath.reads_by_inode())
             log.info("READDIR requests: %d (plain: %d); OPENDIRs answered cacheable: %d",
                      ops.readdirs, ops.plain_readdirs, fastpath.listing_counts()[1])
+            log.info("GETXATTR requests: %d answered ENODATA in C, %d by the file system",
+                     fastpath.xattrs_refused(), ops.getxattrs)
             log.info("page-cache hand-offs dropped (queue full): %d", page_storer.dropped)
         cache = repo.chunk_cache
         if isinstance(cache, DiskChunkCache):

@@ -46,9 +46,14 @@ READDIR reaches ``Operations.readdir`` with ``PLAIN_FH`` set in its handle;
 ``Operations.opendir`` sets ``CACHE_FH`` in the handle of a listing that never
 changes, which the C module turns into the two flags (the kernel never sees
 the bit).  Without the C module listings are READDIRPLUS and never cached, as
-with pyfuse3 alone (a WARNING says why).  ``request_capabilities(mask)`` asks
-the kernel for more FUSE_CAP_* bits at the same INIT (for a writable mount
-too), ``granted_capabilities()`` tells what it agreed to.
+with pyfuse3 alone (a WARNING says why).  ``granted_capabilities()`` tells
+what the INIT agreed to.  (The C module's ``request_capabilities(mask)`` would
+ask for more FUSE_CAP_* bits at the same INIT; nothing needs one yet: this
+machine's libfuse 3.14 has no HANDLE_KILLPRIV_V2 or DIRECT_IO_ALLOW_MMAP.)
+
+Extended attributes (``engage_xattrs()``, read-only mounts): a GETXATTR of a name
+outside ``user.commitfs.`` is answered ENODATA by the C module, without pyfuse3's
+coroutine (``ls -l`` asks for two such names of every file, docs/SEMANTICS.md).
 """
 
 from __future__ import annotations
@@ -127,35 +132,27 @@ def adaptive_asked() -> bool:
     return os.environ.get(ADAPTIVE_ENV, "") not in ("", "0")
 
 
+def _init_shim_missing() -> str | None:
+    """Why the C module's INIT and listing wrappers cannot be used, or None."""
+    load()
+    if _shim is None:
+        return _why_not
+    if _listing_shim() is None:
+        return "commitfs.fuse._noopen was built from an older source (rebuild it: setup.py build_ext)"
+    if not _shim.wrapped():
+        return "pyfuse3's FUSE session did not go through commitfs.fuse._noopen"
+    return None
+
+
 def engage_listings(adaptive: bool = False) -> str | None:
     """After ``pyfuse3.init``, before ``pyfuse3.main`` (the kernel's INIT): Operations may
     mark fixed listings with CACHE_FH; with ``adaptive`` the INIT also asks for adaptive
     readdirplus, and plain READDIRs then reach Operations with PLAIN_FH.  None when
     done, else why not (as ``engage``)."""
-    load()
-    if _shim is None:
-        return _why_not
-    if _listing_shim() is None:
-        return "commitfs.fuse._noopen was built from an older source (rebuild it: setup.py build_ext)"
-    if not _shim.wrapped():
-        return "pyfuse3's FUSE session did not go through commitfs.fuse._noopen"
-    _shim.listings(adaptive)
-    return None
-
-
-def request_capabilities(mask: int) -> str | None:
-    """After ``pyfuse3.init``, before ``pyfuse3.main``: the kernel's INIT also asks for
-    these FUSE_CAP_* bits (those it has; see ``granted_capabilities``).  None when the
-    request will be made, else why not."""
-    load()
-    if _shim is None:
-        return _why_not
-    if _listing_shim() is None:
-        return "commitfs.fuse._noopen was built from an older source (rebuild it: setup.py build_ext)"
-    if not _shim.wrapped():
-        return "pyfuse3's FUSE session did not go through commitfs.fuse._noopen"
-    _shim.request_capabilities(mask)
-    return None
+    why = _init_shim_missing()
+    if why is None:
+        _shim.listings(adaptive)
+    return why
 
 
 def granted_capabilities() -> int | None:
@@ -171,10 +168,33 @@ def listing_counts() -> tuple[int, int]:
     return shim.counts() if shim is not None else (0, 0)
 
 
+def engage_xattrs(prefix: bytes) -> str | None:
+    """After ``pyfuse3.init`` (read-only mounts): a GETXATTR of a name not starting with
+    ``prefix`` (the only one a read-only mount has attributes under) is answered
+    ENODATA by the C module, without pyfuse3's coroutine or the file system.  None
+    when done, else why not (as ``engage``)."""
+    load()
+    if _shim is None:
+        return _why_not
+    if not hasattr(_shim, "xattrs"):
+        return "commitfs.fuse._noopen was built from an older source (rebuild it: setup.py build_ext)"
+    if not _shim.wrapped():
+        return "pyfuse3's FUSE session did not go through commitfs.fuse._noopen"
+    _shim.xattrs(prefix)
+    return None
+
+
+def xattrs_refused() -> int:
+    """GETXATTRs the C module answered ENODATA so far (0 without it)."""
+    return _shim.xattrs_refused() if _shim is not None and hasattr(_shim, "xattrs_refused") else 0
+
+
 def disengage() -> None:
     """Back to pyfuse3 as released (after the session is closed)."""
     if _shim is not None:
         _shim.enable(False)
+    if _shim is not None and hasattr(_shim, "xattrs"):
+        _shim.xattrs(None)
     if _listing_shim() is not None:
         _shim.listings(False)
         _shim.request_capabilities(0)

@@ -66,6 +66,9 @@ SYMLINK_MODE = stat.S_IFLNK | 0o777
 #: st_blksize: cat/cp size their buffers by it; one kernel read request is 128 KiB.
 PREFERRED_IO_SIZE = 128 * 1024
 
+#: Every extended attribute of a read-only mount starts with this (no other name has one:
+#: fuse/fastpath.py answers those without asking the file system).
+XATTR_PREFIX = "user.commitfs."
 XATTR_COMMIT = "user.commitfs.commit"
 XATTR_ID = "user.commitfs.id"
 XATTR_REPO = "user.commitfs.repo"
