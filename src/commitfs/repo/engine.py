@@ -21,8 +21,9 @@ each written once, here:
 sends a load to a worker thread (vfs/loader.py): blobs located in index
 segments held in memory (Index.lookup_in_memory), bytes read from the page
 cache of a local repository's pack files (repo/resident.py), and chunks a
-remote repository's chunk cache holds in memory (its ``get_from_memory``:
-with write-behind, those fetched lately, cache/disk.py).  They return
+repository's chunk cache holds in memory (its ``get_from_memory``: with
+write-behind, those fetched lately, cache/disk.py; with a chunk cache, chunks
+come from its memory alone).  They return
 None wherever an answer would need storage (a segment not loaded, a pack not
 cached, a remote store, a chunk cache's file on disk), and the caller then takes
 the blocking form in a thread, which decides, errors included.  What either
@@ -191,6 +192,9 @@ class ReadEngine:
         # Only a local store has pages to find in memory (a remote one's keys never are).
         self._resident = ResidentReader(store) if store.local_path(_ANY_KEY) is not None else None
         self._memory = _Memory(self, self._resident)
+        # Chunks, with a chunk cache: its memory alone (not a local store's pages,
+        # which a cache stands in front of), so ``_Memory`` without pages.
+        self._cache_memory = _Memory(self, None)
 
     def close(self) -> None:
         if self._resident is not None:
@@ -200,6 +204,10 @@ class ReadEngine:
     def reads_from_memory(self) -> bool:
         """Whether chunks can come from memory at all (a local store, no chunk cache)."""
         return self.chunk_cache is None and self._resident is not None
+
+    @property
+    def _chunk_memory(self) -> _Memory:
+        return self._memory if self.chunk_cache is None else self._cache_memory
 
     @property
     def _no_memory(self) -> bool:
@@ -262,7 +270,7 @@ class ReadEngine:
         if self._no_memory:
             return None
         try:
-            return self._read_chunks(self._memory, oids, sizes)
+            return self._read_chunks(self._chunk_memory, oids, sizes)
         except NotInMemory:
             return None
 
@@ -281,7 +289,7 @@ class ReadEngine:
         try:
             if manifest is None:
                 manifest = FileManifest.decode(bytes(self._read_blob(self._memory, fid)))
-            return self._read_file(self._memory, manifest)
+            return self._read_file(self._chunk_memory, manifest)
         except NotInMemory:
             return None
 
@@ -349,7 +357,7 @@ class ReadEngine:
         if self._no_memory:
             return None
         try:
-            return self._read_span(self._memory, oids, sizes)
+            return self._read_span(self._chunk_memory, oids, sizes)
         except NotInMemory:
             return None
 
