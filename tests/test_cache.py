@@ -248,3 +248,129 @@ def test_parse_size_and_default_dir(monkeypatch, tmp_path):
     assert default_cache_dir() == tmp_path / "commitfs"
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")
     assert default_cache_dir() == Path(os.path.expanduser("~")) / ".cache" / "commitfs"
+
+
+@pytest.fixture
+def opens(monkeypatch):
+    """The paths os.open is called with, of chunk files of the cache (its v1/XX/ directories)."""
+    calls: list[str] = []
+    real = os.open
+
+    def counting(path, *args, **kwargs):
+        parts = str(path).split(os.sep)
+        if len(parts) >= 3 and parts[-3] == "v1" and len(parts[-2]) == 2:
+            calls.append(str(path))
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(os, "open", counting)
+    return calls
+
+
+def test_write_behind_serves_recent_chunks_and_known_misses_without_opening_files(tmp_path, opens):
+    """With write-behind, chunks just written are served from memory, and a miss of a
+    chunk the cache's listing lacks costs no open; both stay bounded (recent_bytes)."""
+    cache = DiskChunkCache(tmp_path / "c", max_bytes=1 << 20)
+    cache.write_behind(recent_bytes=25_000)  # the last two 10 kB chunks stay in memory
+    items = [chunk(i) for i in range(5)]
+    for oid, data in items:
+        cache.put(oid, data)
+    assert cache.flush(60)
+    assert all(cache._file(oid).exists() for oid, _ in items)
+    assert cache._listing is not None
+    del opens[:]
+    for oid, data in items[-2:]:
+        assert cache.get(oid) == data
+        assert cache.get_from_memory(oid) == data
+    absent, _ = chunk(99)
+    assert cache.get(absent) is None and cache.get_from_memory(absent) is None
+    assert opens == []
+    assert cache.stats.listed_misses == 1 and cache.stats.memory_hits == 4
+    assert cache.get_from_memory(items[0][0]) is None  # dropped from memory (the cap): on disk
+    assert cache.get(items[0][0]) == items[0][1]
+    assert len(opens) == 1
+    assert sum(len(d) for d in cache._recent.values()) <= 25_000
+    cache.close()
+    # Without write-behind every get looks at the disk again (other processes' chunks).
+    del opens[:]
+    assert cache.get(absent) is None and len(opens) == 1
+
+
+def test_listing_follows_own_writes_and_deletions_and_finds_others_at_a_scan(tmp_path, opens):
+    """The listing is this process's scan plus its own puts minus its own deletions: a
+    chunk put after the scan is found; a chunk another process put after it is a miss
+    (best effort) until the next scan; one another process deleted is a miss, once opened."""
+    cache = DiskChunkCache(tmp_path / "c", max_bytes=1 << 20)
+    cache.put(*chunk(1))  # there before write-behind's scan
+    cache.write_behind(recent_bytes=0)  # nothing kept in memory: gets go to the files
+    assert cache.flush(60)
+    oid2, data2 = chunk(2)
+    cache.put(oid2, data2)
+    assert cache.flush(60)
+    assert cache.get(chunk(1)[0]) == chunk(1)[1]  # found by the scan
+    assert cache.get(oid2) == data2  # our own put
+    other = DiskChunkCache(tmp_path / "c", max_bytes=1 << 20)  # another process
+    oid3, data3 = chunk(3)
+    other.put(oid3, data3)
+    del opens[:]
+    assert cache.get(oid3) is None and opens == []  # not seen until a scan
+    other._file(oid2).unlink()
+    assert cache.get(oid2) is None and len(opens) == 1  # listed, gone: opened once...
+    assert cache.get(oid2) is None and len(opens) == 1  # ...and then known to be absent
+    cache.evict(target=1 << 20)  # an eviction scans (and deletes nothing here)
+    assert cache.get(oid3) == data3
+    # A chunk of ours that fails its check is deleted and unlisted.
+    path = cache._file(oid3)
+    path.write_bytes(b"x" + path.read_bytes()[1:])
+    assert cache.get(oid3) is None and cache.stats.corrupt == 1
+    del opens[:]
+    assert cache.get(oid3) is None and opens == []
+    cache.close()
+
+
+def test_listing_is_dropped_for_a_cache_of_too_many_files(tmp_path, opens, monkeypatch):
+    """A cache of more than LISTING_MAX files keeps no listing (bounded memory): misses open."""
+    import commitfs.cache.disk as disk
+
+    monkeypatch.setattr(disk, "LISTING_MAX", 3)
+    cache = DiskChunkCache(tmp_path / "c", max_bytes=1 << 20)
+    cache.write_behind(recent_bytes=0)
+    for i in range(5):
+        cache.put(*chunk(i))
+    assert cache.flush(60)
+    assert cache._listing is None
+    del opens[:]
+    assert cache.get(chunk(99)[0]) is None and len(opens) == 1
+    assert cache.get(chunk(4)[0]) == chunk(4)[1]
+    cache.close()
+
+
+def test_engine_reads_chunks_a_cache_holds_in_memory_without_a_thread(tmp_path):
+    """The read engine's from-memory forms (the mount's event loop) answer from the
+    chunk cache's memory (write-behind's recent chunks); a chunk it lacks makes
+    them None (a worker thread then reads it), with no store request either way."""
+    repo = Repository.init(str(tmp_path / "repo"))
+    payload = os.urandom(600_000)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f.bin").write_bytes(payload)
+    cid = commit_directory(repo, src, message="one").commit_id
+    fid = lookup_path(repo, cid, "f.bin").id
+    store = FaultyStore(LocalStore(tmp_path / "repo"))
+    cache = DiskChunkCache(tmp_path / "cache", max_bytes=64 << 20)
+    cache.write_behind()
+    r = Repository(store, repo.config, cache)
+    manifest = r.load_manifest(fid)
+    ids = list(manifest.chunk_ids)
+    assert len(ids) > 1
+    assert r.chunks_from_memory(ids) is None
+    assert r.file_from_memory(fid, manifest) is None
+    assert b"".join(r.load_chunks(ids[:-1])) == payload[:sum(manifest.chunk_sizes[:-1])]
+    assert r.chunks_from_memory(ids) is None  # the last one is not in memory
+    assert r.chunks_from_memory(ids[:-1], manifest.chunk_sizes[:-1]) is not None
+    r.load_chunks(ids[-1:])
+    assert cache.flush(60)  # written: now served from write-behind's recent chunks
+    calls = store.calls["load_range"]
+    assert b"".join(r.chunks_from_memory(ids)) == payload
+    assert bytes(r.file_from_memory(fid, manifest)) == payload
+    assert store.calls["load_range"] == calls
+    cache.close()
+    assert r.chunks_from_memory(ids) is None  # (write-behind off: nothing in memory)

@@ -50,6 +50,29 @@ held (beyond that a put writes in the caller's thread, as without
 write-behind); ``close`` writes what is pending.  The writes themselves, the
 eviction and the cap are those of a plain put.
 
+Write-behind also spares a busy reader the file system's calls wherever this
+process already knows the answer (measured: a cold read through an S3 mount
+opened a chunk file about twice per chunk, and each call gives up the GIL,
+which the daemon's other threads then hold):
+
+* *Recently written chunks* stay in memory after their file is written, the
+  last ``recent_bytes`` of them (oldest dropped first): a read that comes
+  right after the fetch that cached them (a directory read-ahead's, vfs/dirahead.py)
+  takes them from memory with no open, read or hash.  Like pending chunks,
+  they were verified when fetched.  ``get_from_memory`` answers from these
+  two alone, never touching the disk (the mount's event loop asks it).
+* *The listing*: which chunk files exist, by the hash of their ids, as this
+  process's last scan of the cache found them (write-behind starts one in the
+  writer thread), plus what it wrote since, minus what it deleted.  A ``get``
+  of a chunk the listing lacks is a miss without any system call; a put of one
+  it lacks does not first look for its file.  Other processes' writes since
+  the scan are missed until the next one (at each eviction and after an
+  eighth of the cap written; such a chunk is fetched again: best effort), and
+  their deletions cost an open that finds nothing (and drops the entry).  A
+  hash collision can only make a miss open a file.  A cache of more than
+  ``LISTING_MAX`` files keeps no listing (its memory would grow with the
+  cache): every get then opens, as without write-behind.
+
 A full disk does not fail reads: on ENOSPC/EDQUOT the cache evicts down to
 half its current size and retries once; if that fails too the chunk is simply
 not cached.  The cache is best-effort throughout: any error in it is logged
@@ -93,6 +116,10 @@ _STALE_TMP_S = 3600.0
 
 #: Bytes of chunks a write-behind cache holds for its writer thread, at most.
 WRITE_BEHIND_BYTES = 32 * 1024 * 1024
+#: Bytes of chunks a write-behind cache keeps in memory after writing them (module doc).
+RECENT_BYTES = 32 * 1024 * 1024
+#: A cache of more files than this keeps no listing (module doc): ~70 bytes each.
+LISTING_MAX = 250_000
 #: How long ``close`` waits for the pending writes of a write-behind cache.
 _CLOSE_WAIT_S = 30.0
 
@@ -127,6 +154,10 @@ class CacheStats:
     evicted_files: int = 0
     evictions: int = 0
     put_failures: int = 0
+    #: Of the hits, those served from memory (write-behind: pending or recent chunks).
+    memory_hits: int = 0
+    #: Of the misses, those the listing answered with no system call.
+    listed_misses: int = 0
 
 
 class DiskChunkCache:
@@ -154,6 +185,15 @@ class DiskChunkCache:
         #: by id (get reads it without the lock); None while puts write in the caller's thread.
         self._behind: _WriteBehind | None = None
         self._pending: dict[bytes, bytes] | None = None
+        #: Write-behind's recently written chunks (module doc), oldest first, and their bytes.
+        self._recent: dict[bytes, bytes] | None = None
+        self._recent_bytes = 0
+        self._recent_max = 0
+        #: The listing (module doc): hashes of the ids of the chunk files known to
+        #: exist, or None (unknown: every get opens); what a running scan must add.
+        self._listing: set[int] | None = None
+        self._scan_adds: set[int] | None = None
+        self._scans = 0
         self._wake = threading.Condition(self._lock)
         try:
             self._tmp.mkdir(parents=True, exist_ok=True)
@@ -172,13 +212,17 @@ class DiskChunkCache:
         return f"{self._root_s}/{name[:2]}/{name}"
 
     # --- write-behind --------------------------------------------------------
-    def write_behind(self, max_pending: int = WRITE_BEHIND_BYTES) -> None:
-        """From now on a put returns before its chunk is written (module doc)."""
+    def write_behind(self, max_pending: int = WRITE_BEHIND_BYTES, recent_bytes: int = RECENT_BYTES) -> None:
+        """From now on a put returns before its chunk is written, the last
+        ``recent_bytes`` of chunks written stay in memory and a listing is kept
+        (module doc)."""
         with self._lock:
             if self._behind is not None:
                 return
             w = self._behind = _WriteBehind(max_pending)
             self._pending = w.pending
+            self._recent, self._recent_bytes, self._recent_max = {}, 0, recent_bytes
+            w.scan = True  # the writer's first job: the listing (and the size)
             w.thread = threading.Thread(target=self._write_pending, args=(w,), name="commitfs-cache-writer",
                                         daemon=True)
             w.thread.start()
@@ -200,10 +244,30 @@ class DiskChunkCache:
             if w.thread.is_alive():  # what is left is not cached (best effort)
                 log.warning("chunk cache: %d chunks not written at close", len(w.queue))
                 w.queue.clear()
-            self._behind = self._pending = None
+            self._behind = self._pending = self._recent = self._listing = None
+            self._recent_bytes = 0
+
+    def flush(self, timeout_s: float = _CLOSE_WAIT_S) -> bool:
+        """Wait (at most ``timeout_s``) until the chunks pending are written;
+        whether they are.  Write-behind stays on."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while True:
+                w = self._behind
+                if w is None or not w.queue:
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._wake.wait(left)
 
     def _write_pending(self, w: _WriteBehind) -> None:
         """The writer thread of write-behind state ``w`` (its own queue and stop flag)."""
+        if w.scan:
+            try:
+                self._rescan_size()  # (a put in the caller's thread may have done it first: harmless)
+            except Exception as exc:
+                log.warning("chunk cache: cannot scan %s: %s", self.path, exc)
         while True:
             with self._lock:
                 while not w.queue and not w.closing:
@@ -212,15 +276,28 @@ class DiskChunkCache:
                     return
                 oid = w.queue[0]
                 data = w.pending[oid]
+            written = False
             try:
-                self._put_now(oid, data)
+                written = self._put_now(oid, data)
             except Exception as exc:  # best effort, as a put in the caller's thread is
                 log.warning("chunk cache: not caching %s: %s", oid.hex(), exc)
+            if written and isinstance(data, memoryview) and data.nbytes != memoryview(data.obj).nbytes:
+                data = bytes(data)  # a slice of a larger read would keep all of it
             with self._lock:
+                recent = self._recent
+                if written and self._behind is w and recent is not None and len(data) <= self._recent_max:
+                    # Kept before it leaves ``pending``: a get finds it in one or the other.
+                    if recent.setdefault(oid, data) is data:
+                        self._recent_bytes += len(data)
+                        while self._recent_bytes > self._recent_max:
+                            old = next(iter(recent))
+                            self._recent_bytes -= len(recent.pop(old))
                 if w.queue and w.queue[0] == oid:  # (close cleared the queue if it gave up on us)
                     w.queue.popleft()
                 if w.pending.pop(oid, None) is not None:
                     w.bytes -= len(data)
+                if not w.queue:
+                    self._wake.notify_all()  # (flush)
 
     def _offer(self, oid: bytes, data) -> bool:
         """Hand a chunk to the writer; False if write-behind is off or full."""
@@ -228,7 +305,7 @@ class DiskChunkCache:
             w = self._behind
             if w is None or w.closing:
                 return False
-            if oid in w.pending:
+            if oid in w.pending or (self._recent is not None and oid in self._recent):
                 return True
             if w.bytes + len(data) > w.max_bytes:
                 return False
@@ -239,17 +316,39 @@ class DiskChunkCache:
             return True
 
     # --- reading -------------------------------------------------------------
-    def get(self, oid: bytes) -> bytes | None:
+    def get_from_memory(self, oid: bytes) -> bytes | None:
+        """A chunk write-behind holds in memory (pending or recently written:
+        verified when fetched), else None; never a system call (module doc)."""
         pending = self._pending
-        if pending is not None:
-            data = pending.get(oid)  # (a dict read: atomic under the GIL)
-            if data is not None:  # verified when fetched, not written yet
-                self.stats.hits += 1
+        if pending is None:
+            return None
+        data = pending.get(oid)  # (dict reads: atomic under the GIL)
+        if data is None:
+            recent = self._recent
+            if recent is None:
+                return None
+            data = recent.get(oid)
+            if data is None:
+                return None
+        self.stats.hits += 1
+        self.stats.memory_hits += 1
+        return data
+
+    def get(self, oid: bytes) -> bytes | None:
+        if self._pending is not None:
+            data = self.get_from_memory(oid)
+            if data is not None:
                 return data
+            listing = self._listing
+            if listing is not None and hash(oid) not in listing:
+                self.stats.misses += 1
+                self.stats.listed_misses += 1
+                return None
         path = self._name(oid)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
+            self._unlisted(oid)  # (another process evicted it)
             self.stats.misses += 1
             return None
         except OSError as exc:
@@ -263,6 +362,7 @@ class DiskChunkCache:
                 self.stats.corrupt += 1
                 log.warning("chunk cache: %s fails its hash check; removed", path)
                 self._unlink(path)
+                self._unlisted(oid)
                 self.stats.misses += 1
                 return None
             if time.time() - st.st_mtime > _TOUCH_INTERVAL_S:
@@ -280,8 +380,27 @@ class DiskChunkCache:
         return data
 
     def __contains__(self, oid: bytes) -> bool:
-        pending = self._pending
-        return (pending is not None and oid in pending) or os.path.exists(self._name(oid))
+        pending, recent = self._pending, self._recent
+        return ((pending is not None and oid in pending) or (recent is not None and oid in recent)
+                or os.path.exists(self._name(oid)))
+
+    # --- the listing (module doc) ----------------------------------------------
+    def _listed(self, oid: bytes) -> None:
+        """A chunk file this process wrote: in the listing (and in a running scan's)."""
+        h = hash(oid)
+        with self._lock:
+            if self._scan_adds is not None:
+                self._scan_adds.add(h)
+            listing = self._listing
+            if listing is not None:
+                listing.add(h)
+                if len(listing) > LISTING_MAX:
+                    self._listing = None  # too large to keep: unknown until a scan finds fewer
+
+    def _unlisted(self, oid: bytes) -> None:
+        listing = self._listing
+        if listing is not None:
+            listing.discard(hash(oid))
 
     # --- writing -------------------------------------------------------------
     def put(self, oid: bytes, data: bytes) -> None:
@@ -291,10 +410,12 @@ class DiskChunkCache:
             return
         self._put_now(oid, data)
 
-    def _put_now(self, oid: bytes, data: bytes) -> None:
+    def _put_now(self, oid: bytes, data: bytes) -> bool:
+        """Write one chunk's file; whether it is now in the cache (written, or there already)."""
         path = self._name(oid)
-        if os.path.exists(path):
-            return
+        listing = self._listing
+        if (listing is None or hash(oid) in listing) and os.path.exists(path):
+            return True
         if self._size is None:
             self._rescan_size()
         for attempt in (1, 2):
@@ -308,7 +429,8 @@ class DiskChunkCache:
                     continue
                 self.stats.put_failures += 1
                 log.warning("chunk cache: not caching %s: %s", oid.hex(), exc.strerror or exc)
-                return
+                return False
+        self._listed(oid)
         self.stats.puts += 1
         with self._lock:
             self._size = (self._size or 0) + len(data)
@@ -319,6 +441,7 @@ class DiskChunkCache:
             self._rescan_size()  # also counts what other processes added
         if self._size > self.max_bytes:
             self.evict()
+        return True
 
     def _write(self, path: str, data: bytes) -> None:
         tmp = f"{self._tmp_s}/{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}"
@@ -349,10 +472,41 @@ class DiskChunkCache:
         return sum(size for _, size, _ in self._scan())
 
     def _rescan_size(self) -> None:
-        total = self.size()
+        self._scan_start()
+        names: set[int] = set()
+        total = 0
+        try:
+            for _, size, path in self._scan():
+                total += size
+                if len(names) <= LISTING_MAX:
+                    names.add(hash(bytes.fromhex(path.name)))
+        finally:
+            self._scan_end(names)
         with self._lock:
             self._size = total
             self._unscanned = 0
+
+    def _scan_start(self) -> None:
+        with self._lock:
+            if self._scans == 0:
+                self._scan_adds = set()
+            self._scans += 1
+
+    def _scan_end(self, names: set[int] | None) -> None:
+        """A scan that found ``names`` (None: it failed) is the listing now, with
+        what this process wrote meanwhile (kept only with write-behind)."""
+        with self._lock:
+            adds = self._scan_adds or set()
+            self._scans -= 1
+            if self._scans == 0:
+                self._scan_adds = None
+            if self._pending is None:
+                return
+            if names is None or len(names) + len(adds) > LISTING_MAX:
+                self._listing = None
+            else:
+                names |= adds
+                self._listing = names
 
     def evict(self, target: int | None = None) -> int:
         """Delete least recently used chunks until at most ``target`` bytes
@@ -389,15 +543,24 @@ class DiskChunkCache:
                 self.stats.evictions += 1
                 with self._lock:
                     written_before = self._written
-                entries = sorted(self._scan())
-                total = sum(size for _, size, _ in entries)
-                round_freed = 0
-                for _, size, path in entries:
-                    if total - round_freed <= target:
-                        break
-                    if self._unlink(path):
-                        round_freed += size
-                        self.stats.evicted_files += 1
+                self._scan_start()
+                names: set[int] | None = None
+                try:
+                    entries = sorted(self._scan())
+                    total = sum(size for _, size, _ in entries)
+                    round_freed = 0
+                    kept = []
+                    for i, (_, size, path) in enumerate(entries):
+                        if total - round_freed <= target:
+                            kept = entries[i:]
+                            break
+                        if self._unlink(path):
+                            round_freed += size
+                            self.stats.evicted_files += 1
+                    if len(kept) <= LISTING_MAX:
+                        names = {hash(bytes.fromhex(p.name)) for _, _, p in kept}
+                finally:
+                    self._scan_end(names)
                 freed += round_freed
                 with self._lock:
                     # Chunks written between the snapshot and the scan are counted twice:
@@ -461,7 +624,7 @@ class _WriteBehind:
     """One write-behind writer's state (DiskChunkCache.write_behind): the chunks
     waiting, by id in order and with their bytes, and its stop flag."""
 
-    __slots__ = ("queue", "pending", "bytes", "max_bytes", "closing", "thread")
+    __slots__ = ("queue", "pending", "bytes", "max_bytes", "closing", "thread", "scan")
 
     def __init__(self, max_bytes: int):
         self.queue: deque[bytes] = deque()
@@ -470,6 +633,7 @@ class _WriteBehind:
         self.max_bytes = max_bytes
         self.closing = False
         self.thread: threading.Thread | None = None
+        self.scan = False  # scan the cache first (the listing)
 
 
 def _read_all(fd: int, size: int) -> bytes:

@@ -20,9 +20,12 @@ each written once, here:
 ``*_from_memory`` functions, which the mount's event loop calls before it
 sends a load to a worker thread (vfs/loader.py): blobs located in index
 segments held in memory (Index.lookup_in_memory), bytes read from the page
-cache of a local repository's pack files (repo/resident.py).  They return
+cache of a local repository's pack files (repo/resident.py), and chunks a
+repository's chunk cache holds in memory (its ``get_from_memory``: with
+write-behind, those fetched lately, cache/disk.py; with a chunk cache, chunks
+come from its memory alone).  They return
 None wherever an answer would need storage (a segment not loaded, a pack not
-cached, a remote store, a chunk cache on disk), and the caller then takes
+cached, a remote store, a chunk cache's file on disk), and the caller then takes
 the blocking form in a thread, which decides, errors included.  What either
 source returns is verified the same way: the steps are written once, over a
 *source* (``_Storage`` or ``_Memory``: where locations and bytes come from).
@@ -130,18 +133,23 @@ class _Storage:
 
 
 class _Memory:
-    """A source that never waits: segments held in memory, cached pack pages."""
+    """A source that never waits: segments held in memory, cached pack pages,
+    and the chunks a chunk cache holds in memory (its ``get_from_memory``)."""
 
     __slots__ = ("engine", "resident")
-
-    cache = None  # a chunk cache lives on disk
 
     def __init__(self, engine: ReadEngine, resident: ResidentReader | None):
         self.engine = engine
         self.resident = resident
 
+    @property
+    def cache(self):
+        cache = self.engine.chunk_cache
+        return None if cache is None else _CacheMemory(cache)
+
     def locate(self, oid: bytes) -> Location:
-        loc = self.engine.index.lookup_in_memory(oid)
+        # (With no pages of a local store, nothing located could be read.)
+        loc = None if self.resident is None else self.engine.index.lookup_in_memory(oid)
         if loc is None:
             raise NotInMemory(oid.hex())
         return loc
@@ -151,6 +159,25 @@ class _Memory:
         if got is None:
             raise NotInMemory(key)
         return got
+
+
+class _CacheMemory:
+    """A chunk cache's memory alone, as the memory source's cache: what it holds
+    without a system call (a cache without ``get_from_memory`` holds nothing
+    there); a put does nothing (nothing read from memory needs caching)."""
+
+    __slots__ = ("get",)
+
+    def __init__(self, cache):
+        self.get = getattr(cache, "get_from_memory", None) or _nothing
+
+    @staticmethod
+    def put(oid: bytes, data) -> None:
+        pass
+
+
+def _nothing(oid: bytes) -> None:
+    return None
 
 
 class ReadEngine:
@@ -165,6 +192,9 @@ class ReadEngine:
         # Only a local store has pages to find in memory (a remote one's keys never are).
         self._resident = ResidentReader(store) if store.local_path(_ANY_KEY) is not None else None
         self._memory = _Memory(self, self._resident)
+        # Chunks, with a chunk cache: its memory alone (not a local store's pages,
+        # which a cache stands in front of), so ``_Memory`` without pages.
+        self._cache_memory = _Memory(self, None)
 
     def close(self) -> None:
         if self._resident is not None:
@@ -174,6 +204,19 @@ class ReadEngine:
     def reads_from_memory(self) -> bool:
         """Whether chunks can come from memory at all (a local store, no chunk cache)."""
         return self.chunk_cache is None and self._resident is not None
+
+    @property
+    def _chunk_memory(self) -> _Memory:
+        return self._memory if self.chunk_cache is None else self._cache_memory
+
+    @property
+    def _no_memory(self) -> bool:
+        """Whether no chunk can come from memory: a chunk cache that holds none
+        there, or neither a chunk cache nor pages of a local store."""
+        cache = self.chunk_cache
+        if cache is not None:
+            return getattr(cache, "get_from_memory", None) is None
+        return self._resident is None
 
     # --- step 1: locate -------------------------------------------------------------
     def locate(self, oid: bytes) -> Location:
@@ -224,19 +267,19 @@ class ReadEngine:
 
     def chunks_from_memory(self, oids: list[bytes], sizes=None) -> list | None:
         """``read_chunks`` if memory has what it needs, else None (module doc)."""
-        if self.chunk_cache is not None:
+        if self._no_memory:
             return None
         try:
-            return self._read_chunks(self._memory, oids, sizes)
+            return self._read_chunks(self._chunk_memory, oids, sizes)
         except NotInMemory:
             return None
 
     def file_from_memory(self, fid: bytes, manifest: FileManifest | None = None):
         """The bytes of file ``fid`` (whose manifest the caller may hold) if
         memory has what they need, else None: compiled first (module doc)."""
-        if self.chunk_cache is not None or self._resident is None:
+        if self._no_memory:
             return None
-        if _fastread is not None:
+        if _fastread is not None and self.chunk_cache is None:
             try:
                 got = _fastread.load_file(fid, self.index.loaded_segments(), self._read_pack_resident, HASHER)
             except NotInMemory:
@@ -246,7 +289,7 @@ class ReadEngine:
         try:
             if manifest is None:
                 manifest = FileManifest.decode(bytes(self._read_blob(self._memory, fid)))
-            return self._read_file(self._memory, manifest)
+            return self._read_file(self._chunk_memory, manifest)
         except NotInMemory:
             return None
 
@@ -311,10 +354,10 @@ class ReadEngine:
         else None: read_file's steps for part of a file (one run, its buffer
         returned as it is when they lie one after another uncompressed).  The
         mount hands a random read's neighbours to the page cache with it."""
-        if self.chunk_cache is not None:
+        if self._no_memory:
             return None
         try:
-            return self._read_span(self._memory, oids, sizes)
+            return self._read_span(self._chunk_memory, oids, sizes)
         except NotInMemory:
             return None
 
