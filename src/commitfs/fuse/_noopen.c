@@ -380,7 +380,8 @@ static PyObject *py_wrapped(PyObject *self, PyObject *unused) {
     return PyBool_FromLong(wrapped);
 }
 
-static PyObject *py_enable(PyObject *self, PyObject *arg) {
+/* Set *flag from a Python truth value; turning it on needs a wrapped session. */
+static PyObject *set_session_flag(PyObject *arg, int *flag) {
     int on = PyObject_IsTrue(arg);
     if (on < 0)
         return NULL;
@@ -388,8 +389,12 @@ static PyObject *py_enable(PyObject *self, PyObject *arg) {
         PyErr_SetString(PyExc_RuntimeError, "no FUSE session went through commitfs's fuse_session_new");
         return NULL;
     }
-    enabled = on;
+    *flag = on;
     Py_RETURN_NONE;
+}
+
+static PyObject *py_enable(PyObject *self, PyObject *arg) {
+    return set_session_flag(arg, &enabled);
 }
 
 static PyObject *py_rewritten(PyObject *self, PyObject *unused) {
@@ -397,15 +402,7 @@ static PyObject *py_rewritten(PyObject *self, PyObject *unused) {
 }
 
 static PyObject *py_listings(PyObject *self, PyObject *arg) {
-    int on = PyObject_IsTrue(arg);
-    if (on < 0)
-        return NULL;
-    if (on && !wrapped) {
-        PyErr_SetString(PyExc_RuntimeError, "no FUSE session went through commitfs's fuse_session_new");
-        return NULL;
-    }
-    listings = on;
-    Py_RETURN_NONE;
+    return set_session_flag(arg, &listings);
 }
 
 static PyObject *py_request_capabilities(PyObject *self, PyObject *arg) {

@@ -662,15 +662,7 @@ class Overlay:
         by a node id below ``below`` (a file created after the clear, for a new node,
         has a higher id, so a late run never takes it).  Returns how many."""
         self.sync_db()
-        removed = 0
-        for entry in os.scandir(self.data):
-            if entry.name.isdigit() and int(entry.name) < below:
-                try:
-                    os.unlink(entry.path)
-                    removed += 1
-                except OSError:
-                    pass
-        return removed
+        return self._remove_data_files(lambda name: name.isdigit() and int(name) < below)
 
     # --- the reserve ----------------------------------------------------------------
     def make_reserve(self) -> None:
@@ -723,9 +715,13 @@ class Overlay:
     def collect_garbage(self) -> int:
         """Delete data files no row names; return how many."""
         named = {r[0] for r in self._conn.execute("SELECT upper FROM nodes WHERE upper IS NOT NULL")}
+        return self._remove_data_files(lambda name: name not in named)
+
+    def _remove_data_files(self, doomed) -> int:
+        """Delete the data files whose names ``doomed`` says; return how many went."""
         removed = 0
         for entry in os.scandir(self.data):
-            if entry.name not in named:
+            if doomed(entry.name):
                 try:
                     os.unlink(entry.path)
                     removed += 1
