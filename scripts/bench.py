@@ -893,14 +893,20 @@ class ManyFiles:
         marker.write_text(json.dumps(want) + "\n")
 
 
-@section("mount", "reads, listings and daemon memory of FUSE mounts of a local repository, vs the files and nullfs")
-def bench_mount(b: Bench) -> SectionResult:
-    ds = b.dataset()
-    out = SectionResult()
+def _committed_mount_repo(b: Bench, ds: Dataset) -> Path:
+    """A scratch local repository holding the dataset, for the mount sections (the caller removes it)."""
     repo_dir = b.scratch("repo-mount")
     Repository.init(str(repo_dir)).close()
     b.log("committing the dataset")
     commit_in_process(str(repo_dir), ds.root, "mount bench")
+    return repo_dir
+
+
+@section("mount", "reads, listings and daemon memory of FUSE mounts of a local repository, vs the files and nullfs")
+def bench_mount(b: Bench) -> SectionResult:
+    ds = b.dataset()
+    out = SectionResult()
+    repo_dir = _committed_mount_repo(b, ds)
     try:
         _mount_reads(b, ds, str(repo_dir), out)
         _mount_sample(b, ds, str(repo_dir), out)
@@ -1055,10 +1061,7 @@ def _random_read_rows(first_rand_s: float, disk_rand_s: float, null_rand_s: floa
 def bench_randread(b: Bench) -> SectionResult:
     ds = b.dataset()
     out = SectionResult()
-    repo_dir = b.scratch("repo-mount")
-    Repository.init(str(repo_dir)).close()
-    b.log("committing the dataset")
-    commit_in_process(str(repo_dir), ds.root, "mount bench")
+    repo_dir = _committed_mount_repo(b, ds)
     mnt, cache_dir = b.scratch("mnt"), b.scratch("mount-cache")
     weights = ds.root / ds.WEIGHTS
     try:
