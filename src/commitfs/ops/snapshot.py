@@ -52,6 +52,11 @@ from commitfs.ops.statcache import _RACY_NS, ID_SIZE, UNTRUSTED, CachedDir, Stat
 from commitfs.repo.pack import BlobKind, Compression, maybe_compress
 from commitfs.repo.repository import BlobWriter, Repository, WriteStats
 
+try:
+    from commitfs.ops import _fastscan
+except ImportError:  # built without a C compiler: prepare_batch reads file by file in Python
+    _fastscan = None
+
 # Files up to this size are read whole by pool threads; larger ones stream.
 _SMALL_FILE = 32 * 1024 * 1024
 # Bound on file bytes read ahead by the pool and not yet packed: hundreds of
@@ -176,7 +181,8 @@ def prepare_chunks(chunks) -> PreparedFile:
 _ONE_CHUNK = MANIFEST_MAGIC + b"\x01"  # a manifest of one chunk starts so (FileManifest.encode)
 
 
-_open_fd = os.open  # (a test makes it fail)
+_open_fd = _os_open = os.open  # (a test makes it fail)
+_os_read = os.read  # (a test makes reads short)
 # A file the scan saw is opened so: never through a symlink swapped in since (O_NOFOLLOW), never
 # waiting for a writer of a FIFO swapped in (O_NONBLOCK: opens at once; fstat then tells).
 _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
@@ -258,12 +264,23 @@ def prepare_batch(files: list[tuple]) -> list:
     encoding), its manifest encoded and hashed here; any other as a PreparedFile; one that
     is not the regular file the scan saw (swapped for another, a symlink, a FIFO) as None."""
     out = []
-    for path, size, *where in files:
-        try:
-            data = _read_whole(path, size, where[0] if where else None)
-        except _Changed:
+    # Compiled: the batch's opens and reads with the GIL released once (not with a test's
+    # _open_fd or os.read in place); what it does not read whole, _read_whole reads.
+    read = _fastscan.read_files(files, _OPEN_FLAGS) \
+        if _fastscan is not None and _open_fd is _os_open and os.read is _os_read else None
+    for k, (path, size, *where) in enumerate(files):
+        data = read[k] if read is not None else False
+        if data is False:
+            try:
+                data = _read_whole(path, size, where[0] if where else None)
+            except _Changed:
+                out.append(None)
+                continue
+        elif data is None:  # not the regular file the scan saw
             out.append(None)
             continue
+        elif type(data) is int:  # an errno
+            raise _read_error(path, OSError(data, os.strerror(data)))
         n = len(data)
         if 0 < n <= chunker.MIN_SIZE:
             cid = HASHER(data).digest()
@@ -694,6 +711,26 @@ class _Walk:
         files, st_bytes, fut = self.pending.popleft()
         results = fut.result()
         writer = self.writer
+        if all(type(p) is tuple for p in results):  # (the common case: small files of one chunk each)
+            writer.add_one_chunk_files(results)
+            nbytes = 0
+            settle = self._settle
+            for (d, slot), prepared in zip(files, results):
+                size = len(prepared[1])
+                nbytes += size
+                name, kind, (_, _, mtime) = d.entries[slot]
+                d.entries[slot] = (name, kind, (prepared[4], size, mtime))
+                d.reads -= 1
+                if not d.reads and d.fd is not None:
+                    self._close_dir(d)
+                if d.left > 1:
+                    d.left -= 1
+                else:
+                    settle(d)
+            self.inflight -= st_bytes
+            self.queued -= len(files)
+            self._done(nbytes, len(files))
+            return
         add = writer.add
         nbytes = 0
         # (Per file: enum members as locals, each attribute of an enum class being a Python call.)
