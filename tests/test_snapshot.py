@@ -706,3 +706,40 @@ def test_compiled_batch_reads_give_what_the_python_reads_give(tmp_path, monkeypa
             snapshot.prepare_batch(missing)
     finally:
         os.close(dfd)
+
+
+def test_compiled_directory_stats_give_what_os_stat_gives(tmp_path, cache_home, monkeypatch):
+    """The scan lists a directory and stats its entries in C (_fastscan.lstat_names,
+    the GIL released once per directory): the same names in the same order and the
+    same six fields as DirEntry.stat for every kind of entry (file, executable,
+    directory, symlink, dangling symlink, FIFO, a non-ASCII name), the errno of a
+    name gone since the listing, and the same commit of the directory."""
+    fastscan = snapshot._fastscan
+    assert fastscan is not None, "commitfs.ops._fastscan is not built (pip install -e .)"
+    src = tmp_path / "src"
+    write_file(src / "file.bin", b"f" * 1234)
+    write_file(src / "exec.sh", b"#!/bin/sh\n")
+    os.chmod(src / "exec.sh", 0o755)
+    write_file(src / "sub" / "inner.txt", b"inner")
+    write_file(src / "caf\u00e9.txt", b"accent")
+    os.symlink("file.bin", src / "link")
+    os.symlink("nowhere", src / "dangling")
+    os.mkfifo(src / "fifo")
+    os.utime(src / "file.bin", ns=(1, 1_700_000_000_123_456_789))
+    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fast_names, fast_stats = snapshot._list_and_stat(fd)
+        assert all(type(st) is tuple for st in fast_stats)
+        monkeypatch.setattr(snapshot, "_fastscan", None)
+        assert snapshot._list_and_stat(fd) == (fast_names, fast_stats)
+        assert fast_names == sorted(os.listdir(src)) and len(fast_names) == 7
+        assert fast_stats[fast_names.index("file.bin")][2] == 1_700_000_000_123_456_789
+        assert fastscan.lstat_names(fd, ["gone", "file.bin"])[0] == errno.ENOENT
+    finally:
+        os.close(fd)
+    with Repository.init(str(tmp_path / "slow")) as slow_repo:
+        slow = _commit(slow_repo, src)
+    monkeypatch.setattr(snapshot, "_fastscan", fastscan)
+    with Repository.init(str(tmp_path / "fast")) as fast_repo:
+        fast = _commit(fast_repo, src)
+    assert fast.tree_id == slow.tree_id and fast.warnings == slow.warnings

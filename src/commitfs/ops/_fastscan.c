@@ -17,7 +17,11 @@
      - False: not read whole by one read (grown, shrunk, a short read, a
        regular file refusing O_NONBLOCK): the caller reads it with _read_whole.
    Its input is prepare_batch's: (path, size[, where]) with ``where`` None or
-   (directory fd or None, name, st_dev or None, st_ino or None). */
+   (directory fd or None, name, st_dev or None, st_ino or None).
+
+   lstat_names does the same for the scan's stat of each entry of a directory
+   (snapshot._scan_fd: fstatat relative to the directory, as DirEntry.stat),
+   giving the six fields the scan uses as os.stat gives them. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -181,14 +185,77 @@ done:
     return out;
 }
 
+PyDoc_STRVAR(lstat_names_doc,
+"lstat_names(dir_fd, names) -> list: fstatat(dir_fd, name, AT_SYMLINK_NOFOLLOW) of each name,\n"
+"the GIL released once: (st_mode, st_size, st_mtime_ns, st_ino, st_ctime_ns, st_dev) as os.stat\n"
+"gives them, an errno, or None (a time out of the nanosecond range: ask os.stat).");
+
+#define NS_LIMIT 9000000000LL /* seconds: sec * 1e9 + nsec fits in 63 bits (year 2255) */
+
+static PyObject *lstat_names(PyObject *self, PyObject *args) {
+    int dir_fd;
+    PyObject *names;
+    if (!PyArg_ParseTuple(args, "iO!", &dir_fd, &PyList_Type, &names))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(names);
+    PyObject **raw = PyMem_Calloc(n ? n : 1, sizeof(PyObject *));
+    struct stat *sts = PyMem_Calloc(n ? n : 1, sizeof(struct stat));
+    int *errs = PyMem_Calloc(n ? n : 1, sizeof(int));
+    PyObject *out = NULL;
+    Py_ssize_t i, parsed = 0;
+    if (raw == NULL || sts == NULL || errs == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; parsed < n; parsed++)
+        if (!PyUnicode_FSConverter(PyList_GET_ITEM(names, parsed), &raw[parsed]))
+            goto done;
+    Py_BEGIN_ALLOW_THREADS
+    for (i = 0; i < n; i++)
+        errs[i] = fstatat(dir_fd, PyBytes_AS_STRING(raw[i]), &sts[i], AT_SYMLINK_NOFOLLOW) == 0 ? 0 : errno;
+    Py_END_ALLOW_THREADS
+    out = PyList_New(n);
+    if (out == NULL)
+        goto done;
+    for (i = 0; i < n; i++) {
+        struct stat *st = &sts[i];
+        PyObject *r;
+        if (errs[i])
+            r = PyLong_FromLong(errs[i]);
+        else if (st->st_mtim.tv_sec > NS_LIMIT || st->st_mtim.tv_sec < -NS_LIMIT
+                 || st->st_ctim.tv_sec > NS_LIMIT || st->st_ctim.tv_sec < -NS_LIMIT)
+            r = Py_NewRef(Py_None);
+        else
+            r = Py_BuildValue("(kLLKLK)", (unsigned long)st->st_mode, (long long)st->st_size,
+                              (long long)st->st_mtim.tv_sec * 1000000000LL + st->st_mtim.tv_nsec,
+                              (unsigned long long)st->st_ino,
+                              (long long)st->st_ctim.tv_sec * 1000000000LL + st->st_ctim.tv_nsec,
+                              (unsigned long long)st->st_dev);
+        if (r == NULL) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        PyList_SET_ITEM(out, i, r);
+    }
+done:
+    if (raw != NULL)
+        for (i = 0; i < parsed; i++)
+            Py_XDECREF(raw[i]);
+    PyMem_Free(raw);
+    PyMem_Free(sts);
+    PyMem_Free(errs);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"read_files", read_files, METH_VARARGS, read_files_doc},
+    {"lstat_names", lstat_names, METH_VARARGS, lstat_names_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "commitfs.ops._fastscan",
-    "A compiled hot path of a commit's reads of small files (see snapshot.prepare_batch).", -1, methods,
+    "Compiled hot paths of a commit's scan and reads of small files (see snapshot._scan_fd, prepare_batch).", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 
