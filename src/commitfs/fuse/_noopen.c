@@ -430,9 +430,20 @@ static int lookup_answer(fuse_req_t req, fuse_ino_t parent, const char *name) {
     return 1;
 }
 
+static int in_early = 0;  /* inside fuse_session_receive_buf's own fuse_session_process_buf */
+static unsigned long long early_misses = 0;
+
 static void lookup_shim(fuse_req_t req, fuse_ino_t parent, const char *name) {
-    if (!lookup_answer(req, parent, name))
-        pyfuse3_lookup(req, parent, name);
+    if (lookup_answer(req, parent, name))
+        return;
+    if (in_early) {
+        /* Not reached (answerable() saw a table hit, and nothing ran since): pyfuse3's
+           coroutine would never be awaited from here, so the request is failed instead. */
+        early_misses++;
+        real_reply_err(req, EIO);
+        return;
+    }
+    pyfuse3_lookup(req, parent, name);
 }
 
 /* The fixed header of every request (the kernel's ABI, linux/fuse.h: struct fuse_in_header). */
@@ -472,7 +483,9 @@ int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *buf) {
         int res = real_receive_buf(se, buf);
         if (res <= 0 || !answerable(buf, res))
             return res;
+        in_early = 1;
         real_process_buf(se, buf);  /* libfuse's do_lookup -> lookup_shim, which answers it */
+        in_early = 0;
         lookups_early++;
         if (answered > 0)
             lookups_waited++;
@@ -553,6 +566,12 @@ static PyObject *py_publish(PyObject *self, PyObject *args) {
         if (tab_newest) tab_newest->newer = t; else tab_oldest = t;
         tab_newest = t;
         ntabs++;
+    }
+    while (tab_bytes > tab_cap && tab_oldest != NULL && tab_oldest != t)
+        tab_free(tab_oldest);
+    if (tab_bytes > tab_cap) {  /* one directory past the cap alone: it keeps what it has */
+        Py_DECREF(seq);
+        Py_RETURN_FALSE;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *e = items[i];
@@ -686,7 +705,8 @@ static PyObject *py_lookups_cap(PyObject *self, PyObject *arg) {
 }
 
 static PyObject *py_lookup_counts(PyObject *self, PyObject *unused) {
-    return Py_BuildValue("(KKKIn)", lookups_answered, lookups_early, lookups_waited, ntabs, (Py_ssize_t)tab_bytes);
+    return Py_BuildValue("(KKKIn)", lookups_answered, lookups_early - early_misses, lookups_waited, ntabs,
+                         (Py_ssize_t)tab_bytes);
 }
 
 static void read_shim(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {

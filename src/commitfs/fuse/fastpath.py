@@ -51,6 +51,14 @@ what the INIT agreed to.  (The C module's ``request_capabilities(mask)`` would
 ask for more FUSE_CAP_* bits at the same INIT; nothing needs one yet: this
 machine's libfuse 3.14 has no HANDLE_KILLPRIV_V2 or DIRECT_IO_ALLOW_MMAP.)
 
+LOOKUPs (``engage_lookups()``, read-only mounts; ``COMMITFS_C_LOOKUPS=0`` turns it off): the
+file system publishes each span of a commit directory it lists or looks a name up in (names,
+positions, kinds, sizes, the block's base: vfs/core.py) to the C module, which answers a LOOKUP
+of such a file or symlink itself, as it reads the request, before pyfuse3's loop (a trio wait,
+task and coroutine per request) sees it, and keeps the references it gave for the inode table
+to take (``CLookups``, vfs/inode.py's ``TreeInodeTable.external``): a stat walk after an
+adaptive listing, or opens by path, cost no Python per file (docs/SEMANTICS.md).
+
 Extended attributes (``engage_xattrs()``, read-only mounts): a GETXATTR of a name
 outside ``user.commitfs.`` is answered ENODATA by the C module, without pyfuse3's
 coroutine (``ls -l`` asks for two such names of every file, docs/SEMANTICS.md).
