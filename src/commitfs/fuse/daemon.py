@@ -22,6 +22,7 @@ Run as ``python -m commitfs.fuse.daemon [--ready-fd N] CONFIG_JSON``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import logging
 import os
@@ -202,9 +203,8 @@ def serve(config: DaemonConfig, report: Report) -> int:
         cache = repo.chunk_cache
         if isinstance(cache, DiskChunkCache):
             cache.close()  # the chunks still pending are written
-            st = cache.stats
-            log.info("chunk cache: hits=%d misses=%d puts=%d corrupt=%d evictions=%d evicted_files=%d",
-                     st.hits, st.misses, st.puts, st.corrupt, st.evictions, st.evicted_files)
+            # Every counter (memory_hits, listed_misses, put_failures too), as name=value.
+            log.info("chunk cache: %s", " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cache.stats).items()))
         return 0
     finally:
         if isinstance(repo.chunk_cache, DiskChunkCache):
