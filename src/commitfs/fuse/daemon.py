@@ -55,7 +55,7 @@ from commitfs.fuse.lifecycle import (
 )
 from commitfs.ops.root import open_repository
 from commitfs.vfs import FileSystem, VfsOptions
-from commitfs.vfs.inode import XATTR_PREFIX
+from commitfs.vfs.inode import PREFERRED_IO_SIZE, XATTR_PREFIX
 
 log = logging.getLogger("commitfs.mount")
 
@@ -173,6 +173,13 @@ def serve(config: DaemonConfig, report: Report) -> int:
                           else "no_open is off in the daemon's configuration")
             if unanswered is not None:
                 log.warning("every GETXATTR is answered by the file system (%s)", unanswered)
+            # LOOKUPs of listed (or looked-up) commit directories' files are answered in C.
+            looked = (fastpath.engage_lookups(ops.uid, ops.gid, PREFERRED_IO_SIZE) if config.no_open
+                      else "no_open is off in the daemon's configuration")
+            if isinstance(looked, str):
+                log.warning("every LOOKUP is answered by the file system (%s)", looked)
+            else:
+                fs.external_lookups = looked
         connection = fuse_connection(config.mountpoint)
         try:
             trio.run(_main, fs, config, report, missing)
@@ -189,6 +196,9 @@ def serve(config: DaemonConfig, report: Report) -> int:
                      ops.readdirs, ops.plain_readdirs, fastpath.listing_counts()[1])
             log.info("GETXATTR requests: %d answered ENODATA in C, %d by the file system",
                      fastpath.xattrs_refused(), ops.getxattrs)
+            answered, early, waited, _, _ = fastpath.lookup_counts()
+            log.info("LOOKUPs answered in C: %d (%d before pyfuse3's loop, %d of them without its wait); "
+                     "references lost: %d", answered, early, waited, getattr(fs.table, "external_lost", 0))
             log.info("page-cache hand-offs dropped (queue full): %d", page_storer.dropped)
         cache = repo.chunk_cache
         if isinstance(cache, DiskChunkCache):
