@@ -33,14 +33,14 @@ with one problem line: one deadline for the run, not one per object.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from commitfs.errors import CommitfsError, CorruptObjectError, ObjectNotFoundError, ReadSetError, StorageError
 from commitfs.model.ids import HEX_SIZE, hash_bytes, is_hex
-from commitfs.model.objects import DecodeError, Kind
+from commitfs.model.objects import DecodeError, Kind, TreeEntry
 from commitfs.model import splittree
-from commitfs.model.splittree import SplitTree, tree_id_of
+from commitfs.model.splittree import SplitTree
 from commitfs.ops import readset
 from commitfs.repo.gcstate import LEASE_REF
 from commitfs.repo.index import Index, encode_segment, segment_key
@@ -48,12 +48,14 @@ from commitfs.repo.pack import load_pack_table, pack_id_from_key, pack_key
 from commitfs.repo.repository import Repository
 
 def _check_split_tree(repo: Repository, tid: bytes, tree: SplitTree, locate_problem, seen: set[bytes],
-                      notes: list[str]) -> tuple:
-    """A split tree's entries, every chunk and index node located and checked
-    against the index entry naming it (order, ranges, counts, sizes: a
-    CorruptObjectError naming the chunk otherwise), and its boundaries the
-    canonical ones (a note otherwise: its content reads right, but its id is
-    not the one this content has, docs/FORMAT.md "Split trees")."""
+                      notes: list[str]) -> Iterator[TreeEntry]:
+    """A split tree's entries, one leaf at a time, every chunk and index node
+    located and checked against the index entry naming it (order, ranges, counts,
+    sizes: a CorruptObjectError naming the chunk otherwise), and once they are all
+    read, its boundaries the canonical ones (a note otherwise: its content reads
+    right, but its id is not the one this content has, docs/FORMAT.md "Split
+    trees"). Never all the entries at once: a directory of 10M entries is checked
+    in the memory of a leaf."""
     def load(oid: bytes):
         why = locate_problem(oid)
         if why is not None:
@@ -61,14 +63,16 @@ def _check_split_tree(repo: Repository, tid: bytes, tree: SplitTree, locate_prob
         seen.add(oid)
         return repo.load_tree_node(oid)
 
+    canonical = splittree.SplitIdBuilder()
     try:
-        entries = SplitTree(tid, tree.root, load).entries
+        for entry in SplitTree(tid, tree.root, load).iter_entries():
+            canonical.add(entry)
+            yield entry
     except DecodeError as exc:
         raise CorruptObjectError(f"split tree is malformed: {exc}") from None
-    if len(entries) <= splittree.SPLIT_ENTRIES or tree_id_of(entries) != tid:
-        notes.append(f"tree {tid.hex()}: split tree of {len(entries)} entries is not split as the format "
+    if canonical.count <= splittree.SPLIT_ENTRIES or canonical.finish() != tid:
+        notes.append(f"tree {tid.hex()}: split tree of {canonical.count} entries is not split as the format "
                      "says (its boundaries are not the canonical ones; the same content has another id)")
-    return entries
 
 
 #: Commit/path pairs named per damaged object; the rest are counted.
@@ -340,8 +344,8 @@ class _Check:
             stack.extend((f"parent of {cid.hex()[:12]}", p) for p in commit.parents)
 
     def tree_entries(self, tid: bytes):
-        """A readable tree's entries (a split tree's checked on the way), or None
-        with the damage recorded."""
+        """A readable tree's entries (a split tree's an iterator, checked as it is
+        read: its damage is raised then), or None with the damage recorded."""
         why = self.locate_problem(tid)
         if why is not None:
             self.tree_damage[tid] = why
@@ -368,17 +372,22 @@ class _Check:
             entries = self.tree_entries(tid)
             if entries is None:
                 continue
+            try:  # a split tree's leaves are read as the walk goes
+                for e in entries:
+                    if e.kind is Kind.DIR:
+                        trees.append(e.id)
+                    elif e.kind is Kind.SYMLINK:
+                        if hash_bytes(e.target) != e.id:
+                            self.tree_notes.append(f"tree {tid.hex()}: symlink {e.name!r} does not match its id")
+                    elif e.id not in self.seen_files:
+                        self.seen_files.add(e.id)
+                        self.rep.files += 1
+                        self.check_file(e.id, e.size)
+            except CommitfsError as exc:
+                self.guard(exc)
+                self.tree_damage[tid] = str(exc)
+                continue
             self.rep.trees += 1
-            for e in entries:
-                if e.kind is Kind.DIR:
-                    trees.append(e.id)
-                elif e.kind is Kind.SYMLINK:
-                    if hash_bytes(e.target) != e.id:
-                        self.tree_notes.append(f"tree {tid.hex()}: symlink {e.name!r} does not match its id")
-                elif e.id not in self.seen_files:
-                    self.seen_files.add(e.id)
-                    self.rep.files += 1
-                    self.check_file(e.id, e.size)
 
     def check_file(self, fid: bytes, size: int) -> None:
         repo = self.repo
@@ -442,7 +451,7 @@ class _Check:
             except CommitfsError as exc:
                 self.guard(exc)
                 return ()  # readable a moment ago: the first pass reported what it found
-            return tree.entries
+            return tree.iter_entries() if isinstance(tree, SplitTree) else tree.entries
 
         def holds_damage(tid: bytes) -> bool:
             if tid in holds:
