@@ -52,6 +52,11 @@ from commitfs.ops.statcache import _RACY_NS, ID_SIZE, UNTRUSTED, CachedDir, Stat
 from commitfs.repo.pack import BlobKind, Compression, maybe_compress
 from commitfs.repo.repository import BlobWriter, Repository, WriteStats
 
+try:
+    from commitfs.ops import _fastscan
+except ImportError:  # built without a C compiler: prepare_batch reads file by file in Python
+    _fastscan = None
+
 # Files up to this size are read whole by pool threads; larger ones stream.
 _SMALL_FILE = 32 * 1024 * 1024
 # Bound on file bytes read ahead by the pool and not yet packed: hundreds of
@@ -176,7 +181,8 @@ def prepare_chunks(chunks) -> PreparedFile:
 _ONE_CHUNK = MANIFEST_MAGIC + b"\x01"  # a manifest of one chunk starts so (FileManifest.encode)
 
 
-_open_fd = os.open  # (a test makes it fail)
+_open_fd = _os_open = os.open  # (a test makes it fail)
+_os_read = os.read  # (a test makes reads short)
 # A file the scan saw is opened so: never through a symlink swapped in since (O_NOFOLLOW), never
 # waiting for a writer of a FIFO swapped in (O_NONBLOCK: opens at once; fstat then tells).
 _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
@@ -258,12 +264,23 @@ def prepare_batch(files: list[tuple]) -> list:
     encoding), its manifest encoded and hashed here; any other as a PreparedFile; one that
     is not the regular file the scan saw (swapped for another, a symlink, a FIFO) as None."""
     out = []
-    for path, size, *where in files:
-        try:
-            data = _read_whole(path, size, where[0] if where else None)
-        except _Changed:
+    # Compiled: the batch's opens and reads with the GIL released once (not with a test's
+    # _open_fd or os.read in place); what it does not read whole, _read_whole reads.
+    read = _fastscan.read_files(files, _OPEN_FLAGS) \
+        if _fastscan is not None and _open_fd is _os_open and os.read is _os_read else None
+    for k, (path, size, *where) in enumerate(files):
+        data = read[k] if read is not None else False
+        if data is False:
+            try:
+                data = _read_whole(path, size, where[0] if where else None)
+            except _Changed:
+                out.append(None)
+                continue
+        elif data is None:  # not the regular file the scan saw
             out.append(None)
             continue
+        elif type(data) is int:  # an errno
+            raise _read_error(path, OSError(data, os.strerror(data)))
         n = len(data)
         if 0 < n <= chunker.MIN_SIZE:
             cid = HASHER(data).digest()
@@ -370,10 +387,40 @@ def _scan_dir(d: _Dir, cache: StatCache, warnings: list[str], keep_fd: bool = Fa
 _by_name = operator.attrgetter("name")
 
 
+def _stat_tuple(st: os.stat_result) -> tuple:
+    return st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, st.st_dev
+
+
+def _list_and_stat(fd: int) -> tuple[list[str], list]:
+    """The names of the directory open as ``fd`` in name order, and each one's lstat
+    relative to it (as find does): (st_mode, st_size, st_mtime_ns, st_ino, st_ctime_ns,
+    st_dev), or the OSError of a name that cannot be stat'ed.  Compiled: the stats with
+    the GIL released once per directory (_fastscan.lstat_names), not once per entry."""
+    if _fastscan is not None:
+        names = os.listdir(fd)
+        names.sort()
+        stats = _fastscan.lstat_names(fd, names)
+        for k, st in enumerate(stats):
+            if type(st) is not tuple:
+                try:  # an errno, or None: a time past what the compiled path computes
+                    stats[k] = _stat_tuple(os.stat(names[k], dir_fd=fd, follow_symlinks=False))
+                except OSError as exc:
+                    stats[k] = exc
+        return names, stats
+    with os.scandir(fd) as it:
+        items = sorted(it, key=_by_name)
+    stats = []
+    for e in items:
+        try:
+            stats.append(_stat_tuple(e.stat(follow_symlinks=False)))
+        except OSError as exc:
+            stats.append(exc)
+    return [e.name for e in items], stats
+
+
 def _scan_fd(d: _Dir, fd: int, cache: StatCache, warnings: list[str]) -> list[int]:
     try:
-        with os.scandir(fd) as it:
-            items = sorted(it, key=_by_name)
+        names, stats = _list_and_stat(fd)
     except OSError as exc:
         raise InputError(f"cannot list {_display(d.path)}: {exc.strerror or exc}") from None
     stat = d.stat
@@ -383,29 +430,25 @@ def _scan_fd(d: _Dir, fd: int, cache: StatCache, warnings: list[str]) -> list[in
     join = os.path.join
     S_ISREG, S_ISDIR, S_ISLNK, S_IXUSR = statmod.S_ISREG, statmod.S_ISDIR, statmod.S_ISLNK, statmod.S_IXUSR
     FILE, EXEC = Kind.FILE, Kind.EXEC
-    for e in items:
-        name = e.name
+    for name, st in zip(names, stats):
         if not name.isascii():
             _check_utf8(name, d.path)
-        try:
-            st = e.stat(follow_symlinks=False)
-        except OSError as exc:
-            raise _read_error(join(d.path, name), exc) from None
-        mode = st.st_mode
+        if type(st) is not tuple:
+            raise _read_error(join(d.path, name), st) from None
+        mode, size, mtime, ino, ctime, dev = st
         if S_ISREG(mode):
             kind = EXEC if mode & S_IXUSR else FILE
             files.append(len(entries))
-            mtime = st.st_mtime_ns
             # (file id, size, mtime_ns): no stat_result kept (~600 B each, per file)
-            entries.append((name, kind, (None, st.st_size, mtime)))
-            stat.append((name, 1 if kind is EXEC else 0, st.st_size, mtime, st.st_ino, st.st_ctime_ns))
+            entries.append((name, kind, (None, size, mtime)))
+            stat.append((name, 1 if kind is EXEC else 0, size, mtime, ino, ctime))
         elif S_ISDIR(mode):
             rel = f"{d.rel}/{name}" if d.rel else name
-            child = _Dir(rel, join(d.path, name), (st.st_mtime_ns, st.st_ino))
+            child = _Dir(rel, join(d.path, name), (mtime, ino))
             child.parent = d
-            child.dev = st.st_dev
+            child.dev = dev
             entries.append((name, Kind.DIR, child))
-            stat.append((name, 3, st.st_mtime_ns, st.st_ino))
+            stat.append((name, 3, mtime, ino))
             d.subdirs.append(child)
         elif S_ISLNK(mode):
             try:
@@ -694,6 +737,26 @@ class _Walk:
         files, st_bytes, fut = self.pending.popleft()
         results = fut.result()
         writer = self.writer
+        if all(type(p) is tuple for p in results):  # (the common case: small files of one chunk each)
+            writer.add_one_chunk_files(results)
+            nbytes = 0
+            settle = self._settle
+            for (d, slot), prepared in zip(files, results):
+                size = len(prepared[1])
+                nbytes += size
+                name, kind, (_, _, mtime) = d.entries[slot]
+                d.entries[slot] = (name, kind, (prepared[4], size, mtime))
+                d.reads -= 1
+                if not d.reads and d.fd is not None:
+                    self._close_dir(d)
+                if d.left > 1:
+                    d.left -= 1
+                else:
+                    settle(d)
+            self.inflight -= st_bytes
+            self.queued -= len(files)
+            self._done(nbytes, len(files))
+            return
         add = writer.add
         nbytes = 0
         # (Per file: enum members as locals, each attribute of an enum class being a Python call.)
