@@ -618,7 +618,8 @@ class _Walk:
         self.prog, self.progress = prog, progress
         self.pending: deque = deque()  # (files: [(dir, slot)], st_size bytes, future), in walk order
         self.queued = 0  # files of ``pending``
-        self.batch: list = []  # small files not submitted yet: (dir, slot, path, st_size, where)
+        self.batch: list = []  # small files not submitted yet: (path, st_size, where), prepare_batch's
+        self.batch_slots: list = []  # ... and the (dir, slot) of each
         self.batch_bytes = 0
         self.inflight = 0  # st_size bytes of ``pending`` and ``batch``
         self.files = 0  # files in the commit
@@ -687,7 +688,8 @@ class _Walk:
                 self._drain_one()
             # Opened as the scan saw it: relative to the directory's descriptor, that inode.
             batch = self.batch
-            batch.append((d, slot, prefix + name, st_size, (fd, name, dev, stat[slot + 1][4])))
+            batch.append((prefix + name, st_size, (fd, name, dev, stat[slot + 1][4])))
+            self.batch_slots.append((d, slot))
             self.batch_bytes += st_size
             self.inflight += st_size
             if len(batch) >= _BATCH_FILES or self.batch_bytes >= _BATCH_BYTES:
@@ -717,7 +719,8 @@ class _Walk:
             if not self.pending:
                 self._submit()
             self._drain_one()
-        self.batch.append((d, slot, path, st_size, where))
+        self.batch.append((path, st_size, where))
+        self.batch_slots.append((d, slot))
         self.batch_bytes += st_size
         self.inflight += st_size
         if len(self.batch) >= _BATCH_FILES or self.batch_bytes >= _BATCH_BYTES:
@@ -727,10 +730,10 @@ class _Walk:
         """Hand the batch of small files to the pool."""
         if not self.batch:
             return
-        batch, nbytes = self.batch, self.batch_bytes
-        self.batch, self.batch_bytes = [], 0
-        fut = self.pool.submit(prepare_batch, [(path, size, where) for _, _, path, size, where in batch])
-        self.pending.append(([(d, slot) for d, slot, _, _, _ in batch], nbytes, fut))
+        batch, slots, nbytes = self.batch, self.batch_slots, self.batch_bytes
+        self.batch, self.batch_slots, self.batch_bytes = [], [], 0
+        fut = self.pool.submit(prepare_batch, batch)
+        self.pending.append((slots, nbytes, fut))
         self.queued += len(batch)
 
     def _drain_one(self) -> None:
