@@ -67,13 +67,25 @@
  * one prefix a read-only mount has attributes under ("user.commitfs."), as the
  * Python getxattr would, without pyfuse3's coroutine and the file system's
  * exception: ls(1) asks for two such names of every file it lists, and the
- * kernel caches no answer. */
+ * kernel caches no answer.
+ *
+ * WRITE (fastpath.engage_writes, the daemon of a workspace mount; until writes()
+ * is given two callables every request passes straight to pyfuse3's callback):
+ * write_buf_shim in the WRITE_BUF slot (the one pyfuse3 fills) asks the Python
+ * side, with a plain call, for the descriptor the write may go to right now
+ * (WorkspaceFS.write_fd: -1 when the write must wait or cannot be done without
+ * the event loop), pwrites libfuse's buffer straight into it (no bytes object,
+ * no coroutine, no trio task switch), hands the written range to a second plain
+ * call (WorkspaceFS.wrote: the size, times, copy-on-write ranges and dirty
+ * marks, exactly as the Python write keeps them) and replies.  Anything else
+ * (-1, an exception in the first call) goes to pyfuse3's write as before. */
 
 #define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <dlfcn.h>
 #include <errno.h>
+#include <limits.h>
 #include <poll.h>
 #include <stdint.h>
 #include <sys/stat.h>
@@ -126,6 +138,13 @@ static getxattr_fn pyfuse3_getxattr = NULL;  /* pyfuse3's own getxattr callback 
 static char *xattr_prefix = NULL;            /* xattrs(): names outside it are ENODATA here */
 static size_t xattr_prefix_len = 0;
 static unsigned long long xattrs_refused = 0;
+
+/* WRITEs answered here (fastpath.engage_writes, workspace mounts). */
+typedef void (*write_buf_fn)(fuse_req_t, fuse_ino_t, struct fuse_bufvec *, off_t, struct fuse_file_info *);
+static write_buf_fn pyfuse3_write_buf = NULL;  /* pyfuse3's own write_buf callback */
+static PyObject *write_fd_cb = NULL;           /* writes(): fh -> descriptor, or -1 */
+static PyObject *wrote_cb = NULL;              /* writes(): (fh, off, written) after the pwrite */
+static unsigned long long writes_in_c = 0;
 
 /* libfuse's own definitions of the functions this module wraps (bind()). */
 static add_plus_fn real_add_plus = NULL;
@@ -217,6 +236,70 @@ static void getxattr_shim(fuse_req_t req, fuse_ino_t ino, const char *name, size
         return;
     }
     pyfuse3_getxattr(req, ino, name, size);
+}
+
+/* WRITE: the first callable's descriptor (or pyfuse3's write for -1), the pwrite of libfuse's
+   buffer, the second callable's bookkeeping, the reply.  Runs on pyfuse3's thread with the GIL
+   (pyfuse3 processes requests holding it), between two steps of the event loop: nothing of the
+   file system runs between the two calls but other threads, which may run during the pwrite
+   (released there, as os.pwrite does). */
+static void write_buf_shim(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *bufv, off_t off,
+                           struct fuse_file_info *fi) {
+    PyObject *fd_cb = write_fd_cb, *done_cb = wrote_cb;
+    if (fd_cb == NULL || done_cb == NULL || fi == NULL) {
+        pyfuse3_write_buf(req, ino, bufv, off, fi);
+        return;
+    }
+    PyGILState_STATE gil = PyGILState_Ensure();
+    Py_INCREF(fd_cb);
+    Py_INCREF(done_cb);
+    long fd = -1;
+    PyObject *got = PyObject_CallFunction(fd_cb, "K", (unsigned long long)fi->fh);
+    if (got != NULL) {
+        fd = PyLong_AsLong(got);
+        Py_DECREF(got);
+    }
+    if (PyErr_Occurred()) {
+        PyErr_WriteUnraisable(fd_cb);
+        fd = -1;
+    }
+    if (fd < 0 || fd > INT_MAX) {
+        Py_DECREF(fd_cb);
+        Py_DECREF(done_cb);
+        PyGILState_Release(gil);
+        pyfuse3_write_buf(req, ino, bufv, off, fi);
+        return;
+    }
+    size_t size = fuse_buf_size(bufv);
+    struct fuse_bufvec dst = FUSE_BUFVEC_INIT(size);
+    dst.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK;
+    dst.buf[0].fd = (int)fd;
+    dst.buf[0].pos = off;
+    ssize_t res;
+    Py_BEGIN_ALLOW_THREADS
+    res = fuse_buf_copy(&dst, bufv, 0);  /* one pwrite, as os.pwrite (no FUSE_BUF_FD_RETRY) */
+    Py_END_ALLOW_THREADS
+    int err = 0;
+    if (res < 0) {
+        err = (int)-res;
+    } else {
+        PyObject *ok = PyObject_CallFunction(done_cb, "KLn", (unsigned long long)fi->fh, (long long)off,
+                                             (Py_ssize_t)res);
+        if (ok == NULL) {
+            PyErr_WriteUnraisable(done_cb);
+            err = EIO;
+        } else {
+            Py_DECREF(ok);
+        }
+        writes_in_c++;
+    }
+    Py_DECREF(fd_cb);
+    Py_DECREF(done_cb);
+    PyGILState_Release(gil);
+    if (err)
+        real_reply_err(req, err);
+    else
+        fuse_reply_write(req, (size_t)res);
 }
 
 /* LOOKUP in C (fastpath.engage_lookups, the daemon of a read-only mount; until lookups(True)
@@ -769,6 +852,11 @@ static const struct fuse_lowlevel_ops *wrap_table(const struct fuse_lowlevel_ops
         pyfuse3_getxattr = op->getxattr;
         table->getxattr = getxattr_shim;
     }
+    pyfuse3_write_buf = NULL;
+    if (op_size >= offsetof(struct fuse_lowlevel_ops, write_buf) + sizeof(write_buf_fn) && op->write_buf != NULL) {
+        pyfuse3_write_buf = op->write_buf;
+        table->write_buf = write_buf_shim;
+    }
     pyfuse3_lookup = NULL;
     if (op->lookup != NULL) {
         pyfuse3_lookup = op->lookup;
@@ -954,7 +1042,42 @@ static PyObject *py_xattrs_refused(PyObject *self, PyObject *unused) {
     return PyLong_FromUnsignedLongLong(xattrs_refused);
 }
 
+static PyObject *py_writes(PyObject *self, PyObject *args) {
+    PyObject *fd_cb, *done_cb;
+    if (!PyArg_ParseTuple(args, "OO", &fd_cb, &done_cb))
+        return NULL;
+    if (fd_cb == Py_None || done_cb == Py_None) {
+        Py_CLEAR(write_fd_cb);
+        Py_CLEAR(wrote_cb);
+        Py_RETURN_NONE;
+    }
+    if (!PyCallable_Check(fd_cb) || !PyCallable_Check(done_cb)) {
+        PyErr_SetString(PyExc_TypeError, "writes(write_fd, wrote) takes two callables (or None, None)");
+        return NULL;
+    }
+    if (!wrapped || pyfuse3_write_buf == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "no FUSE session with a write callback went through commitfs's fuse_session_new");
+        return NULL;
+    }
+    Py_INCREF(fd_cb);
+    Py_INCREF(done_cb);
+    Py_XSETREF(write_fd_cb, fd_cb);
+    Py_XSETREF(wrote_cb, done_cb);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_writes_in_c(PyObject *self, PyObject *unused) {
+    return PyLong_FromUnsignedLongLong(writes_in_c);
+}
+
 static PyMethodDef methods[] = {
+    {"writes", py_writes, METH_VARARGS,
+     "writes(write_fd, wrote): from now on a WRITE calls write_fd(fh) -> descriptor or -1; for a "
+     "descriptor the bytes are pwritten to it here, then wrote(fh, off, written) is called and the "
+     "WRITE answered here; -1 sends it to pyfuse3's write.  writes(None, None): every WRITE goes "
+     "to pyfuse3.  RuntimeError unless wrapped()."},
+    {"writes_in_c", py_writes_in_c, METH_NOARGS,
+     "writes_in_c() -> int: WRITEs pwritten and answered here."},
     {"lookups", py_lookups, METH_VARARGS,
      "lookups(on, uid, gid, kinds, blksize): LOOKUPs of published entries are answered in C from now on "
      "(kinds: (Kind.FILE, Kind.EXEC, Kind.SYMLINK)); off drops every table.  RuntimeError unless wrapped()."},

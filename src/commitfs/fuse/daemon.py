@@ -149,6 +149,10 @@ def serve(config: DaemonConfig, report: Report) -> int:
         # Read-only: the kernel opens files itself once the fast path is on (before the
         # first request: pyfuse3.main has not started).
         missing = None
+        if config.writable:
+            unwritten = fastpath.engage_writes(fs.write_fd, fs.wrote)  # WRITEs pwritten in C
+            if unwritten is not None:
+                log.warning("every WRITE goes through pyfuse3's coroutine (%s)", unwritten)
         if not config.writable:
             missing = fastpath.engage() if config.no_open else "no_open is off in the daemon's configuration"
             ops.no_open = missing is None
@@ -189,6 +193,8 @@ def serve(config: DaemonConfig, report: Report) -> int:
             remove_record(config.mountpoint)
         log.info("unmounted %s; repository loads: %d from memory on the event loop, %d in worker threads",
                  config.mountpoint, fs.loader.inline, fs.loader.in_threads)
+        if config.writable:
+            log.info("WRITEs pwritten in C: %d", fastpath.writes_in_c())
         if not config.writable:
             log.info("OPEN requests: %d", ops.opens)
             log.info("READs by inode (fast path): %d", fastpath.reads_by_inode())

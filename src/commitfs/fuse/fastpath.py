@@ -51,6 +51,11 @@ what the INIT agreed to.  (The C module's ``request_capabilities(mask)`` would
 ask for more FUSE_CAP_* bits at the same INIT; nothing needs one yet: this
 machine's libfuse 3.14 has no HANDLE_KILLPRIV_V2 or DIRECT_IO_ALLOW_MMAP.)
 
+Writes (``engage_writes()``, workspace mounts): a WRITE is pwritten into the overlay's
+data file by the C module, between two plain calls of the workspace (which descriptor,
+if any, and what the write changed), with no bytes object, coroutine or task switch;
+the workspace sends it to its ordinary ``write`` whenever that one would wait.
+
 LOOKUPs (``engage_lookups()``, read-only mounts; ``COMMITFS_C_LOOKUPS=0`` turns it off): the
 file system publishes each span of a commit directory it lists or looks a name up in (names,
 positions, kinds, sizes, the block's base: vfs/core.py) to the C module, which answers a LOOKUP
@@ -237,10 +242,33 @@ def xattrs_refused() -> int:
     return _shim.xattrs_refused() if _shim is not None and hasattr(_shim, "xattrs_refused") else 0
 
 
+def engage_writes(write_fd, wrote) -> str | None:
+    """After ``pyfuse3.init`` (workspace mounts): a WRITE is pwritten by the C module to
+    ``write_fd(fh)`` (a descriptor, or -1: the WRITE goes to ``Operations.write``), then
+    ``wrote(fh, off, written)`` is called and the WRITE answered, without pyfuse3's
+    bytes copy, coroutine and task switch.  None when done, else why not (as ``engage``)."""
+    load()
+    if _shim is None:
+        return _why_not
+    if not hasattr(_shim, "writes"):
+        return "commitfs.fuse._noopen was built from an older source (rebuild it: setup.py build_ext)"
+    if not _shim.wrapped():
+        return "pyfuse3's FUSE session did not go through commitfs.fuse._noopen"
+    _shim.writes(write_fd, wrote)
+    return None
+
+
+def writes_in_c() -> int:
+    """WRITEs the C module pwrote and answered so far (0 without it)."""
+    return _shim.writes_in_c() if _shim is not None and hasattr(_shim, "writes_in_c") else 0
+
+
 def disengage() -> None:
     """Back to pyfuse3 as released (after the session is closed)."""
     if _shim is not None:
         _shim.enable(False)
+    if _shim is not None and hasattr(_shim, "writes"):
+        _shim.writes(None, None)
     if _shim is not None and hasattr(_shim, "xattrs"):
         _shim.xattrs(None)
     if _shim is not None and hasattr(_shim, "lookups"):
