@@ -728,10 +728,13 @@ def test_compiled_directory_stats_give_what_os_stat_gives(tmp_path, cache_home, 
     os.utime(src / "file.bin", ns=(1, 1_700_000_000_123_456_789))
     fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
     try:
+        monkeypatch.setattr(snapshot, "_STAT_CHUNK", 3)  # names stat'ed in three calls
         fast_names, fast_stats = snapshot._list_and_stat(fd)
-        assert all(type(st) is tuple for st in fast_stats)
+        fast_stats = list(fast_stats)
+        assert all(type(st) is tuple for st in fast_stats) and len(fast_stats) == 7
         monkeypatch.setattr(snapshot, "_fastscan", None)
-        assert snapshot._list_and_stat(fd) == (fast_names, fast_stats)
+        slow_names, slow_stats = snapshot._list_and_stat(fd)
+        assert (slow_names, list(slow_stats)) == (fast_names, fast_stats)
         assert fast_names == sorted(os.listdir(src)) and len(fast_names) == 7
         assert fast_stats[fast_names.index("file.bin")][2] == 1_700_000_000_123_456_789
         assert fastscan.lstat_names(fd, ["gone", "file.bin"])[0] == errno.ENOENT

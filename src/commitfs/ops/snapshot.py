@@ -391,31 +391,45 @@ def _stat_tuple(st: os.stat_result) -> tuple:
     return st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, st.st_dev
 
 
-def _list_and_stat(fd: int) -> tuple[list[str], list]:
-    """The names of the directory open as ``fd`` in name order, and each one's lstat
-    relative to it (as find does): (st_mode, st_size, st_mtime_ns, st_ino, st_ctime_ns,
-    st_dev), or the OSError of a name that cannot be stat'ed.  Compiled: the stats with
-    the GIL released once per directory (_fastscan.lstat_names), not once per entry."""
+def _list_and_stat(fd: int) -> tuple[list[str], object]:
+    """The names of the directory open as ``fd`` in name order, and an iterator of
+    each one's lstat relative to it (as find does): (st_mode, st_size, st_mtime_ns,
+    st_ino, st_ctime_ns, st_dev), or the OSError of a name that cannot be stat'ed.
+    Compiled: the stats with the GIL released once per _STAT_CHUNK names
+    (_fastscan.lstat_names), not once per entry; a chunk at a time, so that a
+    million-entry directory never holds a million of them at once."""
     if _fastscan is not None:
         names = os.listdir(fd)
         names.sort()
-        stats = _fastscan.lstat_names(fd, names)
+        return names, _compiled_stats(fd, names)
+    with os.scandir(fd) as it:
+        items = sorted(it, key=_by_name)
+    return [e.name for e in items], _entry_stats(items)
+
+
+# Names stat'ed per compiled call: ~0.6 MB of struct stat and ~1 MB of tuples.
+_STAT_CHUNK = 4096
+
+
+def _compiled_stats(fd: int, names: list[str]):
+    for start in range(0, len(names), _STAT_CHUNK):
+        chunk = names[start:start + _STAT_CHUNK] if len(names) > _STAT_CHUNK else names
+        stats = _fastscan.lstat_names(fd, chunk)
         for k, st in enumerate(stats):
             if type(st) is not tuple:
                 try:  # an errno, or None: a time past what the compiled path computes
-                    stats[k] = _stat_tuple(os.stat(names[k], dir_fd=fd, follow_symlinks=False))
+                    stats[k] = _stat_tuple(os.stat(chunk[k], dir_fd=fd, follow_symlinks=False))
                 except OSError as exc:
                     stats[k] = exc
-        return names, stats
-    with os.scandir(fd) as it:
-        items = sorted(it, key=_by_name)
-    stats = []
+        yield from stats
+
+
+def _entry_stats(items: list):
     for e in items:
         try:
-            stats.append(_stat_tuple(e.stat(follow_symlinks=False)))
+            yield _stat_tuple(e.stat(follow_symlinks=False))
         except OSError as exc:
-            stats.append(exc)
-    return [e.name for e in items], stats
+            yield exc
 
 
 def _scan_fd(d: _Dir, fd: int, cache: StatCache, warnings: list[str]) -> list[int]:
