@@ -47,7 +47,7 @@ from commitfs.errors import (
 )
 from commitfs.model import chunker, splittree
 from commitfs.model.ids import HASHER, hash_bytes
-from commitfs.model.objects import MANIFEST_MAGIC, Commit, FileManifest, Kind, Tree, TreeEntry, _put_uvarint, symlink_entry
+from commitfs.model.objects import MANIFEST_MAGIC, Commit, FileManifest, Kind, Tree, TreeEntry, symlink_entry
 from commitfs.ops.statcache import _RACY_NS, ID_SIZE, UNTRUSTED, CachedDir, StatCache, trusted
 from commitfs.repo.pack import BlobKind, Compression, maybe_compress
 from commitfs.repo.repository import BlobWriter, Repository, WriteStats
@@ -268,27 +268,33 @@ def prepare_batch(files: list[tuple]) -> list:
     # _open_fd or os.read in place); what it does not read whole, _read_whole reads.
     read = _fastscan.read_files(files, _OPEN_FLAGS) \
         if _fastscan is not None and _open_fd is _os_open and os.read is _os_read else None
-    for k, (path, size, *where) in enumerate(files):
+    CHUNK, MIN_SIZE, bytes_ = BlobKind.CHUNK, chunker.MIN_SIZE, bytes
+    for k, item in enumerate(files):
         data = read[k] if read is not None else False
-        if data is False:
-            try:
-                data = _read_whole(path, size, where[0] if where else None)
-            except _Changed:
+        if type(data) is not bytes_:
+            path, size, *where = item
+            if data is False:
+                try:
+                    data = _read_whole(path, size, where[0] if where else None)
+                except _Changed:
+                    out.append(None)
+                    continue
+            elif data is None:  # not the regular file the scan saw
                 out.append(None)
                 continue
-        elif data is None:  # not the regular file the scan saw
-            out.append(None)
-            continue
-        elif type(data) is int:  # an errno
-            raise _read_error(path, OSError(data, os.strerror(data)))
+            else:  # an errno
+                raise _read_error(path, OSError(data, os.strerror(data)))
         n = len(data)
-        if 0 < n <= chunker.MIN_SIZE:
+        if 0 < n <= MIN_SIZE:
             cid = HASHER(data).digest()
-            stored, comp = maybe_compress(data, BlobKind.CHUNK)
-            mdata = bytearray(_ONE_CHUNK)
-            mdata += cid
-            _put_uvarint(mdata, n)
-            mdata = bytes(mdata)
+            stored, comp = maybe_compress(data, CHUNK)
+            # FileManifest.encode of one chunk: its id and size (a varint: MIN_SIZE < 2**21).
+            if n < 0x80:
+                mdata = _ONE_CHUNK + cid + bytes_((n,))
+            elif n < 0x4000:
+                mdata = _ONE_CHUNK + cid + bytes_(((n & 0x7F) | 0x80, n >> 7))
+            else:
+                mdata = _ONE_CHUNK + cid + bytes_(((n & 0x7F) | 0x80, ((n >> 7) & 0x7F) | 0x80, n >> 14))
             out.append((cid, data, stored, comp, HASHER(mdata).digest(), mdata))
         else:
             out.append(prepare_chunks(chunker.cut(data)))
