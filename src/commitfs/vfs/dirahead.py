@@ -20,7 +20,9 @@ started, or at most ``FOLLOW_GAP`` files past the furthest read, and at most
 ``BACK_FILES`` behind it: the reader goes on in directory order) or *jumps*
 (anywhere else, or a directory without a state).  A jump cancels the state's
 fetches (a fetch already in a worker thread cannot be stopped: it finishes
-and its chunks still land in the chunk cache, bounded by its cap) and starts
+and its chunks still land in the chunk cache, bounded by its cap, and a read
+asking for them meanwhile waits for that thread: vfs/loader.py, "Chunks in
+flight") and starts
 a new state at ``pos`` that fetches nothing yet: one read is no stream, so a
 shuffled reader (a DataLoader's) costs no read-ahead.  A following read
 doubles the state's window (from ``AHEAD_FILES / 4`` files up to
