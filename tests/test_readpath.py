@@ -361,6 +361,70 @@ def test_a_chunk_in_flight_is_fetched_once_when_read_ahead_and_a_reader_ask_for_
     assert [bytes(c) for c in got["mine"]] == [truth[c] for c in mine]
 
 
+def test_a_read_ahead_window_is_fetched_in_pieces_each_ending_its_files_wait(cache_home):
+    """A window of small files is fetched in pieces of at most dirahead.PIECE_BYTES,
+    all at once (vfs/dirahead.py, "Pieces"): a read of a file in the first piece
+    waits for that piece alone, not for the rest of the window (one load of the whole
+    window kept every reader of its files waiting for all of it)."""
+    import trio
+
+    from commitfs.model.objects import Kind, TreeEntry
+    from commitfs.vfs import dirahead
+
+    size = 300 * 1024
+    per_piece = dirahead.PIECE_BYTES // size
+    assert per_piece >= 2
+    entries = [TreeEntry(f"img{i:03}", Kind.FILE, size, bytes([i]) * 32) for i in range(40)]
+
+    class Manifest:
+        def __init__(self, fid):
+            self.chunk_ids = [b"c" + fid]
+
+    class FakeLoader:
+        def __init__(self):
+            self.calls: list[tuple[list[bytes], trio.Event]] = []
+
+        async def manifest(self, fid, neighbours=()):
+            return Manifest(fid)
+
+        async def chunks(self, ids):
+            release = trio.Event()
+            self.calls.append((list(ids), release))
+            await release.wait()
+            return [b"x"] * len(ids)
+
+    async def main():
+        loader = FakeLoader()
+        async with trio.open_nursery() as nursery:
+            ahead = dirahead.DirReadAhead(loader, nursery, 1024 * 1024)
+            ahead.on_read(1, entries, 0)
+            ahead.on_read(1, entries, 1)  # follows: a window from file 2 on
+            with trio.fail_after(5):
+                while not loader.calls:
+                    await trio.sleep(0.01)
+                await trio.sleep(0.05)
+            started = ahead.files_started
+            assert started >= 2 * per_piece, started
+            calls = list(loader.calls)
+            # The window's files, in pieces of at most per_piece files, all in flight at once.
+            assert len(calls) == -(-started // per_piece), (len(calls), started)
+            assert all(len(ids) <= per_piece for ids, _ in calls)
+            first, later = entries[2].id, entries[2 + per_piece].id
+            wait_first, wait_later = ahead.pending(first), ahead.pending(later)
+            assert wait_first is not None and wait_later is not None
+            calls[0][1].set()  # the first piece lands
+            with trio.fail_after(5):
+                await wait_first.wait()
+            assert not wait_later.is_set() and ahead.pending(later) is wait_later
+            assert ahead.pending(first) is None
+            for _, release in calls[1:]:
+                release.set()
+            with trio.fail_after(5):
+                await wait_later.wait()
+            ahead.close()
+    trio.run(main)
+
+
 def test_the_limiter_is_sized_for_the_storage(store_url, cache_home):
     """Many storage calls in flight for S3 (latency-bound), fewer for a local disk."""
     from commitfs.vfs import loader
