@@ -4,7 +4,9 @@ Two hot loops of a mount, each in C beside the Python that does the same:
 commitfs.model._fastdecode decodes a tree (Tree.decode), and
 commitfs.repo._fastread reads a small file whole (Repository.load_file).  Both
 are optional: without a C compiler the install goes on, and the Python code
-does the same work, slower.  Each returns None for anything but the plain valid
+does the same work, slower.  commitfs.ops._fastscan reads a batch of a
+commit's small files with the GIL released once (snapshot.prepare_batch),
+optional in the same way.  Each returns None for anything but the plain valid
 case, so the Python code alone reports errors.
 
 commitfs.fuse._noopen lets a read-only mount run in FUSE's no-open mode with
@@ -41,5 +43,6 @@ setup(ext_modules=[
               extra_compile_args=FLAGS, **VARINT),
     Extension("commitfs.repo._fastread", ["src/commitfs/repo/_fastread.c"], optional=True,
               extra_compile_args=FLAGS, **VARINT),
+    Extension("commitfs.ops._fastscan", ["src/commitfs/ops/_fastscan.c"], optional=True, extra_compile_args=FLAGS),
     Extension("commitfs.fuse._noopen", ["src/commitfs/fuse/_noopen.c"], optional=True, **fuse3()),
 ])

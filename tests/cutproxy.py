@@ -77,8 +77,9 @@ class CuttingProxy(LocalProxy):
         self._rng = random.Random(seed)
         super().__init__(target_port)
 
-    def _decide(self, answer: bytes) -> int | None:
-        """Where to cut ``answer`` (bytes to send), or None to send it whole."""
+    def _decide(self, answer: bytes, request: bytes = b"") -> int | None:
+        """Where to cut ``answer`` (bytes to send), or None to send it whole;
+        ``request`` is the request's first bytes (its request line, at least)."""
         with self._lock:
             self.connections += 1
             if self.max_cuts is not None and self.cuts >= self.max_cuts:
@@ -93,6 +94,10 @@ class CuttingProxy(LocalProxy):
                 return self._rng.randrange(0, head_end)  # in the status line or the headers
             return self._rng.randrange(head_end, len(answer))  # in the body
 
+    def _answer(self, answer: bytes, request: bytes) -> bytes:
+        """The answer to send for the server's ``answer`` (a subclass may replace it)."""
+        return answer
+
     def _serve(self, client: socket.socket) -> None:
         try:
             server = socket.create_connection(self.target, timeout=30)
@@ -100,6 +105,7 @@ class CuttingProxy(LocalProxy):
             client.close()
             return
         client.settimeout(30)
+        request: list[bytes] = []
 
         def pump() -> None:  # the request, whole, as it comes
             try:
@@ -107,6 +113,8 @@ class CuttingProxy(LocalProxy):
                     data = client.recv(65536)
                     if not data:
                         break
+                    if not request:
+                        request.append(data)  # before the server has it: read before its answer
                     server.sendall(data)
             except OSError:
                 pass
@@ -123,7 +131,9 @@ class CuttingProxy(LocalProxy):
         except OSError:
             pass
         answer = b"".join(chunks)
-        cut = self._decide(answer)
+        head = request[0] if request else b""
+        answer = self._answer(answer, head)
+        cut = self._decide(answer, head)
         try:
             client.sendall(answer if cut is None else answer[:cut])
             client.shutdown(socket.SHUT_WR)  # a clean end: the client sees EOF, not a reset
@@ -132,3 +142,48 @@ class CuttingProxy(LocalProxy):
         finally:
             client.close()
             server.close()
+
+
+def s3_error_answer(status: str, code: str, message: str) -> bytes:
+    """A whole HTTP answer carrying S3's XML error ``code``."""
+    body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+            f"<Message>{message}</Message></Error>").encode()
+    return (f"HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode() + body
+
+
+class LosingProxy(CuttingProxy):
+    """Every request reaches the server whole; the answers to the first ``times``
+    requests whose request line starts with ``method`` and contains ``marker`` are
+    lost (the connection closes before a byte of them), as when a network drops an
+    answer the server has sent; with ``then``, the answer to each later such
+    request is replaced by ``then`` (what a server that does not repeat itself says)."""
+
+    def __init__(self, target_port: int, *, method: bytes, marker: bytes, times: int = 1,
+                 then: bytes | None = None):
+        self.method = method + b" "
+        self.marker = marker
+        self.remaining = times
+        self.then = then
+        self.lost = self.replaced = 0
+        super().__init__(target_port, probability=0.0, seed=0)
+
+    def _matches(self, request: bytes) -> bool:
+        line = request.split(b"\r\n", 1)[0]
+        return line.startswith(self.method) and self.marker in line
+
+    def _answer(self, answer: bytes, request: bytes) -> bytes:
+        with self._lock:
+            if self.then is not None and self.remaining == 0 and self.lost and self._matches(request):
+                self.replaced += 1
+                return self.then
+        return answer
+
+    def _decide(self, answer: bytes, request: bytes = b"") -> int | None:
+        with self._lock:
+            self.connections += 1
+            if self.remaining > 0 and self._matches(request):
+                self.remaining -= 1
+                self.lost += 1
+                return 0
+        return None

@@ -734,3 +734,61 @@ def test_a_merge_that_fails_in_the_store_fails_no_segment_addition(store, monkey
     fresh = Index(store)
     for oid, loc in all_entries:
         assert fresh.lookup(oid) == loc
+
+
+def test_the_batched_add_of_one_chunk_files_stores_what_adds_one_by_one_store(tmp_path, cache_home, monkeypatch):
+    """BlobWriter.add_one_chunk_files (a commit's small files, a batch at a time) is
+    ``add`` of each chunk and then of its manifest, inlined: the same packs byte for
+    byte (so the same pack ids), the same index, stats and checkpoints, with blobs
+    already indexed, repeated within the batch, compressed or not, and packs closing
+    and checkpoints falling in the middle of a batch."""
+    from commitfs.model.objects import FileManifest
+    from commitfs.repo.repository import BlobWriter
+
+    monkeypatch.setattr(repository_mod, "TARGET_PACK_SIZE", 20_000)
+    monkeypatch.setattr(BlobWriter, "META_PACK_SIZE", 3_000)
+    rng = random.Random(21)
+    contents = [rng.randbytes(rng.choice([1, 64, 700, 2000])) for _ in range(250)]
+    contents += [b"compressible " * 40, contents[3], contents[7], b"x" * 30]  # repeats within the batch
+    pre = [contents[10], contents[11]]  # indexed beforehand: chunk and manifest
+    pre_chunk_only = contents[12]  # its chunk indexed, its manifest not
+
+    def prepared(data):
+        cid = hash_bytes(data)
+        stored, comp = pack_mod.maybe_compress(data, BlobKind.CHUNK)
+        mdata = FileManifest((cid,), (len(data),)).encode()
+        return (cid, data, stored, comp, hash_bytes(mdata), mdata)
+
+    items = [prepared(c) for c in contents]
+    results = []
+    for name in ("one-by-one", "batched"):
+        url = str(tmp_path / name)
+        Repository.init(url).close()
+        with Repository.open(url) as r:
+            with r.writer() as w:
+                for data in pre:
+                    w.add_manifest(FileManifest((hash_bytes(data),), (len(data),)))
+                    w.add(hash_bytes(data), BlobKind.CHUNK, data)
+                w.add(hash_bytes(pre_chunk_only), BlobKind.CHUNK, pre_chunk_only)
+        with Repository.open(url) as r:
+            w = BlobWriter(r, checkpoint_blobs=70)
+            if name == "one-by-one":
+                for cid, chunk, stored, comp, fid, mdata in items:
+                    new = w.add(cid, BlobKind.CHUNK, chunk, stored=stored, compression=comp)
+                    w.add(fid, BlobKind.MANIFEST, mdata, stored=mdata, compression=Compression.NONE, above_new=new)
+            else:
+                for i in range(0, len(items), 64):
+                    w.add_one_chunk_files(items[i:i + 64])
+            w.finish()
+            stats = w.stats
+        packs = sorted(p.name for p in (tmp_path / name / "packs").rglob("*") if p.is_file())
+        segments = sorted(p.name for p in (tmp_path / name / "index").rglob("*") if p.is_file())
+        with Repository.open(url) as r:
+            for data, (cid, *_rest, fid, mdata) in zip(contents, items):
+                assert r.load_blob(cid) == data and r.load_blob(fid) == mdata
+        results.append((stats, packs, segments))
+    assert results[0] == results[1]
+    stats = results[1][0]
+    # pre's chunks and manifests, pre_chunk_only's chunk, the repeats' (and the random
+    # one-byte files' repeats)
+    assert stats.blobs_dedup >= 2 * 2 + 1 + 2 * 2 and stats.blobs_new + stats.blobs_dedup == 2 * len(items)

@@ -22,7 +22,7 @@ import pytest
 from core_fixtures import assert_fsck_clean, assert_one_line_error, cli_fails, describe, pack_bytes, write_file
 
 from commitfs.cli import main
-from commitfs.errors import StorageTimeoutError
+from commitfs.errors import StorageError, StorageTimeoutError
 from commitfs.ops import sync
 from commitfs.ops.checkout import checkout
 from commitfs.ops.snapshot import commit_directory
@@ -195,3 +195,40 @@ def test_wrong_credentials_are_one_line(tmp_path, s3_server, cache_home, monkeyp
         assert "access denied" in line
     finally:
         server.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_multipart_upload_whose_completion_answer_is_lost_is_saved(s3_server, s3_url, monkeypatch):
+    """The server completes the upload, its answer is lost, and the retry is answered
+    NoSuchUpload (as S3 and MinIO may answer a completed upload; moto would repeat its
+    answer, so the proxy says it): the object there is this upload's (its ETag is the
+    one the parts make), so the save succeeds; an object that is not (another upload's)
+    stays a one-line error."""
+    import io
+
+    from commitfs.storage import s3 as s3mod
+    from commitfs.storage.s3 import S3Store
+    from cutproxy import LosingProxy, s3_error_answer
+
+    monkeypatch.setattr(s3mod, "_PART_SIZE", 5 * MiB)  # S3's smallest part: two parts
+    bucket = s3_url.split("/")[2]
+    data = random.Random(3).randbytes(5 * MiB + 1000)
+    gone = s3_error_answer("404 Not Found", "NoSuchUpload", "The specified upload does not exist.")
+    # CompleteMultipartUpload is the one POST with an uploadId (creating one is POST ?uploads).
+    with LosingProxy(s3_server.port, method=b"POST", marker=b"uploadId=", then=gone) as proxy:
+        store = S3Store(bucket, "repo", endpoint_url=proxy.endpoint_url, attempts=4, deadline_s=30)
+        store.save_object_from("packs/ab/whole", io.BytesIO(data), len(data))
+        assert (proxy.lost, proxy.replaced) == (1, 1)
+        assert store.load_object("packs/ab/whole") == data
+        # Lost again, and meanwhile another writer's object took the key: not this upload's.
+        proxy.remaining = 1
+        real_completed_as = store._completed_as
+
+        def replaced_first(s3_key, parts, size):
+            store._client.put_object(Bucket=bucket, Key=s3_key, Body=random.Random(4).randbytes(size))
+            return real_completed_as(s3_key, parts, size)
+        monkeypatch.setattr(store, "_completed_as", replaced_first)
+        with pytest.raises(StorageError, match="upload is gone"):
+            store.save_object_from("packs/ab/second", io.BytesIO(data), len(data))
+        assert (proxy.lost, proxy.replaced) == (2, 2)
+        store.close()

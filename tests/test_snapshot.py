@@ -7,6 +7,7 @@ CommitfsError and leaves the repository valid (fsck clean, branch unmoved).
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -644,3 +645,104 @@ def test_the_one_chunk_manifest_written_by_hand_is_the_model_s_encoding(tmp_path
         cid, data, _stored, _comp, fid, mdata = prepared
         want = FileManifest((cid,), (n,)).encode()
         assert mdata == want and fid == HASHER(want).digest()
+
+
+# --- the compiled reads of small files (commitfs.ops._fastscan) ------------------------------
+def test_compiled_batch_reads_give_what_the_python_reads_give(tmp_path, monkeypatch):
+    """prepare_batch reads a batch of small files in C (_fastscan.read_files, the GIL
+    released once); every case must come out as the Python reads make it: the same
+    bytes, chunk and file ids, manifests and compressions for files read whole, None
+    for what is not the regular file the scan saw (a symlink, a FIFO, another inode),
+    the same one-line error for a file that cannot be opened, and a file that grew
+    since its stat read whole by the Python path."""
+    fastscan = snapshot._fastscan
+    assert fastscan is not None, "commitfs.ops._fastscan is not built (pip install -e .)"
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(7)
+    sizes = [0, 1, 63, 64, 1000, 4097, chunker.MIN_SIZE, chunker.MIN_SIZE + 1, 3 * chunker.MAX_SIZE + 5]
+    for n in sizes:
+        (src / f"f{n}").write_bytes(rng.randbytes(n))
+    (src / "text").write_bytes(b"compressible " * 500)
+    (src / "grown").write_bytes(b"g" * 100)
+    os.symlink("f1", src / "link")
+    os.mkfifo(src / "fifo")
+    (src / "swapped").write_bytes(b"s" * 10)
+    dfd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        def where(name):
+            st = os.lstat(src / name)
+            return (dfd, name, st.st_dev, st.st_ino)
+        files = [(str(src / f"f{n}"), n, where(f"f{n}")) for n in sizes]
+        files += [(str(src / f"f{n}"), n) for n in sizes[:3]]  # by path, unchecked
+        files += [(str(src / "f1000"), 1000, (None, "f1000", None, None)),  # by path
+                  (str(src / "text"), 6500, where("text")),
+                  (str(src / "grown"), 10, where("grown")),  # stat'ed at 10 bytes, 100 now
+                  (str(src / "link"), 2, where("link")),  # a symlink now
+                  (str(src / "fifo"), 0, where("fifo")),  # a FIFO now
+                  (str(src / "swapped"), 10, (dfd, "swapped", 1, 1))]  # another inode
+        raw = fastscan.read_files(files, snapshot._OPEN_FLAGS)
+        assert raw[:len(sizes)] == [(src / f"f{n}").read_bytes() for n in sizes]
+        assert raw[-3:] == [None, None, None] and raw[-4] is False  # (grown: the Python read takes it)
+        fast = snapshot.prepare_batch(files)
+        monkeypatch.setattr(snapshot, "_fastscan", None)
+        slow = snapshot.prepare_batch(files)
+
+        def plain(p):
+            if type(p) is tuple:
+                return tuple(bytes(x) if isinstance(x, (bytes, memoryview)) else x for x in p)
+            if p is None:
+                return None
+            return (p.ids, [bytes(c) for c in p.chunks], [bytes(s) for s in p.stored], p.compression)
+        assert [plain(p) for p in fast] == [plain(p) for p in slow]
+        assert fast[-3:] == [None, None, None] and type(fast[-4]) is tuple and len(fast[-4][1]) == 100
+        monkeypatch.setattr(snapshot, "_fastscan", fastscan)
+        missing = [(str(src / "gone"), 5, (dfd, "gone", None, None))]
+        assert fastscan.read_files(missing, snapshot._OPEN_FLAGS) == [errno.ENOENT]
+        with pytest.raises(InputError, match=r"^cannot read .*gone: No such file or directory$"):
+            snapshot.prepare_batch(missing)
+        monkeypatch.setattr(snapshot, "_fastscan", None)
+        with pytest.raises(InputError, match=r"^cannot read .*gone: No such file or directory$"):
+            snapshot.prepare_batch(missing)
+    finally:
+        os.close(dfd)
+
+
+def test_compiled_directory_stats_give_what_os_stat_gives(tmp_path, cache_home, monkeypatch):
+    """The scan lists a directory and stats its entries in C (_fastscan.lstat_names,
+    the GIL released once per directory): the same names in the same order and the
+    same six fields as DirEntry.stat for every kind of entry (file, executable,
+    directory, symlink, dangling symlink, FIFO, a non-ASCII name), the errno of a
+    name gone since the listing, and the same commit of the directory."""
+    fastscan = snapshot._fastscan
+    assert fastscan is not None, "commitfs.ops._fastscan is not built (pip install -e .)"
+    src = tmp_path / "src"
+    write_file(src / "file.bin", b"f" * 1234)
+    write_file(src / "exec.sh", b"#!/bin/sh\n")
+    os.chmod(src / "exec.sh", 0o755)
+    write_file(src / "sub" / "inner.txt", b"inner")
+    write_file(src / "caf\u00e9.txt", b"accent")
+    os.symlink("file.bin", src / "link")
+    os.symlink("nowhere", src / "dangling")
+    os.mkfifo(src / "fifo")
+    os.utime(src / "file.bin", ns=(1, 1_700_000_000_123_456_789))
+    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        monkeypatch.setattr(snapshot, "_STAT_CHUNK", 3)  # names stat'ed in three calls
+        fast_names, fast_stats = snapshot._list_and_stat(fd)
+        fast_stats = list(fast_stats)
+        assert all(type(st) is tuple for st in fast_stats) and len(fast_stats) == 7
+        monkeypatch.setattr(snapshot, "_fastscan", None)
+        slow_names, slow_stats = snapshot._list_and_stat(fd)
+        assert (slow_names, list(slow_stats)) == (fast_names, fast_stats)
+        assert fast_names == sorted(os.listdir(src)) and len(fast_names) == 7
+        assert fast_stats[fast_names.index("file.bin")][2] == 1_700_000_000_123_456_789
+        assert fastscan.lstat_names(fd, ["gone", "file.bin"])[0] == errno.ENOENT
+    finally:
+        os.close(fd)
+    with Repository.init(str(tmp_path / "slow")) as slow_repo:
+        slow = _commit(slow_repo, src)
+    monkeypatch.setattr(snapshot, "_fastscan", fastscan)
+    with Repository.init(str(tmp_path / "fast")) as fast_repo:
+        fast = _commit(fast_repo, src)
+    assert fast.tree_id == slow.tree_id and fast.warnings == slow.warnings

@@ -32,7 +32,7 @@ from commitfs.ops.diff import diff_trees
 from commitfs.ops.fsck import fsck
 from commitfs.ops.gc import collect
 from commitfs.ops.snapshot import commit_directory
-from commitfs.repo.pack import BlobKind
+from commitfs.repo.pack import BlobKind, pack_key
 from commitfs.repo.repository import CONFIG_KEY, Repository
 from commitfs.repo.treewalk import check_expansion
 from core_fixtures import assert_fsck_clean, cli_ok, describe, reopen, write_file
@@ -268,6 +268,45 @@ def test_new_repositories_are_version_2_and_version_1_ones_read_and_upgrade_in_p
     after = json.loads(Path(url, CONFIG_KEY).read_bytes())
     assert after == dict(config, version=2)
     assert_fsck_clean(url)
+
+
+@pytest.mark.parametrize("n", [0, 1, 31, 32, 33, 47, 48, 63, 64, 65, 100, 257, 600])
+def test_the_streamed_split_id_is_the_canonical_one(small_split, n):
+    """SplitIdBuilder, given the entries one at a time (fsck), gives tree_id_of's id."""
+    entries = random_entries(random.Random(1000 + n), n)
+    builder = splittree.SplitIdBuilder()
+    for e in entries:
+        builder.add(e)
+    assert builder.count == n and builder.finish() == tree_id_of(entries)
+
+
+def test_fsck_reads_a_split_directory_leaf_by_leaf(small_split, tmp_path, cache_home, monkeypatch):
+    """fsck never holds a split directory's entries all at once (SplitTree.entries
+    loads every leaf into one tuple), finding damage in it and where it is reached
+    all the same."""
+    url = str(tmp_path / "repo")
+    src = _big_dir(tmp_path, 300)
+    with Repository.init(url) as r:
+        commit_directory(r, src, message="v1")
+
+    def whole(self):
+        raise AssertionError("all of a split tree's entries at once")
+    monkeypatch.setattr(SplitTree, "entries", property(whole))
+    assert_fsck_clean(url)
+    with reopen(url) as r:
+        big = r.load_tree(r.load_tree(r.load_commit(r.resolve("main")).tree).get("big").id)
+        assert isinstance(big, SplitTree)
+        victim = list(big.iter_entries())[150]
+        loc = r.locate(victim.id)
+        pack = r.store.local_path(pack_key(loc.pack))
+    with open(pack, "r+b") as f:  # one byte of the file's manifest flipped
+        f.seek(loc.offset + loc.stored // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with reopen(url) as r:
+        problems = fsck(r).problems
+    assert len(problems) == 1 and f"file big/{victim.name} ({victim.id.hex()})" in problems[0], problems
 
 
 def test_a_split_directory_reads_through_checkout_diff_and_fsck(small_split, tmp_path, cache_home):

@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -292,6 +293,59 @@ def test_a_write_only_descriptor_writes_direct_and_readers_see_its_bytes(ws):
             assert f.read(1 << 20) == data[:10] + b"new bytes" + data[19:]
             assert os.fstat(f.fileno()).st_size == n << 20
     buf.close()
+
+
+def _writes_in_c(ws) -> int:
+    """The daemon's count of WRITEs pwritten in C (logged at unmount: one mount per test)."""
+    counts = [int(line.rsplit(": ", 1)[1]) for log in (ws.mounts.cache_dir / "logs").glob("mount-*.log")
+              for line in log.read_text().splitlines() if "WRITEs pwritten in C: " in line]
+    assert len(counts) == 1, counts
+    return counts[0]
+
+
+@pytest.mark.timeout(180)
+def test_writes_answered_in_c_keep_sizes_times_and_commits_exact(ws):
+    """WRITEs are pwritten into the overlay by the C module (fuse/fastpath.py, engage_writes),
+    the workspace told of each by a plain call: a new file written direct in unaligned
+    1 MiB buffers (two requests each), an in-place edit and an extension of a committed
+    file through a cached read-write descriptor, appends.  After each write stat shows the
+    plain directory's size and an mtime that moved; the commit is the plain directory."""
+    mnt = ws.mount()
+    ref = ws.reference()
+    rng = random.Random(18)
+    big = max((p for p in ws.src.rglob("*") if p.is_file() and not p.is_symlink()), key=lambda p: p.stat().st_size)
+    rel = big.relative_to(ws.src)
+    assert big.stat().st_size >= 1 << 20
+    blocks = [rng.randbytes(1 << 20) for _ in range(3)] + [rng.randbytes(777)]
+    steps = [("new.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, None, b) for b in blocks]
+    steps += [(str(rel), os.O_RDWR, off, rng.randbytes(n)) for off, n in ((1000, 5000), (300_000, 1 << 20))]
+    steps += [(str(rel), os.O_WRONLY | os.O_APPEND, None, rng.randbytes(4096)) for _ in range(3)]
+    fds: dict[tuple[Path, str, int], int] = {}
+    try:
+        for name, flags, off, data in steps:
+            sizes, mtimes = [], []
+            for root in (mnt, ref):
+                key = (root, name, flags)
+                if key not in fds:
+                    fds[key] = os.open(root / name, flags, 0o644)
+                fd = fds[key]
+                before = os.stat(root / name).st_mtime_ns
+                time.sleep(0.002)
+                n = os.pwrite(fd, data, off) if off is not None else os.write(fd, data)
+                assert n == len(data)
+                st = os.stat(root / name)
+                sizes.append(st.st_size)
+                mtimes.append(st.st_mtime_ns > before)
+            assert sizes[0] == sizes[1] and mtimes == [True, True], (name, sizes, mtimes)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    compare_trees(mnt, ref)
+    ws.cli("commit", str(mnt), "-m", "written in C").check_returncode()
+    normalize_modes(ref)
+    compare_trees(checkout_of(ws, "main", "co"), ref)
+    ws.umount(mnt)
+    assert _writes_in_c(ws) >= len(steps)
 
 
 def test_full_overlay_disk_is_enospc_and_loses_nothing(ws, small_tmpfs):

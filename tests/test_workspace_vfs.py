@@ -907,6 +907,52 @@ def test_only_a_write_only_open_of_a_file_without_set_id_bits_writes_direct(repo
     assert trio.run(main) == [True, True, False, False, False, False]
 
 
+def test_the_c_write_path_gets_a_descriptor_only_when_write_would_not_wait(repo_and_base, tmp_path):
+    """WorkspaceFS.write_fd (the C module's WRITE fast path, fuse/fastpath.py): the data
+    file's descriptor only while ``write`` would run through without an await (the lock
+    free, the data file open), else -1 (the WRITE goes to ``write``); ``wrote`` then keeps
+    the size, times and dirty marks as ``write`` does, and a commit has the bytes."""
+    repo, _ = repo_and_base
+    fs = _open(repo, tmp_path / "ws")
+
+    async def main():
+        async with fs.running():
+            assert fs.write_fd(12345) == -1  # no such handle
+            fh, attr = await fs.create(1, b"new.txt", 0o644, os.O_WRONLY | os.O_CREAT)
+            fd = fs.write_fd(fh)
+            assert fd >= 0
+            async with fs._lock:  # a commit, flush or fsync holds it: the write waits
+                assert fs.write_fd(fh) == -1
+            before = (await fs.getattr(attr.ino)).mtime_ns
+            await trio.sleep(0.002)
+            assert os.pwrite(fd, b"bytes written in C", 7) == 18
+            fs.wrote(fh, 7, 18)
+            a = await fs.getattr(attr.ino)
+            assert a.size == 25 and a.mtime_ns > before and a.ctime_ns == a.mtime_ns
+            assert await fs.read(fh, 0, 100) == bytes(7) + b"bytes written in C"
+            await fs.release(fh)
+            # A committed file not yet written: its data file is made by ``write`` (an await).
+            name = next(n for n in sorted(os.listdir(tmp_path / "src")) if os.path.isfile(tmp_path / "src" / n))
+            ino = (await fs.lookup(1, name.encode())).ino
+            fh = await fs.open(ino, os.O_RDWR)
+            assert fs.write_fd(fh) == -1
+            await fs.write(fh, 0, b"X")
+            assert fs.write_fd(fh) >= 0
+            await fs.release(fh)
+            await control.commit(fs, "c write")
+    trio.run(main)
+    fs2 = _open(repo, tmp_path / "ws")
+
+    async def reread():
+        async with fs2.running():
+            ino = (await fs2.lookup(1, b"new.txt")).ino
+            fh = await fs2.open(ino, os.O_RDONLY)
+            got = await fs2.read(fh, 0, 100)
+            await fs2.release(fh)
+            return got
+    assert trio.run(reread) == bytes(7) + b"bytes written in C"
+
+
 def test_closing_a_new_file_records_its_row_in_a_worker_thread(repo_and_base, tmp_path, monkeypatch):
     """The close of a new file (no copy-on-write) writes its times' row in a worker
     thread, not on the event loop."""

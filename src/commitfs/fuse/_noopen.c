@@ -67,13 +67,28 @@
  * one prefix a read-only mount has attributes under ("user.commitfs."), as the
  * Python getxattr would, without pyfuse3's coroutine and the file system's
  * exception: ls(1) asks for two such names of every file it lists, and the
- * kernel caches no answer. */
+ * kernel caches no answer.
+ *
+ * WRITE (fastpath.engage_writes, the daemon of a workspace mount; until writes()
+ * is given two callables every request passes straight to pyfuse3's callback):
+ * write_buf_shim in the WRITE_BUF slot (the one pyfuse3 fills) asks the Python
+ * side, with a plain call, for the descriptor the write may go to right now
+ * (WorkspaceFS.write_fd: -1 when the write must wait or cannot be done without
+ * the event loop), pwrites libfuse's buffer straight into it (no bytes object,
+ * no coroutine, no trio task switch), hands the written range to a second plain
+ * call (WorkspaceFS.wrote: the size, times, copy-on-write ranges and dirty
+ * marks, exactly as the Python write keeps them) and replies.  Anything else
+ * (-1, an exception in the first call) goes to pyfuse3's write as before. */
 
 #define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <dlfcn.h>
 #include <errno.h>
+#include <limits.h>
+#include <poll.h>
+#include <stdint.h>
+#include <sys/stat.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -123,6 +138,13 @@ static getxattr_fn pyfuse3_getxattr = NULL;  /* pyfuse3's own getxattr callback 
 static char *xattr_prefix = NULL;            /* xattrs(): names outside it are ENODATA here */
 static size_t xattr_prefix_len = 0;
 static unsigned long long xattrs_refused = 0;
+
+/* WRITEs answered here (fastpath.engage_writes, workspace mounts). */
+typedef void (*write_buf_fn)(fuse_req_t, fuse_ino_t, struct fuse_bufvec *, off_t, struct fuse_file_info *);
+static write_buf_fn pyfuse3_write_buf = NULL;  /* pyfuse3's own write_buf callback */
+static PyObject *write_fd_cb = NULL;           /* writes(): fh -> descriptor, or -1 */
+static PyObject *wrote_cb = NULL;              /* writes(): (fh, off, written) after the pwrite */
+static unsigned long long writes_in_c = 0;
 
 /* libfuse's own definitions of the functions this module wraps (bind()). */
 static add_plus_fn real_add_plus = NULL;
@@ -216,6 +238,560 @@ static void getxattr_shim(fuse_req_t req, fuse_ino_t ino, const char *name, size
     pyfuse3_getxattr(req, ino, name, size);
 }
 
+/* WRITE: the first callable's descriptor (or pyfuse3's write for -1), the pwrite of libfuse's
+   buffer, the second callable's bookkeeping, the reply.  Runs on pyfuse3's thread with the GIL
+   (pyfuse3 processes requests holding it), between two steps of the event loop: nothing of the
+   file system runs between the two calls but other threads, which may run during the pwrite
+   (released there, as os.pwrite does). */
+static void write_buf_shim(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *bufv, off_t off,
+                           struct fuse_file_info *fi) {
+    PyObject *fd_cb = write_fd_cb, *done_cb = wrote_cb;
+    if (fd_cb == NULL || done_cb == NULL || fi == NULL) {
+        pyfuse3_write_buf(req, ino, bufv, off, fi);
+        return;
+    }
+    PyGILState_STATE gil = PyGILState_Ensure();
+    Py_INCREF(fd_cb);
+    Py_INCREF(done_cb);
+    long fd = -1;
+    PyObject *got = PyObject_CallFunction(fd_cb, "K", (unsigned long long)fi->fh);
+    if (got != NULL) {
+        fd = PyLong_AsLong(got);
+        Py_DECREF(got);
+    }
+    if (PyErr_Occurred()) {
+        PyErr_WriteUnraisable(fd_cb);
+        fd = -1;
+    }
+    if (fd < 0 || fd > INT_MAX) {
+        Py_DECREF(fd_cb);
+        Py_DECREF(done_cb);
+        PyGILState_Release(gil);
+        pyfuse3_write_buf(req, ino, bufv, off, fi);
+        return;
+    }
+    size_t size = fuse_buf_size(bufv);
+    struct fuse_bufvec dst = FUSE_BUFVEC_INIT(size);
+    dst.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK;
+    dst.buf[0].fd = (int)fd;
+    dst.buf[0].pos = off;
+    ssize_t res;
+    Py_BEGIN_ALLOW_THREADS
+    res = fuse_buf_copy(&dst, bufv, 0);  /* one pwrite, as os.pwrite (no FUSE_BUF_FD_RETRY) */
+    Py_END_ALLOW_THREADS
+    int err = 0;
+    if (res < 0) {
+        err = (int)-res;
+    } else {
+        PyObject *ok = PyObject_CallFunction(done_cb, "KLn", (unsigned long long)fi->fh, (long long)off,
+                                             (Py_ssize_t)res);
+        if (ok == NULL) {
+            PyErr_WriteUnraisable(done_cb);
+            err = EIO;
+        } else {
+            Py_DECREF(ok);
+        }
+        writes_in_c++;
+    }
+    Py_DECREF(fd_cb);
+    Py_DECREF(done_cb);
+    PyGILState_Release(gil);
+    if (err)
+        real_reply_err(req, err);
+    else
+        fuse_reply_write(req, (size_t)res);
+}
+
+/* LOOKUP in C (fastpath.engage_lookups, the daemon of a read-only mount; until lookups(True)
+ * every LOOKUP passes straight to pyfuse3's callback).  When the Python readdir lists a commit
+ * directory it publish()es the span's files and symlinks here: per directory inode, the base of
+ * its block of inode numbers (vfs/inode.py) and per entry its name, position, kind code and
+ * size; with the directory's mtime and timeout that is all a LOOKUP of such an entry answers
+ * (its attributes are a function of them, as Attr of a block entry, vfs/inode.py).
+ * lookup_shim in the LOOKUP slot answers a published name itself (fuse_reply_entry) and
+ * records (directory, base, position, kind, size) in the pending list; everything else
+ * (subdirectories, unpublished directories, names not there) goes to pyfuse3's callback.
+ * The Python side takes the pending list (take_lookups()) and counts those references in
+ * its inode table before anything there can forget, drop or resolve one of the numbers
+ * (vfs/inode.py, TreeInodeTable's ``external``), so FORGET balances exactly; it drops a
+ * directory's table (drop()) when its block leaves.  The wrapper of fuse_session_receive_buf
+ * answers such LOOKUPs as it reads them, before pyfuse3's request loop sees them (its trio
+ * wait, task and coroutine per request are most of a LOOKUP's cost), and reads on while the
+ * device has more requests ready (poll, no wait); any other request is handed to pyfuse3 as
+ * read.  Tables are dropped oldest first past a byte cap (lookups_cap()): a miss only costs a
+ * LOOKUP through Python.  All of it runs on pyfuse3's one thread, with the GIL held (pyfuse3
+ * calls fuse_session_receive_buf and fuse_session_process_buf holding it), and so do the
+ * module's functions: no lock. */
+
+typedef void (*lookup_fn)(fuse_req_t, fuse_ino_t, const char *);
+typedef int (*receive_buf_fn)(struct fuse_session *, struct fuse_buf *);
+typedef void (*process_buf_fn)(struct fuse_session *, const struct fuse_buf *);
+
+static lookup_fn pyfuse3_lookup = NULL;       /* pyfuse3's own lookup callback */
+static receive_buf_fn real_receive_buf = NULL;
+static process_buf_fn real_process_buf = NULL;
+static int c_lookups = 0;                     /* lookups(True) */
+static unsigned long long lookups_answered = 0, lookups_early = 0, lookups_waited = 0;
+
+struct tab_entry {
+    unsigned long long size;
+    unsigned pos;
+    unsigned name_off;
+    unsigned short name_len;
+    unsigned char code;  /* vfs/inode.py's kind codes: 1 file, 2 executable, 3 symlink */
+};
+
+struct dirtab {
+    unsigned long long parent, base, mtime_ns;
+    double timeout;
+    struct tab_entry *entries;
+    unsigned n, cap;
+    char *names;
+    size_t names_len, names_cap;
+    unsigned *slots;  /* index + 1 into entries, 0 empty; nslots a power of two, >= 2 n */
+    unsigned nslots;
+    size_t bytes;
+    struct dirtab *next_in_bucket, *older, *newer;
+};
+
+#define TAB_BUCKETS 4096
+static struct dirtab *tab_buckets[TAB_BUCKETS];
+static struct dirtab *tab_oldest = NULL, *tab_newest = NULL;
+static size_t tab_bytes = 0, tab_cap = 32u << 20;
+static unsigned ntabs = 0;
+
+struct pending {
+    unsigned long long parent, base, size;
+    unsigned pos;
+    unsigned char code;
+};
+#define MAX_PENDING (1u << 16)
+static struct pending *pend = NULL;
+static unsigned npend = 0;
+
+static PyObject *kind_file = NULL, *kind_exec = NULL, *kind_symlink = NULL;  /* model.objects.Kind */
+static unsigned tab_mode[4] = {0, S_IFREG | 0444, S_IFREG | 0555, S_IFLNK | 0777};
+static unsigned tab_uid = 0, tab_gid = 0, tab_blksize = 128 * 1024;
+
+static unsigned name_hash(const char *s, size_t n) {
+    unsigned h = 2166136261u;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ (unsigned char)s[i]) * 16777619u;
+    return h;
+}
+
+static struct dirtab *tab_find(unsigned long long parent) {
+    for (struct dirtab *t = tab_buckets[parent % TAB_BUCKETS]; t != NULL; t = t->next_in_bucket)
+        if (t->parent == parent)
+            return t;
+    return NULL;
+}
+
+static void tab_free(struct dirtab *t) {
+    struct dirtab **p = &tab_buckets[t->parent % TAB_BUCKETS];
+    while (*p != t)
+        p = &(*p)->next_in_bucket;
+    *p = t->next_in_bucket;
+    if (t->older) t->older->newer = t->newer; else tab_oldest = t->newer;
+    if (t->newer) t->newer->older = t->older; else tab_newest = t->older;
+    tab_bytes -= t->bytes;
+    ntabs--;
+    free(t->entries);
+    free(t->names);
+    free(t->slots);
+    free(t);
+}
+
+static void tab_account(struct dirtab *t) {
+    size_t b = sizeof *t + (size_t)t->cap * sizeof(struct tab_entry) + t->names_cap + (size_t)t->nslots * sizeof(unsigned);
+    tab_bytes = tab_bytes - t->bytes + b;
+    t->bytes = b;
+}
+
+static long tab_index(const struct dirtab *t, const char *name, size_t len) {
+    if (t->nslots == 0)
+        return -1;
+    unsigned mask = t->nslots - 1;
+    for (unsigned i = name_hash(name, len) & mask;; i = (i + 1) & mask) {
+        unsigned k = t->slots[i];
+        if (k == 0)
+            return -1;
+        const struct tab_entry *e = &t->entries[k - 1];
+        if (e->name_len == len && memcmp(t->names + e->name_off, name, len) == 0)
+            return (long)(k - 1);
+    }
+}
+
+static void tab_insert_slot(struct dirtab *t, unsigned k) {
+    const struct tab_entry *e = &t->entries[k];
+    unsigned mask = t->nslots - 1;
+    unsigned i = name_hash(t->names + e->name_off, e->name_len) & mask;
+    while (t->slots[i] != 0)
+        i = (i + 1) & mask;
+    t->slots[i] = k + 1;
+}
+
+/* Room for ``more`` entries of ``name_bytes`` more bytes; 0 if out of memory. */
+static int tab_reserve(struct dirtab *t, unsigned more, size_t name_bytes) {
+    if (t->n + more > t->cap) {
+        unsigned cap = t->cap ? t->cap : 64;
+        while (cap < t->n + more)
+            cap *= 2;
+        struct tab_entry *grown = realloc(t->entries, (size_t)cap * sizeof *grown);
+        if (grown == NULL)
+            return 0;
+        t->entries = grown;
+        t->cap = cap;
+    }
+    if (t->names_len + name_bytes > t->names_cap) {
+        size_t cap = t->names_cap ? t->names_cap : 1024;
+        while (cap < t->names_len + name_bytes)
+            cap *= 2;
+        char *grown = realloc(t->names, cap);
+        if (grown == NULL)
+            return 0;
+        t->names = grown;
+        t->names_cap = cap;
+    }
+    if (2 * (t->n + more) > t->nslots) {
+        unsigned nslots = t->nslots ? t->nslots : 128;
+        while (nslots < 2 * (t->n + more))
+            nslots *= 2;
+        unsigned *slots = calloc(nslots, sizeof *slots);
+        if (slots == NULL)
+            return 0;
+        free(t->slots);
+        t->slots = slots;
+        t->nslots = nslots;
+        for (unsigned k = 0; k < t->n; k++)
+            tab_insert_slot(t, k);
+    }
+    return 1;
+}
+
+/* The entry of ``name`` in directory ``parent``'s table, or NULL (and its table in *tp). */
+static const struct tab_entry *tab_lookup(unsigned long long parent, const char *name, struct dirtab **tp) {
+    struct dirtab *t = tab_find(parent);
+    if (t == NULL)
+        return NULL;
+    long k = tab_index(t, name, strlen(name));
+    if (k < 0)
+        return NULL;
+    *tp = t;
+    return &t->entries[k];
+}
+
+/* Answer a LOOKUP of a published entry: 1 if answered. */
+static int lookup_answer(fuse_req_t req, fuse_ino_t parent, const char *name) {
+    struct dirtab *t = NULL;
+    const struct tab_entry *e;
+    if (!c_lookups || npend == MAX_PENDING || (e = tab_lookup(parent, name, &t)) == NULL)
+        return 0;
+    struct fuse_entry_param p;
+    memset(&p, 0, sizeof p);
+    p.ino = t->base + e->pos;
+    p.generation = 0;
+    p.entry_timeout = p.attr_timeout = t->timeout;
+    p.attr.st_ino = p.ino;
+    p.attr.st_mode = tab_mode[e->code & 3];
+    p.attr.st_nlink = 1;
+    p.attr.st_uid = tab_uid;
+    p.attr.st_gid = tab_gid;
+    p.attr.st_size = (off_t)e->size;
+    p.attr.st_blksize = tab_blksize;
+    p.attr.st_blocks = (blkcnt_t)((e->size + 511) / 512);
+    p.attr.st_atim.tv_sec = p.attr.st_mtim.tv_sec = p.attr.st_ctim.tv_sec = (time_t)(t->mtime_ns / 1000000000ULL);
+    p.attr.st_atim.tv_nsec = p.attr.st_mtim.tv_nsec = p.attr.st_ctim.tv_nsec = (long)(t->mtime_ns % 1000000000ULL);
+    struct pending *q = &pend[npend++];
+    q->parent = parent;
+    q->base = t->base;
+    q->pos = e->pos;
+    q->code = e->code;
+    q->size = e->size;
+    lookups_answered++;
+    fuse_reply_entry(req, &p);  /* counted whatever the reply's fate, as pyfuse3's handler does */
+    return 1;
+}
+
+static int in_early = 0;  /* inside fuse_session_receive_buf's own fuse_session_process_buf */
+static unsigned long long early_misses = 0;
+
+static void lookup_shim(fuse_req_t req, fuse_ino_t parent, const char *name) {
+    if (lookup_answer(req, parent, name))
+        return;
+    if (in_early) {
+        /* Not reached (answerable() saw a table hit, and nothing ran since): pyfuse3's
+           coroutine would never be awaited from here, so the request is failed instead. */
+        early_misses++;
+        real_reply_err(req, EIO);
+        return;
+    }
+    pyfuse3_lookup(req, parent, name);
+}
+
+/* The fixed header of every request (the kernel's ABI, linux/fuse.h: struct fuse_in_header). */
+struct commitfs_in_header {
+    uint32_t len, opcode;
+    uint64_t unique, nodeid;
+    uint32_t uid, gid, pid;
+    uint16_t total_extlen, padding;
+};
+#define COMMITFS_FUSE_LOOKUP 1
+
+/* A LOOKUP lookup_shim would answer from a table (the buffer as read, res bytes). */
+static int answerable(const struct fuse_buf *buf, int res) {
+    if (!c_lookups || pyfuse3_lookup == NULL || (buf->flags & FUSE_BUF_IS_FD) || buf->mem == NULL
+            || (size_t)res <= sizeof(struct commitfs_in_header) || npend == MAX_PENDING)
+        return 0;
+    const struct commitfs_in_header *in = buf->mem;
+    if (in->opcode != COMMITFS_FUSE_LOOKUP || in->len != (uint32_t)res)
+        return 0;
+    const char *name = (const char *)(in + 1);
+    size_t room = (size_t)res - sizeof *in;
+    if (memchr(name, '\0', room) == NULL)
+        return 0;
+    struct dirtab *t;
+    return tab_lookup(in->nodeid, name, &t) != NULL;
+}
+
+/* How long the wrapper waits for the next request after answering one (a stat walk's next
+   LOOKUP comes within tens of microseconds), and how many it answers before pyfuse3's loop
+   (and every other task of the daemon) gets its turn again. */
+#define EARLY_WAIT_MS 1
+#define EARLY_MAX 256
+
+__attribute__((visibility("default")))
+int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *buf) {
+    for (int answered = 0;; answered++) {
+        int res = real_receive_buf(se, buf);
+        if (res <= 0 || !answerable(buf, res))
+            return res;
+        in_early = 1;
+        real_process_buf(se, buf);  /* libfuse's do_lookup -> lookup_shim, which answers it */
+        in_early = 0;
+        lookups_early++;
+        if (answered > 0)
+            lookups_waited++;
+        if (answered + 1 >= EARLY_MAX)
+            return -EINTR;  /* pyfuse3's loop waits for the device again */
+        struct pollfd p = {fuse_session_fd(se), POLLIN, 0};
+        int ready;
+        Py_BEGIN_ALLOW_THREADS  /* the daemon's worker threads run meanwhile */
+        ready = poll(&p, 1, EARLY_WAIT_MS);
+        Py_END_ALLOW_THREADS
+        if (ready != 1 || !(p.revents & POLLIN))
+            return -EINTR;
+    }
+}
+
+/* publish(parent, base, first, entries, mtime_ns, timeout): the files and symlinks of
+   ``entries`` (TreeEntry tuples: name, kind, size, ...), the first at position ``first`` of
+   directory inode ``parent``'s block starting at inode ``base``.  A span already published
+   (its first entry there, at that position) costs one hash probe; a new base replaces the
+   directory's table. */
+static PyObject *py_publish(PyObject *self, PyObject *args) {
+    unsigned long long parent, base, mtime_ns;
+    unsigned first;
+    PyObject *entries;
+    double timeout;
+    if (!PyArg_ParseTuple(args, "KKIOKd", &parent, &base, &first, &entries, &mtime_ns, &timeout))
+        return NULL;
+    if (!c_lookups || kind_file == NULL)
+        Py_RETURN_FALSE;
+    PyObject *seq = PySequence_Fast(entries, "publish: entries must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    struct dirtab *t = tab_find(parent);
+    if (t != NULL && (t->base != base || t->mtime_ns != mtime_ns || t->timeout != timeout)) {
+        tab_free(t);
+        t = NULL;
+    }
+    if (t != NULL && n > 0) {  /* already there? (its first file or symlink at ``first + i``) */
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *e = items[i];
+            if (!PyTuple_Check(e) || PyTuple_GET_SIZE(e) < 3) {
+                Py_DECREF(seq);
+                PyErr_SetString(PyExc_TypeError, "publish: entries must be TreeEntry tuples");
+                return NULL;
+            }
+            PyObject *kind = PyTuple_GET_ITEM(e, 1);
+            if (kind != kind_file && kind != kind_exec && kind != kind_symlink)
+                continue;
+            Py_ssize_t len;
+            const char *name = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(e, 0), &len);
+            if (name == NULL) {
+                Py_DECREF(seq);
+                return NULL;
+            }
+            long k = tab_index(t, name, (size_t)len);
+            if (k >= 0 && t->entries[k].pos == first + (unsigned)i) {
+                Py_DECREF(seq);
+                Py_RETURN_TRUE;
+            }
+            break;
+        }
+    }
+    if (t == NULL) {
+        t = calloc(1, sizeof *t);
+        if (t == NULL) {
+            Py_DECREF(seq);
+            return PyErr_NoMemory();
+        }
+        t->parent = parent;
+        t->base = base;
+        t->mtime_ns = mtime_ns;
+        t->timeout = timeout;
+        t->next_in_bucket = tab_buckets[parent % TAB_BUCKETS];
+        tab_buckets[parent % TAB_BUCKETS] = t;
+        t->older = tab_newest;
+        if (tab_newest) tab_newest->newer = t; else tab_oldest = t;
+        tab_newest = t;
+        ntabs++;
+    }
+    while (tab_bytes > tab_cap && tab_oldest != NULL && tab_oldest != t)
+        tab_free(tab_oldest);
+    if (tab_bytes > tab_cap) {  /* one directory past the cap alone: it keeps what it has */
+        Py_DECREF(seq);
+        Py_RETURN_FALSE;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *e = items[i];
+        if (!PyTuple_Check(e) || PyTuple_GET_SIZE(e) < 3) {
+            Py_DECREF(seq);
+            PyErr_SetString(PyExc_TypeError, "publish: entries must be TreeEntry tuples");
+            return NULL;
+        }
+        PyObject *kind = PyTuple_GET_ITEM(e, 1);
+        unsigned char code = kind == kind_file ? 1 : kind == kind_exec ? 2 : kind == kind_symlink ? 3 : 0;
+        if (code == 0)
+            continue;  /* a directory: a node of its own, looked up by Python */
+        Py_ssize_t len;
+        const char *name = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(e, 0), &len);
+        if (name == NULL) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+        unsigned long long size = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(e, 2));
+        if (size == (unsigned long long)-1 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+        if (len > 0xffff || tab_index(t, name, (size_t)len) >= 0)
+            continue;
+        if (!tab_reserve(t, 1, (size_t)len)) {
+            Py_DECREF(seq);
+            tab_free(t);
+            return PyErr_NoMemory();
+        }
+        struct tab_entry *te = &t->entries[t->n];
+        te->size = size;
+        te->pos = first + (unsigned)i;
+        te->name_off = (unsigned)t->names_len;
+        te->name_len = (unsigned short)len;
+        te->code = code;
+        memcpy(t->names + t->names_len, name, (size_t)len);
+        t->names_len += (size_t)len;
+        tab_insert_slot(t, t->n);
+        t->n++;
+    }
+    Py_DECREF(seq);
+    tab_account(t);
+    while (tab_bytes > tab_cap && tab_oldest != NULL && tab_oldest != t)
+        tab_free(tab_oldest);
+    Py_RETURN_TRUE;
+}
+
+/* take_lookups() -> [(parent, base, pos, code, size)]: the LOOKUPs answered here since the
+   last call (each one kernel reference the inode table must count), or None if there are none. */
+static PyObject *py_take_lookups(PyObject *self, PyObject *unused) {
+    if (npend == 0)
+        Py_RETURN_NONE;
+    PyObject *out = PyList_New(npend);
+    if (out == NULL)
+        return NULL;
+    for (unsigned i = 0; i < npend; i++) {
+        struct pending *q = &pend[i];
+        PyObject *item = Py_BuildValue("(KKIBK)", q->parent, q->base, q->pos, q->code, q->size);
+        if (item == NULL) {
+            Py_DECREF(out);
+            return NULL;  /* the list stays pending: nothing is lost */
+        }
+        PyList_SET_ITEM(out, i, item);
+    }
+    npend = 0;
+    return out;
+}
+
+static PyObject *py_pending_lookups(PyObject *self, PyObject *unused) {
+    return PyLong_FromUnsignedLong(npend);
+}
+
+/* drop(parent): directory ``parent``'s table goes (its block left the inode table). */
+static PyObject *py_drop(PyObject *self, PyObject *arg) {
+    unsigned long long parent = PyLong_AsUnsignedLongLong(arg);
+    if (parent == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    struct dirtab *t = tab_find(parent);
+    if (t != NULL)
+        tab_free(t);
+    Py_RETURN_NONE;
+}
+
+static void tabs_clear(void) {
+    while (tab_oldest != NULL)
+        tab_free(tab_oldest);
+}
+
+/* lookups(on, uid=0, gid=0, kinds=None, blksize=131072): LOOKUPs of published entries are
+   answered here from now on (off: none, and every table goes; the pending list stays until
+   taken).  kinds: (Kind.FILE, Kind.EXEC, Kind.SYMLINK).  RuntimeError unless wrapped(). */
+static PyObject *py_lookups(PyObject *self, PyObject *args) {
+    int on;
+    unsigned uid = 0, gid = 0, blksize = 128 * 1024;
+    PyObject *kinds = Py_None;
+    if (!PyArg_ParseTuple(args, "p|IIOI", &on, &uid, &gid, &kinds, &blksize))
+        return NULL;
+    if (on) {
+        if (!wrapped || pyfuse3_lookup == NULL) {
+            PyErr_SetString(PyExc_RuntimeError, "no FUSE session went through commitfs's fuse_session_new");
+            return NULL;
+        }
+        if (!PyTuple_Check(kinds) || PyTuple_GET_SIZE(kinds) != 3) {
+            PyErr_SetString(PyExc_TypeError, "lookups: kinds must be (Kind.FILE, Kind.EXEC, Kind.SYMLINK)");
+            return NULL;
+        }
+        if (pend == NULL && (pend = malloc(MAX_PENDING * sizeof *pend)) == NULL)
+            return PyErr_NoMemory();
+        Py_XSETREF(kind_file, Py_NewRef(PyTuple_GET_ITEM(kinds, 0)));
+        Py_XSETREF(kind_exec, Py_NewRef(PyTuple_GET_ITEM(kinds, 1)));
+        Py_XSETREF(kind_symlink, Py_NewRef(PyTuple_GET_ITEM(kinds, 2)));
+        tab_uid = uid;
+        tab_gid = gid;
+        tab_blksize = blksize;
+    } else {
+        tabs_clear();
+    }
+    c_lookups = on;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_lookups_cap(PyObject *self, PyObject *arg) {
+    size_t cap = PyLong_AsSize_t(arg);
+    if (cap == (size_t)-1 && PyErr_Occurred())
+        return NULL;
+    tab_cap = cap;
+    while (tab_bytes > tab_cap && tab_oldest != NULL)
+        tab_free(tab_oldest);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_lookup_counts(PyObject *self, PyObject *unused) {
+    return Py_BuildValue("(KKKIn)", lookups_answered, lookups_early - early_misses, lookups_waited, ntabs,
+                         (Py_ssize_t)tab_bytes);
+}
+
 static void read_shim(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
     /* fi is libfuse's own, on its stack for this call only (do_read). */
     if (enabled && fi != NULL && fi->fh == 0) {
@@ -276,6 +852,16 @@ static const struct fuse_lowlevel_ops *wrap_table(const struct fuse_lowlevel_ops
         pyfuse3_getxattr = op->getxattr;
         table->getxattr = getxattr_shim;
     }
+    pyfuse3_write_buf = NULL;
+    if (op_size >= offsetof(struct fuse_lowlevel_ops, write_buf) + sizeof(write_buf_fn) && op->write_buf != NULL) {
+        pyfuse3_write_buf = op->write_buf;
+        table->write_buf = write_buf_shim;
+    }
+    pyfuse3_lookup = NULL;
+    if (op->lookup != NULL) {
+        pyfuse3_lookup = op->lookup;
+        table->lookup = lookup_shim;
+    }
     granted = -1;
     nplain = 0;
     return table;
@@ -335,7 +921,10 @@ static int resolve_reals(void) {
     real_reply_buf = (reply_buf_fn)libfuse_symbol("fuse_reply_buf");
     real_reply_err = (reply_err_fn)libfuse_symbol("fuse_reply_err");
     real_reply_open = (reply_open_fn)libfuse_symbol("fuse_reply_open");
-    return real_add_plus != NULL && real_add_plus != fuse_add_direntry_plus && real_add != NULL
+    real_receive_buf = (receive_buf_fn)libfuse_symbol("fuse_session_receive_buf");
+    real_process_buf = (process_buf_fn)libfuse_symbol("fuse_session_process_buf");
+    return real_receive_buf != NULL && real_receive_buf != fuse_session_receive_buf && real_process_buf != NULL
+        && real_add_plus != NULL && real_add_plus != fuse_add_direntry_plus && real_add != NULL
         && real_reply_buf != NULL && real_reply_buf != fuse_reply_buf
         && real_reply_err != NULL && real_reply_err != fuse_reply_err
         && real_reply_open != NULL && real_reply_open != fuse_reply_open;
@@ -453,7 +1042,57 @@ static PyObject *py_xattrs_refused(PyObject *self, PyObject *unused) {
     return PyLong_FromUnsignedLongLong(xattrs_refused);
 }
 
+static PyObject *py_writes(PyObject *self, PyObject *args) {
+    PyObject *fd_cb, *done_cb;
+    if (!PyArg_ParseTuple(args, "OO", &fd_cb, &done_cb))
+        return NULL;
+    if (fd_cb == Py_None || done_cb == Py_None) {
+        Py_CLEAR(write_fd_cb);
+        Py_CLEAR(wrote_cb);
+        Py_RETURN_NONE;
+    }
+    if (!PyCallable_Check(fd_cb) || !PyCallable_Check(done_cb)) {
+        PyErr_SetString(PyExc_TypeError, "writes(write_fd, wrote) takes two callables (or None, None)");
+        return NULL;
+    }
+    if (!wrapped || pyfuse3_write_buf == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "no FUSE session with a write callback went through commitfs's fuse_session_new");
+        return NULL;
+    }
+    Py_INCREF(fd_cb);
+    Py_INCREF(done_cb);
+    Py_XSETREF(write_fd_cb, fd_cb);
+    Py_XSETREF(wrote_cb, done_cb);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_writes_in_c(PyObject *self, PyObject *unused) {
+    return PyLong_FromUnsignedLongLong(writes_in_c);
+}
+
 static PyMethodDef methods[] = {
+    {"writes", py_writes, METH_VARARGS,
+     "writes(write_fd, wrote): from now on a WRITE calls write_fd(fh) -> descriptor or -1; for a "
+     "descriptor the bytes are pwritten to it here, then wrote(fh, off, written) is called and the "
+     "WRITE answered here; -1 sends it to pyfuse3's write.  writes(None, None): every WRITE goes "
+     "to pyfuse3.  RuntimeError unless wrapped()."},
+    {"writes_in_c", py_writes_in_c, METH_NOARGS,
+     "writes_in_c() -> int: WRITEs pwritten and answered here."},
+    {"lookups", py_lookups, METH_VARARGS,
+     "lookups(on, uid, gid, kinds, blksize): LOOKUPs of published entries are answered in C from now on "
+     "(kinds: (Kind.FILE, Kind.EXEC, Kind.SYMLINK)); off drops every table.  RuntimeError unless wrapped()."},
+    {"publish", py_publish, METH_VARARGS,
+     "publish(parent, base, first, entries, mtime_ns, timeout) -> bool: the files and symlinks of entries "
+     "(TreeEntry tuples, the first at position first) of directory parent, whose block starts at base."},
+    {"take_lookups", py_take_lookups, METH_NOARGS,
+     "take_lookups() -> list of (parent, base, pos, code, size) | None: LOOKUPs answered in C since the last call."},
+    {"pending_lookups", py_pending_lookups, METH_NOARGS,
+     "pending_lookups() -> int: LOOKUPs answered in C and not taken yet."},
+    {"drop", py_drop, METH_O, "drop(parent): directory parent's table goes (its block left the inode table)."},
+    {"lookups_cap", py_lookups_cap, METH_O, "lookups_cap(bytes): the tables' byte cap (oldest dropped first)."},
+    {"lookup_counts", py_lookup_counts, METH_NOARGS,
+     "lookup_counts() -> (LOOKUPs answered in C; of them, as read, before pyfuse3's loop; of those, read while "
+     "waiting for one after answering another; directory tables; their bytes)."},
     {"xattrs", py_xattrs, METH_O,
      "xattrs(prefix): from now on a GETXATTR of a name not starting with the bytes prefix is "
      "answered ENODATA here (None: every one goes to pyfuse3); RuntimeError unless wrapped()."},

@@ -22,6 +22,7 @@ Run as ``python -m commitfs.fuse.daemon [--ready-fd N] CONFIG_JSON``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import logging
 import os
@@ -54,7 +55,7 @@ from commitfs.fuse.lifecycle import (
 )
 from commitfs.ops.root import open_repository
 from commitfs.vfs import FileSystem, VfsOptions
-from commitfs.vfs.inode import XATTR_PREFIX
+from commitfs.vfs.inode import PREFERRED_IO_SIZE, XATTR_PREFIX
 
 log = logging.getLogger("commitfs.mount")
 
@@ -148,6 +149,10 @@ def serve(config: DaemonConfig, report: Report) -> int:
         # Read-only: the kernel opens files itself once the fast path is on (before the
         # first request: pyfuse3.main has not started).
         missing = None
+        if config.writable:
+            unwritten = fastpath.engage_writes(fs.write_fd, fs.wrote)  # WRITEs pwritten in C
+            if unwritten is not None:
+                log.warning("every WRITE goes through pyfuse3's coroutine (%s)", unwritten)
         if not config.writable:
             missing = fastpath.engage() if config.no_open else "no_open is off in the daemon's configuration"
             ops.no_open = missing is None
@@ -172,6 +177,13 @@ def serve(config: DaemonConfig, report: Report) -> int:
                           else "no_open is off in the daemon's configuration")
             if unanswered is not None:
                 log.warning("every GETXATTR is answered by the file system (%s)", unanswered)
+            # LOOKUPs of listed (or looked-up) commit directories' files are answered in C.
+            looked = (fastpath.engage_lookups(ops.uid, ops.gid, PREFERRED_IO_SIZE) if config.no_open
+                      else "no_open is off in the daemon's configuration")
+            if isinstance(looked, str):
+                log.warning("every LOOKUP is answered by the file system (%s)", looked)
+            else:
+                fs.external_lookups = looked
         connection = fuse_connection(config.mountpoint)
         try:
             trio.run(_main, fs, config, report, missing)
@@ -181,6 +193,8 @@ def serve(config: DaemonConfig, report: Report) -> int:
             remove_record(config.mountpoint)
         log.info("unmounted %s; repository loads: %d from memory on the event loop, %d in worker threads",
                  config.mountpoint, fs.loader.inline, fs.loader.in_threads)
+        if config.writable:
+            log.info("WRITEs pwritten in C: %d", fastpath.writes_in_c())
         if not config.writable:
             log.info("OPEN requests: %d", ops.opens)
             log.info("READs by inode (fast path): %d", fastpath.reads_by_inode())
@@ -188,13 +202,15 @@ def serve(config: DaemonConfig, report: Report) -> int:
                      ops.readdirs, ops.plain_readdirs, fastpath.listing_counts()[1])
             log.info("GETXATTR requests: %d answered ENODATA in C, %d by the file system",
                      fastpath.xattrs_refused(), ops.getxattrs)
+            answered, early, waited, _, _ = fastpath.lookup_counts()
+            log.info("LOOKUPs answered in C: %d (%d before pyfuse3's loop, %d of them without its wait); "
+                     "references lost: %d", answered, early, waited, getattr(fs.table, "external_lost", 0))
             log.info("page-cache hand-offs dropped (queue full): %d", page_storer.dropped)
         cache = repo.chunk_cache
         if isinstance(cache, DiskChunkCache):
             cache.close()  # the chunks still pending are written
-            st = cache.stats
-            log.info("chunk cache: hits=%d misses=%d puts=%d corrupt=%d evictions=%d evicted_files=%d",
-                     st.hits, st.misses, st.puts, st.corrupt, st.evictions, st.evicted_files)
+            # Every counter (memory_hits, listed_misses, put_failures too), as name=value.
+            log.info("chunk cache: %s", " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cache.stats).items()))
         return 0
     finally:
         if isinstance(repo.chunk_cache, DiskChunkCache):

@@ -51,6 +51,19 @@ what the INIT agreed to.  (The C module's ``request_capabilities(mask)`` would
 ask for more FUSE_CAP_* bits at the same INIT; nothing needs one yet: this
 machine's libfuse 3.14 has no HANDLE_KILLPRIV_V2 or DIRECT_IO_ALLOW_MMAP.)
 
+Writes (``engage_writes()``, workspace mounts): a WRITE is pwritten into the overlay's
+data file by the C module, between two plain calls of the workspace (which descriptor,
+if any, and what the write changed), with no bytes object, coroutine or task switch;
+the workspace sends it to its ordinary ``write`` whenever that one would wait.
+
+LOOKUPs (``engage_lookups()``, read-only mounts; ``COMMITFS_C_LOOKUPS=0`` turns it off): the
+file system publishes each span of a commit directory it lists or looks a name up in (names,
+positions, kinds, sizes, the block's base: vfs/core.py) to the C module, which answers a LOOKUP
+of such a file or symlink itself, as it reads the request, before pyfuse3's loop (a trio wait,
+task and coroutine per request) sees it, and keeps the references it gave for the inode table
+to take (``CLookups``, vfs/inode.py's ``TreeInodeTable.external``): a stat walk after an
+adaptive listing, or opens by path, cost no Python per file (docs/SEMANTICS.md).
+
 Extended attributes (``engage_xattrs()``, read-only mounts): a GETXATTR of a name
 outside ``user.commitfs.`` is answered ENODATA by the C module, without pyfuse3's
 coroutine (``ls -l`` asks for two such names of every file, docs/SEMANTICS.md).
@@ -65,6 +78,8 @@ import sys
 DISABLE_ENV = "COMMITFS_NO_FASTPATH"
 #: Set to anything but "" or "0": read-only mounts ask for adaptive readdirplus (engage_listings).
 ADAPTIVE_ENV = "COMMITFS_READDIRPLUS_AUTO"
+#: Set to "0": read-only mounts answer every LOOKUP in Python (engage_lookups), to compare.
+C_LOOKUPS_ENV = "COMMITFS_C_LOOKUPS"
 #: For tests only: the name under which load() looks for libfuse's own
 #: fuse_session_new (one that does not exist stands for a libfuse it cannot find).
 LIBFUSE_SYMBOL_ENV = "COMMITFS_TEST_LIBFUSE_SYMBOL"
@@ -184,17 +199,81 @@ def engage_xattrs(prefix: bytes) -> str | None:
     return None
 
 
+class CLookups:
+    """The C module's LOOKUP tables, as vfs/core.py (``FileSystem.external_lookups``) and
+    vfs/inode.py (``TreeInodeTable.external``) use them: ``publish`` a listed or looked-up
+    span of a commit directory, ``take`` the LOOKUPs answered in C since (each a reference
+    the inode table counts), ``dropped`` when a directory's block leaves the table."""
+
+    def __init__(self, shim):
+        self.publish = shim.publish
+        self.take = shim.take_lookups
+        self.dropped = shim.drop
+
+
+def engage_lookups(uid: int, gid: int, blksize: int) -> CLookups | str:
+    """After ``pyfuse3.init`` (read-only mounts): a LOOKUP of a file or symlink of a commit
+    directory the file system has published is answered by the C module (attributes owned
+    by ``uid``:``gid``, st_blksize ``blksize``), without pyfuse3's request loop.  The
+    tables to hand the file system (``FileSystem.external_lookups``), else why not."""
+    load()
+    if os.environ.get(C_LOOKUPS_ENV, "") == "0":
+        return f"{C_LOOKUPS_ENV}=0 is set"
+    if _shim is None:
+        return _why_not or "commitfs.fuse._noopen is not loaded"
+    if not hasattr(_shim, "lookups"):
+        return "commitfs.fuse._noopen was built from an older source (rebuild it: setup.py build_ext)"
+    if not _shim.wrapped():
+        return "pyfuse3's FUSE session did not go through commitfs.fuse._noopen"
+    from commitfs.model.objects import Kind
+    _shim.lookups(True, uid, gid, (Kind.FILE, Kind.EXEC, Kind.SYMLINK), blksize)
+    return CLookups(_shim)
+
+
+def lookup_counts() -> tuple[int, int, int, int, int]:
+    """(LOOKUPs answered in C; of them, before pyfuse3's loop saw them; of those, read while the
+    C module waited for one after answering another; directory tables; their bytes) so far
+    (zeros without the module)."""
+    return _shim.lookup_counts() if _shim is not None and hasattr(_shim, "lookup_counts") else (0, 0, 0, 0, 0)
+
+
 def xattrs_refused() -> int:
     """GETXATTRs the C module answered ENODATA so far (0 without it)."""
     return _shim.xattrs_refused() if _shim is not None and hasattr(_shim, "xattrs_refused") else 0
+
+
+def engage_writes(write_fd, wrote) -> str | None:
+    """After ``pyfuse3.init`` (workspace mounts): a WRITE is pwritten by the C module to
+    ``write_fd(fh)`` (a descriptor, or -1: the WRITE goes to ``Operations.write``), then
+    ``wrote(fh, off, written)`` is called and the WRITE answered, without pyfuse3's
+    bytes copy, coroutine and task switch.  None when done, else why not (as ``engage``)."""
+    load()
+    if _shim is None:
+        return _why_not
+    if not hasattr(_shim, "writes"):
+        return "commitfs.fuse._noopen was built from an older source (rebuild it: setup.py build_ext)"
+    if not _shim.wrapped():
+        return "pyfuse3's FUSE session did not go through commitfs.fuse._noopen"
+    _shim.writes(write_fd, wrote)
+    return None
+
+
+def writes_in_c() -> int:
+    """WRITEs the C module pwrote and answered so far (0 without it)."""
+    return _shim.writes_in_c() if _shim is not None and hasattr(_shim, "writes_in_c") else 0
 
 
 def disengage() -> None:
     """Back to pyfuse3 as released (after the session is closed)."""
     if _shim is not None:
         _shim.enable(False)
+    if _shim is not None and hasattr(_shim, "writes"):
+        _shim.writes(None, None)
     if _shim is not None and hasattr(_shim, "xattrs"):
         _shim.xattrs(None)
+    if _shim is not None and hasattr(_shim, "lookups"):
+        _shim.lookups(False)
+        _shim.take_lookups()  # the session is gone: nothing is left to count them
     if _listing_shim() is not None:
         _shim.listings(False)
         _shim.request_capabilities(0)

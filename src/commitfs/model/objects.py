@@ -276,14 +276,22 @@ class Tree:
     def encode(self) -> bytes:
         # Hot: a commit encodes every directory on the paths to its changes whole
         # (a 1,000-entry directory for one changed file), so the loop inlines the
-        # varints of names and sizes below 16 KiB and reads no enum attribute.
-        kind_bytes, symlink, put = _KIND_BYTES, Kind.SYMLINK, _put_uvarint
+        # varints of names and sizes below 16 KiB and reads no enum attribute; the
+        # kind byte is found by identity (an Enum member's __hash__, for a dict keyed
+        # by kind, is a Python call: one per entry of the commit).
+        kind_bytes, put = _KIND_BYTES, _put_uvarint
+        file, directory, symlink = Kind.FILE, Kind.DIR, Kind.SYMLINK
         out = bytearray(TREE_MAGIC)
         put(out, len(self.entries))
         append = out.append
         for name, kind, size, oid, target in self.entries:
             raw = name.encode()
-            out += kind_bytes[kind]
+            if kind is file:
+                append(0x66)  # b"f"
+            elif kind is directory:
+                append(0x64)  # b"d"
+            else:
+                out += kind_bytes[kind]
             n = len(raw)
             if n < 0x80:
                 append(n)

@@ -444,6 +444,47 @@ def tree_id_of(entries: Sequence[TreeEntry]) -> bytes:
     return oid
 
 
+class SplitIdBuilder:
+    """``tree_id_of`` for sorted entries given one at a time (``add``), holding one
+    leaf's entries and the level-1 index entries, never the whole directory (fsck
+    checks a split tree's boundaries with it, leaf by leaf). ``count`` entries so far."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._pending: list[TreeEntry] = []  # entries since the last cut
+        self._held: list[list[TreeEntry]] = []  # cut, not yet encoded: a plain tree until past SPLIT_ENTRIES
+        self._level: list[IndexEntry] = []
+
+    def add(self, entry: TreeEntry) -> None:
+        self.count += 1
+        pending = self._pending
+        pending.append(entry)
+        k = len(pending)
+        if k >= LEAF_MIN and (k >= LEAF_MAX or _leaf_cut(name_hash(entry.name.encode()))):
+            self._held.append(pending)
+            self._pending = []
+            if self.count > SPLIT_ENTRIES:
+                self._encode_held()
+
+    def _encode_held(self) -> None:
+        sink: list = []
+        for entries in self._held:
+            self._level.append(_leaf(entries, sink))
+            sink.clear()
+        self._held = []
+
+    def finish(self) -> bytes:
+        if self.count <= SPLIT_ENTRIES:
+            return hash_bytes(Tree(tuple(e for es in self._held for e in es) + tuple(self._pending)).encode())
+        if self._pending:
+            self._held.append(self._pending)
+            self._pending = []
+        self._encode_held()
+        for oid, _, _ in _iter_index_levels(self._level):
+            pass
+        return oid
+
+
 # --- reading -------------------------------------------------------------------------
 def check_child(parent: TreeIndex, i: int, node, upper: bytes | None) -> None:
     """DecodeError unless ``node`` is what ``parent``'s child ``i`` says it is:

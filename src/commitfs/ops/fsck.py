@@ -33,14 +33,14 @@ with one problem line: one deadline for the run, not one per object.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from commitfs.errors import CommitfsError, CorruptObjectError, ObjectNotFoundError, ReadSetError, StorageError
 from commitfs.model.ids import HEX_SIZE, hash_bytes, is_hex
-from commitfs.model.objects import DecodeError, Kind
+from commitfs.model.objects import DecodeError, Kind, TreeEntry
 from commitfs.model import splittree
-from commitfs.model.splittree import SplitTree, tree_id_of
+from commitfs.model.splittree import SplitTree
 from commitfs.ops import readset
 from commitfs.repo.gcstate import LEASE_REF
 from commitfs.repo.index import Index, encode_segment, segment_key
@@ -48,12 +48,14 @@ from commitfs.repo.pack import load_pack_table, pack_id_from_key, pack_key
 from commitfs.repo.repository import Repository
 
 def _check_split_tree(repo: Repository, tid: bytes, tree: SplitTree, locate_problem, seen: set[bytes],
-                      notes: list[str]) -> tuple:
-    """A split tree's entries, every chunk and index node located and checked
-    against the index entry naming it (order, ranges, counts, sizes: a
-    CorruptObjectError naming the chunk otherwise), and its boundaries the
-    canonical ones (a note otherwise: its content reads right, but its id is
-    not the one this content has, docs/FORMAT.md "Split trees")."""
+                      notes: list[str]) -> Iterator[TreeEntry]:
+    """A split tree's entries, one leaf at a time, every chunk and index node
+    located and checked against the index entry naming it (order, ranges, counts,
+    sizes: a CorruptObjectError naming the chunk otherwise), and once they are all
+    read, its boundaries the canonical ones (a note otherwise: its content reads
+    right, but its id is not the one this content has, docs/FORMAT.md "Split
+    trees"). Never all the entries at once: a directory of 10M entries is checked
+    in the memory of a leaf."""
     def load(oid: bytes):
         why = locate_problem(oid)
         if why is not None:
@@ -61,14 +63,16 @@ def _check_split_tree(repo: Repository, tid: bytes, tree: SplitTree, locate_prob
         seen.add(oid)
         return repo.load_tree_node(oid)
 
+    canonical = splittree.SplitIdBuilder()
     try:
-        entries = SplitTree(tid, tree.root, load).entries
+        for entry in SplitTree(tid, tree.root, load).iter_entries():
+            canonical.add(entry)
+            yield entry
     except DecodeError as exc:
         raise CorruptObjectError(f"split tree is malformed: {exc}") from None
-    if len(entries) <= splittree.SPLIT_ENTRIES or tree_id_of(entries) != tid:
-        notes.append(f"tree {tid.hex()}: split tree of {len(entries)} entries is not split as the format "
+    if canonical.count <= splittree.SPLIT_ENTRIES or canonical.finish() != tid:
+        notes.append(f"tree {tid.hex()}: split tree of {canonical.count} entries is not split as the format "
                      "says (its boundaries are not the canonical ones; the same content has another id)")
-    return entries
 
 
 #: Commit/path pairs named per damaged object; the rest are counted.
@@ -234,37 +238,64 @@ def fsck(repo: Repository, read_data: bool = False, progress: Callable[[str, int
 
 
 def _check(repo: Repository, rep: FsckReport, read_data: bool, progress) -> None:
-    problem = rep.problems.append
+    _Check(repo, rep, read_data, progress).run()
 
-    def guard(exc: Exception) -> None:
+
+class _Check:
+    """One fsck run's phases, in order: index segments, commits from the refs, the
+    objects they reach (each checked once; damage remembered by id), where the
+    damage is reached, the report, unreferenced objects, and with ``read_data``
+    the packs' own hashes.
+
+    Memory: the ids seen (commits, trees, files, chunks, split-tree nodes, needed
+    for the unreferenced counts) and the damage, nothing per tree entry: where
+    damage is reached is found by walking the trees again, and only when there is
+    damage."""
+
+    def __init__(self, repo: Repository, rep: FsckReport, read_data: bool, progress) -> None:
+        self.repo, self.rep, self.read_data, self.progress = repo, rep, read_data, progress
+        self.problem = rep.problems.append
+        self.pack_sizes: dict[bytes, int | None] = {}
+        self.tips: dict[bytes, list[str]] = {}
+        self.seen_commits: set[bytes] = set()
+        self.commit_trees: list[tuple[bytes, bytes]] = []  # (commit, tree)
+        self.seen_trees: set[bytes] = set()
+        self.seen_files: set[bytes] = set()
+        self.seen_chunks: set[bytes] = set()
+        self.seen_nodes: set[bytes] = set()  # chunks and index nodes of split trees
+        self.tree_damage: dict[bytes, str] = {}
+        self.tree_notes: list[str] = []  # damage inside a readable tree (a symlink entry)
+        self.file_damage: dict[bytes, list[str]] = {}  # file id: reasons (whole file or per chunk)
+        self.file_chunks: dict[bytes, int] = {}  # of damaged files only: how many chunks they have
+        self.chunk_damage: dict[bytes, str] = {}
+
+    def run(self) -> None:
+        self.check_segments()
+        self.check_commits()
+        self.check_objects()
+        self.report_damage()
+        self.count_unreferenced()
+        if self.read_data:
+            self.check_packs()
+        else:
+            self.rep.packs = sum(1 for s in self.pack_sizes.values() if s is not None)
+
+    def guard(self, exc: Exception) -> None:
         if _storage_failure(exc):
             raise _Stopped(str(exc)) from None
 
-    for seg in repo.index.segments():
-        try:
-            seg.load_header()
-        except CommitfsError as exc:
-            guard(exc)
-            problem(f"index: {exc} (commitfs fsck --repair rebuilds it from the packs)")
+    def pack_size(self, pid: bytes) -> int | None:
+        if pid not in self.pack_sizes:
+            self.pack_sizes[pid] = self.repo.store.lookup_size(pack_key(pid))
+        return self.pack_sizes[pid]
 
-    pack_sizes: dict[bytes, int | None] = {}
-
-    def pack_size(pid: bytes) -> int | None:
-        if pid not in pack_sizes:
-            pack_sizes[pid] = repo.store.lookup_size(pack_key(pid))
-        return pack_sizes[pid]
-
-    def locate_problem(oid: bytes) -> str | None:
+    def locate_problem(self, oid: bytes) -> str | None:
         """Why the object cannot be read where the index says, or None."""
         try:
-            loc = repo.locate(oid)
+            loc = self.repo.locate(oid)
+            size = self.pack_size(loc.pack)
         except CommitfsError as exc:
-            guard(exc)
-            return str(exc)
-        try:
-            size = pack_size(loc.pack)
-        except CommitfsError as exc:
-            guard(exc)
+            self.guard(exc)
             return str(exc)
         if size is None:
             return f"pack {loc.pack.hex()} is missing"
@@ -272,233 +303,256 @@ def _check(repo: Repository, rep: FsckReport, read_data: bool, progress) -> None
             return f"pack {loc.pack.hex()} is truncated"
         return None
 
-    # Commits reachable from references.
-    roots = _parse_refs(repo, problem)
-    tips: dict[bytes, list[str]] = {}
-    for label, cid in roots:
-        tips.setdefault(cid, []).append(label)
-    seen_commits: set[bytes] = set()
-    commit_trees: list[tuple[bytes, bytes]] = []  # (commit, tree)
-    stack = list(roots)
-    while stack:
-        where, cid = stack.pop()
-        if cid in seen_commits:
-            continue
-        seen_commits.add(cid)
-        try:
-            commit = repo.load_commit(cid)
-        except CommitfsError as exc:
-            guard(exc)
-            problem(f"{where}: commit {cid.hex()}: {exc}")
-            continue
-        rep.commits += 1
-        try:  # a run's read set (ops/readset.py): present and well-formed
-            entries = readset.commit_readset(repo, commit.metadata)
-            if entries is not None:
-                for _ in entries:
-                    pass
-        except ReadSetError as exc:
-            problem(f"commit {cid.hex()}: {exc}")
-        except CommitfsError as exc:
-            guard(exc)
-            raise
-        commit_trees.append((cid, commit.tree))
-        stack.extend((f"parent of {cid.hex()[:12]}", p) for p in commit.parents)
+    def check_segments(self) -> None:
+        for seg in self.repo.index.segments():
+            try:
+                seg.load_header()
+            except CommitfsError as exc:
+                self.guard(exc)
+                self.problem(f"index: {exc} (commitfs fsck --repair rebuilds it from the packs)")
 
-    # Objects, each checked once; damage is remembered by id and reported below.
-    seen_trees: set[bytes] = set()
-    seen_files: set[bytes] = set()
-    seen_chunks: set[bytes] = set()
-    tree_damage: dict[bytes, str] = {}
-    tree_notes: list[str] = []  # damage inside a readable tree (a symlink entry)
-    file_damage: dict[bytes, list[str]] = {}  # file id: reasons (whole file or per chunk)
-    file_chunks: dict[bytes, int] = {}
-    chunk_damage: dict[bytes, str] = {}
-    chunk_sizes: dict[bytes, int] = {}
-    children: dict[bytes, list[tuple[str, bool, bytes]]] = {}  # tree: (name, is_dir, id)
-    seen_nodes: set[bytes] = set()  # chunks and index nodes of split trees
-    trees = [t for _, t in commit_trees]
-    while trees:
-        tid = trees.pop()
-        if tid in seen_trees:
-            continue
-        seen_trees.add(tid)
-        why = locate_problem(tid)
+    def check_commits(self) -> None:
+        """Commits reachable from references."""
+        repo, problem = self.repo, self.problem
+        roots = _parse_refs(repo, problem)
+        for label, cid in roots:
+            self.tips.setdefault(cid, []).append(label)
+        stack = list(roots)
+        while stack:
+            where, cid = stack.pop()
+            if cid in self.seen_commits:
+                continue
+            self.seen_commits.add(cid)
+            try:
+                commit = repo.load_commit(cid)
+            except CommitfsError as exc:
+                self.guard(exc)
+                problem(f"{where}: commit {cid.hex()}: {exc}")
+                continue
+            self.rep.commits += 1
+            try:  # a run's read set (ops/readset.py): present and well-formed
+                entries = readset.commit_readset(repo, commit.metadata)
+                if entries is not None:
+                    for _ in entries:
+                        pass
+            except ReadSetError as exc:
+                problem(f"commit {cid.hex()}: {exc}")
+            except CommitfsError as exc:
+                self.guard(exc)
+                raise
+            self.commit_trees.append((cid, commit.tree))
+            stack.extend((f"parent of {cid.hex()[:12]}", p) for p in commit.parents)
+
+    def tree_entries(self, tid: bytes):
+        """A readable tree's entries (a split tree's an iterator, checked as it is
+        read: its damage is raised then), or None with the damage recorded."""
+        why = self.locate_problem(tid)
         if why is not None:
-            tree_damage[tid] = why
-            continue
+            self.tree_damage[tid] = why
+            return None
         try:
-            tree = repo.load_tree(tid)
-            entries = tree.entries
+            tree = self.repo.load_tree(tid)
             if isinstance(tree, SplitTree):
-                entries = _check_split_tree(repo, tid, tree, locate_problem, seen_nodes, tree_notes)
+                return _check_split_tree(self.repo, tid, tree, self.locate_problem, self.seen_nodes,
+                                         self.tree_notes)
+            return tree.entries
         except CommitfsError as exc:
-            guard(exc)
-            tree_damage[tid] = str(exc)
-            continue
-        rep.trees += 1
-        kids = children[tid] = []
-        for e in entries:
-            if e.kind is Kind.DIR:
-                kids.append((e.name, True, e.id))
-                trees.append(e.id)
-            elif e.kind is Kind.SYMLINK:
-                if hash_bytes(e.target) != e.id:
-                    tree_notes.append(f"tree {tid.hex()}: symlink {e.name!r} does not match its id")
-            else:
-                kids.append((e.name, False, e.id))
-                if e.id in seen_files:
-                    continue
-                seen_files.add(e.id)
-                rep.files += 1
-                why = locate_problem(e.id)
-                if why is not None:
-                    file_damage[e.id] = [why]
-                    continue
-                try:
-                    manifest = repo.load_manifest(e.id)
-                except CommitfsError as exc:
-                    guard(exc)
-                    file_damage[e.id] = [str(exc)]
-                    continue
-                if manifest.size != e.size:
-                    file_damage.setdefault(e.id, []).append(f"size {manifest.size} != tree's {e.size}")
-                file_chunks[e.id] = len(manifest.chunk_ids)
-                for cid, declared in zip(manifest.chunk_ids, manifest.chunk_sizes):
-                    # A manifest's declared chunk sizes must be the chunks'
-                    # lengths (readers map offsets with them): the index's
-                    # size here, the bytes themselves with read_data.
-                    known = chunk_sizes.setdefault(cid, declared)
-                    if known != declared:
-                        file_damage.setdefault(e.id, []).append(
-                            f"declares chunk {cid.hex()} as {declared} bytes, another file as {known}")
-                    if cid not in seen_chunks:
-                        seen_chunks.add(cid)
-                        rep.chunks += 1
-                        why = locate_problem(cid)
-                        if why is None:
-                            raw = repo.locate(cid).raw
-                            if raw != declared:
-                                file_damage.setdefault(e.id, []).append(
-                                    f"declares chunk {cid.hex()} as {declared} bytes; the index says {raw}")
-                                continue
-                        if why is None and read_data:
-                            try:
-                                rep.bytes_checked += len(repo.load_chunks([cid], sizes=[declared])[0])
-                            except CommitfsError as exc:
-                                guard(exc)
-                                why = str(exc)
-                            if progress:
-                                progress("chunks", rep.chunks)
-                        if why is not None:
-                            chunk_damage[cid] = why
-                    if cid in chunk_damage:
-                        file_damage.setdefault(e.id, []).append(f"chunk {cid.hex()}: {chunk_damage[cid]}")
+            self.guard(exc)
+            self.tree_damage[tid] = str(exc)
+            return None
 
-    # Where damage is reached: walk each commit's tree by path, only into
-    # subtrees that hold damage (memoised by id).
-    damaged_ids = set(tree_damage) | set(file_damage)
-    reach: dict[bytes, list[tuple[bytes, str]]] = {oid: [] for oid in damaged_ids}
-    reach_count: dict[bytes, int] = dict.fromkeys(damaged_ids, 0)
-    if damaged_ids:
+    def check_objects(self) -> None:
+        """Every tree, file and chunk reachable, each once."""
+        trees = [t for _, t in self.commit_trees]
+        while trees:
+            tid = trees.pop()
+            if tid in self.seen_trees:
+                continue
+            self.seen_trees.add(tid)
+            entries = self.tree_entries(tid)
+            if entries is None:
+                continue
+            try:  # a split tree's leaves are read as the walk goes
+                for e in entries:
+                    if e.kind is Kind.DIR:
+                        trees.append(e.id)
+                    elif e.kind is Kind.SYMLINK:
+                        if hash_bytes(e.target) != e.id:
+                            self.tree_notes.append(f"tree {tid.hex()}: symlink {e.name!r} does not match its id")
+                    elif e.id not in self.seen_files:
+                        self.seen_files.add(e.id)
+                        self.rep.files += 1
+                        self.check_file(e.id, e.size)
+            except CommitfsError as exc:
+                self.guard(exc)
+                self.tree_damage[tid] = str(exc)
+                continue
+            self.rep.trees += 1
+
+    def check_file(self, fid: bytes, size: int) -> None:
+        repo = self.repo
+        why = self.locate_problem(fid)
+        if why is not None:
+            self.file_damage[fid] = [why]
+            return
+        try:
+            manifest = repo.load_manifest(fid)
+        except CommitfsError as exc:
+            self.guard(exc)
+            self.file_damage[fid] = [str(exc)]
+            return
+        reasons: list[str] = []
+        if manifest.size != size:
+            reasons.append(f"size {manifest.size} != tree's {size}")
+        for cid, declared in zip(manifest.chunk_ids, manifest.chunk_sizes):
+            # A manifest's declared chunk sizes must be the chunks' lengths (readers
+            # map offsets with them): the index's size here, the bytes themselves
+            # with read_data. Every manifest naming a chunk is held to the index's size.
+            first = cid not in self.seen_chunks
+            if first:
+                self.seen_chunks.add(cid)
+                self.rep.chunks += 1
+                why = self.locate_problem(cid)
+                if why is not None:
+                    self.chunk_damage[cid] = why
+            if cid not in self.chunk_damage:
+                raw = repo.locate(cid).raw
+                if raw != declared:
+                    reasons.append(f"declares chunk {cid.hex()} as {declared} bytes; the index says {raw}")
+                    continue
+                if first and self.read_data:
+                    try:
+                        self.rep.bytes_checked += len(repo.load_chunks([cid], sizes=[declared])[0])
+                    except CommitfsError as exc:
+                        self.guard(exc)
+                        self.chunk_damage[cid] = str(exc)
+                    if self.progress:
+                        self.progress("chunks", self.rep.chunks)
+            if cid in self.chunk_damage:
+                reasons.append(f"chunk {cid.hex()}: {self.chunk_damage[cid]}")
+        if reasons:
+            self.file_damage[fid] = reasons
+            self.file_chunks[fid] = len(manifest.chunk_ids)
+
+    def reach(self) -> tuple[dict[bytes, list[tuple[bytes, str]]], dict[bytes, int]]:
+        """Where each damaged object is reached: (commit, path) pairs (the first
+        _REACH_SHOWN) and counts. Each commit's tree is walked by path, only into
+        subtrees that hold damage (memoised by id; trees are read again)."""
+        damaged_ids = set(self.tree_damage) | set(self.file_damage)
+        reach: dict[bytes, list[tuple[bytes, str]]] = {oid: [] for oid in damaged_ids}
+        count: dict[bytes, int] = dict.fromkeys(damaged_ids, 0)
+        if not damaged_ids:
+            return reach, count
         holds: dict[bytes, bool] = {}
+
+        def kids(tid: bytes):
+            try:
+                tree = self.repo.load_tree(tid)
+            except CommitfsError as exc:
+                self.guard(exc)
+                return ()  # readable a moment ago: the first pass reported what it found
+            return tree.iter_entries() if isinstance(tree, SplitTree) else tree.entries
 
         def holds_damage(tid: bytes) -> bool:
             if tid in holds:
                 return holds[tid]
             holds[tid] = tid in damaged_ids  # a cycle guard too
             result = tid in damaged_ids or any(
-                (holds_damage(k) if is_dir else k in damaged_ids) for _, is_dir, k in children.get(tid, ()))
+                (holds_damage(e.id) if e.kind is Kind.DIR else e.id in damaged_ids)
+                for e in kids(tid) if e.kind is not Kind.SYMLINK)
             holds[tid] = result
             return result
 
-        for cid, root in commit_trees:
+        def seen(oid: bytes, cid: bytes, path: str) -> None:
+            count[oid] += 1
+            if len(reach[oid]) < _REACH_SHOWN:
+                reach[oid].append((cid, path))
+
+        for cid, root in self.commit_trees:
             todo = [(root, "")]
             while todo:
                 tid, path = todo.pop()
                 if not holds_damage(tid):
                     continue
                 if tid in damaged_ids:
-                    reach_count[tid] += 1
-                    if len(reach[tid]) < _REACH_SHOWN:
-                        reach[tid].append((cid, path + "/" if path else "/"))
+                    seen(tid, cid, path + "/" if path else "/")
                     continue
-                for name, is_dir, kid in children.get(tid, ()):
-                    sub = f"{path}/{name}" if path else name
-                    if is_dir:
-                        todo.append((kid, sub))
-                    elif kid in damaged_ids:
-                        reach_count[kid] += 1
-                        if len(reach[kid]) < _REACH_SHOWN:
-                            reach[kid].append((cid, sub))
+                for e in kids(tid):
+                    sub = f"{path}/{e.name}" if path else e.name
+                    if e.kind is Kind.DIR:
+                        todo.append((e.id, sub))
+                    elif e.kind is not Kind.SYMLINK and e.id in damaged_ids:
+                        seen(e.id, cid, sub)
+        return reach, count
 
-    def reached(oid: bytes) -> str:
-        shown = [f"{c.hex()[:12]}{' (' + ', '.join(tips[c]) + ')' if c in tips else ''}:{p}"
-                 for c, p in reach[oid]]
-        if not shown:
-            return ""
-        more = reach_count[oid] - len(shown)
-        return "; reached from " + ", ".join(shown) + (f" and {more} more" if more > 0 else "")
+    def report_damage(self) -> None:
+        reach, count = self.reach()
 
-    for tid, why in tree_damage.items():
-        problem(f"tree {tid.hex()}: {why}{reached(tid)}")
-    for note in tree_notes:
-        problem(note)
-    for fid, reasons in file_damage.items():
-        path = reach[fid][0][1] if reach[fid] else fid.hex()
-        total = file_chunks.get(fid)
-        chunk_reasons = [r for r in reasons if r.startswith("chunk ")]
-        if chunk_reasons and total:
-            what = f"{len(chunk_reasons)} of {total} chunks damaged ({chunk_reasons[0]})"
-            others = [r for r in reasons if not r.startswith("chunk ")]
-            if others:
-                what = "; ".join(others) + "; " + what
-        else:
-            what = "; ".join(reasons)
-        problem(f"file {path} ({fid.hex()}): {what}{reached(fid)}")
+        def reached(oid: bytes) -> str:
+            shown = [f"{c.hex()[:12]}{' (' + ', '.join(self.tips[c]) + ')' if c in self.tips else ''}:{p}"
+                     for c, p in reach[oid]]
+            if not shown:
+                return ""
+            more = count[oid] - len(shown)
+            return "; reached from " + ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 
-    # Unreferenced objects: counted, left for gc.
-    try:
-        listed = {cid for cid in repo.iter_commit_ids()}
-        rep.unreferenced["commits"] = len(listed - seen_commits)
-        live = seen_trees | seen_files | seen_chunks | seen_nodes
-        live_packs: set[bytes] = set()
-        indexed_packs: set[bytes] = set()
-        dead_blobs: set[bytes] = set()
-        for seg in repo.index.segments():
+        for tid, why in self.tree_damage.items():
+            self.problem(f"tree {tid.hex()}: {why}{reached(tid)}")
+        for note in self.tree_notes:
+            self.problem(note)
+        for fid, reasons in self.file_damage.items():
+            path = reach[fid][0][1] if reach[fid] else fid.hex()
+            total = self.file_chunks.get(fid)
+            chunk_reasons = [r for r in reasons if r.startswith("chunk ")]
+            if chunk_reasons and total:
+                what = f"{len(chunk_reasons)} of {total} chunks damaged ({chunk_reasons[0]})"
+                others = [r for r in reasons if not r.startswith("chunk ")]
+                if others:
+                    what = "; ".join(others) + "; " + what
+            else:
+                what = "; ".join(reasons)
+            self.problem(f"file {path} ({fid.hex()}): {what}{reached(fid)}")
+
+    def count_unreferenced(self) -> None:
+        """Unreferenced objects: counted, left for gc."""
+        repo, rep = self.repo, self.rep
+        try:
+            listed = set(repo.iter_commit_ids())
+            rep.unreferenced["commits"] = len(listed - self.seen_commits)
+            live = self.seen_trees | self.seen_files | self.seen_chunks | self.seen_nodes
+            live_packs: set[bytes] = set()
+            dead_blobs: set[bytes] = set()
+            for seg in repo.index.segments():
+                try:
+                    for oid, loc in seg.iter_entries():
+                        if oid in live:
+                            live_packs.add(loc.pack)
+                        else:
+                            dead_blobs.add(oid)
+                except CorruptObjectError:
+                    continue
+            rep.unreferenced["blobs"] = len(dead_blobs - live)
+            all_packs = set()
+            for key in repo.store.iter_keys("packs/"):
+                try:
+                    all_packs.add(pack_id_from_key(key))
+                except ValueError:
+                    continue
+            rep.unreferenced["packs"] = len(all_packs - live_packs)
+        except ObjectNotFoundError:
+            pass  # a segment merged away meanwhile: the counts are best effort
+        except CommitfsError as exc:
+            self.guard(exc)
+            raise
+
+    def check_packs(self) -> None:
+        for key in self.repo.store.iter_keys("packs/"):
+            self.rep.packs += 1
             try:
-                for oid, loc in seg.iter_entries():
-                    indexed_packs.add(loc.pack)
-                    if oid in live:
-                        live_packs.add(loc.pack)
-                    else:
-                        dead_blobs.add(oid)
-            except CorruptObjectError:
-                continue
-        rep.unreferenced["blobs"] = len(dead_blobs - live)
-        all_packs = set()
-        for key in repo.store.iter_keys("packs/"):
-            try:
-                all_packs.add(pack_id_from_key(key))
-            except ValueError:
-                continue
-        rep.unreferenced["packs"] = len(all_packs - live_packs)
-    except ObjectNotFoundError:
-        pass  # a segment merged away meanwhile: the counts are best effort
-    except CommitfsError as exc:
-        guard(exc)
-        raise
-
-    if read_data:
-        for key in repo.store.iter_keys("packs/"):
-            rep.packs += 1
-            try:
-                data = repo.store.load_object(key)
+                data = self.repo.store.load_object(key)
             except CommitfsError as exc:
-                guard(exc)
-                problem(f"pack {key}: {exc}")
+                self.guard(exc)
+                self.problem(f"pack {key}: {exc}")
                 continue
             if hash_bytes(data) != pack_id_from_key(key):
-                problem(f"pack {key}: content does not match its name")
-    else:
-        rep.packs = sum(1 for s in pack_sizes.values() if s is not None)
+                self.problem(f"pack {key}: content does not match its name")

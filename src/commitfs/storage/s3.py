@@ -35,6 +35,7 @@ stays with boto3.  ``lean_get=False`` or COMMITFS_S3_LEAN_GET=0 turns it off.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -446,14 +447,45 @@ class S3Store(Store):
                     return etag
 
                 parts.append({"PartNumber": number, "ETag": self._call("PUT", s3_key, put)})
-            self._call("POST", s3_key, lambda: self._client.complete_multipart_upload(
-                Bucket=self.bucket, Key=s3_key, UploadId=upload, MultipartUpload={"Parts": parts}))
+
+            def complete() -> None:
+                try:
+                    self._client.complete_multipart_upload(
+                        Bucket=self.bucket, Key=s3_key, UploadId=upload, MultipartUpload={"Parts": parts})
+                except bx.ClientError as exc:
+                    # NoSuchUpload on a retry: an earlier attempt completed the upload and
+                    # its answer was lost. The object that is there now settles it: it is
+                    # this upload's only if its ETag is the one these parts make.
+                    if _error_code(exc)[0] != "NoSuchUpload":
+                        raise
+                    if not self._completed_as(s3_key, parts, size):
+                        raise StorageError(f"POST s3://{self.bucket}/{s3_key}: the multipart upload is gone "
+                                           "(aborted?) and the object there, if any, is not its") from None
+
+            self._call("POST", s3_key, complete)
         except BaseException:
             try:
                 self._client.abort_multipart_upload(Bucket=self.bucket, Key=s3_key, UploadId=upload)
             except Exception:  # best effort: a bucket's lifecycle rule removes what is left
                 log.warning("could not abort the multipart upload of s3://%s/%s", self.bucket, s3_key)
             raise
+
+    def _completed_as(self, s3_key: str, parts: list[dict], size: int) -> bool:
+        """Whether the object at ``s3_key`` is the multipart upload of ``parts``
+        (``size`` bytes): its ETag is the MD5 of the parts' MD5s, then "-" and their
+        count. Where the parts' ETags are not MD5s (SSE-KMS), the count and the size."""
+        try:
+            head = self._client.head_object(Bucket=self.bucket, Key=s3_key)
+        except bx.ClientError:
+            return False
+        etag = str(head.get("ETag", "")).strip('"')
+        try:
+            digests = b"".join(bytes.fromhex(p["ETag"].strip('"')) for p in parts)
+        except ValueError:
+            digests = b""
+        if len(digests) == 16 * len(parts):
+            return etag == f"{hashlib.md5(digests).hexdigest()}-{len(parts)}"
+        return etag.endswith(f"-{len(parts)}") and int(head.get("ContentLength", -1)) == size
 
     def load_object(self, key: str) -> bytes:
         s3_key = self._s3_key(key)

@@ -304,6 +304,12 @@ class FileSystem:
         self._next_fh = 1
         self._nursery: trio.Nursery | None = None
         self.table: TreeInodeTable | None = None
+        #: Set by a front end before ``running``: LOOKUPs answered outside the file system
+        #: (fuse/fastpath.py's C module) from the commit directories' entries it is shown
+        #: (``publish(dir inode, block base, first position, entries, mtime_ns, timeout)``, as
+        #: they are listed or looked up); the table counts their references (vfs/inode.py,
+        #: TreeInodeTable.external).  None: every lookup is ``lookup``.
+        self.external_lookups = None
         self._repo_url = repo.url.encode()
         self.readlog = ReadLog(options.record_reads) if options.record_reads else None
         self._dir_ahead: DirReadAhead | None = None
@@ -331,6 +337,7 @@ class FileSystem:
                 commit = await self.loader.commit(self.root_commit)
                 root = self._view_root(self.root_commit, commit, self._long, self.root_tree)
             self.table = TreeInodeTable(root, self._block_node)
+            self.table.external = self.external_lookups
             try:
                 yield self
             finally:
@@ -434,13 +441,23 @@ class FileSystem:
 
     async def _tree_child(self, parent: TreeDir, name: str) -> tuple[TreeEntry, int, int] | None:
         """(entry, its position, the directory's entry count) of ``parent``'s child ``name``, or None."""
+        found = await self._tree_child_span(parent, name)
+        return None if found is None else found[:3]
+
+    async def _tree_child_span(self, parent: TreeDir, name: str):
+        """``_tree_child`` and (position of the first, entries) of the tree or leaf holding it."""
         tree = self.loader.tree_cached(parent.entry.id) or await self.loader.tree(parent.entry.id)
         if isinstance(tree, SplitTree):
             base, leaf = await self._split_leaf_for_base(tree, name)
             pos = leaf.position(name) if leaf is not None else None
-            return None if pos is None else (leaf.entries[pos], base + pos, tree.count)
+            return None if pos is None else (leaf.entries[pos], base + pos, tree.count, base, leaf.entries)
         pos = tree.position(name)
-        return None if pos is None else (tree.entries[pos], pos, len(tree.entries))
+        return None if pos is None else (tree.entries[pos], pos, len(tree.entries), 0, tree.entries)
+
+    def _show_lookups(self, parent: TreeDir, block: ChildBlock, first: int, entries) -> None:
+        """Show ``external_lookups`` a span of ``parent``'s entries (see there)."""
+        view = parent.view
+        self.external_lookups.publish(parent.ino, block.base, first, entries, view.time_ns, view.timeout)
 
     def _view_child(self, parent: TreeDir, e: TreeEntry, pos: int, count: int) -> Node:
         """The node of entry ``e`` at ``pos`` of ``parent``'s tree, not counted yet:
@@ -658,10 +675,12 @@ class FileSystem:
             except UnicodeDecodeError:
                 raise PathNotFoundError(f"{name!r}: no such entry (names are UTF-8)") from None
             if isinstance(parent, TreeDir):
-                found = await self._tree_child(parent, text)
+                found = await self._tree_child_span(parent, text)
                 if found is None:
                     raise PathNotFoundError(f"{text}: no such entry")
-                node = self._view_child(parent, *found)
+                node = self._view_child(parent, *found[:3])
+                if self.external_lookups is not None and isinstance(node, _BlockEntry):
+                    self._show_lookups(parent, node.block, found[3], found[4])  # its neighbours' lookups
             else:
                 child = await self._child(parent, text)
                 if child is None:
@@ -763,6 +782,8 @@ class FileSystem:
                     raise CorruptObjectError(f"tree {parent.entry.id.hex()} has no entry {i} of {n}")
                 block = table.block(parent, n)  # after the await, as in _readdir_view
                 base = block.base
+                if self.external_lookups is not None:
+                    self._show_lookups(parent, block, first_pos, entries)
                 for e in islice(entries, i - first_pos, None):
                     kind = e.kind
                     if kind is DIR:
@@ -819,6 +840,8 @@ class FileSystem:
                 # After the await: the kernel may have forgotten all of the block meanwhile.
                 block = table.block(parent, n)
                 base, page_of, first = block.base, block.page, block.first
+                if self.external_lookups is not None:
+                    self._show_lookups(parent, block, first_pos, entries)
                 page, page_no = None, -1
                 for e in islice(entries, i - first_pos, None):
                     kind = e.kind

@@ -517,16 +517,46 @@ class TreeInodeTable(InodeTable):
         self._block_list: list[ChildBlock | None] = []
         self._dead = 0
         self._tally = [0]  # entries the kernel holds in all blocks (ChildBlock.tally)
+        #: References to block entries counted outside (fuse/fastpath.py: LOOKUPs answered by
+        #: the C module from published listings): an object whose ``take()`` returns the ones
+        #: not counted here yet, as (directory inode, block base, position, kind code, size),
+        #: or None, and ``dropped(directory inode)`` is told when a block leaves.  They are
+        #: taken (``sync``) before anything here forgets, drops or resolves a block's number,
+        #: so a count is never missing when the kernel forgets or names it.
+        self.external = None
+        #: External references whose block was gone when taken (a bug if ever non-zero).
+        self.external_lost = 0
+
+    def sync(self) -> None:
+        """Count the references ``external`` took meanwhile (see there)."""
+        ext = self.external
+        if ext is None:
+            return
+        taken = ext.take()
+        if not taken:
+            return
+        blocks = self._blocks
+        for dir_ino, base, pos, code, size in taken:
+            b = blocks.get(dir_ino)
+            if b is None or b.base != base or pos >= b.count:
+                self.external_lost += 1
+                continue
+            b.remember(pos, code, size)
 
     def __len__(self) -> int:
+        self.sync()
         return len(self._by_ino) + self._tally[0]
 
     def __contains__(self, ino: int) -> bool:
-        return ino in self._by_ino or self.locate(ino) is not None
+        if ino in self._by_ino:
+            return True
+        self.sync()
+        return self.locate(ino) is not None
 
     def get(self, ino: int) -> Node:
         node = self._by_ino.get(ino)
         if node is None:
+            self.sync()
             found = self.locate(ino)
             if found is None or self._make_child is None:
                 raise StaleInodeError(f"inode {ino} is not known (forgotten or never handed out)")
@@ -559,11 +589,15 @@ class TreeInodeTable(InodeTable):
     def discard_block(self, b: ChildBlock) -> None:
         """Drop a block none of whose entries the kernel holds (a refused readdir entry)."""
         if not b.live:
-            self._drop_block(b)
+            self.sync()
+            if not b.live:
+                self._drop_block(b)
 
     def _drop_block(self, b: ChildBlock) -> None:
         if self._blocks.get(b.dir.ino) is b:
             del self._blocks[b.dir.ino]
+            if self.external is not None:
+                self.external.dropped(b.dir.ino)
         # A forget storm (the kernel dropping what an ``ls -R`` gave it) drops blocks
         # by the thousand on the event loop: a drop leaves a tombstone, O(log n), and
         # the lists are compacted once most of them are dead (amortised O(1) a drop).
@@ -616,6 +650,7 @@ class TreeInodeTable(InodeTable):
     def forget(self, ino: int, n: int):
         node = self._by_ino.get(ino)
         if node is None:
+            self.sync()
             found = self.locate(ino)
             if found is not None:
                 b, pos = found

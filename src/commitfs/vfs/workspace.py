@@ -810,13 +810,36 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
         async with self._lock:
             fd = await self._ensure_upper(n)
             written = os.pwrite(fd, buf, off)
-            if n.cow is not None:
-                n.cow.add(off, off + written)
-            if off + written > n.size:
-                n.size = off + written
-            n.mtime_ns = n.ctime_ns = _now()
-            self._dirtied(n)
+            self._wrote(n, off, written)
             return written
+
+    def _wrote(self, n: WNode, off: int, written: int) -> None:
+        """What a write of ``written`` bytes at ``off`` into ``n``'s data file changes."""
+        if n.cow is not None:
+            n.cow.add(off, off + written)
+        if off + written > n.size:
+            n.size = off + written
+        n.mtime_ns = n.ctime_ns = _now()
+        self._dirtied(n)
+
+    # The WRITE fast path (fuse/fastpath.py, engage_writes): the C module pwrites a WRITE's
+    # bytes itself between two plain calls, no coroutine.  write_fd allows it only when
+    # ``write`` would run to its end without an await (the lock free, the data file open),
+    # so the two calls and the pwrite between them are that write, with nothing of the
+    # file system in between (one thread).
+    def write_fd(self, fh: int) -> int:
+        """The descriptor a WRITE on ``fh`` may be pwritten to now, or -1 (it goes to ``write``)."""
+        h = self._files.get(fh)
+        if h is None or self._lock.locked():
+            return -1
+        n = h.node
+        if n.fd is None or (n.upper is None and n.oid is not None):  # _ensure_upper would await
+            return -1
+        return n.fd
+
+    def wrote(self, fh: int, off: int, written: int) -> None:
+        """After the C module pwrote ``written`` bytes at ``off`` to ``write_fd(fh)``."""
+        self._wrote(self._files[fh].node, off, written)
 
     async def flush(self, fh: int) -> None:
         n = self._handle(fh).node
