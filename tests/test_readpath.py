@@ -14,6 +14,7 @@ import pytest
 
 from core_fixtures import _FreshView, shared_store, write_file
 from commitfs.ops.snapshot import commit_directory
+from commitfs.errors import StorageError
 from commitfs.repo import index as index_mod
 from commitfs.repo.repository import CONFIG_KEY, Repository
 from commitfs.repo.resident import ResidentReader
@@ -270,6 +271,158 @@ def test_a_sparse_reader_of_a_directory_gets_a_bounded_overfetch(store_url, tmp_
     # (+ the manifests' reads: up to MANIFEST_BATCH neighbours' per miss, a few hundred bytes each)
     assert got <= wanted + bound * (size + n) + 512 * 1024, (got, wanted)
     assert pack_reads <= len(order) + 8  # and it costs no more requests than without sweeps
+
+
+def test_a_chunk_in_flight_is_fetched_once_when_read_ahead_and_a_reader_ask_for_it_together(
+        tmp_path, cache_home, monkeypatch):
+    """The directory read-ahead and a file's reader ask the loader for overlapping
+    chunks at the same time (vfs/loader.py, "Chunks in flight"): the chunks the
+    first fetch has in a worker thread are fetched and verified once, the second
+    waiting for them; so too when the first was cancelled meanwhile (a jump), its
+    thread still running; and when the first fails, the second fetches them itself
+    and gets the exact bytes, not the other fetch's error."""
+    import trio
+
+    from commitfs.repo import engine as engine_mod
+    from commitfs.vfs.loader import Loader
+
+    data = random.Random(47).randbytes(3 * 1024 * 1024)
+    write_file(tmp_path / "src" / "big.bin", data)
+    url = str(tmp_path / "repo")
+    with Repository.init(url) as repo:
+        fid = next(e.id for e in repo.load_tree(repo.load_commit(
+            commit_directory(repo, tmp_path / "src", message="m").commit_id).tree).entries)
+    repo = counting_repository(url)  # every chunk a storage read (FaultyStore: nothing in memory)
+    store = repo.store
+    manifest = repo.load_manifest(fid)
+    ids = list(manifest.chunk_ids)
+    assert len(ids) >= 8
+    truth = {}
+    at = 0
+    for cid, size in zip(ids, manifest.chunk_sizes):
+        truth[cid] = data[at:at + size]
+        at += size
+    verified = Counter()
+    verify = engine_mod.verify_blob
+
+    def counting_verify(oid, loc, stored):
+        verified[oid] += 1
+        return verify(oid, loc, stored)
+    monkeypatch.setattr(engine_mod, "verify_blob", counting_verify)
+    ahead, mine = ids[0:6], ids[3:8]  # the read-ahead's and the reader's: 3 chunks in common
+
+    async def together(cancel_first: bool):
+        loader = Loader(repo, None, 10.0)
+        got = {}
+        async with trio.open_nursery() as nursery:
+            scope = trio.CancelScope()
+
+            async def first():
+                with scope:
+                    try:
+                        got["ahead"] = await loader.chunks(ahead)
+                    except StorageError as exc:  # (a read-ahead's errors are only logged)
+                        got["ahead_error"] = exc
+
+            nursery.start_soon(first)
+            await trio.sleep(0.1)  # its worker thread is in the store's stall
+            if cancel_first:
+                scope.cancel()  # as a jump cancels a read-ahead: its thread runs on
+            got["mine"] = await loader.chunks(mine)
+        return got, loader.chunks_joined
+
+    for cancel_first in (False, True):
+        verified.clear()
+        store.stall_s = 0.5
+        before = store.reads_of["packs"]
+        got, joined = trio.run(together, cancel_first)
+        store.stall_s = 0.0
+        assert [bytes(c) for c in got["mine"]] == [truth[c] for c in mine]
+        if not cancel_first:
+            assert [bytes(c) for c in got["ahead"]] == [truth[c] for c in ahead]
+        assert joined == 3, (cancel_first, joined)
+        assert set(verified) == set(ahead) | set(mine) and all(n == 1 for n in verified.values()), \
+            (cancel_first, sorted(verified.values()))
+        # Two ranged reads: the first fetch's run, the reader's chunks past it (main: a
+        # third of the reader's in common, or its run over them: overlap re-read).
+        assert store.reads_of["packs"] - before == 2, (cancel_first, store.reads_of["packs"] - before)
+
+    # The first fetch fails, after a while: the reader waited for it, then its own
+    # fetch decides, and that works.
+    slow = [0.5]
+
+    def fail_slowly(key):
+        time.sleep(slow.pop() if slow else 0)  # (the first call: while the reader comes)
+        return True
+    store.fail_on, store.fail_count, store.fail_keys = {"load_range"}, 1, fail_slowly
+    got, joined = trio.run(together, False)
+    store.fail_on, store.fail_keys = set(), None
+    assert "injected failure" in str(got["ahead_error"]) and joined == 3
+    assert [bytes(c) for c in got["mine"]] == [truth[c] for c in mine]
+
+
+def test_a_read_ahead_window_is_fetched_in_pieces_each_ending_its_files_wait(cache_home):
+    """A window of small files is fetched in pieces of at most dirahead.PIECE_BYTES,
+    all at once (vfs/dirahead.py, "Pieces"): a read of a file in the first piece
+    waits for that piece alone, not for the rest of the window (one load of the whole
+    window kept every reader of its files waiting for all of it)."""
+    import trio
+
+    from commitfs.model.objects import Kind, TreeEntry
+    from commitfs.vfs import dirahead
+
+    size = 300 * 1024
+    per_piece = dirahead.PIECE_BYTES // size
+    assert per_piece >= 2
+    entries = [TreeEntry(f"img{i:03}", Kind.FILE, size, bytes([i]) * 32) for i in range(40)]
+
+    class Manifest:
+        def __init__(self, fid):
+            self.chunk_ids = [b"c" + fid]
+
+    class FakeLoader:
+        def __init__(self):
+            self.calls: list[tuple[list[bytes], trio.Event]] = []
+
+        async def manifest(self, fid, neighbours=()):
+            return Manifest(fid)
+
+        async def chunks(self, ids):
+            release = trio.Event()
+            self.calls.append((list(ids), release))
+            await release.wait()
+            return [b"x"] * len(ids)
+
+    async def main():
+        loader = FakeLoader()
+        async with trio.open_nursery() as nursery:
+            ahead = dirahead.DirReadAhead(loader, nursery, 1024 * 1024)
+            ahead.on_read(1, entries, 0)
+            ahead.on_read(1, entries, 1)  # follows: a window from file 2 on
+            with trio.fail_after(5):
+                while not loader.calls:
+                    await trio.sleep(0.01)
+                await trio.sleep(0.05)
+            started = ahead.files_started
+            assert started >= 2 * per_piece, started
+            calls = list(loader.calls)
+            # The window's files, in pieces of at most per_piece files, all in flight at once.
+            assert len(calls) == -(-started // per_piece), (len(calls), started)
+            assert all(len(ids) <= per_piece for ids, _ in calls)
+            first, later = entries[2].id, entries[2 + per_piece].id
+            wait_first, wait_later = ahead.pending(first), ahead.pending(later)
+            assert wait_first is not None and wait_later is not None
+            calls[0][1].set()  # the first piece lands
+            with trio.fail_after(5):
+                await wait_first.wait()
+            assert not wait_later.is_set() and ahead.pending(later) is wait_later
+            assert ahead.pending(first) is None
+            for _, release in calls[1:]:
+                release.set()
+            with trio.fail_after(5):
+                await wait_later.wait()
+            ahead.close()
+    trio.run(main)
 
 
 def test_the_limiter_is_sized_for_the_storage(store_url, cache_home):

@@ -714,9 +714,9 @@ def test_directory_read_ahead_follows_a_reader_across_the_leaves_of_a_split_dire
                 fetched = []
                 start_fetch = ahead._fetch
 
-                async def recording(scope, fids, done):
-                    fetched.extend(fids)
-                    await start_fetch(scope, fids, done)
+                async def recording(scope, pieces, events):
+                    fetched.extend(fid for piece in pieces for fid in piece)
+                    await start_fetch(scope, pieces, events)
                 ahead._fetch = recording
                 leaves = set()
                 for name, ino in zip(names[:120], inos):

@@ -20,7 +20,9 @@ started, or at most ``FOLLOW_GAP`` files past the furthest read, and at most
 ``BACK_FILES`` behind it: the reader goes on in directory order) or *jumps*
 (anywhere else, or a directory without a state).  A jump cancels the state's
 fetches (a fetch already in a worker thread cannot be stopped: it finishes
-and its chunks still land in the chunk cache, bounded by its cap) and starts
+and its chunks still land in the chunk cache, bounded by its cap, and a read
+asking for them meanwhile waits for that thread: vfs/loader.py, "Chunks in
+flight") and starts
 a new state at ``pos`` that fetches nothing yet: one read is no stream, so a
 shuffled reader (a DataLoader's) costs no read-ahead.  A following read
 doubles the state's window (from ``AHEAD_FILES / 4`` files up to
@@ -61,6 +63,18 @@ reader of a subset, when it stops, has had at most about ``PROBE_FILES +
 SWEEP_FILES + SWEPT_PER_READ x (files it read)`` files fetched that it never
 read, per directory state (about the whole directory without the check).
 
+Pieces
+------
+A window's or a sweep's files are fetched by one task: their manifests in one
+ranged read, then their chunks in *pieces* of consecutive files of at most
+``PIECE_BYTES`` (a larger file alone), all at once, each one
+Repository.load_chunks call.  A read of a file being fetched waits for its
+piece alone (``pending``), not for the whole window: one call for a window
+of 32 images was one serial ranged read of up to ``AHEAD_BYTES``, and a
+reader whose image lay in it (one cancelled by a jump included: its worker
+thread runs on, and the loader has a read that asks for those chunks wait
+for it, vfs/loader.py) waited for all of it.
+
 Bounds: at most ``AHEAD_BYTES`` of small files' bytes in flight per directory
 and ``MAX_DIRS`` directories; ``MAX_SWEEPS`` blocks of ``SWEEP_FILES`` small
 files in flight; fetched bytes live in the chunk cache, whose cap holds.
@@ -95,6 +109,9 @@ FOLLOW_GAP = 1
 BACK_FILES = 4
 #: Directories read ahead at once; the least recent is dropped.
 MAX_DIRS = 8
+#: A window's or sweep's chunks are fetched in pieces of consecutive files of
+#: at most this many bytes, at once (module doc, "Pieces").
+PIECE_BYTES = 1024 * 1024
 
 #: Files in a swept block (aligned: block ``pos // SWEEP_FILES``).
 SWEEP_FILES = 16
@@ -231,7 +248,7 @@ class DirReadAhead:
         while j < end and ahead + len(batch) < state.window and nbytes < AHEAD_BYTES:
             e = entries[j - base]
             if self._wanted(e):
-                batch.append(e.id)
+                batch.append(e)
                 nbytes += e.size
             j += 1
         state.until = j
@@ -239,10 +256,7 @@ class DirReadAhead:
             scope = trio.CancelScope()
             state.scopes.append(scope)
             self.files_started += len(batch)
-            done = trio.Event()
-            for fid in batch:
-                self._pending.setdefault(fid, done)
-            self._nursery.start_soon(self._fetch, scope, batch, done)
+            self._nursery.start_soon(self._fetch, scope, *self._enter(batch))
 
     def _sweep(self, sweeps: _Sweeps, entries: Sequence[TreeEntry], pos: int, base: int) -> None:
         """Fetch the block of files around ``pos`` if the directory still sweeps (module doc)."""
@@ -256,7 +270,7 @@ class DirReadAhead:
             e = entries[p - base]
             if not self._wanted(e) or (p != pos and (read >> p % SWEEP_FILES & 1 or e.id in self._pending)):
                 continue
-            batch.append(e.id)
+            batch.append(e)
             if p != pos:
                 unread |= 1 << p % SWEEP_FILES
         if len(batch) <= 1:
@@ -269,34 +283,68 @@ class DirReadAhead:
         self.swept_files += count
         scope = trio.CancelScope()
         self._sweep_scopes.add(scope)
-        done = trio.Event()
-        for fid in batch:
-            self._pending.setdefault(fid, done)
-        self._nursery.start_soon(self._swept, scope, batch, done)
+        self._nursery.start_soon(self._swept, scope, *self._enter(batch))
 
-    async def _swept(self, scope: trio.CancelScope, fids: list[bytes], done: trio.Event) -> None:
+    async def _swept(self, scope: trio.CancelScope, pieces: list[list[bytes]], events: list[trio.Event]) -> None:
         try:
-            await self._fetch(scope, fids, done)
+            await self._fetch(scope, pieces, events)
         finally:
             self._sweep_scopes.discard(scope)
 
     def _wanted(self, e: TreeEntry) -> bool:
         return e.kind.is_file and 0 < e.size <= self._small
 
-    async def _fetch(self, scope: trio.CancelScope, fids: list[bytes], done: trio.Event) -> None:
+    def _enter(self, batch: list[TreeEntry]) -> tuple[list[list[bytes]], list[trio.Event]]:
+        """Split a batch into pieces of consecutive files of at most PIECE_BYTES
+        (a file larger alone), each with its event, entered as the pending
+        fetch of its files: (the pieces' file ids, their events)."""
+        pieces: list[list[bytes]] = []
+        nbytes = PIECE_BYTES
+        for e in batch:
+            if nbytes + e.size > PIECE_BYTES:
+                pieces.append([])
+                nbytes = 0
+            pieces[-1].append(e.id)
+            nbytes += e.size
+        events = [trio.Event() for _ in pieces]
+        for piece, done in zip(pieces, events):
+            for fid in piece:
+                self._pending.setdefault(fid, done)
+        return pieces, events
+
+    async def _fetch(self, scope: trio.CancelScope, pieces: list[list[bytes]], events: list[trio.Event]) -> None:
+        """The batch's manifests (one ranged read), then its pieces' chunks, the
+        pieces at once, each ending its files' wait when it lands (module doc)."""
+        fids = [fid for piece in pieces for fid in piece]
         try:
             with scope:
                 try:
-                    ids: list[bytes] = []
-                    for fid in fids:
-                        manifest = await self._loader.manifest(fid, fids)
-                        ids.extend(manifest.chunk_ids)
-                    if ids:
-                        await self._loader.chunks(ids)
+                    ids: list[list[bytes]] = []
+                    for piece in pieces:
+                        ids.append([])
+                        for fid in piece:
+                            manifest = await self._loader.manifest(fid, fids)
+                            ids[-1].extend(manifest.chunk_ids)
+                    async with trio.open_nursery() as nursery:
+                        for piece, done, chunk_ids in zip(pieces, events, ids):
+                            nursery.start_soon(self._fetch_piece, piece, done, chunk_ids)
                 except Exception as exc:  # the file's own read meets it and reports it
                     log.debug("directory read-ahead of %d files failed: %s", len(fids), exc)
         finally:
-            for fid in fids:
-                if self._pending.get(fid) is done:
-                    del self._pending[fid]
-            done.set()
+            for piece, done in zip(pieces, events):
+                self._settle(piece, done)
+
+    async def _fetch_piece(self, fids: list[bytes], done: trio.Event, ids: list[bytes]) -> None:
+        try:
+            if ids:
+                await self._loader.chunks(ids)
+        except Exception as exc:  # the file's own read meets it and reports it
+            log.debug("directory read-ahead of %d files failed: %s", len(fids), exc)
+        finally:
+            self._settle(fids, done)
+
+    def _settle(self, fids: list[bytes], done: trio.Event) -> None:
+        for fid in fids:
+            if self._pending.get(fid) is done:
+                del self._pending[fid]
+        done.set()
