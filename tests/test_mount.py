@@ -439,6 +439,10 @@ def test_cache_reused_across_remounts_and_capped(dataset, mounts, s3_url, tmp_pa
     first = read_everything(tmp_path / "one.log")
     assert first["puts"] > 0 and first["misses"] >= first["puts"]  # (hits: files sharing chunks)
     assert first["put_failures"] == 0 and 0 <= first["memory_hits"] <= first["hits"]  # every counter logged
+    # The loader's chunk single flight is counted in the unmount line too.
+    (joined,) = [int(x.rsplit(": ", 1)[1]) for x in (tmp_path / "one.log").read_text().splitlines()
+                 if "chunks found in flight and waited for: " in x]
+    assert joined >= 0
     second = read_everything(tmp_path / "two.log")
     assert second["misses"] == 0 and second["hits"] >= first["puts"] // 2
     # A small cap: the cache evicts and stays near it.

@@ -191,8 +191,9 @@ def serve(config: DaemonConfig, report: Report) -> int:
             _close(config, connection)
             fastpath.disengage()
             remove_record(config.mountpoint)
-        log.info("unmounted %s; repository loads: %d from memory on the event loop, %d in worker threads",
-                 config.mountpoint, fs.loader.inline, fs.loader.in_threads)
+        log.info("unmounted %s; repository loads: %d from memory on the event loop, %d in worker threads; "
+                 "chunks found in flight and waited for: %d",
+                 config.mountpoint, fs.loader.inline, fs.loader.in_threads, fs.loader.chunks_joined)
         if config.writable:
             log.info("WRITEs pwritten in C: %d", fastpath.writes_in_c())
         if not config.writable:
