@@ -589,6 +589,21 @@ int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *buf) {
    directory inode ``parent``'s block starting at inode ``base``.  A span already published
    (its first entry there, at that position) costs one hash probe; a new base replaces the
    directory's table. */
+/* A published entry's lookup code (1 file, 2 executable, 3 symlink; 0 a directory, a node
+   of its own looked up by Python) and its name, or -1 with an exception set. */
+static int entry_code(PyObject *e, const char **name, Py_ssize_t *len) {
+    if (!PyTuple_Check(e) || PyTuple_GET_SIZE(e) < 3) {
+        PyErr_SetString(PyExc_TypeError, "publish: entries must be TreeEntry tuples");
+        return -1;
+    }
+    PyObject *kind = PyTuple_GET_ITEM(e, 1);
+    int code = kind == kind_file ? 1 : kind == kind_exec ? 2 : kind == kind_symlink ? 3 : 0;
+    if (code == 0)
+        return 0;
+    *name = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(e, 0), len);
+    return *name == NULL ? -1 : code;
+}
+
 static PyObject *py_publish(PyObject *self, PyObject *args) {
     unsigned long long parent, base, mtime_ns;
     unsigned first;
@@ -610,21 +625,15 @@ static PyObject *py_publish(PyObject *self, PyObject *args) {
     }
     if (t != NULL && n > 0) {  /* already there? (its first file or symlink at ``first + i``) */
         for (Py_ssize_t i = 0; i < n; i++) {
-            PyObject *e = items[i];
-            if (!PyTuple_Check(e) || PyTuple_GET_SIZE(e) < 3) {
-                Py_DECREF(seq);
-                PyErr_SetString(PyExc_TypeError, "publish: entries must be TreeEntry tuples");
-                return NULL;
-            }
-            PyObject *kind = PyTuple_GET_ITEM(e, 1);
-            if (kind != kind_file && kind != kind_exec && kind != kind_symlink)
-                continue;
+            const char *name;
             Py_ssize_t len;
-            const char *name = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(e, 0), &len);
-            if (name == NULL) {
+            int code = entry_code(items[i], &name, &len);
+            if (code < 0) {
                 Py_DECREF(seq);
                 return NULL;
             }
+            if (code == 0)
+                continue;
             long k = tab_index(t, name, (size_t)len);
             if (k >= 0 && t->entries[k].pos == first + (unsigned)i) {
                 Py_DECREF(seq);
@@ -658,21 +667,15 @@ static PyObject *py_publish(PyObject *self, PyObject *args) {
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *e = items[i];
-        if (!PyTuple_Check(e) || PyTuple_GET_SIZE(e) < 3) {
+        const char *name;
+        Py_ssize_t len;
+        int code = entry_code(e, &name, &len);
+        if (code < 0) {
             Py_DECREF(seq);
-            PyErr_SetString(PyExc_TypeError, "publish: entries must be TreeEntry tuples");
             return NULL;
         }
-        PyObject *kind = PyTuple_GET_ITEM(e, 1);
-        unsigned char code = kind == kind_file ? 1 : kind == kind_exec ? 2 : kind == kind_symlink ? 3 : 0;
         if (code == 0)
             continue;  /* a directory: a node of its own, looked up by Python */
-        Py_ssize_t len;
-        const char *name = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(e, 0), &len);
-        if (name == NULL) {
-            Py_DECREF(seq);
-            return NULL;
-        }
         unsigned long long size = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(e, 2));
         if (size == (unsigned long long)-1 && PyErr_Occurred()) {
             Py_DECREF(seq);
@@ -690,7 +693,7 @@ static PyObject *py_publish(PyObject *self, PyObject *args) {
         te->pos = first + (unsigned)i;
         te->name_off = (unsigned)t->names_len;
         te->name_len = (unsigned short)len;
-        te->code = code;
+        te->code = (unsigned char)code;
         memcpy(t->names + t->names_len, name, (size_t)len);
         t->names_len += (size_t)len;
         tab_insert_slot(t, t->n);

@@ -147,12 +147,15 @@ def adaptive_asked() -> bool:
     return os.environ.get(ADAPTIVE_ENV, "") not in ("", "0")
 
 
-def _init_shim_missing() -> str | None:
-    """Why the C module's INIT and listing wrappers cannot be used, or None."""
+def _shim_missing(*api: str) -> str | None:
+    """Why the C module's wrappers of the FUSE session cannot be used for a feature
+    needing the functions ``api``, or None: it is not loaded, it was built from an
+    older _noopen.c (an in-place build not redone), or pyfuse3's session did not go
+    through it."""
     load()
     if _shim is None:
-        return _why_not
-    if _listing_shim() is None:
+        return _why_not or "commitfs.fuse._noopen is not loaded"
+    if not all(hasattr(_shim, name) for name in api):
         return "commitfs.fuse._noopen was built from an older source (rebuild it: setup.py build_ext)"
     if not _shim.wrapped():
         return "pyfuse3's FUSE session did not go through commitfs.fuse._noopen"
@@ -164,7 +167,7 @@ def engage_listings(adaptive: bool = False) -> str | None:
     mark fixed listings with CACHE_FH; with ``adaptive`` the INIT also asks for adaptive
     readdirplus, and plain READDIRs then reach Operations with PLAIN_FH.  None when
     done, else why not (as ``engage``)."""
-    why = _init_shim_missing()
+    why = _shim_missing(*_LISTING_API)
     if why is None:
         _shim.listings(adaptive)
     return why
@@ -188,15 +191,10 @@ def engage_xattrs(prefix: bytes) -> str | None:
     ``prefix`` (the only one a read-only mount has attributes under) is answered
     ENODATA by the C module, without pyfuse3's coroutine or the file system.  None
     when done, else why not (as ``engage``)."""
-    load()
-    if _shim is None:
-        return _why_not
-    if not hasattr(_shim, "xattrs"):
-        return "commitfs.fuse._noopen was built from an older source (rebuild it: setup.py build_ext)"
-    if not _shim.wrapped():
-        return "pyfuse3's FUSE session did not go through commitfs.fuse._noopen"
-    _shim.xattrs(prefix)
-    return None
+    why = _shim_missing("xattrs")
+    if why is None:
+        _shim.xattrs(prefix)
+    return why
 
 
 class CLookups:
@@ -216,15 +214,11 @@ def engage_lookups(uid: int, gid: int, blksize: int) -> CLookups | str:
     directory the file system has published is answered by the C module (attributes owned
     by ``uid``:``gid``, st_blksize ``blksize``), without pyfuse3's request loop.  The
     tables to hand the file system (``FileSystem.external_lookups``), else why not."""
-    load()
     if os.environ.get(C_LOOKUPS_ENV, "") == "0":
         return f"{C_LOOKUPS_ENV}=0 is set"
-    if _shim is None:
-        return _why_not or "commitfs.fuse._noopen is not loaded"
-    if not hasattr(_shim, "lookups"):
-        return "commitfs.fuse._noopen was built from an older source (rebuild it: setup.py build_ext)"
-    if not _shim.wrapped():
-        return "pyfuse3's FUSE session did not go through commitfs.fuse._noopen"
+    why = _shim_missing("lookups")
+    if why is not None:
+        return why
     from commitfs.model.objects import Kind
     _shim.lookups(True, uid, gid, (Kind.FILE, Kind.EXEC, Kind.SYMLINK), blksize)
     return CLookups(_shim)
@@ -247,15 +241,10 @@ def engage_writes(write_fd, wrote) -> str | None:
     ``write_fd(fh)`` (a descriptor, or -1: the WRITE goes to ``Operations.write``), then
     ``wrote(fh, off, written)`` is called and the WRITE answered, without pyfuse3's
     bytes copy, coroutine and task switch.  None when done, else why not (as ``engage``)."""
-    load()
-    if _shim is None:
-        return _why_not
-    if not hasattr(_shim, "writes"):
-        return "commitfs.fuse._noopen was built from an older source (rebuild it: setup.py build_ext)"
-    if not _shim.wrapped():
-        return "pyfuse3's FUSE session did not go through commitfs.fuse._noopen"
-    _shim.writes(write_fd, wrote)
-    return None
+    why = _shim_missing("writes")
+    if why is None:
+        _shim.writes(write_fd, wrote)
+    return why
 
 
 def writes_in_c() -> int:
