@@ -49,6 +49,19 @@ def counting_repository(url: str) -> Repository:
     return _FreshView(store, json.loads(store.inner.load_object(CONFIG_KEY)))
 
 
+def count_verifications(monkeypatch) -> Counter:
+    """Count, per chunk id, every verification the read engine makes from now on."""
+    from commitfs.repo import engine as engine_mod
+    verified = Counter()
+    verify = engine_mod.verify_blob
+
+    def counting_verify(oid, loc, stored):
+        verified[oid] += 1
+        return verify(oid, loc, stored)
+    monkeypatch.setattr(engine_mod, "verify_blob", counting_verify)
+    return verified
+
+
 def _files(root, rng, n, size=24_000, prefix="f"):
     for i in range(n):
         write_file(root / f"{prefix}{i:03}.bin", rng.randbytes(size))
@@ -283,7 +296,6 @@ def test_a_chunk_in_flight_is_fetched_once_when_read_ahead_and_a_reader_ask_for_
     and gets the exact bytes, not the other fetch's error."""
     import trio
 
-    from commitfs.repo import engine as engine_mod
     from commitfs.vfs.loader import Loader
 
     data = random.Random(47).randbytes(3 * 1024 * 1024)
@@ -302,13 +314,7 @@ def test_a_chunk_in_flight_is_fetched_once_when_read_ahead_and_a_reader_ask_for_
     for cid, size in zip(ids, manifest.chunk_sizes):
         truth[cid] = data[at:at + size]
         at += size
-    verified = Counter()
-    verify = engine_mod.verify_blob
-
-    def counting_verify(oid, loc, stored):
-        verified[oid] += 1
-        return verify(oid, loc, stored)
-    monkeypatch.setattr(engine_mod, "verify_blob", counting_verify)
+    verified = count_verifications(monkeypatch)
     ahead, mine = ids[0:6], ids[3:8]  # the read-ahead's and the reader's: 3 chunks in common
 
     async def together(cancel_first: bool):
@@ -573,7 +579,6 @@ def test_random_small_reads_within_a_few_chunks_fetch_and_verify_each_chunk_once
 
     from mount_fixtures import fs_of
     from test_vfs import lookup_path_ino
-    from commitfs.repo import engine as engine_mod
 
     data = random.Random(45).randbytes(6 * 1024 * 1024)
     write_file(tmp_path / "src" / "weights.bin", data)
@@ -581,13 +586,7 @@ def test_random_small_reads_within_a_few_chunks_fetch_and_verify_each_chunk_once
     with Repository.init(url) as repo:
         commit = commit_directory(repo, tmp_path / "src", message="m").commit_id
     repo = counting_repository(url)  # nothing of it is in memory: every fetch is a storage read
-    verified = Counter()
-    verify = engine_mod.verify_blob
-
-    def counting_verify(oid, loc, stored):
-        verified[oid] += 1
-        return verify(oid, loc, stored)
-    monkeypatch.setattr(engine_mod, "verify_blob", counting_verify)
+    verified = count_verifications(monkeypatch)
 
     async def main():
         async with fs_of(repo, commit) as fs:
