@@ -81,6 +81,38 @@ def test_build_reuses_every_unchanged_subtree(repo, tmp_path):
     assert [p for p, _, _ in iter_changes(repo, dir_entry(base), root)] == ["d2/sub/f9.txt"]
 
 
+def test_build_splices_edits_into_a_base_tree_as_a_full_build_would(repo, tmp_path):
+    """A Draft over a base tree is built per edit (a search and a splice, the size moved
+    by the edits): the tree, its id and its size equal those of the whole tree built anew."""
+    import random
+
+    from commitfs.model.objects import Tree, TreeEntry, symlink_entry
+
+    rng = random.Random(11)
+    base_entries = [TreeEntry(f"f{i:03d}", Kind.FILE, rng.randrange(10**6), rng.randbytes(32)) for i in range(0, 200, 2)]
+    base_entries += [symlink_entry("link", b"f000"), TreeEntry("sub", Kind.DIR, 5, rng.randbytes(32))]
+    with repo.writer() as w:
+        base = w.add_tree(Tree.build(base_entries))
+    for trial in range(20):
+        names = [e.name for e in base_entries] + [f"f{i:03d}" for i in range(1, 200, 2)] + ["a", "zzz", "link2"]
+        edits = {}
+        for n in rng.sample(names, rng.randrange(1, 30)):
+            how = rng.choice(["delete", "file", "link"])
+            edits[n] = (None if how == "delete" else symlink_entry(n, b"t" * rng.randrange(1, 9)) if how == "link"
+                        else TreeEntry(n, Kind.EXEC, rng.randrange(10**6), rng.randbytes(32)))
+        want = {e.name: e for e in base_entries}
+        for n, e in edits.items():
+            if e is None:
+                want.pop(n, None)
+            else:
+                want[n] = e
+        expected = Tree.build(want.values())
+        with repo.writer() as w:
+            got = build(repo, w, Draft(dict(edits), base=base), "d")
+        assert got.id == expected.id and got.size == expected.size == repo.load_tree(got.id).size, trial
+        assert repo.load_tree(got.id) == expected
+
+
 @pytest.mark.parametrize("case,expect", [
     # (base, ours, theirs) of one path as file contents or None; expect a content or a conflict kind
     (("a", "b", "a"), "b"), (("a", "a", "c"), "c"), (("a", "b", "b"), "b"), ((None, "x", None), "x"),

@@ -1,4 +1,4 @@
-/* Tree.decode's hot loop, compiled.
+/* Tree.decode's and Tree.encode's hot loops, compiled.
 
    A mount decodes a directory's tree on the first lookup in it: in Python that
    is about 2 us an entry (2 ms for a class directory of 850 images, met once
@@ -9,7 +9,13 @@
    returns None for anything else (an unknown kind, a non-minimal varint,
    unsorted or invalid names, trailing bytes, ...): Tree.decode then runs its
    Python decoder, which names the fault.  So this module decides nothing on
-   its own; it only makes the valid case fast. */
+   its own; it only makes the valid case fast.
+
+   tree_encode is Tree.encode's loop: a commit encodes every directory on the
+   paths to its changes whole (100 changed files spread over 100 directories of
+   1,000 entries encode 100,000 entries), about 1.3 us an entry in Python.  It
+   makes the same bytes, and returns None for anything but plain entries, so
+   the Python encoder meets the odd case and raises what it raises. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -143,8 +149,115 @@ error:
     return NULL;
 }
 
+/* One unsigned LEB128 varint (minimal) at out; returns its length.  out may be NULL (length only). */
+static Py_ssize_t put_varint(unsigned char *out, uint64_t v) {
+    Py_ssize_t n = 0;
+    do {
+        unsigned char c = v & 0x7F;
+        v >>= 7;
+        if (v)
+            c |= 0x80;
+        if (out)
+            out[n] = c;
+        n++;
+    } while (v);
+    return n;
+}
+
+PyDoc_STRVAR(tree_encode_doc,
+"tree_encode(entries, kinds, symlink) -> bytes | None\n\n"
+"Tree.encode of a tuple of TreeEntry tuples (name, kind, size, id, target), the\n"
+"same bytes; None for anything but the plain case (a name that is not a str, a\n"
+"negative or huge size, an id or target that is not bytes, an unknown kind), so\n"
+"the Python encoder meets it and raises what it raises.  kinds: a tuple of\n"
+"(Kind, bytes of length 1) pairs, matched by identity; symlink: the Kind whose\n"
+"entries carry a target.");
+
+static PyObject *tree_encode(PyObject *self, PyObject *args) {
+    PyObject *entries, *kinds, *symlink;
+    if (!PyArg_ParseTuple(args, "O!O!O", &PyTuple_Type, &entries, &PyTuple_Type, &kinds, &symlink))
+        return NULL;
+    enum { MAX_KINDS = 8 };
+    PyObject *kind_obj[MAX_KINDS];
+    unsigned char kind_byte[MAX_KINDS];
+    Py_ssize_t nkinds = PyTuple_GET_SIZE(kinds);
+    if (nkinds > MAX_KINDS)
+        Py_RETURN_NONE;
+    for (Py_ssize_t k = 0; k < nkinds; k++) {
+        PyObject *pair = PyTuple_GET_ITEM(kinds, k);
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 || !PyBytes_Check(PyTuple_GET_ITEM(pair, 1)) ||
+            PyBytes_GET_SIZE(PyTuple_GET_ITEM(pair, 1)) != 1)
+            Py_RETURN_NONE;
+        kind_obj[k] = PyTuple_GET_ITEM(pair, 0);
+        kind_byte[k] = (unsigned char)PyBytes_AS_STRING(PyTuple_GET_ITEM(pair, 1))[0];
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(entries);
+    /* First pass: check every entry and add up the length. */
+    Py_ssize_t total = TREE_MAGIC_SIZE + put_varint(NULL, (uint64_t)n);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *e = PyTuple_GET_ITEM(entries, i);
+        if (!PyTuple_Check(e) || PyTuple_GET_SIZE(e) != 5)
+            Py_RETURN_NONE;
+        PyObject *name = PyTuple_GET_ITEM(e, 0), *kind = PyTuple_GET_ITEM(e, 1), *size = PyTuple_GET_ITEM(e, 2);
+        PyObject *oid = PyTuple_GET_ITEM(e, 3), *target = PyTuple_GET_ITEM(e, 4);
+        if (!PyUnicode_CheckExact(name) || !PyLong_CheckExact(size) || !PyBytes_CheckExact(oid))
+            Py_RETURN_NONE;
+        Py_ssize_t k = 0;
+        while (k < nkinds && kind_obj[k] != kind)
+            k++;
+        if (k == nkinds)
+            Py_RETURN_NONE;
+        Py_ssize_t nlen;
+        if (PyUnicode_AsUTF8AndSize(name, &nlen) == NULL) {
+            PyErr_Clear(); /* a lone surrogate: name.encode() raises it */
+            Py_RETURN_NONE;
+        }
+        int overflow = 0;
+        long long sz = PyLong_AsLongLongAndOverflow(size, &overflow);
+        if (overflow || sz < 0)
+            Py_RETURN_NONE;
+        total += 1 + put_varint(NULL, (uint64_t)nlen) + nlen + put_varint(NULL, (uint64_t)sz) + PyBytes_GET_SIZE(oid);
+        if (kind == symlink) {
+            if (!PyBytes_CheckExact(target))
+                Py_RETURN_NONE;
+            total += put_varint(NULL, (uint64_t)PyBytes_GET_SIZE(target)) + PyBytes_GET_SIZE(target);
+        }
+    }
+    /* Second pass: write (nothing can fail now). */
+    PyObject *out = PyBytes_FromStringAndSize(NULL, total);
+    if (out == NULL)
+        return NULL;
+    unsigned char *p = (unsigned char *)PyBytes_AS_STRING(out);
+    memcpy(p, TREE_MAGIC, TREE_MAGIC_SIZE);
+    p += TREE_MAGIC_SIZE;
+    p += put_varint(p, (uint64_t)n);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *e = PyTuple_GET_ITEM(entries, i);
+        PyObject *kind = PyTuple_GET_ITEM(e, 1), *oid = PyTuple_GET_ITEM(e, 3), *target = PyTuple_GET_ITEM(e, 4);
+        Py_ssize_t k = 0;
+        while (kind_obj[k] != kind)
+            k++;
+        *p++ = kind_byte[k];
+        Py_ssize_t nlen;
+        const char *raw = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(e, 0), &nlen);
+        p += put_varint(p, (uint64_t)nlen);
+        memcpy(p, raw, (size_t)nlen);
+        p += nlen;
+        p += put_varint(p, (uint64_t)PyLong_AsLongLong(PyTuple_GET_ITEM(e, 2)));
+        memcpy(p, PyBytes_AS_STRING(oid), (size_t)PyBytes_GET_SIZE(oid));
+        p += PyBytes_GET_SIZE(oid);
+        if (kind == symlink) {
+            p += put_varint(p, (uint64_t)PyBytes_GET_SIZE(target));
+            memcpy(p, PyBytes_AS_STRING(target), (size_t)PyBytes_GET_SIZE(target));
+            p += PyBytes_GET_SIZE(target);
+        }
+    }
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"tree_entries", tree_entries, METH_VARARGS, tree_entries_doc},
+    {"tree_encode", tree_encode, METH_VARARGS, tree_encode_doc},
     {NULL, NULL, 0, NULL},
 };
 

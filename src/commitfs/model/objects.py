@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass, field
 from enum import Enum
 from itertools import islice, repeat
-from operator import lt
+from operator import countOf, itemgetter, lt
 from typing import NamedTuple
 
 from commitfs.errors import CorruptObjectError
@@ -198,6 +198,8 @@ class Kind(Enum):
 
 _KIND_BY_BYTE = {k.value[0]: k for k in Kind}
 _KIND_BYTES = {k: k.value for k in Kind}
+_ENTRY_KIND, _ENTRY_SIZE = itemgetter(1), itemgetter(2)
+_KIND_PAIRS = tuple(_KIND_BYTES.items())  # for _fastdecode.tree_encode, which matches kinds by identity
 
 
 class TreeEntry(NamedTuple):
@@ -236,6 +238,7 @@ class Tree:
     entries: tuple[TreeEntry, ...] = ()
     _by_name: dict = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
     _positions: dict = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
+    _size: int = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
 
     @classmethod
     def build(cls, entries) -> Tree:
@@ -265,8 +268,15 @@ class Tree:
 
     @property
     def size(self) -> int:
-        symlink = Kind.SYMLINK  # once: an enum attribute is slow to read
-        return sum(e.size for e in self.entries if e.kind is not symlink)
+        """The file bytes of the entries (kept once found, or as given: ``Tree(entries, _size=n)``)."""
+        size = self._size
+        if size is None:
+            entries, symlink = self.entries, Kind.SYMLINK
+            size = sum(map(_ENTRY_SIZE, entries))  # C loops: a commit asks it of every base it edits
+            if countOf(map(_ENTRY_KIND, entries), symlink):  # a symlink's size is its target's length
+                size -= sum(e.size for e in entries if e.kind is symlink)
+            object.__setattr__(self, "_size", size)
+        return size
 
     @property
     def count(self) -> int:
@@ -278,7 +288,13 @@ class Tree:
         # (a 1,000-entry directory for one changed file), so the loop inlines the
         # varints of names and sizes below 16 KiB and reads no enum attribute; the
         # kind byte is found by identity (an Enum member's __hash__, for a dict keyed
-        # by kind, is a Python call: one per entry of the commit).
+        # by kind, is a Python call: one per entry of the commit).  The compiled
+        # _fastdecode.tree_encode makes the same bytes about twenty times faster and
+        # returns None for anything but plain entries, which this loop then meets.
+        if _fastdecode is not None:
+            data = _fastdecode.tree_encode(self.entries, _KIND_PAIRS, Kind.SYMLINK)
+            if data is not None:
+                return data
         kind_bytes, put = _KIND_BYTES, _put_uvarint
         file, directory, symlink = Kind.FILE, Kind.DIR, Kind.SYMLINK
         out = bytearray(TREE_MAGIC)

@@ -57,6 +57,11 @@ def _key(name: str) -> bytes:
     return name.encode()
 
 
+def _file_bytes(e: TreeEntry) -> int:
+    """What ``e`` adds to its directory's size (Tree.size: a symlink adds nothing)."""
+    return 0 if e.kind is Kind.SYMLINK else e.size
+
+
 def _entry_key(e: TreeEntry) -> bytes:
     return e.name.encode()
 
@@ -367,16 +372,28 @@ def build(repo: Repository, writer: BlobWriter, side: Side, name: str = "",
             tid, size = writer.add_tree_edit(base, edits)
             return TreeEntry(name, Kind.DIR, size, tid)
         if isinstance(base, Tree):
-            # The base's sorted entries with the edited names replaced: work per edit
-            # (and one pass to drop the edited names), not per entry.
+            # The base's sorted entries with the edited names replaced, and its size
+            # moved by theirs: work per edit (a search and a splice), not per entry.
             edits = {n: build(repo, writer, c, n, _stored) for n, c in side.entries.items()}
-            kept = [e for e in base.entries if e.name not in edits]
-            for e in edits.values():
-                if e is not None:
-                    check_name(e.name)
-                    bisect.insort(kept, e, key=_entry_key)
-            tree = Tree(tuple(kept))
-            return TreeEntry(name, Kind.DIR, tree.size, writer.add_tree(tree))
+            kept = list(base.entries)
+            size = base.size
+            for n, e in edits.items():
+                key = n.encode()
+                i = bisect.bisect_left(kept, key, key=_entry_key)
+                if i < len(kept) and kept[i].name == n:
+                    size -= _file_bytes(kept[i])
+                    if e is None:
+                        del kept[i]
+                        continue
+                    kept[i] = e
+                elif e is None:
+                    continue
+                else:
+                    kept.insert(i, e)
+                check_name(e.name)
+                size += _file_bytes(e)
+            tree = Tree(tuple(kept), _size=size)
+            return TreeEntry(name, Kind.DIR, size, writer.add_tree(tree))
     built = []
     for child_name, child in listing(repo, side).items():
         e = build(repo, writer, child, child_name, _stored)
