@@ -93,6 +93,32 @@ def test_a_commit_to_s3_makes_no_index_request_per_new_chunk(store_url, tmp_path
         assert len(fresh.load_tree(fresh.load_commit(head).tree).entries) == n
 
 
+def test_a_local_segment_answers_a_few_dedup_questions_by_lookup_then_builds_its_table(
+        tmp_path, cache_home, monkeypatch):
+    """Over a local store a large segment answers a writer's first questions by
+    lookup (two preads each) and builds its table of ids only once they are many
+    (Segment.contains): a small commit into a large repository does not wait for
+    a table of every id.  The answers are the same either way."""
+    monkeypatch.setattr(index_mod, "_WHOLE_LOAD_LIMIT", 256)  # every segment here is "large"
+    monkeypatch.setattr(index_mod, "_TABLE_AFTER_MIN", 8)
+    rng = random.Random(43)
+    url = str(tmp_path / "repo")
+    with Repository.init(url) as repo:
+        _files(tmp_path / "a", rng, 40, size=2000)
+        commit_directory(repo, tmp_path / "a", message="first")
+    with Repository.open(url) as repo:
+        (seg,) = repo.index.segments()
+        seg.load_header()
+        assert not seg.in_memory and seg.count > 80
+        stored = [oid for oid, _ in seg.iter_entries()]
+        absent = [rng.randbytes(32) for _ in range(len(stored))]
+        asked = [(oid, True) for oid in stored] + [(oid, False) for oid in absent]
+        rng.shuffle(asked)
+        for k, (oid, want) in enumerate(asked):
+            assert seg.contains(oid) is want, k
+            assert (seg._ids is None) == (k < 8), k  # the table from the ninth question on
+
+
 @pytest.mark.parametrize("store_url", ["s3"], indirect=True)
 def test_a_commit_to_s3_of_data_already_stored_makes_no_index_request_per_chunk(
         store_url, tmp_path, cache_home, monkeypatch):

@@ -783,7 +783,9 @@ class BlobWriter:
         self.add(fid, BlobKind.MANIFEST, data)
         return fid
 
-    def _flush(self, builder: PackBuilder) -> None:
+    def _flush(self, builder: PackBuilder, last: bool = False) -> None:
+        """Seal ``builder``'s pack and upload it; unless ``last`` (the writer's finish), a
+        fresh builder takes its place (a data builder a full-size buffer, recycled if one is free)."""
         if not builder.entries:
             return
         view = builder.seal()
@@ -796,7 +798,7 @@ class BlobWriter:
             f.result()  # raises a failed upload's error now
             self._uploads.remove(f)
         for name, b in self._builders.items():
-            if b is builder:
+            if b is builder and not last:
                 with self._lock:
                     buf = self._free.pop() if self._free and name == "data" else None
                 self._builders[name] = PackBuilder(buf if name == "data" else bytearray(self._META_BUFFER))
@@ -839,7 +841,7 @@ class BlobWriter:
         try:
             try:
                 for builder in list(self._builders.values()):
-                    self._flush(builder)
+                    self._flush(builder, last=True)
                 for f in self._uploads:
                     f.result()
             finally:
