@@ -1,7 +1,7 @@
 """The compiled modules of commitfs (pyproject.toml holds everything else).
 
 Two hot loops of a mount, each in C beside the Python that does the same:
-commitfs.model._fastdecode decodes a tree (Tree.decode), and
+commitfs.model._fastdecode decodes and encodes a tree (Tree.decode, Tree.encode), and
 commitfs.repo._fastread reads a small file whole (Repository.load_file).  Both
 are optional: without a C compiler the install goes on, and the Python code
 does the same work, slower.  commitfs.ops._fastscan reads a batch of a
