@@ -289,7 +289,7 @@ class Tree:
         # varints of names and sizes below 16 KiB and reads no enum attribute; the
         # kind byte is found by identity (an Enum member's __hash__, for a dict keyed
         # by kind, is a Python call: one per entry of the commit).  The compiled
-        # _fastdecode.tree_encode makes the same bytes about twenty times faster and
+        # _fastdecode.tree_encode makes the same bytes about fifteen times faster and
         # returns None for anything but plain entries, which this loop then meets.
         if _fastdecode is not None:
             data = _fastdecode.tree_encode(self.entries, _KIND_PAIRS, Kind.SYMLINK)

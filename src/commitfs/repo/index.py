@@ -376,8 +376,8 @@ class Segment:
         push), so the table holds whole ids (32 bytes a blob) and a match is
         the answer.  Over a local store the table is built only once a writer has
         asked more than ``count // _TABLE_AFTER_SHARE`` questions (a lookup is two
-        preads of the page cache, some microseconds; the table a tenth of one per
-        entry of the segment): a small commit into a large repository asks a few
+        preads of the page cache, some microseconds; the table costs about a tenth
+        of a microsecond per entry of the segment): a small commit into a large repository asks a few
         hundred, and it waited 20 ms for a table of 200,000 prefixes it then
         searched 300 times."""
         if self._packs is None:
