@@ -149,19 +149,12 @@ error:
     return NULL;
 }
 
-/* One unsigned LEB128 varint (minimal) at out; returns its length.  out may be NULL (length only). */
-static Py_ssize_t put_varint(unsigned char *out, uint64_t v) {
-    Py_ssize_t n = 0;
-    do {
-        unsigned char c = v & 0x7F;
-        v >>= 7;
-        if (v)
-            c |= 0x80;
-        if (out)
-            out[n] = c;
-        n++;
-    } while (v);
-    return n;
+/* The index in kind_obj of ``kind`` (matched by identity), or n if it is none of them. */
+static Py_ssize_t kind_index(PyObject *const *kind_obj, Py_ssize_t n, PyObject *kind) {
+    Py_ssize_t k = 0;
+    while (k < n && kind_obj[k] != kind)
+        k++;
+    return k;
 }
 
 PyDoc_STRVAR(tree_encode_doc,
@@ -202,10 +195,7 @@ static PyObject *tree_encode(PyObject *self, PyObject *args) {
         PyObject *oid = PyTuple_GET_ITEM(e, 3), *target = PyTuple_GET_ITEM(e, 4);
         if (!PyUnicode_CheckExact(name) || !PyLong_CheckExact(size) || !PyBytes_CheckExact(oid))
             Py_RETURN_NONE;
-        Py_ssize_t k = 0;
-        while (k < nkinds && kind_obj[k] != kind)
-            k++;
-        if (k == nkinds)
+        if (kind_index(kind_obj, nkinds, kind) == nkinds)
             Py_RETURN_NONE;
         Py_ssize_t nlen;
         if (PyUnicode_AsUTF8AndSize(name, &nlen) == NULL) {
@@ -234,10 +224,7 @@ static PyObject *tree_encode(PyObject *self, PyObject *args) {
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *e = PyTuple_GET_ITEM(entries, i);
         PyObject *kind = PyTuple_GET_ITEM(e, 1), *oid = PyTuple_GET_ITEM(e, 3), *target = PyTuple_GET_ITEM(e, 4);
-        Py_ssize_t k = 0;
-        while (kind_obj[k] != kind)
-            k++;
-        *p++ = kind_byte[k];
+        *p++ = kind_byte[kind_index(kind_obj, nkinds, kind)];  /* found in the first pass */
         Py_ssize_t nlen;
         const char *raw = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(e, 0), &nlen);
         p += put_varint(p, (uint64_t)nlen);

@@ -1,6 +1,6 @@
-/* The varints of docs/FORMAT.md, as the compiled modules read them
+/* The varints of docs/FORMAT.md, as the compiled modules read and write them
    (commitfs.model._fastdecode, commitfs.repo._fastread); Python's reader is
-   _get_uvarint in commitfs/model/objects.py. */
+   _get_uvarint in commitfs/model/objects.py, its writer _put_uvarint. */
 #ifndef COMMITFS_VARINT_H
 #define COMMITFS_VARINT_H
 
@@ -22,6 +22,23 @@ static int get_varint(const unsigned char *p, Py_ssize_t end, Py_ssize_t *pos, u
         }
     }
     return 0;
+}
+
+/* Writes the minimal varint of ``v`` at ``out`` and returns its length; with
+   ``out`` NULL only the length (Tree.encode's compiled form sizes its output
+   first: commitfs.model._fastdecode.tree_encode). */
+static inline Py_ssize_t put_varint(unsigned char *out, uint64_t v) {
+    Py_ssize_t n = 0;
+    do {
+        unsigned char c = v & 0x7F;
+        v >>= 7;
+        if (v)
+            c |= 0x80;
+        if (out)
+            out[n] = c;
+        n++;
+    } while (v);
+    return n;
 }
 
 #endif

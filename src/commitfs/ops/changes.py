@@ -378,8 +378,7 @@ def build(repo: Repository, writer: BlobWriter, side: Side, name: str = "",
             kept = list(base.entries)
             size = base.size
             for n, e in edits.items():
-                key = n.encode()
-                i = bisect.bisect_left(kept, key, key=_entry_key)
+                i = bisect.bisect_left(kept, _key(n), key=_entry_key)
                 if i < len(kept) and kept[i].name == n:
                     size -= _file_bytes(kept[i])
                     if e is None:
