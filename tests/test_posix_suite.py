@@ -441,12 +441,16 @@ def directory_link_counts(t):
     t.dir("d/a")
     t.dir("d/b")
     t.file("d/f")
-    return [os.stat(d).st_nlink, os.stat(d / "a").st_nlink]
-
-
-DIFFERENCES["directory_link_counts"] = (
-    "not a FUSE limit, a choice: a directory's st_nlink is 1 ('unknown', as btrfs and the read-only mount "
-    "show), since counting the subdirectories of an untouched directory would read its tree at every stat")
+    e = t.dir("e")
+    made = [os.stat(d).st_nlink, os.stat(d / "a").st_nlink, os.stat(e).st_nlink]
+    os.rename(d / "b", e / "b")  # a subdirectory moves: its ".." with it
+    moved = [os.stat(d).st_nlink, os.stat(e).st_nlink]
+    os.mkdir(e / "c")
+    os.rename(e / "c", e / "b")  # over an empty directory: one fewer
+    over = [os.stat(e).st_nlink, os.stat(e / "b").st_nlink]
+    os.rmdir(d / "a")
+    os.rename(d / "f", e / "f")  # a file moves: no change
+    return [made, moved, over, os.stat(d).st_nlink, os.stat(e).st_nlink]
 
 
 # mkfifo and mknod -----------------------------------------------------------------------------

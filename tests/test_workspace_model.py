@@ -591,7 +591,7 @@ class Run:
         self.outcomes: collections.Counter = collections.Counter()
 
     def where(self) -> str:
-        calls = "\n  ".join(c.replace(LONG, "n×256") for c in self.log[-25:])
+        calls = "\n  ".join(c.replace(LONG, "n×256") for c in self.log[-int(os.environ.get("MODEL_LOG", "25")):])
         return f"seed {self.seed}, after {len(self.log)} calls; the last ones:\n  {calls}"
 
     # --- choosing -----------------------------------------------------------------------
@@ -868,6 +868,7 @@ class Run:
                 self.check_attr(p, n, e)
                 self.check_identity(p, n, e.st_ino)
                 if n.kind == "dir":
+                    self.check_dir_nlink(p, n, await k.lstat(p))
                     await walk(p, n)
                 elif n.kind == "link":
                     assert await k.readlink(p) == n.target, f"{p}: target; {self.where()}"
@@ -875,7 +876,9 @@ class Run:
                     data = await k.read_file(p)
                     assert data == bytes(n.data), \
                         f"{p}: {len(data)} bytes, the model {len(n.data)}; {self.where()}"
-        self.check_attr("", m.root, await k.lstat(""))
+        root = await k.lstat("")
+        self.check_attr("", m.root, root)
+        self.check_dir_nlink("", m.root, root)
         await walk("", m.root)
         for fh in self.fhs:  # open files, named or not
             n = m.handles[fh][0]
@@ -906,6 +909,12 @@ class Run:
         check_times(f"{where} atime; {self.where()}", n.atime, e.st_atime_ns)
         if n.nlink > 0:  # an unlinked file's ctime is not compared
             check_times(f"{where} ctime; {self.where()}", n.ctime, e.st_ctime_ns)
+
+    def check_dir_nlink(self, p: str, n: MNode, e) -> None:
+        """A directory's st_nlink (what stat(2) shows: GETATTR's answer, the attribute
+        timeout being 0) is 2 and one for each subdirectory, as on ext4."""
+        want = 2 + sum(1 for c in n.children.values() if c.kind == "dir")
+        assert e.st_nlink == want, f"{p!r} (dir): nlink {e.st_nlink}, model {want}; {self.where()}"
 
     def check_identity(self, p: str, n: MNode, ino: int) -> None:
         """While the kernel holds an inode number it names one node, and one node one number."""

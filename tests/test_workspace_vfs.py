@@ -1177,3 +1177,50 @@ def test_reset_of_a_path_in_a_merge_in_progress_is_committed(tmp_path, cache_hom
         assert len(repo.load_commit(outcome.commit_id).parents) == 2
     finally:
         repo.close()
+
+
+def test_a_directory_link_count_is_two_and_its_subdirectories_lazy_or_edited(tmp_path, cache_home, monkeypatch):
+    """st_nlink of a directory is 2 + its subdirectories, as on ext4: for an untouched
+    directory counted from its tree (once per tree), for an edited one kept as names come
+    and go, after a commit and a remount too; a split directory (its chunks not read for a
+    stat) shows 1, "unknown", as btrfs shows for every directory."""
+    from commitfs.model import splittree
+    from wsharness import Session, commit
+
+    for name, value in (("SPLIT_ENTRIES", 32), ("LEAF_MIN", 4), ("LEAF_BITS", 2), ("LEAF_MAX", 16),
+                        ("INDEX_MIN", 2), ("INDEX_BITS", 1), ("INDEX_MAX", 6)):
+        monkeypatch.setattr(splittree, name, value)
+    src = tmp_path / "src"
+    for d in ("a/x", "a/y", "a/z/deep", "b", "big"):
+        (src / d).mkdir(parents=True)
+    (src / "a" / "file").write_bytes(b"f")
+    for i in range(40):
+        (src / "big" / f"d{i:02}").mkdir()
+    repo = Repository.init(str(tmp_path / "repo"))
+    commit_directory(repo, src, message="base")
+    root = repo.load_tree(repo.load_commit(repo.refs.lookup_branch("main")).tree)
+    assert isinstance(repo.load_tree(root.get("big").id), splittree.SplitTree)
+
+    async def nlinks(k, *paths):
+        return [(await k.lstat(p)).st_nlink for p in paths]
+
+    async def main():
+        async with Session(repo, tmp_path / "ws") as k:
+            assert await nlinks(k, "", "a", "a/x", "a/z", "b", "big") == [5, 5, 2, 3, 2, 1]
+            assert k.fs.table.get((await k.lstat("a")).st_ino).children is None  # still lazy
+            await k.mkdir("a/new")  # a is edited now
+            await k.rename("a/x", "b/x")
+            assert await nlinks(k, "a", "b") == [5, 3]
+            await k.rmdir("a/y")
+            await k.rename("a/file", "b/file")
+            await k.mkdir("b/x2")
+            await k.rename("b/x2", "b/x")  # over an empty directory
+            assert await nlinks(k, "", "a", "b", "a/z") == [5, 4, 3, 3]
+            assert await commit(k) is not None
+            assert await nlinks(k, "", "a", "b", "a/z", "b/x") == [5, 4, 3, 3, 2]  # over the new trees
+            await k.mkdir("b/x/more")
+            assert await nlinks(k, "b/x") == [3]
+        async with Session(repo, tmp_path / "ws") as k:  # a remount: the overlay's rows
+            assert await nlinks(k, "", "a", "b", "b/x", "big") == [5, 4, 3, 3, 1]
+    trio.run(main)
+    repo.close()

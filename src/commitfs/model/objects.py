@@ -239,6 +239,7 @@ class Tree:
     _by_name: dict = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
     _positions: dict = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
     _size: int = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
+    _subdirs: int = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
 
     @classmethod
     def build(cls, entries) -> Tree:
@@ -282,6 +283,16 @@ class Tree:
     def count(self) -> int:
         """The number of entries (as SplitTree.count, without loading its chunks)."""
         return len(self.entries)
+
+    @property
+    def subdirs(self) -> int:
+        """The number of directory entries (kept once found): a workspace's st_nlink of the
+        directory is two more."""
+        n = self._subdirs
+        if n is None:
+            n = countOf(map(_ENTRY_KIND, self.entries), Kind.DIR)
+            object.__setattr__(self, "_subdirs", n)
+        return n
 
     def encode(self) -> bytes:
         # Hot: a commit encodes every directory on the paths to its changes whole

@@ -118,7 +118,7 @@ from commitfs.vfs.wscommit import CommitState, resolve_pending, root_row
 from commitfs.vfs.wslink import LinkNames
 from commitfs.vfs.wsmerge import MergeState
 from commitfs.vfs.wsoverlay import OverlayStore
-from commitfs.vfs.wstree import NodeTree, WLink, WNode, _DirHandle, _Handle, _now
+from commitfs.vfs.wstree import Kids, NodeTree, WLink, WNode, _DirHandle, _Handle, _now
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
             n.uid, n.gid, n.atime_ns, n.ctime_ns = r.uid, r.gid, r.atime_ns, r.ctime_ns
             n.rdev = r.rdev or 0
             if r.materialized:
-                n.children = {}
+                n.children = Kids()
             if r.kind is NodeKind.FILE:
                 if r.upper is not None:
                     try:
@@ -326,13 +326,16 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
     async def lookup(self, parent_inode: int, name: bytes) -> Attr:
         d = self._dir(parent_inode)
         if name == b".":
-            return self._remember(d)
-        if name == b"..":
-            return self._remember(d.parent or self.root)
-        text = self._name(name)
-        n = await self._child(d, text)
-        if n is None:
-            raise PathNotFoundError(f"{text}: no such entry")
+            n = d
+        elif name == b"..":
+            n = d.parent or self.root
+        else:
+            text = self._name(name)
+            n = await self._child(d, text)
+            if n is None:
+                raise PathNotFoundError(f"{text}: no such entry")
+        if n.kind is NodeKind.DIR and n.children is None:
+            await self._count_subdirs(n)
         return self._remember(n)
 
     def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -346,7 +349,10 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
                 self._maybe_drop(n)
 
     async def getattr(self, inode: int) -> Attr:
-        return self.attr(self._node(inode))
+        n = self._node(inode)
+        if n.kind is NodeKind.DIR and n.children is None:
+            await self._count_subdirs(n)
+        return self.attr(n)
 
     @_retry_when_space_released
     async def setattr(self, inode: int, *, mode: int | None = None, size: int | None = None,
@@ -395,6 +401,8 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
                     self._mark_node(n)  # the executable bit is committed
             elif size is not None:
                 n.ctime_ns = n.mtime_ns
+            if n.kind is NodeKind.DIR and n.children is None:
+                await self._count_subdirs(n)
             return self.attr(n)
 
     async def readlink(self, inode: int) -> bytes:
@@ -446,7 +454,7 @@ class WorkspaceFS(NodeTree, OverlayStore, LinkNames, CommitState, MergeState):
             if kind is NodeKind.DIR:
                 n.mode |= stat.S_ISGID
         if kind is NodeKind.DIR:
-            n.children = {}
+            n.children = Kids()
         return n
 
     @_retry_when_space_released

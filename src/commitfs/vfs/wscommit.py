@@ -20,7 +20,7 @@ from commitfs.model.objects import Commit, Kind, Tree, TreeEntry, symlink_entry
 from commitfs.repo.repository import Repository
 from commitfs.vfs.inode import NodeKind
 from commitfs.vfs.overlay import ROOT_ID, Overlay, Row
-from commitfs.vfs.wstree import WNode, _mode_of, _now
+from commitfs.vfs.wstree import Kids, WNode, _mode_of, _now
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class CommitState:
                     return []
                 await self._materialize(d)
                 c = self._new(NodeKind.DIR, name, d)
-                c.children, c.mode, c.mtime_ns = {}, 0o755, _now()
+                c.children, c.mode, c.mtime_ns = Kids(), 0o755, _now()
                 self._add_child(d, c)
             elif not c.is_dir:
                 raise InputError(f"cannot reset {path}: {c.path()} is not a directory in the workspace "

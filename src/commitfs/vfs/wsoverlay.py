@@ -24,7 +24,7 @@ from commitfs.errors import PathNotFoundError
 from commitfs.vfs.errors import WorkspaceIOError
 from commitfs.vfs.overlay import SpaceReleasedError
 from commitfs.vfs.wscow import Cow
-from commitfs.vfs.wstree import WNode, _now
+from commitfs.vfs.wstree import Kids, WNode, _now
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class OverlayStore:
         tree = await self.loader.tree(d.origin.id)
         if d.children is not None:
             return
-        kids = {}
+        kids = Kids()
         for e in await self.loader.tree_entries(tree):
             n = d.lazy.get(e.name) or self._from_entry(d, e)
             kids[e.name] = n

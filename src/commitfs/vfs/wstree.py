@@ -24,7 +24,7 @@ import stat
 import time
 
 from commitfs.errors import NotADirectoryError_, PathNotFoundError
-from commitfs.model.objects import Kind, TreeEntry
+from commitfs.model.objects import Kind, Tree, TreeEntry
 from commitfs.vfs import prefetch
 from commitfs.vfs.errors import InvalidArgumentError, NameTooLongError
 from commitfs.vfs.inode import PREFERRED_IO_SIZE, Attr, NodeKind
@@ -56,10 +56,40 @@ class WLink:
         self.name = name
 
 
+class Kids(dict):
+    """A materialized directory's listing, name -> WNode, that keeps the number of its
+    subdirectories (``dirs``) as names come and go: the directory's st_nlink is two more,
+    as on ext4, without a pass over a large listing at every stat.  Only item assignment
+    and deletion change it (the workspace uses nothing else)."""
+    __slots__ = ("dirs",)
+
+    def __init__(self, items=()):
+        super().__init__(items)
+        self.dirs = sum(1 for n in self.values() if n.kind is NodeKind.DIR)
+
+    def __setitem__(self, name: str, n: WNode) -> None:
+        old = self.get(name)
+        if old is not None and old.kind is NodeKind.DIR:
+            self.dirs -= 1
+        if n.kind is NodeKind.DIR:
+            self.dirs += 1
+        super().__setitem__(name, n)
+
+    def __delitem__(self, name: str) -> None:
+        if self[name].kind is NodeKind.DIR:
+            self.dirs -= 1
+        super().__delitem__(name)
+
+    def _unsupported(self, *args, **kwargs):
+        raise TypeError("Kids changes by item assignment and deletion only (they keep its count)")
+
+    pop = popitem = clear = update = setdefault = _unsupported
+
+
 class WNode:
     __slots__ = ("ino", "oid", "parent", "name", "kind", "origin", "children", "lazy", "upper", "size", "mode",
                  "mtime_ns", "target", "lookups", "opens", "fd", "dirty", "uid", "gid", "atime_ns",
-                 "ctime_ns", "rdev", "cow", "links")
+                 "ctime_ns", "rdev", "cow", "links", "nsub")
 
     def __init__(self, ino: int, kind: NodeKind, name: str, parent: WNode | None):
         self.ino = ino
@@ -68,7 +98,7 @@ class WNode:
         self.name = name
         self.kind = kind
         self.origin: TreeEntry | None = None
-        self.children: dict[str, WNode] | None = None  # materialized listing
+        self.children: Kids | None = None  # materialized listing
         self.lazy: dict[str, WNode] = {}  # nodes looked up in a lazy directory
         self.upper: str | None = None  # data file name
         self.size = 0
@@ -90,6 +120,8 @@ class WNode:
         self.cow: Cow | None = None
         # Hard links: the node's names besides (parent, name), oldest first (vfs/wslink.py).
         self.links: list[WLink] | None = None
+        # A lazy directory's subdirectories, once counted: (origin tree id, count) (st_nlink).
+        self.nsub: tuple[bytes, int] | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -247,10 +279,17 @@ class NodeTree:
             mode, size = n.mode, 0
         else:
             mode, size = stat.S_IFREG | n.mode, n.size
-        # st_nlink: 0 once unlinked (still open), as on ext4; else its names (directories: 1,
-        # "unknown").
+        # st_nlink: 0 once unlinked (still open), as on ext4; a directory's 2 and one for each
+        # subdirectory (its ".."), as on ext4, where known (_count_subdirs; else 1, "unknown",
+        # as btrfs shows for every directory); else its names.
         if n.parent is None and n is not self.root:
             nlink = 0
+        elif n.kind is NodeKind.DIR:
+            if n.children is not None:
+                nlink = 2 + n.children.dirs
+            else:
+                sub = n.nsub
+                nlink = 2 + sub[1] if sub is not None and sub[0] == n.origin.id else 1
         else:
             nlink = 1 + len(n.links) if n.links else 1
         # A node never given an atime (a base node; the mount is noatime) keeps the base
@@ -274,6 +313,20 @@ class NodeTree:
     def _remember(self, n: WNode) -> Attr:
         self.table.remember(n)
         return self.attr(n)
+
+    async def _count_subdirs(self, n: WNode) -> None:
+        """Before an answer with ``n``'s attributes goes to the kernel: a lazy directory's
+        subdirectories counted from its origin tree (kept on the node, for that tree), so its
+        st_nlink is exact.  A directory stored split (model/splittree.py, 100k entries and
+        more) is not counted, which would read every chunk: it shows 1, "unknown"."""
+        if n.kind is not NodeKind.DIR or n.children is not None or n.origin is None:
+            return
+        tid = n.origin.id
+        if n.nsub is not None and n.nsub[0] == tid:
+            return
+        tree = await self.loader.tree(tid)
+        if isinstance(tree, Tree) and n.children is None and n.origin is not None and n.origin.id == tid:
+            n.nsub = (tid, tree.subdirs)
 
     @staticmethod
     def _name(name: bytes) -> str:
