@@ -1224,3 +1224,39 @@ def test_a_directory_link_count_is_two_and_its_subdirectories_lazy_or_edited(tmp
             assert await nlinks(k, "", "a", "b", "b/x", "big") == [5, 4, 3, 3, 1]
     trio.run(main)
     repo.close()
+
+
+def test_a_reset_of_a_directory_holding_a_hard_links_first_name_keeps_its_other_name(tmp_path, cache_home):
+    """``reset missing`` in the session that linked ``missing/a`` as ``d/e`` (after a
+    commit, so no earlier edit had marked ``missing/a``): the file loses its name below
+    the path and keeps ``d/e``, with st_nlink 1. The link marked only its new name, so
+    the reset did not see the node as hard-linked and left it counting a name it no
+    longer had. Found by the reference model (seed 37 of 200)."""
+    from wsharness import Session, commit
+
+    src = tmp_path / "src"
+    (src / "fixed").mkdir(parents=True)
+    (src / "fixed" / "x").write_bytes(b"x")
+    repo = Repository.init(str(tmp_path / "repo"))
+    commit_directory(repo, src, message="base")
+
+    async def main():
+        async with Session(repo, tmp_path / "ws") as k:
+            await k.mkdir("missing")
+            await k.write_file("missing/a", b"aa")
+            await k.mkdir("d")
+            assert await commit(k) is not None  # missing/a is in the base now, unmarked
+            await k.link("missing/a", "d/e")  # nothing else: missing/a stays unmarked
+            await k.fs.reset(["missing"])
+            assert (await k.lstat("d/e")).st_nlink == 1
+            assert (await k.lstat("missing/a")).st_nlink == 1
+            assert (await k.lstat("d/e")).st_ino != (await k.lstat("missing/a")).st_ino
+            assert await k.read_file("missing/a") == b"aa"
+            assert await k.read_file("d/e") == b"aa"
+            assert await commit(k) is not None
+            assert await k.read_file("d/e") == b"aa"
+        async with Session(repo, tmp_path / "ws") as k:
+            assert (await k.lstat("d/e")).st_nlink == 1
+            assert await k.read_file("d/e") == b"aa" and await k.read_file("missing/a") == b"aa"
+    trio.run(main)
+    repo.close()

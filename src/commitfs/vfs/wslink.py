@@ -48,6 +48,10 @@ class LinkNames:
         n.ctime_ns = _now()  # a link is a status change of the node, as on ext4
         self._dirtied(n)
         self._touch(d, name)
+        # Its first name too: a rebase or reset finds the nodes of several names among the
+        # marked names (vfs/wscommit.py, _survey), and the first may be unmarked since the
+        # last commit.
+        self._mark(n.parent, n.name)
 
     def _drop_name_rows(self, d: WNode, name: str, n: WNode) -> Callable[[], None]:
         """Remove one of several names of ``n`` (``name`` in ``d``): rows now, memory later."""
