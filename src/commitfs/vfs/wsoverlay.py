@@ -51,7 +51,7 @@ class OverlayStore:
         tree = await self.loader.tree(d.origin.id)
         if d.children is not None:
             return
-        kids = Kids()
+        kids = {}  # (a plain dict filled, then one Kids made of it: counted in C)
         for e in await self.loader.tree_entries(tree):
             n = d.lazy.get(e.name) or self._from_entry(d, e)
             kids[e.name] = n
@@ -66,7 +66,7 @@ class OverlayStore:
             self.overlay.update(d.oid, materialized=1)
         for nid, n in zip(ids, kids.values()):
             n.oid = nid
-        d.children = kids
+        d.children = Kids(kids)
         d.lazy = {}
 
     def _touch(self, d: WNode, *names: str) -> None:

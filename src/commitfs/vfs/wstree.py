@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+from operator import attrgetter, countOf
 import stat
 import time
 
@@ -56,6 +57,9 @@ class WLink:
         self.name = name
 
 
+_KIND = attrgetter("kind")
+
+
 class Kids(dict):
     """A materialized directory's listing, name -> WNode, that keeps the number of its
     subdirectories (``dirs``) as names come and go: the directory's st_nlink is two more,
@@ -65,7 +69,7 @@ class Kids(dict):
 
     def __init__(self, items=()):
         super().__init__(items)
-        self.dirs = sum(1 for n in self.values() if n.kind is NodeKind.DIR)
+        self.dirs = countOf(map(_KIND, self.values()), NodeKind.DIR) if self else 0  # C loops
 
     def __setitem__(self, name: str, n: WNode) -> None:
         old = self.get(name)
