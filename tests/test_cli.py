@@ -547,3 +547,87 @@ def test_a_mount_command_imports_only_what_a_mount_needs():
     for argv in ([], ["--help"], ["--version", "mount"], ["-h", "log"], ["nosuchverb"]):
         assert verb_modules(argv) == VERB_MODULES, argv
     assert commitfs.Repository is not None and commitfs.run is not None  # the API, on first use
+
+
+def test_a_mount_command_line_is_read_for_its_mountpoint_as_argparse_reads_it():
+    """`commitfs mount` starts its daemon before it imports argparse, naming the
+    mountpoint on the daemon's command line (cli.early_mountpoint). Whatever it reads
+    there, argparse decides (a mismatch only costs a second daemon): here the two agree
+    on every arrangement of options and operands, and the reader says None where it
+    cannot be sure (help, --foreground, other verbs). Its table of options that take a
+    value is the mount parser's own."""
+    import argparse
+    import itertools
+    import random
+
+    from commitfs.cli import _GLOBAL_OPTIONS_WITH_VALUE, _MOUNT_OPTIONS_WITH_VALUE, build_parser, early_mountpoint
+    from commitfs.cli import mount as mount_verbs
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    mount_verbs.register(sub, argparse.ArgumentParser(add_help=False))
+    takes_value = {s for a in sub.choices["mount"]._actions if a.option_strings and a.nargs is None
+                   and not isinstance(a, (argparse._StoreTrueAction, argparse._HelpAction)) for s in a.option_strings}
+    assert takes_value == set(_MOUNT_OPTIONS_WITH_VALUE)
+    parser = build_parser(["commitfs.cli.mount"])
+    options = [["--cache-dir", "/c"], ["--refresh", "2"], ["-r", "/repo"], ["--repo=/repo"], ["-w"],
+               ["--allow-other"], ["--log-file", "mnt-log"], ["--no-disk-cache"], ["--io-timeout=3"],
+               ["--endpoint-url", "http://x"], ["--workspace", "/ws"], ["--cache-size", "1G"]]
+    rng = random.Random(7)
+    checked = 0
+    for operands in (["main", "/mnt/a"], ["/mnt/b"], ["v1:sub/dir", "rel/mnt"]):
+        for _ in range(60):
+            chosen = rng.sample(options, rng.randint(0, 4))
+            words = [*operands, *itertools.chain(*chosen)]
+            # operands keep their order; options go anywhere between them
+            slots = sorted(rng.randint(0, len(chosen)) for _ in operands)
+            line, k = [], 0
+            for i, group in enumerate(chosen + [[]]):
+                while k < len(operands) and slots[k] == i:
+                    line.append(operands[k])
+                    k += 1
+                line += group
+            prefix = ["-r", "/top"] if rng.random() < 0.3 else []
+            argv = [*prefix, "mount", *line]
+            assert sorted(argv[len(prefix) + 1:]) == sorted(words)
+            assert early_mountpoint(argv) == parser.parse_args(argv).mountpoint, argv
+            checked += 1
+    assert checked == 180
+    for argv in (["mount", "main", "/m", "--help"], ["mount", "-f", "main", "/m"], ["mount", "-wf", "main", "/m"],
+                 ["mount", "--foreground", "/m"], ["--help", "mount", "/m"], ["umount", "/m"], ["log"], [],
+                 ["mount"], ["mount", "a", "b", "c"], ["-r", "mount", "log", "x"]):
+        assert early_mountpoint(argv) is None, argv
+    assert early_mountpoint(["mount", "main", "--", "-odd"]) == "-odd"
+    assert {"-r", "--repo", "--endpoint-url"} == set(_GLOBAL_OPTIONS_WITH_VALUE)
+
+
+def test_a_mount_process_starts_its_daemon_before_it_imports_its_parser(tmp_path):
+    """The console script's `commitfs mount` starts the daemon first thing: argparse and
+    the mount's own modules are not yet imported when it does. (The daemon, told
+    nothing, exits doing nothing when the command ends at its usage error.)"""
+    import sys
+
+    code = ("import sys\n"
+            "import commitfs.fuse.spawn as spawn\n"
+            "seen = []\n"
+            "class Recording(spawn.Spawned):\n"
+            "    def __init__(self, mountpoint):\n"
+            "        seen.append((mountpoint, [m for m in ('argparse', 'commitfs.fuse.lifecycle', 'subprocess',\n"
+            "                                             'commitfs.cli.mount') if m in sys.modules]))\n"
+            "        super().__init__(mountpoint)\n"
+            "spawn.Spawned = Recording\n"
+            f"sys.argv = ['commitfs', 'mount', '--no-such-option', 'main', {str(tmp_path / 'mnt')!r}]\n"
+            "from commitfs.cli import main\n"
+            "try:\n"
+            "    main()\n"
+            "except SystemExit as exc:\n"
+            "    print('exit', exc.code)\n"
+            "pid = spawn._early.proc.pid\n"
+            "spawn._early.close()\n"
+            "print('daemon', spawn._early.proc.wait(timeout=60))\n"
+            "print(seen)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[:2] == ["exit 2", "daemon 0"], proc.stdout
+    assert lines[2] == repr([(str(tmp_path / "mnt"), [])]), proc.stdout

@@ -7,7 +7,6 @@ module with ``register(subparsers, common)``; handlers return an int exit code.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import os
 import sys
@@ -60,54 +59,6 @@ def verb_modules(argv: list[str]) -> list[str]:
     return VERB_MODULES
 
 
-class _Parser(argparse.ArgumentParser):
-    _intermixing = False
-
-    def error(self, message: str):  # one line, exit 2
-        self.exit(2, f"commitfs: {message} (see --help)\n")
-
-    def parse_known_args(self, args=None, namespace=None):
-        # A verb's own parser takes options anywhere between its operands
-        # (`mount REV --cache-dir DIR MOUNTPOINT`): plain argparse gives up on
-        # an optional operand followed by a required one once an option sits
-        # between them.  The top-level parser (with subcommands) cannot
-        # intermix, and intermixed parsing calls back into this method.
-        if (self._subparsers is not None or self._intermixing
-                or any(a.nargs in (argparse.REMAINDER, argparse.PARSER) for a in self._actions)):
-            return super().parse_known_args(args, namespace)  # `run ... -- COMMAND` too
-        self._intermixing = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._intermixing = False
-
-
-def build_parser(modules: list[str] = VERB_MODULES) -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-r", "--repo", default=argparse.SUPPRESS,
-                        help="repository URL: a path or s3://BUCKET/PREFIX (default: $COMMITFS_REPO)")
-    common.add_argument("--endpoint-url", default=argparse.SUPPRESS,
-                        help="S3 endpoint URL (default: the AWS configuration)")
-    parser = _Parser(prog="commitfs", parents=[common],
-                     description="Version ML datasets and model weights as content-addressed commits.")
-    from commitfs import __version__
-
-    parser.add_argument("--version", action="version", version=f"commitfs {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
-    import importlib
-
-    for name in modules:
-        try:
-            module = importlib.import_module(name)
-        except ImportError as exc:
-            if exc.name == name:
-                continue  # verb group not built yet
-            raise
-        module.register(sub, common)
-    return parser
-
-
 class _GuardedOutput:
     """sys.stdout (and its .buffer) whose failed writes raise OutputError.
 
@@ -156,9 +107,65 @@ def _silence_stdout() -> None:
     os.close(devnull)
 
 
+def early_mountpoint(argv: list[str]) -> str | None:
+    """The MOUNTPOINT of a `commitfs mount` command line, read without argparse (which
+    decides: this only lets ``main`` start the daemon first); None for any other
+    command line, --help and --foreground, or one it cannot read for sure."""
+    i, verb, operands = 0, None, []
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if verb is None:
+            if arg in _GLOBAL_OPTIONS_WITH_VALUE:
+                i += 1
+            elif arg in ("-h", "--help", "--version"):
+                return None
+            elif not arg.startswith("-"):
+                if arg != "mount":
+                    return None
+                verb = arg
+        elif arg == "--":
+            operands += argv[i:]
+            break
+        elif arg in _GLOBAL_OPTIONS_WITH_VALUE or arg in _MOUNT_OPTIONS_WITH_VALUE:
+            i += 1
+        elif arg.startswith("--"):
+            if arg in ("--help", "--foreground"):
+                return None
+        elif arg.startswith("-") and len(arg) > 1:
+            if not arg.startswith("-r") and ("h" in arg or "f" in arg):
+                return None  # -h, -f, -wf
+        else:
+            operands.append(arg)
+    return operands[-1] if verb and 1 <= len(operands) <= 2 else None
+
+
+#: `commitfs mount`'s options that take a value (cli/mount.py; tests/test_cli.py
+#: checks this against its parser).
+_MOUNT_OPTIONS_WITH_VALUE = ("--cache-dir", "--cache-size", "--refresh", "--io-timeout", "--log-file",
+                             "--record-reads", "--workspace")
+
+
+def __getattr__(name: str):
+    if name == "build_parser":  # argparse is imported when a command line is parsed (parser.py)
+        from commitfs.cli.parser import build_parser
+
+        return build_parser
+    raise AttributeError(f"module 'commitfs.cli' has no attribute {name!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
+        # `commitfs mount` starts its daemon now, before the parser's imports: the
+        # daemon's own imports are most of a mount's start-up (issue 19: mount to first ls).
+        mountpoint = early_mountpoint(argv)
+        if mountpoint is not None:
+            from commitfs.fuse.spawn import spawn_early
+
+            spawn_early(mountpoint)
+    from commitfs.cli.parser import build_parser
+
     parser = build_parser(verb_modules(argv))
     args = parser.parse_args(argv)
     real_stdout = sys.stdout

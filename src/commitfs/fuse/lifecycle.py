@@ -29,12 +29,13 @@ import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from commitfs.errors import MountError
+from commitfs.fuse import spawn
+from commitfs.fuse.spawn import Spawned
 
 FSTYPE = "fuse.commitfs"
 #: How long ``commitfs mount`` waits for the daemon to report (opening an S3
@@ -384,40 +385,31 @@ def spawn_daemon(mountpoint: str | None = None) -> PendingDaemon:
     while the caller still checks the command line and the repository, then waits
     for ``PendingDaemon.start`` (or exits at ``cancel``, doing nothing).
     ``mountpoint``: named on its command line (for ps, and scripts that look for
-    a mount's daemon there); its configuration decides."""
-    return PendingDaemon(mountpoint)
+    a mount's daemon there); its configuration decides.  The one `commitfs mount`
+    started first thing for this mountpoint (spawn.spawn_early), if any, is taken
+    instead of a new one."""
+    early = spawn.take_early(canonical(mountpoint)) if mountpoint else None
+    return PendingDaemon(mountpoint, early)
 
 
 class PendingDaemon:
-    """A daemon process waiting for its configuration (``spawn_daemon``)."""
+    """A daemon process waiting for its configuration (``spawn_daemon``; started
+    by fuse/spawn.py)."""
 
-    def __init__(self, mountpoint: str | None = None):
+    def __init__(self, mountpoint: str | None = None, spawned: Spawned | None = None):
         self._done = False  # started or cancelled: its descriptors are closed
-        config_r, self._config_w = os.pipe()
-        self._ready_r, ready_w = os.pipe()
-        # Until it has its configuration the daemon has no log: it writes to this
+        # Until it has its configuration the daemon has no log: it writes to an
         # unnamed file (an import failure's traceback, say), which start() copies
         # into the mount log if the daemon dies before it is ready; it then sends its
         # stdout and stderr to the configured log (daemon.main).
-        self._early = tempfile.TemporaryFile()
-        try:
-            with open(os.devnull, "rb") as devnull:
-                self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "commitfs.fuse.daemon", "--ready-fd", str(ready_w),
-                     "--config-fd", str(config_r),
-                     *(["--mountpoint", canonical(mountpoint)] if mountpoint else [])],
-                    stdin=devnull, stdout=self._early, stderr=self._early, pass_fds=(ready_w, config_r),
-                    start_new_session=True,
-                )
-        except OSError as exc:
-            for fd in (config_r, self._config_w, self._ready_r, ready_w):
-                os.close(fd)
-            self._early.close()
-            raise MountError(f"cannot start the mount daemon: {exc}") from None
-        finally:
-            if hasattr(self, "proc"):
-                os.close(config_r)
-                os.close(ready_w)
+        if spawned is None:
+            try:
+                spawned = Spawned(canonical(mountpoint) if mountpoint else None)
+            except OSError as exc:
+                raise MountError(f"cannot start the mount daemon: {exc}") from None
+        self.proc = spawned.proc
+        self._config_w, self._ready_r = spawned.config_w, spawned.ready_r
+        self._early = open(spawned.early_fd, "w+b")
 
     def start(self, config: DaemonConfig, timeout_s: float = START_TIMEOUT_S) -> int:
         """Hand the daemon ``config``; return its pid once the mount is live."""
@@ -450,7 +442,7 @@ class PendingDaemon:
             raise MountError(f"the mount daemon did not become ready within {timeout_s:g}s (log: {config.log_file})")
         try:
             code = proc.wait(timeout=EXIT_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
+        except TimeoutError:
             proc.kill()
             code = proc.wait()
         last = self._keep_early_output(config.log_file)
@@ -487,7 +479,7 @@ class PendingDaemon:
                 pass
         try:
             self.proc.wait(timeout=EXIT_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
+        except TimeoutError:
             self.proc.kill()
             self.proc.wait()
 
