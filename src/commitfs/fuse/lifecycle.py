@@ -35,7 +35,7 @@ from pathlib import Path
 
 from commitfs.errors import MountError
 from commitfs.fuse import spawn
-from commitfs.fuse.spawn import Spawned
+from commitfs.fuse.spawn import Spawned, canonical
 
 FSTYPE = "fuse.commitfs"
 #: How long ``commitfs mount`` waits for the daemon to report (opening an S3
@@ -98,13 +98,6 @@ class MountInfo:
 
 
 # --- what is mounted where ------------------------------------------------------
-def canonical(path: str | os.PathLike) -> str:
-    """An absolute path with the parent's symlinks resolved, without touching the
-    last component (which may be a dead FUSE mount that stat cannot reach)."""
-    path = os.path.abspath(os.fspath(path))
-    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
-
-
 def _unescape(field: str) -> str:
     # /proc/self/mountinfo escapes space, tab, newline and backslash as \ooo.
     out, i = [], 0

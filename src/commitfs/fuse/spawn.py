@@ -75,16 +75,19 @@ class Spawned:
         config_r, self.config_w = os.pipe()
         self.ready_r, ready_w = os.pipe()
         self.early_fd = _unnamed_file()
-        argv = [sys.executable, "-m", "commitfs.fuse.daemon", "--ready-fd", str(ready_w),
-                "--config-fd", str(config_r), *(["--mountpoint", mountpoint] if mountpoint else [])]
-        os.set_inheritable(config_r, True)
-        os.set_inheritable(ready_w, True)
-        # None of the caller's other inheritable descriptors (a pipe its own caller
-        # reads to the end, say) stays open in the daemon.
+        # The daemon gets none of this process's other descriptors (a pipe its own
+        # caller reads to the end, say), and the two pipe ends as copies made in the
+        # child alone (dup2 onto descriptors closed there first: no window in which
+        # another thread's child could inherit them).
         keep = {0, 1, 2, config_r, ready_w, self.early_fd}
+        config_fd, ready_fd = [n for n in range(3, 3 + len(keep) + 2) if n not in keep][:2]
+        argv = [sys.executable, "-m", "commitfs.fuse.daemon", "--ready-fd", str(ready_fd),
+                "--config-fd", str(config_fd), *(["--mountpoint", mountpoint] if mountpoint else [])]
         actions = [(os.POSIX_SPAWN_CLOSE, fd) for fd in _open_fds() if fd not in keep]
-        actions += [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                    (os.POSIX_SPAWN_DUP2, self.early_fd, 1), (os.POSIX_SPAWN_DUP2, self.early_fd, 2)]
+        # (the pipes first: a caller started without stdin may have got one as fd 0)
+        actions += [(os.POSIX_SPAWN_DUP2, config_r, config_fd), (os.POSIX_SPAWN_DUP2, ready_w, ready_fd),
+                    (os.POSIX_SPAWN_DUP2, self.early_fd, 1), (os.POSIX_SPAWN_DUP2, self.early_fd, 2),
+                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
         try:
             pid = os.posix_spawn(sys.executable, argv, os.environ, file_actions=actions, setsid=True)
         except OSError:
@@ -103,6 +106,13 @@ class Spawned:
                 os.close(fd)
             except OSError:
                 pass
+
+
+def canonical(path: str | os.PathLike) -> str:
+    """An absolute path with the parent's symlinks resolved, without touching the
+    last component (which may be a dead FUSE mount that stat cannot reach)."""
+    path = os.path.abspath(os.fspath(path))
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
 
 
 def _unnamed_file() -> int:
@@ -133,8 +143,7 @@ def spawn_early(mountpoint: str) -> None:
     failure is left to the ordinary start, later, to report."""
     global _early
     try:
-        path = os.path.abspath(mountpoint)
-        _early = Spawned(os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path)))
+        _early = Spawned(canonical(mountpoint))
     except (OSError, ValueError):
         _early = None
 
@@ -146,6 +155,7 @@ def take_early(mountpoint: str) -> Spawned | None:
     spawned, _early = _early, None
     if spawned is not None and spawned.mountpoint != mountpoint:
         spawned.close()
+        spawned.proc.kill()  # it has done nothing but import
         spawned.proc.wait()
         return None
     return spawned
