@@ -565,6 +565,35 @@ def test_a_mount_starts_its_daemon_before_its_checks_and_a_failed_check_stops_it
         assert run_commitfs("umount", str(mnt)).returncode == 0
 
 
+def test_a_mount_daemon_holds_none_of_its_callers_descriptors(dataset, mounts, tmp_path):
+    """The daemon `commitfs mount` starts (fuse/spawn.py) keeps none of the command's
+    inheritable descriptors: a pipe the command's own caller handed it reads to its end
+    once the command exits, though the daemon serves on, and the daemon's open
+    descriptors are its own (no pipe of the caller's among them)."""
+    mnt = mounts.mountpoint()
+    r, w = os.pipe()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "commitfs", "-r", dataset.url, "mount", "--cache-dir",
+                               str(tmp_path / "c"), "v1", str(mnt)], pass_fds=(w,), capture_output=True,
+                              text=True, timeout=120, env=cli_env())
+        os.close(w)
+        w = None
+        assert proc.returncode == 0, proc.stderr
+        pid = lookup_daemon_pid(mnt)
+        assert pid is not None and find_mount(mnt) is not None
+        os.set_blocking(r, False)
+        assert os.read(r, 1) == b""  # every write end is closed: the daemon holds none
+        pipe = os.readlink(f"/proc/self/fd/{r}")
+        held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        assert pipe not in held
+        assert (mnt / "fixed" / "big.bin").read_bytes() == (dataset.src / "fixed" / "big.bin").read_bytes()
+    finally:
+        os.close(r)
+        if w is not None:
+            os.close(w)
+        run_commitfs("umount", str(mnt))
+
+
 def test_daemon_start_failure_reaches_the_caller(dataset, mounts, tmp_path):
     """Errors found by the daemon itself come back through the readiness pipe."""
     mnt = mounts.mountpoint()

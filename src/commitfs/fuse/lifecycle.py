@@ -28,7 +28,6 @@ import select
 import shutil
 import stat
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path

@@ -1,11 +1,11 @@
-"""Starting a mount's daemon process, with nothing but ``os`` imported.
+"""Starting a mount's daemon process, with nothing but ``os``, ``sys`` and ``time`` imported.
 
 `commitfs mount` starts its daemon before anything else (issue 19: mount to the
 first ``ls``): the daemon's imports (pyfuse3, trio, the file system) are most of a
 mount's start-up, and they run while the command line is parsed and the repository
-checked.  So this module imports no more than the interpreter has loaded at start-up
-(``os``, ``sys``; not ``subprocess``, ``tempfile`` or ``argparse``, tens of
-milliseconds between them), and the CLI calls :func:`spawn_early` first thing
+checked.  So this module imports nothing the interpreter does not load at start-up or
+have built in (not ``subprocess``, ``tempfile`` or ``argparse``, tens of milliseconds
+between them), and the CLI calls :func:`spawn_early` first thing
 (``commitfs.cli.main``).  ``fuse/lifecycle.py`` (``PendingDaemon``) hands the daemon
 its configuration, or cancels it.
 
@@ -72,9 +72,16 @@ class Spawned:
 
     def __init__(self, mountpoint: str | None):
         self.mountpoint = mountpoint  # as named on its command line (canonical), or None
-        config_r, self.config_w = os.pipe()
-        self.ready_r, ready_w = os.pipe()
-        self.early_fd = _unnamed_file()
+        fds: list[int] = []
+        try:
+            fds += os.pipe()
+            fds += os.pipe()
+            fds.append(_unnamed_file())
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        config_r, self.config_w, self.ready_r, ready_w, self.early_fd = fds
         # The daemon gets none of this process's other descriptors (a pipe its own
         # caller reads to the end, say), and the two pipe ends as copies made in the
         # child alone (dup2 onto descriptors closed there first: no window in which
