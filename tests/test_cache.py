@@ -21,6 +21,12 @@ from commitfs.storage.faulty import FaultyStore
 from commitfs.storage.local import LocalStore
 
 
+def bundle_of(cache: DiskChunkCache, oid: bytes) -> Path:
+    """The bundle file holding a chunk write-behind wrote (module doc of cache/disk.py)."""
+    index, names = cache._bidx
+    return cache.path / "v1" / "bundles" / names[index[hash(oid)] >> 64]
+
+
 def chunk(i: int, size: int = 10_000) -> tuple[bytes, bytes]:
     data = (f"chunk {i} ".encode() * (size // 8 + 1))[:size]
     return hash_bytes(data), data
@@ -89,17 +95,14 @@ def test_write_behind_serves_pending_chunks_from_memory_and_writes_them_all(tmp_
 
     cache = DiskChunkCache(tmp_path / "c", max_bytes=1 << 20)
     gate = threading.Event()
-    real = cache._put_now
-    caller = threading.current_thread()
+    real = cache._put_bundle
 
-    def held(oid, data):
-        # Only the writer thread is held; the caller's own write goes through. (Swapping
-        # the function back instead raced: a writer not yet past its lookup of _put_now
-        # took the real one and wrote a pending chunk early.)
-        if threading.current_thread() is not caller:
-            assert gate.wait(60)
-        return real(oid, data)
-    monkeypatch.setattr(cache, "_put_now", held)
+    def held(batch):
+        # Only the writer thread writes bundles; the caller's own write (a chunk file)
+        # goes through.
+        assert gate.wait(60)
+        return real(batch)
+    monkeypatch.setattr(cache, "_put_bundle", held)
     cache.write_behind(max_pending=25_000)  # two 10 kB chunks wait, the third is written at once
     chunks = [chunk(i) for i in range(3)]
     for oid, data in chunks[:2]:
@@ -133,14 +136,14 @@ def test_a_writer_close_gave_up_on_never_touches_the_next_writers_chunks(tmp_pat
     cache = DiskChunkCache(tmp_path / "c", max_bytes=1 << 20)
     stuck_oid, stuck_data = chunk(100)
     entered, gate = threading.Event(), threading.Event()
-    real = cache._put_now
+    real = cache._put_bundle
 
-    def held(oid, data):
-        if oid == stuck_oid:
+    def held(batch):
+        if any(oid == stuck_oid for oid, _ in batch):
             entered.set()
             assert gate.wait(60)
-        real(oid, data)
-    monkeypatch.setattr(cache, "_put_now", held)
+        return real(batch)
+    monkeypatch.setattr(cache, "_put_bundle", held)
     cache.write_behind(max_pending=1 << 20)
     cache.put(stuck_oid, stuck_data)
     cache.put(*chunk(101))  # queued behind the stuck one: given up on at close
@@ -262,7 +265,7 @@ def opens(monkeypatch):
 
     def counting(path, *args, **kwargs):
         parts = str(path).split(os.sep)
-        if len(parts) >= 3 and parts[-3] == "v1" and len(parts[-2]) == 2:
+        if len(parts) >= 3 and parts[-3] == "v1" and (len(parts[-2]) == 2 or parts[-2] == "bundles"):
             calls.append(str(path))
         return real(path, *args, **kwargs)
     monkeypatch.setattr(os, "open", counting)
@@ -278,8 +281,8 @@ def test_write_behind_serves_recent_chunks_and_known_misses_without_opening_file
     for oid, data in items:
         cache.put(oid, data)
     assert cache.flush(60)
-    assert all(cache._file(oid).exists() for oid, _ in items)
-    assert cache._listing is not None
+    assert all(bundle_of(cache, oid).exists() for oid, _ in items)
+    assert not any(cache._file(oid).exists() for oid, _ in items)  # bundles, not a file each
     del opens[:]
     for oid, data in items[-2:]:
         assert cache.get(oid) == data
@@ -316,7 +319,7 @@ def test_listing_follows_own_writes_and_deletions_and_finds_others_at_a_scan(tmp
     other.put(oid3, data3)
     del opens[:]
     assert cache.get(oid3) is None and opens == []  # not seen until a scan
-    other._file(oid2).unlink()
+    bundle_of(cache, oid2).unlink()
     assert cache.get(oid2) is None and len(opens) == 1  # listed, gone: opened once...
     assert cache.get(oid2) is None and len(opens) == 1  # ...and then known to be absent
     cache.evict(target=1 << 20)  # an eviction scans (and deletes nothing here)
@@ -331,19 +334,23 @@ def test_listing_follows_own_writes_and_deletions_and_finds_others_at_a_scan(tmp
 
 
 def test_listing_is_dropped_for_a_cache_of_too_many_files(tmp_path, opens, monkeypatch):
-    """A cache of more than LISTING_MAX files keeps no listing (bounded memory): misses open."""
+    """The bundle index holds at most LISTING_MAX chunks and the writer writes chunk
+    files past it; a cache of more than LISTING_MAX chunk files keeps no listing
+    (bounded memory either way): misses open, every chunk is still served."""
     import commitfs.cache.disk as disk
 
     monkeypatch.setattr(disk, "LISTING_MAX", 3)
     cache = DiskChunkCache(tmp_path / "c", max_bytes=1 << 20)
     cache.write_behind(recent_bytes=0)
-    for i in range(5):
+    for i in range(8):
         cache.put(*chunk(i))
     assert cache.flush(60)
+    assert len(cache._bidx[0]) <= 3
+    assert sum(cache._file(chunk(i)[0]).exists() for i in range(8)) >= 5
     assert cache._listing is None
     del opens[:]
     assert cache.get(chunk(99)[0]) is None and len(opens) == 1
-    assert cache.get(chunk(4)[0]) == chunk(4)[1]
+    assert all(cache.get(chunk(i)[0]) == chunk(i)[1] for i in range(8))
     cache.close()
 
 
@@ -378,3 +385,82 @@ def test_engine_reads_chunks_a_cache_holds_in_memory_without_a_thread(tmp_path):
     assert store.calls["load_range"] == calls
     cache.close()
     assert r.chunks_from_memory(ids) is None  # (write-behind off: nothing in memory)
+
+
+def test_write_behind_writes_its_chunks_as_few_bundles_another_process_reads(tmp_path):
+    """A cold read's chunks cost a file create each no more: write-behind writes what
+    waits as one bundle (cache/disk.py, "Bundles"), and another cache object on the
+    directory (another mount) finds every chunk in them by their headers, verified."""
+    cache = DiskChunkCache(tmp_path / "c", max_bytes=8 << 20)
+    cache.write_behind()
+    items = [chunk(i) for i in range(60)]
+    for oid, data in items:
+        cache.put(oid, data)
+    assert cache.flush(60)
+    cache.close()
+    bundles = list((tmp_path / "c" / "v1" / "bundles").iterdir())
+    assert 1 <= len(bundles) <= 6  # (the writer may start before the last puts)
+    assert not any(cache._file(oid).exists() for oid, _ in items)
+    assert cache.stats.puts == 60
+    other = DiskChunkCache(tmp_path / "c", max_bytes=8 << 20)
+    assert all(other.get(oid) == data for oid, data in items)
+    assert other.stats.hits == 60 and other.stats.corrupt == 0
+    assert other.size() == sum(p.stat().st_size for p in bundles)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "header"])
+def test_a_damaged_bundle_never_serves_wrong_bytes(tmp_path, damage):
+    """A bundle whose chunk bytes were flipped serves that chunk as a miss and is
+    removed; one cut short (a crash before its bytes reached the disk) or with a bad
+    header is not indexed: its chunks are misses, fetched and cached again."""
+    cache = DiskChunkCache(tmp_path / "c", max_bytes=8 << 20)
+    cache.write_behind()
+    items = [chunk(i) for i in range(5)]
+    for oid, data in items:
+        cache.put(oid, data)
+    assert cache.flush(60)
+    cache.close()
+    (bundle,) = (tmp_path / "c" / "v1" / "bundles").iterdir()
+    raw = bytearray(bundle.read_bytes())
+    if damage == "flip":
+        raw[-5_000] ^= 0x01  # in the last chunk
+    elif damage == "truncate":
+        raw = raw[:-1]
+    else:
+        raw[0] ^= 0xFF
+    bundle.write_bytes(bytes(raw))
+    other = DiskChunkCache(tmp_path / "c", max_bytes=8 << 20)
+    got = [other.get(oid) for oid, _ in items]
+    assert all(g is None or g == data for g, (_, data) in zip(got, items))
+    assert got[-1] is None
+    if damage == "flip":
+        assert got[:-1] == [data for _, data in items[:-1]]  # (read before the last one failed)
+        assert other.stats.corrupt == 1 and not bundle.exists()
+    else:
+        assert got == [None] * 5
+    other.write_behind()
+    for oid, data in items:
+        other.put(oid, data)
+    assert other.flush(60)
+    assert all(other.get(oid) == data for oid, data in items)
+    other.close()
+
+
+def test_write_behind_bundles_are_evicted_whole_and_the_cap_holds(tmp_path):
+    """Eviction counts and deletes bundles as units, least recently used first, and
+    the index forgets what it deleted: every chunk served is right, the cap holds."""
+    cap = 400_000
+    cache = DiskChunkCache(tmp_path / "c", max_bytes=cap)
+    cache.write_behind(recent_bytes=0)
+    items = [chunk(i) for i in range(100)]  # 1 MB: over the cap, in batches
+    for n in range(0, 100, 10):
+        for oid, data in items[n:n + 10]:
+            cache.put(oid, data)
+        assert cache.flush(60)
+    assert cache.stats.evictions >= 1
+    assert cache.size() <= cap
+    got = [cache.get(oid) for oid, _ in items]
+    assert all(g is None or g == data for g, (_, data) in zip(got, items))
+    assert got[-1] == items[-1][1]  # the newest bundle is kept
+    assert sum(g is not None for g in got) * 10_000 <= cap
+    cache.close()
