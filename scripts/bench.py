@@ -1001,7 +1001,7 @@ def _mount_reads(b: Bench, ds: Dataset, repo_url: str, out: SectionResult) -> No
             cold_s = read_all(mnt)
         out.rows += [
             Row("cold read of every file through a new mount vs the files (page cache dropped)",
-                nbytes / cold_s, nbytes / cold_disk_s, "B/s", (">=", 0.5)),
+                nbytes / cold_s, nbytes / cold_disk_s, "B/s", (">=", 0.7)),  # issue 19's (0.5x before)
             Row("  the framework's ceiling: nullfs's first read (from memory) vs the files (page cache dropped)",
                 nbytes / null_first_s, nbytes / cold_disk_s, "B/s"),
         ]
