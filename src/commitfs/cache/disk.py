@@ -628,18 +628,7 @@ class DiskChunkCache:
             offset += len(data)
         tmp = f"{self._tmp_s}/{name}.{os.getpid()}"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        except FileNotFoundError:  # the cache directory was removed under us
-            self._tmp.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            try:
-                for part in (b"".join(head), *(data for _, data in chunks)):
-                    view = memoryview(part)
-                    while view:
-                        view = view[os.write(fd, view):]
-            finally:
-                os.close(fd)
+            self._write_new(tmp, (b"".join(head), *(data for _, data in chunks)))
             before = self._bundles_mtime()
             try:
                 os.rename(tmp, f"{self._bundles_s}/{name}")
@@ -710,20 +699,25 @@ class DiskChunkCache:
             self.evict()
         return True
 
-    def _write(self, path: str, data: bytes) -> None:
-        tmp = f"{self._tmp_s}/{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}"
+    def _write_new(self, tmp: str, parts) -> None:
+        """Write ``parts`` one after another into the new file ``tmp`` (of tmp/)."""
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         except FileNotFoundError:  # the cache directory was removed under us
             self._tmp.mkdir(parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
-            try:
-                view = memoryview(data)
+            for part in parts:
+                view = memoryview(part)
                 while view:
                     view = view[os.write(fd, view):]
-            finally:
-                os.close(fd)
+        finally:
+            os.close(fd)
+
+    def _write(self, path: str, data: bytes) -> None:
+        tmp = f"{self._tmp_s}/{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}"
+        try:
+            self._write_new(tmp, (data,))
             try:
                 os.rename(tmp, path)
             except FileNotFoundError:
