@@ -170,9 +170,12 @@ def test_chunk_larger_than_a_quarter_of_the_cap_is_not_cached(tmp_path):
     assert cache.get(oid) is None
 
 
-def _hammer(path: str, seed: int, rounds: int) -> int:
-    """Put and get overlapping chunks; return the number of wrong bytes served."""
+def _hammer(path: str, seed: int, rounds: int, behind: bool = False) -> int:
+    """Put and get overlapping chunks (with write-behind: into bundles); return the
+    number of wrong bytes served."""
     cache = DiskChunkCache(path, max_bytes=300_000)
+    if behind:
+        cache.write_behind()
     wrong = 0
     for r in range(rounds):
         oid, data = chunk((r * 7 + seed) % 60)
@@ -181,17 +184,22 @@ def _hammer(path: str, seed: int, rounds: int) -> int:
             cache.put(oid, data)
         elif got != data:
             wrong += 1
+        if behind and r % 10 == 9:
+            assert cache.flush(60)  # (written, so that evictions and other processes meet them)
+    cache.close()
     return wrong
 
 
-def test_two_processes_share_a_small_cache(tmp_path):
+@pytest.mark.parametrize("behind", [False, True], ids=["chunk-files", "bundles"])
+def test_two_processes_share_a_small_cache(tmp_path, behind):
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(3) as pool:
-        wrong = pool.starmap(_hammer, [(str(tmp_path), s, 400) for s in range(3)])
+        wrong = pool.starmap(_hammer, [(str(tmp_path), s, 400, behind) for s in range(3)])
     assert wrong == [0, 0, 0]
     cache = DiskChunkCache(tmp_path, max_bytes=300_000)
-    # Approximate cap: each process may add an eighth of the cap (and a chunk) unseen by the others.
-    assert cache.size() <= 300_000 + 3 * (300_000 // 8 + 10_000)
+    # Approximate cap: each process may add an eighth of the cap (and a chunk, or a
+    # bundle of at most a 16th of the cap) unseen by the others.
+    assert cache.size() <= 300_000 + 3 * (300_000 // 8 + (300_000 // 16 if behind else 10_000))
     assert not list((tmp_path / "v1" / "tmp").iterdir())
     for i in range(60):
         oid, data = chunk(i)
@@ -394,7 +402,7 @@ def bundled(tmp_path: Path, items: list[tuple[bytes, bytes]], monkeypatch) -> Di
 
     monkeypatch.setattr(disk, "BUNDLE_MIN_BYTES", sum(len(data) for _, data in items))
     monkeypatch.setattr(disk, "BUNDLE_LINGER_S", 60.0)
-    cache = DiskChunkCache(tmp_path / "c", max_bytes=8 << 20)
+    cache = DiskChunkCache(tmp_path / "c", max_bytes=64 << 20)  # (a bundle holds up to a 16th of it)
     cache.write_behind()
     for oid, data in items:
         cache.put(oid, data)

@@ -142,7 +142,8 @@ WRITE_BEHIND_BYTES = 32 * 1024 * 1024
 RECENT_BYTES = 32 * 1024 * 1024
 #: A cache of more files than this keeps no listing (module doc): ~70 bytes each.
 LISTING_MAX = 250_000
-#: A bundle (module doc) holds at most this many bytes of chunks (one chunk may exceed it alone).
+#: A bundle (module doc) holds at most this many bytes of chunks, and at most a 16th of
+#: the cap (one chunk may exceed either alone).
 BUNDLE_BYTES = 8 * 1024 * 1024
 #: The writer lingers up to BUNDLE_LINGER_S for this many bytes before writing a bundle.
 BUNDLE_MIN_BYTES = 1024 * 1024
@@ -317,8 +318,11 @@ class DiskChunkCache:
                     return
                 # A batch for one bundle: linger a little for more (they are served from
                 # memory meanwhile), then take what waits, up to BUNDLE_BYTES.
+                # (a bundle is evicted whole: at most a 16th of the cap, so a small cache
+                # still holds many)
+                most = min(BUNDLE_BYTES, self.max_bytes // 16)
                 deadline = time.monotonic() + BUNDLE_LINGER_S
-                while w.bytes < BUNDLE_MIN_BYTES and not w.closing and w.queue:
+                while w.bytes < min(BUNDLE_MIN_BYTES, most) and not w.closing and w.queue:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
@@ -328,7 +332,7 @@ class DiskChunkCache:
                 batch, nbytes = [], 0
                 for oid in w.queue:
                     data = w.pending[oid]
-                    if batch and nbytes + len(data) > BUNDLE_BYTES:
+                    if batch and nbytes + len(data) > most:
                         break
                     batch.append((oid, data))
                     nbytes += len(data)
