@@ -443,6 +443,11 @@ def test_cache_reused_across_remounts_and_capped(dataset, mounts, s3_url, tmp_pa
 
     first = read_everything(tmp_path / "one.log")
     assert first["puts"] > 0 and first["misses"] >= first["puts"]  # (hits: files sharing chunks)
+    # The daemon's cache writes what it fetched as bundles, not a file per chunk (a create
+    # is what a cold read's cache paid most for: cache/disk.py).
+    made = [p for p in (cache_dir / "chunks" / "v1").rglob("*") if p.is_file() and p.name != "evict.lock"]
+    assert made and all(p.parent.name == "bundles" for p in made)
+    assert len(made) < first["puts"]  # (4 bundles for 50 chunks here; big.bin's chunks come together)
     assert first["put_failures"] == 0 and 0 <= first["memory_hits"] <= first["hits"]  # every counter logged
     # The loader's chunk single flight is counted in the unmount line too.
     (joined,) = [int(x.rsplit(": ", 1)[1]) for x in (tmp_path / "one.log").read_text().splitlines()
