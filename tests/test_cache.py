@@ -478,3 +478,18 @@ def test_write_behind_bundles_are_evicted_whole_and_the_cap_holds(tmp_path):
     assert got[-1] == items[-1][1]  # the newest bundle is kept
     assert sum(g is not None for g in got) * 10_000 <= cap
     cache.close()
+
+
+def test_an_index_entry_naming_another_chunks_place_is_a_miss_not_damage(tmp_path, monkeypatch):
+    """The bundle index keys chunks by the hash of their ids: were two to collide, the
+    one looked up would find the other's bytes. That is a miss (its entry dropped), not
+    damage: the bundle, whose header names the other chunk there, stays."""
+    items = [chunk(i) for i in range(3)]
+    bundled(tmp_path, items, monkeypatch)
+    other = DiskChunkCache(tmp_path / "c", max_bytes=8 << 20)
+    index, _ = other._load_bundles()
+    stranger, _ = chunk(99)
+    index[hash(stranger)] = index[hash(items[1][0])]  # a collision, made by hand
+    assert other.get(stranger) is None
+    assert other.stats.corrupt == 0 and hash(stranger) not in index
+    assert all(other.get(oid) == data for oid, data in items)  # the bundle is intact
