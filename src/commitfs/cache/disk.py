@@ -114,11 +114,13 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from commitfs.errors import InputError
 from commitfs.model.ids import HEX_SIZE, hash_bytes
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 LAYOUT = "v1"
 #: Default cap of the chunk cache (a few epochs' working set of a typical dataset shard).
@@ -588,20 +590,10 @@ class DiskChunkCache:
             fresh = fresh[:max(room, 0)]
         if not fresh:
             return done
-        if self._size is None:
-            self._rescan_size()
-        for attempt in (1, 2):
-            try:
-                name, entries, nbytes, mtimes = self._write_bundle(fresh)
-                break
-            except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT) and attempt == 1:
-                    log.warning("chunk cache: %s is full; evicting", self.path)
-                    self.evict(target=(self._size or 0) // 2)
-                    continue
-                self.stats.put_failures += len(fresh)
-                log.warning("chunk cache: not caching %d chunks: %s", len(fresh), exc.strerror or exc)
-                return done - {oid for oid, _ in fresh}
+        written = self._write_evicting(lambda: self._write_bundle(fresh), len(fresh), f"{len(fresh)} chunks")
+        if written is None:
+            return done - {oid for oid, _ in fresh}
+        name, entries, nbytes, mtimes = written
         with self._lock:
             bidx = self._bidx
             if bidx is not None:
@@ -610,15 +602,8 @@ class DiskChunkCache:
                 self._bundle_adds.append((name, entries))
             if mtimes[0] is not None and self._bidx_mtime == mtimes[0]:
                 self._bidx_mtime = mtimes[1]  # (only our bundle came since the index was read)
-            self.stats.puts += len(fresh)
-            self._size = (self._size or 0) + nbytes
-            self._unscanned += nbytes
-            self._written += nbytes
-            rescan = self._unscanned >= self.max_bytes * _RESCAN_FRACTION
-        if rescan:
-            self._rescan_size()
-        if self._size > self.max_bytes:
-            self.evict()
+        self.stats.puts += len(fresh)
+        self._added(nbytes)
         return done
 
     def _write_bundle(self, chunks: list[tuple[bytes, bytes]]) -> tuple[str, list[tuple[bytes, int, int]], int,
@@ -679,32 +664,42 @@ class DiskChunkCache:
         listing = self._listing
         if self._in_bundle(oid) or ((listing is None or hash(oid) in listing) and os.path.exists(path)):
             return True
+        if self._write_evicting(lambda: self._write(path, data), 1, oid.hex()) is None:
+            return False
+        self._listed(oid)
+        self.stats.puts += 1
+        self._added(len(data))
+        return True
+
+    def _write_evicting(self, write: Callable[[], T], count: int, what: str) -> T | None:
+        """``write()``'s result; on a full disk the cache evicts down to half and
+        tries once more; None (``count`` put failures logged) if it fails."""
         if self._size is None:
             self._rescan_size()
         for attempt in (1, 2):
             try:
-                self._write(path, data)
-                break
+                return write()
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT) and attempt == 1:
                     log.warning("chunk cache: %s is full; evicting", self.path)
                     self.evict(target=(self._size or 0) // 2)
                     continue
-                self.stats.put_failures += 1
-                log.warning("chunk cache: not caching %s: %s", oid.hex(), exc.strerror or exc)
-                return False
-        self._listed(oid)
-        self.stats.puts += 1
+                self.stats.put_failures += count
+                log.warning("chunk cache: not caching %s: %s", what, exc.strerror or exc)
+                return None
+        return None
+
+    def _added(self, nbytes: int) -> None:
+        """Count ``nbytes`` this process wrote; rescan or evict if that calls for it."""
         with self._lock:
-            self._size = (self._size or 0) + len(data)
-            self._unscanned += len(data)
-            self._written += len(data)
+            self._size = (self._size or 0) + nbytes
+            self._unscanned += nbytes
+            self._written += nbytes
             rescan = self._unscanned >= self.max_bytes * _RESCAN_FRACTION
         if rescan:
             self._rescan_size()  # also counts what other processes added
         if self._size > self.max_bytes:
             self.evict()
-        return True
 
     def _write_new(self, tmp: str, parts) -> None:
         """Write ``parts`` one after another into the new file ``tmp`` (of tmp/)."""
@@ -721,7 +716,8 @@ class DiskChunkCache:
         finally:
             os.close(fd)
 
-    def _write(self, path: str, data: bytes) -> None:
+    def _write(self, path: str, data: bytes) -> int:
+        """One chunk's file, made in tmp/ and renamed into place; its bytes."""
         tmp = f"{self._tmp_s}/{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}"
         try:
             self._write_new(tmp, (data,))
@@ -733,6 +729,7 @@ class DiskChunkCache:
         except BaseException:
             self._unlink(tmp)
             raise
+        return len(data)
 
     # --- eviction ------------------------------------------------------------
     def size(self) -> int:
