@@ -76,23 +76,27 @@ which the daemon's other threads then hold):
   cache): every get then opens, as without write-behind.
 
 *Bundles* (write-behind's files): the writer thread takes every chunk waiting
-(up to ``BUNDLE_BYTES``, after lingering up to ``BUNDLE_LINGER_S`` for a
-batch of ``BUNDLE_MIN_BYTES``) and writes them as one file,
-``<root>/v1/bundles/<random>.bundle``, made in ``tmp/`` and renamed into place
-like a chunk file: a header (``BUNDLE_MAGIC``, a count, then for each chunk its
-32-byte id, offset and length, little-endian u32s) and the chunks' bytes.  A
-cold read through an S3 mount fetches thousands of chunks a second, and
-creating a file is what the cache's disk paid most for them (measured on an
-ext4 without a journal, whose inode allocator steps over every recently
-deleted inode: ~80-170 µs a create, against ~15 µs to write a 60 KB chunk;
-with the cache on a tmpfs the same read took two thirds of the daemon's CPU).
-A bundle is found through an index in memory (id hash -> bundle, offset,
-length), read from the bundles' headers at each scan, plus what this process
-wrote since; its chunks are verified like a chunk file's, and a chunk that
-fails is a miss and deletes its bundle.  The index holds at most ``LISTING_MAX``
-chunks (bounded memory); past that the writer writes chunk files instead.  Eviction treats a bundle as one
-unit, by its mtime, which a hit on any of its chunks refreshes.  Puts in the
-caller's thread (write-behind off, or full) still write one chunk file each.
+(up to ``BUNDLE_BYTES`` and a 16th of the cap, since a bundle is evicted
+whole; after lingering up to ``BUNDLE_LINGER_S`` for ``BUNDLE_MIN_BYTES`` of
+them) and writes them as one file, ``<root>/v1/bundles/<random>.bundle``, made
+in ``tmp/`` and renamed into place like a chunk file: a header
+(``BUNDLE_MAGIC``, a count, then for each chunk its 32-byte id, offset and
+length, little-endian u32s) and the chunks' bytes.  A cold read through an S3
+mount fetches thousands of chunks a second, and creating their files was what
+the cache's disk cost most (measured on an ext4 without a journal, whose inode
+allocator steps over every recently deleted inode: 80-170 µs a create, against
+~15 µs to write a 60 KB chunk; with the cache on a tmpfs the same read took
+60% of the daemon's CPU).  A bundle's chunks are found through an index in
+memory (id hash -> bundle, offset, length), read from the bundles' headers at
+each scan, plus what this process wrote since (a cache without write-behind
+reads it again when the bundles directory changed).  They are verified like a
+chunk file's: one that fails is a miss and deletes its bundle, if the bundle's
+header names it there (else the index pointed at another chunk's place: a
+hash collision, a miss).  The index holds at most ``LISTING_MAX`` chunks
+(bounded memory); past that the writer writes chunk files instead.  Eviction
+treats a bundle as one unit, by its mtime, which a hit on any of its chunks
+refreshes.  Puts in the caller's thread (write-behind off, or full) still write
+one chunk file each.
 
 A full disk does not fail reads: on ENOSPC/EDQUOT the cache evicts down to
 half its current size and retries once; if that fails too the chunk is simply
