@@ -493,3 +493,38 @@ def test_an_index_entry_naming_another_chunks_place_is_a_miss_not_damage(tmp_pat
     assert other.get(stranger) is None
     assert other.stats.corrupt == 0 and hash(stranger) not in index
     assert all(other.get(oid) == data for oid, data in items)  # the bundle is intact
+
+
+def test_a_cache_without_write_behind_finds_new_bundles_reading_their_headers_alone(tmp_path, monkeypatch):
+    """A reader without write-behind (the Python API's, beside a mount writing the
+    same cache) finds another process's new bundle on a miss, reading that bundle's
+    header alone; it looks at most once per _BUNDLE_RECHECK_S, so a busy writer
+    does not make every miss list the cache."""
+    import commitfs.cache.disk as disk
+
+    def write(items):
+        monkeypatch.setattr(disk, "BUNDLE_MIN_BYTES", sum(len(data) for _, data in items))
+        writer = DiskChunkCache(tmp_path / "c", max_bytes=64 << 20)
+        writer.write_behind()
+        for oid, data in items:
+            writer.put(oid, data)
+        assert writer.flush(60)
+        writer.close()
+
+    first = [chunk(i) for i in range(3)]
+    bundled(tmp_path, first, monkeypatch)
+    reader = DiskChunkCache(tmp_path / "c", max_bytes=8 << 20)
+    assert all(reader.get(oid) == data for oid, data in first)
+    headers: list[str] = []
+    real = reader._read_header
+    monkeypatch.setattr(reader, "_read_header", lambda name: headers.append(name) or real(name))
+    monkeypatch.setattr(disk, "_BUNDLE_RECHECK_S", 0.0)
+    later = [chunk(i) for i in range(10, 13)]
+    write(later)
+    assert all(reader.get(oid) == data for oid, data in later)
+    assert len(headers) == 1  # the new bundle's
+    monkeypatch.setattr(disk, "_BUNDLE_RECHECK_S", 3600.0)
+    last = [chunk(i) for i in range(20, 23)]
+    write(last)
+    assert reader.get(last[0][0]) is None  # looked less than an hour ago: not yet seen
+    assert len(headers) == 1

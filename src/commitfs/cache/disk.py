@@ -88,8 +88,9 @@ allocator steps over every recently deleted inode: 80-170 µs a create, against
 ~15 µs to write a 60 KB chunk; with the cache on a tmpfs the same read took
 60% of the daemon's CPU).  A bundle's chunks are found through an index in
 memory (id hash -> bundle, offset, length), read from the bundles' headers at
-each scan, plus what this process wrote since (a cache without write-behind
-reads it again when the bundles directory changed).  They are verified like a
+each scan, plus what this process wrote since (a cache without write-behind,
+on a miss, adds the bundles it lacks when the bundles directory changed, looking
+once a second at most).  They are verified like a
 chunk file's: one that fails is a miss and deletes its bundle, if the bundle's
 header names it there (else the index pointed at another chunk's place: a
 hash collision, a miss).  The index holds at most ``LISTING_MAX`` chunks
@@ -158,6 +159,8 @@ BUNDLE_MAGIC = b"cfsbndl1"
 _BUNDLE_HEAD = struct.Struct("<8sI")
 _BUNDLE_ENTRY = struct.Struct("<32sII")
 _BUNDLE_SUFFIX = ".bundle"
+#: A cache without write-behind looks for other processes' new bundles this often at most.
+_BUNDLE_RECHECK_S = 1.0
 #: How long ``close`` waits for the pending writes of a write-behind cache.
 _CLOSE_WAIT_S = 30.0
 
@@ -237,6 +240,7 @@ class DiskChunkCache:
         #: this process writes while a scan reads the headers, for the scan to keep.
         self._bidx: tuple[dict[int, int], list[str]] | None = None
         self._bidx_mtime: int | None = None
+        self._bidx_checked = -_BUNDLE_RECHECK_S
         self._bundle_scans = 0
         self._bundle_adds: list[tuple[str, list]] | None = None
         self._bundles = self._root / "bundles"
@@ -406,10 +410,11 @@ class DiskChunkCache:
             data = self.get_from_memory(oid)
             if data is not None:
                 return data
-        bidx = self._bidx
-        if bidx is None or (self._pending is None and self._bundles_changed()):
-            bidx = self._load_bundles()
+        bidx = self._bidx if self._bidx is not None else self._load_bundles()
         loc = bidx[0].get(hash(oid))
+        if loc is None and self._pending is None and self._bundles_changed():
+            bidx = self._add_new_bundles()
+            loc = bidx[0].get(hash(oid))
         if loc is not None:
             data = self._get_bundled(oid, bidx[1][loc >> 64], (loc >> 32) & 0xFFFFFFFF, loc & 0xFFFFFFFF)
             if data is not None:
@@ -467,12 +472,35 @@ class DiskChunkCache:
         return hash(oid) in bidx[0]
 
     def _bundles_changed(self) -> bool:
-        """Whether the bundles directory changed since the index was read (a cache
-        without write-behind looks, so that it sees other processes' bundles)."""
+        """Whether the bundles directory changed since the index was read; looked at
+        once per ``_BUNDLE_RECHECK_S`` at most (by a cache without write-behind, on a
+        miss: so that it sees other processes' bundles, within that time)."""
+        now = time.monotonic()
+        if now - self._bidx_checked < _BUNDLE_RECHECK_S:
+            return False
+        self._bidx_checked = now
         try:
             return os.stat(self._bundles_s).st_mtime_ns != self._bidx_mtime
         except OSError:
             return False
+
+    def _add_new_bundles(self) -> tuple[dict[int, int], list[str]]:
+        """The bundle index with the bundles it lacks added (their headers alone
+        read; those gone stay until a scan, each a miss once opened)."""
+        bidx = self._bidx if self._bidx is not None else self._load_bundles()
+        mtime = self._bundles_mtime()
+        try:
+            names = [n for n in os.listdir(self._bundles_s) if n.endswith(_BUNDLE_SUFFIX)]
+        except OSError:
+            return bidx
+        known = set(bidx[1])
+        found = [(name, self._read_header(name)) for name in names if name not in known]
+        with self._lock:
+            for name, entries in found:
+                if entries:
+                    _add_entries(bidx[0], bidx[1], name, entries)
+            self._bidx_mtime = mtime
+        return bidx
 
     def _load_bundles(self) -> tuple[dict[int, int], list[str]]:
         """The bundle index, read again from the bundles' headers."""
