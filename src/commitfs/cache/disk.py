@@ -327,9 +327,8 @@ class DiskChunkCache:
                 if not w.queue:
                     return
                 # A batch for one bundle: linger a little for more (they are served from
-                # memory meanwhile), then take what waits, up to BUNDLE_BYTES.
-                # (a bundle is evicted whole: at most a 16th of the cap, so a small cache
-                # still holds many)
+                # memory meanwhile), then take what waits, up to BUNDLE_BYTES and a 16th
+                # of the cap (a bundle is evicted whole: a small cache still holds many).
                 most = min(BUNDLE_BYTES, self.max_bytes // 16)
                 deadline = time.monotonic() + BUNDLE_LINGER_S
                 while w.bytes < min(BUNDLE_MIN_BYTES, most) and not w.closing and w.queue:
@@ -410,7 +409,7 @@ class DiskChunkCache:
             data = self.get_from_memory(oid)
             if data is not None:
                 return data
-        bidx = self._bidx if self._bidx is not None else self._load_bundles()
+        bidx = self._index()
         loc = bidx[0].get(hash(oid))
         if loc is None and self._pending is None and self._bundles_changed():
             bidx = self._add_new_bundles()
@@ -467,9 +466,12 @@ class DiskChunkCache:
                 or self._in_bundle(oid) or os.path.exists(self._name(oid)))
 
     # --- bundles (module doc) ------------------------------------------------------
+    def _index(self) -> tuple[dict[int, int], list[str]]:
+        """The bundle index, read from the bundles' headers on first use."""
+        return self._bidx if self._bidx is not None else self._load_bundles()
+
     def _in_bundle(self, oid: bytes) -> bool:
-        bidx = self._bidx if self._bidx is not None else self._load_bundles()
-        return hash(oid) in bidx[0]
+        return hash(oid) in self._index()[0]
 
     def _bundles_changed(self) -> bool:
         """Whether the bundles directory changed since the index was read; looked at
@@ -479,19 +481,16 @@ class DiskChunkCache:
         if now - self._bidx_checked < _BUNDLE_RECHECK_S:
             return False
         self._bidx_checked = now
-        try:
-            return os.stat(self._bundles_s).st_mtime_ns != self._bidx_mtime
-        except OSError:
-            return False
+        mtime = self._bundles_mtime()
+        return mtime is not None and mtime != self._bidx_mtime
 
     def _add_new_bundles(self) -> tuple[dict[int, int], list[str]]:
         """The bundle index with the bundles it lacks added (their headers alone
         read; those gone stay until a scan, each a miss once opened)."""
-        bidx = self._bidx if self._bidx is not None else self._load_bundles()
+        bidx = self._index()
         mtime = self._bundles_mtime()
-        try:
-            names = [n for n in os.listdir(self._bundles_s) if n.endswith(_BUNDLE_SUFFIX)]
-        except OSError:
+        names = self._bundle_names()
+        if names is None:
             return bidx
         known = set(bidx[1])
         found = [(name, self._read_header(name)) for name in names if name not in known]
@@ -505,13 +504,16 @@ class DiskChunkCache:
     def _load_bundles(self) -> tuple[dict[int, int], list[str]]:
         """The bundle index, read again from the bundles' headers."""
         mtime = self._bundles_mtime()
-        try:
-            names = [n for n in os.listdir(self._bundles_s) if n.endswith(_BUNDLE_SUFFIX)]
-        except OSError:
-            names = []
-        self._index_bundles(names, mtime)
+        self._index_bundles(self._bundle_names() or [], mtime)
         assert self._bidx is not None
         return self._bidx
+
+    def _bundle_names(self) -> list[str] | None:
+        """The bundles' file names, or None if the directory cannot be listed."""
+        try:
+            return [n for n in os.listdir(self._bundles_s) if n.endswith(_BUNDLE_SUFFIX)]
+        except OSError:
+            return None
 
     def _bundles_mtime(self) -> int | None:
         try:
@@ -586,7 +588,7 @@ class DiskChunkCache:
                     return None
                 self.stats.corrupt += 1
                 log.warning("chunk cache: a chunk of %s fails its hash check; the bundle is removed", path)
-                self._unlink(Path(path))
+                self._unlink(path)
                 self._unbundled(oid)
                 return None
             st = os.fstat(fd)
@@ -614,7 +616,7 @@ class DiskChunkCache:
                  if not self._in_bundle(oid)
                  and not ((listing is None or hash(oid) in listing) and os.path.exists(self._name(oid)))]
         done = {oid for oid, _ in batch}
-        room = LISTING_MAX - len(self._load_bundles()[0] if self._bidx is None else self._bidx[0])
+        room = LISTING_MAX - len(self._index()[0])
         if room < len(fresh):  # the index is full (bounded memory): chunk files for the rest
             for oid, data in fresh[max(room, 0):]:
                 if not self._put_now(oid, data):
@@ -660,7 +662,7 @@ class DiskChunkCache:
                 self._bundles.mkdir(parents=True, exist_ok=True)
                 os.rename(tmp, f"{self._bundles_s}/{name}")
         except BaseException:
-            self._unlink(Path(tmp))
+            self._unlink(tmp)
             raise
         return name, entries, offset, (before, self._bundles_mtime())
 
@@ -929,7 +931,7 @@ class DiskChunkCache:
             pass
 
     @staticmethod
-    def _unlink(path: Path) -> bool:
+    def _unlink(path: str | Path) -> bool:
         try:
             os.unlink(path)
             return True
