@@ -291,6 +291,7 @@ def test_write_behind_serves_recent_chunks_and_known_misses_without_opening_file
     assert cache.flush(60)
     assert all(bundle_of(cache, oid).exists() for oid, _ in items)
     assert not any(cache._file(oid).exists() for oid, _ in items)  # bundles, not a file each
+    assert cache._listing is not None
     del opens[:]
     for oid, data in items[-2:]:
         assert cache.get(oid) == data
