@@ -617,6 +617,101 @@ def test_resident_reads_from_many_threads_through_few_descriptors_get_the_right_
     assert len(os.listdir("/proc/self/fd")) <= before  # nothing leaked
 
 
+def _wait_for(cond, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_pack_read_in_order_is_read_ahead_by_a_thread_and_random_reads_are_not(tmp_path):
+    """repo/resident.py, "Read-ahead": reads of a pack one after another (a reader
+    of a directory's images) have the read-ahead thread bring the pack's next
+    bytes into the page cache, where the memory path then finds them; reads at
+    random places read nothing ahead; a reader that read one pack to its end has
+    the next pack it starts read ahead at once; close stops the thread and
+    leaks no descriptor."""
+    from commitfs.repo import resident
+
+    store = LocalStore(tmp_path)
+    size = 12 * 1024 * 1024
+    packs = {key: os.urandom(size) for key in ("packs/aa/first", "packs/bb/second", "packs/cc/random")}
+    for key, data in packs.items():
+        store.save_object(key, data)
+        _evict(store.local_path(key))
+    before = len(os.listdir("/proc/self/fd"))
+    reader = ResidentReader(store)
+    step = 128 * 1024
+    far = 6 * 1024 * 1024  # well past anything read, and past the kernel's own read-ahead of it
+    key = "packs/aa/first"
+    for off in range(0, resident.AHEAD_AFTER * step + 1, step):  # in order: the last read continues twice
+        got = reader.load_range(key, off, step)  # None while cold: the stream is followed anyway
+        assert got is None or bytes(got) == packs[key][off:off + step]
+    assert _wait_for(lambda: reader.ahead.done >= 1), "nothing was read ahead"
+    assert _resident_pages_of_path(store.local_path(key), far, 1024 * 1024) == 256
+    assert bytes(reader.load_range(key, far, step)) == packs[key][far:far + step]  # from memory now
+
+    # Random reads of another pack: no stream, nothing read ahead.
+    done = reader.ahead.done
+    rng = random.Random(7)
+    key = "packs/cc/random"
+    for off in rng.sample(range(0, size - step, 512 * 1024), 12):
+        got = reader.load_range(key, off, 4096)
+        assert got is None or bytes(got) == packs[key][off:off + 4096]
+    time.sleep(0.2)
+    assert reader.ahead.done == done
+
+    # The first pack read to its end in order; the second's first read is read ahead at once.
+    key = "packs/aa/first"
+    for off in range(size - 3 * step, size, step):
+        reader.load_range(key, off, step)
+    second = store.local_path("packs/bb/second")
+    assert _resident_pages_of_path(second, far, 1024 * 1024) == 0
+    got = reader.load_range("packs/bb/second", 0, step)
+    assert got is None or bytes(got) == packs["packs/bb/second"][:step]
+    assert _wait_for(lambda: _resident_pages_of_path(second, far, 1024 * 1024) == 256), \
+        "the next pack was not read ahead"
+    reader.close()
+    assert reader.ahead._thread is None
+    store.close()
+    assert len(os.listdir("/proc/self/fd")) <= before  # the thread's duplicates closed too
+
+
+def test_read_ahead_follows_streams_and_bounds_them():
+    """The stream rule of repo/resident.py alone: a stream reads ahead after
+    AHEAD_AFTER reads continuing it, once per half window; out-of-order reads a
+    little behind still continue it; a pack keeps at most AHEAD_STREAMS streams."""
+    from commitfs.repo import resident
+
+    streams: list = []
+    mib = 1024 * 1024
+    assert resident.follow(streams, 0, 100_000) is None  # one read is no stream
+    got = [resident.follow(streams, 100_000 * i, 100_000) for i in range(1, resident.AHEAD_AFTER + 1)]
+    assert got[:-1] == [None] * (resident.AHEAD_AFTER - 1)
+    end = 100_000 * (resident.AHEAD_AFTER + 1)
+    assert got[-1] == (end, resident.AHEAD_BYTES)
+    assert resident.follow(streams, end - 150_000, 100_000) is None  # a little behind: the same stream, no new range
+    assert len(streams) == 1
+    # Going on: the next range only once less than half of the window lies ahead.
+    off = end
+    ranges = []
+    while off < end + resident.AHEAD_BYTES:
+        r = resident.follow(streams, off, mib)
+        if r is not None:
+            ranges.append(r)
+        off += mib
+    assert len(ranges) == 1 and ranges[0][0] == end + resident.AHEAD_BYTES
+    assert ranges[0][1] == resident.AHEAD_BYTES // 2 + mib  # up to AHEAD_BYTES past the reader
+    # Reads far apart start streams of their own, and no more than AHEAD_STREAMS are kept.
+    for i in range(10):
+        assert resident.follow(streams, (1000 + 10 * i) * mib, 4096) is None
+    assert len(streams) == resident.AHEAD_STREAMS
+    # A stream carried over from another pack reads ahead on its first read.
+    assert resident.follow([], 4096, 100_000, carried=True) == (104_096, resident.AHEAD_BYTES)
+
+
 # --- random reads of a large file: recently verified chunks kept (vfs/loader.py) --------
 def test_random_small_reads_within_a_few_chunks_fetch_and_verify_each_chunk_once(tmp_path, cache_home,
                                                                                monkeypatch):
