@@ -673,6 +673,18 @@ def test_a_pack_read_in_order_is_read_ahead_by_a_thread_and_random_reads_are_not
     assert got is None or bytes(got) == packs["packs/bb/second"][:step]
     assert _wait_for(lambda: _resident_pages_of_path(second, far, 1024 * 1024) == 256), \
         "the next pack was not read ahead"
+    # A child forked now (a DataLoader's worker) gets a read-ahead thread of its own.
+    _evict(store.local_path("packs/cc/random"))
+    pid = os.fork()
+    if pid == 0:
+        ok = False
+        try:
+            for off in range(0, 3 * step, step):
+                reader.load_range("packs/cc/random", off, step)
+            ok = _wait_for(lambda: _resident_pages_of_path(store.local_path("packs/cc/random"), far, 4096) == 1)
+        finally:
+            os._exit(0 if ok else 1)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0, "the forked child read nothing ahead"
     reader.close()
     assert reader.ahead._thread is None
     store.close()

@@ -67,6 +67,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections import OrderedDict
 
 from commitfs.storage.base import Store
@@ -181,6 +182,14 @@ class _AheadThread:
         #: Requests done, and dropped with the queue full (tests, the log).
         self.done = 0
         self.dropped = 0
+        _threads.add(self)
+
+    def _forked(self) -> None:
+        """In a child process (os.fork, as a DataLoader's workers are made): the
+        thread did not come along, and its queue's lock may have been held at
+        the fork, so both start afresh (ranges queued then are dropped)."""
+        self._queue = queue.Queue(AHEAD_QUEUED)
+        self._thread = None
 
     def submit(self, fd: int, offset: int, length: int) -> None:
         """Read ahead [offset, offset + length) of the file open as ``fd`` (a
@@ -233,6 +242,17 @@ class _AheadThread:
             pass
         self._thread.join(AHEAD_JOIN_S)  # (a daemon thread: one stuck in a read cannot hold up the exit)
         self._thread = None
+
+
+_threads: weakref.WeakSet[_AheadThread] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for ahead in list(_threads):
+        ahead._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class ResidentReader:
