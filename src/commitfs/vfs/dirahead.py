@@ -80,7 +80,8 @@ and ``MAX_DIRS`` directories; ``MAX_SWEEPS`` blocks of ``SWEEP_FILES`` small
 files in flight; fetched bytes live in the chunk cache, whose cap holds.
 Errors of a read-ahead are only logged: the file's own read meets and reports
 them.  Only a remote repository with a chunk cache reads ahead (a local one is
-read in place: the page cache is its read-ahead).
+read in place: the page cache is its read-ahead, which a thread keeps ahead
+of a reader going through a pack in order, repo/resident.py).
 """
 
 from __future__ import annotations
