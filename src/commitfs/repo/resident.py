@@ -143,20 +143,27 @@ class _Stream:
         self.until = end  # read ahead up to here
 
 
+def continued(streams: list[_Stream], offset: int) -> _Stream | None:
+    """The stream a read at ``offset`` continues, if any (module doc, "Read-ahead")."""
+    for s in streams:
+        if s.end - AHEAD_BACK <= offset <= s.end + AHEAD_GAP:
+            return s
+    return None
+
+
 def follow(streams: list[_Stream], offset: int, length: int, carried: bool = False) -> tuple[int, int] | None:
     """Note a read of [offset, offset + length) among one pack's ``streams``
     (the most recent last; module doc, "Read-ahead"); the range to read
     ahead now, (offset, length), or None.  ``carried``: a stream that read
     another pack in order to its end goes on here (a new stream then counts
     as continued)."""
-    for s in streams:
-        if s.end - AHEAD_BACK <= offset <= s.end + AHEAD_GAP:
-            if streams[-1] is not s:
-                streams.remove(s)
-                streams.append(s)  # the most recent last
-            s.end = max(s.end, offset + length)
-            s.reads += 1
-            break
+    s = continued(streams, offset)
+    if s is not None:
+        if streams[-1] is not s:
+            streams.remove(s)
+            streams.append(s)  # the most recent last
+        s.end = max(s.end, offset + length)
+        s.reads += 1
     else:
         s = _Stream(offset + length)
         streams.append(s)
@@ -304,8 +311,9 @@ class ResidentReader:
 
     def _follow(self, key: str, fd: int, offset: int, length: int) -> None:
         """(Under the lock.) Follow the read's stream; hand a read-ahead to the thread (module doc)."""
-        carried = self._carry is not None and self._carry != key and offset < AHEAD_CARRY
         streams = self._streams.setdefault(key, [])
+        carried = self._carry is not None and self._carry != key and offset < AHEAD_CARRY \
+            and continued(streams, offset) is None  # (a pack read already, say of manifests, takes no carry)
         ahead = follow(streams, offset, length, carried)
         if ahead is not None:
             self.ahead.submit(fd, *ahead)
