@@ -686,9 +686,37 @@ def test_a_pack_read_in_order_is_read_ahead_by_a_thread_and_random_reads_are_not
             os._exit(0 if ok else 1)
     assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0, "the forked child read nothing ahead"
     reader.close()
-    assert reader.ahead._thread is None
+    assert not reader.ahead.running
     store.close()
     assert len(os.listdir("/proc/self/fd")) <= before  # the thread's duplicates closed too
+
+
+def test_the_read_ahead_thread_ends_when_idle_and_starts_again(tmp_path, monkeypatch):
+    """An idle mount holds no read-ahead thread (repo/resident.py): it ends after
+    AHEAD_IDLE_S without a range, and the next range starts one again."""
+    from commitfs.repo import resident
+
+    monkeypatch.setattr(resident, "AHEAD_IDLE_S", 0.3)
+    store = LocalStore(tmp_path)
+    store.save_object("packs/aa/one", os.urandom(4 * 1024 * 1024))
+    reader = ResidentReader(store)
+    step = 64 * 1024
+
+    def read_in_order():
+        for off in range(0, (resident.AHEAD_AFTER + 1) * step, step):
+            reader.load_range("packs/aa/one", off, step)
+        reader._streams.clear()  # the next round is a new stream again
+
+    read_in_order()
+    assert reader.ahead.running
+    assert _wait_for(lambda: not reader.ahead.running, 5.0), "the idle thread did not end"
+    done = reader.ahead.done
+    read_in_order()
+    assert reader.ahead.running
+    assert _wait_for(lambda: reader.ahead.done > done, 5.0)
+    reader.close()
+    assert not reader.ahead.running
+    store.close()
 
 
 def test_read_ahead_follows_streams_and_bounds_them():

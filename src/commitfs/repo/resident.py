@@ -95,6 +95,8 @@ AHEAD_QUEUED = 16
 #: The read-ahead thread reads this much at a time; close waits this long for its last range.
 AHEAD_STEP = 1024 * 1024
 AHEAD_JOIN_S = 5.0
+#: The read-ahead thread ends after this many seconds with nothing to read (the next range starts it again).
+AHEAD_IDLE_S = 10.0
 
 
 class _OpenHow(ctypes.Structure):
@@ -181,11 +183,14 @@ def follow(streams: list[_Stream], offset: int, length: int, carried: bool = Fal
 
 class _AheadThread:
     """The one thread that has the kernel read packs ahead (module doc):
-    requests are handed to it without waiting, at most ``AHEAD_QUEUED``."""
+    requests are handed to it without waiting, at most ``AHEAD_QUEUED``.  It
+    starts with the first and ends after ``AHEAD_IDLE_S`` without one, so an
+    idle mount, or a reader nobody closed, holds no thread."""
 
     def __init__(self):
         self._queue: queue.Queue = queue.Queue(AHEAD_QUEUED)
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # over _thread: a start against an idle end
         #: Requests done, and dropped with the queue full (tests, the log).
         self.done = 0
         self.dropped = 0
@@ -193,10 +198,11 @@ class _AheadThread:
 
     def _forked(self) -> None:
         """In a child process (os.fork, as a DataLoader's workers are made): the
-        thread did not come along, and its queue's lock may have been held at
-        the fork, so both start afresh (ranges queued then are dropped)."""
+        thread did not come along, and the locks may have been held at the
+        fork, so all start afresh (ranges queued then are dropped)."""
         self._queue = queue.Queue(AHEAD_QUEUED)
         self._thread = None
+        self._lock = threading.Lock()
 
     def submit(self, fd: int, offset: int, length: int) -> None:
         """Read ahead [offset, offset + length) of the file open as ``fd`` (a
@@ -211,18 +217,29 @@ class _AheadThread:
             os.close(dup)
             self.dropped += 1
             return
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="commitfs-pack-ahead", daemon=True)
-            self._thread.start()
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="commitfs-pack-ahead", daemon=True)
+                self._thread.start()
 
     def _run(self) -> None:
-        scratch = bytearray(AHEAD_STEP)
-        while (item := self._queue.get()) is not None:
+        scratch = memoryview(bytearray(AHEAD_STEP))
+        while True:
+            try:
+                item = self._queue.get(timeout=AHEAD_IDLE_S)
+            except queue.Empty:
+                with self._lock:
+                    if self._queue.empty():  # (a range queued since is this thread's still)
+                        self._thread = None
+                        return
+                continue
+            if item is None:
+                return
             fd, offset, length = item
             try:
                 end = offset + length
                 while offset < end:
-                    n = os.preadv(fd, [memoryview(scratch)[:min(AHEAD_STEP, end - offset)]], offset)
+                    n = os.preadv(fd, [scratch[:min(AHEAD_STEP, end - offset)]], offset)
                     if n <= 0:
                         break  # the pack's end
                     offset += n
@@ -232,9 +249,15 @@ class _AheadThread:
             finally:
                 os.close(fd)
 
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
     def close(self) -> None:
         """Stop the thread; requests still waiting are dropped."""
-        if self._thread is None:
+        with self._lock:
+            thread = self._thread
+        if thread is None:
             return
         while True:
             try:
@@ -247,8 +270,10 @@ class _AheadThread:
             self._queue.put(None, timeout=AHEAD_JOIN_S)
         except queue.Full:  # a read that came meanwhile: the thread ends at its next range anyway
             pass
-        self._thread.join(AHEAD_JOIN_S)  # (a daemon thread: one stuck in a read cannot hold up the exit)
-        self._thread = None
+        thread.join(AHEAD_JOIN_S)  # (a daemon thread: one stuck in a read cannot hold up the exit)
+        with self._lock:
+            if self._thread is thread:
+                self._thread = None
 
 
 _threads: weakref.WeakSet[_AheadThread] = weakref.WeakSet()
