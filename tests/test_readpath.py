@@ -665,7 +665,7 @@ def test_a_pack_read_in_order_is_read_ahead_by_a_thread_and_random_reads_are_not
 
     # The first pack read to its end in order; the second's first read is read ahead at once.
     key = "packs/aa/first"
-    for off in range(size - 3 * step, size, step):
+    for off in range(size - resident.AHEAD_AFTER * step, size, step):
         reader.load_range(key, off, step)
     second = store.local_path("packs/bb/second")
     assert _resident_pages_of_path(second, far, 1024 * 1024) == 0
@@ -679,7 +679,7 @@ def test_a_pack_read_in_order_is_read_ahead_by_a_thread_and_random_reads_are_not
     if pid == 0:
         ok = False
         try:
-            for off in range(0, 3 * step, step):
+            for off in range(0, (resident.AHEAD_AFTER + 1) * step, step):
                 reader.load_range("packs/cc/random", off, step)
             ok = _wait_for(lambda: _resident_pages_of_path(store.local_path("packs/cc/random"), far, 4096) == 1)
         finally:
@@ -750,6 +750,42 @@ def test_read_ahead_follows_streams_and_bounds_them():
     assert len(streams) == resident.AHEAD_STREAMS
     # A stream carried over from another pack reads ahead on its first read.
     assert resident.follow([], 4096, 100_000, carried=True) == (104_096, resident.AHEAD_BYTES)
+    # Reads behind a stream's end keep it but do not count towards a read-ahead.
+    streams = []
+    resident.follow(streams, 10 * mib, mib)
+    assert all(resident.follow(streams, 11 * mib - 200_000 + i, 1000) is None for i in range(20))
+    assert len(streams) == 1 and streams[0].reads == 0
+
+
+def test_read_ahead_starts_for_readers_in_order_and_almost_never_for_shuffled_ones():
+    """The module doc's figures, by the stream rule alone: a shuffled reader of
+    200,000 small files in 800 packs starts (almost) no read-ahead; 4 parallel
+    workers reading consecutive files slightly out of order start one early in
+    every pack, and a single reader in order at its AHEAD_AFTER + 1st read."""
+    from commitfs.repo import resident
+
+    rng = random.Random(3)
+    size, per = 130_000, 250
+    files = [(p, i) for p in range(800) for i in range(per)]
+    rng.shuffle(files)
+    streams: dict = {}
+    started = sum(resident.follow(streams.setdefault(p, []), i * size, size) is not None for p, i in files)
+    assert started <= 5, f"a shuffled reader started {started} read-aheads"
+    first = {}
+    streams = {}
+    for p in range(20):
+        order = list(range(per))
+        for k in range(0, per, 4):
+            window = order[k:k + 4]
+            rng.shuffle(window)
+            order[k:k + 4] = window
+        for i in order:
+            if resident.follow(streams.setdefault(p, []), i * size, size) is not None:
+                first.setdefault(p, i)
+    assert len(first) == 20 and max(first.values()) < 40
+    streams = []
+    got = [resident.follow(streams, i * size, size) for i in range(resident.AHEAD_AFTER + 1)]
+    assert got[:-1] == [None] * resident.AHEAD_AFTER and got[-1] is not None
 
 
 # --- random reads of a large file: recently verified chunks kept (vfs/loader.py) --------
