@@ -25,11 +25,13 @@ Read-ahead.  A pack read in order (a reader of a directory's images, which a
 commit wrote one after another) would have the event loop do the kernel's
 read-ahead as well: a read of pages not cached, or marked for read-ahead,
 makes the reading thread allocate the next pages and queue their disk reads,
-a little at a time, and here that thread serves every other request too
-(measured on scripts/bench.py's sample, its pages dropped but the mount's
-directory entries cached, as in an epoch over a dataset larger than memory:
-a read through a mount ran at 432-487 MiB/s, and at 557-609 with a ``cat``
-of the packs beside it; with this read-ahead, 478-544).  So
+a little at a time, and here that thread serves every other request too.
+(Measured on scripts/bench.py's sample, a new mount each round, five rounds
+each in turn: with the page cache dropped whole, 393-497 MiB/s, median 448,
+with this read-ahead against 332-450, median 398, without; with only the
+data pages dropped, the mount's directory entries kept, both medians 526
+MiB/s, within the disk's noise; a ``cat`` of the packs beside the reader,
+the ceiling of any read-ahead, 548-612.)  So
 ``read_into`` follows up to ``AHEAD_STREAMS`` streams of reads per pack kept
 open: a read starting between ``AHEAD_BACK`` before a stream's end and
 ``AHEAD_GAP`` past it continues the stream (one a little behind: parallel
