@@ -151,7 +151,7 @@ class _Stream:
 
     def __init__(self, end: int):
         self.end = end  # the furthest byte read
-        self.reads = 0  # reads that continued it
+        self.reads = 0  # reads that continued it onward from its end
         self.until = end  # read ahead up to here
 
 
