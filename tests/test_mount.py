@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import multiprocessing
 import os
 import signal
@@ -20,6 +21,7 @@ import pytest
 
 from core_fixtures import assert_one_line_error, cli_env, describe, write_file
 from mount_fixtures import force_unmount, run_commitfs, wait_gone
+from commitfs.fuse import lifecycle
 from commitfs.fuse.lifecycle import DaemonConfig, find_mount, lookup_daemon_pid, start_daemon
 from commitfs.errors import MountError
 from commitfs.model.objects import EMPTY_MANIFEST, Commit, Kind, Tree, TreeEntry
@@ -621,10 +623,29 @@ def test_umount_of_a_stale_mount(dataset, mounts):
     assert exc.value.errno == errno.ENOTCONN
     proc = mounts.mount(dataset.url, mnt, check=False)
     assert "stale" in assert_one_line_error(proc.returncode, proc.stderr)
+    record = lifecycle._record_path(str(mnt))
+    assert record.exists()  # the killed daemon's, left behind
     proc = run_commitfs("umount", str(mnt))
     assert proc.returncode == 0, proc.stderr
     assert find_mount(mnt) is None
     assert os.listdir(mnt) == []
+    assert not record.exists()  # removed with the stale mount
+
+
+def test_a_new_mount_removes_the_records_dead_daemons_left(dataset, mounts, tmp_path):
+    """A daemon killed after its mount was detached leaves its record; the next
+    mount's daemon removes it (lifecycle.prune_records) and keeps its own."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid nobody has now
+    ghost = tmp_path / "ghost"
+    ghost.mkdir()
+    ghost_record = lifecycle._record_path(str(ghost))
+    lifecycle.ensure_records_dir()
+    ghost_record.write_text(json.dumps({"pid": gone.pid, "mountpoint": lifecycle.canonical(ghost), "log": ""}))
+    mnt = mounts.mountpoint()
+    mounts.mount(dataset.url, mnt, rev="v1")
+    assert not ghost_record.exists()
+    assert lifecycle.lookup_record(mnt) is not None  # a live daemon's record stays
 
 
 def test_umount_busy_then_lazy(dataset, mounts):

@@ -264,13 +264,44 @@ def control_socket_path(mountpoint: str) -> str:
 
 def write_record(mountpoint: str, log_file: str, **extra) -> None:
     """Record this process as the daemon of ``mountpoint`` (``extra``: a workspace's
-    ``control`` socket, ``workspace`` directory and ``branch``)."""
+    ``control`` socket, ``workspace`` directory and ``branch``), and remove the
+    records daemons that died left behind (prune_records)."""
     path = _record_path(mountpoint)
-    ensure_records_dir()
+    records = ensure_records_dir()
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps({"pid": os.getpid(), "mountpoint": canonical(mountpoint), "log": log_file,
                                **extra}))
     os.replace(tmp, path)
+    prune_records(records)
+
+
+def prune_records(records: Path | None = None) -> int:
+    """Remove the records of daemons that died without removing their own (a
+    SIGKILL, a crash) where nothing is mounted at their mountpoint any more (a
+    stale mount keeps its record until it is unmounted); how many.  A record
+    that cannot be read is left alone."""
+    records = records if records is not None else runtime_dir() / "mounts"
+    try:
+        paths = list(records.glob("*.json"))
+    except OSError:
+        return 0
+    if not paths:
+        return 0
+    mounted = {m.mountpoint for m in iter_mounts()}
+    removed = 0
+    for f in paths:
+        try:
+            record = json.loads(f.read_text())
+            pid, mp = int(record["pid"]), record["mountpoint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if mp not in mounted and not _alive(pid):
+            try:
+                f.unlink()
+                removed += 1
+            except OSError:
+                pass
+    return removed
 
 
 def lookup_record(mountpoint: str | os.PathLike) -> dict | None:
@@ -574,3 +605,5 @@ def unmount(path: str | os.PathLike, lazy: bool = False) -> None:
         deadline = time.monotonic() + EXIT_TIMEOUT_S
         while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
+    if stale:
+        prune_records()  # its daemon died without removing its record: the mount is gone now
