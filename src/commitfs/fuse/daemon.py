@@ -273,7 +273,8 @@ async def _announce(config: DaemonConfig, report: Report, extra: dict) -> None:
     granted = fastpath.granted_capabilities()  # the INIT is done: the stat was answered
     if granted is not None:
         log.info("FUSE capabilities granted: 0x%x", granted)
-    write_record(config.mountpoint, config.log_file, **extra)
+    # (In a thread: it writes the record and reads the others, to remove dead daemons'.)
+    await trio.to_thread.run_sync(functools.partial(write_record, config.mountpoint, config.log_file, **extra))
     log.info("ready")
     report("ok")
 
