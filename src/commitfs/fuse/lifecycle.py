@@ -292,7 +292,7 @@ def prune_records(records: Path | None = None) -> int:
     for f in paths:
         try:
             record = json.loads(f.read_text())
-            pid, mp = int(record["pid"]), record["mountpoint"]
+            pid, mp = int(record["pid"]), str(record["mountpoint"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if mp not in mounted and not _alive(pid):
