@@ -266,6 +266,8 @@ class _AheadThread:
 
     def close(self) -> None:
         """Stop the thread; requests still waiting are dropped."""
+        if self.done or self.dropped:
+            log.debug("pack read-ahead: %d ranges read, %d dropped with the queue full", self.done, self.dropped)
         with self._lock:
             thread = self._thread
         if thread is None:
