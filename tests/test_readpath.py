@@ -55,9 +55,9 @@ def count_verifications(monkeypatch) -> Counter:
     verified = Counter()
     verify = engine_mod.verify_blob
 
-    def counting_verify(oid, loc, stored):
+    def counting_verify(oid, loc, stored, base=None):
         verified[oid] += 1
-        return verify(oid, loc, stored)
+        return verify(oid, loc, stored, base)
     monkeypatch.setattr(engine_mod, "verify_blob", counting_verify)
     return verified
 

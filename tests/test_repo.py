@@ -675,7 +675,7 @@ def test_unknown_format_version_is_refused(repo):
 
 
 @pytest.mark.parametrize("config,match", [
-    ({"format": "commitfs", "version": 3, "id": "x"}, "format version 3.*version 1"),
+    ({"format": "commitfs", "version": 4, "id": "x"}, "format version 4.*version 1"),
     ({"format": "commitfs", "version": "1", "id": "x"}, "format version"),
     ({"format": "restic", "version": 1, "id": "x"}, "not a commitfs repository"),
     ({"version": 1}, "unreadable"),

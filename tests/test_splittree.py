@@ -249,11 +249,11 @@ def _committed_big(tmp_path: Path, n: int) -> tuple[str, Path, bytes]:
         return url, src, commit_directory(r, src, message="v1").commit_id
 
 
-def test_new_repositories_are_version_2_and_version_1_ones_read_and_upgrade_in_place(small_split, tmp_path,
+def test_new_repositories_are_version_3_and_version_1_ones_read_and_upgrade_in_place(small_split, tmp_path,
                                                                                    cache_home):
     url = str(tmp_path / "repo")
     Repository.init(url).close()
-    assert json.loads(Path(url, CONFIG_KEY).read_bytes())["version"] == 2
+    assert json.loads(Path(url, CONFIG_KEY).read_bytes())["version"] == 3
     config = json.loads(Path(url, CONFIG_KEY).read_bytes())
     config["version"] = 1
     Path(url, CONFIG_KEY).write_text(json.dumps(config))

@@ -392,7 +392,8 @@ def build(repo: Repository, writer: BlobWriter, side: Side, name: str = "",
                 check_name(e.name)
                 size += _file_bytes(e)
             tree = Tree(tuple(kept), _size=size)
-            return TreeEntry(name, Kind.DIR, size, writer.add_tree(tree))
+            # (Stored as a delta of the base where that pays: docs/FORMAT.md, "Tree deltas".)
+            return TreeEntry(name, Kind.DIR, size, writer.add_tree(tree, side.base))
     built = []
     for child_name, child in listing(repo, side).items():
         e = build(repo, writer, child, child_name, _stored)

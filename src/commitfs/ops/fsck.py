@@ -372,6 +372,13 @@ class _Check:
             entries = self.tree_entries(tid)
             if entries is None:
                 continue
+            try:  # a tree stored as a delta keeps its base, and all it names, as gc does
+                base = self.repo.reads.delta_base_id(tid)
+            except CommitfsError as exc:
+                self.guard(exc)
+                base = None
+            if base is not None:
+                trees.append(base)
             try:  # a split tree's leaves are read as the walk goes
                 for e in entries:
                     if e.kind is Kind.DIR:

@@ -51,8 +51,10 @@ from commitfs.repo.index import INDEX_PREFIX, Index, encode_segment, segment_key
 from commitfs.repo.pack import (
     TARGET_PACK_SIZE,
     BlobKind,
+    Compression,
     Location,
     PackBuilder,
+    delta_base_of,
     load_pack_table,
     pack_key,
     verify_blob,
@@ -224,9 +226,25 @@ class _Marker:
             loc = self._current.lookup(oid, strict=False)
         return loc
 
-    def _read(self, oid: bytes, loc: Location) -> bytes:
+    def _read(self, oid: bytes, loc: Location, base=None) -> bytes:
         stored = self.repo.store.load_range(pack_key(loc.pack), loc.offset, loc.stored)
-        return verify_blob(oid, loc, stored)
+        return verify_blob(oid, loc, stored, base)
+
+    def _base_reader(self, todo: list[bytes]):
+        """verify_blob's ``base`` for a tree stored as a delta: the base is read, and
+        marked like a subtree (docs/FORMAT.md, "Tree deltas"): a tree in the index
+        always has its whole subtree there, so a base kept for its bytes keeps
+        what it names too."""
+        def base(bid: bytes) -> bytes:
+            bloc = self.lookup(bid)
+            if bloc is None:
+                raise ObjectNotFoundError(f"object {bid.hex()} is in no index segment")
+            if bloc.kind is not BlobKind.TREE:
+                raise CorruptObjectError(f"the delta base {bid.hex()} is not a tree")
+            if bid not in self.live:
+                todo.append(bid)
+            return self._read(bid, bloc)
+        return base
 
     def mark(self, commits: Iterable[bytes] = (), blobs: Iterable[bytes] = (), strict: bool = True) -> None:
         stack = list(commits)
@@ -262,7 +280,10 @@ class _Marker:
             if loc.kind is BlobKind.CHUNK:
                 continue
             try:
-                data = self._read(oid, loc)
+                if loc.compression is Compression.DELTA:
+                    data = self._read(oid, loc, self._base_reader(todo))
+                else:
+                    data = self._read(oid, loc)
                 if loc.kind is BlobKind.TREE:
                     # A directory's entries, or a split directory's chunks
                     # (docs/FORMAT.md, "Split trees"): marked like subtrees.
@@ -296,7 +317,7 @@ class _MetadataReader:
     def note_sizes(self, sizes: dict[bytes, int]) -> None:
         self.sizes.update(sizes)
 
-    def __call__(self, oid: bytes, loc: Location) -> bytes:
+    def __call__(self, oid: bytes, loc: Location, base=None) -> bytes:
         data = self._packs.get(loc.pack)
         if data is None:
             size = self.sizes.get(loc.pack)
@@ -310,7 +331,7 @@ class _MetadataReader:
             stored = data[loc.offset:loc.offset + loc.stored]
         else:
             stored = self.store.load_range(pack_key(loc.pack), loc.offset, loc.stored)
-        return verify_blob(oid, loc, stored)
+        return verify_blob(oid, loc, stored, base)
 
 
 class Collector:
@@ -471,6 +492,8 @@ class Collector:
             builders[name] = PackBuilder(bytearray(1 << 20))
 
         copied: set[bytes] = set()
+        base = delta_base_of(lookup, lambda oid, loc: self.store.load_range(pack_key(loc.pack), loc.offset,
+                                                                             loc.stored))
         for pid in sorted(p for p, plan in plans.items() if plan.action == "repack"):
             todo = [(oid, loc) for oid, loc in by_pack[pid] if oid in live and oid not in copied
                     and not any(other.pack in kept for other in by_oid[oid])]
@@ -480,7 +503,7 @@ class Collector:
             data = self.store.load_object(pack_key(pid))  # one GET: at most 2x the live bytes
             for oid, loc in todo:
                 stored = data[loc.offset:loc.offset + loc.stored]
-                verify_blob(oid, loc, stored)  # never copy bytes that do not match their id
+                verify_blob(oid, loc, stored, base)  # never copy bytes that do not match their id
                 name = "data" if loc.kind is BlobKind.CHUNK else "meta"
                 builders[name].add(oid, loc.kind, stored, loc.compression, loc.raw)
                 copied.add(oid)

@@ -127,6 +127,9 @@ class _Dir:
     built: tuple | None = None
     nfiles: int = 0  # its files (of either kind)
     prev: CachedDir | None = None  # the stat cache's row of a large directory that changed
+    #: The tree its stat-cache row names, for a directory that changed: its new tree
+    #: may be stored as a delta of it (BlobWriter.add_tree, docs/FORMAT.md "Tree deltas").
+    base: bytes | None = None
     dev: int = 0  # its st_dev (its files', but for a file mounted on one)
     #: Its descriptor, kept open while its files are read (opened relative to it), or None.
     fd: int | None = None
@@ -486,8 +489,11 @@ def _scan_fd(d: _Dir, fd: int, cache: StatCache, warnings: list[str]) -> list[in
             and (cached.tree is not None or UNTRUSTED not in _id_slots(cached.ids)):
         d.cached = cached  # every file unchanged: ids come from the row
         return []
-    if cached is not None and cached.tree is not None and len(cached.stat) > splittree.SPLIT_ENTRIES + 1:
-        d.prev = cached  # a large directory that changed: its tree is edited (_Walk._edit_tree)
+    if cached is not None and cached.tree is not None:
+        if len(cached.stat) > splittree.SPLIT_ENTRIES + 1:
+            d.prev = cached  # a large directory that changed: its tree is edited (_Walk._edit_tree)
+        else:
+            d.base = cached.tree
     known = cached.file_ids() if cached is not None else {}
     if not known:  # (a first commit: every file is read)
         return files
@@ -615,11 +621,13 @@ def _gc_paused():
         gc.enable()
 
 
-def store_tree(writer: BlobWriter, entries: list[TreeEntry]) -> tuple[bytes, int]:
+def store_tree(writer: BlobWriter, entries: list[TreeEntry], base: bytes | None = None) -> tuple[bytes, int]:
     """Store the tree of one directory from its entries (canonical: sorted,
-    valid names); its (id, size).  Every tree of a commit is built here."""
+    valid names); its (id, size).  Every tree of a commit is built here.
+    ``base``: the directory's previous tree, which the new one may be stored
+    as a delta of (BlobWriter.add_tree)."""
     tree = Tree(tuple(entries))
-    return writer.add_tree(tree), tree.size
+    return writer.add_tree(tree, base), tree.size
 
 
 class _Walk:
@@ -915,7 +923,7 @@ class _Walk:
                     and len(cached.stat) > splittree.SPLIT_ENTRIES + 1:
                 d.prev = cached  # a large directory whose files matched, a subdirectory not: edited too
             d.built = self._build_tree(d)
-        d.entries = d.stat = d.subdirs = d.cached = d.prev = None  # done with: release as we go
+        d.entries = d.stat = d.subdirs = d.cached = d.prev = d.base = None  # done with: release as we go
 
     def _build_tree(self, d: _Dir) -> tuple[bytes, int, bool]:
         entries = []
@@ -958,7 +966,9 @@ class _Walk:
             self.gaps.discard(id(d))
             d.stat = [row for row in d.stat if row is not None]
         edited = self._edit_tree(d, entries, changed_dirs) if d.prev is not None else None
-        tid, size = edited or store_tree(self.writer, entries)
+        if edited is None and d.base is None and d.cached is not None and d.cached.tree is not None:
+            d.base = d.cached.tree  # its files matched, a subdirectory did not
+        tid, size = edited or store_tree(self.writer, entries, d.base)
         self.cache.record_dir(d.rel, d.stat, b"".join(ids), tid if all_trusted else None, size)
         return tid, size, False
 

@@ -45,11 +45,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from commitfs.errors import CommitfsError, ObjectNotFoundError
+from commitfs.errors import CommitfsError, CorruptObjectError, ObjectNotFoundError
 from commitfs.model.ids import HASHER
 from commitfs.model.objects import FileManifest, check_chunk_sizes
 from commitfs.repo.index import Index
-from commitfs.repo.pack import Compression, Location, pack_key, verify_blob
+from commitfs.repo.lru import LockedLRU
+from commitfs.repo.pack import DELTA_BASE_SIZE, BlobKind, Compression, Location, delta_base, delta_base_of, pack_key, verify_blob
 from commitfs.repo.resident import ResidentReader
 from commitfs.storage.base import Store
 
@@ -106,6 +107,11 @@ def plan_runs(items: list[Item], *, gap: int = COALESCE_GAP, max_run: int | None
         run = Run(loc.pack, loc.offset, end, [item])
         runs.append(run)
     return runs
+
+
+_DELTA = Compression.DELTA
+#: Bytes of delta bases a read engine keeps (raw trees, ~45 KB per 1,000 entries).
+BASE_CACHE_BYTES = 8 * 1024 * 1024
 
 
 class NotInMemory(Exception):
@@ -195,6 +201,11 @@ class ReadEngine:
         # Chunks, with a chunk cache: its memory alone (not a local store's pages,
         # which a cache stands in front of), so ``_Memory`` without pages.
         self._cache_memory = _Memory(self, None)
+        # The raw bytes of the whole trees that trees stored as deltas were read
+        # against (docs/FORMAT.md, "Tree deltas"): the versions of one directory
+        # share a base, so a mount of the next commit reads it once.
+        self._bases = LockedLRU(maxsize=BASE_CACHE_BYTES, getsizeof=len)
+        self._base_readers = {id(src): self._base_reader(src) for src in (self._storage, self._memory)}
 
     def close(self) -> None:
         if self._resident is not None:
@@ -218,6 +229,49 @@ class ReadEngine:
             return getattr(cache, "get_from_memory", None) is None
         return self._resident is None
 
+    def _base_reader(self, src):
+        """``verify_blob``'s ``base`` over source ``src``: the base tree of a
+        delta, from the cache of bases or read whole (one more read)."""
+        read = delta_base_of(src.locate, lambda oid, loc: src.range(pack_key(loc.pack), loc.offset, loc.stored))
+        bases = self._bases
+
+        def base(bid: bytes):
+            got = bases.get(bid)
+            if got is None:
+                got = bases[bid] = bytes(read(bid))  # (never a view of a pack's pages)
+            return got
+        return base
+
+    def delta_source(self, oid: bytes) -> tuple[bytes, bytes]:
+        """What a writer stores a new version of tree ``oid`` as a delta of: (the
+        id, the raw bytes) of ``oid`` itself when it is stored whole, else of the
+        tree it is a delta of (docs/FORMAT.md, "Tree deltas": never a delta of a
+        delta).  Verified; raises as read_blob does."""
+        loc = self.locate(oid)
+        if loc.kind is not BlobKind.TREE:
+            raise CorruptObjectError(f"object {oid.hex()} is not a tree")
+        stored = self.store.load_range(pack_key(loc.pack), loc.offset, loc.stored)
+        if loc.compression is not _DELTA:
+            return oid, bytes(verify_blob(oid, loc, stored))
+        verify_blob(oid, loc, stored, self.base_for())  # (damage is not built on)
+        whole = delta_base(stored)
+        return whole, self.base_for()(whole)
+
+    def delta_base_id(self, oid: bytes) -> bytes | None:
+        """The id of the tree blob ``oid`` is stored as a delta of, or None if it
+        is stored whole (fsck walks bases as gc marks them)."""
+        loc = self.locate(oid)
+        if loc.compression is not _DELTA:
+            return None
+        try:
+            return delta_base(self.store.load_range(pack_key(loc.pack), loc.offset, DELTA_BASE_SIZE))
+        except ValueError:
+            raise CorruptObjectError(f"tree {oid.hex()} is stored as a delta too short to name its base") from None
+
+    def base_for(self, src=None):
+        """The delta-base reader of the storage source (for readers outside, as sync's runs)."""
+        return self._base_readers[id(self._storage if src is None else src)]
+
     # --- step 1: locate -------------------------------------------------------------
     def locate(self, oid: bytes) -> Location:
         loc = self.index.lookup(oid)
@@ -228,7 +282,7 @@ class ReadEngine:
     # --- step 3: read ---------------------------------------------------------------
     def read_run(self, run: Run) -> Iterator[tuple[Item, object, object]]:
         """Read one run; yield (item, verified data, stored bytes) per blob."""
-        return _verify(run, self.store.load_range(run.key, run.start, run.size))
+        return _verify(run, self.store.load_range(run.key, run.start, run.size), self.base_for())
 
     def read_located(self, items: list[Item], out: list, *, cached: bool = True) -> None:
         """Read and verify located blobs into ``out[i]`` (and the chunk cache
@@ -299,10 +353,10 @@ class ReadEngine:
             raise NotInMemory(pack.hex())
 
     # --- the steps, over a source ----------------------------------------------------
-    @staticmethod
-    def _read_blob(src, oid: bytes):
+    def _read_blob(self, src, oid: bytes):
         loc = src.locate(oid)
-        return verify_blob(oid, loc, src.range(pack_key(loc.pack), loc.offset, loc.stored))
+        base = self._base_readers[id(src)] if loc.compression is _DELTA else None
+        return verify_blob(oid, loc, src.range(pack_key(loc.pack), loc.offset, loc.stored), base)
 
     def read_blob_and_neighbours(self, oid: bytes, neighbours: list[bytes], span: int = NEIGHBOUR_SPAN):
         """A metadata blob (a manifest), verified, and those of ``neighbours``
@@ -323,11 +377,12 @@ class ReadEngine:
         buf = self.store.load_range(pack_key(loc.pack), start, end - start)
         others = {}
         rel = loc.offset - start
-        mine = verify_blob(oid, loc, buf[rel:rel + loc.stored])
+        base = self.base_for()
+        mine = verify_blob(oid, loc, buf[rel:rel + loc.stored], base)
         for _, nid, nloc in items[1:]:
             rel = nloc.offset - start
             try:
-                others[nid] = verify_blob(nid, nloc, buf[rel:rel + nloc.stored])
+                others[nid] = verify_blob(nid, nloc, buf[rel:rel + nloc.stored], base)
             except CommitfsError:
                 continue
         return mine, others
@@ -383,14 +438,15 @@ class ReadEngine:
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def _verify(run: Run, buf) -> Iterator[tuple[Item, object, object]]:
-    """(item, verified data, stored bytes) of each blob of ``run`` in ``buf`` (its bytes)."""
+def _verify(run: Run, buf, base=None) -> Iterator[tuple[Item, object, object]]:
+    """(item, verified data, stored bytes) of each blob of ``run`` in ``buf`` (its
+    bytes); ``base``: verify_blob's, for trees stored as deltas (chunks never are)."""
     start = run.start
     for item in run.items:
         loc = item[2]
         rel = loc.offset - start
         stored = buf[rel:rel + loc.stored]
-        yield item, verify_blob(item[1], loc, stored), stored
+        yield item, verify_blob(item[1], loc, stored, base), stored
 
 
 def _contiguous(items: list[Item]) -> Run | None:

@@ -54,6 +54,14 @@ class BlobKind(IntEnum):
 class Compression(IntEnum):
     NONE = 0
     ZSTD = 1
+    #: A tree stored as a delta (format version 3, docs/FORMAT.md "Tree deltas"):
+    #: its base tree's id, then a zstd frame of its raw bytes compressed with the
+    #: base's raw bytes as a raw-content dictionary.
+    DELTA = 2
+
+
+#: Bytes of a delta's header: its base's id.
+DELTA_BASE_SIZE = 32
 
 
 class Location(NamedTuple):
@@ -128,18 +136,104 @@ def decompress(stored: bytes, compression: Compression, raw: int) -> bytes:
     raise ValueError(f"unknown compression {compression}")
 
 
+#: A tree is stored as a delta only when the delta is at most this share of its raw
+#: size (and the tree at least DELTA_MIN_RAW bytes): past that a tree drifted far from
+#: its base, and storing it whole makes it the base of the trees after it.
+DELTA_MAX_SHARE = 1 / 8
+DELTA_MIN_RAW = 1024
+
+
+def _raw_dict(base) -> zstandard.ZstdCompressionDict:
+    return zstandard.ZstdCompressionDict(bytes(base), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+
+
+def encode_delta(data, base_id: bytes, base) -> bytes | None:
+    """The stored bytes of tree ``data`` as a delta against the tree ``base_id``
+    whose raw bytes are ``base`` (docs/FORMAT.md, "Tree deltas"), or None when
+    a delta does not pay (``DELTA_MAX_SHARE``)."""
+    if len(data) < DELTA_MIN_RAW:
+        return None
+    comp = zstandard.ZstdCompressor(level=_ZSTD_LEVEL, dict_data=_raw_dict(base), write_checksum=False,
+                                    write_content_size=True, write_dict_id=False)
+    frame = comp.compress(data)
+    if DELTA_BASE_SIZE + len(frame) > len(data) * DELTA_MAX_SHARE:
+        return None
+    return bytes(base_id) + frame
+
+
+def delta_base(stored) -> bytes:
+    """The base id a delta's stored bytes name."""
+    if len(stored) < DELTA_BASE_SIZE:
+        raise ValueError("a delta too short to name its base")
+    return bytes(stored[:DELTA_BASE_SIZE])
+
+
+def apply_delta(stored, base, raw: int) -> bytes:
+    """A delta's raw bytes from its stored bytes and its base's raw bytes."""
+    frame = bytes(stored[DELTA_BASE_SIZE:])
+    return zstandard.ZstdDecompressor(dict_data=_raw_dict(base)).decompress(frame, max_output_size=raw)
+
+
+def _verify_delta(oid: bytes, loc: Location, stored, base) -> bytes:
+    if loc.kind is not BlobKind.TREE:
+        raise CorruptObjectError(f"object {oid.hex()} is stored as a delta, which only trees may be")
+    if base is None:
+        raise CorruptObjectError(f"tree {oid.hex()} is stored as a delta where only a whole tree may be "
+                                 "(a delta's base)")
+    try:
+        bid = delta_base(stored)
+    except ValueError as exc:
+        raise CorruptObjectError(f"tree {oid.hex()} is {exc} (pack {loc.pack.hex()})") from None
+    if bid == oid:
+        raise CorruptObjectError(f"tree {oid.hex()} is stored as a delta of itself")
+    try:
+        base_raw = base(bid)
+    except ObjectNotFoundError as exc:  # (not damage by itself: a reader may look again, as for any blob)
+        raise ObjectNotFoundError(f"tree {oid.hex()} is stored as a delta of tree {bid.hex()}: {exc}") from None
+    try:
+        data = apply_delta(stored, base_raw, loc.raw)
+    except Exception:
+        raise CorruptObjectError(f"tree {oid.hex()} does not decompress against its base {bid.hex()} "
+                                 f"(pack {loc.pack.hex()})") from None
+    if hash_bytes(data) != oid:
+        raise CorruptObjectError(f"object {oid.hex()} fails its hash check (pack {loc.pack.hex()})")
+    if len(data) != loc.raw:
+        raise CorruptObjectError(f"object {oid.hex()} is {len(data)} bytes, not the {loc.raw} its index entry says")
+    return data
+
+
+def delta_base_of(locate, read_stored):
+    """``verify_blob``'s ``base`` for a reader: the base's location from
+    ``locate(id)`` (a Location, or None if there is none), its stored bytes from
+    ``read_stored(id, location)``, verified as a blob stored whole (a delta of a
+    delta is refused, so no chain is ever followed: one extra read at most)."""
+    def base(bid: bytes):
+        bloc = locate(bid)
+        if bloc is None:
+            raise ObjectNotFoundError(f"object {bid.hex()} is not in the repository index")
+        if bloc.kind is not BlobKind.TREE:
+            raise CorruptObjectError(f"the delta base {bid.hex()} is not a tree")
+        return verify_blob(bid, bloc, read_stored(bid, bloc))
+    return base
+
+
 # Room for a full pack: the target, one maximal blob past it, and its entry table.
 PACK_BUFFER_SIZE = TARGET_PACK_SIZE + 2 * 1024 * 1024
 
 
-def verify_blob(oid: bytes, loc: Location, stored: bytes) -> bytes:
+def verify_blob(oid: bytes, loc: Location, stored: bytes, base=None) -> bytes:
     """The raw bytes of a blob read from its pack, checked against its id.
 
     Raises CorruptObjectError for truncated, undecompressable or altered
     bytes: a reader gets the right bytes or an error, never wrong bytes.
+    ``base``: for a tree stored as a delta, a function giving the verified raw
+    bytes of the base tree it names (``delta_base_of``: the reader's own read of
+    a blob stored whole); a reader that passes none refuses deltas.
     """
     if len(stored) != loc.stored:
         raise CorruptObjectError(f"object {oid.hex()} is truncated in pack {loc.pack.hex()}")
+    if loc.compression is Compression.DELTA:
+        return _verify_delta(oid, loc, stored, base)
     try:
         data = decompress(stored, loc.compression, loc.raw)
     except Exception:
@@ -247,7 +341,7 @@ def load_pack_table(store, pack_id: bytes, size: int | None = None) -> list[tupl
     out = []
     for i in range(count):
         oid, kind, comp, off, stored, raw = ENTRY.unpack_from(table, i * ENTRY.size)
-        if off + stored > start or kind > 2 or comp > 1:
+        if off + stored > start or kind > 2 or comp > 2 or (comp == 2 and kind != 2):
             raise CorruptObjectError(f"pack {pack_id.hex()} has a malformed entry")
         out.append((oid, Location(pack_id, off, stored, raw, BlobKind(kind), Compression(comp))))
     return out

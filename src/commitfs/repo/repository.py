@@ -41,6 +41,7 @@ from commitfs.repo.pack import (
     Compression,
     Location,
     PackBuilder,
+    encode_delta,
     maybe_compress,
     pack_key,
 )
@@ -50,11 +51,14 @@ from commitfs.storage.base import Store
 from commitfs.storage.url import open_store
 
 FORMAT_NAME = "commitfs"
-#: Version 2 adds split trees (docs/FORMAT.md, "Split trees"); a version-1
-#: repository is read as it is, and upgraded in place by the first writer
-#: that stores a split tree in it (``upgrade_format``).
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+#: Version 2 adds split trees (docs/FORMAT.md, "Split trees"), version 3 trees
+#: stored as deltas ("Tree deltas"); a repository of an older version is read as
+#: it is, and upgraded in place by the first writer that stores what the newer
+#: version adds (``upgrade_format``).
+FORMAT_VERSION = 3
+SPLIT_VERSION = 2
+DELTA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 CONFIG_KEY = "config"
 COMMITS_PREFIX = "commits/"
 MIN_PREFIX = 4
@@ -170,7 +174,7 @@ class Repository:
         if type(version) is not int or version not in READABLE_VERSIONS:
             raise RepositoryError(
                 f"{url} has format version {version}; this commitfs reads format version "
-                f"{' or '.join(map(str, READABLE_VERSIONS))} (upgrade commitfs)"
+                f"{', '.join(map(str, READABLE_VERSIONS[:-1]))} or {READABLE_VERSIONS[-1]} (upgrade commitfs)"
             )
         return cls(store, config, chunk_cache)
 
@@ -374,19 +378,20 @@ class Repository:
     def version(self) -> int:
         return self.config.get("version", FORMAT_VERSION)
 
-    def upgrade_format(self) -> None:
-        """Mark a version-1 repository version 2, before the first split tree
-        is stored in it (docs/FORMAT.md, "Split trees"): an older commitfs
-        then refuses it by name rather than meeting a tree it cannot read.
-        The config changes only its version; rewriting it is idempotent."""
-        if self.config.get("version", FORMAT_VERSION) >= 2:
+    def upgrade_format(self, to: int = SPLIT_VERSION) -> None:
+        """Mark an older repository version ``to`` before the first object only
+        that version describes is stored in it (a split tree: 2, docs/FORMAT.md
+        "Split trees"; a tree delta: 3, "Tree deltas"): an older commitfs then
+        refuses it by name rather than meeting an object it cannot read.  The
+        config changes only its version; rewriting it is idempotent."""
+        if self.config.get("version", FORMAT_VERSION) >= to:
             return
         raw = self.store.load_object(CONFIG_KEY)
         config = json.loads(raw)
-        if config.get("version") == 1:
-            config["version"] = 2
+        if isinstance(config.get("version"), int) and config["version"] < to:
+            config["version"] = to
             self.store.save_object(CONFIG_KEY, json.dumps(config, sort_keys=True, indent=1).encode() + b"\n")
-        self.config = dict(self.config, version=2)
+        self.config = dict(self.config, version=max(to, self.config.get("version", to)))
 
     def remember_tree(self, tid: bytes, tree: Tree) -> None:
         """Keep a tree this process built (its id is its content's hash)."""
@@ -538,6 +543,7 @@ class WriteStats:
     bytes_new_stored: int = 0
     blobs_dedup: int = 0
     packs: int = 0
+    tree_deltas: int = 0  # trees stored as deltas (docs/FORMAT.md, "Tree deltas")
     #: Everything the writer added to the store: whole packs (headers and
     #: tables too) and index segments (net of merged segments removed); the
     #: commit adds its commit object.
@@ -751,19 +757,61 @@ class BlobWriter:
         self.stats.bytes_stored += self.repo.index.bytes_added - before
         self.repo.note_own_segment(key)
 
-    def add_tree(self, tree: Tree) -> bytes:
+    def add_tree(self, tree: Tree, base: bytes | None = None) -> bytes:
         """Store a directory (any Tree, or SplitTree): one plain tree, or, past
         model.splittree.SPLIT_ENTRIES entries, its chunks and index nodes,
-        children first (the one builder every commit path uses)."""
-        if len(tree.entries) > splittree.SPLIT_ENTRIES and self.repo.version < 2:
-            self.repo.upgrade_format()
+        children first (the one builder every commit path uses).  ``base``: a
+        tree the directory had before, which a new plain tree is stored as a
+        delta of where that pays (``_add_delta``, docs/FORMAT.md "Tree deltas")."""
+        split = len(tree.entries) > splittree.SPLIT_ENTRIES
+        if split and self.repo.version < SPLIT_VERSION:
+            self.repo.upgrade_format(SPLIT_VERSION)
         for oid, data, node in iter_split_nodes(tree.entries):  # each stored as it is made
-            self.add(oid, BlobKind.TREE, data)
+            if base is None or split or not self._add_delta(oid, data, base):
+                self.add(oid, BlobKind.TREE, data)
             # The writer's process is the likeliest next reader of the trees it
             # writes (a workspace rebasing onto its new commit): spare it decoding.
             if self._remember_trees:
                 self.repo.remember_tree(oid, node)
         return oid
+
+    def _add_delta(self, oid: bytes, data, base: bytes) -> bool:
+        """Store tree ``oid`` (raw bytes ``data``) as a delta if it is new and a
+        delta pays; False to store it whole.  The delta's base is ``base`` if that
+        is stored whole, else the tree ``base`` is a delta of (so no delta is ever
+        of a delta: a reader reads two blobs at most).  Only where the base is
+        cheap to read: a local repository, or a remote one's base trees already
+        in memory; over S3 a GET per changed directory on the committing thread
+        would cost more time than the bytes save.  The base counts as a blob
+        the commit relies on (``has_blob``: checked against a concurrent gc
+        before the ref moves)."""
+        repo = self.repo
+        if oid == base or oid in self._session or base in self._session:
+            return False
+        try:
+            if not repo.has_blob(base):
+                return False
+            if repo.has_blob(oid):
+                return False  # (add counts it as deduplicated)
+            if repo.is_local:
+                whole, raw = repo.reads.delta_source(base)
+            else:  # only a base stored whole and decoded in memory (its encoding is its raw bytes)
+                node = repo.tree_node_from_memory(base)
+                if not isinstance(node, Tree) or repo.locate(base).compression is Compression.DELTA:
+                    return False
+                whole, raw = base, node.encode()
+            if whole != base and not repo.has_blob(whole):
+                return False
+        except (ObjectNotFoundError, CorruptObjectError):
+            return False
+        stored = encode_delta(data, whole, raw)
+        if stored is None:
+            return False
+        if repo.version < DELTA_VERSION:
+            repo.upgrade_format(DELTA_VERSION)
+        self.add(oid, BlobKind.TREE, data, stored=stored, compression=Compression.DELTA)
+        self.stats.tree_deltas += 1
+        return True
 
     def add_tree_edit(self, base: SplitTree, edits) -> tuple[bytes, int]:
         """Store split directory ``base`` with ``edits`` (name: entry or None)
