@@ -1094,9 +1094,9 @@ def test_a_commit_after_a_few_edits_visits_the_edits_not_the_materialized_tree(t
     encoded: list[int] = []
     add_tree = BlobWriter.add_tree
 
-    def counting_add_tree(self, tree):
+    def counting_add_tree(self, tree, base=None):
         encoded.append(len(tree.entries))
-        return add_tree(self, tree)
+        return add_tree(self, tree, base)
     src = tmp_path / "src"
     ndirs, per_dir = 4, 2000
     for d in range(ndirs):
