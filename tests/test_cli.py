@@ -39,7 +39,7 @@ from core_fixtures import (
 )
 
 # The --json shapes documented in docs/CLI.md.
-COMMIT_KEYS = {"id", "created", "tree", "files", "files_read", "bytes_read", "bytes_stored", "blobs_new", "warnings"}
+COMMIT_KEYS = {"id", "created", "tree", "files", "files_read", "bytes_read", "bytes_stored", "blobs_new", "tree_deltas", "warnings"}
 COMMIT_OBJECT_KEYS = {"id", "tree", "parents", "author", "time", "message", "metadata"}
 LS_KEYS = {"path", "name", "kind", "executable", "size", "id"}
 DIFF_KEYS = {"status", "path", "old", "new"}

@@ -27,7 +27,7 @@ from commitfs.ops.gc import collect
 from commitfs.ops.snapshot import commit_directory
 from commitfs.repo.pack import DELTA_BASE_SIZE, BlobKind, Compression, encode_delta, pack_key
 from commitfs.repo.repository import CONFIG_KEY, Repository
-from core_fixtures import age_tree, assert_fsck_clean, describe, reopen, write_file
+from core_fixtures import age_tree, assert_fsck_clean, cli_ok, describe, reopen, write_file
 
 DIRS, FILES = 12, 200
 
@@ -106,6 +106,22 @@ def test_a_re_commit_stores_each_changed_directory_as_a_small_delta_of_its_tree(
         assert {c.status for c in diff} == {"modified"}
     assert describe(out) == describe(src)
     assert_fsck_clean(url, head=second.commit_id)
+
+
+def test_commit_json_counts_the_trees_stored_as_deltas(tmp_path, cache_home):
+    """`commitfs commit --json` reports tree_deltas (docs/CLI.md): none in a first
+    commit, one per changed directory in a re-commit."""
+    rng = random.Random(5)
+    src, url = _dataset(tmp_path / "src", rng), str(tmp_path / "repo")
+    cli_ok("init", "-r", url)
+    first = json.loads(cli_ok("commit", "-r", url, str(src), "-m", "one", "--json").stdout)
+    assert first["tree_deltas"] == 0 and first["created"]
+    for d in (0, 5):
+        write_file(src / f"d{d:02d}" / "f0007.bin", rng.randbytes(300))
+    age_tree(src, 3600)
+    second = json.loads(cli_ok("commit", "-r", url, str(src), "-m", "two", "--json").stdout)
+    assert second["created"] and second["tree_deltas"] == 2  # the two changed directories (the root is tiny)
+    assert second["blobs_new"] >= 2 + second["tree_deltas"]
 
 
 def test_a_delta_is_always_of_a_tree_stored_whole(two_versions):

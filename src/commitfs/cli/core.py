@@ -82,7 +82,7 @@ def cmd_commit(args) -> int:
             "id": result.commit_id.hex(), "created": True, "tree": result.tree_id.hex(),
             "files": result.files, "files_read": result.files_read, "bytes_read": result.bytes_read,
             "bytes_stored": result.write.bytes_stored, "blobs_new": result.write.blobs_new,
-            "warnings": result.warnings,
+            "tree_deltas": result.write.tree_deltas, "warnings": result.warnings,
         })
     else:
         print(result.commit_id.hex())
