@@ -43,11 +43,12 @@ def cmd_init(args) -> int:
 
 def cmd_commit(args) -> int:
     from commitfs.cli.workspace import commit_workspace
-    from commitfs.ops.snapshot import check_commit_text, commit_directory
+    from commitfs.ops.snapshot import bound_allocator, check_commit_text, commit_directory
 
     check_commit_text(args.message)
     if (code := commit_workspace(args, parse_meta(args.meta))) is not None:
         return code  # DIR is a writable workspace mount: its daemon commits the overlay
+    bound_allocator()  # (this process's memory: docs/CLI.md, commit)
     repo = open_repo(args)
     metadata = parse_meta(args.meta)
     if args.input:

@@ -602,6 +602,37 @@ def commit_directory(
     return result
 
 
+#: glibc's mmap threshold for a committing process (bound_allocator): blocks from this size
+#: up are mmap'ed and go back to the system when freed.
+MMAP_THRESHOLD = 1024 * 1024
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter (malloc.h)
+
+
+def bound_allocator() -> bool:
+    """Fix glibc's mmap threshold at ``MMAP_THRESHOLD`` for this process (the
+    CLI's commit calls it; it owns its process).  glibc raises the threshold as
+    the large blocks it mmap'ed are freed, up to 32 MiB, so that after the first
+    few images, read windows and pack buffers of a commit come from its heaps and
+    per-thread arenas, where what a commit frees in one thread is kept for that
+    thread: the sample dataset's first commit peaked at 206-236 MB of RSS for
+    about 125 MB of live Python memory, and at 155-161 MB with the threshold
+    fixed, in the same time (docs/BENCH.md, the core section).  Not done where
+    the user set the threshold (``MALLOC_MMAP_THRESHOLD_``, ``GLIBC_TUNABLES``)
+    or off glibc.  True if it was set here."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    except (OSError, AttributeError):
+        return False
+
+
 @contextlib.contextmanager
 def _gc_paused():
     """The cyclic garbage collector paused for the walk (re-enabled after, if it was).
