@@ -50,7 +50,16 @@ from commitfs.model.ids import HASHER
 from commitfs.model.objects import FileManifest, check_chunk_sizes
 from commitfs.repo.index import Index
 from commitfs.repo.lru import LockedLRU
-from commitfs.repo.pack import DELTA_BASE_SIZE, BlobKind, Compression, Location, delta_base, delta_base_of, pack_key, verify_blob
+from commitfs.repo.pack import (
+    DELTA_BASE_SIZE,
+    BlobKind,
+    Compression,
+    Location,
+    delta_base,
+    delta_base_of,
+    pack_key,
+    verify_blob,
+)
 from commitfs.repo.resident import ResidentReader
 from commitfs.storage.base import Store
 
