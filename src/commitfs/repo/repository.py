@@ -795,9 +795,10 @@ class BlobWriter:
                 return False  # (add counts it as deduplicated)
             if repo.is_local:
                 whole, raw = repo.reads.delta_source(base)
-            else:  # only a base stored whole and decoded in memory (its encoding is its raw bytes)
+            else:  # only a base stored whole, decoded and located in memory (its encoding is its raw bytes)
                 node = repo.tree_node_from_memory(base)
-                if not isinstance(node, Tree) or repo.locate(base).compression is Compression.DELTA:
+                loc = repo.index.lookup_in_memory(base)
+                if not isinstance(node, Tree) or loc is None or loc.compression is Compression.DELTA:
                     return False
                 whole, raw = base, node.encode()
             if whole != base and not repo.has_blob(whole):
