@@ -121,7 +121,8 @@ def test_commit_json_counts_the_trees_stored_as_deltas(tmp_path, cache_home):
     age_tree(src, 3600)
     second = json.loads(cli_ok("commit", "-r", url, str(src), "-m", "two", "--json").stdout)
     assert second["created"] and second["tree_deltas"] == 2  # the two changed directories (the root is tiny)
-    assert second["blobs_new"] >= 2 + second["tree_deltas"]
+    # Each changed file's chunk and manifest, the two directories as deltas, the root whole.
+    assert second["blobs_new"] == 2 * 2 + second["tree_deltas"] + 1
 
 
 def test_a_delta_is_always_of_a_tree_stored_whole(two_versions):
