@@ -614,9 +614,9 @@ def bound_allocator() -> bool:
     the large blocks it mmap'ed are freed, up to 32 MiB, so that after the first
     few images, read windows and pack buffers of a commit come from its heaps and
     per-thread arenas, where what a commit frees in one thread is kept for that
-    thread: the sample dataset's first commit peaked at 206-236 MB of RSS for
-    about 125 MB of live Python memory, and at 155-161 MB with the threshold
-    fixed, in the same time (docs/BENCH.md, the core section).  Not done where
+    thread: the sample dataset's first commit peaked at 194-236 MB of RSS for
+    about 125 MB of live Python memory, and at 157-166 MB with this call, in
+    about the same time (docs/BENCH.md, "First commit memory").  Not done where
     the user set the threshold (``MALLOC_MMAP_THRESHOLD_``, ``GLIBC_TUNABLES``)
     or off glibc.  True if it was set here."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
