@@ -69,6 +69,15 @@
  * exception: ls(1) asks for two such names of every file it lists, and the
  * kernel caches no answer.
  *
+ * READ (fastpath.engage_reads, the daemon of a read-only mount in no-open mode; until
+ * reads() is given a callable every READ passes to pyfuse3's callback): the same
+ * fuse_session_receive_buf wrapper that answers LOOKUPs offers a READ with handle 0, as it
+ * reads it, to read_now(inode, offset, size), a plain Python call (FileSystem.read_now:
+ * verified bytes already in memory, or None).  With bytes, libfuse's own processing of
+ * the request reaches read_shim, which replies with them (no pyfuse3 coroutine, no trio
+ * task); None sends the READ on to pyfuse3 untouched.  read_now calls yield_loop() when
+ * it started tasks (read-ahead): the wrapper then returns to pyfuse3's loop at once.
+ *
  * WRITE (fastpath.engage_writes, the daemon of a workspace mount; until writes()
  * is given two callables every request passes straight to pyfuse3's callback):
  * write_buf_shim in the WRITE_BUF slot (the one pyfuse3 fills) asks the Python
@@ -538,13 +547,68 @@ struct commitfs_in_header {
 };
 #define COMMITFS_FUSE_LOOKUP 1
 
-/* A LOOKUP lookup_shim would answer from a table (the buffer as read, res bytes). */
+/* READs (reads(read_now)): a READ with file handle 0 (no-open mode) is offered, as it is read,
+   to read_now(inode, offset, size), a plain Python call; bytes it returns (verified, from
+   memory: vfs/core.py, FileSystem.read_now) are the reply, given by read_shim in
+   libfuse's own processing of the request; None sends the READ to pyfuse3's loop. */
+#define COMMITFS_FUSE_READ 15
+struct commitfs_read_in {  /* linux/fuse.h: struct fuse_read_in */
+    uint64_t fh, offset;
+    uint32_t size, read_flags;
+    uint64_t lock_owner;
+    uint32_t flags, padding;
+};
+static PyObject *read_now_cb = NULL;
+static Py_buffer early_read;        /* the answer read_shim gives while in_early_read */
+static int in_early_read = 0;
+static int loop_wanted = 0;         /* yield_loop(): back to pyfuse3's loop after this answer */
+static unsigned long long reads_in_c = 0, reads_offered = 0, read_errors = 0;
+
+/* 1 if the READ in ``buf`` got an answer from read_now (held in early_read), else 0. */
+static int read_answer(const struct commitfs_in_header *in, int res) {
+    if (read_now_cb == NULL || !enabled || (size_t)res < sizeof *in + sizeof(struct commitfs_read_in))
+        return 0;
+    const struct commitfs_read_in *arg = (const struct commitfs_read_in *)(in + 1);
+    if (arg->fh != 0 || arg->offset > (uint64_t)LLONG_MAX)
+        return 0;
+    reads_offered++;
+    PyObject *got = PyObject_CallFunction(read_now_cb, "KKI", (unsigned long long)in->nodeid,
+                                          (unsigned long long)arg->offset, (unsigned)arg->size);
+    if (got == NULL) {  /* not reached (read_now catches everything): pyfuse3's read decides */
+        PyErr_Clear();
+        read_errors++;
+        return 0;
+    }
+    if (got == Py_None) {
+        Py_DECREF(got);
+        return 0;
+    }
+    int ok = PyObject_GetBuffer(got, &early_read, PyBUF_SIMPLE) == 0;
+    Py_DECREF(got);  /* the buffer holds its own reference */
+    if (!ok) {
+        PyErr_Clear();
+        read_errors++;
+        return 0;
+    }
+    if ((size_t)early_read.len > arg->size) {  /* not reached: never more than was asked for */
+        PyBuffer_Release(&early_read);
+        read_errors++;
+        return 0;
+    }
+    return 1;
+}
+
+/* What the wrapper answers itself, as read (the buffer, res bytes): 1 a LOOKUP lookup_shim
+   answers from a table, 2 a READ read_now answered (early_read), 0 neither. */
 static int answerable(const struct fuse_buf *buf, int res) {
-    if (!c_lookups || pyfuse3_lookup == NULL || (buf->flags & FUSE_BUF_IS_FD) || buf->mem == NULL
-            || (size_t)res <= sizeof(struct commitfs_in_header) || npend == MAX_PENDING)
+    if ((buf->flags & FUSE_BUF_IS_FD) || buf->mem == NULL || (size_t)res <= sizeof(struct commitfs_in_header))
         return 0;
     const struct commitfs_in_header *in = buf->mem;
-    if (in->opcode != COMMITFS_FUSE_LOOKUP || in->len != (uint32_t)res)
+    if (in->len != (uint32_t)res)
+        return 0;
+    if (in->opcode == COMMITFS_FUSE_READ)
+        return read_answer(in, res) ? 2 : 0;
+    if (!c_lookups || pyfuse3_lookup == NULL || npend == MAX_PENDING || in->opcode != COMMITFS_FUSE_LOOKUP)
         return 0;
     const char *name = (const char *)(in + 1);
     size_t room = (size_t)res - sizeof *in;
@@ -564,14 +628,28 @@ __attribute__((visibility("default")))
 int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *buf) {
     for (int answered = 0;; answered++) {
         int res = real_receive_buf(se, buf);
-        if (res <= 0 || !answerable(buf, res))
+        int what = res <= 0 ? 0 : answerable(buf, res);
+        if (what == 0)
             return res;
-        in_early = 1;
-        real_process_buf(se, buf);  /* libfuse's do_lookup -> lookup_shim, which answers it */
-        in_early = 0;
-        lookups_early++;
-        if (answered > 0)
+        if (what == 2) {
+            in_early_read = 1;
+            real_process_buf(se, buf);  /* libfuse's do_read -> read_shim, which replies */
+            if (in_early_read) {  /* not reached: read_shim took the answer */
+                in_early_read = 0;
+                PyBuffer_Release(&early_read);
+            }
+        } else {
+            in_early = 1;
+            real_process_buf(se, buf);  /* libfuse's do_lookup -> lookup_shim, which answers it */
+            in_early = 0;
+            lookups_early++;
+        }
+        if (answered > 0 && what == 1)
             lookups_waited++;
+        if (loop_wanted) {  /* read_now started work only pyfuse3's loop (trio) runs */
+            loop_wanted = 0;
+            return -EINTR;
+        }
         if (answered + 1 >= EARLY_MAX)
             return -EINTR;  /* pyfuse3's loop waits for the device again */
         struct pollfd p = {fuse_session_fd(se), POLLIN, 0};
@@ -797,6 +875,14 @@ static PyObject *py_lookup_counts(PyObject *self, PyObject *unused) {
 
 static void read_shim(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
     /* fi is libfuse's own, on its stack for this call only (do_read). */
+    if (in_early_read) {  /* read_now's answer to this very request (fuse_session_receive_buf) */
+        in_early_read = 0;
+        fuse_reply_buf(req, early_read.buf, (size_t)early_read.len);
+        PyBuffer_Release(&early_read);
+        reads_in_c++;
+        rewritten++;  /* a READ by inode too, answered here */
+        return;
+    }
     if (enabled && fi != NULL && fi->fh == 0) {
         fi->fh = ino;
         rewritten++;
@@ -1073,7 +1159,44 @@ static PyObject *py_writes_in_c(PyObject *self, PyObject *unused) {
     return PyLong_FromUnsignedLongLong(writes_in_c);
 }
 
+/* reads(read_now): READs with handle 0 are offered to read_now first (None: none are). */
+static PyObject *py_reads(PyObject *self, PyObject *cb) {
+    if (cb != Py_None) {
+        if (!PyCallable_Check(cb)) {
+            PyErr_SetString(PyExc_TypeError, "reads(read_now) takes a callable (or None)");
+            return NULL;
+        }
+        if (!wrapped || pyfuse3_read == NULL) {
+            PyErr_SetString(PyExc_RuntimeError, "no FUSE session went through commitfs's fuse_session_new");
+            return NULL;
+        }
+        Py_INCREF(cb);
+        Py_XSETREF(read_now_cb, cb);
+    } else {
+        Py_CLEAR(read_now_cb);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_yield_loop(PyObject *self, PyObject *unused) {
+    loop_wanted = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_read_counts(PyObject *self, PyObject *unused) {
+    return Py_BuildValue("(KKK)", reads_offered, reads_in_c, read_errors);
+}
+
 static PyMethodDef methods[] = {
+    {"reads", py_reads, METH_O,
+     "reads(read_now): from now on a READ with file handle 0 is first offered, as it is read, to "
+     "read_now(inode, offset, size) -> bytes-like (the reply, at most size bytes) or None (the READ "
+     "goes to pyfuse3's read); reads(None): none is.  RuntimeError unless wrapped()."},
+    {"yield_loop", py_yield_loop, METH_NOARGS,
+     "yield_loop(): after the answer at hand, fuse_session_receive_buf returns to pyfuse3's loop "
+     "(read_now started tasks) instead of waiting for the next request itself."},
+    {"read_counts", py_read_counts, METH_NOARGS,
+     "read_counts() -> (READs offered to read_now, answered with its bytes, refused for an error)."},
     {"writes", py_writes, METH_VARARGS,
      "writes(write_fd, wrote): from now on a WRITE calls write_fd(fh) -> descriptor or -1; for a "
      "descriptor the bytes are pwritten to it here, then wrote(fh, off, written) is called and the "

@@ -184,6 +184,12 @@ def serve(config: DaemonConfig, report: Report) -> int:
                 log.warning("every LOOKUP is answered by the file system (%s)", looked)
             else:
                 fs.external_lookups = looked
+            # READs answered from memory are answered as the C module reads them.
+            unread = fastpath.engage_reads(fs.read_now) if ops.no_open else "the kernel does not open files itself"
+            if unread is None:
+                fs.on_tasks = fastpath.yield_loop
+            else:
+                log.warning("every READ goes through pyfuse3's coroutine (%s)", unread)
         connection = fuse_connection(config.mountpoint)
         try:
             trio.run(_main, fs, config, report, missing)
@@ -199,6 +205,9 @@ def serve(config: DaemonConfig, report: Report) -> int:
         if not config.writable:
             log.info("OPEN requests: %d", ops.opens)
             log.info("READs by inode (fast path): %d", fastpath.reads_by_inode())
+            offered, answered_reads, refused = fastpath.read_counts()
+            log.info("READs answered from memory as read (C): %d of %d offered; refused for an error: %d",
+                     answered_reads, offered, refused)
             log.info("READDIR requests: %d (plain: %d); OPENDIRs answered cacheable: %d",
                      ops.readdirs, ops.plain_readdirs, fastpath.listing_counts()[1])
             log.info("GETXATTR requests: %d answered ENODATA in C, %d by the file system",

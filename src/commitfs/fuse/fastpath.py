@@ -64,6 +64,13 @@ task and coroutine per request) sees it, and keeps the references it gave for th
 to take (``CLookups``, vfs/inode.py's ``TreeInodeTable.external``): a stat walk after an
 adaptive listing, or opens by path, cost no Python per file (docs/SEMANTICS.md).
 
+READs (``engage_reads()``, read-only mounts in no-open mode; ``COMMITFS_C_READS=0`` turns it
+off): the C module offers each READ, as it reads the request, to ``FileSystem.read_now``, a
+plain call that answers with verified bytes already in memory (a read stream's fetched part,
+cached pack pages, a small file read whole) or None; bytes are the reply, sent from the C
+module inside libfuse's own processing of the request, with no pyfuse3 coroutine or trio
+task; None sends the READ to ``Operations.read`` as before (docs/SEMANTICS.md, "Reading").
+
 Extended attributes (``engage_xattrs()``, read-only mounts): a GETXATTR of a name
 outside ``user.commitfs.`` is answered ENODATA by the C module, without pyfuse3's
 coroutine (``ls -l`` asks for two such names of every file, docs/SEMANTICS.md).
@@ -80,6 +87,8 @@ DISABLE_ENV = "COMMITFS_NO_FASTPATH"
 ADAPTIVE_ENV = "COMMITFS_READDIRPLUS_AUTO"
 #: Set to "0": read-only mounts answer every LOOKUP in Python (engage_lookups), to compare.
 C_LOOKUPS_ENV = "COMMITFS_C_LOOKUPS"
+#: Set to "0": read-only mounts answer every READ through pyfuse3's loop (engage_reads), to compare.
+C_READS_ENV = "COMMITFS_C_READS"
 #: For tests only: the name under which load() looks for libfuse's own
 #: fuse_session_new (one that does not exist stands for a libfuse it cannot find).
 LIBFUSE_SYMBOL_ENV = "COMMITFS_TEST_LIBFUSE_SYMBOL"
@@ -252,10 +261,39 @@ def writes_in_c() -> int:
     return _shim.writes_in_c() if _shim is not None and hasattr(_shim, "writes_in_c") else 0
 
 
+def engage_reads(read_now) -> str | None:
+    """After ``engage()`` (read-only mounts in no-open mode): a READ is first offered, as the
+    C module reads it from the device, to ``read_now(inode, offset, size)``, a plain call
+    (``FileSystem.read_now``): the verified bytes it returns are the reply, with no
+    pyfuse3 coroutine, trio task or wait; None sends the READ to ``Operations.read``.
+    ``read_now`` calls ``yield_loop()`` when it started work only the event loop runs.
+    None when done, else why not (as ``engage``)."""
+    if os.environ.get(C_READS_ENV, "") == "0":
+        return f"{C_READS_ENV}=0 is set"
+    why = _shim_missing("reads")
+    if why is None:
+        _shim.reads(read_now)
+    return why
+
+
+def yield_loop() -> None:
+    """From ``read_now``: once this READ is answered, the C module hands control back to
+    pyfuse3's loop instead of waiting for the next request (tasks were started)."""
+    if _shim is not None:
+        _shim.yield_loop()
+
+
+def read_counts() -> tuple[int, int, int]:
+    """(READs offered to read_now, answered with its bytes, refused for an error) so far."""
+    return _shim.read_counts() if _shim is not None and hasattr(_shim, "read_counts") else (0, 0, 0)
+
+
 def disengage() -> None:
     """Back to pyfuse3 as released (after the session is closed)."""
     if _shim is not None:
         _shim.enable(False)
+    if _shim is not None and hasattr(_shim, "reads"):
+        _shim.reads(None)
     if _shim is not None and hasattr(_shim, "writes"):
         _shim.writes(None, None)
     if _shim is not None and hasattr(_shim, "xattrs"):

@@ -323,6 +323,9 @@ class FileSystem:
         #: (offset, verified bytes) to store; False if dropped.  None: a random
         #: read's neighbours are not published (``_publish_around``).
         self.page_store_later: Callable[[int, Callable, int], bool] | None = None
+        #: Called by read_now when a read started tasks (the C module then lets the
+        #: event loop run before it takes the next request; fuse/fastpath.py).
+        self.on_tasks: Callable[[], None] | None = None
         self._published_around: OrderedDict[tuple[int, int], None] = OrderedDict()
 
     @asynccontextmanager
@@ -1142,6 +1145,59 @@ class FileSystem:
         if h.released:  # closed (evicted) while the manifest loaded: start again
             return await self.read_inode(inode, off, size)
         return await self._stream(h, off).read(off, size)
+
+    def read_now(self, inode: int, off: int, size: int):
+        """``read_inode`` without the event loop's coroutine, for a file whose read
+        state exists (its second read on): the bytes if they are in memory now (a
+        small file's verified bytes, a part of the read stream fetched, or chunks
+        the read engine finds in memory as the stream schedules the read), else
+        None, and the read goes to ``read_inode`` (which does not schedule it
+        again).  A plain call, made by the C module as it reads a READ from the
+        device (fuse/fastpath.py, engage_reads): it never raises (None instead:
+        ``read_inode`` then meets the error and reports it), and calls
+        ``on_tasks`` when the read started tasks (read-ahead), so that the
+        event loop runs them before the next request is taken."""
+        try:
+            h = self._by_inode.get(inode)
+            if h is None:
+                return self._first_read_now(inode, off, size)
+            if h.released:
+                return None
+            if h.data is not None:
+                self._by_inode.move_to_end(inode)
+                h.used_at = trio.current_time()
+                out = h.data[off:off + size]
+                h.served += len(out)
+                if h.served >= len(h.data) and self._by_inode.get(inode) is h:
+                    self._close(self._by_inode.pop(inode))
+                return out
+            if h.manifest is None:
+                return None
+            self._by_inode.move_to_end(inode)
+            h.used_at = trio.current_time()
+            r = self._stream(h, off)
+            tasks = r.parts_started - r.parts_inline
+            out = r.read_now(off, size)
+            if r.parts_started - r.parts_inline != tasks and self.on_tasks is not None:
+                self.on_tasks()
+            return out
+        except Exception as exc:
+            log.debug("read_now of inode %d at %d: %s (handed to read_inode)", inode, off, exc)
+            return None
+
+    def _first_read_now(self, inode: int, off: int, size: int):
+        """read_now of a file with no read state: a small file read whole in one
+        READ (an image, usually), if its bytes are in memory; else None."""
+        node = self._node(inode)
+        if not isinstance(node, FileNode) or (isinstance(node, _BlockEntry) and node.partial):
+            return None  # not a file, or its entry is still to be read (read_inode awaits it)
+        fsize = node.entry.size
+        if off != 0 or size < fsize or fsize == 0 or fsize > self.options.whole_file_bytes:
+            return None
+        data = self._whole_file_now(node.entry.id)
+        if data is not None and self.readlog is not None:
+            self._record_read(node)
+        return data
 
     def _stream(self, h: _FileHandle, off: int) -> prefetch.Prefetcher:
         """The read stream of an inode's read state that a read at ``off`` continues.

@@ -148,6 +148,9 @@ class Prefetcher:
         self._live: set[_Part] = set()  # the parts in _parts
         self._frontier = 0  # chunk index up to which read-ahead has been started
         self._closed = False
+        #: The (offset, size) read_now scheduled and could not answer: the ``read`` of it
+        #: that follows does not schedule it again.
+        self._scheduled: tuple[int, int] | None = None
         #: Counters for tests and the log: parts started, sequential/random reads.
         self.parts_started = 0
         self.parts_inline = 0
@@ -185,12 +188,41 @@ class Prefetcher:
             self._start_missing(*self.layout.chunk_range(0, self.initial_window), demand_end=len(self._ids))
 
     # --- reading ---------------------------------------------------------------
-    async def read(self, off: int, size: int) -> bytes:
+    def read_now(self, off: int, size: int):
+        """``read`` without waiting: the bytes if every chunk the read needs is
+        fetched now (a part done, or read from memory as the read schedules it),
+        else None; the read is scheduled either way (read-ahead started, the
+        window resized), and a ``read`` of the same range that follows (the
+        request handed on to the event loop) does not schedule it again.  A part
+        that failed gives None too: ``read`` then raises its error."""
         if off >= self.size or size <= 0:
             return b""
         size = min(size, self.size - off)
         first, last = self.layout.chunk_range(off, size)
         self._schedule(off, size, first, last)
+        chunks: list = []
+        i, parts = first, self._parts
+        while i < last:
+            part = parts.get(i)
+            if part is None or not part.done.is_set() or part.error is not None or part.chunks is None:
+                self._scheduled = (off, size)
+                return None
+            take = part.chunks[i - part.first:min(last, part.last) - part.first]
+            chunks.extend(take)
+            i += len(take)
+        data = b"".join(chunks) if len(chunks) != 1 else chunks[0]
+        rel = off - self.layout.chunk_start(first)
+        return data[rel:rel + size]
+
+    async def read(self, off: int, size: int) -> bytes:
+        if off >= self.size or size <= 0:
+            return b""
+        size = min(size, self.size - off)
+        first, last = self.layout.chunk_range(off, size)
+        if self._scheduled == (off, size):  # read_now scheduled it a moment ago
+            self._scheduled = None
+        else:
+            self._schedule(off, size, first, last)
         chunks: list[bytes] = []
         i = first
         while i < last:
@@ -212,6 +244,7 @@ class Prefetcher:
 
     def _schedule(self, off: int, size: int, first: int, last: int) -> None:
         """Classify the read, resize the window, start missing parts (no awaits)."""
+        self._scheduled = None
         expected = self._expected
         if expected is None:
             sequential = off == 0  # reading from the start begins a stream; elsewhere, a seek

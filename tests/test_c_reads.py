@@ -1,0 +1,178 @@
+"""READs answered as the C module reads them (issue 19: reads at the storage's speed;
+fuse/fastpath.py's engage_reads, commitfs.fuse._noopen's read_answer, vfs/core.py's
+FileSystem.read_now): a READ of a file whose bytes are in memory now (a read stream's
+part already fetched, chunks in cached pack pages, a small file read whole) is answered
+by a plain call from the C module, without pyfuse3's coroutine; anything else (bytes
+not in memory, an error) goes to ``read_inode`` as before, which neither schedules the
+read twice nor returns anything but verified bytes.
+
+The mounts are ``commitfs mount`` daemons (the ``mounts`` fixture unmounts them); the
+counts are the ones the daemon logs at unmount.  ``COMMITFS_C_READS=0`` turns the C
+answers off, which the mount test compares against.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import re
+
+import pytest
+import trio
+
+from core_fixtures import cli_env, write_file
+from mount_fixtures import fs_of, run_commitfs
+from test_vfs import lookup_path_ino
+from commitfs.errors import CorruptObjectError
+from commitfs.ops.snapshot import commit_directory
+from commitfs.repo.pack import pack_key
+from commitfs.repo.repository import Repository
+
+pytestmark = pytest.mark.timeout(120)
+
+SIZE = 6 * 1024 * 1024
+
+
+def _committed(tmp_path, seed: int):
+    """A repository with a random ``weights.bin`` and 20 small files: (url, commit, {name: bytes})."""
+    rng = random.Random(seed)
+    files = {"weights.bin": rng.randbytes(SIZE)}
+    files.update({f"img/{i:02d}.jpg": rng.randbytes(rng.randrange(3000, 60000)) for i in range(20)})
+    for name, data in files.items():
+        write_file(tmp_path / "src" / name, data)
+    url = str(tmp_path / "repo")
+    with Repository.init(url) as repo:
+        commit = commit_directory(repo, tmp_path / "src", message="m").commit_id
+    return url, commit, files
+
+
+def _read_counts(log) -> tuple[int, int, int]:
+    """(READs answered in C, offered, refused for an error) from a daemon's log."""
+    (m,) = re.findall(r"READs answered from memory as read \(C\): (\d+) of (\d+) offered; "
+                      r"refused for an error: (\d+)", log.read_text())
+    return tuple(int(x) for x in m)
+
+
+def _reads(root, files, seed: int) -> dict:
+    """Random 4 KiB preads and a whole sequential read of the weights, and every small
+    file read whole: what each returned."""
+    rng = random.Random(seed)
+    out = {}
+    fd = os.open(root / "weights.bin", os.O_RDONLY)
+    try:
+        for _ in range(300):
+            off = rng.randrange(SIZE - 4096)
+            out["w", off] = os.pread(fd, 4096, off)
+    finally:
+        os.close(fd)
+    out["whole"] = (root / "weights.bin").read_bytes()
+    for name in files:
+        if name.startswith("img/"):
+            out[name] = (root / name).read_bytes()
+    return out
+
+
+def test_reads_answered_in_c_return_the_bytes_pyfuse3s_read_returns(tmp_path, cache_home, mounts):
+    """Random reads, a sequential read and whole small files through a mount, with the C
+    answers on and off: the same bytes (the files'), and with them on most READs are
+    answered in C (none refused); off, none is offered and the daemon says why."""
+    url, _, files = _committed(tmp_path, 71)
+    expected = _reads(tmp_path / "src", files, 5)
+    seen = {}
+    for on in (True, False):
+        mnt, log = mounts.mountpoint(), tmp_path / f"c{int(on)}.log"
+        mounts.mount(url, mnt, "--log-file", str(log), rev="main",
+                     env=cli_env(COMMITFS_C_READS="1" if on else "0"))
+        seen[on] = _reads(mnt, files, 5)
+        assert run_commitfs("umount", str(mnt)).returncode == 0
+        answered, offered, refused = _read_counts(log)
+        if on:
+            # Most READs of the weights' random reads are answered by the page cache (published
+            # neighbours, fuse/adapter.py); of those that come, most are answered in C.
+            assert refused == 0 and answered > 0 and answered >= offered // 2, (answered, offered)
+        else:
+            assert (answered, offered, refused) == (0, 0, 0)
+            assert "every READ goes through pyfuse3's coroutine (COMMITFS_C_READS=0 is set)" in log.read_text()
+    assert seen[True] == expected
+    assert seen[False] == expected
+
+
+def test_a_corrupt_chunk_is_never_answered_by_read_now_and_reads_as_eio(tmp_path, cache_home, mounts):
+    """A chunk altered in its pack, read after the file's read state exists: read_now
+    answers None (its part holds an error, not bytes), read_inode raises
+    CorruptObjectError; through a mount with the C answers on, the read fails with EIO
+    while reads of the intact chunks around it return the right bytes."""
+    url, commit, files = _committed(tmp_path, 72)
+    data = files["weights.bin"]
+    with Repository.open(url) as repo:
+        manifest = repo.load_manifest(repo.load_tree(repo.load_commit(commit).tree).get("weights.bin").id)
+        k = len(manifest.chunk_ids) // 2
+        loc = repo.reads.locate(manifest.chunk_ids[k])
+        path = repo.store.local_path(pack_key(loc.pack))
+    starts = [0]
+    for s in manifest.chunk_sizes:
+        starts.append(starts[-1] + s)
+    with open(path, "r+b") as f:  # flip one byte of chunk k
+        f.seek(loc.offset + loc.stored // 2)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 1]))
+    bad = starts[k] + 10
+
+    async def main():
+        with Repository.open(url) as repo:
+            async with fs_of(repo, commit) as fs:
+                ino = await lookup_path_ino(fs, "weights.bin")
+                assert await fs.read_inode(ino, 0, 8192) == data[:8192]
+                assert fs.read_now(ino, bad, 4096) is None
+                with pytest.raises(CorruptObjectError):
+                    await fs.read_inode(ino, bad, 4096)
+                good = starts[k + 1] + 100
+                got = fs.read_now(ino, good, 4096)
+                assert got is None or bytes(got) == data[good:good + 4096]
+    trio.run(main)
+
+    mnt, log = mounts.mountpoint(), tmp_path / "m.log"
+    mounts.mount(url, mnt, "--log-file", str(log), rev="main", env=cli_env(COMMITFS_C_READS="1"))
+    fd = os.open(mnt / "weights.bin", os.O_RDONLY)
+    try:
+        assert os.pread(fd, 8192, 0) == data[:8192]
+        for off in (starts[k] - 600 * 1024, starts[k + 1] + 600 * 1024):  # beyond the kernel's read-ahead
+            assert os.pread(fd, 4096, off) == data[off:off + 4096]
+        with pytest.raises(OSError) as err:
+            os.pread(fd, 4096, bad)
+        assert err.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    assert run_commitfs("umount", str(mnt)).returncode == 0
+    answered, _, refused = _read_counts(log)
+    assert answered > 0 and refused == 0
+
+
+def test_a_read_read_now_could_not_answer_is_scheduled_once(tmp_path, cache_home):
+    """With nothing in memory (every fetch a task), a jump far ahead is scheduled by
+    read_now, which answers None, and the read_inode of it that follows waits for the
+    same part without classifying the read again; once the first stream's read-ahead
+    is fetched, read_now answers its next read.  Each read is counted once."""
+    url, commit, files = _committed(tmp_path, 73)
+    data = files["weights.bin"]
+
+    async def main():
+        with Repository.open(url) as repo:
+            async with fs_of(repo, commit) as fs:
+                fs.loader.chunks_now = lambda ids: None  # nothing found in memory
+                ino = await lookup_path_ino(fs, "weights.bin")
+                assert await fs.read_inode(ino, 0, 65536) == data[:65536]
+                far = SIZE - 65536
+                assert fs.read_now(ino, far, 65536) is None  # its part is a task, not started yet
+                assert await fs.read_inode(ino, far, 65536) == data[far:]
+                streams = fs._by_inode[ino].streams
+                assert len(streams) == 2
+                for r in streams:  # every part fetched (a wait on the parts themselves)
+                    for part in list(r._live):
+                        await part.done.wait()
+                got = fs.read_now(ino, 65536, 65536)  # the first stream's read-ahead
+                assert got is not None and bytes(got) == data[65536:131072]
+                assert sum(r.sequential_reads + r.random_reads for r in streams) == 3
+    trio.run(main)
