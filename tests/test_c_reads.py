@@ -176,3 +176,18 @@ def test_a_read_read_now_could_not_answer_is_scheduled_once(tmp_path, cache_home
                 assert got is not None and bytes(got) == data[65536:131072]
                 assert sum(r.sequential_reads + r.random_reads for r in streams) == 3
     trio.run(main)
+
+
+def test_small_files_are_answered_in_c_at_their_first_read(tmp_path, cache_home, mounts):
+    """Each small file of a listed directory, read whole for the first time: its one READ
+    is answered in C (the file's verified bytes from the packs' page cache), right."""
+    url, _, files = _committed(tmp_path, 74)
+    small = {n: d for n, d in files.items() if n.startswith("img/")}
+    mnt, log = mounts.mountpoint(), tmp_path / "m.log"
+    mounts.mount(url, mnt, "--log-file", str(log), rev="main", env=cli_env(COMMITFS_C_READS="1"))
+    assert sorted(os.listdir(mnt / "img")) == sorted(n[4:] for n in small)
+    for name, data in small.items():
+        assert (mnt / name).read_bytes() == data
+    assert run_commitfs("umount", str(mnt)).returncode == 0
+    answered, offered, refused = _read_counts(log)
+    assert answered >= len(small) and answered == offered and refused == 0, (answered, offered)

@@ -1189,8 +1189,13 @@ class FileSystem:
         """read_now of a file with no read state: a small file read whole in one
         READ (an image, usually), if its bytes are in memory; else None."""
         node = self._node(inode)
-        if not isinstance(node, FileNode) or (isinstance(node, _BlockEntry) and node.partial):
-            return None  # not a file, or its entry is still to be read (read_inode awaits it)
+        if not isinstance(node, FileNode):
+            return None
+        if isinstance(node, _BlockEntry) and node.partial:  # _full, from a tree held in memory
+            tree = self.loader.tree_cached(node.block.dir.entry.id)
+            if not isinstance(tree, Tree):
+                return None  # not in memory, or split (read_inode awaits its leaf)
+            node.entry, node.partial = tree.entries[node.pos], False
         fsize = node.entry.size
         if off != 0 or size < fsize or fsize == 0 or fsize > self.options.whole_file_bytes:
             return None
