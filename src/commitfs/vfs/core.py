@@ -1135,11 +1135,7 @@ class FileSystem:
             self._by_inode.move_to_end(inode)
             h.used_at = trio.current_time()
         if h.data is not None:
-            out = h.data[off:off + size]
-            h.served += len(out)
-            if h.served >= len(h.data) and self._by_inode.get(inode) is h:
-                self._close(self._by_inode.pop(inode))
-            return out
+            return self._serve_data(inode, h, off, size)
         if h.manifest is None:  # a read that came while the first one loads it
             h.manifest = await self._manifest(h.node)
         if h.released:  # closed (evicted) while the manifest loaded: start again
@@ -1147,10 +1143,10 @@ class FileSystem:
         return await self._stream(h, off).read(off, size)
 
     def read_now(self, inode: int, off: int, size: int):
-        """``read_inode`` without the event loop's coroutine, for a file whose read
-        state exists (its second read on): the bytes if they are in memory now (a
-        small file's verified bytes, a part of the read stream fetched, or chunks
-        the read engine finds in memory as the stream schedules the read), else
+        """``read_inode`` without the event loop's coroutine: the bytes if they are
+        in memory now (a small file read whole at its first read, a small file's
+        verified bytes kept by its read state, a part of the read stream fetched,
+        or chunks the read engine finds in memory as the stream schedules the read), else
         None, and the read goes to ``read_inode`` (which does not schedule it
         again).  A plain call, made by the C module as it reads a READ from the
         device (fuse/fastpath.py, engage_reads): it never raises (None instead:
@@ -1163,18 +1159,12 @@ class FileSystem:
                 return self._first_read_now(inode, off, size)
             if h.released:
                 return None
-            if h.data is not None:
-                self._by_inode.move_to_end(inode)
-                h.used_at = trio.current_time()
-                out = h.data[off:off + size]
-                h.served += len(out)
-                if h.served >= len(h.data) and self._by_inode.get(inode) is h:
-                    self._close(self._by_inode.pop(inode))
-                return out
-            if h.manifest is None:
-                return None
+            if h.data is None and h.manifest is None:
+                return None  # the first read is loading the manifest
             self._by_inode.move_to_end(inode)
             h.used_at = trio.current_time()
+            if h.data is not None:
+                return self._serve_data(inode, h, off, size)
             r = self._stream(h, off)
             tasks = r.parts_started - r.parts_inline
             out = r.read_now(off, size)
@@ -1184,6 +1174,15 @@ class FileSystem:
         except Exception as exc:
             log.debug("read_now of inode %d at %d: %s (handed to read_inode)", inode, off, exc)
             return None
+
+    def _serve_data(self, inode: int, h: _FileHandle, off: int, size: int):
+        """A read of a small file's verified bytes; they are dropped once all of them
+        were returned (the kernel has them now)."""
+        out = h.data[off:off + size]
+        h.served += len(out)
+        if h.served >= len(h.data) and self._by_inode.get(inode) is h:
+            self._close(self._by_inode.pop(inode))
+        return out
 
     def _first_read_now(self, inode: int, off: int, size: int):
         """read_now of a file with no read state: a small file read whole in one

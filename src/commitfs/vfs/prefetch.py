@@ -210,6 +210,10 @@ class Prefetcher:
             take = part.chunks[i - part.first:min(last, part.last) - part.first]
             chunks.extend(take)
             i += len(take)
+        return self._slice(chunks, off, size, first)
+
+    def _slice(self, chunks: list, off: int, size: int, first: int):
+        """The read's ``size`` bytes at ``off`` of chunks ``first``.. (whole)."""
         data = b"".join(chunks) if len(chunks) != 1 else chunks[0]
         rel = off - self.layout.chunk_start(first)
         return data[rel:rel + size]
@@ -238,9 +242,7 @@ class Prefetcher:
             take = part.chunks[i - part.first:min(last, part.last) - part.first]
             chunks.extend(take)
             i += len(take)
-        data = b"".join(chunks) if len(chunks) != 1 else chunks[0]
-        rel = off - self.layout.chunk_start(first)
-        return data[rel:rel + size]
+        return self._slice(chunks, off, size, first)
 
     def _schedule(self, off: int, size: int, first: int, last: int) -> None:
         """Classify the read, resize the window, start missing parts (no awaits)."""
