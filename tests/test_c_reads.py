@@ -191,3 +191,23 @@ def test_small_files_are_answered_in_c_at_their_first_read(tmp_path, cache_home,
     assert run_commitfs("umount", str(mnt)).returncode == 0
     answered, offered, refused = _read_counts(log)
     assert answered >= len(small) and answered == offered and refused == 0, (answered, offered)
+
+
+def test_a_first_read_read_now_missed_does_not_look_in_memory_twice(tmp_path, cache_home):
+    """A small file's first read that read_now could not answer from memory (here:
+    nothing is) goes to read_inode, which does not look there again: one attempt in
+    all, and the right bytes through the read-ahead path."""
+    url, commit, files = _committed(tmp_path, 75)
+    name = "img/03.jpg"
+    data = files[name]
+
+    async def main():
+        with Repository.open(url) as repo:
+            async with fs_of(repo, commit) as fs:
+                attempts = []
+                fs.loader.file_now = lambda fid: attempts.append(fid)  # None: not in memory
+                ino = await lookup_path_ino(fs, name)
+                assert fs.read_now(ino, 0, 1 << 20) is None
+                assert bytes(await fs.read_inode(ino, 0, 1 << 20)) == data
+                assert len(attempts) == 1
+    trio.run(main)

@@ -326,6 +326,9 @@ class FileSystem:
         #: Called by read_now when a read started tasks (the C module then lets the
         #: event loop run before it takes the next request; fuse/fastpath.py).
         self.on_tasks: Callable[[], None] | None = None
+        #: The inode whose first read read_now found not in memory, for the read_inode of it
+        #: that follows (which then goes straight to the read-ahead path).
+        self._missed_now: int | None = None
         self._published_around: OrderedDict[tuple[int, int], None] = OrderedDict()
 
     @asynccontextmanager
@@ -1122,7 +1125,9 @@ class FileSystem:
             fsize = node.entry.size
             if off >= fsize:
                 return b""  # at or past the end: nothing to load, no state to keep
-            data = self._whole_file_now(node.entry.id) if fsize <= self.options.whole_file_bytes else None
+            missed, self._missed_now = self._missed_now == inode, None  # read_now just tried memory
+            data = (self._whole_file_now(node.entry.id) if fsize <= self.options.whole_file_bytes and not missed
+                    else None)
             if data is not None and off == 0 and size >= fsize:
                 return data  # the whole file in one read (an image, usually): no state to keep
             self._sweep_inode_readers()
@@ -1199,7 +1204,9 @@ class FileSystem:
         if off != 0 or size < fsize or fsize == 0 or fsize > self.options.whole_file_bytes:
             return None
         data = self._whole_file_now(node.entry.id)
-        if data is not None and self.readlog is not None:
+        if data is None:
+            self._missed_now = inode  # the read_inode that follows does not try again
+        elif self.readlog is not None:
             self._record_read(node)
         return data
 
