@@ -211,3 +211,103 @@ def test_a_first_read_read_now_missed_does_not_look_in_memory_twice(tmp_path, ca
                 assert bytes(await fs.read_inode(ino, 0, 1 << 20)) == data
                 assert len(attempts) == 1
     trio.run(main)
+
+
+# --- chunk maps: random READs of a large file answered in C alone ---------------------------
+BIG = 20 * 1024 * 1024  # past VfsOptions.chunk_map_bytes (16 MiB)
+
+
+def _map_counts(log) -> tuple[int, int]:
+    """(READs answered from chunk maps, READs a map could not answer) from a daemon's log."""
+    (m,) = re.findall(r"READs answered from chunk maps \(C\): (\d+); not answerable there: (\d+)", log.read_text())
+    return tuple(int(x) for x in m)
+
+
+def _big_repo(tmp_path, seed: int):
+    data = random.Random(seed).randbytes(BIG)
+    write_file(tmp_path / "src" / "weights.bin", data)
+    url = str(tmp_path / "repo")
+    with Repository.init(url) as repo:
+        commit = commit_directory(repo, tmp_path / "src", message="m").commit_id
+    return url, commit, data
+
+
+def _random_preads(path, seed: int, count: int = 400, avoid=(0, 0)) -> list[tuple[int, bytes]]:
+    """``count`` seeded random 4 KiB preads of ``path``, none within ``avoid`` (a range)."""
+    rng = random.Random(seed)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        out = []
+        while len(out) < count:
+            off = rng.randrange(BIG - 4096)
+            if avoid[0] - 8192 < off < avoid[1] + 8192:
+                continue
+            out.append((off, os.pread(fd, 4096, off)))
+        return out
+    finally:
+        os.close(fd)
+
+
+def _first_read(path, data) -> None:
+    """A read of the file's start: it makes the file's read state, and with it the chunk
+    map (in a worker thread; random reads before it is there go to Python)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4096, 0) == data[:4096]
+    finally:
+        os.close(fd)
+
+
+def test_random_reads_of_a_large_file_are_answered_from_its_chunk_map(tmp_path, cache_home, mounts):
+    """Random 4 KiB reads of a 20 MiB file through a mount, then a sequential read of it:
+    the right bytes, most random reads answered from the file's chunk map in C (none
+    refused); with COMMITFS_C_READS=0 none is, and the bytes are the same."""
+    url, _, data = _big_repo(tmp_path, 81)
+    for on in (True, False):
+        mnt, log = mounts.mountpoint(), tmp_path / f"m{int(on)}.log"
+        mounts.mount(url, mnt, "--log-file", str(log), rev="main", env=cli_env(COMMITFS_C_READS="1" if on else "0"))
+        _first_read(mnt / "weights.bin", data)
+        for off, got in _random_preads(mnt / "weights.bin", 9):
+            assert got == data[off:off + 4096]
+        assert (mnt / "weights.bin").read_bytes() == data  # and a sequential read after them
+        assert run_commitfs("umount", str(mnt)).returncode == 0
+        answered, missed = _map_counts(log)
+        if on:
+            assert answered > 100 and missed == 0, (answered, missed)
+        else:
+            assert (answered, missed) == (0, 0)
+
+
+def test_a_corrupt_chunk_in_a_chunk_map_reads_as_eio(tmp_path, cache_home, mounts):
+    """A chunk altered in its pack after the commit: a random read of it through the
+    mount fails with EIO (the map's hash check refuses it; the file system's read reports
+    it), never wrong bytes, and random reads elsewhere are answered from the map."""
+    url, commit, data = _big_repo(tmp_path, 82)
+    with Repository.open(url) as repo:
+        manifest = repo.load_manifest(repo.load_tree(repo.load_commit(commit).tree).get("weights.bin").id)
+        k = len(manifest.chunk_ids) // 2
+        loc = repo.reads.locate(manifest.chunk_ids[k])
+        path = repo.store.local_path(pack_key(loc.pack))
+    starts = [0]
+    for s in manifest.chunk_sizes:
+        starts.append(starts[-1] + s)
+    with open(path, "r+b") as f:
+        f.seek(loc.offset + loc.stored // 2)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 1]))
+    mnt, log = mounts.mountpoint(), tmp_path / "m.log"
+    mounts.mount(url, mnt, "--log-file", str(log), rev="main", env=cli_env(COMMITFS_C_READS="1"))
+    _first_read(mnt / "weights.bin", data)
+    for off, got in _random_preads(mnt / "weights.bin", 10, count=200, avoid=(starts[k], starts[k + 1])):
+        assert got == data[off:off + 4096]
+    fd = os.open(mnt / "weights.bin", os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as err:
+            os.pread(fd, 4096, starts[k] + 100)
+        assert err.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    assert run_commitfs("umount", str(mnt)).returncode == 0
+    answered, missed = _map_counts(log)
+    assert answered > 50 and missed >= 1, (answered, missed)

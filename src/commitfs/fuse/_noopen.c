@@ -77,6 +77,9 @@
  * the request reaches read_shim, which replies with them (no pyfuse3 coroutine, no trio
  * task); None sends the READ on to pyfuse3 untouched.  read_now calls yield_loop() when
  * it started tasks (read-ahead): the wrapper then returns to pyfuse3's loop at once.
+ * Before read_now, a small READ that does not continue its file's last READ is answered
+ * from the file's chunk map if it has one (chunk_map(), published by the file system for
+ * large files: see "Chunk maps" below), with no Python but BLAKE3.
  *
  * WRITE (fastpath.engage_writes, the daemon of a workspace mount; until writes()
  * is given two callables every request passes straight to pyfuse3's callback):
@@ -94,6 +97,9 @@
 #include <Python.h>
 #include <dlfcn.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <sys/uio.h>
+#include <unistd.h>
 #include <limits.h>
 #include <poll.h>
 #include <stdint.h>
@@ -564,6 +570,130 @@ static int in_early_read = 0;
 static int loop_wanted = 0;         /* yield_loop(): back to pyfuse3's loop after this answer */
 static unsigned long long reads_in_c = 0, reads_offered = 0, read_errors = 0;
 
+/* Chunk maps (chunk_maps(hasher), chunk_map(inode, paths, ends, ids, rows)): where each
+   chunk of a large commit file lies as plain bytes in a local pack file.  A small READ
+   that does not continue the last one of its file (a random reader's) is answered from
+   them here, with no Python but the hash: each chunk it overlaps is read whole
+   (preadv2 RWF_NOWAIT: only what the page cache holds), hashed with ``hasher`` and
+   compared with its id; anything short, uncached or different goes to read_now, and so
+   to the file system's own read, which reports damage (EIO, never wrong bytes).  Commit
+   files never change and inode numbers are never reused (vfs/inode.py), so a map stays
+   right as long as it is kept: maps go oldest first past their byte cap. */
+struct cmap {
+    unsigned long long ino, last_end, size;
+    uint32_t n, nfds;
+    uint64_t *ends;          /* file offset where chunk i ends */
+    unsigned char *ids;      /* 32 bytes a chunk */
+    uint32_t *fd_index;      /* into fds */
+    uint64_t *offsets;       /* in its pack file */
+    int *fds;
+    size_t bytes;
+    struct cmap *next_in_bucket, *older, *newer;
+};
+#define CMAP_BUCKETS 1024
+#define CMAP_READ_MAX (64u << 10)     /* READs up to this size are answered from a map */
+#define CMAP_SPAN_MAX (8u << 20)      /* bytes of chunks read for one READ at most */
+static struct cmap *cmap_buckets[CMAP_BUCKETS];
+static struct cmap *cmap_oldest = NULL, *cmap_newest = NULL;
+static size_t cmap_bytes = 0, cmap_cap = 32u << 20;
+#define CMAP_MAX_FDS 256              /* pack files the maps hold open at most, all maps together */
+static unsigned cmap_fds = 0;
+static PyObject *cmap_hasher = NULL;
+static unsigned long long reads_from_maps = 0, map_misses = 0;
+static char *cmap_reply = NULL;  /* the buffer read_shim replies from (early_read_c) */
+static size_t cmap_reply_len = 0;
+static const char *cmap_reply_at = NULL;
+
+static struct cmap *cmap_find(unsigned long long ino) {
+    for (struct cmap *m = cmap_buckets[ino % CMAP_BUCKETS]; m != NULL; m = m->next_in_bucket)
+        if (m->ino == ino)
+            return m;
+    return NULL;
+}
+
+static void cmap_free(struct cmap *m) {
+    struct cmap **p = &cmap_buckets[m->ino % CMAP_BUCKETS];
+    while (*p != m)
+        p = &(*p)->next_in_bucket;
+    *p = m->next_in_bucket;
+    if (m->older) m->older->newer = m->newer; else cmap_oldest = m->newer;
+    if (m->newer) m->newer->older = m->older; else cmap_newest = m->older;
+    cmap_bytes -= m->bytes;
+    cmap_fds -= m->nfds;
+    for (uint32_t i = 0; i < m->nfds; i++)
+        if (m->fds[i] >= 0)
+            close(m->fds[i]);
+    free(m->fds);
+    free(m->ends);
+    free(m->ids);
+    free(m->fd_index);
+    free(m->offsets);
+    free(m);
+}
+
+static void cmaps_clear(void) {
+    while (cmap_oldest != NULL)
+        cmap_free(cmap_oldest);
+}
+
+/* 1 if hasher(data).digest() == id, 0 if not or on an error (cleared). */
+static int cmap_hash_ok(const char *data, size_t len, const unsigned char *id) {
+    PyObject *view = PyMemoryView_FromMemory((char *)data, (Py_ssize_t)len, PyBUF_READ);
+    if (view == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    PyObject *h = PyObject_CallOneArg(cmap_hasher, view);
+    Py_DECREF(view);
+    PyObject *digest = h == NULL ? NULL : PyObject_CallMethod(h, "digest", NULL);
+    Py_XDECREF(h);
+    if (digest == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    int ok = PyBytes_Check(digest) && PyBytes_GET_SIZE(digest) == 32 && memcmp(PyBytes_AS_STRING(digest), id, 32) == 0;
+    Py_DECREF(digest);
+    return ok;
+}
+
+/* Answer a READ of ``size`` at ``off`` of map m's file into cmap_reply: 1 if done. */
+static int cmap_read(struct cmap *m, uint64_t off, uint32_t size) {
+    if (off >= m->size || size == 0)
+        return 0;
+    uint64_t end = off + size < m->size ? off + size : m->size;
+    uint32_t lo = 0, hi = m->n;  /* first chunk ending past off */
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (m->ends[mid] <= off) lo = mid + 1; else hi = mid;
+    }
+    uint32_t first = lo, last = lo;
+    while (last < m->n && (last == first || m->ends[last - 1] < end))
+        last++;
+    uint64_t start = first ? m->ends[first - 1] : 0;
+    uint64_t span = m->ends[last - 1] - start;
+    if (span > CMAP_SPAN_MAX)
+        return 0;
+    char *buf = malloc(span);
+    if (buf == NULL)
+        return 0;
+    uint64_t at = 0;
+    for (uint32_t i = first; i < last; i++) {
+        uint64_t len = m->ends[i] - (i ? m->ends[i - 1] : 0);
+        int fd = m->fds[m->fd_index[i]];
+        struct iovec iov = {buf + at, len};
+        ssize_t got = fd < 0 ? -1 : preadv2(fd, &iov, 1, (off_t)m->offsets[i], RWF_NOWAIT);
+        if (got != (ssize_t)len || !cmap_hash_ok(buf + at, len, m->ids + 32 * (size_t)i)) {
+            free(buf);
+            return 0;
+        }
+        at += len;
+    }
+    cmap_reply = buf;
+    cmap_reply_at = buf + (off - start);
+    cmap_reply_len = (size_t)(end - off);
+    return 1;
+}
+
 /* 1 if the READ in ``buf`` got an answer from read_now (held in early_read), else 0. */
 static int read_answer(const struct commitfs_in_header *in, int res) {
     if (read_now_cb == NULL || !enabled || (size_t)res < sizeof *in + sizeof(struct commitfs_read_in))
@@ -571,6 +701,18 @@ static int read_answer(const struct commitfs_in_header *in, int res) {
     const struct commitfs_read_in *arg = (const struct commitfs_read_in *)(in + 1);
     if (arg->fh != 0 || arg->offset > (uint64_t)LLONG_MAX)
         return 0;
+    struct cmap *m = cmap_hasher == NULL ? NULL : cmap_find(in->nodeid);
+    if (m != NULL) {
+        int random_read = arg->offset != m->last_end && arg->size <= CMAP_READ_MAX;
+        m->last_end = arg->offset + arg->size;
+        if (random_read) {
+            if (cmap_read(m, arg->offset, arg->size)) {
+                early_read.buf = NULL;  /* read_shim replies from cmap_reply */
+                return 1;
+            }
+            map_misses++;
+        }
+    }
     reads_offered++;
     PyObject *got = PyObject_CallFunction(read_now_cb, "KKI", (unsigned long long)in->nodeid,
                                           (unsigned long long)arg->offset, (unsigned)arg->size);
@@ -636,7 +778,12 @@ int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *buf) {
             real_process_buf(se, buf);  /* libfuse's do_read -> read_shim, which replies */
             if (in_early_read) {  /* not reached: read_shim took the answer */
                 in_early_read = 0;
-                PyBuffer_Release(&early_read);
+                if (cmap_reply != NULL) {
+                    free(cmap_reply);
+                    cmap_reply = NULL;
+                } else {
+                    PyBuffer_Release(&early_read);
+                }
             }
         } else {
             in_early = 1;
@@ -875,11 +1022,18 @@ static PyObject *py_lookup_counts(PyObject *self, PyObject *unused) {
 
 static void read_shim(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
     /* fi is libfuse's own, on its stack for this call only (do_read). */
-    if (in_early_read) {  /* read_now's answer to this very request (fuse_session_receive_buf) */
+    if (in_early_read) {  /* the answer to this very request (fuse_session_receive_buf) */
         in_early_read = 0;
-        fuse_reply_buf(req, early_read.buf, (size_t)early_read.len);
-        PyBuffer_Release(&early_read);
-        reads_in_c++;
+        if (cmap_reply != NULL) {  /* from a chunk map */
+            fuse_reply_buf(req, cmap_reply_at, cmap_reply_len);
+            free(cmap_reply);
+            cmap_reply = NULL;
+            reads_from_maps++;
+        } else {
+            fuse_reply_buf(req, early_read.buf, (size_t)early_read.len);
+            PyBuffer_Release(&early_read);
+            reads_in_c++;
+        }
         rewritten++;  /* a READ by inode too, answered here */
         return;
     }
@@ -1178,6 +1332,121 @@ static PyObject *py_reads(PyObject *self, PyObject *cb) {
     Py_RETURN_NONE;
 }
 
+/* chunk_maps(hasher, cap): READs are answered from chunk maps from now on (None: none
+   are, and every map goes). */
+static PyObject *py_chunk_maps(PyObject *self, PyObject *args) {
+    PyObject *hasher;
+    Py_ssize_t cap = 32 << 20;
+    if (!PyArg_ParseTuple(args, "O|n", &hasher, &cap))
+        return NULL;
+    if (hasher == Py_None) {
+        cmaps_clear();
+        Py_CLEAR(cmap_hasher);
+        Py_RETURN_NONE;
+    }
+    if (!PyCallable_Check(hasher)) {
+        PyErr_SetString(PyExc_TypeError, "chunk_maps(hasher): hasher(data).digest() must give a chunk's id");
+        return NULL;
+    }
+    Py_INCREF(hasher);
+    Py_XSETREF(cmap_hasher, hasher);
+    cmap_cap = (size_t)cap;
+    Py_RETURN_NONE;
+}
+
+/* chunk_map(inode, size, paths, ends, ids, fd_index, offsets) -> bool: the map of file
+   ``inode`` (``size`` bytes): pack file ``paths`` (opened here), and per chunk its end in
+   the file, id, path index and offset (``ends``, ``fd_index``, ``offsets``: array('Q'),
+   array('I'), array('Q'); ``ids``: 32 bytes each). */
+static PyObject *py_chunk_map(PyObject *self, PyObject *args) {
+    unsigned long long ino, size;
+    PyObject *paths;
+    Py_buffer ends, ids, fdi, offs;
+    if (cmap_hasher == NULL)
+        Py_RETURN_FALSE;
+    if (!PyArg_ParseTuple(args, "KKO!y*y*y*y*", &ino, &size, &PyTuple_Type, &paths, &ends, &ids, &fdi, &offs))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = ends.len / 8, nfds = PyTuple_GET_SIZE(paths);
+    if (n == 0 || ends.len != 8 * n || ids.len != 32 * n || fdi.len != 4 * n || offs.len != 8 * n
+            || n > UINT32_MAX || nfds == 0 || ((const uint64_t *)ends.buf)[n - 1] != size) {
+        PyErr_SetString(PyExc_ValueError, "chunk_map: arrays of different lengths, or ends not ending at size");
+        goto out;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const uint64_t *e = ends.buf;
+        if (((const uint32_t *)fdi.buf)[i] >= (uint32_t)nfds || (i && e[i] <= e[i - 1]) || e[0] == 0) {
+            PyErr_SetString(PyExc_ValueError, "chunk_map: ends must grow, path indexes be in range");
+            goto out;
+        }
+    }
+    if (nfds > CMAP_MAX_FDS) {  /* a file spread over more packs than all maps may hold open */
+        result = Py_NewRef(Py_False);
+        goto out;
+    }
+    struct cmap *old = cmap_find(ino);
+    if (old != NULL)
+        cmap_free(old);
+    while (cmap_oldest != NULL && cmap_fds + (unsigned)nfds > CMAP_MAX_FDS)
+        cmap_free(cmap_oldest);
+    struct cmap *m = calloc(1, sizeof *m);
+    if (m == NULL) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    m->ino = ino;
+    m->size = size;
+    m->n = (uint32_t)n;
+    m->last_end = (unsigned long long)-1;
+    m->ends = malloc(ends.len);
+    m->ids = malloc(ids.len);
+    m->fd_index = malloc(fdi.len);
+    m->offsets = malloc(offs.len);
+    m->fds = malloc(sizeof(int) * (size_t)nfds);
+    if (!m->ends || !m->ids || !m->fd_index || !m->offsets || !m->fds) {
+        free(m->ends); free(m->ids); free(m->fd_index); free(m->offsets); free(m->fds); free(m);
+        PyErr_NoMemory();
+        goto out;
+    }
+    memcpy(m->ends, ends.buf, ends.len);
+    memcpy(m->ids, ids.buf, ids.len);
+    memcpy(m->fd_index, fdi.buf, fdi.len);
+    memcpy(m->offsets, offs.buf, offs.len);
+    m->nfds = (uint32_t)nfds;
+    cmap_fds += (unsigned)nfds;
+    for (Py_ssize_t i = 0; i < nfds; i++) {
+        const char *path = PyUnicode_Check(PyTuple_GET_ITEM(paths, i)) ? PyUnicode_AsUTF8(PyTuple_GET_ITEM(paths, i)) : NULL;
+        if (path == NULL)
+            PyErr_Clear();
+        m->fds[i] = path == NULL ? -1 : open(path, O_RDONLY | O_CLOEXEC);  /* -1: its chunks go to Python */
+    }
+    m->bytes = sizeof *m + ends.len + ids.len + fdi.len + offs.len + sizeof(int) * (size_t)nfds;
+    m->next_in_bucket = cmap_buckets[ino % CMAP_BUCKETS];
+    cmap_buckets[ino % CMAP_BUCKETS] = m;
+    m->older = cmap_newest;
+    if (cmap_newest) cmap_newest->newer = m; else cmap_oldest = m;
+    cmap_newest = m;
+    cmap_bytes += m->bytes;
+    while (cmap_bytes > cmap_cap && cmap_oldest != NULL && cmap_oldest != m)
+        cmap_free(cmap_oldest);
+    if (cmap_bytes > cmap_cap) {  /* one map past the cap alone: not kept */
+        cmap_free(m);
+        result = Py_NewRef(Py_False);
+        goto out;
+    }
+    result = Py_NewRef(Py_True);
+out:
+    PyBuffer_Release(&ends);
+    PyBuffer_Release(&ids);
+    PyBuffer_Release(&fdi);
+    PyBuffer_Release(&offs);
+    return result;
+}
+
+static PyObject *py_map_counts(PyObject *self, PyObject *unused) {
+    return Py_BuildValue("(KK)", reads_from_maps, map_misses);
+}
+
 static PyObject *py_yield_loop(PyObject *self, PyObject *unused) {
     loop_wanted = 1;
     Py_RETURN_NONE;
@@ -1192,6 +1461,15 @@ static PyMethodDef methods[] = {
      "reads(read_now): from now on a READ with file handle 0 is first offered, as it is read, to "
      "read_now(inode, offset, size) -> bytes-like (the reply, at most size bytes) or None (the READ "
      "goes to pyfuse3's read); reads(None): none is.  RuntimeError unless wrapped()."},
+    {"chunk_maps", py_chunk_maps, METH_VARARGS,
+     "chunk_maps(hasher, cap=32 MiB): small READs that do not continue their file's last READ are "
+     "answered from chunk maps (chunk_map) from now on, each chunk read whole and hashed with hasher; "
+     "chunk_maps(None): none are, and every map goes."},
+    {"chunk_map", py_chunk_map, METH_VARARGS,
+     "chunk_map(inode, size, paths, ends, ids, fd_index, offsets) -> bool: where file inode's "
+     "chunks lie in local pack files (False: past the cap, or chunk maps are off)."},
+    {"map_counts", py_map_counts, METH_NOARGS,
+     "map_counts() -> (READs answered from chunk maps, READs a map could not answer)."},
     {"yield_loop", py_yield_loop, METH_NOARGS,
      "yield_loop(): after the answer at hand, fuse_session_receive_buf returns to pyfuse3's loop "
      "(read_now started tasks) instead of waiting for the next request itself."},

@@ -188,6 +188,11 @@ def serve(config: DaemonConfig, report: Report) -> int:
             unread = fastpath.engage_reads(fs.read_now) if ops.no_open else "the kernel does not open files itself"
             if unread is None:
                 fs.on_tasks = fastpath.yield_loop
+                maps = fastpath.engage_chunk_maps()  # random small READs of large files, in C
+                if isinstance(maps, str):
+                    log.warning("random READs of large files go through Python (%s)", maps)
+                else:
+                    fs.chunk_maps = maps
             else:
                 log.warning("every READ goes through pyfuse3's coroutine (%s)", unread)
         connection = fuse_connection(config.mountpoint)
@@ -208,6 +213,7 @@ def serve(config: DaemonConfig, report: Report) -> int:
             offered, answered_reads, refused = fastpath.read_counts()
             log.info("READs answered from memory as read (C): %d of %d offered; refused for an error: %d",
                      answered_reads, offered, refused)
+            log.info("READs answered from chunk maps (C): %d; not answerable there: %d", *fastpath.map_counts())
             log.info("READDIR requests: %d (plain: %d); OPENDIRs answered cacheable: %d",
                      ops.readdirs, ops.plain_readdirs, fastpath.listing_counts()[1])
             log.info("GETXATTR requests: %d answered ENODATA in C, %d by the file system",

@@ -70,6 +70,9 @@ plain call that answers with verified bytes already in memory (a read stream's f
 cached pack pages, a small file read whole) or None; bytes are the reply, sent from the C
 module inside libfuse's own processing of the request, with no pyfuse3 coroutine or trio
 task; None sends the READ to ``Operations.read`` as before (docs/SEMANTICS.md, "Reading").
+Chunk maps (``engage_chunk_maps()``): a large file's random small READs are answered by the C
+module alone, from where the file system says each chunk lies in a local pack file, each
+chunk read whole from the page cache and hashed against its id before a byte is sent.
 
 Extended attributes (``engage_xattrs()``, read-only mounts): a GETXATTR of a name
 outside ``user.commitfs.`` is answered ENODATA by the C module, without pyfuse3's
@@ -276,6 +279,27 @@ def engage_reads(read_now) -> str | None:
     return why
 
 
+def engage_chunk_maps():
+    """After ``engage_reads``: the C module answers a small READ that does not continue
+    its file's last READ (a random reader's) from that file's chunk map, with the chunk
+    read whole from the pack's page cache and hashed against its id (BLAKE3, the
+    repository's ids), with no Python but the hash; anything it cannot answer goes to
+    ``read_now``.  The function to hand ``FileSystem.chunk_maps``, else why not (a str)."""
+    if os.environ.get(C_READS_ENV, "") == "0":
+        return f"{C_READS_ENV}=0 is set"
+    why = _shim_missing("chunk_maps", "chunk_map")
+    if why is not None:
+        return why
+    from commitfs.model.ids import HASHER
+    _shim.chunk_maps(HASHER)
+    return _shim.chunk_map
+
+
+def map_counts() -> tuple[int, int]:
+    """(READs answered from chunk maps, READs a map could not answer) so far."""
+    return _shim.map_counts() if _shim is not None and hasattr(_shim, "map_counts") else (0, 0)
+
+
 def yield_loop() -> None:
     """From ``read_now``: once this READ is answered, the C module hands control back to
     pyfuse3's loop instead of waiting for the next request (tasks were started)."""
@@ -294,6 +318,8 @@ def disengage() -> None:
         _shim.enable(False)
     if _shim is not None and hasattr(_shim, "reads"):
         _shim.reads(None)
+    if _shim is not None and hasattr(_shim, "chunk_maps"):
+        _shim.chunk_maps(None)
     if _shim is not None and hasattr(_shim, "writes"):
         _shim.writes(None, None)
     if _shim is not None and hasattr(_shim, "xattrs"):

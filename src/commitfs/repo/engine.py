@@ -412,6 +412,32 @@ class ReadEngine:
             check_chunk_sizes(oids, sizes, out)
         return out
 
+    def local_layout(self, oids, sizes) -> tuple[list[str], list[tuple[int, int]]] | None:
+        """Where chunks ``oids`` (of ``sizes``, a manifest's) lie as plain bytes in
+        local pack files: (the pack files' paths, (path index, offset) per chunk),
+        if every one is located from memory, stored uncompressed and of its size;
+        else None.  Nothing is read: a reader of these ranges must verify what it
+        reads against the ids (the mount's C module does, fuse/fastpath.py)."""
+        if not self.reads_from_memory:
+            return None
+        paths: list[str] = []
+        where: dict[bytes, int] = {}
+        rows: list[tuple[int, int]] = []
+        lookup = self.index.lookup_in_memory
+        for oid, size in zip(oids, sizes):
+            loc = lookup(oid)
+            if loc is None or loc.compression is not Compression.NONE or loc.stored != size or loc.raw != size:
+                return None
+            k = where.get(loc.pack)
+            if k is None:
+                path = self.store.local_path(pack_key(loc.pack))
+                if path is None:
+                    return None
+                k = where[loc.pack] = len(paths)
+                paths.append(str(path))
+            rows.append((k, loc.offset))
+        return paths, rows
+
     def span_from_memory(self, oids, sizes):
         """The bytes of consecutive chunks of a file (``sizes``: their lengths in
         its manifest), verified, as one buffer, if memory has what they need,

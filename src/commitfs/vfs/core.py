@@ -37,9 +37,11 @@ into errno values.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 import time
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
@@ -142,6 +144,9 @@ class VfsOptions:
     part_bytes: int = prefetch.PART_BYTES
     #: Files up to this size whose bytes are in memory are read whole at their first open.
     whole_file_bytes: int = 1024 * 1024
+    #: Files from this size on get a chunk map for the mount's C module, which answers
+    #: their random small READs itself (FileSystem.chunk_maps; fuse/fastpath.py).
+    chunk_map_bytes: int = 16 * 1024 * 1024
     #: Read states kept for files the kernel opened without asking (read_inode)...
     inode_readers: int = 32
     #: Read the next small files of a directory ahead (remote repositories; vfs/dirahead.py).
@@ -326,6 +331,9 @@ class FileSystem:
         #: Called by read_now when a read started tasks (the C module then lets the
         #: event loop run before it takes the next request; fuse/fastpath.py).
         self.on_tasks: Callable[[], None] | None = None
+        #: Takes a large file's chunk map (inode, size, pack paths, and per chunk its end,
+        #: id, path index and offset: the C module's chunk_map), or None (fuse/fastpath.py).
+        self.chunk_maps: Callable | None = None
         #: The inode whose first read read_now found not in memory, for the read_inode of it
         #: that follows (which then goes straight to the read-ahead path).
         self._missed_now: int | None = None
@@ -1136,6 +1144,8 @@ class FileSystem:
             h.data = data
             if h.manifest is None and h.data is None:
                 h.manifest = await self._manifest(node)
+                if self.chunk_maps is not None and fsize >= self.options.chunk_map_bytes and self._nursery:
+                    self._nursery.start_soon(self._map_chunks, inode, fsize, h.manifest)
         else:
             self._by_inode.move_to_end(inode)
             h.used_at = trio.current_time()
@@ -1188,6 +1198,24 @@ class FileSystem:
         if h.served >= len(h.data) and self._by_inode.get(inode) is h:
             self._close(self._by_inode.pop(inode))
         return out
+
+    async def _map_chunks(self, inode: int, fsize: int, manifest: FileManifest) -> None:
+        """Hand ``chunk_maps`` where file ``inode``'s chunks lie in local pack files
+        (worked out in a worker thread, from the index in memory), if they all lie
+        there as plain bytes; a shortcut only: nothing fails for want of it."""
+        def layout():
+            got = self.repo.reads.local_layout(manifest.chunk_ids, manifest.chunk_sizes)
+            if got is None:
+                return None
+            paths, rows = got
+            return (tuple(paths), array("Q", itertools.accumulate(manifest.chunk_sizes)),
+                    b"".join(manifest.chunk_ids), array("I", [k for k, _ in rows]), array("Q", [o for _, o in rows]))
+        try:
+            got = await self.loader.io(f"the chunk layout of inode {inode}", layout)
+            if got is not None and self.chunk_maps is not None:
+                self.chunk_maps(inode, fsize, *got)
+        except Exception as exc:
+            log.debug("no chunk map for inode %d: %s", inode, exc)
 
     def _first_read_now(self, inode: int, off: int, size: int):
         """read_now of a file with no read state: a small file read whole in one
