@@ -98,6 +98,25 @@ def test_reads_answered_in_c_return_the_bytes_pyfuse3s_read_returns(tmp_path, ca
     assert seen[False] == expected
 
 
+def _corrupt_middle_chunk(url: str, commit: bytes) -> tuple[list[int], int]:
+    """Flip one byte of the middle chunk of ``weights.bin`` in its pack file: (every
+    chunk's file offset and the file's size last, that chunk's index)."""
+    with Repository.open(url) as repo:
+        manifest = repo.load_manifest(repo.load_tree(repo.load_commit(commit).tree).get("weights.bin").id)
+        k = len(manifest.chunk_ids) // 2
+        loc = repo.reads.locate(manifest.chunk_ids[k])
+        path = repo.store.local_path(pack_key(loc.pack))
+    starts = [0]
+    for size in manifest.chunk_sizes:
+        starts.append(starts[-1] + size)
+    with open(path, "r+b") as f:
+        f.seek(loc.offset + loc.stored // 2)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 1]))
+    return starts, k
+
+
 def test_a_corrupt_chunk_is_never_answered_by_read_now_and_reads_as_eio(tmp_path, cache_home, mounts):
     """A chunk altered in its pack, read after the file's read state exists: read_now
     answers None (its part holds an error, not bytes), read_inode raises
@@ -105,19 +124,7 @@ def test_a_corrupt_chunk_is_never_answered_by_read_now_and_reads_as_eio(tmp_path
     while reads of the intact chunks around it return the right bytes."""
     url, commit, files = _committed(tmp_path, 72)
     data = files["weights.bin"]
-    with Repository.open(url) as repo:
-        manifest = repo.load_manifest(repo.load_tree(repo.load_commit(commit).tree).get("weights.bin").id)
-        k = len(manifest.chunk_ids) // 2
-        loc = repo.reads.locate(manifest.chunk_ids[k])
-        path = repo.store.local_path(pack_key(loc.pack))
-    starts = [0]
-    for s in manifest.chunk_sizes:
-        starts.append(starts[-1] + s)
-    with open(path, "r+b") as f:  # flip one byte of chunk k
-        f.seek(loc.offset + loc.stored // 2)
-        b = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([b[0] ^ 1]))
+    starts, k = _corrupt_middle_chunk(url, commit)
     bad = starts[k] + 10
 
     async def main():
@@ -283,19 +290,7 @@ def test_a_corrupt_chunk_in_a_chunk_map_reads_as_eio(tmp_path, cache_home, mount
     mount fails with EIO (the map's hash check refuses it; the file system's read reports
     it), never wrong bytes, and random reads elsewhere are answered from the map."""
     url, commit, data = _big_repo(tmp_path, 82)
-    with Repository.open(url) as repo:
-        manifest = repo.load_manifest(repo.load_tree(repo.load_commit(commit).tree).get("weights.bin").id)
-        k = len(manifest.chunk_ids) // 2
-        loc = repo.reads.locate(manifest.chunk_ids[k])
-        path = repo.store.local_path(pack_key(loc.pack))
-    starts = [0]
-    for s in manifest.chunk_sizes:
-        starts.append(starts[-1] + s)
-    with open(path, "r+b") as f:
-        f.seek(loc.offset + loc.stored // 2)
-        b = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([b[0] ^ 1]))
+    starts, k = _corrupt_middle_chunk(url, commit)
     mnt, log = mounts.mountpoint(), tmp_path / "m.log"
     mounts.mount(url, mnt, "--log-file", str(log), rev="main", env=cli_env(COMMITFS_C_READS="1"))
     _first_read(mnt / "weights.bin", data)
