@@ -570,7 +570,8 @@ static int in_early_read = 0;
 static int loop_wanted = 0;         /* yield_loop(): back to pyfuse3's loop after this answer */
 static unsigned long long reads_in_c = 0, reads_offered = 0, read_errors = 0;
 
-/* Chunk maps (chunk_maps(hasher), chunk_map(inode, paths, ends, ids, rows)): where each
+/* Chunk maps (chunk_maps(hasher), chunk_map(inode, size, paths, ends, ids, fd_index,
+   offsets)): where each
    chunk of a large commit file lies as plain bytes in a local pack file.  A small READ
    that does not continue the last one of its file (a random reader's) is answered from
    them here, with no Python but the hash: each chunk it overlaps is read whole
@@ -578,7 +579,8 @@ static unsigned long long reads_in_c = 0, reads_offered = 0, read_errors = 0;
    compared with its id; anything short, uncached or different goes to read_now, and so
    to the file system's own read, which reports damage (EIO, never wrong bytes).  Commit
    files never change and inode numbers are never reused (vfs/inode.py), so a map stays
-   right as long as it is kept: maps go oldest first past their byte cap. */
+   right as long as it is kept: maps go oldest first past their byte cap or their cap of
+   open pack files. */
 struct cmap {
     unsigned long long ino, last_end, size;
     uint32_t n, nfds;
@@ -600,7 +602,7 @@ static size_t cmap_bytes = 0, cmap_cap = 32u << 20;
 static unsigned cmap_fds = 0;
 static PyObject *cmap_hasher = NULL;
 static unsigned long long reads_from_maps = 0, map_misses = 0;
-static char *cmap_reply = NULL;  /* the buffer read_shim replies from (early_read_c) */
+static char *cmap_reply = NULL;  /* a map's answer, replied from by read_shim (else early_read) */
 static size_t cmap_reply_len = 0;
 static const char *cmap_reply_at = NULL;
 
