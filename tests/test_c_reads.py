@@ -20,9 +20,11 @@ import re
 
 import pytest
 import trio
+import trio.testing
 
 from core_fixtures import cli_env, write_file
 from mount_fixtures import fs_of, run_commitfs
+from test_randread import _committed_weights
 from test_vfs import lookup_path_ino
 from commitfs.errors import CorruptObjectError
 from commitfs.ops.snapshot import commit_directory
@@ -230,15 +232,6 @@ def _map_counts(log) -> tuple[int, int]:
     return tuple(int(x) for x in m)
 
 
-def _big_repo(tmp_path, seed: int):
-    data = random.Random(seed).randbytes(BIG)
-    write_file(tmp_path / "src" / "weights.bin", data)
-    url = str(tmp_path / "repo")
-    with Repository.init(url) as repo:
-        commit = commit_directory(repo, tmp_path / "src", message="m").commit_id
-    return url, commit, data
-
-
 def _random_preads(path, seed: int, count: int = 400, avoid=(0, 0)) -> list[tuple[int, bytes]]:
     """``count`` seeded random 4 KiB preads of ``path``, none within ``avoid`` (a range)."""
     rng = random.Random(seed)
@@ -269,7 +262,7 @@ def test_random_reads_of_a_large_file_are_answered_from_its_chunk_map(tmp_path, 
     """Random 4 KiB reads of a 20 MiB file through a mount, then a sequential read of it:
     the right bytes, most random reads answered from the file's chunk map in C (none
     refused); with COMMITFS_C_READS=0 none is, and the bytes are the same."""
-    url, _, data = _big_repo(tmp_path, 81)
+    url, _, data = _committed_weights(tmp_path, 81, BIG)
     for on in (True, False):
         mnt, log = mounts.mountpoint(), tmp_path / f"m{int(on)}.log"
         mounts.mount(url, mnt, "--log-file", str(log), rev="main", env=cli_env(COMMITFS_C_READS="1" if on else "0"))
@@ -289,7 +282,7 @@ def test_a_corrupt_chunk_in_a_chunk_map_reads_as_eio(tmp_path, cache_home, mount
     """A chunk altered in its pack after the commit: a random read of it through the
     mount fails with EIO (the map's hash check refuses it; the file system's read reports
     it), never wrong bytes, and random reads elsewhere are answered from the map."""
-    url, commit, data = _big_repo(tmp_path, 82)
+    url, commit, data = _committed_weights(tmp_path, 82, BIG)
     starts, k = _corrupt_middle_chunk(url, commit)
     mnt, log = mounts.mountpoint(), tmp_path / "m.log"
     mounts.mount(url, mnt, "--log-file", str(log), rev="main", env=cli_env(COMMITFS_C_READS="1"))
@@ -306,3 +299,56 @@ def test_a_corrupt_chunk_in_a_chunk_map_reads_as_eio(tmp_path, cache_home, mount
     assert run_commitfs("umount", str(mnt)).returncode == 0
     answered, missed = _map_counts(log)
     assert answered > 50 and missed >= 1, (answered, missed)
+
+
+def test_a_files_chunk_map_is_worked_out_once(tmp_path, cache_home):
+    """A large file's chunk map is handed over when its first read state is made, and not
+    worked out again for a later read state of the same file while the map is held; what
+    is handed over says where each chunk's bytes lie (checked against the pack files)."""
+    url, commit, data = _committed_weights(tmp_path, 83, 3 * 1024 * 1024)
+
+    class Maps:  # what fuse/fastpath.py's ChunkMaps offers the file system
+        def __init__(self):
+            self.held = {}
+
+        def put(self, inode, size, paths, ends, ids, fd_index, offsets):
+            self.held[inode] = (size, paths, list(ends), ids, list(fd_index), list(offsets))
+
+        def __contains__(self, inode):
+            return inode in self.held
+
+    maps, puts = Maps(), []
+    real_put = maps.put
+    maps.put = lambda *a: (puts.append(a[0]), real_put(*a))
+
+    async def main():
+        with Repository.open(url) as repo:
+            async with fs_of(repo, commit, chunk_map_bytes=1024 * 1024) as fs:
+                fs.chunk_maps = maps
+                started = []
+                real_map_chunks = fs._map_chunks
+
+                async def map_chunks(*args):
+                    started.append(args[0])
+                    await real_map_chunks(*args)
+                fs._map_chunks = map_chunks
+                ino = await lookup_path_ino(fs, "weights.bin")
+                assert await fs.read_inode(ino, 0, 4096) == data[:4096]
+                with trio.fail_after(30):  # a bound on the wait for the worker thread
+                    while ino not in maps:
+                        await trio.sleep(0.01)
+                fs._close(fs._by_inode.pop(ino))  # the read state goes (evicted)
+                assert await fs.read_inode(ino, 8192, 4096) == data[8192:12288]
+                await trio.testing.wait_all_tasks_blocked()  # any task started by now has run
+                assert started == [ino]  # no second map was started for the new read state
+                return ino
+    ino = trio.run(main)
+    assert puts == [ino]
+    size, paths, ends, ids, fd_index, offsets = maps.held[ino]
+    assert size == len(data) and ends[-1] == len(data) and len(ids) == 32 * len(ends)
+    start = 0
+    for end, k, off in zip(ends, fd_index, offsets):
+        with open(paths[k], "rb") as f:
+            f.seek(off)
+            assert f.read(end - start) == data[start:end]
+        start = end

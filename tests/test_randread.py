@@ -30,9 +30,9 @@ pytestmark = pytest.mark.timeout(120)
 SIZE = 8 * 1024 * 1024
 
 
-def _committed_weights(tmp_path, seed: int) -> tuple[str, bytes, bytes]:
-    """A repository with one random ``weights.bin``: (url, commit id, its bytes)."""
-    data = random.Random(seed).randbytes(SIZE)
+def _committed_weights(tmp_path, seed: int, size: int = SIZE) -> tuple[str, bytes, bytes]:
+    """A repository with one random ``weights.bin`` of ``size`` bytes: (url, commit id, its bytes)."""
+    data = random.Random(seed).randbytes(size)
     write_file(tmp_path / "src" / "weights.bin", data)
     url = str(tmp_path / "repo")
     with Repository.init(url) as repo:

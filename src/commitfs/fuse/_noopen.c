@@ -597,10 +597,11 @@ struct cmap {
 #define CMAP_SPAN_MAX (8u << 20)      /* bytes of chunks read for one READ at most */
 static struct cmap *cmap_buckets[CMAP_BUCKETS];
 static struct cmap *cmap_oldest = NULL, *cmap_newest = NULL;
-static size_t cmap_bytes = 0, cmap_cap = 32u << 20;
+static size_t cmap_bytes = 0;
+#define CMAP_CAP (32u << 20)          /* bytes of maps kept at most */
 #define CMAP_MAX_FDS 256              /* pack files the maps hold open at most, all maps together */
 static unsigned cmap_fds = 0;
-static PyObject *cmap_hasher = NULL;
+static PyObject *cmap_hasher = NULL, *cmap_digest = NULL;  /* chunk_maps(): BLAKE3, "digest" */
 static unsigned long long reads_from_maps = 0, map_misses = 0;
 static char *cmap_reply = NULL;  /* a map's answer, replied from by read_shim (else early_read) */
 static size_t cmap_reply_len = 0;
@@ -647,7 +648,7 @@ static int cmap_hash_ok(const char *data, size_t len, const unsigned char *id) {
     }
     PyObject *h = PyObject_CallOneArg(cmap_hasher, view);
     Py_DECREF(view);
-    PyObject *digest = h == NULL ? NULL : PyObject_CallMethod(h, "digest", NULL);
+    PyObject *digest = h == NULL ? NULL : PyObject_CallMethodNoArgs(h, cmap_digest);
     Py_XDECREF(h);
     if (digest == NULL) {
         PyErr_Clear();
@@ -696,7 +697,8 @@ static int cmap_read(struct cmap *m, uint64_t off, uint32_t size) {
     return 1;
 }
 
-/* 1 if the READ in ``buf`` got an answer from read_now (held in early_read), else 0. */
+/* 1 if the READ in ``buf`` got an answer: from its file's chunk map (in cmap_reply), else
+   from read_now (in early_read); 0 if it goes to pyfuse3. */
 static int read_answer(const struct commitfs_in_header *in, int res) {
     if (read_now_cb == NULL || !enabled || (size_t)res < sizeof *in + sizeof(struct commitfs_read_in))
         return 0;
@@ -708,10 +710,8 @@ static int read_answer(const struct commitfs_in_header *in, int res) {
         int random_read = arg->offset != m->last_end && arg->size <= CMAP_READ_MAX;
         m->last_end = arg->offset + arg->size;
         if (random_read) {
-            if (cmap_read(m, arg->offset, arg->size)) {
-                early_read.buf = NULL;  /* read_shim replies from cmap_reply */
-                return 1;
-            }
+            if (cmap_read(m, arg->offset, arg->size))
+                return 1;  /* read_shim replies from cmap_reply */
             map_misses++;
         }
     }
@@ -1334,13 +1334,9 @@ static PyObject *py_reads(PyObject *self, PyObject *cb) {
     Py_RETURN_NONE;
 }
 
-/* chunk_maps(hasher, cap): READs are answered from chunk maps from now on (None: none
-   are, and every map goes). */
-static PyObject *py_chunk_maps(PyObject *self, PyObject *args) {
-    PyObject *hasher;
-    Py_ssize_t cap = 32 << 20;
-    if (!PyArg_ParseTuple(args, "O|n", &hasher, &cap))
-        return NULL;
+/* chunk_maps(hasher): READs are answered from chunk maps from now on (None: none are, and
+   every map goes). */
+static PyObject *py_chunk_maps(PyObject *self, PyObject *hasher) {
     if (hasher == Py_None) {
         cmaps_clear();
         Py_CLEAR(cmap_hasher);
@@ -1350,9 +1346,10 @@ static PyObject *py_chunk_maps(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_TypeError, "chunk_maps(hasher): hasher(data).digest() must give a chunk's id");
         return NULL;
     }
+    if (cmap_digest == NULL && (cmap_digest = PyUnicode_InternFromString("digest")) == NULL)
+        return NULL;
     Py_INCREF(hasher);
     Py_XSETREF(cmap_hasher, hasher);
-    cmap_cap = (size_t)cap;
     Py_RETURN_NONE;
 }
 
@@ -1371,13 +1368,14 @@ static PyObject *py_chunk_map(PyObject *self, PyObject *args) {
     PyObject *result = NULL;
     Py_ssize_t n = ends.len / 8, nfds = PyTuple_GET_SIZE(paths);
     if (n == 0 || ends.len != 8 * n || ids.len != 32 * n || fdi.len != 4 * n || offs.len != 8 * n
-            || n > UINT32_MAX || nfds == 0 || ((const uint64_t *)ends.buf)[n - 1] != size) {
-        PyErr_SetString(PyExc_ValueError, "chunk_map: arrays of different lengths, or ends not ending at size");
+            || n > UINT32_MAX || nfds == 0 || ((const uint64_t *)ends.buf)[n - 1] != size
+            || ((const uint64_t *)ends.buf)[0] == 0) {
+        PyErr_SetString(PyExc_ValueError, "chunk_map: arrays of different lengths, or ends not from > 0 to size");
         goto out;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         const uint64_t *e = ends.buf;
-        if (((const uint32_t *)fdi.buf)[i] >= (uint32_t)nfds || (i && e[i] <= e[i - 1]) || e[0] == 0) {
+        if (((const uint32_t *)fdi.buf)[i] >= (uint32_t)nfds || (i && e[i] <= e[i - 1])) {
             PyErr_SetString(PyExc_ValueError, "chunk_map: ends must grow, path indexes be in range");
             goto out;
         }
@@ -1429,9 +1427,9 @@ static PyObject *py_chunk_map(PyObject *self, PyObject *args) {
     if (cmap_newest) cmap_newest->newer = m; else cmap_oldest = m;
     cmap_newest = m;
     cmap_bytes += m->bytes;
-    while (cmap_bytes > cmap_cap && cmap_oldest != NULL && cmap_oldest != m)
+    while (cmap_bytes > CMAP_CAP && cmap_oldest != NULL && cmap_oldest != m)
         cmap_free(cmap_oldest);
-    if (cmap_bytes > cmap_cap) {  /* one map past the cap alone: not kept */
+    if (cmap_bytes > CMAP_CAP) {  /* one map past the cap alone: not kept */
         cmap_free(m);
         result = Py_NewRef(Py_False);
         goto out;
@@ -1443,6 +1441,14 @@ out:
     PyBuffer_Release(&fdi);
     PyBuffer_Release(&offs);
     return result;
+}
+
+/* chunk_mapped(inode) -> bool: whether file ``inode`` has a chunk map now. */
+static PyObject *py_chunk_mapped(PyObject *self, PyObject *arg) {
+    unsigned long long ino = PyLong_AsUnsignedLongLong(arg);
+    if (ino == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    return PyBool_FromLong(cmap_find(ino) != NULL);
 }
 
 static PyObject *py_map_counts(PyObject *self, PyObject *unused) {
@@ -1463,13 +1469,15 @@ static PyMethodDef methods[] = {
      "reads(read_now): from now on a READ with file handle 0 is first offered, as it is read, to "
      "read_now(inode, offset, size) -> bytes-like (the reply, at most size bytes) or None (the READ "
      "goes to pyfuse3's read); reads(None): none is.  RuntimeError unless wrapped()."},
-    {"chunk_maps", py_chunk_maps, METH_VARARGS,
-     "chunk_maps(hasher, cap=32 MiB): small READs that do not continue their file's last READ are "
+    {"chunk_maps", py_chunk_maps, METH_O,
+     "chunk_maps(hasher): small READs that do not continue their file's last READ are "
      "answered from chunk maps (chunk_map) from now on, each chunk read whole and hashed with hasher; "
      "chunk_maps(None): none are, and every map goes."},
     {"chunk_map", py_chunk_map, METH_VARARGS,
      "chunk_map(inode, size, paths, ends, ids, fd_index, offsets) -> bool: where file inode's "
      "chunks lie in local pack files (False: past the cap, or chunk maps are off)."},
+    {"chunk_mapped", py_chunk_mapped, METH_O,
+     "chunk_mapped(inode) -> bool: whether file inode has a chunk map now (maps go oldest first)."},
     {"map_counts", py_map_counts, METH_NOARGS,
      "map_counts() -> (READs answered from chunk maps, READs a map could not answer)."},
     {"yield_loop", py_yield_loop, METH_NOARGS,

@@ -279,20 +279,34 @@ def engage_reads(read_now) -> str | None:
     return why
 
 
-def engage_chunk_maps():
+class ChunkMaps:
+    """The C module's chunk maps, as vfs/core.py (``FileSystem.chunk_maps``) uses them:
+    ``put(inode, size, paths, ends, ids, fd_index, offsets)`` a large file's map, and
+    ``inode in maps`` whether the module holds one for it now (it drops the oldest past
+    its caps), so that a file's map is worked out once, not at each new read state."""
+
+    def __init__(self, shim):
+        self.put = shim.chunk_map
+        self._mapped = shim.chunk_mapped
+
+    def __contains__(self, inode: int) -> bool:
+        return self._mapped(inode)
+
+
+def engage_chunk_maps() -> ChunkMaps | str:
     """After ``engage_reads``: the C module answers a small READ that does not continue
     its file's last READ (a random reader's) from that file's chunk map, with the chunk
     read whole from the pack's page cache and hashed against its id (BLAKE3, the
     repository's ids), with no Python but the hash; anything it cannot answer goes to
-    ``read_now``.  The function to hand ``FileSystem.chunk_maps``, else why not (a str)."""
+    ``read_now``.  The maps to hand ``FileSystem.chunk_maps``, else why not (a str)."""
     if os.environ.get(C_READS_ENV, "") == "0":
         return f"{C_READS_ENV}=0 is set"
-    why = _shim_missing("chunk_maps", "chunk_map")
+    why = _shim_missing("chunk_maps", "chunk_map", "chunk_mapped")
     if why is not None:
         return why
     from commitfs.model.ids import HASHER
     _shim.chunk_maps(HASHER)
-    return _shim.chunk_map
+    return ChunkMaps(_shim)
 
 
 def map_counts() -> tuple[int, int]:

@@ -331,9 +331,9 @@ class FileSystem:
         #: Called by read_now when a read started tasks (the C module then lets the
         #: event loop run before it takes the next request; fuse/fastpath.py).
         self.on_tasks: Callable[[], None] | None = None
-        #: Takes a large file's chunk map (inode, size, pack paths, and per chunk its end,
-        #: id, path index and offset: the C module's chunk_map), or None (fuse/fastpath.py).
-        self.chunk_maps: Callable | None = None
+        #: The C module's chunk maps (fuse/fastpath.py, ChunkMaps: ``put`` a large file's
+        #: pack paths and per chunk its end, id, path index and offset; ``inode in``), or None.
+        self.chunk_maps = None
         #: The inode whose first read read_now found not in memory, for the read_inode of it
         #: that follows (which then goes straight to the read-ahead path).
         self._missed_now: int | None = None
@@ -1144,7 +1144,8 @@ class FileSystem:
             h.data = data
             if h.manifest is None and h.data is None:
                 h.manifest = await self._manifest(node)
-                if self.chunk_maps is not None and fsize >= self.options.chunk_map_bytes and self._nursery:
+                maps = self.chunk_maps
+                if maps is not None and fsize >= self.options.chunk_map_bytes and inode not in maps:
                     self._nursery.start_soon(self._map_chunks, inode, fsize, h.manifest)
         else:
             self._by_inode.move_to_end(inode)
@@ -1200,7 +1201,7 @@ class FileSystem:
         return out
 
     async def _map_chunks(self, inode: int, fsize: int, manifest: FileManifest) -> None:
-        """Hand ``chunk_maps`` where file ``inode``'s chunks lie in local pack files
+        """Hand ``chunk_maps`` (``put``) where file ``inode``'s chunks lie in local pack files
         (worked out in a worker thread, from the index in memory), if they all lie
         there as plain bytes; a shortcut only: nothing fails for want of it."""
         def layout():
@@ -1213,7 +1214,7 @@ class FileSystem:
         try:
             got = await self.loader.io(f"the chunk layout of inode {inode}", layout)
             if got is not None and self.chunk_maps is not None:
-                self.chunk_maps(inode, fsize, *got)
+                self.chunk_maps.put(inode, fsize, *got)
         except Exception as exc:
             log.debug("no chunk map for inode %d: %s", inode, exc)
 
