@@ -352,3 +352,44 @@ def test_a_files_chunk_map_is_worked_out_once(tmp_path, cache_home):
             f.seek(off)
             assert f.read(end - start) == data[start:end]
         start = end
+
+
+def test_chunk_maps_keep_to_their_caps(tmp_path):
+    """The C module's chunk maps hold at most 256 pack files open (the oldest maps go
+    first) and at most 32 MiB of maps (a map past that alone is not kept, and the older
+    ones went to make room). In a subprocess: the module joins the global symbol scope of
+    the process that loads it."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("commitfs.fuse._noopen")
+    code = (
+        "import array, os, sys\n"
+        "from commitfs.fuse import _noopen\n"
+        "from commitfs.model.ids import HASHER\n"
+        "d = sys.argv[1]\n"
+        "_noopen.chunk_maps(HASHER)\n"
+        "def put(ino, path, n=1):\n"
+        "    return _noopen.chunk_map(ino, n, (path,), array.array('Q', range(1, n + 1)), bytes(32 * n),\n"
+        "                             array.array('I', [0] * n), array.array('Q', [0] * n))\n"
+        "def open_here():\n"
+        "    n = 0\n"
+        "    for f in os.listdir('/proc/self/fd'):\n"
+        "        try:\n"
+        "            n += os.readlink('/proc/self/fd/' + f).startswith(d)\n"
+        "        except FileNotFoundError:  # listdir's own descriptor, closed by now\n"
+        "            pass\n"
+        "    return n\n"
+        "paths = []\n"
+        "for i in range(300):\n"
+        "    paths.append(os.path.join(d, 'p%d' % i))\n"
+        "    open(paths[-1], 'wb').close()\n"
+        "print(all(put(1000 + i, paths[i]) for i in range(300)), open_here(),\n"
+        "      sum(_noopen.chunk_mapped(1000 + i) for i in range(300)),\n"
+        "      _noopen.chunk_mapped(1000), _noopen.chunk_mapped(1299))\n"
+        "print(put(5, paths[0], n=(33 << 20) // 52), _noopen.chunk_mapped(5), _noopen.chunk_mapped(1299), open_here())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60,
+                         env=cli_env())
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["True 256 256 False True", "False False False 0"]
